@@ -1,0 +1,46 @@
+# Every target installs what it needs itself: a fresh machine needs only Python 3.11 and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard proto/subsidy/v1/*.proto)
+
+.DEFAULT_GOAL := help
+.PHONY: help run test smoke proto proto-check lint bench clean venv
+
+help: ## list every target
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the project with its dev tools
+
+proto: $(STAMP) ## regenerate the committed protobuf/gRPC code from proto/
+	$(PY) -m subsidyctl.proto generate
+
+proto-check: $(STAMP) ## fail if the committed generated code is stale
+	$(PY) -m subsidyctl.proto check
+
+run: $(STAMP) ## start the whole stack locally, seed a demo campaign, serve until Ctrl-C
+	$(VENV)/bin/subsidyctl up --seed-demo
+
+smoke: $(STAMP) ## start the stack, run one checkout as a platform would, print one JSON line, stop
+	$(VENV)/bin/subsidyctl smoke
+
+test: $(STAMP) proto-check ## run every test CI runs (real PostgreSQL, NATS, OpenBao)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services subsidyctl tests bench
+
+bench: $(STAMP) ## checkout hot-path benchmarks; results in bench/results/
+	$(PY) -m bench
+
+clean: ## remove the virtual environment and local run data
+	rm -rf $(VENV) run var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,178 @@
+"""Vault (or OpenBao, which speaks the same API) for the keys the services need.
+
+Three transit keys:
+- ``subsidy-pii-kek``: the key-encryption key that wraps each person's own data key. Personal
+  data is encrypted locally (AES-256-GCM) under that per-person key; destroying the wrapped key
+  crypto-shreds the person while the event log's hashes stay verifiable.
+- ``subsidy-blind-index``: the HMAC key for blind indexes (look a person up without storing the
+  number).
+- ``subsidy-tree-head``: the Ed25519 key that signs the audit log's tree heads.
+
+hvac is synchronous; async callers go through :func:`asyncio.to_thread` so one slow Vault call
+never blocks the event loop. Unwrapped data keys are cached briefly in memory, never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hvac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEK_KEY = "subsidy-pii-kek"
+BLIND_INDEX_KEY = "subsidy-blind-index"
+TREE_HEAD_KEY = "subsidy-tree-head"
+TRANSIT_KEYS: dict[str, str] = {
+    KEK_KEY: "aes256-gcm96",
+    BLIND_INDEX_KEY: "aes256-gcm96",
+    TREE_HEAD_KEY: "ed25519",
+}
+K8S_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+class VaultUnavailable(RuntimeError):
+    """Vault could not be reached or refused a call; nothing was changed."""
+
+
+def connect(
+    addr: str,
+    *,
+    token: str | None = None,
+    k8s_role: str | None = None,
+    transit_mount: str = "transit",
+) -> Vault:
+    """Log in with a token (local stack) or Kubernetes auth (in the cluster)."""
+    client = hvac.Client(url=addr, timeout=5)
+    if token:
+        client.token = token
+    elif k8s_role:
+        jwt = K8S_TOKEN_PATH.read_text().strip()
+        client.auth.kubernetes.login(role=k8s_role, jwt=jwt)
+    else:
+        raise VaultUnavailable("neither a Vault token nor a Kubernetes auth role is configured")
+    return Vault(client, transit_mount)
+
+
+def ensure_transit_keys(addr: str, token: str, transit_mount: str = "transit") -> None:
+    """Mount transit (if needed) and create the services' keys; idempotent."""
+    client = hvac.Client(url=addr, token=token, timeout=10)
+    mounts = client.sys.list_mounted_secrets_engines()
+    data = mounts.get("data", mounts)
+    if f"{transit_mount}/" not in data:
+        client.sys.enable_secrets_engine("transit", path=transit_mount)
+    for name, key_type in TRANSIT_KEYS.items():
+        try:
+            client.secrets.transit.read_key(name=name, mount_point=transit_mount)
+        except hvac.exceptions.InvalidPath:
+            client.secrets.transit.create_key(name=name, key_type=key_type, mount_point=transit_mount)
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A person's data key as Vault wrapped it: safe to store, useless without Vault."""
+
+    ciphertext: str
+
+
+class Vault:
+    """The services' view of Vault: data keys, blind indexes and signatures."""
+
+    def __init__(self, client: hvac.Client, transit_mount: str = "transit") -> None:
+        self._client = client
+        self._mount = transit_mount
+        self._dek_cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._dek_ttl = 300.0
+
+    # -- synchronous primitives (run in a worker thread by the async wrappers) -----------
+    def _call(self, fn: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = fn(mount_point=self._mount, **kwargs)
+        except hvac.exceptions.VaultError as exc:  # pragma: no cover - message has no secrets
+            raise VaultUnavailable(f"vault refused {fn.__name__}: {type(exc).__name__}") from exc
+        except Exception as exc:
+            raise VaultUnavailable(f"vault unreachable during {fn.__name__}") from exc
+        return result
+
+    def new_data_key_sync(self) -> tuple[bytes, WrappedKey]:
+        res = self._call(
+            self._client.secrets.transit.generate_data_key, name=KEK_KEY, key_type="plaintext"
+        )
+        plaintext = base64.b64decode(res["data"]["plaintext"])
+        return plaintext, WrappedKey(res["data"]["ciphertext"])
+
+    def unwrap_sync(self, wrapped: WrappedKey) -> bytes:
+        cached = self._dek_cache.get(wrapped.ciphertext)
+        now = time.monotonic()
+        if cached and now - cached[0] < self._dek_ttl:
+            return cached[1]
+        res = self._call(
+            self._client.secrets.transit.decrypt_data, name=KEK_KEY, ciphertext=wrapped.ciphertext
+        )
+        key = base64.b64decode(res["data"]["plaintext"])
+        self._dek_cache[wrapped.ciphertext] = (now, key)
+        while len(self._dek_cache) > 10_000:
+            self._dek_cache.popitem(last=False)
+        return key
+
+    def blind_index_sync(self, purpose: str, value: str) -> str:
+        """Keyed HMAC of ``purpose:value``; the purpose keeps indexes of different fields apart."""
+        res = self._call(
+            self._client.secrets.transit.generate_hmac,
+            name=BLIND_INDEX_KEY,
+            hash_input=base64.b64encode(f"{purpose}:{value}".encode()).decode(),
+            algorithm="sha2-256",
+        )
+        mac: str = res["data"]["hmac"]
+        return mac.split(":")[-1]
+
+    def sign_sync(self, message: bytes) -> str:
+        res = self._call(
+            self._client.secrets.transit.sign_data,
+            name=TREE_HEAD_KEY,
+            hash_input=base64.b64encode(message).decode(),
+        )
+        sig: str = res["data"]["signature"]
+        return sig
+
+    def verify_sync(self, message: bytes, signature: str) -> bool:
+        res = self._call(
+            self._client.secrets.transit.verify_signed_data,
+            name=TREE_HEAD_KEY,
+            hash_input=base64.b64encode(message).decode(),
+            signature=signature,
+        )
+        return bool(res["data"]["valid"])
+
+    def forget_cached(self, wrapped: WrappedKey) -> None:
+        self._dek_cache.pop(wrapped.ciphertext, None)
+
+    # -- async wrappers --------------------------------------------------------------------
+    async def new_data_key(self) -> tuple[bytes, WrappedKey]:
+        return await asyncio.to_thread(self.new_data_key_sync)
+
+    async def unwrap(self, wrapped: WrappedKey) -> bytes:
+        return await asyncio.to_thread(self.unwrap_sync, wrapped)
+
+    async def blind_index(self, purpose: str, value: str) -> str:
+        return await asyncio.to_thread(self.blind_index_sync, purpose, value)
+
+    async def sign(self, message: bytes) -> str:
+        return await asyncio.to_thread(self.sign_sync, message)
+
+
+def seal(key: bytes, plaintext: str, associated: bytes = b"") -> bytes:
+    """Encrypt one field under a person's data key: nonce ‖ AES-256-GCM ciphertext."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext.encode(), associated)
+
+
+def unseal(key: bytes, sealed: bytes, associated: bytes = b"") -> str:
+    """Decrypt a field sealed by :func:`seal`."""
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], associated).decode()
