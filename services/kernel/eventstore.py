@@ -1,0 +1,287 @@
+"""The event store: an append-only log of envelopes per service, on PostgreSQL via SQLAlchemy.
+
+Three guarantees, each tested in tests/kernel/test_eventstore.py:
+
+- ``append`` is atomic and checks the expected version; a conflict raises
+  :class:`WrongExpectedVersion` and writes nothing.
+- ``read_all`` returns events in one global order that a poller can never overtake. Each row
+  records the id of the transaction that wrote it (``xid8``); a reader orders by
+  ``(tx_id, position)`` and only reads rows whose transaction is older than the oldest one still
+  running (``pg_snapshot_xmin``). A transaction that commits late therefore holds readers back
+  instead of being skipped, and writers never serialise on a table lock.
+- The events table is the outbox: the relay reads it with ``read_all`` and checkpoints.
+
+Services keep their decision state in ordinary tables updated in the same transaction as the
+append (inline projections); replaying the stream rebuilds them exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.types import UserDefinedType
+
+from .events import Envelope
+
+
+class Xid8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id type."""
+
+    cache_ok = True
+
+    def get_col_spec(self) -> str:
+        return "xid8"
+
+
+kernel_metadata = MetaData()
+
+events_table = Table(
+    "events",
+    kernel_metadata,
+    Column("position", BigInteger, Identity(always=True), nullable=False),
+    Column("tx_id", Xid8(), nullable=False, server_default=text("pg_current_xact_id()")),
+    Column("event_id", String(36), primary_key=True),
+    Column("stream_id", String(200), nullable=False),
+    Column("stream_version", BigInteger, nullable=False),
+    Column("event_type", String(200), nullable=False),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    UniqueConstraint("stream_id", "stream_version", name="events_stream_version"),
+    Index("events_global_order", "tx_id", "position"),
+)
+
+streams_table = Table(
+    "streams",
+    kernel_metadata,
+    Column("stream_id", String(200), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
+checkpoints_table = Table(
+    "checkpoints",
+    kernel_metadata,
+    Column("name", String(200), primary_key=True),
+    Column("tx_id", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),
+)
+
+handled_table = Table(
+    "handled_events",
+    kernel_metadata,
+    Column("consumer", String(100), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("handled_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    PrimaryKeyConstraint("consumer", "event_id"),
+)
+
+
+class WrongExpectedVersion(Exception):
+    """The stream moved on since the caller read it; nothing was appended."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id}: expected version {expected}, found {actual}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class Position(NamedTuple):
+    """A place in the global order: (writer transaction id, row position)."""
+
+    tx_id: int
+    position: int
+
+    def __str__(self) -> str:
+        return f"{self.tx_id}:{self.position}"
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An event as read back from the store, with its place in the global order."""
+
+    position: Position
+    envelope: Envelope
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+class Tx:
+    """One database transaction: load state, lock streams, append, record handled events."""
+
+    def __init__(self, conn: AsyncConnection, store: EventStore) -> None:
+        self.conn = conn
+        self._store = store
+        self.appended = 0
+
+    async def lock_stream(self, stream_id: str) -> int:
+        """Lock the stream's row until commit and return its version (0 if it has none yet).
+
+        Writers of a hot stream (a budget pool) queue here instead of failing on a version
+        conflict and retrying.
+        """
+        row = (
+            await self.conn.execute(
+                text("SELECT version FROM streams WHERE stream_id = :s FOR UPDATE"),
+                {"s": stream_id},
+            )
+        ).first()
+        return int(row[0]) if row else 0
+
+    async def append(
+        self, stream_id: str, expected_version: int, envelopes: Sequence[Envelope]
+    ) -> int:
+        """Append ``envelopes`` after ``expected_version``; return the new version."""
+        if not envelopes:
+            return expected_version
+        new_version = expected_version + len(envelopes)
+        row = (
+            await self.conn.execute(
+                text(
+                    "INSERT INTO streams (stream_id, version) VALUES (:s, :n) "
+                    "ON CONFLICT (stream_id) DO UPDATE SET version = :n "
+                    "WHERE streams.version = :e RETURNING version"
+                ),
+                {"s": stream_id, "n": new_version, "e": expected_version},
+            )
+        ).first()
+        if row is None:
+            actual = await self.conn.scalar(
+                text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream_id}
+            )
+            raise WrongExpectedVersion(stream_id, expected_version, int(actual or 0))
+        rows = []
+        for i, env in enumerate(envelopes, start=1):
+            env.stream_id = stream_id
+            env.stream_version = expected_version + i
+            rows.append(
+                {
+                    "event_id": env.event_id,
+                    "stream_id": stream_id,
+                    "stream_version": env.stream_version,
+                    "event_type": env.event_type,
+                    "envelope": env.SerializeToString(deterministic=True),
+                }
+            )
+        await self.conn.execute(events_table.insert(), rows)
+        self.appended += len(rows)
+        return new_version
+
+    async def mark_handled(self, consumer: str, event_id: str) -> bool:
+        """Record that ``consumer`` handled ``event_id``; False if it already had."""
+        row = (
+            await self.conn.execute(
+                text(
+                    "INSERT INTO handled_events (consumer, event_id) VALUES (:c, :e) "
+                    "ON CONFLICT DO NOTHING RETURNING event_id"
+                ),
+                {"c": consumer, "e": event_id},
+            )
+        ).first()
+        return row is not None
+
+
+class EventStore:
+    """A service's event store. One per process; safe for concurrent use."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.appended = asyncio.Event()  # set after a commit that appended: wakes the relay
+
+    async def migrate(self, *metadatas: MetaData) -> None:
+        """Create the kernel's tables and the given service tables; idempotent."""
+        async with self.engine.begin() as conn:
+            # Several processes may migrate one database at once (tests, rolling upgrades).
+            await conn.execute(text("SELECT pg_advisory_xact_lock(7340001)"))
+            for md in (kernel_metadata, *metadatas):
+                await conn.run_sync(md.create_all)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A unit of work: everything inside commits together or not at all."""
+        async with self.engine.connect() as conn:
+            tx = Tx(conn, self)
+            async with conn.begin():
+                yield tx
+            if tx.appended:
+                self.appended.set()
+
+    async def append(
+        self, stream_id: str, expected_version: int, envelopes: Sequence[Envelope]
+    ) -> int:
+        async with self.transaction() as tx:
+            return await tx.append(stream_id, expected_version, envelopes)
+
+    async def read_stream(self, stream_id: str, from_version: int = 1) -> list[Envelope]:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                text(
+                    "SELECT envelope FROM events WHERE stream_id = :s AND stream_version >= :v "
+                    "ORDER BY stream_version"
+                ),
+                {"s": stream_id, "v": from_version},
+            )
+            return [Envelope.FromString(r[0]) for r in result]
+
+    async def read_all(self, after: Position = START, limit: int = 500) -> list[Recorded]:
+        """Events after ``after`` in the global order, never past a still-running writer."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                text(
+                    "SELECT tx_id::text::bigint, position, envelope FROM events "
+                    "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
+                    "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+                    "ORDER BY tx_id, position LIMIT :limit"
+                ),
+                {"tx": after.tx_id, "pos": after.position, "limit": limit},
+            )
+            return [
+                Recorded(Position(int(r[0]), int(r[1])), Envelope.FromString(r[2])) for r in result
+            ]
+
+    async def count(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(text("SELECT count(*) FROM events")) or 0)
+
+    async def load_checkpoint(self, name: str) -> Position:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT tx_id, position FROM checkpoints WHERE name = :n"), {"n": name}
+                )
+            ).first()
+            return Position(int(row[0]), int(row[1])) if row else START
+
+    async def save_checkpoint(self, name: str, pos: Position) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO checkpoints (name, tx_id, position) VALUES (:n, :t, :p) "
+                    "ON CONFLICT (name) DO UPDATE SET tx_id = :t, position = :p"
+                ),
+                {"n": name, "t": pos.tx_id, "p": pos.position},
+            )

@@ -1,0 +1,52 @@
+"""Request validation shared by every API: a precise INVALID_ARGUMENT naming the field."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidArgument
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+MAX_PRICE_FEN = 10**10  # 100 million yuan: no subsidised item costs more
+
+
+def identifier(field: str, value: str, *, max_len: int = 64) -> str:
+    """A non-empty ASCII identifier (order ids, SKUs, pool ids) of at most ``max_len``."""
+    if not value:
+        raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
+    if len(value) > max_len:
+        raise InvalidArgument("FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field)
+    if not _ID.match(value):
+        raise InvalidArgument(
+            "INVALID_IDENTIFIER",
+            f"{field}: letters, digits and . _ : - only, starting with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def price_fen(field: str, value: int) -> int:
+    if value <= 0 or value > MAX_PRICE_FEN:
+        raise InvalidArgument(
+            "INVALID_PRICE", f"{field}: must be 1..{MAX_PRICE_FEN} fen", field=field
+        )
+    return value
+
+
+def text_field(field: str, value: str, *, max_len: int = 200, required: bool = True) -> str:
+    value = value.strip()
+    if required and not value:
+        raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
+    if len(value) > max_len:
+        raise InvalidArgument("FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field)
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument("INVALID_TEXT", f"{field}: control characters", field=field)
+    return value
+
+
+def choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise InvalidArgument(
+            "INVALID_CHOICE", f"{field}: one of {', '.join(allowed)}", field=field
+        )
+    return value
