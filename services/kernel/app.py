@@ -1,0 +1,163 @@
+"""The one way a service process starts, serves and stops.
+
+``python -m services.<name>`` → :func:`main`: read settings (fail fast), configure logs and
+traces, migrate the schema, connect Vault and NATS, start the outbox relay, the durable consumers
+and background tasks, serve gRPC until SIGTERM/SIGINT, then drain gracefully.
+``python -m services.<name> migrate`` only migrates (the Helm hook Job runs this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from sqlalchemy import MetaData
+
+from . import bus, rpc, vault
+from .eventstore import EventStore, make_engine
+from .settings import Settings, SettingsError
+from .telemetry import configure_logging, configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a running service has to work with; handed to the service's builder."""
+
+    settings: Settings
+    store: EventStore
+    vault: vault.Vault
+    nc: NatsClient
+    js: JetStreamContext
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Wiring:
+    """What a service contributes: servicers, consumers and background loops."""
+
+    registrations: Sequence[rpc.Registration]
+    service_names: Sequence[str]
+    consumers: Sequence[bus.EventConsumer] = ()
+    background: Sequence[Callable[[asyncio.Event], Awaitable[None]]] = ()
+    on_close: Sequence[Callable[[], Awaitable[None]]] = ()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service: its name, its tables, the peers it calls, and how to wire it."""
+
+    name: str
+    metadata: MetaData
+    build: Callable[[Runtime], Awaitable[Wiring]]
+    peers: tuple[str, ...] = ()
+
+
+@dataclass
+class Running:
+    """A started service: its bound port and how to stop it (used by tests and main)."""
+
+    port: int
+    runtime: Runtime
+    wiring: Wiring
+    done: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.runtime.stop.set()
+        await self.done
+
+
+async def start(spec: ServiceSpec, settings: Settings) -> Running:
+    """Start ``spec`` in this event loop; returns once it is serving."""
+    store = EventStore(make_engine(settings.database_url))
+    await store.migrate(spec.metadata)
+    v = vault.connect(
+        settings.vault_addr,
+        token=settings.vault_token,
+        k8s_role=settings.vault_k8s_role,
+        transit_mount=settings.vault_transit_mount,
+    )
+    nc, js = await bus.connect(settings.nats_url, spec.name)
+    await bus.ensure_streams(js)
+    runtime = Runtime(settings, store, v, nc, js)
+    wiring = await spec.build(runtime)
+    server, health = rpc.build_server(wiring.registrations, wiring.service_names)
+    port = server.add_insecure_port(settings.grpc_listen)
+    if port == 0:
+        raise SettingsError(f"SUBSIDY_GRPC_LISTEN: cannot listen on {settings.grpc_listen}")
+    await server.start()
+    relay = bus.OutboxRelay(store, js)
+    tasks = [asyncio.create_task(relay.run(runtime.stop), name=f"{spec.name}-relay")]
+    tasks += [
+        asyncio.create_task(c.run(store, js, runtime.stop), name=f"{spec.name}-{c.name}")
+        for c in wiring.consumers
+    ]
+    tasks += [asyncio.create_task(b(runtime.stop)) for b in wiring.background]
+    await rpc.set_serving(health, wiring.service_names)
+    log.info("%s serving gRPC on port %d", spec.name, port)
+
+    async def lifecycle() -> None:
+        await runtime.stop.wait()
+        log.info("%s stopping: draining calls", spec.name)
+        await health.enter_graceful_shutdown()
+        await server.stop(grace=5.0)
+        for task in tasks:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=5.0)
+        for close in wiring.on_close:
+            await close()
+        with contextlib.suppress(Exception):
+            await relay.publish_pending()  # what was committed while draining
+        await nc.drain()
+        await store.engine.dispose()
+        log.info("%s stopped", spec.name)
+
+    return Running(port, runtime, wiring, asyncio.create_task(lifecycle()))
+
+
+async def migrate_only(spec: ServiceSpec, settings: Settings) -> None:
+    store = EventStore(make_engine(settings.database_url, pool_size=1))
+    await store.migrate(spec.metadata)
+    await store.engine.dispose()
+
+
+def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m services.<name> [serve|migrate]``."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{spec.name}")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(spec.name, peers=spec.peers)
+    except SettingsError as exc:
+        print(f"{spec.name}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(spec.name, settings.log_level, settings.log_file)
+    configure_tracing(spec.name, trace_file=settings.trace_file)
+    if settings.metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, _, port = settings.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
+    if args.command == "migrate":
+        asyncio.run(migrate_only(spec, settings))
+        log.info("%s schema migrated", spec.name)
+        return 0
+
+    async def serve() -> None:
+        running = await start(spec, settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, running.runtime.stop.set)
+        await running.done
+
+    asyncio.run(serve())
+    return 0

@@ -1,0 +1,231 @@
+"""NATS JetStream: the streams, the outbox relay and durable consumers.
+
+- Every service's relay publishes its store's events to ``events.<service>.<EventType>`` with
+  ``Nats-Msg-Id`` = event id, so a re-publish after a crash is dropped by JetStream's duplicate
+  window, and checkpoints only after the acks.
+- Consumers are durable pull consumers with explicit ack. The handler's effects and the record
+  that the event was handled commit in one transaction, so a redelivery changes nothing. A message
+  that keeps failing goes to the dead-letter stream after ``max_deliver`` tries, with an alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from .events import Envelope
+from .eventstore import EventStore, Position, Tx
+from .telemetry import extract, inject, tracer
+
+log = logging.getLogger(__name__)
+
+EVENTS_STREAM = "SUBSIDY_EVENTS"
+DLQ_STREAM = "SUBSIDY_DLQ"
+DUPLICATE_WINDOW_S = 600.0
+
+
+def subject_for(envelope: Envelope) -> str:
+    return f"events.{envelope.service}.{envelope.event_type.rsplit('.', 1)[-1]}"
+
+
+async def connect(url: str, name: str) -> tuple[NatsClient, JetStreamContext]:
+    nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    return nc, nc.jetstream(timeout=10)
+
+
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create (or update) the events and dead-letter streams; idempotent."""
+    for cfg in (
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=["events.>"],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM, subjects=["dlq.>"], storage=StorageType.FILE, num_replicas=replicas
+        ),
+    ):
+        try:
+            await js.stream_info(cfg.name)  # type: ignore[arg-type]
+            await js.update_stream(cfg)
+        except NotFoundError:
+            await js.add_stream(cfg)
+
+
+class OutboxRelay:
+    """Publishes a store's events to JetStream in the global order, resuming after a crash."""
+
+    def __init__(
+        self, store: EventStore, js: JetStreamContext, *, name: str = "relay", batch: int = 256
+    ) -> None:
+        self._store = store
+        self._js = js
+        self._name = name
+        self._batch = batch
+        self.published = 0
+
+    async def publish_pending(self) -> int:
+        """Publish everything not yet published; return how many were sent."""
+        pos = await self._store.load_checkpoint(self._name)
+        sent = 0
+        while True:
+            batch = await self._store.read_all(pos, limit=self._batch)
+            if not batch:
+                return sent
+            for rec in batch:
+                await self._publish(rec.envelope)
+                pos = rec.position
+            await self._store.save_checkpoint(self._name, pos)
+            sent += len(batch)
+            self.published += len(batch)
+
+    async def _publish(self, env: Envelope) -> None:
+        with tracer().start_as_current_span(
+            f"publish {env.event_type.rsplit('.', 1)[-1]}",
+            context=extract(env.trace_context),
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "messaging.message.id": env.event_id},
+        ):
+            headers = {"Nats-Msg-Id": env.event_id, **inject()}
+            await self._js.publish(
+                subject_for(env), env.SerializeToString(deterministic=True), headers=headers
+            )
+
+    async def run(self, stop: asyncio.Event, idle_poll_s: float = 0.1) -> None:
+        """Relay until ``stop``; wakes on an in-process append, polls for other writers."""
+        while not stop.is_set():
+            try:
+                await self.publish_pending()
+            except Exception:
+                log.exception("relay failed; retrying", extra={"alert": "relay"})
+                await asyncio.sleep(1.0)
+            self._store.appended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._store.appended.wait(), idle_poll_s)
+
+
+Handler = Callable[[Tx, Envelope], Awaitable[None]]
+
+
+@dataclass
+class EventConsumer:
+    """A durable pull consumer whose handler runs inside the store's transaction."""
+
+    name: str
+    subjects: Sequence[str]
+    handler: Handler
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    handled: int = 0
+    dead_lettered: int = 0
+    _backoff: Sequence[float] = field(default=(0.2, 0.5, 1.0, 2.0))
+
+    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=self.name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=-1,  # we count deliveries ourselves and dead-letter, never drop
+            filter_subjects=list(self.subjects),
+        )
+        # Binds to the durable consumer when it exists, creates it otherwise.
+        return await js.pull_subscribe("", durable=self.name, stream=EVENTS_STREAM, config=config)
+
+    async def handle(self, store: EventStore, js: JetStreamContext, msg: Msg) -> None:
+        env = Envelope.FromString(msg.data)
+        with tracer().start_as_current_span(
+            f"{self.name} consume {env.event_type.rsplit('.', 1)[-1]}",
+            context=extract(msg.headers or {}),
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "nats", "messaging.message.id": env.event_id},
+        ) as span:
+            try:
+                async with store.transaction() as tx:
+                    if await tx.mark_handled(self.name, env.event_id):
+                        await self.handler(tx, env)
+                        self.handled += 1
+                await msg.ack()
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+                delivered = msg.metadata.num_delivered
+                if delivered >= self.max_deliver:
+                    await self._dead_letter(js, msg, env, exc)
+                else:
+                    log.warning(
+                        "handler failed (delivery %d of %d); will retry",
+                        delivered,
+                        self.max_deliver,
+                        extra={"event_id": env.event_id, "event_type": env.event_type},
+                    )
+                    await msg.nak(delay=self._backoff[min(delivered, len(self._backoff)) - 1])
+
+    async def _dead_letter(
+        self, js: JetStreamContext, msg: Msg, env: Envelope, exc: Exception
+    ) -> None:
+        headers = {
+            "Nats-Msg-Id": f"{self.name}:{env.event_id}",
+            "Subsidy-Consumer": self.name,
+            "Subsidy-Original-Subject": msg.subject,
+            "Subsidy-Error": type(exc).__name__,
+        }
+        await js.publish(f"dlq.{self.name}", msg.data, headers=headers)
+        await msg.term()
+        self.dead_lettered += 1
+        log.error(
+            "poison message moved to the dead-letter stream after %d deliveries",
+            self.max_deliver,
+            extra={"event_id": env.event_id, "event_type": env.event_type, "alert": "dead-letter"},
+        )
+
+    async def run(self, store: EventStore, js: JetStreamContext, stop: asyncio.Event) -> None:
+        sub = await self.subscribe(js)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch=64, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("fetch failed; retrying", extra={"alert": "consumer"})
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self.handle(store, js, msg)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+__all__ = ["EventConsumer", "OutboxRelay", "Position", "connect", "ensure_streams", "subject_for"]
+
+
+async def _relay_forever(database_url: str, nats_url: str) -> None:
+    from .eventstore import make_engine
+
+    store = EventStore(make_engine(database_url, pool_size=2))
+    nc, js = await connect(nats_url, "relay")
+    await ensure_streams(js)
+    await OutboxRelay(store, js, batch=50).run(asyncio.Event())
+
+
+if __name__ == "__main__":
+    # A relay alone, for operators draining a store, and for the crash test (kill -9).
+    import sys
+
+    asyncio.run(_relay_forever(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,162 @@
+"""The one gRPC bootstrap every service uses: server, client channels, interceptors.
+
+Server: grpc.health.v1, server reflection, OpenTelemetry server spans, and the error mapping
+(a :class:`DomainError` becomes its status code with a ``google.rpc.ErrorInfo`` detail naming
+the reason and the field; anything else becomes ``INTERNAL`` with no internals leaked).
+Client: OpenTelemetry client spans and a default deadline on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+
+from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any]
+
+
+def status_of(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
+    """The status code, message and serialized google.rpc.Status for a domain error."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message, details=[detail]
+    )
+    return error.code, error.message, status.SerializeToString()
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns domain errors into precise statuses; never lets bad input become INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = details.method
+
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except DomainError as err:
+                code, message, status = status_of(err)
+                await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the trace")
+
+        return grpc.unary_unary_rpc_method_handler(
+            mapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def build_server(
+    registrations: Sequence[Registration], service_names: Sequence[str]
+) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
+    """A server with health, reflection, tracing and error mapping; not yet listening."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
+    for add, servicer in registrations:
+        add(servicer, server)
+    health = grpc_health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    return server, health
+
+
+async def set_serving(health: grpc_health.aio.HealthServicer, names: Sequence[str]) -> None:
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Every outgoing call gets a deadline, so one stuck peer cannot hang a checkout."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        if details.timeout is None:
+            details = grpc.aio.ClientCallDetails(
+                details.method,
+                self._seconds,
+                details.metadata,
+                details.credentials,
+                details.wait_for_ready,
+            )
+        return await continuation(details, request)
+
+
+def channel(addr: str, *, deadline_s: float = 5.0) -> grpc.aio.Channel:
+    """A client channel with tracing and a default deadline."""
+    return grpc.aio.insecure_channel(
+        addr, interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)]
+    )
+
+
+def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a peer attached to a failed call, if any."""
+    for key, value in err.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    return None
+
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[DomainError]] = {}
+
+
+def as_domain_error(err: grpc.aio.AioRpcError, peer: str) -> DomainError:
+    """Re-raise a peer's precise failure as our own, keeping its code and reason."""
+    from . import errors
+
+    if not _CODE_TO_ERROR:
+        for cls in vars(errors).values():
+            if isinstance(cls, type) and issubclass(cls, DomainError) and cls is not DomainError:
+                _CODE_TO_ERROR.setdefault(cls.code, cls)
+    info = error_info(err)
+    cls = _CODE_TO_ERROR.get(err.code())
+    if info is not None and cls is not None:
+        meta = dict(info.metadata)
+        field = meta.pop("field", "")
+        return cls(info.reason, err.details() or info.reason, field=field, **meta)
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{peer.upper()}_UNAVAILABLE", f"{peer} did not answer in time")
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument("INVALID_ARGUMENT", err.details() or "invalid argument")
+    return Unavailable(f"{peer.upper()}_FAILED", f"{peer} failed: {err.code().name}")
