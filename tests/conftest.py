@@ -45,7 +45,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     logs.mkdir()
     pg = Postgres(data_dir=root / "pg", port=free_port(), log_dir=logs, durable=False)
     nats = Nats(store_dir=root / "nats", port=free_port(), monitor_port=free_port(), log_dir=logs)
-    bao = OpenBao(data_dir=root / "bao", port=free_port(), log_dir=logs, dev=True)
+    bao = OpenBao(data_dir=root / "bao", port=free_port(2), log_dir=logs, dev=True)
     pg.start()
     nats.start()
     bao.start()

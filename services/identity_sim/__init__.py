@@ -1,0 +1,1 @@
+"""A SIMULATOR of the provincial identity authority, for local runs and tests only."""

@@ -18,10 +18,12 @@ append (inline projections); replaying the stream rebuilds them exactly.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from google.protobuf.message import Message
 
 from sqlalchemy import (
     BigInteger,
@@ -41,7 +43,9 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import UserDefinedType
 
-from .events import Envelope
+from .events import Context, Envelope, new_envelope
+
+Projector = Callable[[AsyncConnection, Envelope], Awaitable[None]]
 
 
 class Xid8(UserDefinedType[int]):
@@ -190,6 +194,22 @@ class Tx:
         await self.conn.execute(events_table.insert(), rows)
         self.appended += len(rows)
         return new_version
+
+    async def emit(
+        self,
+        service: str,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Message],
+        ctx: Context,
+        project: Projector,
+    ) -> list[Envelope]:
+        """Wrap ``events``, append them, and apply each to the service's read models."""
+        envs = [new_envelope(service, stream_id, e, ctx) for e in events]
+        await self.append(stream_id, expected_version, envs)
+        for env in envs:
+            await project(self.conn, env)
+        return envs
 
     async def mark_handled(self, consumer: str, event_id: str) -> bool:
         """Record that ``consumer`` handled ``event_id``; False if it already had."""

@@ -174,10 +174,13 @@ class LockQualificationRequest(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
     category: _builtins.str
     """must match the item's category"""
+    consumer_id: _builtins.str
+    """must own the qualification"""
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -187,10 +190,11 @@ class LockQualificationRequest(_message.Message):
         order_id: _builtins.str = ...,
         category: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        consumer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "order_id", b"order_id", "qualification_id", b"qualification_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "consumer_id", b"consumer_id", "order_id", b"order_id", "qualification_id", b"qualification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -443,20 +443,23 @@ class BudgetFunded(_message.Message):
     POOL_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
     """e.g. "district", "platform-matching" """
+    idempotency_key: _builtins.str
     def __init__(
         self,
         *,
         pool_id: _builtins.str = ...,
         amount_fen: _builtins.int = ...,
         source: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "pool_id", b"pool_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

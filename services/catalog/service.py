@@ -1,0 +1,23 @@
+"""How the catalog is wired into the shared service runner."""
+
+from __future__ import annotations
+
+from services.kernel.app import Runtime, ServiceSpec, Wiring
+from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
+
+from .api import CatalogApi
+from .handlers import Catalog
+from .projections import metadata
+
+
+async def build(rt: Runtime) -> Wiring:
+    catalog = Catalog(rt.store)
+    await catalog.ensure_default_policy()
+    return Wiring(
+        registrations=[(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogApi(catalog))],
+        service_names=[catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name],
+        background=[catalog.refresh_loop],
+    )
+
+
+SPEC = ServiceSpec(name="catalog", metadata=metadata, build=build)

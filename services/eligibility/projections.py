@@ -1,0 +1,126 @@
+"""Eligibility read models fed by events: consumers, qualifications, daily quotas, policies.
+
+``person_keys`` is not a read model: it holds each person's wrapped data key. Deleting a row
+crypto-shreds that person; the events keep only ciphertext, so the log stays verifiable.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.kernel.events import Envelope, payload_of
+from subsidy.v1 import events_pb2 as ev
+
+metadata = MetaData()
+
+consumers = Table(
+    "consumers",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("id_number_index", String(128), nullable=False, unique=True),
+    Column("phone_index", String(128), nullable=False, index=True),
+    Column("id_number_masked", String(32), nullable=False),
+    Column("phone_masked", String(32), nullable=False),
+    Column("platform_id", String(64), nullable=False),
+)
+person_keys = Table(
+    "person_keys",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("wrapped_key", Text, nullable=False),
+)
+qualifications = Table(
+    "qualifications",
+    metadata,
+    Column("qualification_id", String(64), primary_key=True),
+    Column("consumer_id", String(64), nullable=False),
+    Column("category", String(64), nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("order_id", String(64), nullable=False),
+    Column("quota_day", String(10), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("qualifications_by_consumer", "consumer_id", "category"),
+    Index("qualifications_by_order", "order_id"),
+)
+quota_usage = Table(
+    "quota_usage",
+    metadata,
+    Column("category", String(64), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("issued", BigInteger, nullable=False),
+)
+policies = Table(
+    "policies",
+    metadata,
+    Column("version", String(64), primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("effective_from", DateTime(timezone=True), nullable=False),
+)
+
+AVAILABLE, LOCKED, USED, FORFEITED = "AVAILABLE", "LOCKED", "USED", "FORFEITED"
+
+
+async def _set_status(conn: AsyncConnection, qid: str, status: str, order_id: str) -> None:
+    await conn.execute(
+        update(qualifications)
+        .where(qualifications.c.qualification_id == qid)
+        .values(status=status, order_id=order_id)
+    )
+
+
+async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
+    event = payload_of(env)
+    if isinstance(event, ev.ConsumerRegistered):
+        await conn.execute(
+            insert(consumers).values(
+                consumer_id=event.consumer_id,
+                id_number_index=event.id_number_index,
+                phone_index=event.phone_index,
+                id_number_masked=event.id_number_masked,
+                phone_masked=event.phone_masked,
+                platform_id=event.platform_id,
+            )
+        )
+    elif isinstance(event, ev.QualificationClaimed):
+        await conn.execute(
+            insert(qualifications).values(
+                qualification_id=event.qualification_id,
+                consumer_id=event.consumer_id,
+                category=event.category,
+                channel=event.channel,
+                status=AVAILABLE,
+                order_id="",
+                quota_day=event.quota_day,
+                expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
+            )
+        )
+        stmt = pg_insert(quota_usage).values(category=event.category, day=event.quota_day, issued=1)
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["category", "day"], set_={"issued": quota_usage.c.issued + 1}
+            )
+        )
+    elif isinstance(event, ev.QualificationLocked):
+        await _set_status(conn, event.qualification_id, LOCKED, event.order_id)
+    elif isinstance(event, ev.QualificationUsed):
+        await _set_status(conn, event.qualification_id, USED, event.order_id)
+    elif isinstance(event, ev.QualificationUnlocked | ev.QualificationRestored):
+        await _set_status(conn, event.qualification_id, AVAILABLE, "")
+    elif isinstance(event, ev.QualificationForfeited):
+        await _set_status(conn, event.qualification_id, FORFEITED, event.order_id)

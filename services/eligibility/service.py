@@ -1,0 +1,38 @@
+"""How eligibility is wired into the shared service runner."""
+
+from __future__ import annotations
+
+from services.kernel import rpc
+from services.kernel.app import Runtime, ServiceSpec, Wiring
+from services.kernel.bus import EventConsumer
+from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc, identity_pb2_grpc
+
+from .api import EligibilityApi
+from .handlers import Eligibility, GrpcIdentityAuthority
+from .projections import metadata
+
+
+async def build(rt: Runtime) -> Wiring:
+    s = rt.settings
+    authority_ch = rpc.channel(s.peers["identity_authority"], deadline_s=s.rpc_deadline_s)
+    e = Eligibility(
+        rt.store, rt.vault, GrpcIdentityAuthority(identity_pb2_grpc.IdentityAuthorityStub(authority_ch))
+    )
+    return Wiring(
+        registrations=[(eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e))],
+        service_names=[eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name],
+        consumers=[
+            EventConsumer("eligibility-policies", ["events.catalog.PolicyPublished"], e.on_policy_published),
+            EventConsumer(
+                "eligibility-ledger",
+                ["events.ledger.SubsidyCaptured", "events.ledger.SubsidyReleased"],
+                e.on_ledger_event,
+            ),
+        ],
+        on_close=[authority_ch.close],
+    )
+
+
+SPEC = ServiceSpec(
+    name="eligibility", metadata=metadata, build=build, peers=("identity_authority",)
+)

@@ -1,0 +1,148 @@
+"""Ledger decisions, pure: state + command -> events. No I/O.
+
+A budget pool moves money between three buckets, always in integer fen:
+available --reserve--> reserved --capture--> spent; a release moves reserved (or, for a refund
+after capture, spent) back to available. The invariant funded = available + reserved + spent,
+available ≥ 0, is checked by :func:`services.invariants.check_budget_balanced` after every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from google.protobuf.message import Message
+
+from services.invariants import check_budget_balanced
+from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from subsidy.v1 import events_pb2 as ev
+
+MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a budget
+
+PENDING, CAPTURED, RELEASED = "PENDING", "CAPTURED", "RELEASED"
+RELEASE_REASONS = ("CANCELLED", "REFUNDED", "EXPIRED")
+
+
+@dataclass(frozen=True)
+class Pool:
+    pool_id: str
+    funded: int = 0
+    available: int = 0
+    reserved: int = 0
+    spent: int = 0
+
+    def check(self) -> None:
+        check_budget_balanced(
+            self.pool_id,
+            funded=self.funded,
+            available=self.available,
+            reserved=self.reserved,
+            spent=self.spent,
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    order_id: str
+    pool_id: str
+    subsidy_fen: int
+    status: str
+
+
+def fund(pool: Pool, amount_fen: int, source: str) -> list[Message]:
+    if amount_fen <= 0 or amount_fen > MAX_FUNDING_FEN:
+        raise InvalidArgument(
+            "INVALID_AMOUNT", f"amount_fen: must be 1..{MAX_FUNDING_FEN} fen", field="amount_fen"
+        )
+    return [ev.BudgetFunded(pool_id=pool.pool_id, amount_fen=amount_fen, source=source)]
+
+
+def reserve(pool: Pool | None, reserved: ev.SubsidyReserved) -> list[Message]:
+    """Reserve ``reserved.subsidy_fen`` from the pool, or refuse: never overspend."""
+    if pool is None:
+        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {reserved.pool_id!r}", field="pool_id")
+    if reserved.subsidy_fen <= 0:
+        raise FailedPrecondition("NO_SUBSIDY", "the item earns no subsidy", field="sku")
+    if reserved.subsidy_fen > pool.available:
+        raise ResourceExhausted(
+            "BUDGET_EXHAUSTED",
+            f"budget pool {pool.pool_id} has {pool.available} fen left,"
+            f" {reserved.subsidy_fen} fen needed",
+            field="pool_id",
+        )
+    return [reserved]
+
+
+def capture(res: Reservation, payment_ref: str) -> list[Message]:
+    if res.status == CAPTURED:
+        return []  # idempotent: already posted
+    if res.status != PENDING:
+        raise FailedPrecondition(
+            "RESERVATION_NOT_PENDING", f"order {res.order_id} is {res.status}", field="order_id"
+        )
+    return [
+        ev.SubsidyCaptured(
+            order_id=res.order_id,
+            pool_id=res.pool_id,
+            subsidy_fen=res.subsidy_fen,
+            payment_ref=payment_ref,
+        )
+    ]
+
+
+def release(res: Reservation, reason: str) -> list[Message]:
+    if reason not in RELEASE_REASONS:
+        raise InvalidArgument(
+            "INVALID_REASON", f"reason: one of {', '.join(RELEASE_REASONS)}", field="reason"
+        )
+    if res.status == RELEASED:
+        return []  # idempotent
+    if reason == "REFUNDED" and res.status != CAPTURED:
+        raise FailedPrecondition(
+            "NOT_CAPTURED", f"order {res.order_id} was never paid; cancel it instead", field="reason"
+        )
+    if reason in ("CANCELLED", "EXPIRED") and res.status != PENDING:
+        raise FailedPrecondition(
+            "ALREADY_CAPTURED", f"order {res.order_id} is paid; refund it instead", field="reason"
+        )
+    return [
+        ev.SubsidyReleased(
+            order_id=res.order_id,
+            pool_id=res.pool_id,
+            subsidy_fen=res.subsidy_fen,
+            reason=reason,
+            was_captured=res.status == CAPTURED,
+        )
+    ]
+
+
+def apply(pool: Pool, event: Message) -> Pool:
+    """The pool after ``event``; the same fold serves inline updates and replays."""
+    if isinstance(event, ev.BudgetFunded):
+        pool = replace(
+            pool, funded=pool.funded + event.amount_fen, available=pool.available + event.amount_fen
+        )
+    elif isinstance(event, ev.SubsidyReserved):
+        pool = replace(
+            pool,
+            available=pool.available - event.subsidy_fen,
+            reserved=pool.reserved + event.subsidy_fen,
+        )
+    elif isinstance(event, ev.SubsidyCaptured):
+        pool = replace(
+            pool, reserved=pool.reserved - event.subsidy_fen, spent=pool.spent + event.subsidy_fen
+        )
+    elif isinstance(event, ev.SubsidyReleased):
+        if event.was_captured:
+            pool = replace(
+                pool,
+                spent=pool.spent - event.subsidy_fen,
+                available=pool.available + event.subsidy_fen,
+            )
+        else:
+            pool = replace(
+                pool,
+                reserved=pool.reserved - event.subsidy_fen,
+                available=pool.available + event.subsidy_fen,
+            )
+    pool.check()
+    return pool

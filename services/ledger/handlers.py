@@ -1,0 +1,272 @@
+"""Ledger use cases: load, decide, append (with the read models updated in the same commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from services.kernel import validate
+from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
+from services.kernel.events import Context, service_actor
+from services.kernel.eventstore import EventStore, Tx
+from services.kernel.rpc import as_domain_error
+from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, eligibility_pb2
+from subsidy.v1 import eligibility_pb2_grpc
+from subsidy.v1 import events_pb2 as ev
+
+from . import domain
+from .projections import apply_event, budget_pools, funding_keys, load_pool, pool_stream
+from .projections import reservations as reservations_t
+
+SERVICE = "ledger"
+log = logging.getLogger(__name__)
+
+
+class Ledger:
+    """Budget pools and the checkout's reserve / capture / release."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        catalog: catalog_pb2_grpc.CatalogServiceStub,
+        eligibility: eligibility_pb2_grpc.EligibilityServiceStub,
+        *,
+        reservation_timeout_s: int = 900,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.eligibility = eligibility
+        self.timeout = timedelta(seconds=reservation_timeout_s)
+
+    async def _commit(self, tx: Tx, stream: str, version: int, events: list[Message], ctx: Context) -> None:
+        await tx.emit(SERVICE, stream, version, events, ctx, apply_event)
+
+    # -- budget ---------------------------------------------------------------------------
+    async def fund(
+        self, pool_id: str, amount_fen: int, source: str, key: str, actor: common_pb2.Actor
+    ) -> domain.Pool:
+        validate.identifier("pool_id", pool_id)
+        validate.text_field("source", source, max_len=64)
+        if key:
+            validate.identifier("idempotency_key", key, max_len=128)
+        domain.fund(domain.Pool(pool_id), amount_fen, source)  # validate before any I/O
+        stream = pool_stream(pool_id)
+        async with self.store.transaction() as tx:
+            version = await tx.lock_stream(stream)
+            if key:
+                prior = (
+                    await tx.conn.execute(
+                        select(funding_keys).where(funding_keys.c.idempotency_key == key)
+                    )
+                ).first()
+                if prior is not None:
+                    if prior.pool_id != pool_id or prior.amount_fen != amount_fen:
+                        raise AlreadyExists(
+                            "IDEMPOTENCY_KEY_REUSED",
+                            "idempotency_key: used before for a different funding",
+                            field="idempotency_key",
+                        )
+                    pool = await load_pool(tx.conn, pool_id)
+                    assert pool is not None
+                    return pool
+            pool = await load_pool(tx.conn, pool_id) or domain.Pool(pool_id)
+            events = domain.fund(pool, amount_fen, source)
+            events[0].idempotency_key = key  # type: ignore[attr-defined]
+            await self._commit(tx, stream, version, events, Context(actor, correlation_id=key))
+            after = await load_pool(tx.conn, pool_id)
+            assert after is not None
+            return after
+
+    async def get_pool(self, pool_id: str) -> domain.Pool:
+        validate.identifier("pool_id", pool_id)
+        async with self.store.engine.connect() as conn:
+            pool = await load_pool(conn, pool_id)
+        if pool is None:
+            raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
+        return pool
+
+    # -- checkout -------------------------------------------------------------------------
+    async def get_reservation(self, order_id: str) -> dict[str, object] | None:
+        async with self.store.engine.connect() as conn:
+            row = (
+                await conn.execute(select(reservations_t).where(reservations_t.c.order_id == order_id))
+            ).first()
+        return dict(row._mapping) if row else None
+
+    async def reserve(self, req: ev.SubsidyReserved, serial: str, actor: common_pb2.Actor) -> dict[str, object]:
+        """Verify the item, lock the qualification, reserve budget; idempotent on order id."""
+        validate.identifier("order_id", req.order_id)
+        validate.identifier("platform_id", req.platform_id)
+        validate.identifier("pool_id", req.pool_id)
+        validate.identifier("consumer_id", req.consumer_id)
+        validate.identifier("qualification_id", req.qualification_id)
+        validate.identifier("sku", req.sku)
+        validate.price_fen("unit_price_fen", req.unit_price_fen)
+        if serial:
+            validate.identifier("serial", serial, max_len=64)
+        existing = await self.get_reservation(req.order_id)
+        if existing is not None:
+            return self._same_order(existing, req)
+        try:
+            item = await self.catalog.VerifyItem(
+                catalog_pb2.VerifyItemRequest(sku=req.sku, unit_price_fen=req.unit_price_fen, serial=serial)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise as_domain_error(err, "catalog") from err
+        if not item.eligible:
+            raise FailedPrecondition(
+                "ITEM_NOT_ELIGIBLE",
+                f"sku: not eligible ({', '.join(item.reasons)})",
+                field="sku",
+                reasons=",".join(item.reasons),
+            )
+        try:
+            await self.eligibility.LockQualification(
+                eligibility_pb2.LockQualificationRequest(
+                    qualification_id=req.qualification_id,
+                    order_id=req.order_id,
+                    category=item.category,
+                    consumer_id=req.consumer_id,
+                    actor=actor,
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            raise as_domain_error(err, "eligibility") from err
+        expires = Timestamp()
+        expires.FromDatetime(datetime.now(UTC) + self.timeout)
+        reserved = ev.SubsidyReserved()
+        reserved.CopyFrom(req)
+        reserved.merchant_id = item.merchant_id
+        reserved.category = item.category
+        reserved.subsidy_fen = item.subsidy_fen
+        reserved.expires_at.CopyFrom(expires)
+        ctx = Context(actor, correlation_id=req.order_id, policy_version=item.policy_version)
+        stream = pool_stream(req.pool_id)
+        try:
+            async with self.store.transaction() as tx:
+                version = await tx.lock_stream(stream)
+                pool = await load_pool(tx.conn, req.pool_id)
+                raced = (
+                    await tx.conn.execute(
+                        select(reservations_t).where(reservations_t.c.order_id == req.order_id)
+                    )
+                ).first()
+                if raced is not None:
+                    return self._same_order(dict(raced._mapping), req)
+                await self._commit(tx, stream, version, domain.reserve(pool, reserved), ctx)
+        except IntegrityError:
+            # The same order id reserved concurrently against another pool.
+            existing = await self.get_reservation(req.order_id)
+            if existing is None:
+                raise
+            return self._same_order(existing, req)
+        except DomainError:
+            await self._unlock(req, "BUDGET_REFUSED", actor)
+            raise
+        result = await self.get_reservation(req.order_id)
+        assert result is not None
+        return result
+
+    @staticmethod
+    def _same_order(existing: dict[str, object], req: ev.SubsidyReserved) -> dict[str, object]:
+        same = (
+            existing["sku"] == req.sku
+            and existing["unit_price_fen"] == req.unit_price_fen
+            and existing["qualification_id"] == req.qualification_id
+            and existing["consumer_id"] == req.consumer_id
+            and existing["pool_id"] == req.pool_id
+        )
+        if not same:
+            raise AlreadyExists(
+                "ORDER_ID_REUSED",
+                "order_id: already reserved with a different item, price or qualification",
+                field="order_id",
+            )
+        return existing
+
+    async def _unlock(self, req: ev.SubsidyReserved, reason: str, actor: common_pb2.Actor) -> None:
+        """Compensate a lock whose reservation did not happen."""
+        try:
+            await self.eligibility.ReleaseQualification(
+                eligibility_pb2.ReleaseQualificationRequest(
+                    qualification_id=req.qualification_id,
+                    order_id=req.order_id,
+                    reason=reason,
+                    actor=actor,
+                )
+            )
+        except grpc.aio.AioRpcError:
+            log.error(
+                "could not unlock a qualification after a refused reservation",
+                extra={"alert": "unlock-failed", "reason": reason},
+            )
+
+    async def _transition(
+        self, order_id: str, actor: common_pb2.Actor, decide: object
+    ) -> dict[str, object]:
+        validate.identifier("order_id", order_id)
+        existing = await self.get_reservation(order_id)
+        if existing is None:
+            raise NotFound("UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id")
+        stream = pool_stream(str(existing["pool_id"]))
+        async with self.store.transaction() as tx:
+            version = await tx.lock_stream(stream)
+            row = (
+                await tx.conn.execute(select(reservations_t).where(reservations_t.c.order_id == order_id))
+            ).first()
+            assert row is not None
+            res = domain.Reservation(order_id, row.pool_id, row.subsidy_fen, row.status)
+            events = decide(res)  # type: ignore[operator]
+            ctx = Context(actor, correlation_id=order_id, policy_version=row.policy_version)
+            await self._commit(tx, stream, version, events, ctx)
+        after = await self.get_reservation(order_id)
+        assert after is not None
+        return after
+
+    async def capture(self, order_id: str, payment_ref: str, actor: common_pb2.Actor) -> dict[str, object]:
+        validate.text_field("payment_ref", payment_ref, max_len=128, required=False)
+        return await self._transition(order_id, actor, lambda r: domain.capture(r, payment_ref))
+
+    async def release(self, order_id: str, reason: str, actor: common_pb2.Actor) -> dict[str, object]:
+        validate.choice("reason", reason, ("CANCELLED", "REFUNDED"))
+        return await self._transition(order_id, actor, lambda r: domain.release(r, reason))
+
+    async def expire_due(self) -> int:
+        """Release every pending reservation past its timeout; returns how many."""
+        async with self.store.engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(reservations_t.c.order_id)
+                    .where(reservations_t.c.status == domain.PENDING)
+                    .where(reservations_t.c.expires_at < datetime.now(UTC))
+                    .limit(500)
+                )
+            ).scalars().all()
+        actor = service_actor(SERVICE)
+        for order_id in due:
+            try:
+                await self._transition(order_id, actor, lambda r: domain.release(r, "EXPIRED"))
+            except FailedPrecondition:
+                pass  # captured meanwhile: nothing to expire
+        return len(due)
+
+    async def expiry_loop(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                await self.expire_due()
+            except Exception:
+                log.exception("expiry sweep failed", extra={"alert": "expiry"})
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except TimeoutError:
+                pass
+
+
+__all__ = ["Ledger", "budget_pools"]

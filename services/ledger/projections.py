@@ -1,0 +1,162 @@
+"""Ledger read models, fed by events: budget pools and reservations.
+
+Handlers apply each event here in the same transaction as its append (so decisions read current
+state); :func:`rebuild` drops them and replays the store, which must give identical rows.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.kernel.events import Envelope, payload_of
+from services.kernel.eventstore import EventStore, Position
+from subsidy.v1 import events_pb2 as ev
+
+from . import domain
+
+metadata = MetaData()
+
+budget_pools = Table(
+    "budget_pools",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("funded_fen", BigInteger, nullable=False),
+    Column("available_fen", BigInteger, nullable=False),
+    Column("reserved_fen", BigInteger, nullable=False),
+    Column("spent_fen", BigInteger, nullable=False),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("pool_id", String(64), nullable=False),
+    Column("platform_id", String(64), nullable=False),
+    Column("consumer_id", String(64), nullable=False),
+    Column("qualification_id", String(64), nullable=False),
+    Column("sku", String(64), nullable=False),
+    Column("merchant_id", String(64), nullable=False),
+    Column("category", String(64), nullable=False),
+    Column("unit_price_fen", BigInteger, nullable=False),
+    Column("subsidy_fen", BigInteger, nullable=False),
+    Column("policy_version", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("release_reason", String(16), nullable=False, default=""),
+    Column("payment_ref", String(128), nullable=False, default=""),
+    Index("reservations_pending_expiry", "status", "expires_at"),
+)
+
+funding_keys = Table(
+    "funding_keys",
+    metadata,
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("pool_id", String(64), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+)
+
+
+def pool_stream(pool_id: str) -> str:
+    return f"budget-pool/{pool_id}"
+
+
+async def load_pool(conn: AsyncConnection, pool_id: str) -> domain.Pool | None:
+    row = (await conn.execute(select(budget_pools).where(budget_pools.c.pool_id == pool_id))).first()
+    if row is None:
+        return None
+    return domain.Pool(
+        pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen
+    )
+
+
+async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
+    """Apply one ledger event to the read models."""
+    event = payload_of(env)
+    pool_id = getattr(event, "pool_id", "")
+    if not pool_id:
+        return
+    before = await load_pool(conn, pool_id)
+    after = domain.apply(before or domain.Pool(pool_id), event)
+    values = {
+        "funded_fen": after.funded,
+        "available_fen": after.available,
+        "reserved_fen": after.reserved,
+        "spent_fen": after.spent,
+    }
+    if before is None:
+        await conn.execute(insert(budget_pools).values(pool_id=pool_id, **values))
+    else:
+        await conn.execute(update(budget_pools).where(budget_pools.c.pool_id == pool_id).values(**values))
+    if isinstance(event, ev.BudgetFunded) and event.idempotency_key:
+        await conn.execute(
+            insert(funding_keys).values(
+                idempotency_key=event.idempotency_key, pool_id=pool_id, amount_fen=event.amount_fen
+            )
+        )
+    elif isinstance(event, ev.SubsidyReserved):
+        await conn.execute(
+            insert(reservations).values(
+                order_id=event.order_id,
+                pool_id=event.pool_id,
+                platform_id=event.platform_id,
+                consumer_id=event.consumer_id,
+                qualification_id=event.qualification_id,
+                sku=event.sku,
+                merchant_id=event.merchant_id,
+                category=event.category,
+                unit_price_fen=event.unit_price_fen,
+                subsidy_fen=event.subsidy_fen,
+                policy_version=env.policy_version,
+                status=domain.PENDING,
+                expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
+                release_reason="",
+                payment_ref="",
+            )
+        )
+    elif isinstance(event, ev.SubsidyCaptured):
+        await conn.execute(
+            update(reservations)
+            .where(reservations.c.order_id == event.order_id)
+            .values(status=domain.CAPTURED, payment_ref=event.payment_ref)
+        )
+    elif isinstance(event, ev.SubsidyReleased):
+        await conn.execute(
+            update(reservations)
+            .where(reservations.c.order_id == event.order_id)
+            .values(status=domain.RELEASED, release_reason=event.reason)
+        )
+
+
+async def rebuild(store: EventStore) -> int:
+    """Drop the read models and replay every event; returns how many were applied."""
+    async with store.transaction() as tx:
+        await tx.conn.execute(delete(reservations))
+        await tx.conn.execute(delete(budget_pools))
+        await tx.conn.execute(delete(funding_keys))
+        pos, n = Position(0, 0), 0
+        while True:
+            batch = await store.read_all(pos, limit=1000)
+            if not batch:
+                return n
+            for rec in batch:
+                await apply_event(tx.conn, rec.envelope)
+                pos, n = rec.position, n + 1
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,32 @@
+"""How the ledger is wired into the shared service runner."""
+
+from __future__ import annotations
+
+from services.kernel import rpc
+from services.kernel.app import Runtime, ServiceSpec, Wiring
+from subsidy.v1 import catalog_pb2_grpc, eligibility_pb2_grpc, ledger_pb2, ledger_pb2_grpc
+
+from .api import LedgerApi
+from .handlers import Ledger
+from .projections import metadata
+
+
+async def build(rt: Runtime) -> Wiring:
+    s = rt.settings
+    catalog_ch = rpc.channel(s.peers["catalog"], deadline_s=s.rpc_deadline_s)
+    eligibility_ch = rpc.channel(s.peers["eligibility"], deadline_s=s.rpc_deadline_s)
+    ledger = Ledger(
+        rt.store,
+        catalog_pb2_grpc.CatalogServiceStub(catalog_ch),
+        eligibility_pb2_grpc.EligibilityServiceStub(eligibility_ch),
+        reservation_timeout_s=s.reservation_timeout_s,
+    )
+    return Wiring(
+        registrations=[(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerApi(ledger))],
+        service_names=[ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name],
+        background=[ledger.expiry_loop],
+        on_close=[catalog_ch.close, eligibility_ch.close],
+    )
+
+
+SPEC = ServiceSpec(name="ledger", metadata=metadata, build=build, peers=("catalog", "eligibility"))

@@ -1,0 +1,164 @@
+"""All four services and the identity simulator, started in the test's event loop.
+
+The services run exactly the code their processes run (services.kernel.app.start) against the
+session's real PostgreSQL, NATS and OpenBao; in-process so the in-memory span exporter sees every
+span of a checkout. tests/e2e/test_processes.py covers the separate-process stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.audit.service import SPEC as AUDIT
+from services.catalog.service import SPEC as CATALOG
+from services.eligibility.service import SPEC as ELIGIBILITY
+from services.identity_sim.simulator import start as start_simulator
+from services.kernel import rpc
+from services.kernel.app import Running, ServiceSpec, start
+from services.kernel.settings import Settings
+from services.kernel.telemetry import configure_tracing
+from services.ledger.service import SPEC as LEDGER
+from subsidy.v1 import (
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    eligibility_pb2,
+    eligibility_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+)
+from tests.conftest import Infra
+from tests.support.identities import Person, make_person
+
+SPANS = InMemorySpanExporter()
+T = TypeVar("T")
+
+
+@dataclass
+class Platform:
+    infra: Infra
+    running: dict[str, Running]
+    catalog: catalog_pb2_grpc.CatalogServiceStub
+    eligibility: eligibility_pb2_grpc.EligibilityServiceStub
+    ledger: ledger_pb2_grpc.LedgerServiceStub
+    audit: audit_pb2_grpc.AuditServiceStub
+    authority: identity_pb2_grpc.IdentitySimulatorAdminStub
+    spans: InMemorySpanExporter
+
+    async def person(self, rng: random.Random) -> tuple[Person, str]:
+        """A generated person, enrolled at the simulated authority and registered."""
+        p = make_person(rng)
+        await self.authority.Enroll(identity_pb2.EnrollRequest(name=p.name, id_number=p.id_number, phone=p.phone))
+        c = await self.eligibility.RegisterConsumer(
+            eligibility_pb2.RegisterConsumerRequest(
+                name=p.name, id_number=p.id_number, phone=p.phone, platform_id="jd"
+            )
+        )
+        return p, c.consumer_id
+
+    async def product(self, rng: random.Random, category: str, grade: int, price_fen: int) -> str:
+        """An approved merchant's product; returns its SKU."""
+        n = rng.randrange(10**9)
+        merchant = f"m-{n}"
+        await self.catalog.ApplyMerchant(
+            catalog_pb2.ApplyMerchantRequest(
+                merchant_id=merchant, name=f"商户{n}", licence_number="91440300MA5DC6QX4Y",
+                contact_phone="13800000000",
+            )
+        )
+        await self.catalog.ReviewMerchant(catalog_pb2.ReviewMerchantRequest(merchant_id=merchant, approve=True))
+        sku = f"sku-{n}"
+        await self.catalog.RegisterProduct(
+            catalog_pb2.RegisterProductRequest(
+                sku=sku, merchant_id=merchant, category=category, grade=grade, brand="Brand",
+                model=f"M{n}", list_price_fen=price_fen,
+            )
+        )
+        return sku
+
+    async def pool(self, rng: random.Random, fen: int) -> str:
+        pool_id = f"pool-{rng.randrange(10**9)}"
+        await self.ledger.FundBudget(ledger_pb2.FundBudgetRequest(pool_id=pool_id, amount_fen=fen, source="district"))
+        return pool_id
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 15.0) -> T:
+    """Poll ``check`` until it returns without AssertionError (events are asynchronous)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def settings_for(spec: ServiceSpec, infra: Infra, peers: dict[str, str]) -> Settings:
+    return Settings(
+        service=spec.name,
+        grpc_listen="127.0.0.1:0",
+        database_url=infra.create_database(spec.name),
+        nats_url=infra.nats.url,
+        vault_addr=infra.bao.addr,
+        vault_token=infra.bao.token,
+        vault_k8s_role=None,
+        peers={p: peers[p] for p in spec.peers},
+        reservation_timeout_s=900,
+    )
+
+
+@pytest.fixture(scope="session")
+async def platform(infra: Infra) -> AsyncIterator[Platform]:
+    configure_tracing("tests", exporter=SPANS)
+    sim, sim_port = await start_simulator("127.0.0.1:0")
+    peers = {"identity_authority": f"127.0.0.1:{sim_port}"}
+    running: dict[str, Running] = {}
+    for spec in (CATALOG, ELIGIBILITY, AUDIT, LEDGER):
+        running[spec.name] = await start(spec, settings_for(spec, infra, peers))
+        peers[spec.name] = f"127.0.0.1:{running[spec.name].port}"
+    channels = {name: rpc.channel(addr, deadline_s=10) for name, addr in peers.items()}
+    p = Platform(
+        infra=infra,
+        running=running,
+        catalog=catalog_pb2_grpc.CatalogServiceStub(channels["catalog"]),
+        eligibility=eligibility_pb2_grpc.EligibilityServiceStub(channels["eligibility"]),
+        ledger=ledger_pb2_grpc.LedgerServiceStub(channels["ledger"]),
+        audit=audit_pb2_grpc.AuditServiceStub(channels["audit"]),
+        authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_authority"]),
+        spans=SPANS,
+    )
+
+    async def policy_reached_eligibility() -> None:
+        # Eligibility learns the policy from catalog's events.
+        e = running["eligibility"].runtime.store
+        async with e.engine.connect() as conn:
+            from sqlalchemy import text
+
+            assert (await conn.scalar(text("SELECT count(*) FROM policies"))) >= 1
+
+    await eventually(policy_reached_eligibility)
+    try:
+        yield p
+    finally:
+        for ch in channels.values():
+            await ch.close()
+        for r in reversed(list(running.values())):
+            await r.stop()
+        await sim.stop(grace=1)
+
+
+def status_of(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:
+    """(code, reason, field) of a failed call."""
+    info = rpc.error_info(err)
+    return err.code(), info.reason if info else "", (info.metadata.get("field", "") if info else "")
