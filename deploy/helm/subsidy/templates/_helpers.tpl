@@ -1,0 +1,241 @@
+{{/*
+Names, labels and the pod pieces every workload of the chart shares. The services all run
+the same image and the same pod shape, so each piece is defined once here and the templates
+loop over .Values.services.
+*/}}
+
+{{/* The four services, in a fixed order. */}}
+{{- define "subsidy.serviceNames" -}}
+catalog eligibility ledger audit
+{{- end }}
+
+{{/* "<release>-subsidy", or the release name when it already says subsidy. */}}
+{{- define "subsidy.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains "subsidy" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-subsidy" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end }}
+
+{{/* Name of one component's objects. Call with (dict "root" $ "name" "ledger"). */}}
+{{- define "subsidy.componentName" -}}
+{{- printf "%s-%s" (include "subsidy.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/*
+Selector labels: what Services, PDBs, HPAs and NetworkPolicies select pods by.
+(dict "root" $ "name" "ledger" "component" "server")
+*/}}
+{{- define "subsidy.selectorLabels" -}}
+app.kubernetes.io/name: {{ .name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Every label of an object: the selector labels plus chart bookkeeping. */}}
+{{- define "subsidy.labels" -}}
+{{ include "subsidy.selectorLabels" . }}
+app.kubernetes.io/part-of: subsidy
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Labels that pick every pod of one service (server pods and its migration Job pods). */}}
+{{- define "subsidy.servicePodSelector" -}}
+app.kubernetes.io/name: {{ .name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end }}
+
+{{/* Labels that pick every pod of the release. */}}
+{{- define "subsidy.releasePodSelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: subsidy
+{{- end }}
+
+{{/* The image reference: the digest wins over the tag; the tag defaults to appVersion. */}}
+{{- define "subsidy.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+One service's effective workload settings: serviceDefaults merged with services.<name>
+(maps merge, lists replace). Returns YAML; use with fromYaml.
+*/}}
+{{- define "subsidy.workload" -}}
+{{- $own := index .root.Values.services .name -}}
+{{- toYaml (mergeOverwrite (deepCopy .root.Values.serviceDefaults) (omit $own "database")) -}}
+{{- end }}
+
+{{/*
+Pod-level security context of every pod in the chart. UID/GID 10001 is the non-root user the
+image creates (deploy/docker/Dockerfile).
+*/}}
+{{- define "subsidy.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security context of every container in the chart. */}}
+{{- define "subsidy.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Native gRPC probes against grpc.health.v1 on the serving port. The startup probe gives a
+cold start (migrations already ran in the hook Job) up to a minute before liveness counts.
+*/}}
+{{- define "subsidy.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ .Values.grpc.port }}
+  periodSeconds: 2
+  failureThreshold: 30
+readinessProbe:
+  grpc:
+    port: {{ .Values.grpc.port }}
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 3
+livenessProbe:
+  grpc:
+    port: {{ .Values.grpc.port }}
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 3
+{{- end }}
+
+{{/*
+OpenTelemetry variables that come from the pod itself (downward API). OTEL_SERVICE_NAME is the
+pod's app.kubernetes.io/name label, so traces name the same thing the cluster does. The
+$(VAR) references expand because the variables they name are defined above them.
+*/}}
+{{- define "subsidy.otelEnv" -}}
+- name: OTEL_SERVICE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['app.kubernetes.io/name']
+- name: K8S_NAMESPACE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: K8S_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: OTEL_RESOURCE_ATTRIBUTES
+  {{- $attrs := list "service.namespace=subsidy" (printf "service.version=%s" .Chart.AppVersion) "k8s.namespace.name=$(K8S_NAMESPACE_NAME)" "k8s.pod.name=$(K8S_POD_NAME)" "k8s.node.name=$(K8S_NODE_NAME)" }}
+  {{- range $key := keys .Values.otel.resourceAttributes | sortAlpha }}
+  {{- $attrs = append $attrs (printf "%s=%s" $key (index $.Values.otel.resourceAttributes $key)) }}
+  {{- end }}
+  value: {{ join "," $attrs | quote }}
+{{- end }}
+
+{{/* Path of the file the Vault Agent renders a service's database password into. */}}
+{{- define "subsidy.passwordFile" -}}
+{{- printf "%s/db-password" .Values.vault.injector.secretsDir -}}
+{{- end }}
+
+{{/* postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...; the password is never in it. */}}
+{{- define "subsidy.databaseUrl" -}}
+{{- $pg := .root.Values.postgresql -}}
+{{- printf "postgresql+psycopg://%s@%s:%d/%s?sslmode=%s" .database.user $pg.host (int $pg.port) .database.name $pg.sslmode -}}
+{{- end }}
+
+{{/*
+Settings one service reads (the data of its ConfigMap). No secret is ever in here: the
+database password is a file the Vault Agent renders, every other secret stays in Vault.
+*/}}
+{{- define "subsidy.settings" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $own := index $v.services .name -}}
+SUBSIDY_GRPC_LISTEN: {{ printf "0.0.0.0:%d" (int $v.grpc.port) | quote }}
+SUBSIDY_METRICS_LISTEN: {{ printf "0.0.0.0:%d" (int $v.metrics.port) | quote }}
+SUBSIDY_LOG_LEVEL: {{ $v.logLevel | quote }}
+SUBSIDY_DATABASE_URL: {{ include "subsidy.databaseUrl" (dict "root" $root "database" $own.database) | quote }}
+SUBSIDY_DATABASE_PASSWORD_FILE: {{ include "subsidy.passwordFile" $root | quote }}
+SUBSIDY_NATS_URL: {{ $v.nats.url | quote }}
+SUBSIDY_VAULT_ADDR: {{ $v.vault.address | quote }}
+SUBSIDY_VAULT_AUTH: "kubernetes"
+SUBSIDY_VAULT_K8S_ROLE: {{ printf "subsidy-%s" .name | quote }}
+SUBSIDY_VAULT_TRANSIT_MOUNT: {{ $v.vault.transitMount | quote }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ $v.otel.endpoint | quote }}
+OTEL_TRACES_EXPORTER: {{ $v.otel.tracesExporter | quote }}
+{{- if eq .name "ledger" }}
+SUBSIDY_CATALOG_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "catalog")) $root.Release.Namespace (int $v.grpc.port) | quote }}
+SUBSIDY_ELIGIBILITY_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "eligibility")) $root.Release.Namespace (int $v.grpc.port) | quote }}
+{{- end }}
+{{- if eq .name "eligibility" }}
+{{- if $v.identitySimulator.enabled }}
+SUBSIDY_IDENTITY_AUTHORITY_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "identity-sim")) $root.Release.Namespace (int $v.grpc.port) | quote }}
+{{- else }}
+SUBSIDY_IDENTITY_AUTHORITY_ADDR: {{ $v.identityAuthority.address | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Vault Agent Injector annotations for a pod of one service: log in as role subsidy-<name> and
+render the database password, alone, into <secretsDir>/db-password, readable only by the app
+user (the agent runs as the same UID). Jobs pass "job" true: the agent then only runs as an
+init container, so the Job can complete.
+(dict "root" $ "name" "ledger" "job" false)
+*/}}
+{{- define "subsidy.vaultAnnotations" -}}
+{{- $v := .root.Values.vault -}}
+{{- $p := $v.injector.annotationPrefix -}}
+{{- $own := index .root.Values.services .name -}}
+{{ $p }}/agent-inject: "true"
+{{ $p }}/role: {{ printf "subsidy-%s" .name | quote }}
+{{ $p }}/auth-path: {{ $v.authPath | quote }}
+{{ $p }}/agent-run-as-same-user: "true"
+{{ $p }}/agent-pre-populate-only: {{ ternary "true" "false" (default false .job) | quote }}
+{{ $p }}/agent-inject-secret-db-password: {{ $own.database.passwordVaultPath | quote }}
+{{ $p }}/agent-inject-template-db-password: {{ printf "{{- with secret %q -}}{{ %s }}{{- end -}}" $own.database.passwordVaultPath $v.injector.passwordField | quote }}
+{{ $p }}/agent-inject-perms-db-password: "0400"
+{{- with $v.injector.extraAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Egress every pod of the release needs: cluster DNS and the OTLP collector. */}}
+{{- define "subsidy.baseEgress" -}}
+- to:
+    {{- list .Values.networkPolicy.dnsSelector | toYaml | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+- to:
+    {{- list .Values.otel.egressTo | toYaml | nindent 4 }}
+  ports:
+    - port: {{ .Values.otel.port }}
+      protocol: TCP
+{{- end }}
