@@ -1,0 +1,222 @@
+"""subsidyctl: the operator's and auditor's command line.
+
+  subsidyctl up [--seed-demo]     start the whole stack locally and serve until Ctrl-C
+  subsidyctl smoke                start a throwaway stack, run one checkout, print one JSON line
+  subsidyctl seed                 create the demo campaign on a running stack
+  subsidyctl checkout             run one subsidised checkout against a running stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from services.invariants import check_audit_complete
+from services.kernel.telemetry import configure_tracing
+from subsidy.v1 import audit_pb2
+
+from . import demo
+from .localstack import SERVICES, LocalStack, Ports
+from .stack import StackError, port_in_use
+
+DEFAULT_RUN_DIR = Path(os.environ.get("SUBSIDY_RUN_DIR", "run"))
+DEFAULT_BASE_PORT = int(os.environ.get("SUBSIDY_BASE_PORT", "7100"))
+
+
+def _endpoints(base_port: int) -> dict[str, str]:
+    ports = Ports(base_port)
+    return {s: f"127.0.0.1:{p}" for s, p in ports.services.items()}
+
+
+def _example(base_port: int) -> str:
+    return (
+        "Try a subsidised checkout (a platform's calls: register, claim, reserve, capture):\n"
+        f"  .venv/bin/subsidyctl checkout --base-port {base_port} --sku demo-fridge-g1 "
+        "--price-fen 1200000\n"
+        "Or call the gRPC API directly (server reflection is on), e.g. with grpcurl:\n"
+        f"  grpcurl -plaintext -d '{{\"pool_id\": \"pingshan-2025\"}}' 127.0.0.1:{Ports(base_port).services['ledger']} "
+        "subsidy.v1.LedgerService/GetBudget"
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = LocalStack(Path(args.run_dir).resolve(), Ports(args.base_port), durable=True)
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"subsidyctl up: {exc}", file=sys.stderr)
+        return 1
+    stop = {"now": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        if args.seed_demo:
+            seeded = asyncio.run(_seed(stack.endpoints()))
+            print("demo campaign:", json.dumps(seeded, ensure_ascii=False), flush=True)
+        print("endpoints:", json.dumps(stack.endpoints(), indent=2), flush=True)
+        print(f"logs: {stack.logs}   traces: {stack.traces}", flush=True)
+        print(_example(args.base_port), flush=True)
+        print("serving; press Ctrl-C to stop", flush=True)
+        while not stop["now"]:
+            dead = stack.dead()
+            if dead:
+                for s in dead:
+                    print(f"{s} exited unexpectedly:\n{stack.tail(s)}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("stopping ...", file=sys.stderr, flush=True)
+        stack.stop()
+        print("stopped", file=sys.stderr, flush=True)
+
+
+async def _seed(endpoints: dict[str, str]) -> dict[str, Any]:
+    client = demo.Client(endpoints)
+    try:
+        return await demo.seed(client, random.Random())
+    finally:
+        await client.close()
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(_seed(_endpoints(args.base_port))), ensure_ascii=False))
+    return 0
+
+
+def cmd_checkout(args: argparse.Namespace) -> int:
+    async def run() -> dict[str, Any]:
+        client = demo.Client(_endpoints(args.base_port))
+        try:
+            return await demo.checkout(
+                client, random.Random(), pool_id=args.pool, sku=args.sku, price_fen=args.price_fen
+            )
+        finally:
+            await client.close()
+
+    print(json.dumps(asyncio.run(run()), ensure_ascii=False))
+    return 0
+
+
+def _free_base() -> int:
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000, 100)
+        if not any(port_in_use(p) for p in Ports(base).all()):
+            return base
+    raise StackError("no free block of ports for the smoke stack")
+
+
+def _store_event_ids(stack: LocalStack) -> dict[str, list[str]]:
+    assert stack.pg is not None
+    ids: dict[str, list[str]] = {}
+    for service in SERVICES:
+        with psycopg.connect(stack.pg.conninfo(service)) as db:
+            ids[service] = [r[0] for r in db.execute("SELECT event_id FROM events")]
+    return ids
+
+
+async def _smoke(stack: LocalStack) -> dict[str, Any]:
+    client = demo.Client(stack.endpoints())
+    try:
+        seeded = await demo.seed(client, random.Random(), {**demo.load_demo(), "consumers": 0})
+        result = await demo.checkout(
+            client, random.Random(), pool_id=seeded["pool_id"], sku="demo-fridge-g1",
+            price_fen=1_200_000,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # the audit log catches up asynchronously, through NATS
+            stores = _store_event_ids(stack)
+            info = await client.audit.GetLogInfo(audit_pb2.GetLogInfoRequest())
+            entries: list[str] = []
+            while len(entries) < info.size:
+                page = await client.audit.GetEntries(
+                    audit_pb2.GetEntriesRequest(start=len(entries), limit=1000)
+                )
+                entries += [e.envelope.event_id for e in page.entries]
+            try:
+                check_audit_complete(stores, entries)
+                break
+            except AssertionError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        spans: list[dict[str, object]] = []
+        while loop.time() < deadline:
+            spans = stack.trace_spans(result["trace_id"])
+            if any(str(s["name"]).startswith("audit-log consume SubsidyCaptured") for s in spans):
+                break
+            await asyncio.sleep(0.1)
+        return {
+            "subsidy_fen": result["subsidy_fen"],
+            "budget_available_fen": result["budget_available_fen"],
+            "audit_entries": int(info.size),
+            "trace_spans": len(spans),
+        }
+    finally:
+        await client.close()
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="subsidy-smoke-") as tmp:
+        stack = LocalStack(Path(tmp), Ports(_free_base()), durable=False)
+        configure_tracing("smoke", trace_file=stack.traces / "platform.jsonl")
+        try:
+            stack.start()
+            line = asyncio.run(_smoke(stack))
+        except (StackError, AssertionError) as exc:
+            print(f"subsidyctl smoke: FAILED: {exc}", file=sys.stderr)
+            for s in (*SERVICES, "identity_sim"):
+                print(f"--- {s} log tail ---\n{stack.tail(s)}", file=sys.stderr)
+            return 1
+        finally:
+            with contextlib.suppress(Exception):
+                stack.stop()
+    print(json.dumps(line))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="subsidyctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole stack locally; Ctrl-C stops it")
+    up.add_argument("--seed-demo", action="store_true", help="create the demo campaign")
+    up.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="data, logs and traces")
+    up.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    up.set_defaults(fn=cmd_up)
+    smoke = sub.add_parser("smoke", help="throwaway stack, one checkout, one JSON line")
+    smoke.set_defaults(fn=cmd_smoke)
+    seed = sub.add_parser("seed", help="create the demo campaign on a running stack")
+    seed.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    seed.set_defaults(fn=cmd_seed)
+    co = sub.add_parser("checkout", help="one subsidised checkout against a running stack")
+    co.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    co.add_argument("--pool", default="pingshan-2025")
+    co.add_argument("--sku", default="demo-fridge-g1")
+    co.add_argument("--price-fen", type=int, default=1_200_000)
+    co.set_defaults(fn=cmd_checkout)
+    args = parser.parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""The whole platform on one machine: real PostgreSQL, NATS and OpenBao plus every service as
+its own process, with logs and traces in one run folder.
+
+Used by ``subsidyctl up`` (``make run``; data survives restarts) and ``subsidyctl smoke``
+(``make smoke``; a throwaway folder and free ports, so it never collides with a running stack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = ("catalog", "eligibility", "ledger", "audit")
+
+
+class AlreadyRunning(StackError):
+    """Another ``subsidyctl up`` holds this run folder."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every port of the local stack, derived from one base so they are easy to configure."""
+
+    base: int = 7100
+
+    @property
+    def services(self) -> dict[str, int]:
+        return {"catalog": self.base + 1, "eligibility": self.base + 2, "ledger": self.base + 3,
+                "audit": self.base + 4, "identity_sim": self.base + 5}
+
+    def metrics(self, service: str) -> int:
+        return self.services[service] + 10
+
+    @property
+    def postgres(self) -> int:
+        return self.base + 32
+
+    @property
+    def nats(self) -> int:
+        return self.base + 42
+
+    @property
+    def nats_monitor(self) -> int:
+        return self.base + 82
+
+    @property
+    def bao(self) -> int:
+        return self.base + 20  # and base + 21 for its cluster listener
+
+    def all(self) -> list[int]:
+        return [*self.services.values(), *(self.metrics(s) for s in SERVICES), self.postgres,
+                self.nats, self.nats_monitor, self.bao, self.bao + 1]
+
+
+@dataclass
+class LocalStack:
+    run_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    durable: bool = True
+    log: IO[str] = sys.stderr
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _lock: IO[str] | None = None
+    pg: Postgres | None = None
+    nats: Nats | None = None
+    bao: OpenBao | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def traces(self) -> Path:
+        return self.run_dir / "traces"
+
+    def endpoint(self, service: str) -> str:
+        return f"127.0.0.1:{self.ports.services[service]}"
+
+    def say(self, message: str) -> None:
+        print(message, file=self.log, flush=True)
+
+    # -- start ------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Hold the run folder's lock: a second ``up`` on it says so instead of failing obscurely."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.run_dir / "stack.lock"
+        fh = lock_path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            info = fh.read().strip()
+            fh.close()
+            raise AlreadyRunning(
+                f"a stack is already running from {self.run_dir} ({info or 'pid unknown'}); "
+                "stop it with Ctrl-C in its terminal, or use another --run-dir and --base-port"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, ledger at {self.endpoint('ledger')}\n")
+        fh.flush()
+        self._lock = fh
+        busy = [p for p in self.ports.all() if port_in_use(p)]
+        if busy:
+            self.release()
+            raise StackError(
+                f"ports {', '.join(map(str, busy))} are in use by another program; "
+                f"choose another base port (--base-port, now {self.ports.base})"
+            )
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.acquire()
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self.traces.mkdir(parents=True, exist_ok=True)
+            data = self.run_dir / "data"
+            self.pg = Postgres(data_dir=data / "postgres", port=self.ports.postgres, log_dir=self.logs,
+                               durable=self.durable)
+            self.nats = Nats(store_dir=data / "nats", port=self.ports.nats,
+                             monitor_port=self.ports.nats_monitor, log_dir=self.logs)
+            self.bao = OpenBao(data_dir=data / "openbao", port=self.ports.bao, log_dir=self.logs,
+                               dev=False)
+            self.say("starting PostgreSQL, NATS JetStream and OpenBao ...")
+            self.pg.start()
+            self.nats.start()
+            self.bao.start()
+            token_file = self.run_dir / "LOCAL-ONLY-vault-token"
+            token_file.write_text(self.bao.token)
+            token_file.chmod(0o600)
+            self._spawn("identity_sim", {})
+            self._wait_serving("identity_sim")
+            for service in SERVICES:
+                self._spawn(service, self._service_env(service, token_file))
+            for service in SERVICES:
+                self._wait_serving(service)
+        except BaseException:
+            self.stop()
+            raise
+        self.say(f"stack serving in {time.monotonic() - t0:.1f} s")
+
+    def _service_env(self, service: str, token_file: Path) -> dict[str, str]:
+        assert self.pg and self.nats and self.bao
+        env = {
+            "SUBSIDY_DATABASE_URL": self.pg.url(service),
+            "SUBSIDY_NATS_URL": self.nats.url,
+            "SUBSIDY_VAULT_ADDR": self.bao.addr,
+            "SUBSIDY_VAULT_TOKEN_FILE": str(token_file),
+            "SUBSIDY_METRICS_LISTEN": f"127.0.0.1:{self.ports.metrics(service)}",
+            "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
+        }
+        if service == "ledger":
+            env["SUBSIDY_CATALOG_ADDR"] = self.endpoint("catalog")
+            env["SUBSIDY_ELIGIBILITY_ADDR"] = self.endpoint("eligibility")
+        if service == "eligibility":
+            env["SUBSIDY_IDENTITY_AUTHORITY_ADDR"] = self.endpoint("identity_sim")
+        return env
+
+    def _spawn(self, service: str, extra: dict[str, str]) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")},
+            "SUBSIDY_GRPC_LISTEN": self.endpoint(service),
+            "PYTHONPATH": str(REPO),
+            **extra,
+        }
+        out = (self.logs / f"{service}.log").open("ab")
+        self._procs[service] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        out.close()
+
+    def _wait_serving(self, service: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self._procs[service]
+        with grpc.insecure_channel(self.endpoint(service)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise StackError(f"{service} exited with {proc.returncode}:\n{self.tail(service)}")
+                with contextlib.suppress(grpc.RpcError):
+                    res = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if res.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.1)
+        raise StackError(f"{service} not serving after {timeout:.0f} s:\n{self.tail(service)}")
+
+    def tail(self, service: str, lines: int = 20) -> str:
+        path = self.logs / f"{service}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def dead(self) -> list[str]:
+        """Services whose process has exited."""
+        return [s for s, p in self._procs.items() if p.poll() is not None]
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop services first (they drain), then the infrastructure; safe to call twice."""
+        for service in (*reversed(SERVICES), "identity_sim"):
+            proc = self._procs.get(service)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for service, proc in list(self._procs.items()):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.say(f"{service} did not stop in 15 s; killing it")
+                proc.kill()
+                proc.wait(5)
+        self._procs.clear()
+        for part in (self.bao, self.nats, self.pg):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        self.release()
+
+    def endpoints(self) -> dict[str, str]:
+        assert self.pg and self.nats and self.bao
+        return {
+            **{s: self.endpoint(s) for s in (*SERVICES, "identity_sim")},
+            "postgres": f"127.0.0.1:{self.ports.postgres}",
+            "nats": self.nats.url,
+            "openbao": self.bao.addr,
+            "run_dir": str(self.run_dir),
+        }
+
+    def trace_spans(self, trace_id: str) -> list[dict[str, object]]:
+        spans: list[dict[str, object]] = []
+        for path in sorted(self.traces.glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    span = json.loads(line)
+                    if span.get("trace_id") == trace_id:
+                        spans.append(span)
+        return spans
