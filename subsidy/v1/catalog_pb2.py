@@ -22,40 +22,93 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18subsidy/v1/catalog.proto\x12\nsubsidy.v1\x1a\x17subsidy/v1/common.proto\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"9\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\"Z\n\x0cQuoteRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05grade\x18\x02 \x01(\x05\x12\x11\n\tprice_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"\x81\x01\n\rQuoteResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x13\n\x0bsubsidy_fen\x18\x02 \x01(\x03\x12\x0f\n\x07rate_bp\x18\x03 \x01(\x05\x12\x0f\n\x07\x63\x61p_fen\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\"\x8a\x01\n\x14\x41pplyMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0elicence_number\x18\x03 \x01(\t\x12\x15\n\rcontact_phone\x18\x04 \x01(\t\x12 \n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x11.subsidy.v1.Actor\"o\n\x15ReviewMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\"=\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"\xce\x01\n\x16RegisterProductRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11\x65nergy_label_code\x18\x07 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x08 \x01(\x03\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\" \n\x11GetProductRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\"\x92\x01\n\x07Product\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06status\x18\x08 \x01(\t\"`\n\x11VerifyItemRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x02 \x01(\x03\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"\xbc\x01\n\x12VerifyItemResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x05 \x01(\x05\x12\x0f\n\x07\x63\x61p_fen\x18\x06 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x07 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x13\n\x0bmerchant_id\x18\t \x01(\t2\x87\x04\n\x0e\x43\x61talogService\x12H\n\tGetPolicy\x12\x1c.subsidy.v1.GetPolicyRequest\x1a\x1d.subsidy.v1.GetPolicyResponse\x12<\n\x05Quote\x12\x18.subsidy.v1.QuoteRequest\x1a\x19.subsidy.v1.QuoteResponse\x12G\n\rApplyMerchant\x12 .subsidy.v1.ApplyMerchantRequest\x1a\x14.subsidy.v1.Merchant\x12I\n\x0eReviewMerchant\x12!.subsidy.v1.ReviewMerchantRequest\x1a\x14.subsidy.v1.Merchant\x12J\n\x0fRegisterProduct\x12\".subsidy.v1.RegisterProductRequest\x1a\x13.subsidy.v1.Product\x12@\n\nGetProduct\x12\x1d.subsidy.v1.GetProductRequest\x1a\x13.subsidy.v1.Product\x12K\n\nVerifyItem\x12\x1d.subsidy.v1.VerifyItemRequest\x1a\x1e.subsidy.v1.VerifyItemResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18subsidy/v1/catalog.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xa6\x01\n\x11GetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndrafted_by\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x06 \x01(\t\"\xcd\x01\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndrafted_by\x18\x04 \x01(\t\x12\x14\n\x0c\x64raft_reason\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x06 \x01(\t\x12\x16\n\x0e\x61pprove_reason\x18\x07 \x01(\t\x12\x10\n\x08in_force\x18\x08 \x01(\x08\"\x15\n\x13ListPoliciesRequest\"C\n\x14ListPoliciesResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.subsidy.v1.PolicyVersion\"X\n\x12\x44raftPolicyRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Y\n\x14\x41pprovePolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Z\n\x0cQuoteRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05grade\x18\x02 \x01(\x05\x12\x11\n\tprice_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"\x81\x01\n\rQuoteResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x13\n\x0bsubsidy_fen\x18\x02 \x01(\x03\x12\x0f\n\x07rate_bp\x18\x03 \x01(\x05\x12\x0f\n\x07\x63\x61p_fen\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\"[\n\x15\x43\x61tegorySwitchRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x15\x43\x61mpaignSwitchRequest\x12 \n\x05\x61\x63tor\x18\x01 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x14\n\x12GetSwitchesRequest\"o\n\x0ePausedCategory\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x08Switches\x12\x17\n\x0f\x63\x61mpaign_paused\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61mpaign_reason\x18\x02 \x01(\t\x12\x35\n\x11paused_categories\x18\x03 \x03(\x0b\x32\x1a.subsidy.v1.PausedCategory\"\x8a\x01\n\x14\x41pplyMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0elicence_number\x18\x03 \x01(\t\x12\x15\n\rcontact_phone\x18\x04 \x01(\t\x12 \n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x11.subsidy.v1.Actor\"o\n\x15ReviewMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\"^\n\x15MerchantActionRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x12GetMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"T\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x15\n\rstatus_reason\x18\x04 \x01(\t\"\xce\x01\n\x16RegisterProductRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11\x65nergy_label_code\x18\x07 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x08 \x01(\x03\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\"k\n\x12UpdatePriceRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\"U\n\x14\x44\x65listProductRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\" \n\x11GetProductRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\"\xc3\x01\n\x07Product\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\x19\n\x11\x65nergy_label_code\x18\t \x01(\t\x12\x14\n\x0c\x62\x61seline_fen\x18\n \x01(\x03\"%\n\x16GetPriceHistoryRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\"a\n\nPricePoint\x12\x11\n\tprice_fen\x18\x01 \x01(\x03\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"w\n\x0cPriceHistory\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12&\n\x06points\x18\x02 \x03(\x0b\x32\x16.subsidy.v1.PricePoint\x12\x14\n\x0c\x62\x61seline_fen\x18\x03 \x01(\x03\x12\x1c\n\x14\x62\x61seline_window_days\x18\x04 \x01(\x05\"\x81\x01\n\x15ImportProductsRequest\x12\x0b\n\x03\x63sv\x18\x01 \x01(\x0c\x12\x16\n\x0eonly_good_rows\x18\x02 \x01(\x08\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\"H\n\x08RowError\x12\x0c\n\x04line\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x94\x01\n\x0cImportResult\x12\x11\n\timport_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x12\n\ntotal_rows\x18\x03 \x01(\x05\x12\x0f\n\x07\x61pplied\x18\x04 \x01(\x05\x12&\n\x08rejected\x18\x05 \x03(\x0b\x32\x14.subsidy.v1.RowError\x12\x13\n\x0b\x66ile_sha256\x18\x06 \x01(\t\"f\n\x0eImportProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x18.subsidy.v1.ImportResult\"`\n\x11VerifyItemRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x02 \x01(\x03\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\"\x87\x02\n\x12VerifyItemResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x05 \x01(\x05\x12\x0f\n\x07\x63\x61p_fen\x18\x06 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x07 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x13\n\x0bmerchant_id\x18\t \x01(\t\x12\x14\n\x0c\x62\x61seline_fen\x18\n \x01(\x03\x12\x17\n\x0fprice_limit_fen\x18\x0b \x01(\x03\x12\x1a\n\x12serial_bound_order\x18\x0c \x01(\t\",\n\x15GetSalesLedgerRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"\x9c\x02\n\x0eSalesLedgerRow\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05\x62rand\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nsold_units\x18\x06 \x01(\x03\x12\x11\n\tsales_fen\x18\x07 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x08 \x01(\x03\x12\x16\n\x0erefunded_units\x18\t \x01(\x03\x12\x1a\n\x12refunded_sales_fen\x18\n \x01(\x03\x12\x1c\n\x14refunded_subsidy_fen\x18\x0b \x01(\x03\x12\x11\n\tnet_units\x18\x0c \x01(\x03\x12\x17\n\x0fnet_subsidy_fen\x18\r \x01(\x03\"P\n\x0bSalesLedger\x12(\n\x04rows\x18\x01 \x03(\x0b\x32\x1a.subsidy.v1.SalesLedgerRow\x12\x17\n\x0fnet_subsidy_fen\x18\x02 \x01(\x03\"?\n\x18\x45xportSalesLedgerRequest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\"T\n\x19\x45xportSalesLedgerResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t2\xa0\x0e\n\x0e\x43\x61talogService\x12H\n\tGetPolicy\x12\x1c.subsidy.v1.GetPolicyRequest\x1a\x1d.subsidy.v1.GetPolicyResponse\x12Q\n\x0cListPolicies\x12\x1f.subsidy.v1.ListPoliciesRequest\x1a .subsidy.v1.ListPoliciesResponse\x12H\n\x0b\x44raftPolicy\x12\x1e.subsidy.v1.DraftPolicyRequest\x1a\x19.subsidy.v1.PolicyVersion\x12L\n\rApprovePolicy\x12 .subsidy.v1.ApprovePolicyRequest\x1a\x19.subsidy.v1.PolicyVersion\x12<\n\x05Quote\x12\x18.subsidy.v1.QuoteRequest\x1a\x19.subsidy.v1.QuoteResponse\x12H\n\rPauseCategory\x12!.subsidy.v1.CategorySwitchRequest\x1a\x14.subsidy.v1.Switches\x12I\n\x0eResumeCategory\x12!.subsidy.v1.CategorySwitchRequest\x1a\x14.subsidy.v1.Switches\x12H\n\rPauseCampaign\x12!.subsidy.v1.CampaignSwitchRequest\x1a\x14.subsidy.v1.Switches\x12I\n\x0eResumeCampaign\x12!.subsidy.v1.CampaignSwitchRequest\x1a\x14.subsidy.v1.Switches\x12\x43\n\x0bGetSwitches\x12\x1e.subsidy.v1.GetSwitchesRequest\x1a\x14.subsidy.v1.Switches\x12G\n\rApplyMerchant\x12 .subsidy.v1.ApplyMerchantRequest\x1a\x14.subsidy.v1.Merchant\x12I\n\x0eReviewMerchant\x12!.subsidy.v1.ReviewMerchantRequest\x1a\x14.subsidy.v1.Merchant\x12J\n\x0fSuspendMerchant\x12!.subsidy.v1.MerchantActionRequest\x1a\x14.subsidy.v1.Merchant\x12L\n\x11ReinstateMerchant\x12!.subsidy.v1.MerchantActionRequest\x1a\x14.subsidy.v1.Merchant\x12\x43\n\x0bGetMerchant\x12\x1e.subsidy.v1.GetMerchantRequest\x1a\x14.subsidy.v1.Merchant\x12J\n\x0fRegisterProduct\x12\".subsidy.v1.RegisterProductRequest\x1a\x13.subsidy.v1.Product\x12\x42\n\x0bUpdatePrice\x12\x1e.subsidy.v1.UpdatePriceRequest\x1a\x13.subsidy.v1.Product\x12\x46\n\rDelistProduct\x12 .subsidy.v1.DelistProductRequest\x1a\x13.subsidy.v1.Product\x12@\n\nGetProduct\x12\x1d.subsidy.v1.GetProductRequest\x1a\x13.subsidy.v1.Product\x12O\n\x0fGetPriceHistory\x12\".subsidy.v1.GetPriceHistoryRequest\x1a\x18.subsidy.v1.PriceHistory\x12Q\n\x0eImportProducts\x12!.subsidy.v1.ImportProductsRequest\x1a\x1a.subsidy.v1.ImportProgress0\x01\x12K\n\nVerifyItem\x12\x1d.subsidy.v1.VerifyItemRequest\x1a\x1e.subsidy.v1.VerifyItemResponse\x12L\n\x0eGetSalesLedger\x12!.subsidy.v1.GetSalesLedgerRequest\x1a\x17.subsidy.v1.SalesLedger\x12`\n\x11\x45xportSalesLedger\x12$.subsidy.v1.ExportSalesLedgerRequest\x1a%.subsidy.v1.ExportSalesLedgerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.catalog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPOLICYREQUEST']._serialized_start=65
-  _globals['_GETPOLICYREQUEST']._serialized_end=100
-  _globals['_GETPOLICYRESPONSE']._serialized_start=102
-  _globals['_GETPOLICYRESPONSE']._serialized_end=159
-  _globals['_QUOTEREQUEST']._serialized_start=161
-  _globals['_QUOTEREQUEST']._serialized_end=251
-  _globals['_QUOTERESPONSE']._serialized_start=254
-  _globals['_QUOTERESPONSE']._serialized_end=383
-  _globals['_APPLYMERCHANTREQUEST']._serialized_start=386
-  _globals['_APPLYMERCHANTREQUEST']._serialized_end=524
-  _globals['_REVIEWMERCHANTREQUEST']._serialized_start=526
-  _globals['_REVIEWMERCHANTREQUEST']._serialized_end=637
-  _globals['_MERCHANT']._serialized_start=639
-  _globals['_MERCHANT']._serialized_end=700
-  _globals['_REGISTERPRODUCTREQUEST']._serialized_start=703
-  _globals['_REGISTERPRODUCTREQUEST']._serialized_end=909
-  _globals['_GETPRODUCTREQUEST']._serialized_start=911
-  _globals['_GETPRODUCTREQUEST']._serialized_end=943
-  _globals['_PRODUCT']._serialized_start=946
-  _globals['_PRODUCT']._serialized_end=1092
-  _globals['_VERIFYITEMREQUEST']._serialized_start=1094
-  _globals['_VERIFYITEMREQUEST']._serialized_end=1190
-  _globals['_VERIFYITEMRESPONSE']._serialized_start=1193
-  _globals['_VERIFYITEMRESPONSE']._serialized_end=1381
-  _globals['_CATALOGSERVICE']._serialized_start=1384
-  _globals['_CATALOGSERVICE']._serialized_end=1903
+  _globals['_GETPOLICYREQUEST']._serialized_start=98
+  _globals['_GETPOLICYREQUEST']._serialized_end=133
+  _globals['_GETPOLICYRESPONSE']._serialized_start=136
+  _globals['_GETPOLICYRESPONSE']._serialized_end=302
+  _globals['_POLICYVERSION']._serialized_start=305
+  _globals['_POLICYVERSION']._serialized_end=510
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=512
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=533
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=535
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=602
+  _globals['_DRAFTPOLICYREQUEST']._serialized_start=604
+  _globals['_DRAFTPOLICYREQUEST']._serialized_end=692
+  _globals['_APPROVEPOLICYREQUEST']._serialized_start=694
+  _globals['_APPROVEPOLICYREQUEST']._serialized_end=783
+  _globals['_QUOTEREQUEST']._serialized_start=785
+  _globals['_QUOTEREQUEST']._serialized_end=875
+  _globals['_QUOTERESPONSE']._serialized_start=878
+  _globals['_QUOTERESPONSE']._serialized_end=1007
+  _globals['_CATEGORYSWITCHREQUEST']._serialized_start=1009
+  _globals['_CATEGORYSWITCHREQUEST']._serialized_end=1100
+  _globals['_CAMPAIGNSWITCHREQUEST']._serialized_start=1102
+  _globals['_CAMPAIGNSWITCHREQUEST']._serialized_end=1175
+  _globals['_GETSWITCHESREQUEST']._serialized_start=1177
+  _globals['_GETSWITCHESREQUEST']._serialized_end=1197
+  _globals['_PAUSEDCATEGORY']._serialized_start=1199
+  _globals['_PAUSEDCATEGORY']._serialized_end=1310
+  _globals['_SWITCHES']._serialized_start=1312
+  _globals['_SWITCHES']._serialized_end=1427
+  _globals['_APPLYMERCHANTREQUEST']._serialized_start=1430
+  _globals['_APPLYMERCHANTREQUEST']._serialized_end=1568
+  _globals['_REVIEWMERCHANTREQUEST']._serialized_start=1570
+  _globals['_REVIEWMERCHANTREQUEST']._serialized_end=1681
+  _globals['_MERCHANTACTIONREQUEST']._serialized_start=1683
+  _globals['_MERCHANTACTIONREQUEST']._serialized_end=1777
+  _globals['_GETMERCHANTREQUEST']._serialized_start=1779
+  _globals['_GETMERCHANTREQUEST']._serialized_end=1820
+  _globals['_MERCHANT']._serialized_start=1822
+  _globals['_MERCHANT']._serialized_end=1906
+  _globals['_REGISTERPRODUCTREQUEST']._serialized_start=1909
+  _globals['_REGISTERPRODUCTREQUEST']._serialized_end=2115
+  _globals['_UPDATEPRICEREQUEST']._serialized_start=2117
+  _globals['_UPDATEPRICEREQUEST']._serialized_end=2224
+  _globals['_DELISTPRODUCTREQUEST']._serialized_start=2226
+  _globals['_DELISTPRODUCTREQUEST']._serialized_end=2311
+  _globals['_GETPRODUCTREQUEST']._serialized_start=2313
+  _globals['_GETPRODUCTREQUEST']._serialized_end=2345
+  _globals['_PRODUCT']._serialized_start=2348
+  _globals['_PRODUCT']._serialized_end=2543
+  _globals['_GETPRICEHISTORYREQUEST']._serialized_start=2545
+  _globals['_GETPRICEHISTORYREQUEST']._serialized_end=2582
+  _globals['_PRICEPOINT']._serialized_start=2584
+  _globals['_PRICEPOINT']._serialized_end=2681
+  _globals['_PRICEHISTORY']._serialized_start=2683
+  _globals['_PRICEHISTORY']._serialized_end=2802
+  _globals['_IMPORTPRODUCTSREQUEST']._serialized_start=2805
+  _globals['_IMPORTPRODUCTSREQUEST']._serialized_end=2934
+  _globals['_ROWERROR']._serialized_start=2936
+  _globals['_ROWERROR']._serialized_end=3008
+  _globals['_IMPORTRESULT']._serialized_start=3011
+  _globals['_IMPORTRESULT']._serialized_end=3159
+  _globals['_IMPORTPROGRESS']._serialized_start=3161
+  _globals['_IMPORTPROGRESS']._serialized_end=3263
+  _globals['_VERIFYITEMREQUEST']._serialized_start=3265
+  _globals['_VERIFYITEMREQUEST']._serialized_end=3361
+  _globals['_VERIFYITEMRESPONSE']._serialized_start=3364
+  _globals['_VERIFYITEMRESPONSE']._serialized_end=3627
+  _globals['_GETSALESLEDGERREQUEST']._serialized_start=3629
+  _globals['_GETSALESLEDGERREQUEST']._serialized_end=3673
+  _globals['_SALESLEDGERROW']._serialized_start=3676
+  _globals['_SALESLEDGERROW']._serialized_end=3960
+  _globals['_SALESLEDGER']._serialized_start=3962
+  _globals['_SALESLEDGER']._serialized_end=4042
+  _globals['_EXPORTSALESLEDGERREQUEST']._serialized_start=4044
+  _globals['_EXPORTSALESLEDGERREQUEST']._serialized_end=4107
+  _globals['_EXPORTSALESLEDGERRESPONSE']._serialized_start=4109
+  _globals['_EXPORTSALESLEDGERRESPONSE']._serialized_end=4193
+  _globals['_CATALOGSERVICE']._serialized_start=4196
+  _globals['_CATALOGSERVICE']._serialized_end=6020
 # @@protoc_insertion_point(module_scope)

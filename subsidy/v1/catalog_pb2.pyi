@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -45,21 +46,172 @@ class GetPolicyResponse(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     POLICY_JSON_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    DRAFTED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     policy_json: _builtins.str
+    status: _builtins.str
+    """DRAFT, APPROVED"""
+    drafted_by: _builtins.str
+    approved_by: _builtins.str
+    @_builtins.property
+    def effective_from(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         policy_json: _builtins.str = ...,
+        status: _builtins.str = ...,
+        effective_from: _timestamp_pb2.Timestamp | None = ...,
+        drafted_by: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_json", b"policy_json", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "drafted_by", b"drafted_by", "effective_from", b"effective_from", "policy_json", b"policy_json", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class PolicyVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    DRAFTED_BY_FIELD_NUMBER: _builtins.int
+    DRAFT_REASON_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    APPROVE_REASON_FIELD_NUMBER: _builtins.int
+    IN_FORCE_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    status: _builtins.str
+    """DRAFT, APPROVED"""
+    drafted_by: _builtins.str
+    draft_reason: _builtins.str
+    approved_by: _builtins.str
+    approve_reason: _builtins.str
+    in_force: _builtins.bool
+    """the version every new reservation is computed under"""
+    @_builtins.property
+    def effective_from(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        status: _builtins.str = ...,
+        effective_from: _timestamp_pb2.Timestamp | None = ...,
+        drafted_by: _builtins.str = ...,
+        draft_reason: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        approve_reason: _builtins.str = ...,
+        in_force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve_reason", b"approve_reason", "approved_by", b"approved_by", "draft_reason", b"draft_reason", "drafted_by", b"drafted_by", "effective_from", b"effective_from", "in_force", b"in_force", "status", b"status", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyVersion: _TypeAlias = PolicyVersion  # noqa: Y015
+
+@_typing.final
+class ListPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyVersion]:
+        """by effective_from"""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___PolicyVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class DraftPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    """the whole policy, YAML or JSON (see services/catalog/policies/)"""
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor:
+        """the maker: an operator"""
+
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "document", b"document", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftPolicyRequest: _TypeAlias = DraftPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ApprovePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor:
+        """the checker: an approver other than the maker"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovePolicyRequest: _TypeAlias = ApprovePolicyRequest  # noqa: Y015
 
 @_typing.final
 class QuoteRequest(_message.Message):
@@ -127,6 +279,125 @@ class QuoteResponse(_message.Message):
 Global___QuoteResponse: _TypeAlias = QuoteResponse  # noqa: Y015
 
 @_typing.final
+class CategorySwitchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategorySwitchRequest: _TypeAlias = CategorySwitchRequest  # noqa: Y015
+
+@_typing.final
+class CampaignSwitchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignSwitchRequest: _TypeAlias = CampaignSwitchRequest  # noqa: Y015
+
+@_typing.final
+class GetSwitchesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSwitchesRequest: _TypeAlias = GetSwitchesRequest  # noqa: Y015
+
+@_typing.final
+class PausedCategory(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    reason: _builtins.str
+    actor_id: _builtins.str
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "category", b"category", "reason", b"reason", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PausedCategory: _TypeAlias = PausedCategory  # noqa: Y015
+
+@_typing.final
+class Switches(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_PAUSED_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_REASON_FIELD_NUMBER: _builtins.int
+    PAUSED_CATEGORIES_FIELD_NUMBER: _builtins.int
+    campaign_paused: _builtins.bool
+    campaign_reason: _builtins.str
+    @_builtins.property
+    def paused_categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedCategory]: ...
+    def __init__(
+        self,
+        *,
+        campaign_paused: _builtins.bool = ...,
+        campaign_reason: _builtins.str = ...,
+        paused_categories: _abc.Iterable[Global___PausedCategory] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_paused", b"campaign_paused", "campaign_reason", b"campaign_reason", "paused_categories", b"paused_categories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Switches: _TypeAlias = Switches  # noqa: Y015
+
+@_typing.final
 class ApplyMerchantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -170,6 +441,7 @@ class ReviewMerchantRequest(_message.Message):
     merchant_id: _builtins.str
     approve: _builtins.bool
     reason: _builtins.str
+    """required to reject"""
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -189,26 +461,75 @@ class ReviewMerchantRequest(_message.Message):
 Global___ReviewMerchantRequest: _TypeAlias = ReviewMerchantRequest  # noqa: Y015
 
 @_typing.final
+class MerchantActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "merchant_id", b"merchant_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MerchantActionRequest: _TypeAlias = MerchantActionRequest  # noqa: Y015
+
+@_typing.final
+class GetMerchantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMerchantRequest: _TypeAlias = GetMerchantRequest  # noqa: Y015
+
+@_typing.final
 class Merchant(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
     """APPLIED, APPROVED, REJECTED, SUSPENDED"""
+    status_reason: _builtins.str
+    """why it was rejected or suspended"""
     def __init__(
         self,
         *,
         merchant_id: _builtins.str = ...,
         name: _builtins.str = ...,
         status: _builtins.str = ...,
+        status_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id", "name", b"name", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id", "name", b"name", "status", b"status", "status_reason", b"status_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,6 +580,61 @@ class RegisterProductRequest(_message.Message):
 Global___RegisterProductRequest: _TypeAlias = RegisterProductRequest  # noqa: Y015
 
 @_typing.final
+class UpdatePriceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    LIST_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    list_price_fen: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        list_price_fen: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "list_price_fen", b"list_price_fen", "reason", b"reason", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePriceRequest: _TypeAlias = UpdatePriceRequest  # noqa: Y015
+
+@_typing.final
+class DelistProductRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _common_pb2.Actor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DelistProductRequest: _TypeAlias = DelistProductRequest  # noqa: Y015
+
+@_typing.final
 class GetProductRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -289,6 +665,8 @@ class Product(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     LIST_PRICE_FEN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    ENERGY_LABEL_CODE_FIELD_NUMBER: _builtins.int
+    BASELINE_FEN_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     merchant_id: _builtins.str
     category: _builtins.str
@@ -298,6 +676,9 @@ class Product(_message.Message):
     list_price_fen: _builtins.int
     status: _builtins.str
     """LISTED, DELISTED"""
+    energy_label_code: _builtins.str
+    baseline_fen: _builtins.int
+    """time-weighted median list price over the policy's window"""
     def __init__(
         self,
         *,
@@ -309,14 +690,223 @@ class Product(_message.Message):
         model: _builtins.str = ...,
         list_price_fen: _builtins.int = ...,
         status: _builtins.str = ...,
+        energy_label_code: _builtins.str = ...,
+        baseline_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "category", b"category", "grade", b"grade", "list_price_fen", b"list_price_fen", "merchant_id", b"merchant_id", "model", b"model", "sku", b"sku", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_fen", b"baseline_fen", "brand", b"brand", "category", b"category", "energy_label_code", b"energy_label_code", "grade", b"grade", "list_price_fen", b"list_price_fen", "merchant_id", b"merchant_id", "model", b"model", "sku", b"sku", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Product: _TypeAlias = Product  # noqa: Y015
+
+@_typing.final
+class GetPriceHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPriceHistoryRequest: _TypeAlias = GetPriceHistoryRequest  # noqa: Y015
+
+@_typing.final
+class PricePoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FEN_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    price_fen: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def effective_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        price_fen: _builtins.int = ...,
+        effective_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_at", b"effective_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_at", b"effective_at", "price_fen", b"price_fen", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PricePoint: _TypeAlias = PricePoint  # noqa: Y015
+
+@_typing.final
+class PriceHistory(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    BASELINE_FEN_FIELD_NUMBER: _builtins.int
+    BASELINE_WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    baseline_fen: _builtins.int
+    baseline_window_days: _builtins.int
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___PricePoint]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        points: _abc.Iterable[Global___PricePoint] | None = ...,
+        baseline_fen: _builtins.int = ...,
+        baseline_window_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_fen", b"baseline_fen", "baseline_window_days", b"baseline_window_days", "points", b"points", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriceHistory: _TypeAlias = PriceHistory  # noqa: Y015
+
+@_typing.final
+class ImportProductsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSV_FIELD_NUMBER: _builtins.int
+    ONLY_GOOD_ROWS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    csv: _builtins.bytes
+    """UTF-8 (a BOM is fine); English or Chinese headers"""
+    only_good_rows: _builtins.bool
+    """apply the good rows even if some are bad (said so in the result)"""
+    reason: _builtins.str
+    file_name: _builtins.str
+    @_builtins.property
+    def actor(self) -> _common_pb2.Actor: ...
+    def __init__(
+        self,
+        *,
+        csv: _builtins.bytes = ...,
+        only_good_rows: _builtins.bool = ...,
+        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "csv", b"csv", "file_name", b"file_name", "only_good_rows", b"only_good_rows", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProductsRequest: _TypeAlias = ImportProductsRequest  # noqa: Y015
+
+@_typing.final
+class RowError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line in the file; the header is line 1"""
+    field: _builtins.str
+    reason: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "line", b"line", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowError: _TypeAlias = RowError  # noqa: Y015
+
+@_typing.final
+class ImportResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TOTAL_ROWS_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    import_id: _builtins.str
+    outcome: _builtins.str
+    """APPLIED_ALL, APPLIED_GOOD_ROWS, APPLIED_NOTHING"""
+    total_rows: _builtins.int
+    applied: _builtins.int
+    file_sha256: _builtins.str
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowError]: ...
+    def __init__(
+        self,
+        *,
+        import_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        total_rows: _builtins.int = ...,
+        applied: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___RowError] | None = ...,
+        file_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "file_sha256", b"file_sha256", "import_id", b"import_id", "outcome", b"outcome", "rejected", b"rejected", "total_rows", b"total_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportResult: _TypeAlias = ImportResult  # noqa: Y015
+
+@_typing.final
+class ImportProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """VALIDATE, APPLY, DONE"""
+    done: _builtins.int
+    total: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___ImportResult:
+        """set on the last message only"""
+
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+        result: Global___ImportResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "phase", b"phase", "result", b"result", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProgress: _TypeAlias = ImportProgress  # noqa: Y015
 
 @_typing.final
 class VerifyItemRequest(_message.Message):
@@ -361,6 +951,9 @@ class VerifyItemResponse(_message.Message):
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_FEN_FIELD_NUMBER: _builtins.int
+    PRICE_LIMIT_FEN_FIELD_NUMBER: _builtins.int
+    SERIAL_BOUND_ORDER_FIELD_NUMBER: _builtins.int
     eligible: _builtins.bool
     category: _builtins.str
     grade: _builtins.int
@@ -369,6 +962,12 @@ class VerifyItemResponse(_message.Message):
     subsidy_fen: _builtins.int
     policy_version: _builtins.str
     merchant_id: _builtins.str
+    baseline_fen: _builtins.int
+    """0 when the product has no price history"""
+    price_limit_fen: _builtins.int
+    """baseline + the policy's tolerance"""
+    serial_bound_order: _builtins.str
+    """masked order reference holding the serial, if any"""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -383,11 +982,162 @@ class VerifyItemResponse(_message.Message):
         subsidy_fen: _builtins.int = ...,
         policy_version: _builtins.str = ...,
         merchant_id: _builtins.str = ...,
+        baseline_fen: _builtins.int = ...,
+        price_limit_fen: _builtins.int = ...,
+        serial_bound_order: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap_fen", b"cap_fen", "category", b"category", "eligible", b"eligible", "grade", b"grade", "merchant_id", b"merchant_id", "policy_version", b"policy_version", "rate_bp", b"rate_bp", "reasons", b"reasons", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_fen", b"baseline_fen", "cap_fen", b"cap_fen", "category", b"category", "eligible", b"eligible", "grade", b"grade", "merchant_id", b"merchant_id", "policy_version", b"policy_version", "price_limit_fen", b"price_limit_fen", "rate_bp", b"rate_bp", "reasons", b"reasons", "serial_bound_order", b"serial_bound_order", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyItemResponse: _TypeAlias = VerifyItemResponse  # noqa: Y015
+
+@_typing.final
+class GetSalesLedgerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """empty = every merchant"""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSalesLedgerRequest: _TypeAlias = GetSalesLedgerRequest  # noqa: Y015
+
+@_typing.final
+class SalesLedgerRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    BRAND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SOLD_UNITS_FIELD_NUMBER: _builtins.int
+    SALES_FEN_FIELD_NUMBER: _builtins.int
+    SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    REFUNDED_UNITS_FIELD_NUMBER: _builtins.int
+    REFUNDED_SALES_FEN_FIELD_NUMBER: _builtins.int
+    REFUNDED_SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    NET_UNITS_FIELD_NUMBER: _builtins.int
+    NET_SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    sku: _builtins.str
+    category: _builtins.str
+    brand: _builtins.str
+    model: _builtins.str
+    sold_units: _builtins.int
+    sales_fen: _builtins.int
+    subsidy_fen: _builtins.int
+    refunded_units: _builtins.int
+    refunded_sales_fen: _builtins.int
+    refunded_subsidy_fen: _builtins.int
+    net_units: _builtins.int
+    net_subsidy_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        category: _builtins.str = ...,
+        brand: _builtins.str = ...,
+        model: _builtins.str = ...,
+        sold_units: _builtins.int = ...,
+        sales_fen: _builtins.int = ...,
+        subsidy_fen: _builtins.int = ...,
+        refunded_units: _builtins.int = ...,
+        refunded_sales_fen: _builtins.int = ...,
+        refunded_subsidy_fen: _builtins.int = ...,
+        net_units: _builtins.int = ...,
+        net_subsidy_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "category", b"category", "merchant_id", b"merchant_id", "model", b"model", "net_subsidy_fen", b"net_subsidy_fen", "net_units", b"net_units", "refunded_sales_fen", b"refunded_sales_fen", "refunded_subsidy_fen", b"refunded_subsidy_fen", "refunded_units", b"refunded_units", "sales_fen", b"sales_fen", "sku", b"sku", "sold_units", b"sold_units", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SalesLedgerRow: _TypeAlias = SalesLedgerRow  # noqa: Y015
+
+@_typing.final
+class SalesLedger(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    NET_SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    net_subsidy_fen: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SalesLedgerRow]:
+        """by merchant, then SKU"""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___SalesLedgerRow] | None = ...,
+        net_subsidy_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["net_subsidy_fen", b"net_subsidy_fen", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SalesLedger: _TypeAlias = SalesLedger  # noqa: Y015
+
+@_typing.final
+class ExportSalesLedgerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    format: _builtins.str
+    """csv, xlsx"""
+    merchant_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        format: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSalesLedgerRequest: _TypeAlias = ExportSalesLedgerRequest  # noqa: Y015
+
+@_typing.final
+class ExportSalesLedgerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    content_type: _builtins.str
+    filename: _builtins.str
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+        filename: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSalesLedgerResponse: _TypeAlias = ExportSalesLedgerResponse  # noqa: Y015

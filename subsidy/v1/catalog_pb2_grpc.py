@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class CatalogServiceStub:
-    """Policy, merchants, products and live item verification.
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
     """
 
     def __init__(self, channel):
@@ -40,10 +44,50 @@ class CatalogServiceStub:
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ListPolicies',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.DraftPolicy = channel.unary_unary(
+                '/subsidy.v1.CatalogService/DraftPolicy',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.DraftPolicyRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.FromString,
+                _registered_method=True)
+        self.ApprovePolicy = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ApprovePolicy',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.ApprovePolicyRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.FromString,
+                _registered_method=True)
         self.Quote = channel.unary_unary(
                 '/subsidy.v1.CatalogService/Quote',
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.QuoteRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.QuoteResponse.FromString,
+                _registered_method=True)
+        self.PauseCategory = channel.unary_unary(
+                '/subsidy.v1.CatalogService/PauseCategory',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+                _registered_method=True)
+        self.ResumeCategory = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ResumeCategory',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+                _registered_method=True)
+        self.PauseCampaign = channel.unary_unary(
+                '/subsidy.v1.CatalogService/PauseCampaign',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+                _registered_method=True)
+        self.ResumeCampaign = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ResumeCampaign',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+                _registered_method=True)
+        self.GetSwitches = channel.unary_unary(
+                '/subsidy.v1.CatalogService/GetSwitches',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetSwitchesRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
                 _registered_method=True)
         self.ApplyMerchant = channel.unary_unary(
                 '/subsidy.v1.CatalogService/ApplyMerchant',
@@ -55,9 +99,34 @@ class CatalogServiceStub:
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.ReviewMerchantRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
                 _registered_method=True)
+        self.SuspendMerchant = channel.unary_unary(
+                '/subsidy.v1.CatalogService/SuspendMerchant',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+                _registered_method=True)
+        self.ReinstateMerchant = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ReinstateMerchant',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+                _registered_method=True)
+        self.GetMerchant = channel.unary_unary(
+                '/subsidy.v1.CatalogService/GetMerchant',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetMerchantRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+                _registered_method=True)
         self.RegisterProduct = channel.unary_unary(
                 '/subsidy.v1.CatalogService/RegisterProduct',
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.RegisterProductRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
+                _registered_method=True)
+        self.UpdatePrice = channel.unary_unary(
+                '/subsidy.v1.CatalogService/UpdatePrice',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.UpdatePriceRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
+                _registered_method=True)
+        self.DelistProduct = channel.unary_unary(
+                '/subsidy.v1.CatalogService/DelistProduct',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.DelistProductRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
                 _registered_method=True)
         self.GetProduct = channel.unary_unary(
@@ -65,18 +134,61 @@ class CatalogServiceStub:
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetProductRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
                 _registered_method=True)
+        self.GetPriceHistory = channel.unary_unary(
+                '/subsidy.v1.CatalogService/GetPriceHistory',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetPriceHistoryRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.PriceHistory.FromString,
+                _registered_method=True)
+        self.ImportProducts = channel.unary_stream(
+                '/subsidy.v1.CatalogService/ImportProducts',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.ImportProductsRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.ImportProgress.FromString,
+                _registered_method=True)
         self.VerifyItem = channel.unary_unary(
                 '/subsidy.v1.CatalogService/VerifyItem',
                 request_serializer=subsidy_dot_v1_dot_catalog__pb2.VerifyItemRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_catalog__pb2.VerifyItemResponse.FromString,
                 _registered_method=True)
+        self.GetSalesLedger = channel.unary_unary(
+                '/subsidy.v1.CatalogService/GetSalesLedger',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.GetSalesLedgerRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.SalesLedger.FromString,
+                _registered_method=True)
+        self.ExportSalesLedger = channel.unary_unary(
+                '/subsidy.v1.CatalogService/ExportSalesLedger',
+                request_serializer=subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
-    """Policy, merchants, products and live item verification.
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
     """
 
     def GetPolicy(self, request, context):
+        """-- policy (maker-checker) --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DraftPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApprovePolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,8 +200,40 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ApplyMerchant(self, request, context):
+    def PauseCategory(self, request, context):
+        """-- emergency switches --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCategory(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseCampaign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCampaign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSwitches(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyMerchant(self, request, context):
+        """-- merchants --
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -100,7 +244,38 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuspendMerchant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReinstateMerchant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMerchant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterProduct(self, request, context):
+        """-- products --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePrice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DelistProduct(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,9 +287,35 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPriceHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportProducts(self, request, context):
+        """Bulk import from CSV: progress messages, then one message carrying the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifyItem(self, request, context):
         """The checkout's hot path: is this item, at this price, eligible, and for how much?
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSalesLedger(self, request, context):
+        """-- sales ledger (销售台账) --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSalesLedger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -127,10 +328,50 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetPolicyRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.GetPolicyResponse.SerializeToString,
             ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'DraftPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DraftPolicy,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.DraftPolicyRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.SerializeToString,
+            ),
+            'ApprovePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApprovePolicy,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.ApprovePolicyRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.SerializeToString,
+            ),
             'Quote': grpc.unary_unary_rpc_method_handler(
                     servicer.Quote,
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.QuoteRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.QuoteResponse.SerializeToString,
+            ),
+            'PauseCategory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCategory,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Switches.SerializeToString,
+            ),
+            'ResumeCategory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCategory,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Switches.SerializeToString,
+            ),
+            'PauseCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCampaign,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Switches.SerializeToString,
+            ),
+            'ResumeCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCampaign,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Switches.SerializeToString,
+            ),
+            'GetSwitches': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSwitches,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetSwitchesRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Switches.SerializeToString,
             ),
             'ApplyMerchant': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyMerchant,
@@ -142,9 +383,34 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.ReviewMerchantRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.SerializeToString,
             ),
+            'SuspendMerchant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendMerchant,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.SerializeToString,
+            ),
+            'ReinstateMerchant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateMerchant,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.SerializeToString,
+            ),
+            'GetMerchant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMerchant,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetMerchantRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Merchant.SerializeToString,
+            ),
             'RegisterProduct': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterProduct,
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.RegisterProductRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Product.SerializeToString,
+            ),
+            'UpdatePrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePrice,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.UpdatePriceRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.Product.SerializeToString,
+            ),
+            'DelistProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.DelistProduct,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.DelistProductRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.Product.SerializeToString,
             ),
             'GetProduct': grpc.unary_unary_rpc_method_handler(
@@ -152,10 +418,30 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetProductRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.Product.SerializeToString,
             ),
+            'GetPriceHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPriceHistory,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetPriceHistoryRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.PriceHistory.SerializeToString,
+            ),
+            'ImportProducts': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportProducts,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.ImportProductsRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.ImportProgress.SerializeToString,
+            ),
             'VerifyItem': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyItem,
                     request_deserializer=subsidy_dot_v1_dot_catalog__pb2.VerifyItemRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_catalog__pb2.VerifyItemResponse.SerializeToString,
+            ),
+            'GetSalesLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSalesLedger,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.GetSalesLedgerRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.SalesLedger.SerializeToString,
+            ),
+            'ExportSalesLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSalesLedger,
+                    request_deserializer=subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,7 +452,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CatalogService:
-    """Policy, merchants, products and live item verification.
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
     """
 
     @staticmethod
@@ -197,6 +487,87 @@ class CatalogService:
             _registered_method=True)
 
     @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ListPolicies',
+            subsidy_dot_v1_dot_catalog__pb2.ListPoliciesRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DraftPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/DraftPolicy',
+            subsidy_dot_v1_dot_catalog__pb2.DraftPolicyRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApprovePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ApprovePolicy',
+            subsidy_dot_v1_dot_catalog__pb2.ApprovePolicyRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Quote(request,
             target,
             options=(),
@@ -213,6 +584,141 @@ class CatalogService:
             '/subsidy.v1.CatalogService/Quote',
             subsidy_dot_v1_dot_catalog__pb2.QuoteRequest.SerializeToString,
             subsidy_dot_v1_dot_catalog__pb2.QuoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCategory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/PauseCategory',
+            subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCategory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ResumeCategory',
+            subsidy_dot_v1_dot_catalog__pb2.CategorySwitchRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/PauseCampaign',
+            subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ResumeCampaign',
+            subsidy_dot_v1_dot_catalog__pb2.CampaignSwitchRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSwitches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/GetSwitches',
+            subsidy_dot_v1_dot_catalog__pb2.GetSwitchesRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Switches.FromString,
             options,
             channel_credentials,
             insecure,
@@ -278,6 +784,87 @@ class CatalogService:
             _registered_method=True)
 
     @staticmethod
+    def SuspendMerchant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/SuspendMerchant',
+            subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateMerchant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ReinstateMerchant',
+            subsidy_dot_v1_dot_catalog__pb2.MerchantActionRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMerchant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/GetMerchant',
+            subsidy_dot_v1_dot_catalog__pb2.GetMerchantRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Merchant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RegisterProduct(request,
             target,
             options=(),
@@ -293,6 +880,60 @@ class CatalogService:
             target,
             '/subsidy.v1.CatalogService/RegisterProduct',
             subsidy_dot_v1_dot_catalog__pb2.RegisterProductRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/UpdatePrice',
+            subsidy_dot_v1_dot_catalog__pb2.UpdatePriceRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DelistProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/DelistProduct',
+            subsidy_dot_v1_dot_catalog__pb2.DelistProductRequest.SerializeToString,
             subsidy_dot_v1_dot_catalog__pb2.Product.FromString,
             options,
             channel_credentials,
@@ -332,6 +973,60 @@ class CatalogService:
             _registered_method=True)
 
     @staticmethod
+    def GetPriceHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/GetPriceHistory',
+            subsidy_dot_v1_dot_catalog__pb2.GetPriceHistoryRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.PriceHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportProducts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ImportProducts',
+            subsidy_dot_v1_dot_catalog__pb2.ImportProductsRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.ImportProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def VerifyItem(request,
             target,
             options=(),
@@ -348,6 +1043,60 @@ class CatalogService:
             '/subsidy.v1.CatalogService/VerifyItem',
             subsidy_dot_v1_dot_catalog__pb2.VerifyItemRequest.SerializeToString,
             subsidy_dot_v1_dot_catalog__pb2.VerifyItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSalesLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/GetSalesLedger',
+            subsidy_dot_v1_dot_catalog__pb2.GetSalesLedgerRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.SalesLedger.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSalesLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CatalogService/ExportSalesLedger',
+            subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerRequest.SerializeToString,
+            subsidy_dot_v1_dot_catalog__pb2.ExportSalesLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

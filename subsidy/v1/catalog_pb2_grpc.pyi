@@ -27,44 +27,127 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CatalogServiceStub:
-    """Policy, merchants, products and live item verification."""
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CatalogServiceAsyncStub: ...
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPolicyRequest, _catalog_pb2.GetPolicyResponse]
+    """-- policy (maker-checker) --"""
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListPoliciesRequest, _catalog_pb2.ListPoliciesResponse]
+    DraftPolicy: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DraftPolicyRequest, _catalog_pb2.PolicyVersion]
+    ApprovePolicy: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ApprovePolicyRequest, _catalog_pb2.PolicyVersion]
     Quote: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.QuoteRequest, _catalog_pb2.QuoteResponse]
+    PauseCategory: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CategorySwitchRequest, _catalog_pb2.Switches]
+    """-- emergency switches --"""
+    ResumeCategory: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CategorySwitchRequest, _catalog_pb2.Switches]
+    PauseCampaign: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CampaignSwitchRequest, _catalog_pb2.Switches]
+    ResumeCampaign: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CampaignSwitchRequest, _catalog_pb2.Switches]
+    GetSwitches: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetSwitchesRequest, _catalog_pb2.Switches]
     ApplyMerchant: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ApplyMerchantRequest, _catalog_pb2.Merchant]
+    """-- merchants --"""
     ReviewMerchant: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReviewMerchantRequest, _catalog_pb2.Merchant]
+    SuspendMerchant: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.MerchantActionRequest, _catalog_pb2.Merchant]
+    ReinstateMerchant: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.MerchantActionRequest, _catalog_pb2.Merchant]
+    GetMerchant: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetMerchantRequest, _catalog_pb2.Merchant]
     RegisterProduct: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterProductRequest, _catalog_pb2.Product]
+    """-- products --"""
+    UpdatePrice: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.UpdatePriceRequest, _catalog_pb2.Product]
+    DelistProduct: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DelistProductRequest, _catalog_pb2.Product]
     GetProduct: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetProductRequest, _catalog_pb2.Product]
+    GetPriceHistory: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPriceHistoryRequest, _catalog_pb2.PriceHistory]
+    ImportProducts: _grpc.UnaryStreamMultiCallable[_catalog_pb2.ImportProductsRequest, _catalog_pb2.ImportProgress]
+    """Bulk import from CSV: progress messages, then one message carrying the result."""
     VerifyItem: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.VerifyItemRequest, _catalog_pb2.VerifyItemResponse]
     """The checkout's hot path: is this item, at this price, eligible, and for how much?"""
+    GetSalesLedger: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetSalesLedgerRequest, _catalog_pb2.SalesLedger]
+    """-- sales ledger (销售台账) --"""
+    ExportSalesLedger: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ExportSalesLedgerRequest, _catalog_pb2.ExportSalesLedgerResponse]
 
 @_typing.type_check_only
 class CatalogServiceAsyncStub(CatalogServiceStub):
-    """Policy, merchants, products and live item verification."""
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetPolicy: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPolicyRequest, _catalog_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    """-- policy (maker-checker) --"""
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListPoliciesRequest, _catalog_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    DraftPolicy: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DraftPolicyRequest, _catalog_pb2.PolicyVersion]  # type: ignore[assignment]
+    ApprovePolicy: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ApprovePolicyRequest, _catalog_pb2.PolicyVersion]  # type: ignore[assignment]
     Quote: _aio.UnaryUnaryMultiCallable[_catalog_pb2.QuoteRequest, _catalog_pb2.QuoteResponse]  # type: ignore[assignment]
+    PauseCategory: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CategorySwitchRequest, _catalog_pb2.Switches]  # type: ignore[assignment]
+    """-- emergency switches --"""
+    ResumeCategory: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CategorySwitchRequest, _catalog_pb2.Switches]  # type: ignore[assignment]
+    PauseCampaign: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CampaignSwitchRequest, _catalog_pb2.Switches]  # type: ignore[assignment]
+    ResumeCampaign: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CampaignSwitchRequest, _catalog_pb2.Switches]  # type: ignore[assignment]
+    GetSwitches: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetSwitchesRequest, _catalog_pb2.Switches]  # type: ignore[assignment]
     ApplyMerchant: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ApplyMerchantRequest, _catalog_pb2.Merchant]  # type: ignore[assignment]
+    """-- merchants --"""
     ReviewMerchant: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReviewMerchantRequest, _catalog_pb2.Merchant]  # type: ignore[assignment]
+    SuspendMerchant: _aio.UnaryUnaryMultiCallable[_catalog_pb2.MerchantActionRequest, _catalog_pb2.Merchant]  # type: ignore[assignment]
+    ReinstateMerchant: _aio.UnaryUnaryMultiCallable[_catalog_pb2.MerchantActionRequest, _catalog_pb2.Merchant]  # type: ignore[assignment]
+    GetMerchant: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetMerchantRequest, _catalog_pb2.Merchant]  # type: ignore[assignment]
     RegisterProduct: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterProductRequest, _catalog_pb2.Product]  # type: ignore[assignment]
+    """-- products --"""
+    UpdatePrice: _aio.UnaryUnaryMultiCallable[_catalog_pb2.UpdatePriceRequest, _catalog_pb2.Product]  # type: ignore[assignment]
+    DelistProduct: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DelistProductRequest, _catalog_pb2.Product]  # type: ignore[assignment]
     GetProduct: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetProductRequest, _catalog_pb2.Product]  # type: ignore[assignment]
+    GetPriceHistory: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPriceHistoryRequest, _catalog_pb2.PriceHistory]  # type: ignore[assignment]
+    ImportProducts: _aio.UnaryStreamMultiCallable[_catalog_pb2.ImportProductsRequest, _catalog_pb2.ImportProgress]  # type: ignore[assignment]
+    """Bulk import from CSV: progress messages, then one message carrying the result."""
     VerifyItem: _aio.UnaryUnaryMultiCallable[_catalog_pb2.VerifyItemRequest, _catalog_pb2.VerifyItemResponse]  # type: ignore[assignment]
     """The checkout's hot path: is this item, at this price, eligible, and for how much?"""
+    GetSalesLedger: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetSalesLedgerRequest, _catalog_pb2.SalesLedger]  # type: ignore[assignment]
+    """-- sales ledger (销售台账) --"""
+    ExportSalesLedger: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ExportSalesLedgerRequest, _catalog_pb2.ExportSalesLedgerResponse]  # type: ignore[assignment]
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Policy, merchants, products and live item verification."""
+    """Policy, merchants, products, units and live item verification.
+
+    Operator verbs (draft, approve, pause, suspend, reprice, delist, import) take an `actor` and a
+    `reason`; each becomes an event carrying both. Failures are precise statuses whose
+    google.rpc.ErrorInfo names the reason and the field (docs/catalog.md lists every reason).
+    """
 
     @_abc_1.abstractmethod
     def GetPolicy(
         self,
         request: _catalog_pb2.GetPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_catalog_pb2.GetPolicyResponse, _abc.Awaitable[_catalog_pb2.GetPolicyResponse]]: ...
+    ) -> _typing.Union[_catalog_pb2.GetPolicyResponse, _abc.Awaitable[_catalog_pb2.GetPolicyResponse]]:
+        """-- policy (maker-checker) --"""
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _catalog_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ListPoliciesResponse, _abc.Awaitable[_catalog_pb2.ListPoliciesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DraftPolicy(
+        self,
+        request: _catalog_pb2.DraftPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PolicyVersion, _abc.Awaitable[_catalog_pb2.PolicyVersion]]: ...
+
+    @_abc_1.abstractmethod
+    def ApprovePolicy(
+        self,
+        request: _catalog_pb2.ApprovePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PolicyVersion, _abc.Awaitable[_catalog_pb2.PolicyVersion]]: ...
 
     @_abc_1.abstractmethod
     def Quote(
@@ -74,11 +157,48 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_catalog_pb2.QuoteResponse, _abc.Awaitable[_catalog_pb2.QuoteResponse]]: ...
 
     @_abc_1.abstractmethod
+    def PauseCategory(
+        self,
+        request: _catalog_pb2.CategorySwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Switches, _abc.Awaitable[_catalog_pb2.Switches]]:
+        """-- emergency switches --"""
+
+    @_abc_1.abstractmethod
+    def ResumeCategory(
+        self,
+        request: _catalog_pb2.CategorySwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Switches, _abc.Awaitable[_catalog_pb2.Switches]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseCampaign(
+        self,
+        request: _catalog_pb2.CampaignSwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Switches, _abc.Awaitable[_catalog_pb2.Switches]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeCampaign(
+        self,
+        request: _catalog_pb2.CampaignSwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Switches, _abc.Awaitable[_catalog_pb2.Switches]]: ...
+
+    @_abc_1.abstractmethod
+    def GetSwitches(
+        self,
+        request: _catalog_pb2.GetSwitchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Switches, _abc.Awaitable[_catalog_pb2.Switches]]: ...
+
+    @_abc_1.abstractmethod
     def ApplyMerchant(
         self,
         request: _catalog_pb2.ApplyMerchantRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]: ...
+    ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]:
+        """-- merchants --"""
 
     @_abc_1.abstractmethod
     def ReviewMerchant(
@@ -88,9 +208,45 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]: ...
 
     @_abc_1.abstractmethod
+    def SuspendMerchant(
+        self,
+        request: _catalog_pb2.MerchantActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]: ...
+
+    @_abc_1.abstractmethod
+    def ReinstateMerchant(
+        self,
+        request: _catalog_pb2.MerchantActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMerchant(
+        self,
+        request: _catalog_pb2.GetMerchantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Merchant, _abc.Awaitable[_catalog_pb2.Merchant]]: ...
+
+    @_abc_1.abstractmethod
     def RegisterProduct(
         self,
         request: _catalog_pb2.RegisterProductRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Product, _abc.Awaitable[_catalog_pb2.Product]]:
+        """-- products --"""
+
+    @_abc_1.abstractmethod
+    def UpdatePrice(
+        self,
+        request: _catalog_pb2.UpdatePriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Product, _abc.Awaitable[_catalog_pb2.Product]]: ...
+
+    @_abc_1.abstractmethod
+    def DelistProduct(
+        self,
+        request: _catalog_pb2.DelistProductRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.Product, _abc.Awaitable[_catalog_pb2.Product]]: ...
 
@@ -102,11 +258,41 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_catalog_pb2.Product, _abc.Awaitable[_catalog_pb2.Product]]: ...
 
     @_abc_1.abstractmethod
+    def GetPriceHistory(
+        self,
+        request: _catalog_pb2.GetPriceHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PriceHistory, _abc.Awaitable[_catalog_pb2.PriceHistory]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportProducts(
+        self,
+        request: _catalog_pb2.ImportProductsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_catalog_pb2.ImportProgress], _abc.AsyncIterator[_catalog_pb2.ImportProgress]]:
+        """Bulk import from CSV: progress messages, then one message carrying the result."""
+
+    @_abc_1.abstractmethod
     def VerifyItem(
         self,
         request: _catalog_pb2.VerifyItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.VerifyItemResponse, _abc.Awaitable[_catalog_pb2.VerifyItemResponse]]:
         """The checkout's hot path: is this item, at this price, eligible, and for how much?"""
+
+    @_abc_1.abstractmethod
+    def GetSalesLedger(
+        self,
+        request: _catalog_pb2.GetSalesLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.SalesLedger, _abc.Awaitable[_catalog_pb2.SalesLedger]]:
+        """-- sales ledger (销售台账) --"""
+
+    @_abc_1.abstractmethod
+    def ExportSalesLedger(
+        self,
+        request: _catalog_pb2.ExportSalesLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ExportSalesLedgerResponse, _abc.Awaitable[_catalog_pb2.ExportSalesLedgerResponse]]: ...
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

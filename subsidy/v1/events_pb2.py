@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/events.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x94\x03\n\rEventEnvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x16\n\x0estream_version\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x61\x63tor\x18\x07 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x16\n\x0e\x63orrelation_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\t \x01(\t\x12\x42\n\rtrace_context\x18\n \x03(\x0b\x32+.subsidy.v1.EventEnvelope.TraceContextEntry\x12\x16\n\x0epolicy_version\x18\x0b \x01(\t\x12\x0f\n\x07service\x18\x0c \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0fPolicyPublished\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0fMerchantApplied\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0elicence_number\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontact_masked\x18\x04 \x01(\t\"I\n\x10MerchantReviewed\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa7\x01\n\x11ProductRegistered\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11\x65nergy_label_code\x18\x07 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x08 \x01(\x03\"\xe1\x01\n\x12\x43onsumerRegistered\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x13\n\x0bname_sealed\x18\x02 \x01(\x0c\x12\x18\n\x10id_number_sealed\x18\x03 \x01(\x0c\x12\x14\n\x0cphone_sealed\x18\x04 \x01(\x0c\x12\x17\n\x0fid_number_index\x18\x05 \x01(\t\x12\x13\n\x0bphone_index\x18\x06 \x01(\t\x12\x18\n\x10id_number_masked\x18\x07 \x01(\t\x12\x14\n\x0cphone_masked\x18\x08 \x01(\t\x12\x13\n\x0bplatform_id\x18\t \x01(\t\"\xab\x01\n\x14QualificationClaimed\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x11\n\tquota_day\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13QualificationLocked\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"S\n\x15QualificationUnlocked\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x11QualificationUsed\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"S\n\x15QualificationRestored\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"T\n\x16QualificationForfeited\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\\\n\x0c\x42udgetFunded\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x89\x02\n\x0fSubsidyReserved\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bplatform_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x08 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\t \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\n \x01(\x03\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x0fSubsidyCaptured\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x13\n\x0bpayment_ref\x18\x04 \x01(\t\"o\n\x0fSubsidyReleased\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cwas_captured\x18\x05 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/events.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x94\x03\n\rEventEnvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x16\n\x0estream_version\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x61\x63tor\x18\x07 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x16\n\x0e\x63orrelation_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\t \x01(\t\x12\x42\n\rtrace_context\x18\n \x03(\x0b\x32+.subsidy.v1.EventEnvelope.TraceContextEntry\x12\x16\n\x0epolicy_version\x18\x0b \x01(\t\x12\x0f\n\x07service\x18\x0c \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0fPolicyPublished\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0fMerchantApplied\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0elicence_number\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontact_masked\x18\x04 \x01(\t\"I\n\x10MerchantReviewed\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa7\x01\n\x11ProductRegistered\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05grade\x18\x04 \x01(\x05\x12\r\n\x05\x62rand\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11\x65nergy_label_code\x18\x07 \x01(\t\x12\x16\n\x0elist_price_fen\x18\x08 \x01(\x03\"y\n\rPolicyDrafted\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"E\n\x0ePolicyApproved\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndrafted_by\x18\x03 \x01(\t\"2\n\x0e\x43\x61tegoryPaused\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x0f\x43\x61tegoryResumed\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0e\x43\x61mpaignPaused\x12\x0e\n\x06reason\x18\x01 \x01(\t\"!\n\x0f\x43\x61mpaignResumed\x12\x0e\n\x06reason\x18\x01 \x01(\t\"8\n\x11MerchantSuspended\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12MerchantReinstated\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"`\n\x13ProductPriceChanged\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x15\n\rold_price_fen\x18\x02 \x01(\x03\x12\x15\n\rnew_price_fen\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\".\n\x0fProductDelisted\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9f\x01\n\x10ProductsImported\x12\x11\n\timport_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x02 \x01(\t\x12\x12\n\ntotal_rows\x18\x03 \x01(\x05\x12\x0f\n\x07\x61pplied\x18\x04 \x01(\x05\x12\x16\n\x0erejected_lines\x18\x05 \x03(\x05\x12\x16\n\x0eonly_good_rows\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xe1\x01\n\x12\x43onsumerRegistered\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x13\n\x0bname_sealed\x18\x02 \x01(\x0c\x12\x18\n\x10id_number_sealed\x18\x03 \x01(\x0c\x12\x14\n\x0cphone_sealed\x18\x04 \x01(\x0c\x12\x17\n\x0fid_number_index\x18\x05 \x01(\t\x12\x13\n\x0bphone_index\x18\x06 \x01(\t\x12\x18\n\x10id_number_masked\x18\x07 \x01(\t\x12\x14\n\x0cphone_masked\x18\x08 \x01(\t\x12\x13\n\x0bplatform_id\x18\t \x01(\t\"\xab\x01\n\x14QualificationClaimed\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x11\n\tquota_day\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13QualificationLocked\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"S\n\x15QualificationUnlocked\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x11QualificationUsed\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"S\n\x15QualificationRestored\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"T\n\x16QualificationForfeited\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\\\n\x0c\x42udgetFunded\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x99\x02\n\x0fSubsidyReserved\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bplatform_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x08 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\t \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\n \x01(\x03\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06serial\x18\x0c \x01(\t\"^\n\x0fSubsidyCaptured\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x13\n\x0bpayment_ref\x18\x04 \x01(\t\"o\n\x0fSubsidyReleased\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cwas_captured\x18\x05 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,26 +47,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERCHANTREVIEWED']._serialized_end=788
   _globals['_PRODUCTREGISTERED']._serialized_start=791
   _globals['_PRODUCTREGISTERED']._serialized_end=958
-  _globals['_CONSUMERREGISTERED']._serialized_start=961
-  _globals['_CONSUMERREGISTERED']._serialized_end=1186
-  _globals['_QUALIFICATIONCLAIMED']._serialized_start=1189
-  _globals['_QUALIFICATIONCLAIMED']._serialized_end=1360
-  _globals['_QUALIFICATIONLOCKED']._serialized_start=1362
-  _globals['_QUALIFICATIONLOCKED']._serialized_end=1427
-  _globals['_QUALIFICATIONUNLOCKED']._serialized_start=1429
-  _globals['_QUALIFICATIONUNLOCKED']._serialized_end=1512
-  _globals['_QUALIFICATIONUSED']._serialized_start=1514
-  _globals['_QUALIFICATIONUSED']._serialized_end=1577
-  _globals['_QUALIFICATIONRESTORED']._serialized_start=1579
-  _globals['_QUALIFICATIONRESTORED']._serialized_end=1662
-  _globals['_QUALIFICATIONFORFEITED']._serialized_start=1664
-  _globals['_QUALIFICATIONFORFEITED']._serialized_end=1748
-  _globals['_BUDGETFUNDED']._serialized_start=1750
-  _globals['_BUDGETFUNDED']._serialized_end=1842
-  _globals['_SUBSIDYRESERVED']._serialized_start=1845
-  _globals['_SUBSIDYRESERVED']._serialized_end=2110
-  _globals['_SUBSIDYCAPTURED']._serialized_start=2112
-  _globals['_SUBSIDYCAPTURED']._serialized_end=2206
-  _globals['_SUBSIDYRELEASED']._serialized_start=2208
-  _globals['_SUBSIDYRELEASED']._serialized_end=2319
+  _globals['_POLICYDRAFTED']._serialized_start=960
+  _globals['_POLICYDRAFTED']._serialized_end=1081
+  _globals['_POLICYAPPROVED']._serialized_start=1083
+  _globals['_POLICYAPPROVED']._serialized_end=1152
+  _globals['_CATEGORYPAUSED']._serialized_start=1154
+  _globals['_CATEGORYPAUSED']._serialized_end=1204
+  _globals['_CATEGORYRESUMED']._serialized_start=1206
+  _globals['_CATEGORYRESUMED']._serialized_end=1257
+  _globals['_CAMPAIGNPAUSED']._serialized_start=1259
+  _globals['_CAMPAIGNPAUSED']._serialized_end=1291
+  _globals['_CAMPAIGNRESUMED']._serialized_start=1293
+  _globals['_CAMPAIGNRESUMED']._serialized_end=1326
+  _globals['_MERCHANTSUSPENDED']._serialized_start=1328
+  _globals['_MERCHANTSUSPENDED']._serialized_end=1384
+  _globals['_MERCHANTREINSTATED']._serialized_start=1386
+  _globals['_MERCHANTREINSTATED']._serialized_end=1443
+  _globals['_PRODUCTPRICECHANGED']._serialized_start=1445
+  _globals['_PRODUCTPRICECHANGED']._serialized_end=1541
+  _globals['_PRODUCTDELISTED']._serialized_start=1543
+  _globals['_PRODUCTDELISTED']._serialized_end=1589
+  _globals['_PRODUCTSIMPORTED']._serialized_start=1592
+  _globals['_PRODUCTSIMPORTED']._serialized_end=1751
+  _globals['_CONSUMERREGISTERED']._serialized_start=1754
+  _globals['_CONSUMERREGISTERED']._serialized_end=1979
+  _globals['_QUALIFICATIONCLAIMED']._serialized_start=1982
+  _globals['_QUALIFICATIONCLAIMED']._serialized_end=2153
+  _globals['_QUALIFICATIONLOCKED']._serialized_start=2155
+  _globals['_QUALIFICATIONLOCKED']._serialized_end=2220
+  _globals['_QUALIFICATIONUNLOCKED']._serialized_start=2222
+  _globals['_QUALIFICATIONUNLOCKED']._serialized_end=2305
+  _globals['_QUALIFICATIONUSED']._serialized_start=2307
+  _globals['_QUALIFICATIONUSED']._serialized_end=2370
+  _globals['_QUALIFICATIONRESTORED']._serialized_start=2372
+  _globals['_QUALIFICATIONRESTORED']._serialized_end=2455
+  _globals['_QUALIFICATIONFORFEITED']._serialized_start=2457
+  _globals['_QUALIFICATIONFORFEITED']._serialized_end=2541
+  _globals['_BUDGETFUNDED']._serialized_start=2543
+  _globals['_BUDGETFUNDED']._serialized_end=2635
+  _globals['_SUBSIDYRESERVED']._serialized_start=2638
+  _globals['_SUBSIDYRESERVED']._serialized_end=2919
+  _globals['_SUBSIDYCAPTURED']._serialized_start=2921
+  _globals['_SUBSIDYCAPTURED']._serialized_end=3015
+  _globals['_SUBSIDYRELEASED']._serialized_start=3017
+  _globals['_SUBSIDYRELEASED']._serialized_end=3128
 # @@protoc_insertion_point(module_scope)

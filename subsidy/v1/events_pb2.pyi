@@ -233,6 +233,284 @@ class ProductRegistered(_message.Message):
 Global___ProductRegistered: _TypeAlias = ProductRegistered  # noqa: Y015
 
 @_typing.final
+class PolicyDrafted(_message.Message):
+    """Policy lifecycle (maker-checker): an operator drafts, a different approver approves; the
+    approval is followed by PolicyPublished in the same stream, which other services consume.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_JSON_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    policy_json: _builtins.str
+    """canonical JSON, as PolicyPublished"""
+    reason: _builtins.str
+    @_builtins.property
+    def effective_from(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        policy_json: _builtins.str = ...,
+        effective_from: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy_json", b"policy_json", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDrafted: _TypeAlias = PolicyDrafted  # noqa: Y015
+
+@_typing.final
+class PolicyApproved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRAFTED_BY_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    reason: _builtins.str
+    drafted_by: _builtins.str
+    """the maker's actor id, for the audit trail"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        drafted_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drafted_by", b"drafted_by", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyApproved: _TypeAlias = PolicyApproved  # noqa: Y015
+
+@_typing.final
+class CategoryPaused(_message.Message):
+    """Emergency switches: effective for every new reservation within a second."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryPaused: _TypeAlias = CategoryPaused  # noqa: Y015
+
+@_typing.final
+class CategoryResumed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryResumed: _TypeAlias = CategoryResumed  # noqa: Y015
+
+@_typing.final
+class CampaignPaused(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignPaused: _TypeAlias = CampaignPaused  # noqa: Y015
+
+@_typing.final
+class CampaignResumed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignResumed: _TypeAlias = CampaignResumed  # noqa: Y015
+
+@_typing.final
+class MerchantSuspended(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MerchantSuspended: _TypeAlias = MerchantSuspended  # noqa: Y015
+
+@_typing.final
+class MerchantReinstated(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MerchantReinstated: _TypeAlias = MerchantReinstated  # noqa: Y015
+
+@_typing.final
+class ProductPriceChanged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    OLD_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    NEW_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    old_price_fen: _builtins.int
+    new_price_fen: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        old_price_fen: _builtins.int = ...,
+        new_price_fen: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_price_fen", b"new_price_fen", "old_price_fen", b"old_price_fen", "reason", b"reason", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductPriceChanged: _TypeAlias = ProductPriceChanged  # noqa: Y015
+
+@_typing.final
+class ProductDelisted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductDelisted: _TypeAlias = ProductDelisted  # noqa: Y015
+
+@_typing.final
+class ProductsImported(_message.Message):
+    """Closes a bulk import: which file, how many rows, and which lines were NOT applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORT_ID_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    TOTAL_ROWS_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REJECTED_LINES_FIELD_NUMBER: _builtins.int
+    ONLY_GOOD_ROWS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    import_id: _builtins.str
+    file_sha256: _builtins.str
+    total_rows: _builtins.int
+    applied: _builtins.int
+    only_good_rows: _builtins.bool
+    reason: _builtins.str
+    @_builtins.property
+    def rejected_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        import_id: _builtins.str = ...,
+        file_sha256: _builtins.str = ...,
+        total_rows: _builtins.int = ...,
+        applied: _builtins.int = ...,
+        rejected_lines: _abc.Iterable[_builtins.int] | None = ...,
+        only_good_rows: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "file_sha256", b"file_sha256", "import_id", b"import_id", "only_good_rows", b"only_good_rows", "reason", b"reason", "rejected_lines", b"rejected_lines", "total_rows", b"total_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductsImported: _TypeAlias = ProductsImported  # noqa: Y015
+
+@_typing.final
 class ConsumerRegistered(_message.Message):
     """---- eligibility ------------------------------------------------------------------------"""
 
@@ -480,6 +758,7 @@ class SubsidyReserved(_message.Message):
     UNIT_PRICE_FEN_FIELD_NUMBER: _builtins.int
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     platform_id: _builtins.str
@@ -490,6 +769,8 @@ class SubsidyReserved(_message.Message):
     category: _builtins.str
     unit_price_fen: _builtins.int
     subsidy_fen: _builtins.int
+    serial: _builtins.str
+    """the unit's serial number / IMEI, when the platform gave one"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -506,10 +787,11 @@ class SubsidyReserved(_message.Message):
         unit_price_fen: _builtins.int = ...,
         subsidy_fen: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        serial: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "sku", b"sku", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
