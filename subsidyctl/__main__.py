@@ -181,8 +181,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         try:
             stack.start()
             line = asyncio.run(_smoke(stack))
-        except (StackError, AssertionError) as exc:
-            print(f"subsidyctl smoke: FAILED: {exc}", file=sys.stderr)
+        except Exception as exc:
+            print(f"subsidyctl smoke: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
             for s in (*SERVICES, "identity_sim"):
                 print(f"--- {s} log tail ---\n{stack.tail(s)}", file=sys.stderr)
             return 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +47,7 @@ from .projections import (
 )
 
 SERVICE = "eligibility"
+log = logging.getLogger(__name__)
 ACTIVE = (AVAILABLE, LOCKED, USED)
 
 
@@ -114,6 +117,19 @@ class Eligibility:
         if row.version not in self._policies:
             self._policies[row.version] = policy_from_dict(json.loads(row.document))
         return self._policies[row.version]
+
+    async def wait_for_policy(self, every_s: float = 0.05) -> None:
+        """Readiness: claims need the policy, which arrives through catalog's events."""
+        tries = 0
+        while True:
+            try:
+                await self.policy()
+                return
+            except FailedPrecondition:
+                tries += 1
+                if tries % 100 == 0:
+                    log.warning("not ready: still waiting for a subsidy policy from catalog")
+                await asyncio.sleep(every_s)
 
     # -- consumers ------------------------------------------------------------------------
     async def register(

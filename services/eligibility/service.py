@@ -30,6 +30,7 @@ async def build(rt: Runtime) -> Wiring:
             ),
         ],
         on_close=[authority_ch.close],
+        ready=e.wait_for_policy,
     )
 
 

@@ -50,6 +50,9 @@ class Wiring:
     consumers: Sequence[bus.EventConsumer] = ()
     background: Sequence[Callable[[asyncio.Event], Awaitable[None]]] = ()
     on_close: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Awaited before health turns SERVING: what the service needs before it can answer
+    # (eligibility needs the policy that reaches it from catalog's events).
+    ready: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         for c in wiring.consumers
     ]
     tasks += [asyncio.create_task(b(runtime.stop)) for b in wiring.background]
+    if wiring.ready is not None:
+        await wiring.ready()
     await rpc.set_serving(health, wiring.service_names)
     log.info("%s serving gRPC on port %d", spec.name, port)
 
