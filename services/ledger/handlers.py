@@ -146,6 +146,7 @@ class Ledger:
         reserved.merchant_id = item.merchant_id
         reserved.category = item.category
         reserved.subsidy_fen = item.subsidy_fen
+        reserved.serial = serial
         reserved.expires_at.CopyFrom(expires)
         ctx = Context(actor, correlation_id=req.order_id, policy_version=item.policy_version)
         stream = pool_stream(req.pool_id)
