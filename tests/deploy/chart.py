@@ -81,6 +81,7 @@ def _everything_on() -> dict[str, Any]:
         "backup": {"enabled": True},
         "metrics": {"serviceMonitor": {"enabled": True}},
         "identitySimulator": {"enabled": True},
+        "caBundle": {"configMapName": "subsidy-ca"},
     }
 
 

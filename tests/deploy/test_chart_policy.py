@@ -467,10 +467,10 @@ def resolve(rel: Release, address: str) -> Manifest:
 def test_ledger_is_pointed_at_the_catalog_and_eligibility_services(rel: Release) -> None:
     settings = settings_of(rel, "ledger")
     for peer in ("catalog", "eligibility"):
-        service = resolve(rel, settings[f"SUBSIDY_{peer.upper()}_ADDR"])
-        assert service["spec"]["selector"] == server_labels(peer)
-    for service in ("catalog", "eligibility", "audit"):
-        assert "SUBSIDY_CATALOG_ADDR" not in settings_of(rel, service)
+        target = resolve(rel, settings[f"SUBSIDY_{peer.upper()}_ADDR"])
+        assert target["spec"]["selector"] == server_labels(peer)
+    for other in ("catalog", "eligibility", "audit"):
+        assert "SUBSIDY_CATALOG_ADDR" not in settings_of(rel, other)
 
 
 def test_eligibility_is_pointed_at_the_authority_or_the_simulator(rel: Release) -> None:
@@ -494,6 +494,36 @@ def test_the_simulator_exists_only_when_enabled(rel: Release) -> None:
         assert "SIMULATOR is enabled" in rel.notes
     else:
         assert runs_sim == [] and named_sim == []
+
+
+def container_settings(rel: Release, container: Manifest) -> dict[str, str]:
+    """What a container sees as plain settings: its ConfigMap envFrom, then its literal env."""
+    seen: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        seen.update(rel.named("ConfigMap", source["configMapRef"]["name"])["data"])
+    seen.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return seen
+
+
+def test_every_database_client_trusts_the_ca_bundle_it_mounts(rel: Release) -> None:
+    bundle = rel.effective["caBundle"]
+    for obj, spec in workloads(rel):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            settings = container_settings(rel, container)
+            talks_to_db = any(name.endswith("DATABASE_URL") for name in settings)
+            trusted = {
+                settings[k] for k in ("PGSSLROOTCERT", "REQUESTS_CA_BUNDLE") if k in settings
+            }
+            if not bundle["configMapName"] or not talks_to_db:
+                assert not trusted, obj["metadata"]["name"]
+                continue
+            (path,) = trusted
+            mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+            (mount,) = mounts
+            config_map = volumes[mount["name"]]["configMap"]
+            assert config_map["name"] == bundle["configMapName"], obj["metadata"]["name"]
+            assert path.rsplit("/", 1)[1] in {item["path"] for item in config_map["items"]}
 
 
 def vault_annotations(obj: Manifest, prefix: str) -> dict[str, str]:

@@ -187,6 +187,7 @@ SUBSIDY_VAULT_K8S_ROLE: {{ printf "subsidy-%s" .name | quote }}
 SUBSIDY_VAULT_TRANSIT_MOUNT: {{ $v.vault.transitMount | quote }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ $v.otel.endpoint | quote }}
 OTEL_TRACES_EXPORTER: {{ $v.otel.tracesExporter | quote }}
+{{- include "subsidy.caBundleSettings" $root }}
 {{- if eq .name "ledger" }}
 SUBSIDY_CATALOG_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "catalog")) $root.Release.Namespace (int $v.grpc.port) | quote }}
 SUBSIDY_ELIGIBILITY_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "eligibility")) $root.Release.Namespace (int $v.grpc.port) | quote }}
@@ -238,4 +239,38 @@ init container, so the Job can complete.
   ports:
     - port: {{ .Values.otel.port }}
       protocol: TCP
+{{- end }}
+
+{{/* Where the private CA bundle is mounted, when caBundle.configMapName is set. */}}
+{{- define "subsidy.caBundlePath" -}}
+{{- printf "/etc/subsidy/ca/%s" .Values.caBundle.key -}}
+{{- end }}
+
+{{/* Settings that make libpq and the Vault client trust the private CA (map entries). */}}
+{{- define "subsidy.caBundleSettings" -}}
+{{- if .Values.caBundle.configMapName }}
+PGSSLROOTCERT: {{ include "subsidy.caBundlePath" . | quote }}
+REQUESTS_CA_BUNDLE: {{ include "subsidy.caBundlePath" . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The CA bundle's volumeMount (list entry), when set. */}}
+{{- define "subsidy.caBundleMount" -}}
+{{- if .Values.caBundle.configMapName }}
+- name: ca-bundle
+  mountPath: /etc/subsidy/ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The CA bundle's volume (list entry), when set. */}}
+{{- define "subsidy.caBundleVolume" -}}
+{{- if .Values.caBundle.configMapName }}
+- name: ca-bundle
+  configMap:
+    name: {{ .Values.caBundle.configMapName }}
+    items:
+      - key: {{ .Values.caBundle.key }}
+        path: {{ .Values.caBundle.key }}
+{{- end }}
 {{- end }}
