@@ -16,7 +16,7 @@ def identifier(field: str, value: str, *, max_len: int = 64) -> str:
         raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
     if len(value) > max_len:
         raise InvalidArgument("FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field)
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # not match(): its "$" also matches before a final newline
         raise InvalidArgument(
             "INVALID_IDENTIFIER",
             f"{field}: letters, digits and . _ : - only, starting with a letter or digit",
