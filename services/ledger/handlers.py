@@ -127,6 +127,12 @@ class Ledger:
                 field="sku",
                 reasons=",".join(item.reasons),
             )
+        # Refuse what the budget already refuses before locking the qualification, so that
+        # rejection changes nothing; the check in the transaction below still decides races.
+        async with self.store.engine.connect() as conn:
+            pool_now = await load_pool(conn, req.pool_id)
+        probe = ev.SubsidyReserved(pool_id=req.pool_id, subsidy_fen=item.subsidy_fen)
+        domain.reserve(pool_now, probe)
         try:
             await self.eligibility.LockQualification(
                 eligibility_pb2.LockQualificationRequest(
