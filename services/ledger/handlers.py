@@ -53,7 +53,7 @@ class Ledger:
         self, pool_id: str, amount_fen: int, source: str, key: str, actor: common_pb2.Actor
     ) -> domain.Pool:
         validate.identifier("pool_id", pool_id)
-        validate.text_field("source", source, max_len=64)
+        source = validate.text_field("source", source, max_len=64)
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
         domain.fund(domain.Pool(pool_id), amount_fen, source)  # validate before any I/O
@@ -238,7 +238,7 @@ class Ledger:
         return after
 
     async def capture(self, order_id: str, payment_ref: str, actor: common_pb2.Actor) -> dict[str, object]:
-        validate.text_field("payment_ref", payment_ref, max_len=128, required=False)
+        payment_ref = validate.text_field("payment_ref", payment_ref, max_len=128, required=False)
         return await self._transition(order_id, actor, lambda r: domain.capture(r, payment_ref))
 
     async def release(self, order_id: str, reason: str, actor: common_pb2.Actor) -> dict[str, object]:
