@@ -1,9 +1,9 @@
 """subsidyctl: the operator's and auditor's command line.
 
-  subsidyctl up [--seed-demo]     start the whole stack locally and serve until Ctrl-C
-  subsidyctl smoke                start a throwaway stack, run one checkout, print one JSON line
-  subsidyctl seed                 create the demo campaign on a running stack
-  subsidyctl checkout             run one subsidised checkout against a running stack
+subsidyctl up [--seed-demo]     start the whole stack locally and serve until Ctrl-C
+subsidyctl smoke                start a throwaway stack, run one checkout, print one JSON line
+subsidyctl seed                 create the demo campaign on a running stack
+subsidyctl checkout             run one subsidised checkout against a running stack
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _example(base_port: int) -> str:
         f"  .venv/bin/subsidyctl checkout --base-port {base_port} --sku demo-fridge-g1 "
         "--price-fen 1200000\n"
         "Or call the gRPC API directly (server reflection is on), e.g. with grpcurl:\n"
-        f"  grpcurl -plaintext -d '{{\"pool_id\": \"pingshan-2025\"}}' 127.0.0.1:{Ports(base_port).services['ledger']} "
+        f'  grpcurl -plaintext -d \'{{"pool_id": "pingshan-2025"}}\' '
+        f"127.0.0.1:{Ports(base_port).services['ledger']} "
         "subsidy.v1.LedgerService/GetBudget"
     )
 
@@ -137,7 +138,10 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
     try:
         seeded = await demo.seed(client, random.Random(), {**demo.load_demo(), "consumers": 0})
         result = await demo.checkout(
-            client, random.Random(), pool_id=seeded["pool_id"], sku="demo-fridge-g1",
+            client,
+            random.Random(),
+            pool_id=seeded["pool_id"],
+            sku="demo-fridge-g1",
             price_fen=1_200_000,
         )
         loop = asyncio.get_running_loop()
@@ -194,8 +198,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="subsidyctl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="subsidyctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole stack locally; Ctrl-C stops it")
     up.add_argument("--seed-demo", action="store_true", help="create the demo campaign")

@@ -7,7 +7,6 @@ checksums; nothing personal is printed but masked forms.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -16,13 +15,11 @@ from typing import Any
 
 import grpc
 import yaml
-from opentelemetry import trace
 
 from services.eligibility.identity import id_number_check_char
 from services.kernel import rpc
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (
-    audit_pb2,
     audit_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
@@ -59,13 +56,19 @@ class Client:
     """Stubs for every service, as a platform (and an operator) would hold them."""
 
     def __init__(self, endpoints: dict[str, str]) -> None:
-        self._channels = {s: rpc.channel(endpoints[s], deadline_s=10) for s in
-                          ("catalog", "eligibility", "ledger", "audit", "identity_sim")}
+        self._channels = {
+            s: rpc.channel(endpoints[s], deadline_s=10)
+            for s in ("catalog", "eligibility", "ledger", "audit", "identity_sim")
+        }
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self._channels["catalog"])
-        self.eligibility = eligibility_pb2_grpc.EligibilityServiceStub(self._channels["eligibility"])
+        self.eligibility = eligibility_pb2_grpc.EligibilityServiceStub(
+            self._channels["eligibility"]
+        )
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.audit = audit_pb2_grpc.AuditServiceStub(self._channels["audit"])
-        self.authority = identity_pb2_grpc.IdentitySimulatorAdminStub(self._channels["identity_sim"])
+        self.authority = identity_pb2_grpc.IdentitySimulatorAdminStub(
+            self._channels["identity_sim"]
+        )
 
     async def close(self) -> None:
         for ch in self._channels.values():
@@ -77,21 +80,28 @@ def load_demo(path: Path = DEMO) -> dict[str, Any]:
     return data
 
 
-async def seed(client: Client, rng: random.Random, demo: dict[str, Any] | None = None) -> dict[str, Any]:
+async def seed(
+    client: Client, rng: random.Random, demo: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Create the demo campaign; safe to run again (existing merchants and products are kept)."""
     demo = demo or load_demo()
     pool = demo["pool"]
     for f in pool["fundings"]:
         await client.ledger.FundBudget(
-            ledger_pb2.FundBudgetRequest(pool_id=pool["pool_id"], amount_fen=f["amount_fen"],
-                                         source=f["source"], idempotency_key=f["idempotency_key"])
+            ledger_pb2.FundBudgetRequest(
+                pool_id=pool["pool_id"],
+                amount_fen=f["amount_fen"],
+                source=f["source"],
+                idempotency_key=f["idempotency_key"],
+            )
         )
     for m in demo["merchants"]:
         try:
             await client.catalog.ApplyMerchant(catalog_pb2.ApplyMerchantRequest(**m))
             await client.catalog.ReviewMerchant(
-                catalog_pb2.ReviewMerchantRequest(merchant_id=m["merchant_id"], approve=True,
-                                                  reason="demo merchant")
+                catalog_pb2.ReviewMerchantRequest(
+                    merchant_id=m["merchant_id"], approve=True, reason="demo merchant"
+                )
             )
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.ALREADY_EXISTS:
@@ -105,11 +115,16 @@ async def seed(client: Client, rng: random.Random, demo: dict[str, Any] | None =
     consumers = []
     for _ in range(int(demo["consumers"])):
         c = await register(client, generate_person(rng))
-        consumers.append({"consumer_id": c.consumer_id, "id_number": c.id_number_masked,
-                          "phone": c.phone_masked})
+        consumers.append(
+            {"consumer_id": c.consumer_id, "id_number": c.id_number_masked, "phone": c.phone_masked}
+        )
     budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool["pool_id"]))
-    return {"pool_id": pool["pool_id"], "budget_available_fen": budget.available_fen,
-            "products": [p["sku"] for p in demo["products"]], "consumers": consumers}
+    return {
+        "pool_id": pool["pool_id"],
+        "budget_available_fen": budget.available_fen,
+        "products": [p["sku"] for p in demo["products"]],
+        "consumers": consumers,
+    }
 
 
 async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
@@ -119,7 +134,10 @@ async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
     )
     consumer: eligibility_pb2.Consumer = await client.eligibility.RegisterConsumer(
         eligibility_pb2.RegisterConsumerRequest(
-            name=person.name, id_number=person.id_number, phone=person.phone, platform_id="demo-platform"
+            name=person.name,
+            id_number=person.id_number,
+            phone=person.phone,
+            platform_id="demo-platform",
         )
     )
     return consumer
@@ -141,9 +159,13 @@ async def checkout(
         order_id = f"demo-{rng.randrange(16**12):012x}"
         reservation = await client.ledger.ReserveSubsidy(
             ledger_pb2.ReserveSubsidyRequest(
-                order_id=order_id, platform_id="demo-platform", pool_id=pool_id,
-                consumer_id=consumer.consumer_id, qualification_id=qual.qualification_id,
-                sku=sku, unit_price_fen=price_fen,
+                order_id=order_id,
+                platform_id="demo-platform",
+                pool_id=pool_id,
+                consumer_id=consumer.consumer_id,
+                qualification_id=qual.qualification_id,
+                sku=sku,
+                unit_price_fen=price_fen,
             )
         )
         captured = await client.ledger.CaptureSubsidy(
@@ -161,18 +183,3 @@ async def checkout(
         "budget_available_fen": budget.available_fen,
         "trace_id": trace_id,
     }
-
-
-async def wait_for_audit(client: Client, at_least: int, timeout: float = 30.0) -> int:
-    """Wait until the audit log holds ``at_least`` entries; returns its size."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        info = await client.audit.GetLogInfo(audit_pb2.GetLogInfoRequest())
-        if info.size >= at_least or loop.time() > deadline:
-            return int(info.size)
-        await asyncio.sleep(0.1)
-
-
-def current_trace_id() -> str:
-    return format(trace.get_current_span().get_span_context().trace_id, "032x")

@@ -40,8 +40,13 @@ class Ports:
 
     @property
     def services(self) -> dict[str, int]:
-        return {"catalog": self.base + 1, "eligibility": self.base + 2, "ledger": self.base + 3,
-                "audit": self.base + 4, "identity_sim": self.base + 5}
+        return {
+            "catalog": self.base + 1,
+            "eligibility": self.base + 2,
+            "ledger": self.base + 3,
+            "audit": self.base + 4,
+            "identity_sim": self.base + 5,
+        }
 
     def metrics(self, service: str) -> int:
         return self.services[service] + 10
@@ -63,8 +68,15 @@ class Ports:
         return self.base + 20  # and base + 21 for its cluster listener
 
     def all(self) -> list[int]:
-        return [*self.services.values(), *(self.metrics(s) for s in SERVICES), self.postgres,
-                self.nats, self.nats_monitor, self.bao, self.bao + 1]
+        return [
+            *self.services.values(),
+            *(self.metrics(s) for s in SERVICES),
+            self.postgres,
+            self.nats,
+            self.nats_monitor,
+            self.bao,
+            self.bao + 1,
+        ]
 
 
 @dataclass
@@ -95,7 +107,7 @@ class LocalStack:
 
     # -- start ------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Hold the run folder's lock: a second ``up`` on it says so instead of failing obscurely."""
+        """Hold the run folder's lock: a second ``up`` says so instead of failing obscurely."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.run_dir / "stack.lock"
         fh = lock_path.open("a+")
@@ -134,12 +146,21 @@ class LocalStack:
             self.logs.mkdir(parents=True, exist_ok=True)
             self.traces.mkdir(parents=True, exist_ok=True)
             data = self.run_dir / "data"
-            self.pg = Postgres(data_dir=data / "postgres", port=self.ports.postgres, log_dir=self.logs,
-                               durable=self.durable)
-            self.nats = Nats(store_dir=data / "nats", port=self.ports.nats,
-                             monitor_port=self.ports.nats_monitor, log_dir=self.logs)
-            self.bao = OpenBao(data_dir=data / "openbao", port=self.ports.bao, log_dir=self.logs,
-                               dev=False)
+            self.pg = Postgres(
+                data_dir=data / "postgres",
+                port=self.ports.postgres,
+                log_dir=self.logs,
+                durable=self.durable,
+            )
+            self.nats = Nats(
+                store_dir=data / "nats",
+                port=self.ports.nats,
+                monitor_port=self.ports.nats_monitor,
+                log_dir=self.logs,
+            )
+            self.bao = OpenBao(
+                data_dir=data / "openbao", port=self.ports.bao, log_dir=self.logs, dev=False
+            )
             self.say("starting PostgreSQL, NATS JetStream and OpenBao ...")
             self.pg.start()
             self.nats.start()
@@ -185,7 +206,11 @@ class LocalStack:
         out = (self.logs / f"{service}.log").open("ab")
         self._procs[service] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         out.close()
 
@@ -196,7 +221,9 @@ class LocalStack:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
-                    raise StackError(f"{service} exited with {proc.returncode}:\n{self.tail(service)}")
+                    raise StackError(
+                        f"{service} exited with {proc.returncode}:\n{self.tail(service)}"
+                    )
                 with contextlib.suppress(grpc.RpcError):
                     res = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if res.status == health_pb2.HealthCheckResponse.SERVING:

@@ -23,7 +23,9 @@ def generate(out: Path) -> list[Path]:
     from grpc_tools import protoc  # dev dependency: only needed to generate
 
     include = str(resources.files("grpc_tools") / "_proto")
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto")
+    )
     bindir = Path(sys.executable).parent
     (out / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     args = [
@@ -57,8 +59,9 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = set(generate(Path(tmp)))
             committed = {
-                p.relative_to(ROOT) for p in (ROOT / "subsidy").rglob("*") if p.is_file()
-                and "__pycache__" not in p.parts
+                p.relative_to(ROOT)
+                for p in (ROOT / "subsidy").rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts
             }
             stale = sorted(
                 str(p)

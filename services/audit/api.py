@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from services.kernel.rpc import ServicerContext
+
 from services.kernel.errors import InvalidArgument
 from services.kernel.eventstore import EventStore
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
@@ -17,13 +19,15 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
         self.store = store
 
     async def GetLogInfo(
-        self, request: audit_pb2.GetLogInfoRequest, context: grpc.aio.ServicerContext
+        self, request: audit_pb2.GetLogInfoRequest, context: ServicerContext
     ) -> audit_pb2.LogInfo:
         size, chained, by_service = await log.info(self.store)
-        return audit_pb2.LogInfo(size=size, head_hash_hex=chained.hex(), entries_by_service=by_service)
+        return audit_pb2.LogInfo(
+            size=size, head_hash_hex=chained.hex(), entries_by_service=by_service
+        )
 
     async def GetEntries(
-        self, request: audit_pb2.GetEntriesRequest, context: grpc.aio.ServicerContext
+        self, request: audit_pb2.GetEntriesRequest, context: ServicerContext
     ) -> audit_pb2.GetEntriesResponse:
         if request.start < 0:
             raise InvalidArgument("INVALID_START", "start: must be ≥ 0", field="start")

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, func, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.events import Envelope
@@ -51,7 +61,9 @@ async def append(tx: Tx, env: Envelope) -> None:
         pg_insert(head).values(id=1, size=0, chain_hash=GENESIS).on_conflict_do_nothing()
     )
     size, previous = (
-        await tx.conn.execute(select(head.c.size, head.c.chain_hash).where(head.c.id == 1).with_for_update())
+        await tx.conn.execute(
+            select(head.c.size, head.c.chain_hash).where(head.c.id == 1).with_for_update()
+        )
     ).one()
     data = env.SerializeToString(deterministic=True)
     leaf = leaf_hash(data)
@@ -67,14 +79,20 @@ async def append(tx: Tx, env: Envelope) -> None:
             envelope=data,
         )
     )
-    await tx.conn.execute(head.update().where(head.c.id == 1).values(size=size + 1, chain_hash=chained))
+    await tx.conn.execute(
+        head.update().where(head.c.id == 1).values(size=size + 1, chain_hash=chained)
+    )
 
 
 async def info(store: EventStore) -> tuple[int, bytes, dict[str, int]]:
     async with store.engine.connect() as conn:
         row = (await conn.execute(select(head.c.size, head.c.chain_hash))).first()
-        by_service = dict(
-            (await conn.execute(select(entries.c.service, func.count()).group_by(entries.c.service))).all()
+        by_service: dict[str, int] = dict(
+            (
+                await conn.execute(
+                    select(entries.c.service, func.count()).group_by(entries.c.service)
+                )
+            ).all()
         )
     size, chained = (row.size, row.chain_hash) if row else (0, GENESIS)
     return int(size), bytes(chained), {k: int(v) for k, v in by_service.items()}

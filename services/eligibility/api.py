@@ -6,6 +6,8 @@ from datetime import datetime
 
 import grpc
 
+from services.kernel.rpc import ServicerContext
+
 from subsidy.v1 import common_pb2, eligibility_pb2, eligibility_pb2_grpc
 
 from .handlers import Eligibility
@@ -35,10 +37,12 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         self.e = eligibility
 
     async def RegisterConsumer(
-        self, request: eligibility_pb2.RegisterConsumerRequest, context: grpc.aio.ServicerContext
+        self, request: eligibility_pb2.RegisterConsumerRequest, context: ServicerContext
     ) -> eligibility_pb2.Consumer:
-        actor = request.actor if request.actor.kind else common_pb2.Actor(
-            kind=common_pb2.Actor.KIND_PLATFORM, id=request.platform_id
+        actor = (
+            request.actor
+            if request.actor.kind
+            else common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=request.platform_id)
         )
         row, existed = await self.e.register(
             request.name, request.id_number, request.phone, request.platform_id, actor
@@ -51,7 +55,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         )
 
     async def ClaimQualification(
-        self, request: eligibility_pb2.ClaimQualificationRequest, context: grpc.aio.ServicerContext
+        self, request: eligibility_pb2.ClaimQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
         row = await self.e.claim(
             request.consumer_id, request.category, request.channel, _actor(request.actor)
@@ -59,31 +63,40 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         return _qualification(row)
 
     async def GetQualification(
-        self, request: eligibility_pb2.GetQualificationRequest, context: grpc.aio.ServicerContext
+        self, request: eligibility_pb2.GetQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
         return _qualification(await self.e.qualification(request.qualification_id))
 
     async def LockQualification(
-        self, request: eligibility_pb2.LockQualificationRequest, context: grpc.aio.ServicerContext
+        self, request: eligibility_pb2.LockQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
         row = await self.e.lock(
-            request.qualification_id, request.order_id, request.category, request.consumer_id,
+            request.qualification_id,
+            request.order_id,
+            request.category,
+            request.consumer_id,
             _actor(request.actor),
         )
         return _qualification(row)
 
     async def ConsumeQualification(
-        self, request: eligibility_pb2.ConsumeQualificationRequest, context: grpc.aio.ServicerContext
+        self,
+        request: eligibility_pb2.ConsumeQualificationRequest,
+        context: ServicerContext,
     ) -> eligibility_pb2.Qualification:
         # Payment is recorded by the ledger; its SubsidyCaptured event marks the qualification
         # used. This read lets a caller see the outcome.
         return _qualification(await self.e.qualification(request.qualification_id))
 
     async def ReleaseQualification(
-        self, request: eligibility_pb2.ReleaseQualificationRequest, context: grpc.aio.ServicerContext
+        self,
+        request: eligibility_pb2.ReleaseQualificationRequest,
+        context: ServicerContext,
     ) -> eligibility_pb2.Qualification:
         row = await self.e.release(
-            request.qualification_id, request.order_id, request.reason or "CANCELLED",
+            request.qualification_id,
+            request.order_id,
+            request.reason or "CANCELLED",
             _actor(request.actor, common_pb2.Actor.KIND_SERVICE),
         )
         return _qualification(row)

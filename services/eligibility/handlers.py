@@ -66,7 +66,7 @@ class IdentityAuthority(Protocol):
 class GrpcIdentityAuthority:
     """The adapter over gRPC; the shipped simulator and a real platform's gateway both fit."""
 
-    def __init__(self, stub: identity_pb2_grpc.IdentityAuthorityStub) -> None:
+    def __init__(self, stub: identity_pb2_grpc.IdentityAuthorityAsyncStub) -> None:
         self._stub = stub
 
     async def verify(self, name: str, id_number: str, phone: str) -> Verdict:
@@ -113,7 +113,9 @@ class Eligibility:
                 )
             ).first()
         if row is None:
-            raise FailedPrecondition("NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet")
+            raise FailedPrecondition(
+                "NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet"
+            )
         if row.version not in self._policies:
             self._policies[row.version] = policy_from_dict(json.loads(row.document))
         return self._policies[row.version]
@@ -153,7 +155,8 @@ class Eligibility:
         if not verdict.match:
             raise FailedPrecondition(
                 "IDENTITY_MISMATCH",
-                f"the identity authority did not confirm name, ID number and phone ({verdict.reason})",
+                "the identity authority did not confirm name, ID number and phone"
+                f" ({verdict.reason})",
                 authority_reason=verdict.reason,
             )
         try:
@@ -184,7 +187,9 @@ class Eligibility:
         try:
             async with self.store.transaction() as tx:
                 await tx.conn.execute(
-                    person_keys.insert().values(consumer_id=consumer_id, wrapped_key=wrapped.ciphertext)
+                    person_keys.insert().values(
+                        consumer_id=consumer_id, wrapped_key=wrapped.ciphertext
+                    )
                 )
                 await tx.emit(
                     SERVICE, consumer_stream(consumer_id), 0, [event], Context(actor), apply_event
@@ -211,7 +216,9 @@ class Eligibility:
         async with self.store.engine.connect() as conn:
             wrapped = (
                 await conn.execute(
-                    select(person_keys.c.wrapped_key).where(person_keys.c.consumer_id == consumer_id)
+                    select(person_keys.c.wrapped_key).where(
+                        person_keys.c.consumer_id == consumer_id
+                    )
                 )
             ).scalar()
         if wrapped is None:
@@ -237,7 +244,9 @@ class Eligibility:
         rule = policy.category(category)
         if rule is None:
             raise InvalidArgument(
-                "UNKNOWN_CATEGORY", "category: not a category of the policy in force", field="category"
+                "UNKNOWN_CATEGORY",
+                "category: not a category of the policy in force",
+                field="category",
             )
         now = datetime.now(UTC)
         tz = ZoneInfo(policy.claim_window.timezone)
@@ -247,16 +256,16 @@ class Eligibility:
         async with self.store.transaction() as tx:
             version = await tx.lock_stream(stream)
             if version == 0:
-                raise NotFound("UNKNOWN_CONSUMER", "consumer_id: not registered", field="consumer_id")
+                raise NotFound(
+                    "UNKNOWN_CONSUMER", "consumer_id: not registered", field="consumer_id"
+                )
             held = await tx.conn.scalar(
                 select(func.count())
                 .select_from(qualifications)
                 .where(qualifications.c.consumer_id == consumer_id)
                 .where(qualifications.c.category == category)
                 .where(qualifications.c.status.in_(ACTIVE))
-                .where(
-                    (qualifications.c.status != AVAILABLE) | (qualifications.c.expires_at > now)
-                )
+                .where((qualifications.c.status != AVAILABLE) | (qualifications.c.expires_at > now))
             )
             if int(held or 0) >= rule.per_person_limit:
                 raise ResourceExhausted(
@@ -303,7 +312,8 @@ class Eligibility:
             ).first()
         if row is None:
             raise NotFound(
-                "UNKNOWN_QUALIFICATION", "qualification_id: no such qualification",
+                "UNKNOWN_QUALIFICATION",
+                "qualification_id: no such qualification",
                 field="qualification_id",
             )
         return dict(row._mapping)
@@ -347,7 +357,8 @@ class Eligibility:
         def decide(q: dict[str, object]) -> list[Message]:
             if q["consumer_id"] != consumer_id:
                 raise FailedPrecondition(
-                    "QUALIFICATION_NOT_OWNED", "qualification_id: belongs to another consumer",
+                    "QUALIFICATION_NOT_OWNED",
+                    "qualification_id: belongs to another consumer",
                     field="qualification_id",
                 )
             if q["status"] == LOCKED and q["order_id"] == order_id:
@@ -360,14 +371,17 @@ class Eligibility:
                 )
             if q["status"] != AVAILABLE:
                 raise FailedPrecondition(
-                    f"QUALIFICATION_{q['status']}", f"qualification_id: is {q['status']}",
+                    f"QUALIFICATION_{q['status']}",
+                    f"qualification_id: is {q['status']}",
                     field="qualification_id",
                 )
             expires = q["expires_at"]
             assert isinstance(expires, datetime)
             if expires <= datetime.now(UTC):
                 raise FailedPrecondition(
-                    "QUALIFICATION_EXPIRED", "qualification_id: has expired", field="qualification_id"
+                    "QUALIFICATION_EXPIRED",
+                    "qualification_id: has expired",
+                    field="qualification_id",
                 )
             return [ev.QualificationLocked(qualification_id=qid, order_id=order_id)]
 
@@ -382,7 +396,9 @@ class Eligibility:
 
         def decide(q: dict[str, object]) -> list[Message]:
             if q["status"] == LOCKED and q["order_id"] == order_id:
-                return [ev.QualificationUnlocked(qualification_id=qid, order_id=order_id, reason=reason)]
+                return [
+                    ev.QualificationUnlocked(qualification_id=qid, order_id=order_id, reason=reason)
+                ]
             if q["status"] == AVAILABLE:
                 return []
             raise FailedPrecondition(
@@ -418,9 +434,17 @@ class Eligibility:
                     return [ev.QualificationUsed(qualification_id=qid, order_id=order)]
                 return []
             if q["status"] == LOCKED:
-                return [ev.QualificationUnlocked(qualification_id=qid, order_id=order, reason=event.reason)]
+                return [
+                    ev.QualificationUnlocked(
+                        qualification_id=qid, order_id=order, reason=event.reason
+                    )
+                ]
             if q["status"] == USED:
-                cls = ev.QualificationRestored if refund_rule == "restore" else ev.QualificationForfeited
+                cls = (
+                    ev.QualificationRestored
+                    if refund_rule == "restore"
+                    else ev.QualificationForfeited
+                )
                 return [cls(qualification_id=qid, order_id=order, reason=event.reason)]
             return []
 
@@ -444,7 +468,9 @@ class Eligibility:
         for consumer_id, category, used, locked in rows:
             rule = policy.category(category)
             assert rule is not None
-            check_person_limit(consumer_id, category, used=used, locked=locked, limit=rule.per_person_limit)
+            check_person_limit(
+                consumer_id, category, used=used, locked=locked, limit=rule.per_person_limit
+            )
         for q in quotas:
             rule = policy.category(q.category)
             assert rule is not None

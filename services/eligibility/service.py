@@ -16,13 +16,19 @@ async def build(rt: Runtime) -> Wiring:
     s = rt.settings
     authority_ch = rpc.channel(s.peers["identity_authority"], deadline_s=s.rpc_deadline_s)
     e = Eligibility(
-        rt.store, rt.vault, GrpcIdentityAuthority(identity_pb2_grpc.IdentityAuthorityStub(authority_ch))
+        rt.store,
+        rt.vault,
+        GrpcIdentityAuthority(identity_pb2_grpc.IdentityAuthorityStub(authority_ch)),
     )
     return Wiring(
-        registrations=[(eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e))],
+        registrations=[
+            (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e))
+        ],
         service_names=[eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name],
         consumers=[
-            EventConsumer("eligibility-policies", ["events.catalog.PolicyPublished"], e.on_policy_published),
+            EventConsumer(
+                "eligibility-policies", ["events.catalog.PolicyPublished"], e.on_policy_published
+            ),
             EventConsumer(
                 "eligibility-ledger",
                 ["events.ledger.SubsidyCaptured", "events.ledger.SubsidyReleased"],

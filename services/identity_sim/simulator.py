@@ -16,6 +16,8 @@ import sys
 
 import grpc
 
+from services.kernel.rpc import ServicerContext
+
 from services.kernel import rpc
 from services.kernel.telemetry import configure_logging, configure_tracing
 from subsidy.v1 import identity_pb2, identity_pb2_grpc
@@ -35,13 +37,13 @@ class IdentitySimulator(
         self._records: dict[str, tuple[str, str]] = {}
 
     async def Enroll(
-        self, request: identity_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+        self, request: identity_pb2.EnrollRequest, context: ServicerContext
     ) -> identity_pb2.EnrollResponse:
         self._records[_key(request.id_number)] = (request.name.strip(), request.phone.strip()[-11:])
         return identity_pb2.EnrollResponse()
 
     async def VerifyThreeFactors(
-        self, request: identity_pb2.VerifyThreeFactorsRequest, context: grpc.aio.ServicerContext
+        self, request: identity_pb2.VerifyThreeFactorsRequest, context: ServicerContext
     ) -> identity_pb2.VerifyThreeFactorsResponse:
         record = self._records.get(_key(request.id_number))
         if record is None:
@@ -78,7 +80,10 @@ async def start(listen: str) -> tuple[grpc.aio.Server, int]:
 def main() -> int:
     listen = os.environ.get("SUBSIDY_GRPC_LISTEN")
     if not listen:
-        print("identity_sim: missing required environment variable SUBSIDY_GRPC_LISTEN", file=sys.stderr)
+        print(
+            "identity_sim: missing required environment variable SUBSIDY_GRPC_LISTEN",
+            file=sys.stderr,
+        )
         return 2
     configure_logging("identity-sim", os.environ.get("SUBSIDY_LOG_LEVEL", "INFO"))
     configure_tracing("identity-sim")

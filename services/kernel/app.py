@@ -14,8 +14,9 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -48,7 +49,7 @@ class Wiring:
     registrations: Sequence[rpc.Registration]
     service_names: Sequence[str]
     consumers: Sequence[bus.EventConsumer] = ()
-    background: Sequence[Callable[[asyncio.Event], Awaitable[None]]] = ()
+    background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()
     on_close: Sequence[Callable[[], Awaitable[None]]] = ()
     # Awaited before health turns SERVING: what the service needs before it can answer
     # (eligibility needs the policy that reaches it from catalog's events).

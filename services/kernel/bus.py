@@ -219,7 +219,7 @@ async def _relay_forever(database_url: str, nats_url: str) -> None:
     from .eventstore import make_engine
 
     store = EventStore(make_engine(database_url, pool_size=2))
-    nc, js = await connect(nats_url, "relay")
+    _nc, js = await connect(nats_url, "relay")
     await ensure_streams(js)
     await OutboxRelay(store, js, batch=50).run(asyncio.Event())
 

@@ -21,10 +21,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from google.protobuf.message import Message
-
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -53,7 +52,7 @@ class Xid8(UserDefinedType[int]):
 
     cache_ok = True
 
-    def get_col_spec(self) -> str:
+    def get_col_spec(self, **kw: Any) -> str:
         return "xid8"
 
 

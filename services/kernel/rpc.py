@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any]
+ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def status_of(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
@@ -41,26 +43,28 @@ def status_of(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
     return error.code, error.message, status.SerializeToString()
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors into precise statuses; never lets bad input become INTERNAL."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
         method = details.method
 
-        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def mapped(request: Any, context: ServicerContext) -> Any:
             try:
-                return await inner(request, context)
+                return await inner(request, context)  # type: ignore[arg-type]
             except DomainError as err:
                 code, message, status = status_of(err)
-                await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
+                await context.abort(
+                    code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),)
+                )
             except grpc.aio.AbortError:
                 raise
             except Exception:
@@ -79,7 +83,7 @@ def build_server(
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
     """A server with health, reflection, tracing and error mapping; not yet listening."""
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],
+        interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],  # type: ignore[no-untyped-call]
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
     for add, servicer in registrations:
@@ -87,8 +91,11 @@ def build_server(
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     return server, health
@@ -99,7 +106,7 @@ async def set_serving(health: grpc_health.aio.HealthServicer, names: Sequence[st
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Every outgoing call gets a deadline, so one stuck peer cannot hang a checkout."""
 
     def __init__(self, seconds: float) -> None:
@@ -122,7 +129,8 @@ class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore
 def channel(addr: str, *, deadline_s: float = 5.0) -> grpc.aio.Channel:
     """A client channel with tracing and a default deadline."""
     return grpc.aio.insecure_channel(
-        addr, interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)]
+        addr,
+        interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)],  # type: ignore[no-untyped-call]
     )
 
 

@@ -61,7 +61,11 @@ class Settings:
             )
         database_url = _get(env, "SUBSIDY_DATABASE_URL")
         password_file = env.get("SUBSIDY_DATABASE_PASSWORD_FILE")
-        if password_file and "@" in database_url and ":" not in database_url.split("//")[1].split("@")[0]:
+        if (
+            password_file
+            and "@" in database_url
+            and ":" not in database_url.split("//")[1].split("@")[0]
+        ):
             password = Path(password_file).read_text().strip()
             scheme, rest = database_url.split("//", 1)
             user, host = rest.split("@", 1)

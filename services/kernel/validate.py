@@ -15,7 +15,9 @@ def identifier(field: str, value: str, *, max_len: int = 64) -> str:
     if not value:
         raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
     if len(value) > max_len:
-        raise InvalidArgument("FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field)
+        raise InvalidArgument(
+            "FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field
+        )
     if not _ID.fullmatch(value):  # not match(): its "$" also matches before a final newline
         raise InvalidArgument(
             "INVALID_IDENTIFIER",
@@ -38,7 +40,9 @@ def text_field(field: str, value: str, *, max_len: int = 200, required: bool = T
     if required and not value:
         raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
     if len(value) > max_len:
-        raise InvalidArgument("FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field)
+        raise InvalidArgument(
+            "FIELD_TOO_LONG", f"{field}: at most {max_len} characters", field=field
+        )
     if any(ord(c) < 32 for c in value):
         raise InvalidArgument("INVALID_TEXT", f"{field}: control characters", field=field)
     return value

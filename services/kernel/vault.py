@@ -71,7 +71,9 @@ def ensure_transit_keys(addr: str, token: str, transit_mount: str = "transit") -
         try:
             client.secrets.transit.read_key(name=name, mount_point=transit_mount)
         except hvac.exceptions.InvalidPath:
-            client.secrets.transit.create_key(name=name, key_type=key_type, mount_point=transit_mount)
+            client.secrets.transit.create_key(
+                name=name, key_type=key_type, mount_point=transit_mount
+            )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from services.kernel.rpc import ServicerContext
+
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 
@@ -51,24 +53,29 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         self.ledger = ledger
 
     async def FundBudget(
-        self, request: ledger_pb2.FundBudgetRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.FundBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
-        actor = request.actor if request.actor.kind else common_pb2.Actor(
-            kind=common_pb2.Actor.KIND_OPERATOR, id="unknown"
+        actor = (
+            request.actor
+            if request.actor.kind
+            else common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="unknown")
         )
         pool = await self.ledger.fund(
-            request.pool_id, request.amount_fen, request.source or "district",
-            request.idempotency_key, actor,
+            request.pool_id,
+            request.amount_fen,
+            request.source or "district",
+            request.idempotency_key,
+            actor,
         )
         return _pool(pool)
 
     async def GetBudget(
-        self, request: ledger_pb2.GetBudgetRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.GetBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
         return _pool(await self.ledger.get_pool(request.pool_id))
 
     async def ReserveSubsidy(
-        self, request: ledger_pb2.ReserveSubsidyRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.ReserveSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         req = ev.SubsidyReserved(
             order_id=request.order_id,
@@ -85,21 +92,21 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         return _reservation(row)
 
     async def CaptureSubsidy(
-        self, request: ledger_pb2.CaptureSubsidyRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.CaptureSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         return _reservation(
             await self.ledger.capture(request.order_id, request.payment_ref, _actor(request.actor))
         )
 
     async def ReleaseSubsidy(
-        self, request: ledger_pb2.ReleaseSubsidyRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.ReleaseSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         return _reservation(
             await self.ledger.release(request.order_id, request.reason, _actor(request.actor))
         )
 
     async def GetReservation(
-        self, request: ledger_pb2.GetReservationRequest, context: grpc.aio.ServicerContext
+        self, request: ledger_pb2.GetReservationRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         from services.kernel import validate
         from services.kernel.errors import NotFound

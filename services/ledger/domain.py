@@ -59,7 +59,9 @@ def fund(pool: Pool, amount_fen: int, source: str) -> list[Message]:
 def reserve(pool: Pool | None, reserved: ev.SubsidyReserved) -> list[Message]:
     """Reserve ``reserved.subsidy_fen`` from the pool, or refuse: never overspend."""
     if pool is None:
-        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {reserved.pool_id!r}", field="pool_id")
+        raise NotFound(
+            "UNKNOWN_POOL", f"pool_id: no budget pool {reserved.pool_id!r}", field="pool_id"
+        )
     if reserved.subsidy_fen <= 0:
         raise FailedPrecondition("NO_SUBSIDY", "the item earns no subsidy", field="sku")
     if reserved.subsidy_fen > pool.available:
@@ -98,7 +100,9 @@ def release(res: Reservation, reason: str) -> list[Message]:
         return []  # idempotent
     if reason == "REFUNDED" and res.status != CAPTURED:
         raise FailedPrecondition(
-            "NOT_CAPTURED", f"order {res.order_id} was never paid; cancel it instead", field="reason"
+            "NOT_CAPTURED",
+            f"order {res.order_id} was never paid; cancel it instead",
+            field="reason",
         )
     if reason in ("CANCELLED", "EXPIRED") and res.status != PENDING:
         raise FailedPrecondition(

@@ -17,8 +17,13 @@ from services.kernel.errors import AlreadyExists, DomainError, FailedPreconditio
 from services.kernel.events import Context, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.rpc import as_domain_error
-from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, eligibility_pb2
-from subsidy.v1 import eligibility_pb2_grpc
+from subsidy.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    common_pb2,
+    eligibility_pb2,
+    eligibility_pb2_grpc,
+)
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -35,8 +40,8 @@ class Ledger:
     def __init__(
         self,
         store: EventStore,
-        catalog: catalog_pb2_grpc.CatalogServiceStub,
-        eligibility: eligibility_pb2_grpc.EligibilityServiceStub,
+        catalog: catalog_pb2_grpc.CatalogServiceAsyncStub,
+        eligibility: eligibility_pb2_grpc.EligibilityServiceAsyncStub,
         *,
         reservation_timeout_s: int = 900,
     ) -> None:
@@ -45,7 +50,9 @@ class Ledger:
         self.eligibility = eligibility
         self.timeout = timedelta(seconds=reservation_timeout_s)
 
-    async def _commit(self, tx: Tx, stream: str, version: int, events: list[Message], ctx: Context) -> None:
+    async def _commit(
+        self, tx: Tx, stream: str, version: int, events: list[Message], ctx: Context
+    ) -> None:
         await tx.emit(SERVICE, stream, version, events, ctx, apply_event)
 
     # -- budget ---------------------------------------------------------------------------
@@ -96,11 +103,15 @@ class Ledger:
     async def get_reservation(self, order_id: str) -> dict[str, object] | None:
         async with self.store.engine.connect() as conn:
             row = (
-                await conn.execute(select(reservations_t).where(reservations_t.c.order_id == order_id))
+                await conn.execute(
+                    select(reservations_t).where(reservations_t.c.order_id == order_id)
+                )
             ).first()
         return dict(row._mapping) if row else None
 
-    async def reserve(self, req: ev.SubsidyReserved, serial: str, actor: common_pb2.Actor) -> dict[str, object]:
+    async def reserve(
+        self, req: ev.SubsidyReserved, serial: str, actor: common_pb2.Actor
+    ) -> dict[str, object]:
         """Verify the item, lock the qualification, reserve budget; idempotent on order id."""
         validate.identifier("order_id", req.order_id)
         validate.identifier("platform_id", req.platform_id)
@@ -116,7 +127,9 @@ class Ledger:
             return self._same_order(existing, req)
         try:
             item = await self.catalog.VerifyItem(
-                catalog_pb2.VerifyItemRequest(sku=req.sku, unit_price_fen=req.unit_price_fen, serial=serial)
+                catalog_pb2.VerifyItemRequest(
+                    sku=req.sku, unit_price_fen=req.unit_price_fen, serial=serial
+                )
             )
         except grpc.aio.AioRpcError as err:
             raise as_domain_error(err, "catalog") from err
@@ -221,12 +234,16 @@ class Ledger:
         validate.identifier("order_id", order_id)
         existing = await self.get_reservation(order_id)
         if existing is None:
-            raise NotFound("UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id")
+            raise NotFound(
+                "UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id"
+            )
         stream = pool_stream(str(existing["pool_id"]))
         async with self.store.transaction() as tx:
             version = await tx.lock_stream(stream)
             row = (
-                await tx.conn.execute(select(reservations_t).where(reservations_t.c.order_id == order_id))
+                await tx.conn.execute(
+                    select(reservations_t).where(reservations_t.c.order_id == order_id)
+                )
             ).first()
             assert row is not None
             res = domain.Reservation(order_id, row.pool_id, row.subsidy_fen, row.status)
@@ -237,11 +254,15 @@ class Ledger:
         assert after is not None
         return after
 
-    async def capture(self, order_id: str, payment_ref: str, actor: common_pb2.Actor) -> dict[str, object]:
+    async def capture(
+        self, order_id: str, payment_ref: str, actor: common_pb2.Actor
+    ) -> dict[str, object]:
         payment_ref = validate.text_field("payment_ref", payment_ref, max_len=128, required=False)
         return await self._transition(order_id, actor, lambda r: domain.capture(r, payment_ref))
 
-    async def release(self, order_id: str, reason: str, actor: common_pb2.Actor) -> dict[str, object]:
+    async def release(
+        self, order_id: str, reason: str, actor: common_pb2.Actor
+    ) -> dict[str, object]:
         validate.choice("reason", reason, ("CANCELLED", "REFUNDED"))
         return await self._transition(order_id, actor, lambda r: domain.release(r, reason))
 
@@ -249,13 +270,17 @@ class Ledger:
         """Release every pending reservation past its timeout; returns how many."""
         async with self.store.engine.connect() as conn:
             due = (
-                await conn.execute(
-                    select(reservations_t.c.order_id)
-                    .where(reservations_t.c.status == domain.PENDING)
-                    .where(reservations_t.c.expires_at < datetime.now(UTC))
-                    .limit(500)
+                (
+                    await conn.execute(
+                        select(reservations_t.c.order_id)
+                        .where(reservations_t.c.status == domain.PENDING)
+                        .where(reservations_t.c.expires_at < datetime.now(UTC))
+                        .limit(500)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
         actor = service_actor(SERVICE)
         for order_id in due:
             try:

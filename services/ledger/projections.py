@@ -76,12 +76,12 @@ def pool_stream(pool_id: str) -> str:
 
 
 async def load_pool(conn: AsyncConnection, pool_id: str) -> domain.Pool | None:
-    row = (await conn.execute(select(budget_pools).where(budget_pools.c.pool_id == pool_id))).first()
+    row = (
+        await conn.execute(select(budget_pools).where(budget_pools.c.pool_id == pool_id))
+    ).first()
     if row is None:
         return None
-    return domain.Pool(
-        pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen
-    )
+    return domain.Pool(pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen)
 
 
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
@@ -101,7 +101,9 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     if before is None:
         await conn.execute(insert(budget_pools).values(pool_id=pool_id, **values))
     else:
-        await conn.execute(update(budget_pools).where(budget_pools.c.pool_id == pool_id).values(**values))
+        await conn.execute(
+            update(budget_pools).where(budget_pools.c.pool_id == pool_id).values(**values)
+        )
     if isinstance(event, ev.BudgetFunded) and event.idempotency_key:
         await conn.execute(
             insert(funding_keys).values(

@@ -37,6 +37,7 @@ from subsidy.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
+from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
 from tests.support.identities import Person, make_person
 
@@ -48,17 +49,20 @@ T = TypeVar("T")
 class Platform:
     infra: Infra
     running: dict[str, Running]
-    catalog: catalog_pb2_grpc.CatalogServiceStub
-    eligibility: eligibility_pb2_grpc.EligibilityServiceStub
-    ledger: ledger_pb2_grpc.LedgerServiceStub
-    audit: audit_pb2_grpc.AuditServiceStub
-    authority: identity_pb2_grpc.IdentitySimulatorAdminStub
+    catalog: catalog_pb2_grpc.CatalogServiceAsyncStub
+    eligibility: eligibility_pb2_grpc.EligibilityServiceAsyncStub
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+    audit: audit_pb2_grpc.AuditServiceAsyncStub
+    authority: identity_pb2_grpc.IdentitySimulatorAdminAsyncStub
     spans: InMemorySpanExporter
+    nats_url: str  # the platform's own NATS server (not infra.nats)
 
     async def person(self, rng: random.Random) -> tuple[Person, str]:
         """A generated person, enrolled at the simulated authority and registered."""
         p = make_person(rng)
-        await self.authority.Enroll(identity_pb2.EnrollRequest(name=p.name, id_number=p.id_number, phone=p.phone))
+        await self.authority.Enroll(
+            identity_pb2.EnrollRequest(name=p.name, id_number=p.id_number, phone=p.phone)
+        )
         c = await self.eligibility.RegisterConsumer(
             eligibility_pb2.RegisterConsumerRequest(
                 name=p.name, id_number=p.id_number, phone=p.phone, platform_id="jd"
@@ -72,29 +76,40 @@ class Platform:
         merchant = f"m-{n}"
         await self.catalog.ApplyMerchant(
             catalog_pb2.ApplyMerchantRequest(
-                merchant_id=merchant, name=f"商户{n}", licence_number="91440300MA5DC6QX4Y",
+                merchant_id=merchant,
+                name=f"商户{n}",
+                licence_number="91440300MA5DC6QX4Y",
                 contact_phone="13800000000",
             )
         )
-        await self.catalog.ReviewMerchant(catalog_pb2.ReviewMerchantRequest(merchant_id=merchant, approve=True))
+        await self.catalog.ReviewMerchant(
+            catalog_pb2.ReviewMerchantRequest(merchant_id=merchant, approve=True)
+        )
         sku = f"sku-{n}"
         await self.catalog.RegisterProduct(
             catalog_pb2.RegisterProductRequest(
-                sku=sku, merchant_id=merchant, category=category, grade=grade, brand="Brand",
-                model=f"M{n}", list_price_fen=price_fen,
+                sku=sku,
+                merchant_id=merchant,
+                category=category,
+                grade=grade,
+                brand="Brand",
+                model=f"M{n}",
+                list_price_fen=price_fen,
             )
         )
         return sku
 
     async def pool(self, rng: random.Random, fen: int) -> str:
         pool_id = f"pool-{rng.randrange(10**9)}"
-        await self.ledger.FundBudget(ledger_pb2.FundBudgetRequest(pool_id=pool_id, amount_fen=fen, source="district"))
+        await self.ledger.FundBudget(
+            ledger_pb2.FundBudgetRequest(pool_id=pool_id, amount_fen=fen, source="district")
+        )
         return pool_id
 
 
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 15.0) -> T:
+async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 15.0) -> T:
     """Poll ``check`` until it returns without AssertionError (events are asynchronous)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         try:
             return await check()
@@ -104,12 +119,12 @@ async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 15.0
             await asyncio.sleep(0.05)
 
 
-def settings_for(spec: ServiceSpec, infra: Infra, peers: dict[str, str]) -> Settings:
+def settings_for(spec: ServiceSpec, infra: Infra, nats_url: str, peers: dict[str, str]) -> Settings:
     return Settings(
         service=spec.name,
         grpc_listen="127.0.0.1:0",
         database_url=infra.create_database(spec.name),
-        nats_url=infra.nats.url,
+        nats_url=nats_url,
         vault_addr=infra.bao.addr,
         vault_token=infra.bao.token,
         vault_k8s_role=None,
@@ -121,11 +136,20 @@ def settings_for(spec: ServiceSpec, infra: Infra, peers: dict[str, str]) -> Sett
 @pytest.fixture(scope="session")
 async def platform(infra: Infra) -> AsyncIterator[Platform]:
     configure_tracing("tests", exporter=SPANS)
+    # Its own NATS: the audit log records every event on the bus, and the kernel tests publish
+    # synthetic ones to the session's server.
+    nats = Nats(
+        store_dir=infra.root / "nats-platform",
+        port=free_port(),
+        monitor_port=free_port(),
+        log_dir=infra.root / "logs",
+    )
+    nats.start()
     sim, sim_port = await start_simulator("127.0.0.1:0")
     peers = {"identity_authority": f"127.0.0.1:{sim_port}"}
     running: dict[str, Running] = {}
     for spec in (CATALOG, ELIGIBILITY, AUDIT, LEDGER):
-        running[spec.name] = await start(spec, settings_for(spec, infra, peers))
+        running[spec.name] = await start(spec, settings_for(spec, infra, nats.url, peers))
         peers[spec.name] = f"127.0.0.1:{running[spec.name].port}"
     channels = {name: rpc.channel(addr, deadline_s=10) for name, addr in peers.items()}
     p = Platform(
@@ -137,6 +161,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         audit=audit_pb2_grpc.AuditServiceStub(channels["audit"]),
         authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_authority"]),
         spans=SPANS,
+        nats_url=nats.url,
     )
 
     async def policy_reached_eligibility() -> None:
@@ -156,6 +181,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         for r in reversed(list(running.values())):
             await r.stop()
         await sim.stop(grace=1)
+        nats.stop()
 
 
 def status_of(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:

@@ -15,7 +15,11 @@ from tests.e2e.conftest import Platform, eventually, status_of
 async def budget(p: Platform, pool_id: str) -> ledger_pb2.BudgetPool:
     b = await p.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
     check_budget_balanced(
-        pool_id, funded=b.funded_fen, available=b.available_fen, reserved=b.reserved_fen, spent=b.spent_fen
+        pool_id,
+        funded=b.funded_fen,
+        available=b.available_fen,
+        reserved=b.reserved_fen,
+        spent=b.spent_fen,
     )
     return b
 
@@ -26,18 +30,29 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     sku = await p.product(rng, "refrigerator", 1, 1_200_000)
     pool = await p.pool(rng, 10_000_000)
     q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(consumer_id=consumer, category="refrigerator", channel="jd")
+        eligibility_pb2.ClaimQualificationRequest(
+            consumer_id=consumer, category="refrigerator", channel="jd"
+        )
     )
     assert q.status == "AVAILABLE"
     order = f"o-{rng.randrange(10**12)}"
     res = await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
-            order_id=order, platform_id="jd", pool_id=pool, consumer_id=consumer,
-            qualification_id=q.qualification_id, sku=sku, unit_price_fen=1_200_000,
+            order_id=order,
+            platform_id="jd",
+            pool_id=pool,
+            consumer_id=consumer,
+            qualification_id=q.qualification_id,
+            sku=sku,
+            unit_price_fen=1_200_000,
         )
     )
     # Grade-1 refrigerator at 12,000 yuan: 20% capped at 2,000 yuan.
-    assert (res.status, res.subsidy_fen, res.policy_version) == ("PENDING", 200_000, "shenzhen-2025.1")
+    assert (res.status, res.subsidy_fen, res.policy_version) == (
+        "PENDING",
+        200_000,
+        "shenzhen-2025.1",
+    )
     b = await budget(p, pool)
     assert (b.available_fen, b.reserved_fen, b.spent_fen) == (9_800_000, 200_000, 0)
     locked = await p.eligibility.GetQualification(
@@ -48,18 +63,27 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     # The platform retries the same reserve: the same reservation, no second hold.
     again = await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
-            order_id=order, platform_id="jd", pool_id=pool, consumer_id=consumer,
-            qualification_id=q.qualification_id, sku=sku, unit_price_fen=1_200_000,
+            order_id=order,
+            platform_id="jd",
+            pool_id=pool,
+            consumer_id=consumer,
+            qualification_id=q.qualification_id,
+            sku=sku,
+            unit_price_fen=1_200_000,
         )
     )
     assert again.subsidy_fen == 200_000
     assert (await budget(p, pool)).reserved_fen == 200_000
 
-    cap = await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref="pay-1"))
+    cap = await p.ledger.CaptureSubsidy(
+        ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref="pay-1")
+    )
     assert cap.status == "CAPTURED"
     b = await budget(p, pool)
     assert (b.available_fen, b.reserved_fen, b.spent_fen) == (9_800_000, 0, 200_000)
-    await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref="pay-1"))
+    await p.ledger.CaptureSubsidy(
+        ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref="pay-1")
+    )
     assert (await budget(p, pool)).spent_fen == 200_000  # capture is idempotent
 
     async def used() -> None:
@@ -71,23 +95,34 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     await eventually(used)  # eligibility learns of the payment from the ledger's event
 
 
-async def test_cancel_releases_budget_and_qualification(platform: Platform, rng: random.Random) -> None:
+async def test_cancel_releases_budget_and_qualification(
+    platform: Platform, rng: random.Random
+) -> None:
     p = platform
     _, consumer = await p.person(rng)
     sku = await p.product(rng, "phone", 0, 300_000)
     pool = await p.pool(rng, 1_000_000)
     q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(consumer_id=consumer, category="phone", channel="jd")
+        eligibility_pb2.ClaimQualificationRequest(
+            consumer_id=consumer, category="phone", channel="jd"
+        )
     )
     order = f"o-{rng.randrange(10**12)}"
     res = await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
-            order_id=order, platform_id="jd", pool_id=pool, consumer_id=consumer,
-            qualification_id=q.qualification_id, sku=sku, unit_price_fen=300_000,
+            order_id=order,
+            platform_id="jd",
+            pool_id=pool,
+            consumer_id=consumer,
+            qualification_id=q.qualification_id,
+            sku=sku,
+            unit_price_fen=300_000,
         )
     )
     assert res.subsidy_fen == 45_000
-    rel = await p.ledger.ReleaseSubsidy(ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="CANCELLED"))
+    rel = await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="CANCELLED")
+    )
     assert (rel.status, rel.release_reason) == ("RELEASED", "CANCELLED")
     b = await budget(p, pool)
     assert (b.available_fen, b.reserved_fen, b.spent_fen) == (1_000_000, 0, 0)
@@ -101,10 +136,15 @@ async def test_cancel_releases_budget_and_qualification(platform: Platform, rng:
     await eventually(available)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order))
-    assert status_of(err.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_NOT_PENDING")
+    assert status_of(err.value)[:2] == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RESERVATION_NOT_PENDING",
+    )
 
 
-async def test_fifty_concurrent_reservations_never_overspend(platform: Platform, rng: random.Random) -> None:
+async def test_fifty_concurrent_reservations_never_overspend(
+    platform: Platform, rng: random.Random
+) -> None:
     """50 checkouts race for a budget that fits only 20 of them: exactly 20 win, none overspend."""
     import asyncio
 
@@ -115,7 +155,9 @@ async def test_fifty_concurrent_reservations_never_overspend(platform: Platform,
     quals = await asyncio.gather(
         *(
             p.eligibility.ClaimQualification(
-                eligibility_pb2.ClaimQualificationRequest(consumer_id=c, category="washing_machine", channel="jd")
+                eligibility_pb2.ClaimQualificationRequest(
+                    consumer_id=c, category="washing_machine", channel="jd"
+                )
             )
             for _, c in people
         )
@@ -125,9 +167,13 @@ async def test_fifty_concurrent_reservations_never_overspend(platform: Platform,
         try:
             await p.ledger.ReserveSubsidy(
                 ledger_pb2.ReserveSubsidyRequest(
-                    order_id=f"race-{pool}-{i}", platform_id="jd", pool_id=pool,
-                    consumer_id=people[i][1], qualification_id=quals[i].qualification_id,
-                    sku=sku, unit_price_fen=500_000,
+                    order_id=f"race-{pool}-{i}",
+                    platform_id="jd",
+                    pool_id=pool,
+                    consumer_id=people[i][1],
+                    qualification_id=quals[i].qualification_id,
+                    sku=sku,
+                    unit_price_fen=500_000,
                 )
             )
             return "ok"
@@ -144,9 +190,11 @@ async def test_fifty_concurrent_reservations_never_overspend(platform: Platform,
 
     async def refused_unlocked() -> None:
         statuses = [
-            (await p.eligibility.GetQualification(
-                eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
-            )).status
+            (
+                await p.eligibility.GetQualification(
+                    eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+                )
+            ).status
             for q in quals
         ]
         assert statuses.count("LOCKED") == 20 and statuses.count("AVAILABLE") == 30
@@ -173,4 +221,4 @@ async def test_every_event_reaches_the_audit_log_exactly_once(platform: Platform
         check_audit_complete(service_ids, audit_ids)
         assert info.size == sum(len(v) for v in service_ids.values()) > 0
 
-    await eventually(complete, timeout=30)
+    await eventually(complete, within=30)

@@ -65,7 +65,10 @@ async def _seed_and_checkout(stack: LocalStack) -> dict[str, int]:
     try:
         await demo.seed(client, random.Random(), {**demo.load_demo(), "consumers": 1})
         result = await demo.checkout(
-            client, random.Random(), pool_id="pingshan-2025", sku="demo-fridge-g1",
+            client,
+            random.Random(),
+            pool_id="pingshan-2025",
+            sku="demo-fridge-g1",
             price_fen=1_200_000,
         )
         budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="pingshan-2025"))

@@ -19,14 +19,21 @@ async def test_checkout_is_one_trace_across_services_and_nats(
     sku = await p.product(rng, "tablet", 0, 400_000)
     pool = await p.pool(rng, 1_000_000)
     q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(consumer_id=consumer, category="tablet", channel="jd")
+        eligibility_pb2.ClaimQualificationRequest(
+            consumer_id=consumer, category="tablet", channel="jd"
+        )
     )
     order = f"trace-{rng.randrange(10**12)}"
     with tracer().start_as_current_span("platform checkout") as root:
         res = await p.ledger.ReserveSubsidy(
             ledger_pb2.ReserveSubsidyRequest(
-                order_id=order, platform_id="jd", pool_id=pool, consumer_id=consumer,
-                qualification_id=q.qualification_id, sku=sku, unit_price_fen=400_000,
+                order_id=order,
+                platform_id="jd",
+                pool_id=pool,
+                consumer_id=consumer,
+                qualification_id=q.qualification_id,
+                sku=sku,
+                unit_price_fen=400_000,
             )
         )
         await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order))
@@ -34,9 +41,7 @@ async def test_checkout_is_one_trace_across_services_and_nats(
     trace_id = root.get_span_context().trace_id
 
     def names() -> list[str]:
-        return [
-            s.name for s in p.spans.get_finished_spans() if s.context.trace_id == trace_id
-        ]
+        return [s.name for s in p.spans.get_finished_spans() if s.context.trace_id == trace_id]
 
     async def reached_audit() -> list[str]:
         got = names()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +31,9 @@ async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
 
 
 def funded(service: str, pool: str, fen: int) -> Envelope:
-    env = new_envelope(service, f"budget-pool/{pool}", ev.BudgetFunded(pool_id=pool, amount_fen=fen), CTX)
+    env = new_envelope(
+        service, f"budget-pool/{pool}", ev.BudgetFunded(pool_id=pool, amount_fen=fen), CTX
+    )
     return env
 
 
@@ -89,7 +90,7 @@ async def test_relay_killed_mid_stream_loses_nothing(infra: Infra, js: JetStream
     ids = await fill(store, service, 3000)
     cmd = [sys.executable, "-m", "services.kernel.bus", url, infra.nats.url]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(cmd, env=env)
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env)
     try:
         for _ in range(400):
             await asyncio.sleep(0.05)
@@ -97,17 +98,18 @@ async def test_relay_killed_mid_stream_loses_nothing(infra: Infra, js: JetStream
             if (await store.load_checkpoint("relay")).position > 0:
                 break
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        await asyncio.wait_for(proc.wait(), 10)
         partial = len(await published_ids(js, service))
         assert 0 < partial < 3000, f"kill landed outside the stream ({partial} published)"
-        proc = subprocess.Popen(cmd, env=env)
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env)
         for _ in range(600):
             await asyncio.sleep(0.1)
             if len(await published_ids(js, service)) >= 3000:
                 break
     finally:
-        proc.kill()
-        proc.wait(10)
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
     assert info is not None
     got = await published_ids(js, service)
     assert sorted(got) == sorted(ids)  # every event, none twice

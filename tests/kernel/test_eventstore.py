@@ -14,7 +14,9 @@ CTX = Context(service_actor("test"))
 
 
 def funded(pool: str, fen: int) -> ev.EventEnvelope:
-    return new_envelope("ledger", f"budget-pool/{pool}", ev.BudgetFunded(pool_id=pool, amount_fen=fen), CTX)
+    return new_envelope(
+        "ledger", f"budget-pool/{pool}", ev.BudgetFunded(pool_id=pool, amount_fen=fen), CTX
+    )
 
 
 async def test_append_and_read_stream(store: EventStore) -> None:
