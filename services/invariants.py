@@ -35,7 +35,9 @@ def check_budget_balanced(
         )
 
 
-def check_person_limit(consumer_id: str, category: str, *, used: int, locked: int, limit: int) -> None:
+def check_person_limit(
+    consumer_id: str, category: str, *, used: int, locked: int, limit: int
+) -> None:
     """Per consumer and category: used + locked ≤ the policy's per-person limit."""
     if used < 0 or locked < 0 or used + locked > limit:
         raise InvariantViolation(
