@@ -353,6 +353,7 @@ class Eligibility:
     ) -> dict[str, object]:
         validate.identifier("order_id", order_id)
         validate.identifier("consumer_id", consumer_id)
+        validate.identifier("category", category)
 
         def decide(q: dict[str, object]) -> list[Message]:
             if q["consumer_id"] != consumer_id:
