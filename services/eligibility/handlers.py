@@ -49,6 +49,9 @@ from .projections import (
 SERVICE = "eligibility"
 log = logging.getLogger(__name__)
 ACTIVE = (AVAILABLE, LOCKED, USED)
+# Why a lock is given back: the API's three, and the ledger's compensation of a lock whose
+# reservation the budget refused.
+RELEASE_REASONS = ("CANCELLED", "EXPIRED", "REFUNDED", "BUDGET_REFUSED")
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,7 @@ class Eligibility:
     ) -> dict[str, object]:
         """Unlock a qualification whose order did not go ahead (idempotent)."""
         validate.identifier("order_id", order_id)
-        validate.identifier("reason", reason)
+        validate.choice("reason", reason, RELEASE_REASONS)
 
         def decide(q: dict[str, object]) -> list[Message]:
             if q["status"] == LOCKED and q["order_id"] == order_id:
