@@ -17,15 +17,9 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.audit.service import SPEC as AUDIT
-from services.catalog.service import SPEC as CATALOG
-from services.eligibility.service import SPEC as ELIGIBILITY
-from services.identity_sim.simulator import start as start_simulator
 from services.kernel import rpc
-from services.kernel.app import Running, ServiceSpec, start
-from services.kernel.settings import Settings
+from services.kernel.app import Running
 from services.kernel.telemetry import configure_tracing
-from services.ledger.service import SPEC as LEDGER
 from subsidy.v1 import (
     audit_pb2_grpc,
     catalog_pb2,
@@ -37,6 +31,7 @@ from subsidy.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
+from subsidyctl.inprocess import start_platform
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
 from tests.support.identities import Person, make_person
@@ -119,20 +114,6 @@ async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 15.0)
             await asyncio.sleep(0.05)
 
 
-def settings_for(spec: ServiceSpec, infra: Infra, nats_url: str, peers: dict[str, str]) -> Settings:
-    return Settings(
-        service=spec.name,
-        grpc_listen="127.0.0.1:0",
-        database_url=infra.create_database(spec.name),
-        nats_url=nats_url,
-        vault_addr=infra.bao.addr,
-        vault_token=infra.bao.token,
-        vault_k8s_role=None,
-        peers={p: peers[p] for p in spec.peers},
-        reservation_timeout_s=900,
-    )
-
-
 @pytest.fixture(scope="session")
 async def platform(infra: Infra) -> AsyncIterator[Platform]:
     configure_tracing("tests", exporter=SPANS)
@@ -145,12 +126,9 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         log_dir=infra.root / "logs",
     )
     nats.start()
-    sim, sim_port = await start_simulator("127.0.0.1:0")
-    peers = {"identity_authority": f"127.0.0.1:{sim_port}"}
-    running: dict[str, Running] = {}
-    for spec in (CATALOG, ELIGIBILITY, AUDIT, LEDGER):
-        running[spec.name] = await start(spec, settings_for(spec, infra, nats.url, peers))
-        peers[spec.name] = f"127.0.0.1:{running[spec.name].port}"
+    started = await start_platform(infra.create_database, nats.url, infra.bao.addr, infra.bao.token)
+    running = started.running
+    peers = started.endpoints
     channels = {name: rpc.channel(addr, deadline_s=10) for name, addr in peers.items()}
     p = Platform(
         infra=infra,
@@ -159,7 +137,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         eligibility=eligibility_pb2_grpc.EligibilityServiceStub(channels["eligibility"]),
         ledger=ledger_pb2_grpc.LedgerServiceStub(channels["ledger"]),
         audit=audit_pb2_grpc.AuditServiceStub(channels["audit"]),
-        authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_authority"]),
+        authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_sim"]),
         spans=SPANS,
         nats_url=nats.url,
     )
@@ -178,9 +156,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
     finally:
         for ch in channels.values():
             await ch.close()
-        for r in reversed(list(running.values())):
-            await r.stop()
-        await sim.stop(grace=1)
+        await started.stop()
         nats.stop()
 
 

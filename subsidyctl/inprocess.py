@@ -1,0 +1,65 @@
+"""The four services and the identity simulator in one event loop, on given infrastructure.
+
+The services run exactly the code their own processes run (services.kernel.app.start); only the
+process boundary is gone. Tests use it so an in-memory span exporter sees a whole checkout, and
+benchmarks so that one Python process measures the hot path without process start-up noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from services.audit.service import SPEC as AUDIT
+from services.catalog.service import SPEC as CATALOG
+from services.eligibility.service import SPEC as ELIGIBILITY
+from services.identity_sim.simulator import start as start_simulator
+from services.kernel.app import Running, ServiceSpec, start
+from services.kernel.settings import Settings
+from services.ledger.service import SPEC as LEDGER
+
+SPECS: tuple[ServiceSpec, ...] = (CATALOG, ELIGIBILITY, AUDIT, LEDGER)
+
+
+@dataclass
+class InProcessPlatform:
+    running: dict[str, Running]
+    endpoints: dict[str, str]
+    simulator: grpc.aio.Server
+
+    async def stop(self) -> None:
+        for r in reversed(list(self.running.values())):
+            await r.stop()
+        await self.simulator.stop(grace=1)
+
+
+async def start_platform(
+    database_url: Callable[[str], str],
+    nats_url: str,
+    vault_addr: str,
+    vault_token: str,
+    *,
+    reservation_timeout_s: int = 900,
+) -> InProcessPlatform:
+    """Start the simulator and the services (in dependency order) on free loopback ports."""
+    sim, sim_port = await start_simulator("127.0.0.1:0")
+    endpoints = {"identity_sim": f"127.0.0.1:{sim_port}"}
+    peers = {"identity_authority": endpoints["identity_sim"]}
+    running: dict[str, Running] = {}
+    for spec in SPECS:
+        settings = Settings(
+            service=spec.name,
+            grpc_listen="127.0.0.1:0",
+            database_url=database_url(spec.name),
+            nats_url=nats_url,
+            vault_addr=vault_addr,
+            vault_token=vault_token,
+            vault_k8s_role=None,
+            peers={p: peers[p] for p in spec.peers},
+            reservation_timeout_s=reservation_timeout_s,
+        )
+        running[spec.name] = await start(spec, settings)
+        endpoints[spec.name] = peers[spec.name] = f"127.0.0.1:{running[spec.name].port}"
+    return InProcessPlatform(running, endpoints, sim)
