@@ -85,8 +85,9 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         context: ServicerContext,
     ) -> eligibility_pb2.Qualification:
         # Payment is recorded by the ledger; its SubsidyCaptured event marks the qualification
-        # used. This read lets a caller see the outcome.
-        return _qualification(await self.e.qualification(request.qualification_id))
+        # used. This read lets a caller see the outcome for that order.
+        row = await self.e.consumed(request.qualification_id, request.order_id)
+        return _qualification(row)
 
     async def ReleaseQualification(
         self,

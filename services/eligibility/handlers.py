@@ -413,6 +413,19 @@ class Eligibility:
 
         return await self._change(qid, actor, decide, correlation=order_id)
 
+    async def consumed(self, qid: str, order_id: str) -> dict[str, object]:
+        """The qualification as the payment of ``order_id`` left it: locked to that order, or
+        used by it once the ledger's SubsidyCaptured has arrived. Any other order is refused."""
+        validate.identifier("order_id", order_id)
+        row = await self.qualification(qid)
+        if row["order_id"] != order_id or row["status"] not in (LOCKED, USED):
+            raise FailedPrecondition(
+                "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+                f"qualification_id: is {row['status']}, not locked to this order",
+                field="order_id",
+            )
+        return row
+
     # -- reactions to the ledger's events -------------------------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:
         """Payment posts -> the qualification is used; cancel/expiry/refund -> per policy."""
