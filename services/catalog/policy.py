@@ -12,6 +12,7 @@ integer basis points (1 bp = 0.01 %).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -573,6 +574,20 @@ def load_policy(source: str | PathLike[str]) -> Policy:
     else:
         text = source
     return policy_from_dict(_parse_yaml(text))
+
+
+def policy_from_text(text: str) -> Policy:
+    """Validate a policy document given as YAML or JSON text (JSON is YAML).
+
+    Unlike :func:`load_policy`, never treats its argument as a file path: use it for
+    documents that arrive over the network.
+    """
+    return policy_from_dict(_parse_yaml(text))
+
+
+def policy_json(policy: Policy) -> str:
+    """The canonical JSON form stored in events: sorted keys, UTF-8 text kept as is."""
+    return json.dumps(policy_to_dict(policy), sort_keys=True, ensure_ascii=False)
 
 
 @cache
