@@ -1,0 +1,1163 @@
+"""Bad input gets a precise error and changes nothing: every RPC of ledger, eligibility, audit.
+
+Each case breaks exactly one thing in an otherwise valid request and asserts the exact gRPC
+status code (never INTERNAL or UNKNOWN), the machine-readable reason and the ``field`` of the
+ErrorInfo, and that nothing changed anywhere: every service's event count, the ledger's and
+eligibility's read models (budget figures, reservations, consumers, qualification status,
+quotas, person keys) and the audit log's size and head are identical before and after.
+
+ID numbers are generated at run time (tests/support/identities.py); none is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from sqlalchemy import text
+
+from services.audit import log as audit_log
+from services.kernel.eventstore import EventStore
+from services.kernel.rpc import error_info
+from subsidy.v1 import audit_pb2, eligibility_pb2, identity_pb2, ledger_pb2
+from tests.e2e.conftest import Platform, eventually, status_of
+from tests.support.identities import (
+    Person,
+    check_char,
+    make_id_number,
+    make_name,
+    make_person,
+    make_phone,
+    with_check_char,
+)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+EXISTS = grpc.StatusCode.ALREADY_EXISTS
+
+FRIDGE_PRICE = 1_200_000  # grade 1 at 12,000 yuan: 2,000 yuan of subsidy
+PHONE_PRICE = 300_000
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+
+# -- the world every case runs against ---------------------------------------------------------
+@dataclass(frozen=True)
+class World:
+    """Pools, products, consumers and qualifications in every state a rejection needs."""
+
+    pool: str  # well funded
+    tiny_pool: str  # 10 yuan: no refrigerator fits
+    funding_key: str  # used once, for `pool`
+    fridge: str  # SKU: refrigerator, grade 1
+    phone: str  # SKU: phone (price ceiling 6,000 yuan)
+    a: str  # consumer A
+    qa: str  # A's AVAILABLE refrigerator qualification
+    b: str  # consumer B: three air-conditioner qualifications (the limit)
+    qb: str  # B's AVAILABLE refrigerator qualification
+    c: str
+    qc: str  # LOCKED to order `pending`
+    pending: str  # PENDING reservation
+    d: str
+    qd: str  # USED by order `captured`
+    captured: str  # CAPTURED reservation
+    e: str
+    qe: str  # given back when `released` was cancelled
+    released: str  # RELEASED (CANCELLED) reservation
+    enrolled: Person  # known to the identity authority, never registered here
+
+
+def _order(rng: random.Random) -> str:
+    return f"o-{rng.randrange(10**12)}"
+
+
+async def _claim(p: Platform, consumer: str, category: str) -> str:
+    q = await p.eligibility.ClaimQualification(
+        eligibility_pb2.ClaimQualificationRequest(
+            consumer_id=consumer, category=category, channel="jd"
+        )
+    )
+    return q.qualification_id
+
+
+async def _reserve(
+    p: Platform, rng: random.Random, pool: str, consumer: str, qid: str, sku: str
+) -> str:
+    order = _order(rng)
+    await p.ledger.ReserveSubsidy(
+        ledger_pb2.ReserveSubsidyRequest(
+            order_id=order,
+            platform_id="jd",
+            pool_id=pool,
+            consumer_id=consumer,
+            qualification_id=qid,
+            sku=sku,
+            unit_price_fen=FRIDGE_PRICE,
+        )
+    )
+    return order
+
+
+async def build_world(p: Platform, rng: random.Random) -> World:
+    pool = await p.pool(rng, 10_000_000)
+    funding_key = f"fund-{rng.randrange(10**12)}"
+    await p.ledger.FundBudget(
+        ledger_pb2.FundBudgetRequest(
+            pool_id=pool, amount_fen=1_000, source="district", idempotency_key=funding_key
+        )
+    )
+    tiny_pool = await p.pool(rng, 1_000)
+    fridge = await p.product(rng, "refrigerator", 1, FRIDGE_PRICE)
+    phone = await p.product(rng, "phone", 0, PHONE_PRICE)
+    consumers = [(await p.person(rng))[1] for _ in range(5)]
+    a, b, c, d, e = consumers
+    qa, qb, qc, qd, qe = [await _claim(p, x, "refrigerator") for x in consumers]
+    for _ in range(3):
+        await _claim(p, b, "air_conditioner")
+    pending = await _reserve(p, rng, pool, c, qc, fridge)
+    captured = await _reserve(p, rng, pool, d, qd, fridge)
+    await p.ledger.CaptureSubsidy(
+        ledger_pb2.CaptureSubsidyRequest(order_id=captured, payment_ref="pay-1")
+    )
+    released = await _reserve(p, rng, pool, e, qe, fridge)
+    await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=released, reason="CANCELLED")
+    )
+    enrolled = make_person(rng)
+    await p.authority.Enroll(
+        identity_pb2.EnrollRequest(
+            name=enrolled.name, id_number=enrolled.id_number, phone=enrolled.phone
+        )
+    )
+    world = World(
+        pool,
+        tiny_pool,
+        funding_key,
+        fridge,
+        phone,
+        a,
+        qa,
+        b,
+        qb,
+        c,
+        qc,
+        pending,
+        d,
+        qd,
+        captured,
+        e,
+        qe,
+        released,
+        enrolled,
+    )
+
+    async def states_reached() -> None:
+        for qid, status in ((qa, "AVAILABLE"), (qc, "LOCKED"), (qd, "USED"), (qe, "AVAILABLE")):
+            got = await p.eligibility.GetQualification(
+                eligibility_pb2.GetQualificationRequest(qualification_id=qid)
+            )
+            assert got.status == status, (qid, got.status, status)
+
+    await eventually(states_reached)
+    return world
+
+
+_worlds: dict[str, World] = {}
+
+
+@pytest.fixture
+async def world(platform: Platform, rng: random.Random) -> World:
+    """Built once, by the first case that needs it (rejections change nothing, so it lasts)."""
+    if "world" not in _worlds:
+        _worlds["world"] = await build_world(platform, rng)
+    return _worlds["world"]
+
+
+# -- "nothing changed" ---------------------------------------------------------------------------
+LEDGER_TABLES = ("budget_pools", "reservations", "funding_keys")
+ELIGIBILITY_TABLES = ("consumers", "person_keys", "qualifications", "quota_usage", "policies")
+LEDGER_REACTIONS = ("subsidy.v1.SubsidyCaptured", "subsidy.v1.SubsidyReleased")
+
+
+@dataclass(frozen=True)
+class State:
+    events: dict[str, int]
+    ledger: dict[str, list[tuple[Any, ...]]]
+    eligibility: dict[str, list[tuple[Any, ...]]]
+    audit_size: int
+    audit_head: bytes
+
+
+async def _rows(store: EventStore, tables: tuple[str, ...]) -> dict[str, list[tuple[Any, ...]]]:
+    async with store.engine.connect() as conn:
+        return {
+            t: [tuple(r) for r in await conn.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2"))]
+            for t in tables
+        }
+
+
+async def _scalar(store: EventStore, sql: str, **params: Any) -> int:
+    async with store.engine.connect() as conn:
+        return int(await conn.scalar(text(sql), params) or 0)
+
+
+async def _read_state(p: Platform) -> State:
+    reactions = await _scalar(
+        p.running["ledger"].runtime.store,
+        "SELECT count(*) FROM events WHERE event_type = ANY(:types)",
+        types=list(LEDGER_REACTIONS),
+    )
+    handled = await _scalar(
+        p.running["eligibility"].runtime.store,
+        "SELECT count(*) FROM handled_events WHERE consumer = 'eligibility-ledger'",
+    )
+    assert handled == reactions, "eligibility is still catching up with the ledger"
+    events = {name: await r.runtime.store.count() for name, r in p.running.items()}
+    size, head, _ = await audit_log.info(p.running["audit"].runtime.store)
+    assert size == sum(events.values()), "the audit log is still catching up"
+    return State(
+        events,
+        await _rows(p.running["ledger"].runtime.store, LEDGER_TABLES),
+        await _rows(p.running["eligibility"].runtime.store, ELIGIBILITY_TABLES),
+        size,
+        head,
+    )
+
+
+async def settled_state(p: Platform) -> State:
+    """The whole observable state, once every event has reached its consumers (two reads agree)."""
+
+    async def read() -> State:
+        first = await _read_state(p)
+        assert await _read_state(p) == first, "still moving"
+        return first
+
+    return await eventually(read)
+
+
+# -- the cases --------------------------------------------------------------------------------
+Build = Callable[[World, random.Random], Message]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    rpc: str  # "<platform stub attribute>.<method>"
+    build: Build
+    code: grpc.StatusCode
+    reason: str
+    field: str
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+CASES: list[Case] = []
+
+
+def case(
+    id: str,
+    rpc: str,
+    build: Build,
+    code: grpc.StatusCode,
+    reason: str,
+    field: str,
+    **metadata: str,
+) -> None:
+    CASES.append(Case(id, rpc, build, code, reason, field, metadata))
+
+
+LONG = "a" * 65
+BAD_IDENTIFIERS = {  # value -> what is wrong with it
+    "space": "a b",
+    "slash": "a/b",
+    "leading-dash": "-ab",
+    "non-ascii": "订单1",
+    "trailing-newline": "ab\n",
+    "nul": "a\x00b",
+    "sql": "a';--",
+}
+
+
+Make = Callable[..., Message]  # (world, rng, **fields) -> request
+
+
+def setting(make: Make, name: str) -> Callable[[World, random.Random, str], Message]:
+    """Build with field ``name`` set to the value a case supplies."""
+    return lambda w, rng, value: make(w, rng, **{name: value})
+
+
+def fixed(make: Make, **fields: Any) -> Build:
+    """Build with these field values."""
+    return lambda w, rng: make(w, rng, **fields)
+
+
+def generated(make: Make, name: str, gen: Callable[[random.Random], str]) -> Build:
+    """Build with field ``name`` generated at run time (ID numbers, phones)."""
+    return lambda w, rng: make(w, rng, **{name: gen(rng)})
+
+
+def identifier_cases(
+    rpc: str,
+    name: str,
+    build: Callable[[World, random.Random, str], Message],
+    *,
+    full: bool = False,
+) -> None:
+    """Missing, over-long and badly formed values of the identifier field ``name``."""
+
+    def with_value(value: str) -> Build:
+        return lambda w, rng: build(w, rng, value)
+
+    case(f"{rpc}-{name}-missing", rpc, with_value(""), INVALID, "MISSING_FIELD", name)
+    case(f"{rpc}-{name}-65-chars", rpc, with_value(LONG), INVALID, "FIELD_TOO_LONG", name)
+    bad = (
+        BAD_IDENTIFIERS if full else {k: BAD_IDENTIFIERS[k] for k in ("space", "trailing-newline")}
+    )
+    for what, value in bad.items():
+        case(f"{rpc}-{name}-{what}", rpc, with_value(value), INVALID, "INVALID_IDENTIFIER", name)
+
+
+# LedgerService.FundBudget ------------------------------------------------------------------------
+def fund(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.FundBudgetRequest:
+    values: dict[str, Any] = {"pool_id": w.pool, "amount_fen": 1_000, "source": "district"}
+    return ledger_pb2.FundBudgetRequest(**(values | kw))
+
+
+FUND = "ledger.FundBudget"
+identifier_cases(FUND, "pool_id", lambda w, rng, v: fund(w, rng, pool_id=v), full=True)
+for _amount in (0, -1, -(10**6), 10**14 + 1, INT64_MAX):
+    case(
+        f"{FUND}-amount-{_amount}",
+        FUND,
+        fixed(fund, amount_fen=_amount),
+        INVALID,
+        "INVALID_AMOUNT",
+        "amount_fen",
+    )
+case(
+    f"{FUND}-source-blank",
+    FUND,
+    lambda w, rng: fund(w, rng, source="   "),
+    INVALID,
+    "MISSING_FIELD",
+    "source",
+)
+case(
+    f"{FUND}-source-65-chars",
+    FUND,
+    lambda w, rng: fund(w, rng, source="s" * 65),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "source",
+)
+case(
+    f"{FUND}-source-control-char",
+    FUND,
+    lambda w, rng: fund(w, rng, source="dis\x1btrict"),
+    INVALID,
+    "INVALID_TEXT",
+    "source",
+)
+case(
+    f"{FUND}-key-129-chars",
+    FUND,
+    lambda w, rng: fund(w, rng, idempotency_key="k" * 129),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "idempotency_key",
+)
+case(
+    f"{FUND}-key-space",
+    FUND,
+    lambda w, rng: fund(w, rng, idempotency_key="k 1"),
+    INVALID,
+    "INVALID_IDENTIFIER",
+    "idempotency_key",
+)
+case(
+    f"{FUND}-key-reused-other-amount",
+    FUND,
+    lambda w, rng: fund(w, rng, idempotency_key=w.funding_key, amount_fen=2_000),
+    EXISTS,
+    "IDEMPOTENCY_KEY_REUSED",
+    "idempotency_key",
+)
+case(
+    f"{FUND}-key-reused-other-pool",
+    FUND,
+    lambda w, rng: fund(w, rng, idempotency_key=w.funding_key, pool_id=w.tiny_pool),
+    EXISTS,
+    "IDEMPOTENCY_KEY_REUSED",
+    "idempotency_key",
+)
+
+# LedgerService.GetBudget -------------------------------------------------------------------------
+GET_BUDGET = "ledger.GetBudget"
+identifier_cases(GET_BUDGET, "pool_id", lambda w, rng, v: ledger_pb2.GetBudgetRequest(pool_id=v))
+case(
+    f"{GET_BUDGET}-unknown",
+    GET_BUDGET,
+    lambda w, rng: ledger_pb2.GetBudgetRequest(pool_id=f"pool-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_POOL",
+    "pool_id",
+)
+case(
+    f"{GET_BUDGET}-unknown-64-chars",
+    GET_BUDGET,
+    lambda w, rng: ledger_pb2.GetBudgetRequest(pool_id="p" * 64),
+    NOT_FOUND,
+    "UNKNOWN_POOL",
+    "pool_id",
+)
+
+
+# LedgerService.ReserveSubsidy --------------------------------------------------------------------
+def reserve(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.ReserveSubsidyRequest:
+    """A request that would succeed (A's refrigerator, a new order) but for ``kw``."""
+    values: dict[str, Any] = {
+        "order_id": _order(rng),
+        "platform_id": "jd",
+        "pool_id": w.pool,
+        "consumer_id": w.a,
+        "qualification_id": w.qa,
+        "sku": w.fridge,
+        "unit_price_fen": FRIDGE_PRICE,
+    }
+    return ledger_pb2.ReserveSubsidyRequest(**(values | kw))
+
+
+RESERVE = "ledger.ReserveSubsidy"
+for _name in ("order_id", "platform_id", "pool_id", "consumer_id", "qualification_id", "sku"):
+    identifier_cases(RESERVE, _name, setting(reserve, _name))
+for _price in (0, -1, -INT64_MAX, 10**10 + 1, INT64_MAX):
+    case(
+        f"{RESERVE}-price-{_price}",
+        RESERVE,
+        fixed(reserve, unit_price_fen=_price),
+        INVALID,
+        "INVALID_PRICE",
+        "unit_price_fen",
+    )
+case(
+    f"{RESERVE}-serial-65-chars",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, serial=LONG),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "serial",
+)
+case(
+    f"{RESERVE}-serial-space",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, serial="IMEI 1"),
+    INVALID,
+    "INVALID_IDENTIFIER",
+    "serial",
+)
+case(
+    f"{RESERVE}-unknown-pool",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, pool_id=f"pool-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_POOL",
+    "pool_id",
+)
+case(
+    f"{RESERVE}-budget-exhausted",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, pool_id=w.tiny_pool),
+    EXHAUSTED,
+    "BUDGET_EXHAUSTED",
+    "pool_id",
+)
+case(
+    f"{RESERVE}-unknown-qualification",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, qualification_id=f"q-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_QUALIFICATION",
+    "qualification_id",
+)
+case(
+    f"{RESERVE}-unknown-consumer",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    PRECONDITION,
+    "QUALIFICATION_NOT_OWNED",
+    "qualification_id",
+)
+case(
+    f"{RESERVE}-another-consumers-qualification",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, qualification_id=w.qb),
+    PRECONDITION,
+    "QUALIFICATION_NOT_OWNED",
+    "qualification_id",
+)
+case(
+    f"{RESERVE}-unknown-sku",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, sku=f"sku-none-{rng.randrange(10**9)}"),
+    PRECONDITION,
+    "ITEM_NOT_ELIGIBLE",
+    "sku",
+    reasons="UNKNOWN_SKU",
+)
+case(
+    f"{RESERVE}-price-above-ceiling",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, sku=w.phone, unit_price_fen=600_001),
+    PRECONDITION,
+    "ITEM_NOT_ELIGIBLE",
+    "sku",
+    reasons="PRICE_ABOVE_CEILING",
+)
+case(
+    f"{RESERVE}-category-mismatch",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, sku=w.phone, unit_price_fen=PHONE_PRICE),
+    PRECONDITION,
+    "CATEGORY_MISMATCH",
+    "qualification_id",
+)
+case(
+    f"{RESERVE}-qualification-locked-to-another-order",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, consumer_id=w.c, qualification_id=w.qc),
+    PRECONDITION,
+    "QUALIFICATION_LOCKED",
+    "qualification_id",
+)
+case(
+    f"{RESERVE}-qualification-used",
+    RESERVE,
+    lambda w, rng: reserve(w, rng, consumer_id=w.d, qualification_id=w.qd),
+    PRECONDITION,
+    "QUALIFICATION_USED",
+    "qualification_id",
+)
+
+
+def reuse_pending_order(change: Callable[[World], dict[str, Any]]) -> Build:
+    """The pending order's id again, with something about the order changed."""
+
+    def build(w: World, rng: random.Random) -> Message:
+        same = {"order_id": w.pending, "consumer_id": w.c, "qualification_id": w.qc}
+        return reserve(w, rng, **(same | change(w)))
+
+    return build
+
+
+REUSED_ORDER_CHANGES: dict[str, Callable[[World], dict[str, Any]]] = {
+    "other-item": lambda w: {"sku": w.phone, "unit_price_fen": PHONE_PRICE},
+    "other-price": lambda w: {"unit_price_fen": FRIDGE_PRICE - 1},
+    "other-pool": lambda w: {"pool_id": w.tiny_pool},
+    "other-qualification": lambda w: {"consumer_id": w.a, "qualification_id": w.qa},
+}
+for _what, _change in REUSED_ORDER_CHANGES.items():
+    case(
+        f"{RESERVE}-order-id-reused-{_what}",
+        RESERVE,
+        reuse_pending_order(_change),
+        EXISTS,
+        "ORDER_ID_REUSED",
+        "order_id",
+    )
+
+
+# LedgerService.CaptureSubsidy --------------------------------------------------------------------
+def capture(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.CaptureSubsidyRequest:
+    values: dict[str, Any] = {"order_id": w.pending, "payment_ref": "pay-2"}
+    return ledger_pb2.CaptureSubsidyRequest(**(values | kw))
+
+
+CAPTURE = "ledger.CaptureSubsidy"
+identifier_cases(CAPTURE, "order_id", lambda w, rng, v: capture(w, rng, order_id=v))
+case(
+    f"{CAPTURE}-unknown-order",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, order_id=_order(rng)),
+    NOT_FOUND,
+    "UNKNOWN_ORDER",
+    "order_id",
+)
+case(
+    f"{CAPTURE}-payment-ref-129-chars",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, payment_ref="p" * 129),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "payment_ref",
+)
+case(
+    f"{CAPTURE}-payment-ref-control-char",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, payment_ref="pay\x00"),
+    INVALID,
+    "INVALID_TEXT",
+    "payment_ref",
+)
+case(
+    f"{CAPTURE}-after-release",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, order_id=w.released),
+    PRECONDITION,
+    "RESERVATION_NOT_PENDING",
+    "order_id",
+)
+
+
+# LedgerService.ReleaseSubsidy --------------------------------------------------------------------
+def release(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.ReleaseSubsidyRequest:
+    values: dict[str, Any] = {"order_id": w.pending, "reason": "CANCELLED"}
+    return ledger_pb2.ReleaseSubsidyRequest(**(values | kw))
+
+
+RELEASE = "ledger.ReleaseSubsidy"
+identifier_cases(RELEASE, "order_id", lambda w, rng, v: release(w, rng, order_id=v))
+for _reason in ("", "EXPIRED", "cancelled", "REFUND", "CANCELLED\n", LONG):
+    case(
+        f"{RELEASE}-reason-{_reason[:12]!r}",
+        RELEASE,
+        fixed(release, reason=_reason),
+        INVALID,
+        "INVALID_CHOICE",
+        "reason",
+    )
+case(
+    f"{RELEASE}-unknown-order",
+    RELEASE,
+    lambda w, rng: release(w, rng, order_id=_order(rng)),
+    NOT_FOUND,
+    "UNKNOWN_ORDER",
+    "order_id",
+)
+case(
+    f"{RELEASE}-refund-before-capture",
+    RELEASE,
+    lambda w, rng: release(w, rng, reason="REFUNDED"),
+    PRECONDITION,
+    "NOT_CAPTURED",
+    "reason",
+)
+case(
+    f"{RELEASE}-cancel-after-capture",
+    RELEASE,
+    lambda w, rng: release(w, rng, order_id=w.captured, reason="CANCELLED"),
+    PRECONDITION,
+    "ALREADY_CAPTURED",
+    "reason",
+)
+
+# LedgerService.GetReservation --------------------------------------------------------------------
+GET_RES = "ledger.GetReservation"
+identifier_cases(
+    GET_RES, "order_id", lambda w, rng, v: ledger_pb2.GetReservationRequest(order_id=v), full=True
+)
+case(
+    f"{GET_RES}-unknown",
+    GET_RES,
+    lambda w, rng: ledger_pb2.GetReservationRequest(order_id=_order(rng)),
+    NOT_FOUND,
+    "UNKNOWN_ORDER",
+    "order_id",
+)
+case(
+    f"{GET_RES}-unknown-64-chars",
+    GET_RES,
+    lambda w, rng: ledger_pb2.GetReservationRequest(order_id="o" * 64),
+    NOT_FOUND,
+    "UNKNOWN_ORDER",
+    "order_id",
+)
+
+
+# EligibilityService.RegisterConsumer -------------------------------------------------------------
+def register(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.RegisterConsumerRequest:
+    """The enrolled person's registration, which would succeed but for ``kw``."""
+    p = w.enrolled
+    values: dict[str, Any] = {
+        "name": p.name,
+        "id_number": p.id_number,
+        "phone": p.phone,
+        "platform_id": "jd",
+    }
+    return eligibility_pb2.RegisterConsumerRequest(**(values | kw))
+
+
+def _id(rng: random.Random) -> str:
+    return make_id_number(rng)
+
+
+def bad_checksum(rng: random.Random) -> str:
+    number = _id(rng)
+    wrong = rng.choice([c for c in "10X98765432" if c != number[17]])
+    return number[:17] + wrong
+
+
+def with_birth(rng: random.Random, digits: str) -> str:
+    """An ID number whose only fault is its 8 birth-date digits (the check char is right)."""
+    return with_check_char(f"440310{digits}{rng.randrange(100, 1000)}")
+
+
+BAD_ID_NUMBERS: dict[str, tuple[Callable[[random.Random], str], str]] = {
+    "checksum": (bad_checksum, "ID_NUMBER_CHECKSUM"),
+    "feb-30": (lambda rng: with_birth(rng, "19900230"), "ID_NUMBER_BIRTH_DATE"),
+    "month-13": (lambda rng: with_birth(rng, "19901301"), "ID_NUMBER_BIRTH_DATE"),
+    "day-00": (lambda rng: with_birth(rng, "19900100"), "ID_NUMBER_BIRTH_DATE"),
+    "born-1799": (lambda rng: with_birth(rng, "17991231"), "ID_NUMBER_BIRTH_DATE"),
+    "born-next-year": (
+        lambda rng: with_birth(rng, f"{dt.date.today() + dt.timedelta(days=400):%Y%m%d}"),
+        "ID_NUMBER_BIRTH_DATE",
+    ),
+    "17-chars": (lambda rng: _id(rng)[:17], "ID_NUMBER_LENGTH"),
+    "19-chars": (lambda rng: _id(rng) + "0", "ID_NUMBER_LENGTH"),
+    "15-digit-old-format": (lambda rng: _id(rng)[:15], "ID_NUMBER_LENGTH"),
+    "empty": (lambda rng: "", "ID_NUMBER_LENGTH"),
+    "inner-space": (lambda rng: (n := _id(rng))[:6] + " " + n[6:], "ID_NUMBER_LENGTH"),
+    "letter-inside": (lambda rng: (n := _id(rng))[:10] + "A" + n[11:], "ID_NUMBER_FORMAT"),
+    "x-inside": (lambda rng: (n := _id(rng))[:16] + "X" + n[17:], "ID_NUMBER_FORMAT"),
+    "leading-zero": (
+        lambda rng: "0" + (n := _id(rng))[1:17] + check_char("0" + n[1:17]),
+        "ID_NUMBER_FORMAT",
+    ),
+    "full-width-digits": (
+        lambda rng: (
+            _id(rng)[:17].translate(str.maketrans("0123456789", "０１２３４５６７８９")) + "1"
+        ),
+        "ID_NUMBER_FORMAT",
+    ),
+}
+BAD_PHONES: dict[str, tuple[Callable[[random.Random], str], str]] = {
+    "10-digits": (lambda rng: make_phone(rng)[:10], "PHONE_LENGTH"),
+    "12-digits": (lambda rng: make_phone(rng) + "1", "PHONE_LENGTH"),
+    "empty": (lambda rng: "", "PHONE_LENGTH"),
+    "second-digit-2": (lambda rng: "12" + make_phone(rng)[2:], "PHONE_FORMAT"),
+    "starts-with-2": (lambda rng: "2" + make_phone(rng)[1:], "PHONE_FORMAT"),
+    "letter": (lambda rng: make_phone(rng)[:10] + "a", "PHONE_FORMAT"),
+    "country-code-85": (lambda rng: "+85" + make_phone(rng), "PHONE_FORMAT"),
+}
+BAD_NAMES: dict[str, tuple[str, str]] = {
+    "empty": ("", "NAME_LENGTH"),
+    "blank": ("   ", "NAME_LENGTH"),
+    "65-chars": ("张" * 65, "NAME_LENGTH"),
+    "nul": ("张\x00三", "NAME_FORMAT"),
+    "newline": ("张\n三", "NAME_FORMAT"),
+    "zero-width-space": ("张\u200b三", "NAME_FORMAT"),
+    "bidi-override": ("张\u202e三", "NAME_FORMAT"),
+}
+
+REGISTER = "eligibility.RegisterConsumer"
+for _what, (_make, _reason) in BAD_ID_NUMBERS.items():
+    case(
+        f"{REGISTER}-id-number-{_what}",
+        REGISTER,
+        generated(register, "id_number", _make),
+        INVALID,
+        _reason,
+        "id_number",
+    )
+for _what, (_make, _reason) in BAD_PHONES.items():
+    case(
+        f"{REGISTER}-phone-{_what}",
+        REGISTER,
+        generated(register, "phone", _make),
+        INVALID,
+        _reason,
+        "phone",
+    )
+for _what, (_value, _reason) in BAD_NAMES.items():
+    case(
+        f"{REGISTER}-name-{_what}",
+        REGISTER,
+        fixed(register, name=_value),
+        INVALID,
+        _reason,
+        "name",
+    )
+identifier_cases(REGISTER, "platform_id", lambda w, rng, v: register(w, rng, platform_id=v))
+
+
+def _other_name(rng: random.Random, name: str) -> str:
+    while (other := make_name(rng)) == name:
+        pass
+    return other
+
+
+def _other_phone(rng: random.Random, phone: str) -> str:
+    while (other := make_phone(rng)) == phone:
+        pass
+    return other
+
+
+case(
+    f"{REGISTER}-authority-name-mismatch",
+    REGISTER,
+    lambda w, rng: register(w, rng, name=_other_name(rng, w.enrolled.name)),
+    PRECONDITION,
+    "IDENTITY_MISMATCH",
+    "",
+    authority_reason="NAME_MISMATCH",
+)
+case(
+    f"{REGISTER}-authority-phone-mismatch",
+    REGISTER,
+    lambda w, rng: register(w, rng, phone=_other_phone(rng, w.enrolled.phone)),
+    PRECONDITION,
+    "IDENTITY_MISMATCH",
+    "",
+    authority_reason="PHONE_MISMATCH",
+)
+case(
+    f"{REGISTER}-authority-not-found",
+    REGISTER,
+    lambda w, rng: register(w, rng, id_number=_id(rng)),
+    PRECONDITION,
+    "IDENTITY_MISMATCH",
+    "",
+    authority_reason="NOT_FOUND",
+)
+
+
+# EligibilityService.ClaimQualification -----------------------------------------------------------
+def claim(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.ClaimQualificationRequest:
+    """A claim that would succeed (A's first phone) but for ``kw``."""
+    values: dict[str, Any] = {"consumer_id": w.a, "category": "phone", "channel": "jd"}
+    return eligibility_pb2.ClaimQualificationRequest(**(values | kw))
+
+
+CLAIM = "eligibility.ClaimQualification"
+for _name in ("consumer_id", "category", "channel"):
+    identifier_cases(CLAIM, _name, setting(claim, _name))
+case(
+    f"{CLAIM}-unknown-category",
+    CLAIM,
+    lambda w, rng: claim(w, rng, category="spaceship"),
+    INVALID,
+    "UNKNOWN_CATEGORY",
+    "category",
+)
+case(
+    f"{CLAIM}-category-wrong-case",
+    CLAIM,
+    lambda w, rng: claim(w, rng, category="Phone"),
+    INVALID,
+    "UNKNOWN_CATEGORY",
+    "category",
+)
+case(
+    f"{CLAIM}-unknown-consumer",
+    CLAIM,
+    lambda w, rng: claim(w, rng, consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_CONSUMER",
+    "consumer_id",
+)
+case(
+    f"{CLAIM}-beyond-limit-of-one",
+    CLAIM,
+    lambda w, rng: claim(w, rng, category="refrigerator"),
+    EXHAUSTED,
+    "PERSON_LIMIT_REACHED",
+    "category",
+)
+case(
+    f"{CLAIM}-beyond-limit-of-three",
+    CLAIM,
+    lambda w, rng: claim(w, rng, consumer_id=w.b, category="air_conditioner"),
+    EXHAUSTED,
+    "PERSON_LIMIT_REACHED",
+    "category",
+)
+case(
+    f"{CLAIM}-locked-counts-towards-limit",
+    CLAIM,
+    lambda w, rng: claim(w, rng, consumer_id=w.c, category="refrigerator"),
+    EXHAUSTED,
+    "PERSON_LIMIT_REACHED",
+    "category",
+)
+case(
+    f"{CLAIM}-used-counts-towards-limit",
+    CLAIM,
+    lambda w, rng: claim(w, rng, consumer_id=w.d, category="refrigerator"),
+    EXHAUSTED,
+    "PERSON_LIMIT_REACHED",
+    "category",
+)
+
+
+# EligibilityService.GetQualification -------------------------------------------------------------
+def qualification_id_cases(rpc: str, build: Callable[[World, random.Random, str], Message]) -> None:
+    identifier_cases(rpc, "qualification_id", build)
+    case(
+        f"{rpc}-unknown-qualification",
+        rpc,
+        lambda w, rng: build(w, rng, f"q-none-{rng.randrange(10**9)}"),
+        NOT_FOUND,
+        "UNKNOWN_QUALIFICATION",
+        "qualification_id",
+    )
+
+
+GET_Q = "eligibility.GetQualification"
+qualification_id_cases(
+    GET_Q, lambda w, rng, v: eligibility_pb2.GetQualificationRequest(qualification_id=v)
+)
+
+
+# EligibilityService.LockQualification ------------------------------------------------------------
+def lock(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.LockQualificationRequest:
+    """A lock that would succeed (A's refrigerator, a new order) but for ``kw``."""
+    values: dict[str, Any] = {
+        "qualification_id": w.qa,
+        "order_id": _order(rng),
+        "category": "refrigerator",
+        "consumer_id": w.a,
+    }
+    return eligibility_pb2.LockQualificationRequest(**(values | kw))
+
+
+LOCK = "eligibility.LockQualification"
+qualification_id_cases(LOCK, lambda w, rng, v: lock(w, rng, qualification_id=v))
+for _name in ("order_id", "consumer_id", "category"):
+    identifier_cases(LOCK, _name, setting(lock, _name))
+case(
+    f"{LOCK}-category-mismatch",
+    LOCK,
+    lambda w, rng: lock(w, rng, category="phone"),
+    PRECONDITION,
+    "CATEGORY_MISMATCH",
+    "qualification_id",
+)
+case(
+    f"{LOCK}-another-consumers-qualification",
+    LOCK,
+    lambda w, rng: lock(w, rng, qualification_id=w.qb),
+    PRECONDITION,
+    "QUALIFICATION_NOT_OWNED",
+    "qualification_id",
+)
+case(
+    f"{LOCK}-unknown-consumer",
+    LOCK,
+    lambda w, rng: lock(w, rng, consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    PRECONDITION,
+    "QUALIFICATION_NOT_OWNED",
+    "qualification_id",
+)
+case(
+    f"{LOCK}-locked-to-another-order",
+    LOCK,
+    lambda w, rng: lock(w, rng, qualification_id=w.qc, consumer_id=w.c),
+    PRECONDITION,
+    "QUALIFICATION_LOCKED",
+    "qualification_id",
+)
+case(
+    f"{LOCK}-used",
+    LOCK,
+    lambda w, rng: lock(w, rng, qualification_id=w.qd, consumer_id=w.d),
+    PRECONDITION,
+    "QUALIFICATION_USED",
+    "qualification_id",
+)
+
+
+# EligibilityService.ConsumeQualification ---------------------------------------------------------
+def consume(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.ConsumeQualificationRequest:
+    values: dict[str, Any] = {"qualification_id": w.qd, "order_id": w.captured}
+    return eligibility_pb2.ConsumeQualificationRequest(**(values | kw))
+
+
+CONSUME = "eligibility.ConsumeQualification"
+qualification_id_cases(CONSUME, lambda w, rng, v: consume(w, rng, qualification_id=v))
+identifier_cases(CONSUME, "order_id", lambda w, rng, v: consume(w, rng, order_id=v))
+case(
+    f"{CONSUME}-another-order",
+    CONSUME,
+    lambda w, rng: consume(w, rng, order_id=w.pending),
+    PRECONDITION,
+    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+    "order_id",
+)
+case(
+    f"{CONSUME}-never-locked",
+    CONSUME,
+    lambda w, rng: consume(w, rng, qualification_id=w.qa, order_id=_order(rng)),
+    PRECONDITION,
+    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+    "order_id",
+)
+case(
+    f"{CONSUME}-given-back-after-cancel",
+    CONSUME,
+    lambda w, rng: consume(w, rng, qualification_id=w.qe, order_id=w.released),
+    PRECONDITION,
+    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+    "order_id",
+)
+
+
+# EligibilityService.ReleaseQualification ---------------------------------------------------------
+def release_q(
+    w: World, rng: random.Random, **kw: Any
+) -> eligibility_pb2.ReleaseQualificationRequest:
+    """Releasing A's AVAILABLE refrigerator (a harmless no-op) but for ``kw``."""
+    values: dict[str, Any] = {
+        "qualification_id": w.qa,
+        "order_id": _order(rng),
+        "reason": "CANCELLED",
+    }
+    return eligibility_pb2.ReleaseQualificationRequest(**(values | kw))
+
+
+RELEASE_Q = "eligibility.ReleaseQualification"
+qualification_id_cases(RELEASE_Q, lambda w, rng, v: release_q(w, rng, qualification_id=v))
+identifier_cases(RELEASE_Q, "order_id", lambda w, rng, v: release_q(w, rng, order_id=v))
+for _reason in ("BOGUS", "cancelled", "CANCELLED\n", LONG):
+    case(
+        f"{RELEASE_Q}-reason-{_reason[:12]!r}",
+        RELEASE_Q,
+        fixed(release_q, reason=_reason),
+        INVALID,
+        "INVALID_CHOICE",
+        "reason",
+    )
+case(
+    f"{RELEASE_Q}-locked-to-another-order",
+    RELEASE_Q,
+    lambda w, rng: release_q(w, rng, qualification_id=w.qc),
+    PRECONDITION,
+    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+    "order_id",
+)
+case(
+    f"{RELEASE_Q}-used",
+    RELEASE_Q,
+    lambda w, rng: release_q(w, rng, qualification_id=w.qd, order_id=w.captured),
+    PRECONDITION,
+    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+    "order_id",
+)
+
+
+# AuditService.GetEntries (GetLogInfo takes no input: see its own test below) --------------------
+ENTRIES = "audit.GetEntries"
+
+
+def entries(w: World, rng: random.Random, **kw: Any) -> audit_pb2.GetEntriesRequest:
+    return audit_pb2.GetEntriesRequest(**kw)
+
+
+for _start in (-1, -(2**63)):
+    case(
+        f"{ENTRIES}-start-{_start}",
+        ENTRIES,
+        fixed(entries, start=_start, limit=10),
+        INVALID,
+        "INVALID_START",
+        "start",
+    )
+for _limit in (0, -1, 1001, INT32_MAX, -(2**31)):
+    case(
+        f"{ENTRIES}-limit-{_limit}",
+        ENTRIES,
+        fixed(entries, start=0, limit=_limit),
+        INVALID,
+        "INVALID_LIMIT",
+        "limit",
+    )
+
+
+# -- the tests ----------------------------------------------------------------------------------
+async def call(p: Platform, rpc: str, request: Message) -> Message:
+    stub_name, method = rpc.split(".")
+    result: Message = await getattr(getattr(p, stub_name), method)(request)
+    return result
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+async def test_rejected_precisely_and_nothing_changed(
+    platform: Platform, world: World, rng: random.Random, case: Case
+) -> None:
+    request = case.build(world, rng)
+    before = await settled_state(platform)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(platform, case.rpc, request)
+    err = caught.value
+    assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), err.details()
+    assert status_of(err) == (case.code, case.reason, case.field), err.details()
+    info = error_info(err)
+    assert info is not None
+    for key, value in case.metadata.items():  # one of a comma-separated list (e.g. reasons)
+        assert value in info.metadata.get(key, "").split(","), (key, dict(info.metadata))
+    after = await settled_state(platform)
+    assert after.events == before.events
+    assert after.ledger == before.ledger
+    assert after.eligibility == before.eligibility
+    assert (after.audit_size, after.audit_head) == (before.audit_size, before.audit_head)
+
+
+def test_every_rpc_of_ledger_eligibility_and_audit_has_rejection_cases() -> None:
+    from subsidy.v1 import audit_pb2 as a
+    from subsidy.v1 import eligibility_pb2 as e
+    from subsidy.v1 import ledger_pb2 as led
+
+    rpcs = {
+        f"{stub}.{method.name}"
+        for stub, module, service in (
+            ("ledger", led, "LedgerService"),
+            ("eligibility", e, "EligibilityService"),
+            ("audit", a, "AuditService"),
+        )
+        for method in module.DESCRIPTOR.services_by_name[service].methods
+    }
+    no_input = {"audit.GetLogInfo"}  # an empty request: nothing to get wrong
+    assert {c.rpc for c in CASES} == rpcs - no_input
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+async def test_get_log_info_takes_no_input_and_changes_nothing(
+    platform: Platform, world: World
+) -> None:
+    before = await settled_state(platform)
+    # Unknown fields (a newer client) are ignored, as proto3 requires.
+    raw = audit_pb2.GetEntriesRequest(start=5, limit=7).SerializeToString()
+    info = await platform.audit.GetLogInfo(audit_pb2.GetLogInfoRequest.FromString(raw))
+    assert (info.size, bytes.fromhex(info.head_hash_hex)) == (before.audit_size, before.audit_head)
+    after = await settled_state(platform)
+    assert after == before
+
+
+async def test_padded_text_is_stored_trimmed_not_an_internal_error(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Surrounding blanks are not part of a value: trimmed, never stored, never INTERNAL."""
+    p = platform
+    pool = await p.pool(rng, 1_000_000)
+    funded = await p.ledger.FundBudget(
+        ledger_pb2.FundBudgetRequest(pool_id=pool, amount_fen=500, source=" " * 70 + "district")
+    )
+    assert funded.funded_fen == 1_000_500
+    _, consumer = await p.person(rng)
+    sku = await p.product(rng, "refrigerator", 1, FRIDGE_PRICE)
+    order = await _reserve(p, rng, pool, consumer, await _claim(p, consumer, "refrigerator"), sku)
+    captured = await p.ledger.CaptureSubsidy(
+        ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref=" " * 200 + "pay-9")
+    )
+    assert captured.status == "CAPTURED"
+    async with p.running["ledger"].runtime.store.engine.connect() as conn:
+        stored = await conn.scalar(
+            text("SELECT payment_ref FROM reservations WHERE order_id = :o"), {"o": order}
+        )
+    assert stored == "pay-9"
