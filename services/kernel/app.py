@@ -106,6 +106,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         for c in wiring.consumers
     ]
     tasks += [asyncio.create_task(b(runtime.stop)) for b in wiring.background]
+    tasks.append(asyncio.create_task(v.keep_token_fresh(runtime.stop), name="vault-token"))
     if wiring.ready is not None:
         await wiring.ready()
     await rpc.set_serving(health, wiring.service_names)

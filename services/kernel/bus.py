@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from . import metrics
 from .events import Envelope
 from .eventstore import EventStore, Position, Tx
 from .telemetry import extract, inject, tracer
@@ -90,6 +91,7 @@ class OutboxRelay:
                 await self._publish(rec.envelope)
                 pos = rec.position
             await self._store.save_checkpoint(self._name, pos)
+            metrics.EVENTS_PUBLISHED.inc(len(batch))
             sent += len(batch)
             self.published += len(batch)
 
@@ -159,6 +161,7 @@ class EventConsumer:
                     if await tx.mark_handled(self.name, env.event_id):
                         await self.handler(tx, env)
                         self.handled += 1
+                        metrics.EVENTS_HANDLED.labels(self.name).inc()
                 await msg.ack()
             except Exception as exc:
                 span.record_exception(exc)
@@ -187,6 +190,7 @@ class EventConsumer:
         await js.publish(f"dlq.{self.name}", msg.data, headers=headers)
         await msg.term()
         self.dead_lettered += 1
+        metrics.DEAD_LETTERED.labels(self.name).inc()
         log.error(
             "poison message moved to the dead-letter stream after %d deliveries",
             self.max_deliver,

@@ -9,6 +9,7 @@ Client: OpenTelemetry client spans and a default deadline on every call.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
+from . import metrics
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -58,18 +60,26 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
 
         async def mapped(request: Any, context: ServicerContext) -> Any:
+            started = time.perf_counter()
+            outcome = "OK"
             try:
                 return await inner(request, context)  # type: ignore[arg-type]
             except DomainError as err:
+                outcome = err.code.name
+                metrics.RPC_REFUSALS.labels(method, err.reason).inc()
                 code, message, status = status_of(err)
                 await context.abort(
                     code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),)
                 )
             except grpc.aio.AbortError:
+                outcome = "ABORTED"
                 raise
             except Exception:
+                outcome = "INTERNAL"
                 log.exception("unhandled error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the trace")
+            finally:
+                metrics.RPC_LATENCY.labels(method, outcome).observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             mapped,

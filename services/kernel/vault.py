@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -53,11 +54,15 @@ def connect(
     if token:
         client.token = token
     elif k8s_role:
-        jwt = K8S_TOKEN_PATH.read_text().strip()
-        client.auth.kubernetes.login(role=k8s_role, jwt=jwt)
+        _k8s_login(client, k8s_role)
     else:
         raise VaultUnavailable("neither a Vault token nor a Kubernetes auth role is configured")
-    return Vault(client, transit_mount)
+    return Vault(client, transit_mount, k8s_role=k8s_role)
+
+
+def _k8s_login(client: hvac.Client, role: str) -> None:
+    jwt = K8S_TOKEN_PATH.read_text().strip()
+    client.auth.kubernetes.login(role=role, jwt=jwt)
 
 
 def ensure_transit_keys(addr: str, token: str, transit_mount: str = "transit") -> None:
@@ -86,8 +91,11 @@ class WrappedKey:
 class Vault:
     """The services' view of Vault: data keys, blind indexes and signatures."""
 
-    def __init__(self, client: hvac.Client, transit_mount: str = "transit") -> None:
+    def __init__(
+        self, client: hvac.Client, transit_mount: str = "transit", k8s_role: str | None = None
+    ) -> None:
         self._client = client
+        self._k8s_role = k8s_role
         self._mount = transit_mount
         self._dek_cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._dek_ttl = 300.0
@@ -154,6 +162,41 @@ class Vault:
 
     def forget_cached(self, wrapped: WrappedKey) -> None:
         self._dek_cache.pop(wrapped.ciphertext, None)
+
+    def keep_token_fresh_sync(self) -> float:
+        """Renew the token (or log in again) before it expires; seconds until the next check."""
+        try:
+            ttl = int(self._client.auth.token.lookup_self()["data"].get("ttl") or 0)
+        except Exception:
+            ttl = -1
+        if ttl == 0:
+            return 3600.0  # a token without expiry (local root token): nothing to renew
+        try:
+            if ttl > 0:
+                res = self._client.auth.token.renew_self()
+                ttl = int(res["auth"]["lease_duration"])
+        except Exception:
+            ttl = -1
+        if ttl < 0:
+            if not self._k8s_role:
+                raise VaultUnavailable("the Vault token could not be renewed")
+            _k8s_login(self._client, self._k8s_role)
+            ttl = int(self._client.auth.token.lookup_self()["data"].get("ttl") or 3600)
+        return max(5.0, ttl / 2)
+
+    async def keep_token_fresh(self, stop: asyncio.Event) -> None:
+        """Background loop: a long-running pod never finds its Vault token expired."""
+        log = logging.getLogger(__name__)
+        while not stop.is_set():
+            try:
+                wait = await asyncio.to_thread(self.keep_token_fresh_sync)
+            except Exception:
+                log.exception("Vault token renewal failed", extra={"alert": "vault-token"})
+                wait = 10.0
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
 
     # -- async wrappers --------------------------------------------------------------------
     async def new_data_key(self) -> tuple[bytes, WrappedKey]:

@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.kernel import metrics
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore, Position
 from subsidy.v1 import events_pb2 as ev
@@ -98,6 +99,14 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         "reserved_fen": after.reserved,
         "spent_fen": after.spent,
     }
+    for bucket, fen in values.items():
+        metrics.BUDGET.labels(pool_id, bucket.removesuffix("_fen")).set(fen)
+    if isinstance(event, ev.SubsidyReserved):
+        metrics.RESERVATIONS.labels("reserved").inc()
+    elif isinstance(event, ev.SubsidyCaptured):
+        metrics.RESERVATIONS.labels("captured").inc()
+    elif isinstance(event, ev.SubsidyReleased):
+        metrics.RESERVATIONS.labels(f"released_{event.reason.lower()}").inc()
     if before is None:
         await conn.execute(insert(budget_pools).values(pool_id=pool_id, **values))
     else:

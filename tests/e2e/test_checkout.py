@@ -6,6 +6,7 @@ import random
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.invariants import check_audit_complete, check_budget_balanced
 from subsidy.v1 import audit_pb2, eligibility_pb2, ledger_pb2
@@ -200,6 +201,15 @@ async def test_fifty_concurrent_reservations_never_overspend(
         assert statuses.count("LOCKED") == 20 and statuses.count("AVAILABLE") == 30
 
     await refused_unlocked()  # the refused ones were compensated synchronously
+    # Operators see the same figures on /metrics.
+    assert REGISTRY.get_sample_value(
+        "subsidy_budget_fen", {"pool": pool, "bucket": "available"}
+    ) == float(74_999)
+    refused = REGISTRY.get_sample_value(
+        "subsidy_rpc_refusals_total",
+        {"method": "/subsidy.v1.LedgerService/ReserveSubsidy", "reason": "BUDGET_EXHAUSTED"},
+    )
+    assert refused is not None and refused >= 30
     await p.running["eligibility"].wiring.registrations[0][1].e.check_limits()
 
 

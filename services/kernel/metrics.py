@@ -1,0 +1,42 @@
+"""Prometheus metrics every service exports on SUBSIDY_METRICS_LISTEN (/metrics).
+
+Names follow Prometheus conventions; label values are bounded (method names, status codes,
+reasons, pool and category ids): never an order id or anything personal.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RPC_LATENCY = Histogram(
+    "subsidy_rpc_duration_seconds",
+    "Server-side latency of each gRPC method, by outcome.",
+    ["method", "code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+RPC_REFUSALS = Counter(
+    "subsidy_rpc_refusals_total",
+    "Calls refused with a domain error, by method and machine-readable reason.",
+    ["method", "reason"],
+)
+EVENTS_PUBLISHED = Counter(
+    "subsidy_relay_published_total", "Events the outbox relay published to JetStream."
+)
+EVENTS_HANDLED = Counter(
+    "subsidy_consumer_handled_total", "Events a durable consumer handled.", ["consumer"]
+)
+DEAD_LETTERED = Counter(
+    "subsidy_consumer_dead_lettered_total",
+    "Poison events moved to the dead-letter stream (alert on any increase).",
+    ["consumer"],
+)
+BUDGET = Gauge(
+    "subsidy_budget_fen",
+    "A budget pool's figures in fen after its latest event.",
+    ["pool", "bucket"],
+)
+RESERVATIONS = Counter(
+    "subsidy_reservations_total",
+    "Reservation outcomes: reserved, captured, released by reason.",
+    ["outcome"],
+)
