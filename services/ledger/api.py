@@ -5,10 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import grpc
-
 from services.kernel.rpc import ServicerContext
-
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 
