@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
-
-from services.kernel.rpc import ServicerContext
-
 from services.kernel.errors import InvalidArgument
 from services.kernel.eventstore import EventStore
+from services.kernel.rpc import ServicerContext
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 

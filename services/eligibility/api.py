@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import grpc
-
 from services.kernel.rpc import ServicerContext
-
 from subsidy.v1 import common_pb2, eligibility_pb2, eligibility_pb2_grpc
 
 from .handlers import Eligibility

@@ -16,9 +16,8 @@ import sys
 
 import grpc
 
-from services.kernel.rpc import ServicerContext
-
 from services.kernel import rpc
+from services.kernel.rpc import ServicerContext
 from services.kernel.telemetry import configure_logging, configure_tracing
 from subsidy.v1 import identity_pb2, identity_pb2_grpc
 
