@@ -144,8 +144,6 @@ def read_rows(data: bytes) -> tuple[dict[str, int], list[tuple[int, list[str]]]]
         raise _file_error("MALFORMED_CSV", f"line {line}: {exc}", line=str(line)) from None
     if header is None:
         raise _file_error("EMPTY_CSV", "the file has no header row")
-    if not rows:
-        raise _file_error("EMPTY_CSV", "the file has a header but no rows")
     columns: dict[str, int] = {}
     for index, raw in enumerate(header):
         column = _HEADER_TO_COLUMN.get(_normalise(raw))
@@ -166,6 +164,8 @@ def read_rows(data: bytes) -> tuple[dict[str, int], list[tuple[int, list[str]]]]
         raise _file_error(
             "MISSING_COLUMN", f"missing column(s): {', '.join(missing)}", column=missing[0]
         )
+    if not rows:
+        raise _file_error("EMPTY_CSV", "the file has a header but no rows")
     return columns, rows
 
 

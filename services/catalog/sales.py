@@ -81,7 +81,8 @@ _LEDGER = text(
            coalesce(sum(o.unit_price_fen) FILTER (WHERE o.captured), 0)::bigint AS sales_fen,
            coalesce(sum(o.subsidy_fen) FILTER (WHERE o.captured), 0)::bigint AS subsidy_fen,
            count(*) FILTER (WHERE o.refunded) AS refunded_units,
-           coalesce(sum(o.unit_price_fen) FILTER (WHERE o.refunded), 0)::bigint AS refunded_sales_fen,
+           coalesce(sum(o.unit_price_fen) FILTER (WHERE o.refunded), 0)::bigint
+               AS refunded_sales_fen,
            coalesce(sum(o.subsidy_fen) FILTER (WHERE o.refunded), 0)::bigint AS refunded_subsidy_fen
     FROM sales_orders o
     LEFT JOIN products p ON p.sku = o.sku
