@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     insert,
     update,
 )
@@ -24,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.events import Envelope, payload_of
+from services.kernel.eventstore import START, EventStore
 from subsidy.v1 import events_pb2 as ev
 
 metadata = MetaData()
@@ -124,3 +126,25 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         await _set_status(conn, event.qualification_id, AVAILABLE, "")
     elif isinstance(event, ev.QualificationForfeited):
         await _set_status(conn, event.qualification_id, FORFEITED, event.order_id)
+
+
+async def rebuild(store: EventStore) -> int:
+    """Drop the read models and replay every event; returns how many were applied.
+
+    Only the read models of this service's own events are rebuilt: ``person_keys`` holds each
+    person's wrapped data key (deleting a row shreds that person, so it is never recreated) and
+    ``policies`` is a copy of catalog's documents, fed by catalog's events. Run it with the
+    service quiesced: a consumer handling an event meanwhile would update rows being replaced.
+    """
+    async with store.transaction() as tx:
+        await tx.conn.execute(delete(qualifications))
+        await tx.conn.execute(delete(quota_usage))
+        await tx.conn.execute(delete(consumers))
+        pos, n = START, 0
+        while True:
+            batch = await store.read_all(pos, limit=1000)
+            if not batch:
+                return n
+            for rec in batch:
+                await apply_event(tx.conn, rec.envelope)
+                pos, n = rec.position, n + 1
