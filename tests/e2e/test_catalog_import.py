@@ -231,10 +231,11 @@ async def test_import_needs_an_operator_and_a_reason(platform: Platform) -> None
             pass
 
     before = await catalog_events(p)
-    for kw, expected in [
+    cases: list[tuple[dict[str, Any], tuple[grpc.StatusCode, str, str]]] = [
         (dict(reason=""), (INVALID, "MISSING_FIELD", "reason")),
         (dict(actor=None), (INVALID, "MISSING_FIELD", "actor.id")),
-    ]:
+    ]
+    for kw, expected in cases:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await attempt(**kw)
         assert status_of(err.value) == expected

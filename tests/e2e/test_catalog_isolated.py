@@ -37,7 +37,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 @dataclass
 class OwnCatalog:
     running: Running
-    stub: catalog_pb2_grpc.CatalogServiceStub
+    stub: catalog_pb2_grpc.CatalogServiceAsyncStub
 
     async def events(self) -> int:
         return await self.running.runtime.store.count()
@@ -304,7 +304,10 @@ async def test_draft_refusals_name_the_field(own: OwnCatalog, rng: random.Random
         draft(document(version, later), reason=""), INVALID, "MISSING_FIELD", "reason"
     )
     await own.refused(
-        draft(document(version, later), actor=common_pb2.Actor(kind=2, id="jd")),
+        draft(
+            document(version, later),
+            actor=common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id="jd"),
+        ),
         grpc.StatusCode.PERMISSION_DENIED,
         "OPERATOR_ROLE_REQUIRED",
         "actor.kind",
