@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -240,3 +241,81 @@ async def test_import_needs_an_operator_and_a_reason(platform: Platform) -> None
             await attempt(**kw)
         assert status_of(err.value) == expected
     assert await catalog_events(p) == before
+
+
+# --------------------------------------------------------------------------------------------
+# The operator's command line, as a separate process against the running catalog
+
+
+async def cli(p: Platform, *args: str) -> tuple[int, dict[str, Any], str]:
+    import json
+    import sys
+
+    address = f"127.0.0.1:{p.running['catalog'].port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "subsidyctl.catalog_cli",
+        *args,
+        "--catalog",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out) if out.strip() else {}, err.decode()
+
+
+async def test_cli_quote_prints_one_json_object(platform: Platform) -> None:
+    code, answer, _ = await cli(
+        platform, "quote", "--category", "refrigerator", "--grade", "1", "--price-fen", "1200000"
+    )
+    assert code == 0
+    assert answer == {
+        "eligible": True,
+        "subsidy_fen": 200_000,
+        "rate_bp": 2000,
+        "cap_fen": 200_000,
+        "policy_version": "shenzhen-2025.1",
+        "reasons": [],
+    }
+    code, answer, _ = await cli(
+        platform,
+        "quote",
+        "--category",
+        "phone",
+        "--price-fen",
+        "600100",
+        "--policy",
+        "shenzhen-2025.1",
+    )
+    assert (code, answer["eligible"], answer["reasons"]) == (0, False, ["PRICE_ABOVE_CEILING"])
+    code, answer, err = await cli(platform, "quote", "--category", "phone", "--price-fen", "-5")
+    assert (code, answer) == (2, {})
+    assert '"reason": "INVALID_PRICE"' in err and '"field": "price_fen"' in err
+
+
+async def test_cli_import_reports_lines_and_exit_codes(
+    platform: Platform, rng: random.Random, tmp_path: Any
+) -> None:
+    p = platform
+    m = await merchant(p, rng)
+    s = f"cli{rng.randrange(10**9)}"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(bad_file(m, s), encoding="utf-8")
+    before = await catalog_events(p)
+    code, answer, err = await cli(p, "import", str(bad), "--actor", "op-li")
+    assert (code, answer["outcome"], answer["applied"]) == (1, "APPLIED_NOTHING", 0)
+    assert [r["line"] for r in answer["rejected"]] == [x[0] for x in EXPECTED_ERRORS]
+    assert "line 3: UNKNOWN_CATEGORY" in err and "nothing imported" in err
+    assert "validate: 11/11 rows (100%)" in err  # the progress, plainly, when not a terminal
+    assert await catalog_events(p) == before
+
+    code, answer, err = await cli(p, "import", str(bad), "--only-good-rows", "--actor", "op-li")
+    assert (code, answer["outcome"], answer["applied"]) == (0, "APPLIED_GOOD_ROWS", 2)
+    assert "9 bad row(s) NOT imported" in err
+    assert "apply: 2/2 rows (100%)" in err
+    assert await catalog_events(p) == before + 3
+    code, _, err = await cli(p, "import", str(tmp_path / "missing.csv"))
+    assert code == 2 and "cannot read" in err
