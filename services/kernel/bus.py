@@ -78,10 +78,13 @@ class OutboxRelay:
         self._name = name
         self._batch = batch
         self.published = 0
+        self._pos: Position | None = None  # only this relay writes its checkpoint
 
     async def publish_pending(self) -> int:
         """Publish everything not yet published; return how many were sent."""
-        pos = await self._store.load_checkpoint(self._name)
+        if self._pos is None:
+            self._pos = await self._store.load_checkpoint(self._name)
+        pos = self._pos
         sent = 0
         while True:
             batch = await self._store.read_all(pos, limit=self._batch)
@@ -91,6 +94,7 @@ class OutboxRelay:
                 await self._publish(rec.envelope)
                 pos = rec.position
             await self._store.save_checkpoint(self._name, pos)
+            self._pos = pos
             metrics.EVENTS_PUBLISHED.inc(len(batch))
             sent += len(batch)
             self.published += len(batch)

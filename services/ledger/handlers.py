@@ -173,16 +173,11 @@ class Ledger:
             async with self.store.transaction() as tx:
                 version = await tx.lock_stream(stream)
                 pool = await load_pool(tx.conn, req.pool_id)
-                raced = (
-                    await tx.conn.execute(
-                        select(reservations_t).where(reservations_t.c.order_id == req.order_id)
-                    )
-                ).first()
-                if raced is not None:
-                    return self._same_order(dict(raced._mapping), req)
                 await self._commit(tx, stream, version, domain.reserve(pool, reserved), ctx)
+                return await self._row(tx, req.order_id)
         except IntegrityError:
-            # The same order id reserved concurrently against another pool.
+            # The same order id reserved concurrently (the reservations key refused the second
+            # insert, and its whole transaction rolled back): answer with the first one.
             existing = await self.get_reservation(req.order_id)
             if existing is None:
                 raise
@@ -190,9 +185,15 @@ class Ledger:
         except DomainError:
             await self._unlock(req, "BUDGET_REFUSED", actor)
             raise
-        result = await self.get_reservation(req.order_id)
-        assert result is not None
-        return result
+
+    @staticmethod
+    async def _row(tx: Tx, order_id: str) -> dict[str, object]:
+        row = (
+            await tx.conn.execute(
+                select(reservations_t).where(reservations_t.c.order_id == order_id)
+            )
+        ).one()
+        return dict(row._mapping)
 
     @staticmethod
     def _same_order(existing: dict[str, object], req: ev.SubsidyReserved) -> dict[str, object]:
@@ -250,9 +251,7 @@ class Ledger:
             events = decide(res)  # type: ignore[operator]
             ctx = Context(actor, correlation_id=order_id, policy_version=row.policy_version)
             await self._commit(tx, stream, version, events, ctx)
-        after = await self.get_reservation(order_id)
-        assert after is not None
-        return after
+            return await self._row(tx, order_id)
 
     async def capture(
         self, order_id: str, payment_ref: str, actor: common_pb2.Actor
