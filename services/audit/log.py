@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -55,32 +56,40 @@ def chain_hash(previous: bytes, leaf: bytes) -> bytes:
     return hashlib.sha256(previous + leaf).digest()
 
 
+# One statement per event: advance the head (a row lock serialises appends) and insert the
+# entry with the new chain hash, computed by PostgreSQL from the previous one.
+_APPEND = text(
+    """
+    WITH h AS (
+        UPDATE audit_head SET size = size + 1, chain_hash = sha256(chain_hash || :leaf)
+        WHERE id = 1 RETURNING size - 1 AS idx, chain_hash
+    )
+    INSERT INTO audit_entries (idx, event_id, service, event_type, leaf_hash, chain_hash, envelope)
+    SELECT h.idx, :event_id, :service, :event_type, :leaf, h.chain_hash, :envelope FROM h
+    """
+)
+
+
+async def ensure_head(store: EventStore) -> None:
+    """Create the head row once (at start), so appends never need an upsert."""
+    async with store.transaction() as tx:
+        await tx.conn.execute(
+            pg_insert(head).values(id=1, size=0, chain_hash=GENESIS).on_conflict_do_nothing()
+        )
+
+
 async def append(tx: Tx, env: Envelope) -> None:
     """Append one event (the consumer has already made sure it is new)."""
-    await tx.conn.execute(
-        pg_insert(head).values(id=1, size=0, chain_hash=GENESIS).on_conflict_do_nothing()
-    )
-    size, previous = (
-        await tx.conn.execute(
-            select(head.c.size, head.c.chain_hash).where(head.c.id == 1).with_for_update()
-        )
-    ).one()
     data = env.SerializeToString(deterministic=True)
-    leaf = leaf_hash(data)
-    chained = chain_hash(previous, leaf)
     await tx.conn.execute(
-        entries.insert().values(
-            idx=size,
-            event_id=env.event_id,
-            service=env.service,
-            event_type=env.event_type,
-            leaf_hash=leaf,
-            chain_hash=chained,
-            envelope=data,
-        )
-    )
-    await tx.conn.execute(
-        head.update().where(head.c.id == 1).values(size=size + 1, chain_hash=chained)
+        _APPEND,
+        {
+            "leaf": leaf_hash(data),
+            "event_id": env.event_id,
+            "service": env.service,
+            "event_type": env.event_type,
+            "envelope": data,
+        },
     )
 
 

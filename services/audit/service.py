@@ -11,6 +11,7 @@ from .api import AuditApi
 
 
 async def build(rt: Runtime) -> Wiring:
+    await log.ensure_head(rt.store)
     return Wiring(
         registrations=[(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditApi(rt.store))],
         service_names=[audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name],

@@ -182,6 +182,38 @@ class EventConsumer:
                     )
                     await msg.nak(delay=self._backoff[min(delivered, len(self._backoff)) - 1])
 
+    async def handle_batch(self, store: EventStore, js: JetStreamContext, msgs: list[Msg]) -> None:
+        """Handle a fetched batch in one transaction; if any handler fails, none of the batch
+        commits and each message is handled on its own, so only the failing one is retried."""
+        if len(msgs) == 1:
+            await self.handle(store, js, msgs[0])
+            return
+        handled = 0
+        try:
+            async with store.transaction() as tx:
+                for msg in msgs:
+                    env = Envelope.FromString(msg.data)
+                    with tracer().start_as_current_span(
+                        f"{self.name} consume {env.event_type.rsplit('.', 1)[-1]}",
+                        context=extract(msg.headers or {}),
+                        kind=SpanKind.CONSUMER,
+                        attributes={
+                            "messaging.system": "nats",
+                            "messaging.message.id": env.event_id,
+                        },
+                    ):
+                        if await tx.mark_handled(self.name, env.event_id):
+                            await self.handler(tx, env)
+                            handled += 1
+        except Exception:
+            for msg in msgs:
+                await self.handle(store, js, msg)
+            return
+        self.handled += handled
+        metrics.EVENTS_HANDLED.labels(self.name).inc(handled)
+        for msg in msgs:
+            await msg.ack()
+
     async def _dead_letter(
         self, js: JetStreamContext, msg: Msg, env: Envelope, exc: Exception
     ) -> None:
@@ -214,8 +246,7 @@ class EventConsumer:
                 log.exception("fetch failed; retrying", extra={"alert": "consumer"})
                 await asyncio.sleep(1.0)
                 continue
-            for msg in msgs:
-                await self.handle(store, js, msg)
+            await self.handle_batch(store, js, msgs)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
