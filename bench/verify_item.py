@@ -1,0 +1,230 @@
+"""Benchmark: VerifyItem, the checkout's hot path in the catalog, over gRPC on a real PostgreSQL.
+
+The catalog runs in this process (its handlers, servicer and the shared rpc bootstrap, exactly
+as served in production, without NATS: VerifyItem neither reads nor writes events). The
+database holds 10,000 products (imported through the bulk import, which is timed too), a
+price change on every tenth one, and 10,000 sales orders with serials, so every query is
+answered from indexes of realistic size.
+
+Reports throughput and p50/p99 latency next to a same-run baseline (a gRPC health check on the
+same server at the same concurrency) as a ratio, so a slower or busier machine shows up in the
+baseline, not as a regression. No timing is asserted anywhere.
+
+Usage: python -m bench.verify_item [--calls N] [--concurrency C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import insert
+
+from services.catalog.api import CatalogApi
+from services.catalog.handlers import Catalog
+from services.catalog.importer import import_products
+from services.catalog.projections import metadata, sales_orders
+from services.kernel import rpc
+from services.kernel.eventstore import EventStore, make_engine
+from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
+from subsidyctl.stack import Postgres, free_port
+
+RESULTS = Path(__file__).with_name("results")
+PRODUCTS = 10_000
+OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="bench")
+
+
+def summarise(name: str, latencies_s: list[float], wall_s: float) -> dict[str, Any]:
+    ms = sorted(x * 1000 for x in latencies_s)
+    return {
+        "name": name,
+        "count": len(ms),
+        "throughput_per_s": round(len(ms) / wall_s, 1),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
+    }
+
+
+async def timed(
+    count: int, concurrency: int, op: Callable[[int], Awaitable[None]]
+) -> tuple[list[float], float]:
+    """Run ``op(i)`` for i in 0..count-1 with ``concurrency`` in flight."""
+    latencies: list[float] = []
+    next_i = iter(range(count))
+
+    async def worker() -> None:
+        for i in next_i:
+            t = time.perf_counter()
+            await op(i)
+            latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t0
+
+
+def product_csv(merchant_id: str) -> bytes:
+    codes = ["refrigerator", "washing_machine", "tv", "air_conditioner", "phone", "tablet"]
+    lines = ["sku,merchant_id,category,grade,brand,model,list_price_fen"]
+    for i in range(PRODUCTS):
+        code = codes[i % len(codes)]
+        grade = "" if code in ("phone", "tablet") else str(1 + i % 3)
+        lines.append(f"b-{i},{merchant_id},{code},{grade},brand{i % 17},model-{i},{300_000 + i}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub) -> float:
+    """Merchant, 10,000 products (timed import), price changes and sales orders."""
+    await stub.ApplyMerchant(
+        catalog_pb2.ApplyMerchantRequest(
+            merchant_id="bench-m",
+            name="bench",
+            licence_number="91440300MA5DC6QX4Y",
+            contact_phone="13800000000",
+        )
+    )
+    await stub.ReviewMerchant(
+        catalog_pb2.ReviewMerchantRequest(merchant_id="bench-m", approve=True)
+    )
+    t0 = time.perf_counter()
+    async for progress in import_products(catalog, product_csv("bench-m"), OPERATOR, "bench"):
+        if progress.result is not None:
+            assert progress.result.applied == PRODUCTS, progress.result
+    import_s = time.perf_counter() - t0
+    for i in range(0, PRODUCTS, 10):
+        await stub.UpdatePrice(
+            catalog_pb2.UpdatePriceRequest(
+                sku=f"b-{i}", list_price_fen=290_000 + i, reason="bench", actor=OPERATOR
+            )
+        )
+    now = datetime.now(UTC)
+    async with catalog.store.transaction() as tx:
+        await tx.conn.execute(
+            insert(sales_orders),
+            [
+                {
+                    "order_id": f"bench-o-{i}",
+                    "sku": f"b-{i}",
+                    "merchant_id": "bench-m",
+                    "category": "phone",
+                    "serial": f"86{i:013d}",
+                    "unit_price_fen": 300_000,
+                    "subsidy_fen": 45_000,
+                    "status": "CAPTURED",
+                    "captured": True,
+                    "reserved_at": now,
+                    "captured_at": now,
+                }
+                for i in range(PRODUCTS)
+            ],
+        )
+    return import_s
+
+
+async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
+    pg = Postgres(data_dir=root / "pg", port=free_port(), log_dir=root, durable=False)
+    pg.start()
+    store = EventStore(make_engine(pg.url("catalog"), pool_size=concurrency))
+    try:
+        await store.migrate(metadata)
+        catalog = Catalog(store)
+        await catalog.ensure_default_policy()
+        server, _ = rpc.build_server(
+            [(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogApi(catalog))],
+            [catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name],
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = rpc.channel(f"127.0.0.1:{port}", deadline_s=30)
+        try:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            import_s = await seed(catalog, stub)
+            rng = random.Random(7)
+            skus = [f"b-{rng.randrange(PRODUCTS)}" for _ in range(calls)]
+
+            async def check(i: int) -> None:
+                await health.Check(health_pb2.HealthCheckRequest())
+
+            async def quote(i: int) -> None:
+                await stub.Quote(
+                    catalog_pb2.QuoteRequest(category="refrigerator", grade=1, price_fen=300_000)
+                )
+
+            async def verify(i: int) -> None:
+                await stub.VerifyItem(
+                    catalog_pb2.VerifyItemRequest(sku=skus[i], unit_price_fen=300_000)
+                )
+
+            async def verify_serial(i: int) -> None:
+                v = await stub.VerifyItem(
+                    catalog_pb2.VerifyItemRequest(
+                        sku=skus[i], unit_price_fen=300_000, serial=f"86{i % (2 * PRODUCTS):013d}"
+                    )
+                )
+                assert v.reasons or v.eligible
+
+            await timed(min(calls, 500), concurrency, verify)  # warm the pools and plans
+            rows = [
+                summarise("baseline: gRPC health check", *await timed(calls, concurrency, check)),
+                summarise(
+                    "Quote (policy only, in memory)", *await timed(calls, concurrency, quote)
+                ),
+                summarise("VerifyItem", *await timed(calls, concurrency, verify)),
+                summarise(
+                    "VerifyItem with a serial", *await timed(calls, concurrency, verify_serial)
+                ),
+            ]
+        finally:
+            await channel.close()
+            await server.stop(grace=None)
+    finally:
+        await store.engine.dispose()
+        pg.stop()
+    base = rows[0]["throughput_per_s"]
+    for row in rows:
+        row["throughput_vs_baseline"] = round(row["throughput_per_s"] / base, 3)
+    return {
+        "benchmark": "verify_item",
+        "calls": calls,
+        "concurrency": concurrency,
+        "products": PRODUCTS,
+        "import_10000_rows_s": round(import_s, 2),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.verify_item")
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
+        result = asyncio.run(measure(args.calls, args.concurrency, Path(tmp)))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "verify_item.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"verify_item: {args.calls} calls per row, concurrency {args.concurrency}, "
+        f"{PRODUCTS} products; bulk import of {PRODUCTS} rows: {result['import_10000_rows_s']} s"
+    )
+    print(f"{'operation':34} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
+    for row in result["rows"]:
+        print(
+            f"{row['name']:34} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
+            f" {row['p99_ms']:8.2f} {row['throughput_vs_baseline']:8.3f}"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
