@@ -54,6 +54,10 @@ PRICE_ABOVE_BASELINE: Final = "PRICE_ABOVE_BASELINE"
 SERIAL_ALREADY_SUBSIDISED: Final = "SERIAL_ALREADY_SUBSIDISED"
 SERIAL_RESERVED: Final = "SERIAL_RESERVED"
 
+# An approved version must reach every replica (they refresh twice a second) before it takes
+# effect, or a replica could compute a reservation under the version it replaces.
+APPROVAL_LEAD: Final = dt.timedelta(seconds=1)
+
 OPERATOR_KINDS: Final = (common_pb2.Actor.KIND_OPERATOR, common_pb2.Actor.KIND_APPROVER)
 
 
@@ -136,10 +140,11 @@ def approve_policy(
             "actor.id: the approver must be a different person from the drafter",
             field="actor.id",
         )
-    if record.effective_from <= now:
+    if record.effective_from <= now + APPROVAL_LEAD:
         raise FailedPrecondition(
             "EFFECTIVE_FROM_PASSED",
-            f"version: {record.version} would take effect in the past; draft a new version",
+            f"version: {record.version} would take effect before every replica has it; "
+            "draft a new version with a later effective_from",
             field="version",
         )
     published = ev.PolicyPublished(version=record.version, policy_json=policy_json)

@@ -188,8 +188,8 @@ async def test_maker_checker_then_in_force_from_effective_from(
 
     request = catalog_pb2.VerifyItemRequest(sku=sku, unit_price_fen=1_200_000)
     before = await own.stub.VerifyItem(request)
-    if dt.datetime.now(dt.UTC) < effective:  # approved ahead of time: not yet in force
-        assert (before.policy_version, before.subsidy_fen) == ("shenzhen-2025.1", 200_000)
+    # Approval needs a second's lead, so this is before effective_from: not yet in force.
+    assert (before.policy_version, before.subsidy_fen) == ("shenzhen-2025.1", 200_000)
     await asyncio.sleep(max(0.0, (effective - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
     after = await own.stub.VerifyItem(request)
     assert (after.policy_version, after.subsidy_fen, after.rate_bp, after.cap_fen) == (
