@@ -85,16 +85,3 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         # used. This read lets a caller see the outcome for that order.
         row = await self.e.consumed(request.qualification_id, request.order_id)
         return _qualification(row)
-
-    async def ReleaseQualification(
-        self,
-        request: eligibility_pb2.ReleaseQualificationRequest,
-        context: ServicerContext,
-    ) -> eligibility_pb2.Qualification:
-        row = await self.e.release(
-            request.qualification_id,
-            request.order_id,
-            request.reason or "CANCELLED",
-            _actor(request.actor, common_pb2.Actor.KIND_SERVICE),
-        )
-        return _qualification(row)

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 ACTIVE = (AVAILABLE, LOCKED, USED)
 # Why a lock is given back: the API's three, and the ledger's compensation of a lock whose
 # reservation the budget refused.
-RELEASE_REASONS = ("CANCELLED", "EXPIRED", "REFUNDED", "BUDGET_REFUSED")
 
 
 @dataclass(frozen=True)
@@ -391,28 +390,6 @@ class Eligibility:
 
         return await self._change(qid, actor, decide, correlation=order_id)
 
-    async def release(
-        self, qid: str, order_id: str, reason: str, actor: common_pb2.Actor
-    ) -> dict[str, object]:
-        """Unlock a qualification whose order did not go ahead (idempotent)."""
-        validate.identifier("order_id", order_id)
-        validate.choice("reason", reason, RELEASE_REASONS)
-
-        def decide(q: dict[str, object]) -> list[Message]:
-            if q["status"] == LOCKED and q["order_id"] == order_id:
-                return [
-                    ev.QualificationUnlocked(qualification_id=qid, order_id=order_id, reason=reason)
-                ]
-            if q["status"] == AVAILABLE:
-                return []
-            raise FailedPrecondition(
-                "QUALIFICATION_NOT_LOCKED_TO_ORDER",
-                f"qualification_id: is {q['status']}, not locked to this order",
-                field="order_id",
-            )
-
-        return await self._change(qid, actor, decide, correlation=order_id)
-
     async def consumed(self, qid: str, order_id: str) -> dict[str, object]:
         """The qualification as the payment of ``order_id`` left it: locked to that order, or
         used by it once the ledger's SubsidyCaptured has arrived. Any other order is refused."""
@@ -428,9 +405,10 @@ class Eligibility:
 
     # -- reactions to the ledger's events -------------------------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:
-        """Payment posts -> the qualification is used; cancel/expiry/refund -> per policy."""
+        """Payment posts -> used; cancel, expiry or a refused reservation -> unlocked; a refund ->
+        restored or forfeited per policy. The only ways a locked qualification is freed."""
         event = payload_of(env)
-        if not isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        if not isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased | ev.ReservationRefused):
             return
         qid = (
             await tx.conn.execute(

@@ -31,7 +31,11 @@ async def build(rt: Runtime) -> Wiring:
             ),
             EventConsumer(
                 "eligibility-ledger",
-                ["events.ledger.SubsidyCaptured", "events.ledger.SubsidyReleased"],
+                [
+                    "events.ledger.SubsidyCaptured",
+                    "events.ledger.SubsidyReleased",
+                    "events.ledger.ReservationRefused",
+                ],
                 e.on_ledger_event,
             ),
         ],

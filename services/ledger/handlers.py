@@ -182,8 +182,8 @@ class Ledger:
             if existing is None:
                 raise
             return self._same_order(existing, req)
-        except DomainError:
-            await self._unlock(req, "BUDGET_REFUSED", actor)
+        except DomainError as refusal:
+            await self._refused(req, refusal.reason, ctx)
             raise
 
     @staticmethod
@@ -212,22 +212,19 @@ class Ledger:
             )
         return existing
 
-    async def _unlock(self, req: ev.SubsidyReserved, reason: str, actor: common_pb2.Actor) -> None:
-        """Compensate a lock whose reservation did not happen."""
-        try:
-            await self.eligibility.ReleaseQualification(
-                eligibility_pb2.ReleaseQualificationRequest(
-                    qualification_id=req.qualification_id,
-                    order_id=req.order_id,
-                    reason=reason,
-                    actor=actor,
-                )
-            )
-        except grpc.aio.AioRpcError:
-            log.error(
-                "could not unlock a qualification after a refused reservation",
-                extra={"alert": "unlock-failed", "reason": reason},
-            )
+    async def _refused(self, req: ev.SubsidyReserved, reason: str, ctx: Context) -> None:
+        """Record a refusal after the qualification was locked: eligibility unlocks it when the
+        event reaches it. The record commits even though the reservation did not."""
+        stream = f"refusal/{req.order_id}"
+        event = ev.ReservationRefused(
+            order_id=req.order_id,
+            pool_id=req.pool_id,
+            qualification_id=req.qualification_id,
+            reason=reason,
+        )
+        async with self.store.transaction() as tx:
+            version = await tx.lock_stream(stream)
+            await tx.emit(SERVICE, stream, version, [event], ctx, apply_event)
 
     async def _transition(
         self, order_id: str, actor: common_pb2.Actor, decide: object

@@ -88,6 +88,9 @@ async def load_pool(conn: AsyncConnection, pool_id: str) -> domain.Pool | None:
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
+    if isinstance(event, ev.ReservationRefused):
+        metrics.RESERVATIONS.labels("refused").inc()
+        return  # the budget did not move
     pool_id = getattr(event, "pool_id", "")
     if not pool_id:
         return

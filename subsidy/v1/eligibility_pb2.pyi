@@ -225,37 +225,3 @@ class ConsumeQualificationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeQualificationRequest: _TypeAlias = ConsumeQualificationRequest  # noqa: Y015
-
-@_typing.final
-class ReleaseQualificationRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
-    ORDER_ID_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    WAS_USED_FIELD_NUMBER: _builtins.int
-    ACTOR_FIELD_NUMBER: _builtins.int
-    qualification_id: _builtins.str
-    order_id: _builtins.str
-    reason: _builtins.str
-    """CANCELLED, EXPIRED, REFUNDED"""
-    was_used: _builtins.bool
-    """a refund after payment: restore or forfeit per policy"""
-    @_builtins.property
-    def actor(self) -> _common_pb2.Actor: ...
-    def __init__(
-        self,
-        *,
-        qualification_id: _builtins.str = ...,
-        order_id: _builtins.str = ...,
-        reason: _builtins.str = ...,
-        was_used: _builtins.bool = ...,
-        actor: _common_pb2.Actor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason", "was_used", b"was_used"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReleaseQualificationRequest: _TypeAlias = ReleaseQualificationRequest  # noqa: Y015

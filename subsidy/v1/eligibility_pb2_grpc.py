@@ -60,11 +60,6 @@ class EligibilityServiceStub:
                 request_serializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
                 _registered_method=True)
-        self.ReleaseQualification = channel.unary_unary(
-                '/subsidy.v1.EligibilityService/ReleaseQualification',
-                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.ReleaseQualificationRequest.SerializeToString,
-                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
-                _registered_method=True)
 
 
 class EligibilityServiceServicer:
@@ -91,7 +86,9 @@ class EligibilityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LockQualification(self, request, context):
-        """Checkout: lock a qualification to one order (idempotent on order id).
+        """Checkout: lock a qualification to one order (idempotent on order id). Only the ledger's
+        events unlock it again (payment, cancel, expiry, refund, refusal): there is no unlock call,
+        so a qualification held for a pending order cannot be freed and locked to a second one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,13 +96,6 @@ class EligibilityServiceServicer:
 
     def ConsumeQualification(self, request, context):
         """Payment done: the qualification is used.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReleaseQualification(self, request, context):
-        """Cancel / expiry / refund: unlock, then restore or forfeit per policy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,11 +127,6 @@ def add_EligibilityServiceServicer_to_server(servicer, server):
             'ConsumeQualification': grpc.unary_unary_rpc_method_handler(
                     servicer.ConsumeQualification,
                     request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.FromString,
-                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.SerializeToString,
-            ),
-            'ReleaseQualification': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReleaseQualification,
-                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.ReleaseQualificationRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.SerializeToString,
             ),
     }
@@ -280,33 +265,6 @@ class EligibilityService:
             target,
             '/subsidy.v1.EligibilityService/ConsumeQualification',
             subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.SerializeToString,
-            subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReleaseQualification(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/subsidy.v1.EligibilityService/ReleaseQualification',
-            subsidy_dot_v1_dot_eligibility__pb2.ReleaseQualificationRequest.SerializeToString,
             subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
             options,
             channel_credentials,

@@ -38,11 +38,12 @@ class EligibilityServiceStub:
     ClaimQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.ClaimQualificationRequest, _eligibility_pb2.Qualification]
     GetQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.GetQualificationRequest, _eligibility_pb2.Qualification]
     LockQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.LockQualificationRequest, _eligibility_pb2.Qualification]
-    """Checkout: lock a qualification to one order (idempotent on order id)."""
+    """Checkout: lock a qualification to one order (idempotent on order id). Only the ledger's
+    events unlock it again (payment, cancel, expiry, refund, refusal): there is no unlock call,
+    so a qualification held for a pending order cannot be freed and locked to a second one.
+    """
     ConsumeQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.ConsumeQualificationRequest, _eligibility_pb2.Qualification]
     """Payment done: the qualification is used."""
-    ReleaseQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.ReleaseQualificationRequest, _eligibility_pb2.Qualification]
-    """Cancel / expiry / refund: unlock, then restore or forfeit per policy."""
 
 @_typing.type_check_only
 class EligibilityServiceAsyncStub(EligibilityServiceStub):
@@ -54,11 +55,12 @@ class EligibilityServiceAsyncStub(EligibilityServiceStub):
     ClaimQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.ClaimQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
     GetQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.GetQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
     LockQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.LockQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
-    """Checkout: lock a qualification to one order (idempotent on order id)."""
+    """Checkout: lock a qualification to one order (idempotent on order id). Only the ledger's
+    events unlock it again (payment, cancel, expiry, refund, refusal): there is no unlock call,
+    so a qualification held for a pending order cannot be freed and locked to a second one.
+    """
     ConsumeQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.ConsumeQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
     """Payment done: the qualification is used."""
-    ReleaseQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.ReleaseQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
-    """Cancel / expiry / refund: unlock, then restore or forfeit per policy."""
 
 class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Consumers (identity), qualifications and quotas."""
@@ -91,7 +93,10 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _eligibility_pb2.LockQualificationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]:
-        """Checkout: lock a qualification to one order (idempotent on order id)."""
+        """Checkout: lock a qualification to one order (idempotent on order id). Only the ledger's
+        events unlock it again (payment, cancel, expiry, refund, refusal): there is no unlock call,
+        so a qualification held for a pending order cannot be freed and locked to a second one.
+        """
 
     @_abc_1.abstractmethod
     def ConsumeQualification(
@@ -100,13 +105,5 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]:
         """Payment done: the qualification is used."""
-
-    @_abc_1.abstractmethod
-    def ReleaseQualification(
-        self,
-        request: _eligibility_pb2.ReleaseQualificationRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]:
-        """Cancel / expiry / refund: unlock, then restore or forfeit per policy."""
 
 def add_EligibilityServiceServicer_to_server(servicer: EligibilityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -856,3 +856,35 @@ class SubsidyReleased(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubsidyReleased: _TypeAlias = SubsidyReleased  # noqa: Y015
+
+@_typing.final
+class ReservationRefused(_message.Message):
+    """A reservation refused after the qualification was locked to its order (the budget ran out
+    under concurrency): eligibility unlocks the qualification when it sees this.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    pool_id: _builtins.str
+    qualification_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        pool_id: _builtins.str = ...,
+        qualification_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReservationRefused: _TypeAlias = ReservationRefused  # noqa: Y015

@@ -16,6 +16,7 @@ from typing import TypeVar
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
 
 from services.kernel import rpc
 from services.kernel.app import Running
@@ -51,6 +52,30 @@ class Platform:
     authority: identity_pb2_grpc.IdentitySimulatorAdminAsyncStub
     spans: InMemorySpanExporter
     nats_url: str  # the platform's own NATS server (not infra.nats)
+
+    async def quiesce(self, within: float = 30.0) -> None:
+        """Wait until every durable consumer of every service has handled every stored event
+        that matches its subjects (the platform is quiet; read models and audit are final)."""
+
+        async def check() -> None:
+            subjects: list[str] = []
+            for name, r in self.running.items():
+                async with r.runtime.store.engine.connect() as conn:
+                    rows = await conn.execute(text("SELECT event_type FROM events"))
+                    subjects += [f"events.{name}.{t.rsplit('.', 1)[-1]}" for (t,) in rows]
+            for r in self.running.values():
+                for c in r.wiring.consumers:
+                    expected = sum(
+                        1 for s in subjects if any(subject_matches(f, s) for f in c.subjects)
+                    )
+                    async with r.runtime.store.engine.connect() as conn:
+                        handled = await conn.scalar(
+                            text("SELECT count(*) FROM handled_events WHERE consumer = :c"),
+                            {"c": c.name},
+                        )
+                    assert handled == expected, f"{c.name} has handled {handled} of {expected}"
+
+        await eventually(check, within=within)
 
     async def person(self, rng: random.Random) -> tuple[Person, str]:
         """A generated person, enrolled at the simulated authority and registered."""
@@ -100,6 +125,17 @@ class Platform:
             ledger_pb2.FundBudgetRequest(pool_id=pool_id, amount_fen=fen, source="district")
         )
         return pool_id
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
 
 
 async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 15.0) -> T:

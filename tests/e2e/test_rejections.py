@@ -185,7 +185,6 @@ async def world(platform: Platform, rng: random.Random) -> World:
 # -- "nothing changed" ---------------------------------------------------------------------------
 LEDGER_TABLES = ("budget_pools", "reservations", "funding_keys")
 ELIGIBILITY_TABLES = ("consumers", "person_keys", "qualifications", "quota_usage", "policies")
-LEDGER_REACTIONS = ("subsidy.v1.SubsidyCaptured", "subsidy.v1.SubsidyReleased")
 
 
 @dataclass(frozen=True)
@@ -211,16 +210,7 @@ async def _scalar(store: EventStore, sql: str, **params: Any) -> int:
 
 
 async def _read_state(p: Platform) -> State:
-    reactions = await _scalar(
-        p.running["ledger"].runtime.store,
-        "SELECT count(*) FROM events WHERE event_type = ANY(:types)",
-        types=list(LEDGER_REACTIONS),
-    )
-    handled = await _scalar(
-        p.running["eligibility"].runtime.store,
-        "SELECT count(*) FROM handled_events WHERE consumer = 'eligibility-ledger'",
-    )
-    assert handled == reactions, "eligibility is still catching up with the ledger"
+    await p.quiesce()
     events = {name: await r.runtime.store.count() for name, r in p.running.items()}
     size, head, _ = await audit_log.info(p.running["audit"].runtime.store)
     assert size == sum(events.values()), "the audit log is still catching up"
@@ -1002,49 +992,6 @@ case(
     f"{CONSUME}-given-back-after-cancel",
     CONSUME,
     lambda w, rng: consume(w, rng, qualification_id=w.qe, order_id=w.released),
-    PRECONDITION,
-    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
-    "order_id",
-)
-
-
-# EligibilityService.ReleaseQualification ---------------------------------------------------------
-def release_q(
-    w: World, rng: random.Random, **kw: Any
-) -> eligibility_pb2.ReleaseQualificationRequest:
-    """Releasing A's AVAILABLE refrigerator (a harmless no-op) but for ``kw``."""
-    values: dict[str, Any] = {
-        "qualification_id": w.qa,
-        "order_id": _order(rng),
-        "reason": "CANCELLED",
-    }
-    return eligibility_pb2.ReleaseQualificationRequest(**(values | kw))
-
-
-RELEASE_Q = "eligibility.ReleaseQualification"
-qualification_id_cases(RELEASE_Q, lambda w, rng, v: release_q(w, rng, qualification_id=v))
-identifier_cases(RELEASE_Q, "order_id", lambda w, rng, v: release_q(w, rng, order_id=v))
-for _reason in ("BOGUS", "cancelled", "CANCELLED\n", LONG):
-    case(
-        f"{RELEASE_Q}-reason-{_reason[:12]!r}",
-        RELEASE_Q,
-        fixed(release_q, reason=_reason),
-        INVALID,
-        "INVALID_CHOICE",
-        "reason",
-    )
-case(
-    f"{RELEASE_Q}-locked-to-another-order",
-    RELEASE_Q,
-    lambda w, rng: release_q(w, rng, qualification_id=w.qc),
-    PRECONDITION,
-    "QUALIFICATION_NOT_LOCKED_TO_ORDER",
-    "order_id",
-)
-case(
-    f"{RELEASE_Q}-used",
-    RELEASE_Q,
-    lambda w, rng: release_q(w, rng, qualification_id=w.qd, order_id=w.captured),
     PRECONDITION,
     "QUALIFICATION_NOT_LOCKED_TO_ORDER",
     "order_id",

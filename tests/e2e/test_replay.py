@@ -15,12 +15,11 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from services.audit import log as audit_log
 from services.eligibility import projections as eligibility_projections
 from services.kernel.eventstore import EventStore
 from services.ledger import projections as ledger_projections
 from subsidy.v1 import eligibility_pb2, ledger_pb2
-from tests.e2e.conftest import Platform, eventually
+from tests.e2e.conftest import Platform
 
 Rows = dict[str, list[tuple[Any, ...]]]
 LEDGER_READ_MODELS = ("budget_pools", "reservations", "funding_keys")
@@ -40,29 +39,6 @@ async def rows(store: EventStore, tables: tuple[str, ...]) -> Rows:
 async def distinct(store: EventStore, column: str, table: str) -> set[Any]:
     async with store.engine.connect() as conn:
         return set((await conn.execute(text(f"SELECT DISTINCT {column} FROM {table}"))).scalars())
-
-
-async def quiesced(p: Platform) -> None:
-    """Every event consumed: eligibility has reacted to the ledger, audit has everything."""
-
-    async def check() -> None:
-        ledger, eligibility = p.running["ledger"].runtime.store, p.running["eligibility"].runtime
-        async with ledger.engine.connect() as conn:
-            reactions = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM events WHERE event_type IN "
-                    "('subsidy.v1.SubsidyCaptured', 'subsidy.v1.SubsidyReleased')"
-                )
-            )
-        async with eligibility.store.engine.connect() as conn:
-            handled = await conn.scalar(
-                text("SELECT count(*) FROM handled_events WHERE consumer = 'eligibility-ledger'")
-            )
-        assert handled == reactions
-        total = sum([await r.runtime.store.count() for r in p.running.values()])
-        assert (await audit_log.info(p.running["audit"].runtime.store))[0] == total
-
-    await eventually(check)
 
 
 async def make_history(p: Platform, rng: random.Random) -> None:
@@ -112,7 +88,7 @@ async def make_history(p: Platform, rng: random.Random) -> None:
             await p.ledger.ReleaseSubsidy(
                 ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="REFUNDED")
             )
-    await quiesced(p)
+    await p.quiesce()
 
 
 async def test_ledger_read_models_rebuild_from_events_alone(
