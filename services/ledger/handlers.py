@@ -27,7 +27,14 @@ from subsidy.v1 import (
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
-from .projections import apply_event, budget_pools, funding_keys, load_pool, pool_stream
+from .projections import (
+    SERIAL_CONSTRAINT,
+    apply_event,
+    budget_pools,
+    funding_keys,
+    load_pool,
+    pool_stream,
+)
 from .projections import reservations as reservations_t
 
 SERVICE = "ledger"
@@ -175,7 +182,15 @@ class Ledger:
                 pool = await load_pool(tx.conn, req.pool_id)
                 await self._commit(tx, stream, version, domain.reserve(pool, reserved), ctx)
                 return await self._row(tx, req.order_id)
-        except IntegrityError:
+        except IntegrityError as exc:
+            if SERIAL_CONSTRAINT in str(exc.orig):
+                refusal = FailedPrecondition(
+                    "SERIAL_ALREADY_SUBSIDISED",
+                    "serial: this unit is already held or subsidised by another order",
+                    field="serial",
+                )
+                await self._refused(req, refusal.reason, ctx)
+                raise refusal from None
             # The same order id reserved concurrently (the reservations key refused the second
             # insert, and its whole transaction rolled back): answer with the first one.
             existing = await self.get_reservation(req.order_id)

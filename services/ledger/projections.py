@@ -19,6 +19,7 @@ from sqlalchemy import (
     delete,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -31,6 +32,7 @@ from subsidy.v1 import events_pb2 as ev
 from . import domain
 
 metadata = MetaData()
+SERIAL_CONSTRAINT = "reservations_one_subsidy_per_serial"
 
 budget_pools = Table(
     "budget_pools",
@@ -60,7 +62,16 @@ reservations = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("release_reason", String(16), nullable=False, default=""),
     Column("payment_ref", String(128), nullable=False, default=""),
+    Column("serial", String(64), nullable=False, default=""),
     Index("reservations_pending_expiry", "status", "expires_at"),
+    # One subsidy per unit: a serial / IMEI can be held or spent by one order only. Enforced
+    # here, under concurrency, not only by catalog's (asynchronous) view of the ledger's events.
+    Index(
+        SERIAL_CONSTRAINT,
+        "serial",
+        unique=True,
+        postgresql_where=text("serial <> '' AND status IN ('PENDING', 'CAPTURED')"),
+    ),
 )
 
 funding_keys = Table(
@@ -140,6 +151,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
                 release_reason="",
                 payment_ref="",
+                serial=event.serial,
             )
         )
     elif isinstance(event, ev.SubsidyCaptured):

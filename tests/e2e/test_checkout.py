@@ -233,3 +233,76 @@ async def test_every_event_reaches_the_audit_log_exactly_once(platform: Platform
         assert info.size == sum(len(v) for v in service_ids.values()) > 0
 
     await eventually(complete, within=30)
+
+
+async def test_one_unit_is_subsidised_once_even_when_two_orders_race(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Two orders race with the same IMEI before catalog has seen either: the ledger's unique
+    serial index lets exactly one hold the unit; the other is refused and its lock undone."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from services.invariants import check_serial_once
+    from services.ledger.projections import reservations
+
+    p = platform
+    sku = await p.product(rng, "phone", 0, 300_000)
+    pool = await p.pool(rng, 1_000_000)
+    imei = f"IMEI{rng.randrange(10**15):015d}"
+    people = [await p.person(rng) for _ in range(2)]
+    quals = [
+        await p.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(consumer_id=c, category="phone", channel="jd")
+        )
+        for _, c in people
+    ]
+
+    async def reserve(i: int) -> str:
+        try:
+            await p.ledger.ReserveSubsidy(
+                ledger_pb2.ReserveSubsidyRequest(
+                    order_id=f"imei-{imei}-{i}",
+                    platform_id="jd",
+                    pool_id=pool,
+                    consumer_id=people[i][1],
+                    qualification_id=quals[i].qualification_id,
+                    sku=sku,
+                    unit_price_fen=300_000,
+                    serial=imei,
+                )
+            )
+            return "ok"
+        except grpc.aio.AioRpcError as err:
+            code, reason, field = status_of(err)
+            assert (code, field) == (grpc.StatusCode.FAILED_PRECONDITION, "serial"), (code, reason)
+            return reason
+
+    outcomes = sorted(await asyncio.gather(reserve(0), reserve(1)))
+    assert outcomes[1] == "ok" and outcomes[0] in ("SERIAL_ALREADY_SUBSIDISED", "SERIAL_RESERVED")
+    b = await budget(p, pool)
+    assert b.reserved_fen == 45_000  # one hold, not two
+    await p.quiesce()
+    ledger = p.running["ledger"].runtime.store
+    async with ledger.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(reservations.c.serial, reservations.c.order_id)
+                .where(reservations.c.serial != "")
+                .where(reservations.c.status.in_(("PENDING", "CAPTURED")))
+            )
+        ).all()
+    check_serial_once([(s, o) for s, o in rows])
+    assert [s for s, _ in rows].count(imei) == 1
+    statuses = sorted(
+        [
+            (
+                await p.eligibility.GetQualification(
+                    eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+                )
+            ).status
+            for q in quals
+        ]
+    )
+    assert statuses == ["AVAILABLE", "LOCKED"]  # the loser's qualification was given back
