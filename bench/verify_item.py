@@ -19,10 +19,8 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import insert
 
+from bench.common import RESULTS, against_baseline, summarise, timed
 from services.catalog.api import CatalogApi
 from services.catalog.handlers import Catalog
 from services.catalog.importer import import_products
@@ -39,38 +38,8 @@ from services.kernel.eventstore import EventStore, make_engine
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 from subsidyctl.stack import Postgres, free_port
 
-RESULTS = Path(__file__).with_name("results")
 PRODUCTS = 10_000
 OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="bench")
-
-
-def summarise(name: str, latencies_s: list[float], wall_s: float) -> dict[str, Any]:
-    ms = sorted(x * 1000 for x in latencies_s)
-    return {
-        "name": name,
-        "count": len(ms),
-        "throughput_per_s": round(len(ms) / wall_s, 1),
-        "p50_ms": round(statistics.median(ms), 2),
-        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
-    }
-
-
-async def timed(
-    count: int, concurrency: int, op: Callable[[int], Awaitable[None]]
-) -> tuple[list[float], float]:
-    """Run ``op(i)`` for i in 0..count-1 with ``concurrency`` in flight."""
-    latencies: list[float] = []
-    next_i = iter(range(count))
-
-    async def worker() -> None:
-        for i in next_i:
-            t = time.perf_counter()
-            await op(i)
-            latencies.append(time.perf_counter() - t)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - t0
 
 
 def product_csv(merchant_id: str) -> bytes:
@@ -191,9 +160,7 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
     finally:
         await store.engine.dispose()
         pg.stop()
-    base = rows[0]["throughput_per_s"]
-    for row in rows:
-        row["throughput_vs_baseline"] = round(row["throughput_per_s"] / base, 3)
+    against_baseline(rows, rows[0])
     return {
         "benchmark": "verify_item",
         "calls": calls,

@@ -4,6 +4,12 @@ subsidyctl up [--seed-demo]     start the whole stack locally and serve until Ct
 subsidyctl smoke                start a throwaway stack, run one checkout, print one JSON line
 subsidyctl seed                 create the demo campaign on a running stack
 subsidyctl checkout             run one subsidised checkout against a running stack
+subsidyctl quote --category C --grade G --price-fen N [--policy V]
+                                the subsidy for one item, answered by the running catalog
+subsidyctl import FILE.csv      bulk-import products (all or nothing, or --only-good-rows)
+subsidyctl sales-ledger         export the sales ledger (销售台账) as CSV or XLSX
+subsidyctl pause | resume       emergency switch for a category or the whole campaign
+subsidyctl policy draft | approve   maker-checker publication of a policy version
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from services.invariants import check_audit_complete
 from services.kernel.telemetry import configure_tracing
 from subsidy.v1 import audit_pb2
 
-from . import demo
+from . import catalog_cli, demo
 from .localstack import SERVICES, LocalStack, Ports
 from .stack import StackError, port_in_use
 
@@ -218,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--sku", default="demo-fridge-g1")
     co.add_argument("--price-fen", type=int, default=1_200_000)
     co.set_defaults(fn=cmd_checkout)
+    catalog_cli.add_commands(sub)  # quote, import, sales-ledger, pause, resume, policy
     args = parser.parse_args(argv)
-    code: int = args.fn(args)
+    code: int = (args.fn if hasattr(args, "fn") else args.func)(args)
     return code
 
 

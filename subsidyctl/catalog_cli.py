@@ -61,13 +61,9 @@ def _run(
     *,
     deadline_s: float = 10.0,
 ) -> int:
-    address = args.catalog or os.environ.get("SUBSIDY_CATALOG_ADDR", "")
-    if not address:
-        print(
-            "catalog_cli: --catalog HOST:PORT (or SUBSIDY_CATALOG_ADDR) is required",
-            file=sys.stderr,
-        )
-        return EXIT_REFUSED
+    # Default: the catalog of the local stack (`make run`) on its base port.
+    base = int(os.environ.get("SUBSIDY_BASE_PORT", "7100"))
+    address = args.catalog or os.environ.get("SUBSIDY_CATALOG_ADDR", f"127.0.0.1:{base + 1}")
 
     async def go() -> int:
         channel = rpc.channel(address, deadline_s=deadline_s)
@@ -310,7 +306,9 @@ def policy_command(args: argparse.Namespace) -> int:
 
 def _add_catalog(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--catalog", default="", help="catalog service HOST:PORT (default $SUBSIDY_CATALOG_ADDR)"
+        "--catalog",
+        default="",
+        help="catalog service HOST:PORT (default $SUBSIDY_CATALOG_ADDR, else the local stack's)",
     )
 
 
@@ -323,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m subsidyctl.catalog_cli",
         description="Catalog commands, answered by a running catalog service.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the catalog commands (also under ``subsidyctl``)."""
 
     quote = sub.add_parser("quote", help="the subsidy for one item under a policy version")
     add_quote_arguments(quote)
@@ -366,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_actor(policy)
     _add_catalog(policy)
     policy.set_defaults(func=policy_command)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,7 +255,7 @@ async def cli(p: Platform, *args: str) -> tuple[int, dict[str, Any], str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "subsidyctl.catalog_cli",
+        "subsidyctl",  # the operator's command: subsidyctl quote / import / ...
         *args,
         "--catalog",
         address,

@@ -1,0 +1,18 @@
+"""make bench: every benchmark, one after the other; results in bench/results/*.json.
+
+Each reports throughput and p50/p99 with a same-run baseline as a ratio (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from bench import checkout, verify_item
+
+
+def main() -> None:
+    verify_item.main([])
+    print()
+    checkout.main([])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Benchmark: the checkout's hot path (ReserveSubsidy, then CaptureSubsidy) over gRPC.
+
+Real PostgreSQL, NATS and OpenBao, and each service in its own process as in production (the
+stack `make run` starts, on free ports); the client runs in this process. Every order of one
+run draws on ONE budget pool: the worst case, since reservations on a pool serialise on its
+stream lock.
+
+Reports throughput and p50/p99 latency, and the same-run baseline (a gRPC health check against the
+ledger at the same concurrency) as a ratio, so a slower or busier machine shows as a baseline
+change, not as a regression. Usage: python -m bench.checkout [--orders N] [--concurrency C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.common import RESULTS, against_baseline, summarise, timed
+from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
+from subsidyctl import demo
+from subsidyctl.__main__ import _free_base
+from subsidyctl.localstack import LocalStack, Ports
+
+
+async def run(orders: int, concurrency: int, root: Path) -> dict[str, Any]:
+    """The services as separate processes (as in production), on free ports."""
+    stack = LocalStack(root, Ports(_free_base()), durable=False, log=io.StringIO())
+    stack.start()
+    try:
+        client = demo.Client(stack.endpoints())
+        try:
+            return await measure(client, stack.endpoints(), orders, concurrency)
+        finally:
+            await client.close()
+    finally:
+        stack.stop()
+
+
+async def measure(
+    client: demo.Client, endpoints: dict[str, str], orders: int, concurrency: int
+) -> dict[str, Any]:
+    rng = random.Random(7)
+    await client.catalog.ApplyMerchant(
+        catalog_pb2.ApplyMerchantRequest(
+            merchant_id="bench-m",
+            name="bench",
+            licence_number="91440300MA5DC6QX4Y",
+            contact_phone="13800000000",
+        )
+    )
+    await client.catalog.ReviewMerchant(
+        catalog_pb2.ReviewMerchantRequest(merchant_id="bench-m", approve=True)
+    )
+    await client.catalog.RegisterProduct(
+        catalog_pb2.RegisterProductRequest(
+            sku="bench-phone",
+            merchant_id="bench-m",
+            category="phone",
+            brand="b",
+            model="m",
+            list_price_fen=300_000,
+        )
+    )
+    await client.ledger.FundBudget(
+        ledger_pb2.FundBudgetRequest(pool_id="bench-pool", amount_fen=10**12, source="district")
+    )
+    # Preparation (not the hot path): register consumers and claim their qualifications.
+    people: list[tuple[str, str]] = []
+
+    async def prepare(i: int) -> None:
+        consumer = await demo.register(client, demo.generate_person(rng))
+        q = await client.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(
+                consumer_id=consumer.consumer_id, category="phone", channel="bench"
+            )
+        )
+        people.append((consumer.consumer_id, q.qualification_id))
+
+    prep_lat, prep_wall = await timed(orders, concurrency, prepare)
+
+    import grpc
+
+    async with grpc.aio.insecure_channel(endpoints["ledger"]) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+
+        async def check(i: int) -> None:
+            await health.Check(health_pb2.HealthCheckRequest())
+
+        base_lat, base_wall = await timed(orders, concurrency, check)
+
+    async def reserve(i: int) -> None:
+        consumer, qual = people[i]
+        await client.ledger.ReserveSubsidy(
+            ledger_pb2.ReserveSubsidyRequest(
+                order_id=f"bench-{i}",
+                platform_id="bench",
+                pool_id="bench-pool",
+                consumer_id=consumer,
+                qualification_id=qual,
+                sku="bench-phone",
+                unit_price_fen=300_000,
+            )
+        )
+
+    async def capture(i: int) -> None:
+        await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))
+
+    res_lat, res_wall = await timed(orders, concurrency, reserve)
+    cap_lat, cap_wall = await timed(orders, concurrency, capture)
+    budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="bench-pool"))
+    assert budget.spent_fen == orders * 45_000, "every benchmark order must have been captured"
+    baseline = summarise("baseline: gRPC health check (ledger)", base_lat, base_wall)
+    rows = [
+        summarise("prepare: RegisterConsumer + ClaimQualification", prep_lat, prep_wall),
+        baseline,
+        summarise(
+            "ReserveSubsidy (verify item, lock qualification, hold budget)", res_lat, res_wall
+        ),
+        summarise("CaptureSubsidy", cap_lat, cap_wall),
+    ]
+    against_baseline(rows, baseline)
+    return {"benchmark": "checkout", "orders": orders, "concurrency": concurrency, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.checkout")
+    parser.add_argument("--orders", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
+        result = asyncio.run(run(args.orders, args.concurrency, Path(tmp)))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "checkout.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
+    print(f"{"operation":64} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
+    for row in result["rows"]:
+        print(
+            f"{row['name']:64} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
+            f" {row['p99_ms']:8.2f} {row['throughput_vs_baseline']:8.3f}"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
