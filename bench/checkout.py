@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "checkout.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
-    print(f"{"operation":64} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
+    print(f"{'operation':64} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
     for row in result["rows"]:
         print(
             f"{row['name']:64} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
