@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import helm_python as helm
 import kubernetes_validate
-import pytest
 
 from tests.deploy.chart import CHART_DIR, KUBE_VERSION, NAMESPACE, SERVICES, Release, selects
 
@@ -60,11 +59,14 @@ def test_every_object_has_a_unique_name_and_the_release_labels(rel: Release) -> 
         assert labels["app.kubernetes.io/managed-by"] == "Helm", key
 
 
-def test_service_monitor_is_well_formed(rel: Release) -> None:
+def test_service_monitor_is_absent_when_disabled_and_well_formed_when_enabled(
+    rel: Release,
+) -> None:
     monitors = rel.of_kind("ServiceMonitor")
     if not rel.values.get("metrics", {}).get("serviceMonitor", {}).get("enabled"):
+        # Without the Prometheus Operator the CRD does not exist: rendering one would fail.
         assert monitors == []
-        pytest.skip("ServiceMonitor disabled in this profile")
+        return
     # No offline schema for this CRD: check the fields the Prometheus Operator requires.
     (monitor,) = monitors
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

@@ -297,10 +297,14 @@ def test_only_the_designed_calls_between_services_are_allowed(rel: Release) -> N
                 assert allowed == ((src, dst) in designed), f"{src} -> {dst}"
 
 
-def test_the_identity_simulator_is_reachable_only_from_eligibility(rel: Release) -> None:
+def test_the_identity_simulator_is_absent_or_reachable_only_from_eligibility(
+    rel: Release,
+) -> None:
     networked(rel)
     if not rel.effective["identitySimulator"]["enabled"]:
-        pytest.skip("no simulator in this profile")
+        # Production talks to the real provincial platform: no simulator may be deployed.
+        assert not [o for o in rel.objects if "identity-sim" in o["metadata"]["name"]]
+        return
     sim = {
         "app.kubernetes.io/name": "identity-sim",
         "app.kubernetes.io/instance": "subsidy",
