@@ -17,7 +17,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    delete,
     insert,
     update,
 )
@@ -25,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.events import Envelope, payload_of
-from services.kernel.eventstore import START, EventStore
+from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
 metadata = MetaData()
@@ -136,15 +135,4 @@ async def rebuild(store: EventStore) -> int:
     ``policies`` is a copy of catalog's documents, fed by catalog's events. Run it with the
     service quiesced: a consumer handling an event meanwhile would update rows being replaced.
     """
-    async with store.transaction() as tx:
-        await tx.conn.execute(delete(qualifications))
-        await tx.conn.execute(delete(quota_usage))
-        await tx.conn.execute(delete(consumers))
-        pos, n = START, 0
-        while True:
-            batch = await store.read_all(pos, limit=1000)
-            if not batch:
-                return n
-            for rec in batch:
-                await apply_event(tx.conn, rec.envelope)
-                pos, n = rec.position, n + 1
+    return await store.rebuild((qualifications, quota_usage, consumers), apply_event)

@@ -284,6 +284,22 @@ class EventStore:
                 Recorded(Position(int(r[0]), int(r[1])), Envelope.FromString(r[2])) for r in result
             ]
 
+    async def rebuild(self, tables: Sequence[Table], project: Projector) -> int:
+        """Empty ``tables`` and replay every event of this store through ``project``, in one
+        transaction; returns how many events were applied. Run it with the service quiesced:
+        a consumer handling an event meanwhile would update rows being replaced."""
+        async with self.transaction() as tx:
+            for table in tables:
+                await tx.conn.execute(table.delete())
+            pos, n = START, 0
+            while True:
+                batch = await self.read_all(pos, limit=1000)
+                if not batch:
+                    return n
+                for rec in batch:
+                    await project(tx.conn, rec.envelope)
+                    pos, n = rec.position, n + 1
+
     async def count(self) -> int:
         async with self.engine.connect() as conn:
             return int(await conn.scalar(text("SELECT count(*) FROM events")) or 0)

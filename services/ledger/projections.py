@@ -16,7 +16,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    delete,
     insert,
     select,
     text,
@@ -26,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import metrics
 from services.kernel.events import Envelope, payload_of
-from services.kernel.eventstore import EventStore, Position
+from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -169,19 +168,8 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
 
 
 async def rebuild(store: EventStore) -> int:
-    """Drop the read models and replay every event; returns how many were applied."""
-    async with store.transaction() as tx:
-        await tx.conn.execute(delete(reservations))
-        await tx.conn.execute(delete(budget_pools))
-        await tx.conn.execute(delete(funding_keys))
-        pos, n = Position(0, 0), 0
-        while True:
-            batch = await store.read_all(pos, limit=1000)
-            if not batch:
-                return n
-            for rec in batch:
-                await apply_event(tx.conn, rec.envelope)
-                pos, n = rec.position, n + 1
+    """Drop the ledger's read models and replay every event; returns how many were applied."""
+    return await store.rebuild((reservations, budget_pools, funding_keys), apply_event)
 
 
 def now() -> datetime:
