@@ -242,8 +242,9 @@ class LocalStack:
         return [s for s, p in self._procs.items() if p.poll() is not None]
 
     # -- stop -------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Stop services first (they drain), then the infrastructure; safe to call twice."""
+    def stop(self) -> dict[str, int]:
+        """Stop services first (they drain), then the infrastructure; safe to call twice.
+        Returns each service's exit code (0 = it shut down gracefully on SIGTERM)."""
         for service in (*reversed(SERVICES), "identity_sim"):
             proc = self._procs.get(service)
             if proc is not None and proc.poll() is None:
@@ -255,12 +256,14 @@ class LocalStack:
                 self.say(f"{service} did not stop in 15 s; killing it")
                 proc.kill()
                 proc.wait(5)
+        codes = {service: proc.returncode for service, proc in self._procs.items()}
         self._procs.clear()
         for part in (self.bao, self.nats, self.pg):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
         self.release()
+        return codes
 
     def endpoints(self) -> dict[str, str]:
         assert self.pg and self.nats and self.bao

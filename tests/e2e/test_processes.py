@@ -15,7 +15,7 @@ import pytest
 from subsidy.v1 import ledger_pb2
 from subsidyctl import demo
 from subsidyctl.__main__ import _free_base
-from subsidyctl.localstack import AlreadyRunning, LocalStack, Ports
+from subsidyctl.localstack import SERVICES, AlreadyRunning, LocalStack, Ports
 
 
 @pytest.mark.slow
@@ -53,7 +53,11 @@ def test_local_stack_keeps_data_and_keys_across_restart_and_refuses_a_second_up(
     try:
         second = asyncio.run(_seed_and_checkout(again))
     finally:
-        again.stop()
+        codes = again.stop()
+    # SIGTERM drains and exits 0: no service had to be killed.
+    assert codes == {s: 0 for s in (*SERVICES, "identity_sim")}
+    for s in SERVICES:
+        assert f"{s} stopped" in (tmp_path / "run" / "logs" / f"{s}.log").read_text()
     # The budget, the merchants and products, and the Vault keys all survived the restart:
     # the second checkout spends from what the first left, in the same pool.
     assert second["budget_available_fen"] == first["budget_available_fen"] - 200_000

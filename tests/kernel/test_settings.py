@@ -1,0 +1,79 @@
+"""Settings come from the environment and fail fast, naming what is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.kernel.settings import Settings, SettingsError
+
+BASE = {
+    "SUBSIDY_GRPC_LISTEN": "127.0.0.1:0",
+    "SUBSIDY_DATABASE_URL": "postgresql+psycopg://svc@db:5432/ledger",
+    "SUBSIDY_NATS_URL": "nats://nats:4222",
+    "SUBSIDY_VAULT_ADDR": "http://vault:8200",
+    "SUBSIDY_VAULT_K8S_ROLE": "subsidy-ledger",
+    "SUBSIDY_CATALOG_ADDR": "catalog:50051",
+    "SUBSIDY_ELIGIBILITY_ADDR": "eligibility:50051",
+}
+
+
+def test_a_complete_environment_gives_settings() -> None:
+    s = Settings.from_env("ledger", peers=("catalog", "eligibility"), env=BASE)
+    assert s.peers == {"catalog": "catalog:50051", "eligibility": "eligibility:50051"}
+    assert (s.vault_token, s.vault_k8s_role) == (None, "subsidy-ledger")
+    assert s.reservation_timeout_s == 900
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "SUBSIDY_GRPC_LISTEN",
+        "SUBSIDY_DATABASE_URL",
+        "SUBSIDY_NATS_URL",
+        "SUBSIDY_VAULT_ADDR",
+        "SUBSIDY_CATALOG_ADDR",
+        "SUBSIDY_ELIGIBILITY_ADDR",
+    ],
+)
+def test_each_missing_variable_is_named(missing: str) -> None:
+    env = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(SettingsError, match=missing):
+        Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+
+
+def test_vault_needs_a_token_or_a_kubernetes_role() -> None:
+    env = {k: v for k, v in BASE.items() if k != "SUBSIDY_VAULT_K8S_ROLE"}
+    with pytest.raises(SettingsError, match="SUBSIDY_VAULT_TOKEN"):
+        Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+
+
+def test_malformed_number_is_named() -> None:
+    env = {**BASE, "SUBSIDY_RESERVATION_TIMEOUT_S": "fifteen minutes"}
+    with pytest.raises(SettingsError, match="SUBSIDY_RESERVATION_TIMEOUT_S"):
+        Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+
+
+def test_the_database_password_comes_from_a_file_never_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret\n")
+    env = {**BASE, "SUBSIDY_DATABASE_PASSWORD_FILE": str(secret)}
+    s = Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+    assert s.database_url == "postgresql+psycopg://svc:s3cret@db:5432/ledger"
+
+
+def test_a_service_process_refuses_to_start_and_names_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.ledger"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "missing required environment variable SUBSIDY_" in proc.stderr
