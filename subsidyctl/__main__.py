@@ -108,6 +108,10 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_checkout(args: argparse.Namespace) -> int:
+    # The platform side of the trace: its spans join the services' in the local run folder.
+    traces = DEFAULT_RUN_DIR / "traces"
+    configure_tracing("platform", trace_file=traces / "platform.jsonl" if traces.is_dir() else None)
+
     async def run() -> dict[str, Any]:
         client = demo.Client(_endpoints(args.base_port))
         try:
