@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.invariants import check_audit_complete
 from services.kernel.telemetry import configure_tracing
@@ -172,12 +174,21 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.1)
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            provider.force_flush()  # the platform's own spans, batched in this process
+        # Services export spans in batches every 200 ms: wait until the audit log's span is in
+        # and the count has held still for a second.
         spans: list[dict[str, object]] = []
-        while loop.time() < deadline:
-            spans = stack.trace_spans(result["trace_id"])
-            if any(str(s["name"]).startswith("audit-log consume SubsidyCaptured") for s in spans):
-                break
-            await asyncio.sleep(0.1)
+        steady = 0
+        while loop.time() < deadline and steady < 5:
+            await asyncio.sleep(0.2)
+            now = stack.trace_spans(result["trace_id"])
+            audited = any(
+                str(s["name"]).startswith("audit-log consume SubsidyCaptured") for s in now
+            )
+            steady = steady + 1 if audited and len(now) == len(spans) else 0
+            spans = now
         return {
             "subsidy_fen": result["subsidy_fen"],
             "budget_available_fen": result["budget_available_fen"],

@@ -80,7 +80,10 @@ def configure_tracing(
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     if trace_file is not None:
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+        # Batched: a write per span would cost the hot path a file open and close each time.
+        provider.add_span_processor(
+            BatchSpanProcessor(JsonLinesSpanExporter(trace_file), schedule_delay_millis=200)
+        )
     kind = os.environ.get("OTEL_TRACES_EXPORTER", "none")
     if kind == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
