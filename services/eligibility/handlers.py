@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import grpc
 from google.protobuf.message import Message
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
@@ -328,27 +328,41 @@ class Eligibility:
         tx: Tx | None = None,
         correlation: str = "",
     ) -> dict[str, object]:
-        """Lock the owner's stream, decide on the current row, emit. Joins ``tx`` if given."""
-        row = await self.qualification(qid)
-        stream = consumer_stream(str(row["consumer_id"]))
+        """Lock the owner's stream, decide on the current row, emit; one transaction (joins
+        ``tx`` if given). Returns the qualification as it is after the change."""
 
-        async def run(t: Tx) -> None:
-            version = await t.lock_stream(stream)
-            current = (
+        async def run(t: Tx) -> dict[str, object]:
+            # Find the owner and lock their stream in one statement.
+            locked = (
                 await t.conn.execute(
-                    select(qualifications).where(qualifications.c.qualification_id == qid)
+                    text(
+                        "SELECT s.stream_id, s.version FROM qualifications q JOIN streams s"
+                        " ON s.stream_id = 'consumer/' || q.consumer_id"
+                        " WHERE q.qualification_id = :q FOR UPDATE OF s"
+                    ),
+                    {"q": qid},
                 )
             ).first()
-            assert current is not None
-            events: list[Message] = decide(dict(current._mapping))  # type: ignore[operator]
+            if locked is None:
+                raise NotFound(
+                    "UNKNOWN_QUALIFICATION",
+                    "qualification_id: no such qualification",
+                    field="qualification_id",
+                )
+            stream, version = str(locked[0]), int(locked[1])
+            select_row = select(qualifications).where(qualifications.c.qualification_id == qid)
+            current = dict((await t.conn.execute(select_row)).one()._mapping)
+            events: list[Message] = decide(current)  # type: ignore[operator]
+            if not events:
+                return current
             await t.emit(SERVICE, stream, version, events, Context(actor, correlation), apply_event)
+            return dict((await t.conn.execute(select_row)).one()._mapping)
 
+        validate.identifier("qualification_id", qid)
         if tx is not None:
-            await run(tx)
-        else:
-            async with self.store.transaction() as t:
-                await run(t)
-        return await self.qualification(qid) if tx is None else row
+            return await run(tx)
+        async with self.store.transaction() as t:
+            return await run(t)
 
     async def lock(
         self, qid: str, order_id: str, category: str, consumer_id: str, actor: common_pb2.Actor
