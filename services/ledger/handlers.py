@@ -129,9 +129,15 @@ class Ledger:
         validate.price_fen("unit_price_fen", req.unit_price_fen)
         if serial:
             validate.identifier("serial", serial, max_len=64)
-        existing = await self.get_reservation(req.order_id)
-        if existing is not None:
-            return self._same_order(existing, req)
+        async with self.store.engine.connect() as conn:  # one connection for both reads
+            prior = (
+                await conn.execute(
+                    select(reservations_t).where(reservations_t.c.order_id == req.order_id)
+                )
+            ).first()
+            if prior is not None:
+                return self._same_order(dict(prior._mapping), req)
+            pool_now = await load_pool(conn, req.pool_id)
         try:
             item = await self.catalog.VerifyItem(
                 catalog_pb2.VerifyItemRequest(
@@ -149,8 +155,6 @@ class Ledger:
             )
         # Refuse what the budget already refuses before locking the qualification, so that
         # rejection changes nothing; the check in the transaction below still decides races.
-        async with self.store.engine.connect() as conn:
-            pool_now = await load_pool(conn, req.pool_id)
         probe = ev.SubsidyReserved(pool_id=req.pool_id, subsidy_fen=item.subsidy_fen)
         domain.reserve(pool_now, probe)
         try:
