@@ -10,12 +10,14 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import validate
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
-from services.kernel.eventstore import EventStore, Tx
+from services.kernel.eventstore import EventStore, Tx, streams_table
 from services.kernel.rpc import as_domain_error
 from subsidy.v1 import (
     catalog_pb2,
@@ -34,7 +36,9 @@ from .projections import (
     funding_keys,
     load_pool,
     pool_stream,
+    refusal_stream,
 )
+from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
 
 SERVICE = "ledger"
@@ -51,11 +55,14 @@ class Ledger:
         eligibility: eligibility_pb2_grpc.EligibilityServiceAsyncStub,
         *,
         reservation_timeout_s: int = 900,
+        abandon_after_s: float = 60.0,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.eligibility = eligibility
         self.timeout = timedelta(seconds=reservation_timeout_s)
+        # Far longer than an attempt can take (two deadlines and a pool-lock wait).
+        self.abandon_after_s = abandon_after_s
 
     async def _commit(
         self, tx: Tx, stream: str, version: int, events: list[Message], ctx: Context
@@ -137,6 +144,8 @@ class Ledger:
             ).first()
             if prior is not None:
                 return self._same_order(dict(prior._mapping), req)
+            if await self._was_refused(conn, req.order_id):
+                raise self._order_refused()
             pool_now = await load_pool(conn, req.pool_id)
         try:
             item = await self.catalog.VerifyItem(
@@ -157,6 +166,19 @@ class Ledger:
         # rejection changes nothing; the check in the transaction below still decides races.
         probe = ev.SubsidyReserved(pool_id=req.pool_id, subsidy_fen=item.subsidy_fen)
         domain.reserve(pool_now, probe)
+        # Durable before the lock: if this process dies before the hold commits, the sweeper
+        # finds the attempt and refuses the order, which undoes the lock.
+        async with self.store.transaction() as tx:
+            await tx.conn.execute(
+                pg_insert(attempts_t)
+                .values(
+                    order_id=req.order_id,
+                    pool_id=req.pool_id,
+                    qualification_id=req.qualification_id,
+                    started_at=datetime.now(UTC),
+                )
+                .on_conflict_do_nothing()
+            )
         try:
             await self.eligibility.LockQualification(
                 eligibility_pb2.LockQualificationRequest(
@@ -168,6 +190,12 @@ class Ledger:
                 )
             )
         except grpc.aio.AioRpcError as err:
+            # Not locked (or not by this attempt): nothing to undo; the sweeper would find the
+            # attempt otherwise and record a harmless refusal.
+            async with self.store.transaction() as tx:
+                await tx.conn.execute(
+                    attempts_t.delete().where(attempts_t.c.order_id == req.order_id)
+                )
             raise as_domain_error(err, "eligibility") from err
         expires = Timestamp()
         expires.FromDatetime(datetime.now(UTC) + self.timeout)
@@ -183,9 +211,18 @@ class Ledger:
         try:
             async with self.store.transaction() as tx:
                 version = await tx.lock_stream(stream)
-                pool = await load_pool(tx.conn, req.pool_id)
-                await self._commit(tx, stream, version, domain.reserve(pool, reserved), ctx)
-                return await self._row(tx, req.order_id)
+                # Refusals of an order are written under this same lock: if one committed while
+                # this attempt was locking (the sweeper, or a concurrent attempt of the order),
+                # the order is refused for good, and this attempt's lock must be undone too.
+                if not await self._was_refused(tx.conn, req.order_id):
+                    pool = await load_pool(tx.conn, req.pool_id)
+                    await self._commit(tx, stream, version, domain.reserve(pool, reserved), ctx)
+                    await tx.conn.execute(
+                        attempts_t.delete().where(attempts_t.c.order_id == req.order_id)
+                    )
+                    return await self._row(tx, req.order_id)
+            await self._refused(req, "ORDER_REFUSED", ctx)
+            raise self._order_refused()
         except IntegrityError as exc:
             if SERIAL_CONSTRAINT in str(exc.orig):
                 refusal = FailedPrecondition(
@@ -231,10 +268,28 @@ class Ledger:
             )
         return existing
 
+    @staticmethod
+    async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
+        found = await conn.scalar(
+            select(streams_table.c.version).where(
+                streams_table.c.stream_id == refusal_stream(order_id)
+            )
+        )
+        return found is not None
+
+    @staticmethod
+    def _order_refused() -> FailedPrecondition:
+        return FailedPrecondition(
+            "ORDER_REFUSED",
+            "order_id: this order was refused after its qualification was locked;"
+            " a refused order stays refused: check out again with a new order id",
+            field="order_id",
+        )
+
     async def _refused(self, req: ev.SubsidyReserved, reason: str, ctx: Context) -> None:
-        """Record a refusal after the qualification was locked: eligibility unlocks it when the
-        event reaches it. The record commits even though the reservation did not."""
-        stream = f"refusal/{req.order_id}"
+        """Refuse the order for good after its qualification was locked: eligibility unlocks the
+        qualification when the event reaches it. Written under the pool's stream lock, like
+        every hold, so an order is either reserved or refused, never both."""
         event = ev.ReservationRefused(
             order_id=req.order_id,
             pool_id=req.pool_id,
@@ -242,8 +297,34 @@ class Ledger:
             reason=reason,
         )
         async with self.store.transaction() as tx:
+            await tx.lock_stream(pool_stream(req.pool_id))
+            await tx.conn.execute(attempts_t.delete().where(attempts_t.c.order_id == req.order_id))
+            held = await tx.conn.scalar(
+                select(reservations_t.c.order_id).where(reservations_t.c.order_id == req.order_id)
+            )
+            if held is not None:
+                return  # a concurrent attempt of the same order won: the lock is its lock
+            stream = refusal_stream(req.order_id)
             version = await tx.lock_stream(stream)
             await tx.emit(SERVICE, stream, version, [event], ctx, apply_event)
+
+    async def sweep_abandoned(self, older_than_s: float) -> int:
+        """Refuse every order whose attempt outlived ``older_than_s`` without a hold (the ledger
+        died between locking the qualification and the hold): its qualification is freed."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        async with self.store.engine.connect() as conn:
+            stale = (
+                await conn.execute(
+                    select(attempts_t).where(attempts_t.c.started_at < cutoff).limit(500)
+                )
+            ).all()
+        ctx = Context(service_actor(SERVICE))
+        for row in stale:
+            req = ev.SubsidyReserved(
+                order_id=row.order_id, pool_id=row.pool_id, qualification_id=row.qualification_id
+            )
+            await self._refused(req, "ABANDONED", Context(ctx.actor, correlation_id=row.order_id))
+        return len(stale)
 
     async def _transition(
         self, order_id: str, actor: common_pb2.Actor, decide: object
@@ -308,6 +389,7 @@ class Ledger:
         while not stop.is_set():
             try:
                 await self.expire_due()
+                await self.sweep_abandoned(self.abandon_after_s)
             except Exception:
                 log.exception("expiry sweep failed", extra={"alert": "expiry"})
             try:

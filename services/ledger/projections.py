@@ -73,6 +73,17 @@ reservations = Table(
     ),
 )
 
+# Not a read model: the reservations in flight between locking the qualification and the hold.
+# A row outliving its attempt (the ledger crashed) is how the sweeper finds the lock to undo.
+reservation_attempts = Table(
+    "reservation_attempts",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("pool_id", String(64), nullable=False),
+    Column("qualification_id", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 funding_keys = Table(
     "funding_keys",
     metadata,
@@ -84,6 +95,10 @@ funding_keys = Table(
 
 def pool_stream(pool_id: str) -> str:
     return f"budget-pool/{pool_id}"
+
+
+def refusal_stream(order_id: str) -> str:
+    return f"refusal/{order_id}"
 
 
 async def load_pool(conn: AsyncConnection, pool_id: str) -> domain.Pool | None:
