@@ -10,6 +10,7 @@ subsidyctl import FILE.csv      bulk-import products (all or nothing, or --only-
 subsidyctl sales-ledger         export the sales ledger (销售台账) as CSV or XLSX
 subsidyctl pause | resume       emergency switch for a category or the whole campaign
 subsidyctl policy draft | approve   maker-checker publication of a policy version
+subsidyctl audit verify         recompute the audit chain, rebuild every budget from the log
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from services.invariants import check_audit_complete
 from services.kernel.telemetry import configure_tracing
 from subsidy.v1 import audit_pb2
 
-from . import catalog_cli, demo
+from . import audit_cli, catalog_cli, demo
 from .localstack import SERVICES, LocalStack, Ports
 from .stack import StackError, port_in_use
 
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--price-fen", type=int, default=1_200_000)
     co.set_defaults(fn=cmd_checkout)
     catalog_cli.add_commands(sub)  # quote, import, sales-ledger, pause, resume, policy
+    audit_cli.add_commands(sub)  # audit verify
     args = parser.parse_args(argv)
     code: int = (args.fn if hasattr(args, "fn") else args.func)(args)
     return code
