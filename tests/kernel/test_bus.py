@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -199,3 +200,97 @@ async def test_poison_message_goes_to_dead_letter_after_bounded_retries(
     assert Envelope.FromString(msg.data).event_id == ids[0]
     assert msg.headers is not None and msg.headers["Subsidy-Error"] == "ValueError"
     await dlq.unsubscribe()
+
+
+async def dead_letters(js: JetStreamContext, consumer: str, n: int) -> list[Msg]:
+    """The first ``n`` messages of ``consumer``'s dead-letter subject (fails if fewer)."""
+    sub = await js.subscribe(f"dlq.{consumer}", ordered_consumer=True)
+    try:
+        return [await sub.next_msg(timeout=5) for _ in range(n)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_an_undecodable_message_is_dead_lettered_at_once_and_the_consumer_lives_on(
+    store: EventStore, js: JetStreamContext
+) -> None:
+    """Garbage on a consumed subject once killed the consumer for good (decoded outside any
+    protection, and redelivered forever after a restart); now it goes straight to the DLQ."""
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    junk = b"not a protobuf"
+    await js.publish(f"events.{service}.Junk", junk)  # fetched in one batch with valid events
+    ids = await fill(store, service, 3)
+    await bus.OutboxRelay(store, js).publish_pending()
+    seen: list[str] = []
+
+    async def handler(tx: Tx, env: Envelope) -> None:
+        seen.append(env.event_id)
+
+    consumer = bus.EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(store, js, stop))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if (consumer.handled == 3 and consumer.dead_lettered == 1) or task.done():
+                break
+        assert not task.done(), task.exception() if task.done() else None
+        assert seen == ids and consumer.dead_lettered == 1
+        # Then empty bytes (an envelope without an event id), fetched alone, and one more event.
+        await js.publish(f"events.{service}.Junk", b"")
+        await asyncio.sleep(0.3)
+        more = await fill(store, service, 1)
+        await bus.OutboxRelay(store, js).publish_pending()
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if (consumer.handled == 4 and consumer.dead_lettered == 2) or task.done():
+                break
+        assert not task.done(), task.exception() if task.done() else None
+        assert seen == ids + more and consumer.dead_lettered == 2
+    finally:
+        stop.set()
+        await task
+    dlq = await dead_letters(js, consumer.name, 2)
+    assert [m.data for m in dlq] == [junk, b""]
+    for m in dlq:
+        assert m.headers is not None and m.headers["Subsidy-Error"] == "DecodeError"
+        assert m.headers["Subsidy-Original-Subject"] == f"events.{service}.Junk"
+        assert not any(junk.decode() in v for v in m.headers.values())  # content stays out
+
+
+async def test_a_nats_error_while_acking_or_dead_lettering_ends_nothing(
+    infra: Infra, store: EventStore, js: JetStreamContext
+) -> None:
+    """A lost connection while acking must not dead-letter a handled event nor raise; one while
+    dead-lettering must not raise either: JetStream redelivers, and the next try succeeds."""
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    ids = await fill(store, service, 2)
+    await bus.OutboxRelay(store, js).publish_pending()
+    runs: list[str] = []
+
+    async def handler(tx: Tx, env: Envelope) -> None:
+        runs.append(env.event_id)
+        if env.event_id == ids[1]:
+            raise ValueError("poison")
+
+    consumer = bus.EventConsumer(
+        f"c-{service}", [f"events.{service}.>"], handler, max_deliver=1, ack_wait_s=1.0
+    )
+    nc2, js2 = await bus.connect(infra.nats.url, "test-lost")
+    sub = await consumer.subscribe(js2)
+    first = await sub.fetch(2, timeout=5)
+    await nc2.close()  # the connection the messages came on, and dead-letters would go out on
+    for msg in first:
+        await consumer.handle(store, js2, msg)  # must not raise
+    assert (consumer.handled, consumer.dead_lettered) == (1, 0)
+    # Redelivered after ack_wait on a working connection: handled once, dead-lettered once.
+    sub = await consumer.subscribe(js)
+    again = await sub.fetch(2, timeout=10)
+    assert sorted(Envelope.FromString(m.data).event_id for m in again) == sorted(ids)
+    for msg in again:
+        await consumer.handle(store, js, msg)
+    assert (consumer.handled, consumer.dead_lettered) == (1, 1)
+    assert runs.count(ids[0]) == 1  # the redelivery of the handled event changed nothing
+    [dead] = await dead_letters(js, consumer.name, 1)
+    assert Envelope.FromString(dead.data).event_id == ids[1]
+    await sub.unsubscribe()
