@@ -73,6 +73,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
             request.category,
             request.consumer_id,
             _actor(request.actor),
+            platform_id=request.platform_id,
         )
         return _qualification(row)
 

@@ -36,7 +36,9 @@ from subsidy.v1 import events_pb2 as ev
 from . import identity
 from .projections import (
     AVAILABLE,
+    FORFEITED,
     LOCKED,
+    ONE_QUALIFICATION_PER_ORDER,
     USED,
     apply_event,
     consumers,
@@ -48,7 +50,9 @@ from .projections import (
 
 SERVICE = "eligibility"
 log = logging.getLogger(__name__)
-ACTIVE = (AVAILABLE, LOCKED, USED)
+# What counts against the per-person limit: a forfeited qualification counts as used (a refund
+# under the "forfeit" rule does not give the consumer another one).
+ACTIVE = (AVAILABLE, LOCKED, USED, FORFEITED)
 # Why a lock is given back: the API's three, and the ledger's compensation of a lock whose
 # reservation the budget refused.
 
@@ -104,16 +108,23 @@ class Eligibility:
         )
         await tx.conn.execute(stmt.on_conflict_do_nothing())
 
-    async def policy(self) -> Policy:
+    async def policy(self, version: str = "") -> Policy:
+        """The named version (an order's, when it is known), else the one in force now."""
+        if version in self._policies:
+            return self._policies[version]
+        query = select(policies.c.version, policies.c.document)
+        if version:
+            query = query.where(policies.c.version == version)
+        else:
+            query = (
+                query.where(policies.c.effective_from <= datetime.now(UTC))
+                .order_by(policies.c.effective_from.desc())
+                .limit(1)
+            )
         async with self.store.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(policies.c.version, policies.c.document)
-                    .where(policies.c.effective_from <= datetime.now(UTC))
-                    .order_by(policies.c.effective_from.desc())
-                    .limit(1)
-                )
-            ).first()
+            row = (await conn.execute(query)).first()
+        if row is None and version:
+            return await self.policy()  # a version this copy has not seen: the one in force
         if row is None:
             raise FailedPrecondition(
                 "NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet"
@@ -365,11 +376,18 @@ class Eligibility:
             return await run(t)
 
     async def lock(
-        self, qid: str, order_id: str, category: str, consumer_id: str, actor: common_pb2.Actor
+        self,
+        qid: str,
+        order_id: str,
+        category: str,
+        consumer_id: str,
+        actor: common_pb2.Actor,
+        platform_id: str = "",
     ) -> dict[str, object]:
         validate.identifier("order_id", order_id)
         validate.identifier("consumer_id", consumer_id)
         validate.identifier("category", category)
+        validate.identifier("platform_id", platform_id)
 
         def decide(q: dict[str, object]) -> list[Message]:
             if q["consumer_id"] != consumer_id:
@@ -380,6 +398,13 @@ class Eligibility:
                 )
             if q["status"] == LOCKED and q["order_id"] == order_id:
                 return []  # idempotent
+            if q["channel"] != platform_id:
+                # A qualification is claimed through one channel and redeemed there only.
+                raise FailedPrecondition(
+                    "CHANNEL_MISMATCH",
+                    f"qualification_id: claimed through {q['channel']}, not {platform_id}",
+                    field="qualification_id",
+                )
             if q["category"] != category:
                 raise FailedPrecondition(
                     "CATEGORY_MISMATCH",
@@ -402,7 +427,16 @@ class Eligibility:
                 )
             return [ev.QualificationLocked(qualification_id=qid, order_id=order_id)]
 
-        return await self._change(qid, actor, decide, correlation=order_id)
+        try:
+            return await self._change(qid, actor, decide, correlation=order_id)
+        except IntegrityError as exc:
+            if ONE_QUALIFICATION_PER_ORDER not in str(exc.orig):
+                raise
+            raise FailedPrecondition(
+                "ORDER_HAS_QUALIFICATION",
+                "order_id: another qualification is already locked to or used by this order",
+                field="order_id",
+            ) from None
 
     async def consumed(self, qid: str, order_id: str) -> dict[str, object]:
         """The qualification as the payment of ``order_id`` left it: locked to that order, or
@@ -420,44 +454,56 @@ class Eligibility:
     # -- reactions to the ledger's events -------------------------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:
         """Payment posts -> used; cancel, expiry or a refused reservation -> unlocked; a refund ->
-        restored or forfeited per policy. The only ways a locked qualification is freed."""
+        restored or forfeited under the order's policy. The only ways a locked qualification is
+        freed. Each acts only on the qualification held by that very order, and a refund is
+        judged by the event (was the order paid?), not by which event arrived first."""
         event = payload_of(env)
         if not isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased | ev.ReservationRefused):
             return
         qid = (
-            await tx.conn.execute(
-                select(qualifications.c.qualification_id).where(
-                    qualifications.c.order_id == event.order_id
+            event.qualification_id
+            or (
+                await tx.conn.execute(
+                    select(qualifications.c.qualification_id).where(
+                        qualifications.c.order_id == event.order_id,
+                        qualifications.c.status.in_((LOCKED, USED)),
+                    )
                 )
-            )
-        ).scalar()
-        if qid is None:
-            return  # already unlocked (compensated) or never locked here
+            ).scalar()
+        )
+        if not qid:
+            return  # never locked here
         actor = service_actor(SERVICE)
-        refund_rule = (await self.policy()).refund_rule.value
+        refunded = isinstance(event, ev.SubsidyReleased) and event.was_captured
+        refund_rule = (await self.policy(env.policy_version)).refund_rule.value if refunded else ""
 
         def decide(q: dict[str, object]) -> list[Message]:
             order = event.order_id
+            if q["order_id"] != order or q["status"] not in (LOCKED, USED):
+                return []  # unlocked already, or since given to another order: not ours
             if isinstance(event, ev.SubsidyCaptured):
                 if q["status"] == LOCKED:
                     return [ev.QualificationUsed(qualification_id=qid, order_id=order)]
                 return []
-            if q["status"] == LOCKED:
-                return [
-                    ev.QualificationUnlocked(
-                        qualification_id=qid, order_id=order, reason=event.reason
-                    )
-                ]
-            if q["status"] == USED:
+            if refunded:
                 cls = (
                     ev.QualificationRestored
                     if refund_rule == "restore"
                     else ev.QualificationForfeited
                 )
                 return [cls(qualification_id=qid, order_id=order, reason=event.reason)]
+            if q["status"] == LOCKED:
+                return [
+                    ev.QualificationUnlocked(
+                        qualification_id=qid, order_id=order, reason=event.reason
+                    )
+                ]
             return []
 
-        await self._change(qid, actor, decide, tx=tx, correlation=event.order_id)
+        try:
+            await self._change(qid, actor, decide, tx=tx, correlation=event.order_id)
+        except NotFound:
+            return  # a qualification this service never had
 
     async def check_limits(self) -> None:
         """Check the per-person invariant over every consumer and category (tests, verifier)."""
@@ -468,7 +514,7 @@ class Eligibility:
                     select(
                         qualifications.c.consumer_id,
                         qualifications.c.category,
-                        func.count().filter(qualifications.c.status == USED),
+                        func.count().filter(qualifications.c.status.in_((USED, FORFEITED))),
                         func.count().filter(qualifications.c.status == LOCKED),
                     ).group_by(qualifications.c.consumer_id, qualifications.c.category)
                 )

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,6 +29,7 @@ from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
 metadata = MetaData()
+ONE_QUALIFICATION_PER_ORDER = "qualifications_one_per_order"
 
 consumers = Table(
     "consumers",
@@ -58,6 +60,14 @@ qualifications = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("qualifications_by_consumer", "consumer_id", "category"),
     Index("qualifications_by_order", "order_id"),
+    # One qualification per order: a second lock to an order that holds one is refused here,
+    # under concurrency, so the ledger's events always name one qualification.
+    Index(
+        ONE_QUALIFICATION_PER_ORDER,
+        "order_id",
+        unique=True,
+        postgresql_where=text("status IN ('LOCKED', 'USED')"),
+    ),
 )
 quota_usage = Table(
     "quota_usage",

@@ -46,6 +46,7 @@ class Reservation:
     pool_id: str
     subsidy_fen: int
     status: str
+    qualification_id: str = ""
 
 
 def fund(pool: Pool, amount_fen: int, source: str) -> list[Message]:
@@ -87,6 +88,7 @@ def capture(res: Reservation, payment_ref: str) -> list[Message]:
             pool_id=res.pool_id,
             subsidy_fen=res.subsidy_fen,
             payment_ref=payment_ref,
+            qualification_id=res.qualification_id,
         )
     ]
 
@@ -115,6 +117,7 @@ def release(res: Reservation, reason: str) -> list[Message]:
             subsidy_fen=res.subsidy_fen,
             reason=reason,
             was_captured=res.status == CAPTURED,
+            qualification_id=res.qualification_id,
         )
     ]
 

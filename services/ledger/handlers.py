@@ -42,6 +42,15 @@ from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
 
 SERVICE = "ledger"
+# Answers after which eligibility certainly locked nothing.
+DEFINITIVE = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 log = logging.getLogger(__name__)
 
 
@@ -135,7 +144,7 @@ class Ledger:
         validate.identifier("sku", req.sku)
         validate.price_fen("unit_price_fen", req.unit_price_fen)
         if serial:
-            validate.identifier("serial", serial, max_len=64)
+            serial = validate.serial("serial", serial)
         async with self.store.engine.connect() as conn:  # one connection for both reads
             prior = (
                 await conn.execute(
@@ -186,16 +195,19 @@ class Ledger:
                     order_id=req.order_id,
                     category=item.category,
                     consumer_id=req.consumer_id,
+                    platform_id=req.platform_id,
                     actor=actor,
                 )
             )
         except grpc.aio.AioRpcError as err:
-            # Not locked (or not by this attempt): nothing to undo; the sweeper would find the
-            # attempt otherwise and record a harmless refusal.
-            async with self.store.transaction() as tx:
-                await tx.conn.execute(
-                    attempts_t.delete().where(attempts_t.c.order_id == req.order_id)
-                )
+            if err.code() in DEFINITIVE:
+                # Eligibility refused: nothing was locked, nothing to undo.
+                async with self.store.transaction() as tx:
+                    await tx.conn.execute(
+                        attempts_t.delete().where(attempts_t.c.order_id == req.order_id)
+                    )
+            # Otherwise (a deadline, a dropped connection) the lock may have committed: the
+            # attempt stays, and a retry completes it or the sweeper refuses it.
             raise as_domain_error(err, "eligibility") from err
         expires = Timestamp()
         expires.FromDatetime(datetime.now(UTC) + self.timeout)
@@ -221,8 +233,6 @@ class Ledger:
                         attempts_t.delete().where(attempts_t.c.order_id == req.order_id)
                     )
                     return await self._row(tx, req.order_id)
-            await self._refused(req, "ORDER_REFUSED", ctx)
-            raise self._order_refused()
         except IntegrityError as exc:
             if SERIAL_CONSTRAINT in str(exc.orig):
                 refusal = FailedPrecondition(
@@ -241,6 +251,10 @@ class Ledger:
         except DomainError as refusal:
             await self._refused(req, refusal.reason, ctx)
             raise
+        # Refused while this attempt was locking: the order stays refused, and this attempt's
+        # lock is undone by a refusal of its own.
+        await self._refused(req, "ORDER_REFUSED", ctx)
+        raise self._order_refused()
 
     @staticmethod
     async def _row(tx: Tx, order_id: str) -> dict[str, object]:
@@ -344,7 +358,9 @@ class Ledger:
                 )
             ).first()
             assert row is not None
-            res = domain.Reservation(order_id, row.pool_id, row.subsidy_fen, row.status)
+            res = domain.Reservation(
+                order_id, row.pool_id, row.subsidy_fen, row.status, row.qualification_id
+            )
             events = decide(res)  # type: ignore[operator]
             ctx = Context(actor, correlation_id=order_id, policy_version=row.policy_version)
             await self._commit(tx, stream, version, events, ctx)

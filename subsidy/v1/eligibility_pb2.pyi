@@ -175,12 +175,15 @@ class LockQualificationRequest(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
     category: _builtins.str
     """must match the item's category"""
     consumer_id: _builtins.str
     """must own the qualification"""
+    platform_id: _builtins.str
+    """must be the channel the qualification was claimed through"""
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -191,10 +194,11 @@ class LockQualificationRequest(_message.Message):
         category: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
         consumer_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "consumer_id", b"consumer_id", "order_id", b"order_id", "qualification_id", b"qualification_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "consumer_id", b"consumer_id", "order_id", b"order_id", "platform_id", b"platform_id", "qualification_id", b"qualification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -805,10 +805,13 @@ class SubsidyCaptured(_message.Message):
     POOL_ID_FIELD_NUMBER: _builtins.int
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     subsidy_fen: _builtins.int
     payment_ref: _builtins.str
+    qualification_id: _builtins.str
+    """the qualification the order held (eligibility acts on it)"""
     def __init__(
         self,
         *,
@@ -816,10 +819,11 @@ class SubsidyCaptured(_message.Message):
         pool_id: _builtins.str = ...,
         subsidy_fen: _builtins.int = ...,
         payment_ref: _builtins.str = ...,
+        qualification_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -834,12 +838,15 @@ class SubsidyReleased(_message.Message):
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     WAS_CAPTURED_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     subsidy_fen: _builtins.int
     reason: _builtins.str
     """CANCELLED, EXPIRED, REFUNDED"""
     was_captured: _builtins.bool
+    qualification_id: _builtins.str
+    """the qualification the order held (eligibility acts on it)"""
     def __init__(
         self,
         *,
@@ -848,10 +855,11 @@ class SubsidyReleased(_message.Message):
         subsidy_fen: _builtins.int = ...,
         reason: _builtins.str = ...,
         was_captured: _builtins.bool = ...,
+        qualification_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "pool_id", b"pool_id", "reason", b"reason", "subsidy_fen", b"subsidy_fen", "was_captured", b"was_captured"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "reason", b"reason", "subsidy_fen", b"subsidy_fen", "was_captured", b"was_captured"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

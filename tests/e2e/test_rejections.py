@@ -446,9 +446,9 @@ case(
     "serial",
 )
 case(
-    f"{RESERVE}-serial-space",
+    f"{RESERVE}-serial-slash",
     RESERVE,
-    lambda w, rng: reserve(w, rng, serial="IMEI 1"),
+    lambda w, rng: reserve(w, rng, serial="IMEI/1"),
     INVALID,
     "INVALID_IDENTIFIER",
     "serial",
@@ -913,14 +913,23 @@ def lock(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.LockQualifi
         "order_id": _order(rng),
         "category": "refrigerator",
         "consumer_id": w.a,
+        "platform_id": "jd",
     }
     return eligibility_pb2.LockQualificationRequest(**(values | kw))
 
 
 LOCK = "eligibility.LockQualification"
 qualification_id_cases(LOCK, lambda w, rng, v: lock(w, rng, qualification_id=v))
-for _name in ("order_id", "consumer_id", "category"):
+for _name in ("order_id", "consumer_id", "category", "platform_id"):
     identifier_cases(LOCK, _name, setting(lock, _name))
+case(
+    f"{LOCK}-another-channel",
+    LOCK,
+    fixed(lock, platform_id="tmall"),
+    PRECONDITION,
+    "CHANNEL_MISMATCH",
+    "qualification_id",
+)
 case(
     f"{LOCK}-category-mismatch",
     LOCK,

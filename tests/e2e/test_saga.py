@@ -70,7 +70,11 @@ async def test_an_attempt_abandoned_by_a_crash_is_refused_and_its_lock_undone(
         )
     await p.eligibility.LockQualification(
         eligibility_pb2.LockQualificationRequest(
-            qualification_id=qid, order_id=order, category="phone", consumer_id=consumer
+            qualification_id=qid,
+            order_id=order,
+            category="phone",
+            consumer_id=consumer,
+            platform_id="jd",
         )
     )
     assert await qualification_status(p, qid) == ("LOCKED", order)
@@ -157,3 +161,171 @@ async def test_a_held_order_is_never_refused_by_the_sweeper(
     assert await qualification_status(p, qid) == ("LOCKED", order)
     res = await p.ledger.GetReservation(ledger_pb2.GetReservationRequest(order_id=order))
     assert res.status == "PENDING"
+
+
+async def test_two_qualifications_racing_for_one_order_id_leave_no_lock_behind(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Two checkouts send the same order id with different consumers' qualifications: one is
+    held; the other is refused, and its qualification is not left locked."""
+    import asyncio
+
+    p = platform
+    sku = await p.product(rng, "phone", 0, 300_000)
+    pool = await p.pool(rng, 1_000_000)
+    people = [await p.person(rng) for _ in range(2)]
+    quals = [
+        (
+            await p.eligibility.ClaimQualification(
+                eligibility_pb2.ClaimQualificationRequest(
+                    consumer_id=c, category="phone", channel="jd"
+                )
+            )
+        ).qualification_id
+        for _, c in people
+    ]
+    order = f"same-{rng.randrange(10**12)}"
+
+    async def reserve(i: int) -> str:
+        try:
+            await p.ledger.ReserveSubsidy(reserve_request(order, people[i][1], sku, pool, quals[i]))
+            return "ok"
+        except grpc.aio.AioRpcError as err:
+            return status_of(err)[1]
+
+    outcomes = sorted(await asyncio.gather(reserve(0), reserve(1)))
+    assert outcomes[1] == "ok" and outcomes[0] in ("ORDER_HAS_QUALIFICATION", "ORDER_ID_REUSED")
+    await p.quiesce()
+    statuses = sorted([(await qualification_status(p, q))[0] for q in quals])
+    assert statuses == ["AVAILABLE", "LOCKED"]
+
+
+async def test_an_ambiguous_lock_failure_keeps_the_attempt_so_the_sweeper_can_undo_it(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Eligibility commits the lock but the answer is lost (a deadline, a dropped connection):
+    the ledger must not forget the attempt, or the qualification stays locked for good."""
+    from sqlalchemy import select
+
+    p = platform
+    consumer, sku, pool, qid = await setup(p, rng)
+    order = f"lost-{rng.randrange(10**12)}"
+    ledger = ledger_of(p)
+    real = ledger.eligibility
+
+    class LockThenLoseTheAnswer:
+        async def LockQualification(self, request: Any) -> Any:
+            await real.LockQualification(request)
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "deadline exceeded",
+            )
+
+    ledger.eligibility = LockThenLoseTheAnswer()  # type: ignore[assignment]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await p.ledger.ReserveSubsidy(reserve_request(order, consumer, sku, pool, qid))
+    finally:
+        ledger.eligibility = real
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await qualification_status(p, qid) == ("LOCKED", order)
+    store = p.running["ledger"].runtime.store
+    async with store.engine.connect() as conn:
+        kept = await conn.scalar(
+            select(reservation_attempts.c.order_id).where(reservation_attempts.c.order_id == order)
+        )
+    assert kept == order
+    await ledger.sweep_abandoned(older_than_s=-60)
+
+    async def freed() -> None:
+        assert await qualification_status(p, qid) == ("AVAILABLE", "")
+
+    await eventually(freed)
+
+
+async def test_a_refund_that_arrives_before_its_capture_is_judged_by_the_event(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Redelivery or a second eligibility replica can hand over a refund before the capture it
+    follows. The qualification must end as the order's own policy says for a refund (here a
+    version whose rule is "forfeit"), not merely unlocked, and the late capture changes nothing."""
+    import json
+    from datetime import datetime
+
+    from services.catalog.policy import default_policy, policy_to_dict
+    from services.eligibility.projections import policies
+    from services.kernel.events import Context, new_envelope, service_actor
+    from subsidy.v1 import events_pb2 as ev
+
+    p = platform
+    consumer, _, _, qid = await setup(p, rng)
+    order = f"refund-first-{rng.randrange(10**12)}"
+    await p.eligibility.LockQualification(
+        eligibility_pb2.LockQualificationRequest(
+            qualification_id=qid,
+            order_id=order,
+            category="phone",
+            consumer_id=consumer,
+            platform_id="jd",
+        )
+    )
+    store = p.running["eligibility"].runtime.store
+    version = f"forfeit-{rng.randrange(10**9)}"
+    document = policy_to_dict(default_policy()) | {"version": version, "refund_rule": "forfeit"}
+    async with store.transaction() as tx:  # a version of the order's, never in force here
+        await tx.conn.execute(
+            policies.insert().values(
+                version=version,
+                document=json.dumps(document),
+                effective_from=datetime(2099, 1, 1, tzinfo=UTC),
+            )
+        )
+    e = p.running["eligibility"].wiring.registrations[0][1].e
+    ctx = Context(service_actor("ledger"), policy_version=version)
+    refund = ev.SubsidyReleased(
+        order_id=order,
+        pool_id="p",
+        subsidy_fen=1,
+        reason="REFUNDED",
+        was_captured=True,
+        qualification_id=qid,
+    )
+    capture = ev.SubsidyCaptured(order_id=order, pool_id="p", subsidy_fen=1, qualification_id=qid)
+    for event in (refund, capture):
+        async with store.transaction() as tx:
+            await e.on_ledger_event(tx, new_envelope("ledger", "budget-pool/p", event, ctx))
+    assert await qualification_status(p, qid) == ("FORFEITED", order)
+
+
+async def test_a_forfeited_qualification_counts_against_the_personal_limit(
+    platform: Platform, rng: random.Random
+) -> None:
+    """Under the "forfeit" refund rule a refunded qualification is used up: claiming again in
+    that category must be refused, or forfeiting would be more generous than restoring."""
+    from sqlalchemy import update
+
+    from services.eligibility.projections import qualifications
+
+    p = platform
+    consumer, _, _, qid = await setup(p, rng)
+    store = p.running["eligibility"].runtime.store
+    async with store.transaction() as tx:  # the state a forfeit-rule refund leaves behind
+        await tx.conn.execute(
+            update(qualifications)
+            .where(qualifications.c.qualification_id == qid)
+            .values(status="FORFEITED", order_id=f"gone-{qid}")
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await p.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(
+                consumer_id=consumer, category="phone", channel="jd"
+            )
+        )
+    assert status_of(err.value) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PERSON_LIMIT_REACHED",
+        "category",
+    )
+    await p.running["eligibility"].wiring.registrations[0][1].e.check_limits()
