@@ -590,7 +590,7 @@ class Catalog:
         validate.identifier("sku", sku)
         validate.price_fen("unit_price_fen", unit_price_fen)
         if serial:
-            validate.identifier("serial", serial, max_len=64)
+            serial = validate.serial("serial", serial)
         now = self.now()
         policy = self.policy(version, at=now)
         window_start = now - timedelta(days=policy.baseline_window_days)

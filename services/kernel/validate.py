@@ -54,3 +54,10 @@ def choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
             "INVALID_CHOICE", f"{field}: one of {', '.join(allowed)}", field=field
         )
     return value
+
+
+def serial(field: str, value: str) -> str:
+    """A unit's serial number / IMEI in one canonical form, so that ``abc-123`` and ``ABC123``
+    are the same unit (one subsidy per unit): blanks and hyphens dropped, letters upper-cased."""
+    canonical = "".join(c for c in value.strip().upper() if c not in " -")
+    return identifier(field, canonical, max_len=64)

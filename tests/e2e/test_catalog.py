@@ -467,7 +467,7 @@ async def test_verify_item_lists_every_reason(platform: Platform, rng: random.Ra
         (dict(sku="x", unit_price_fen=0), "INVALID_PRICE", "unit_price_fen"),
         (dict(sku="x", unit_price_fen=-100), "INVALID_PRICE", "unit_price_fen"),
         (dict(sku="x", unit_price_fen=10**10 + 1), "INVALID_PRICE", "unit_price_fen"),
-        (dict(sku="x", unit_price_fen=100, serial="IMEI 1"), "INVALID_IDENTIFIER", "serial"),
+        (dict(sku="x", unit_price_fen=100, serial="IMEI/1"), "INVALID_IDENTIFIER", "serial"),
         (dict(sku="x", unit_price_fen=100, serial="9" * 65), "FIELD_TOO_LONG", "serial"),
     ],
 )

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.invariants import check_audit_complete, check_budget_balanced
+from services.kernel import rpc
 from subsidy.v1 import audit_pb2, eligibility_pb2, ledger_pb2
 from tests.e2e.conftest import Platform, eventually, status_of
 
@@ -326,3 +327,43 @@ async def test_the_audit_log_alone_adds_up_to_every_budget_the_ledger_reports(
             "reserved_fen": b.reserved_fen,
             "spent_fen": b.spent_fen,
         }
+
+
+async def test_one_unit_under_two_spellings_is_still_one_unit(
+    platform: Platform, rng: random.Random
+) -> None:
+    """abc-123 and ABC123 are the same serial: the second order is refused."""
+    p = platform
+    sku = await p.product(rng, "phone", 0, 300_000)
+    pool = await p.pool(rng, 1_000_000)
+    base = f"sn{rng.randrange(10**12)}"
+    spellings = [base.lower(), "-".join((base[:4].upper(), base[4:].upper()))]
+    outcomes = []
+    for i, spelling in enumerate(spellings):
+        _, consumer = await p.person(rng)
+        q = await p.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(
+                consumer_id=consumer, category="phone", channel="jd"
+            )
+        )
+        try:
+            await p.ledger.ReserveSubsidy(
+                ledger_pb2.ReserveSubsidyRequest(
+                    order_id=f"sp-{base}-{i}",
+                    platform_id="jd",
+                    pool_id=pool,
+                    consumer_id=consumer,
+                    qualification_id=q.qualification_id,
+                    sku=sku,
+                    unit_price_fen=300_000,
+                    serial=spelling,
+                )
+            )
+            outcomes.append("ok")
+        except grpc.aio.AioRpcError as err:
+            info = rpc.error_info(err)
+            assert info is not None
+            # The ledger's index, or catalog's view of the ledger (then inside ITEM_NOT_ELIGIBLE).
+            outcomes.append(info.metadata.get("reasons") or info.reason)
+    assert outcomes[0] == "ok"
+    assert outcomes[1] in ("SERIAL_ALREADY_SUBSIDISED", "SERIAL_RESERVED")
