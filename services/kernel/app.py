@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -100,16 +99,42 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         raise SettingsError(f"SUBSIDY_GRPC_LISTEN: cannot listen on {settings.grpc_listen}")
     await server.start()
     relay = bus.OutboxRelay(store, js)
-    tasks = [asyncio.create_task(relay.run(runtime.stop), name=f"{spec.name}-relay")]
-    tasks += [
+    # The relay and the consumers must run as long as the service does: one that ends early
+    # (a consumer that cannot subscribe, a bug) leaves events unpublished or unhandled while
+    # the service still answers. It then reports NOT_SERVING, so Kubernetes restarts the pod.
+    ended: list[str] = []
+    reports: set[asyncio.Task[None]] = set()
+
+    def essential_ended(task: asyncio.Task[None]) -> None:
+        if runtime.stop.is_set():
+            return
+        exc = None if task.cancelled() else task.exception()
+        ended.append(task.get_name())
+        log.error(
+            "%s ended while %s is running; reporting NOT_SERVING",
+            task.get_name(),
+            spec.name,
+            exc_info=exc,
+            extra={"alert": "task"},
+        )
+        report = asyncio.create_task(rpc.set_not_serving(health, wiring.service_names))
+        reports.add(report)
+        report.add_done_callback(reports.discard)
+
+    essential = [asyncio.create_task(relay.run(runtime.stop), name=f"{spec.name}-relay")]
+    essential += [
         asyncio.create_task(c.run(store, js, runtime.stop), name=f"{spec.name}-{c.name}")
         for c in wiring.consumers
     ]
-    tasks += [asyncio.create_task(b(runtime.stop)) for b in wiring.background]
+    for task in essential:
+        task.add_done_callback(essential_ended)
+    tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
     tasks.append(asyncio.create_task(v.keep_token_fresh(runtime.stop), name="vault-token"))
     if wiring.ready is not None:
         await wiring.ready()
     await rpc.set_serving(health, wiring.service_names)
+    if ended:  # ended before serving: set_serving must not hide it
+        await rpc.set_not_serving(health, wiring.service_names)
     log.info("%s serving gRPC on port %d", spec.name, port)
 
     async def lifecycle() -> None:
@@ -117,14 +142,28 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         log.info("%s stopping: draining calls", spec.name)
         await health.enter_graceful_shutdown()
         await server.stop(grace=5.0)
+        # Every step runs even if an earlier one fails: a task that died must not keep the
+        # final relay flush, the NATS drain or the pool's disposal from happening.
         for task in tasks:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(task, timeout=5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:
+                log.exception("%s had failed", task.get_name())
         for close in wiring.on_close:
-            await close()
-        with contextlib.suppress(Exception):
+            try:
+                await close()
+            except Exception:
+                log.exception("%s: a close hook failed", spec.name)
+        try:
             await relay.publish_pending()  # what was committed while draining
-        await nc.drain()
+        except Exception:
+            log.exception("%s: final relay flush failed; the next start publishes it", spec.name)
+        try:
+            await nc.drain()
+        except Exception:
+            log.exception("%s: NATS drain failed", spec.name)
         await store.engine.dispose()
         log.info("%s stopped", spec.name)
 

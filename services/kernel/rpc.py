@@ -116,6 +116,11 @@ async def set_serving(health: grpc_health.aio.HealthServicer, names: Sequence[st
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def set_not_serving(health: grpc_health.aio.HealthServicer, names: Sequence[str]) -> None:
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Every outgoing call gets a deadline, so one stuck peer cannot hang a checkout."""
 
