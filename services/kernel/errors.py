@@ -59,6 +59,18 @@ class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Aborted(DomainError):
+    """A concurrent change got there first; nothing was written and the call may be retried."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+def concurrent_update() -> Aborted:
+    return Aborted(
+        "CONCURRENT_UPDATE", "the data changed while this call ran; nothing was written: retry"
+    )
+
+
 class Unavailable(DomainError):
     """A dependency (another service, Vault, the identity authority) did not answer."""
 

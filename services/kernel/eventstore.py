@@ -142,20 +142,52 @@ class Tx:
         self.conn = conn
         self._store = store
         self.appended = 0
+        self._placeholders: set[str] = set()  # streams this tx created at version 0 to lock
 
     async def lock_stream(self, stream_id: str) -> int:
         """Lock the stream's row until commit and return its version (0 if it has none yet).
 
         Writers of a hot stream (a budget pool) queue here instead of failing on a version
-        conflict and retrying.
+        conflict and retrying; so do the first writers of a stream that does not exist yet.
         """
-        row = (
+        lock = text("SELECT version FROM streams WHERE stream_id = :s FOR UPDATE")
+        while True:
+            row = (await self.conn.execute(lock, {"s": stream_id})).first()
+            if row is not None:
+                return int(row[0])
+            # A new stream has no row to lock: create one at version 0, which this transaction
+            # then holds (a concurrent creator waits here on the unique key until this one
+            # ends). If another transaction created it first, lock its row instead.
+            created = (
+                await self.conn.execute(
+                    text(
+                        "INSERT INTO streams (stream_id, version) VALUES (:s, 0) "
+                        "ON CONFLICT DO NOTHING RETURNING version"
+                    ),
+                    {"s": stream_id},
+                )
+            ).first()
+            if created is not None:
+                # Whether a stream EXISTS is read from its row in ``streams`` (the ledger's
+                # _was_refused does so). This row at version 0 is visible to no other
+                # transaction: it is rolled back with this one, and deleted before commit if
+                # nothing was appended to the stream (see EventStore.transaction). Only this
+                # transaction itself sees it: test existence BEFORE locking a stream, or test
+                # ``version > 0``.
+                self._placeholders.add(stream_id)
+                return 0
+
+    async def _drop_unused_placeholders(self) -> None:
+        """Delete the version-0 rows lock_stream created for streams nothing was appended to,
+        so that a stream's row never outlives its lock without an event."""
+        if self._placeholders:
             await self.conn.execute(
-                text("SELECT version FROM streams WHERE stream_id = :s FOR UPDATE"),
-                {"s": stream_id},
+                streams_table.delete().where(
+                    streams_table.c.stream_id.in_(sorted(self._placeholders)),
+                    streams_table.c.version == 0,
+                )
             )
-        ).first()
-        return int(row[0]) if row else 0
+            self._placeholders.clear()
 
     async def append(
         self, stream_id: str, expected_version: int, envelopes: Sequence[Envelope]
@@ -248,6 +280,7 @@ class EventStore:
             tx = Tx(conn, self)
             async with conn.begin():
                 yield tx
+                await tx._drop_unused_placeholders()
             if tx.appended:
                 self.appended.set()
 

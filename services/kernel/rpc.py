@@ -2,7 +2,8 @@
 
 Server: grpc.health.v1, server reflection, OpenTelemetry server spans, and the error mapping
 (a :class:`DomainError` becomes its status code with a ``google.rpc.ErrorInfo`` detail naming
-the reason and the field; anything else becomes ``INTERNAL`` with no internals leaked).
+the reason and the field; a :class:`WrongExpectedVersion` becomes ``ABORTED`` with reason
+``CONCURRENT_UPDATE``, retryable; anything else becomes ``INTERNAL`` with no internals leaked).
 Client: OpenTelemetry client spans and a default deadline on every call.
 """
 
@@ -22,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from . import metrics
-from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable
+from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
+from .eventstore import WrongExpectedVersion
 
 log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -64,7 +66,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             outcome = "OK"
             try:
                 return await inner(request, context)  # type: ignore[arg-type]
-            except DomainError as err:
+            except (DomainError, WrongExpectedVersion) as exc:
+                # A version conflict that reached here lost a race with another writer: the
+                # caller may retry (ABORTED), it is not a server fault (INTERNAL).
+                err = exc if isinstance(exc, DomainError) else concurrent_update()
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
                 code, message, status = status_of(err)

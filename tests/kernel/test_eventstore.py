@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import text
 
 from services.kernel.events import Context, new_envelope, service_actor
 from services.kernel.eventstore import START, EventStore, Position, WrongExpectedVersion
@@ -113,3 +114,49 @@ async def test_mark_handled_is_once_per_consumer(store: EventStore) -> None:
         assert await tx.mark_handled("audit", "e1") is True
         assert await tx.mark_handled("audit", "e1") is False
         assert await tx.mark_handled("eligibility", "e1") is True
+
+
+async def test_first_writers_of_a_new_stream_queue_on_its_lock(store: EventStore) -> None:
+    """lock_stream on a stream with no row used to lock nothing: concurrent first writers all
+    read version 0 and all but one failed (surfacing as INTERNAL from FundBudget)."""
+
+    async def first_writer(i: int) -> int:
+        async with store.transaction() as tx:
+            version = await tx.lock_stream("budget-pool/new")
+            await asyncio.sleep(0.05)  # every writer has locked before any commits
+            return await tx.append("budget-pool/new", version, [funded("new", i + 1)])
+
+    versions = await asyncio.gather(*(first_writer(i) for i in range(8)))
+    assert sorted(versions) == list(range(1, 9))
+    events = await store.read_stream("budget-pool/new")
+    assert [e.stream_version for e in events] == list(range(1, 9))
+
+
+async def test_locking_a_new_stream_leaves_no_row_unless_something_is_appended(
+    store: EventStore,
+) -> None:
+    """A stream exists iff it has a row in ``streams`` (callers rely on it): the version-0 row
+    that locks a new stream is seen by no other transaction and does not outlive its own."""
+
+    async def row_of(stream: str) -> int | None:
+        async with store.engine.connect() as conn:
+            found = await conn.scalar(
+                text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream}
+            )
+            return None if found is None else int(found)
+
+    async with store.transaction() as tx:
+        assert await tx.lock_stream("s/looked-at") == 0
+        assert await row_of("s/looked-at") is None  # invisible outside the transaction
+        await tx.mark_handled("c", "e")  # the transaction commits other writes
+    assert await row_of("s/looked-at") is None
+    assert await store.read_stream("s/looked-at") == []
+    async with store.transaction() as tx:
+        assert await tx.lock_stream("s/looked-at") == 0
+        await tx.append("s/looked-at", 0, [funded("l", 1)])
+    assert await row_of("s/looked-at") == 1
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.lock_stream("s/rolled-back")
+            raise RuntimeError("rolled back")
+    assert await row_of("s/rolled-back") is None
