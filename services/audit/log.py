@@ -78,10 +78,18 @@ async def ensure_head(store: EventStore) -> None:
         )
 
 
+class AuditHeadMissing(RuntimeError):
+    """The head row is gone (e.g. a partial restore): no entry can be chained."""
+
+
 async def append(tx: Tx, env: Envelope) -> None:
-    """Append one event (the consumer has already made sure it is new)."""
+    """Append one event (the consumer has already made sure it is new).
+
+    Without the head row the statement inserts nothing and raises nothing: raise here, so the
+    transaction (and the consumer's mark that the event was handled) rolls back, and the
+    consumer retries, then dead-letters the event with an alert, instead of losing it."""
     data = env.SerializeToString(deterministic=True)
-    await tx.conn.execute(
+    result = await tx.conn.execute(
         _APPEND,
         {
             "leaf": leaf_hash(data),
@@ -91,6 +99,11 @@ async def append(tx: Tx, env: Envelope) -> None:
             "envelope": data,
         },
     )
+    if result.rowcount != 1:
+        raise AuditHeadMissing(
+            f"audit_head row 1 is missing: event {env.event_id} was not appended; restore the "
+            "audit database (head and entries) from one backup"
+        )
 
 
 async def info(store: EventStore) -> tuple[int, bytes, dict[str, int]]:
