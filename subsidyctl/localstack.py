@@ -28,6 +28,18 @@ REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("catalog", "eligibility", "ledger", "audit")
 
 
+def write_private(path: Path, content: str) -> None:
+    """Write a secret to ``path``, readable by the owner only from the moment it exists.
+
+    ``write_text`` then ``chmod`` leaves the secret readable under the default umask until the
+    chmod (and for good if the process dies in between). The file is created 0600; one that
+    already existed is made 0600 before anything is written to it (O_TRUNC has emptied it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(content)
+
+
 class AlreadyRunning(StackError):
     """Another ``subsidyctl up`` holds this run folder."""
 
@@ -166,8 +178,7 @@ class LocalStack:
             self.nats.start()
             self.bao.start()
             token_file = self.run_dir / "LOCAL-ONLY-vault-token"
-            token_file.write_text(self.bao.token)
-            token_file.chmod(0o600)
+            write_private(token_file, self.bao.token)
             self._spawn("identity_sim", {})
             self._wait_serving("identity_sim")
             for service in SERVICES:
