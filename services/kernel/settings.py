@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 
 class SettingsError(RuntimeError):
     """A required setting is missing or malformed; the message names the variable."""
@@ -21,6 +24,19 @@ def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     if value is None or value == "":
         raise SettingsError(f"missing required environment variable {name}")
     return value
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` for its user, percent-encoded (a password may hold any of
+    ``@ / : # ?``), unless the URL names no user or already carries a password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Never echo the URL: it may carry credentials.
+        raise SettingsError("SUBSIDY_DATABASE_URL is not a valid database URL") from None
+    if parsed.username is None or parsed.password is not None:
+        return url
+    return parsed.set(password=password).render_as_string(hide_password=False)
 
 
 @dataclass(frozen=True)
@@ -61,15 +77,8 @@ class Settings:
             )
         database_url = _get(env, "SUBSIDY_DATABASE_URL")
         password_file = env.get("SUBSIDY_DATABASE_PASSWORD_FILE")
-        if (
-            password_file
-            and "@" in database_url
-            and ":" not in database_url.split("//")[1].split("@")[0]
-        ):
-            password = Path(password_file).read_text().strip()
-            scheme, rest = database_url.split("//", 1)
-            user, host = rest.split("@", 1)
-            database_url = f"{scheme}//{user}:{password}@{host}"
+        if password_file:
+            database_url = _with_password(database_url, Path(password_file).read_text().strip())
         peer_addrs = {p: _get(env, f"SUBSIDY_{p.upper()}_ADDR") for p in peers}
 
         def _int(name: str, default: int) -> int:

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
+from services.kernel.eventstore import make_engine
 from services.kernel.settings import Settings, SettingsError
+from tests.conftest import Infra
 
 BASE = {
     "SUBSIDY_GRPC_LISTEN": "127.0.0.1:0",
@@ -77,3 +81,46 @@ def test_a_service_process_refuses_to_start_and_names_the_variable() -> None:
     )
     assert proc.returncode == 2
     assert "missing required environment variable SUBSIDY_" in proc.stderr
+
+
+async def test_a_password_with_url_syntax_in_it_is_encoded_and_connects(
+    infra: Infra, tmp_path: Path
+) -> None:
+    """Spliced in raw, ``p@ss/w:rd#1`` moved the host into the password and cut the URL at
+    ``#`` (and the parse errors showed part of it)."""
+    password = "p@ss/w:rd#1"
+    secret = tmp_path / "db-password"
+    secret.write_text(password + "\n")
+    url = infra.create_database("pwd")
+    env = {**BASE, "SUBSIDY_DATABASE_URL": url, "SUBSIDY_DATABASE_PASSWORD_FILE": str(secret)}
+    s = Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+    assert isinstance(s.database_url, str)
+    parsed, expected = make_url(s.database_url), make_url(url)
+    assert parsed.password == password
+    assert (parsed.username, parsed.host, parsed.port, parsed.database) == (
+        expected.username,
+        expected.host,
+        expected.port,
+        expected.database,
+    )
+    # The local server trusts every local login, so this proves the URL reaches the right
+    # database; the password itself is checked above.
+    engine = make_engine(s.database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT current_database()")) == expected.database
+    finally:
+        await engine.dispose()
+
+
+def test_a_malformed_database_url_is_named_without_echoing_it(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret")
+    env = {
+        **BASE,
+        "SUBSIDY_DATABASE_URL": "not a url with hunter2",
+        "SUBSIDY_DATABASE_PASSWORD_FILE": str(secret),
+    }
+    with pytest.raises(SettingsError, match="SUBSIDY_DATABASE_URL") as err:
+        Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
+    assert "hunter2" not in str(err.value)
