@@ -79,7 +79,8 @@ async def test_an_attempt_abandoned_by_a_crash_is_refused_and_its_lock_undone(
     )
     assert await qualification_status(p, qid) == ("LOCKED", order)
 
-    assert await ledger_of(p).sweep_abandoned(older_than_s=60) >= 1
+    # The sweeper (this call, or the ledger's own loop, whichever comes first) refuses it.
+    await ledger_of(p).sweep_abandoned(older_than_s=60)
 
     async def freed() -> None:
         assert await qualification_status(p, qid) == ("AVAILABLE", "")
