@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import random
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import RESULTS, against_baseline, summarise, timed
+from bench.common import against_baseline, report, summarise, timed
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.__main__ import _free_base
@@ -137,15 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         result = asyncio.run(run(args.orders, args.concurrency, Path(tmp)))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkout.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
-    print(f"{'operation':64} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
-    for row in result["rows"]:
-        print(
-            f"{row['name']:64} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
-            f" {row['p99_ms']:8.2f} {row['throughput_vs_baseline']:8.3f}"
-        )
+    report("checkout", result)
     return result
 
 

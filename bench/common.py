@@ -48,3 +48,18 @@ async def timed(
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, time.perf_counter() - t0
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    """Write ``bench/results/<name>.json`` and print the rows as a table."""
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    width = max(len(row["name"]) for row in result["rows"])
+    print(f"{'operation':{width}} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
+    for row in result["rows"]:
+        print(
+            f"{row['name']:{width}} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
+            f" {row['p99_ms']:8.2f} {row['throughput_vs_baseline']:8.3f}"
+        )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import insert
 
-from bench.common import RESULTS, against_baseline, summarise, timed
+from bench.common import against_baseline, report, summarise, timed
 from services.catalog.api import CatalogApi
 from services.catalog.handlers import Catalog
 from services.catalog.importer import import_products
@@ -178,18 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
         result = asyncio.run(measure(args.calls, args.concurrency, Path(tmp)))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "verify_item.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"verify_item: {args.calls} calls per row, concurrency {args.concurrency}, "
         f"{PRODUCTS} products; bulk import of {PRODUCTS} rows: {result['import_10000_rows_s']} s"
     )
-    print(f"{'operation':34} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8}")
-    for row in result["rows"]:
-        print(
-            f"{row['name']:34} {row['throughput_per_s']:9.1f} {row['p50_ms']:8.2f}"
-            f" {row['p99_ms']:8.2f} {row['throughput_vs_baseline']:8.3f}"
-        )
+    report("verify_item", result)
     return result
 
 
