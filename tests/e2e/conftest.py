@@ -90,6 +90,15 @@ class Platform:
         )
         return p, c.consumer_id
 
+    async def claim(self, consumer_id: str, category: str, channel: str = "jd") -> str:
+        """Claim a qualification for ``consumer_id``; returns its id."""
+        q = await self.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(
+                consumer_id=consumer_id, category=category, channel=channel
+            )
+        )
+        return str(q.qualification_id)
+
     async def product(self, rng: random.Random, category: str, grade: int, price_fen: int) -> str:
         """An approved merchant's product; returns its SKU."""
         n = rng.randrange(10**9)

@@ -31,12 +31,11 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     _, consumer = await p.person(rng)
     sku = await p.product(rng, "refrigerator", 1, 1_200_000)
     pool = await p.pool(rng, 10_000_000)
-    q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category="refrigerator", channel="jd"
-        )
+    q_id = await p.claim(consumer, "refrigerator")
+    claimed = await p.eligibility.GetQualification(
+        eligibility_pb2.GetQualificationRequest(qualification_id=q_id)
     )
-    assert q.status == "AVAILABLE"
+    assert claimed.status == "AVAILABLE"
     order = f"o-{rng.randrange(10**12)}"
     res = await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
@@ -44,7 +43,7 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
             platform_id="jd",
             pool_id=pool,
             consumer_id=consumer,
-            qualification_id=q.qualification_id,
+            qualification_id=q_id,
             sku=sku,
             unit_price_fen=1_200_000,
         )
@@ -58,7 +57,7 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     b = await budget(p, pool)
     assert (b.available_fen, b.reserved_fen, b.spent_fen) == (9_800_000, 200_000, 0)
     locked = await p.eligibility.GetQualification(
-        eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+        eligibility_pb2.GetQualificationRequest(qualification_id=q_id)
     )
     assert (locked.status, locked.order_id) == ("LOCKED", order)
 
@@ -69,7 +68,7 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
             platform_id="jd",
             pool_id=pool,
             consumer_id=consumer,
-            qualification_id=q.qualification_id,
+            qualification_id=q_id,
             sku=sku,
             unit_price_fen=1_200_000,
         )
@@ -90,7 +89,7 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
 
     async def used() -> None:
         got = await p.eligibility.GetQualification(
-            eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+            eligibility_pb2.GetQualificationRequest(qualification_id=q_id)
         )
         assert got.status == "USED"
 
@@ -104,11 +103,7 @@ async def test_cancel_releases_budget_and_qualification(
     _, consumer = await p.person(rng)
     sku = await p.product(rng, "phone", 0, 300_000)
     pool = await p.pool(rng, 1_000_000)
-    q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category="phone", channel="jd"
-        )
-    )
+    q_id = await p.claim(consumer, "phone")
     order = f"o-{rng.randrange(10**12)}"
     res = await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
@@ -116,7 +111,7 @@ async def test_cancel_releases_budget_and_qualification(
             platform_id="jd",
             pool_id=pool,
             consumer_id=consumer,
-            qualification_id=q.qualification_id,
+            qualification_id=q_id,
             sku=sku,
             unit_price_fen=300_000,
         )
@@ -131,7 +126,7 @@ async def test_cancel_releases_budget_and_qualification(
 
     async def available() -> None:
         got = await p.eligibility.GetQualification(
-            eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+            eligibility_pb2.GetQualificationRequest(qualification_id=q_id)
         )
         assert got.status == "AVAILABLE"
 
@@ -341,11 +336,7 @@ async def test_one_unit_under_two_spellings_is_still_one_unit(
     outcomes = []
     for i, spelling in enumerate(spellings):
         _, consumer = await p.person(rng)
-        q = await p.eligibility.ClaimQualification(
-            eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer, category="phone", channel="jd"
-            )
-        )
+        q_id = await p.claim(consumer, "phone")
         try:
             await p.ledger.ReserveSubsidy(
                 ledger_pb2.ReserveSubsidyRequest(
@@ -353,7 +344,7 @@ async def test_one_unit_under_two_spellings_is_still_one_unit(
                     platform_id="jd",
                     pool_id=pool,
                     consumer_id=consumer,
-                    qualification_id=q.qualification_id,
+                    qualification_id=q_id,
                     sku=sku,
                     unit_price_fen=300_000,
                     serial=spelling,

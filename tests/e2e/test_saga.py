@@ -31,12 +31,8 @@ async def setup(p: Platform, rng: random.Random) -> tuple[str, str, str, str]:
     _, consumer = await p.person(rng)
     sku = await p.product(rng, "phone", 0, 300_000)
     pool = await p.pool(rng, 1_000_000)
-    q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category="phone", channel="jd"
-        )
-    )
-    return consumer, sku, pool, q.qualification_id
+    q_id = await p.claim(consumer, "phone")
+    return consumer, sku, pool, q_id
 
 
 def reserve_request(order: str, consumer: str, sku: str, pool: str, qid: str) -> Any:
@@ -175,16 +171,7 @@ async def test_two_qualifications_racing_for_one_order_id_leave_no_lock_behind(
     sku = await p.product(rng, "phone", 0, 300_000)
     pool = await p.pool(rng, 1_000_000)
     people = [await p.person(rng) for _ in range(2)]
-    quals = [
-        (
-            await p.eligibility.ClaimQualification(
-                eligibility_pb2.ClaimQualificationRequest(
-                    consumer_id=c, category="phone", channel="jd"
-                )
-            )
-        ).qualification_id
-        for _, c in people
-    ]
+    quals = [await p.claim(c, "phone") for _, c in people]
     order = f"same-{rng.randrange(10**12)}"
 
     async def reserve(i: int) -> str:

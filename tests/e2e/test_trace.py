@@ -7,7 +7,7 @@ import random
 from opentelemetry.trace import SpanKind
 
 from services.kernel.telemetry import tracer
-from subsidy.v1 import eligibility_pb2, ledger_pb2
+from subsidy.v1 import ledger_pb2
 from tests.e2e.conftest import Platform, eventually
 
 
@@ -18,11 +18,7 @@ async def test_checkout_is_one_trace_across_services_and_nats(
     _, consumer = await p.person(rng)
     sku = await p.product(rng, "tablet", 0, 400_000)
     pool = await p.pool(rng, 1_000_000)
-    q = await p.eligibility.ClaimQualification(
-        eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category="tablet", channel="jd"
-        )
-    )
+    q_id = await p.claim(consumer, "tablet")
     order = f"trace-{rng.randrange(10**12)}"
     with tracer().start_as_current_span("platform checkout") as root:
         res = await p.ledger.ReserveSubsidy(
@@ -31,7 +27,7 @@ async def test_checkout_is_one_trace_across_services_and_nats(
                 platform_id="jd",
                 pool_id=pool,
                 consumer_id=consumer,
-                qualification_id=q.qualification_id,
+                qualification_id=q_id,
                 sku=sku,
                 unit_price_fen=400_000,
             )
