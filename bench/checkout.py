@@ -25,13 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.common import against_baseline, report, summarise, timed
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
-from subsidyctl.__main__ import _free_base
-from subsidyctl.localstack import LocalStack, Ports
+from subsidyctl.localstack import LocalStack, Ports, free_base
 
 
 async def run(orders: int, concurrency: int, root: Path) -> dict[str, Any]:
     """The services as separate processes (as in production), on free ports."""
-    stack = LocalStack(root, Ports(_free_base()), durable=False, log=io.StringIO())
+    stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
     stack.start()
     try:
         client = demo.Client(stack.endpoints())

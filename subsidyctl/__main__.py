@@ -28,17 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.invariants import check_audit_complete
 from services.kernel.telemetry import configure_tracing
-from subsidy.v1 import audit_pb2
 
 from . import audit_cli, catalog_cli, demo
-from .localstack import SERVICES, LocalStack, Ports
-from .stack import StackError, port_in_use
+from .localstack import SERVICES, LocalStack, Ports, free_base, wait_until_audited
+from .stack import StackError
 
 DEFAULT_RUN_DIR = Path(os.environ.get("SUBSIDY_RUN_DIR", "run"))
 DEFAULT_BASE_PORT = int(os.environ.get("SUBSIDY_BASE_PORT", "7100"))
@@ -128,24 +125,6 @@ def cmd_checkout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_base() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000, 100)
-        if not any(port_in_use(p) for p in Ports(base).all()):
-            return base
-    raise StackError("no free block of ports for the smoke stack")
-
-
-def _store_event_ids(stack: LocalStack) -> dict[str, list[str]]:
-    assert stack.pg is not None
-    ids: dict[str, list[str]] = {}
-    for service in SERVICES:
-        with psycopg.connect(stack.pg.conninfo(service)) as db:
-            ids[service] = [r[0] for r in db.execute("SELECT event_id FROM events")]
-    return ids
-
-
 async def _smoke(stack: LocalStack) -> dict[str, Any]:
     client = demo.Client(stack.endpoints())
     try:
@@ -157,24 +136,9 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
             sku="demo-fridge-g1",
             price_fen=1_200_000,
         )
+        size = await wait_until_audited(stack, client)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while True:  # the audit log catches up asynchronously, through NATS
-            stores = _store_event_ids(stack)
-            info = await client.audit.GetLogInfo(audit_pb2.GetLogInfoRequest())
-            entries: list[str] = []
-            while len(entries) < info.size:
-                page = await client.audit.GetEntries(
-                    audit_pb2.GetEntriesRequest(start=len(entries), limit=1000)
-                )
-                entries += [e.envelope.event_id for e in page.entries]
-            try:
-                check_audit_complete(stores, entries)
-                break
-            except AssertionError:
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
         provider = trace.get_tracer_provider()
         if isinstance(provider, TracerProvider):
             provider.force_flush()  # the platform's own spans, batched in this process
@@ -193,7 +157,7 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
         return {
             "subsidy_fen": result["subsidy_fen"],
             "budget_available_fen": result["budget_available_fen"],
-            "audit_entries": int(info.size),
+            "audit_entries": size,
             "trace_spans": len(spans),
         }
     finally:
@@ -202,7 +166,7 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="subsidy-smoke-") as tmp:
-        stack = LocalStack(Path(tmp), Ports(_free_base()), durable=False)
+        stack = LocalStack(Path(tmp), Ports(free_base()), durable=False)
         configure_tracing("smoke", trace_file=stack.traces / "platform.jsonl")
         try:
             stack.start()

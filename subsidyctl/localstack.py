@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -98,6 +98,8 @@ class LocalStack:
     durable: bool = True
     log: IO[str] = sys.stderr
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _extra: dict[str, dict[str, str]] = field(default_factory=dict)
+    settings_overrides: dict[str, str] = field(default_factory=dict)  # e.g. shorter timeouts
     _lock: IO[str] | None = None
     pg: Postgres | None = None
     nats: Nats | None = None
@@ -199,6 +201,7 @@ class LocalStack:
             "SUBSIDY_VAULT_TOKEN_FILE": str(token_file),
             "SUBSIDY_METRICS_LISTEN": f"127.0.0.1:{self.ports.metrics(service)}",
             "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
+            **self.settings_overrides,
         }
         if service == "ledger":
             env["SUBSIDY_CATALOG_ADDR"] = self.endpoint("catalog")
@@ -207,7 +210,19 @@ class LocalStack:
             env["SUBSIDY_IDENTITY_AUTHORITY_ADDR"] = self.endpoint("identity_sim")
         return env
 
+    def kill(self, service: str) -> None:
+        """kill -9 one service's process (chaos tests): no drain, no goodbye."""
+        proc = self._procs[service]
+        proc.kill()
+        proc.wait(10)
+
+    def respawn(self, service: str) -> None:
+        """Start a killed service again with the environment it had, and wait until serving."""
+        self._spawn(service, self._extra[service])
+        self._wait_serving(service)
+
     def _spawn(self, service: str, extra: dict[str, str]) -> None:
+        self._extra[service] = extra
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")},
             "SUBSIDY_GRPC_LISTEN": self.endpoint(service),
@@ -295,3 +310,55 @@ class LocalStack:
                     if span.get("trace_id") == trace_id:
                         spans.append(span)
         return spans
+
+
+def free_base() -> int:
+    """A base port whose whole block is free (smoke, benchmarks and tests run beside make run)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000, 100)
+        if not any(port_in_use(p) for p in Ports(base).all()):
+            return base
+    raise StackError("no free block of ports for a throwaway stack")
+
+
+def store_event_ids(stack: LocalStack) -> dict[str, list[str]]:
+    """Every event id in every service's store, read from its database."""
+    import psycopg
+
+    assert stack.pg is not None
+    ids: dict[str, list[str]] = {}
+    for service in SERVICES:
+        with psycopg.connect(stack.pg.conninfo(service)) as db:
+            ids[service] = [r[0] for r in db.execute("SELECT event_id FROM events")]
+    return ids
+
+
+async def wait_until_audited(stack: LocalStack, client: Any, within: float = 30.0) -> int:
+    """Wait until every store's events are in the audit log exactly once (check_audit_complete);
+    returns the log's size. ``client`` is a subsidyctl.demo.Client."""
+    import asyncio
+
+    from services.invariants import check_audit_complete
+    from subsidy.v1 import audit_pb2
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:  # the audit log catches up asynchronously, through NATS
+        stores = store_event_ids(stack)
+        info = await client.audit.GetLogInfo(audit_pb2.GetLogInfoRequest())
+        entries: list[str] = []
+        while len(entries) < info.size:
+            page = await client.audit.GetEntries(
+                audit_pb2.GetEntriesRequest(start=len(entries), limit=1000)
+            )
+            entries += [e.envelope.event_id for e in page.entries]
+        try:
+            check_audit_complete(stores, entries)
+            return int(info.size)
+        except AssertionError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)

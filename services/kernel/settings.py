@@ -57,6 +57,9 @@ class Settings:
     trace_file: Path | None = None
     peers: Mapping[str, str] = field(default_factory=dict)
     reservation_timeout_s: int = 900
+    # How long a reservation attempt may sit between locking the qualification and the hold
+    # before the ledger's sweeper treats it as abandoned (its process died) and refuses it.
+    abandon_after_s: int = 60
     rpc_deadline_s: float = 5.0
 
     @classmethod
@@ -107,4 +110,5 @@ class Settings:
             trace_file=_path("SUBSIDY_TRACE_FILE"),
             peers=peer_addrs,
             reservation_timeout_s=_int("SUBSIDY_RESERVATION_TIMEOUT_S", 900),
+            abandon_after_s=_int("SUBSIDY_ABANDON_AFTER_S", 60),
         )

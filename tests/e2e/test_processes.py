@@ -14,8 +14,7 @@ import pytest
 
 from subsidy.v1 import ledger_pb2
 from subsidyctl import demo
-from subsidyctl.__main__ import _free_base
-from subsidyctl.localstack import SERVICES, AlreadyRunning, LocalStack, Ports
+from subsidyctl.localstack import SERVICES, AlreadyRunning, LocalStack, Ports, free_base
 
 
 @pytest.mark.slow
@@ -38,7 +37,7 @@ def test_smoke_prints_one_json_line_and_exits_zero() -> None:
 def test_local_stack_keeps_data_and_keys_across_restart_and_refuses_a_second_up(
     tmp_path: Path,
 ) -> None:
-    ports = Ports(_free_base())
+    ports = Ports(free_base())
     quiet = io.StringIO()
     stack = LocalStack(tmp_path / "run", ports, durable=True, log=quiet)
     stack.start()
