@@ -10,11 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from services.invariants import InvariantViolation
 from services.kernel.events import Envelope, payload_of
 from services.ledger import domain as ledger_domain
+from services.ledger.projections import pool_stream
 
 from .log import GENESIS, chain_hash, leaf_hash
+
+POOL_STREAM = pool_stream("")
 
 
 @dataclass
@@ -28,8 +33,14 @@ class Replay:
 
 
 def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
-    """Replay ``(index, leaf hash, chain hash, envelope bytes)`` from index 0, in order."""
+    """Replay ``(index, leaf hash, chain hash, envelope bytes)`` from index 0, in order.
+
+    The log records events in the order they reached the audit service, which after a crash or
+    a redelivery is not the order they happened in; each budget pool is therefore folded in its
+    own stream's version order, and a missing version is a violation.
+    """
     out = Replay()
+    pool_events: dict[str, dict[int, Message]] = {}
     for idx, leaf, chained, data in entries:
         if idx != out.size:
             raise InvariantViolation(f"audit entry {idx} out of order (expected {out.size})")
@@ -38,12 +49,18 @@ def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
         out.head, out.size = chained, out.size + 1
         env = Envelope.FromString(data)
         out.events_by_service[env.service] = out.events_by_service.get(env.service, 0) + 1
-        if env.service == "ledger":
-            event = payload_of(env)
-            pool_id = getattr(event, "pool_id", "")
-            if pool_id and not env.event_type.endswith("ReservationRefused"):
-                before = out.pools.get(pool_id, ledger_domain.Pool(pool_id))
-                out.pools[pool_id] = ledger_domain.apply(before, event)  # checks the invariant
+        if env.service == "ledger" and env.stream_id.startswith(POOL_STREAM):
+            versions = pool_events.setdefault(env.stream_id.removeprefix(POOL_STREAM), {})
+            if env.stream_version in versions:
+                raise InvariantViolation(f"{env.stream_id} v{env.stream_version} logged twice")
+            versions[env.stream_version] = payload_of(env)
+    for pool_id, versions in sorted(pool_events.items()):
+        if sorted(versions) != list(range(1, len(versions) + 1)):
+            raise InvariantViolation(f"{POOL_STREAM}{pool_id}: events missing from the log")
+        pool = ledger_domain.Pool(pool_id)
+        for version in sorted(versions):
+            pool = ledger_domain.apply(pool, versions[version])  # checks the invariant
+        out.pools[pool_id] = pool
     return out
 
 

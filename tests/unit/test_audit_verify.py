@@ -16,10 +16,13 @@ CTX = Context(service_actor("ledger"))
 
 def log_of(
     *events: ev.BudgetFunded | ev.SubsidyReserved | ev.SubsidyCaptured,
+    versions: list[int] | None = None,
 ) -> list[tuple[int, bytes, bytes, bytes]]:
+    """An audit log holding ``events`` in this arrival order, with these stream versions."""
     rows, head = [], GENESIS
     for i, e in enumerate(events):
-        data = new_envelope("ledger", "budget-pool/p", e, CTX, version=i + 1).SerializeToString(
+        version = versions[i] if versions else i + 1
+        data = new_envelope("ledger", "budget-pool/p", e, CTX, version=version).SerializeToString(
             deterministic=True
         )
         leaf = leaf_hash(data)
@@ -73,3 +76,26 @@ def test_a_ledger_that_disagrees_with_its_log_is_caught() -> None:
     out = replay(history())
     with pytest.raises(InvariantViolation, match="pool p"):
         compare_pools(out.pools, {"p": Pool("p", 100_000, 56_000, 0, 44_000)})
+
+
+def test_events_that_reached_audit_out_of_order_replay_in_stream_order() -> None:
+    """After a crash, a redelivered event lands in the log after later ones: the pool is still
+    rebuilt in its stream's order."""
+    rows = log_of(
+        ev.BudgetFunded(pool_id="p", amount_fen=100_000),
+        ev.SubsidyCaptured(order_id="o1", pool_id="p", subsidy_fen=45_000),  # version 3
+        ev.SubsidyReserved(order_id="o1", pool_id="p", subsidy_fen=45_000),  # version 2
+        versions=[1, 3, 2],
+    )
+    out = replay(rows)
+    assert out.pools == {"p": Pool("p", funded=100_000, available=55_000, reserved=0, spent=45_000)}
+
+
+def test_a_missing_version_of_a_pool_is_caught() -> None:
+    rows = log_of(
+        ev.BudgetFunded(pool_id="p", amount_fen=100_000),
+        ev.SubsidyCaptured(order_id="o1", pool_id="p", subsidy_fen=45_000),
+        versions=[1, 3],
+    )
+    with pytest.raises(InvariantViolation, match="missing"):
+        replay(rows)
