@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import nats
@@ -181,21 +182,34 @@ class EventConsumer:
             return
         await self._handle(store, js, msg, env)
 
-    async def _handle(
-        self, store: EventStore, js: JetStreamContext, msg: Msg, env: Envelope
-    ) -> None:
-        with tracer().start_as_current_span(
+    def _span(self, msg: Msg, env: Envelope) -> AbstractContextManager[trace.Span]:
+        """The consumer span, a child of the publisher's (trace context in the NATS headers)."""
+        return tracer().start_as_current_span(
             f"{self.name} consume {env.event_type.rsplit('.', 1)[-1]}",
             context=extract(msg.headers or {}),
             kind=SpanKind.CONSUMER,
             attributes={"messaging.system": "nats", "messaging.message.id": env.event_id},
-        ) as span:
+        )
+
+    async def _apply(self, tx: Tx, env: Envelope) -> int:
+        """Mark the event handled and run the handler, in ``tx``; 1 if it was new, else 0."""
+        if not await tx.mark_handled(self.name, env.event_id):
+            return 0
+        await self.handler(tx, env)
+        return 1
+
+    def _count(self, handled: int) -> None:
+        self.handled += handled
+        metrics.EVENTS_HANDLED.labels(self.name).inc(handled)
+
+    async def _handle(
+        self, store: EventStore, js: JetStreamContext, msg: Msg, env: Envelope
+    ) -> None:
+        with self._span(msg, env) as span:
             try:
                 async with store.transaction() as tx:
-                    if await tx.mark_handled(self.name, env.event_id):
-                        await self.handler(tx, env)
-                        self.handled += 1
-                        metrics.EVENTS_HANDLED.labels(self.name).inc()
+                    handled = await self._apply(tx, env)
+                self._count(handled)
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR))
@@ -239,24 +253,13 @@ class EventConsumer:
         try:
             async with store.transaction() as tx:
                 for msg, env in batch:
-                    with tracer().start_as_current_span(
-                        f"{self.name} consume {env.event_type.rsplit('.', 1)[-1]}",
-                        context=extract(msg.headers or {}),
-                        kind=SpanKind.CONSUMER,
-                        attributes={
-                            "messaging.system": "nats",
-                            "messaging.message.id": env.event_id,
-                        },
-                    ):
-                        if await tx.mark_handled(self.name, env.event_id):
-                            await self.handler(tx, env)
-                            handled += 1
+                    with self._span(msg, env):
+                        handled += await self._apply(tx, env)
         except Exception:
             for msg, env in batch:
                 await self._handle(store, js, msg, env)
             return
-        self.handled += handled
-        metrics.EVENTS_HANDLED.labels(self.name).inc(handled)
+        self._count(handled)
         for msg, env in batch:
             await self._settle(msg.ack(), "ack", env.event_id)
 

@@ -75,9 +75,3 @@ class Unavailable(DomainError):
     """A dependency (another service, Vault, the identity authority) did not answer."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-def require(condition: bool, field: str, message: str, reason: str = "INVALID_FIELD") -> None:
-    """Raise :class:`InvalidArgument` naming ``field`` unless ``condition`` holds."""
-    if not condition:
-        raise InvalidArgument(reason, f"{field}: {message}", field=field)

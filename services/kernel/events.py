@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf import symbol_database
@@ -92,7 +91,3 @@ def payload_of(envelope: Envelope) -> Message:
     message: Message = cls()
     message.ParseFromString(envelope.payload)
     return message
-
-
-def trace_carrier(envelope: Envelope) -> Mapping[str, str]:
-    return dict(envelope.trace_context)
