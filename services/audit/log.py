@@ -131,14 +131,3 @@ async def read(store: EventStore, start: int, limit: int) -> list[tuple[int, byt
             )
         ).all()
     return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
-
-
-def verify_chain(rows: list[tuple[int, bytes, bytes, bytes]], previous: bytes = GENESIS) -> bytes:
-    """Recompute the chain over ``rows`` (from index 0); raise if any link is wrong."""
-    from services.invariants import InvariantViolation
-
-    for idx, leaf, chained, data in rows:
-        if leaf_hash(data) != leaf or chain_hash(previous, leaf) != chained:
-            raise InvariantViolation(f"audit entry {idx} does not match its hash chain")
-        previous = chained
-    return previous

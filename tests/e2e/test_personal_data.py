@@ -25,6 +25,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from services.audit import log as audit_log
+from services.audit.verify import replay
 from services.eligibility.handlers import Eligibility
 from services.kernel.bus import EVENTS_STREAM
 from services.kernel.errors import NotFound
@@ -345,5 +346,5 @@ async def test_no_raw_personal_data_anywhere_and_shredding(
     size, head, _ = await audit_log.info(audit_store)
     entries = await audit_log.read(audit_store, 0, size + 1)
     assert len(entries) == size
-    assert audit_log.verify_chain(entries) == head
+    assert replay(entries).head == head
     assert any(shredded.encode() in data for _, _, _, data in entries)
