@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.catalog.policy import Policy, policy_from_dict
 from services.invariants import check_person_limit, check_quota
@@ -506,27 +507,32 @@ class Eligibility:
             return  # a qualification this service never had
 
     async def check_limits(self) -> None:
-        """Check the per-person invariant over every consumer and category (tests, verifier)."""
-        policy = await self.policy()
-        async with self.store.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        qualifications.c.consumer_id,
-                        qualifications.c.category,
-                        func.count().filter(qualifications.c.status.in_((USED, FORFEITED))),
-                        func.count().filter(qualifications.c.status == LOCKED),
-                    ).group_by(qualifications.c.consumer_id, qualifications.c.category)
-                )
-            ).all()
-            quotas = (await conn.execute(select(quota_usage))).all()
-        for consumer_id, category, used, locked in rows:
-            rule = policy.category(category)
-            assert rule is not None
-            check_person_limit(
-                consumer_id, category, used=used, locked=locked, limit=rule.per_person_limit
+        """Check the per-person and quota invariants under the policy in force."""
+        await check_limits(self.store.engine, await self.policy())
+
+
+async def check_limits(engine: AsyncEngine, policy: Policy) -> None:
+    """Per consumer and category used + locked ≤ the limit, and every daily quota held, over an
+    eligibility database (the service, the tests and the chaos test all call this)."""
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(
+                    qualifications.c.consumer_id,
+                    qualifications.c.category,
+                    func.count().filter(qualifications.c.status.in_((USED, FORFEITED))),
+                    func.count().filter(qualifications.c.status == LOCKED),
+                ).group_by(qualifications.c.consumer_id, qualifications.c.category)
             )
-        for q in quotas:
-            rule = policy.category(q.category)
-            assert rule is not None
-            check_quota(q.category, q.day, issued=q.issued, quota=rule.daily_quota)
+        ).all()
+        quotas = (await conn.execute(select(quota_usage))).all()
+    for consumer_id, category, used, locked in rows:
+        rule = policy.category(category)
+        assert rule is not None
+        check_person_limit(
+            consumer_id, category, used=used, locked=locked, limit=rule.per_person_limit
+        )
+    for q in quotas:
+        rule = policy.category(q.category)
+        assert rule is not None
+        check_quota(q.category, q.day, issued=q.issued, quota=rule.daily_quota)

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 
 from services.catalog.policy import default_policy
-from services.invariants import check_person_limit, check_quota
+from services.eligibility.handlers import check_limits
+from services.kernel.eventstore import make_engine
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.audit_cli import verify
@@ -163,6 +164,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
         policy = default_policy()
 
         pg = stack.pg
+        eligibility_db = make_engine(pg.url("eligibility"), pool_size=1)
 
         def settled() -> None:
             with (
@@ -188,38 +190,21 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
                     )
                 }
                 assert used == dict(completed)
-                for consumer, category, n_used, n_locked in e_db.execute(
-                    "SELECT consumer_id, category,"
-                    " count(*) FILTER (WHERE status IN ('USED', 'FORFEITED')),"
-                    " count(*) FILTER (WHERE status = 'LOCKED')"
-                    " FROM qualifications GROUP BY consumer_id, category"
-                ):
-                    rule = policy.category(category)
-                    assert rule is not None
-                    check_person_limit(
-                        consumer,
-                        category,
-                        used=n_used,
-                        locked=n_locked,
-                        limit=rule.per_person_limit,
-                    )
-                for category, day, issued in e_db.execute(
-                    "SELECT category, day, issued FROM quota_usage"
-                ):
-                    rule = policy.category(category)
-                    assert rule is not None
-                    check_quota(category, day, issued=issued, quota=rule.daily_quota)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while True:  # swept attempts and redelivered events settle within seconds
-            try:
-                await asyncio.to_thread(settled)
-                break
-            except AssertionError:
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        try:
+            while True:  # swept attempts and redelivered events settle within seconds
+                try:
+                    await asyncio.to_thread(settled)
+                    await check_limits(eligibility_db, policy)  # the service's own check
+                    break
+                except AssertionError:
+                    if loop.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+        finally:
+            await eligibility_db.dispose()
         return len(completed), len(refused)
     finally:
         await client.close()
