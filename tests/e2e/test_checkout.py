@@ -149,16 +149,7 @@ async def test_fifty_concurrent_reservations_never_overspend(
     sku = await p.product(rng, "washing_machine", 2, 500_000)  # 15% of 5,000 yuan = 75,000 fen
     pool = await p.pool(rng, 20 * 75_000 + 74_999)
     people = await asyncio.gather(*(p.person(rng) for _ in range(50)))
-    quals = await asyncio.gather(
-        *(
-            p.eligibility.ClaimQualification(
-                eligibility_pb2.ClaimQualificationRequest(
-                    consumer_id=c, category="washing_machine", channel="jd"
-                )
-            )
-            for _, c in people
-        )
-    )
+    quals = await asyncio.gather(*(p.claim(c, "washing_machine") for _, c in people))
 
     async def checkout(i: int) -> str:
         try:
@@ -168,7 +159,7 @@ async def test_fifty_concurrent_reservations_never_overspend(
                     platform_id="jd",
                     pool_id=pool,
                     consumer_id=people[i][1],
-                    qualification_id=quals[i].qualification_id,
+                    qualification_id=quals[i],
                     sku=sku,
                     unit_price_fen=500_000,
                 )
@@ -189,7 +180,7 @@ async def test_fifty_concurrent_reservations_never_overspend(
         statuses = [
             (
                 await p.eligibility.GetQualification(
-                    eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+                    eligibility_pb2.GetQualificationRequest(qualification_id=q)
                 )
             ).status
             for q in quals
@@ -248,12 +239,7 @@ async def test_one_unit_is_subsidised_once_even_when_two_orders_race(
     pool = await p.pool(rng, 1_000_000)
     imei = f"IMEI{rng.randrange(10**15):015d}"
     people = [await p.person(rng) for _ in range(2)]
-    quals = [
-        await p.eligibility.ClaimQualification(
-            eligibility_pb2.ClaimQualificationRequest(consumer_id=c, category="phone", channel="jd")
-        )
-        for _, c in people
-    ]
+    quals = [await p.claim(c, "phone") for _, c in people]
 
     async def reserve(i: int) -> str:
         try:
@@ -263,7 +249,7 @@ async def test_one_unit_is_subsidised_once_even_when_two_orders_race(
                     platform_id="jd",
                     pool_id=pool,
                     consumer_id=people[i][1],
-                    qualification_id=quals[i].qualification_id,
+                    qualification_id=quals[i],
                     sku=sku,
                     unit_price_fen=300_000,
                     serial=imei,
@@ -295,7 +281,7 @@ async def test_one_unit_is_subsidised_once_even_when_two_orders_race(
         [
             (
                 await p.eligibility.GetQualification(
-                    eligibility_pb2.GetQualificationRequest(qualification_id=q.qualification_id)
+                    eligibility_pb2.GetQualificationRequest(qualification_id=q)
                 )
             ).status
             for q in quals
