@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 
 from services.audit.verify import compare_pools, replay
+from services.contract import budget
 from services.invariants import InvariantViolation
 from services.kernel import rpc
-from services.ledger import domain as ledger_domain
 from subsidy.v1 import audit_pb2, audit_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 
@@ -46,10 +46,10 @@ async def verify(
     result = replay(rows)
     if result.size == info.size and result.head.hex() != info.head_hash_hex:
         raise InvariantViolation("the audit log's reported head does not match its entries")
-    reported: dict[str, ledger_domain.Pool] = {}
+    reported: dict[str, budget.Pool] = {}
     for pool_id in result.pools:
         b = await ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
-        reported[pool_id] = ledger_domain.Pool(
+        reported[pool_id] = budget.Pool(
             pool_id, b.funded_fen, b.available_fen, b.reserved_fen, b.spent_fen
         )
     compare_pools(result.pools, reported)

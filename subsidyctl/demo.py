@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import yaml
 
-from services.eligibility.identity import id_number_check_char
+from services.contract.personal_data import id_number_check_char
 from services.kernel import rpc
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (

@@ -1,8 +1,9 @@
 """What an auditor checks from the audit log alone: the chain, and the money.
 
 Nothing here trusts a service's own figures: the hash chain is recomputed from the envelopes'
-bytes, and every budget pool is rebuilt by folding its events with the ledger's own decision
-code, which checks the budget invariant after every event.
+bytes, and every budget pool is rebuilt by folding its events through the budget fold the
+ledger itself decides with (:mod:`services.contract.budget`), which checks the budget
+invariant after every event.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
+from services.contract import budget
+from services.contract.budget import POOL_STREAM_PREFIX
 from services.invariants import InvariantViolation
 from services.kernel.events import Envelope, payload_of
-from services.ledger import domain as ledger_domain
-from services.ledger.projections import pool_stream
 
 from .log import GENESIS, chain_hash, leaf_hash
 
-POOL_STREAM = pool_stream("")
+POOL_STREAM = POOL_STREAM_PREFIX
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Replay:
 
     size: int = 0
     head: bytes = GENESIS
-    pools: dict[str, ledger_domain.Pool] = field(default_factory=dict)
+    pools: dict[str, budget.Pool] = field(default_factory=dict)
     events_by_service: dict[str, int] = field(default_factory=dict)
 
 
@@ -57,16 +58,14 @@ def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
     for pool_id, versions in sorted(pool_events.items()):
         if sorted(versions) != list(range(1, len(versions) + 1)):
             raise InvariantViolation(f"{POOL_STREAM}{pool_id}: events missing from the log")
-        pool = ledger_domain.Pool(pool_id)
+        pool = budget.Pool(pool_id)
         for version in sorted(versions):
-            pool = ledger_domain.apply(pool, versions[version])  # checks the invariant
+            pool = budget.apply(pool, versions[version])  # checks the invariant
         out.pools[pool_id] = pool
     return out
 
 
-def compare_pools(
-    replayed: dict[str, ledger_domain.Pool], reported: dict[str, ledger_domain.Pool]
-) -> None:
+def compare_pools(replayed: dict[str, budget.Pool], reported: dict[str, budget.Pool]) -> None:
     """The ledger's figures must be exactly what the log's events add up to."""
     for pool_id in sorted(replayed.keys() | reported.keys()):
         if replayed.get(pool_id) != reported.get(pool_id):

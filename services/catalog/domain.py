@@ -13,6 +13,7 @@ from typing import Final
 
 from google.protobuf.message import Message
 
+from services.contract.policy import Policy, Quote, Rounding, apply_bp, quote
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -22,8 +23,6 @@ from services.kernel.errors import (
 )
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
-
-from .policy import Policy, Quote, Rounding, apply_bp, quote
 
 # Policy version lifecycle.
 DRAFT: Final = "DRAFT"

@@ -21,7 +21,17 @@ from google.protobuf.message import Message
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from services.eligibility.identity import InvalidPhone, mask_phone, validate_phone
+from services.contract.personal_data import InvalidPhone, mask_phone, validate_phone
+from services.contract.policy import (
+    Policy,
+    PolicyError,
+    Quote,
+    default_policy,
+    policy_from_dict,
+    policy_from_text,
+    policy_json,
+)
+from services.contract.policy import quote as quote_policy
 from services.invariants import InvariantViolation, check_serial_once
 from services.kernel import validate
 from services.kernel.errors import (
@@ -37,16 +47,6 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from .domain import ItemFacts, ItemVerdict, Pause, PolicyRecord, Switches
-from .policy import (
-    Policy,
-    PolicyError,
-    Quote,
-    default_policy,
-    policy_from_dict,
-    policy_from_text,
-    policy_json,
-)
-from .policy import quote as quote_policy
 from .projections import (
     CAMPAIGN_SCOPE,
     apply_event,

@@ -27,13 +27,13 @@ from typing import Final
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from services.contract.policy import Policy
 from services.kernel.errors import AlreadyExists, DomainError, InvalidArgument
 from services.kernel.events import new_envelope, uuid7
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
 from .handlers import SERVICE, Catalog, check_product, check_reason, operator_context
-from .policy import Policy
 from .projections import merchants, products, project_registered
 
 MAX_IMPORT_BYTES: Final = 3 * 1024 * 1024  # under gRPC's 4 MiB message limit

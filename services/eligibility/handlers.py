@@ -18,7 +18,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.catalog.policy import Policy, policy_from_dict
+from services.contract import personal_data as identity
+from services.contract.policy import Policy, policy_from_dict
 from services.invariants import check_person_limit, check_quota
 from services.kernel import validate, vault
 from services.kernel.errors import (
@@ -34,7 +35,6 @@ from services.kernel.rpc import as_domain_error
 from subsidy.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 
-from . import identity
 from .projections import (
     AVAILABLE,
     FORFEITED,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from services.contract.budget import Pool
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 
-from .domain import Pool
 from .handlers import Ledger
 
 

@@ -1,18 +1,16 @@
 """Ledger decisions, pure: state + command -> events. No I/O.
 
-A budget pool moves money between three buckets, always in integer fen:
-available --reserve--> reserved --capture--> spent; a release moves reserved (or, for a refund
-after capture, spent) back to available. The invariant funded = available + reserved + spent,
-available ≥ 0, is checked by :func:`services.invariants.check_budget_balanced` after every step.
+How each event moves a pool's money is the budget fold in :mod:`services.contract.budget`,
+shared with the auditor's replay; the decisions here refuse what would break it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from services.invariants import check_budget_balanced
+from services.contract.budget import Pool
 from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from subsidy.v1 import events_pb2 as ev
 
@@ -20,24 +18,6 @@ MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a bud
 
 PENDING, CAPTURED, RELEASED = "PENDING", "CAPTURED", "RELEASED"
 RELEASE_REASONS = ("CANCELLED", "REFUNDED", "EXPIRED")
-
-
-@dataclass(frozen=True)
-class Pool:
-    pool_id: str
-    funded: int = 0
-    available: int = 0
-    reserved: int = 0
-    spent: int = 0
-
-    def check(self) -> None:
-        check_budget_balanced(
-            self.pool_id,
-            funded=self.funded,
-            available=self.available,
-            reserved=self.reserved,
-            spent=self.spent,
-        )
 
 
 @dataclass(frozen=True)
@@ -120,36 +100,3 @@ def release(res: Reservation, reason: str) -> list[Message]:
             qualification_id=res.qualification_id,
         )
     ]
-
-
-def apply(pool: Pool, event: Message) -> Pool:
-    """The pool after ``event``; the same fold serves inline updates and replays."""
-    if isinstance(event, ev.BudgetFunded):
-        pool = replace(
-            pool, funded=pool.funded + event.amount_fen, available=pool.available + event.amount_fen
-        )
-    elif isinstance(event, ev.SubsidyReserved):
-        pool = replace(
-            pool,
-            available=pool.available - event.subsidy_fen,
-            reserved=pool.reserved + event.subsidy_fen,
-        )
-    elif isinstance(event, ev.SubsidyCaptured):
-        pool = replace(
-            pool, reserved=pool.reserved - event.subsidy_fen, spent=pool.spent + event.subsidy_fen
-        )
-    elif isinstance(event, ev.SubsidyReleased):
-        if event.was_captured:
-            pool = replace(
-                pool,
-                spent=pool.spent - event.subsidy_fen,
-                available=pool.available + event.subsidy_fen,
-            )
-        else:
-            pool = replace(
-                pool,
-                reserved=pool.reserved - event.subsidy_fen,
-                available=pool.available + event.subsidy_fen,
-            )
-    pool.check()
-    return pool

@@ -14,6 +14,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.contract import budget
+from services.contract.budget import pool_stream
 from services.kernel import validate
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
@@ -35,7 +37,6 @@ from .projections import (
     budget_pools,
     funding_keys,
     load_pool,
-    pool_stream,
     refusal_stream,
 )
 from .projections import reservation_attempts as attempts_t
@@ -81,12 +82,12 @@ class Ledger:
     # -- budget ---------------------------------------------------------------------------
     async def fund(
         self, pool_id: str, amount_fen: int, source: str, key: str, actor: common_pb2.Actor
-    ) -> domain.Pool:
+    ) -> budget.Pool:
         validate.identifier("pool_id", pool_id)
         source = validate.text_field("source", source, max_len=64)
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
-        domain.fund(domain.Pool(pool_id), amount_fen, source)  # validate before any I/O
+        domain.fund(budget.Pool(pool_id), amount_fen, source)  # validate before any I/O
         stream = pool_stream(pool_id)
         async with self.store.transaction() as tx:
             version = await tx.lock_stream(stream)
@@ -106,7 +107,7 @@ class Ledger:
                     pool = await load_pool(tx.conn, pool_id)
                     assert pool is not None
                     return pool
-            pool = await load_pool(tx.conn, pool_id) or domain.Pool(pool_id)
+            pool = await load_pool(tx.conn, pool_id) or budget.Pool(pool_id)
             events = domain.fund(pool, amount_fen, source)
             events[0].idempotency_key = key  # type: ignore[attr-defined]
             await self._commit(tx, stream, version, events, Context(actor, correlation_id=key))
@@ -114,7 +115,7 @@ class Ledger:
             assert after is not None
             return after
 
-    async def get_pool(self, pool_id: str) -> domain.Pool:
+    async def get_pool(self, pool_id: str) -> budget.Pool:
         validate.identifier("pool_id", pool_id)
         async with self.store.engine.connect() as conn:
             pool = await load_pool(conn, pool_id)

@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.contract import budget
 from services.kernel import metrics
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
@@ -93,21 +94,17 @@ funding_keys = Table(
 )
 
 
-def pool_stream(pool_id: str) -> str:
-    return f"budget-pool/{pool_id}"
-
-
 def refusal_stream(order_id: str) -> str:
     return f"refusal/{order_id}"
 
 
-async def load_pool(conn: AsyncConnection, pool_id: str) -> domain.Pool | None:
+async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
     row = (
         await conn.execute(select(budget_pools).where(budget_pools.c.pool_id == pool_id))
     ).first()
     if row is None:
         return None
-    return domain.Pool(pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen)
+    return budget.Pool(pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen)
 
 
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
@@ -120,7 +117,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     if not pool_id:
         return
     before = await load_pool(conn, pool_id)
-    after = domain.apply(before or domain.Pool(pool_id), event)
+    after = budget.apply(before or budget.Pool(pool_id), event)
     values = {
         "funded_fen": after.funded,
         "available_fen": after.available,

@@ -19,8 +19,8 @@ import grpc
 import pytest
 import yaml
 
-from services.catalog.policy import default_policy, policy_to_dict
 from services.catalog.service import SPEC as CATALOG
+from services.contract.policy import default_policy, policy_to_dict
 from services.kernel import rpc
 from services.kernel.app import Running, start
 from services.kernel.settings import Settings

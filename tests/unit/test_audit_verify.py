@@ -6,9 +6,9 @@ import pytest
 
 from services.audit.log import GENESIS, chain_hash, leaf_hash
 from services.audit.verify import compare_pools, replay
+from services.contract.budget import Pool
 from services.invariants import InvariantViolation
 from services.kernel.events import Context, new_envelope, service_actor
-from services.ledger.domain import Pool
 from subsidy.v1 import events_pb2 as ev
 
 CTX = Context(service_actor("ledger"))

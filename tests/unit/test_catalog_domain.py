@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from services.catalog import domain
 from services.catalog.domain import ItemFacts, Pause, PolicyRecord, Switches
-from services.catalog.policy import default_policy
+from services.contract.policy import default_policy
 from services.kernel.errors import (
     AlreadyExists,
     DomainError,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.catalog.importer import parse_file, read_rows
-from services.catalog.policy import default_policy
+from services.contract.policy import default_policy
 from services.kernel.errors import InvalidArgument
 
 POLICY = default_policy()

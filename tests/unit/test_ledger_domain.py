@@ -15,6 +15,8 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.contract import budget
+from services.contract.budget import Pool
 from services.invariants import InvariantViolation, check_budget_balanced
 from services.kernel.errors import (
     FailedPrecondition,
@@ -23,7 +25,7 @@ from services.kernel.errors import (
     ResourceExhausted,
 )
 from services.ledger import domain
-from services.ledger.domain import CAPTURED, PENDING, RELEASE_REASONS, RELEASED, Pool
+from services.ledger.domain import CAPTURED, PENDING, RELEASE_REASONS, RELEASED
 from subsidy.v1 import events_pb2 as ev
 
 POOL = "pool-1"
@@ -77,7 +79,7 @@ class Model:
     def apply(self, events: list[Message]) -> None:
         assert self.pool is not None
         for event in events:
-            self.pool = domain.apply(self.pool, event)
+            self.pool = budget.apply(self.pool, event)
 
     def set_status(self, i: int, status: str) -> None:
         self.reservations[i] = replace(self.reservations[i], status=status)
@@ -210,7 +212,7 @@ def test_a_reserve_beyond_what_is_available_is_refused_as_budget_exhausted(
     assert (err.value.reason, err.value.field) == ("BUDGET_EXHAUSTED", "pool_id")
     if available:
         exactly = ev.SubsidyReserved(order_id="o-2", pool_id=POOL, subsidy_fen=available)
-        after = domain.apply(pool, domain.reserve(pool, exactly)[0])
+        after = budget.apply(pool, domain.reserve(pool, exactly)[0])
         assert (after.available, after.reserved) == (0, available)
 
 
@@ -219,4 +221,4 @@ def test_the_fold_itself_refuses_an_overdraw(available: int, extra: int) -> None
     """Even an event that bypassed reserve() cannot push available below zero unnoticed."""
     pool = Pool(POOL, funded=available, available=available)
     with pytest.raises(InvariantViolation):
-        domain.apply(pool, ev.SubsidyReserved(pool_id=POOL, subsidy_fen=available + extra))
+        budget.apply(pool, ev.SubsidyReserved(pool_id=POOL, subsidy_fen=available + extra))

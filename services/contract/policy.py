@@ -593,5 +593,5 @@ def policy_json(policy: Policy) -> str:
 @cache
 def default_policy() -> Policy:
     """The policy shipped with the package: Shenzhen 2025 rules (cached; Policy is immutable)."""
-    resource = resources.files("services.catalog.policies").joinpath(DEFAULT_POLICY_RESOURCE)
+    resource = resources.files("services.contract.policies").joinpath(DEFAULT_POLICY_RESOURCE)
     return policy_from_dict(_parse_yaml(resource.read_text(encoding="utf-8")))
