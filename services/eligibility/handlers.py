@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -19,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.contract import personal_data as identity
-from services.contract.policy import Policy, policy_from_dict
+from services.contract.policy import Policy
 from services.invariants import check_person_limit, check_quota
 from services.kernel import validate, vault
 from services.kernel.errors import (
@@ -35,6 +34,7 @@ from services.kernel.rpc import as_domain_error
 from subsidy.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 
+from .policies import PolicyCopy
 from .projections import (
     AVAILABLE,
     FORFEITED,
@@ -44,7 +44,6 @@ from .projections import (
     apply_event,
     consumers,
     person_keys,
-    policies,
     qualifications,
     quota_usage,
 )
@@ -91,61 +90,19 @@ def consumer_stream(consumer_id: str) -> str:
 
 
 class Eligibility:
-    def __init__(self, store: EventStore, keys: vault.Vault, authority: IdentityAuthority) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        keys: vault.Vault,
+        authority: IdentityAuthority,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.store = store
         self.vault = keys
         self.authority = authority
-        self._policies: dict[str, Policy] = {}
-
-    # -- policy (a copy of catalog's, fed by its events) ----------------------------------
-    async def on_policy_published(self, tx: Tx, env: Envelope) -> None:
-        event = payload_of(env)
-        if not isinstance(event, ev.PolicyPublished):
-            return
-        stmt = pg_insert(policies).values(
-            version=event.version,
-            document=event.policy_json,
-            effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
-        )
-        await tx.conn.execute(stmt.on_conflict_do_nothing())
-
-    async def policy(self, version: str = "") -> Policy:
-        """The named version (an order's, when it is known), else the one in force now."""
-        if version in self._policies:
-            return self._policies[version]
-        query = select(policies.c.version, policies.c.document)
-        if version:
-            query = query.where(policies.c.version == version)
-        else:
-            query = (
-                query.where(policies.c.effective_from <= datetime.now(UTC))
-                .order_by(policies.c.effective_from.desc())
-                .limit(1)
-            )
-        async with self.store.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
-        if row is None and version:
-            return await self.policy()  # a version this copy has not seen: the one in force
-        if row is None:
-            raise FailedPrecondition(
-                "NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet"
-            )
-        if row.version not in self._policies:
-            self._policies[row.version] = policy_from_dict(json.loads(row.document))
-        return self._policies[row.version]
-
-    async def wait_for_policy(self, every_s: float = 0.05) -> None:
-        """Readiness: claims need the policy, which arrives through catalog's events."""
-        tries = 0
-        while True:
-            try:
-                await self.policy()
-                return
-            except FailedPrecondition:
-                tries += 1
-                if tries % 100 == 0:
-                    log.warning("not ready: still waiting for a subsidy policy from catalog")
-                await asyncio.sleep(every_s)
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.policies = PolicyCopy(store, self.clock)
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
@@ -254,7 +211,7 @@ class Eligibility:
         validate.identifier("consumer_id", consumer_id)
         validate.identifier("category", category)
         validate.identifier("channel", channel)
-        policy = await self.policy()
+        policy = await self.policies.in_force()
         rule = policy.category(category)
         if rule is None:
             raise InvalidArgument(
@@ -476,7 +433,9 @@ class Eligibility:
             return  # never locked here
         actor = service_actor(SERVICE)
         refunded = isinstance(event, ev.SubsidyReleased) and event.was_captured
-        refund_rule = (await self.policy(env.policy_version)).refund_rule.value if refunded else ""
+        refund_rule = (
+            (await self.policies.version(env.policy_version)).refund_rule.value if refunded else ""
+        )
 
         def decide(q: dict[str, object]) -> list[Message]:
             order = event.order_id
@@ -508,7 +467,7 @@ class Eligibility:
 
     async def check_limits(self) -> None:
         """Check the per-person and quota invariants under the policy in force."""
-        await check_limits(self.store.engine, await self.policy())
+        await check_limits(self.store.engine, await self.policies.in_force())
 
 
 async def check_limits(engine: AsyncEngine, policy: Policy) -> None:

@@ -27,7 +27,9 @@ async def build(rt: Runtime) -> Wiring:
         service_names=[eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name],
         consumers=[
             EventConsumer(
-                "eligibility-policies", ["events.catalog.PolicyPublished"], e.on_policy_published
+                "eligibility-policies",
+                ["events.catalog.PolicyPublished"],
+                e.policies.on_policy_published,
             ),
             EventConsumer(
                 "eligibility-ledger",
@@ -40,7 +42,7 @@ async def build(rt: Runtime) -> Wiring:
             ),
         ],
         on_close=[authority_ch.close],
-        ready=e.wait_for_policy,
+        ready=e.policies.wait,
     )
 
 

@@ -1,0 +1,97 @@
+"""Eligibility's copy of the approved policy versions, fed by catalog's ``PolicyPublished``.
+
+Claims are decided under the version in force now, and a refund under the order's own version;
+a version this copy has never seen is an error (``UNKNOWN_POLICY_VERSION``), never a silent
+fallback to another version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from services.contract.policy import Policy, policy_from_dict
+from services.kernel.errors import FailedPrecondition, NotFound
+from services.kernel.events import Envelope, payload_of
+from services.kernel.eventstore import EventStore, Tx
+from subsidy.v1 import events_pb2 as ev
+
+from .projections import policies
+
+log = logging.getLogger(__name__)
+
+
+class PolicyCopy:
+    """The approved versions this service has received, cached once parsed (they never change)."""
+
+    def __init__(self, store: EventStore, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.clock = clock
+        self._parsed: dict[str, Policy] = {}
+
+    async def on_policy_published(self, tx: Tx, env: Envelope) -> None:
+        """Consumer of catalog's PolicyPublished: keep the document, once per version."""
+        event = payload_of(env)
+        if not isinstance(event, ev.PolicyPublished):
+            return
+        stmt = pg_insert(policies).values(
+            version=event.version,
+            document=event.policy_json,
+            effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
+        )
+        await tx.conn.execute(stmt.on_conflict_do_nothing())
+
+    async def version(self, version: str) -> Policy:
+        """The named version (an order's): unknown here is an error, not another version."""
+        if version in self._parsed:
+            return self._parsed[version]
+        query = select(policies.c.version, policies.c.document).where(policies.c.version == version)
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(
+                "UNKNOWN_POLICY_VERSION",
+                f"policy_version: eligibility has no policy {version!r}",
+                field="policy_version",
+            )
+        return self._parse(row.version, row.document)
+
+    async def in_force(self) -> Policy:
+        """The version in force now: the latest whose effective_from has passed."""
+        query = (
+            select(policies.c.version, policies.c.document)
+            .where(policies.c.effective_from <= self.clock())
+            .order_by(policies.c.effective_from.desc())
+            .limit(1)
+        )
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise FailedPrecondition(
+                "NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet"
+            )
+        return self._parse(row.version, row.document)
+
+    def _parse(self, version: str, document: str) -> Policy:
+        if version not in self._parsed:
+            self._parsed[version] = policy_from_dict(json.loads(document))
+        return self._parsed[version]
+
+    async def wait(self, every_s: float = 0.05) -> None:
+        """Readiness: claims need the policy, which arrives through catalog's events."""
+        tries = 0
+        while True:
+            try:
+                await self.in_force()
+                return
+            except FailedPrecondition:
+                tries += 1
+                if tries % 100 == 0:
+                    log.warning("not ready: still waiting for a subsidy policy from catalog")
+                await asyncio.sleep(every_s)
