@@ -16,6 +16,7 @@ from services.audit.service import SPEC as AUDIT
 from services.catalog.service import SPEC as CATALOG
 from services.eligibility.service import SPEC as ELIGIBILITY
 from services.identity_sim.simulator import start as start_simulator
+from services.kernel import topology
 from services.kernel.app import Running, ServiceSpec, start
 from services.kernel.settings import Settings
 from services.ledger.service import SPEC as LEDGER
@@ -43,10 +44,10 @@ async def start_platform(
     *,
     reservation_timeout_s: int = 900,
 ) -> InProcessPlatform:
-    """Start the simulator and the services (in dependency order) on free loopback ports."""
+    """Start the simulator and the services (in dependency order) on free loopback ports;
+    each service is pointed at the peers services/kernel/topology.py gives it."""
     sim, sim_port = await start_simulator("127.0.0.1:0")
-    endpoints = {"identity_sim": f"127.0.0.1:{sim_port}"}
-    peers = {"identity_authority": endpoints["identity_sim"]}
+    endpoints = {topology.IDENTITY_SIMULATOR: f"127.0.0.1:{sim_port}"}
     running: dict[str, Running] = {}
     for spec in SPECS:
         settings = Settings(
@@ -57,9 +58,9 @@ async def start_platform(
             vault_addr=vault_addr,
             vault_token=vault_token,
             vault_k8s_role=None,
-            peers={p: peers[p] for p in spec.peers},
+            peers={p: endpoints[topology.serving_process(p)] for p in spec.peers},
             reservation_timeout_s=reservation_timeout_s,
         )
         running[spec.name] = await start(spec, settings)
-        endpoints[spec.name] = peers[spec.name] = f"127.0.0.1:{running[spec.name].port}"
+        endpoints[spec.name] = f"127.0.0.1:{running[spec.name].port}"
     return InProcessPlatform(running, endpoints, sim)

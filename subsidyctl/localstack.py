@@ -22,10 +22,13 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.kernel import topology
+
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = ("catalog", "eligibility", "ledger", "audit")
+SERVICES = topology.SERVICE_NAMES
+SIMULATOR = topology.IDENTITY_SIMULATOR
 
 
 def write_private(path: Path, content: str) -> None:
@@ -46,22 +49,18 @@ class AlreadyRunning(StackError):
 
 @dataclass(frozen=True)
 class Ports:
-    """Every port of the local stack, derived from one base so they are easy to configure."""
+    """Every port of the local stack, derived from one base so they are easy to configure
+    (each process's offset is in services/kernel/topology.py)."""
 
     base: int = 7100
 
     @property
     def services(self) -> dict[str, int]:
-        return {
-            "catalog": self.base + 1,
-            "eligibility": self.base + 2,
-            "ledger": self.base + 3,
-            "audit": self.base + 4,
-            "identity_sim": self.base + 5,
-        }
+        """gRPC port of each service and of the identity simulator."""
+        return {name: topology.local_port(name, self.base) for name in (*SERVICES, SIMULATOR)}
 
     def metrics(self, service: str) -> int:
-        return self.services[service] + 10
+        return topology.local_metrics_port(service, self.base)
 
     @property
     def postgres(self) -> int:
@@ -181,8 +180,8 @@ class LocalStack:
             self.bao.start()
             token_file = self.run_dir / "LOCAL-ONLY-vault-token"
             write_private(token_file, self.bao.token)
-            self._spawn("identity_sim", {})
-            self._wait_serving("identity_sim")
+            self._spawn(SIMULATOR, {})
+            self._wait_serving(SIMULATOR)
             for service in SERVICES:
                 self._spawn(service, self._service_env(service, token_file))
             for service in SERVICES:
@@ -203,11 +202,8 @@ class LocalStack:
             "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
             **self.settings_overrides,
         }
-        if service == "ledger":
-            env["SUBSIDY_CATALOG_ADDR"] = self.endpoint("catalog")
-            env["SUBSIDY_ELIGIBILITY_ADDR"] = self.endpoint("eligibility")
-        if service == "eligibility":
-            env["SUBSIDY_IDENTITY_AUTHORITY_ADDR"] = self.endpoint("identity_sim")
+        for peer in topology.peers(service):
+            env[topology.addr_variable(peer)] = self.endpoint(topology.serving_process(peer))
         return env
 
     def kill(self, service: str) -> None:
@@ -271,7 +267,7 @@ class LocalStack:
     def stop(self) -> dict[str, int]:
         """Stop services first (they drain), then the infrastructure; safe to call twice.
         Returns each service's exit code (0 = it shut down gracefully on SIGTERM)."""
-        for service in (*reversed(SERVICES), "identity_sim"):
+        for service in (*reversed(SERVICES), SIMULATOR):
             proc = self._procs.get(service)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -294,7 +290,7 @@ class LocalStack:
     def endpoints(self) -> dict[str, str]:
         assert self.pg and self.nats and self.bao
         return {
-            **{s: self.endpoint(s) for s in (*SERVICES, "identity_sim")},
+            **{s: self.endpoint(s) for s in (*SERVICES, SIMULATOR)},
             "postgres": f"127.0.0.1:{self.ports.postgres}",
             "nats": self.nats.url,
             "openbao": self.bao.addr,

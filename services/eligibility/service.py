@@ -8,7 +8,8 @@ from services.kernel.bus import EventConsumer
 from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc, identity_pb2_grpc
 
 from .api import EligibilityApi
-from .handlers import Eligibility, GrpcIdentityAuthority
+from .authority import GrpcIdentityAuthority
+from .handlers import Eligibility
 from .projections import metadata
 
 
@@ -46,6 +47,5 @@ async def build(rt: Runtime) -> Wiring:
     )
 
 
-SPEC = ServiceSpec(
-    name="eligibility", metadata=metadata, build=build, peers=("identity_authority",)
-)
+# Its peer (the identity authority) is declared in services/kernel/topology.py.
+SPEC = ServiceSpec(name="eligibility", metadata=metadata, build=build)

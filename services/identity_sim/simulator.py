@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import signal
 import sys
 
@@ -18,6 +17,7 @@ import grpc
 
 from services.kernel import rpc
 from services.kernel.rpc import ServicerContext
+from services.kernel.settings import SettingsError, SimulatorSettings
 from services.kernel.telemetry import configure_logging, configure_tracing
 from subsidy.v1 import identity_pb2, identity_pb2_grpc
 
@@ -77,15 +77,20 @@ async def start(listen: str) -> tuple[grpc.aio.Server, int]:
 
 
 def main() -> int:
-    listen = os.environ.get("SUBSIDY_GRPC_LISTEN")
-    if not listen:
-        print(
-            "identity_sim: missing required environment variable SUBSIDY_GRPC_LISTEN",
-            file=sys.stderr,
-        )
+    """Entry point of ``python -m services.identity_sim``: serve until SIGTERM/SIGINT."""
+    try:
+        settings = SimulatorSettings.from_env()
+    except SettingsError as exc:
+        print(f"identity_sim: {exc}", file=sys.stderr)
         return 2
-    configure_logging("identity-sim", os.environ.get("SUBSIDY_LOG_LEVEL", "INFO"))
-    configure_tracing("identity-sim")
+    listen = settings.grpc_listen
+    configure_logging("identity-sim", settings.log_level, settings.log_file)
+    configure_tracing(
+        "identity-sim",
+        trace_file=settings.trace_file,
+        service_name=settings.otel_service_name,
+        traces_exporter=settings.otel_traces_exporter,
+    )
 
     async def serve() -> None:
         server, port = await start(listen)

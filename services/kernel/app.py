@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from . import bus, rpc, vault
+from . import bus, rpc, topology, vault
 from .eventstore import EventStore, make_engine
 from .settings import Settings, SettingsError
 from .telemetry import configure_logging, configure_tracing
@@ -57,12 +57,17 @@ class Wiring:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A service: its name, its tables, the peers it calls, and how to wire it."""
+    """A service: its name, its tables, and how to wire it; whom it calls is the topology's."""
 
     name: str
     metadata: MetaData
     build: Callable[[Runtime], Awaitable[Wiring]]
-    peers: tuple[str, ...] = ()
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The peers it calls, as services/kernel/topology.py declares them (none for a
+        service the topology does not know, such as a test's)."""
+        return topology.peers(self.name) if self.name in topology.SERVICE_NAMES else ()
 
 
 @dataclass
@@ -93,6 +98,10 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     await bus.ensure_streams(js)
     runtime = Runtime(settings, store, v, nc, js)
     wiring = await spec.build(runtime)
+    if spec.name in topology.SERVICE_NAMES:
+        # A consumer of events the topology does not declare (or a declared flow nobody
+        # consumes) is a wiring mistake: refuse to start rather than drift from the chart.
+        topology.check_consumers(spec.name, [s for c in wiring.consumers for s in c.subjects])
     server, health = rpc.build_server(wiring.registrations, wiring.service_names)
     port = server.add_insecure_port(settings.grpc_listen)
     if port == 0:
@@ -187,7 +196,12 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         print(f"{spec.name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(spec.name, settings.log_level, settings.log_file)
-    configure_tracing(spec.name, trace_file=settings.trace_file)
+    configure_tracing(
+        spec.name,
+        trace_file=settings.trace_file,
+        service_name=settings.otel_service_name,
+        traces_exporter=settings.otel_traces_exporter,
+    )
     if settings.metrics_listen:
         from prometheus_client import start_http_server
 

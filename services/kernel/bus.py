@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind
 from . import metrics
 from .events import Envelope
 from .eventstore import EventStore, Position, Tx
+from .settings import RelaySettings
 from .telemetry import extract, inject, tracer
 
 log = logging.getLogger(__name__)
@@ -377,17 +378,33 @@ class EventConsumer:
 __all__ = ["EventConsumer", "OutboxRelay", "Position", "connect", "ensure_streams", "subject_for"]
 
 
-async def _relay_forever(database_url: str, nats_url: str) -> None:
+async def _relay_forever(settings: RelaySettings) -> None:
     from .eventstore import make_engine
 
-    store = EventStore(make_engine(database_url, pool_size=2))
-    _nc, js = await connect(nats_url, "relay")
+    store = EventStore(make_engine(settings.database_url, pool_size=2))
+    _nc, js = await connect(settings.nats_url, "relay")
     await ensure_streams(js)
     await OutboxRelay(store, js, batch=50).run(asyncio.Event())
 
 
-if __name__ == "__main__":
-    # A relay alone, for operators draining a store, and for the crash test (kill -9).
+def main() -> int:
+    """``python -m services.kernel.bus``: a relay alone, for operators draining a store and
+    for the crash test (kill -9). It reads SUBSIDY_DATABASE_URL (and its password file) and
+    SUBSIDY_NATS_URL through RelaySettings, like a service reads its own."""
     import sys
 
-    asyncio.run(_relay_forever(sys.argv[1], sys.argv[2]))
+    from .settings import SettingsError
+    from .telemetry import configure_logging
+
+    try:
+        settings = RelaySettings.from_env()
+    except SettingsError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("relay", settings.log_level, settings.log_file)
+    asyncio.run(_relay_forever(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

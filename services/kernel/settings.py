@@ -1,22 +1,87 @@
-"""One settings object per service, read from environment variables.
+"""Every environment variable a process of the platform reads, and nothing else reads them.
 
-A missing required variable stops the service at start-up with a message naming it; nothing
-starts half-configured. Names are ``SUBSIDY_*`` plus the standard ``OTEL_*``.
+A service reads :class:`Settings`, the identity simulator :class:`SimulatorSettings`, the
+stand-alone outbox relay :class:`RelaySettings`. Each field names its variable in its metadata
+(:func:`variable`), so the one declaration serves the reader, the chart test that derives the
+variables a deployment must set (tests/deploy/test_chart_settings.py) and the check of the
+settings table in docs/operations.md. A missing required variable stops the process at start-up
+with a message naming it; nothing starts half-configured.
+
+Why not pydantic-settings: what is hand-written here is the part it would not remove. The
+peers' variables depend on the service (the topology), the Vault token may come from a file or
+be replaced by a Kubernetes role, the database password is spliced into the URL from a file,
+and the fail-fast messages operators and tests rely on ("missing required environment variable
+X", "X must be an integer, got ...") would need a translation layer over its ValidationError.
+What remains (read a string, an int, a path) is a few lines, without a new dependency.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from . import topology
+
 
 class SettingsError(RuntimeError):
     """A required setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, what it means (the docs' wording), whether a
+    process refuses to start without it, and whether every deployment sets it (the chart must
+    write it into each service's settings even when it is optional for a local run)."""
+
+    name: str
+    meaning: str
+    required: bool = False
+    deployed: bool = False
+
+
+# Variables the libraries the platform configures read by themselves (the OpenTelemetry SDK,
+# libpq, requests under the Vault client); listed so a deployment may set them and the docs
+# explain them, never read by the platform's own code.
+LIBRARY_VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "where OTLP traces go (OpenTelemetry SDK)", deployed=True
+    ),
+    Variable("OTEL_RESOURCE_ATTRIBUTES", "extra resource attributes of every span (SDK)"),
+    Variable("PGSSLROOTCERT", "CA bundle libpq verifies PostgreSQL's certificate with"),
+    Variable("REQUESTS_CA_BUNDLE", "CA bundle the Vault client verifies Vault's certificate with"),
+)
+
+_SPECIAL = "special"  # metadata flag: the field is read by hand in from_env, not generically
+
+
+def variable(
+    name: str,
+    meaning: str,
+    *,
+    default: Any = dataclasses.MISSING,
+    required: bool = False,
+    deployed: bool = False,
+    also: tuple[Variable, ...] = (),
+    special: bool = False,
+) -> Any:
+    """A settings field read from the variable ``name``; ``also`` lists further variables the
+    same field is read from (a ``*_FILE`` form), ``special`` that from_env reads it by hand."""
+    metadata: dict[str, object] = {
+        "variables": (Variable(name, meaning, required, deployed), *also)
+    }
+    if special:
+        metadata[_SPECIAL] = True
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
@@ -39,76 +104,285 @@ def _with_password(url: str, password: str) -> str:
     return parsed.set(password=password).render_as_string(hide_password=False)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a service process needs to start; see docs/operations.md for each name."""
+def _database_url(env: Mapping[str, str]) -> str:
+    url = _get(env, "SUBSIDY_DATABASE_URL")
+    password_file = env.get("SUBSIDY_DATABASE_PASSWORD_FILE")
+    if password_file:
+        url = _with_password(url, Path(password_file).read_text().strip())
+    return url
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    """``raw`` as the field's type: int, float, Path or str (optional or not)."""
+    args = set(typing.get_args(kind)) - {type(None)}
+    base = next(iter(args)) if args else kind
+    if base is int or base is float:
+        try:
+            return base(raw)
+        except ValueError:
+            word = "an integer" if base is int else "a number"
+            raise SettingsError(f"{name} must be {word}, got {raw!r}") from None
+    if base is Path:
+        return Path(raw)
+    return raw
+
+
+_DATABASE_PASSWORD_FILE = Variable(
+    "SUBSIDY_DATABASE_PASSWORD_FILE",
+    "file holding the password alone; the chart points it at the Vault Agent's "
+    "`/vault/secrets/db-password`",
+    deployed=True,
+)
+_DATABASE_URL_MEANING = (
+    "`postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...`, no password (required)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessSettings:
+    """What every process of the platform reads: how it logs and traces."""
+
+    log_level: str = variable(
+        "SUBSIDY_LOG_LEVEL",
+        "`DEBUG`, `INFO` (default), `WARNING`, `ERROR`",
+        default="INFO",
+        deployed=True,
+    )
+    # variable() returns a dataclasses.field, like field() itself (RUF009 cannot tell).
+    log_file: Path | None = variable(  # noqa: RUF009
+        "SUBSIDY_LOG_FILE", "write the JSON log here instead of stderr (local stack)", default=None
+    )
+    trace_file: Path | None = variable(  # noqa: RUF009
+        "SUBSIDY_TRACE_FILE", "also write every span as a JSON line (local stack)", default=None
+    )
+    otel_service_name: str | None = variable(
+        "OTEL_SERVICE_NAME", "from the pod label `app.kubernetes.io/name`", default=None
+    )
+    otel_traces_exporter: str = variable(
+        "OTEL_TRACES_EXPORTER",
+        "`otlp`, `console` or `none` (default): where spans go",
+        default="none",
+        deployed=True,
+    )
+
+    # The name a process logs and traces under when OTEL_SERVICE_NAME does not say.
+    process: ClassVar[str] = ""
+
+    @classmethod
+    def variables(cls) -> tuple[Variable, ...]:
+        """Every variable this kind of process reads, in declaration order."""
+        found: list[Variable] = []
+        for f in dataclasses.fields(cls):
+            found += f.metadata.get("variables", ())
+        return tuple(found)
+
+    @classmethod
+    def _read_plain(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """Every field with a variable that from_env does not read by hand."""
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if "variables" not in f.metadata or f.metadata.get(_SPECIAL):
+                continue
+            var: Variable = f.metadata["variables"][0]
+            raw = env.get(var.name)
+            if var.required:
+                values[f.name] = _parse(var.name, _get(env, var.name), hints[f.name])
+            elif raw:
+                values[f.name] = _parse(var.name, raw, hints[f.name])
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulatorSettings(ProcessSettings):
+    """The identity-authority simulator's settings (``python -m services.identity_sim``)."""
+
+    grpc_listen: str = variable(
+        "SUBSIDY_GRPC_LISTEN",
+        "gRPC listen address, e.g. `0.0.0.0:50051` (required)",
+        required=True,
+        deployed=True,
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorSettings:
+        """Read the simulator's settings; SettingsError names what is missing."""
+        return cls(**cls._read_plain(os.environ if env is None else env))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelaySettings(ProcessSettings):
+    """The stand-alone outbox relay's settings (``python -m services.kernel.bus``): which
+    store to drain into which NATS."""
+
+    database_url: str = variable(
+        "SUBSIDY_DATABASE_URL",
+        _DATABASE_URL_MEANING,
+        required=True,
+        deployed=True,
+        also=(_DATABASE_PASSWORD_FILE,),
+        special=True,
+    )
+    nats_url: str = variable(
+        "SUBSIDY_NATS_URL",
+        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
+        required=True,
+        deployed=True,
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RelaySettings:
+        """Read the relay's settings; SettingsError names what is missing."""
+        env = os.environ if env is None else env
+        return cls(database_url=_database_url(env), **cls._read_plain(env))
+
+
+_VAULT_TOKEN_FILE = Variable(
+    "SUBSIDY_VAULT_TOKEN_FILE", "file holding a Vault token (local stack only)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(ProcessSettings):
+    """Everything a service process needs to start; docs/operations.md lists every variable."""
 
     service: str
-    grpc_listen: str
-    database_url: str
-    nats_url: str
-    vault_addr: str
-    vault_token: str | None
-    vault_k8s_role: str | None
-    vault_transit_mount: str = "transit"
-    metrics_listen: str | None = None
-    log_level: str = "INFO"
-    log_file: Path | None = None
-    trace_file: Path | None = None
+    grpc_listen: str = variable(
+        "SUBSIDY_GRPC_LISTEN",
+        "gRPC listen address, e.g. `0.0.0.0:50051` (required)",
+        required=True,
+        deployed=True,
+    )
+    database_url: str = variable(
+        "SUBSIDY_DATABASE_URL",
+        _DATABASE_URL_MEANING,
+        required=True,
+        deployed=True,
+        also=(_DATABASE_PASSWORD_FILE,),
+        special=True,
+    )
+    nats_url: str = variable(
+        "SUBSIDY_NATS_URL",
+        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
+        required=True,
+        deployed=True,
+    )
+    vault_addr: str = variable(
+        "SUBSIDY_VAULT_ADDR", "Vault/OpenBao address (required)", required=True, deployed=True
+    )
+    vault_auth: str | None = variable(
+        "SUBSIDY_VAULT_AUTH",
+        "`kubernetes` (the chart) or `token`; unset, a token wins over a role",
+        default=None,
+        deployed=True,
+        special=True,
+    )
+    vault_token: str | None = variable(
+        "SUBSIDY_VAULT_TOKEN",
+        "a Vault token instead of Kubernetes auth (local stack only)",
+        default=None,
+        also=(_VAULT_TOKEN_FILE,),
+        special=True,
+    )
+    vault_k8s_role: str | None = variable(
+        "SUBSIDY_VAULT_K8S_ROLE",
+        "Kubernetes auth role, `subsidy-<service>`",
+        default=None,
+        deployed=True,
+        special=True,
+    )
+    vault_transit_mount: str = variable(
+        "SUBSIDY_VAULT_TRANSIT_MOUNT",
+        "transit mount path, default `transit`",
+        default="transit",
+        deployed=True,
+    )
+    metrics_listen: str | None = variable(
+        "SUBSIDY_METRICS_LISTEN",
+        "Prometheus `/metrics` listen address, e.g. `0.0.0.0:9464`",
+        default=None,
+        deployed=True,
+    )
+    # One SUBSIDY_<PEER>_ADDR per peer the topology gives the service (see variables()).
     peers: Mapping[str, str] = field(default_factory=dict)
-    reservation_timeout_s: int = 900
+    reservation_timeout_s: int = variable(
+        "SUBSIDY_RESERVATION_TIMEOUT_S",
+        "ledger: seconds a pending reservation lives, default 900",
+        default=900,
+    )
     # How long a reservation attempt may sit between locking the qualification and the hold
     # before the ledger's sweeper treats it as abandoned (its process died) and refuses it.
-    abandon_after_s: int = 60
+    abandon_after_s: int = variable(
+        "SUBSIDY_ABANDON_AFTER_S",
+        "ledger: seconds before an unfinished reservation attempt is refused, default 60",
+        default=60,
+    )
     rpc_deadline_s: float = 5.0
 
     @classmethod
+    def variables_of(cls, service: str) -> tuple[Variable, ...]:
+        """Every variable ``service`` reads: the common ones plus its peers' addresses."""
+        return (*cls.variables(), *peer_variables(topology.peers(service)))
+
+    @classmethod
     def from_env(
-        cls, service: str, *, peers: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+        cls,
+        service: str,
+        *,
+        peers: tuple[str, ...] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Read the settings of ``service``; ``peers`` names the other services it calls."""
+        """Read the settings of ``service``; ``peers`` names the other services it calls
+        (by default what services/kernel/topology.py declares)."""
         env = os.environ if env is None else env
+        if peers is None:
+            peers = topology.peers(service)
+        auth = env.get("SUBSIDY_VAULT_AUTH") or None
+        if auth not in (None, "token", "kubernetes"):
+            raise SettingsError(f"SUBSIDY_VAULT_AUTH must be token or kubernetes, got {auth!r}")
         token = env.get("SUBSIDY_VAULT_TOKEN") or None
         token_file = env.get("SUBSIDY_VAULT_TOKEN_FILE")
-        if not token and token_file:
+        if not token and token_file and auth != "kubernetes":
             token = Path(token_file).read_text().strip()
         role = env.get("SUBSIDY_VAULT_K8S_ROLE") or None
-        if not token and not role:
+        if auth == "kubernetes":
+            token = None  # a stray token in a pod's environment must not replace its role
+            if not role:
+                raise SettingsError(
+                    "missing required environment variable SUBSIDY_VAULT_K8S_ROLE "
+                    "(SUBSIDY_VAULT_AUTH is kubernetes)"
+                )
+        elif auth == "token" and not token:
+            raise SettingsError(
+                "missing required environment variable SUBSIDY_VAULT_TOKEN "
+                "(or SUBSIDY_VAULT_TOKEN_FILE; SUBSIDY_VAULT_AUTH is token)"
+            )
+        elif not token and not role:
             raise SettingsError(
                 "missing required environment variable SUBSIDY_VAULT_TOKEN "
                 "(or SUBSIDY_VAULT_TOKEN_FILE, or SUBSIDY_VAULT_K8S_ROLE in a cluster)"
             )
-        database_url = _get(env, "SUBSIDY_DATABASE_URL")
-        password_file = env.get("SUBSIDY_DATABASE_PASSWORD_FILE")
-        if password_file:
-            database_url = _with_password(database_url, Path(password_file).read_text().strip())
-        peer_addrs = {p: _get(env, f"SUBSIDY_{p.upper()}_ADDR") for p in peers}
-
-        def _int(name: str, default: int) -> int:
-            raw = env.get(name, str(default))
-            try:
-                return int(raw)
-            except ValueError:
-                raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-
-        def _path(name: str) -> Path | None:
-            raw = env.get(name)
-            return Path(raw) if raw else None
-
+        database_url = _database_url(env)
+        peer_addrs = {p: _get(env, topology.addr_variable(p)) for p in peers}
         return cls(
             service=service,
-            grpc_listen=_get(env, "SUBSIDY_GRPC_LISTEN"),
             database_url=database_url,
-            nats_url=_get(env, "SUBSIDY_NATS_URL"),
-            vault_addr=_get(env, "SUBSIDY_VAULT_ADDR"),
+            vault_auth=auth,
             vault_token=token,
             vault_k8s_role=role,
-            vault_transit_mount=env.get("SUBSIDY_VAULT_TRANSIT_MOUNT", "transit"),
-            metrics_listen=env.get("SUBSIDY_METRICS_LISTEN") or None,
-            log_level=env.get("SUBSIDY_LOG_LEVEL", "INFO"),
-            log_file=_path("SUBSIDY_LOG_FILE"),
-            trace_file=_path("SUBSIDY_TRACE_FILE"),
             peers=peer_addrs,
-            reservation_timeout_s=_int("SUBSIDY_RESERVATION_TIMEOUT_S", 900),
-            abandon_after_s=_int("SUBSIDY_ABANDON_AFTER_S", 60),
+            **cls._read_plain(env),
         )
+
+
+def peer_variables(peers: tuple[str, ...]) -> tuple[Variable, ...]:
+    """The required ``SUBSIDY_<PEER>_ADDR`` variables of a service that calls ``peers``."""
+    return tuple(
+        Variable(
+            topology.addr_variable(p),
+            f"`host:port` of {p.replace('_', ' ')}",
+            required=True,
+            deployed=True,
+        )
+        for p in peers
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -67,16 +66,22 @@ class JsonLinesSpanExporter(SpanExporter):
 
 
 def configure_tracing(
-    service: str, *, trace_file: Path | None = None, exporter: SpanExporter | None = None
+    service: str,
+    *,
+    trace_file: Path | None = None,
+    exporter: SpanExporter | None = None,
+    service_name: str | None = None,
+    traces_exporter: str = "none",
 ) -> TracerProvider:
-    """Install the process's tracer provider once; later calls return the installed one."""
+    """Install the process's tracer provider once; later calls return the installed one.
+
+    ``service_name`` and ``traces_exporter`` are OTEL_SERVICE_NAME and OTEL_TRACES_EXPORTER as
+    the process's settings read them (services.kernel.settings)."""
     global _configured
     current = trace.get_tracer_provider()
     if _configured and isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})
-    )
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name or service}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     if trace_file is not None:
@@ -84,7 +89,7 @@ def configure_tracing(
         provider.add_span_processor(
             BatchSpanProcessor(JsonLinesSpanExporter(trace_file), schedule_delay_millis=200)
         )
-    kind = os.environ.get("OTEL_TRACES_EXPORTER", "none")
+    kind = traces_exporter
     if kind == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif kind == "otlp":

@@ -30,4 +30,5 @@ async def build(rt: Runtime) -> Wiring:
     )
 
 
-SPEC = ServiceSpec(name="ledger", metadata=metadata, build=build, peers=("catalog", "eligibility"))
+# Its peers (catalog, eligibility) are declared in services/kernel/topology.py.
+SPEC = ServiceSpec(name="ledger", metadata=metadata, build=build)

@@ -89,8 +89,13 @@ async def test_relay_killed_mid_stream_loses_nothing(infra: Infra, js: JetStream
     await store.migrate()
     service = f"kill{uuid.uuid4().hex[:8]}"
     ids = await fill(store, service, 3000)
-    cmd = [sys.executable, "-m", "services.kernel.bus", url, infra.nats.url]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "services.kernel.bus"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.getcwd(),
+        "SUBSIDY_DATABASE_URL": url,
+        "SUBSIDY_NATS_URL": infra.nats.url,
+    }
     proc = await asyncio.create_subprocess_exec(*cmd, env=env)
     try:
         for _ in range(400):

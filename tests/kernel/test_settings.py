@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from services.kernel.eventstore import make_engine
-from services.kernel.settings import Settings, SettingsError
+from services.kernel.settings import RelaySettings, Settings, SettingsError, SimulatorSettings
 from tests.conftest import Infra
 
 BASE = {
@@ -124,3 +124,95 @@ def test_a_malformed_database_url_is_named_without_echoing_it(tmp_path: Path) ->
     with pytest.raises(SettingsError, match="SUBSIDY_DATABASE_URL") as err:
         Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
     assert "hunter2" not in str(err.value)
+
+
+def test_a_service_requires_the_addresses_of_exactly_the_peers_the_topology_gives_it() -> None:
+    """With no peers passed, from_env asks the topology: ledger needs catalog and eligibility."""
+    s = Settings.from_env("ledger", env=BASE)
+    assert s.peers == {"catalog": "catalog:50051", "eligibility": "eligibility:50051"}
+    env = {k: v for k, v in BASE.items() if k != "SUBSIDY_ELIGIBILITY_ADDR"}
+    with pytest.raises(SettingsError, match="SUBSIDY_ELIGIBILITY_ADDR"):
+        Settings.from_env("ledger", env=env)
+    assert Settings.from_env("catalog", env=BASE).peers == {}
+    required = {v.name for v in Settings.variables_of("ledger") if v.required}
+    assert {"SUBSIDY_CATALOG_ADDR", "SUBSIDY_ELIGIBILITY_ADDR"} <= required
+    read = {v.name for v in Settings.variables_of("ledger")}
+    assert "SUBSIDY_IDENTITY_AUTHORITY_ADDR" not in read
+
+
+def test_kubernetes_auth_uses_the_role_even_when_a_token_is_set() -> None:
+    env = {**BASE, "SUBSIDY_VAULT_AUTH": "kubernetes", "SUBSIDY_VAULT_TOKEN": "stray"}
+    s = Settings.from_env("ledger", env=env)
+    assert (s.vault_auth, s.vault_token, s.vault_k8s_role) == ("kubernetes", None, "subsidy-ledger")
+    without_role = {k: v for k, v in env.items() if k != "SUBSIDY_VAULT_K8S_ROLE"}
+    with pytest.raises(SettingsError, match="SUBSIDY_VAULT_K8S_ROLE"):
+        Settings.from_env("ledger", env=without_role)
+
+
+def test_token_auth_needs_a_token_and_an_unknown_method_is_named() -> None:
+    with pytest.raises(SettingsError, match="SUBSIDY_VAULT_TOKEN"):
+        Settings.from_env("ledger", env={**BASE, "SUBSIDY_VAULT_AUTH": "token"})
+    with pytest.raises(SettingsError, match="SUBSIDY_VAULT_AUTH"):
+        Settings.from_env("ledger", env={**BASE, "SUBSIDY_VAULT_AUTH": "ldap"})
+
+
+def test_tracing_settings_come_from_the_standard_otel_variables() -> None:
+    env = {**BASE, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "ledger-eu"}
+    s = Settings.from_env("ledger", env=env)
+    assert (s.otel_traces_exporter, s.otel_service_name) == ("otlp", "ledger-eu")
+    assert Settings.from_env("ledger", env=BASE).otel_traces_exporter == "none"
+
+
+def test_the_simulator_reads_its_settings_and_fails_fast() -> None:
+    s = SimulatorSettings.from_env({"SUBSIDY_GRPC_LISTEN": "0.0.0.0:50051"})
+    assert (s.grpc_listen, s.log_level) == ("0.0.0.0:50051", "INFO")
+    with pytest.raises(SettingsError, match="SUBSIDY_GRPC_LISTEN"):
+        SimulatorSettings.from_env({})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.identity_sim"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "missing required environment variable SUBSIDY_GRPC_LISTEN" in proc.stderr
+
+
+def test_the_relay_reads_its_store_and_bus_from_settings(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret\n")
+    env = {
+        "SUBSIDY_DATABASE_URL": BASE["SUBSIDY_DATABASE_URL"],
+        "SUBSIDY_DATABASE_PASSWORD_FILE": str(secret),
+        "SUBSIDY_NATS_URL": "nats://nats:4222",
+    }
+    s = RelaySettings.from_env(env)
+    assert s.database_url == "postgresql+psycopg://svc:s3cret@db:5432/ledger"
+    assert s.nats_url == "nats://nats:4222"
+    for missing in ("SUBSIDY_DATABASE_URL", "SUBSIDY_NATS_URL"):
+        with pytest.raises(SettingsError, match=missing):
+            RelaySettings.from_env({k: v for k, v in env.items() if k != missing})
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.kernel.bus"],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "missing required environment variable SUBSIDY_" in proc.stderr
+
+
+def test_no_process_reads_the_environment_outside_settings() -> None:
+    """Settings is the one reader: no other module of a process calls os.environ/getenv."""
+    root = Path(__file__).resolve().parents[2] / "services"
+    readers = [
+        str(path.relative_to(root.parent))
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "settings.py"
+        and any(word in path.read_text() for word in ("os.environ", "os.getenv", "getenv("))
+    ]
+    assert readers == []
