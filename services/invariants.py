@@ -35,13 +35,13 @@ def check_budget_balanced(
         )
 
 
-def check_person_limit(
-    consumer_id: str, category: str, *, used: int, locked: int, limit: int
-) -> None:
-    """Per consumer and category: used + locked ≤ the policy's per-person limit."""
-    if used < 0 or locked < 0 or used + locked > limit:
+def check_person_limit(consumer_id: str, category: str, *, held: int, limit: int) -> None:
+    """Per consumer (after same-user linking) and category: the qualifications that count
+    against the limit (available and unexpired, locked, used or forfeited: exactly what the
+    claim rule counts) are at most the policy's per-person limit."""
+    if held < 0 or held > limit:
         raise InvariantViolation(
-            f"consumer {consumer_id} / {category}: used {used} + locked {locked} > limit {limit}"
+            f"consumer {consumer_id} / {category}: holds {held} qualifications > limit {limit}"
         )
 
 
@@ -49,6 +49,15 @@ def check_quota(category: str, day: str, *, issued: int, quota: int) -> None:
     """Per daily quota: issued ≤ quota."""
     if issued < 0 or issued > quota:
         raise InvariantViolation(f"quota {category} {day}: issued {issued} > quota {quota}")
+
+
+def check_quota_counted(category: str, day: str, *, counter: int, claimed: int) -> None:
+    """Per daily quota: the counter the claim rule reads equals the qualifications claimed
+    that day (a counter behind the claims would let the quota be over-issued)."""
+    if counter != claimed:
+        raise InvariantViolation(
+            f"quota {category} {day}: the counter says {counter}, {claimed} were claimed"
+        )
 
 
 def check_serial_once(serial_orders: Iterable[tuple[str, str]]) -> None:

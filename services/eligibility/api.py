@@ -1,32 +1,45 @@
-"""The eligibility gRPC servicer."""
+"""The eligibility gRPC servicer: the edge, where every request field is validated once and
+the actor is settled; the use cases in handlers.py receive clean, canonical values."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
 
+from services.contract import personal_data
+from services.kernel import validate
+from services.kernel.errors import InvalidArgument
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, eligibility_pb2, eligibility_pb2_grpc
 
+from .domain import Qualification
 from .handlers import Eligibility
 
 
-def _qualification(row: dict[str, object]) -> eligibility_pb2.Qualification:
+def _qualification(q: Qualification) -> eligibility_pb2.Qualification:
     out = eligibility_pb2.Qualification(
-        qualification_id=str(row["qualification_id"]),
-        consumer_id=str(row["consumer_id"]),
-        category=str(row["category"]),
-        channel=str(row["channel"]),
-        status=str(row["status"]),
-        order_id=str(row["order_id"]),
+        qualification_id=q.qualification_id,
+        consumer_id=q.consumer_id,
+        category=q.category,
+        channel=q.channel,
+        status=q.status,
+        order_id=q.order_id,
     )
-    expires = row["expires_at"]
-    assert isinstance(expires, datetime)
-    out.expires_at.FromDatetime(expires)
+    out.expires_at.FromDatetime(q.expires_at)
     return out
 
 
-def _actor(actor: common_pb2.Actor, kind: int = common_pb2.Actor.KIND_PLATFORM) -> common_pb2.Actor:
-    return actor if actor.kind else common_pb2.Actor(kind=kind, id="unknown")  # type: ignore[arg-type]
+def _personal(field: str, value: str, check: Callable[[str], str]) -> str:
+    try:
+        return check(value)
+    except personal_data.InvalidIdentity as exc:
+        raise InvalidArgument(exc.reason, f"{field}: {exc}", field=field) from None
+
+
+def _actor(actor: common_pb2.Actor, platform_id: str = "unknown") -> common_pb2.Actor:
+    """The caller as the request names it (until certificates say who calls)."""
+    if actor.kind:
+        return actor
+    return common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=platform_id)
 
 
 class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
@@ -36,13 +49,12 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     async def RegisterConsumer(
         self, request: eligibility_pb2.RegisterConsumerRequest, context: ServicerContext
     ) -> eligibility_pb2.Consumer:
-        actor = (
-            request.actor
-            if request.actor.kind
-            else common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=request.platform_id)
-        )
+        name = _personal("name", request.name, personal_data.validate_name)
+        id_number = _personal("id_number", request.id_number, personal_data.validate_id_number)
+        phone = _personal("phone", request.phone, personal_data.validate_phone)
+        platform_id = validate.identifier("platform_id", request.platform_id)
         row, existed = await self.e.register(
-            request.name, request.id_number, request.phone, request.platform_id, actor
+            name, id_number, phone, platform_id, _actor(request.actor, platform_id)
         )
         return eligibility_pb2.Consumer(
             consumer_id=str(row["consumer_id"]),
@@ -54,28 +66,30 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     async def ClaimQualification(
         self, request: eligibility_pb2.ClaimQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
-        row = await self.e.claim(
-            request.consumer_id, request.category, request.channel, _actor(request.actor)
-        )
-        return _qualification(row)
+        consumer_id = validate.identifier("consumer_id", request.consumer_id)
+        category = validate.identifier("category", request.category)
+        channel = validate.identifier("channel", request.channel)
+        q = await self.e.claim(consumer_id, category, channel, _actor(request.actor))
+        return _qualification(q)
 
     async def GetQualification(
         self, request: eligibility_pb2.GetQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
-        return _qualification(await self.e.qualification(request.qualification_id))
+        qid = validate.identifier("qualification_id", request.qualification_id)
+        return _qualification(await self.e.qualification(qid))
 
     async def LockQualification(
         self, request: eligibility_pb2.LockQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
-        row = await self.e.lock(
-            request.qualification_id,
-            request.order_id,
-            request.category,
-            request.consumer_id,
-            _actor(request.actor),
-            platform_id=request.platform_id,
+        order_id = validate.identifier("order_id", request.order_id)
+        consumer_id = validate.identifier("consumer_id", request.consumer_id)
+        category = validate.identifier("category", request.category)
+        platform_id = validate.identifier("platform_id", request.platform_id)
+        qid = validate.identifier("qualification_id", request.qualification_id)
+        q = await self.e.lock(
+            qid, order_id, category, consumer_id, _actor(request.actor), platform_id=platform_id
         )
-        return _qualification(row)
+        return _qualification(q)
 
     async def ConsumeQualification(
         self,
@@ -84,5 +98,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     ) -> eligibility_pb2.Qualification:
         # Payment is recorded by the ledger; its SubsidyCaptured event marks the qualification
         # used. This read lets a caller see the outcome for that order.
-        row = await self.e.consumed(request.qualification_id, request.order_id)
-        return _qualification(row)
+        order_id = validate.identifier("order_id", request.order_id)
+        qid = validate.identifier("qualification_id", request.qualification_id)
+        q = await self.e.consumed(qid, order_id)
+        return _qualification(q)

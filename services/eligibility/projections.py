@@ -6,7 +6,8 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 
 from __future__ import annotations
 
-from datetime import UTC
+from dataclasses import asdict
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
+    select,
     text,
     update,
 )
@@ -27,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
+
+from . import domain
 
 metadata = MetaData()
 ONE_QUALIFICATION_PER_ORDER = "qualifications_one_per_order"
@@ -84,18 +88,43 @@ policies = Table(
     Column("effective_from", DateTime(timezone=True), nullable=False),
 )
 
-AVAILABLE, LOCKED, USED, FORFEITED = "AVAILABLE", "LOCKED", "USED", "FORFEITED"
+QUALIFICATION_EVENTS = (
+    ev.QualificationLocked,
+    ev.QualificationUsed,
+    ev.QualificationUnlocked,
+    ev.QualificationRestored,
+    ev.QualificationForfeited,
+)
 
 
-async def _set_status(conn: AsyncConnection, qid: str, status: str, order_id: str) -> None:
-    await conn.execute(
-        update(qualifications)
-        .where(qualifications.c.qualification_id == qid)
-        .values(status=status, order_id=order_id)
+def consumer_stream(consumer_id: str) -> str:
+    """A consumer's stream: their registration and every qualification they claim."""
+    return f"consumer/{consumer_id}"
+
+
+def as_qualification(row: Any) -> domain.Qualification:
+    return domain.Qualification(
+        qualification_id=row.qualification_id,
+        consumer_id=row.consumer_id,
+        category=row.category,
+        channel=row.channel,
+        status=row.status,
+        order_id=row.order_id,
+        quota_day=row.quota_day,
+        expires_at=row.expires_at,
     )
 
 
+async def load_qualification(conn: AsyncConnection, qid: str) -> domain.Qualification | None:
+    row = (
+        await conn.execute(select(qualifications).where(qualifications.c.qualification_id == qid))
+    ).first()
+    return as_qualification(row) if row is not None else None
+
+
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
+    """Apply one eligibility event to the read models; a qualification's status comes from
+    :func:`services.eligibility.domain.evolve`, never decided here."""
     event = payload_of(env)
     if isinstance(event, ev.ConsumerRegistered):
         await conn.execute(
@@ -109,32 +138,24 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
             )
         )
     elif isinstance(event, ev.QualificationClaimed):
-        await conn.execute(
-            insert(qualifications).values(
-                qualification_id=event.qualification_id,
-                consumer_id=event.consumer_id,
-                category=event.category,
-                channel=event.channel,
-                status=AVAILABLE,
-                order_id="",
-                quota_day=event.quota_day,
-                expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
-            )
-        )
+        claimed = domain.evolve(None, event)
+        assert claimed is not None
+        await conn.execute(insert(qualifications).values(**asdict(claimed)))
         stmt = pg_insert(quota_usage).values(category=event.category, day=event.quota_day, issued=1)
         await conn.execute(
             stmt.on_conflict_do_update(
                 index_elements=["category", "day"], set_={"issued": quota_usage.c.issued + 1}
             )
         )
-    elif isinstance(event, ev.QualificationLocked):
-        await _set_status(conn, event.qualification_id, LOCKED, event.order_id)
-    elif isinstance(event, ev.QualificationUsed):
-        await _set_status(conn, event.qualification_id, USED, event.order_id)
-    elif isinstance(event, ev.QualificationUnlocked | ev.QualificationRestored):
-        await _set_status(conn, event.qualification_id, AVAILABLE, "")
-    elif isinstance(event, ev.QualificationForfeited):
-        await _set_status(conn, event.qualification_id, FORFEITED, event.order_id)
+    elif isinstance(event, QUALIFICATION_EVENTS):
+        qid = event.qualification_id
+        after = domain.evolve(await load_qualification(conn, qid), event)
+        if after is not None:
+            await conn.execute(
+                update(qualifications)
+                .where(qualifications.c.qualification_id == qid)
+                .values(status=after.status, order_id=after.order_id)
+            )
 
 
 async def rebuild(store: EventStore) -> int:

@@ -1,0 +1,329 @@
+"""Eligibility decisions, pure: state + command -> events, and how each event changes a
+qualification. No I/O, no clock: the time a command is decided at comes in as ``now``.
+
+A consumer registers once (three factors confirmed by the identity authority) and claims
+qualifications, one category at a time, within the per-person limit and the day's quota. A
+qualification is AVAILABLE until it expires; the ledger LOCKS it to one order at checkout; the
+order's payment makes it USED; a cancellation, an expiry or a refused reservation UNLOCKS it; a
+refund RESTORES it or FORFEITS it under the order's own policy version. docs/architecture.md
+and ../shared/domain.md give the rules these functions enforce.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Final
+from zoneinfo import ZoneInfo
+
+from google.protobuf.message import Message
+
+from services.contract.policy import CategoryRule, Policy, RefundRule
+from services.kernel.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from subsidy.v1 import events_pb2 as ev
+
+AVAILABLE: Final = "AVAILABLE"
+LOCKED: Final = "LOCKED"
+USED: Final = "USED"
+FORFEITED: Final = "FORFEITED"
+STATUSES: Final = (AVAILABLE, LOCKED, USED, FORFEITED)
+# Held by an order: the only statuses the ledger's outcome events act on.
+HELD: Final = (LOCKED, USED)
+
+LedgerOutcome = ev.SubsidyCaptured | ev.SubsidyReleased | ev.ReservationRefused
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True)
+class Qualification:
+    """One qualification as the consumer's stream has made it."""
+
+    qualification_id: str
+    consumer_id: str
+    category: str
+    channel: str
+    status: str
+    order_id: str
+    quota_day: str
+    expires_at: dt.datetime
+
+    def counts_against_limit(self, now: dt.datetime) -> bool:
+        """The per-person rule: every qualification the consumer holds or has had counts,
+        except one that expired unused (a forfeited one counts as used: a refund under the
+        "forfeit" rule does not give the consumer another one)."""
+        if self.status == AVAILABLE:
+            return self.expires_at > now
+        return self.status in (LOCKED, USED, FORFEITED)
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """What a claim is decided on, read under the consumer's stream lock and the day's quota
+    row lock: whether the consumer exists, how many qualifications of the category count
+    against their limit, and how many the day has issued in the category."""
+
+    registered: bool
+    held: int
+    issued_today: int
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+@dataclass(frozen=True)
+class Register:
+    """Register a confirmed person: their data already sealed under their own key, blind
+    indexed and masked (no plaintext reaches the domain)."""
+
+    consumer_id: str
+    platform_id: str
+    name_sealed: bytes
+    id_number_sealed: bytes
+    phone_sealed: bytes
+    id_number_index: str
+    phone_index: str
+    id_number_masked: str
+    phone_masked: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    consumer_id: str
+    category: str
+    channel: str
+    qualification_id: str
+    now: dt.datetime
+
+
+@dataclass(frozen=True)
+class Lock:
+    """The ledger locks a qualification to an order at checkout."""
+
+    qualification_id: str
+    order_id: str
+    category: str
+    consumer_id: str
+    platform_id: str
+    now: dt.datetime
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+
+
+def confirm_identity(match: bool, authority_reason: str) -> None:
+    """Only a person whose name, ID number and phone the identity authority confirmed as one
+    may register."""
+    if not match:
+        raise FailedPrecondition(
+            "IDENTITY_MISMATCH",
+            "the identity authority did not confirm name, ID number and phone"
+            f" ({authority_reason})",
+            authority_reason=authority_reason,
+        )
+
+
+def register(existing: object | None, cmd: Register) -> list[Message]:
+    """A confirmed person becomes a consumer, once."""
+    if existing is not None:  # consumer ids are fresh: a collision is a bug, not a retry
+        raise FailedPrecondition("CONSUMER_EXISTS", "consumer_id: registered already")
+    return [
+        ev.ConsumerRegistered(
+            consumer_id=cmd.consumer_id,
+            name_sealed=cmd.name_sealed,
+            id_number_sealed=cmd.id_number_sealed,
+            phone_sealed=cmd.phone_sealed,
+            id_number_index=cmd.id_number_index,
+            phone_index=cmd.phone_index,
+            id_number_masked=cmd.id_number_masked,
+            phone_masked=cmd.phone_masked,
+            platform_id=cmd.platform_id,
+        )
+    ]
+
+
+def held(qualifications: Iterable[Qualification], now: dt.datetime) -> int:
+    """How many of a consumer's qualifications of one category count against their limit."""
+    return sum(1 for q in qualifications if q.counts_against_limit(now))
+
+
+def quota_day(policy: Policy, now: dt.datetime) -> str:
+    """The day a claim counts against, in the campaign's own time zone."""
+    return now.astimezone(ZoneInfo(policy.claim_window.timezone)).date().isoformat()
+
+
+def category_rule(policy: Policy, category: str) -> CategoryRule:
+    rule = policy.category(category)
+    if rule is None:
+        raise InvalidArgument(
+            "UNKNOWN_CATEGORY", "category: not a category of the policy in force", field="category"
+        )
+    return rule
+
+
+def claim(state: ClaimState, cmd: Claim, policy: Policy) -> list[Message]:
+    """A registered consumer claims one qualification of a category, within their limit and
+    the day's quota; it is valid for the policy's validity period."""
+    rule = category_rule(policy, cmd.category)
+    if not state.registered:
+        raise NotFound("UNKNOWN_CONSUMER", "consumer_id: not registered", field="consumer_id")
+    if state.held >= rule.per_person_limit:
+        raise ResourceExhausted(
+            "PERSON_LIMIT_REACHED",
+            f"category: the limit of {rule.per_person_limit} per person is reached",
+            field="category",
+        )
+    if state.issued_today >= rule.daily_quota:
+        raise ResourceExhausted(
+            "DAILY_QUOTA_EXHAUSTED",
+            f"category: today's quota of {rule.daily_quota} is used up",
+            field="category",
+        )
+    claimed = ev.QualificationClaimed(
+        qualification_id=cmd.qualification_id,
+        consumer_id=cmd.consumer_id,
+        category=cmd.category,
+        channel=cmd.channel,
+        quota_day=quota_day(policy, cmd.now),
+    )
+    claimed.expires_at.FromDatetime(
+        cmd.now.astimezone(dt.UTC) + dt.timedelta(days=policy.qualification_validity_days)
+    )
+    return [claimed]
+
+
+def unknown_qualification() -> NotFound:
+    return NotFound(
+        "UNKNOWN_QUALIFICATION", "qualification_id: no such qualification", field="qualification_id"
+    )
+
+
+def lock(q: Qualification | None, cmd: Lock) -> list[Message]:
+    """Lock an available, unexpired qualification to one order, for the consumer who owns it,
+    through the channel it was claimed in, for an item of its category."""
+    if q is None:
+        raise unknown_qualification()
+    if q.consumer_id != cmd.consumer_id:
+        raise FailedPrecondition(
+            "QUALIFICATION_NOT_OWNED",
+            "qualification_id: belongs to another consumer",
+            field="qualification_id",
+        )
+    if q.status == LOCKED and q.order_id == cmd.order_id:
+        return []  # idempotent: the ledger retries a lock whose answer it lost
+    if q.channel != cmd.platform_id:
+        # A qualification is claimed through one channel and redeemed there only.
+        raise FailedPrecondition(
+            "CHANNEL_MISMATCH",
+            f"qualification_id: claimed through {q.channel}, not {cmd.platform_id}",
+            field="qualification_id",
+        )
+    if q.category != cmd.category:
+        raise FailedPrecondition(
+            "CATEGORY_MISMATCH",
+            f"qualification_id: for {q.category}, the item is {cmd.category}",
+            field="qualification_id",
+        )
+    if q.status != AVAILABLE:
+        raise FailedPrecondition(
+            f"QUALIFICATION_{q.status}",
+            f"qualification_id: is {q.status}",
+            field="qualification_id",
+        )
+    if q.expires_at <= cmd.now:
+        raise FailedPrecondition(
+            "QUALIFICATION_EXPIRED", "qualification_id: has expired", field="qualification_id"
+        )
+    return [ev.QualificationLocked(qualification_id=q.qualification_id, order_id=cmd.order_id)]
+
+
+def consumed(q: Qualification | None, order_id: str) -> Qualification:
+    """The qualification as the payment of ``order_id`` left it: locked to that order, or used
+    by it once the ledger's SubsidyCaptured has arrived. Any other order is refused."""
+    if q is None:
+        raise unknown_qualification()
+    if q.order_id != order_id or q.status not in HELD:
+        raise FailedPrecondition(
+            "QUALIFICATION_NOT_LOCKED_TO_ORDER",
+            f"qualification_id: is {q.status}, not locked to this order",
+            field="order_id",
+        )
+    return q
+
+
+def settle(
+    q: Qualification | None, outcome: LedgerOutcome, refund_rule: RefundRule | None
+) -> list[Message]:
+    """The ledger's outcome of an order, applied to the qualification that order holds: paid
+    -> used; cancelled, expired or refused -> unlocked; refunded -> restored or forfeited by
+    the order's policy (``refund_rule``). Only the qualification held by that very order
+    moves: one unlocked already, or since given to another order, is left alone. A refund is
+    judged by the event (was the order paid?), not by which event arrived first."""
+    if q is None or q.order_id != outcome.order_id or q.status not in HELD:
+        return []
+    qid, order = q.qualification_id, outcome.order_id
+    if isinstance(outcome, ev.SubsidyCaptured):
+        return (
+            [ev.QualificationUsed(qualification_id=qid, order_id=order)]
+            if q.status == LOCKED
+            else []
+        )
+    if isinstance(outcome, ev.SubsidyReleased) and outcome.was_captured:
+        if refund_rule is None:
+            raise ValueError("a refund is settled under the order's refund rule")
+        cls = (
+            ev.QualificationRestored
+            if refund_rule is RefundRule.RESTORE
+            else ev.QualificationForfeited
+        )
+        return [cls(qualification_id=qid, order_id=order, reason=outcome.reason)]
+    if q.status == LOCKED:
+        return [
+            ev.QualificationUnlocked(qualification_id=qid, order_id=order, reason=outcome.reason)
+        ]
+    return []
+
+
+def is_refund(outcome: LedgerOutcome) -> bool:
+    """Whether settling ``outcome`` needs the order's refund rule."""
+    return isinstance(outcome, ev.SubsidyReleased) and outcome.was_captured
+
+
+# --------------------------------------------------------------------------------------------
+# Evolution: the one place a qualification's status changes
+
+
+def evolve(q: Qualification | None, event: Message) -> Qualification | None:
+    """The qualification after ``event``; the projection and any replay call this."""
+    if isinstance(event, ev.QualificationClaimed):
+        return Qualification(
+            qualification_id=event.qualification_id,
+            consumer_id=event.consumer_id,
+            category=event.category,
+            channel=event.channel,
+            status=AVAILABLE,
+            order_id="",
+            quota_day=event.quota_day,
+            expires_at=event.expires_at.ToDatetime(tzinfo=dt.UTC),
+        )
+    if q is None:
+        return None
+    if isinstance(event, ev.QualificationLocked):
+        return replace(q, status=LOCKED, order_id=event.order_id)
+    if isinstance(event, ev.QualificationUsed):
+        return replace(q, status=USED, order_id=event.order_id)
+    if isinstance(event, ev.QualificationUnlocked | ev.QualificationRestored):
+        return replace(q, status=AVAILABLE, order_id="")
+    if isinstance(event, ev.QualificationForfeited):
+        return replace(q, status=FORFEITED, order_id=event.order_id)
+    return q
