@@ -1,0 +1,273 @@
+"""Eligibility's rules (services/eligibility/domain.py), read like ../shared/domain.md.
+
+No infrastructure and no wall clock: every decision gets its "now" from the test, so the day's
+quota, the validity period and expiry are checked at exact instants.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+
+import pytest
+from google.protobuf.message import Message
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.contract.policy import Policy, RefundRule, default_policy
+from services.eligibility import domain
+from services.eligibility.domain import (
+    AVAILABLE,
+    FORFEITED,
+    LOCKED,
+    USED,
+    Claim,
+    ClaimState,
+    Lock,
+    Qualification,
+)
+from services.invariants import InvariantViolation, check_person_limit
+from services.kernel.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
+from subsidy.v1 import events_pb2 as ev
+
+POLICY: Policy = default_policy()
+CATEGORY = POLICY.categories[0].code
+RULE = POLICY.categories[0]
+NOW = dt.datetime(2025, 6, 1, 2, 30, tzinfo=dt.UTC)  # 10:30 in Shenzhen
+
+
+def claim_cmd(now: dt.datetime = NOW, category: str = CATEGORY) -> Claim:
+    return Claim("c-1", category, "jd", "q-1", now)
+
+
+def claimed(now: dt.datetime = NOW) -> Qualification:
+    event = domain.claim(ClaimState(True, 0, 0), claim_cmd(now), POLICY)[0]
+    q = domain.evolve(None, event)
+    assert q is not None
+    return q
+
+
+def lock_cmd(now: dt.datetime = NOW, **overrides: str) -> Lock:
+    fields = {
+        "qualification_id": "q-1",
+        "order_id": "o-1",
+        "category": CATEGORY,
+        "consumer_id": "c-1",
+        "platform_id": "jd",
+    }
+    fields.update(overrides)
+    return Lock(now=now, **fields)
+
+
+def reason_of(exc: pytest.ExceptionInfo[DomainError]) -> str:
+    return exc.value.reason
+
+
+# -- claiming --------------------------------------------------------------------------------
+
+
+def test_a_registered_consumer_claims_one_qualification_valid_for_the_policys_period() -> None:
+    [event] = domain.claim(ClaimState(True, 0, 0), claim_cmd(), POLICY)
+    assert isinstance(event, ev.QualificationClaimed)
+    assert (event.consumer_id, event.category, event.channel) == ("c-1", CATEGORY, "jd")
+    expires = event.expires_at.ToDatetime(tzinfo=dt.UTC)
+    assert expires == NOW + dt.timedelta(days=POLICY.qualification_validity_days)
+
+
+def test_the_quota_day_is_the_campaigns_local_day_not_utcs() -> None:
+    late_utc = dt.datetime(2025, 6, 1, 17, 0, tzinfo=dt.UTC)  # 01:00 on 2 June in Shenzhen
+    [event] = domain.claim(ClaimState(True, 0, 0), claim_cmd(late_utc), POLICY)
+    assert isinstance(event, ev.QualificationClaimed)
+    assert event.quota_day == "2025-06-02"
+
+
+def test_an_unknown_category_is_refused_before_anything_else() -> None:
+    with pytest.raises(DomainError) as err:
+        domain.claim(ClaimState(False, 0, 0), claim_cmd(category="yacht"), POLICY)
+    assert (reason_of(err), err.value.field) == ("UNKNOWN_CATEGORY", "category")
+
+
+def test_an_unregistered_consumer_cannot_claim() -> None:
+    with pytest.raises(NotFound) as err:
+        domain.claim(ClaimState(False, 0, 0), claim_cmd(), POLICY)
+    assert reason_of(err) == "UNKNOWN_CONSUMER"
+
+
+def test_a_consumer_at_the_per_person_limit_is_refused() -> None:
+    domain.claim(ClaimState(True, RULE.per_person_limit - 1, 0), claim_cmd(), POLICY)
+    with pytest.raises(ResourceExhausted) as err:
+        domain.claim(ClaimState(True, RULE.per_person_limit, 0), claim_cmd(), POLICY)
+    assert (reason_of(err), err.value.field) == ("PERSON_LIMIT_REACHED", "category")
+
+
+def test_the_days_quota_once_issued_refuses_every_further_claim_that_day() -> None:
+    domain.claim(ClaimState(True, 0, RULE.daily_quota - 1), claim_cmd(), POLICY)
+    with pytest.raises(ResourceExhausted) as err:
+        domain.claim(ClaimState(True, 0, RULE.daily_quota), claim_cmd(), POLICY)
+    assert (reason_of(err), err.value.field) == ("DAILY_QUOTA_EXHAUSTED", "category")
+
+
+def test_what_counts_against_the_limit_held_locked_used_forfeited_but_not_expired() -> None:
+    q = claimed()
+    valid_until = q.expires_at
+    assert q.counts_against_limit(valid_until - dt.timedelta(seconds=1))
+    assert not q.counts_against_limit(valid_until)  # expired unused: the consumer may claim again
+    for status in (LOCKED, USED, FORFEITED):  # held or spent: counts whatever the date
+        assert replace(q, status=status).counts_against_limit(valid_until + dt.timedelta(days=9))
+    assert domain.held([q, replace(q, status=USED)], valid_until) == 1
+
+
+# -- locking at checkout ----------------------------------------------------------------------
+
+
+def test_the_ledger_locks_an_available_qualification_to_one_order() -> None:
+    [event] = domain.lock(claimed(), lock_cmd())
+    assert isinstance(event, ev.QualificationLocked)
+    assert (event.qualification_id, event.order_id) == ("q-1", "o-1")
+    locked = domain.evolve(claimed(), event)
+    assert locked is not None and (locked.status, locked.order_id) == (LOCKED, "o-1")
+
+
+def test_locking_again_for_the_same_order_changes_nothing() -> None:
+    locked = replace(claimed(), status=LOCKED, order_id="o-1")
+    assert domain.lock(locked, lock_cmd()) == []
+
+
+@pytest.mark.parametrize(
+    ("q", "cmd", "reason"),
+    [
+        (None, lock_cmd(), "UNKNOWN_QUALIFICATION"),
+        (claimed(), lock_cmd(consumer_id="c-2"), "QUALIFICATION_NOT_OWNED"),
+        (claimed(), lock_cmd(platform_id="taobao"), "CHANNEL_MISMATCH"),
+        (claimed(), lock_cmd(category="phone-not-" + CATEGORY), "CATEGORY_MISMATCH"),
+        (replace(claimed(), status=LOCKED, order_id="o-9"), lock_cmd(), "QUALIFICATION_LOCKED"),
+        (replace(claimed(), status=USED, order_id="o-9"), lock_cmd(), "QUALIFICATION_USED"),
+        (
+            replace(claimed(), status=FORFEITED, order_id="o-9"),
+            lock_cmd(),
+            "QUALIFICATION_FORFEITED",
+        ),
+    ],
+)
+def test_a_lock_is_refused_for_each_broken_rule(
+    q: Qualification | None, cmd: Lock, reason: str
+) -> None:
+    with pytest.raises(DomainError) as err:
+        domain.lock(q, cmd)
+    assert reason_of(err) == reason
+
+
+def test_an_expired_qualification_cannot_be_locked() -> None:
+    q = claimed()
+    domain.lock(q, lock_cmd(now=q.expires_at - dt.timedelta(microseconds=1)))
+    with pytest.raises(FailedPrecondition) as err:
+        domain.lock(q, lock_cmd(now=q.expires_at))
+    assert (reason_of(err), err.value.field) == ("QUALIFICATION_EXPIRED", "qualification_id")
+
+
+# -- the ledger's outcome of the order --------------------------------------------------------
+
+
+def locked_to(order: str = "o-1") -> Qualification:
+    return replace(claimed(), status=LOCKED, order_id=order)
+
+
+def settle(
+    q: Qualification | None, outcome: domain.LedgerOutcome, rule: RefundRule | None = None
+) -> tuple[list[Message], Qualification | None]:
+    events = domain.settle(q, outcome, rule)
+    after = q
+    for e in events:
+        after = domain.evolve(after, e)
+    return events, after
+
+
+def test_payment_makes_the_locked_qualification_used_once() -> None:
+    events, after = settle(locked_to(), ev.SubsidyCaptured(order_id="o-1"))
+    assert [type(e) for e in events] == [ev.QualificationUsed]
+    assert after is not None and after.status == USED
+    assert domain.settle(after, ev.SubsidyCaptured(order_id="o-1"), None) == []  # redelivered
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        ev.SubsidyReleased(order_id="o-1", reason="CANCELLED"),
+        ev.SubsidyReleased(order_id="o-1", reason="EXPIRED"),
+        ev.ReservationRefused(order_id="o-1", reason="BUDGET_EXHAUSTED"),
+    ],
+)
+def test_a_cancelled_expired_or_refused_order_gives_the_qualification_back(
+    outcome: domain.LedgerOutcome,
+) -> None:
+    events, after = settle(locked_to(), outcome)
+    assert [type(e) for e in events] == [ev.QualificationUnlocked]
+    assert after is not None and (after.status, after.order_id) == (AVAILABLE, "")
+
+
+def test_a_refund_restores_or_forfeits_by_the_orders_policy() -> None:
+    refund = ev.SubsidyReleased(order_id="o-1", reason="REFUNDED", was_captured=True)
+    used = replace(locked_to(), status=USED)
+    _, restored = settle(used, refund, RefundRule.RESTORE)
+    _, forfeited = settle(used, refund, RefundRule.FORFEIT)
+    assert restored is not None and restored.status == AVAILABLE
+    assert forfeited is not None and forfeited.status == FORFEITED
+    # A refund that overtook its payment is judged by the event: the order was paid.
+    _, early = settle(locked_to(), refund, RefundRule.FORFEIT)
+    assert early is not None and early.status == FORFEITED
+    assert domain.is_refund(refund) and not domain.is_refund(ev.SubsidyCaptured(order_id="o"))
+
+
+def test_an_outcome_for_another_order_leaves_the_qualification_alone() -> None:
+    mine = locked_to("o-2")  # unlocked and since locked to a second order
+    for outcome in (
+        ev.SubsidyCaptured(order_id="o-1"),
+        ev.SubsidyReleased(order_id="o-1", reason="CANCELLED"),
+        ev.ReservationRefused(order_id="o-1", reason="ABANDONED"),
+    ):
+        assert domain.settle(mine, outcome, RefundRule.RESTORE) == []
+    assert domain.settle(claimed(), ev.SubsidyCaptured(order_id=""), None) == []
+    assert domain.settle(None, ev.SubsidyCaptured(order_id="o-1"), None) == []
+
+
+def test_only_the_order_holding_it_reads_it_as_consumed() -> None:
+    assert domain.consumed(locked_to(), "o-1").status == LOCKED
+    with pytest.raises(FailedPrecondition) as err:
+        domain.consumed(locked_to(), "o-2")
+    assert reason_of(err) == "QUALIFICATION_NOT_LOCKED_TO_ORDER"
+
+
+def test_registration_needs_the_authoritys_confirmation() -> None:
+    domain.confirm_identity(True, "")
+    with pytest.raises(FailedPrecondition) as err:
+        domain.confirm_identity(False, "PHONE_MISMATCH")
+    assert reason_of(err) == "IDENTITY_MISMATCH"
+    assert err.value.metadata["authority_reason"] == "PHONE_MISMATCH"
+
+
+# -- the invariant, against the rule ----------------------------------------------------------
+
+statuses = st.sampled_from((AVAILABLE, LOCKED, USED, FORFEITED))
+ages = st.integers(0, 2 * POLICY.qualification_validity_days)
+
+
+@given(st.lists(st.tuples(statuses, ages), max_size=8))
+def test_claims_the_rule_allows_never_break_the_person_limit_invariant(
+    history: list[tuple[str, int]],
+) -> None:
+    """Whatever a consumer's qualifications are, a claim is allowed exactly when the invariant
+    would still hold after it: the check counts what the rule counts."""
+    now = NOW + dt.timedelta(days=2 * POLICY.qualification_validity_days)
+    qs = [replace(claimed(now - dt.timedelta(days=age)), status=status) for status, age in history]
+    held = domain.held(qs, now)
+    allowed = True
+    try:
+        domain.claim(ClaimState(True, held, 0), claim_cmd(now), POLICY)
+    except ResourceExhausted:
+        allowed = False
+    try:
+        check_person_limit("c-1", CATEGORY, held=held + 1, limit=RULE.per_person_limit)
+        holds_after = True
+    except InvariantViolation:
+        holds_after = False
+    assert allowed == holds_after
