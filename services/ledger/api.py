@@ -1,4 +1,5 @@
-"""The ledger's gRPC servicer: validate, call a handler, shape the answer."""
+"""The ledger's gRPC servicer: the edge, where every request field is validated once and the
+actor is settled; the use cases in handlers.py receive commands of clean values."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from datetime import datetime
 from typing import Any
 
 from services.contract.budget import Pool
+from services.kernel import validate
+from services.kernel.errors import NotFound
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
-from subsidy.v1 import events_pb2 as ev
 
+from . import domain
 from .handlers import Ledger
 
 
@@ -39,10 +42,15 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     return out
 
 
-def _actor(actor: common_pb2.Actor, platform_id: str = "") -> common_pb2.Actor:
+def _actor(
+    actor: common_pb2.Actor,
+    platform_id: str = "unknown",
+    kind: common_pb2.Actor.Kind.ValueType = common_pb2.Actor.KIND_PLATFORM,
+) -> common_pb2.Actor:
+    """The caller as the request names it (until certificates say who calls)."""
     if actor.kind:
         return actor
-    return common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=platform_id or "unknown")
+    return common_pb2.Actor(kind=kind, id=platform_id)
 
 
 class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
@@ -52,64 +60,58 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     async def FundBudget(
         self, request: ledger_pb2.FundBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
-        actor = (
-            request.actor
-            if request.actor.kind
-            else common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="unknown")
-        )
-        pool = await self.ledger.fund(
-            request.pool_id,
-            request.amount_fen,
-            request.source or "district",
-            request.idempotency_key,
-            actor,
-        )
+        pool_id = validate.identifier("pool_id", request.pool_id)
+        source = validate.text_field("source", request.source or "district", max_len=64)
+        key = request.idempotency_key
+        if key:
+            validate.identifier("idempotency_key", key, max_len=128)
+        domain.fund(Pool(pool_id), request.amount_fen, source)  # the amount, before any I/O
+        actor = _actor(request.actor, kind=common_pb2.Actor.KIND_OPERATOR)
+        pool = await self.ledger.fund(domain.Fund(pool_id, request.amount_fen, source, key), actor)
         return _pool(pool)
 
     async def GetBudget(
         self, request: ledger_pb2.GetBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
-        return _pool(await self.ledger.get_pool(request.pool_id))
+        return _pool(await self.ledger.get_pool(validate.identifier("pool_id", request.pool_id)))
 
     async def ReserveSubsidy(
         self, request: ledger_pb2.ReserveSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
-        req = ev.SubsidyReserved(
-            order_id=request.order_id,
-            pool_id=request.pool_id,
-            platform_id=request.platform_id,
-            consumer_id=request.consumer_id,
-            qualification_id=request.qualification_id,
-            sku=request.sku,
-            unit_price_fen=request.unit_price_fen,
+        cmd = domain.Reserve(
+            order_id=validate.identifier("order_id", request.order_id),
+            platform_id=validate.identifier("platform_id", request.platform_id),
+            pool_id=validate.identifier("pool_id", request.pool_id),
+            consumer_id=validate.identifier("consumer_id", request.consumer_id),
+            qualification_id=validate.identifier("qualification_id", request.qualification_id),
+            sku=validate.identifier("sku", request.sku),
+            unit_price_fen=validate.price_fen("unit_price_fen", request.unit_price_fen),
+            serial=validate.serial("serial", request.serial) if request.serial else "",
         )
-        row = await self.ledger.reserve(
-            req, request.serial, _actor(request.actor, request.platform_id)
-        )
+        row = await self.ledger.reserve(cmd, _actor(request.actor, cmd.platform_id))
         return _reservation(row)
 
     async def CaptureSubsidy(
         self, request: ledger_pb2.CaptureSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
-        return _reservation(
-            await self.ledger.capture(request.order_id, request.payment_ref, _actor(request.actor))
+        payment_ref = validate.text_field(
+            "payment_ref", request.payment_ref, max_len=128, required=False
         )
+        order_id = validate.identifier("order_id", request.order_id)
+        return _reservation(await self.ledger.capture(order_id, payment_ref, _actor(request.actor)))
 
     async def ReleaseSubsidy(
         self, request: ledger_pb2.ReleaseSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
-        return _reservation(
-            await self.ledger.release(request.order_id, request.reason, _actor(request.actor))
-        )
+        reason = validate.choice("reason", request.reason, ("CANCELLED", "REFUNDED"))
+        order_id = validate.identifier("order_id", request.order_id)
+        return _reservation(await self.ledger.release(order_id, reason, _actor(request.actor)))
 
     async def GetReservation(
         self, request: ledger_pb2.GetReservationRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
-        from services.kernel import validate
-        from services.kernel.errors import NotFound
-
-        validate.identifier("order_id", request.order_id)
-        row = await self.ledger.get_reservation(request.order_id)
+        order_id = validate.identifier("order_id", request.order_id)
+        row = await self.ledger.get_reservation(order_id)
         if row is None:
             raise NotFound("UNKNOWN_ORDER", "order_id: no reservation", field="order_id")
         return _reservation(row)

@@ -6,12 +6,19 @@ shared with the auditor's replay; the decisions here refuse what would break it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
 from services.contract.budget import Pool
-from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.kernel.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from subsidy.v1 import events_pb2 as ev
 
 MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a budget
@@ -37,25 +44,165 @@ def fund(pool: Pool, amount_fen: int, source: str) -> list[Message]:
     return [ev.BudgetFunded(pool_id=pool.pool_id, amount_fen=amount_fen, source=source)]
 
 
-def reserve(pool: Pool | None, reserved: ev.SubsidyReserved) -> list[Message]:
-    """Reserve ``reserved.subsidy_fen`` from the pool, or refuse: never overspend."""
+def check_budget(pool: Pool | None, pool_id: str, subsidy_fen: int) -> Pool:
+    """The pool exists and can pay ``subsidy_fen`` now: never overspend."""
     if pool is None:
-        raise NotFound(
-            "UNKNOWN_POOL", f"pool_id: no budget pool {reserved.pool_id!r}", field="pool_id"
-        )
-    if reserved.subsidy_fen <= 0:
+        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
+    if subsidy_fen <= 0:
         raise FailedPrecondition("NO_SUBSIDY", "the item earns no subsidy", field="sku")
-    if reserved.subsidy_fen > pool.available:
+    if subsidy_fen > pool.available:
         raise ResourceExhausted(
             "BUDGET_EXHAUSTED",
-            f"budget pool {pool.pool_id} has {pool.available} fen left,"
-            f" {reserved.subsidy_fen} fen needed",
+            f"budget pool {pool.pool_id} has {pool.available} fen left, {subsidy_fen} fen needed",
             field="pool_id",
         )
+    return pool
+
+
+def reserve(pool: Pool | None, reserved: ev.SubsidyReserved) -> list[Message]:
+    """Reserve ``reserved.subsidy_fen`` from the pool, or refuse: never overspend."""
+    check_budget(pool, reserved.pool_id, reserved.subsidy_fen)
     return [reserved]
 
 
-def capture(res: Reservation, payment_ref: str) -> list[Message]:
+# --------------------------------------------------------------------------------------------
+# Commands and the state they are decided on
+
+
+@dataclass(frozen=True)
+class Fund:
+    pool_id: str
+    amount_fen: int
+    source: str
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Funding:
+    """A pool as funding sees it: its figures, and what an idempotency key funded before."""
+
+    pool: Pool | None
+    prior: tuple[str, int] | None = None  # (pool_id, amount_fen) funded under the same key
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """A platform's checkout: hold the subsidy for one order (idempotent on ``order_id``)."""
+
+    order_id: str
+    platform_id: str
+    pool_id: str
+    consumer_id: str
+    qualification_id: str
+    sku: str
+    unit_price_fen: int
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class Item:
+    """What catalog verified of the item: its merchant, category and subsidy, and the policy
+    version the subsidy was computed under."""
+
+    merchant_id: str
+    category: str
+    subsidy_fen: int
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A pool as a hold sees it under the pool's lock: its figures, and whether the order was
+    refused for good meanwhile (by the sweeper, or a concurrent attempt of the same order)."""
+
+    pool: Pool | None
+    refused: bool
+
+
+def fund_once(state: Funding, cmd: Fund) -> list[Message]:
+    """Funding, idempotent on its key: the same key again funds nothing; the same key for a
+    different funding is refused."""
+    events = fund(state.pool or Pool(cmd.pool_id), cmd.amount_fen, cmd.source)
+    if state.prior is not None:
+        if state.prior != (cmd.pool_id, cmd.amount_fen):
+            raise AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                "idempotency_key: used before for a different funding",
+                field="idempotency_key",
+            )
+        return []
+    funded = events[0]
+    assert isinstance(funded, ev.BudgetFunded)
+    funded.idempotency_key = cmd.idempotency_key
+    return events
+
+
+def order_refused() -> FailedPrecondition:
+    return FailedPrecondition(
+        "ORDER_REFUSED",
+        "order_id: this order was refused after its qualification was locked;"
+        " a refused order stays refused: check out again with a new order id",
+        field="order_id",
+    )
+
+
+def hold(state: Hold, cmd: Reserve, item: Item, expires_at: dt.datetime) -> list[Message]:
+    """Hold the item's subsidy for the order until ``expires_at``, unless the order was refused
+    for good (an order is held or refused, never both) or the pool cannot pay."""
+    if state.refused:
+        raise order_refused()
+    reserved = ev.SubsidyReserved(
+        order_id=cmd.order_id,
+        pool_id=cmd.pool_id,
+        platform_id=cmd.platform_id,
+        consumer_id=cmd.consumer_id,
+        qualification_id=cmd.qualification_id,
+        sku=cmd.sku,
+        unit_price_fen=cmd.unit_price_fen,
+        merchant_id=item.merchant_id,
+        category=item.category,
+        subsidy_fen=item.subsidy_fen,
+        serial=cmd.serial,
+    )
+    reserved.expires_at.FromDatetime(expires_at.astimezone(dt.UTC))
+    return reserve(state.pool, reserved)
+
+
+def same_order(existing: Reserve, cmd: Reserve) -> None:
+    """A retry of an order must be the same order: same item, price, qualification, pool."""
+    if (
+        replace(existing, order_id=cmd.order_id, platform_id=cmd.platform_id, serial=cmd.serial)
+        != cmd
+    ):
+        raise AlreadyExists(
+            "ORDER_ID_REUSED",
+            "order_id: already reserved with a different item, price or qualification",
+            field="order_id",
+        )
+
+
+def refuse(
+    held: bool, order_id: str, pool_id: str, qualification_id: str, reason: str
+) -> list[Message]:
+    """Refuse an order for good after its qualification was locked (eligibility unlocks it
+    when the event arrives), unless a concurrent attempt of the order holds it: then the lock
+    is that attempt's."""
+    if held:
+        return []
+    return [
+        ev.ReservationRefused(
+            order_id=order_id, pool_id=pool_id, qualification_id=qualification_id, reason=reason
+        )
+    ]
+
+
+def unknown_order(order_id: str) -> NotFound:
+    return NotFound("UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id")
+
+
+def capture(res: Reservation | None, payment_ref: str) -> list[Message]:
+    if res is None:
+        raise unknown_order("")
     if res.status == CAPTURED:
         return []  # idempotent: already posted
     if res.status != PENDING:
@@ -73,7 +220,9 @@ def capture(res: Reservation, payment_ref: str) -> list[Message]:
     ]
 
 
-def release(res: Reservation, reason: str) -> list[Message]:
+def release(res: Reservation | None, reason: str) -> list[Message]:
+    if res is None:
+        raise unknown_order("")
     if reason not in RELEASE_REASONS:
         raise InvalidArgument(
             "INVALID_REASON", f"reason: one of {', '.join(RELEASE_REASONS)}", field="reason"
@@ -100,3 +249,18 @@ def release(res: Reservation, reason: str) -> list[Message]:
             qualification_id=res.qualification_id,
         )
     ]
+
+
+def evolve(res: Reservation | None, event: Message) -> Reservation | None:
+    """The reservation after ``event``: the one place a reservation's status changes."""
+    if isinstance(event, ev.SubsidyReserved):
+        return Reservation(
+            event.order_id, event.pool_id, event.subsidy_fen, PENDING, event.qualification_id
+        )
+    if res is None:
+        return None
+    if isinstance(event, ev.SubsidyCaptured):
+        return replace(res, status=CAPTURED)
+    if isinstance(event, ev.SubsidyReleased):
+        return replace(res, status=RELEASED)
+    return res

@@ -6,7 +6,7 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 
 from sqlalchemy import (
     BigInteger,
@@ -107,6 +107,21 @@ async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
     return budget.Pool(pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen)
 
 
+async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reservation | None:
+    row = (
+        await conn.execute(
+            select(
+                reservations.c.order_id,
+                reservations.c.pool_id,
+                reservations.c.subsidy_fen,
+                reservations.c.status,
+                reservations.c.qualification_id,
+            ).where(reservations.c.order_id == order_id)
+        )
+    ).first()
+    return domain.Reservation(*row) if row is not None else None
+
+
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
@@ -165,24 +180,22 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 serial=event.serial,
             )
         )
-    elif isinstance(event, ev.SubsidyCaptured):
-        await conn.execute(
-            update(reservations)
-            .where(reservations.c.order_id == event.order_id)
-            .values(status=domain.CAPTURED, payment_ref=event.payment_ref)
+    elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        # The status comes from the domain's evolve, never decided here.
+        settled = domain.evolve(await load_reservation(conn, event.order_id), event)
+        assert settled is not None
+        details = (
+            {"payment_ref": event.payment_ref}
+            if isinstance(event, ev.SubsidyCaptured)
+            else {"release_reason": event.reason}
         )
-    elif isinstance(event, ev.SubsidyReleased):
         await conn.execute(
             update(reservations)
             .where(reservations.c.order_id == event.order_id)
-            .values(status=domain.RELEASED, release_reason=event.reason)
+            .values(status=settled.status, **details)
         )
 
 
 async def rebuild(store: EventStore) -> int:
     """Drop the ledger's read models and replay every event; returns how many were applied."""
     return await store.rebuild((reservations, budget_pools, funding_keys), apply_event)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
