@@ -8,6 +8,7 @@ and every refusal is the precise error the API would map to a status.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -19,6 +20,7 @@ from services.contract import budget
 from services.contract.budget import Pool
 from services.invariants import InvariantViolation, check_budget_balanced
 from services.kernel.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -222,3 +224,95 @@ def test_the_fold_itself_refuses_an_overdraw(available: int, extra: int) -> None
     pool = Pool(POOL, funded=available, available=available)
     with pytest.raises(InvariantViolation):
         budget.apply(pool, ev.SubsidyReserved(pool_id=POOL, subsidy_fen=available + extra))
+
+
+# -- the checkout's commands, decided on the state read under the pool's lock ----------------
+
+RESERVE = domain.Reserve(
+    order_id="o-1",
+    platform_id="jd",
+    pool_id=POOL,
+    consumer_id="c-1",
+    qualification_id="q-1",
+    sku="fridge-1",
+    unit_price_fen=400_000,
+    serial="SN1",
+)
+ITEM = domain.Item(
+    merchant_id="m-1", category="refrigerator", subsidy_fen=60_000, policy_version="v1"
+)
+EXPIRES = dt.datetime(2025, 6, 1, 3, 0, tzinfo=dt.UTC)
+
+
+def test_a_hold_reserves_the_items_subsidy_for_the_order_until_it_expires() -> None:
+    pool = Pool(POOL, funded=100_000, available=100_000)
+    [held] = domain.hold(domain.Hold(pool, refused=False), RESERVE, ITEM, EXPIRES)
+    assert isinstance(held, ev.SubsidyReserved)
+    assert (held.order_id, held.subsidy_fen, held.merchant_id, held.serial) == (
+        "o-1",
+        60_000,
+        "m-1",
+        "SN1",
+    )
+    assert held.expires_at.ToDatetime(tzinfo=EXPIRES.tzinfo) == EXPIRES
+    after = domain.evolve(None, held)
+    assert after is not None and after.status == PENDING
+
+
+def test_an_order_refused_for_good_is_never_held() -> None:
+    pool = Pool(POOL, funded=100_000, available=100_000)
+    with pytest.raises(FailedPrecondition) as err:
+        domain.hold(domain.Hold(pool, refused=True), RESERVE, ITEM, EXPIRES)
+    assert err.value.reason == "ORDER_REFUSED"
+
+
+def test_a_hold_the_pool_cannot_pay_is_refused() -> None:
+    with pytest.raises(ResourceExhausted) as err:
+        domain.hold(domain.Hold(Pool(POOL, 59_999, 59_999), False), RESERVE, ITEM, EXPIRES)
+    assert err.value.reason == "BUDGET_EXHAUSTED"
+    with pytest.raises(NotFound):
+        domain.hold(domain.Hold(None, False), RESERVE, ITEM, EXPIRES)
+
+
+def test_a_retried_order_must_be_the_same_order() -> None:
+    domain.same_order(RESERVE, replace(RESERVE, serial="", platform_id="jd"))
+    for changed in (
+        replace(RESERVE, sku="fridge-2"),
+        replace(RESERVE, unit_price_fen=1),
+        replace(RESERVE, qualification_id="q-2"),
+        replace(RESERVE, consumer_id="c-2"),
+        replace(RESERVE, pool_id="pool-2"),
+    ):
+        with pytest.raises(AlreadyExists) as err:
+            domain.same_order(RESERVE, changed)
+        assert err.value.reason == "ORDER_ID_REUSED"
+
+
+def test_a_refusal_is_written_unless_a_concurrent_attempt_holds_the_order() -> None:
+    [refused] = domain.refuse(False, "o-1", POOL, "q-1", "ABANDONED")
+    assert isinstance(refused, ev.ReservationRefused) and refused.reason == "ABANDONED"
+    assert domain.refuse(True, "o-1", POOL, "q-1", "ABANDONED") == []
+
+
+def test_funding_is_idempotent_on_its_key_and_refuses_the_key_for_another_funding() -> None:
+    cmd = domain.Fund(POOL, 5_000, "district", "key-1")
+    [funded] = domain.fund_once(domain.Funding(None), cmd)
+    assert isinstance(funded, ev.BudgetFunded) and funded.idempotency_key == "key-1"
+    pool = budget.apply(Pool(POOL), funded)
+    assert domain.fund_once(domain.Funding(pool, (POOL, 5_000)), cmd) == []
+    with pytest.raises(AlreadyExists) as err:
+        domain.fund_once(domain.Funding(pool, (POOL, 4_000)), cmd)
+    assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    with pytest.raises(InvalidArgument):  # the amount is judged first, key or not
+        domain.fund_once(domain.Funding(pool, (POOL, 5_000)), replace(cmd, amount_fen=0))
+
+
+def test_a_reservations_status_changes_only_by_its_events() -> None:
+    res = domain.Reservation("o-1", POOL, 60_000, PENDING)
+    captured = domain.evolve(res, ev.SubsidyCaptured(order_id="o-1"))
+    assert captured is not None and captured.status == CAPTURED
+    released = domain.evolve(captured, ev.SubsidyReleased(order_id="o-1", reason="REFUNDED"))
+    assert released is not None and released.status == RELEASED
+    assert domain.evolve(None, ev.SubsidyCaptured(order_id="o-1")) is None
+    with pytest.raises(NotFound):
+        domain.capture(None, "pay-1")
