@@ -52,11 +52,19 @@ class Variable:
 # explain them, never read by the platform's own code.
 LIBRARY_VARIABLES: tuple[Variable, ...] = (
     Variable(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", "where OTLP traces go (OpenTelemetry SDK)", deployed=True
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "where OTLP traces go; read by the OpenTelemetry SDK",
+        deployed=True,
     ),
-    Variable("OTEL_RESOURCE_ATTRIBUTES", "extra resource attributes of every span (SDK)"),
-    Variable("PGSSLROOTCERT", "CA bundle libpq verifies PostgreSQL's certificate with"),
-    Variable("REQUESTS_CA_BUNDLE", "CA bundle the Vault client verifies Vault's certificate with"),
+    Variable(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "extra attributes of every span; read by the OpenTelemetry SDK",
+    ),
+    Variable("PGSSLROOTCERT", "CA bundle PostgreSQL's certificate is verified with; read by libpq"),
+    Variable(
+        "REQUESTS_CA_BUNDLE",
+        "CA bundle Vault's certificate is verified with; read by requests (the Vault client)",
+    ),
 )
 
 _SPECIAL = "special"  # metadata flag: the field is read by hand in from_env, not generically
@@ -380,7 +388,9 @@ def peer_variables(peers: tuple[str, ...]) -> tuple[Variable, ...]:
     return tuple(
         Variable(
             topology.addr_variable(p),
-            f"`host:port` of {p.replace('_', ' ')}",
+            "`host:port` of the identity authority (or its simulator)"
+            if p == topology.IDENTITY_AUTHORITY
+            else f"`host:port` of the {p} service",
             required=True,
             deployed=True,
         )

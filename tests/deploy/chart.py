@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -171,3 +172,128 @@ def selects(selector: Manifest, labels: dict[str, str]) -> bool:
 def env_of(container: Manifest) -> dict[str, Manifest]:
     """A container's env entries by name."""
     return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+# ---- what the policy, network, settings and topology tests share ---------------------------
+
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": NAMESPACE}
+SERVER = "server"
+
+
+def server_labels(service: str) -> dict[str, str]:
+    """Labels of a service's serving pods, as the chart's Deployment templates them."""
+    return {
+        "app.kubernetes.io/name": service,
+        "app.kubernetes.io/instance": "subsidy",
+        "app.kubernetes.io/component": SERVER,
+    }
+
+
+def deployment_of(rel: Release, service: str) -> Manifest:
+    return rel.named("Deployment", component_name(service))
+
+
+def pod_labels(obj: Manifest) -> dict[str, str]:
+    labels: dict[str, str] = pod_metadata(obj)["labels"]
+    return labels
+
+
+def settings_of(rel: Release, service: str) -> dict[str, str]:
+    data: dict[str, str] = rel.named("ConfigMap", component_name(service))["data"]
+    return data
+
+
+def resolve(rel: Release, address: str) -> Manifest:
+    """The rendered Service a host:port setting points at (and check it serves that port)."""
+    host, port = address.rsplit(":", 1)
+    name, namespace, suffix = host.split(".", 2)
+    assert (namespace, suffix) == (NAMESPACE, "svc"), address
+    service = rel.named("Service", name)
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}, address
+    return service
+
+
+def vault_annotations(obj: Manifest, prefix: str) -> dict[str, str]:
+    annotations: dict[str, str] = pod_metadata(obj).get("annotations", {})
+    return {k.removeprefix(prefix + "/"): v for k, v in annotations.items() if k.startswith(prefix)}
+
+
+def policies_selecting(rel: Release, labels: dict[str, str], direction: str) -> list[Manifest]:
+    return [
+        p
+        for p in rel.of_kind("NetworkPolicy")
+        if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
+    ]
+
+
+def peer_is_release_pod(peer: Manifest, labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicyPeer admits a pod with these labels in the release namespace."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer and not selects(peer["namespaceSelector"], NAMESPACE_LABELS):
+        return False
+    return selects(peer.get("podSelector", {}), labels)
+
+
+def port_open(rule: Manifest, port: int) -> bool:
+    return not rule.get("ports") or any(p["port"] == port for p in rule["ports"])
+
+
+def may_connect(rel: Release, src: dict[str, str], dst: dict[str, str], port: int) -> bool:
+    """Kubernetes' verdict for a TCP connection between two pods of the release."""
+    egress = policies_selecting(rel, src, "Egress")
+    ingress = policies_selecting(rel, dst, "Ingress")
+    leaves = not egress or any(
+        port_open(rule, port) and any(peer_is_release_pod(peer, dst) for peer in rule["to"])
+        for policy in egress
+        for rule in policy["spec"].get("egress", [])
+    )
+    arrives = not ingress or any(
+        port_open(rule, port) and any(peer_is_release_pod(peer, src) for peer in rule["from"])
+        for policy in ingress
+        for rule in policy["spec"].get("ingress", [])
+    )
+    return leaves and arrives
+
+
+def networked(rel: Release) -> None:
+    if not rel.effective["networkPolicy"]["enabled"]:
+        pytest.skip("NetworkPolicies disabled in this profile")
+
+
+Allowance = tuple[str, frozenset[tuple[int, str]]]
+
+
+def allowances(rel: Release, policy: Manifest, direction: str) -> set[Allowance]:
+    """A policy's rules as (who, ports): who is a role from the values, a release component,
+    or an external CIDR; anything else shows up as its raw peer and fails the comparison."""
+    values = rel.effective
+    np = values["networkPolicy"]
+    roles = {
+        "platform": np["platformSelector"],
+        "auditor": np["auditorSelector"],
+        "prometheus": np["prometheusSelector"],
+        "dns": np["dnsSelector"],
+        "nats": values["nats"]["egressTo"],
+        "postgresql": values["postgresql"]["egressTo"],
+        "vault": values["vault"]["egressTo"],
+        "otlp": values["otel"]["egressTo"],
+    }
+    key = "from" if direction == "ingress" else "to"
+    found: set[Allowance] = set()
+    for rule in policy["spec"].get(direction, []):
+        ports = frozenset((p["port"], p.get("protocol", "TCP")) for p in rule["ports"])
+        for peer in rule[key]:
+            who = next((role for role, selector in roles.items() if peer == selector), None)
+            if who is None and set(peer) == {"podSelector"}:
+                labels = peer["podSelector"]["matchLabels"]
+                if labels.get("app.kubernetes.io/instance") == "subsidy":
+                    who = labels["app.kubernetes.io/name"]
+            if who is None and set(peer) == {"ipBlock"}:
+                who = f"cidr {peer['ipBlock']['cidr']}"
+            found.add((who or repr(peer), ports))
+    return found
+
+
+def tcp(port: int) -> frozenset[tuple[int, str]]:
+    return frozenset({(port, "TCP")})

@@ -1,8 +1,9 @@
 """Policies the rendered chart must satisfy, checked on the objects themselves.
 
-Hardened pods, gRPC probes, disruption budgets that never block a drain, NetworkPolicies that
-allow exactly the calls the design needs, no secret in the chart, settings that point at what
-the chart really created. Every test runs once per values profile.
+Hardened pods, gRPC probes, disruption budgets that never block a drain, migrations and backups
+as hooks and jobs, the values profiles. NetworkPolicies are checked in test_chart_network.py, the
+settings and secrets in test_chart_settings.py, the flows against services/kernel/topology.py in
+test_chart_topology.py. Every test runs once per values profile.
 """
 
 from __future__ import annotations
@@ -10,47 +11,26 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pytest
-
 from tests.deploy.chart import (
     APP_UID,
-    NAMESPACE,
     SERVICES,
     Manifest,
     Release,
     component_name,
     containers,
+    deployment_of,
     effective_values,
     env_of,
     parse,
-    pod_metadata,
+    pod_labels,
     release,
     render,
     selects,
+    server_labels,
+    settings_of,
+    vault_annotations,
     workloads,
 )
-
-NAMESPACE_LABELS = {"kubernetes.io/metadata.name": NAMESPACE}
-SERVER = "server"
-
-
-def server_labels(service: str) -> dict[str, str]:
-    """Labels of a service's serving pods, as the chart's Deployment templates them."""
-    return {
-        "app.kubernetes.io/name": service,
-        "app.kubernetes.io/instance": "subsidy",
-        "app.kubernetes.io/component": SERVER,
-    }
-
-
-def deployment_of(rel: Release, service: str) -> Manifest:
-    return rel.named("Deployment", component_name(service))
-
-
-def pod_labels(obj: Manifest) -> dict[str, str]:
-    labels: dict[str, str] = pod_metadata(obj)["labels"]
-    return labels
-
 
 # ---- pods ------------------------------------------------------------------------------
 
@@ -201,358 +181,6 @@ def test_services_select_the_serving_pods_on_named_ports(rel: Release) -> None:
             p["name"] for p in pods[0]["spec"]["template"]["spec"]["containers"][0]["ports"]
         }
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
-
-
-# ---- network policy ---------------------------------------------------------------------
-
-
-def policies_selecting(rel: Release, labels: dict[str, str], direction: str) -> list[Manifest]:
-    return [
-        p
-        for p in rel.of_kind("NetworkPolicy")
-        if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
-    ]
-
-
-def peer_is_release_pod(peer: Manifest, labels: dict[str, str]) -> bool:
-    """Whether a NetworkPolicyPeer admits a pod with these labels in the release namespace."""
-    if "ipBlock" in peer:
-        return False
-    if "namespaceSelector" in peer and not selects(peer["namespaceSelector"], NAMESPACE_LABELS):
-        return False
-    return selects(peer.get("podSelector", {}), labels)
-
-
-def port_open(rule: Manifest, port: int) -> bool:
-    return not rule.get("ports") or any(p["port"] == port for p in rule["ports"])
-
-
-def may_connect(rel: Release, src: dict[str, str], dst: dict[str, str], port: int) -> bool:
-    """Kubernetes' verdict for a TCP connection between two pods of the release."""
-    egress = policies_selecting(rel, src, "Egress")
-    ingress = policies_selecting(rel, dst, "Ingress")
-    leaves = not egress or any(
-        port_open(rule, port) and any(peer_is_release_pod(peer, dst) for peer in rule["to"])
-        for policy in egress
-        for rule in policy["spec"].get("egress", [])
-    )
-    arrives = not ingress or any(
-        port_open(rule, port) and any(peer_is_release_pod(peer, src) for peer in rule["from"])
-        for policy in ingress
-        for rule in policy["spec"].get("ingress", [])
-    )
-    return leaves and arrives
-
-
-def networked(rel: Release) -> None:
-    if not rel.effective["networkPolicy"]["enabled"]:
-        pytest.skip("NetworkPolicies disabled in this profile")
-
-
-def test_a_default_deny_covers_every_pod_of_the_release(rel: Release) -> None:
-    networked(rel)
-    deny = [
-        p
-        for p in rel.of_kind("NetworkPolicy")
-        if set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-        and not p["spec"].get("ingress")
-        and not p["spec"].get("egress")
-    ]
-    assert len(deny) == 1
-    for obj, _ in workloads(rel):
-        assert selects(deny[0]["spec"]["podSelector"], pod_labels(obj)), obj["metadata"]["name"]
-
-
-def test_every_pod_has_an_allow_policy_besides_the_default_deny(rel: Release) -> None:
-    networked(rel)
-    for obj, _ in workloads(rel):
-        allowing = [
-            p
-            for p in rel.of_kind("NetworkPolicy")
-            if selects(p["spec"]["podSelector"], pod_labels(obj))
-            and (p["spec"].get("ingress") or p["spec"].get("egress"))
-        ]
-        assert allowing, f"{obj['kind']} {obj['metadata']['name']} can reach nothing, not even DNS"
-
-
-def test_no_rule_opens_a_pod_to_everyone(rel: Release) -> None:
-    # An empty from/to, an empty peer or a missing port list each mean "anything".
-    for policy in rel.of_kind("NetworkPolicy"):
-        for direction, peers in (("ingress", "from"), ("egress", "to")):
-            for rule in policy["spec"].get(direction, []):
-                where = f"{policy['metadata']['name']} {direction}"
-                assert rule.get(peers), where
-                assert all(peer for peer in rule[peers]), where
-                assert rule.get("ports"), where
-
-
-def test_only_the_designed_calls_between_services_are_allowed(rel: Release) -> None:
-    networked(rel)
-    grpc = rel.effective["grpc"]["port"]
-    designed = {("ledger", "catalog"), ("ledger", "eligibility")}
-    for src in SERVICES:
-        for dst in SERVICES:
-            if src != dst:
-                allowed = may_connect(rel, server_labels(src), server_labels(dst), grpc)
-                assert allowed == ((src, dst) in designed), f"{src} -> {dst}"
-
-
-def test_the_identity_simulator_is_absent_or_reachable_only_from_eligibility(
-    rel: Release,
-) -> None:
-    networked(rel)
-    if not rel.effective["identitySimulator"]["enabled"]:
-        # Production talks to the real provincial platform: no simulator may be deployed.
-        assert not [o for o in rel.objects if "identity-sim" in o["metadata"]["name"]]
-        return
-    sim = {
-        "app.kubernetes.io/name": "identity-sim",
-        "app.kubernetes.io/instance": "subsidy",
-        "app.kubernetes.io/component": "simulator",
-    }
-    grpc = rel.effective["grpc"]["port"]
-    for src in SERVICES:
-        assert may_connect(rel, server_labels(src), sim, grpc) == (src == "eligibility"), src
-
-
-Allowance = tuple[str, frozenset[tuple[int, str]]]
-
-
-def allowances(rel: Release, policy: Manifest, direction: str) -> set[Allowance]:
-    """A policy's rules as (who, ports): who is a role from the values, a release component,
-    or an external CIDR; anything else shows up as its raw peer and fails the comparison."""
-    values = rel.effective
-    np = values["networkPolicy"]
-    roles = {
-        "platform": np["platformSelector"],
-        "auditor": np["auditorSelector"],
-        "prometheus": np["prometheusSelector"],
-        "dns": np["dnsSelector"],
-        "nats": values["nats"]["egressTo"],
-        "postgresql": values["postgresql"]["egressTo"],
-        "vault": values["vault"]["egressTo"],
-        "otlp": values["otel"]["egressTo"],
-    }
-    key = "from" if direction == "ingress" else "to"
-    found: set[Allowance] = set()
-    for rule in policy["spec"].get(direction, []):
-        ports = frozenset((p["port"], p.get("protocol", "TCP")) for p in rule["ports"])
-        for peer in rule[key]:
-            who = next((role for role, selector in roles.items() if peer == selector), None)
-            if who is None and set(peer) == {"podSelector"}:
-                labels = peer["podSelector"]["matchLabels"]
-                if labels.get("app.kubernetes.io/instance") == "subsidy":
-                    who = labels["app.kubernetes.io/name"]
-            if who is None and set(peer) == {"ipBlock"}:
-                who = f"cidr {peer['ipBlock']['cidr']}"
-            found.add((who or repr(peer), ports))
-    return found
-
-
-def tcp(port: int) -> frozenset[tuple[int, str]]:
-    return frozenset({(port, "TCP")})
-
-
-def test_each_service_accepts_exactly_the_designed_callers(rel: Release) -> None:
-    networked(rel)
-    grpc, metrics = tcp(rel.effective["grpc"]["port"]), tcp(rel.effective["metrics"]["port"])
-    expected = {
-        "catalog": {("ledger", grpc)},
-        "eligibility": {("platform", grpc), ("ledger", grpc)},
-        "ledger": {("platform", grpc)},
-        "audit": {("auditor", grpc)},
-    }
-    for service in SERVICES:
-        policy = rel.named("NetworkPolicy", component_name(service))
-        assert allowances(rel, policy, "ingress") == {
-            ("prometheus", metrics),
-            *expected[service],
-        }, service
-
-
-def test_each_service_reaches_exactly_its_dependencies(rel: Release) -> None:
-    networked(rel)
-    values = rel.effective
-    grpc = tcp(values["grpc"]["port"])
-    everyone = {
-        ("dns", frozenset({(53, "UDP"), (53, "TCP")})),
-        ("otlp", tcp(values["otel"]["port"])),
-        ("nats", tcp(values["nats"]["port"])),
-        ("postgresql", tcp(values["postgresql"]["port"])),
-        ("vault", tcp(values["vault"]["port"])),
-    }
-    authority = values["identityAuthority"]
-    if values["identitySimulator"]["enabled"]:
-        identity = {("identity-sim", grpc)}
-    else:
-        identity = {(f"cidr {c}", tcp(authority["port"])) for c in authority["egressCIDRs"]}
-    expected = {
-        "catalog": set(),
-        "eligibility": identity,
-        "ledger": {("catalog", grpc), ("eligibility", grpc)},
-        "audit": set(),
-    }
-    for service in SERVICES:
-        policy = rel.named("NetworkPolicy", component_name(service))
-        assert allowances(rel, policy, "egress") == everyone | expected[service], service
-
-
-# ---- configuration and secrets --------------------------------------------------------------
-
-SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|PRIVATE|CREDENTIAL", re.IGNORECASE)
-
-
-def test_no_secret_material_is_in_the_chart(rel: Release) -> None:
-    for secret in rel.of_kind("Secret"):
-        assert not secret.get("data") and not secret.get("stringData"), secret["metadata"]["name"]
-    settings: list[tuple[str, str]] = []
-    for config in rel.of_kind("ConfigMap"):
-        settings += list(config.get("data", {}).items())
-    for _, spec in workloads(rel):
-        for container in containers(spec):
-            settings += [(e["name"], e["value"]) for e in container.get("env", []) if "value" in e]
-    for name, value in settings:
-        if SECRET_NAME.search(name):
-            # Only pointers to files the Vault Agent renders, never the secret itself.
-            assert name.endswith("_FILE"), name
-            assert value.startswith(rel.effective["vault"]["injector"]["secretsDir"] + "/"), name
-        if name.endswith("DATABASE_URL"):
-            credentials = value.split("://", 1)[1].split("@", 1)[0]
-            assert ":" not in credentials, f"{name} carries a password"
-
-
-def settings_of(rel: Release, service: str) -> dict[str, str]:
-    data: dict[str, str] = rel.named("ConfigMap", component_name(service))["data"]
-    return data
-
-
-def test_each_service_reads_its_settings_from_its_configmap(rel: Release) -> None:
-    values = rel.effective
-    required = {
-        "SUBSIDY_GRPC_LISTEN",
-        "SUBSIDY_METRICS_LISTEN",
-        "SUBSIDY_LOG_LEVEL",
-        "SUBSIDY_DATABASE_URL",
-        "SUBSIDY_DATABASE_PASSWORD_FILE",
-        "SUBSIDY_NATS_URL",
-        "SUBSIDY_VAULT_ADDR",
-        "SUBSIDY_VAULT_AUTH",
-        "SUBSIDY_VAULT_K8S_ROLE",
-        "SUBSIDY_VAULT_TRANSIT_MOUNT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_TRACES_EXPORTER",
-    }
-    for service in SERVICES:
-        settings = settings_of(rel, service)
-        assert required <= set(settings), service
-        assert settings["SUBSIDY_GRPC_LISTEN"].endswith(f":{values['grpc']['port']}")
-        assert settings["SUBSIDY_METRICS_LISTEN"].endswith(f":{values['metrics']['port']}")
-        assert settings["SUBSIDY_VAULT_AUTH"] == "kubernetes"
-        assert settings["SUBSIDY_VAULT_K8S_ROLE"] == f"subsidy-{service}"
-        database = values["services"][service]["database"]
-        pg = values["postgresql"]
-        assert settings["SUBSIDY_DATABASE_URL"].startswith(
-            f"postgresql+psycopg://{database['user']}@{pg['host']}:{pg['port']}/{database['name']}"
-        )
-        (container,) = deployment_of(rel, service)["spec"]["template"]["spec"]["containers"]
-        assert {"configMapRef": {"name": component_name(service)}} in container["envFrom"]
-
-
-def resolve(rel: Release, address: str) -> Manifest:
-    """The rendered Service a host:port setting points at (and check it serves that port)."""
-    host, port = address.rsplit(":", 1)
-    name, namespace, suffix = host.split(".", 2)
-    assert (namespace, suffix) == (NAMESPACE, "svc"), address
-    service = rel.named("Service", name)
-    assert int(port) in {p["port"] for p in service["spec"]["ports"]}, address
-    return service
-
-
-def test_ledger_is_pointed_at_the_catalog_and_eligibility_services(rel: Release) -> None:
-    settings = settings_of(rel, "ledger")
-    for peer in ("catalog", "eligibility"):
-        target = resolve(rel, settings[f"SUBSIDY_{peer.upper()}_ADDR"])
-        assert target["spec"]["selector"] == server_labels(peer)
-    for other in ("catalog", "eligibility", "audit"):
-        assert "SUBSIDY_CATALOG_ADDR" not in settings_of(rel, other)
-
-
-def test_eligibility_is_pointed_at_the_authority_or_the_simulator(rel: Release) -> None:
-    address = settings_of(rel, "eligibility")["SUBSIDY_IDENTITY_AUTHORITY_ADDR"]
-    if rel.effective["identitySimulator"]["enabled"]:
-        assert resolve(rel, address)["metadata"]["name"] == component_name("identity-sim")
-    else:
-        assert address == rel.effective["identityAuthority"]["address"]
-
-
-def test_the_simulator_exists_only_when_enabled(rel: Release) -> None:
-    runs_sim = [
-        obj
-        for obj, spec in workloads(rel)
-        if any(c.get("args", [None])[0] == "services.identity_sim" for c in spec["containers"])
-    ]
-    named_sim = [o for o in rel.objects if "identity-sim" in o["metadata"]["name"]]
-    if rel.effective["identitySimulator"]["enabled"]:
-        assert len(runs_sim) == 1
-        assert {o["kind"] for o in named_sim} >= {"Deployment", "Service", "PodDisruptionBudget"}
-        assert "SIMULATOR is enabled" in rel.notes
-    else:
-        assert runs_sim == [] and named_sim == []
-
-
-def container_settings(rel: Release, container: Manifest) -> dict[str, str]:
-    """What a container sees as plain settings: its ConfigMap envFrom, then its literal env."""
-    seen: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        seen.update(rel.named("ConfigMap", source["configMapRef"]["name"])["data"])
-    seen.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
-    return seen
-
-
-def test_every_database_client_trusts_the_ca_bundle_it_mounts(rel: Release) -> None:
-    bundle = rel.effective["caBundle"]
-    for obj, spec in workloads(rel):
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        for container in spec["containers"]:
-            settings = container_settings(rel, container)
-            talks_to_db = any(name.endswith("DATABASE_URL") for name in settings)
-            trusted = {
-                settings[k] for k in ("PGSSLROOTCERT", "REQUESTS_CA_BUNDLE") if k in settings
-            }
-            if not bundle["configMapName"] or not talks_to_db:
-                assert not trusted, obj["metadata"]["name"]
-                continue
-            (path,) = trusted
-            mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
-            (mount,) = mounts
-            config_map = volumes[mount["name"]]["configMap"]
-            assert config_map["name"] == bundle["configMapName"], obj["metadata"]["name"]
-            assert path.rsplit("/", 1)[1] in {item["path"] for item in config_map["items"]}
-
-
-def vault_annotations(obj: Manifest, prefix: str) -> dict[str, str]:
-    annotations: dict[str, str] = pod_metadata(obj).get("annotations", {})
-    return {k.removeprefix(prefix + "/"): v for k, v in annotations.items() if k.startswith(prefix)}
-
-
-def test_vault_agent_renders_each_services_database_password(rel: Release) -> None:
-    vault = rel.effective["vault"]
-    prefix = vault["injector"]["annotationPrefix"]
-    for service in SERVICES:
-        settings = settings_of(rel, service)
-        path = rel.effective["services"][service]["database"]["passwordVaultPath"]
-        annotations = vault_annotations(deployment_of(rel, service), prefix)
-        assert annotations["agent-inject"] == "true"
-        assert annotations["role"] == settings["SUBSIDY_VAULT_K8S_ROLE"]
-        assert annotations["agent-inject-secret-db-password"] == path
-        assert f'secret "{path}"' in annotations["agent-inject-template-db-password"]
-        # The injector writes agent-inject-secret-<name> to <secretsDir>/<name>.
-        assert (
-            settings["SUBSIDY_DATABASE_PASSWORD_FILE"]
-            == f"{vault['injector']['secretsDir']}/db-password"
-        )
-        # Serving pods keep the agent running so a rotated password is re-rendered.
-        assert annotations["agent-pre-populate-only"] == "false"
 
 
 # ---- migrations and backups ---------------------------------------------------------------

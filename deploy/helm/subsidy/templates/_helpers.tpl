@@ -9,6 +9,54 @@ loop over .Values.services.
 catalog eligibility ledger audit
 {{- end }}
 
+{{/*
+Which service calls which over gRPC, and which outside roles call it: the chart's one copy of
+services/kernel/topology.py (a chart cannot import Python). The settings (SUBSIDY_<PEER>_ADDR)
+and every NetworkPolicy rule between components are derived from it, and
+tests/deploy/test_chart_topology.py fails if the rendered chart allows a flow the module does
+not declare, or misses one it does. identity_authority is a role: the simulator when
+identitySimulator.enabled, else identityAuthority.address and its egressCIDRs. A client role
+<role> is the peer networkPolicy.<role>Selector. Use with fromYaml.
+*/}}
+{{- define "subsidy.topology" -}}
+catalog:
+  calls: []
+  clients: []
+eligibility:
+  calls: [identity_authority]
+  clients: [platform]
+ledger:
+  calls: [catalog, eligibility]
+  clients: [platform]
+audit:
+  calls: []
+  clients: [auditor]
+{{- end }}
+
+{{/* The services that call peer .name, in the serviceNames order. (dict "root" $ "name" "catalog") */}}
+{{- define "subsidy.callersOf" -}}
+{{- $topology := include "subsidy.topology" .root | fromYaml -}}
+{{- $callers := list -}}
+{{- range $caller := include "subsidy.serviceNames" .root | splitList " " -}}
+{{- if has $.name (index $topology $caller).calls -}}
+{{- $callers = append $callers $caller -}}
+{{- end -}}
+{{- end -}}
+{{- join " " $callers -}}
+{{- end }}
+
+{{/* host:port a service reaches peer .name at. (dict "root" $ "name" "catalog") */}}
+{{- define "subsidy.peerAddress" -}}
+{{- $v := .root.Values -}}
+{{- if ne .name "identity_authority" -}}
+{{- printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" .root "name" .name)) .root.Release.Namespace (int $v.grpc.port) -}}
+{{- else if $v.identitySimulator.enabled -}}
+{{- printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" .root "name" "identity-sim")) .root.Release.Namespace (int $v.grpc.port) -}}
+{{- else -}}
+{{- $v.identityAuthority.address -}}
+{{- end -}}
+{{- end }}
+
 {{/* "<release>-subsidy", or the release name when it already says subsidy. */}}
 {{- define "subsidy.fullname" -}}
 {{- if .Values.fullnameOverride -}}
@@ -188,16 +236,8 @@ SUBSIDY_VAULT_TRANSIT_MOUNT: {{ $v.vault.transitMount | quote }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ $v.otel.endpoint | quote }}
 OTEL_TRACES_EXPORTER: {{ $v.otel.tracesExporter | quote }}
 {{- include "subsidy.caBundleSettings" $root }}
-{{- if eq .name "ledger" }}
-SUBSIDY_CATALOG_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "catalog")) $root.Release.Namespace (int $v.grpc.port) | quote }}
-SUBSIDY_ELIGIBILITY_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "eligibility")) $root.Release.Namespace (int $v.grpc.port) | quote }}
-{{- end }}
-{{- if eq .name "eligibility" }}
-{{- if $v.identitySimulator.enabled }}
-SUBSIDY_IDENTITY_AUTHORITY_ADDR: {{ printf "%s.%s.svc:%d" (include "subsidy.componentName" (dict "root" $root "name" "identity-sim")) $root.Release.Namespace (int $v.grpc.port) | quote }}
-{{- else }}
-SUBSIDY_IDENTITY_AUTHORITY_ADDR: {{ $v.identityAuthority.address | quote }}
-{{- end }}
+{{- range $peer := (index (include "subsidy.topology" $root | fromYaml) .name).calls }}
+{{ printf "SUBSIDY_%s_ADDR" (upper $peer) }}: {{ include "subsidy.peerAddress" (dict "root" $root "name" $peer) | quote }}
 {{- end }}
 {{- end }}
 
