@@ -3,8 +3,9 @@ events each consumes over NATS, and who from outside may call it.
 
 Everything else is derived from this module or tested against it, so a new call is one edit
 here and every copy that disagrees fails a test:
-- ``ServiceSpec.peers`` (services/*/service.py) and so the ``SUBSIDY_<PEER>_ADDR`` settings a
-  service requires;
+- ``ServiceSpec.peers`` (services/kernel/app.py) and so the ``SUBSIDY_<PEER>_ADDR`` settings a
+  service requires; at start-up the runner also refuses a service whose consumers subscribe to
+  other producers than ``consumes`` declares (:func:`check_consumers`);
 - the local stack's ports and per-service environment (subsidyctl/localstack.py) and the
   in-process platform (subsidyctl/inprocess.py);
 - the Helm chart cannot import Python: tests/deploy/test_chart_topology.py renders it and checks
