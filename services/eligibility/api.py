@@ -8,6 +8,7 @@ from collections.abc import Callable
 from services.contract import personal_data
 from services.kernel import validate
 from services.kernel.errors import InvalidArgument
+from services.kernel.events import requested_actor
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, eligibility_pb2, eligibility_pb2_grpc
 
@@ -35,11 +36,7 @@ def _personal(field: str, value: str, check: Callable[[str], str]) -> str:
         raise InvalidArgument(exc.reason, f"{field}: {exc}", field=field) from None
 
 
-def _actor(actor: common_pb2.Actor, platform_id: str = "unknown") -> common_pb2.Actor:
-    """The caller as the request names it (until certificates say who calls)."""
-    if actor.kind:
-        return actor
-    return common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=platform_id)
+PLATFORM = common_pb2.Actor.KIND_PLATFORM
 
 
 class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
@@ -54,7 +51,11 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         phone = _personal("phone", request.phone, personal_data.validate_phone)
         platform_id = validate.identifier("platform_id", request.platform_id)
         row, existed = await self.e.register(
-            name, id_number, phone, platform_id, _actor(request.actor, platform_id)
+            name,
+            id_number,
+            phone,
+            platform_id,
+            requested_actor(request.actor, PLATFORM, platform_id),
         )
         return eligibility_pb2.Consumer(
             consumer_id=str(row["consumer_id"]),
@@ -69,7 +70,9 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
         channel = validate.identifier("channel", request.channel)
-        q = await self.e.claim(consumer_id, category, channel, _actor(request.actor))
+        q = await self.e.claim(
+            consumer_id, category, channel, requested_actor(request.actor, PLATFORM)
+        )
         return _qualification(q)
 
     async def GetQualification(
@@ -87,7 +90,12 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         platform_id = validate.identifier("platform_id", request.platform_id)
         qid = validate.identifier("qualification_id", request.qualification_id)
         q = await self.e.lock(
-            qid, order_id, category, consumer_id, _actor(request.actor), platform_id=platform_id
+            qid,
+            order_id,
+            category,
+            consumer_id,
+            requested_actor(request.actor, PLATFORM),
+            platform_id=platform_id,
         )
         return _qualification(q)
 

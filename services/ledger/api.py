@@ -9,6 +9,7 @@ from typing import Any
 from services.contract.budget import Pool
 from services.kernel import validate
 from services.kernel.errors import NotFound
+from services.kernel.events import requested_actor
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -42,15 +43,8 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     return out
 
 
-def _actor(
-    actor: common_pb2.Actor,
-    platform_id: str = "unknown",
-    kind: common_pb2.Actor.Kind.ValueType = common_pb2.Actor.KIND_PLATFORM,
-) -> common_pb2.Actor:
-    """The caller as the request names it (until certificates say who calls)."""
-    if actor.kind:
-        return actor
-    return common_pb2.Actor(kind=kind, id=platform_id)
+PLATFORM = common_pb2.Actor.KIND_PLATFORM
+OPERATOR = common_pb2.Actor.KIND_OPERATOR
 
 
 class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
@@ -66,7 +60,7 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
         domain.fund(Pool(pool_id), request.amount_fen, source)  # the amount, before any I/O
-        actor = _actor(request.actor, kind=common_pb2.Actor.KIND_OPERATOR)
+        actor = requested_actor(request.actor, OPERATOR)
         pool = await self.ledger.fund(domain.Fund(pool_id, request.amount_fen, source, key), actor)
         return _pool(pool)
 
@@ -88,7 +82,9 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             unit_price_fen=validate.price_fen("unit_price_fen", request.unit_price_fen),
             serial=validate.serial("serial", request.serial) if request.serial else "",
         )
-        row = await self.ledger.reserve(cmd, _actor(request.actor, cmd.platform_id))
+        row = await self.ledger.reserve(
+            cmd, requested_actor(request.actor, PLATFORM, cmd.platform_id)
+        )
         return _reservation(row)
 
     async def CaptureSubsidy(
@@ -98,14 +94,20 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(await self.ledger.capture(order_id, payment_ref, _actor(request.actor)))
+        return _reservation(
+            await self.ledger.capture(
+                order_id, payment_ref, requested_actor(request.actor, PLATFORM)
+            )
+        )
 
     async def ReleaseSubsidy(
         self, request: ledger_pb2.ReleaseSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         reason = validate.choice("reason", request.reason, ("CANCELLED", "REFUNDED"))
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(await self.ledger.release(order_id, reason, _actor(request.actor)))
+        return _reservation(
+            await self.ledger.release(order_id, reason, requested_actor(request.actor, PLATFORM))
+        )
 
     async def GetReservation(
         self, request: ledger_pb2.GetReservationRequest, context: ServicerContext
