@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 from services.kernel.events import payload_of
 from subsidy.v1 import catalog_pb2
 from subsidy.v1 import events_pb2 as ev
+from tests.e2e.cli import subsidyctl
 from tests.e2e.conftest import Platform, status_of
 from tests.e2e.test_catalog import OPERATOR, catalog_events, merchant
 
@@ -248,23 +248,7 @@ async def test_import_needs_an_operator_and_a_reason(platform: Platform) -> None
 
 
 async def cli(p: Platform, *args: str) -> tuple[int, dict[str, Any], str]:
-    import json
-    import sys
-
-    address = f"127.0.0.1:{p.running['catalog'].port}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "subsidyctl",  # the operator's command: subsidyctl quote / import / ...
-        *args,
-        "--catalog",
-        address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, json.loads(out) if out.strip() else {}, err.decode()
+    return await subsidyctl(*args, "--catalog", f"127.0.0.1:{p.running['catalog'].port}")
 
 
 async def test_cli_quote_prints_one_json_object(platform: Platform) -> None:

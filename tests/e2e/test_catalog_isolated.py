@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from services.kernel.settings import Settings
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
+from tests.e2e.cli import subsidyctl
 from tests.e2e.conftest import status_of
 
 OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="op-li")
@@ -372,3 +374,84 @@ async def test_ten_thousand_rows_import_in_one_go(own: OwnCatalog, rng: random.R
     )
     even = await own.stub.GetProduct(catalog_pb2.GetProductRequest(sku=f"{prefix}-42"))
     assert (even.category, even.grade, even.list_price_fen) == ("phone", 0, 104_242)
+
+
+# --------------------------------------------------------------------------------------------
+# The operator's command line for switches, policies and the sales ledger (last: the policy it
+# approves stays approved in this catalog)
+
+
+async def test_cli_switches_policy_and_sales_ledger(
+    own: OwnCatalog, rng: random.Random, tmp_path: Path
+) -> None:
+    address = ("--catalog", f"127.0.0.1:{own.running.port}")
+    before = await own.events()
+    code, answer, _ = await subsidyctl(
+        "pause", "--category", "microwave", "--reason", "质量事件", "--actor", "op-li", *address
+    )
+    assert (code, answer) == (0, {"campaign_paused": False, "paused_categories": ["microwave"]})
+    code, answer, _ = await subsidyctl("pause", "--campaign", "--reason", "预案", *address)
+    assert (code, answer) == (0, {"campaign_paused": True, "paused_categories": ["microwave"]})
+    code, answer, _ = await subsidyctl("resume", "--campaign", "--reason", "解除", *address)
+    assert (code, answer["campaign_paused"]) == (0, False)
+    code, answer, _ = await subsidyctl(
+        "resume", "--category", "microwave", "--reason", "解除", *address
+    )
+    assert (code, answer) == (0, {"campaign_paused": False, "paused_categories": []})
+    assert await own.events() == before + 4
+    for wrong in (("--reason", "r"), ("--category", "tv", "--campaign", "--reason", "r")):
+        code, answer, err = await subsidyctl("pause", *wrong, *address)
+        assert (code, answer) == (2, {})
+        assert (
+            err.strip()
+            == "subsidyctl pause: error: give exactly one of --category CODE or --campaign"
+        )
+    code, answer, err = await subsidyctl(
+        "pause", "--category", "nonsense", "--reason", "r", *address
+    )
+    assert code == 2 and len(err.splitlines()) == 1 and '"field": "category"' in err
+
+    version = f"cli-{rng.randrange(10**6)}"
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(document(version, soon(3600)), encoding="utf-8")
+    code, drafted, _ = await subsidyctl(
+        "policy", "draft", str(policy_file), "--reason", "新规", "--actor", "op-li", *address
+    )
+    assert code == 0
+    assert (drafted["version"], drafted["status"], drafted["drafted_by"]) == (
+        version,
+        "DRAFT",
+        "op-li",
+    )
+    code, answer, err = await subsidyctl(
+        "policy", "approve", version, "--reason", "复核", "--actor", "op-li", *address
+    )
+    assert (code, answer) == (2, {}) and '"reason": "MAKER_CHECKER"' in err
+    code, approved, _ = await subsidyctl(
+        "policy", "approve", version, "--reason", "复核", "--actor", "ap-wang", *address
+    )
+    assert code == 0
+    assert (approved["status"], approved["approved_by"], approved["in_force"]) == (
+        "APPROVED",
+        "ap-wang",
+        False,
+    )
+    assert approved["effective_from"] == drafted["effective_from"]
+
+    out = tmp_path / "台账.csv"
+    code, answer, _ = await subsidyctl("sales-ledger", "--out", str(out), *address)
+    assert code == 0
+    assert answer == {
+        "file": str(out),
+        "bytes": out.stat().st_size,
+        "content_type": answer["content_type"],
+    }
+    assert answer["content_type"].startswith("text/csv") and out.read_bytes().startswith(
+        b"\xef\xbb\xbf"
+    )
+
+    # --json: nothing but the answer, no progress or notes on stderr.
+    bad = tmp_path / "bad.csv"
+    bad.write_text(CHINESE_HEADER + "x-1,no-such-merchant,电冰箱,1级,品牌,型号,,100\n")
+    code, answer, err = await subsidyctl("import", str(bad), "--json", *address)
+    assert (code, answer["outcome"], err) == (1, "APPLIED_NOTHING", "")

@@ -27,7 +27,7 @@ from services.eligibility.handlers import check_limits
 from services.kernel.eventstore import make_engine
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidyctl import demo
-from subsidyctl.audit_cli import verify
+from subsidyctl.cli.audit import verify
 from subsidyctl.localstack import LocalStack, Ports, free_base, wait_until_audited
 
 T = TypeVar("T")

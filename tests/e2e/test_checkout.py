@@ -294,7 +294,7 @@ async def test_the_audit_log_alone_adds_up_to_every_budget_the_ledger_reports(
     platform: Platform,
 ) -> None:
     """subsidyctl audit verify: recompute the chain and rebuild each pool from the log."""
-    from subsidyctl.audit_cli import verify
+    from subsidyctl.cli.audit import verify
 
     await platform.quiesce()
     report = await verify(platform.audit, platform.ledger)

@@ -1,0 +1,94 @@
+"""subsidyctl: the operator's and auditor's command line, on Typer and Rich.
+
+One module per command group; each holds its commands and registers them on ``app`` below:
+
+- :mod:`.stack`: ``up`` (the whole stack locally until Ctrl-C; ``make run``), ``smoke`` (a
+  throwaway stack, one checkout, one JSON line; ``make smoke``), ``seed`` (the demo campaign on a
+  running stack).
+- :mod:`.checkout`: ``checkout``, one subsidised checkout against a running stack, as a platform
+  runs it.
+- :mod:`.catalog`: ``quote`` (the subsidy for one item, answered by the running catalog),
+  ``import`` (bulk-import products from a CSV, all or nothing or ``--only-good-rows``, with a
+  progress bar), ``sales-ledger`` (export the 销售台账 as CSV or XLSX).
+- :mod:`.switches`: ``pause`` and ``resume``, the emergency switch for one category or the whole
+  campaign.
+- :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
+  version.
+- :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
+- :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
+  bars) are shared by the groups.
+
+Output: a command's data goes to stdout, by default exactly as the docs show it (one JSON object
+per line for every command but ``up``); ``--json`` prints only JSON, one object per line, without
+the progress bars, tables and notes that are otherwise drawn on stderr for people.
+
+Exit codes: 0 done; 1 the command ran and the answer is no (nothing imported, the audit log and
+the ledger disagree, the stack failed or a service died); 2 bad input or a refused call; 3 a
+service could not be reached in time. A failure is one line on stderr, never a traceback: a
+refused or failed call prints ``{"error": {"code", "reason", "field", "message"}}``, bad input
+``subsidyctl COMMAND: error: ...``.
+
+A new command goes into the module of its group (or a new module registered below) and uses
+``common``'s options (``--catalog``, ``--actor``, ``--json``) and ``emit`` for its output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+import typer
+
+from . import audit, catalog, checkout, common, policy, stack, switches
+
+app = typer.Typer(
+    name="subsidyctl",
+    help="The operator's and auditor's command line for the subsidy platform.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # a bug shows a plain traceback; everything else one line
+)
+app.add_typer(stack.app)
+app.add_typer(checkout.app)
+app.add_typer(catalog.app)
+app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
+app.add_typer(switches.app)
+app.add_typer(audit.app, rich_help_panel="Audit")
+
+
+GROUPS = (policy.app.info.name, audit.app.info.name)
+
+
+def _command_path(args: Sequence[str]) -> str:
+    """``subsidyctl pause`` or ``subsidyctl policy draft``: the command words in ``args``."""
+    words = [a for a in args[:2] if not a.startswith("-")]
+    return " ".join(["subsidyctl", *words[: 2 if words and words[0] in GROUPS else 1]])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (the console script ``subsidyctl`` calls this)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = app(args=args, prog_name="subsidyctl", standalone_mode=False)
+    except typer.TyperException as exc:  # bad input (Typer's usage errors) or a Failure
+        message = exc.format_message().strip()
+        if not message or "\n" in message:  # the help, for a group given no command
+            sys.stderr.write(message and message + "\n")
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else _command_path(args)
+            common.note(f"{where}: error: {message}")
+        return exc.exit_code
+    except grpc.aio.AioRpcError as err:
+        code, failure = common.rpc_failure(err)
+        common.note(json.dumps(failure, ensure_ascii=False))
+        return code
+    except typer.Abort:
+        common.note("subsidyctl: aborted")
+        return common.EXIT_NO
+    return code if isinstance(code, int) else common.EXIT_OK
+
+
+__all__ = ["app", "main"]
