@@ -35,7 +35,9 @@ async def setup(p: Platform, rng: random.Random) -> tuple[str, str, str, str]:
     return consumer, sku, pool, q_id
 
 
-def reserve_request(order: str, consumer: str, sku: str, pool: str, qid: str) -> Any:
+def reserve_request(
+    order: str, consumer: str, sku: str, pool: str, qid: str
+) -> ledger_pb2.ReserveSubsidyRequest:
     return ledger_pb2.ReserveSubsidyRequest(
         order_id=order,
         platform_id="jd",
