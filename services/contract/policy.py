@@ -1,10 +1,18 @@
-"""Subsidy policy: the campaign rules as versioned data, and the per-item subsidy quote.
+"""Subsidy policy: the campaign rules as versioned data, the version in force, and the quote.
 
 Every number the programme owner can change (rates, caps, ceilings, limits, quotas, windows)
-lives in a policy document (YAML on disk, a plain dict in the event log), never in code: the
-rules changed between 2024, 2025 and 2026 and differ by city, and an order is always computed
-under the policy version that was in force when it was reserved.
+lives in a policy document, never in code: the rules changed between 2024, 2025 and 2026 and
+differ by city, and an order is always computed under the policy version that was in force
+when it was reserved.
 
+The document has three forms, and this module converts between them with one validation:
+the YAML file people edit, the ``subsidy.v1.Policy`` message events carry (the contract, in
+``proto/subsidy/v1/policy.proto``), and the :class:`Policy` model code reads. Both catalog and
+eligibility pick "the version in force at T" with :func:`in_force` and look a named version up
+with :func:`named_version` (an unknown one is an error, never another version).
+
+This file is longer than most (about 700 lines) on purpose: it is the whole policy contract in
+one place (model, validation, conversions, arithmetic), so no rule is read in two files.
 Everything here is pure except reading a policy file. Money is integer fen; percentages are
 integer basis points (1 bp = 0.01 %).
 """
@@ -14,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -26,12 +34,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from services.contract.limits import MAX_GRADE as MAX_GRADE
+from services.contract.limits import MAX_PRICE_FEN as MAX_PRICE_FEN
+from services.contract.limits import MIN_GRADE as MIN_GRADE
+from services.contract.limits import MIN_PRICE_FEN as MIN_PRICE_FEN
+from services.kernel.errors import FailedPrecondition, NotFound
+from subsidy.v1 import events_pb2, policy_pb2
+
 BP_DENOMINATOR: Final = 10_000
-MIN_PRICE_FEN: Final = 1
-# 100 million yuan: far above any household item, so anything larger is a unit or data error.
-MAX_PRICE_FEN: Final = 10**10
-MIN_GRADE: Final = 1
-MAX_GRADE: Final = 5
 
 DEFAULT_POLICY_RESOURCE: Final = "shenzhen-2025.yaml"
 
@@ -183,6 +193,38 @@ class Quote:
     cap_fen: int
     policy_version: str
     reasons: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# The version in force
+
+
+def in_force(versions: Iterable[Policy], at: dt.datetime) -> Policy:
+    """The version in force at ``at``: the one with the latest ``effective_from`` not after it.
+
+    Two versions effective at the same instant are ordered by version string, so every
+    service picks the same one. Raises FailedPrecondition ``NO_POLICY_IN_FORCE`` if none is.
+    """
+    started = [p for p in versions if p.effective_from <= at]
+    if not started:
+        raise FailedPrecondition("NO_POLICY_IN_FORCE", "no subsidy policy is in force")
+    return max(started, key=lambda p: (p.effective_from, p.version))
+
+
+def named_version(versions: Mapping[str, Policy], version: str) -> Policy:
+    """The approved version named ``version`` (an order's, a pinned quote's).
+
+    A version this set does not hold raises NotFound ``UNKNOWN_POLICY_VERSION``: computing
+    under any other version instead would decide a refund or a subsidy by the wrong rules.
+    """
+    found = versions.get(version)
+    if found is None:
+        raise NotFound(
+            "UNKNOWN_POLICY_VERSION",
+            f"policy_version: no approved policy {version!r}",
+            field="policy_version",
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,8 +628,139 @@ def policy_from_text(text: str) -> Policy:
 
 
 def policy_json(policy: Policy) -> str:
-    """The canonical JSON form stored in events: sorted keys, UTF-8 text kept as is."""
+    """The canonical JSON form (read models, GetPolicy): sorted keys, UTF-8 text kept as is."""
     return json.dumps(policy_to_dict(policy), sort_keys=True, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The contract: the subsidy.v1.Policy message
+
+_PB = policy_pb2.Policy
+_ROUNDING_PB: Final = {Rounding.DOWN: _PB.ROUNDING_DOWN, Rounding.HALF_UP: _PB.ROUNDING_HALF_UP}
+_REFUND_PB: Final = {
+    RefundRule.RESTORE: _PB.REFUND_RULE_RESTORE,
+    RefundRule.FORFEIT: _PB.REFUND_RULE_FORFEIT,
+}
+_GROUP_PB: Final = {
+    Group.NATIONAL_APPLIANCE: policy_pb2.CategoryRule.GROUP_NATIONAL_APPLIANCE,
+    Group.CITY_APPLIANCE: policy_pb2.CategoryRule.GROUP_CITY_APPLIANCE,
+    Group.DIGITAL: policy_pb2.CategoryRule.GROUP_DIGITAL,
+}
+
+
+def _enum_word(mapping: Mapping[_E, int], number: int) -> str:
+    # UNSPECIFIED, or a number this code does not know, becomes "" and is refused by _enum.
+    return next((member.value for member, n in mapping.items() if n == number), "")
+
+
+def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
+    """The policy as the ``subsidy.v1.Policy`` message events carry (exact: it converts back
+    to an equal Policy, with ``effective_from`` in the UTC offset it was written in)."""
+    offset = policy.effective_from.utcoffset() or dt.timedelta(0)
+    message = policy_pb2.Policy(
+        version=policy.version,
+        effective_from_utc_offset_seconds=int(offset.total_seconds()),
+        campaign=policy_pb2.Campaign(name=policy.campaign.name, area=policy.campaign.area),
+        rounding=_ROUNDING_PB[policy.rounding],
+        price_tolerance_bp=policy.price_tolerance_bp,
+        baseline_window_days=policy.baseline_window_days,
+        claim_window=policy_pb2.ClaimWindow(
+            opens=policy.claim_window.opens.strftime("%H:%M"),
+            closes=policy.claim_window.closes.strftime("%H:%M"),
+            timezone=policy.claim_window.timezone,
+        ),
+        qualification_validity_days=policy.qualification_validity_days,
+        reclaim_limit=policy.reclaim_limit,
+        refund_rule=_REFUND_PB[policy.refund_rule],
+    )
+    message.effective_from.FromDatetime(policy.effective_from.astimezone(dt.UTC))
+    for rule in policy.categories:
+        part = message.categories.add(
+            code=rule.code,
+            name_zh=rule.name_zh,
+            name_en=rule.name_en,
+            group=_GROUP_PB[rule.group],
+            grades=[policy_pb2.GradeRate(grade=g, rate_bp=r) for g, r in rule.grades],
+            cap_fen=rule.cap_fen,
+            per_person_limit=rule.per_person_limit,
+            daily_quota=rule.daily_quota,
+        )
+        if rule.no_grade_rate_bp is not None:
+            part.no_grade_rate_bp = rule.no_grade_rate_bp
+        if rule.price_ceiling_fen is not None:
+            part.price_ceiling_fen = rule.price_ceiling_fen
+    return message
+
+
+def _proto_document(message: policy_pb2.Policy) -> dict[str, object]:
+    """The message as the plain document :func:`policy_from_dict` validates."""
+    if not message.HasField("effective_from"):
+        raise PolicyError("effective_from", "is required")
+    try:
+        zone = dt.timezone(dt.timedelta(seconds=message.effective_from_utc_offset_seconds))
+    except ValueError:
+        raise PolicyError(
+            "effective_from_utc_offset_seconds", "must be strictly between -24 h and +24 h"
+        ) from None
+    categories: list[dict[str, object]] = []
+    for index, rule in enumerate(message.categories):
+        grades: dict[int, int] = {}
+        for rate in rule.grades:
+            if rate.grade in grades:  # a mapping in YAML; a repeated field could hold one twice
+                raise PolicyError(f"categories[{index}].grades[{rate.grade}]", "duplicate grade")
+            grades[rate.grade] = rate.rate_bp
+        categories.append(
+            {
+                "code": rule.code,
+                "name_zh": rule.name_zh,
+                "name_en": rule.name_en,
+                "group": _enum_word(_GROUP_PB, rule.group),
+                "grades": grades,
+                "no_grade_rate_bp": (
+                    rule.no_grade_rate_bp if rule.HasField("no_grade_rate_bp") else None
+                ),
+                "cap_fen": rule.cap_fen,
+                "price_ceiling_fen": (
+                    rule.price_ceiling_fen if rule.HasField("price_ceiling_fen") else None
+                ),
+                "per_person_limit": rule.per_person_limit,
+                "daily_quota": rule.daily_quota,
+            }
+        )
+    return {
+        "version": message.version,
+        "effective_from": message.effective_from.ToDatetime(tzinfo=dt.UTC).astimezone(zone),
+        "campaign": {"name": message.campaign.name, "area": message.campaign.area},
+        "rounding": _enum_word(_ROUNDING_PB, message.rounding),
+        "price_tolerance_bp": message.price_tolerance_bp,
+        "baseline_window_days": message.baseline_window_days,
+        "claim_window": {
+            "opens": message.claim_window.opens,
+            "closes": message.claim_window.closes,
+            "timezone": message.claim_window.timezone,
+        },
+        "qualification_validity_days": message.qualification_validity_days,
+        "reclaim_limit": message.reclaim_limit,
+        "refund_rule": _enum_word(_REFUND_PB, message.refund_rule),
+        "categories": categories,
+    }
+
+
+def policy_from_proto(message: policy_pb2.Policy) -> Policy:
+    """Validate a ``subsidy.v1.Policy`` message exactly as a YAML document and build the Policy.
+
+    Raises :class:`PolicyError` naming the first offending field, e.g. ``rounding`` for an
+    enum left at UNSPECIFIED or ``categories[3].cap_fen``.
+    """
+    return policy_from_dict(_proto_document(message))
+
+
+def policy_of(event: events_pb2.PolicyPublished | events_pb2.PolicyDrafted) -> Policy:
+    """The policy an event carries: its ``policy`` message, or, in events written before the
+    policy had a message of its own, its canonical JSON ``policy_json``."""
+    if event.HasField("policy"):
+        return policy_from_proto(event.policy)
+    return policy_from_dict(json.loads(event.policy_json))
 
 
 @cache

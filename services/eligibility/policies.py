@@ -1,8 +1,9 @@
 """Eligibility's copy of the approved policy versions, fed by catalog's ``PolicyPublished``.
 
 Claims are decided under the version in force now, and a refund under the order's own version;
-a version this copy has never seen is an error (``UNKNOWN_POLICY_VERSION``), never a silent
-fallback to another version.
+both are picked by the shared contract (``services.contract.policy.in_force`` and
+``named_version``, the same functions catalog uses), and a version this copy has never seen is
+an error (``UNKNOWN_POLICY_VERSION``), never a silent fallback to another version.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from services.contract.policy import Policy, policy_from_dict
-from services.kernel.errors import FailedPrecondition, NotFound
+from services.contract.policy import (
+    Policy,
+    in_force,
+    named_version,
+    policy_from_dict,
+    policy_json,
+    policy_of,
+)
+from services.kernel.errors import FailedPrecondition
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore, Tx
 from subsidy.v1 import events_pb2 as ev
@@ -40,48 +48,38 @@ class PolicyCopy:
         event = payload_of(env)
         if not isinstance(event, ev.PolicyPublished):
             return
+        # Stored as canonical JSON whichever form the event carries (message or old JSON).
         stmt = pg_insert(policies).values(
             version=event.version,
-            document=event.policy_json,
+            document=policy_json(policy_of(event)),
             effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
         )
         await tx.conn.execute(stmt.on_conflict_do_nothing())
+
+    async def _versions(self) -> dict[str, Policy]:
+        """Every version received, parsing only the ones not seen before (one small query)."""
+        async with self.store.engine.connect() as conn:
+            known = (await conn.execute(select(policies.c.version))).scalars().all()
+            missing = [v for v in known if v not in self._parsed]
+            if missing:
+                rows = await conn.execute(
+                    select(policies.c.version, policies.c.document).where(
+                        policies.c.version.in_(missing)
+                    )
+                )
+                for version, document in rows:
+                    self._parsed[version] = policy_from_dict(json.loads(document))
+        return self._parsed
 
     async def version(self, version: str) -> Policy:
         """The named version (an order's): unknown here is an error, not another version."""
         if version in self._parsed:
             return self._parsed[version]
-        query = select(policies.c.version, policies.c.document).where(policies.c.version == version)
-        async with self.store.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
-        if row is None:
-            raise NotFound(
-                "UNKNOWN_POLICY_VERSION",
-                f"policy_version: eligibility has no policy {version!r}",
-                field="policy_version",
-            )
-        return self._parse(row.version, row.document)
+        return named_version(await self._versions(), version)
 
     async def in_force(self) -> Policy:
         """The version in force now: the latest whose effective_from has passed."""
-        query = (
-            select(policies.c.version, policies.c.document)
-            .where(policies.c.effective_from <= self.clock())
-            .order_by(policies.c.effective_from.desc())
-            .limit(1)
-        )
-        async with self.store.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
-        if row is None:
-            raise FailedPrecondition(
-                "NO_POLICY_IN_FORCE", "no subsidy policy has reached eligibility yet"
-            )
-        return self._parse(row.version, row.document)
-
-    def _parse(self, version: str, document: str) -> Policy:
-        if version not in self._parsed:
-            self._parsed[version] = policy_from_dict(json.loads(document))
-        return self._parsed[version]
+        return in_force((await self._versions()).values(), self.clock())
 
     async def wait(self, every_s: float = 0.05) -> None:
         """Readiness: claims need the policy, which arrives through catalog's events."""

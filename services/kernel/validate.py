@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
+from services.contract.limits import MAX_PRICE_FEN, MIN_PRICE_FEN
+
 from .errors import InvalidArgument
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
-MAX_PRICE_FEN = 10**10  # 100 million yuan: no subsidised item costs more
 
 
 def identifier(field: str, value: str, *, max_len: int = 64) -> str:
@@ -28,9 +29,9 @@ def identifier(field: str, value: str, *, max_len: int = 64) -> str:
 
 
 def price_fen(field: str, value: int) -> int:
-    if value <= 0 or value > MAX_PRICE_FEN:
+    if value < MIN_PRICE_FEN or value > MAX_PRICE_FEN:
         raise InvalidArgument(
-            "INVALID_PRICE", f"{field}: must be 1..{MAX_PRICE_FEN} fen", field=field
+            "INVALID_PRICE", f"{field}: must be {MIN_PRICE_FEN}..{MAX_PRICE_FEN} fen", field=field
         )
     return value
 

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
+from subsidy.v1 import policy_pb2 as _policy_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -117,21 +118,29 @@ class PolicyPublished(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     POLICY_JSON_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     policy_json: _builtins.str
-    """the whole policy document, canonical JSON"""
+    """The whole policy document as canonical JSON: written by events before the policy had its
+    own message (read them with services.contract.policy.policy_of); new events leave it empty.
+    """
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def policy(self) -> _policy_pb2.Policy:
+        """the whole policy document"""
+
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         policy_json: _builtins.str = ...,
         effective_from: _timestamp_pb2.Timestamp | None = ...,
+        policy: _policy_pb2.Policy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy_json", b"policy_json", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy", b"policy", "policy_json", b"policy_json", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,12 +253,17 @@ class PolicyDrafted(_message.Message):
     POLICY_JSON_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     policy_json: _builtins.str
-    """canonical JSON, as PolicyPublished"""
+    """old events only, as PolicyPublished.policy_json"""
     reason: _builtins.str
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def policy(self) -> _policy_pb2.Policy:
+        """the whole policy document"""
+
     def __init__(
         self,
         *,
@@ -257,10 +271,11 @@ class PolicyDrafted(_message.Message):
         policy_json: _builtins.str = ...,
         effective_from: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        policy: _policy_pb2.Policy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy_json", b"policy_json", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from", "policy", b"policy", "policy_json", b"policy_json", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

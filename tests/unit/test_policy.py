@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -36,11 +37,19 @@ from services.contract.policy import (
     Rounding,
     apply_bp,
     default_policy,
+    in_force,
     load_policy,
+    named_version,
     policy_from_dict,
+    policy_from_proto,
+    policy_json,
+    policy_of,
     policy_to_dict,
+    policy_to_proto,
     quote,
 )
+from services.kernel.errors import FailedPrecondition, NotFound
+from subsidy.v1 import events_pb2, policy_pb2
 
 YUAN = 100  # fen per yuan
 
@@ -552,6 +561,128 @@ def test_generated_policies_round_trip(data: dict[str, Any]) -> None:
     emitted = policy_to_dict(policy)
     assert policy_from_dict(emitted) == policy
     assert policy_to_dict(policy_from_dict(json.loads(json.dumps(emitted)))) == emitted
+
+
+@given(_policy_dicts())
+def test_generated_policies_survive_the_proto_message_exactly(data: dict[str, Any]) -> None:
+    policy = policy_from_dict(data)
+    wire = policy_to_proto(policy).SerializeToString(deterministic=True)
+    back = policy_from_proto(policy_pb2.Policy.FromString(wire))
+    assert back == policy
+    assert policy_to_dict(back) == policy_to_dict(policy)  # the UTC offset as written, too
+
+
+def test_the_default_policy_as_its_proto_message() -> None:
+    message = policy_to_proto(POLICY)
+    assert (message.version, message.effective_from_utc_offset_seconds) == (
+        "shenzhen-2025.1",
+        8 * 3600,
+    )
+    assert message.effective_from.ToDatetime(tzinfo=dt.UTC) == dt.datetime(
+        2024, 12, 31, 16, 0, tzinfo=dt.UTC
+    )
+    fridge = message.categories[0]
+    assert (fridge.code, [(g.grade, g.rate_bp) for g in fridge.grades], fridge.cap_fen) == (
+        "refrigerator",
+        [(1, 2000), (2, 1500)],
+        200_000,
+    )
+    # "no rate" and "no ceiling" are absent fields, not zeros.
+    assert not fridge.HasField("no_grade_rate_bp") and not fridge.HasField("price_ceiling_fen")
+    phone = next(c for c in message.categories if c.code == "phone")
+    assert (phone.no_grade_rate_bp, phone.price_ceiling_fen) == (1500, 600_000)
+
+
+def _broken(edit: Callable[[policy_pb2.Policy], None]) -> policy_pb2.Policy:
+    message = policy_to_proto(POLICY)
+    edit(message)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: m.ClearField("effective_from"), "effective_from: is required"),
+        (lambda m: setattr(m, "rounding", 0), "rounding: unknown value ''"),
+        (lambda m: setattr(m, "refund_rule", 7), "refund_rule: unknown value ''"),
+        (lambda m: setattr(m.categories[3], "group", 0), "categories[3].group: unknown value"),
+        (lambda m: setattr(m.categories[3], "cap_fen", -1), "categories[3].cap_fen: must be"),
+        (
+            lambda m: m.categories[0].grades.add(grade=1, rate_bp=10),
+            "categories[0].grades[1]: duplicate grade",
+        ),
+        (
+            lambda m: setattr(m.categories[0].grades[0], "rate_bp", 10_001),
+            "categories[0].grades[1]: must be an integer in 0..10000",
+        ),
+        (lambda m: setattr(m.claim_window, "opens", "10"), "claim_window.opens: must be"),
+        (lambda m: setattr(m.claim_window, "timezone", "Mars/Base"), "claim_window.timezone"),
+        (lambda m: setattr(m.campaign, "area", "000000"), "campaign.area: must match"),
+        (
+            lambda m: setattr(m, "effective_from_utc_offset_seconds", 86_400),
+            "effective_from_utc_offset_seconds: must be strictly between",
+        ),
+        (lambda m: m.ClearField("categories"), "categories: must be a non-empty list"),
+    ],
+)
+def test_a_proto_policy_is_validated_like_a_document(
+    edit: Callable[[policy_pb2.Policy], None], expected: str
+) -> None:
+    with pytest.raises(PolicyError) as err:
+        policy_from_proto(_broken(edit))
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_events_carry_the_message_and_old_events_stay_readable() -> None:
+    new = events_pb2.PolicyPublished(version=POLICY.version, policy=policy_to_proto(POLICY))
+    old = events_pb2.PolicyPublished(version=POLICY.version, policy_json=policy_json(POLICY))
+    drafted = events_pb2.PolicyDrafted(version=POLICY.version, policy=policy_to_proto(POLICY))
+    assert policy_of(new) == policy_of(old) == policy_of(drafted) == POLICY
+    # The message is the smaller form on the wire.
+    assert new.ByteSize() < old.ByteSize()
+
+
+# --------------------------------------------------------------------------------------------
+# The version in force
+
+V1 = dataclasses.replace(
+    POLICY, version="v1", effective_from=dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+)
+V2 = dataclasses.replace(
+    POLICY, version="v2", effective_from=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+)
+
+
+def test_the_version_in_force_is_the_latest_that_has_started() -> None:
+    versions = [V2, V1]
+    assert in_force(versions, dt.datetime(2025, 6, 1, tzinfo=dt.UTC)) == V1
+    assert in_force(versions, V2.effective_from) == V2  # from its first instant
+    assert in_force(versions, V2.effective_from - dt.timedelta(microseconds=1)) == V1
+    # The same instant in another offset is the same instant.
+    shanghai = dt.timezone(dt.timedelta(hours=8))
+    assert in_force(versions, dt.datetime(2026, 1, 1, 8, tzinfo=shanghai)) == V2
+
+
+def test_versions_starting_together_are_ordered_by_name_whatever_the_order_given() -> None:
+    twin = dataclasses.replace(V2, version="v2b")
+    at = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    assert in_force([V2, twin, V1], at) == in_force([twin, V1, V2], at) == twin
+
+
+def test_before_any_version_nothing_is_in_force() -> None:
+    with pytest.raises(FailedPrecondition) as err:
+        in_force([V1, V2], dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    assert err.value.reason == "NO_POLICY_IN_FORCE"
+    with pytest.raises(FailedPrecondition):
+        in_force([], dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+
+
+def test_an_unknown_version_is_an_error_never_another_version() -> None:
+    versions = {"v1": V1, "v2": V2}
+    assert named_version(versions, "v1") == V1
+    with pytest.raises(NotFound) as err:
+        named_version(versions, "v3")
+    assert (err.value.reason, err.value.field) == ("UNKNOWN_POLICY_VERSION", "policy_version")
 
 
 # --------------------------------------------------------------------------------------------
