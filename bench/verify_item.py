@@ -32,6 +32,7 @@ from services.catalog.api import CatalogApi
 from services.catalog.handlers import Catalog
 from services.catalog.importer import import_products
 from services.catalog.projections import metadata, sales_orders
+from services.catalog.requests import operator
 from services.kernel import rpc
 from services.kernel.eventstore import EventStore, make_engine
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
@@ -65,7 +66,8 @@ async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub)
         catalog_pb2.ReviewMerchantRequest(merchant_id="bench-m", approve=True)
     )
     t0 = time.perf_counter()
-    async for progress in import_products(catalog, product_csv("bench-m"), OPERATOR, "bench"):
+    ctx = operator(OPERATOR, "bench")
+    async for progress in import_products(catalog, product_csv("bench-m"), ctx):
         if progress.result is not None:
             assert progress.result.applied == PRODUCTS, progress.result
     import_s = time.perf_counter() - t0

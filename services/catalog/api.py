@@ -1,4 +1,5 @@
-"""The catalog's gRPC servicer: translate messages, call a use case, translate back.
+"""The catalog's gRPC servicer: validate the request into a command (``requests.py``, the
+edge), call the use case, translate the answer back.
 
 Domain errors become precise statuses in the shared rpc bootstrap (unary calls); the one
 streaming call, ImportProducts, maps them itself with the same status details.
@@ -16,20 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.kernel.errors import DomainError
 from services.kernel.eventstore import EventStore
 from services.kernel.rpc import STATUS_DETAILS_KEY, ServicerContext, status_of
-from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
-from subsidy.v1 import events_pb2 as ev
+from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
 
-from . import sales
+from . import requests, sales
 from .domain import Switches
 from .handlers import Catalog
 from .importer import import_products
-
-
-def _actor_or_unknown(actor: common_pb2.Actor) -> common_pb2.Actor:
-    """Merchant onboarding calls predating roles may omit the actor; record that honestly."""
-    if actor.kind:
-        return actor
-    return common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="unknown")
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
@@ -102,7 +95,7 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     async def GetPolicy(
         self, request: catalog_pb2.GetPolicyRequest, context: ServicerContext
     ) -> catalog_pb2.GetPolicyResponse:
-        row = await self.catalog.policy_version(request.version)
+        row = await self.catalog.policy_version(requests.policy_version(request.version))
         # The document as stored: canonical JSON, the same bytes the events carry.
         document = json.loads(row["document"])
         return catalog_pb2.GetPolicyResponse(
@@ -123,21 +116,19 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     async def DraftPolicy(
         self, request: catalog_pb2.DraftPolicyRequest, context: ServicerContext
     ) -> catalog_pb2.PolicyVersion:
-        row = await self.catalog.draft_policy(request.document, request.actor, request.reason)
+        row = await self.catalog.draft_policy(*requests.draft_policy(request))
         return _version(row)
 
     async def ApprovePolicy(
         self, request: catalog_pb2.ApprovePolicyRequest, context: ServicerContext
     ) -> catalog_pb2.PolicyVersion:
-        row = await self.catalog.approve_policy(request.version, request.actor, request.reason)
+        row = await self.catalog.approve_policy(*requests.approve_policy(request))
         return _version(row)
 
     async def Quote(
         self, request: catalog_pb2.QuoteRequest, context: ServicerContext
     ) -> catalog_pb2.QuoteResponse:
-        q = self.catalog.quote(
-            request.category, request.grade, request.price_fen, request.policy_version
-        )
+        q = self.catalog.quote(requests.quote(request))
         return catalog_pb2.QuoteResponse(
             eligible=q.eligible,
             subsidy_fen=q.subsidy_fen,
@@ -151,26 +142,22 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     async def PauseCategory(
         self, request: catalog_pb2.CategorySwitchRequest, context: ServicerContext
     ) -> catalog_pb2.Switches:
-        return _switches(
-            await self.catalog.pause_category(request.category, request.actor, request.reason)
-        )
+        return _switches(await self.catalog.pause_category(*requests.pause_category(request)))
 
     async def ResumeCategory(
         self, request: catalog_pb2.CategorySwitchRequest, context: ServicerContext
     ) -> catalog_pb2.Switches:
-        return _switches(
-            await self.catalog.resume_category(request.category, request.actor, request.reason)
-        )
+        return _switches(await self.catalog.resume_category(*requests.resume_category(request)))
 
     async def PauseCampaign(
         self, request: catalog_pb2.CampaignSwitchRequest, context: ServicerContext
     ) -> catalog_pb2.Switches:
-        return _switches(await self.catalog.pause_campaign(request.actor, request.reason))
+        return _switches(await self.catalog.pause_campaign(*requests.pause_campaign(request)))
 
     async def ResumeCampaign(
         self, request: catalog_pb2.CampaignSwitchRequest, context: ServicerContext
     ) -> catalog_pb2.Switches:
-        return _switches(await self.catalog.resume_campaign(request.actor, request.reason))
+        return _switches(await self.catalog.resume_campaign(*requests.resume_campaign(request)))
 
     async def GetSwitches(
         self, request: catalog_pb2.GetSwitchesRequest, context: ServicerContext
@@ -181,85 +168,59 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     async def ApplyMerchant(
         self, request: catalog_pb2.ApplyMerchantRequest, context: ServicerContext
     ) -> catalog_pb2.Merchant:
-        row = await self.catalog.apply_merchant(
-            request.merchant_id,
-            request.name,
-            request.licence_number,
-            request.contact_phone,
-            _actor_or_unknown(request.actor),
-        )
+        row = await self.catalog.apply_merchant(*requests.apply_merchant(request))
         return _merchant(row)
 
     async def ReviewMerchant(
         self, request: catalog_pb2.ReviewMerchantRequest, context: ServicerContext
     ) -> catalog_pb2.Merchant:
-        row = await self.catalog.review_merchant(
-            request.merchant_id, request.approve, request.reason, _actor_or_unknown(request.actor)
-        )
+        row = await self.catalog.review_merchant(*requests.review_merchant(request))
         return _merchant(row)
 
     async def SuspendMerchant(
         self, request: catalog_pb2.MerchantActionRequest, context: ServicerContext
     ) -> catalog_pb2.Merchant:
-        row = await self.catalog.suspend_merchant(
-            request.merchant_id, request.actor, request.reason
-        )
+        row = await self.catalog.suspend_merchant(*requests.suspend_merchant(request))
         return _merchant(row)
 
     async def ReinstateMerchant(
         self, request: catalog_pb2.MerchantActionRequest, context: ServicerContext
     ) -> catalog_pb2.Merchant:
-        row = await self.catalog.reinstate_merchant(
-            request.merchant_id, request.actor, request.reason
-        )
+        row = await self.catalog.reinstate_merchant(*requests.reinstate_merchant(request))
         return _merchant(row)
 
     async def GetMerchant(
         self, request: catalog_pb2.GetMerchantRequest, context: ServicerContext
     ) -> catalog_pb2.Merchant:
-        return _merchant(await self.catalog.merchant(request.merchant_id))
+        return _merchant(await self.catalog.merchant(requests.merchant_id(request.merchant_id)))
 
     # -- products -------------------------------------------------------------------------
     async def RegisterProduct(
         self, request: catalog_pb2.RegisterProductRequest, context: ServicerContext
     ) -> catalog_pb2.Product:
-        event = ev.ProductRegistered(
-            sku=request.sku,
-            merchant_id=request.merchant_id,
-            category=request.category,
-            grade=request.grade,
-            brand=request.brand.strip(),
-            model=request.model.strip(),
-            energy_label_code=request.energy_label_code.strip(),
-            list_price_fen=request.list_price_fen,
-        )
-        row = await self.catalog.register_product(event, _actor_or_unknown(request.actor))
+        row = await self.catalog.register_product(*requests.register_product(request))
         return _product(row)
 
     async def UpdatePrice(
         self, request: catalog_pb2.UpdatePriceRequest, context: ServicerContext
     ) -> catalog_pb2.Product:
-        row = await self.catalog.update_price(
-            request.sku, request.list_price_fen, request.actor, request.reason
-        )
+        row = await self.catalog.update_price(*requests.change_price(request))
         return _product(row)
 
     async def DelistProduct(
         self, request: catalog_pb2.DelistProductRequest, context: ServicerContext
     ) -> catalog_pb2.Product:
-        return _product(
-            await self.catalog.delist_product(request.sku, request.actor, request.reason)
-        )
+        return _product(await self.catalog.delist_product(*requests.delist(request)))
 
     async def GetProduct(
         self, request: catalog_pb2.GetProductRequest, context: ServicerContext
     ) -> catalog_pb2.Product:
-        return _product(await self.catalog.product(request.sku))
+        return _product(await self.catalog.product(requests.sku(request.sku)))
 
     async def GetPriceHistory(
         self, request: catalog_pb2.GetPriceHistoryRequest, context: ServicerContext
     ) -> catalog_pb2.PriceHistory:
-        points, baseline, window = await self.catalog.price_history(request.sku)
+        points, baseline, window = await self.catalog.price_history(requests.sku(request.sku))
         return catalog_pb2.PriceHistory(
             sku=request.sku,
             points=[
@@ -278,12 +239,9 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.ImportProductsRequest, context: ServicerContext
     ) -> AsyncIterator[catalog_pb2.ImportProgress]:
         try:
+            ctx = requests.import_products(request)
             async for p in import_products(
-                self.catalog,
-                request.csv,
-                request.actor,
-                request.reason,
-                only_good_rows=request.only_good_rows,
+                self.catalog, request.csv, ctx, only_good_rows=request.only_good_rows
             ):
                 message = catalog_pb2.ImportProgress(phase=p.phase, done=p.done, total=p.total)
                 if p.result is not None:
@@ -314,9 +272,7 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     async def VerifyItem(
         self, request: catalog_pb2.VerifyItemRequest, context: ServicerContext
     ) -> catalog_pb2.VerifyItemResponse:
-        v = await self.catalog.verify_item(
-            request.sku, request.unit_price_fen, request.serial, request.policy_version
-        )
+        v = await self.catalog.verify_item(requests.verify_item(request))
         q = v.quote
         return catalog_pb2.VerifyItemResponse(
             eligible=v.eligible,
@@ -338,7 +294,7 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.GetSalesLedgerRequest, context: ServicerContext
     ) -> catalog_pb2.SalesLedger:
         if request.merchant_id:
-            await self.catalog.merchant(request.merchant_id)
+            await self.catalog.merchant(requests.merchant_id(request.merchant_id))
         rows = await sales.ledger_rows(self.store, request.merchant_id)
         return catalog_pb2.SalesLedger(
             rows=[
@@ -367,7 +323,7 @@ class CatalogApi(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> catalog_pb2.ExportSalesLedgerResponse:
         sales.export([], request.format)  # validate the format before any work
         if request.merchant_id:
-            await self.catalog.merchant(request.merchant_id)
+            await self.catalog.merchant(requests.merchant_id(request.merchant_id))
         rows = await sales.ledger_rows(self.store, request.merchant_id)
         content, content_type, filename = sales.export(rows, request.format)
         return catalog_pb2.ExportSalesLedgerResponse(

@@ -3,7 +3,10 @@
 Two families:
 
 - the catalog's own state (policies, switches, merchants, products, price history), updated in
-  the same transaction as the append of the catalog's events (:func:`apply_event`);
+  the same transaction as the append of the catalog's events (:func:`apply_event`). Each row is
+  an aggregate's state: the ``load_*`` functions read it (the command pipeline loads state with
+  them, under the stream's lock), and every change is the aggregate's own ``evolve`` applied to
+  it, so how a status changes is written once, in ``domain/``;
 - the sales orders learnt from the ledger's events (:func:`apply_ledger_event`), the source of
   the serial bindings and of the sales ledger (销售台账). Each ledger event merges into its
   order's row monotonically (RESERVED < CAPTURED < RELEASED, flags only ever set), so applying
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -31,15 +35,22 @@ from sqlalchemy import (
     case,
     delete,
     insert,
+    select,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.contract.policy import policy_from_dict, policy_json, policy_of
 from services.kernel.events import Envelope, payload_of
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
+from .domain import Merchant, Meta, Pause, PolicyRecord, Product, Switches
+from .domain import merchant as merchant_rules
+from .domain import policy_version as policy_rules
+from .domain import product as product_rules
+from .domain import switches as switch_rules
 
 metadata = MetaData()
 
@@ -147,126 +158,180 @@ def occurred(env: Envelope) -> datetime:
     return env.occurred_at.ToDatetime(tzinfo=UTC)
 
 
+def meta_of(env: Envelope) -> Meta:
+    return Meta(occurred(env), env.actor.id)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading each aggregate's state from its read model (under its stream's lock, in a command)
+
+
+async def load_policy_version(conn: AsyncConnection, version: str) -> PolicyRecord | None:
+    row = (
+        await conn.execute(select(policy_versions).where(policy_versions.c.version == version))
+    ).first()
+    if row is None:
+        return None
+    return PolicyRecord(
+        policy=policy_from_dict(json.loads(row.document)),
+        status=row.status,
+        drafted_by=row.drafted_by,
+        draft_reason=row.draft_reason,
+        drafted_at=row.drafted_at,
+        approved_by=row.approved_by,
+        approve_reason=row.approve_reason,
+        approved_at=row.approved_at,
+    )
+
+
+async def load_switches(conn: AsyncConnection, _: object = None) -> Switches:
+    campaign: Pause | None = None
+    categories: dict[str, Pause] = {}
+    for row in await conn.execute(select(switches)):
+        pause = Pause(row.reason, row.actor_id, row.since)
+        if row.scope == CAMPAIGN_SCOPE:
+            campaign = pause
+        else:
+            categories[row.scope.removeprefix("category:")] = pause
+    return Switches(campaign, categories)
+
+
+async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | None:
+    row = (
+        await conn.execute(select(merchants).where(merchants.c.merchant_id == merchant_id))
+    ).first()
+    return Merchant(**row._mapping) if row is not None else None
+
+
+async def load_products(conn: AsyncConnection, skus: Sequence[str]) -> dict[str, Product]:
+    rows = await conn.execute(select(products).where(products.c.sku.in_(list(skus))))
+    return {row.sku: Product(**row._mapping) for row in rows}
+
+
+async def load_product(conn: AsyncConnection, sku: str) -> Product | None:
+    return (await load_products(conn, [sku])).get(sku)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying the catalog's own events: each aggregate's evolve decides the new state
+
+
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one of the catalog's own events to its read models."""
     event = payload_of(env)
-    at = occurred(env)
-    actor = env.actor.id
-    if isinstance(event, ev.PolicyDrafted):
-        await conn.execute(
-            insert(policy_versions).values(
-                version=event.version,
-                document=event.policy_json,
-                effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
-                status=domain.DRAFT,
-                drafted_by=actor,
-                draft_reason=event.reason,
-                drafted_at=at,
-            )
-        )
-    elif isinstance(event, ev.PolicyApproved):
-        await conn.execute(
-            update(policy_versions)
-            .where(policy_versions.c.version == event.version)
-            .values(
-                status=domain.APPROVED,
-                approved_by=actor,
-                approve_reason=event.reason,
-                approved_at=at,
-            )
-        )
-    elif isinstance(event, ev.PolicyPublished):
-        json.loads(event.policy_json)  # a stored policy is always valid JSON
-        effective_from = event.effective_from.ToDatetime(tzinfo=UTC)
-        await conn.execute(
-            insert(policies).values(
-                version=event.version, document=event.policy_json, effective_from=effective_from
-            )
-        )
-        # The shipped default is published by the service itself, without a draft.
-        await conn.execute(
-            pg_insert(policy_versions)
-            .values(
-                version=event.version,
-                document=event.policy_json,
-                effective_from=effective_from,
-                status=domain.APPROVED,
-                drafted_by=actor,
-                draft_reason="shipped default policy",
-                drafted_at=at,
-                approved_by=actor,
-                approve_reason="shipped default policy",
-                approved_at=at,
-            )
-            .on_conflict_do_nothing()
-        )
-    elif isinstance(event, ev.CategoryPaused | ev.CampaignPaused):
-        scope = (
-            category_scope(event.category)
-            if isinstance(event, ev.CategoryPaused)
-            else CAMPAIGN_SCOPE
-        )
-        await conn.execute(
-            insert(switches).values(scope=scope, reason=event.reason, actor_id=actor, since=at)
-        )
-    elif isinstance(event, ev.CategoryResumed):
-        await conn.execute(
-            delete(switches).where(switches.c.scope == category_scope(event.category))
-        )
-    elif isinstance(event, ev.CampaignResumed):
-        await conn.execute(delete(switches).where(switches.c.scope == CAMPAIGN_SCOPE))
-    elif isinstance(event, ev.MerchantApplied):
-        await conn.execute(
-            insert(merchants).values(
-                merchant_id=event.merchant_id,
-                name=event.name,
-                licence_number=event.licence_number,
-                contact_masked=event.contact_masked,
-                status=domain.APPLIED,
-            )
-        )
-    elif isinstance(event, ev.MerchantReviewed):
-        await _merchant_status(
-            conn,
-            event.merchant_id,
-            domain.APPROVED if event.approved else domain.REJECTED,
-            event.reason,
-        )
-    elif isinstance(event, ev.MerchantSuspended):
-        await _merchant_status(conn, event.merchant_id, domain.SUSPENDED, event.reason)
-    elif isinstance(event, ev.MerchantReinstated):
-        await _merchant_status(conn, event.merchant_id, domain.APPROVED, event.reason)
+    if isinstance(event, POLICY_EVENTS):
+        await _policy_event(conn, event, env)
+    elif isinstance(event, SWITCH_EVENTS):
+        before = await load_switches(conn)
+        await _save_switches(conn, before, switch_rules.evolve(before, event, meta_of(env)))
+    elif isinstance(event, MERCHANT_EVENTS):
+        merchant = await load_merchant(conn, event.merchant_id)
+        await _save_merchant(conn, merchant_rules.evolve(merchant, event))
     elif isinstance(event, ev.ProductRegistered):
         await project_registered(conn, [(env, event)])
-    elif isinstance(event, ev.ProductPriceChanged):
+    elif isinstance(event, ev.ProductPriceChanged | ev.ProductDelisted):
+        after = product_rules.evolve(await load_product(conn, event.sku), event)
         await conn.execute(
             update(products)
-            .where(products.c.sku == event.sku)
-            .values(list_price_fen=event.new_price_fen)
+            .where(products.c.sku == after.sku)
+            .values(status=after.status, list_price_fen=after.list_price_fen)
         )
+        if isinstance(event, ev.ProductPriceChanged):
+            await conn.execute(
+                insert(price_history).values(
+                    sku=event.sku,
+                    event_id=env.event_id,
+                    effective_at=occurred(env),
+                    price_fen=after.list_price_fen,
+                    reason=event.reason,
+                )
+            )
+    # ProductsImported only closes an import: its products came in their own streams.
+
+
+async def apply_events(conn: AsyncConnection, envs: Sequence[Envelope]) -> None:
+    """Apply many events in order, registrations in batched statements (the bulk import)."""
+    registered: list[tuple[Envelope, ev.ProductRegistered]] = []
+    for env in envs:
+        event = payload_of(env)
+        if isinstance(event, ev.ProductRegistered):
+            registered.append((env, event))
+            continue
+        await project_registered(conn, registered)
+        registered = []
+        await apply_event(conn, env)
+    await project_registered(conn, registered)
+
+
+POLICY_EVENTS = (ev.PolicyDrafted, ev.PolicyApproved, ev.PolicyPublished)
+SWITCH_EVENTS = (ev.CategoryPaused, ev.CategoryResumed, ev.CampaignPaused, ev.CampaignResumed)
+MERCHANT_EVENTS = (
+    ev.MerchantApplied,
+    ev.MerchantReviewed,
+    ev.MerchantSuspended,
+    ev.MerchantReinstated,
+)
+
+
+async def _policy_event(
+    conn: AsyncConnection,
+    event: ev.PolicyDrafted | ev.PolicyApproved | ev.PolicyPublished,
+    env: Envelope,
+) -> None:
+    before = await load_policy_version(conn, event.version)
+    after = policy_rules.evolve(before, event, meta_of(env))
+    if after != before:
+        values = {
+            "document": policy_json(after.policy),
+            "effective_from": after.effective_from,
+            "status": after.status,
+            "drafted_by": after.drafted_by,
+            "draft_reason": after.draft_reason,
+            "drafted_at": after.drafted_at,
+            "approved_by": after.approved_by,
+            "approve_reason": after.approve_reason,
+            "approved_at": after.approved_at,
+        }
         await conn.execute(
-            insert(price_history).values(
-                sku=event.sku,
-                event_id=env.event_id,
-                effective_at=at,
-                price_fen=event.new_price_fen,
-                reason=event.reason,
+            pg_insert(policy_versions)
+            .values(version=after.version, **values)
+            .on_conflict_do_update(index_elements=[policy_versions.c.version], set_=values)
+        )
+    if isinstance(event, ev.PolicyPublished):
+        # Approved versions, what quotes and verifications use: the document as published.
+        await conn.execute(
+            insert(policies).values(
+                version=event.version,
+                document=policy_json(policy_of(event)),
+                effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
             )
         )
-    elif isinstance(event, ev.ProductDelisted):
-        await conn.execute(
-            update(products).where(products.c.sku == event.sku).values(status=domain.DELISTED)
-        )
-    # ProductsImported only closes an import: its products came in their own events.
 
 
-async def _merchant_status(
-    conn: AsyncConnection, merchant_id: str, status: str, reason: str
-) -> None:
+async def _save_switches(conn: AsyncConnection, before: Switches, after: Switches) -> None:
+    def rows(s: Switches) -> dict[str, Pause]:
+        scoped = {category_scope(c): p for c, p in s.categories.items()}
+        return scoped | ({CAMPAIGN_SCOPE: s.campaign} if s.campaign is not None else {})
+
+    old, new = rows(before), rows(after)
+    lifted = [scope for scope in old if scope not in new]
+    if lifted:
+        await conn.execute(delete(switches).where(switches.c.scope.in_(lifted)))
+    for scope, pause in new.items():
+        if scope not in old:
+            await conn.execute(
+                insert(switches).values(
+                    scope=scope, reason=pause.reason, actor_id=pause.actor_id, since=pause.since
+                )
+            )
+
+
+async def _save_merchant(conn: AsyncConnection, merchant: Merchant) -> None:
+    values = asdict(merchant)
     await conn.execute(
-        update(merchants)
-        .where(merchants.c.merchant_id == merchant_id)
-        .values(status=status, status_reason=reason)
+        pg_insert(merchants)
+        .values(**values)
+        .on_conflict_do_update(index_elements=[merchants.c.merchant_id], set_=values)
     )
 
 
@@ -277,21 +342,7 @@ async def project_registered(
     if not registered:
         return
     await conn.execute(
-        insert(products),
-        [
-            {
-                "sku": e.sku,
-                "merchant_id": e.merchant_id,
-                "category": e.category,
-                "grade": e.grade,
-                "brand": e.brand,
-                "model": e.model,
-                "energy_label_code": e.energy_label_code,
-                "list_price_fen": e.list_price_fen,
-                "status": domain.LISTED,
-            }
-            for _, e in registered
-        ],
+        insert(products), [asdict(product_rules.evolve(None, e)) for _, e in registered]
     )
     await conn.execute(
         insert(price_history),

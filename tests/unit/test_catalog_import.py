@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.catalog.domain import Product
 from services.catalog.importer import parse_file, read_rows
 from services.contract.policy import default_policy
 from services.kernel.errors import InvalidArgument
@@ -17,7 +18,8 @@ def parse(
     text: str, merchants: tuple[str, ...] = ("m1",), existing: tuple[str, ...] = ()
 ) -> list[tuple[int, str, str]]:
     columns, rows = read_rows(text.encode())
-    parsed = parse_file(POLICY, columns, rows, merchants, existing)
+    registered = {s: Product(s, "m1", "tv", 1, "b", "m", "", 1, "LISTED") for s in existing}
+    parsed = parse_file(POLICY, columns, rows, merchants, registered)
     return [(e.line, e.field, e.reason) for e in parsed.errors]
 
 
@@ -25,7 +27,7 @@ def test_chinese_headers_with_full_width_parentheses_and_yuan() -> None:
     columns, rows = read_rows(
         "商品编码,商户编号,品类,能效等级,品牌,型号,价格（元）\ns1,m1,电视机,一级,TCL,X,1999.9\n".encode()
     )
-    parsed = parse_file(POLICY, columns, rows, ["m1"], [])
+    parsed = parse_file(POLICY, columns, rows, ["m1"], {})
     assert parsed.errors == []
     [(line, event)] = parsed.good
     assert (line, event.category, event.grade, event.list_price_fen) == (2, "tv", 1, 199_990)
@@ -39,7 +41,7 @@ def test_grade_spellings(grade: str, expected: int) -> None:
     columns, rows = read_rows(
         f"sku,merchant_id,category,grade,brand,model,list_price_fen\ns,m1,tv,{grade},b,m,1\n".encode()
     )
-    parsed = parse_file(POLICY, columns, rows, ["m1"], [])
+    parsed = parse_file(POLICY, columns, rows, ["m1"], {})
     assert [e.grade for _, e in parsed.good] == [expected]
 
 
@@ -90,4 +92,4 @@ def test_any_bytes_either_parse_or_raise_invalid_argument(data: bytes) -> None:
     except InvalidArgument as err:
         assert err.field == "csv"
         return
-    parse_file(POLICY, columns, rows, [], [])
+    parse_file(POLICY, columns, rows, [], {})
