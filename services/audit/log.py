@@ -1,13 +1,11 @@
-"""The audit log: every event of every service, once, in a SHA-256 hash chain.
+"""The audit log's storage: every event of every service, once, in a SHA-256 hash chain.
 
-leaf = SHA-256(0x00 ‖ envelope bytes) (RFC 6962 leaf hashing, so the Merkle tree that comes
-next reuses the leaves); chain_i = SHA-256(chain_{i-1} ‖ leaf_i). Hashing the ciphertext-bearing
-envelope, never plaintext, keeps every hash valid after a person's key is shredded.
+How entries are hashed and chained is in :mod:`services.audit.domain`; PostgreSQL computes the
+same chain step in the append statement below (``sha256(chain_hash || leaf)``), and the
+auditor's replay (``verify.py``) recomputes it with the domain's functions.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 from sqlalchemy import (
     BigInteger,
@@ -25,6 +23,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.events import Envelope
 from services.kernel.eventstore import EventStore, Tx
+
+from .domain import GENESIS, leaf_hash
 
 metadata = MetaData()
 entries = Table(
@@ -45,17 +45,6 @@ head = Table(
     Column("size", BigInteger, nullable=False),
     Column("chain_hash", LargeBinary(32), nullable=False),
 )
-GENESIS = b"\x00" * 32
-
-
-def leaf_hash(envelope_bytes: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + envelope_bytes).digest()
-
-
-def chain_hash(previous: bytes, leaf: bytes) -> bytes:
-    return hashlib.sha256(previous + leaf).digest()
-
-
 # One statement per event: advance the head (a row lock serialises appends) and insert the
 # entry with the new chain hash, computed by PostgreSQL from the previous one.
 _APPEND = text(

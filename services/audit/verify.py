@@ -18,7 +18,7 @@ from services.contract.budget import POOL_STREAM_PREFIX
 from services.invariants import InvariantViolation
 from services.kernel.events import Envelope, payload_of
 
-from .log import GENESIS, chain_hash, leaf_hash
+from .domain import GENESIS, chain_hash, leaf_hash
 
 POOL_STREAM = POOL_STREAM_PREFIX
 

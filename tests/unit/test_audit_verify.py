@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.audit.log import GENESIS, chain_hash, leaf_hash
+from services.audit.domain import GENESIS, chain_hash, leaf_hash
 from services.audit.verify import compare_pools, replay
 from services.contract.budget import Pool
 from services.invariants import InvariantViolation
