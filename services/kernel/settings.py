@@ -146,6 +146,37 @@ _DATABASE_URL_MEANING = (
 )
 
 
+# Fields more than one kind of process reads: a function each, since a dataclass field object
+# belongs to one class.
+def _grpc_listen() -> Any:
+    return variable(
+        "SUBSIDY_GRPC_LISTEN",
+        "gRPC listen address, e.g. `0.0.0.0:50051` (required)",
+        required=True,
+        deployed=True,
+    )
+
+
+def _database_url_field() -> Any:
+    return variable(
+        "SUBSIDY_DATABASE_URL",
+        _DATABASE_URL_MEANING,
+        required=True,
+        deployed=True,
+        also=(_DATABASE_PASSWORD_FILE,),
+        special=True,
+    )
+
+
+def _nats_url() -> Any:
+    return variable(
+        "SUBSIDY_NATS_URL",
+        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
+        required=True,
+        deployed=True,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessSettings:
     """What every process of the platform reads: how it logs and traces."""
@@ -205,12 +236,7 @@ class ProcessSettings:
 class SimulatorSettings(ProcessSettings):
     """The identity-authority simulator's settings (``python -m services.identity_sim``)."""
 
-    grpc_listen: str = variable(
-        "SUBSIDY_GRPC_LISTEN",
-        "gRPC listen address, e.g. `0.0.0.0:50051` (required)",
-        required=True,
-        deployed=True,
-    )
+    grpc_listen: str = _grpc_listen()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorSettings:
@@ -223,20 +249,8 @@ class RelaySettings(ProcessSettings):
     """The stand-alone outbox relay's settings (``python -m services.kernel.bus``): which
     store to drain into which NATS."""
 
-    database_url: str = variable(
-        "SUBSIDY_DATABASE_URL",
-        _DATABASE_URL_MEANING,
-        required=True,
-        deployed=True,
-        also=(_DATABASE_PASSWORD_FILE,),
-        special=True,
-    )
-    nats_url: str = variable(
-        "SUBSIDY_NATS_URL",
-        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
-        required=True,
-        deployed=True,
-    )
+    database_url: str = _database_url_field()
+    nats_url: str = _nats_url()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RelaySettings:
@@ -255,26 +269,9 @@ class Settings(ProcessSettings):
     """Everything a service process needs to start; docs/operations.md lists every variable."""
 
     service: str
-    grpc_listen: str = variable(
-        "SUBSIDY_GRPC_LISTEN",
-        "gRPC listen address, e.g. `0.0.0.0:50051` (required)",
-        required=True,
-        deployed=True,
-    )
-    database_url: str = variable(
-        "SUBSIDY_DATABASE_URL",
-        _DATABASE_URL_MEANING,
-        required=True,
-        deployed=True,
-        also=(_DATABASE_PASSWORD_FILE,),
-        special=True,
-    )
-    nats_url: str = variable(
-        "SUBSIDY_NATS_URL",
-        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
-        required=True,
-        deployed=True,
-    )
+    grpc_listen: str = _grpc_listen()
+    database_url: str = _database_url_field()
+    nats_url: str = _nats_url()
     vault_addr: str = variable(
         "SUBSIDY_VAULT_ADDR", "Vault/OpenBao address (required)", required=True, deployed=True
     )

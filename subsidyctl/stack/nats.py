@@ -9,15 +9,11 @@ from pathlib import Path
 from .processes import (
     HOST,
     START_TIMEOUT,
-    StackError,
     _Child,
     _http,
-    _pid_runs,
-    _read_pid,
     _Server,
-    _shutdown,
     _venv_tool,
-    port_in_use,
+    require_free,
 )
 
 
@@ -51,9 +47,7 @@ class Nats(_Server):
     def start(self) -> None:
         if self._already_running():
             return
-        for port in (self.port, self.monitor_port):
-            if port_in_use(port):
-                raise StackError(f"NATS cannot start: {HOST}:{port} is already in use")
+        require_free("NATS", self.port, self.monitor_port)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         child = _Child(
             f"NATS on {HOST}:{self.port} (store {self.store_dir})",
@@ -73,13 +67,7 @@ class Nats(_Server):
 
     def stop(self) -> None:
         """SIGTERM (nats-server flushes JetStream and exits), then kill after a timeout."""
-        child, self._child = self._child, None
-        if child is not None:
-            child.stop(signal.SIGTERM, self.start_timeout)
-        else:
-            pid = _read_pid(self.pid_file)
-            if pid is not None and _pid_runs(pid, "nats-server"):
-                _shutdown(pid, signal.SIGTERM, self.start_timeout)
+        self._stop_server(signal.SIGTERM, "nats-server", self.pid_file)
         self.pid_file.unlink(missing_ok=True)
 
     def _healthy(self) -> bool:

@@ -22,12 +22,9 @@ from .processes import (
     StackError,
     _Child,
     _http,
-    _pid_runs,
-    _read_pid,
     _Server,
-    _shutdown,
     _venv_tool,
-    port_in_use,
+    require_free,
 )
 
 UNSEAL_FILE = "LOCAL-ONLY-unseal.json"
@@ -95,9 +92,7 @@ class OpenBao(_Server):
     def start(self) -> None:
         if self._already_running():
             return
-        for port in (self.port, self.cluster_port):
-            if port_in_use(port):
-                raise StackError(f"OpenBao cannot start: {HOST}:{port} is already in use")
+        require_free("OpenBao", self.port, self.cluster_port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
@@ -131,13 +126,7 @@ class OpenBao(_Server):
 
     def stop(self) -> None:
         """SIGTERM (OpenBao seals and exits), then kill after a timeout."""
-        child, self._child = self._child, None
-        if child is not None:
-            child.stop(signal.SIGTERM, self.start_timeout)
-        else:
-            pid = _read_pid(self.pid_file)
-            if pid is not None and _pid_runs(pid, "bao"):
-                _shutdown(pid, signal.SIGTERM, self.start_timeout)
+        self._stop_server(signal.SIGTERM, "bao", self.pid_file)
         self.pid_file.unlink(missing_ok=True)
 
     # -- internals -------------------------------------------------------------------------

@@ -26,11 +26,8 @@ from .processes import (
     StackError,
     _Child,
     _log_tail,
-    _pid_runs,
-    _read_pid,
     _Server,
-    _shutdown,
-    port_in_use,
+    require_free,
 )
 
 SERVICE_DATABASES: tuple[str, ...] = ("catalog", "eligibility", "ledger", "audit")
@@ -119,8 +116,7 @@ class Postgres(_Server):
         """initdb if the data directory is new, start the server, create ``databases``."""
         if self._already_running():
             return
-        if port_in_use(self.port):
-            raise StackError(f"PostgreSQL cannot start: {HOST}:{self.port} is already in use")
+        require_free("PostgreSQL", self.port)
         user = _pg_system_user() if os.geteuid() == 0 else None
         self._prepare_data_dir(user)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -146,13 +142,7 @@ class Postgres(_Server):
 
         Also stops a server an earlier process left running on this data directory.
         """
-        child, self._child = self._child, None
-        if child is not None:
-            child.stop(signal.SIGINT, self.start_timeout)
-            return
-        pid = _read_pid(self.data_dir / "postmaster.pid")
-        if pid is not None and _pid_runs(pid, "postgres"):
-            _shutdown(pid, signal.SIGINT, self.start_timeout)
+        self._stop_server(signal.SIGINT, "postgres", self.data_dir / "postmaster.pid")
 
     def create_databases(self, names: Iterable[str]) -> None:
         """Create each database that does not exist yet."""

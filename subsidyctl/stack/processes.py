@@ -49,6 +49,13 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def require_free(what: str, *ports: int) -> None:
+    """Raise StackError naming the first of ``ports`` something already listens on."""
+    for port in ports:
+        if port_in_use(port):
+            raise StackError(f"{what} cannot start: {HOST}:{port} is already in use")
+
+
 def free_port(span: int = 1) -> int:
     """A port on 127.0.0.1 that is free now; with ``span`` > 1, the next ports are free too.
 
@@ -262,6 +269,7 @@ class _Server:
     """What the three parts share: one child process, ``with`` support, a liveness check."""
 
     _child: _Child | None
+    start_timeout: float
 
     def start(self) -> None:
         raise NotImplementedError
@@ -282,6 +290,17 @@ class _Server:
         self._child.close()
         self._child = None
         return False
+
+    def _stop_server(self, first_signal: int, program: str, pid_file: Path) -> None:
+        """Stop the server this object started; else one of ``program`` that an earlier
+        process left running with its pid in ``pid_file``."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(first_signal, self.start_timeout)
+            return
+        pid = _read_pid(pid_file)
+        if pid is not None and _pid_runs(pid, program):
+            _shutdown(pid, first_signal, self.start_timeout)
 
     def __enter__(self) -> Self:
         self.start()
