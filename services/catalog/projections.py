@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -32,12 +31,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
+    bindparam,
     case,
     delete,
     insert,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -204,7 +206,9 @@ async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | N
 
 
 async def load_products(conn: AsyncConnection, skus: Sequence[str]) -> dict[str, Product]:
-    rows = await conn.execute(select(products).where(products.c.sku.in_(list(skus))))
+    # One array parameter, not one per SKU: an import asks for thousands at once.
+    wanted = bindparam("skus", list(skus), type_=ARRAY(String))
+    rows = await conn.execute(select(products).where(products.c.sku == any_(wanted)))
     return {row.sku: Product(**row._mapping) for row in rows}
 
 
@@ -327,7 +331,7 @@ async def _save_switches(conn: AsyncConnection, before: Switches, after: Switche
 
 
 async def _save_merchant(conn: AsyncConnection, merchant: Merchant) -> None:
-    values = asdict(merchant)
+    values = vars(merchant)
     await conn.execute(
         pg_insert(merchants)
         .values(**values)
@@ -342,7 +346,7 @@ async def project_registered(
     if not registered:
         return
     await conn.execute(
-        insert(products), [asdict(product_rules.evolve(None, e)) for _, e in registered]
+        insert(products), [vars(product_rules.evolve(None, e)) for _, e in registered]
     )
     await conn.execute(
         insert(price_history),

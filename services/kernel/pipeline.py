@@ -131,7 +131,7 @@ class Pipeline:
         before anything is appended, and the caller's transaction then rolls back whole.
         """
         streams = [aggregate.stream(key) for key, _ in commands]
-        versions = await _lock_streams(tx, streams)
+        versions, created = await _lock_streams(tx, streams)
         if aggregate.load_many is not None:
             states: Mapping[K, S] = await aggregate.load_many(tx.conn, [k for k, _ in commands])
         else:
@@ -148,6 +148,9 @@ class Pipeline:
                 env.stream_version = versions[stream] + i
             appends.append((stream, versions[stream], envs))
         await _append_many(tx, appends)
+        # A stream created here that got no event is dropped before commit, as lock_stream's
+        # are (on a refusal the whole transaction rolls back, placeholders with it).
+        tx._placeholders.update(s for s, _, envs in appends if s in created and not envs)
         appended = [env for _, _, envs in appends for env in envs]
         if self.project_many is not None:
             await self.project_many(tx.conn, appended)
@@ -160,10 +163,10 @@ class Pipeline:
         ]
 
 
-async def _lock_streams(tx: Tx, streams: Sequence[str]) -> dict[str, int]:
+async def _lock_streams(tx: Tx, streams: Sequence[str]) -> tuple[dict[str, int], set[str]]:
     """:meth:`Tx.lock_stream` for many streams in two statements: create the missing ones
     (locked by this transaction until it ends; a concurrent creator waits on the key), then
-    lock the existing ones. Returns each stream's version."""
+    lock the existing ones. Returns each stream's version, and the streams created."""
     versions: dict[str, int] = {}
     placeholders: set[str] = set()
     wanted = sorted(set(streams))
@@ -190,9 +193,7 @@ async def _lock_streams(tx: Tx, streams: Sequence[str]) -> dict[str, int]:
             versions.update({r.stream_id: int(r.version) for r in rows})
         # A concurrent creator's placeholder that was rolled back is gone: create it again.
         wanted = [s for s in rest if s not in versions]
-    # A stream created here that gets no event is dropped before commit, as lock_stream's are.
-    tx._placeholders.update(placeholders)
-    return versions
+    return versions, placeholders
 
 
 async def _append_many(tx: Tx, appends: Sequence[tuple[str, int, Sequence[Envelope]]]) -> None:
