@@ -127,6 +127,13 @@ async def test_only_good_rows_applies_them_and_says_so(
     )
     assert (envs[-1].actor.id, envs[-1].actor.reason) == ("op-li", "商品目录导入")
     assert len(closing.file_sha256) == 64
+    # Each imported product's history is its own stream, as if registered alone.
+    assert len(envs) == 1
+    for sku in (f"{s}-1", f"{s}-10"):
+        [registered] = await store.read_stream(f"product/{sku}")
+        event = payload_of(registered)
+        assert isinstance(event, ev.ProductRegistered) and event.sku == sku
+        assert (registered.stream_version, registered.actor.id) == (1, "op-li")
 
 
 async def test_a_good_file_applies_every_row_with_english_headers(
