@@ -11,6 +11,7 @@ import pytest
 
 from services.kernel.settings import LIBRARY_VARIABLES, Settings, SimulatorSettings, Variable
 from tests.deploy.chart import (
+    PROFILES,
     SERVICES,
     Manifest,
     Release,
@@ -18,6 +19,7 @@ from tests.deploy.chart import (
     containers,
     deployment_of,
     env_of,
+    release,
     resolve,
     server_labels,
     settings_of,
@@ -168,9 +170,15 @@ def test_every_setting_the_chart_gives_a_service_is_one_it_reads(rel: Release) -
         assert not stray, f"{service} is given settings it never reads: {sorted(stray)}"
 
 
-def test_the_simulator_gets_exactly_what_its_settings_read(rel: Release) -> None:
-    if not rel.effective["identitySimulator"]["enabled"]:
-        pytest.skip("no simulator in this profile")
+# Only the profiles that deploy the simulator: elsewhere there is no container to look at.
+SIMULATOR_PROFILES = sorted(
+    p for p in PROFILES if release(p).effective["identitySimulator"]["enabled"]
+)
+
+
+@pytest.mark.parametrize("profile", SIMULATOR_PROFILES)
+def test_the_simulator_gets_exactly_what_its_settings_read(profile: str) -> None:
+    rel = release(profile)
     (container,) = deployment_of(rel, "identity-sim")["spec"]["template"]["spec"]["containers"]
     # K8S_* exist only to be expanded into OTEL_RESOURCE_ATTRIBUTES ($(VAR) references).
     given = {name for name in env_of(container) if not name.startswith("K8S_")}
