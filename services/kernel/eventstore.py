@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    bindparam,
     func,
     text,
 )
@@ -135,6 +136,27 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
 
 
+def _event_rows(
+    stream_id: str, expected_version: int, envelopes: Sequence[Envelope]
+) -> list[dict[str, Any]]:
+    """The events table's rows for ``envelopes`` appended after ``expected_version``; stamps
+    each envelope with its stream and version on the way."""
+    rows = []
+    for i, env in enumerate(envelopes, start=1):
+        env.stream_id = stream_id
+        env.stream_version = expected_version + i
+        rows.append(
+            {
+                "event_id": env.event_id,
+                "stream_id": stream_id,
+                "stream_version": env.stream_version,
+                "event_type": env.event_type,
+                "envelope": env.SerializeToString(deterministic=True),
+            }
+        )
+    return rows
+
+
 class Tx:
     """One database transaction: load state, lock streams, append, record handled events."""
 
@@ -177,6 +199,41 @@ class Tx:
                 self._placeholders.add(stream_id)
                 return 0
 
+    async def lock_streams(self, streams: Sequence[str]) -> dict[str, int]:
+        """:meth:`lock_stream` for many streams in two statements: create the missing ones
+        (locked by this transaction until it ends; a concurrent creator waits on the key), then
+        lock the existing ones, in stream order so two batches never deadlock. Returns each
+        stream's version (0 for a new one)."""
+        versions: dict[str, int] = {}
+        wanted = sorted(set(streams))
+        while wanted:  # once, unless a stream vanished between the two statements (see below)
+            created = set(
+                (
+                    await self.conn.execute(
+                        text(
+                            "INSERT INTO streams (stream_id, version) "
+                            "SELECT s, 0 FROM unnest(CAST(:ids AS text[])) AS s ORDER BY s "
+                            "ON CONFLICT DO NOTHING RETURNING stream_id"
+                        ).bindparams(bindparam("ids", wanted))
+                    )
+                ).scalars()
+            )
+            # Placeholders, as lock_stream's: dropped before commit if nothing is appended.
+            self._placeholders.update(created)
+            versions.update(dict.fromkeys(created, 0))
+            rest = [s for s in wanted if s not in created]
+            if rest:
+                rows = await self.conn.execute(
+                    text(
+                        "SELECT stream_id, version FROM streams WHERE stream_id = "
+                        "ANY(CAST(:ids AS text[])) ORDER BY stream_id FOR UPDATE"
+                    ).bindparams(bindparam("ids", rest))
+                )
+                versions.update({r.stream_id: int(r.version) for r in rows})
+            # A concurrent creator's placeholder that was rolled back is gone: create it again.
+            wanted = [s for s in rest if s not in versions]
+        return versions
+
     async def _drop_unused_placeholders(self) -> None:
         """Delete the version-0 rows lock_stream created for streams nothing was appended to,
         so that a stream's row never outlives its lock without an event."""
@@ -211,22 +268,57 @@ class Tx:
                 text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream_id}
             )
             raise WrongExpectedVersion(stream_id, expected_version, int(actual or 0))
-        rows = []
-        for i, env in enumerate(envelopes, start=1):
-            env.stream_id = stream_id
-            env.stream_version = expected_version + i
-            rows.append(
-                {
-                    "event_id": env.event_id,
-                    "stream_id": stream_id,
-                    "stream_version": env.stream_version,
-                    "event_type": env.event_type,
-                    "envelope": env.SerializeToString(deterministic=True),
-                }
-            )
+        rows = _event_rows(stream_id, expected_version, envelopes)
         await self.conn.execute(events_table.insert(), rows)
         self.appended += len(rows)
         return new_version
+
+    async def append_many(self, appends: Sequence[tuple[str, int, Sequence[Envelope]]]) -> None:
+        """:meth:`append` for many ``(stream, expected_version, envelopes)`` in two statements
+        (the streams locked first, e.g. by :meth:`lock_streams`; each appears once).
+
+        A stream not at its expected version raises :class:`WrongExpectedVersion` and nothing
+        is written, to that stream or any other.
+        """
+        moved = [(s, v, v + len(envs)) for s, v, envs in appends if envs]
+        if not moved:
+            return
+        updated = await self._move_versions(moved)
+        missed = {s for s, _, _ in moved} - updated
+        if missed:
+            # Put back the streams the first statement moved (it locked their rows), so a
+            # refusal leaves the transaction as it found it, as append's does.
+            await self._move_versions([(s, n, v) for s, v, n in moved if s in updated])
+            stream = min(missed)
+            expected = next(v for s, v, _ in moved if s == stream)
+            actual = await self.conn.scalar(
+                text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream}
+            )
+            raise WrongExpectedVersion(stream, expected, int(actual or 0))
+        rows = [row for s, v, envs in appends for row in _event_rows(s, v, envs)]
+        await self.conn.execute(events_table.insert(), rows)
+        self.appended += len(rows)
+        # Their rows now hold events: nothing to drop at commit (keeps that DELETE small).
+        self._placeholders.difference_update(updated)
+
+    async def _move_versions(self, moves: Sequence[tuple[str, int, int]]) -> set[str]:
+        """Set each ``(stream, from, to)`` stream to ``to`` if it is at ``from``, in one
+        statement; returns the streams moved."""
+        if not moves:
+            return set()
+        result = await self.conn.execute(
+            text(
+                "UPDATE streams SET version = m.new FROM unnest("
+                "CAST(:ids AS text[]), CAST(:old AS bigint[]), CAST(:new AS bigint[])) "
+                "AS m(id, old, new) WHERE streams.stream_id = m.id AND streams.version = m.old "
+                "RETURNING streams.stream_id"
+            ).bindparams(
+                bindparam("ids", [s for s, _, _ in moves]),
+                bindparam("old", [v for _, v, _ in moves]),
+                bindparam("new", [n for _, _, n in moves]),
+            )
+        )
+        return set(result.scalars())
 
     async def emit(
         self,

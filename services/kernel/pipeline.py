@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .events import Context, Envelope, new_envelope
-from .eventstore import EventStore, Projector, Tx, WrongExpectedVersion, events_table
+from .eventstore import EventStore, Projector, Tx
 
 K = TypeVar("K")
 S = TypeVar("S")
@@ -131,7 +130,7 @@ class Pipeline:
         before anything is appended, and the caller's transaction then rolls back whole.
         """
         streams = [aggregate.stream(key) for key, _ in commands]
-        versions, created = await _lock_streams(tx, streams)
+        versions = await tx.lock_streams(streams)
         if aggregate.load_many is not None:
             states: Mapping[K, S] = await aggregate.load_many(tx.conn, [k for k, _ in commands])
         else:
@@ -141,16 +140,13 @@ class Pipeline:
             (stream, key, list(decide(states.get(key))))
             for stream, (key, decide) in zip(streams, commands, strict=True)
         ]
-        appends: list[tuple[str, int, list[Envelope]]] = []
-        for stream, _, events in planned:
-            envs = [new_envelope(self.service, stream, e, ctx) for e in events]
-            for i, env in enumerate(envs, start=1):
-                env.stream_version = versions[stream] + i
-            appends.append((stream, versions[stream], envs))
-        await _append_many(tx, appends)
-        # A stream created here that got no event is dropped before commit, as lock_stream's
+        appends = [
+            (stream, versions[stream], [new_envelope(self.service, stream, e, ctx) for e in events])
+            for stream, _, events in planned
+        ]
+        # A stream created here that gets no event is dropped before commit, as lock_stream's
         # are (on a refusal the whole transaction rolls back, placeholders with it).
-        tx._placeholders.update(s for s, _, envs in appends if s in created and not envs)
+        await tx.append_many(appends)
         appended = [env for _, _, envs in appends for env in envs]
         if self.project_many is not None:
             await self.project_many(tx.conn, appended)
@@ -161,75 +157,3 @@ class Pipeline:
             Outcome(states.get(key), tuple(envs), stream, version + len(envs))
             for (stream, key, _), (_, version, envs) in zip(planned, appends, strict=True)
         ]
-
-
-async def _lock_streams(tx: Tx, streams: Sequence[str]) -> tuple[dict[str, int], set[str]]:
-    """:meth:`Tx.lock_stream` for many streams in two statements: create the missing ones
-    (locked by this transaction until it ends; a concurrent creator waits on the key), then
-    lock the existing ones. Returns each stream's version, and the streams created."""
-    versions: dict[str, int] = {}
-    placeholders: set[str] = set()
-    wanted = sorted(set(streams))
-    while wanted:  # once, unless a stream vanished between the two statements (see below)
-        created = (
-            await tx.conn.execute(
-                text(
-                    "INSERT INTO streams (stream_id, version) "
-                    "SELECT s, 0 FROM unnest(CAST(:ids AS text[])) AS s ORDER BY s "
-                    "ON CONFLICT DO NOTHING RETURNING stream_id"
-                ).bindparams(bindparam("ids", wanted))
-            )
-        ).scalars()
-        placeholders.update(created)
-        versions.update({s: 0 for s in placeholders})
-        rest = [s for s in wanted if s not in placeholders]
-        if rest:
-            rows = await tx.conn.execute(
-                text(
-                    "SELECT stream_id, version FROM streams "
-                    "WHERE stream_id = ANY(CAST(:ids AS text[])) ORDER BY stream_id FOR UPDATE"
-                ).bindparams(bindparam("ids", rest))
-            )
-            versions.update({r.stream_id: int(r.version) for r in rows})
-        # A concurrent creator's placeholder that was rolled back is gone: create it again.
-        wanted = [s for s in rest if s not in versions]
-    return versions, placeholders
-
-
-async def _append_many(tx: Tx, appends: Sequence[tuple[str, int, Sequence[Envelope]]]) -> None:
-    """:meth:`Tx.append` for many streams in two statements (every stream is locked)."""
-    moved = [(s, v, v + len(envs)) for s, v, envs in appends if envs]
-    if not moved:
-        return
-    updated = (
-        await tx.conn.execute(
-            text(
-                "UPDATE streams SET version = m.new FROM unnest("
-                "CAST(:ids AS text[]), CAST(:old AS bigint[]), CAST(:new AS bigint[])) "
-                "AS m(id, old, new) WHERE streams.stream_id = m.id AND streams.version = m.old "
-                "RETURNING streams.stream_id"
-            ).bindparams(
-                bindparam("ids", [s for s, _, _ in moved]),
-                bindparam("old", [v for _, v, _ in moved]),
-                bindparam("new", [n for _, _, n in moved]),
-            )
-        )
-    ).scalars()
-    missed = {s for s, _, _ in moved} - set(updated)
-    if missed:  # cannot happen under the locks; refuse rather than write a gap
-        stream = min(missed)
-        expected = next(v for s, v, _ in moved if s == stream)
-        raise WrongExpectedVersion(stream, expected, -1)
-    rows = [
-        {
-            "event_id": env.event_id,
-            "stream_id": env.stream_id,
-            "stream_version": env.stream_version,
-            "event_type": env.event_type,
-            "envelope": env.SerializeToString(deterministic=True),
-        }
-        for _, _, envs in appends
-        for env in envs
-    ]
-    await tx.conn.execute(events_table.insert(), rows)
-    tx.appended += len(rows)

@@ -160,3 +160,58 @@ async def test_locking_a_new_stream_leaves_no_row_unless_something_is_appended(
             await tx.lock_stream("s/rolled-back")
             raise RuntimeError("rolled back")
     assert await row_of("s/rolled-back") is None
+
+
+async def test_lock_streams_and_append_many_write_many_streams_at_once(store: EventStore) -> None:
+    """The bulk forms of lock_stream and append (the importer's): new and existing streams
+    locked together, each appended to at its own version, and a wrong expected version
+    refused with nothing written to any stream."""
+
+    async def versions() -> dict[str, int]:
+        async with store.engine.connect() as conn:
+            rows = await conn.execute(text("SELECT stream_id, version FROM streams"))
+            return {r.stream_id: int(r.version) for r in rows}
+
+    await store.append("s/old", 0, [funded("o", 1), funded("o", 2)])
+    async with store.transaction() as tx:
+        locked = await tx.lock_streams(["s/new-b", "s/old", "s/new-a", "s/unused"])
+        assert locked == {"s/new-a": 0, "s/new-b": 0, "s/old": 2, "s/unused": 0}
+        await tx.append_many(
+            [
+                ("s/new-a", 0, [funded("a", 1)]),
+                ("s/old", 2, [funded("o", 3), funded("o", 4)]),
+                ("s/new-b", 0, [funded("b", 1)]),
+                ("s/unused", 0, []),
+            ]
+        )
+    # A stream locked but given no event leaves no row, as with lock_stream.
+    assert await versions() == {"s/new-a": 1, "s/new-b": 1, "s/old": 4}
+    assert [e.stream_version for e in await store.read_stream("s/old")] == [1, 2, 3, 4]
+    (a,) = await store.read_stream("s/new-a")
+    assert (a.stream_id, a.stream_version) == ("s/new-a", 1)
+    assert await store.count() == 6
+
+    async with store.transaction() as tx:
+        assert await tx.lock_streams(["s/old", "s/new-a", "s/fresh"]) == {
+            "s/old": 4,
+            "s/new-a": 1,
+            "s/fresh": 0,
+        }
+        with pytest.raises(WrongExpectedVersion) as err:
+            await tx.append_many(
+                [
+                    ("s/fresh", 0, [funded("f", 1)]),
+                    ("s/new-a", 1, [funded("a", 2)]),
+                    ("s/old", 3, [funded("o", 5)]),  # stale: the stream is at 4
+                ]
+            )
+        assert (err.value.stream_id, err.value.expected, err.value.actual) == ("s/old", 3, 4)
+        # Refused whole, even inside the still-open transaction: no stream moved, no event.
+        assert await tx.lock_streams(["s/old", "s/new-a", "s/fresh"]) == {
+            "s/old": 4,
+            "s/new-a": 1,
+            "s/fresh": 0,
+        }
+        await tx.mark_handled("c", "e")  # the transaction commits other writes
+    assert await versions() == {"s/new-a": 1, "s/new-b": 1, "s/old": 4}
+    assert await store.count() == 6
