@@ -15,7 +15,6 @@ new policy version within a second.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,13 +29,15 @@ from services.contract.policy import (
     default_policy,
     in_force,
     named_version,
-    policy_from_dict,
+    policy_from_json,
 )
 from services.invariants import InvariantViolation, check_serial_once
+from services.kernel.background import every
 from services.kernel.errors import FailedPrecondition, NotFound
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Outcome, Pipeline
+from services.kernel.readmodels import load_new_rows
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -135,28 +136,21 @@ class Catalog:
     async def refresh(self) -> None:
         """Load new approved policy versions and the switch state from the database."""
         async with self.store.engine.connect() as conn:
-            versions = (await conn.execute(select(policies.c.version))).scalars().all()
-            missing = [v for v in versions if v not in self._policies]
-            if missing:
-                rows = await conn.execute(
-                    select(policies.c.version, policies.c.document).where(
-                        policies.c.version.in_(missing)
-                    )
-                )
-                for version, document in rows:
-                    self._policies[version] = policy_from_dict(json.loads(document))
+            await load_new_rows(
+                conn, policies.c.version, policies.c.document, self._policies, policy_from_json
+            )
             self._switches = await load_switches(conn)
 
     async def refresh_loop(self, stop: asyncio.Event, every_s: float = REFRESH_EVERY_S) -> None:
-        while not stop.is_set():
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("catalog refresh failed", extra={"alert": "catalog-refresh"})
-            try:
-                await asyncio.wait_for(stop.wait(), every_s)
-            except TimeoutError:
-                pass
+        """Refresh every ``every_s`` until ``stop``, so a replica sees an approval in time."""
+        await every(
+            stop,
+            every_s,
+            self.refresh,
+            log=log,
+            failure="catalog refresh failed",
+            alert="catalog-refresh",
+        )
 
     @property
     def switches(self) -> Switches:

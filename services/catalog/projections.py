@@ -16,7 +16,6 @@ Two families:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -43,7 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract.policy import policy_from_dict, policy_json, policy_of
+from services.contract.policy import policy_from_json, policy_json, policy_of
 from services.kernel.events import Envelope, payload_of
 from subsidy.v1 import events_pb2 as ev
 
@@ -175,7 +174,7 @@ async def load_policy_version(conn: AsyncConnection, version: str) -> PolicyReco
     if row is None:
         return None
     return PolicyRecord(
-        policy=policy_from_dict(json.loads(row.document)),
+        policy=policy_from_json(row.document),
         status=row.status,
         drafted_by=row.drafted_by,
         draft_reason=row.draft_reason,

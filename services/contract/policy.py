@@ -7,8 +7,8 @@ three forms, converted with one validation, and the parts live in three modules:
   (:func:`in_force`), a named version (:func:`named_version`, an unknown one is an error,
   never another version), and the per-item :func:`quote` arithmetic;
 - :mod:`.policy_document`: the YAML file people edit and its validation
-  (:func:`load_policy`, :func:`policy_from_dict`), the canonical JSON (:func:`policy_json`),
-  and the shipped :func:`default_policy`;
+  (:func:`load_policy`, :func:`policy_from_dict`), the canonical JSON (:func:`policy_json`,
+  :func:`policy_from_json`) and the shipped :func:`default_policy`;
 - :mod:`.policy_proto`: the ``subsidy.v1.Policy`` message events carry
   (``proto/subsidy/v1/policy.proto``) and :func:`policy_of` an event.
 
@@ -25,6 +25,7 @@ from services.contract.policy_document import (
     default_policy,
     load_policy,
     policy_from_dict,
+    policy_from_json,
     policy_from_text,
     policy_json,
     policy_to_dict,
@@ -83,6 +84,7 @@ __all__ = [
     "load_policy",
     "named_version",
     "policy_from_dict",
+    "policy_from_json",
     "policy_from_proto",
     "policy_from_text",
     "policy_json",

@@ -382,6 +382,12 @@ def policy_json(policy: Policy) -> str:
     return json.dumps(policy_to_dict(policy), sort_keys=True, ensure_ascii=False)
 
 
+def policy_from_json(document: str) -> Policy:
+    """The policy a :func:`policy_json` document holds (a read model's, an old event's),
+    validated as any other document."""
+    return policy_from_dict(json.loads(document))
+
+
 @cache
 def default_policy() -> Policy:
     """The policy shipped with the package: Shenzhen 2025 rules (cached; Policy is immutable)."""

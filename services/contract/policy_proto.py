@@ -8,12 +8,11 @@ turning it into the same plain document. Import it through :mod:`.policy`.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Final, TypeVar
 
-from services.contract.policy_document import policy_from_dict
+from services.contract.policy_document import policy_from_dict, policy_from_json
 from services.contract.policy_model import Group, Policy, PolicyError, RefundRule, Rounding
 from subsidy.v1 import events_pb2, policy_pb2
 
@@ -145,4 +144,4 @@ def policy_of(event: events_pb2.PolicyPublished | events_pb2.PolicyDrafted) -> P
     policy had a message of its own, its canonical JSON ``policy_json``."""
     if event.HasField("policy"):
         return policy_from_proto(event.policy)
-    return policy_from_dict(json.loads(event.policy_json))
+    return policy_from_json(event.policy_json)

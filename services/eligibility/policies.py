@@ -9,25 +9,24 @@ an error (``UNKNOWN_POLICY_VERSION``), never a silent fallback to another versio
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.contract.policy import (
     Policy,
     in_force,
     named_version,
-    policy_from_dict,
+    policy_from_json,
     policy_json,
     policy_of,
 )
 from services.kernel.errors import FailedPrecondition
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore, Tx
+from services.kernel.readmodels import load_new_rows
 from subsidy.v1 import events_pb2 as ev
 
 from .projections import policies
@@ -59,16 +58,9 @@ class PolicyCopy:
     async def _versions(self) -> dict[str, Policy]:
         """Every version received, parsing only the ones not seen before (one small query)."""
         async with self.store.engine.connect() as conn:
-            known = (await conn.execute(select(policies.c.version))).scalars().all()
-            missing = [v for v in known if v not in self._parsed]
-            if missing:
-                rows = await conn.execute(
-                    select(policies.c.version, policies.c.document).where(
-                        policies.c.version.in_(missing)
-                    )
-                )
-                for version, document in rows:
-                    self._parsed[version] = policy_from_dict(json.loads(document))
+            await load_new_rows(
+                conn, policies.c.version, policies.c.document, self._parsed, policy_from_json
+            )
         return self._parsed
 
     async def version(self, version: str) -> Policy:

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from . import metrics
+from .background import pause
 from .events import Envelope
 from .eventstore import EventStore, Position, Tx
 from .settings import RelaySettings
@@ -349,7 +350,7 @@ class EventConsumer:
                 if stop.is_set():
                     break
                 log.exception("fetch failed; retrying", extra={"alert": "consumer"})
-                await self._pause(stop, 1.0)
+                await pause(stop, 1.0)
                 continue
             try:
                 await self.handle_batch(store, js, msgs)
@@ -363,16 +364,11 @@ class EventConsumer:
                     delay,
                     extra={"alert": "consumer"},
                 )
-                await self._pause(stop, delay)
+                await pause(stop, delay)
             else:
                 failures = 0
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-
-    @staticmethod
-    async def _pause(stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
 
 
 __all__ = ["EventConsumer", "OutboxRelay", "Position", "connect", "ensure_streams", "subject_for"]

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.contract import budget
 from services.contract.budget import pool_stream
+from services.kernel.background import every
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
 from services.kernel.eventstore import EventStore, streams_table
@@ -396,16 +397,13 @@ class Ledger:
         return len(due)
 
     async def expiry_loop(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                await self.expire_due()
-                await self.sweep_abandoned(self.abandon_after_s)
-            except Exception:
-                log.exception("expiry sweep failed", extra={"alert": "expiry"})
-            try:
-                await asyncio.wait_for(stop.wait(), every_s)
-            except TimeoutError:
-                pass
+        """Expire due reservations and undo abandoned attempts every ``every_s`` until ``stop``."""
+
+        async def sweep() -> None:
+            await self.expire_due()
+            await self.sweep_abandoned(self.abandon_after_s)
+
+        await every(stop, every_s, sweep, log=log, failure="expiry sweep failed", alert="expiry")
 
 
 def _funding(state: domain.Funding | None) -> domain.Funding:
