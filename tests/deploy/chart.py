@@ -86,13 +86,23 @@ def _everything_on() -> dict[str, Any]:
     }
 
 
-# The value sets every test runs against: the defaults, each example values file, and the
-# defaults with every optional part switched on so those templates are checked too.
+def _cert_manager() -> dict[str, Any]:
+    return {
+        **values_file("values-production.yaml"),
+        "tls": {"provider": "certManager"},
+        "identitySimulator": {"enabled": True},
+    }
+
+
+# The value sets every test runs against: the defaults, each example values file, the defaults
+# with every optional part switched on so those templates are checked too, and production with
+# cert-manager (and the simulator, so its Certificate is checked) instead of the Vault Agent.
 PROFILES: dict[str, Callable[[], dict[str, Any]]] = {
     "default": dict,
     "production": lambda: values_file("values-production.yaml"),
     "dev": lambda: values_file("values-dev.yaml"),
     "everything-on": _everything_on,
+    "cert-manager": _cert_manager,
 }
 
 

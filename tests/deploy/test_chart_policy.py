@@ -1,9 +1,10 @@
 """Policies the rendered chart must satisfy, checked on the objects themselves.
 
-Hardened pods, gRPC probes, disruption budgets that never block a drain, migrations and backups
-as hooks and jobs, the values profiles. NetworkPolicies are checked in test_chart_network.py, the
-settings and secrets in test_chart_settings.py, the flows against services/kernel/topology.py in
-test_chart_topology.py. Every test runs once per values profile.
+Hardened pods, mutual-TLS health probes, disruption budgets that never block a drain, migrations
+and backups as hooks and jobs, the values profiles. NetworkPolicies are checked in
+test_chart_network.py, the settings and secrets in test_chart_settings.py, the flows against
+services/kernel/topology.py in test_chart_topology.py, certificates in test_chart_tls.py. Every
+test runs once per values profile.
 """
 
 from __future__ import annotations
@@ -73,14 +74,19 @@ def test_no_pod_gets_service_link_variables(rel: Release) -> None:
         assert spec["enableServiceLinks"] is False, obj["metadata"]["name"]
 
 
-def test_deployments_have_grpc_readiness_and_liveness_probes(rel: Release) -> None:
+def test_deployments_have_mutual_tls_readiness_and_liveness_probes(rel: Release) -> None:
+    # Native gRPC probes cannot present a client certificate; the exec probe asks the same
+    # grpc.health.v1 on the serving port with the pod's own (test_chart_tls.py checks the rest).
     grpc_port = rel.effective["grpc"]["port"]
     for deployment in rel.of_kind("Deployment"):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             for probe in ("readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == grpc_port, (
+                command = container[probe]["exec"]["command"]
+                assert command[:3] == ["python", "-m", "services.kernel.probe"]
+                assert command[command.index("--addr") + 1] == f"127.0.0.1:{grpc_port}", (
                     f"{deployment['metadata']['name']} {probe}"
                 )
+                assert "grpc" not in container[probe]
             served = {p["containerPort"] for p in container["ports"] if p["name"] == "grpc"}
             assert served == {grpc_port}
 

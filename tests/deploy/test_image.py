@@ -129,7 +129,8 @@ def test_entrypoint_runs_a_module_and_defaults_to_the_ledger() -> None:
 
 
 def test_there_is_no_healthcheck() -> None:
-    # Kubernetes probes gRPC health; a HEALTHCHECK would be a second, divergent opinion.
+    # Kubernetes probes gRPC health (services.kernel.probe); a HEALTHCHECK would be a second,
+    # divergent opinion.
     assert not [i for i in instructions() if i.keyword == "HEALTHCHECK"]
 
 
@@ -162,3 +163,8 @@ def test_the_chart_runs_only_what_the_image_has() -> None:
                 assert container["command"][0] in scripts, obj["metadata"]["name"]
             else:  # the image's ENTRYPOINT is `python -m`; the first arg is the module
                 assert container["args"][0] in MODULES, obj["metadata"]["name"]
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if kind in container:
+                    python, flag, module, *_ = container[kind]["exec"]["command"]
+                    assert (python, flag) == ("python", "-m"), obj["metadata"]["name"]
+                    assert importlib.util.find_spec(module) is not None, module

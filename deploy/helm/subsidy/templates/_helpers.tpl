@@ -151,27 +151,85 @@ seccompProfile:
 {{- end }}
 
 {{/*
-Native gRPC probes against grpc.health.v1 on the serving port. The startup probe gives a
-cold start (migrations already ran in the hook Job) up to a minute before liveness counts.
+Exec probes: `python -m services.kernel.probe` asks grpc.health.v1 on the serving port over
+mutual TLS with the pod's own certificate (Kubernetes' native gRPC probes cannot present one,
+and there is no plaintext port for them). It exits 0 only on SERVING. One run costs about
+0.3 s of CPU, hence the unhurried periods. The startup probe gives a cold start (migrations
+already ran in the hook Job) up to a minute before liveness counts.
 */}}
-{{- define "subsidy.grpcProbes" -}}
+{{- define "subsidy.probes" -}}
+{{- $exec := dict "command" (list "python" "-m" "services.kernel.probe" "--addr" (printf "127.0.0.1:%d" (int .Values.grpc.port)) "--tls-dir" (include "subsidy.tlsDir" .) "--timeout" "3") -}}
 startupProbe:
-  grpc:
-    port: {{ .Values.grpc.port }}
-  periodSeconds: 2
-  failureThreshold: 30
+  exec:
+    {{- toYaml $exec | nindent 4 }}
+  periodSeconds: 3
+  timeoutSeconds: 5
+  failureThreshold: 20
 readinessProbe:
-  grpc:
-    port: {{ .Values.grpc.port }}
-  periodSeconds: 5
-  timeoutSeconds: 2
+  exec:
+    {{- toYaml $exec | nindent 4 }}
+  periodSeconds: 10
+  timeoutSeconds: 5
   failureThreshold: 3
 livenessProbe:
-  grpc:
-    port: {{ .Values.grpc.port }}
-  periodSeconds: 10
-  timeoutSeconds: 2
+  exec:
+    {{- toYaml $exec | nindent 4 }}
+  periodSeconds: 20
+  timeoutSeconds: 5
   failureThreshold: 3
+{{- end }}
+
+{{/*
+SPIFFE id of a release component's certificate: spiffe://subsidy.local/service/<name>, the
+form services/kernel/identity.py parses (the trust domain is fixed there, not configurable).
+(dict "root" $ "name" "ledger")
+*/}}
+{{- define "subsidy.spiffeId" -}}
+{{- printf "spiffe://subsidy.local/service/%s" .name -}}
+{{- end }}
+
+{{/* DNS names of a component's Service, short to fully qualified (JSON list; fromJsonArray). */}}
+{{- define "subsidy.serviceDnsNames" -}}
+{{- $svc := include "subsidy.componentName" . -}}
+{{- $ns := .root.Release.Namespace -}}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .root.Values.tls.clusterDomain) | toJson -}}
+{{- end }}
+
+{{/* Where a serving pod finds tls.crt, tls.key and ca.crt (SUBSIDY_TLS_DIR). */}}
+{{- define "subsidy.tlsDir" -}}
+{{- if eq .Values.tls.provider "vaultAgent" -}}
+{{- .Values.vault.injector.secretsDir -}}
+{{- else -}}
+{{- .Values.tls.certManager.mountPath -}}
+{{- end -}}
+{{- end }}
+
+{{/* Name of the Secret cert-manager writes a component's certificate to. */}}
+{{- define "subsidy.tlsSecretName" -}}
+{{- printf "%s-tls" (include "subsidy.componentName" .) -}}
+{{- end }}
+
+{{/*
+The Vault Agent template of a component's certificate, for tls.provider vaultAgent. pkiCert
+issues from tls.vaultAgent.issuePath and keeps the result in its destination file
+(tls-bundle.pem, 0400), which it reads back to decide when to renew (at about nine tenths of
+the lifetime): that file must hold the certificate, the issuing CA and the key. The key, the
+certificate (with the issuing CA, so peers can build the chain) and the CA chain to the root
+are also written as the three files the services read.
+(dict "root" $ "name" "ledger")
+*/}}
+{{- define "subsidy.vaultTlsTemplate" -}}
+{{- $v := .root.Values -}}
+{{- $dir := $v.vault.injector.secretsDir -}}
+{{- $params := list (printf "common_name=service-%s" .name) (printf "uri_sans=%s" (include "subsidy.spiffeId" .)) (printf "alt_names=%s" (include "subsidy.serviceDnsNames" . | fromJsonArray | join ",")) "ip_sans=127.0.0.1" (printf "ttl=%s" $v.tls.duration) -}}
+{{- $quoted := list -}}
+{{- range $params }}{{ $quoted = append $quoted (quote .) }}{{ end -}}
+{{- printf "{{- with pkiCert %q %s -}}\n" $v.tls.vaultAgent.issuePath (join " " $quoted) -}}
+{{- printf "{{ .Cert }}{{ .CA }}{{ .Key }}\n" -}}
+{{- printf "{{ .Key | writeToFile %q \"\" \"\" \"0400\" }}\n" (printf "%s/tls.key" $dir) -}}
+{{- printf "{{ print .Cert .CA | writeToFile %q \"\" \"\" \"0444\" }}\n" (printf "%s/tls.crt" $dir) -}}
+{{- printf "{{- end }}\n" -}}
+{{- printf "{{- with secret %q }}{{ .Data.certificate | writeToFile %q \"\" \"\" \"0444\" }}{{ end -}}\n" $v.tls.vaultAgent.caChainPath (printf "%s/ca.crt" $dir) -}}
 {{- end }}
 
 {{/*
@@ -212,6 +270,9 @@ $(VAR) references expand because the variables they name are defined above them.
 {{/* postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...; the password is never in it. */}}
 {{- define "subsidy.databaseUrl" -}}
 {{- $pg := .root.Values.postgresql -}}
+{{- if and (hasPrefix "verify-" $pg.sslmode) (not .root.Values.caBundle.configMapName) -}}
+{{- fail (printf "postgresql.sslmode %s verifies the server against a CA: set caBundle.configMapName to the ConfigMap holding it" $pg.sslmode) -}}
+{{- end -}}
 {{- printf "postgresql+psycopg://%s@%s:%d/%s?sslmode=%s" .database.user $pg.host (int $pg.port) .database.name $pg.sslmode -}}
 {{- end }}
 
@@ -224,6 +285,8 @@ database password is a file the Vault Agent renders, every other secret stays in
 {{- $v := $root.Values -}}
 {{- $own := index $v.services .name -}}
 SUBSIDY_GRPC_LISTEN: {{ printf "0.0.0.0:%d" (int $v.grpc.port) | quote }}
+SUBSIDY_GRPC_REFLECTION: {{ ternary "on" "off" $v.grpc.reflection | quote }}
+{{- include "subsidy.tlsSettings" $root }}
 SUBSIDY_METRICS_LISTEN: {{ printf "0.0.0.0:%d" (int $v.metrics.port) | quote }}
 SUBSIDY_LOG_LEVEL: {{ $v.logLevel | quote }}
 SUBSIDY_DATABASE_URL: {{ include "subsidy.databaseUrl" (dict "root" $root "database" $own.database) | quote }}
@@ -242,26 +305,86 @@ OTEL_TRACES_EXPORTER: {{ $v.otel.tracesExporter | quote }}
 {{- end }}
 
 {{/*
+Vault Agent Injector annotations every pod with an agent carries: log in as .role and keep
+running (or, for Jobs, "job" true, only render once as an init container so the Job can
+complete). The agent runs as the app's UID so the files it renders are the app's.
+(dict "root" $ "role" "subsidy-ledger" "job" false)
+*/}}
+{{- define "subsidy.vaultAgentAnnotations" -}}
+{{- $v := .root.Values.vault -}}
+{{- $p := $v.injector.annotationPrefix -}}
+{{ $p }}/agent-inject: "true"
+{{ $p }}/role: {{ .role | quote }}
+{{ $p }}/auth-path: {{ $v.authPath | quote }}
+{{ $p }}/agent-run-as-same-user: "true"
+{{ $p }}/agent-pre-populate-only: {{ ternary "true" "false" (default false .job) | quote }}
+{{- with $v.injector.extraAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+With tls.provider vaultAgent, the annotations that make the agent issue and renew a serving
+pod's certificate (see subsidy.vaultTlsTemplate). Nothing otherwise.
+(dict "root" $ "name" "ledger")
+*/}}
+{{- define "subsidy.vaultTlsAnnotations" -}}
+{{- if eq .root.Values.tls.provider "vaultAgent" -}}
+{{- $p := .root.Values.vault.injector.annotationPrefix -}}
+{{ $p }}/agent-inject-secret-tls-bundle.pem: {{ .root.Values.tls.vaultAgent.issuePath | quote }}
+{{ $p }}/agent-inject-template-tls-bundle.pem: {{ include "subsidy.vaultTlsTemplate" . | quote }}
+{{ $p }}/agent-inject-perms-tls-bundle.pem: "0400"
+{{- end -}}
+{{- end }}
+
+{{/*
 Vault Agent Injector annotations for a pod of one service: log in as role subsidy-<name> and
 render the database password, alone, into <secretsDir>/db-password, readable only by the app
-user (the agent runs as the same UID). Jobs pass "job" true: the agent then only runs as an
-init container, so the Job can complete.
+user; serving pods ("job" false) also get their certificate (subsidy.vaultTlsAnnotations).
+Migration Jobs make no gRPC calls and get no certificate.
 (dict "root" $ "name" "ledger" "job" false)
 */}}
 {{- define "subsidy.vaultAnnotations" -}}
 {{- $v := .root.Values.vault -}}
 {{- $p := $v.injector.annotationPrefix -}}
 {{- $own := index .root.Values.services .name -}}
-{{ $p }}/agent-inject: "true"
-{{ $p }}/role: {{ printf "subsidy-%s" .name | quote }}
-{{ $p }}/auth-path: {{ $v.authPath | quote }}
-{{ $p }}/agent-run-as-same-user: "true"
-{{ $p }}/agent-pre-populate-only: {{ ternary "true" "false" (default false .job) | quote }}
+{{ include "subsidy.vaultAgentAnnotations" (dict "root" .root "role" (printf "subsidy-%s" .name) "job" .job) }}
 {{ $p }}/agent-inject-secret-db-password: {{ $own.database.passwordVaultPath | quote }}
 {{ $p }}/agent-inject-template-db-password: {{ printf "{{- with secret %q -}}{{ %s }}{{- end -}}" $own.database.passwordVaultPath $v.injector.passwordField | quote }}
 {{ $p }}/agent-inject-perms-db-password: "0400"
-{{- with $v.injector.extraAnnotations }}
-{{ toYaml . }}
+{{- if not .job }}
+{{ include "subsidy.vaultTlsAnnotations" . }}
+{{- end }}
+{{- end }}
+
+{{/* Settings that point a process at its certificate (map entries, after a newline). */}}
+{{- define "subsidy.tlsSettings" }}
+SUBSIDY_TLS_SOURCE: "files"
+SUBSIDY_TLS_DIR: {{ include "subsidy.tlsDir" . | quote }}
+{{- end }}
+
+{{/* With tls.provider certManager, the read-only mount of the certificate (list entry). */}}
+{{- define "subsidy.tlsMount" -}}
+{{- if eq .Values.tls.provider "certManager" }}
+- name: tls
+  mountPath: {{ .Values.tls.certManager.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* With tls.provider certManager, the certificate's Secret as a volume (list entry).
+(dict "root" $ "name" "ledger") */}}
+{{- define "subsidy.tlsVolume" -}}
+{{- if eq .root.Values.tls.provider "certManager" }}
+- name: tls
+  secret:
+    secretName: {{ include "subsidy.tlsSecretName" . }}
+    # 0440: readable by the app through the pod's fsGroup, by nobody else.
+    defaultMode: 288
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
 {{- end }}
 {{- end }}
 
