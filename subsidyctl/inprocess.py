@@ -16,12 +16,14 @@ from services.audit.service import SPEC as AUDIT
 from services.catalog.service import SPEC as CATALOG
 from services.eligibility.service import SPEC as ELIGIBILITY
 from services.identity_sim.simulator import start as start_simulator
-from services.kernel import topology
+from services.kernel import tls, topology, vault
 from services.kernel.app import Running, ServiceSpec, start
+from services.kernel.identity import service_caller
 from services.kernel.settings import Settings
 from services.ledger.service import SPEC as LEDGER
 
 SPECS: tuple[ServiceSpec, ...] = (CATALOG, ELIGIBILITY, AUDIT, LEDGER)
+LOOPBACK = ("localhost", "127.0.0.1")
 
 
 @dataclass
@@ -43,10 +45,16 @@ async def start_platform(
     vault_token: str,
     *,
     reservation_timeout_s: int = 900,
+    cert_ttl: str = "1h",
 ) -> InProcessPlatform:
     """Start the simulator and the services (in dependency order) on free loopback ports;
     each service is pointed at the peers services/kernel/topology.py gives it."""
-    sim, sim_port = await start_simulator("127.0.0.1:0")
+    sim_identity = tls.VaultCertificates(
+        lambda: vault.connect(vault_addr, token=vault_token).issue_certificate(
+            service_caller(topology.IDENTITY_SIMULATOR), ttl=cert_ttl, names=LOOPBACK
+        )
+    )
+    sim, sim_port = await start_simulator("127.0.0.1:0", sim_identity)
     endpoints = {topology.IDENTITY_SIMULATOR: f"127.0.0.1:{sim_port}"}
     running: dict[str, Running] = {}
     for spec in SPECS:
@@ -60,6 +68,8 @@ async def start_platform(
             vault_k8s_role=None,
             peers={p: endpoints[topology.serving_process(p)] for p in spec.peers},
             reservation_timeout_s=reservation_timeout_s,
+            tls_source="vault",
+            cert_ttl=cert_ttl,
         )
         running[spec.name] = await start(spec, settings)
         endpoints[spec.name] = f"127.0.0.1:{running[spec.name].port}"

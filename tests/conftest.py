@@ -18,6 +18,7 @@ from psycopg import sql
 
 from services.kernel.eventstore import EventStore, make_engine
 from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
+from tests.support.callers import Identities
 
 
 @dataclass
@@ -26,6 +27,14 @@ class Infra:
     nats: Nats
     bao: OpenBao
     root: Path
+    _identities: Identities | None = None
+
+    @property
+    def identities(self) -> Identities:
+        """Certificates for test callers from the session OpenBao's PKI (set up once)."""
+        if self._identities is None:
+            self._identities = Identities(self.bao.addr, self.bao.token)
+        return self._identities
 
     def create_database(self, prefix: str) -> str:
         """A fresh, empty database; returns its SQLAlchemy URL."""

@@ -18,8 +18,9 @@ from services.contract.limits import MAX_GRADE, NO_GRADE
 from services.contract.personal_data import InvalidPhone, mask_phone, validate_phone
 from services.contract.policy import PolicyError, policy_from_text
 from services.kernel import validate
-from services.kernel.errors import InvalidArgument, PermissionDenied
-from services.kernel.events import Context, requested_actor
+from services.kernel.errors import InvalidArgument
+from services.kernel.events import Context
+from services.kernel.identity import caller
 from subsidy.v1 import catalog_pb2, common_pb2
 
 from . import domain
@@ -28,7 +29,6 @@ from . import domain
 LICENCE: Final = re.compile(r"^[0-9A-HJ-NPQRTUWXY]{2}\d{6}[0-9A-HJ-NPQRTUWXY]{10}$")
 MAX_POLICY_BYTES: Final = 256 * 1024
 MAX_REASON: Final = 500
-OPERATOR_KINDS: Final = (common_pb2.Actor.KIND_OPERATOR, common_pb2.Actor.KIND_APPROVER)
 
 
 @dataclass(frozen=True)
@@ -50,23 +50,19 @@ class ItemQuery:
 # -- actors ----------------------------------------------------------------------------------
 
 
-def operator(actor: common_pb2.Actor, reason: str) -> Context:
-    """An operator verb: a reason, a named actor in the operator or approver role. The reason
-    travels on the envelope's actor."""
+def operator(requested: common_pb2.Actor, reason: str) -> Context:
+    """An operator verb: a reason, and the authenticated caller as the actor (the authorisation
+    table has already let only operators or approvers in). The request's ``actor`` field is
+    ignored: who acts is what the client certificate says. The reason travels on the envelope's
+    actor."""
     reason = validate.text_field("reason", reason, max_len=MAX_REASON)
-    validate.identifier("actor.id", actor.id)
-    if actor.kind not in OPERATOR_KINDS:
-        raise PermissionDenied(
-            "OPERATOR_ROLE_REQUIRED", "actor.kind: an operator or approver", field="actor.kind"
-        )
-    return Context(common_pb2.Actor(kind=actor.kind, id=actor.id, reason=reason))
+    return Context(caller().actor(reason))
 
 
-def onboarding(actor: common_pb2.Actor, reason: str = "") -> Context:
-    """Merchant onboarding: calls predating roles may omit the actor; the kernel's one default
-    records that honestly (an operator named ``unknown``)."""
-    given = requested_actor(actor, common_pb2.Actor.KIND_OPERATOR)
-    return Context(common_pb2.Actor(kind=given.kind, id=given.id, reason=reason))
+def onboarding(requested: common_pb2.Actor, reason: str = "") -> Context:
+    """Merchant and product onboarding, by a platform or an operator: the authenticated caller
+    is the actor (the request's ``actor`` field is ignored)."""
+    return Context(caller().actor(reason))
 
 
 # -- policy ----------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from services.contract import personal_data
 from services.kernel import validate
 from services.kernel.errors import InvalidArgument
-from services.kernel.events import requested_actor
+from services.kernel.identity import caller
 from services.kernel.rpc import ServicerContext
-from subsidy.v1 import common_pb2, eligibility_pb2, eligibility_pb2_grpc
+from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc
 
 from .domain import Qualification
 from .handlers import Eligibility
@@ -36,9 +36,6 @@ def _personal(field: str, value: str, check: Callable[[str], str]) -> str:
         raise InvalidArgument(exc.reason, f"{field}: {exc}", field=field) from None
 
 
-PLATFORM = common_pb2.Actor.KIND_PLATFORM
-
-
 class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     def __init__(self, eligibility: Eligibility) -> None:
         self.e = eligibility
@@ -55,7 +52,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
             id_number,
             phone,
             platform_id,
-            requested_actor(request.actor, PLATFORM, platform_id),
+            caller().actor(),
         )
         return eligibility_pb2.Consumer(
             consumer_id=str(row["consumer_id"]),
@@ -70,9 +67,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
         channel = validate.identifier("channel", request.channel)
-        q = await self.e.claim(
-            consumer_id, category, channel, requested_actor(request.actor, PLATFORM)
-        )
+        q = await self.e.claim(consumer_id, category, channel, caller().actor())
         return _qualification(q)
 
     async def GetQualification(
@@ -94,7 +89,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
             order_id,
             category,
             consumer_id,
-            requested_actor(request.actor, PLATFORM),
+            caller().actor(),
             platform_id=platform_id,
         )
         return _qualification(q)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from services.kernel import rpc
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.bus import EventConsumer
 from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc, identity_pb2_grpc
@@ -14,8 +13,7 @@ from .projections import metadata
 
 
 async def build(rt: Runtime) -> Wiring:
-    s = rt.settings
-    authority_ch = rpc.channel(s.peers["identity_authority"], deadline_s=s.rpc_deadline_s)
+    authority_ch = rt.channel("identity_authority")
     e = Eligibility(
         rt.store,
         rt.vault,

@@ -15,7 +15,7 @@ import sys
 
 import grpc
 
-from services.kernel import rpc
+from services.kernel import rpc, tls
 from services.kernel.rpc import ServicerContext
 from services.kernel.settings import SettingsError, SimulatorSettings
 from services.kernel.telemetry import configure_logging, configure_tracing
@@ -61,7 +61,8 @@ SERVICE_NAMES = (
 )
 
 
-async def start(listen: str) -> tuple[grpc.aio.Server, int]:
+async def start(listen: str, identity: tls.CertificateSource) -> tuple[grpc.aio.Server, int]:
+    """Serve the simulator with mutual TLS on ``listen``; returns the server and its port."""
     sim = IdentitySimulator()
     server, health = rpc.build_server(
         [
@@ -70,7 +71,7 @@ async def start(listen: str) -> tuple[grpc.aio.Server, int]:
         ],
         SERVICE_NAMES,
     )
-    port = server.add_insecure_port(listen)
+    port = rpc.listen(server, listen, identity)
     await server.start()
     await rpc.set_serving(health, SERVICE_NAMES)
     return server, port
@@ -92,8 +93,17 @@ def main() -> int:
         traces_exporter=settings.otel_traces_exporter,
     )
 
+    if settings.tls_source != "files" or settings.tls_dir is None:
+        print(
+            "identity_sim: the simulator reads its certificate from files: set"
+            " SUBSIDY_TLS_SOURCE=files and SUBSIDY_TLS_DIR",
+            file=sys.stderr,
+        )
+        return 2
+    identity = tls.FileCertificates(settings.tls_dir)
+
     async def serve() -> None:
-        server, port = await start(listen)
+        server, port = await start(listen, identity)
         log.warning("identity authority SIMULATOR serving on port %d (not for production)", port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

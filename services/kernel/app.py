@@ -21,8 +21,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from . import bus, rpc, topology, vault
+from . import bus, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
+from .identity import service_caller
 from .settings import Settings, SettingsError
 from .telemetry import configure_logging, configure_tracing
 
@@ -38,7 +39,15 @@ class Runtime:
     vault: vault.Vault
     nc: NatsClient
     js: JetStreamContext
+    # This process's certificate: served to its callers, presented to the peers it calls.
+    identity: tls.CertificateSource
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def channel(self, peer: str) -> tls.RenewingChannel:
+        """A mutual-TLS channel to ``peer`` (one of the topology's peers of this service)."""
+        return rpc.channel(
+            self.settings.peers[peer], self.identity, deadline_s=self.settings.rpc_deadline_s
+        )
 
 
 @dataclass
@@ -84,6 +93,27 @@ class Running:
         await self.done
 
 
+def certificate_source(settings: Settings, v: vault.Vault) -> tls.CertificateSource:
+    """The service's certificate: issued by Vault's PKI for its own SPIFFE id and renewed by
+    the service itself, or kept in files by Vault Agent or cert-manager."""
+    if settings.tls_source == "files":
+        if settings.tls_dir is None:
+            raise SettingsError(
+                "missing required environment variable SUBSIDY_TLS_DIR"
+                " (SUBSIDY_TLS_SOURCE is files)"
+            )
+        return tls.FileCertificates(settings.tls_dir)
+    if settings.tls_source != "vault":
+        raise SettingsError(
+            f"SUBSIDY_TLS_SOURCE must be vault or files, got {settings.tls_source!r}"
+        )
+    names = [n.strip() for n in settings.tls_server_names.split(",") if n.strip()]
+    me = service_caller(settings.service)
+    return tls.VaultCertificates(
+        lambda: v.issue_certificate(me, ttl=settings.cert_ttl, names=names)
+    )
+
+
 async def start(spec: ServiceSpec, settings: Settings) -> Running:
     """Start ``spec`` in this event loop; returns once it is serving."""
     store = EventStore(make_engine(settings.database_url))
@@ -94,16 +124,21 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         k8s_role=settings.vault_k8s_role,
         transit_mount=settings.vault_transit_mount,
     )
+    identity = certificate_source(settings, v)
     nc, js = await bus.connect(settings.nats_url, spec.name)
     await bus.ensure_streams(js)
-    runtime = Runtime(settings, store, v, nc, js)
+    runtime = Runtime(settings, store, v, nc, js, identity)
     wiring = await spec.build(runtime)
     if spec.name in topology.SERVICE_NAMES:
         # A consumer of events the topology does not declare (or a declared flow nobody
         # consumes) is a wiring mistake: refuse to start rather than drift from the chart.
         topology.check_consumers(spec.name, [s for c in wiring.consumers for s in c.subjects])
-    server, health = rpc.build_server(wiring.registrations, wiring.service_names)
-    port = server.add_insecure_port(settings.grpc_listen)
+    server, health = rpc.build_server(
+        wiring.registrations,
+        wiring.service_names,
+        reflection_on=settings.grpc_reflection == "on",
+    )
+    port = rpc.listen(server, settings.grpc_listen, identity)
     if port == 0:
         raise SettingsError(f"SUBSIDY_GRPC_LISTEN: cannot listen on {settings.grpc_listen}")
     await server.start()
@@ -139,6 +174,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         task.add_done_callback(essential_ended)
     tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
     tasks.append(asyncio.create_task(v.keep_token_fresh(runtime.stop), name="vault-token"))
+    tasks.append(asyncio.create_task(identity.keep_fresh(runtime.stop), name="certificate"))
     if wiring.ready is not None:
         await wiring.ready()
     await rpc.set_serving(health, wiring.service_names)

@@ -52,18 +52,6 @@ def service_actor(service: str) -> common_pb2.Actor:
     return common_pb2.Actor(kind=common_pb2.Actor.KIND_SERVICE, id=service)
 
 
-def requested_actor(
-    actor: common_pb2.Actor,
-    default_kind: common_pb2.Actor.Kind.ValueType,
-    default_id: str = "unknown",
-) -> common_pb2.Actor:
-    """The actor a request names, or the API's default when it names none: the one place an
-    actor is defaulted. (Who really calls will come from the caller's certificate.)"""
-    if actor.kind:
-        return actor
-    return common_pb2.Actor(kind=default_kind, id=default_id or "unknown")
-
-
 def event_type(message: Message) -> str:
     return message.DESCRIPTOR.full_name
 

@@ -1,17 +1,20 @@
 """The one gRPC bootstrap every service uses: server, client channels, interceptors.
 
-Server: grpc.health.v1, server reflection, OpenTelemetry server spans, and the error mapping
+Server: mutual TLS only, grpc.health.v1, server reflection (unless turned off), OpenTelemetry
+server spans, the authorisation table (services/kernel/authz.py) enforced before any handler,
+and the error mapping
 (a :class:`DomainError` becomes its status code with a ``google.rpc.ErrorInfo`` detail naming
 the reason and the field; a :class:`WrongExpectedVersion` becomes ``ABORTED`` with reason
 ``CONCURRENT_UPDATE``, retryable; anything else becomes ``INTERNAL`` with no internals leaked).
-Client: OpenTelemetry client spans and a default deadline on every call.
+Client: mutual TLS with a renewing certificate, OpenTelemetry client spans and a default
+deadline on every call.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -22,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from . import metrics
+from . import authz, metrics, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
 
@@ -72,10 +75,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 err = exc if isinstance(exc, DomainError) else concurrent_update()
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
-                code, message, status = status_of(err)
-                await context.abort(
-                    code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),)
-                )
+                await _abort(context, err)
             except grpc.aio.AbortError:
                 outcome = "ABORTED"
                 raise
@@ -93,27 +93,76 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+async def _abort(context: ServicerContext, error: DomainError) -> None:
+    code, message, status = status_of(error)
+    await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
+
+
+class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+    """Before any handler runs: who calls (from the client certificate the TLS handshake
+    verified) and whether the authorisation table lets them call this method. A method the
+    table does not name is refused, for every caller. (``rules`` is the table; only a test
+    server with test methods passes another.)"""
+
+    def __init__(self, rules: Mapping[str, frozenset[str]] = authz.RULES) -> None:
+        self._rules = rules
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        async def reject(context: ServicerContext, error: DomainError) -> None:
+            metrics.RPC_REFUSALS.labels(method, error.reason).inc()
+            log.warning("refused %s: %s", method, error.reason)
+            await _abort(context, error)
+
+        guarded: Handler = authz.guard(method, handler, reject, self._rules)
+        return guarded
+
+
 def build_server(
-    registrations: Sequence[Registration], service_names: Sequence[str]
+    registrations: Sequence[Registration],
+    service_names: Sequence[str],
+    *,
+    reflection_on: bool = True,
+    rules: Mapping[str, frozenset[str]] = authz.RULES,
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
-    """A server with health, reflection, tracing and error mapping; not yet listening."""
+    """A server with health, reflection (unless turned off), tracing, authorisation and error
+    mapping; not yet listening (see :func:`listen`)."""
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],  # type: ignore[no-untyped-call]
+        interceptors=[
+            aio_server_interceptor(),  # type: ignore[no-untyped-call]
+            AuthorizationInterceptor(rules),
+            ErrorMappingInterceptor(),
+        ],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
     for add, servicer in registrations:
         add(servicer, server)
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    if reflection_on:
+        reflection.enable_server_reflection(
+            (
+                *service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
     return server, health
+
+
+def listen(server: grpc.aio.Server, address: str, identity: tls.CertificateSource) -> int:
+    """Listen on ``address`` with mutual TLS only (there is no plaintext port); returns the
+    port. A renewed certificate is served from the next handshake on."""
+    return server.add_secure_port(address, tls.server_credentials(identity))
 
 
 async def set_serving(health: grpc_health.aio.HealthServicer, names: Sequence[str]) -> None:
@@ -146,10 +195,14 @@ class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
-def channel(addr: str, *, deadline_s: float = 5.0) -> grpc.aio.Channel:
-    """A client channel with tracing and a default deadline."""
-    return grpc.aio.insecure_channel(
+def channel(
+    addr: str, identity: tls.CertificateSource, *, deadline_s: float = 5.0
+) -> tls.RenewingChannel:
+    """A mutual-TLS client channel presenting ``identity``'s current certificate, with tracing
+    and a default deadline on every call."""
+    return tls.RenewingChannel(
         addr,
+        identity,
         interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)],  # type: ignore[no-untyped-call]
     )
 

@@ -177,6 +177,52 @@ def _nats_url() -> Any:
     )
 
 
+def _tls_source() -> Any:
+    return variable(
+        "SUBSIDY_TLS_SOURCE",
+        "where this process's certificate comes from: `vault` (it asks Vault's PKI engine and "
+        "renews it itself; local stack) or `files` (`tls.crt`, `tls.key`, `ca.crt` in "
+        "SUBSIDY_TLS_DIR, kept fresh by Vault Agent or cert-manager; the chart) (required)",
+        required=True,
+        deployed=True,
+    )
+
+
+def _tls_dir() -> Any:
+    return variable(
+        "SUBSIDY_TLS_DIR",
+        "directory of `tls.crt`, `tls.key` and `ca.crt` when SUBSIDY_TLS_SOURCE is `files`",
+        default=None,
+        deployed=True,
+    )
+
+
+def _tls_names() -> Any:
+    return variable(
+        "SUBSIDY_TLS_SERVER_NAMES",
+        "comma-separated DNS names and IP addresses a Vault-issued server certificate covers, "
+        "default `localhost,127.0.0.1`",
+        default="localhost,127.0.0.1",
+    )
+
+
+def _cert_ttl() -> Any:
+    return variable(
+        "SUBSIDY_CERT_TTL",
+        "lifetime of a Vault-issued certificate (renewed at two thirds), default `1h`",
+        default="1h",
+    )
+
+
+def _reflection() -> Any:
+    return variable(
+        "SUBSIDY_GRPC_REFLECTION",
+        "`on` (default) or `off`: gRPC server reflection; production values turn it off",
+        default="on",
+        deployed=True,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessSettings:
     """What every process of the platform reads: how it logs and traces."""
@@ -237,6 +283,8 @@ class SimulatorSettings(ProcessSettings):
     """The identity-authority simulator's settings (``python -m services.identity_sim``)."""
 
     grpc_listen: str = _grpc_listen()
+    tls_source: str = _tls_source()
+    tls_dir: Path | None = _tls_dir()  # noqa: RUF009 (a dataclasses.field, as variable() is)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorSettings:
@@ -270,6 +318,11 @@ class Settings(ProcessSettings):
 
     service: str
     grpc_listen: str = _grpc_listen()
+    tls_source: str = _tls_source()
+    tls_dir: Path | None = _tls_dir()  # noqa: RUF009 (a dataclasses.field, as variable() is)
+    tls_server_names: str = _tls_names()
+    cert_ttl: str = _cert_ttl()
+    grpc_reflection: str = _reflection()
     database_url: str = _database_url_field()
     nats_url: str = _nats_url()
     vault_addr: str = variable(
@@ -393,3 +446,47 @@ def peer_variables(peers: tuple[str, ...]) -> tuple[Variable, ...]:
         )
         for p in peers
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CliSettings:
+    """The variables ``subsidyctl`` reads (its Typer options' ``envvar`` and its own look-ups;
+    tests/unit/test_cli.py fails if it reads one not declared here). Not a service's: the
+    docs list them with the CLI in docs/operations.md, not in the settings reference."""
+
+    base_port: int = variable(
+        "SUBSIDY_BASE_PORT", "the local stack's base port, default 7100", default=7100
+    )
+    run_dir: Path = variable(  # noqa: RUF009 (a dataclasses.field, as variable() is)
+        "SUBSIDY_RUN_DIR",
+        "the local stack's run folder (data, logs, traces, certs), default `run`",
+        default=Path("run"),
+    )
+    catalog_addr: str = variable(
+        "SUBSIDY_CATALOG_ADDR",
+        "catalog service `host:port` for the catalog commands, default the local stack's",
+        default="",
+    )
+    identity: Path | None = variable(  # noqa: RUF009
+        "SUBSIDY_IDENTITY",
+        "directory with `tls.crt`, `tls.key`, `ca.crt` every command presents, instead of "
+        "the demo identity that fits the command",
+        default=None,
+    )
+
+    @classmethod
+    def variables(cls) -> tuple[Variable, ...]:
+        """Every variable subsidyctl reads, in declaration order."""
+        return tuple(v for f in dataclasses.fields(cls) for v in f.metadata.get("variables", ()))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CliSettings:
+        """Read subsidyctl's settings; SettingsError names a malformed one."""
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var: Variable = f.metadata["variables"][0]
+            if raw := env.get(var.name):
+                values[f.name] = _parse(var.name, raw, hints[f.name])
+        return cls(**values)

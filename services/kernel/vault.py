@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hvac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import pki, tls
+from .identity import Caller
 
 KEK_KEY = "subsidy-pii-kek"
 BLIND_INDEX_KEY = "subsidy-blind-index"
@@ -198,6 +203,18 @@ class Vault:
             except TimeoutError:
                 pass
 
+    def issue_certificate(
+        self, who: Caller, *, ttl: str, names: Sequence[str] = ()
+    ) -> tls.Certificate:
+        """A certificate for ``who`` from the PKI engine; ``names`` are the DNS names and IP
+        addresses a server certificate covers."""
+        ips = [n for n in names if _is_ip(n)]
+        dns = [n for n in names if not _is_ip(n)]
+        try:
+            return pki.issue(self._client, who, ttl=ttl, dns_names=dns, ip_sans=ips)
+        except pki.PkiError as exc:
+            raise VaultUnavailable(str(exc)) from None
+
     # -- async wrappers --------------------------------------------------------------------
     async def new_data_key(self) -> tuple[bytes, WrappedKey]:
         return await asyncio.to_thread(self.new_data_key_sync)
@@ -210,6 +227,14 @@ class Vault:
 
     async def sign(self, message: bytes) -> str:
         return await asyncio.to_thread(self.sign_sync, message)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def seal(key: bytes, plaintext: str, associated: bytes = b"") -> bytes:

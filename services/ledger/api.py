@@ -9,9 +9,9 @@ from typing import Any
 from services.contract.budget import Pool
 from services.kernel import validate
 from services.kernel.errors import NotFound
-from services.kernel.events import requested_actor
+from services.kernel.identity import caller
 from services.kernel.rpc import ServicerContext
-from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import domain
 from .handlers import Ledger
@@ -43,10 +43,6 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     return out
 
 
-PLATFORM = common_pb2.Actor.KIND_PLATFORM
-OPERATOR = common_pb2.Actor.KIND_OPERATOR
-
-
 class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -60,7 +56,7 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
         domain.fund(Pool(pool_id), request.amount_fen, source)  # the amount, before any I/O
-        actor = requested_actor(request.actor, OPERATOR)
+        actor = caller().actor()
         pool = await self.ledger.fund(domain.Fund(pool_id, request.amount_fen, source, key), actor)
         return _pool(pool)
 
@@ -82,9 +78,7 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             unit_price_fen=validate.price_fen("unit_price_fen", request.unit_price_fen),
             serial=validate.serial("serial", request.serial) if request.serial else "",
         )
-        row = await self.ledger.reserve(
-            cmd, requested_actor(request.actor, PLATFORM, cmd.platform_id)
-        )
+        row = await self.ledger.reserve(cmd, caller().actor())
         return _reservation(row)
 
     async def CaptureSubsidy(
@@ -94,20 +88,14 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(
-            await self.ledger.capture(
-                order_id, payment_ref, requested_actor(request.actor, PLATFORM)
-            )
-        )
+        return _reservation(await self.ledger.capture(order_id, payment_ref, caller().actor()))
 
     async def ReleaseSubsidy(
         self, request: ledger_pb2.ReleaseSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         reason = validate.choice("reason", request.reason, ("CANCELLED", "REFUNDED"))
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(
-            await self.ledger.release(order_id, reason, requested_actor(request.actor, PLATFORM))
-        )
+        return _reservation(await self.ledger.release(order_id, reason, caller().actor()))
 
     async def GetReservation(
         self, request: ledger_pb2.GetReservationRequest, context: ServicerContext

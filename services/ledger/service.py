@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from services.kernel import rpc
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from subsidy.v1 import catalog_pb2_grpc, eligibility_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
@@ -13,8 +12,8 @@ from .projections import metadata
 
 async def build(rt: Runtime) -> Wiring:
     s = rt.settings
-    catalog_ch = rpc.channel(s.peers["catalog"], deadline_s=s.rpc_deadline_s)
-    eligibility_ch = rpc.channel(s.peers["eligibility"], deadline_s=s.rpc_deadline_s)
+    catalog_ch = rt.channel("catalog")
+    eligibility_ch = rt.channel("eligibility")
     ledger = Ledger(
         rt.store,
         catalog_pb2_grpc.CatalogServiceStub(catalog_ch),

@@ -35,6 +35,7 @@ from subsidy.v1 import (
 from subsidyctl.inprocess import start_platform
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
+from tests.support.callers import CallerRouter
 from tests.support.identities import Person, make_person
 
 SPANS = InMemorySpanExporter()
@@ -171,10 +172,11 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         log_dir=infra.root / "logs",
     )
     nats.start()
+    identities = infra.identities  # the CA exists before any service asks it for a certificate
     started = await start_platform(infra.create_database, nats.url, infra.bao.addr, infra.bao.token)
     running = started.running
     peers = started.endpoints
-    channels = {name: rpc.channel(addr, deadline_s=10) for name, addr in peers.items()}
+    channels = {name: CallerRouter(addr, identities) for name, addr in peers.items()}
     p = Platform(
         infra=infra,
         running=running,

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from services.kernel.events import payload_of
-from subsidy.v1 import catalog_pb2
+from subsidy.v1 import catalog_pb2, common_pb2
 from subsidy.v1 import events_pb2 as ev
 from tests.e2e.cli import subsidyctl
 from tests.e2e.conftest import Platform, status_of
@@ -241,7 +241,11 @@ async def test_import_needs_an_operator_and_a_reason(platform: Platform) -> None
     before = await catalog_events(p)
     cases: list[tuple[dict[str, Any], tuple[grpc.StatusCode, str, str]]] = [
         (dict(reason=""), (INVALID, "MISSING_FIELD", "reason")),
-        (dict(actor=None), (INVALID, "MISSING_FIELD", "actor.id")),
+        # Who imports is the certificate's: a platform's is refused before anything is read.
+        (
+            dict(actor=common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id="jd")),
+            (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED", ""),
+        ),
     ]
     for kw, expected in cases:
         with pytest.raises(grpc.aio.AioRpcError) as err:

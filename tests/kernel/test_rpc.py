@@ -8,8 +8,11 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from services.kernel import errors, rpc
+from services.kernel import authz, errors, rpc
 from services.kernel.eventstore import WrongExpectedVersion
+from services.kernel.identity import Caller, Role
+from tests.conftest import Infra
+from tests.support.callers import OPERATOR
 
 METHOD = "/test.v1.Conflicts/Write"
 
@@ -30,11 +33,12 @@ def register(servicer: object, server: grpc.aio.Server) -> None:
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    server, _health = rpc.build_server([(register, None)], [])
-    port = server.add_insecure_port("127.0.0.1:0")
+async def channel(infra: Infra) -> AsyncIterator[grpc.aio.Channel]:
+    rules = {**authz.RULES, METHOD: frozenset({authz.OPERATOR})}
+    server, _health = rpc.build_server([(register, None)], [], rules=rules)
+    port = rpc.listen(server, "127.0.0.1:0", infra.identities(Caller(Role.SERVICE, "test")))
     await server.start()
-    async with rpc.channel(f"127.0.0.1:{port}") as ch:
+    async with rpc.channel(f"127.0.0.1:{port}", infra.identities(OPERATOR)) as ch:
         yield ch
     await server.stop(grace=None)
 
