@@ -1,23 +1,29 @@
 """The demo campaign and a platform-like client: seed it, then run one checkout over gRPC.
 
 The client calls the services exactly as a platform's checkout system would (register the
-consumer, claim, reserve, capture). Demo consumers are generated at run time with valid ID-number
-checksums; nothing personal is printed but masked forms.
+consumer, claim, reserve, capture), with mutual TLS: each call presents the certificate of the
+demo identity whose role the authorisation table (services/kernel/authz.py) allows it, preferring
+the platform (so a checkout is the demo platform's, funding the demo operator's, a merchant's
+approval the demo approver's, the audit log's pages the demo auditor's). Demo consumers are
+generated at run time with valid ID-number checksums; nothing personal is printed but masked
+forms.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import yaml
 
 from services.contract.personal_data import id_number_check_char
-from services.kernel import rpc
+from services.kernel import authz, rpc, tls
+from services.kernel.identity import Caller, Role
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (
     audit_pb2_grpc,
@@ -52,14 +58,118 @@ def generate_person(rng: random.Random, address: str = "440310") -> Person:
     return Person(name, first17 + id_number_check_char(first17), phone)
 
 
-class Client:
-    """Stubs for every service, as a platform (and an operator) would hold them."""
+# Which demo identity makes a call: the first of these roles the table allows for the method.
+PREFERENCE = (Role.PLATFORM, Role.OPERATOR, Role.APPROVER, Role.AUDITOR)
 
-    def __init__(self, endpoints: dict[str, str]) -> None:
-        self._channels = {
-            s: rpc.channel(endpoints[s], deadline_s=10)
+
+def role_for(method: str) -> Role:
+    """The role the demo calls ``method`` as (a method the table does not name: the platform,
+    and the server refuses it)."""
+    allowed = authz.RULES.get(method, frozenset())
+    return next((r for r in PREFERENCE if r.value in allowed), Role.PLATFORM)
+
+
+@dataclass(frozen=True)
+class Identities:
+    """One certificate per role the demo acts in."""
+
+    by_role: Mapping[Role, tls.CertificateSource]
+
+    @classmethod
+    def demo(cls, certs: Path) -> Identities:
+        """The demo identities the local stack issues into ``certs`` (run/certs)."""
+        from .stack.certs import (
+            APPROVER_DEMO,
+            AUDITOR_DEMO,
+            OPERATOR_DEMO,
+            PLATFORM_DEMO,
+            identity_dir,
+        )
+
+        return cls(
+            {
+                who.role: tls.FileCertificates(identity_dir(certs, who))
+                for who in (PLATFORM_DEMO, OPERATOR_DEMO, APPROVER_DEMO, AUDITOR_DEMO)
+            }
+        )
+
+    def caller(self, role: Role) -> Caller:
+        return Caller.parse(self.by_role[role].current().spiffe_id())
+
+
+class RoutingChannel:
+    """A channel to one server that opens one mutual-TLS channel per role and sends each call
+    over the one whose certificate fits the method (:func:`role_for`)."""
+
+    def __init__(
+        self,
+        target: str,
+        identities: Identities,
+        *,
+        deadline_s: float,
+        choose: Callable[[str], Role] = role_for,
+    ) -> None:
+        self.target = target
+        self._identities = identities
+        self._deadline_s = deadline_s
+        self._choose = choose
+        self._channels: dict[Role, tls.RenewingChannel] = {}
+
+    def channel_of(self, role: Role) -> tls.RenewingChannel:
+        if role not in self._channels:
+            self._channels[role] = rpc.channel(
+                self.target, self._identities.by_role[role], deadline_s=self._deadline_s
+            )
+        return self._channels[role]
+
+    def _route(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        def call(*call_args: Any, **call_kwargs: Any) -> Any:
+            multi = getattr(self.channel_of(self._choose(method)), kind)(method, *args, **kwargs)
+            return multi(*call_args, **call_kwargs)
+
+        return call
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("unary_unary", method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("unary_stream", method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("stream_unary", method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("stream_stream", method, *args, **kwargs)
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+class Client:
+    """Stubs for every service, as a platform (and the people who run the campaign) hold them.
+
+    ``identities`` defaults to the demo identities of the local stack whose ``endpoints`` these
+    are (``LocalStack.endpoints()`` names its ``certs`` folder)."""
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, str],
+        identities: Identities | None = None,
+        *,
+        deadline_s: float = 10,
+    ) -> None:
+        if identities is None:
+            identities = Identities.demo(Path(endpoints["certs"]))
+        self.identities = identities
+        self.platform_id = identities.caller(Role.PLATFORM).name
+        self._routers = {
+            s: RoutingChannel(endpoints[s], identities, deadline_s=deadline_s)
             for s in ("catalog", "eligibility", "ledger", "audit", "identity_sim")
         }
+        # the stubs call only the four factories, which a RoutingChannel has
+        self._channels = {s: cast(grpc.aio.Channel, r) for s, r in self._routers.items()}
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self._channels["catalog"])
         self.eligibility = eligibility_pb2_grpc.EligibilityServiceStub(
             self._channels["eligibility"]
@@ -71,8 +181,8 @@ class Client:
         )
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
+        for router in self._routers.values():
+            await router.close()
 
 
 def load_demo(path: Path = DEMO) -> dict[str, Any]:
@@ -137,7 +247,7 @@ async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
             name=person.name,
             id_number=person.id_number,
             phone=person.phone,
-            platform_id="demo-platform",
+            platform_id=client.platform_id,  # ignored by the server: the certificate says who
         )
     )
     return consumer
@@ -153,14 +263,16 @@ async def checkout(
         consumer = await register(client, generate_person(rng))
         qual = await client.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer.consumer_id, category=product.category, channel="demo-platform"
+                consumer_id=consumer.consumer_id,
+                category=product.category,
+                channel=client.platform_id,
             )
         )
         order_id = f"demo-{rng.randrange(16**12):012x}"
         reservation = await client.ledger.ReserveSubsidy(
             ledger_pb2.ReserveSubsidyRequest(
                 order_id=order_id,
-                platform_id="demo-platform",
+                platform_id=client.platform_id,
                 pool_id=pool_id,
                 consumer_id=consumer.consumer_id,
                 qualification_id=qual.qualification_id,

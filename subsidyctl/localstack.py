@@ -1,6 +1,13 @@
 """The whole platform on one machine: real PostgreSQL, NATS and OpenBao plus every service as
 its own process, with logs and traces in one run folder.
 
+Every connection is mutual TLS. OpenBao holds the campaign's CA (services.kernel.pki); each
+service asks it for its own certificate with the stack's Vault token and renews it itself
+(``SUBSIDY_TLS_SOURCE=vault``); the identity simulator reads files the stack issues into
+``run/certs/service-identity-sim`` (``SUBSIDY_TLS_SOURCE=files``). At each start the stack also
+issues the demo identities into ``run/certs/<role>-<name>/`` (stack.certs.DEMO_IDENTITIES),
+which subsidyctl's commands present by default; ``up`` renews them while it runs.
+
 Used by ``subsidyctl up`` (``make run``; data survives restarts) and ``subsidyctl smoke``
 (``make smoke``; a throwaway folder and free ports, so it never collides with a running stack).
 """
@@ -22,9 +29,11 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.kernel import topology
+from services.kernel import tls, topology
+from services.kernel.identity import Caller
 
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
+from .stack import certs as identities
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = topology.SERVICE_NAMES
@@ -103,10 +112,25 @@ class LocalStack:
     pg: Postgres | None = None
     nats: Nats | None = None
     bao: OpenBao | None = None
+    identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
 
     @property
     def logs(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def certs(self) -> Path:
+        """``<role>-<name>/`` per identity the stack issued (tls.crt, tls.key, ca.crt)."""
+        return self.run_dir / "certs"
+
+    @property
+    def token_file(self) -> Path:
+        """The root token, how the stack (and ``subsidyctl certs issue``) reaches Vault."""
+        return self.run_dir / "LOCAL-ONLY-vault-token"
+
+    def identity(self, who: Caller) -> Path:
+        """The directory of one identity the stack issued."""
+        return identities.identity_dir(self.certs, who)
 
     @property
     def traces(self) -> Path:
@@ -178,9 +202,16 @@ class LocalStack:
             self.pg.start()
             self.nats.start()
             self.bao.start()
-            token_file = self.run_dir / "LOCAL-ONLY-vault-token"
+            token_file = self.token_file
             write_private(token_file, self.bao.token)
-            self._spawn(SIMULATOR, {})
+            self.issue_identities()
+            self._spawn(
+                SIMULATOR,
+                {
+                    "SUBSIDY_TLS_SOURCE": "files",
+                    "SUBSIDY_TLS_DIR": str(self.identity(identities.SIMULATOR_IDENTITY)),
+                },
+            )
             self._wait_serving(SIMULATOR)
             for service in SERVICES:
                 self._spawn(service, self._service_env(service, token_file))
@@ -191,6 +222,25 @@ class LocalStack:
             raise
         self.say(f"stack serving in {time.monotonic() - t0:.1f} s")
 
+    def issue_identities(self, *, only_due: bool = False) -> list[str]:
+        """Issue the demo identities and the simulator's certificate from the stack's CA into
+        ``certs/`` (all of them, or with ``only_due`` those two thirds through their lifetime);
+        returns the directories written."""
+        assert self.bao is not None
+        client = self.bao.client()
+        written = []
+        wanted: list[tuple[Caller, tuple[str, ...]]] = [
+            (who, ()) for who in identities.DEMO_IDENTITIES
+        ]
+        wanted.append((identities.SIMULATOR_IDENTITY, identities.LOOPBACK))
+        for who, hosts in wanted:
+            directory = self.identity(who)
+            if only_due and not identities.due(directory):
+                continue
+            identities.issue_to(client, who, directory, ttl=self.identity_ttl, hosts=hosts)
+            written.append(directory.name)
+        return written
+
     def _service_env(self, service: str, token_file: Path) -> dict[str, str]:
         assert self.pg and self.nats and self.bao
         env = {
@@ -198,6 +248,9 @@ class LocalStack:
             "SUBSIDY_NATS_URL": self.nats.url,
             "SUBSIDY_VAULT_ADDR": self.bao.addr,
             "SUBSIDY_VAULT_TOKEN_FILE": str(token_file),
+            # each service issues and renews its own certificate from the stack's CA
+            "SUBSIDY_TLS_SOURCE": "vault",
+            "SUBSIDY_TLS_SERVER_NAMES": ",".join(identities.LOOPBACK),
             "SUBSIDY_METRICS_LISTEN": f"127.0.0.1:{self.ports.metrics(service)}",
             "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
             **self.settings_overrides,
@@ -236,10 +289,16 @@ class LocalStack:
         )
         out.close()
 
+    def probe_credentials(self) -> grpc.ChannelCredentials:
+        """The health probes' mutual TLS: the demo operator's certificate (there is no
+        plaintext port to probe)."""
+        cert = tls.FileCertificates(self.identity(identities.OPERATOR_DEMO)).current()
+        return tls.channel_credentials(cert)
+
     def _wait_serving(self, service: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         proc = self._procs[service]
-        with grpc.insecure_channel(self.endpoint(service)) as ch:
+        with grpc.secure_channel(self.endpoint(service), self.probe_credentials()) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
@@ -295,6 +354,7 @@ class LocalStack:
             "nats": self.nats.url,
             "openbao": self.bao.addr,
             "run_dir": str(self.run_dir),
+            "certs": str(self.certs),
         }
 
     def trace_spans(self, trace_id: str) -> list[dict[str, object]]:

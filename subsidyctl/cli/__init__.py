@@ -15,6 +15,8 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
   version.
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
+- :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
+  stack's CA.
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
   bars) are shared by the groups.
 
@@ -28,8 +30,14 @@ service could not be reached in time. A failure is one line on stderr, never a t
 refused or failed call prints ``{"error": {"code", "reason", "field", "message"}}``, bad input
 ``subsidyctl COMMAND: error: ...``.
 
+Identity: every call is mutual TLS, and the services take the caller from its certificate, never
+from the request. A command that calls a service takes ``--identity DIR`` (default: the local
+stack's demo identity that fits it, e.g. ``run/certs/operator-demo`` for ``pause``; see
+docs/security.md).
+
 A new command goes into the module of its group (or a new module registered below) and uses
-``common``'s options (``--catalog``, ``--actor``, ``--json``) and ``emit`` for its output.
+``common``'s options (``--catalog``, ``--identity`` for its role, ``--json``) and ``emit`` for its
+output; a new environment variable is declared in services.kernel.settings.CliSettings first.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from collections.abc import Sequence
 import grpc
 import typer
 
-from . import audit, catalog, checkout, common, policy, stack, switches
+from . import audit, catalog, certs, checkout, common, policy, stack, switches
 
 app = typer.Typer(
     name="subsidyctl",
@@ -56,9 +64,10 @@ app.add_typer(catalog.app)
 app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
+app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 
 
-GROUPS = (policy.app.info.name, audit.app.info.name)
+GROUPS = (policy.app.info.name, audit.app.info.name, certs.app.info.name)
 
 
 def _command_path(args: Sequence[str]) -> str:

@@ -4,7 +4,8 @@ each other.
 Fetches every entry from the audit service (a Rich progress bar on a terminal), recomputes the
 hash chain and compares its head with the one the service reports, rebuilds every budget pool
 from the log's events alone (checking the budget invariant after each), and compares each with
-what the ledger reports. Prints one JSON object; exit 0 when everything agrees, 1 with the first
+what the ledger reports. Calls as ``--identity DIR`` (default: the demo auditor). Prints one
+JSON object; exit 0 when everything agrees, 1 with the first
 disagreement (``{"ok": false, "violation": ...}``) otherwise.
 """
 
@@ -22,7 +23,8 @@ from services.invariants import InvariantViolation
 from services.kernel import rpc
 from subsidy.v1 import audit_pb2, audit_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
-from .common import EXIT_NO, JsonOpt, emit, local_address
+from ..stack.certs import AUDITOR_DEMO
+from .common import EXIT_NO, AuditorIdentityOpt, JsonOpt, emit, identity, local_address
 from .progress import PhaseProgress
 
 app = typer.Typer(name="audit", help="Auditor commands.", no_args_is_help=True)
@@ -89,14 +91,16 @@ def verify_command(
     ledger: Annotated[
         str, typer.Option(help="ledger service HOST:PORT (default: the local stack's)")
     ] = "",
+    identity_dir: AuditorIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """Check the audit log's chain and the ledger's figures against each other."""
     audit_addr = audit or local_address("audit")
     ledger_addr = ledger or local_address("ledger")
+    who = identity(identity_dir, AUDITOR_DEMO)
 
     async def run() -> dict[str, Any]:
-        audit_ch, ledger_ch = rpc.channel(audit_addr), rpc.channel(ledger_addr)
+        audit_ch, ledger_ch = rpc.channel(audit_addr, who), rpc.channel(ledger_addr, who)
         try:
             # A bar on a terminal only: piped, audit verify prints nothing but its answer.
             with PhaseProgress(unit="entries", plain=False, quiet=json_only) as bar:

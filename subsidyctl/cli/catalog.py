@@ -5,7 +5,8 @@
   subsidyctl sales-ledger [--format csv|xlsx] [--merchant ID] [--out FILE]
 
 Each takes ``--catalog HOST:PORT`` (default $SUBSIDY_CATALOG_ADDR, else the local stack's) and
-prints one JSON object on stdout. ``import`` shows its progress on stderr (a Rich bar on a
+``--identity DIR`` (default: the demo platform for ``quote``, the demo operator for the others)
+and prints one JSON object on stdout. ``import`` shows its progress on stderr (a Rich bar on a
 terminal, a line per phase and quarter otherwise) and exits 1 when nothing was imported.
 """
 
@@ -20,17 +21,20 @@ from rich.table import Table
 
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
 
+from ..stack.certs import OPERATOR_DEMO, PLATFORM_DEMO
 from .common import (
     EXIT_NO,
     EXIT_OK,
     EXIT_UNREACHABLE,
-    ActorOpt,
     CatalogOpt,
     Failure,
     JsonOpt,
-    actor,
+    OperatorIdentityOpt,
+    PlatformIdentityOpt,
+    actor_of,
     catalog_call,
     emit,
+    identity,
     note,
     pick,
     stderr_console,
@@ -66,6 +70,7 @@ def quote(
     ] = 0,
     policy: Annotated[str, typer.Option(help="policy version (default: in force now)")] = "",
     catalog: CatalogOpt = "",
+    identity_dir: PlatformIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """The subsidy for one item under a policy version."""
@@ -73,7 +78,8 @@ def quote(
     request = catalog_pb2.QuoteRequest(
         category=category, grade=grade, price_fen=price_fen, policy_version=policy
     )
-    emit(pick(catalog_call(catalog, lambda stub: stub.Quote(request)), *QUOTE_FIELDS))
+    who = identity(identity_dir, PLATFORM_DEMO)
+    emit(pick(catalog_call(catalog, who, lambda stub: stub.Quote(request)), *QUOTE_FIELDS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,8 +125,8 @@ def import_products(
     ] = False,
     reason: Annotated[str, typer.Option(help="why (default: import FILE)")] = "",
     timeout: Annotated[float, typer.Option(help="seconds", min=0.0)] = 300.0,
-    actor_id: ActorOpt = "",
     catalog: CatalogOpt = "",
+    identity_dir: OperatorIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """Bulk-import products from a CSV file: all or nothing, or only the good rows."""
@@ -130,7 +136,7 @@ def import_products(
             only_good_rows=only_good_rows,
             reason=reason,
             timeout=timeout,
-            actor_id=actor_id,
+            identity_dir=identity_dir,
             catalog=catalog,
             json_only=json_only,
         )
@@ -143,7 +149,7 @@ def run_import(
     only_good_rows: bool,
     reason: str,
     timeout: float,
-    actor_id: str,
+    identity_dir: Path | None,
     catalog: str,
     json_only: bool,
 ) -> int:
@@ -152,10 +158,11 @@ def run_import(
         data = file.read_bytes()
     except OSError as exc:
         raise Failure(f"cannot read {file}: {exc.strerror}") from None
+    who = identity(identity_dir, OPERATOR_DEMO)
     request = catalog_pb2.ImportProductsRequest(
         csv=data,
         only_good_rows=only_good_rows,
-        actor=actor(actor_id),
+        actor=actor_of(who),
         reason=reason or f"import {file.name}",
         file_name=file.name,
     )
@@ -171,7 +178,7 @@ def run_import(
             raise Failure("the import ended without a result", EXIT_UNREACHABLE)
         return result
 
-    result = catalog_call(catalog, call, deadline_s=timeout)
+    result = catalog_call(catalog, who, call, deadline_s=timeout)
     if not json_only:
         tell_rejected(result)
     emit(import_answer(result))
@@ -190,12 +197,14 @@ def sales_ledger(
         str, typer.Option(help="file to write (default: sales-ledger.FORMAT)", show_default=False)
     ] = "",
     catalog: CatalogOpt = "",
+    identity_dir: OperatorIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """Export the sales ledger (销售台账) as CSV or XLSX."""
 
     request = catalog_pb2.ExportSalesLedgerRequest(format=fmt, merchant_id=merchant)
-    got = catalog_call(catalog, lambda stub: stub.ExportSalesLedger(request), deadline_s=60)
+    who = identity(identity_dir, OPERATOR_DEMO)
+    got = catalog_call(catalog, who, lambda stub: stub.ExportSalesLedger(request), deadline_s=60)
     path = Path(out or got.filename)
     try:
         path.write_bytes(got.content)

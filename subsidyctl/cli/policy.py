@@ -1,10 +1,12 @@
 """Maker-checker publication of a policy version, answered by a running catalog service.
 
-  subsidyctl policy draft FILE --reason TEXT [--actor ID]        (the maker)
-  subsidyctl policy approve VERSION --reason TEXT [--actor ID]   (the checker: someone else)
+  subsidyctl policy draft FILE --reason TEXT [--identity DIR]        (the maker: an operator)
+  subsidyctl policy approve VERSION --reason TEXT [--identity DIR]   (the checker: an approver)
 
-Prints one JSON object: the version, its status, when it takes effect, who drafted and who
-approved it, and whether it is in force now.
+Who drafts and who approves is the certificate's identity (default: the demo operator, the demo
+approver); the catalog refuses an approval by the drafter. Prints one JSON object: the version,
+its status, when it takes effect, who drafted and who approved it, and whether it is in force
+now.
 """
 
 from __future__ import annotations
@@ -14,9 +16,21 @@ from typing import Annotated
 
 import typer
 
-from subsidy.v1 import catalog_pb2, common_pb2
+from subsidy.v1 import catalog_pb2
 
-from .common import ActorOpt, CatalogOpt, Failure, JsonOpt, ReasonOpt, actor, catalog_call, emit
+from ..stack.certs import APPROVER_DEMO, OPERATOR_DEMO
+from .common import (
+    ApproverIdentityOpt,
+    CatalogOpt,
+    Failure,
+    JsonOpt,
+    OperatorIdentityOpt,
+    ReasonOpt,
+    actor_of,
+    catalog_call,
+    emit,
+    identity,
+)
 
 app = typer.Typer(
     name="policy",
@@ -42,8 +56,8 @@ def show(v: catalog_pb2.PolicyVersion) -> None:
 def draft(
     file: Annotated[Path, typer.Argument(help="the policy document (YAML)")],
     reason: ReasonOpt,
-    actor_id: ActorOpt = "",
     catalog: CatalogOpt = "",
+    identity_dir: OperatorIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """Propose a policy version; it changes nothing until someone else approves it."""
@@ -52,21 +66,20 @@ def draft(
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else exc
         raise Failure(f"cannot read {file}: {why}") from None
-    request = catalog_pb2.DraftPolicyRequest(
-        document=document, actor=actor(actor_id), reason=reason
-    )
-    show(catalog_call(catalog, lambda stub: stub.DraftPolicy(request)))
+    who = identity(identity_dir, OPERATOR_DEMO)
+    request = catalog_pb2.DraftPolicyRequest(document=document, actor=actor_of(who), reason=reason)
+    show(catalog_call(catalog, who, lambda stub: stub.DraftPolicy(request)))
 
 
 @app.command()
 def approve(
     version: Annotated[str, typer.Argument(help="the drafted version, e.g. shenzhen-2026.1")],
     reason: ReasonOpt,
-    actor_id: ActorOpt = "",
     catalog: CatalogOpt = "",
+    identity_dir: ApproverIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """Approve a drafted version (not your own); it is in force from its effective_from."""
-    who = actor(actor_id, common_pb2.Actor.KIND_APPROVER)
-    request = catalog_pb2.ApprovePolicyRequest(version=version, actor=who, reason=reason)
-    show(catalog_call(catalog, lambda stub: stub.ApprovePolicy(request)))
+    who = identity(identity_dir, APPROVER_DEMO)
+    request = catalog_pb2.ApprovePolicyRequest(version=version, actor=actor_of(who), reason=reason)
+    show(catalog_call(catalog, who, lambda stub: stub.ApprovePolicy(request)))

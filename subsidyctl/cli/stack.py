@@ -2,7 +2,11 @@
 
   subsidyctl up [--seed-demo] [--run-dir DIR] [--base-port N]   serve until Ctrl-C
   subsidyctl smoke                  a throwaway stack, one checkout, one JSON line, stop
-  subsidyctl seed [--base-port N]   the demo campaign on a running stack, as one JSON line
+  subsidyctl seed [--base-port N] [--run-dir DIR]   the demo campaign on a running stack
+
+``up`` issues the demo identities into ``RUN_DIR/certs/<role>-<name>/`` at each start and renews
+them while it serves; ``seed`` acts as those demo users (an operator funds and files, an
+approver approves, the demo platform registers the consumers).
 
 ``up`` tells people where everything is (a table of endpoints on a terminal); with ``--json`` it
 prints one JSON object instead once the stack serves. It exits 1 if the stack cannot start or a
@@ -33,11 +37,15 @@ from services.kernel.telemetry import configure_tracing
 from .. import demo
 from ..localstack import SERVICES, LocalStack, Ports, free_base, wait_until_audited
 from ..stack import StackError
+from ..stack.certs import PLATFORM_DEMO, dir_name
 from .common import (
     DEFAULT_BASE_PORT,
+    DEFAULT_RUN_DIR,
     EXIT_NO,
     BasePortOpt,
     JsonOpt,
+    RunDirOpt,
+    demo_identities,
     emit,
     local_address,
     note,
@@ -45,24 +53,23 @@ from .common import (
 
 app = typer.Typer()
 PANEL = "Local stack"
-DEFAULT_RUN_DIR = Path("run")
-
-RunDirOpt = Annotated[
-    Path, typer.Option(envvar="SUBSIDY_RUN_DIR", help="data, logs and traces", file_okay=False)
-]
+RENEW_CHECK_S = 60.0  # how often up checks whether a demo identity is due for renewal
 
 
 def endpoints(base_port: int) -> dict[str, str]:
     return {s: local_address(s, base_port) for s in Ports(base_port).services}
 
 
-def example(base_port: int) -> str:
+def example(base_port: int, certs: Path = DEFAULT_RUN_DIR / "certs") -> str:
+    me = certs / dir_name(PLATFORM_DEMO)
     return (
         "Try a subsidised checkout (a platform's calls: register, claim, reserve, capture):\n"
         f"  .venv/bin/subsidyctl checkout --base-port {base_port} --sku demo-fridge-g1 "
         "--price-fen 1200000\n"
-        "Or call the gRPC API directly (server reflection is on), e.g. with grpcurl:\n"
-        f'  grpcurl -plaintext -d \'{{"pool_id": "pingshan-2025"}}\' '
+        "Or call the gRPC API directly with the demo platform's certificate (mutual TLS only;\n"
+        "server reflection is on), e.g. with grpcurl:\n"
+        f"  grpcurl -cacert {me}/ca.crt -cert {me}/tls.crt -key {me}/tls.key "
+        f'-d \'{{"pool_id": "pingshan-2025"}}\' '
         f"{local_address('ledger', base_port)} "
         "subsidy.v1.LedgerService/GetBudget"
     )
@@ -91,7 +98,7 @@ def announce(
     else:
         print("endpoints:", json.dumps(where, indent=2), flush=True)
     print(f"logs: {stack.logs}   traces: {stack.traces}", flush=True)
-    print(example(base_port), flush=True)
+    print(example(base_port, stack.certs), flush=True)
     print("serving; press Ctrl-C to stop", flush=True)
 
 
@@ -119,12 +126,22 @@ def up(
     try:
         seeded = asyncio.run(_seed(stack.endpoints())) if seed_demo else None
         announce(stack, base_port, seeded, json_only)
+        next_renewal_check = time.monotonic() + RENEW_CHECK_S
         while not stop["now"]:
             dead = stack.dead()
             if dead:
                 for s in dead:
                     note(f"{s} exited unexpectedly:\n{stack.tail(s)}")
                 raise typer.Exit(EXIT_NO)
+            if time.monotonic() >= next_renewal_check:
+                next_renewal_check = time.monotonic() + RENEW_CHECK_S
+                try:
+                    renewed = stack.issue_identities(only_due=True)
+                except Exception as exc:  # keep serving; the next check tries again
+                    note(f"renewing the demo identities failed: {exc!r}")
+                else:
+                    if renewed and not json_only:
+                        note(f"renewed {', '.join(renewed)}")
             time.sleep(0.5)
     finally:
         note("stopping ...")
@@ -132,8 +149,8 @@ def up(
         note("stopped")
 
 
-async def _seed(where: dict[str, str]) -> dict[str, Any]:
-    client = demo.Client(where)
+async def _seed(where: dict[str, str], identities: demo.Identities | None = None) -> dict[str, Any]:
+    client = demo.Client(where, identities)
     try:
         return await demo.seed(client, random.Random())
     finally:
@@ -141,9 +158,16 @@ async def _seed(where: dict[str, str]) -> dict[str, Any]:
 
 
 @app.command(rich_help_panel=PANEL)
-def seed(base_port: BasePortOpt = DEFAULT_BASE_PORT, json_only: JsonOpt = False) -> None:
-    """Create the demo campaign on a running stack (safe to run again)."""
-    emit(asyncio.run(_seed(endpoints(base_port))))
+def seed(
+    base_port: BasePortOpt = DEFAULT_BASE_PORT,
+    run_dir: RunDirOpt = DEFAULT_RUN_DIR,
+    json_only: JsonOpt = False,
+) -> None:
+    """Create the demo campaign on a running stack (safe to run again).
+
+    Acts as the stack's demo operator, approver and platform (RUN_DIR/certs)."""
+    identities = demo_identities(run_dir)
+    emit(asyncio.run(_seed(endpoints(base_port), identities)))
 
 
 async def _smoke(stack: LocalStack) -> dict[str, Any]:

@@ -1,30 +1,34 @@
 """Emergency switches, answered by a running catalog service: pause and resume.
 
-  subsidyctl pause  (--category CODE | --campaign) --reason TEXT [--actor ID]
-  subsidyctl resume (--category CODE | --campaign) --reason TEXT [--actor ID]
+  subsidyctl pause  (--category CODE | --campaign) --reason TEXT [--identity DIR]
+  subsidyctl resume (--category CODE | --campaign) --reason TEXT [--identity DIR]
 
-Each is a catalog event with the operator and the reason; every catalog replica applies it within
+Each is a catalog event with the operator (the certificate's identity; default the demo
+operator) and the reason; every catalog replica applies it within
 a second. Prints one JSON object: whether the campaign is paused and which categories are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
 
+from ..stack.certs import OPERATOR_DEMO
 from .common import (
-    ActorOpt,
     CatalogOpt,
     Failure,
     JsonOpt,
+    OperatorIdentityOpt,
     ReasonOpt,
-    actor,
+    actor_of,
     catalog_call,
     emit,
+    identity,
 )
 
 app = typer.Typer()
@@ -37,24 +41,30 @@ CampaignOpt = Annotated[bool, typer.Option("--campaign", help="the whole campaig
 
 
 def switch(
-    pause: bool, category: str, campaign: bool, reason: str, actor_id: str, catalog: str
+    pause: bool,
+    category: str,
+    campaign: bool,
+    reason: str,
+    identity_dir: Path | None,
+    catalog: str,
 ) -> None:
     """Throw one switch and print the switches as they now stand."""
     if bool(category) == campaign:
         raise Failure("give exactly one of --category CODE or --campaign")
-    who = actor(actor_id)
+    who = identity(identity_dir, OPERATOR_DEMO)
+    actor = actor_of(who)
 
     async def call(stub: catalog_pb2_grpc.CatalogServiceAsyncStub) -> catalog_pb2.Switches:
         s: catalog_pb2.Switches
         if campaign:
-            request = catalog_pb2.CampaignSwitchRequest(actor=who, reason=reason)
+            request = catalog_pb2.CampaignSwitchRequest(actor=actor, reason=reason)
             s = await (stub.PauseCampaign if pause else stub.ResumeCampaign)(request)
         else:
-            creq = catalog_pb2.CategorySwitchRequest(category=category, actor=who, reason=reason)
+            creq = catalog_pb2.CategorySwitchRequest(category=category, actor=actor, reason=reason)
             s = await (stub.PauseCategory if pause else stub.ResumeCategory)(creq)
         return s
 
-    s = catalog_call(catalog, call)
+    s = catalog_call(catalog, who, call)
     emit(
         {
             "campaign_paused": s.campaign_paused,
@@ -70,11 +80,11 @@ def command(pause: bool) -> Callable[..., None]:
         reason: ReasonOpt,
         category: CategoryOpt = "",
         campaign: CampaignOpt = False,
-        actor_id: ActorOpt = "",
         catalog: CatalogOpt = "",
+        identity_dir: OperatorIdentityOpt = None,
         json_only: JsonOpt = False,
     ) -> None:
-        switch(pause, category, campaign, reason, actor_id, catalog)
+        switch(pause, category, campaign, reason, identity_dir, catalog)
 
     throw.__doc__ = (
         "Pause one category or the whole campaign: new reservations are refused."

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hvac
+
+from services.kernel import pki
 from services.kernel.vault import ensure_transit_keys
 
 from .processes import (
@@ -49,7 +52,9 @@ class OpenBao(_Server):
     unless given). ``dev=False`` (local stack): integrated raft storage in ``data_dir/data``,
     initialised on first start with one unseal key, which is kept with the root token in
     ``data_dir/LOCAL-ONLY-unseal.json`` (mode 0600) and used to unseal on every later start.
-    Either way the transit keys the services need exist once ``start()`` returns.
+    Either way the transit keys the services need and the campaign's certificate authority
+    (services.kernel.pki: a root on ``pki``, an intermediate on ``pki_int``, one PKI role per
+    identity role) exist once ``start()`` returns; :attr:`ca_pem` is the CA bundle.
     """
 
     data_dir: Path
@@ -59,6 +64,7 @@ class OpenBao(_Server):
     root_token: str | None = None
     start_timeout: float = START_TIMEOUT
     _child: _Child | None = field(default=None, init=False, repr=False)
+    _ca_pem: bytes | None = field(default=None, init=False, repr=False)
 
     @property
     def addr(self) -> str:
@@ -76,6 +82,17 @@ class OpenBao(_Server):
         if self.root_token is None:
             raise StackError(f"OpenBao on {self.addr} has no root token yet: start it first")
         return self.root_token
+
+    def client(self, *, timeout: float = 10) -> hvac.Client:
+        """A Vault client with the root token (the local stack's and tests' only way in)."""
+        return hvac.Client(url=self.addr, token=self.token, timeout=timeout)
+
+    @property
+    def ca_pem(self) -> bytes:
+        """The CA bundle (intermediate + root) that verifies every certificate it issues."""
+        if self._ca_pem is None:
+            self._ca_pem = pki.ensure_pki(self.client())
+        return self._ca_pem
 
     @property
     def log_path(self) -> Path:
@@ -120,6 +137,10 @@ class OpenBao(_Server):
                 ensure_transit_keys(self.addr, self.token)
             except Exception as exc:
                 raise child.error(f"creating the transit keys failed: {exc!r}") from exc
+            try:
+                self._ca_pem = pki.ensure_pki(self.client())
+            except Exception as exc:
+                raise child.error(f"setting up the PKI (the CA) failed: {exc!r}") from exc
         except BaseException:
             self.stop()
             raise

@@ -42,6 +42,16 @@ def test_each_service_gets_the_addresses_of_exactly_its_peers(tmp_path: Path) ->
     assert stack._service_env("ledger", tmp_path / "t")["SUBSIDY_CATALOG_ADDR"] == "127.0.0.1:7101"
 
 
+def test_each_service_issues_its_own_certificate_for_the_loopback_names(tmp_path: Path) -> None:
+    stack = unstarted_stack(tmp_path, 7100)
+    for service in SERVICES:
+        env = stack._service_env(service, tmp_path / "token")
+        assert env["SUBSIDY_TLS_SOURCE"] == "vault"
+        assert env["SUBSIDY_TLS_SERVER_NAMES"] == "localhost,127.0.0.1"
+        assert env["SUBSIDY_VAULT_TOKEN_FILE"] == str(tmp_path / "token")
+        assert "SUBSIDY_TLS_DIR" not in env
+
+
 def test_ports_follow_the_topology_offsets_and_never_collide() -> None:
     ports = Ports(20000)
     assert ports.services == {

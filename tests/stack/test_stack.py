@@ -15,6 +15,8 @@ import hvac
 import psycopg
 import pytest
 
+from services.kernel import pki
+from services.kernel.identity import Role
 from services.kernel.vault import KEK_KEY, TRANSIT_KEYS
 from subsidyctl.stack import (
     SERVICE_DATABASES,
@@ -151,13 +153,16 @@ def test_a_failed_start_names_the_port_and_shows_the_log(tmp_path: Path) -> None
     assert not port_in_use(broken.port)
 
 
-def test_openbao_dev_has_the_transit_keys(tmp_path: Path) -> None:
+def test_openbao_dev_has_the_transit_keys_and_the_ca(tmp_path: Path) -> None:
     bao = OpenBao(data_dir=tmp_path / "bao", port=free_port(2), log_dir=tmp_path / "log", dev=True)
     with bao:
         client = hvac.Client(url=bao.addr, token=bao.token, timeout=5)
         assert client.is_authenticated()
         for name, key_type in TRANSIT_KEYS.items():
             assert client.secrets.transit.read_key(name=name)["data"]["type"] == key_type
+        roles = client.secrets.pki.list_roles(mount_point=pki.ISSUING_MOUNT)["data"]["keys"]
+        assert sorted(roles) == sorted(r.value for r in Role)
+        assert bao.ca_pem.count(b"BEGIN CERTIFICATE") == 2  # intermediate + root
         assert not (tmp_path / "bao" / ".vault-token").exists()
         assert bao.token not in (tmp_path / "log" / "openbao.log").read_text()
     assert not port_in_use(bao.port)
@@ -172,6 +177,7 @@ def test_openbao_raft_keeps_its_keys_across_restarts(tmp_path: Path) -> None:
         client = hvac.Client(url=first.addr, token=first.token, timeout=5)
         encrypted = client.secrets.transit.encrypt_data(name=KEK_KEY, plaintext=plaintext)
         ciphertext = encrypted["data"]["ciphertext"]
+        first_ca = first.ca_pem
 
     unseal_file = data_dir / "LOCAL-ONLY-unseal.json"
     assert stat.S_IMODE(unseal_file.stat().st_mode) == 0o600
@@ -180,8 +186,9 @@ def test_openbao_raft_keeps_its_keys_across_restarts(tmp_path: Path) -> None:
     assert saved["root_token"] == first.token
 
     second = OpenBao(data_dir=data_dir, port=port, log_dir=log_dir, dev=False)
-    with second:  # unsealed from the file; same token, same keys
+    with second:  # unsealed from the file; same token, same keys, same CA
         assert second.token == first.token
+        assert second.ca_pem == first_ca
         client = hvac.Client(url=second.addr, token=second.token, timeout=5)
         decrypted = client.secrets.transit.decrypt_data(name=KEK_KEY, ciphertext=ciphertext)
         assert decrypted["data"]["plaintext"] == plaintext

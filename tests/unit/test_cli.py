@@ -1,33 +1,82 @@
 """subsidyctl's command line without services: its commands, bad input, unreachable services,
-and the progress it draws. (The answers of running services: tests/e2e/test_catalog_import.py,
-tests/e2e/test_catalog_isolated.py, and `subsidyctl smoke` in tests/e2e/test_processes.py.)"""
+the identities it presents, the variables it reads, and the progress it draws. (The answers of
+running services: tests/e2e/test_catalog_import.py, tests/e2e/test_catalog_isolated.py, and
+`subsidyctl smoke` in tests/e2e/test_processes.py.)"""
 
 from __future__ import annotations
 
+import ast
+import datetime as dt
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from rich.console import Console
 
+from services.kernel import tls
+from services.kernel.identity import Caller
+from services.kernel.settings import CliSettings
 from subsidy.v1 import catalog_pb2
-from subsidyctl.cli import main
+from subsidyctl.cli import app, main
 from subsidyctl.cli.catalog import import_answer, tell_rejected
 from subsidyctl.cli.common import pick
 from subsidyctl.cli.progress import PhaseProgress
 from subsidyctl.cli.stack import announce
 from subsidyctl.localstack import LocalStack
 from subsidyctl.stack import free_port
+from subsidyctl.stack.certs import DEMO_IDENTITIES, dir_name, write_identity
+
+CLI_SOURCES = Path(__file__).resolve().parents[2] / "subsidyctl" / "cli"
 
 # Every command the docs, the Makefile and the chart name, with its group.
 COMMANDS = [
     "up", "smoke", "seed", "checkout", "quote", "import", "sales-ledger", "pause", "resume",
-    "policy", "audit",
+    "policy", "audit", "certs",
 ]  # fmt: skip
+
+
+def self_signed(who: Caller) -> tls.Certificate:
+    """A certificate of the right shape for ``who`` (no service ever checks it here)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who.principal)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(who.spiffe_id)]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return tls.Certificate(pem, key_pem, pem)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run folder with the demo identities in certs/, as ``make run`` leaves it."""
+    for who in DEMO_IDENTITIES:
+        write_identity(tmp_path / "certs" / dir_name(who), self_signed(who))
+    return tmp_path
 
 
 def test_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,6 +88,9 @@ def test_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert " draft " in capsys.readouterr().out
     assert main(["audit", "verify", "--help"]) == 0
     assert "--ledger" in capsys.readouterr().out
+    assert main(["certs", "issue", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "--role" in shown and "LOCAL-ONLY-vault-token" in shown
 
 
 @pytest.mark.parametrize(
@@ -97,19 +149,30 @@ def test_a_group_without_its_command_shows_its_help(capsys: pytest.CaptureFixtur
     "args",
     [
         ["quote", "--category", "tv", "--price-fen", "100", "--catalog", "{addr}"],
-        ["pause", "--campaign", "--reason", "r", "--actor", "op", "--catalog", "{addr}"],
-        ["policy", "approve", "v1", "--reason", "r", "--actor", "ap", "--catalog", "{addr}"],
+        ["pause", "--campaign", "--reason", "r", "--catalog", "{addr}"],
+        ["policy", "approve", "v1", "--reason", "r", "--catalog", "{addr}"],
+        [
+            "policy", "draft", "{run}/policy.yaml", "--reason", "r", "--catalog", "{addr}",
+            "--identity", "{run}/certs/operator-demo",
+        ],
         ["audit", "verify", "--audit", "{addr}", "--ledger", "{addr}"],
         ["seed", "--base-port", "{base}"],
-        ["checkout", "--base-port", "{base}"],
+        ["checkout", "--base-port", "{base}", "--identity", "{run}/certs/platform-other"],
     ],
-)
-def test_an_unreachable_service_is_one_json_line_and_exit_3(args: list[str]) -> None:
-    """A separate process: each gRPC client runs its own event loop, as the operator's does."""
+)  # fmt: skip
+def test_an_unreachable_service_is_one_json_line_and_exit_3(args: list[str], run_dir: Path) -> None:
+    """A separate process: each gRPC client runs its own event loop, as the operator's does.
+    Its identities are the run folder's demo ones ($SUBSIDY_RUN_DIR) unless --identity says."""
     port = free_port()  # nothing listens there
-    argv = [a.format(addr=f"127.0.0.1:{port}", base=port - 1) for a in args]
+    (run_dir / "policy.yaml").write_text("version: v1\n")
+    argv = [a.format(addr=f"127.0.0.1:{port}", base=port - 1, run=run_dir) for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "subsidyctl", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "subsidyctl", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "SUBSIDY_RUN_DIR": str(run_dir)},
     )
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == ""
@@ -207,6 +270,7 @@ def test_pick_keeps_the_order_and_makes_repeated_fields_lists() -> None:
 class FakeStack:
     logs = Path("/run/logs")
     traces = Path("/run/traces")
+    certs = Path("/run/certs")
 
     def endpoints(self) -> dict[str, str]:
         return {"catalog": "127.0.0.1:7101"}
@@ -221,6 +285,11 @@ def test_up_announces_itself_as_text_or_as_one_json_line(
     text = capsys.readouterr().out
     assert text.startswith('demo campaign: {"pool_id": "pingshan-2025"}\nendpoints: {\n')
     assert "logs: /run/logs   traces: /run/traces\n" in text
+    assert (
+        "grpcurl -cacert /run/certs/platform-demo/ca.crt -cert /run/certs/platform-demo/tls.crt "
+        "-key /run/certs/platform-demo/tls.key " in text
+    )
+    assert "-plaintext" not in text
     assert text.endswith("serving; press Ctrl-C to stop\n")
     announce(stack, 7100, seeded, json_only=True)
     (line,) = capsys.readouterr().out.splitlines()
@@ -231,3 +300,135 @@ def test_up_announces_itself_as_text_or_as_one_json_line(
         "traces": "/run/traces",
         "demo_campaign": seeded,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# identities
+
+
+@pytest.mark.parametrize(
+    ("args", "default"),
+    [
+        (["quote"], "platform-demo"),
+        (["checkout"], "platform-demo"),
+        (["import"], "operator-demo"),
+        (["sales-ledger"], "operator-demo"),
+        (["pause"], "operator-demo"),
+        (["resume"], "operator-demo"),
+        (["policy", "draft"], "operator-demo"),
+        (["policy", "approve"], "approver-demo"),
+        (["audit", "verify"], "auditor-demo"),
+    ],
+)
+def test_each_command_defaults_to_the_demo_identity_that_fits_it(
+    args: list[str], default: str
+) -> None:
+    command: Any = typer.main.get_command(app)
+    for word in args:
+        command = command.commands[word]
+    (option,) = [p for p in command.params if "--identity" in p.opts]
+    assert option.envvar == "SUBSIDY_IDENTITY"
+    assert option.help.endswith(f"$SUBSIDY_RUN_DIR/certs/{default})")
+
+
+def test_a_missing_identity_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUBSIDY_RUN_DIR", str(tmp_path))
+    assert main(["pause", "--campaign", "--reason", "r"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"subsidyctl pause: error: no certificate in {tmp_path}/certs/operator-demo "
+        "(tls.crt, tls.key, ca.crt): start the local stack (make run), or pass --identity DIR\n"
+    )
+    assert main(["audit", "verify", "--identity", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"subsidyctl audit verify: error: no certificate in {tmp_path}/nope"
+    )
+
+
+def test_certs_issue_refuses_bad_input_and_a_missing_stack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["certs", "issue", "--out", str(tmp_path / "id"), "--run-dir", str(tmp_path)]
+    assert main([*base, "--role", "platform", "--name", "JD!"]) == 2
+    assert "Invalid value for '--name'" in capsys.readouterr().err
+    assert main([*base, "--role", "chief", "--name", "x"]) == 2
+    assert "Invalid value for '--role'" in capsys.readouterr().err
+    assert main([*base, "--role", "platform", "--name", "jd", "--host", "localhost"]) == 2
+    assert "only a service's certificate serves" in capsys.readouterr().err
+    assert main([*base, "--role", "platform", "--name", "jd"]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith(f"subsidyctl certs issue: error: no Vault token at {tmp_path}/")
+    assert not (tmp_path / "id").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI's environment variables
+
+
+def typer_envvars() -> dict[str, str]:
+    """Every ``envvar`` of every option of every command: {variable: the command using it}."""
+    found: dict[str, str] = {}
+
+    def walk(command: Any, path: str) -> None:
+        for param in command.params:
+            names = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+            for name in names:
+                if name:
+                    found.setdefault(str(name), f"{path} {param.opts[0]}")
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "subsidyctl")
+    return found
+
+
+def environ_reads() -> set[str]:
+    """Every variable the CLI's code looks up itself (os.environ / os.getenv with a literal)."""
+    names: set[str] = set()
+    for source in [*CLI_SOURCES.glob("*.py"), CLI_SOURCES.parent / "demo.py"]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            text = ast.unparse(node) if isinstance(node, ast.Call | ast.Subscript) else ""
+            if "environ" in text or "getenv" in text:
+                for arg in ast.walk(node):
+                    if isinstance(arg, ast.Constant) and str(arg.value).startswith("SUBSIDY_"):
+                        names.add(str(arg.value))
+    return names
+
+
+def test_every_variable_the_cli_reads_is_declared_in_cli_settings() -> None:
+    declared = {v.name for v in CliSettings.variables()}
+    envvars = typer_envvars()
+    undeclared = {name: where for name, where in envvars.items() if name not in declared}
+    assert not undeclared, f"declare these in services.kernel.settings.CliSettings: {undeclared}"
+    assert environ_reads() <= declared
+    # and nothing is declared that no option reads (the actor comes from the certificate now)
+    assert set(envvars) | environ_reads() == declared
+    assert "SUBSIDY_ACTOR" not in declared
+
+
+def test_the_check_sees_an_undeclared_envvar() -> None:
+    """The check above would catch an option reading a variable nobody declared."""
+    extra = typer.Typer()
+
+    @extra.command()
+    def probe(x: str = typer.Option("", envvar="SUBSIDY_NOT_DECLARED")) -> None:
+        """a probe"""
+
+    app.add_typer(extra, name="probe-only-in-this-test")
+    try:
+        assert typer_envvars()["SUBSIDY_NOT_DECLARED"].startswith("subsidyctl probe-only")
+        with pytest.raises(AssertionError, match="SUBSIDY_NOT_DECLARED"):
+            test_every_variable_the_cli_reads_is_declared_in_cli_settings()
+    finally:
+        app.registered_groups.pop()
+    assert "SUBSIDY_NOT_DECLARED" not in typer_envvars()
+
+
+def test_the_cli_variables_are_documented_as_declared() -> None:
+    """docs/operations.md's table of subsidyctl's variables is CliSettings, row for row."""
+    docs = (CLI_SOURCES.parents[1] / "docs" / "operations.md").read_text()
+    expected = "\n".join(f"| `{v.name}` | {v.meaning} |" for v in CliSettings.variables())
+    assert "| variable | meaning |\n|---|---|\n" + expected + "\n" in docs, expected
