@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from . import bus, rpc, tls, topology, vault
+from . import bus, ratelimit, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -116,6 +116,7 @@ def certificate_source(settings: Settings, v: vault.Vault) -> tls.CertificateSou
 
 async def start(spec: ServiceSpec, settings: Settings) -> Running:
     """Start ``spec`` in this event loop; returns once it is serving."""
+    rate_limits = ratelimit.RateLimits.from_settings(settings)  # malformed: stop before anything
     store = EventStore(make_engine(settings.database_url))
     await store.migrate(spec.metadata)
     v = vault.connect(
@@ -137,6 +138,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         wiring.registrations,
         wiring.service_names,
         reflection_on=settings.grpc_reflection == "on",
+        rate_limits=rate_limits,
     )
     port = rpc.listen(server, settings.grpc_listen, identity)
     if port == 0:

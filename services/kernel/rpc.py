@@ -19,13 +19,14 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from . import authz, metrics, tls
+from . import authz, metrics, ratelimit, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
 
@@ -37,15 +38,19 @@ ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def status_of(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
-    """The status code, message and serialized google.rpc.Status for a domain error."""
+def status_of(error: DomainError, *extra: Message) -> tuple[grpc.StatusCode, str, bytes]:
+    """The status code, message and serialized google.rpc.Status for a domain error: its
+    ErrorInfo, then any ``extra`` details (a RetryInfo)."""
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
     )
-    detail = any_pb2.Any()
-    detail.Pack(info)
+    details = []
+    for message in (info, *extra):
+        detail = any_pb2.Any()
+        detail.Pack(message)
+        details.append(detail)
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=[detail]
+        code=getattr(code_pb2, error.code.name), message=error.message, details=details
     )
     return error.code, error.message, status.SerializeToString()
 
@@ -93,8 +98,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-async def _abort(context: ServicerContext, error: DomainError) -> None:
-    code, message, status = status_of(error)
+async def _abort(context: ServicerContext, error: DomainError, *extra: Message) -> None:
+    code, message, status = status_of(error, *extra)
     await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
 
 
@@ -132,13 +137,17 @@ def build_server(
     *,
     reflection_on: bool = True,
     rules: Mapping[str, frozenset[str]] = authz.RULES,
+    rate_limits: ratelimit.RateLimits | None = None,
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
-    """A server with health, reflection (unless turned off), tracing, authorisation and error
-    mapping; not yet listening (see :func:`listen`)."""
+    """A server with health, reflection (unless turned off), tracing, authorisation, the
+    per-client rate limits (when given; every service's are) and error mapping; not yet
+    listening (see :func:`listen`)."""
+    limiting = [] if rate_limits is None else [ratelimit.RateLimitInterceptor(rate_limits, _abort)]
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
             AuthorizationInterceptor(rules),
+            *limiting,  # after authorisation: a bucket is the authenticated caller's
             ErrorMappingInterceptor(),
         ],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],

@@ -375,6 +375,28 @@ class Settings(ProcessSettings):
         "ledger: seconds before an unfinished reservation attempt is refused, default 60",
         default=60,
     )
+    # Per authenticated client and process (services/kernel/ratelimit.py): far above what one
+    # platform's checkout page needs, low enough that a loop cannot starve the others.
+    rate_registration: str = variable(
+        "SUBSIDY_RATE_REGISTRATION",
+        "eligibility: RegisterConsumer calls per client, `N/second`, `N/minute` or `N/hour`, "
+        "default `200/second`",
+        default="200/second",
+        deployed=True,
+    )
+    rate_claims: str = variable(
+        "SUBSIDY_RATE_CLAIMS",
+        "eligibility: ClaimQualification calls per client, as above, default `200/second`",
+        default="200/second",
+        deployed=True,
+    )
+    rate_checkout: str = variable(
+        "SUBSIDY_RATE_CHECKOUT",
+        "ledger: ReserveSubsidy, CaptureSubsidy and ReleaseSubsidy calls per client together, "
+        "as above, default `200/second`",
+        default="200/second",
+        deployed=True,
+    )
     rpc_deadline_s: float = 5.0
 
     @classmethod

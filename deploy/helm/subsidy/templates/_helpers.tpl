@@ -286,6 +286,9 @@ database password is a file the Vault Agent renders, every other secret stays in
 {{- $own := index $v.services .name -}}
 SUBSIDY_GRPC_LISTEN: {{ printf "0.0.0.0:%d" (int $v.grpc.port) | quote }}
 SUBSIDY_GRPC_REFLECTION: {{ ternary "on" "off" $v.grpc.reflection | quote }}
+SUBSIDY_RATE_REGISTRATION: {{ $v.grpc.rateLimits.registration | quote }}
+SUBSIDY_RATE_CLAIMS: {{ $v.grpc.rateLimits.claims | quote }}
+SUBSIDY_RATE_CHECKOUT: {{ $v.grpc.rateLimits.checkout | quote }}
 {{- include "subsidy.tlsSettings" $root }}
 SUBSIDY_METRICS_LISTEN: {{ printf "0.0.0.0:%d" (int $v.metrics.port) | quote }}
 SUBSIDY_LOG_LEVEL: {{ $v.logLevel | quote }}
