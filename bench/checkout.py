@@ -23,6 +23,8 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import against_baseline, report, summarise, timed
+from services.kernel import rpc
+from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.localstack import LocalStack, Ports, free_base
@@ -67,8 +69,13 @@ async def measure(
             list_price_fen=300_000,
         )
     )
-    await client.ledger.FundBudget(
-        ledger_pb2.FundBudgetRequest(pool_id="bench-pool", amount_fen=10**12, source="district")
+    proposal = await client.ledger.ProposeFunding(
+        ledger_pb2.ProposeFundingRequest(
+            pool_id="bench-pool", amount_fen=10**12, source="district", reason="bench"
+        )
+    )
+    await client.ledger.ApproveFunding(
+        ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="bench")
     )
     # Preparation (not the hot path): register consumers and claim their qualifications.
     people: list[tuple[str, str]] = []
@@ -77,16 +84,15 @@ async def measure(
         consumer = await demo.register(client, demo.generate_person(rng))
         q = await client.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer.consumer_id, category="phone", channel="bench"
+                consumer_id=consumer.consumer_id, category="phone", channel=client.platform_id
             )
         )
         people.append((consumer.consumer_id, q.qualification_id))
 
     prep_lat, prep_wall = await timed(orders, concurrency, prepare)
 
-    import grpc
-
-    async with grpc.aio.insecure_channel(endpoints["ledger"]) as ch:
+    # The baseline pays the same mutual TLS as the checkout: the platform's own channel.
+    async with rpc.channel(endpoints["ledger"], client.identities.by_role[Role.PLATFORM]) as ch:
         health = health_pb2_grpc.HealthStub(ch)
 
         async def check(i: int) -> None:
@@ -99,7 +105,7 @@ async def measure(
         await client.ledger.ReserveSubsidy(
             ledger_pb2.ReserveSubsidyRequest(
                 order_id=f"bench-{i}",
-                platform_id="bench",
+                platform_id=client.platform_id,
                 pool_id="bench-pool",
                 consumer_id=consumer,
                 qualification_id=qual,

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hvac
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import insert
 
@@ -32,11 +33,12 @@ from services.catalog.api import CatalogApi
 from services.catalog.handlers import Catalog
 from services.catalog.importer import import_products
 from services.catalog.projections import metadata, sales_orders
-from services.catalog.requests import operator
-from services.kernel import rpc
+from services.kernel import pki, rpc, tls
+from services.kernel.events import Context
 from services.kernel.eventstore import EventStore, make_engine
+from services.kernel.identity import Caller, Role
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
-from subsidyctl.stack import Postgres, free_port
+from subsidyctl.stack import OpenBao, Postgres, free_port
 
 PRODUCTS = 10_000
 OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="bench")
@@ -66,7 +68,7 @@ async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub)
         catalog_pb2.ReviewMerchantRequest(merchant_id="bench-m", approve=True)
     )
     t0 = time.perf_counter()
-    ctx = operator(OPERATOR, "bench")
+    ctx = Context(common_pb2.Actor(kind=OPERATOR.kind, id=OPERATOR.id, reason="bench"))
     async for progress in import_products(catalog, product_csv("bench-m"), ctx):
         if progress.result is not None:
             assert progress.result.applied == PRODUCTS, progress.result
@@ -104,6 +106,14 @@ async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub)
 async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
     pg = Postgres(data_dir=root / "pg", port=free_port(), log_dir=root, durable=False)
     pg.start()
+    bao = OpenBao(data_dir=root / "bao", port=free_port(2), log_dir=root, dev=True)
+    bao.start()  # the campaign's CA: the catalog serves, the ledger calls, both with mTLS
+    vault = hvac.Client(url=bao.addr, token=bao.token)
+
+    def identity(who: Caller) -> tls.CertificateSource:
+        names = {"ip_sans": ["127.0.0.1"]} if who.role is Role.SERVICE else {}
+        return tls.VaultCertificates(lambda: pki.issue(vault, who, ttl="2h", **names))
+
     store = EventStore(make_engine(pg.url("catalog"), pool_size=concurrency))
     try:
         await store.migrate(metadata)
@@ -113,9 +123,12 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
             [(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogApi(catalog))],
             [catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name],
         )
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = rpc.listen(server, "127.0.0.1:0", identity(Caller(Role.SERVICE, "catalog")))
         await server.start()
-        channel = rpc.channel(f"127.0.0.1:{port}", deadline_s=30)
+        # VerifyItem is the ledger's call: the benchmark calls as the ledger does.
+        channel = rpc.channel(
+            f"127.0.0.1:{port}", identity(Caller(Role.SERVICE, "ledger")), deadline_s=30
+        )
         try:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
@@ -161,6 +174,7 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
     finally:
         await store.engine.dispose()
         pg.stop()
+        bao.stop()
     against_baseline(rows, rows[0])
     return {
         "benchmark": "verify_item",

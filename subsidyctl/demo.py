@@ -196,14 +196,18 @@ async def seed(
     """Create the demo campaign; safe to run again (existing merchants and products are kept)."""
     demo = demo or load_demo()
     pool = demo["pool"]
-    for f in pool["fundings"]:
-        await client.ledger.FundBudget(
-            ledger_pb2.FundBudgetRequest(
+    for f in pool["fundings"]:  # maker-checker: the demo operator proposes, the approver approves
+        proposal = await client.ledger.ProposeFunding(
+            ledger_pb2.ProposeFundingRequest(
                 pool_id=pool["pool_id"],
                 amount_fen=f["amount_fen"],
                 source=f["source"],
                 idempotency_key=f["idempotency_key"],
+                reason="demo campaign budget",
             )
+        )
+        await client.ledger.ApproveFunding(
+            ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="demo")
         )
     for m in demo["merchants"]:
         try:

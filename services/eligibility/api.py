@@ -8,7 +8,7 @@ from collections.abc import Callable
 from services.contract import personal_data
 from services.kernel import validate
 from services.kernel.errors import InvalidArgument
-from services.kernel.identity import caller
+from services.kernel.identity import caller, own_platform, scope
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc
 
@@ -46,7 +46,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         name = _personal("name", request.name, personal_data.validate_name)
         id_number = _personal("id_number", request.id_number, personal_data.validate_id_number)
         phone = _personal("phone", request.phone, personal_data.validate_phone)
-        platform_id = validate.identifier("platform_id", request.platform_id)
+        platform_id = own_platform("platform_id", request.platform_id)
         row, existed = await self.e.register(
             name,
             id_number,
@@ -66,7 +66,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     ) -> eligibility_pb2.Qualification:
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
-        channel = validate.identifier("channel", request.channel)
+        channel = own_platform("channel", request.channel)
         q = await self.e.claim(consumer_id, category, channel, caller().actor())
         return _qualification(q)
 
@@ -74,7 +74,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         self, request: eligibility_pb2.GetQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
         qid = validate.identifier("qualification_id", request.qualification_id)
-        return _qualification(await self.e.qualification(qid))
+        return _qualification(await self.e.qualification(qid, scope()))
 
     async def LockQualification(
         self, request: eligibility_pb2.LockQualificationRequest, context: ServicerContext
@@ -82,7 +82,7 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         order_id = validate.identifier("order_id", request.order_id)
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
-        platform_id = validate.identifier("platform_id", request.platform_id)
+        platform_id = own_platform("platform_id", request.platform_id)
         qid = validate.identifier("qualification_id", request.qualification_id)
         q = await self.e.lock(
             qid,
@@ -103,5 +103,5 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         # used. This read lets a caller see the outcome for that order.
         order_id = validate.identifier("order_id", request.order_id)
         qid = validate.identifier("qualification_id", request.qualification_id)
-        q = await self.e.consumed(qid, order_id)
+        q = await self.e.consumed(qid, order_id, scope())
         return _qualification(q)

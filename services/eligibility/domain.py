@@ -71,7 +71,7 @@ class ClaimState:
     row lock: whether the consumer exists, how many qualifications of the category count
     against their limit, and how many the day has issued in the category."""
 
-    registered: bool
+    registered: bool  # registered, and enrolled with the platform the claim comes through
     held: int
     issued_today: int
 
@@ -121,16 +121,38 @@ class Lock:
 # Decisions
 
 
-def confirm_identity(match: bool, authority_reason: str) -> None:
-    """Only a person whose name, ID number and phone the identity authority confirmed as one
-    may register."""
-    if not match:
-        raise FailedPrecondition(
-            "IDENTITY_MISMATCH",
-            "the identity authority did not confirm name, ID number and phone"
-            f" ({authority_reason})",
-            authority_reason=authority_reason,
+def identity_mismatch() -> FailedPrecondition:
+    """What the caller learns of a failed three-factor check: that it failed, never which
+    factor (told which, a caller holding a masked phone could recover the full number by
+    trying the masked digits one registration at a time)."""
+    return FailedPrecondition(
+        "IDENTITY_MISMATCH", "the identity authority did not confirm name, ID number and phone"
+    )
+
+
+def check_attempts(failures_today: int, limit: int) -> None:
+    """At most ``limit`` failed checks per ID number and day; then registration with that ID
+    number is refused until the next day, before the authority is even asked."""
+    if failures_today >= limit:
+        raise ResourceExhausted(
+            "IDENTITY_ATTEMPTS_EXCEEDED",
+            f"id_number: {limit} failed identity checks today; try again tomorrow",
+            field="id_number",
         )
+
+
+def record_mismatch(
+    id_number_index: str, authority_reason: str, platform_id: str, day: str
+) -> list[Message]:
+    """The failed check, with the authority's precise reason, for operators."""
+    return [
+        ev.IdentityCheckFailed(
+            id_number_index=id_number_index,
+            authority_reason=authority_reason,
+            platform_id=platform_id,
+            day=day,
+        )
+    ]
 
 
 def register(existing: object | None, cmd: Register) -> list[Message]:
@@ -150,6 +172,22 @@ def register(existing: object | None, cmd: Register) -> list[Message]:
             platform_id=cmd.platform_id,
         )
     ]
+
+
+def enrol(enrolled_with: frozenset[str], consumer_id: str, platform_id: str) -> list[Message]:
+    """A registered person registering again through another platform: that platform may serve
+    them from now on (once; the same platform again changes nothing)."""
+    if platform_id in enrolled_with:
+        return []
+    return [ev.ConsumerEnrolled(consumer_id=consumer_id, platform_id=platform_id)]
+
+
+def visible(q: Qualification | None, platform: str | None) -> Qualification | None:
+    """A platform sees only the qualifications claimed through it; to it, any other is as
+    unknown as one that does not exist (so ids cannot be probed)."""
+    if q is None or (platform is not None and q.channel != platform):
+        return None
+    return q
 
 
 def held(qualifications: Iterable[Qualification], now: dt.datetime) -> int:

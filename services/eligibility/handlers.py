@@ -35,8 +35,10 @@ from .projections import (
     ONE_QUALIFICATION_PER_ORDER,
     apply_event,
     as_qualification,
+    consumer_platforms,
     consumer_stream,
     consumers,
+    identity_failures,
     load_qualification,
     person_keys,
     qualifications,
@@ -49,6 +51,7 @@ SERVICE = "eligibility"
 @dataclass(frozen=True)
 class ClaimKey:
     consumer_id: str
+    platform_id: str  # the platform the claim comes through
     category: str
     day: str
     now: datetime
@@ -71,7 +74,10 @@ async def _load_claim(conn: AsyncConnection, key: ClaimKey) -> domain.ClaimState
     """Under the consumer's lock: their qualifications of the category, and the day's quota
     row, locked too, so that the quota is exact under any concurrency."""
     registered = await conn.scalar(
-        select(consumers.c.consumer_id).where(consumers.c.consumer_id == key.consumer_id)
+        select(consumer_platforms.c.consumer_id).where(
+            consumer_platforms.c.consumer_id == key.consumer_id,
+            consumer_platforms.c.platform_id == key.platform_id,
+        )
     )
     rows = (
         await conn.execute(
@@ -101,7 +107,36 @@ async def _load_qualification(
     return await load_qualification(conn, key.qualification_id)
 
 
+async def _load_enrolment(conn: AsyncConnection, consumer_id: str) -> frozenset[str]:
+    rows = await conn.execute(
+        select(consumer_platforms.c.platform_id).where(
+            consumer_platforms.c.consumer_id == consumer_id
+        )
+    )
+    return frozenset(rows.scalars())
+
+
+@dataclass(frozen=True)
+class IdentityKey:
+    id_number_index: str
+    day: str
+
+
+async def _load_failures(conn: AsyncConnection, key: IdentityKey) -> int:
+    failures = await conn.scalar(
+        select(identity_failures.c.failures).where(
+            identity_failures.c.id_number_index == key.id_number_index,
+            identity_failures.c.day == key.day,
+        )
+    )
+    return int(failures or 0)
+
+
+IDENTITY_CHECKS: Aggregate[IdentityKey, int] = Aggregate(
+    "identity-check", lambda k: f"identity-check/{k.id_number_index}", _load_failures
+)
 CONSUMER: Aggregate[str, dict[str, object]] = Aggregate("consumer", consumer_stream, _load_consumer)
+ENROLMENT: Aggregate[str, frozenset[str]] = Aggregate("consumer", consumer_stream, _load_enrolment)
 CLAIM: Aggregate[ClaimKey, domain.ClaimState] = Aggregate(
     "claim", lambda k: consumer_stream(k.consumer_id), _load_claim
 )
@@ -120,8 +155,10 @@ class Eligibility:
         authority: IdentityAuthority,
         *,
         clock: Callable[[], datetime] | None = None,
+        identity_attempts_per_day: int = 5,
     ) -> None:
         self.store = store
+        self.identity_attempts_per_day = identity_attempts_per_day
         self.vault = keys
         self.authority = authority
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -134,13 +171,28 @@ class Eligibility:
     ) -> tuple[dict[str, object], bool]:
         """Three-factor check, then store the person encrypted under their own key. The three
         factors arrive validated and canonical (api.py)."""
-        verdict = await self.authority.verify(name, id_number, phone)
-        domain.confirm_identity(verdict.match, verdict.reason)
         try:
             id_index = await self.vault.blind_index("id_number", id_number)
+        except vault.VaultUnavailable as exc:
+            raise Unavailable("VAULT_UNAVAILABLE", str(exc)) from None
+        day = self.clock().astimezone(UTC).date().isoformat()
+        async with self.store.engine.connect() as conn:
+            failures = await _load_failures(conn, IdentityKey(id_index, day))
+        domain.check_attempts(failures, self.identity_attempts_per_day)
+        verdict = await self.authority.verify(name, id_number, phone)
+        if not verdict.match:
+            await self.pipeline.run(
+                IDENTITY_CHECKS,
+                IdentityKey(id_index, day),
+                lambda _: domain.record_mismatch(id_index, verdict.reason, platform_id, day),
+                Context(actor),
+            )
+            raise domain.identity_mismatch()
+        try:
             phone_index = await self.vault.blind_index("phone", phone)
             existing = await self._consumer_by_index(id_index)
             if existing is not None:
+                await self._enrol(str(existing["consumer_id"]), platform_id, actor)
                 return existing, True
             key, wrapped = await self.vault.new_data_key()
         except vault.VaultUnavailable as exc:
@@ -177,9 +229,19 @@ class Eligibility:
             raced = await self._consumer_by_index(id_index)
             if raced is None:
                 raise
+            await self._enrol(str(raced["consumer_id"]), platform_id, actor)
             return raced, True
         assert outcome.state is not None
         return outcome.state, False
+
+    async def _enrol(self, consumer_id: str, platform_id: str, actor: common_pb2.Actor) -> None:
+        """The same person through another platform: that platform may serve them too."""
+        await self.pipeline.run(
+            ENROLMENT,
+            consumer_id,
+            lambda enrolled: domain.enrol(enrolled or frozenset(), consumer_id, platform_id),
+            Context(actor),
+        )
 
     async def _consumer_by_index(self, id_index: str) -> dict[str, object] | None:
         async with self.store.engine.connect() as conn:
@@ -218,16 +280,17 @@ class Eligibility:
         domain.category_rule(policy, category)  # an unknown category changes nothing
         now = self.clock()
         command = domain.Claim(consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now)
-        key = ClaimKey(consumer_id, category, domain.quota_day(policy, now), now)
+        key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
         await self.pipeline.run(
             CLAIM, key, lambda state: domain.claim(_claim_state(state), command, policy), ctx
         )
         return await self.qualification(command.qualification_id)
 
-    async def qualification(self, qid: str) -> domain.Qualification:
+    async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:
+        """One qualification; a platform sees only those claimed through it."""
         async with self.store.engine.connect() as conn:
-            found = await load_qualification(conn, qid)
+            found = domain.visible(await load_qualification(conn, qid), platform)
         if found is None:
             raise domain.unknown_qualification()
         return found
@@ -261,10 +324,13 @@ class Eligibility:
         assert outcome.state is not None
         return outcome.state
 
-    async def consumed(self, qid: str, order_id: str) -> domain.Qualification:
+    async def consumed(
+        self, qid: str, order_id: str, platform: str | None = None
+    ) -> domain.Qualification:
         """The qualification as the payment of ``order_id`` left it (ConsumeQualification)."""
         async with self.store.engine.connect() as conn:
-            return domain.consumed(await load_qualification(conn, qid), order_id)
+            found = domain.visible(await load_qualification(conn, qid), platform)
+        return domain.consumed(found, order_id)
 
     # -- reactions to the ledger's events -------------------------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:

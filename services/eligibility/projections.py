@@ -45,6 +45,22 @@ consumers = Table(
     Column("phone_masked", String(32), nullable=False),
     Column("platform_id", String(64), nullable=False),
 )
+# Which platforms may serve a consumer: the one that registered them, and every platform the
+# same person registered through since (ConsumerEnrolled).
+consumer_platforms = Table(
+    "consumer_platforms",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("platform_id", String(64), primary_key=True),
+)
+# Failed three-factor checks per ID number (blind index) and day: what the attempt limit counts.
+identity_failures = Table(
+    "identity_failures",
+    metadata,
+    Column("id_number_index", String(128), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("failures", BigInteger, nullable=False),
+)
 person_keys = Table(
     "person_keys",
     metadata,
@@ -137,6 +153,27 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 platform_id=event.platform_id,
             )
         )
+        await conn.execute(
+            insert(consumer_platforms).values(
+                consumer_id=event.consumer_id, platform_id=event.platform_id
+            )
+        )
+    elif isinstance(event, ev.IdentityCheckFailed):
+        stmt = pg_insert(identity_failures).values(
+            id_number_index=event.id_number_index, day=event.day, failures=1
+        )
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["id_number_index", "day"],
+                set_={"failures": identity_failures.c.failures + 1},
+            )
+        )
+    elif isinstance(event, ev.ConsumerEnrolled):
+        await conn.execute(
+            insert(consumer_platforms).values(
+                consumer_id=event.consumer_id, platform_id=event.platform_id
+            )
+        )
     elif isinstance(event, ev.QualificationClaimed):
         claimed = domain.evolve(None, event)
         assert claimed is not None
@@ -166,4 +203,7 @@ async def rebuild(store: EventStore) -> int:
     ``policies`` is a copy of catalog's documents, fed by catalog's events. Run it with the
     service quiesced: a consumer handling an event meanwhile would update rows being replaced.
     """
-    return await store.rebuild((qualifications, quota_usage, consumers), apply_event)
+    return await store.rebuild(
+        (qualifications, quota_usage, consumer_platforms, identity_failures, consumers),
+        apply_event,
+    )

@@ -18,6 +18,7 @@ async def build(rt: Runtime) -> Wiring:
         rt.store,
         rt.vault,
         GrpcIdentityAuthority(identity_pb2_grpc.IdentityAuthorityStub(authority_ch)),
+        identity_attempts_per_day=rt.settings.identity_attempts_per_day,
     )
     return Wiring(
         registrations=[

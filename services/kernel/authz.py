@@ -70,7 +70,9 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _ELIGIBILITY + "LockQualification": frozenset({"service/ledger"}),
     _ELIGIBILITY + "ConsumeQualification": frozenset({PLATFORM, "service/ledger"}),
     # ledger
-    _LEDGER + "FundBudget": frozenset({OPERATOR}),
+    _LEDGER + "ProposeFunding": frozenset({OPERATOR}),
+    _LEDGER + "ApproveFunding": frozenset({APPROVER}),
+    _LEDGER + "GetFundingProposal": frozenset(PEOPLE),
     _LEDGER + "GetBudget": frozenset({PLATFORM, *PEOPLE}),
     _LEDGER + "ReserveSubsidy": frozenset({PLATFORM}),
     _LEDGER + "CaptureSubsidy": frozenset({PLATFORM}),

@@ -19,6 +19,9 @@ from typing import Final
 
 from subsidy.v1 import common_pb2
 
+from . import validate
+from .errors import PermissionDenied
+
 TRUST_DOMAIN: Final = "subsidy.local"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -100,3 +103,25 @@ def caller() -> Caller:
 def set_caller(found: Caller) -> None:
     """Bind the caller for the rest of this RPC's task (the interceptor calls this)."""
     _current.set(found)
+
+
+def scope() -> str | None:
+    """The platform whose own data the current caller may see, or None for a caller who sees
+    every platform's (an operator, an auditor, a service)."""
+    who = caller()
+    return who.name if who.role is Role.PLATFORM else None
+
+
+def own_platform(field: str, requested: str) -> str:
+    """The platform a request acts for: a platform caller may act only for itself (a request
+    naming another platform is refused); anyone else names it in the request."""
+
+    requested = validate.identifier(field, requested)
+    platform = scope()
+    if platform is not None and requested != platform:
+        raise PermissionDenied(
+            "NOT_YOUR_PLATFORM",
+            f"{field}: the caller's certificate is platform {platform!r}'s",
+            field=field,
+        )
+    return requested

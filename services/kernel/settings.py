@@ -397,6 +397,17 @@ class Settings(ProcessSettings):
         default="200/second",
         deployed=True,
     )
+    identity_attempts_per_day: int = variable(
+        "SUBSIDY_IDENTITY_ATTEMPTS_PER_DAY",
+        "eligibility: failed identity checks allowed per ID number and day, default 5",
+        default=5,
+    )
+    funding_ceiling_fen: int = variable(
+        "SUBSIDY_POOL_FUNDING_CEILING_FEN",
+        "ledger: the most one budget pool may ever be funded with, in fen, default 10^12"
+        " (10 billion yuan); a proposal or approval above it is refused",
+        default=10**12,
+    )
     rpc_deadline_s: float = 5.0
 
     @classmethod

@@ -3,13 +3,14 @@ actor is settled; the use cases in handlers.py receive commands of clean values.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
 from services.contract.budget import Pool
 from services.kernel import validate
 from services.kernel.errors import NotFound
-from services.kernel.identity import caller
+from services.kernel.identity import caller, own_platform, scope
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -25,6 +26,21 @@ def _pool(p: Pool) -> ledger_pb2.BudgetPool:
         reserved_fen=p.reserved,
         spent_fen=p.spent,
     )
+
+
+def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.FundingProposal:
+    out = ledger_pb2.FundingProposal(
+        proposal_id=p.proposal_id,
+        pool_id=p.pool_id,
+        amount_fen=p.amount_fen,
+        source=p.source,
+        status=p.status,
+        proposed_by=p.proposed_by,
+        approved_by=p.approved_by,
+    )
+    if pool is not None:
+        out.pool.CopyFrom(_pool(pool))
+    return out
 
 
 def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
@@ -47,18 +63,42 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    async def FundBudget(
-        self, request: ledger_pb2.FundBudgetRequest, context: ServicerContext
-    ) -> ledger_pb2.BudgetPool:
+    async def ProposeFunding(
+        self, request: ledger_pb2.ProposeFundingRequest, context: ServicerContext
+    ) -> ledger_pb2.FundingProposal:
         pool_id = validate.identifier("pool_id", request.pool_id)
         source = validate.text_field("source", request.source or "district", max_len=64)
         key = request.idempotency_key
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
         domain.fund(Pool(pool_id), request.amount_fen, source)  # the amount, before any I/O
-        actor = caller().actor()
-        pool = await self.ledger.fund(domain.Fund(pool_id, request.amount_fen, source, key), actor)
-        return _pool(pool)
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        cmd = domain.ProposeFunding(
+            proposal_id=f"fp-{key}" if key else f"fp-{uuid.uuid4().hex}",
+            pool_id=pool_id,
+            amount_fen=request.amount_fen,
+            source=source,
+            idempotency_key=key,
+            ceiling_fen=self.ledger.funding_ceiling_fen,
+        )
+        proposal, pool = await self.ledger.propose_funding(cmd, caller().actor(reason))
+        return _proposal(proposal, pool)
+
+    async def ApproveFunding(
+        self, request: ledger_pb2.ApproveFundingRequest, context: ServicerContext
+    ) -> ledger_pb2.FundingProposal:
+        proposal_id = validate.identifier("proposal_id", request.proposal_id, max_len=200)
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        who = caller()
+        cmd = domain.ApproveFunding(proposal_id, who.name, self.ledger.funding_ceiling_fen)
+        proposal, pool = await self.ledger.approve_funding(cmd, who.actor(reason))
+        return _proposal(proposal, pool)
+
+    async def GetFundingProposal(
+        self, request: ledger_pb2.GetFundingProposalRequest, context: ServicerContext
+    ) -> ledger_pb2.FundingProposal:
+        proposal_id = validate.identifier("proposal_id", request.proposal_id, max_len=200)
+        return _proposal(*await self.ledger.funding_proposal(proposal_id))
 
     async def GetBudget(
         self, request: ledger_pb2.GetBudgetRequest, context: ServicerContext
@@ -70,7 +110,7 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.Reservation:
         cmd = domain.Reserve(
             order_id=validate.identifier("order_id", request.order_id),
-            platform_id=validate.identifier("platform_id", request.platform_id),
+            platform_id=own_platform("platform_id", request.platform_id),
             pool_id=validate.identifier("pool_id", request.pool_id),
             consumer_id=validate.identifier("consumer_id", request.consumer_id),
             qualification_id=validate.identifier("qualification_id", request.qualification_id),
@@ -88,20 +128,22 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(await self.ledger.capture(order_id, payment_ref, caller().actor()))
+        return _reservation(
+            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope())
+        )
 
     async def ReleaseSubsidy(
         self, request: ledger_pb2.ReleaseSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         reason = validate.choice("reason", request.reason, ("CANCELLED", "REFUNDED"))
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(await self.ledger.release(order_id, reason, caller().actor()))
+        return _reservation(await self.ledger.release(order_id, reason, caller().actor(), scope()))
 
     async def GetReservation(
         self, request: ledger_pb2.GetReservationRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         order_id = validate.identifier("order_id", request.order_id)
-        row = await self.ledger.get_reservation(order_id)
+        row = await self.ledger.get_reservation(order_id, scope())
         if row is None:
             raise NotFound("UNKNOWN_ORDER", "order_id: no reservation", field="order_id")
         return _reservation(row)

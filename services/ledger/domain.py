@@ -17,6 +17,7 @@ from services.kernel.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
 from subsidy.v1 import events_pb2 as ev
@@ -135,6 +136,124 @@ def fund_once(state: Funding, cmd: Fund) -> list[Message]:
     assert isinstance(funded, ev.BudgetFunded)
     funded.idempotency_key = cmd.idempotency_key
     return events
+
+
+# --------------------------------------------------------------------------------------------
+# Funding, maker-checker: an operator proposes, a different approver approves
+
+
+PROPOSED, APPROVED = "PROPOSED", "APPROVED"
+
+
+@dataclass(frozen=True)
+class FundingProposal:
+    proposal_id: str
+    pool_id: str
+    amount_fen: int
+    source: str
+    status: str
+    proposed_by: str
+    approved_by: str = ""
+
+
+@dataclass(frozen=True)
+class ProposeFunding:
+    proposal_id: str
+    pool_id: str
+    amount_fen: int
+    source: str
+    idempotency_key: str
+    ceiling_fen: int  # the most a pool may ever be funded with (configured)
+
+
+@dataclass(frozen=True)
+class ApproveFunding:
+    proposal_id: str
+    approver: str  # the approver's name, from their certificate
+    ceiling_fen: int
+
+
+def check_ceiling(pool: Pool | None, pool_id: str, amount_fen: int, ceiling_fen: int) -> None:
+    """A pool's total funding never exceeds the configured ceiling."""
+    funded = pool.funded if pool is not None else 0
+    if funded + amount_fen > ceiling_fen:
+        raise FailedPrecondition(
+            "FUNDING_CEILING",
+            f"amount_fen: pool {pool_id} would hold {funded + amount_fen} fen,"
+            f" above the ceiling of {ceiling_fen} fen",
+            field="amount_fen",
+        )
+
+
+def propose_funding(
+    existing: FundingProposal | None, pool: Pool | None, cmd: ProposeFunding
+) -> list[Message]:
+    """An operator proposes funding a pool; nothing moves until a different person approves.
+    The same key again is the same proposal; the same key for another funding is refused."""
+    fund(Pool(cmd.pool_id), cmd.amount_fen, cmd.source)  # the amount's bounds
+    if existing is not None:
+        if (existing.pool_id, existing.amount_fen) != (cmd.pool_id, cmd.amount_fen):
+            raise AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                "idempotency_key: used before for a different funding",
+                field="idempotency_key",
+            )
+        return []
+    check_ceiling(pool, cmd.pool_id, cmd.amount_fen, cmd.ceiling_fen)
+    return [
+        ev.FundingProposed(
+            proposal_id=cmd.proposal_id,
+            pool_id=cmd.pool_id,
+            amount_fen=cmd.amount_fen,
+            source=cmd.source,
+            idempotency_key=cmd.idempotency_key,
+        )
+    ]
+
+
+def approve_funding(
+    proposal: FundingProposal | None, pool: Pool | None, cmd: ApproveFunding
+) -> list[Message]:
+    """A different approver approves a proposal: the pool is funded (BudgetFunded follows in
+    the pool's stream). Approving an approved proposal again changes nothing."""
+    if proposal is None:
+        raise NotFound(
+            "UNKNOWN_PROPOSAL", "proposal_id: no such funding proposal", field="proposal_id"
+        )
+    if proposal.status == APPROVED:
+        return []
+    if cmd.approver == proposal.proposed_by:
+        raise PermissionDenied(
+            "MAKER_CHECKER",
+            "proposal_id: the approver must be a different person from the proposer",
+            field="proposal_id",
+        )
+    check_ceiling(pool, proposal.pool_id, proposal.amount_fen, cmd.ceiling_fen)
+    return [
+        ev.FundingApproved(
+            proposal_id=proposal.proposal_id,
+            pool_id=proposal.pool_id,
+            amount_fen=proposal.amount_fen,
+        )
+    ]
+
+
+def funded_by(proposal: FundingProposal) -> Fund:
+    """The funding an approved proposal makes (its key is the proposal id, so it funds once)."""
+    return Fund(proposal.pool_id, proposal.amount_fen, proposal.source, proposal.proposal_id)
+
+
+def evolve_proposal(
+    proposal: FundingProposal | None, event: Message, actor_id: str
+) -> FundingProposal | None:
+    """The proposal after ``event``: the one place its status changes."""
+    if isinstance(event, ev.FundingProposed):
+        return FundingProposal(
+            event.proposal_id, event.pool_id, event.amount_fen, event.source, PROPOSED, actor_id
+        )
+    if proposal is not None and isinstance(event, ev.FundingApproved):
+        return replace(proposal, status=APPROVED, approved_by=actor_id)
+    return proposal
 
 
 def order_refused() -> FailedPrecondition:

@@ -45,6 +45,7 @@ from .projections import (
     budget_pools,
     funding_keys,
     load_pool,
+    load_proposal,
     load_reservation,
     refusal_stream,
 )
@@ -121,6 +122,9 @@ HOLD: Aggregate[OrderKey, domain.Hold] = Aggregate(
 RESERVATION: Aggregate[OrderKey, domain.Reservation] = Aggregate(
     "budget-pool", lambda k: pool_stream(k.pool_id), _load_reservation
 )
+PROPOSAL: Aggregate[str, domain.FundingProposal] = Aggregate(
+    "funding-proposal", lambda proposal_id: f"funding/{proposal_id}", load_proposal
+)
 REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
     "refusal", lambda k: refusal_stream(k.order_id), _load_held
 )
@@ -151,8 +155,10 @@ class Ledger:
         reservation_timeout_s: int = 900,
         abandon_after_s: float = 60.0,
         clock: Callable[[], datetime] | None = None,
+        funding_ceiling_fen: int = 10**12,
     ) -> None:
         self.store = store
+        self.funding_ceiling_fen = funding_ceiling_fen
         self.catalog = catalog
         self.eligibility = eligibility
         self.timeout = timedelta(seconds=reservation_timeout_s)
@@ -162,16 +168,63 @@ class Ledger:
         self.pipeline = Pipeline(store, SERVICE, apply_event)
 
     # -- budget ---------------------------------------------------------------------------
-    async def fund(self, cmd: domain.Fund, actor: common_pb2.Actor) -> budget.Pool:
-        ctx = Context(actor, correlation_id=cmd.idempotency_key)
-        outcome = await self.pipeline.run(
-            FUNDING,
-            FundingKey(cmd.pool_id, cmd.idempotency_key),
-            lambda state: domain.fund_once(_funding(state), cmd),
-            ctx,
-        )
-        assert outcome.state is not None and outcome.state.pool is not None
-        return outcome.state.pool
+    async def propose_funding(
+        self, cmd: domain.ProposeFunding, actor: common_pb2.Actor
+    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
+        """An operator proposes funding; nothing moves until a different approver approves."""
+        ctx = Context(actor, correlation_id=cmd.proposal_id)
+        async with self.store.transaction() as tx:
+            pool = await load_pool(tx.conn, cmd.pool_id)
+            outcome = await self.pipeline.run(
+                PROPOSAL,
+                cmd.proposal_id,
+                lambda existing: domain.propose_funding(existing, pool, cmd),
+                ctx,
+                tx=tx,
+            )
+        assert outcome.state is not None
+        return outcome.state, pool
+
+    async def approve_funding(
+        self, cmd: domain.ApproveFunding, actor: common_pb2.Actor
+    ) -> tuple[domain.FundingProposal, budget.Pool]:
+        """A different approver approves: in one transaction the proposal is approved and the
+        pool funded (lock order: the proposal's stream, then the pool's)."""
+        ctx = Context(actor, correlation_id=cmd.proposal_id)
+        async with self.store.transaction() as tx:
+            proposal = await load_proposal(tx.conn, cmd.proposal_id)
+            pool = await load_pool(tx.conn, proposal.pool_id) if proposal else None
+            outcome = await self.pipeline.run(
+                PROPOSAL,
+                cmd.proposal_id,
+                lambda current: domain.approve_funding(current, pool, cmd),
+                ctx,
+                tx=tx,
+            )
+            approved = outcome.state
+            assert approved is not None
+            funding = domain.funded_by(approved)
+            funded = await self.pipeline.run(
+                FUNDING,
+                FundingKey(funding.pool_id, funding.idempotency_key),
+                lambda state: domain.fund_once(_funding(state), funding),
+                ctx,
+                tx=tx,
+            )
+        assert funded.state is not None and funded.state.pool is not None
+        return approved, funded.state.pool
+
+    async def funding_proposal(
+        self, proposal_id: str
+    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
+        async with self.store.engine.connect() as conn:
+            proposal = await load_proposal(conn, proposal_id)
+            pool = await load_pool(conn, proposal.pool_id) if proposal else None
+        if proposal is None:
+            raise NotFound(
+                "UNKNOWN_PROPOSAL", "proposal_id: no such funding proposal", field="proposal_id"
+            )
+        return proposal, pool
 
     async def get_pool(self, pool_id: str) -> budget.Pool:
         async with self.store.engine.connect() as conn:
@@ -181,9 +234,16 @@ class Ledger:
         return pool
 
     # -- checkout -------------------------------------------------------------------------
-    async def get_reservation(self, order_id: str) -> dict[str, object] | None:
+    async def get_reservation(
+        self, order_id: str, platform: str | None = None
+    ) -> dict[str, object] | None:
+        """The order's reservation; for a platform, only its own (another platform's order is
+        as unknown as one that never existed, so ids cannot be probed)."""
         async with self.store.engine.connect() as conn:
-            return await self._row(conn, order_id)
+            row = await self._row(conn, order_id)
+        if row is not None and platform is not None and row["platform_id"] != platform:
+            return None
+        return row
 
     async def reserve(self, cmd: domain.Reserve, actor: common_pb2.Actor) -> dict[str, object]:
         """Verify the item, lock the qualification, hold the subsidy; idempotent on order id."""
@@ -348,9 +408,10 @@ class Ledger:
         order_id: str,
         actor: common_pb2.Actor,
         decide: Callable[[domain.Reservation | None], list[Message]],
+        platform: str | None = None,
     ) -> dict[str, object]:
-        """Capture or release one order under its pool's lock."""
-        existing = await self.get_reservation(order_id)
+        """Capture or release one order under its pool's lock (a platform: only its own)."""
+        existing = await self.get_reservation(order_id, platform)
         if existing is None:
             raise domain.unknown_order(order_id)
         key = OrderKey(str(existing["pool_id"]), order_id)
@@ -364,14 +425,16 @@ class Ledger:
         return row
 
     async def capture(
-        self, order_id: str, payment_ref: str, actor: common_pb2.Actor
+        self, order_id: str, payment_ref: str, actor: common_pb2.Actor, platform: str | None
     ) -> dict[str, object]:
-        return await self._settle(order_id, actor, lambda r: domain.capture(r, payment_ref))
+        return await self._settle(
+            order_id, actor, lambda r: domain.capture(r, payment_ref), platform
+        )
 
     async def release(
-        self, order_id: str, reason: str, actor: common_pb2.Actor
+        self, order_id: str, reason: str, actor: common_pb2.Actor, platform: str | None
     ) -> dict[str, object]:
-        return await self._settle(order_id, actor, lambda r: domain.release(r, reason))
+        return await self._settle(order_id, actor, lambda r: domain.release(r, reason), platform)
 
     async def expire_due(self) -> int:
         """Release every pending reservation past its timeout; returns how many."""

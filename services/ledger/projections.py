@@ -6,6 +6,7 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC
 
 from sqlalchemy import (
@@ -85,6 +86,18 @@ reservation_attempts = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
+funding_proposals = Table(
+    "funding_proposals",
+    metadata,
+    Column("proposal_id", String(200), primary_key=True),
+    Column("pool_id", String(64), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("proposed_by", String(64), nullable=False),
+    Column("approved_by", String(64), nullable=False),
+)
+
 funding_keys = Table(
     "funding_keys",
     metadata,
@@ -122,9 +135,32 @@ async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reser
     return domain.Reservation(*row) if row is not None else None
 
 
+async def load_proposal(conn: AsyncConnection, proposal_id: str) -> domain.FundingProposal | None:
+    row = (
+        await conn.execute(
+            select(funding_proposals).where(funding_proposals.c.proposal_id == proposal_id)
+        )
+    ).first()
+    return domain.FundingProposal(**row._mapping) if row is not None else None
+
+
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
+    if isinstance(event, ev.FundingProposed | ev.FundingApproved):
+        known = await load_proposal(conn, event.proposal_id)
+        proposal = domain.evolve_proposal(known, event, env.actor.id)
+        assert proposal is not None
+        values = asdict(proposal)
+        if known is None:
+            await conn.execute(insert(funding_proposals).values(**values))
+        else:
+            await conn.execute(
+                update(funding_proposals)
+                .where(funding_proposals.c.proposal_id == event.proposal_id)
+                .values(**values)
+            )
+        return
     if isinstance(event, ev.ReservationRefused):
         metrics.RESERVATIONS.labels("refused").inc()
         return  # the budget did not move
@@ -198,4 +234,6 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
 
 async def rebuild(store: EventStore) -> int:
     """Drop the ledger's read models and replay every event; returns how many were applied."""
-    return await store.rebuild((reservations, budget_pools, funding_keys), apply_event)
+    return await store.rebuild(
+        (reservations, budget_pools, funding_keys, funding_proposals), apply_event
+    )

@@ -20,6 +20,7 @@ async def build(rt: Runtime) -> Wiring:
         eligibility_pb2_grpc.EligibilityServiceStub(eligibility_ch),
         reservation_timeout_s=s.reservation_timeout_s,
         abandon_after_s=s.abandon_after_s,
+        funding_ceiling_fen=s.funding_ceiling_fen,
     )
     return Wiring(
         registrations=[(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerApi(ledger))],

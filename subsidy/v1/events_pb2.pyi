@@ -573,6 +573,67 @@ class ConsumerRegistered(_message.Message):
 Global___ConsumerRegistered: _TypeAlias = ConsumerRegistered  # noqa: Y015
 
 @_typing.final
+class IdentityCheckFailed(_message.Message):
+    """The identity authority did not confirm a registration's three factors. The caller is told only
+    IDENTITY_MISMATCH; which factor failed is kept here, for operators (never the factors).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_NUMBER_INDEX_FIELD_NUMBER: _builtins.int
+    AUTHORITY_REASON_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    id_number_index: _builtins.str
+    """blind index of the ID number the attempt named"""
+    authority_reason: _builtins.str
+    """e.g. NAME_MISMATCH, PHONE_MISMATCH, NOT_FOUND"""
+    platform_id: _builtins.str
+    day: _builtins.str
+    """the UTC day the attempt counts against"""
+    def __init__(
+        self,
+        *,
+        id_number_index: _builtins.str = ...,
+        authority_reason: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_reason", b"authority_reason", "day", b"day", "id_number_index", b"id_number_index", "platform_id", b"platform_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityCheckFailed: _TypeAlias = IdentityCheckFailed  # noqa: Y015
+
+@_typing.final
+class ConsumerEnrolled(_message.Message):
+    """A person already registered through one platform registers through another: the consumer
+    may now be served by that platform too (a platform sees only the consumers enrolled with it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    platform_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "platform_id", b"platform_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerEnrolled: _TypeAlias = ConsumerEnrolled  # noqa: Y015
+
+@_typing.final
 class QualificationClaimed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -728,9 +789,68 @@ class QualificationForfeited(_message.Message):
 Global___QualificationForfeited: _TypeAlias = QualificationForfeited  # noqa: Y015
 
 @_typing.final
-class BudgetFunded(_message.Message):
-    """---- ledger -----------------------------------------------------------------------------"""
+class FundingProposed(_message.Message):
+    """---- ledger -----------------------------------------------------------------------------
+    Funding, maker-checker: proposed by an operator, approved by a different approver. Only the
+    approval (followed by BudgetFunded in the pool's stream, in the same transaction) moves money.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    proposal_id: _builtins.str
+    pool_id: _builtins.str
+    amount_fen: _builtins.int
+    source: _builtins.str
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        proposal_id: _builtins.str = ...,
+        pool_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        source: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundingProposed: _TypeAlias = FundingProposed  # noqa: Y015
+
+@_typing.final
+class FundingApproved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    proposal_id: _builtins.str
+    pool_id: _builtins.str
+    amount_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        proposal_id: _builtins.str = ...,
+        pool_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "pool_id", b"pool_id", "proposal_id", b"proposal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundingApproved: _TypeAlias = FundingApproved  # noqa: Y015
+
+@_typing.final
+class BudgetFunded(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_ID_FIELD_NUMBER: _builtins.int

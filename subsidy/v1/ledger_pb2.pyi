@@ -19,20 +19,21 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class FundBudgetRequest(_message.Message):
+class ProposeFundingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
-    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
     idempotency_key: _builtins.str
-    @_builtins.property
-    def actor(self) -> _common_pb2.Actor: ...
+    """the same key again returns the same proposal"""
+    reason: _builtins.str
+    """why this money, for the approver and the auditor"""
     def __init__(
         self,
         *,
@@ -40,15 +41,102 @@ class FundBudgetRequest(_message.Message):
         amount_fen: _builtins.int = ...,
         source: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
-        actor: _common_pb2.Actor | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "reason", b"reason", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___FundBudgetRequest: _TypeAlias = FundBudgetRequest  # noqa: Y015
+Global___ProposeFundingRequest: _TypeAlias = ProposeFundingRequest  # noqa: Y015
+
+@_typing.final
+class ApproveFundingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    proposal_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        proposal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposal_id", b"proposal_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveFundingRequest: _TypeAlias = ApproveFundingRequest  # noqa: Y015
+
+@_typing.final
+class GetFundingProposalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    proposal_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        proposal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposal_id", b"proposal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFundingProposalRequest: _TypeAlias = GetFundingProposalRequest  # noqa: Y015
+
+@_typing.final
+class FundingProposal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    proposal_id: _builtins.str
+    pool_id: _builtins.str
+    amount_fen: _builtins.int
+    source: _builtins.str
+    status: _builtins.str
+    """PROPOSED, APPROVED"""
+    proposed_by: _builtins.str
+    """the operator's name (from their certificate)"""
+    approved_by: _builtins.str
+    """the approver's name, once approved"""
+    @_builtins.property
+    def pool(self) -> Global___BudgetPool:
+        """the pool as it stands after this call"""
+
+    def __init__(
+        self,
+        *,
+        proposal_id: _builtins.str = ...,
+        pool_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        source: _builtins.str = ...,
+        status: _builtins.str = ...,
+        proposed_by: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        pool: Global___BudgetPool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundingProposal: _TypeAlias = FundingProposal  # noqa: Y015
 
 @_typing.final
 class GetBudgetRequest(_message.Message):

@@ -35,10 +35,20 @@ class LedgerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.FundBudget = channel.unary_unary(
-                '/subsidy.v1.LedgerService/FundBudget',
-                request_serializer=subsidy_dot_v1_dot_ledger__pb2.FundBudgetRequest.SerializeToString,
-                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.BudgetPool.FromString,
+        self.ProposeFunding = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ProposeFunding',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ProposeFundingRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
+                _registered_method=True)
+        self.ApproveFunding = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ApproveFunding',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ApproveFundingRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
+                _registered_method=True)
+        self.GetFundingProposal = channel.unary_unary(
+                '/subsidy.v1.LedgerService/GetFundingProposal',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetFundingProposalRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
                 _registered_method=True)
         self.GetBudget = channel.unary_unary(
                 '/subsidy.v1.LedgerService/GetBudget',
@@ -71,7 +81,21 @@ class LedgerServiceServicer:
     """Budget pools and the checkout API platforms call.
     """
 
-    def FundBudget(self, request, context):
+    def ProposeFunding(self, request, context):
+        """Funding is maker-checker: an operator proposes, a different approver approves; only the
+        approval moves money. Idempotent on the proposal's idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveFunding(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFundingProposal(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,10 +138,20 @@ class LedgerServiceServicer:
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'FundBudget': grpc.unary_unary_rpc_method_handler(
-                    servicer.FundBudget,
-                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.FundBudgetRequest.FromString,
-                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.BudgetPool.SerializeToString,
+            'ProposeFunding': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeFunding,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ProposeFundingRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.SerializeToString,
+            ),
+            'ApproveFunding': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveFunding,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ApproveFundingRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.SerializeToString,
+            ),
+            'GetFundingProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFundingProposal,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetFundingProposalRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.FundingProposal.SerializeToString,
             ),
             'GetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudget,
@@ -157,7 +191,7 @@ class LedgerService:
     """
 
     @staticmethod
-    def FundBudget(request,
+    def ProposeFunding(request,
             target,
             options=(),
             channel_credentials=None,
@@ -170,9 +204,63 @@ class LedgerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/subsidy.v1.LedgerService/FundBudget',
-            subsidy_dot_v1_dot_ledger__pb2.FundBudgetRequest.SerializeToString,
-            subsidy_dot_v1_dot_ledger__pb2.BudgetPool.FromString,
+            '/subsidy.v1.LedgerService/ProposeFunding',
+            subsidy_dot_v1_dot_ledger__pb2.ProposeFundingRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveFunding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ApproveFunding',
+            subsidy_dot_v1_dot_ledger__pb2.ApproveFundingRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFundingProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/GetFundingProposal',
+            subsidy_dot_v1_dot_ledger__pb2.GetFundingProposalRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.FundingProposal.FromString,
             options,
             channel_credentials,
             insecure,

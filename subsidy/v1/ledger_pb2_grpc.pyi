@@ -33,7 +33,12 @@ class LedgerServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
-    FundBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.FundBudgetRequest, _ledger_pb2.BudgetPool]
+    ProposeFunding: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ProposeFundingRequest, _ledger_pb2.FundingProposal]
+    """Funding is maker-checker: an operator proposes, a different approver approves; only the
+    approval moves money. Idempotent on the proposal's idempotency key.
+    """
+    ApproveFunding: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApproveFundingRequest, _ledger_pb2.FundingProposal]
+    GetFundingProposal: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetFundingProposalRequest, _ledger_pb2.FundingProposal]
     GetBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBudgetRequest, _ledger_pb2.BudgetPool]
     ReserveSubsidy: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReserveSubsidyRequest, _ledger_pb2.Reservation]
     """Verify the item, lock the qualification, reserve budget (pending, with a timeout).
@@ -50,7 +55,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Budget pools and the checkout API platforms call."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    FundBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.FundBudgetRequest, _ledger_pb2.BudgetPool]  # type: ignore[assignment]
+    ProposeFunding: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ProposeFundingRequest, _ledger_pb2.FundingProposal]  # type: ignore[assignment]
+    """Funding is maker-checker: an operator proposes, a different approver approves; only the
+    approval moves money. Idempotent on the proposal's idempotency key.
+    """
+    ApproveFunding: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApproveFundingRequest, _ledger_pb2.FundingProposal]  # type: ignore[assignment]
+    GetFundingProposal: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetFundingProposalRequest, _ledger_pb2.FundingProposal]  # type: ignore[assignment]
     GetBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBudgetRequest, _ledger_pb2.BudgetPool]  # type: ignore[assignment]
     ReserveSubsidy: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReserveSubsidyRequest, _ledger_pb2.Reservation]  # type: ignore[assignment]
     """Verify the item, lock the qualification, reserve budget (pending, with a timeout).
@@ -66,11 +76,28 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Budget pools and the checkout API platforms call."""
 
     @_abc_1.abstractmethod
-    def FundBudget(
+    def ProposeFunding(
         self,
-        request: _ledger_pb2.FundBudgetRequest,
+        request: _ledger_pb2.ProposeFundingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_ledger_pb2.BudgetPool, _abc.Awaitable[_ledger_pb2.BudgetPool]]: ...
+    ) -> _typing.Union[_ledger_pb2.FundingProposal, _abc.Awaitable[_ledger_pb2.FundingProposal]]:
+        """Funding is maker-checker: an operator proposes, a different approver approves; only the
+        approval moves money. Idempotent on the proposal's idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveFunding(
+        self,
+        request: _ledger_pb2.ApproveFundingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.FundingProposal, _abc.Awaitable[_ledger_pb2.FundingProposal]]: ...
+
+    @_abc_1.abstractmethod
+    def GetFundingProposal(
+        self,
+        request: _ledger_pb2.GetFundingProposalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.FundingProposal, _abc.Awaitable[_ledger_pb2.FundingProposal]]: ...
 
     @_abc_1.abstractmethod
     def GetBudget(

@@ -2,7 +2,7 @@
 layout Vault Agent and cert-manager write and services.kernel.tls.FileCertificates reads.
 
 The local stack issues one per demo user into ``run/certs/<role>-<name>/`` at each start
-(``platform-demo``, ``platform-other``, ``operator-demo``, ``approver-demo``, ``auditor-demo``)
+(``platform-demo``, ``platform-other``, ``operator-demo``, ``approver-checker``, ``auditor-demo``)
 and one for the identity simulator (``service-identity-sim``), renewing each once two thirds
 of its lifetime have passed; ``subsidyctl certs issue`` writes another anywhere.
 """
@@ -25,7 +25,9 @@ DEMO_TTL: Final = "24h"
 PLATFORM_DEMO: Final = Caller(Role.PLATFORM, "demo")
 PLATFORM_OTHER: Final = Caller(Role.PLATFORM, "other")
 OPERATOR_DEMO: Final = Caller(Role.OPERATOR, "demo")
-APPROVER_DEMO: Final = Caller(Role.APPROVER, "demo")
+# Maker-checker compares people by name: the demo approver is another person than the demo
+# operator, or the demo could never approve its own campaign's drafts and fundings.
+APPROVER_DEMO: Final = Caller(Role.APPROVER, "checker")
 AUDITOR_DEMO: Final = Caller(Role.AUDITOR, "demo")
 DEMO_IDENTITIES: Final = (PLATFORM_DEMO, PLATFORM_OTHER, OPERATOR_DEMO, APPROVER_DEMO, AUDITOR_DEMO)
 SIMULATOR_IDENTITY: Final = service_caller(topology.IDENTITY_SIMULATOR)

@@ -131,10 +131,18 @@ class Platform:
 
     async def pool(self, rng: random.Random, fen: int) -> str:
         pool_id = f"pool-{rng.randrange(10**9)}"
-        await self.ledger.FundBudget(
-            ledger_pb2.FundBudgetRequest(pool_id=pool_id, amount_fen=fen, source="district")
+        await self.fund(
+            ledger_pb2.ProposeFundingRequest(pool_id=pool_id, amount_fen=fen, source="district")
         )
         return pool_id
+
+    async def fund(self, request: ledger_pb2.ProposeFundingRequest) -> ledger_pb2.BudgetPool:
+        """Funding as the bureau does it: an operator proposes, a different approver approves."""
+        proposal = await self.ledger.ProposeFunding(request)
+        approved = await self.ledger.ApproveFunding(
+            ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="ok")
+        )
+        return approved.pool
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from services.kernel.events import payload_of
+from services.kernel.identity import Caller, Role
 from subsidy.v1 import catalog_pb2, common_pb2
 from subsidy.v1 import events_pb2 as ev
-from tests.e2e.cli import subsidyctl
+from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform, status_of
 from tests.e2e.test_catalog import OPERATOR, catalog_events, merchant
 
@@ -258,8 +261,16 @@ async def test_import_needs_an_operator_and_a_reason(platform: Platform) -> None
 # The operator's command line, as a separate process against the running catalog
 
 
-async def cli(p: Platform, *args: str) -> tuple[int, dict[str, Any], str]:
-    return await subsidyctl(*args, "--catalog", f"127.0.0.1:{p.running['catalog'].port}")
+OP_LI = Caller(Role.OPERATOR, "op-li")
+
+
+async def cli(p: Platform, *args: str, who: Caller = OP_LI) -> tuple[int, dict[str, Any], str]:
+    """The CLI as ``who`` (a certificate issued for the call, as ``--identity`` reads it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        identity = identity_dir(p.infra.identities(who), Path(tmp))
+        return await subsidyctl(
+            *args, "--catalog", f"127.0.0.1:{p.running['catalog'].port}", identity=identity
+        )
 
 
 async def test_cli_quote_prints_one_json_object(platform: Platform) -> None:
@@ -300,14 +311,14 @@ async def test_cli_import_reports_lines_and_exit_codes(
     bad = tmp_path / "bad.csv"
     bad.write_text(bad_file(m, s), encoding="utf-8")
     before = await catalog_events(p)
-    code, answer, err = await cli(p, "import", str(bad), "--actor", "op-li")
+    code, answer, err = await cli(p, "import", str(bad))
     assert (code, answer["outcome"], answer["applied"]) == (1, "APPLIED_NOTHING", 0)
     assert [r["line"] for r in answer["rejected"]] == [x[0] for x in EXPECTED_ERRORS]
     assert "line 3: UNKNOWN_CATEGORY" in err and "nothing imported" in err
     assert "validate: 11/11 rows (100%)" in err  # the progress, plainly, when not a terminal
     assert await catalog_events(p) == before
 
-    code, answer, err = await cli(p, "import", str(bad), "--only-good-rows", "--actor", "op-li")
+    code, answer, err = await cli(p, "import", str(bad), "--only-good-rows")
     assert (code, answer["outcome"], answer["applied"]) == (0, "APPLIED_GOOD_ROWS", 2)
     assert "9 bad row(s) NOT imported" in err
     assert "apply: 2/2 rows (100%)" in err

@@ -23,11 +23,12 @@ import yaml
 from services.catalog.service import SPEC as CATALOG
 from services.contract.policy import default_policy, policy_to_dict
 from services.kernel.app import Running, start
+from services.kernel.identity import Caller, Role
 from services.kernel.settings import Settings
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
-from tests.e2e.cli import subsidyctl
+from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import status_of
 from tests.support.callers import CallerRouter
 
@@ -383,40 +384,48 @@ async def test_ten_thousand_rows_import_in_one_go(own: OwnCatalog, rng: random.R
 
 
 async def test_cli_switches_policy_and_sales_ledger(
-    own: OwnCatalog, rng: random.Random, tmp_path: Path
+    own: OwnCatalog, infra: Infra, rng: random.Random, tmp_path: Path
 ) -> None:
     address = ("--catalog", f"127.0.0.1:{own.running.port}")
+    op_li, ap_li, ap_wang = (
+        identity_dir(infra.identities(who), tmp_path / who.principal)
+        for who in (
+            Caller(Role.OPERATOR, "op-li"),
+            Caller(Role.APPROVER, "op-li"),  # the same person as the operator op-li
+            Caller(Role.APPROVER, "ap-wang"),
+        )
+    )
+
+    async def run(*args: str, identity: Path = op_li) -> tuple[int, dict[str, Any], str]:
+        return await subsidyctl(*args, identity=identity)
+
     before = await own.events()
-    code, answer, _ = await subsidyctl(
-        "pause", "--category", "microwave", "--reason", "质量事件", "--actor", "op-li", *address
+    code, answer, _ = await run(
+        "pause", "--category", "microwave", "--reason", "质量事件", *address, identity=op_li
     )
     assert (code, answer) == (0, {"campaign_paused": False, "paused_categories": ["microwave"]})
-    code, answer, _ = await subsidyctl("pause", "--campaign", "--reason", "预案", *address)
+    code, answer, _ = await run("pause", "--campaign", "--reason", "预案", *address)
     assert (code, answer) == (0, {"campaign_paused": True, "paused_categories": ["microwave"]})
-    code, answer, _ = await subsidyctl("resume", "--campaign", "--reason", "解除", *address)
+    code, answer, _ = await run("resume", "--campaign", "--reason", "解除", *address)
     assert (code, answer["campaign_paused"]) == (0, False)
-    code, answer, _ = await subsidyctl(
-        "resume", "--category", "microwave", "--reason", "解除", *address
-    )
+    code, answer, _ = await run("resume", "--category", "microwave", "--reason", "解除", *address)
     assert (code, answer) == (0, {"campaign_paused": False, "paused_categories": []})
     assert await own.events() == before + 4
     for wrong in (("--reason", "r"), ("--category", "tv", "--campaign", "--reason", "r")):
-        code, answer, err = await subsidyctl("pause", *wrong, *address)
+        code, answer, err = await run("pause", *wrong, *address)
         assert (code, answer) == (2, {})
         assert (
             err.strip()
             == "subsidyctl pause: error: give exactly one of --category CODE or --campaign"
         )
-    code, answer, err = await subsidyctl(
-        "pause", "--category", "nonsense", "--reason", "r", *address
-    )
+    code, answer, err = await run("pause", "--category", "nonsense", "--reason", "r", *address)
     assert code == 2 and len(err.splitlines()) == 1 and '"field": "category"' in err
 
     version = f"cli-{rng.randrange(10**6)}"
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(document(version, soon(3600)), encoding="utf-8")
-    code, drafted, _ = await subsidyctl(
-        "policy", "draft", str(policy_file), "--reason", "新规", "--actor", "op-li", *address
+    code, drafted, _ = await run(
+        "policy", "draft", str(policy_file), "--reason", "新规", *address, identity=op_li
     )
     assert code == 0
     assert (drafted["version"], drafted["status"], drafted["drafted_by"]) == (
@@ -424,12 +433,12 @@ async def test_cli_switches_policy_and_sales_ledger(
         "DRAFT",
         "op-li",
     )
-    code, answer, err = await subsidyctl(
-        "policy", "approve", version, "--reason", "复核", "--actor", "op-li", *address
+    code, answer, err = await run(
+        "policy", "approve", version, "--reason", "复核", *address, identity=ap_li
     )
     assert (code, answer) == (2, {}) and '"reason": "MAKER_CHECKER"' in err
-    code, approved, _ = await subsidyctl(
-        "policy", "approve", version, "--reason", "复核", "--actor", "ap-wang", *address
+    code, approved, _ = await run(
+        "policy", "approve", version, "--reason", "复核", *address, identity=ap_wang
     )
     assert code == 0
     assert (approved["status"], approved["approved_by"], approved["in_force"]) == (
@@ -440,7 +449,7 @@ async def test_cli_switches_policy_and_sales_ledger(
     assert approved["effective_from"] == drafted["effective_from"]
 
     out = tmp_path / "台账.csv"
-    code, answer, _ = await subsidyctl("sales-ledger", "--out", str(out), *address)
+    code, answer, _ = await run("sales-ledger", "--out", str(out), *address)
     assert code == 0
     assert answer == {
         "file": str(out),
@@ -454,5 +463,5 @@ async def test_cli_switches_policy_and_sales_ledger(
     # --json: nothing but the answer, no progress or notes on stderr.
     bad = tmp_path / "bad.csv"
     bad.write_text(CHINESE_HEADER + "x-1,no-such-merchant,电冰箱,1级,品牌,型号,,100\n")
-    code, answer, err = await subsidyctl("import", str(bad), "--json", *address)
+    code, answer, err = await run("import", str(bad), "--json", *address)
     assert (code, answer["outcome"], err) == (1, "APPLIED_NOTHING", "")

@@ -110,8 +110,8 @@ async def _reserve(
 async def build_world(p: Platform, rng: random.Random) -> World:
     pool = await p.pool(rng, 10_000_000)
     funding_key = f"fund-{rng.randrange(10**12)}"
-    await p.ledger.FundBudget(
-        ledger_pb2.FundBudgetRequest(
+    await p.fund(
+        ledger_pb2.ProposeFundingRequest(
             pool_id=pool, amount_fen=1_000, source="district", idempotency_key=funding_key
         )
     )
@@ -247,6 +247,9 @@ class Case:
     reason: str
     field: str
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The one event a refusal records by design (a failed identity check, for operators and
+    # the attempt limit); every other refusal records nothing.
+    records: str = ""
 
 
 CASES: list[Case] = []
@@ -259,9 +262,10 @@ def case(
     code: grpc.StatusCode,
     reason: str,
     field: str,
+    records: str = "",
     **metadata: str,
 ) -> None:
-    CASES.append(Case(id, rpc, build, code, reason, field, metadata))
+    CASES.append(Case(id, rpc, build, code, reason, field, metadata, records))
 
 
 LONG = "a" * 65
@@ -315,13 +319,13 @@ def identifier_cases(
         case(f"{rpc}-{name}-{what}", rpc, with_value(value), INVALID, "INVALID_IDENTIFIER", name)
 
 
-# LedgerService.FundBudget ------------------------------------------------------------------------
-def fund(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.FundBudgetRequest:
+# LedgerService.ProposeFunding ---------------------------------------------------------------
+def fund(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.ProposeFundingRequest:
     values: dict[str, Any] = {"pool_id": w.pool, "amount_fen": 1_000, "source": "district"}
-    return ledger_pb2.FundBudgetRequest(**(values | kw))
+    return ledger_pb2.ProposeFundingRequest(**(values | kw))
 
 
-FUND = "ledger.FundBudget"
+FUND = "ledger.ProposeFunding"
 identifier_cases(FUND, "pool_id", lambda w, rng, v: fund(w, rng, pool_id=v), full=True)
 for _amount in (0, -1, -(10**6), 10**14 + 1, INT64_MAX):
     case(
@@ -671,6 +675,70 @@ case(
 )
 
 
+# LedgerService.ApproveFunding and GetFundingProposal ---------------------------------------------
+def _approve(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.ApproveFundingRequest:
+    values: dict[str, Any] = {"proposal_id": f"fp-{rng.randrange(10**12)}", "reason": "ok"}
+    return ledger_pb2.ApproveFundingRequest(**(values | kw))
+
+
+APPROVE_FUNDING, GET_PROPOSAL = "ledger.ApproveFunding", "ledger.GetFundingProposal"
+_FP_RPCS: list[tuple[str, Callable[[World, random.Random, str], Message]]] = [
+    (APPROVE_FUNDING, lambda w, rng, v: _approve(w, rng, proposal_id=v)),
+    (GET_PROPOSAL, lambda w, rng, v: ledger_pb2.GetFundingProposalRequest(proposal_id=v)),
+]
+
+
+def proposal_id_cases(rpc: str, make: Callable[[World, random.Random, str], Message]) -> None:
+    """Missing, over-long, badly formed and unknown proposal ids (up to 200 characters: an
+    id is ``fp-`` and the proposal's idempotency key)."""
+
+    def with_value(value: Callable[[random.Random], str]) -> Build:
+        return lambda w, rng: make(w, rng, value(rng))
+
+    case(f"{rpc}-missing", rpc, with_value(lambda r: ""), INVALID, "MISSING_FIELD", "proposal_id")
+    too_long = with_value(lambda r: "p" * 201)
+    case(f"{rpc}-201-chars", rpc, too_long, INVALID, "FIELD_TOO_LONG", "proposal_id")
+    for what, bad in BAD_IDENTIFIERS.items():
+        case(
+            f"{rpc}-{what}",
+            rpc,
+            with_value(lambda r, b=bad: b),  # type: ignore[misc]
+            INVALID,
+            "INVALID_IDENTIFIER",
+            "proposal_id",
+        )
+    unknown = with_value(lambda r: f"fp-{r.randrange(10**12)}")
+    case(f"{rpc}-unknown", rpc, unknown, NOT_FOUND, "UNKNOWN_PROPOSAL", "proposal_id")
+
+
+for _fp_rpc, _fp_make in _FP_RPCS:
+    proposal_id_cases(_fp_rpc, _fp_make)
+case(
+    f"{APPROVE_FUNDING}-reason-501-chars",
+    APPROVE_FUNDING,
+    lambda w, rng: _approve(w, rng, reason="r" * 501),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "reason",
+)
+case(
+    f"{FUND}-reason-501-chars",
+    FUND,
+    lambda w, rng: fund(w, rng, reason="r" * 501),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "reason",
+)
+case(
+    f"{FUND}-above-the-ceiling",
+    FUND,
+    lambda w, rng: fund(w, rng, amount_fen=10**12),
+    PRECONDITION,
+    "FUNDING_CEILING",
+    "amount_fen",
+)
+
+
 # EligibilityService.RegisterConsumer -------------------------------------------------------------
 def register(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.RegisterConsumerRequest:
     """The enrolled person's registration, which would succeed but for ``kw``."""
@@ -796,7 +864,7 @@ case(
     PRECONDITION,
     "IDENTITY_MISMATCH",
     "",
-    authority_reason="NAME_MISMATCH",
+    records="subsidy.v1.IdentityCheckFailed",
 )
 case(
     f"{REGISTER}-authority-phone-mismatch",
@@ -805,7 +873,7 @@ case(
     PRECONDITION,
     "IDENTITY_MISMATCH",
     "",
-    authority_reason="PHONE_MISMATCH",
+    records="subsidy.v1.IdentityCheckFailed",
 )
 case(
     f"{REGISTER}-authority-not-found",
@@ -814,7 +882,7 @@ case(
     PRECONDITION,
     "IDENTITY_MISMATCH",
     "",
-    authority_reason="NOT_FOUND",
+    records="subsidy.v1.IdentityCheckFailed",
 )
 
 
@@ -1058,6 +1126,21 @@ async def test_rejected_precisely_and_nothing_changed(
     for key, value in case.metadata.items():  # one of a comma-separated list (e.g. reasons)
         assert value in info.metadata.get(key, "").split(","), (key, dict(info.metadata))
     after = await settled_state(platform)
+    if case.records:
+        store = platform.running["eligibility"].runtime.store
+        assert after.events == {**before.events, "eligibility": before.events["eligibility"] + 1}
+        [last] = (await store.read_all(limit=10**6))[-1:]
+        assert last.envelope.event_type == case.records
+        before = dataclasses.replace(  # the recorded event reached the audit log, and only it
+            before,
+            events=after.events,
+            audit_size=before.audit_size + 1,
+            audit_head=after.audit_head,
+        )
+    assert not {k for k in info.metadata if k != "field"} - case.metadata.keys(), (
+        "the refusal says more than it should",
+        dict(info.metadata),
+    )
     assert after.events == before.events
     assert after.ledger == before.ledger
     assert after.eligibility == before.eligibility
@@ -1101,8 +1184,8 @@ async def test_padded_text_is_stored_trimmed_not_an_internal_error(
     """Surrounding blanks are not part of a value: trimmed, never stored, never INTERNAL."""
     p = platform
     pool = await p.pool(rng, 1_000_000)
-    funded = await p.ledger.FundBudget(
-        ledger_pb2.FundBudgetRequest(pool_id=pool, amount_fen=500, source=" " * 70 + "district")
+    funded = await p.fund(
+        ledger_pb2.ProposeFundingRequest(pool_id=pool, amount_fen=500, source=" " * 70 + "district")
     )
     assert funded.funded_fen == 1_000_500
     _, consumer = await p.person(rng)

@@ -43,8 +43,8 @@ async def distinct(store: EventStore, column: str, table: str) -> set[Any]:
 
 async def make_history(p: Platform, rng: random.Random) -> None:
     pool = await p.pool(rng, 1_000_000)
-    await p.ledger.FundBudget(
-        ledger_pb2.FundBudgetRequest(
+    await p.fund(
+        ledger_pb2.ProposeFundingRequest(
             pool_id=pool,
             amount_fen=200_000,
             source="platform",

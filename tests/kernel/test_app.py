@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from services.kernel import app
+from services.kernel import app, rpc
 from services.kernel.bus import EventConsumer
 from services.kernel.events import Envelope
 from services.kernel.eventstore import Tx
 from services.kernel.settings import Settings
 from tests.conftest import Infra
+from tests.support.callers import OPERATOR
 
 SERVICE_NAME = "test.v1.Nothing"
 
@@ -46,11 +46,12 @@ def settings(infra: Infra) -> Settings:
         vault_addr=infra.bao.addr,
         vault_token=infra.bao.token,
         vault_k8s_role=None,
+        tls_source="vault",
     )
 
 
-async def health_of(port: int) -> dict[str, int]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+async def health_of(infra: Infra, port: int) -> dict[str, int]:
+    async with rpc.channel(f"127.0.0.1:{port}", infra.identities(OPERATOR)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         return {
             name: (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
@@ -66,10 +67,10 @@ async def test_a_consumer_that_ends_turns_health_not_serving_and_stop_still_clea
     )
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for _ in range(100):
-        if await health_of(running.port) == {"": not_serving, SERVICE_NAME: not_serving}:
+        if await health_of(infra, running.port) == {"": not_serving, SERVICE_NAME: not_serving}:
             break
         await asyncio.sleep(0.05)
-    assert await health_of(running.port) == {"": not_serving, SERVICE_NAME: not_serving}
+    assert await health_of(infra, running.port) == {"": not_serving, SERVICE_NAME: not_serving}
     # Stopping does not re-raise the dead consumer's error, and finishes every step.
     await asyncio.wait_for(running.stop(), 30)
     assert running.runtime.nc.is_closed
@@ -81,6 +82,6 @@ async def test_a_healthy_service_serves_until_stopped(infra: Infra) -> None:
     )
     await asyncio.sleep(0.5)
     serving = health_pb2.HealthCheckResponse.SERVING
-    assert await health_of(running.port) == {"": serving, SERVICE_NAME: serving}
+    assert await health_of(infra, running.port) == {"": serving, SERVICE_NAME: serving}
     await asyncio.wait_for(running.stop(), 30)
     assert running.runtime.nc.is_closed

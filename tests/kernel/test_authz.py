@@ -55,8 +55,12 @@ def test_roles_and_single_callers() -> None:
     assert authz.allowed(verify, Caller(Role.SERVICE, "ledger"))
     assert not authz.allowed(verify, Caller(Role.SERVICE, "audit"))  # a service, but not ledger
     assert not authz.allowed(verify, Caller(Role.PLATFORM, "jd"))
-    fund = "/subsidy.v1.LedgerService/FundBudget"
-    assert not authz.allowed(fund, Caller(Role.PLATFORM, "jd"))
+    propose = "/subsidy.v1.LedgerService/ProposeFunding"
+    approve_funding = "/subsidy.v1.LedgerService/ApproveFunding"
+    assert not authz.allowed(propose, Caller(Role.PLATFORM, "jd"))
+    assert authz.allowed(propose, Caller(Role.OPERATOR, "li"))
+    assert not authz.allowed(approve_funding, Caller(Role.OPERATOR, "li"))
+    assert authz.allowed(approve_funding, Caller(Role.APPROVER, "wang"))
     lock = "/subsidy.v1.EligibilityService/LockQualification"
     assert not authz.allowed(lock, Caller(Role.PLATFORM, "jd"))
     approve = "/subsidy.v1.CatalogService/ApprovePolicy"

@@ -23,6 +23,8 @@ BASE = {
     "SUBSIDY_VAULT_K8S_ROLE": "subsidy-ledger",
     "SUBSIDY_CATALOG_ADDR": "catalog:50051",
     "SUBSIDY_ELIGIBILITY_ADDR": "eligibility:50051",
+    "SUBSIDY_TLS_SOURCE": "files",
+    "SUBSIDY_TLS_DIR": "/vault/secrets",
 }
 
 
@@ -42,6 +44,7 @@ def test_a_complete_environment_gives_settings() -> None:
         "SUBSIDY_VAULT_ADDR",
         "SUBSIDY_CATALOG_ADDR",
         "SUBSIDY_ELIGIBILITY_ADDR",
+        "SUBSIDY_TLS_SOURCE",
     ],
 )
 def test_each_missing_variable_is_named(missing: str) -> None:
@@ -164,10 +167,13 @@ def test_tracing_settings_come_from_the_standard_otel_variables() -> None:
 
 
 def test_the_simulator_reads_its_settings_and_fails_fast() -> None:
-    s = SimulatorSettings.from_env({"SUBSIDY_GRPC_LISTEN": "0.0.0.0:50051"})
-    assert (s.grpc_listen, s.log_level) == ("0.0.0.0:50051", "INFO")
+    tls = {"SUBSIDY_TLS_SOURCE": "files", "SUBSIDY_TLS_DIR": "/certs"}
+    s = SimulatorSettings.from_env({"SUBSIDY_GRPC_LISTEN": "0.0.0.0:50051", **tls})
+    assert (s.grpc_listen, s.log_level, s.tls_dir) == ("0.0.0.0:50051", "INFO", Path("/certs"))
     with pytest.raises(SettingsError, match="SUBSIDY_GRPC_LISTEN"):
-        SimulatorSettings.from_env({})
+        SimulatorSettings.from_env(tls)
+    with pytest.raises(SettingsError, match="SUBSIDY_TLS_SOURCE"):
+        SimulatorSettings.from_env({"SUBSIDY_GRPC_LISTEN": "0.0.0.0:50051"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
     proc = subprocess.run(
         [sys.executable, "-m", "services.identity_sim"],

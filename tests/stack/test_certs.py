@@ -50,7 +50,7 @@ def test_the_stack_issues_the_demo_identities_and_the_simulators(
             "platform-demo",
             "platform-other",
             "operator-demo",
-            "approver-demo",
+            "approver-checker",
             "auditor-demo",
             "service-identity-sim",
         ]

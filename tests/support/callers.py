@@ -52,6 +52,8 @@ _DEFAULTS: dict[str, Caller] = {
     "IdentityAuthority/VerifyThreeFactors": ELIGIBILITY,
     "CatalogService/ReviewMerchant": APPROVER,
     "CatalogService/ApprovePolicy": APPROVER,
+    "LedgerService/ApproveFunding": APPROVER,
+    "LedgerService/GetFundingProposal": APPROVER,
     "AuditService/GetLogInfo": AUDITOR,
     "AuditService/GetEntries": AUDITOR,
 }

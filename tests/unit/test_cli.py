@@ -316,7 +316,7 @@ def test_up_announces_itself_as_text_or_as_one_json_line(
         (["pause"], "operator-demo"),
         (["resume"], "operator-demo"),
         (["policy", "draft"], "operator-demo"),
-        (["policy", "approve"], "approver-demo"),
+        (["policy", "approve"], "approver-checker"),
         (["audit", "verify"], "auditor-demo"),
     ],
 )

@@ -237,12 +237,19 @@ def test_only_the_order_holding_it_reads_it_as_consumed() -> None:
     assert reason_of(err) == "QUALIFICATION_NOT_LOCKED_TO_ORDER"
 
 
-def test_registration_needs_the_authoritys_confirmation() -> None:
-    domain.confirm_identity(True, "")
-    with pytest.raises(FailedPrecondition) as err:
-        domain.confirm_identity(False, "PHONE_MISMATCH")
-    assert reason_of(err) == "IDENTITY_MISMATCH"
-    assert err.value.metadata["authority_reason"] == "PHONE_MISMATCH"
+def test_a_failed_identity_check_tells_the_caller_nothing_about_which_factor() -> None:
+    err = domain.identity_mismatch()
+    assert (err.reason, err.field, err.metadata) == ("IDENTITY_MISMATCH", "", {})
+    [failed] = domain.record_mismatch("idx-1", "PHONE_MISMATCH", "jd", "2025-06-01")
+    assert isinstance(failed, ev.IdentityCheckFailed)
+    assert (failed.authority_reason, failed.id_number_index) == ("PHONE_MISMATCH", "idx-1")
+
+
+def test_failed_checks_per_id_number_and_day_are_limited() -> None:
+    domain.check_attempts(4, limit=5)
+    with pytest.raises(ResourceExhausted) as err:
+        domain.check_attempts(5, limit=5)
+    assert (reason_of(err), err.value.field) == ("IDENTITY_ATTEMPTS_EXCEEDED", "id_number")
 
 
 # -- the invariant, against the rule ----------------------------------------------------------
