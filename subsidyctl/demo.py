@@ -251,7 +251,7 @@ async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
             name=person.name,
             id_number=person.id_number,
             phone=person.phone,
-            platform_id=client.platform_id,  # ignored by the server: the certificate says who
+            platform_id=client.platform_id,  # must be the certificate's own platform
         )
     )
     return consumer

@@ -12,6 +12,8 @@ One module per command group; each holds its commands and registers them on ``ap
   progress bar), ``sales-ledger`` (export the 销售台账 as CSV or XLSX).
 - :mod:`.switches`: ``pause`` and ``resume``, the emergency switch for one category or the whole
   campaign.
+- :mod:`.budget`: ``budget propose``, ``budget approve`` and ``budget status``, maker-checker
+  funding of a pool;
 - :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
   version.
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
@@ -49,7 +51,7 @@ from collections.abc import Sequence
 import grpc
 import typer
 
-from . import audit, catalog, certs, checkout, common, policy, stack, switches
+from . import audit, budget, catalog, certs, checkout, common, policy, stack, switches
 
 app = typer.Typer(
     name="subsidyctl",
@@ -62,12 +64,18 @@ app.add_typer(stack.app)
 app.add_typer(checkout.app)
 app.add_typer(catalog.app)
 app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
+app.add_typer(budget.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 
 
-GROUPS = (policy.app.info.name, audit.app.info.name, certs.app.info.name)
+GROUPS = (
+    policy.app.info.name,
+    budget.app.info.name,
+    audit.app.info.name,
+    certs.app.info.name,
+)
 
 
 def _command_path(args: Sequence[str]) -> str:

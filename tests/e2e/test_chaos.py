@@ -92,7 +92,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
                         eligibility_pb2.ClaimQualificationRequest(
                             consumer_id=consumer.consumer_id,
                             category="phone",
-                            channel="demo-platform",
+                            channel=client.platform_id,
                         )
                     )
                 )
@@ -102,7 +102,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
             order = f"chaos-{i}"
             request = ledger_pb2.ReserveSubsidyRequest(
                 order_id=order,
-                platform_id="demo-platform",
+                platform_id=client.platform_id,
                 pool_id="pingshan-2025",
                 consumer_id=consumer.consumer_id,
                 qualification_id=qual.qualification_id,
