@@ -84,6 +84,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 outcome = "ABORTED"
                 raise
+            except NotImplementedError:
+                # A generated servicer's default for a method it does not implement (e.g. the
+                # health service's List): the method is not there, the server did not fail.
+                outcome = "UNIMPLEMENTED"
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
             except Exception:
                 outcome = "INTERNAL"
                 log.exception("unhandled error in %s", method)
