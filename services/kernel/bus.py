@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from . import metrics
 from .background import pause
-from .events import Envelope
+from .events import Envelope, belongs_to
 from .eventstore import EventStore, Position, Tx
 from .settings import RelaySettings
 from .telemetry import extract, inject, tracer
@@ -145,6 +145,28 @@ def decode(data: bytes) -> Envelope | None:
     return env if env.event_id else None
 
 
+# Why a consumer refuses a decodable message: it is not its owner's event.
+WRONG_PUBLISHER = "WrongPublisher"  # the envelope names another service than the subject
+WRONG_SUBJECT = "WrongSubject"  # the envelope's type is not the subject's
+FOREIGN_ID = "ForeignEventId"  # the event id is not of the owning store's id scheme
+
+
+def refusal(subject: str, env: Envelope) -> str | None:
+    """Why an event arriving on ``subject`` is not its owner's, or None if it is: the subject
+    ``events.<service>.<Type>`` must name the envelope's service and type, and the event id
+    must be one that service's store mints (services.kernel.events.belongs_to). NATS lets only
+    a service's own credential publish on its subjects; this check also catches an event
+    republished elsewhere or a misrouted one."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "events" or parts[1] != env.service:
+        return WRONG_PUBLISHER
+    if parts[2] != env.event_type.rsplit(".", 1)[-1]:
+        return WRONG_SUBJECT
+    if not belongs_to(env.event_id, env.service):
+        return FOREIGN_ID
+    return None
+
+
 @dataclass
 class EventConsumer:
     """A durable pull consumer whose handler runs inside the store's transaction.
@@ -178,11 +200,36 @@ class EventConsumer:
         return await js.pull_subscribe("", durable=self.name, stream=EVENTS_STREAM, config=config)
 
     async def handle(self, store: EventStore, js: JetStreamContext, msg: Msg) -> None:
+        env = await self._admit(js, msg)
+        if env is not None:
+            await self._handle(store, js, msg, env)
+
+    async def _admit(self, js: JetStreamContext, msg: Msg) -> Envelope | None:
+        """The message's envelope if it is its owner's event; otherwise it is dead-lettered at
+        once (with why) and None: nothing is handled, nothing changes."""
         env = decode(msg.data)
         if env is None:
             await self._dead_letter_undecodable(js, msg)
-            return
-        await self._handle(store, js, msg, env)
+            return None
+        why = refusal(msg.subject, env)
+        if why is None:
+            return env
+        metrics.EVENTS_REFUSED.labels(self.name, why).inc()
+        seq = msg.metadata.sequence.stream
+        headers = {
+            "Nats-Msg-Id": f"{self.name}:refused:{seq}",
+            "Subsidy-Consumer": self.name,
+            "Subsidy-Original-Subject": msg.subject,
+            "Subsidy-Original-Sequence": str(seq),
+            "Subsidy-Error": why,
+        }
+        if await self._publish_dead_letter(js, msg, headers, f"stream-seq:{seq}"):
+            log.error(
+                "refused an event that is not its owner's (%s); moved to the dead-letter stream",
+                why,
+                extra={"subject": msg.subject, "alert": "forged-event", "consumer": self.name},
+            )
+        return None
 
     def _span(self, msg: Msg, env: Envelope) -> AbstractContextManager[trace.Span]:
         """The consumer span, a child of the publisher's (trace context in the NATS headers)."""
@@ -238,13 +285,12 @@ class EventConsumer:
     async def handle_batch(self, store: EventStore, js: JetStreamContext, msgs: list[Msg]) -> None:
         """Handle a fetched batch in one transaction; if any handler fails, none of the batch
         commits and each message is handled on its own, so only the failing one is retried.
-        A message that is not an envelope is dead-lettered at once and takes no part."""
+        A message that is not an envelope, or not its owner's event, is dead-lettered at once
+        and takes no part."""
         batch: list[tuple[Msg, Envelope]] = []
         for msg in msgs:
-            env = decode(msg.data)
-            if env is None:
-                await self._dead_letter_undecodable(js, msg)
-            else:
+            env = await self._admit(js, msg)
+            if env is not None:
                 batch.append((msg, env))
         if len(batch) == 1:
             await self._handle(store, js, *batch[0])

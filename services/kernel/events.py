@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -21,8 +22,29 @@ _last_ms = 0
 _seq = 0
 
 
-def uuid7() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): time-ordered, so ids sort roughly by creation."""
+def service_tag(service: str) -> int:
+    """The 8-bit tag of a service's event ids (the first byte of SHA-256 of its name)."""
+    return hashlib.sha256(service.encode()).digest()[0]
+
+
+def event_id_for(service: str) -> str:
+    """A new event id of ``service``'s store: a UUIDv7 whose first random byte is the
+    service's tag, so a consumer can tell an id another store could not have minted."""
+    return str(uuid7(tag=service_tag(service)))
+
+
+def belongs_to(event_id: str, service: str) -> bool:
+    """Whether ``event_id`` is of ``service``'s id scheme (a UUIDv7 carrying its tag)."""
+    try:
+        value = uuid.UUID(event_id)
+    except ValueError:
+        return False
+    return value.version == 7 and (value.int >> 54) & 0xFF == service_tag(service)
+
+
+def uuid7(*, tag: int | None = None) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort roughly by creation. ``tag`` (0..255),
+    when given, replaces the first byte of the random part (see :func:`event_id_for`)."""
     global _last_ms, _seq
     ms = time.time_ns() // 1_000_000
     if ms <= _last_ms:
@@ -34,6 +56,8 @@ def uuid7() -> uuid.UUID:
         _seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
     _last_ms = ms
     rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    if tag is not None:
+        rand = (rand & ~(0xFF << 54)) | ((tag & 0xFF) << 54)
     value = (ms << 80) | (0x7 << 76) | (_seq << 64) | (0b10 << 62) | rand
     return uuid.UUID(int=value)
 
@@ -70,7 +94,7 @@ def new_envelope(
     occurred = Timestamp()
     occurred.GetCurrentTime()
     return Envelope(
-        event_id=str(uuid7()),
+        event_id=event_id_for(service),
         stream_id=stream_id,
         stream_version=version,
         event_type=event_type(payload),

@@ -30,6 +30,17 @@ DEAD_LETTERED = Counter(
     "Poison events moved to the dead-letter stream (alert on any increase).",
     ["consumer"],
 )
+EVENTS_REFUSED = Counter(
+    "subsidy_consumer_refused_total",
+    "Messages a consumer refused as not from the event's owner (alert on any increase: a forged"
+    " or misrouted event); each is dead-lettered and changes nothing.",
+    ["consumer", "reason"],
+)
+UNPUBLISHABLE = Gauge(
+    "subsidy_relay_stuck",
+    "1 while the outbox relay cannot publish an event (health is NOT_SERVING; see the log).",
+    ["event_id"],
+)
 BUDGET = Gauge(
     "subsidy_budget_fen",
     "A budget pool's figures in fen after its latest event.",
