@@ -54,8 +54,14 @@ def product_csv(merchant_id: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub) -> float:
-    """Merchant, 10,000 products (timed import), price changes and sales orders."""
+async def seed(
+    catalog: Catalog,
+    operator: catalog_pb2_grpc.CatalogServiceAsyncStub,
+    approver: catalog_pb2_grpc.CatalogServiceAsyncStub,
+) -> float:
+    """Merchant, 10,000 products (timed import), price changes and sales orders; the calls as
+    the people who make them (an operator files and reprices, an approver approves)."""
+    stub = operator
     await stub.ApplyMerchant(
         catalog_pb2.ApplyMerchantRequest(
             merchant_id="bench-m",
@@ -64,7 +70,7 @@ async def seed(catalog: Catalog, stub: catalog_pb2_grpc.CatalogServiceAsyncStub)
             contact_phone="13800000000",
         )
     )
-    await stub.ReviewMerchant(
+    await approver.ReviewMerchant(
         catalog_pb2.ReviewMerchantRequest(merchant_id="bench-m", approve=True)
     )
     t0 = time.perf_counter()
@@ -132,7 +138,18 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
         try:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            import_s = await seed(catalog, stub)
+            address = f"127.0.0.1:{port}"
+            people = [
+                rpc.channel(address, identity(Caller(role, "bench")), deadline_s=30)
+                for role in (Role.OPERATOR, Role.APPROVER)
+            ]
+            try:
+                import_s = await seed(
+                    catalog, *(catalog_pb2_grpc.CatalogServiceStub(c) for c in people)
+                )
+            finally:
+                for c in people:
+                    await c.close()
             rng = random.Random(7)
             skus = [f"b-{rng.randrange(PRODUCTS)}" for _ in range(calls)]
 
