@@ -32,6 +32,7 @@ _LEDGER = "/subsidy.v1.LedgerService/"
 _AUDIT = "/subsidy.v1.AuditService/"
 _IDENTITY = "/subsidy.v1.IdentityAuthority/"
 _SIMULATOR = "/subsidy.v1.IdentitySimulatorAdmin/"
+_EVENT_LOG = "/subsidy.v1.EventLogService/"
 
 RULES: Final[Mapping[str, frozenset[str]]] = {
     # catalog: the policy (maker-checker: an operator drafts, a different approver approves)
@@ -81,9 +82,14 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     # audit: read-only, for the people who check the campaign
     _AUDIT + "GetLogInfo": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetEntries": frozenset({AUDITOR, OPERATOR}),
+    # every service: its own event store, listed for the audit log's cross-check
+    _EVENT_LOG + "ListEvents": frozenset({AUDITOR, OPERATOR}),
     # the identity authority (the simulator locally) answers eligibility only
     _IDENTITY + "VerifyThreeFactors": frozenset({"service/eligibility"}),
     _SIMULATOR + "Enroll": frozenset({OPERATOR}),
+    # every service's outbox relay: its state, and the one way past an event the bus refuses
+    "/subsidy.v1.OutboxService/GetOutboxStatus": frozenset({OPERATOR, AUDITOR}),
+    "/subsidy.v1.OutboxService/SkipStuckEvent": frozenset({OPERATOR}),
     # every server's health and (where enabled) reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,

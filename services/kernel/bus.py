@@ -25,14 +25,17 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+
+from subsidy.v1 import events_pb2 as ev
 
 from . import metrics
 from .background import pause
 from .events import Envelope, belongs_to
 from .eventstore import EventStore, Position, Tx
+from .natsauth import Credentials
 from .settings import RelaySettings
 from .telemetry import extract, inject, tracer
 
@@ -47,13 +50,41 @@ def subject_for(envelope: Envelope) -> str:
     return f"events.{envelope.service}.{envelope.event_type.rsplit('.', 1)[-1]}"
 
 
-async def connect(url: str, name: str) -> tuple[NatsClient, JetStreamContext]:
-    nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+async def connect(
+    url: str, name: str, credentials: Credentials
+) -> tuple[NatsClient, JetStreamContext]:
+    """Connect over TLS (the server's certificate verified against ``credentials.ca_pem``)
+    as ``credentials.user``, signing the server's nonce with its nkey seed."""
+    nc = await nats.connect(
+        url,
+        name=name,
+        tls=credentials.ssl_context(),
+        nkeys_seed_str=credentials.seed,
+        # Replies come back on the user's own inbox prefix, the only one it may subscribe to.
+        inbox_prefix=credentials.inbox_prefix,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+    )
     return nc, nc.jetstream(timeout=10)
 
 
+class StreamsNotReady(RuntimeError):
+    """A stream is missing or differs from what the platform needs, and this credential may
+    not create or change streams (only the operator's may)."""
+
+
+def _differs(have: StreamConfig, want: StreamConfig) -> bool:
+    return any(
+        getattr(want, f) is not None and getattr(have, f) != getattr(want, f)
+        for f in ("subjects", "storage", "duplicate_window", "num_replicas")
+    )
+
+
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
-    """Create (or update) the events and dead-letter streams; idempotent."""
+    """Create the events and dead-letter streams, or update one that differs; idempotent.
+
+    Only the operator's credential may create or change a stream: with a service's, a stream
+    that exists as configured passes (a read), and anything else raises StreamsNotReady."""
     for cfg in (
         StreamConfig(
             name=EVENTS_STREAM,
@@ -67,10 +98,35 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
         ),
     ):
         try:
-            await js.stream_info(cfg.name)  # type: ignore[arg-type]
-            await js.update_stream(cfg)
-        except NotFoundError:
-            await js.add_stream(cfg)
+            try:
+                info = await js.stream_info(cfg.name)  # type: ignore[arg-type]
+            except NotFoundError:
+                await js.add_stream(cfg)
+                continue
+            if _differs(info.config, cfg):
+                await js.update_stream(cfg)
+        except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+            # A denied API call is a permissions violation the server reports out of band;
+            # the request itself only times out.
+            raise StreamsNotReady(
+                f"stream {cfg.name} is missing or differs and could not be set up "
+                f"({type(exc).__name__}); create it with the operator's NATS credential: "
+                "python -m services.kernel.bus streams"
+            ) from None
+
+
+SKIPS_STREAM = "outbox/skips"
+# What the bus answers for an event it will never take (as opposed to being unreachable): the
+# payload is over its max_payload, or the publish is not allowed, or JetStream refuses it.
+REFUSED_BY_THE_BUS: tuple[type[Exception], ...] = (
+    nats.errors.MaxPayloadError,
+    nats.errors.BadSubjectError,
+    BadRequestError,
+)
+
+
+class RelayStuck(RuntimeError):
+    """The relay cannot publish an event the bus refuses; it holds every later one."""
 
 
 class OutboxRelay:
@@ -85,6 +141,10 @@ class OutboxRelay:
         self._batch = batch
         self.published = 0
         self._pos: Position | None = None  # only this relay writes its checkpoint
+        # The event the bus refuses (too large, not allowed), and why: while set, nothing after
+        # it is published, health is NOT_SERVING, and only an operator's skip moves on.
+        self.stuck: tuple[str, str] | None = None
+        self.on_stuck: Callable[[bool], Awaitable[None]] | None = None
 
     async def publish_pending(self) -> int:
         """Publish everything not yet published; return how many were sent."""
@@ -97,13 +157,63 @@ class OutboxRelay:
             if not batch:
                 return sent
             for rec in batch:
-                await self._publish(rec.envelope)
+                try:
+                    await self._publish(rec.envelope)
+                except REFUSED_BY_THE_BUS as exc:
+                    if rec.envelope.event_id not in await self.skipped():
+                        await self._save(pos)  # what went before it is published
+                        await self._stick(rec.envelope, exc)
+                        raise RelayStuck(rec.envelope.event_id) from exc
+                    log.warning(
+                        "not publishing event %s: an operator skipped it",
+                        rec.envelope.event_id,
+                        extra={"event_id": rec.envelope.event_id},
+                    )
                 pos = rec.position
-            await self._store.save_checkpoint(self._name, pos)
-            self._pos = pos
+            await self._save(pos)
+            await self._unstick()
             metrics.EVENTS_PUBLISHED.inc(len(batch))
             sent += len(batch)
             self.published += len(batch)
+
+    async def _save(self, pos: Position) -> None:
+        if pos != self._pos:
+            await self._store.save_checkpoint(self._name, pos)
+            self._pos = pos
+
+    async def _stick(self, env: Envelope, exc: Exception) -> None:
+        first = self.stuck is None or self.stuck[0] != env.event_id
+        self.stuck = (env.event_id, type(exc).__name__)
+        metrics.UNPUBLISHABLE.labels(env.event_id).set(1)
+        if first:
+            log.error(
+                "the event bus refuses event %s (%s, %d bytes); the relay holds every later event"
+                " until an operator skips it (OutboxService.SkipStuckEvent)",
+                env.event_id,
+                type(exc).__name__,
+                env.ByteSize(),
+                extra={"event_id": env.event_id, "alert": "relay-stuck"},
+            )
+            if self.on_stuck is not None:
+                await self.on_stuck(True)
+
+    async def _unstick(self) -> None:
+        if self.stuck is not None:
+            metrics.UNPUBLISHABLE.labels(self.stuck[0]).set(0)
+            self.stuck = None
+            if self.on_stuck is not None:
+                await self.on_stuck(False)
+
+    async def publish_pending_soon(self) -> None:
+        """Wake the relay's loop now (after a skip) instead of at its next retry."""
+        self._store.appended.set()
+
+    async def skipped(self) -> set[str]:
+        """The events operators let the relay past (their OutboxEventSkipped events)."""
+        return {
+            ev.OutboxEventSkipped.FromString(e.payload).event_id
+            for e in await self._store.read_stream(SKIPS_STREAM)
+        }
 
     async def _publish(self, env: Envelope) -> None:
         with tracer().start_as_current_span(
@@ -122,6 +232,8 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 await self.publish_pending()
+            except RelayStuck:
+                await pause(stop, 1.0)  # logged once when it stuck; tried again each second
             except Exception:
                 log.exception("relay failed; retrying", extra={"alert": "relay"})
                 await asyncio.sleep(1.0)

@@ -15,7 +15,35 @@ from opentelemetry import propagate
 
 from subsidy.v1 import common_pb2, events_pb2
 
+from .errors import InvalidArgument
+
 Actor = common_pb2.Actor
+
+# The largest envelope the store accepts: NATS refuses messages over its max_payload (1 MiB by
+# default), and an event the relay cannot publish would hold back every later one. The margin
+# leaves room for the headers the relay adds (message id, trace context).
+MAX_ENVELOPE_BYTES = 1_000_000
+
+
+class EventTooLarge(InvalidArgument):
+    """An event larger than the bus accepts: refused at append, so nothing is committed and no
+    input can wedge the outbox (a request that would record it fails with INVALID_ARGUMENT)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            "EVENT_TOO_LARGE",
+            f"the event this request would record is {size} bytes, over the {MAX_ENVELOPE_BYTES}"
+            " bytes the event bus accepts",
+        )
+
+
+def check_size(env: Envelope) -> None:
+    """Refuse an envelope the bus would refuse (the store calls this for every append)."""
+    size = env.ByteSize()
+    if size > MAX_ENVELOPE_BYTES:
+        raise EventTooLarge(size)
+
+
 Envelope = events_pb2.EventEnvelope
 
 _last_ms = 0

@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import UserDefinedType
 
-from .events import Context, Envelope, new_envelope
+from .events import Context, Envelope, check_size, new_envelope
 
 Projector = Callable[[AsyncConnection, Envelope], Awaitable[None]]
 
@@ -145,6 +145,7 @@ def _event_rows(
     for i, env in enumerate(envelopes, start=1):
         env.stream_id = stream_id
         env.stream_version = expected_version + i
+        check_size(env)
         rows.append(
             {
                 "event_id": env.event_id,

@@ -33,6 +33,12 @@ from .eventstore import WrongExpectedVersion
 log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+# Set deliberately: the largest request is a product import (a CSV of at most 3 MiB, see
+# services/catalog/importer.py); every other field is bounded at the edge, and whatever a
+# request makes the store record is refused at append if the event bus would refuse it
+# (services.kernel.events.MAX_ENVELOPE_BYTES), so no input can wedge a service's outbox.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
 Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any]
 ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -155,7 +161,11 @@ def build_server(
             *limiting,  # after authorisation: a bucket is the authenticated caller's
             ErrorMappingInterceptor(),
         ],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+        ],
     )
     for add, servicer in registrations:
         add(servicer, server)
