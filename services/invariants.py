@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 
 class InvariantViolation(AssertionError):
@@ -89,3 +90,116 @@ def check_audit_complete(
     unknown = counts.keys() - expected
     if unknown:
         raise InvariantViolation(f"{len(unknown)} audit entries match no service's event")
+
+
+class EventDigest(NamedTuple):
+    """One event as the log-to-store cross-check compares it: the service it belongs to (the
+    store that listed it, or the service the log's envelope names), its id, the SHA-256 of its
+    envelope's bytes, and where it belongs (only to say so in a violation)."""
+
+    service: str
+    event_id: str
+    sha256_hex: str
+    stream_id: str = ""
+    stream_version: int = 0
+    event_type: str = ""
+
+    def described(self) -> str:
+        """The event's id, and whose event of which stream and type it is."""
+        where = f"{self.service} {self.stream_id} v{self.stream_version} {self.event_type}"
+        return f"{self.event_id} ({where})"
+
+
+class LogStoreMismatch(InvariantViolation):
+    """The audit log and the services' stores disagree: ``counts`` has a line per service
+    whose counts differ, ``events`` a line per event in question (the message shows at most
+    ``cap`` of them, and how many more there are)."""
+
+    def __init__(self, counts: list[str], events: list[str], *, only_unlogged: bool, cap: int):
+        self.counts = counts
+        self.events = events
+        # Nothing but store events the log does not have (yet): what a log still catching up
+        # looks like, so a verifier may wait and look again; anything else is final.
+        self.only_unlogged = only_unlogged
+        self.shown = events[:cap]
+        self.more = len(events) - len(self.shown)
+        lines = [*counts, *self.shown, *([f"... and {self.more} more"] if self.more else [])]
+        super().__init__("\n".join(lines))
+
+
+def check_log_matches_stores(
+    stored: Iterable[EventDigest],
+    logged: Iterable[tuple[int, EventDigest]],
+    *,
+    cap: int = 20,
+) -> dict[str, int]:
+    """The audit log holds exactly the events of the services' stores, byte for byte: per
+    service as many entries as its store has events; every entry ``(index, digest)`` is an event
+    of the store of the service its envelope names, with the same envelope hash, and appears
+    once; every stored event is in the log. Returns the events per service; raises
+    :class:`LogStoreMismatch` naming each event on one side only or different between them.
+
+    ``check_audit_complete`` compares ids only; this also catches an entry whose bytes were
+    changed (the log's hash chain alone cannot: whoever can write the log can rechain it)."""
+    by_id: dict[str, EventDigest] = {}
+    problems: list[tuple[int, str]] = []  # (sort key, line): log entries first, by index
+    store_counts: Counter[str] = Counter()
+    for event in stored:
+        store_counts[event.service] += 1
+        seen = by_id.setdefault(event.event_id, event)
+        if seen is not event:
+            problems.append(
+                (
+                    -1,
+                    f"event {event.event_id} is in two stores: {seen.service}'s and"
+                    f" {event.service}'s",
+                )
+            )
+    log_counts: Counter[str] = Counter()
+    entries: dict[str, list[int]] = {}
+    for index, entry in logged:
+        log_counts[entry.service] += 1
+        entries.setdefault(entry.event_id, []).append(index)
+        if len(entries[entry.event_id]) > 1:
+            continue  # reported once, below
+        mine = by_id.get(entry.event_id)
+        if mine is None:
+            line = f"audit entry {index}: event {entry.described()} is in no service's store"
+        elif mine.service != entry.service:
+            line = (
+                f"audit entry {index}: event {entry.described()} names {entry.service} but is "
+                f"in {mine.service}'s store"
+            )
+        elif mine.sha256_hex != entry.sha256_hex:
+            line = (
+                f"audit entry {index}: event {entry.described()} differs from {mine.service}'s "
+                f"store: envelope sha256 {entry.sha256_hex} in the log, {mine.sha256_hex} in "
+                "the store"
+            )
+        else:
+            continue
+        problems.append((index, line))
+    for event_id, indexes in entries.items():
+        if len(indexes) > 1:
+            listed = ", ".join(map(str, indexes))
+            problems.append(
+                (
+                    indexes[1],
+                    f"event {event_id} is in the audit log {len(indexes)} times (entries {listed})",
+                )
+            )
+    unlogged = [e for e in by_id.values() if e.event_id not in entries]
+    lines = [line for _, line in sorted(problems, key=lambda p: p[0])]
+    lines += [
+        f"event {e.described()} is in {e.service}'s store but not in the audit log"
+        for e in unlogged
+    ]
+    counts = [
+        f"{service}: {log_counts[service]} entries in the audit log, {store_counts[service]} "
+        "events in its store"
+        for service in sorted(store_counts.keys() | log_counts.keys())
+        if log_counts[service] != store_counts[service]
+    ]
+    if lines or counts:
+        raise LogStoreMismatch(counts, lines, only_unlogged=not problems, cap=cap)
+    return dict(sorted(store_counts.items()))

@@ -31,6 +31,7 @@ from subsidy.v1 import (
     catalog_pb2_grpc,
     eligibility_pb2,
     eligibility_pb2_grpc,
+    eventlog_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     ledger_pb2,
@@ -179,6 +180,11 @@ class Client:
         self.authority = identity_pb2_grpc.IdentitySimulatorAdminStub(
             self._channels["identity_sim"]
         )
+        # Each service's own store, listed (what subsidyctl audit verify compares the log with).
+        self.event_logs = {
+            s: eventlog_pb2_grpc.EventLogServiceStub(self._channels[s])
+            for s in ("catalog", "eligibility", "ledger", "audit")
+        }
 
     async def close(self) -> None:
         for router in self._routers.values():

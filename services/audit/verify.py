@@ -1,13 +1,17 @@
-"""What an auditor checks from the audit log alone: the chain, and the money.
+"""What an auditor checks: the log's chain, the money, and the log against every store.
 
 Nothing here trusts a service's own figures: the hash chain is recomputed from the envelopes'
 bytes, and every budget pool is rebuilt by folding its events through the budget fold the
 ledger itself decides with (:mod:`services.contract.budget`), which checks the budget
-invariant after every event.
+invariant after every event. The chain proves the log was not changed *after* an entry was
+written, not that the entry was true: :func:`compare_with_stores` checks each entry against
+the store of the service that wrote the event (an entry forged on the bus, or written into the
+log's database and rechained, matches no stored event).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -15,7 +19,7 @@ from google.protobuf.message import Message
 
 from services.contract import budget
 from services.contract.budget import POOL_STREAM_PREFIX
-from services.invariants import InvariantViolation
+from services.invariants import EventDigest, InvariantViolation, check_log_matches_stores
 from services.kernel.events import Envelope, payload_of
 
 from .domain import GENESIS, chain_hash, leaf_hash
@@ -73,3 +77,26 @@ def compare_pools(replayed: dict[str, budget.Pool], reported: dict[str, budget.P
                 f"pool {pool_id}: the log adds up to {replayed.get(pool_id)},"
                 f" the ledger reports {reported.get(pool_id)}"
             )
+
+
+def compare_with_stores(
+    entries: Iterable[tuple[int, bytes, bytes, bytes]], stored: Iterable[EventDigest]
+) -> dict[str, int]:
+    """Cross-check the log's ``(index, leaf hash, chain hash, envelope bytes)`` entries with
+    every event the services' stores list (``stored``, each with the SHA-256 of its stored
+    envelope bytes): see :func:`services.invariants.check_log_matches_stores`, which raises
+    :class:`~services.invariants.LogStoreMismatch` naming every event that differs. Returns
+    the events per service."""
+    logged = []
+    for idx, _, _, data in entries:
+        env = Envelope.FromString(data)
+        digest = EventDigest(
+            env.service,
+            env.event_id,
+            hashlib.sha256(data).hexdigest(),
+            env.stream_id,
+            env.stream_version,
+            env.event_type,
+        )
+        logged.append((idx, digest))
+    return check_log_matches_stores(stored, logged)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -21,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from . import bus, ratelimit, rpc, tls, topology, vault
+from . import bus, eventlog, ratelimit, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -130,6 +131,13 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     await bus.ensure_streams(js)
     runtime = Runtime(settings, store, v, nc, js, identity)
     wiring = await spec.build(runtime)
+    # Every service lists its own store to the auditor, who compares it with the audit log
+    # (services/kernel/eventlog.py): added here so no service can leave it out.
+    wiring = dataclasses.replace(
+        wiring,
+        registrations=[*wiring.registrations, eventlog.registration(spec.name, store)],
+        service_names=[*wiring.service_names, eventlog.SERVICE_NAME],
+    )
     if spec.name in topology.SERVICE_NAMES:
         # A consumer of events the topology does not declare (or a declared flow nobody
         # consumes) is a wiring mistake: refuse to start rather than drift from the chart.

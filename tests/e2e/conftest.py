@@ -27,6 +27,7 @@ from subsidy.v1 import (
     catalog_pb2_grpc,
     eligibility_pb2,
     eligibility_pb2_grpc,
+    eventlog_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     ledger_pb2,
@@ -53,6 +54,8 @@ class Platform:
     authority: identity_pb2_grpc.IdentitySimulatorAdminAsyncStub
     spans: InMemorySpanExporter
     nats_url: str  # the platform's own NATS server (not infra.nats)
+    # Every service's own store, listed (what subsidyctl audit verify compares the log with).
+    event_logs: dict[str, eventlog_pb2_grpc.EventLogServiceAsyncStub]
 
     async def quiesce(self, within: float = 30.0) -> None:
         """Wait until every durable consumer of every service has handled every stored event
@@ -195,6 +198,9 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_sim"]),
         spans=SPANS,
         nats_url=nats.url,
+        event_logs={
+            name: eventlog_pb2_grpc.EventLogServiceStub(channels[name]) for name in running
+        },
     )
 
     async def policy_reached_eligibility() -> None:

@@ -157,7 +157,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
 
         # -- every invariant, from the databases and the audit log -------------------------
         await wait_until_audited(stack, client, within=60)
-        report = await verify(client.audit, client.ledger)  # chain + every budget from the log
+        report = await verify(client.audit, client.ledger, client.event_logs)  # and the stores
         assert report["ok"]
         assert report["pools"]["pingshan-2025"]["spent_fen"] == 45_000 * len(completed)
         assert stack.pg is not None

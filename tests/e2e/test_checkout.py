@@ -297,7 +297,7 @@ async def test_the_audit_log_alone_adds_up_to_every_budget_the_ledger_reports(
     from subsidyctl.cli.audit import verify
 
     await platform.quiesce()
-    report = await verify(platform.audit, platform.ledger)
+    report = await verify(platform.audit, platform.ledger, platform.event_logs)
     assert report["ok"] and report["entries"] > 0
     assert len(report["pools"]) >= 3  # every pool the tests above funded
     for pool_id, figures in report["pools"].items():

@@ -8,13 +8,21 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from services.kernel import authz
 from services.kernel.identity import Caller, NotAnIdentity, Role
-from subsidy.v1 import audit_pb2, catalog_pb2, eligibility_pb2, identity_pb2, ledger_pb2
+from subsidy.v1 import (
+    audit_pb2,
+    catalog_pb2,
+    eligibility_pb2,
+    eventlog_pb2,
+    identity_pb2,
+    ledger_pb2,
+)
 
 FILES: tuple[FileDescriptor, ...] = (
     catalog_pb2.DESCRIPTOR,
     eligibility_pb2.DESCRIPTOR,
     ledger_pb2.DESCRIPTOR,
     audit_pb2.DESCRIPTOR,
+    eventlog_pb2.DESCRIPTOR,
     identity_pb2.DESCRIPTOR,
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,

@@ -56,6 +56,7 @@ _DEFAULTS: dict[str, Caller] = {
     "LedgerService/GetFundingProposal": APPROVER,
     "AuditService/GetLogInfo": AUDITOR,
     "AuditService/GetEntries": AUDITOR,
+    "EventLogService/ListEvents": AUDITOR,
 }
 
 
