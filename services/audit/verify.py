@@ -21,10 +21,12 @@ from services.contract import budget
 from services.contract.budget import POOL_STREAM_PREFIX
 from services.invariants import EventDigest, InvariantViolation, check_log_matches_stores
 from services.kernel.events import Envelope, payload_of
+from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
 
 POOL_STREAM = POOL_STREAM_PREFIX
+SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
 
 
 @dataclass
@@ -85,11 +87,17 @@ def compare_with_stores(
     """Cross-check the log's ``(index, leaf hash, chain hash, envelope bytes)`` entries with
     every event the services' stores list (``stored``, each with the SHA-256 of its stored
     envelope bytes): see :func:`services.invariants.check_log_matches_stores`, which raises
-    :class:`~services.invariants.LogStoreMismatch` naming every event that differs. Returns
-    the events per service."""
+    :class:`~services.invariants.LogStoreMismatch` naming every event that differs. A stored
+    event the log lacks because an operator skipped it at the outbox (the log holds that
+    service's ``OutboxEventSkipped`` naming it) is accounted for. Returns the events per
+    service."""
     logged = []
+    skipped: dict[str, tuple[str, str]] = {}
     for idx, _, _, data in entries:
         env = Envelope.FromString(data)
+        if env.event_type == SKIPPED:
+            stuck = ev.OutboxEventSkipped.FromString(env.payload).event_id
+            skipped[stuck] = (env.service, env.event_id)
         digest = EventDigest(
             env.service,
             env.event_id,
@@ -99,4 +107,4 @@ def compare_with_stores(
             env.event_type,
         )
         logged.append((idx, digest))
-    return check_log_matches_stores(stored, logged)
+    return check_log_matches_stores(stored, logged, skipped=skipped)

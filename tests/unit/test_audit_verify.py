@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from google.protobuf.message import Message
 
 from services.audit.domain import GENESIS, chain_hash, leaf_hash
 from services.audit.verify import compare_pools, compare_with_stores, replay
@@ -123,7 +124,7 @@ def chained(envelopes: list[bytes]) -> list[tuple[int, bytes, bytes, bytes]]:
     return rows
 
 
-def stored_event(service: str, stream: str, payload: ev.BudgetFunded, version: int) -> bytes:
+def stored_event(service: str, stream: str, payload: Message, version: int) -> bytes:
     return new_envelope(
         service, stream, payload, Context(service_actor(service)), version=version
     ).SerializeToString(deterministic=True)
@@ -244,3 +245,29 @@ def test_the_invariant_itself_takes_digests() -> None:
         check_log_matches_stores([a], [(0, a._replace(sha256_hex="bb"))])
     with pytest.raises(LogStoreMismatch, match="two stores"):
         check_log_matches_stores([a, a._replace(service="catalog")], [(0, a)])
+
+
+def test_an_event_an_operator_skipped_at_the_outbox_is_accounted_for_by_its_skip() -> None:
+    """A stored event the bus refused and an operator skipped was never published: the log
+    holds the skip (itself a stored event) instead, and the cross-check accepts that; a skip
+    of another service's event, or a skip no store wrote, accounts for nothing."""
+    ledger, catalog = two_stores()
+    stuck = Envelope.FromString(ledger[1]).event_id
+    skip = stored_event("ledger", "outbox-skips", ev.OutboxEventSkipped(event_id=stuck), 1)
+    store = [ledger[0], ledger[1], ledger[2], skip]
+    rows = chained([ledger[0], ledger[2], skip, *catalog])
+    assert compare_with_stores(rows, listed(store, catalog)) == {"catalog": 1, "ledger": 4}
+    others = stored_event("catalog", "outbox-skips", ev.OutboxEventSkipped(event_id=stuck), 1)
+    with pytest.raises(LogStoreMismatch, match=f"event {stuck} .* not in the audit log"):
+        compare_with_stores(
+            chained([ledger[0], ledger[2], others, *catalog]),
+            listed([ledger[0], ledger[1], ledger[2]], [*catalog, others]),
+        )
+    with pytest.raises(LogStoreMismatch) as caught:
+        compare_with_stores(rows, listed(ledger, catalog))  # the skip is in no store
+    assert caught.value.events == [
+        f"audit entry 2: event {Envelope.FromString(skip).event_id} (ledger outbox-skips v1"
+        " subsidy.v1.OutboxEventSkipped) is in no service's store",
+        f"event {stuck} (ledger budget-pool/p v2 subsidy.v1.BudgetFunded) is in ledger's store"
+        " but not in the audit log",
+    ]
