@@ -39,13 +39,12 @@ from subsidy.v1 import (
 )
 
 from . import domain
+from .funding import FundingUseCases
 from .projections import (
     SERIAL_CONSTRAINT,
     apply_event,
     budget_pools,
-    funding_keys,
     load_pool,
-    load_proposal,
     load_reservation,
     refusal_stream,
 )
@@ -69,24 +68,6 @@ log = logging.getLogger(__name__)
 class OrderKey:
     pool_id: str
     order_id: str
-
-
-@dataclass(frozen=True)
-class FundingKey:
-    pool_id: str
-    idempotency_key: str
-
-
-async def _load_funding(conn: AsyncConnection, key: FundingKey) -> domain.Funding:
-    prior = None
-    if key.idempotency_key:
-        row = (
-            await conn.execute(
-                select(funding_keys).where(funding_keys.c.idempotency_key == key.idempotency_key)
-            )
-        ).first()
-        prior = (row.pool_id, row.amount_fen) if row is not None else None
-    return domain.Funding(await load_pool(conn, key.pool_id), prior)
 
 
 async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
@@ -113,17 +94,11 @@ async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
     return held is not None
 
 
-FUNDING: Aggregate[FundingKey, domain.Funding] = Aggregate(
-    "budget-pool", lambda k: pool_stream(k.pool_id), _load_funding
-)
 HOLD: Aggregate[OrderKey, domain.Hold] = Aggregate(
     "budget-pool", lambda k: pool_stream(k.pool_id), _load_hold
 )
 RESERVATION: Aggregate[OrderKey, domain.Reservation] = Aggregate(
     "budget-pool", lambda k: pool_stream(k.pool_id), _load_reservation
-)
-PROPOSAL: Aggregate[str, domain.FundingProposal] = Aggregate(
-    "funding-proposal", lambda proposal_id: f"funding/{proposal_id}", load_proposal
 )
 REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
     "refusal", lambda k: refusal_stream(k.order_id), _load_held
@@ -143,7 +118,7 @@ def _as_command(row: dict[str, object]) -> domain.Reserve:
     )
 
 
-class Ledger:
+class Ledger(FundingUseCases):
     """Budget pools and the checkout's reserve / capture / release."""
 
     def __init__(
@@ -168,64 +143,6 @@ class Ledger:
         self.pipeline = Pipeline(store, SERVICE, apply_event)
 
     # -- budget ---------------------------------------------------------------------------
-    async def propose_funding(
-        self, cmd: domain.ProposeFunding, actor: common_pb2.Actor
-    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
-        """An operator proposes funding; nothing moves until a different approver approves."""
-        ctx = Context(actor, correlation_id=cmd.proposal_id)
-        async with self.store.transaction() as tx:
-            pool = await load_pool(tx.conn, cmd.pool_id)
-            outcome = await self.pipeline.run(
-                PROPOSAL,
-                cmd.proposal_id,
-                lambda existing: domain.propose_funding(existing, pool, cmd),
-                ctx,
-                tx=tx,
-            )
-        assert outcome.state is not None
-        return outcome.state, pool
-
-    async def approve_funding(
-        self, cmd: domain.ApproveFunding, actor: common_pb2.Actor
-    ) -> tuple[domain.FundingProposal, budget.Pool]:
-        """A different approver approves: in one transaction the proposal is approved and the
-        pool funded (lock order: the proposal's stream, then the pool's)."""
-        ctx = Context(actor, correlation_id=cmd.proposal_id)
-        async with self.store.transaction() as tx:
-            proposal = await load_proposal(tx.conn, cmd.proposal_id)
-            pool = await load_pool(tx.conn, proposal.pool_id) if proposal else None
-            outcome = await self.pipeline.run(
-                PROPOSAL,
-                cmd.proposal_id,
-                lambda current: domain.approve_funding(current, pool, cmd),
-                ctx,
-                tx=tx,
-            )
-            approved = outcome.state
-            assert approved is not None
-            funding = domain.funded_by(approved)
-            funded = await self.pipeline.run(
-                FUNDING,
-                FundingKey(funding.pool_id, funding.idempotency_key),
-                lambda state: domain.fund_once(_funding(state), funding),
-                ctx,
-                tx=tx,
-            )
-        assert funded.state is not None and funded.state.pool is not None
-        return approved, funded.state.pool
-
-    async def funding_proposal(
-        self, proposal_id: str
-    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
-        async with self.store.engine.connect() as conn:
-            proposal = await load_proposal(conn, proposal_id)
-            pool = await load_pool(conn, proposal.pool_id) if proposal else None
-        if proposal is None:
-            raise NotFound(
-                "UNKNOWN_PROPOSAL", "proposal_id: no such funding proposal", field="proposal_id"
-            )
-        return proposal, pool
-
     async def get_pool(self, pool_id: str) -> budget.Pool:
         async with self.store.engine.connect() as conn:
             pool = await load_pool(conn, pool_id)
@@ -467,11 +384,6 @@ class Ledger:
             await self.sweep_abandoned(self.abandon_after_s)
 
         await every(stop, every_s, sweep, log=log, failure="expiry sweep failed", alert="expiry")
-
-
-def _funding(state: domain.Funding | None) -> domain.Funding:
-    assert state is not None  # _load_funding always answers
-    return state
 
 
 def _hold(state: domain.Hold | None) -> domain.Hold:

@@ -1,0 +1,119 @@
+"""Ledger use cases for funding a budget pool, maker-checker: an operator proposes, a different
+approver approves, and only the approval moves money (in one transaction with the proposal's
+approval). Part of :class:`services.ledger.handlers.Ledger`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.contract import budget
+from services.contract.budget import pool_stream
+from services.kernel.errors import NotFound
+from services.kernel.events import Context
+from services.kernel.eventstore import EventStore
+from services.kernel.pipeline import Aggregate, Pipeline
+from subsidy.v1 import common_pb2
+
+from . import domain
+from .projections import funding_keys, load_pool, load_proposal
+
+
+@dataclass(frozen=True)
+class FundingKey:
+    pool_id: str
+    idempotency_key: str
+
+
+async def _load_funding(conn: AsyncConnection, key: FundingKey) -> domain.Funding:
+    prior = None
+    if key.idempotency_key:
+        row = (
+            await conn.execute(
+                select(funding_keys).where(funding_keys.c.idempotency_key == key.idempotency_key)
+            )
+        ).first()
+        prior = (row.pool_id, row.amount_fen) if row is not None else None
+    return domain.Funding(await load_pool(conn, key.pool_id), prior)
+
+
+FUNDING: Aggregate[FundingKey, domain.Funding] = Aggregate(
+    "budget-pool", lambda k: pool_stream(k.pool_id), _load_funding
+)
+PROPOSAL: Aggregate[str, domain.FundingProposal] = Aggregate(
+    "funding-proposal", lambda proposal_id: f"funding/{proposal_id}", load_proposal
+)
+
+
+def _funding(state: domain.Funding | None) -> domain.Funding:
+    assert state is not None  # _load_funding always answers
+    return state
+
+
+class FundingUseCases:
+    """Funding a pool; the ledger's store, pipeline and ceiling come from the Ledger."""
+
+    store: EventStore
+    pipeline: Pipeline
+    funding_ceiling_fen: int
+
+    async def propose_funding(
+        self, cmd: domain.ProposeFunding, actor: common_pb2.Actor
+    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
+        """An operator proposes funding; nothing moves until a different approver approves."""
+        ctx = Context(actor, correlation_id=cmd.proposal_id)
+        async with self.store.transaction() as tx:
+            pool = await load_pool(tx.conn, cmd.pool_id)
+            outcome = await self.pipeline.run(
+                PROPOSAL,
+                cmd.proposal_id,
+                lambda existing: domain.propose_funding(existing, pool, cmd),
+                ctx,
+                tx=tx,
+            )
+        assert outcome.state is not None
+        return outcome.state, pool
+
+    async def approve_funding(
+        self, cmd: domain.ApproveFunding, actor: common_pb2.Actor
+    ) -> tuple[domain.FundingProposal, budget.Pool]:
+        """A different approver approves: in one transaction the proposal is approved and the
+        pool funded (lock order: the proposal's stream, then the pool's)."""
+        ctx = Context(actor, correlation_id=cmd.proposal_id)
+        async with self.store.transaction() as tx:
+            proposal = await load_proposal(tx.conn, cmd.proposal_id)
+            pool = await load_pool(tx.conn, proposal.pool_id) if proposal else None
+            outcome = await self.pipeline.run(
+                PROPOSAL,
+                cmd.proposal_id,
+                lambda current: domain.approve_funding(current, pool, cmd),
+                ctx,
+                tx=tx,
+            )
+            approved = outcome.state
+            assert approved is not None
+            funding = domain.funded_by(approved)
+            funded = await self.pipeline.run(
+                FUNDING,
+                FundingKey(funding.pool_id, funding.idempotency_key),
+                lambda state: domain.fund_once(_funding(state), funding),
+                ctx,
+                tx=tx,
+            )
+        assert funded.state is not None and funded.state.pool is not None
+        return approved, funded.state.pool
+
+    async def funding_proposal(
+        self, proposal_id: str
+    ) -> tuple[domain.FundingProposal, budget.Pool | None]:
+        async with self.store.engine.connect() as conn:
+            proposal = await load_proposal(conn, proposal_id)
+            pool = await load_pool(conn, proposal.pool_id) if proposal else None
+        if proposal is None:
+            raise NotFound(
+                "UNKNOWN_PROPOSAL", "proposal_id: no such funding proposal", field="proposal_id"
+            )
+        return proposal, pool
