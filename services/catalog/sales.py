@@ -100,8 +100,22 @@ async def ledger_rows(store: EventStore, merchant_id: str = "") -> list[SalesRow
         return [SalesRow(*(r[i] for i in range(len(fields(SalesRow))))) for r in result]
 
 
+# A text cell a spreadsheet would run as a formula (OWASP, "CSV Injection"): brand and model
+# are typed by merchants, and an auditor opens the export in Excel or WPS. Tab and CR too:
+# some programs drop them and read what follows as the cell's start.
+_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: object) -> object:
+    """``cell`` as a spreadsheet shows it, never runs it: a string starting with a formula
+    trigger gets a leading ``'`` (text, per OWASP's guidance); numbers stay numbers."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_TRIGGERS):
+        return "'" + cell
+    return cell
+
+
 def _cells(row: SalesRow) -> list[object]:
-    return [*astuple(row), row.net_units, row.net_subsidy_fen]
+    return [neutralise(c) for c in (*astuple(row), row.net_units, row.net_subsidy_fen)]
 
 
 def to_csv(rows: list[SalesRow]) -> bytes:
@@ -115,13 +129,22 @@ def to_csv(rows: list[SalesRow]) -> bytes:
 
 
 def to_xlsx(rows: list[SalesRow]) -> bytes:
+    """One sheet; every text cell is written as a string, never as a formula (openpyxl
+    writes a string starting with ``=`` as one), on top of :func:`neutralise`."""
     from openpyxl import Workbook
+    from openpyxl.cell import WriteOnlyCell
 
     book = Workbook(write_only=True)
     sheet = book.create_sheet("销售台账")
     sheet.append(list(HEADERS))
     for row in rows:
-        sheet.append(_cells(row))
+        cells = []
+        for value in _cells(row):
+            cell = WriteOnlyCell(sheet, value=value)
+            if isinstance(value, str):
+                cell.data_type = "s"
+            cells.append(cell)
+        sheet.append(cells)
     out = io.BytesIO()
     book.save(out)
     return out.getvalue()

@@ -22,7 +22,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from services.contract.limits import MAX_GRADE, MIN_GRADE
+from services.contract.limits import (
+    MAX_CAP_FEN,
+    MAX_GRADE,
+    MAX_POLICY_COUNT,
+    MAX_POLICY_DAYS,
+    MAX_PRICE_CEILING_FEN,
+    MIN_GRADE,
+    MIN_PRICE_FEN,
+)
 from services.contract.policy_model import (
     BP_DENOMINATOR,
     Campaign,
@@ -105,11 +113,15 @@ def _text(value: object, path: str, *, pattern: re.Pattern[str] | None = None) -
     return value
 
 
-def _int(value: object, path: str, *, minimum: int = 0) -> int:
+def _int(value: object, path: str, *, minimum: int = 0, maximum: int, unit: str = "") -> int:
+    """An integer in ``minimum..maximum``: every number of a policy is bounded, so that no
+    quote, budget or report computed from it can leave int64 (or int32 in the proto)."""
     # Floats are rejected on purpose: money and counts are exact integers.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "non-negative" if minimum == 0 else "positive" if minimum == 1 else f">= {minimum}"
         raise PolicyError(path, f"must be a {kind} integer")
+    if value > maximum:
+        raise PolicyError(path, f"must be at most {maximum}{unit}, got {value}")
     return value
 
 
@@ -197,12 +209,25 @@ def _category(value: object, path: str) -> CategoryRule:
         group=_enum(data["group"], f"{path}.group", Group),
         grades=_grades(data["grades"], f"{path}.grades"),
         no_grade_rate_bp=None if no_grade is None else _bp(no_grade, f"{path}.no_grade_rate_bp"),
-        cap_fen=_int(data["cap_fen"], f"{path}.cap_fen"),
+        cap_fen=_int(data["cap_fen"], f"{path}.cap_fen", maximum=MAX_CAP_FEN, unit=" fen"),
         price_ceiling_fen=(
-            None if ceiling is None else _int(ceiling, f"{path}.price_ceiling_fen", minimum=1)
+            None
+            if ceiling is None
+            else _int(
+                ceiling,
+                f"{path}.price_ceiling_fen",
+                minimum=MIN_PRICE_FEN,
+                maximum=MAX_PRICE_CEILING_FEN,
+                unit=" fen",
+            )
         ),
-        per_person_limit=_int(data["per_person_limit"], f"{path}.per_person_limit", minimum=1),
-        daily_quota=_int(data["daily_quota"], f"{path}.daily_quota"),
+        per_person_limit=_int(
+            data["per_person_limit"],
+            f"{path}.per_person_limit",
+            minimum=1,
+            maximum=MAX_POLICY_COUNT,
+        ),
+        daily_quota=_int(data["daily_quota"], f"{path}.daily_quota", maximum=MAX_POLICY_COUNT),
     )
 
 
@@ -254,12 +279,22 @@ def policy_from_dict(data: object) -> Policy:
         campaign=_campaign(top["campaign"], "campaign"),
         rounding=_enum(top.get("rounding", Rounding.DOWN.value), "rounding", Rounding),
         price_tolerance_bp=_bp(top["price_tolerance_bp"], "price_tolerance_bp"),
-        baseline_window_days=_int(top["baseline_window_days"], "baseline_window_days", minimum=1),
+        baseline_window_days=_int(
+            top["baseline_window_days"],
+            "baseline_window_days",
+            minimum=1,
+            maximum=MAX_POLICY_DAYS,
+            unit=" days",
+        ),
         claim_window=_claim_window(top["claim_window"], "claim_window"),
         qualification_validity_days=_int(
-            top["qualification_validity_days"], "qualification_validity_days", minimum=1
+            top["qualification_validity_days"],
+            "qualification_validity_days",
+            minimum=1,
+            maximum=MAX_POLICY_DAYS,
+            unit=" days",
         ),
-        reclaim_limit=_int(top["reclaim_limit"], "reclaim_limit"),
+        reclaim_limit=_int(top["reclaim_limit"], "reclaim_limit", maximum=MAX_POLICY_COUNT),
         refund_rule=_enum(top["refund_rule"], "refund_rule", RefundRule),
         categories=_categories(top["categories"], "categories"),
     )

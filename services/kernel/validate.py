@@ -57,8 +57,25 @@ def choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# Dropped from a serial / IMEI: the separators people and scanners put between groups of
+# characters. Anything else that is not a letter or digit is refused by identifier().
+_SERIAL_SEPARATORS = frozenset(" -._:")
+
+
 def serial(field: str, value: str) -> str:
-    """A unit's serial number / IMEI in one canonical form, so that ``abc-123`` and ``ABC123``
-    are the same unit (one subsidy per unit): blanks and hyphens dropped, letters upper-cased."""
-    canonical = "".join(c for c in value.strip().upper() if c not in " -")
+    """A unit's serial number / IMEI in one canonical form, so that ``abc-123``, ``ABC.123``,
+    ``abc_1:23`` and ``ABC123`` are the same unit (one subsidy per unit): blanks and the
+    separators ``- . _ :`` dropped, letters upper-cased.
+
+    Only ASCII is accepted, and checked before upper-casing: ``str.upper`` maps some non-ASCII
+    letters onto ASCII ones (``ß`` to ``SS``, ``ı`` to ``I``, ``ﬀ`` to ``FF``), which would give
+    one unit a second spelling that survives canonicalisation."""
+    stripped = value.strip()
+    if not stripped.isascii():
+        raise InvalidArgument(
+            "INVALID_IDENTIFIER",
+            f"{field}: ASCII letters and digits only (separators - . _ : and blanks are ignored)",
+            field=field,
+        )
+    canonical = "".join(c for c in stripped.upper() if c not in _SERIAL_SEPARATORS)
     return identifier(field, canonical, max_len=64)

