@@ -51,15 +51,17 @@ class Service:
 # In start order: a service starts after the ones it calls (the in-process platform and the
 # local stack start them in this order and stop them in reverse).
 SERVICES: tuple[Service, ...] = (
-    Service(CATALOG, 1, consumes=(LEDGER,)),
+    # Auditors reach every service: `subsidyctl audit verify` compares the log with each store
+    # (EventLogService.ListEvents) and the ledger's figures.
+    Service(CATALOG, 1, consumes=(LEDGER,), clients=(AUDITOR,)),
     Service(
         ELIGIBILITY,
         2,
         calls=(IDENTITY_AUTHORITY,),
         consumes=(CATALOG, LEDGER),
-        clients=(PLATFORM,),
+        clients=(PLATFORM, AUDITOR),
     ),
-    Service(LEDGER, 3, calls=(CATALOG, ELIGIBILITY), clients=(PLATFORM,)),
+    Service(LEDGER, 3, calls=(CATALOG, ELIGIBILITY), clients=(PLATFORM, AUDITOR)),
     Service(AUDIT, 4, consumes=(CATALOG, ELIGIBILITY, LEDGER, AUDIT), clients=(AUDITOR,)),
 )
 SERVICE_NAMES: tuple[str, ...] = tuple(s.name for s in SERVICES)

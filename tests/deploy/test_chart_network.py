@@ -89,10 +89,10 @@ def test_the_identity_simulator_is_absent_or_reachable_only_from_eligibility(
 def test_each_service_accepts_exactly_the_designed_callers(rel: Release) -> None:
     networked(rel)
     grpc, metrics = tcp(rel.effective["grpc"]["port"]), tcp(rel.effective["metrics"]["port"])
-    expected = {
-        "catalog": {("ledger", grpc)},
-        "eligibility": {("platform", grpc), ("ledger", grpc)},
-        "ledger": {("platform", grpc)},
+    expected = {  # auditors reach every store to cross-check the log (audit verify)
+        "catalog": {("ledger", grpc), ("auditor", grpc)},
+        "eligibility": {("platform", grpc), ("ledger", grpc), ("auditor", grpc)},
+        "ledger": {("platform", grpc), ("auditor", grpc)},
         "audit": {("auditor", grpc)},
     }
     for service in SERVICES:

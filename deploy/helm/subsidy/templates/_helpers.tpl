@@ -21,13 +21,13 @@ identitySimulator.enabled, else identityAuthority.address and its egressCIDRs. A
 {{- define "subsidy.topology" -}}
 catalog:
   calls: []
-  clients: []
+  clients: [auditor]
 eligibility:
   calls: [identity_authority]
-  clients: [platform]
+  clients: [platform, auditor]
 ledger:
   calls: [catalog, eligibility]
-  clients: [platform]
+  clients: [platform, auditor]
 audit:
   calls: []
   clients: [auditor]
@@ -295,6 +295,7 @@ SUBSIDY_LOG_LEVEL: {{ $v.logLevel | quote }}
 SUBSIDY_DATABASE_URL: {{ include "subsidy.databaseUrl" (dict "root" $root "database" $own.database) | quote }}
 SUBSIDY_DATABASE_PASSWORD_FILE: {{ include "subsidy.passwordFile" $root | quote }}
 SUBSIDY_NATS_URL: {{ $v.nats.url | quote }}
+SUBSIDY_NATS_NKEY_PATH: {{ printf "%s/%s" (trimSuffix "/" $v.nats.nkeyPath) .name | quote }}
 SUBSIDY_VAULT_ADDR: {{ $v.vault.address | quote }}
 SUBSIDY_VAULT_AUTH: "kubernetes"
 SUBSIDY_VAULT_K8S_ROLE: {{ printf "subsidy-%s" .name | quote }}
