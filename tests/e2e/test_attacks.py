@@ -14,11 +14,13 @@ import random
 import grpc
 import pytest
 
+from services.audit import log as audit_log
 from services.kernel import rpc
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
+    common_pb2,
     eligibility_pb2,
     eligibility_pb2_grpc,
     ledger_pb2,
@@ -244,3 +246,33 @@ async def test_registration_does_not_say_which_factor_failed(
         "IDENTITY_ATTEMPTS_EXCEEDED",
         "id_number",
     )
+
+
+async def test_the_outbox_wedge_request_records_nothing_large_and_checkouts_flow_on(
+    platform: Platform, rng: random.Random
+) -> None:
+    """The review wedged the ledger's outbox with one request carrying a 1.5 MB
+    ``actor.reason``: the event committed and NATS refused it for ever. The request's actor is
+    now ignored (who acts is the certificate's) and every event is bounded at append, so the
+    same request records a normal event, and a checkout after it reaches the audit log."""
+    p = platform
+    consumer, sku, pool, qid = await setup(p, rng)
+    order = f"wedge-{rng.randrange(10**12)}"
+    await p.ledger.ReserveSubsidy(reserve_request(order, consumer, sku, pool, qid))
+    huge = common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id="jd", reason="r" * 1_500_000)
+    released = await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="CANCELLED", actor=huge)
+    )
+    assert released.status == "RELEASED"
+    store = p.running["ledger"].runtime.store
+    [last] = (await store.read_all(limit=10**6))[-1:]
+    assert last.envelope.event_type == "subsidy.v1.SubsidyReleased"
+    assert last.envelope.ByteSize() < 10_000 and last.envelope.actor.reason == ""
+    # A checkout after it flows to the audit log within seconds.
+    consumer2, sku2, pool2, qid2 = await setup(p, rng)
+    order2 = f"after-{rng.randrange(10**12)}"
+    await p.ledger.ReserveSubsidy(reserve_request(order2, consumer2, sku2, pool2, qid2))
+    await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order2))
+    await p.quiesce(within=10)  # every consumer, the audit log's included, has every event
+    size, _, _ = await audit_log.info(p.running["audit"].runtime.store)
+    assert size == sum([await r.runtime.store.count() for r in p.running.values()])
