@@ -71,7 +71,11 @@ async def measure(
     )
     proposal = await client.ledger.ProposeFunding(
         ledger_pb2.ProposeFundingRequest(
-            pool_id="bench-pool", amount_fen=10**12, source="district", reason="bench"
+            pool_id="bench-pool",
+            amount_fen=10**12,
+            source="district",
+            reason="bench",
+            platform_ids=[client.platform_id],
         )
     )
     await client.ledger.ApproveFunding(

@@ -210,6 +210,7 @@ async def seed(
                 source=f["source"],
                 idempotency_key=f["idempotency_key"],
                 reason="demo campaign budget",
+                platform_ids=pool.get("platform_ids", []),
             )
         )
         await client.ledger.ApproveFunding(

@@ -37,6 +37,7 @@ def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.Fundin
         status=p.status,
         proposed_by=p.proposed_by,
         approved_by=p.approved_by,
+        platform_ids=p.platform_ids,
     )
     if pool is not None:
         out.pool.CopyFrom(_pool(pool))
@@ -80,6 +81,9 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             source=source,
             idempotency_key=key,
             ceiling_fen=self.ledger.funding_ceiling_fen,
+            platform_ids=tuple(
+                validate.identifier("platform_ids", p) for p in sorted(set(request.platform_ids))
+            ),
         )
         proposal, pool = await self.ledger.propose_funding(cmd, caller().actor(reason))
         return _proposal(proposal, pool)
@@ -103,7 +107,8 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetBudget(
         self, request: ledger_pb2.GetBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
-        return _pool(await self.ledger.get_pool(validate.identifier("pool_id", request.pool_id)))
+        pool_id = validate.identifier("pool_id", request.pool_id)
+        return _pool(await self.ledger.get_pool(pool_id, scope()))
 
     async def ReserveSubsidy(
         self, request: ledger_pb2.ReserveSubsidyRequest, context: ServicerContext

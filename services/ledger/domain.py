@@ -80,10 +80,12 @@ class Fund:
 
 @dataclass(frozen=True)
 class Funding:
-    """A pool as funding sees it: its figures, and what an idempotency key funded before."""
+    """A pool as funding sees it: its figures, what an idempotency key funded before, and the
+    platforms it serves."""
 
     pool: Pool | None
     prior: tuple[str, int] | None = None  # (pool_id, amount_fen) funded under the same key
+    platforms: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class FundingProposal:
     status: str
     proposed_by: str
     approved_by: str = ""
+    platform_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ class ProposeFunding:
     source: str
     idempotency_key: str
     ceiling_fen: int  # the most a pool may ever be funded with (configured)
+    platform_ids: tuple[str, ...] = ()  # the platforms the pool is to serve
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,7 @@ def propose_funding(
             amount_fen=cmd.amount_fen,
             source=cmd.source,
             idempotency_key=cmd.idempotency_key,
+            platform_ids=cmd.platform_ids,
         )
     ]
 
@@ -238,6 +243,21 @@ def approve_funding(
     ]
 
 
+def assign(assigned: frozenset[str], proposal: FundingProposal) -> list[Message]:
+    """The platforms an approved proposal adds to its pool (each once)."""
+    return [
+        ev.PoolAssigned(pool_id=proposal.pool_id, platform_id=p)
+        for p in sorted(set(proposal.platform_ids) - assigned)
+    ]
+
+
+def serves(assigned: frozenset[str], pool_id: str, platform: str | None) -> None:
+    """A platform reaches only the pools assigned to it; to it, another pool is as unknown as
+    one that does not exist (so pool ids cannot be probed). Everyone else reaches every pool."""
+    if platform is not None and platform not in assigned:
+        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
+
+
 def funded_by(proposal: FundingProposal) -> Fund:
     """The funding an approved proposal makes (its key is the proposal id, so it funds once)."""
     return Fund(proposal.pool_id, proposal.amount_fen, proposal.source, proposal.proposal_id)
@@ -249,7 +269,13 @@ def evolve_proposal(
     """The proposal after ``event``: the one place its status changes."""
     if isinstance(event, ev.FundingProposed):
         return FundingProposal(
-            event.proposal_id, event.pool_id, event.amount_fen, event.source, PROPOSED, actor_id
+            event.proposal_id,
+            event.pool_id,
+            event.amount_fen,
+            event.source,
+            PROPOSED,
+            actor_id,
+            platform_ids=tuple(event.platform_ids),
         )
     if proposal is not None and isinstance(event, ev.FundingApproved):
         return replace(proposal, status=APPROVED, approved_by=actor_id)

@@ -19,7 +19,7 @@ from services.kernel.pipeline import Aggregate, Pipeline
 from subsidy.v1 import common_pb2
 
 from . import domain
-from .projections import funding_keys, load_pool, load_proposal
+from .projections import funding_keys, load_pool, load_pool_platforms, load_proposal
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ async def _load_funding(conn: AsyncConnection, key: FundingKey) -> domain.Fundin
             )
         ).first()
         prior = (row.pool_id, row.amount_fen) if row is not None else None
-    return domain.Funding(await load_pool(conn, key.pool_id), prior)
+    platforms = await load_pool_platforms(conn, key.pool_id)
+    return domain.Funding(await load_pool(conn, key.pool_id), prior, platforms)
 
 
 FUNDING: Aggregate[FundingKey, domain.Funding] = Aggregate(
@@ -99,7 +100,10 @@ class FundingUseCases:
             funded = await self.pipeline.run(
                 FUNDING,
                 FundingKey(funding.pool_id, funding.idempotency_key),
-                lambda state: domain.fund_once(_funding(state), funding),
+                lambda state: [
+                    *domain.fund_once(_funding(state), funding),
+                    *domain.assign(_funding(state).platforms, approved),
+                ],
                 ctx,
                 tx=tx,
             )

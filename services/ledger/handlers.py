@@ -45,6 +45,7 @@ from .projections import (
     apply_event,
     budget_pools,
     load_pool,
+    load_pool_platforms,
     load_reservation,
     refusal_stream,
 )
@@ -143,9 +144,11 @@ class Ledger(FundingUseCases):
         self.pipeline = Pipeline(store, SERVICE, apply_event)
 
     # -- budget ---------------------------------------------------------------------------
-    async def get_pool(self, pool_id: str) -> budget.Pool:
+    async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:
+        """A pool's figures; a platform reads only the pools assigned to it."""
         async with self.store.engine.connect() as conn:
             pool = await load_pool(conn, pool_id)
+            domain.serves(await load_pool_platforms(conn, pool_id), pool_id, platform)
         if pool is None:
             raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
         return pool
@@ -171,6 +174,10 @@ class Ledger(FundingUseCases):
                 return prior
             if await _was_refused(conn, cmd.order_id):
                 raise domain.order_refused()
+            # The order's platform must be one the pool pays (platform_id is the caller's own).
+            domain.serves(
+                await load_pool_platforms(conn, cmd.pool_id), cmd.pool_id, cmd.platform_id
+            )
             pool_now = await load_pool(conn, cmd.pool_id)
         item = await self._verify(cmd)
         # Refuse what the budget already refuses before locking the qualification, so that

@@ -96,6 +96,15 @@ funding_proposals = Table(
     Column("status", String(16), nullable=False),
     Column("proposed_by", String(64), nullable=False),
     Column("approved_by", String(64), nullable=False),
+    Column("platform_ids", String(2000), nullable=False, default=""),
+)
+
+# The platforms each pool serves (PoolAssigned): a platform reaches only these pools.
+pool_platforms = Table(
+    "pool_platforms",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("platform_id", String(64), primary_key=True),
 )
 
 funding_keys = Table(
@@ -141,7 +150,18 @@ async def load_proposal(conn: AsyncConnection, proposal_id: str) -> domain.Fundi
             select(funding_proposals).where(funding_proposals.c.proposal_id == proposal_id)
         )
     ).first()
-    return domain.FundingProposal(**row._mapping) if row is not None else None
+    if row is None:
+        return None
+    values = dict(row._mapping)
+    values["platform_ids"] = tuple(p for p in values["platform_ids"].split(",") if p)
+    return domain.FundingProposal(**values)
+
+
+async def load_pool_platforms(conn: AsyncConnection, pool_id: str) -> frozenset[str]:
+    rows = await conn.execute(
+        select(pool_platforms.c.platform_id).where(pool_platforms.c.pool_id == pool_id)
+    )
+    return frozenset(rows.scalars())
 
 
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
@@ -152,6 +172,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         proposal = domain.evolve_proposal(known, event, env.actor.id)
         assert proposal is not None
         values = asdict(proposal)
+        values["platform_ids"] = ",".join(proposal.platform_ids)
         if known is None:
             await conn.execute(insert(funding_proposals).values(**values))
         else:
@@ -160,6 +181,11 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 .where(funding_proposals.c.proposal_id == event.proposal_id)
                 .values(**values)
             )
+        return
+    if isinstance(event, ev.PoolAssigned):
+        await conn.execute(
+            insert(pool_platforms).values(pool_id=event.pool_id, platform_id=event.platform_id)
+        )
         return
     if isinstance(event, ev.ReservationRefused):
         metrics.RESERVATIONS.labels("refused").inc()
@@ -235,5 +261,6 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
 async def rebuild(store: EventStore) -> int:
     """Drop the ledger's read models and replay every event; returns how many were applied."""
     return await store.rebuild(
-        (reservations, budget_pools, funding_keys, funding_proposals), apply_event
+        (reservations, budget_pools, funding_keys, funding_proposals, pool_platforms),
+        apply_event,
     )

@@ -802,11 +802,16 @@ class FundingProposed(_message.Message):
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
     idempotency_key: _builtins.str
+    @_builtins.property
+    def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the platforms the pool is to serve"""
+
     def __init__(
         self,
         *,
@@ -815,10 +820,11 @@ class FundingProposed(_message.Message):
         amount_fen: _builtins.int = ...,
         source: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        platform_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -848,6 +854,30 @@ class FundingApproved(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FundingApproved: _TypeAlias = FundingApproved  # noqa: Y015
+
+@_typing.final
+class PoolAssigned(_message.Message):
+    """A pool now pays the checkouts of one more platform (appended with the approved funding)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    platform_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["platform_id", b"platform_id", "pool_id", b"pool_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolAssigned: _TypeAlias = PoolAssigned  # noqa: Y015
 
 @_typing.final
 class BudgetFunded(_message.Message):

@@ -26,35 +26,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"u\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xbb\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"q\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\"\xd5\x01\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xe1\x01\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t2\x88\x05\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x8b\x01\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cplatform_ids\x18\x06 \x03(\t\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xd1\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\x12\x14\n\x0cplatform_ids\x18\t \x03(\t\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"q\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\"\xd5\x01\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xe1\x01\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t2\x88\x05\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSEFUNDINGREQUEST']._serialized_start=97
-  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=214
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=216
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=276
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=278
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=326
-  _globals['_FUNDINGPROPOSAL']._serialized_start=329
-  _globals['_FUNDINGPROPOSAL']._serialized_end=516
-  _globals['_GETBUDGETREQUEST']._serialized_start=518
-  _globals['_GETBUDGETREQUEST']._serialized_end=553
-  _globals['_BUDGETPOOL']._serialized_start=555
-  _globals['_BUDGETPOOL']._serialized_end=668
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=671
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=884
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=886
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=982
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=984
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1075
-  _globals['_GETRESERVATIONREQUEST']._serialized_start=1077
-  _globals['_GETRESERVATIONREQUEST']._serialized_end=1118
-  _globals['_RESERVATION']._serialized_start=1121
-  _globals['_RESERVATION']._serialized_end=1346
-  _globals['_LEDGERSERVICE']._serialized_start=1349
-  _globals['_LEDGERSERVICE']._serialized_end=1997
+  _globals['_PROPOSEFUNDINGREQUEST']._serialized_start=98
+  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=237
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=239
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=299
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=301
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=349
+  _globals['_FUNDINGPROPOSAL']._serialized_start=352
+  _globals['_FUNDINGPROPOSAL']._serialized_end=561
+  _globals['_GETBUDGETREQUEST']._serialized_start=563
+  _globals['_GETBUDGETREQUEST']._serialized_end=598
+  _globals['_BUDGETPOOL']._serialized_start=600
+  _globals['_BUDGETPOOL']._serialized_end=713
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=716
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=929
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=931
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=1027
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=1029
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1120
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=1122
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=1163
+  _globals['_RESERVATION']._serialized_start=1166
+  _globals['_RESERVATION']._serialized_end=1391
+  _globals['_LEDGERSERVICE']._serialized_start=1394
+  _globals['_LEDGERSERVICE']._serialized_end=2042
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -27,6 +29,7 @@ class ProposeFundingRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
@@ -34,6 +37,12 @@ class ProposeFundingRequest(_message.Message):
     """the same key again returns the same proposal"""
     reason: _builtins.str
     """why this money, for the approver and the auditor"""
+    @_builtins.property
+    def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The platforms whose checkouts this pool pays (added to the pool's when approved); a
+        platform sees and reserves only from pools assigned to it.
+        """
+
     def __init__(
         self,
         *,
@@ -42,10 +51,11 @@ class ProposeFundingRequest(_message.Message):
         source: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         reason: _builtins.str = ...,
+        platform_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "reason", b"reason", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "reason", b"reason", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -104,6 +114,7 @@ class FundingProposal(_message.Message):
     PROPOSED_BY_FIELD_NUMBER: _builtins.int
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
@@ -118,6 +129,8 @@ class FundingProposal(_message.Message):
     def pool(self) -> Global___BudgetPool:
         """the pool as it stands after this call"""
 
+    @_builtins.property
+    def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -129,10 +142,11 @@ class FundingProposal(_message.Message):
         proposed_by: _builtins.str = ...,
         approved_by: _builtins.str = ...,
         pool: Global___BudgetPool | None = ...,
+        platform_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "platform_ids", b"platform_ids", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -276,3 +276,37 @@ async def test_the_outbox_wedge_request_records_nothing_large_and_checkouts_flow
     await p.quiesce(within=10)  # every consumer, the audit log's included, has every event
     size, _, _ = await audit_log.info(p.running["audit"].runtime.store)
     assert size == sum([await r.runtime.store.count() for r in p.running.values()])
+
+
+async def test_a_platform_reaches_only_the_pools_assigned_to_it(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = f"jd-only-{rng.randrange(10**9)}"
+    await p.fund(
+        ledger_pb2.ProposeFundingRequest(
+            pool_id=pool, amount_fen=1_000_000, source="district", platform_ids=["jd"]
+        )
+    )
+    jd, taobao = (
+        ledger_as(p, Caller(Role.PLATFORM, "jd")),
+        ledger_as(p, Caller(Role.PLATFORM, "taobao")),
+    )
+    assert (await jd.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool))).funded_fen == 1_000_000
+    unknown = (grpc.StatusCode.NOT_FOUND, "UNKNOWN_POOL", "pool_id")
+    assert await refused(taobao.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool))) == unknown
+    reserve = ledger_pb2.ReserveSubsidyRequest(
+        order_id=f"o-{rng.randrange(10**12)}",
+        platform_id="taobao",
+        pool_id=pool,
+        consumer_id="c-any",
+        qualification_id="q-any",
+        sku="sku-any",
+        unit_price_fen=300_000,
+    )
+    assert await refused(taobao.ReserveSubsidy(reserve)) == unknown
+    # Exactly what a pool that does not exist answers.
+    never = ledger_pb2.GetBudgetRequest(pool_id=f"never-{rng.randrange(10**9)}")
+    assert await refused(taobao.GetBudget(never)) == unknown
+    operator = ledger_as(p, Caller(Role.OPERATOR, "li"))  # people see every pool
+    assert (await operator.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool))).funded_fen
