@@ -46,6 +46,7 @@ async def start_platform(
     *,
     reservation_timeout_s: int = 900,
     cert_ttl: str = "1h",
+    migration_database_url: Callable[[str], str | None] = lambda service: None,
 ) -> InProcessPlatform:
     """Start the simulator and the services (in dependency order) on free loopback ports;
     each service is pointed at the peers services/kernel/topology.py gives it."""
@@ -62,6 +63,7 @@ async def start_platform(
             service=spec.name,
             grpc_listen="127.0.0.1:0",
             database_url=database_url(spec.name),
+            migration_database_url=migration_database_url(spec.name),
             nats_url=nats_url,
             vault_addr=vault_addr,
             vault_token=vault_token,

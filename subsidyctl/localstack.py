@@ -34,6 +34,7 @@ from services.kernel.identity import Caller
 
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
+from .stack.postgres import ServiceDatabase
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = topology.SERVICE_NAMES
@@ -113,6 +114,7 @@ class LocalStack:
     nats: Nats | None = None
     bao: OpenBao | None = None
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
+    _databases: dict[str, ServiceDatabase] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -188,6 +190,7 @@ class LocalStack:
                 port=self.ports.postgres,
                 log_dir=self.logs,
                 durable=self.durable,
+                password_file=self.run_dir / "LOCAL-ONLY-postgres-password",
             )
             self.nats = Nats(
                 store_dir=data / "nats",
@@ -200,6 +203,7 @@ class LocalStack:
             )
             self.say("starting PostgreSQL, NATS JetStream and OpenBao ...")
             self.pg.start()
+            self.provision_databases()
             self.nats.start()
             self.bao.start()
             token_file = self.token_file
@@ -241,10 +245,42 @@ class LocalStack:
             written.append(directory.name)
         return written
 
+    @property
+    def db_secrets(self) -> Path:
+        """Each service's two database passwords, one 0600 file each."""
+        return self.run_dir / "secrets"
+
+    def provision_databases(self) -> None:
+        """Per service, a migration role (owns its database) and a runtime role, with new
+        passwords at every start, written for the services to read at start-up."""
+        assert self.pg is not None
+        self.db_secrets.mkdir(mode=0o700, exist_ok=True)
+        self.db_secrets.chmod(0o700)
+        for service in SERVICES:
+            database = self.pg.service_database(service)
+            self._databases[service] = database
+            write_private(self.db_secrets / f"{service}-db-password", database.runtime.password)
+            write_private(
+                self.db_secrets / f"{service}-db-migration-password", database.migration.password
+            )
+
+    def _database_env(self, service: str) -> dict[str, str]:
+        """A service runs as its runtime role and migrates as its migration role; the URLs
+        carry no password (Settings splices each file's in)."""
+        database = self._databases[service]
+        return {
+            "SUBSIDY_DATABASE_URL": database.url(database.runtime, with_password=False),
+            "SUBSIDY_DATABASE_PASSWORD_FILE": str(self.db_secrets / f"{service}-db-password"),
+            "SUBSIDY_MIGRATION_DATABASE_URL": database.url(database.migration, with_password=False),
+            "SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE": str(
+                self.db_secrets / f"{service}-db-migration-password"
+            ),
+        }
+
     def _service_env(self, service: str, token_file: Path) -> dict[str, str]:
         assert self.pg and self.nats and self.bao
         env = {
-            "SUBSIDY_DATABASE_URL": self.pg.url(service),
+            **self._database_env(service),
             "SUBSIDY_NATS_URL": self.nats.url,
             "SUBSIDY_VAULT_ADDR": self.bao.addr,
             "SUBSIDY_VAULT_TOKEN_FILE": str(token_file),

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from services.kernel.eventstore import EventStore, make_engine
 from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
+from subsidyctl.stack.postgres import Login, ServiceDatabase
 from tests.support.callers import Identities
 
 
@@ -27,6 +28,8 @@ class Infra:
     nats: Nats
     bao: OpenBao
     root: Path
+    migration: Login  # owns every test database (created once per session)
+    runtime: Login  # what services run as: granted only what each table allows
     _identities: Identities | None = None
 
     @property
@@ -36,12 +39,23 @@ class Infra:
             self._identities = Identities(self.bao.addr, self.bao.token)
         return self._identities
 
-    def create_database(self, prefix: str) -> str:
-        """A fresh, empty database; returns its SQLAlchemy URL."""
+    def create_service_database(self, prefix: str) -> ServiceDatabase:
+        """A fresh, empty database owned by the session's migration role, which a service
+        migrates as (granting the session's runtime role what each table allows) and runs as
+        the runtime role, as in the local stack and the chart."""
         name = f"{prefix}_{next(_db_counter)}_{os.getpid()}"
         with psycopg.connect(self.pg.conninfo("postgres"), autocommit=True) as db:
-            db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return self.pg.url(name)
+            db.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(name), sql.Identifier(self.migration.user)
+                )
+            )
+        return ServiceDatabase(name, self.pg.port, self.migration, self.runtime)
+
+    def create_database(self, prefix: str) -> str:
+        """A fresh, empty database; returns the SQLAlchemy URL of the role that owns it (a
+        dev setup: one role migrates and runs; never the superuser)."""
+        return self.create_service_database(prefix).migration_url
 
 
 _db_counter = itertools.count()
@@ -59,7 +73,8 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     nats.start()
     bao.start()
     try:
-        yield Infra(pg, nats, bao, root)
+        migration, runtime = pg.create_login("test_migration"), pg.create_login("test_runtime")
+        yield Infra(pg, nats, bao, root, migration, runtime)
     finally:
         bao.stop()
         nats.stop()

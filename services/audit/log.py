@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.events import Envelope
-from services.kernel.eventstore import EventStore, Tx
+from services.kernel.eventstore import APPEND_ONLY, GRANTS, EventStore, Tx
 
 from .domain import GENESIS, leaf_hash
 
@@ -37,6 +37,8 @@ entries = Table(
     Column("leaf_hash", LargeBinary(32), nullable=False),
     Column("chain_hash", LargeBinary(32), nullable=False),
     Column("envelope", LargeBinary, nullable=False),
+    # The log itself: the audit service's runtime role appends and reads, never rewrites.
+    info={GRANTS: APPEND_ONLY},
 )
 head = Table(
     "audit_head",
@@ -44,6 +46,8 @@ head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("size", BigInteger, nullable=False),
     Column("chain_hash", LargeBinary(32), nullable=False),
+    # Advanced by every append (UPDATE) and created once at start (INSERT): never deleted.
+    info={GRANTS: ("SELECT", "INSERT", "UPDATE")},
 )
 # One statement per event: advance the head (a row lock serialises appends) and insert the
 # entry with the new chain hash, computed by PostgreSQL from the previous one.

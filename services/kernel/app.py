@@ -21,6 +21,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
+from sqlalchemy.engine import make_url
 
 from . import bus, eventlog, ratelimit, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
@@ -119,7 +120,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     """Start ``spec`` in this event loop; returns once it is serving."""
     rate_limits = ratelimit.RateLimits.from_settings(settings)  # malformed: stop before anything
     store = EventStore(make_engine(settings.database_url))
-    await store.migrate(spec.metadata)
+    await migrate_schema(spec, settings, store)
     v = vault.connect(
         settings.vault_addr,
         token=settings.vault_token,
@@ -225,10 +226,30 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     return Running(port, runtime, wiring, asyncio.create_task(lifecycle()))
 
 
+async def migrate_schema(spec: ServiceSpec, settings: Settings, store: EventStore) -> None:
+    """Create the schema, as the migration role when SUBSIDY_MIGRATION_DATABASE_URL says
+    which (it owns the tables and grants the service's own role, ``store``'s, only what each
+    table allows: the events table append-only); else as the service's own role (dev)."""
+    if settings.migration_database_url is None:
+        await store.migrate(spec.metadata)
+        return
+    runtime_role = make_url(settings.database_url).username
+    if runtime_role is None:
+        raise SettingsError("SUBSIDY_DATABASE_URL names no user to grant the schema to")
+    owner = EventStore(make_engine(settings.migration_database_url, pool_size=1))
+    try:
+        await owner.migrate(spec.metadata, runtime_role=runtime_role)
+    finally:
+        await owner.engine.dispose()
+
+
 async def migrate_only(spec: ServiceSpec, settings: Settings) -> None:
+    """``python -m services.<name> migrate`` (the chart's migration Job): migrate and exit."""
     store = EventStore(make_engine(settings.database_url, pool_size=1))
-    await store.migrate(spec.metadata)
-    await store.engine.dispose()
+    try:
+        await migrate_schema(spec, settings, store)
+    finally:
+        await store.engine.dispose()
 
 
 def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,12 @@ Three guarantees, each tested in tests/kernel/test_eventstore.py:
 
 Services keep their decision state in ordinary tables updated in the same transaction as the
 append (inline projections); replaying the stream rebuilds them exactly.
+
+The log is append-only in the database too, not only in this code: :meth:`EventStore.migrate`
+runs as a migration role that owns the tables and grants the service's runtime role, table by
+table, the privileges in the table's ``info["grants"]`` (:data:`APPEND_ONLY` for the events
+table: SELECT and INSERT, never UPDATE, DELETE or TRUNCATE) or :data:`READ_WRITE` for read
+models and bookkeeping.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import UserDefinedType
 
 from .events import Context, Envelope, check_size, new_envelope
@@ -57,6 +65,12 @@ class Xid8(UserDefinedType[int]):
         return "xid8"
 
 
+# What a service's runtime role may do to a table, kept with the table (Table.info["grants"]);
+# a table that says nothing is a read model or bookkeeping, rebuilt or rewritten by design.
+GRANTS = "grants"
+APPEND_ONLY: tuple[str, ...] = ("SELECT", "INSERT")
+READ_WRITE: tuple[str, ...] = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
 kernel_metadata = MetaData()
 
 events_table = Table(
@@ -72,6 +86,8 @@ events_table = Table(
     Column("recorded_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
     UniqueConstraint("stream_id", "stream_version", name="events_stream_version"),
     Index("events_global_order", "tx_id", "position"),
+    # The log: a runtime role appends and reads, and can never rewrite or erase history.
+    info={GRANTS: APPEND_ONLY},
 )
 
 streams_table = Table(
@@ -97,6 +113,28 @@ handled_table = Table(
     Column("handled_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
     PrimaryKeyConstraint("consumer", "event_id"),
 )
+
+
+def grant_statements(
+    metadatas: Sequence[MetaData], role: str, dialect: Dialect
+) -> list[TextClause]:
+    """The statements that give ``role`` exactly the privileges each table declares, and no
+    more: everything it held before on those tables is revoked first (in the same
+    transaction), so a table made stricter in a later release is stricter after the next
+    migration too. Sequences are not granted: identity columns need none for INSERT."""
+    quote = dialect.identifier_preparer.quote
+    grantee = quote(role)
+    statements = [text(f"GRANT USAGE ON SCHEMA public TO {grantee}")]
+    for md in metadatas:
+        for table in md.sorted_tables:
+            privileges = table.info.get(GRANTS, READ_WRITE)
+            unknown = set(privileges) - set(READ_WRITE)
+            if unknown:  # TRUNCATE, REFERENCES, TRIGGER: never a runtime role's
+                raise ValueError(f"table {table.name}: privileges {sorted(unknown)} not allowed")
+            name = quote(table.name)
+            statements.append(text(f"REVOKE ALL ON TABLE {name} FROM {grantee}"))
+            statements.append(text(f"GRANT {', '.join(privileges)} ON TABLE {name} TO {grantee}"))
+    return statements
 
 
 class WrongExpectedVersion(Exception):
@@ -358,13 +396,21 @@ class EventStore:
         self.engine = engine
         self.appended = asyncio.Event()  # set after a commit that appended: wakes the relay
 
-    async def migrate(self, *metadatas: MetaData) -> None:
-        """Create the kernel's tables and the given service tables; idempotent."""
+    async def migrate(self, *metadatas: MetaData, runtime_role: str | None = None) -> None:
+        """Create the kernel's tables and the given service tables; idempotent.
+
+        With ``runtime_role`` (this engine is then the migration role, which owns the tables),
+        also grant that role what each table declares (:func:`grant_statements`), in the same
+        transaction. Without it, the connecting role owns what it creates (a dev setup)."""
         async with self.engine.begin() as conn:
             # Several processes may migrate one database at once (tests, rolling upgrades).
             await conn.execute(text("SELECT pg_advisory_xact_lock(7340001)"))
-            for md in (kernel_metadata, *metadatas):
+            everything = (kernel_metadata, *metadatas)
+            for md in everything:
                 await conn.run_sync(md.create_all)
+            if runtime_role is not None:
+                for statement in grant_statements(everything, runtime_role, conn.dialect):
+                    await conn.execute(statement)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

@@ -120,6 +120,21 @@ def _database_url(env: Mapping[str, str]) -> str:
     return url
 
 
+def _migration_database_url(env: Mapping[str, str]) -> str | None:
+    """The migration role's URL with its password file spliced in, or None (unset: the
+    service migrates with its own URL)."""
+    url = env.get("SUBSIDY_MIGRATION_DATABASE_URL") or None
+    password_file = env.get("SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE")
+    if url is not None and password_file:
+        try:
+            url = _with_password(url, Path(password_file).read_text().strip())
+        except SettingsError:
+            raise SettingsError(
+                "SUBSIDY_MIGRATION_DATABASE_URL is not a valid database URL"
+            ) from None
+    return url
+
+
 def _parse(name: str, raw: str, kind: Any) -> Any:
     """``raw`` as the field's type: int, float, Path or str (optional or not)."""
     args = set(typing.get_args(kind)) - {type(None)}
@@ -324,6 +339,24 @@ class Settings(ProcessSettings):
     cert_ttl: str = _cert_ttl()
     grpc_reflection: str = _reflection()
     database_url: str = _database_url_field()
+    # The role that owns the schema; `migrate` connects as it and grants the runtime role
+    # (SUBSIDY_DATABASE_URL's user) what each table allows (services/kernel/eventstore.py).
+    migration_database_url: str | None = variable(
+        "SUBSIDY_MIGRATION_DATABASE_URL",
+        "`postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...` of the role that owns the "
+        "schema, no password; `migrate` runs as it and grants SUBSIDY_DATABASE_URL's role only "
+        "what it needs (its events table append-only). Unset: migrate with SUBSIDY_DATABASE_URL "
+        "(a dev setup); the chart sets it on its migration Job only",
+        default=None,
+        also=(
+            Variable(
+                "SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE",
+                "file holding the migration role's password alone; the chart points it at "
+                "the Vault Agent's `/vault/secrets/db-migration-password`",
+            ),
+        ),
+        special=True,
+    )
     nats_url: str = _nats_url()
     vault_addr: str = variable(
         "SUBSIDY_VAULT_ADDR", "Vault/OpenBao address (required)", required=True, deployed=True
@@ -458,6 +491,7 @@ class Settings(ProcessSettings):
         return cls(
             service=service,
             database_url=database_url,
+            migration_database_url=_migration_database_url(env),
             vault_auth=auth,
             vault_token=token,
             vault_k8s_role=role,

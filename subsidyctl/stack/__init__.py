@@ -6,8 +6,8 @@ survives restarts; the pytest session fixtures use them with throwaway directori
 server listens on 127.0.0.1 only, logs to a file in ``log_dir``, runs in its own process group
 (so the parent decides what Ctrl-C means) and can be stopped twice without harm.
 
-These layouts are for a developer's machine and for tests, never for production: PostgreSQL
-trusts every local connection, and OpenBao's unseal key sits in a file next to its data.
+These layouts are for a developer's machine and for tests, never for production: PostgreSQL's
+superuser password and OpenBao's unseal key sit in 0600 files next to their data.
 
 One module per part: :mod:`.processes` (ports, child processes, pid files), :mod:`.postgres`,
 :mod:`.nats` and :mod:`.openbao`. Everything other modules import is re-exported here.

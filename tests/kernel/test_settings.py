@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -94,7 +95,12 @@ async def test_a_password_with_url_syntax_in_it_is_encoded_and_connects(
     password = "p@ss/w:rd#1"
     secret = tmp_path / "db-password"
     secret.write_text(password + "\n")
-    url = infra.create_database("pwd")
+    # A role whose password is exactly that, on a database it may use; the URL has none.
+    database = infra.create_service_database("pwd")
+    login = infra.pg.create_login("pwd_login", password)
+    with psycopg.connect(infra.pg.conninfo(database.name), autocommit=True) as db:
+        db.execute(f"GRANT CONNECT ON DATABASE {database.name} TO pwd_login")
+    url = database.url(login, with_password=False)
     env = {**BASE, "SUBSIDY_DATABASE_URL": url, "SUBSIDY_DATABASE_PASSWORD_FILE": str(secret)}
     s = Settings.from_env("ledger", peers=("catalog", "eligibility"), env=env)
     assert isinstance(s.database_url, str)
@@ -106,8 +112,8 @@ async def test_a_password_with_url_syntax_in_it_is_encoded_and_connects(
         expected.port,
         expected.database,
     )
-    # The local server trusts every local login, so this proves the URL reaches the right
-    # database; the password itself is checked above.
+    # The local server checks every password (scram-sha-256): connecting proves the spliced
+    # password is the role's, and the URL reaches the right database.
     engine = make_engine(s.database_url, pool_size=1)
     try:
         async with engine.connect() as conn:

@@ -50,7 +50,11 @@ def test_postgres_starts_with_one_database_per_service(tmp_path: Path) -> None:
             assert db.execute("SHOW fsync").fetchone() == ("off",)
             assert db.execute("SHOW max_connections").fetchone() == ("200",)
             assert db.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
-        assert pg.url("ledger") == f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/ledger"
+        # As the superuser, whose password (generated at initdb) is in a 0600 file.
+        password = pg.superuser_password
+        assert pg.url("ledger") == (
+            f"postgresql+psycopg://postgres:{password}@127.0.0.1:{pg.port}/ledger"
+        )
         pg.create_databases(["catalog", "extra"])  # idempotent for the ones that exist
         with psycopg.connect(pg.conninfo("extra")) as db:
             assert db.execute("SELECT current_database()").fetchone() == ("extra",)

@@ -267,6 +267,24 @@ $(VAR) references expand because the variables they name are defined above them.
 {{- printf "%s/db-password" .Values.vault.injector.secretsDir -}}
 {{- end }}
 
+{{/* Path of the file the Vault Agent renders the migration role's password into (Jobs only). */}}
+{{- define "subsidy.migrationPasswordFile" -}}
+{{- printf "%s/db-migration-password" .Values.vault.injector.secretsDir -}}
+{{- end }}
+
+{{/*
+What only a migration Job adds to a service's settings: the role that owns the schema. It
+migrates as that role and grants the service's own role (SUBSIDY_DATABASE_URL's user) only
+what each table allows: the events table (and the audit log) SELECT and INSERT, never UPDATE,
+DELETE or TRUNCATE. Serving pods never see this URL or its password.
+*/}}
+{{- define "subsidy.migrationSettings" -}}
+{{- $own := index .root.Values.services .name -}}
+{{- $owner := dict "user" $own.database.migrationUser "name" $own.database.name -}}
+SUBSIDY_MIGRATION_DATABASE_URL: {{ include "subsidy.databaseUrl" (dict "root" .root "database" $owner) | quote }}
+SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE: {{ include "subsidy.migrationPasswordFile" .root | quote }}
+{{- end }}
+
 {{/* postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...; the password is never in it. */}}
 {{- define "subsidy.databaseUrl" -}}
 {{- $pg := .root.Values.postgresql -}}
@@ -345,7 +363,8 @@ pod's certificate (see subsidy.vaultTlsTemplate). Nothing otherwise.
 Vault Agent Injector annotations for a pod of one service: log in as role subsidy-<name> and
 render the database password, alone, into <secretsDir>/db-password, readable only by the app
 user; serving pods ("job" false) also get their certificate (subsidy.vaultTlsAnnotations).
-Migration Jobs make no gRPC calls and get no certificate.
+Migration Jobs make no gRPC calls and get no certificate, but also the migration role's
+password, into <secretsDir>/db-migration-password.
 (dict "root" $ "name" "ledger" "job" false)
 */}}
 {{- define "subsidy.vaultAnnotations" -}}
@@ -356,7 +375,11 @@ Migration Jobs make no gRPC calls and get no certificate.
 {{ $p }}/agent-inject-secret-db-password: {{ $own.database.passwordVaultPath | quote }}
 {{ $p }}/agent-inject-template-db-password: {{ printf "{{- with secret %q -}}{{ %s }}{{- end -}}" $own.database.passwordVaultPath $v.injector.passwordField | quote }}
 {{ $p }}/agent-inject-perms-db-password: "0400"
-{{- if not .job }}
+{{- if .job }}
+{{ $p }}/agent-inject-secret-db-migration-password: {{ $own.database.migrationPasswordVaultPath | quote }}
+{{ $p }}/agent-inject-template-db-migration-password: {{ printf "{{- with secret %q -}}{{ %s }}{{- end -}}" $own.database.migrationPasswordVaultPath $v.injector.passwordField | quote }}
+{{ $p }}/agent-inject-perms-db-migration-password: "0400"
+{{- else }}
 {{ include "subsidy.vaultTlsAnnotations" . }}
 {{- end }}
 {{- end }}
