@@ -29,7 +29,7 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.kernel import tls, topology
+from services.kernel import natsauth, tls, topology
 from services.kernel.identity import Caller
 
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
@@ -204,8 +204,11 @@ class LocalStack:
             self.say("starting PostgreSQL, NATS JetStream and OpenBao ...")
             self.pg.start()
             self.provision_databases()
-            self.nats.start()
             self.bao.start()
+            # NATS's users and certificate come from Vault: one nkey per service and the
+            # operator's, their seeds kept in OpenBao (reused across restarts).
+            self.nats.accounts = natsauth.provision(self.bao.client())
+            self.nats.start()
             token_file = self.token_file
             write_private(token_file, self.bao.token)
             self.issue_identities()

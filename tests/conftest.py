@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from services.kernel import natsauth
 from services.kernel.eventstore import EventStore, make_engine
 from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
 from subsidyctl.stack.postgres import Login, ServiceDatabase
@@ -38,6 +39,14 @@ class Infra:
         if self._identities is None:
             self._identities = Identities(self.bao.addr, self.bao.token)
         return self._identities
+
+    def nats_credentials(self, user: str = natsauth.OPERATOR) -> natsauth.Credentials:
+        """A NATS user's credentials (a service's, or the operator's by default), its seed
+        read from the session OpenBao as the service itself reads it."""
+        client = self.bao.client()
+        seed = natsauth.read_seed(client, natsauth.kv_path(user))
+        assert seed is not None, f"no NATS seed for {user}"
+        return natsauth.Credentials(user, seed, self.bao.ca_pem)
 
     def create_service_database(self, prefix: str) -> ServiceDatabase:
         """A fresh, empty database owned by the session's migration role, which a service
@@ -70,8 +79,11 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     nats = Nats(store_dir=root / "nats", port=free_port(), monitor_port=free_port(), log_dir=logs)
     bao = OpenBao(data_dir=root / "bao", port=free_port(2), log_dir=logs, dev=True)
     pg.start()
-    nats.start()
     bao.start()
+    # The NATS users (one nkey per service, and the operator the tests use for synthetic
+    # events) are issued into this OpenBao; nats-server gets their public keys only.
+    nats.accounts = natsauth.provision(bao.client())
+    nats.start()
     try:
         migration, runtime = pg.create_login("test_migration"), pg.create_login("test_runtime")
         yield Infra(pg, nats, bao, root, migration, runtime)

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from . import bus, eventlog, ratelimit, rpc, tls, topology, vault
+from . import bus, eventlog, natsauth, ratelimit, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -128,7 +128,17 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         transit_mount=settings.vault_transit_mount,
     )
     identity = certificate_source(settings, v)
-    nc, js = await bus.connect(settings.nats_url, spec.name)
+    nats_ca = (
+        settings.nats_ca_file.read_bytes() if settings.nats_ca_file else identity.current().ca_pem
+    )
+    nats_credentials = await asyncio.to_thread(
+        natsauth.service_credentials,
+        spec.name,
+        settings.nats_nkey_path,
+        v.read_secret_sync,
+        nats_ca,
+    )
+    nc, js = await bus.connect(settings.nats_url, spec.name, nats_credentials)
     await bus.ensure_streams(js)
     runtime = Runtime(settings, store, v, nc, js, identity)
     wiring = await spec.build(runtime)

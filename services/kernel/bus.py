@@ -59,7 +59,7 @@ async def connect(
         url,
         name=name,
         tls=credentials.ssl_context(),
-        nkeys_seed_str=credentials.seed,
+        nkeys_seed_str=credentials.seed or None,
         # Replies come back on the user's own inbox prefix, the only one it may subscribe to.
         inbox_prefix=credentials.inbox_prefix,
         max_reconnect_attempts=-1,
@@ -74,8 +74,10 @@ class StreamsNotReady(RuntimeError):
 
 
 def _differs(have: StreamConfig, want: StreamConfig) -> bool:
+    """True if ``have`` lacks something ``want`` asks for (an unset field: the server's
+    default, e.g. the dead-letter stream's duplicate window)."""
     return any(
-        getattr(want, f) is not None and getattr(have, f) != getattr(want, f)
+        getattr(want, f) and getattr(have, f) != getattr(want, f)
         for f in ("subjects", "storage", "duplicate_window", "num_replicas")
     )
 
@@ -110,8 +112,8 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             # the request itself only times out.
             raise StreamsNotReady(
                 f"stream {cfg.name} is missing or differs and could not be set up "
-                f"({type(exc).__name__}); create it with the operator's NATS credential: "
-                "python -m services.kernel.bus streams"
+                f"({type(exc).__name__}); only the operator's NATS credential may create or "
+                "change it (docs/operations.md, NATS accounts)"
             ) from None
 
 
@@ -536,15 +538,18 @@ async def _relay_forever(settings: RelaySettings) -> None:
     from .eventstore import make_engine
 
     store = EventStore(make_engine(settings.database_url, pool_size=2))
-    _nc, js = await connect(settings.nats_url, "relay")
+    seed = settings.nats_seed_file.read_text().strip() if settings.nats_seed_file else ""
+    ca = settings.nats_ca_file.read_bytes() if settings.nats_ca_file else None
+    _nc, js = await connect(settings.nats_url, "relay", Credentials(settings.nats_user, seed, ca))
     await ensure_streams(js)
     await OutboxRelay(store, js, batch=50).run(asyncio.Event())
 
 
 def main() -> int:
     """``python -m services.kernel.bus``: a relay alone, for operators draining a store and
-    for the crash test (kill -9). It reads SUBSIDY_DATABASE_URL (and its password file) and
-    SUBSIDY_NATS_URL through RelaySettings, like a service reads its own."""
+    for the crash test (kill -9). It reads SUBSIDY_DATABASE_URL (and its password file),
+    SUBSIDY_NATS_URL and its NATS credential (SUBSIDY_NATS_SEED_FILE, SUBSIDY_NATS_USER,
+    SUBSIDY_NATS_CA_FILE) through RelaySettings, like a service reads its own."""
     import sys
 
     from .settings import SettingsError

@@ -186,9 +186,18 @@ def _database_url_field() -> Any:
 def _nats_url() -> Any:
     return variable(
         "SUBSIDY_NATS_URL",
-        "NATS URL, e.g. `nats://nats.nats.svc:4222` (required)",
+        "NATS URL, TLS only, e.g. `tls://nats.nats.svc:4222` (required)",
         required=True,
         deployed=True,
+    )
+
+
+def _nats_ca_file() -> Any:
+    return variable(
+        "SUBSIDY_NATS_CA_FILE",
+        "CA bundle NATS's server certificate is verified with; default, for a service, the "
+        "campaign CA of its own certificate (for the relay, the system's trust store)",
+        default=None,
     )
 
 
@@ -314,6 +323,18 @@ class RelaySettings(ProcessSettings):
 
     database_url: str = _database_url_field()
     nats_url: str = _nats_url()
+    nats_ca_file: Path | None = _nats_ca_file()  # noqa: RUF009 (a dataclasses.field)
+    nats_seed_file: Path | None = variable(  # noqa: RUF009
+        "SUBSIDY_NATS_SEED_FILE",
+        "file holding the nkey seed the relay signs in to NATS with (that of the service whose "
+        "store it drains, from Vault's `secret/nats/<service>`)",
+        default=None,
+    )
+    nats_user: str = variable(
+        "SUBSIDY_NATS_USER",
+        "the NATS user that seed belongs to: a service's name or `operator` (default)",
+        default="operator",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RelaySettings:
@@ -358,6 +379,14 @@ class Settings(ProcessSettings):
         special=True,
     )
     nats_url: str = _nats_url()
+    nats_nkey_path: str = variable(
+        "SUBSIDY_NATS_NKEY_PATH",
+        "Vault KV v2 path (`<mount>/<path>`) of this service's NATS nkey seed, read at start "
+        "with its Vault token; default `secret/nats/<service>`",
+        default="",
+        deployed=True,
+    )
+    nats_ca_file: Path | None = _nats_ca_file()  # noqa: RUF009 (a dataclasses.field)
     vault_addr: str = variable(
         "SUBSIDY_VAULT_ADDR", "Vault/OpenBao address (required)", required=True, deployed=True
     )

@@ -215,6 +215,21 @@ class Vault:
         except pki.PkiError as exc:
             raise VaultUnavailable(str(exc)) from None
 
+    def read_secret_sync(self, path: str) -> dict[str, Any] | None:
+        """The newest version of the KV v2 secret at ``<mount>/<path>`` (``secret/nats/ledger``),
+        or None if there is none."""
+        mount, _, rest = path.strip("/").partition("/")
+        try:
+            found = self._client.secrets.kv.v2.read_secret_version(
+                path=rest, mount_point=mount, raise_on_deleted_version=True
+            )
+        except hvac.exceptions.InvalidPath:
+            return None
+        except hvac.exceptions.VaultError as exc:
+            raise VaultUnavailable(f"vault refused to read {path}: {type(exc).__name__}") from None
+        data: dict[str, Any] = found["data"]["data"]
+        return data
+
     # -- async wrappers --------------------------------------------------------------------
     async def new_data_key(self) -> tuple[bytes, WrappedKey]:
         return await asyncio.to_thread(self.new_data_key_sync)

@@ -18,7 +18,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 
-from services.kernel import rpc
+from services.kernel import natsauth, rpc
 from services.kernel.app import Running
 from services.kernel.telemetry import configure_tracing
 from subsidy.v1 import (
@@ -54,6 +54,7 @@ class Platform:
     authority: identity_pb2_grpc.IdentitySimulatorAdminAsyncStub
     spans: InMemorySpanExporter
     nats_url: str  # the platform's own NATS server (not infra.nats)
+    nats_operator: natsauth.Credentials  # its unrestricted user, for tests that read the bus
     # Every service's own store, listed (what subsidyctl audit verify compares the log with).
     event_logs: dict[str, eventlog_pb2_grpc.EventLogServiceAsyncStub]
 
@@ -181,6 +182,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         port=free_port(),
         monitor_port=free_port(),
         log_dir=infra.root / "logs",
+        accounts=natsauth.provision(infra.bao.client()),  # the session's seeds, its own server
     )
     nats.start()
     identities = infra.identities  # the CA exists before any service asks it for a certificate
@@ -206,6 +208,7 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_sim"]),
         spans=SPANS,
         nats_url=nats.url,
+        nats_operator=nats.operator,
         event_logs={
             name: eventlog_pb2_grpc.EventLogServiceStub(channels[name]) for name in running
         },

@@ -22,6 +22,7 @@ import yaml
 
 from services.catalog.service import SPEC as CATALOG
 from services.contract.policy import default_policy, policy_to_dict
+from services.kernel import natsauth
 from services.kernel.app import Running, start
 from services.kernel.identity import Caller, Role
 from services.kernel.settings import Settings
@@ -60,7 +61,13 @@ class OwnCatalog:
 async def own(infra: Infra) -> AsyncIterator[OwnCatalog]:
     root = infra.root / f"own-catalog-{free_port()}"
     root.mkdir()
-    nats = Nats(store_dir=root / "nats", port=free_port(), monitor_port=free_port(), log_dir=root)
+    nats = Nats(
+        store_dir=root / "nats",
+        port=free_port(),
+        monitor_port=free_port(),
+        log_dir=root,
+        accounts=natsauth.provision(infra.bao.client()),
+    )
     nats.start()
     settings = Settings(
         service="catalog",

@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
-import nats
 import psycopg
 import pytest
 from nats.js.api import DeliverPolicy
@@ -27,6 +26,7 @@ from sqlalchemy import text
 from services.audit import log as audit_log
 from services.audit.verify import replay
 from services.eligibility.handlers import Eligibility
+from services.kernel import bus
 from services.kernel.bus import EVENTS_STREAM
 from services.kernel.errors import NotFound
 from subsidy.v1 import eligibility_pb2, identity_pb2, ledger_pb2
@@ -130,9 +130,8 @@ async def scan_event_stores(platform: Platform, corpus: Corpus) -> None:
 
 
 async def scan_jetstream(platform: Platform, corpus: Corpus) -> int:
-    nc = await nats.connect(platform.nats_url)
+    nc, js = await bus.connect(platform.nats_url, "scan", platform.nats_operator)
     try:
-        js = nc.jetstream()
         expected = (await js.stream_info(EVENTS_STREAM)).state.messages
         sub = await js.subscribe(
             "events.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL

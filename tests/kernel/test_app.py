@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from services.kernel import app, rpc
+from services.kernel import app, natsauth, rpc
 from services.kernel.bus import EventConsumer
 from services.kernel.events import Envelope
 from services.kernel.eventstore import Tx
@@ -43,6 +43,7 @@ def settings(infra: Infra) -> Settings:
         grpc_listen="127.0.0.1:0",
         database_url=infra.create_database("app"),
         nats_url=infra.nats.url,
+        nats_nkey_path=natsauth.kv_path(natsauth.OPERATOR),  # not a platform service
         vault_addr=infra.bao.addr,
         vault_token=infra.bao.token,
         vault_k8s_role=None,

@@ -25,10 +25,20 @@ CTX = Context(service_actor("test"))
 
 @pytest.fixture
 async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test")
+    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
     await bus.ensure_streams(js)
     yield js
     await nc.close()
+
+
+def relay_credential_files(infra: Infra) -> dict[str, str]:
+    """The stand-alone relay's NATS settings: the operator's seed and the CA, in files."""
+    operator = infra.nats_credentials()
+    seed, ca = infra.root / f"relay-{uuid.uuid4().hex[:8]}.nk", infra.root / "nats-ca.pem"
+    seed.write_text(operator.seed)
+    seed.chmod(0o600)
+    ca.write_bytes(infra.bao.ca_pem)
+    return {"SUBSIDY_NATS_SEED_FILE": str(seed), "SUBSIDY_NATS_CA_FILE": str(ca)}
 
 
 def funded(service: str, pool: str, fen: int) -> Envelope:
@@ -95,6 +105,7 @@ async def test_relay_killed_mid_stream_loses_nothing(infra: Infra, js: JetStream
         "PYTHONPATH": os.getcwd(),
         "SUBSIDY_DATABASE_URL": url,
         "SUBSIDY_NATS_URL": infra.nats.url,
+        **relay_credential_files(infra),
     }
     proc = await asyncio.create_subprocess_exec(*cmd, env=env)
     try:
@@ -281,7 +292,7 @@ async def test_a_nats_error_while_acking_or_dead_lettering_ends_nothing(
     consumer = bus.EventConsumer(
         f"c-{service}", [f"events.{service}.>"], handler, max_deliver=1, ack_wait_s=1.0
     )
-    nc2, js2 = await bus.connect(infra.nats.url, "test-lost")
+    nc2, js2 = await bus.connect(infra.nats.url, "test-lost", infra.nats_credentials())
     sub = await consumer.subscribe(js2)
     first = await sub.fetch(2, timeout=5)
     await nc2.close()  # the connection the messages came on, and dead-letters would go out on

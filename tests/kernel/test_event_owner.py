@@ -35,7 +35,7 @@ CTX = Context(service_actor("ledger"))
 
 @pytest.fixture
 async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test")
+    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
     await bus.ensure_streams(js)
     yield js
     await nc.close()

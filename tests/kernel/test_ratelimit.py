@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import MetaData
 
-from services.kernel import app, authz, rpc
+from services.kernel import app, authz, natsauth, rpc
 from services.kernel.events import Context, new_envelope
 from services.kernel.eventstore import EventStore
 from services.kernel.identity import Caller, Role, caller
@@ -258,6 +258,7 @@ def service_settings(infra: Infra, *, rate_checkout: str) -> Settings:
         grpc_listen="127.0.0.1:0",
         database_url=infra.create_database("limited"),
         nats_url=infra.nats.url,
+        nats_nkey_path=natsauth.kv_path(natsauth.OPERATOR),  # not a platform service
         vault_addr=infra.bao.addr,
         vault_token=infra.bao.token,
         vault_k8s_role=None,
