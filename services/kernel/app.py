@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from . import bus, eventlog, natsauth, ratelimit, rpc, tls, topology, vault
+from . import bus, eventlog, natsauth, outbox, ratelimit, rpc, tls, topology, vault
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -153,8 +153,9 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         # A consumer of events the topology does not declare (or a declared flow nobody
         # consumes) is a wiring mistake: refuse to start rather than drift from the chart.
         topology.check_consumers(spec.name, [s for c in wiring.consumers for s in c.subjects])
+    relay = bus.OutboxRelay(store, js)
     server, health = rpc.build_server(
-        wiring.registrations,
+        [*wiring.registrations, outbox.registration(store, spec.name, relay)],
         wiring.service_names,
         reflection_on=settings.grpc_reflection == "on",
         rate_limits=rate_limits,
@@ -163,7 +164,6 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     if port == 0:
         raise SettingsError(f"SUBSIDY_GRPC_LISTEN: cannot listen on {settings.grpc_listen}")
     await server.start()
-    relay = bus.OutboxRelay(store, js)
     # The relay and the consumers must run as long as the service does: one that ends early
     # (a consumer that cannot subscribe, a bug) leaves events unpublished or unhandled while
     # the service still answers. It then reports NOT_SERVING, so Kubernetes restarts the pod.
@@ -193,6 +193,15 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     ]
     for task in essential:
         task.add_done_callback(essential_ended)
+
+    async def relay_stuck(stuck: bool) -> None:
+        # Stuck on an event the bus refuses: not serving until an operator skips it.
+        if stuck or ended:
+            await rpc.set_not_serving(health, wiring.service_names)
+        else:
+            await rpc.set_serving(health, wiring.service_names)
+
+    relay.on_stuck = relay_stuck
     tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
     tasks.append(asyncio.create_task(v.keep_token_fresh(runtime.stop), name="vault-token"))
     tasks.append(asyncio.create_task(identity.keep_fresh(runtime.stop), name="certificate"))

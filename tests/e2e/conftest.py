@@ -43,6 +43,10 @@ SPANS = InMemorySpanExporter()
 T = TypeVar("T")
 
 
+# The platforms the tests check out through; the pools they fund pay these.
+TEST_PLATFORMS = ("jd", "taobao", "tmall")
+
+
 @dataclass
 class Platform:
     infra: Infra
@@ -136,7 +140,12 @@ class Platform:
     async def pool(self, rng: random.Random, fen: int) -> str:
         pool_id = f"pool-{rng.randrange(10**9)}"
         await self.fund(
-            ledger_pb2.ProposeFundingRequest(pool_id=pool_id, amount_fen=fen, source="district")
+            ledger_pb2.ProposeFundingRequest(
+                pool_id=pool_id,
+                amount_fen=fen,
+                source="district",
+                platform_ids=TEST_PLATFORMS,
+            )
         )
         return pool_id
 

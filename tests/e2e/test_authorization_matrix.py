@@ -53,6 +53,8 @@ SERVED_BY: dict[str, tuple[str, ...]] = {
     # Every service lists its own event store (services/kernel/eventlog.py); the simulator
     # has none.
     "subsidy.v1.EventLogService": ("catalog", "eligibility", "ledger", "audit"),
+    # Every service's outbox relay answers for itself (services/kernel/outbox.py).
+    "subsidy.v1.OutboxService": ("catalog", "eligibility", "ledger", "audit"),
     "subsidy.v1.IdentityAuthority": (SIMULATOR,),
     "subsidy.v1.IdentitySimulatorAdmin": (SIMULATOR,),
 }

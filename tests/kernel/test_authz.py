@@ -15,6 +15,7 @@ from subsidy.v1 import (
     eventlog_pb2,
     identity_pb2,
     ledger_pb2,
+    outbox_pb2,
 )
 
 FILES: tuple[FileDescriptor, ...] = (
@@ -23,6 +24,7 @@ FILES: tuple[FileDescriptor, ...] = (
     ledger_pb2.DESCRIPTOR,
     audit_pb2.DESCRIPTOR,
     eventlog_pb2.DESCRIPTOR,
+    outbox_pb2.DESCRIPTOR,
     identity_pb2.DESCRIPTOR,
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,
