@@ -34,7 +34,7 @@ from services.kernel.identity import Caller
 
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
-from .stack.postgres import ServiceDatabase
+from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = topology.SERVICE_NAMES
@@ -114,7 +114,6 @@ class LocalStack:
     nats: Nats | None = None
     bao: OpenBao | None = None
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
-    _databases: dict[str, ServiceDatabase] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -261,7 +260,6 @@ class LocalStack:
         self.db_secrets.chmod(0o700)
         for service in SERVICES:
             database = self.pg.service_database(service)
-            self._databases[service] = database
             write_private(self.db_secrets / f"{service}-db-password", database.runtime.password)
             write_private(
                 self.db_secrets / f"{service}-db-migration-password", database.migration.password
@@ -269,12 +267,15 @@ class LocalStack:
 
     def _database_env(self, service: str) -> dict[str, str]:
         """A service runs as its runtime role and migrates as its migration role; the URLs
-        carry no password (Settings splices each file's in)."""
-        database = self._databases[service]
+        carry no password (Settings splices each file's in, written by provision_databases)."""
+        assert self.pg is not None
+        port = self.pg.port
         return {
-            "SUBSIDY_DATABASE_URL": database.url(database.runtime, with_password=False),
+            "SUBSIDY_DATABASE_URL": sqlalchemy_url(runtime_user(service), None, port, service),
             "SUBSIDY_DATABASE_PASSWORD_FILE": str(self.db_secrets / f"{service}-db-password"),
-            "SUBSIDY_MIGRATION_DATABASE_URL": database.url(database.migration, with_password=False),
+            "SUBSIDY_MIGRATION_DATABASE_URL": sqlalchemy_url(
+                migration_user(service), None, port, service
+            ),
             "SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE": str(
                 self.db_secrets / f"{service}-db-migration-password"
             ),

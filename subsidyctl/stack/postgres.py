@@ -52,6 +52,16 @@ host all all ::1/128 scram-sha-256
 """
 
 
+def migration_user(database: str) -> str:
+    """The role that owns a service's database (:meth:`Postgres.service_database`)."""
+    return f"{database}_migration"
+
+
+def runtime_user(database: str) -> str:
+    """The role a service runs as (:meth:`Postgres.service_database`)."""
+    return f"{database}_runtime"
+
+
 def new_password() -> str:
     """A fresh random password (URL-safe; the URLs percent-encode anyway)."""
     return secrets.token_urlsafe(24)
@@ -292,8 +302,8 @@ class Postgres(_Server):
 
         Tables an earlier layout created as another role (the superuser, when the stack
         trusted every login) are handed to the migration role, so that it can grant them."""
-        migration = self.create_login(f"{name}_migration")
-        runtime = self.create_login(f"{name}_runtime")
+        migration = self.create_login(migration_user(name))
+        runtime = self.create_login(runtime_user(name))
         self.create_databases([name], owner=migration.user)
         database, owner = sql.Identifier(name), sql.Identifier(migration.user)
         with psycopg.connect(self.conninfo("postgres"), autocommit=True, connect_timeout=5) as db:

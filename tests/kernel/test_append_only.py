@@ -256,3 +256,26 @@ def test_a_data_directory_from_the_trusting_days_gets_a_password(tmp_path: Path)
             assert db.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="password"):
             psycopg.connect(f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres")
+
+
+def test_the_local_stack_runs_each_service_as_its_runtime_role(tmp_path: Path) -> None:
+    """Each service is given its runtime role's URL and its migration role's, neither with a
+    password in it: the passwords are in 0600 files Settings splices in."""
+    from sqlalchemy.engine import make_url
+
+    from subsidyctl.localstack import SERVICES, LocalStack, Ports
+
+    stack = LocalStack(tmp_path, Ports(7100))
+    stack.pg = Postgres(data_dir=tmp_path / "pg", port=7132, log_dir=tmp_path)
+    for service in SERVICES:
+        env = stack._database_env(service)
+        runtime, owner = (
+            make_url(env[f"SUBSIDY_{kind}DATABASE_URL"]) for kind in ("", "MIGRATION_")
+        )
+        assert (runtime.username, runtime.password) == (f"{service}_runtime", None)
+        assert (owner.username, owner.password) == (f"{service}_migration", None)
+        assert runtime.database == owner.database == service
+        assert env["SUBSIDY_DATABASE_PASSWORD_FILE"].startswith(str(tmp_path / "secrets"))
+        assert (
+            env["SUBSIDY_MIGRATION_DATABASE_PASSWORD_FILE"] != env["SUBSIDY_DATABASE_PASSWORD_FILE"]
+        )
