@@ -1,6 +1,9 @@
 """The whole platform on one machine: real PostgreSQL, NATS and OpenBao plus every service as
 its own process, with logs and traces in one run folder.
 
+(Just over 450 lines: one start-up sequence, read top to bottom; each part's own start is in
+subsidyctl/stack/.)
+
 Every connection is mutual TLS. OpenBao holds the campaign's CA (services.kernel.pki); each
 service asks it for its own certificate with the stack's Vault token and renews it itself
 (``SUBSIDY_TLS_SOURCE=vault``); the identity simulator reads files the stack issues into

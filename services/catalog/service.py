@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.kernel.app import Runtime, ServiceSpec, Wiring
-from services.kernel.bus import EventConsumer
+from services.kernel.consumer import EventConsumer
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
 
 from .api import CatalogApi

@@ -24,6 +24,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
 from . import bus, eventlog, natsauth, outbox, ratelimit, rpc, tls, topology, vault
+from .consumer import EventConsumer
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -58,7 +59,7 @@ class Wiring:
 
     registrations: Sequence[rpc.Registration]
     service_names: Sequence[str]
-    consumers: Sequence[bus.EventConsumer] = ()
+    consumers: Sequence[EventConsumer] = ()
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()
     on_close: Sequence[Callable[[], Awaitable[None]]] = ()
     # Awaited before health turns SERVING: what the service needs before it can answer

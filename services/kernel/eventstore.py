@@ -1,5 +1,8 @@
 """The event store: an append-only log of envelopes per service, on PostgreSQL via SQLAlchemy.
 
+(About 500 lines, on purpose: the events table, its guarantees and the privileges that keep it
+append-only belong together; the command pipeline and the relay are elsewhere.)
+
 Three guarantees, each tested in tests/kernel/test_eventstore.py:
 
 - ``append`` is atomic and checks the expected version; a conflict raises

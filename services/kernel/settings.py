@@ -1,5 +1,9 @@
 """Every environment variable a process of the platform reads, and nothing else reads them.
 
+(Longer than the project's usual 450 lines on purpose: it is the one declaration of every
+variable, which the readers, the chart test and the docs' settings table all derive from;
+splitting it would make two places to look.)
+
 A service reads :class:`Settings`, the identity simulator :class:`SimulatorSettings`, the
 stand-alone outbox relay :class:`RelaySettings`. Each field names its variable in its metadata
 (:func:`variable`), so the one declaration serves the reader, the chart test that derives the

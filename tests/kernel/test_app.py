@@ -9,7 +9,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
 from services.kernel import app, natsauth, rpc
-from services.kernel.bus import EventConsumer
+from services.kernel.consumer import EventConsumer
 from services.kernel.events import Envelope
 from services.kernel.eventstore import Tx
 from services.kernel.settings import Settings

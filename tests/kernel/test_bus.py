@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.kernel import bus
+from services.kernel.consumer import EventConsumer
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
 from services.kernel.eventstore import EventStore, Tx, make_engine
 from subsidy.v1 import events_pb2 as ev
@@ -142,7 +143,7 @@ async def test_consumer_redelivery_changes_nothing(store: EventStore, js: JetStr
     async def handler(tx: Tx, env: Envelope) -> None:
         effects.append(env.event_id)
 
-    consumer = bus.EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
+    consumer = EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
     sub = await consumer.subscribe(js)
     msgs = await sub.fetch(5, timeout=5)
     for msg in msgs:
@@ -169,7 +170,7 @@ async def test_handler_failure_rolls_back_its_effects_and_the_handled_mark(
         if calls == 1:
             raise RuntimeError("transient")
 
-    consumer = bus.EventConsumer(f"c-{service}", [f"events.{service}.>"], flaky)
+    consumer = EventConsumer(f"c-{service}", [f"events.{service}.>"], flaky)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(store, js, stop))
     for _ in range(100):
@@ -196,7 +197,7 @@ async def test_poison_message_goes_to_dead_letter_after_bounded_retries(
         if env.event_id == ids[0]:
             raise ValueError("cannot handle this event")
 
-    consumer = bus.EventConsumer(
+    consumer = EventConsumer(
         f"c-{service}", [f"events.{service}.>"], poison, max_deliver=3, _backoff=(0.05,)
     )
     stop = asyncio.Event()
@@ -242,7 +243,7 @@ async def test_an_undecodable_message_is_dead_lettered_at_once_and_the_consumer_
     async def handler(tx: Tx, env: Envelope) -> None:
         seen.append(env.event_id)
 
-    consumer = bus.EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
+    consumer = EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(store, js, stop))
     try:
@@ -289,7 +290,7 @@ async def test_a_nats_error_while_acking_or_dead_lettering_ends_nothing(
         if env.event_id == ids[1]:
             raise ValueError("poison")
 
-    consumer = bus.EventConsumer(
+    consumer = EventConsumer(
         f"c-{service}", [f"events.{service}.>"], handler, max_deliver=1, ack_wait_s=1.0
     )
     nc2, js2 = await bus.connect(infra.nats.url, "test-lost", infra.nats_credentials())

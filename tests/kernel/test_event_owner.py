@@ -18,6 +18,13 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 
 from services.kernel import bus, metrics
+from services.kernel.consumer import (
+    FOREIGN_ID,
+    WRONG_PUBLISHER,
+    WRONG_SUBJECT,
+    EventConsumer,
+    refusal,
+)
 from services.kernel.events import (
     Context,
     Envelope,
@@ -61,14 +68,14 @@ def test_each_store_mints_ids_only_it_would() -> None:
 
 def test_the_subject_the_envelope_and_the_id_must_agree() -> None:
     good = refused("ledger")
-    assert bus.refusal("events.ledger.ReservationRefused", good) is None
-    assert bus.refusal("events.catalog.ReservationRefused", good) == bus.WRONG_PUBLISHER
-    assert bus.refusal("events.ledger.SubsidyCaptured", good) == bus.WRONG_SUBJECT
+    assert refusal("events.ledger.ReservationRefused", good) is None
+    assert refusal("events.catalog.ReservationRefused", good) == WRONG_PUBLISHER
+    assert refusal("events.ledger.SubsidyCaptured", good) == WRONG_SUBJECT
     forged = refused("ledger")
     forged.event_id = event_id_for("eligibility")  # minted by another store
-    assert bus.refusal("events.ledger.ReservationRefused", forged) == bus.FOREIGN_ID
+    assert refusal("events.ledger.ReservationRefused", forged) == FOREIGN_ID
     impostor = refused("eligibility")  # an honest eligibility envelope, on the ledger's subject
-    assert bus.refusal("events.ledger.ReservationRefused", impostor) == bus.WRONG_PUBLISHER
+    assert refusal("events.ledger.ReservationRefused", impostor) == WRONG_PUBLISHER
 
 
 async def test_a_forged_event_on_a_real_stream_is_dead_lettered_and_changes_nothing(
@@ -86,8 +93,8 @@ async def test_a_forged_event_on_a_real_stream_is_dead_lettered_and_changes_noth
         seen.append(env.event_id)
 
     name = f"owner-{uuid.uuid4().hex[:8]}"
-    before = metrics.EVENTS_REFUSED.labels(name, bus.FOREIGN_ID)._value.get()
-    consumer = bus.EventConsumer(name, [subject], handler)
+    before = metrics.EVENTS_REFUSED.labels(name, FOREIGN_ID)._value.get()
+    consumer = EventConsumer(name, [subject], handler)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(store, js, stop))
     try:
@@ -100,12 +107,12 @@ async def test_a_forged_event_on_a_real_stream_is_dead_lettered_and_changes_noth
         await task
     assert forged.event_id not in seen and honest.event_id in seen
     assert consumer.dead_lettered == 1
-    assert metrics.EVENTS_REFUSED.labels(name, bus.FOREIGN_ID)._value.get() == before + 1
+    assert metrics.EVENTS_REFUSED.labels(name, FOREIGN_ID)._value.get() == before + 1
     sub = await js.subscribe(f"dlq.{name}", ordered_consumer=True)
     msg = await sub.next_msg(timeout=5)
     await sub.unsubscribe()
     assert msg.data == forged.SerializeToString(deterministic=True)
-    assert msg.headers is not None and msg.headers["Subsidy-Error"] == bus.FOREIGN_ID
+    assert msg.headers is not None and msg.headers["Subsidy-Error"] == FOREIGN_ID
     async with store.engine.connect() as conn:  # not even marked handled
         marked = await conn.scalar(
             text("SELECT count(*) FROM handled_events WHERE event_id = :e"),

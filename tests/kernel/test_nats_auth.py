@@ -23,6 +23,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from services.kernel import bus, natsauth, topology
+from services.kernel.consumer import EventConsumer
 from services.kernel.events import Context, new_envelope, service_actor
 from subsidy.v1 import events_pb2 as ev
 from tests.conftest import Infra
@@ -192,7 +193,7 @@ async def test_a_service_publishes_its_own_events_and_consumes_what_the_topology
         assert (await pub.js.publish(subject, payload)).stream == bus.EVENTS_STREAM
         # The consumer's own durable, created and bound with its own credential (the way
         # EventConsumer.subscribe does), filtered on exactly the probe.
-        events = bus.EventConsumer(f"{durable}", [subject], handler=_never)
+        events = EventConsumer(f"{durable}", [subject], handler=_never)
         # A fresh durable of the consumer's name each run: the session's stream is shared.
         await _delete_consumer(operator, durable)
         pulled = await events.subscribe(sub.js)
@@ -223,11 +224,9 @@ async def test_consumers_may_not_reach_beyond_the_topology(
         await asyncio.sleep(0.2)
         assert any("subscription" in v.lower() for v in ledger.violations()), ledger.errors
         with pytest.raises(nats.errors.TimeoutError):
-            await bus.EventConsumer("ledger-spy", ["events.catalog.>"], _never).subscribe(
-                ledger.denied
-            )
+            await EventConsumer("ledger-spy", ["events.catalog.>"], _never).subscribe(ledger.denied)
         with pytest.raises(nats.errors.TimeoutError):
-            await bus.EventConsumer("audit-log", ["events.>"], _never).subscribe(catalog.denied)
+            await EventConsumer("audit-log", ["events.>"], _never).subscribe(catalog.denied)
         assert catalog.violations(), catalog.errors
     finally:
         await ledger.nc.close()

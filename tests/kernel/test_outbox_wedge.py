@@ -17,6 +17,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy import text
 
 from services.kernel import app, bus, metrics, rpc
+from services.kernel.consumer import EventConsumer
 from services.kernel.events import (
     MAX_ENVELOPE_BYTES,
     Context,
@@ -72,7 +73,7 @@ async def test_a_stuck_relay_stops_serving_until_an_operator_skips_the_event(
     infra: Infra,
 ) -> None:
     running = await app.start(
-        spec_with(bus.EventConsumer("wedge", ["events.z.>"], ignore)), settings(infra)
+        spec_with(EventConsumer("wedge", ["events.z.>"], ignore)), settings(infra)
     )
     store = running.runtime.store
     try:
