@@ -13,17 +13,12 @@ entry fails here (and in tests/kernel/test_authz.py), and a real server refuses 
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2
@@ -33,6 +28,7 @@ from services.kernel import authz, rpc, topology
 from services.kernel.identity import Caller, Role
 from tests.e2e.conftest import Platform
 from tests.kernel.test_authz import FILES
+from tests.support.foreign_ca import foreign_certificate
 
 CALLERS: tuple[Caller, ...] = (
     Caller(Role.PLATFORM, "jd"),
@@ -132,42 +128,8 @@ async def call_empty(channel: grpc.aio.Channel, method: MethodDescriptor) -> Out
 def throwaway_ca_identity(who: Caller) -> tuple[bytes, bytes]:
     """(chain PEM, key PEM) of a certificate naming ``who``, issued by a CA made here, which no
     server of the platform trusts."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the campaign's CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who.name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(who.spiffe_id)]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    chain = leaf.public_bytes(pem) + ca.public_bytes(pem)
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return chain, key_pem
+    cert = foreign_certificate(who.spiffe_id, dns_names=(), chain_includes_ca=True)
+    return cert.chain_pem, cert.key_pem
 
 
 @dataclass

@@ -18,14 +18,15 @@ import grpc
 import hvac
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf import wrappers_pb2
 
 from services.kernel import pki, tls
 from services.kernel.identity import TRUST_DOMAIN, Caller, Role
 from tests.conftest import Infra
+from tests.support.foreign_ca import foreign_certificate
 
 SERVICE = "test.v1.Who"
 METHOD = f"/{SERVICE}/AmI"
@@ -290,51 +291,12 @@ async def test_tls_without_a_client_certificate_is_refused(infra: Infra, served:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def foreign_ca_certificate(spiffe_id: str, trusted_ca: bytes) -> tls.Certificate:
-    """A certificate for ``spiffe_id`` signed by a key made up here (a CA nobody trusts):
-    the right shape, the wrong signer. It trusts ``trusted_ca``, so used by a client only the
-    server's check of the client can fail."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Not the campaign's CA")])
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "impostor")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(spiffe_id), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return tls.Certificate(
-        chain_pem=leaf.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        ca_pem=trusted_ca,
-    )
-
-
 async def test_a_client_certificate_from_another_ca_is_refused(
     infra: Infra, served: Served
 ) -> None:
-    impostor = foreign_ca_certificate("spiffe://subsidy.local/operator/mallory", infra.bao.ca_pem)
+    impostor = foreign_certificate(
+        "spiffe://subsidy.local/operator/mallory", trusted_ca=infra.bao.ca_pem
+    )
     credentials = tls.channel_credentials(impostor)
     async with grpc.aio.secure_channel(served.target, credentials) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -344,7 +306,7 @@ async def test_a_client_certificate_from_another_ca_is_refused(
 
 async def test_a_server_from_another_ca_is_not_trusted(infra: Infra) -> None:
     """The client checks the server too: a look-alike server cannot collect the calls."""
-    fake = foreign_ca_certificate("spiffe://subsidy.local/service/ledger", b"")
+    fake = foreign_certificate("spiffe://subsidy.local/service/ledger")
     own_ca_fake = tls.Certificate(fake.chain_pem, fake.key_pem, infra.bao.ca_pem)
 
     class Fixed:

@@ -8,7 +8,6 @@ The probe runs as the kubelet runs it, as a process, and is judged by its exit c
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,15 +16,12 @@ from pathlib import Path
 import grpc_health.v1.health as grpc_health
 import hvac
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from services.kernel import pki, rpc, tls
 from services.kernel.identity import Caller, Role
 from subsidyctl.stack import free_port
 from tests.conftest import Infra
+from tests.support.foreign_ca import foreign_certificate
 
 LEDGER = Caller(Role.SERVICE, "ledger")
 SERVICE_NAME = "subsidy.v1.LedgerService"
@@ -132,50 +128,8 @@ async def test_exits_non_zero_without_a_certificate(
 
 def foreign_identity(directory: Path) -> Path:
     """A certificate with the ledger's SPIFFE id and the right names, from another CA."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Somebody else's CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "service-ledger")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.UniformResourceIdentifier(LEDGER.spiffe_id),
-                    x509.DNSName("subsidy-ledger.subsidy.svc"),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
     return write_identity(
-        directory,
-        tls.Certificate(
-            chain_pem=leaf.public_bytes(pem),
-            key_pem=key.private_bytes(
-                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            ca_pem=ca.public_bytes(pem),
-        ),
+        directory, foreign_certificate(LEDGER.spiffe_id, dns_names=["subsidy-ledger.subsidy.svc"])
     )
 
 
