@@ -98,7 +98,7 @@ class Identities:
         return Caller.parse(self.by_role[role].current().spiffe_id())
 
 
-class RoutingChannel:
+class RoutingChannel(rpc.RoutedChannel[Role]):
     """A channel to one server that opens one mutual-TLS channel per role and sends each call
     over the one whose certificate fits the method (:func:`role_for`)."""
 
@@ -110,42 +110,13 @@ class RoutingChannel:
         deadline_s: float,
         choose: Callable[[str], Role] = role_for,
     ) -> None:
-        self.target = target
-        self._identities = identities
-        self._deadline_s = deadline_s
-        self._choose = choose
-        self._channels: dict[Role, tls.RenewingChannel] = {}
-
-    def channel_of(self, role: Role) -> tls.RenewingChannel:
-        if role not in self._channels:
-            self._channels[role] = rpc.channel(
-                self.target, self._identities.by_role[role], deadline_s=self._deadline_s
-            )
-        return self._channels[role]
-
-    def _route(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        def call(*call_args: Any, **call_kwargs: Any) -> Any:
-            multi = getattr(self.channel_of(self._choose(method)), kind)(method, *args, **kwargs)
-            return multi(*call_args, **call_kwargs)
-
-        return call
-
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("unary_unary", method, *args, **kwargs)
-
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("unary_stream", method, *args, **kwargs)
-
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("stream_unary", method, *args, **kwargs)
-
-    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("stream_stream", method, *args, **kwargs)
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        super().__init__(
+            target,
+            lambda role: identities.by_role[role],
+            lambda method, _request: choose(method),
+            Role.PLATFORM,
+            deadline_s=deadline_s,
+        )
 
 
 class Client:

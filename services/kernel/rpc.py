@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -229,6 +229,79 @@ def channel(
         identity,
         interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)],  # type: ignore[no-untyped-call]
     )
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class RoutedChannel(grpc.aio.Channel, Generic[K]):
+    """A client channel to one server for a client that acts as several identities (the demo
+    runs a platform, an operator and an approver; tests act as many): per call, ``choose``
+    picks an identity key from the method and the request, and the call goes over that
+    identity's own mutual-TLS channel (opened once, with ``identity_of(key)``'s certificate).
+    Streaming-request calls choose from the method alone (``request`` is None)."""
+
+    def __init__(
+        self,
+        target: str,
+        identity_of: Callable[[K], tls.CertificateSource],
+        choose: Callable[[str, Any], K],
+        default: K,
+        *,
+        deadline_s: float = 10.0,
+    ) -> None:
+        self.target = target
+        self._identity_of = identity_of
+        self._choose = choose
+        self._default = default
+        self._deadline_s = deadline_s
+        self._channels: dict[K, tls.RenewingChannel] = {}
+
+    def channel_of(self, key: K) -> tls.RenewingChannel:
+        if key not in self._channels:
+            self._channels[key] = channel(
+                self.target, self._identity_of(key), deadline_s=self._deadline_s
+            )
+        return self._channels[key]
+
+    def _route(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        def call(request: Any, *call_args: Any, **call_kwargs: Any) -> Any:
+            multi = getattr(self.channel_of(self._choose(method, request)), kind)
+            return multi(method, *args, **kwargs)(request, *call_args, **call_kwargs)
+
+        return call
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("unary_unary", method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._route("unary_stream", method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.channel_of(self._choose(method, None)).stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.channel_of(self._choose(method, None)).stream_stream(method, *args, **kwargs)
+
+    async def channel_ready(self) -> None:
+        await self.channel_of(self._default).channel_ready()
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.channel_of(self._default).get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.channel_of(self._default).wait_for_state_change(last_observed_state)
+
+    async def close(self, grace: float | None = None) -> None:
+        for ch in self._channels.values():
+            await ch.close(grace)
+        self._channels.clear()
+
+    async def __aenter__(self) -> RoutedChannel[K]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import hvac
 
 from services.kernel import pki, rpc, tls
@@ -103,7 +102,7 @@ class Identities:
         return lambda: pki.issue(self._client, who, ttl=ttl, **names)
 
 
-class CallerRouter(grpc.aio.Channel):
+class CallerRouter(rpc.RoutedChannel[Caller]):
     """A channel to one server that presents, per call, the certificate of the caller the
     request stands for (see the module docstring)."""
 
@@ -115,61 +114,11 @@ class CallerRouter(grpc.aio.Channel):
         deadline_s: float = 10.0,
         choose: Callable[[str, Any], Caller] = caller_for,
     ) -> None:
-        self.target = target
+        super().__init__(target, identities, choose, OPERATOR, deadline_s=deadline_s)
         self._identities = identities
-        self._deadline_s = deadline_s
-        self._choose = choose
-        self._channels: dict[Caller, tls.RenewingChannel] = {}
-
-    def channel_of(self, who: Caller) -> tls.RenewingChannel:
-        if who not in self._channels:
-            self._channels[who] = rpc.channel(
-                self.target, self._identities(who), deadline_s=self._deadline_s
-            )
-        return self._channels[who]
 
     def as_caller(self, who: Caller) -> CallerRouter:
         """The same server, every call as ``who``."""
         return CallerRouter(
             self.target, self._identities, deadline_s=self._deadline_s, choose=lambda m, r: who
         )
-
-    def _route(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        def call(request: Any, *call_args: Any, **call_kwargs: Any) -> Any:
-            who = self._choose(method, request)
-            multi = getattr(self.channel_of(who), kind)(method, *args, **kwargs)
-            return multi(request, *call_args, **call_kwargs)
-
-        return call
-
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("unary_unary", method, *args, **kwargs)
-
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._route("unary_stream", method, *args, **kwargs)
-
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.channel_of(self._choose(method, None)).stream_unary(method, *args, **kwargs)
-
-    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.channel_of(self._choose(method, None)).stream_stream(method, *args, **kwargs)
-
-    async def channel_ready(self) -> None:
-        await self.channel_of(OPERATOR).channel_ready()
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self.channel_of(OPERATOR).get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self.channel_of(OPERATOR).wait_for_state_change(last_observed_state)
-
-    async def close(self, grace: float | None = None) -> None:
-        for ch in self._channels.values():
-            await ch.close(grace)
-        self._channels.clear()
-
-    async def __aenter__(self) -> CallerRouter:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
