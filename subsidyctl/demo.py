@@ -21,8 +21,8 @@ from typing import Any, cast
 import grpc
 import yaml
 
-from services.contract.personal_data import id_number_check_char
 from services.kernel import authz, rpc, tls
+from services.kernel.contract.personal_data import id_number_check_char
 from services.kernel.identity import Caller, Role
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (

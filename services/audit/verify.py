@@ -2,7 +2,7 @@
 
 Nothing here trusts a service's own figures: the hash chain is recomputed from the envelopes'
 bytes, and every budget pool is rebuilt by folding its events through the budget fold the
-ledger itself decides with (:mod:`services.contract.budget`), which checks the budget
+ledger itself decides with (:mod:`services.kernel.contract.budget`), which checks the budget
 invariant after every event. The chain proves the log was not changed *after* an entry was
 written, not that the entry was true: :func:`compare_with_stores` checks each entry against
 the store of the service that wrote the event (an entry forged on the bus, or written into the
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from services.contract import budget
-from services.contract.budget import POOL_STREAM_PREFIX
 from services.invariants import EventDigest, InvariantViolation, check_log_matches_stores
+from services.kernel.contract import budget
+from services.kernel.contract.budget import POOL_STREAM_PREFIX
 from services.kernel.events import Envelope, payload_of
 from subsidy.v1 import events_pb2 as ev
 

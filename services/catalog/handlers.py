@@ -23,7 +23,9 @@ from typing import Any, Final
 
 from sqlalchemy import select, text
 
-from services.contract.policy import (
+from services.invariants import InvariantViolation, check_serial_once
+from services.kernel.background import every
+from services.kernel.contract.policy import (
     Policy,
     Quote,
     default_policy,
@@ -31,8 +33,6 @@ from services.contract.policy import (
     named_version,
     policy_from_json,
 )
-from services.invariants import InvariantViolation, check_serial_once
-from services.kernel.background import every
 from services.kernel.errors import FailedPrecondition, NotFound
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx

@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract.policy import Policy
+from services.kernel.contract.policy import Policy
 from services.kernel.errors import AlreadyExists, DomainError, InvalidArgument
 from services.kernel.events import Context, uuid7
 from services.kernel.pipeline import Aggregate

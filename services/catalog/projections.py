@@ -42,7 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract.policy import policy_from_json, policy_json, policy_of
+from services.kernel.contract.policy import policy_from_json, policy_json, policy_of
 from services.kernel.events import Envelope, payload_of
 from subsidy.v1 import events_pb2 as ev
 

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from services.contract.limits import MAX_GRADE, NO_GRADE
-from services.contract.personal_data import InvalidPhone, mask_phone, validate_phone
-from services.contract.policy import PolicyError, policy_from_text
 from services.kernel import validate
+from services.kernel.contract.limits import MAX_GRADE, NO_GRADE
+from services.kernel.contract.personal_data import InvalidPhone, mask_phone, validate_phone
+from services.kernel.contract.policy import PolicyError, policy_from_text
 from services.kernel.errors import InvalidArgument
 from services.kernel.events import Context
 from services.kernel.identity import caller

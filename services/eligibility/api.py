@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.contract import personal_data
 from services.kernel import validate
+from services.kernel.contract import personal_data
 from services.kernel.errors import InvalidArgument
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.rpc import ServicerContext

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from google.protobuf.message import Message
 
-from services.contract.policy import CategoryRule, Policy, RefundRule
+from services.kernel.contract.policy import CategoryRule, Policy, RefundRule
 from services.kernel.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -17,10 +17,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.contract import personal_data
-from services.contract.policy import Policy
 from services.invariants import check_person_limit, check_quota, check_quota_counted
 from services.kernel import vault
+from services.kernel.contract import personal_data
+from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx

@@ -1,7 +1,7 @@
 """Eligibility's copy of the approved policy versions, fed by catalog's ``PolicyPublished``.
 
 Claims are decided under the version in force now, and a refund under the order's own version;
-both are picked by the shared contract (``services.contract.policy.in_force`` and
+both are picked by the shared contract (``services.kernel.contract.policy.in_force`` and
 ``named_version``, the same functions catalog uses), and a version this copy has never seen is
 an error (``UNKNOWN_POLICY_VERSION``), never a silent fallback to another version.
 """
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from services.contract.policy import (
+from services.kernel.contract.policy import (
     Policy,
     in_force,
     named_version,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from services.contract.limits import MAX_PRICE_FEN, MIN_PRICE_FEN
+from services.kernel.contract.limits import MAX_PRICE_FEN, MIN_PRICE_FEN
 
 from .errors import InvalidArgument
 

@@ -7,8 +7,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from services.contract.budget import Pool
 from services.kernel import validate
+from services.kernel.contract.budget import Pool
 from services.kernel.errors import NotFound
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.rpc import ServicerContext

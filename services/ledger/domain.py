@@ -1,6 +1,6 @@
 """Ledger decisions, pure: state + command -> events. No I/O.
 
-How each event moves a pool's money is the budget fold in :mod:`services.contract.budget`,
+How each event moves a pool's money is the budget fold in :mod:`services.kernel.contract.budget`,
 shared with the auditor's replay; the decisions here refuse what would break it.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
-from services.contract.budget import Pool
+from services.kernel.contract.budget import Pool
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,

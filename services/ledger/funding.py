@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract import budget
-from services.contract.budget import pool_stream
+from services.kernel.contract import budget
+from services.kernel.contract.budget import pool_stream
 from services.kernel.errors import NotFound
 from services.kernel.events import Context
 from services.kernel.eventstore import EventStore

@@ -22,9 +22,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract import budget
-from services.contract.budget import pool_stream
 from services.kernel.background import every
+from services.kernel.contract import budget
+from services.kernel.contract.budget import pool_stream
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
 from services.kernel.eventstore import EventStore, streams_table

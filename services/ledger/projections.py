@@ -24,8 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.contract import budget
 from services.kernel import metrics
+from services.kernel.contract import budget
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev

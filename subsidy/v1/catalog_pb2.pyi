@@ -164,7 +164,7 @@ class DraftPolicyRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     document: _builtins.str
-    """the whole policy, YAML or JSON (see services/contract/policies/)"""
+    """the whole policy, YAML or JSON (see services/kernel/contract/policies/)"""
     reason: _builtins.str
     @_builtins.property
     def actor(self) -> _common_pb2.Actor:

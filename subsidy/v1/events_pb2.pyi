@@ -122,7 +122,7 @@ class PolicyPublished(_message.Message):
     version: _builtins.str
     policy_json: _builtins.str
     """The whole policy document as canonical JSON: written by events before the policy had its
-    own message (read them with services.contract.policy.policy_of); new events leave it empty.
+    own message (read them with services.kernel.contract.policy.policy_of); new events leave it empty.
     """
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp: ...

@@ -24,8 +24,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Policy(_message.Message):
     """The subsidy policy: one version of the campaign rules, as every service receives it.
 
-    This message is the contract; the YAML file (services/contract/policies/*.yaml) is its
-    human-edited form. services/contract/policy.py converts YAML <-> this message <-> its Python
+    This message is the contract; the YAML file (services/kernel/contract/policies/*.yaml) is its
+    human-edited form. services/kernel/contract/policy.py converts YAML <-> this message <-> its Python
     model and validates every field the same way whichever form it came in (an enum left at
     UNSPECIFIED, a missing part or an out-of-range number is refused, naming the field).
     Money is int64 fen; rates are int32 basis points (1 bp = 0.01 %).

@@ -21,9 +21,9 @@ from typing import Annotated, Any
 import typer
 
 from services.audit.verify import Replay, compare_pools, compare_with_stores, replay
-from services.contract import budget
 from services.invariants import EventDigest, InvariantViolation, LogStoreMismatch
 from services.kernel import rpc, topology
+from services.kernel.contract import budget
 from services.kernel.events import Envelope
 from subsidy.v1 import (
     audit_pb2,

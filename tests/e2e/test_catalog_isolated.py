@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from services.catalog.service import SPEC as CATALOG
-from services.contract.policy import default_policy, policy_to_dict
 from services.kernel import natsauth
 from services.kernel.app import Running, start
+from services.kernel.contract.policy import default_policy, policy_to_dict
 from services.kernel.identity import Caller, Role
 from services.kernel.settings import Settings
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2

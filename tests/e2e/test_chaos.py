@@ -22,8 +22,8 @@ import grpc
 import psycopg
 import pytest
 
-from services.contract.policy import default_policy
 from services.eligibility.handlers import check_limits
+from services.kernel.contract.policy import default_policy
 from services.kernel.eventstore import make_engine
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidyctl import demo

@@ -244,8 +244,8 @@ async def test_a_refund_that_arrives_before_its_capture_is_judged_by_the_event(
     import json
     from datetime import datetime
 
-    from services.contract.policy import default_policy, policy_to_dict
     from services.eligibility.projections import policies
+    from services.kernel.contract.policy import default_policy, policy_to_dict
     from services.kernel.events import Context, new_envelope, service_actor
     from subsidy.v1 import events_pb2 as ev
 

@@ -10,13 +10,13 @@ from google.protobuf.message import Message
 
 from services.audit.domain import GENESIS, chain_hash, leaf_hash
 from services.audit.verify import compare_pools, compare_with_stores, replay
-from services.contract.budget import Pool
 from services.invariants import (
     EventDigest,
     InvariantViolation,
     LogStoreMismatch,
     check_log_matches_stores,
 )
+from services.kernel.contract.budget import Pool
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
 from subsidy.v1 import events_pb2 as ev
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.contract.limits import (
+from services.kernel import validate
+from services.kernel.contract.limits import (
     INT64_MAX,
     MAX_CAP_FEN,
     MAX_POLICY_COUNT,
@@ -19,7 +20,7 @@ from services.contract.limits import (
     MAX_PRICE_FEN,
     MIN_PRICE_FEN,
 )
-from services.contract.policy import (
+from services.kernel.contract.policy import (
     BP_DENOMINATOR,
     PolicyError,
     Rounding,
@@ -30,7 +31,6 @@ from services.contract.policy import (
     policy_to_proto,
     quote,
 )
-from services.kernel import validate
 from services.kernel.errors import InvalidArgument
 from subsidy.v1 import catalog_pb2
 

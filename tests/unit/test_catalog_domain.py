@@ -36,7 +36,7 @@ from services.catalog.domain import (
     SuspendMerchant,
     Switches,
 )
-from services.contract.policy import default_policy, policy_of
+from services.kernel.contract.policy import default_policy, policy_of
 from services.kernel.errors import (
     AlreadyExists,
     DomainError,

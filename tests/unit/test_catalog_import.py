@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from services.catalog.domain import Product
 from services.catalog.importer import parse_file, read_rows
-from services.contract.policy import default_policy
+from services.kernel.contract.policy import default_policy
 from services.kernel.errors import InvalidArgument
 
 POLICY = default_policy()

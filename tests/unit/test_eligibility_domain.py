@@ -14,7 +14,6 @@ from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.contract.policy import Policy, RefundRule, default_policy
 from services.eligibility import domain
 from services.eligibility.domain import (
     AVAILABLE,
@@ -27,6 +26,7 @@ from services.eligibility.domain import (
     Qualification,
 )
 from services.invariants import InvariantViolation, check_person_limit
+from services.kernel.contract.policy import Policy, RefundRule, default_policy
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
 from subsidy.v1 import events_pb2 as ev
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.contract.personal_data import (
+from services.kernel.contract.personal_data import (
     ID_NUMBER_BIRTH_DATE,
     ID_NUMBER_CHECKSUM,
     ID_NUMBER_FORMAT,

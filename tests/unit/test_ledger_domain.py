@@ -16,9 +16,9 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.contract import budget
-from services.contract.budget import Pool
 from services.invariants import InvariantViolation, check_budget_balanced
+from services.kernel.contract import budget
+from services.kernel.contract.budget import Pool
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,

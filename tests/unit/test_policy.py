@@ -17,7 +17,7 @@ import yaml
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from services.contract.policy import (
+from services.kernel.contract.policy import (
     BP_DENOMINATOR,
     GRADE_NOT_ELIGIBLE,
     INVALID_GRADE,
@@ -477,7 +477,7 @@ def test_yaml_dump_of_the_dict_loads_back() -> None:
 
 
 def test_load_policy_from_a_path_and_a_path_string(tmp_path: Path) -> None:
-    shipped = Path(__file__).parents[2] / "services/contract/policies/shenzhen-2025.yaml"
+    shipped = Path(__file__).parents[2] / "services/kernel/contract/policies/shenzhen-2025.yaml"
     target = tmp_path / "copy.yaml"
     target.write_text(shipped.read_text(encoding="utf-8"), encoding="utf-8")
     assert load_policy(target) == POLICY
@@ -1022,7 +1022,7 @@ def test_top_level_keys_must_be_strings() -> None:
 
 
 SHIPPED_TEXT = (
-    Path(__file__).parents[2] / "services/contract/policies/shenzhen-2025.yaml"
+    Path(__file__).parents[2] / "services/kernel/contract/policies/shenzhen-2025.yaml"
 ).read_text(encoding="utf-8")
 
 

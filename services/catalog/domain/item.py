@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from services.contract.policy import Policy, Quote, Rounding, apply_bp, quote
+from services.kernel.contract.policy import Policy, Quote, Rounding, apply_bp, quote
 from services.kernel.errors import InvalidArgument
 
 from .common import APPROVED, CAPTURED, LISTED, SUSPENDED

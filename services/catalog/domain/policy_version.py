@@ -13,7 +13,7 @@ from typing import Final
 
 from google.protobuf.message import Message
 
-from services.contract.policy import Policy, policy_of, policy_to_proto
+from services.kernel.contract.policy import Policy, policy_of, policy_to_proto
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
-from services.contract.policy import Policy
+from services.kernel.contract.policy import Policy
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from subsidy.v1 import events_pb2 as ev
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from services.contract.policy import Policy
+from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, InvalidArgument
 from subsidy.v1 import events_pb2 as ev
 

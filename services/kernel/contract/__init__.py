@@ -1,4 +1,5 @@
-"""Pure code more than one service (or the auditor) needs, and no I/O.
+"""Pure code more than one service (or the auditor) needs, and no I/O: the shared kernel of the
+domain, kept inside the kernel so that services import only the kernel and the proto contract.
 
 The services meet only in ``proto/`` and here: the policy model and its quote arithmetic
 (:mod:`.policy`), personal-data formats and masks (:mod:`.personal_data`), and the budget fold

@@ -1,7 +1,7 @@
 """The limits every service and the policy agree on, defined once.
 
 A request field, a policy document and a quote are all checked against these same numbers
-(the kernel's request validation and ``services.contract.policy`` import them from here), so
+(the kernel's request validation and ``services.kernel.contract.policy`` import them from here), so
 an amount one part accepts is never refused by another.
 """
 

@@ -19,8 +19,8 @@ integer basis points (1 bp = 0.01 %).
 
 from __future__ import annotations
 
-from services.contract.limits import MAX_GRADE, MAX_PRICE_FEN, MIN_GRADE, MIN_PRICE_FEN
-from services.contract.policy_document import (
+from services.kernel.contract.limits import MAX_GRADE, MAX_PRICE_FEN, MIN_GRADE, MIN_PRICE_FEN
+from services.kernel.contract.policy_document import (
     DEFAULT_POLICY_RESOURCE,
     default_policy,
     load_policy,
@@ -30,7 +30,7 @@ from services.contract.policy_document import (
     policy_json,
     policy_to_dict,
 )
-from services.contract.policy_model import (
+from services.kernel.contract.policy_model import (
     BP_DENOMINATOR,
     GRADE_NOT_ELIGIBLE,
     INVALID_GRADE,
@@ -53,7 +53,7 @@ from services.contract.policy_model import (
     named_version,
     quote,
 )
-from services.contract.policy_proto import policy_from_proto, policy_of, policy_to_proto
+from services.kernel.contract.policy_proto import policy_from_proto, policy_of, policy_to_proto
 
 __all__ = [
     "BP_DENOMINATOR",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from services.contract.limits import MAX_GRADE, MAX_PRICE_FEN, MIN_GRADE, MIN_PRICE_FEN
+from services.kernel.contract.limits import MAX_GRADE, MAX_PRICE_FEN, MIN_GRADE, MIN_PRICE_FEN
 from services.kernel.errors import FailedPrecondition, NotFound
 
 BP_DENOMINATOR: Final = 10_000

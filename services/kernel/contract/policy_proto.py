@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Final, TypeVar
 
-from services.contract.policy_document import policy_from_dict, policy_from_json
-from services.contract.policy_model import Group, Policy, PolicyError, RefundRule, Rounding
+from services.kernel.contract.policy_document import policy_from_dict, policy_from_json
+from services.kernel.contract.policy_model import Group, Policy, PolicyError, RefundRule, Rounding
 from subsidy.v1 import events_pb2, policy_pb2
 
 _E = TypeVar("_E", bound=StrEnum)

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from services.contract.limits import (
+from services.kernel.contract.limits import (
     MAX_CAP_FEN,
     MAX_GRADE,
     MAX_POLICY_COUNT,
@@ -31,7 +31,7 @@ from services.contract.limits import (
     MIN_GRADE,
     MIN_PRICE_FEN,
 )
-from services.contract.policy_model import (
+from services.kernel.contract.policy_model import (
     BP_DENOMINATOR,
     Campaign,
     CategoryRule,
@@ -426,5 +426,7 @@ def policy_from_json(document: str) -> Policy:
 @cache
 def default_policy() -> Policy:
     """The policy shipped with the package: Shenzhen 2025 rules (cached; Policy is immutable)."""
-    resource = resources.files("services.contract.policies").joinpath(DEFAULT_POLICY_RESOURCE)
+    resource = resources.files("services.kernel.contract.policies").joinpath(
+        DEFAULT_POLICY_RESOURCE
+    )
     return policy_from_dict(_parse_yaml(resource.read_text(encoding="utf-8")))
