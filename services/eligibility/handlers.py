@@ -282,8 +282,12 @@ class Eligibility:
         command = domain.Claim(consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now)
         key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
-        await self.pipeline.run(
-            CLAIM, key, lambda state: domain.claim(_claim_state(state), command, policy), ctx
+        await self.pipeline.run(  # answered from the qualification, not the claim state
+            CLAIM,
+            key,
+            lambda state: domain.claim(_claim_state(state), command, policy),
+            ctx,
+            reload=False,
         )
         return await self.qualification(command.qualification_id)
 
@@ -351,6 +355,7 @@ class Eligibility:
             lambda q: domain.settle(q, outcome, refund_rule),
             Context(service_actor(SERVICE), correlation_id=outcome.order_id),
             tx=tx,
+            reload=False,  # a reaction answers nobody
         )
 
     @staticmethod

@@ -94,16 +94,25 @@ class Pipeline:
         ctx: Context,
         *,
         tx: Tx | None = None,
+        reload: bool = True,
     ) -> Outcome[S]:
         """Run one command in one transaction (``tx``'s, when the use case has work of its own
-        to commit with it, such as a consumer's handled mark)."""
+        to commit with it, such as a consumer's handled mark). ``reload=False`` skips loading
+        the state again after an append (the outcome's ``state`` is then the one the decision
+        saw): for use cases that answer from elsewhere, so the hot path pays no extra reads."""
         if tx is not None:
-            return await self._run(tx, aggregate, key, decide, ctx)
+            return await self._run(tx, aggregate, key, decide, ctx, reload)
         async with self.store.transaction() as own:
-            return await self._run(own, aggregate, key, decide, ctx)
+            return await self._run(own, aggregate, key, decide, ctx, reload)
 
     async def _run(
-        self, tx: Tx, aggregate: Aggregate[K, S], key: K, decide: Decision[S], ctx: Context
+        self,
+        tx: Tx,
+        aggregate: Aggregate[K, S],
+        key: K,
+        decide: Decision[S],
+        ctx: Context,
+        reload: bool,
     ) -> Outcome[S]:
         stream = aggregate.stream(key)
         version = await tx.lock_stream(stream)
@@ -112,7 +121,7 @@ class Pipeline:
         if not events:
             return Outcome(state, (), stream, version)
         envs = await tx.emit(self.service, stream, version, events, ctx, self.project)
-        after = await aggregate.load(tx.conn, key)
+        after = await aggregate.load(tx.conn, key) if reload else state
         return Outcome(after, tuple(envs), stream, version + len(envs))
 
     async def run_many(

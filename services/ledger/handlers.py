@@ -194,6 +194,7 @@ class Ledger(FundingUseCases):
                     lambda state: domain.hold(_hold(state), cmd, item, expires),
                     ctx,
                     tx=tx,
+                    reload=False,  # the answer is the reservation row, read below
                 )
                 await tx.conn.execute(
                     attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
@@ -343,7 +344,7 @@ class Ledger(FundingUseCases):
             actor, correlation_id=order_id, policy_version=str(existing["policy_version"])
         )
         async with self.store.transaction() as tx:
-            await self.pipeline.run(RESERVATION, key, decide, ctx, tx=tx)
+            await self.pipeline.run(RESERVATION, key, decide, ctx, tx=tx, reload=False)
             row = await self._row(tx.conn, order_id)
         assert row is not None
         return row
