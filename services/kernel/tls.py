@@ -22,6 +22,7 @@ import asyncio
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,17 @@ class CertificateSource(Protocol):
 class FileCertificates:
     """A certificate kept in ``directory`` (tls.crt, tls.key, ca.crt) by someone else."""
 
+    # current() is asked at every outgoing call and every handshake: it looks at the files at
+    # most this often, so the checkout's hot path pays no file-system calls per RPC.
+    LOOK_EVERY_S = 1.0
+
     def __init__(self, directory: Path, *, check_every_s: float = 5.0) -> None:
         self.directory = Path(directory)
         self.check_every_s = check_every_s
         self._lock = threading.Lock()
         self._stamp: tuple[float, ...] = ()
         self._cert = self._read()
+        self._looked = time.monotonic()
 
     def _mtimes(self) -> tuple[float, ...]:
         return tuple((self.directory / f).stat().st_mtime for f in (CERT_FILE, KEY_FILE, CA_FILE))
@@ -102,7 +108,10 @@ class FileCertificates:
         return cert
 
     def current(self) -> Certificate:
+        if time.monotonic() - self._looked < self.LOOK_EVERY_S:
+            return self._cert
         with self._lock:
+            self._looked = time.monotonic()
             try:
                 changed = self._mtimes() != self._stamp
             except OSError:
