@@ -412,15 +412,29 @@ class LocalStack:
 
 
 def free_base() -> int:
-    """A base port whose whole block is free (smoke, benchmarks and tests run beside make run)."""
+    """A base port whose whole block is free (smoke, benchmarks and tests run beside make run).
+
+    Chosen below the kernel's ephemeral port range: a port in that range that is free when
+    checked can be taken a moment later as the local end of any outgoing connection (the
+    stack's own clients open many), and the server that was to listen on it fails to start."""
     import random
 
+    low = _ephemeral_low()
+    top = low - 100 if low > 15000 else 60000
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 60000, 100)
+        base = rng.randrange(10000, top, 100)
         if not any(port_in_use(p) for p in Ports(base).all()):
             return base
     raise StackError("no free block of ports for a throwaway stack")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 if it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def store_event_ids(stack: LocalStack) -> dict[str, list[str]]:
