@@ -23,7 +23,6 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -37,6 +36,7 @@ from .processes import (
     _Child,
     _log_tail,
     _Server,
+    as_system_user,
     require_free,
 )
 
@@ -411,13 +411,11 @@ class Postgres(_Server):
         """Run one PostgreSQL program to completion (as the system user when root), its
         output appended to the log; StackError with the log's tail if it fails."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        as_user: dict[str, Any] = {}
-        if user is not None:
-            as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        command, as_user = as_system_user([str(a) for a in argv], user)
         with open(self.log_path, "ab") as log:
             offset = log.tell()
             result = subprocess.run(
-                argv,
+                command,
                 input=stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
