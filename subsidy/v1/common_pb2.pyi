@@ -76,3 +76,47 @@ class Actor(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Actor: _TypeAlias = Actor  # noqa: Y015
+
+@_typing.final
+class Circumstances(_message.Message):
+    """The machine-readable reason in google.rpc.ErrorInfo.reason of every failed call is one of
+    the reason strings the API guide lists; ErrorInfo.metadata["field"] names the bad field.
+
+    What the platform knows of how and where a claim or an order is made, for the campaign-region
+    rule and the risk engine. Each field is validated at the edge, kept only as a blind index (and
+    masked for operators) and never stored or logged in clear. Empty means "not known".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    IP_FIELD_NUMBER: _builtins.int
+    DELIVERY_ADDRESS_FIELD_NUMBER: _builtins.int
+    REGION_CODE_FIELD_NUMBER: _builtins.int
+    BANK_CARD_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """the platform's device fingerprint or id"""
+    ip: _builtins.str
+    """the consumer's IP address (v4 or v6)"""
+    delivery_address: _builtins.str
+    """the delivery address as typed; normalised before indexing"""
+    region_code: _builtins.str
+    """administrative division code (6, 9 or 12 digits) of delivery or GPS"""
+    bank_card: _builtins.str
+    """the card paying, digits only"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        ip: _builtins.str = ...,
+        delivery_address: _builtins.str = ...,
+        region_code: _builtins.str = ...,
+        bank_card: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_card", b"bank_card", "delivery_address", b"delivery_address", "device_id", b"device_id", "ip", b"ip", "region_code", b"region_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Circumstances: _TypeAlias = Circumstances  # noqa: Y015

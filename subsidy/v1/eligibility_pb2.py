@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csubsidy/v1/eligibility.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x80\x01\n\x17RegisterConsumerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12\x13\n\x0bplatform_id\x18\x04 \x01(\t\x12 \n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x11.subsidy.v1.Actor\"k\n\x08\x43onsumer\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x18\n\x10id_number_masked\x18\x02 \x01(\t\x12\x14\n\x0cphone_masked\x18\x03 \x01(\t\x12\x1a\n\x12\x61lready_registered\x18\x04 \x01(\x08\"u\n\x19\x43laimQualificationRequest\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\"3\n\x17GetQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\"\xb3\x01\n\rQualification\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08order_id\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x18LockQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x13\n\x0b\x63onsumer_id\x18\x05 \x01(\t\x12\x13\n\x0bplatform_id\x18\x06 \x01(\t\"k\n\x1b\x43onsumeQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor2\xc1\x03\n\x12\x45ligibilityService\x12M\n\x10RegisterConsumer\x12#.subsidy.v1.RegisterConsumerRequest\x1a\x14.subsidy.v1.Consumer\x12V\n\x12\x43laimQualification\x12%.subsidy.v1.ClaimQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12R\n\x10GetQualification\x12#.subsidy.v1.GetQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12T\n\x11LockQualification\x12$.subsidy.v1.LockQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12Z\n\x14\x43onsumeQualification\x12\'.subsidy.v1.ConsumeQualificationRequest\x1a\x19.subsidy.v1.Qualificationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csubsidy/v1/eligibility.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\xae\x01\n\x17RegisterConsumerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12\x13\n\x0bplatform_id\x18\x04 \x01(\t\x12 \n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12,\n\x0bidentifiers\x18\x06 \x01(\x0b\x32\x17.subsidy.v1.Identifiers\"\\\n\x0bIdentifiers\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nbank_phone\x18\x02 \x01(\t\x12\x11\n\tbank_card\x18\x03 \x01(\t\x12\x13\n\x0b\x61pp_account\x18\x04 \x01(\t\"k\n\x08\x43onsumer\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x18\n\x10id_number_masked\x18\x02 \x01(\t\x12\x14\n\x0cphone_masked\x18\x03 \x01(\t\x12\x1a\n\x12\x61lready_registered\x18\x04 \x01(\x08\"\xa7\x01\n\x19\x43laimQualificationRequest\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x30\n\rcircumstances\x18\x05 \x01(\x0b\x32\x19.subsidy.v1.Circumstances\"3\n\x17GetQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\"\xe7\x01\n\rQualification\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08order_id\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x61vailable_from\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x18LockQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12 \n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x13\n\x0b\x63onsumer_id\x18\x05 \x01(\t\x12\x13\n\x0bplatform_id\x18\x06 \x01(\t\"k\n\x1b\x43onsumeQualificationRequest\x12\x18\n\x10qualification_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor2\xc1\x03\n\x12\x45ligibilityService\x12M\n\x10RegisterConsumer\x12#.subsidy.v1.RegisterConsumerRequest\x1a\x14.subsidy.v1.Consumer\x12V\n\x12\x43laimQualification\x12%.subsidy.v1.ClaimQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12R\n\x10GetQualification\x12#.subsidy.v1.GetQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12T\n\x11LockQualification\x12$.subsidy.v1.LockQualificationRequest\x1a\x19.subsidy.v1.Qualification\x12Z\n\x14\x43onsumeQualification\x12\'.subsidy.v1.ConsumeQualificationRequest\x1a\x19.subsidy.v1.Qualificationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.eligibility_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERCONSUMERREQUEST']._serialized_start=103
-  _globals['_REGISTERCONSUMERREQUEST']._serialized_end=231
-  _globals['_CONSUMER']._serialized_start=233
-  _globals['_CONSUMER']._serialized_end=340
-  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_start=342
-  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_end=459
-  _globals['_GETQUALIFICATIONREQUEST']._serialized_start=461
-  _globals['_GETQUALIFICATIONREQUEST']._serialized_end=512
-  _globals['_QUALIFICATION']._serialized_start=515
-  _globals['_QUALIFICATION']._serialized_end=694
-  _globals['_LOCKQUALIFICATIONREQUEST']._serialized_start=697
-  _globals['_LOCKQUALIFICATIONREQUEST']._serialized_end=861
-  _globals['_CONSUMEQUALIFICATIONREQUEST']._serialized_start=863
-  _globals['_CONSUMEQUALIFICATIONREQUEST']._serialized_end=970
-  _globals['_ELIGIBILITYSERVICE']._serialized_start=973
-  _globals['_ELIGIBILITYSERVICE']._serialized_end=1422
+  _globals['_REGISTERCONSUMERREQUEST']._serialized_end=277
+  _globals['_IDENTIFIERS']._serialized_start=279
+  _globals['_IDENTIFIERS']._serialized_end=371
+  _globals['_CONSUMER']._serialized_start=373
+  _globals['_CONSUMER']._serialized_end=480
+  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_start=483
+  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_end=650
+  _globals['_GETQUALIFICATIONREQUEST']._serialized_start=652
+  _globals['_GETQUALIFICATIONREQUEST']._serialized_end=703
+  _globals['_QUALIFICATION']._serialized_start=706
+  _globals['_QUALIFICATION']._serialized_end=937
+  _globals['_LOCKQUALIFICATIONREQUEST']._serialized_start=940
+  _globals['_LOCKQUALIFICATIONREQUEST']._serialized_end=1104
+  _globals['_CONSUMEQUALIFICATIONREQUEST']._serialized_start=1106
+  _globals['_CONSUMEQUALIFICATIONREQUEST']._serialized_end=1213
+  _globals['_ELIGIBILITYSERVICE']._serialized_start=1216
+  _globals['_ELIGIBILITYSERVICE']._serialized_end=1665
 # @@protoc_insertion_point(module_scope)

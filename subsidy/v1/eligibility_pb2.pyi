@@ -27,12 +27,17 @@ class RegisterConsumerRequest(_message.Message):
     PHONE_FIELD_NUMBER: _builtins.int
     PLATFORM_ID_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     id_number: _builtins.str
     phone: _builtins.str
     platform_id: _builtins.str
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
+    @_builtins.property
+    def identifiers(self) -> Global___Identifiers:
+        """optional further identifiers the platform holds"""
+
     def __init__(
         self,
         *,
@@ -41,14 +46,50 @@ class RegisterConsumerRequest(_message.Message):
         phone: _builtins.str = ...,
         platform_id: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        identifiers: Global___Identifiers | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "identifiers", b"identifiers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "id_number", b"id_number", "name", b"name", "phone", b"phone", "platform_id", b"platform_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "id_number", b"id_number", "identifiers", b"identifiers", "name", b"name", "phone", b"phone", "platform_id", b"platform_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterConsumerRequest: _TypeAlias = RegisterConsumerRequest  # noqa: Y015
+
+@_typing.final
+class Identifiers(_message.Message):
+    """Identifiers beyond the three factors that make accounts one person for every limit
+    ("same user"): any one shared links two consumers. Stored only as blind indexes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    BANK_PHONE_FIELD_NUMBER: _builtins.int
+    BANK_CARD_FIELD_NUMBER: _builtins.int
+    APP_ACCOUNT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    bank_phone: _builtins.str
+    """the phone number the bank holds for the consumer's card"""
+    bank_card: _builtins.str
+    """digits only"""
+    app_account: _builtins.str
+    """the platform's own account id for the consumer"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        bank_phone: _builtins.str = ...,
+        bank_card: _builtins.str = ...,
+        app_account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_account", b"app_account", "bank_card", b"bank_card", "bank_phone", b"bank_phone", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identifiers: _TypeAlias = Identifiers  # noqa: Y015
 
 @_typing.final
 class Consumer(_message.Message):
@@ -86,12 +127,17 @@ class ClaimQualificationRequest(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CIRCUMSTANCES_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
     category: _builtins.str
     channel: _builtins.str
     """the platform id, or "offline" """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
+    @_builtins.property
+    def circumstances(self) -> _common_pb2.Circumstances:
+        """Where the claim is made from: region_code must be inside the campaign's regions."""
+
     def __init__(
         self,
         *,
@@ -99,10 +145,11 @@ class ClaimQualificationRequest(_message.Message):
         category: _builtins.str = ...,
         channel: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        circumstances: _common_pb2.Circumstances | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "channel", b"channel", "consumer_id", b"consumer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "category", b"category", "channel", b"channel", "circumstances", b"circumstances", "consumer_id", b"consumer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,6 +185,7 @@ class Qualification(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FROM_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     consumer_id: _builtins.str
     category: _builtins.str
@@ -147,6 +195,12 @@ class Qualification(_message.Message):
     order_id: _builtins.str
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def available_from(self) -> _timestamp_pb2.Timestamp:
+        """A qualification restored by a refund under a "restore next day" rule can be locked only
+        from this time on (unset: at once).
+        """
+
     def __init__(
         self,
         *,
@@ -157,10 +211,11 @@ class Qualification(_message.Message):
         status: _builtins.str = ...,
         order_id: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        available_from: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "channel", b"channel", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "order_id", b"order_id", "qualification_id", b"qualification_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "category", b"category", "channel", b"channel", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "order_id", b"order_id", "qualification_id", b"qualification_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

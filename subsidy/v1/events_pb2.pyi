@@ -745,23 +745,58 @@ class QualificationRestored(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FROM_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
     reason: _builtins.str
+    @_builtins.property
+    def available_from(self) -> _timestamp_pb2.Timestamp:
+        """Under a "restore next day" refund rule: lockable again from the start of the next day in
+        the campaign's time zone (unset: at once).
+        """
+
     def __init__(
         self,
         *,
         qualification_id: _builtins.str = ...,
         order_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        available_from: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QualificationRestored: _TypeAlias = QualificationRestored  # noqa: Y015
+
+@_typing.final
+class QualificationExpired(_message.Message):
+    """The expiry sweeper: an available qualification reached its expiry unused. It no longer
+    counts against the per-person limit; claiming the category again is a re-claim.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    EXPIRED_AT_FIELD_NUMBER: _builtins.int
+    qualification_id: _builtins.str
+    @_builtins.property
+    def expired_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        qualification_id: _builtins.str = ...,
+        expired_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expired_at", b"expired_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_at", b"expired_at", "qualification_id", b"qualification_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualificationExpired: _TypeAlias = QualificationExpired  # noqa: Y015
 
 @_typing.final
 class QualificationForfeited(_message.Message):
