@@ -59,6 +59,8 @@ class Policy(_message.Message):
         REFUND_RULE_UNSPECIFIED: Policy._RefundRule.ValueType  # 0
         REFUND_RULE_RESTORE: Policy._RefundRule.ValueType  # 1
         REFUND_RULE_FORFEIT: Policy._RefundRule.ValueType  # 2
+        REFUND_RULE_RESTORE_NEXT_DAY: Policy._RefundRule.ValueType  # 3
+        """restored, lockable from the next day"""
 
     class RefundRule(_RefundRule, metaclass=_RefundRuleEnumTypeWrapper):
         """What happens to a consumer's qualification when the subsidised order is refunded."""
@@ -66,6 +68,8 @@ class Policy(_message.Message):
     REFUND_RULE_UNSPECIFIED: Policy.RefundRule.ValueType  # 0
     REFUND_RULE_RESTORE: Policy.RefundRule.ValueType  # 1
     REFUND_RULE_FORFEIT: Policy.RefundRule.ValueType  # 2
+    REFUND_RULE_RESTORE_NEXT_DAY: Policy.RefundRule.ValueType  # 3
+    """restored, lockable from the next day"""
 
     VERSION_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
@@ -134,17 +138,23 @@ class Campaign(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     AREA_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     area: _builtins.str
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The division codes (6, 9 or 12 digits) a claim's reported region must lie inside."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         area: _builtins.str = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "name", b"name", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -162,7 +172,7 @@ class ClaimWindow(_message.Message):
     opens: _builtins.str
     """"HH:MM" """
     closes: _builtins.str
-    """"HH:MM", later than opens on the same day"""
+    """"HH:MM" later than opens on the same day, or "24:00" (end of day)"""
     timezone: _builtins.str
     """IANA time zone, e.g. "Asia/Shanghai" """
     def __init__(

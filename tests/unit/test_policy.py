@@ -526,7 +526,7 @@ _category_dicts = st.fixed_dictionaries(
 def _policy_dicts(draw: st.DrawFn) -> dict[str, Any]:
     codes = draw(st.lists(_codes, min_size=1, max_size=6, unique=True))
     opens = draw(st.integers(min_value=0, max_value=23 * 60 + 58))
-    closes = draw(st.integers(min_value=opens + 1, max_value=23 * 60 + 59))
+    closes = draw(st.integers(min_value=opens + 1, max_value=24 * 60))  # 24:00: end of day
     offset = draw(st.integers(min_value=-12, max_value=14))
     moment = draw(
         st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2100, 1, 1))
@@ -539,6 +539,14 @@ def _policy_dicts(draw: st.DrawFn) -> dict[str, Any]:
         "campaign": {
             "name": "测试活动",
             "area": draw(st.from_regex(r"[1-9][0-9]{5}", fullmatch=True)),
+            "regions": draw(
+                st.lists(
+                    st.from_regex(r"[1-9][0-9]{5}([0-9]{3}([0-9]{3})?)?", fullmatch=True),
+                    min_size=1,
+                    max_size=4,
+                    unique=True,
+                )
+            ),
         },
         "rounding": draw(st.sampled_from([r.value for r in Rounding])),
         "price_tolerance_bp": draw(_bps),
@@ -570,6 +578,25 @@ def test_generated_policies_survive_the_proto_message_exactly(data: dict[str, An
     back = policy_from_proto(policy_pb2.Policy.FromString(wire))
     assert back == policy
     assert policy_to_dict(back) == policy_to_dict(policy)  # the UTC offset as written, too
+
+
+def test_regions_default_to_the_area_and_a_policy_from_before_regions_reads_the_same() -> None:
+    data = _policy_dict()
+    del data["campaign"]["regions"]
+    policy = policy_from_dict(data)
+    assert policy.campaign.regions == (policy.campaign.area,)
+    old_message = policy_to_proto(policy)
+    del old_message.campaign.regions[:]  # as published before regions existed
+    assert policy_from_proto(old_message) == policy
+
+
+def test_a_window_to_24_00_reads_back_as_24_00() -> None:
+    data = _policy_dict()
+    data["claim_window"]["closes"] = "24:00"
+    policy = policy_from_dict(data)
+    assert policy.claim_window.is_open(dt.datetime(2025, 6, 1, 15, 59, 59, tzinfo=dt.UTC))
+    assert policy_to_dict(policy)["claim_window"]["closes"] == "24:00"
+    assert policy_to_proto(policy).claim_window.closes == "24:00"
 
 
 def test_the_default_policy_as_its_proto_message() -> None:
@@ -965,8 +992,28 @@ REJECTIONS: list[tuple[str, Mutation, str]] = [
     ),
     (
         "time out of range",
-        _set("claim_window", "closes", value="24:00"),
+        _set("claim_window", "closes", value="24:30"),
         'claim_window.closes: must be a "HH:MM" string',
+    ),
+    (
+        "a window cannot open at the end of the day",
+        _set("claim_window", "opens", value="24:00"),
+        'claim_window.opens: must be a "HH:MM" string',
+    ),
+    (
+        "region code malformed",
+        _set("campaign", "regions", value=["44031"]),
+        "campaign.regions[0]: ",
+    ),
+    (
+        "regions empty",
+        _set("campaign", "regions", value=[]),
+        "campaign.regions: must be a list of 1..",
+    ),
+    (
+        "region listed twice",
+        _set("campaign", "regions", value=["440310", "440310"]),
+        "campaign.regions[1]: duplicate region",
     ),
     (
         "time with seconds",

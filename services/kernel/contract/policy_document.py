@@ -33,6 +33,7 @@ from services.kernel.contract.limits import (
 )
 from services.kernel.contract.policy_model import (
     BP_DENOMINATOR,
+    MIDNIGHT,
     Campaign,
     CategoryRule,
     ClaimWindow,
@@ -67,6 +68,9 @@ _TOP_REQUIRED: Final = (
 )
 _TOP_OPTIONAL: Final = ("rounding",)
 _CAMPAIGN_KEYS: Final = ("name", "area")
+_CAMPAIGN_OPTIONAL: Final = ("regions",)
+_REGION_RE: Final = re.compile(r"[1-9][0-9]{5}(?:[0-9]{3}(?:[0-9]{3})?)?")
+MAX_REGIONS: Final = 1000
 _CLAIM_WINDOW_KEYS: Final = ("opens", "closes", "timezone")
 _CATEGORY_KEYS: Final = (
     "code",
@@ -159,10 +163,12 @@ def _datetime(value: object, path: str) -> dt.datetime:
     return parsed
 
 
-def _hhmm(value: object, path: str) -> dt.time:
+def _hhmm(value: object, path: str, *, midnight: bool = False) -> dt.time:
     if isinstance(value, int) and not isinstance(value, bool):
         # YAML 1.1 reads an unquoted 10:00 as the base-60 integer 600.
         raise PolicyError(path, 'must be a "HH:MM" string (quote it in YAML)')
+    if midnight and value == "24:00":
+        return MIDNIGHT
     match = _HHMM_RE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise PolicyError(path, 'must be a "HH:MM" string (00:00..23:59)')
@@ -252,18 +258,39 @@ def _categories(value: object, path: str) -> tuple[CategoryRule, ...]:
 def _claim_window(value: object, path: str) -> ClaimWindow:
     data = _mapping(value, path, _CLAIM_WINDOW_KEYS)
     opens = _hhmm(data["opens"], f"{path}.opens")
-    closes = _hhmm(data["closes"], f"{path}.closes")
+    closes = _hhmm(data["closes"], f"{path}.closes", midnight=True)
     if closes <= opens:
         raise PolicyError(f"{path}.closes", "must be later than opens on the same day")
     return ClaimWindow(opens, closes, _timezone(data["timezone"], f"{path}.timezone"))
 
 
 def _campaign(value: object, path: str) -> Campaign:
-    data = _mapping(value, path, _CAMPAIGN_KEYS)
+    data = _mapping(value, path, _CAMPAIGN_KEYS, _CAMPAIGN_OPTIONAL)
+    area = _text(data["area"], f"{path}.area", pattern=_AREA_RE)
     return Campaign(
         name=_text(data["name"], f"{path}.name"),
-        area=_text(data["area"], f"{path}.area", pattern=_AREA_RE),
+        area=area,
+        regions=_regions(data.get("regions", [area]), f"{path}.regions"),
     )
+
+
+def _regions(value: object, path: str) -> tuple[str, ...]:
+    """The division codes claims must come from: 6-digit county codes, or 9/12-digit township
+    and village codes, at least one, no duplicates."""
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_REGIONS:
+        raise PolicyError(path, f"must be a list of 1..{MAX_REGIONS} division codes")
+    codes: list[str] = []
+    for index, code in enumerate(value):
+        text = _text(code, f"{path}[{index}]", pattern=_REGION_RE)
+        if text in codes:
+            raise PolicyError(f"{path}[{index}]", f"duplicate region {text!r}")
+        codes.append(text)
+    return tuple(codes)
+
+
+def hhmm_text(value: dt.time) -> str:
+    """A window time as a document writes it ("24:00" for the end of the day)."""
+    return "24:00" if value == MIDNIGHT else value.strftime("%H:%M")
 
 
 def policy_from_dict(data: object) -> Policy:
@@ -310,13 +337,17 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
     return {
         "version": policy.version,
         "effective_from": policy.effective_from.isoformat(),
-        "campaign": {"name": policy.campaign.name, "area": policy.campaign.area},
+        "campaign": {
+            "name": policy.campaign.name,
+            "area": policy.campaign.area,
+            "regions": list(policy.campaign.regions),
+        },
         "rounding": policy.rounding.value,
         "price_tolerance_bp": policy.price_tolerance_bp,
         "baseline_window_days": policy.baseline_window_days,
         "claim_window": {
-            "opens": window.opens.strftime("%H:%M"),
-            "closes": window.closes.strftime("%H:%M"),
+            "opens": hhmm_text(window.opens),
+            "closes": hhmm_text(window.closes),
             "timezone": window.timezone,
         },
         "qualification_validity_days": policy.qualification_validity_days,

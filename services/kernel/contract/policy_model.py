@@ -16,11 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
+from zoneinfo import ZoneInfo
 
 from services.kernel.contract.limits import MAX_GRADE, MAX_PRICE_FEN, MIN_GRADE, MIN_PRICE_FEN
 from services.kernel.errors import FailedPrecondition, NotFound
 
 BP_DENOMINATOR: Final = 10_000
+# A claim window's "24:00": open to the end of the day.
+MIDNIGHT: Final = dt.time.max
 
 # Quote reason codes: machine-readable, stable, part of the checkout API.
 UNKNOWN_CATEGORY: Final = "UNKNOWN_CATEGORY"
@@ -69,24 +72,35 @@ class RefundRule(StrEnum):
     """What happens to a consumer's qualification when the subsidised order is refunded."""
 
     RESTORE = "restore"
+    # Restored, but lockable only from the start of the next day in the campaign's time zone.
+    RESTORE_NEXT_DAY = "restore_next_day"
     FORFEIT = "forfeit"
 
 
 @dataclass(frozen=True, slots=True)
 class Campaign:
-    """The campaign a policy belongs to; ``area`` is a 6-digit administrative division code."""
+    """The campaign a policy belongs to; ``area`` is a 6-digit administrative division code.
+    ``regions`` are the division codes a claim's delivery or GPS region must lie inside (by
+    default the area alone)."""
 
     name: str
     area: str
+    regions: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimWindow:
-    """Daily wall-clock window in which qualifications can be claimed (opens < closes)."""
+    """Daily wall-clock window in which qualifications can be claimed (opens < closes).
+    ``closes`` is :data:`MIDNIGHT` for a window open to the end of the day ("24:00")."""
 
     opens: dt.time
     closes: dt.time
     timezone: str
+
+    def is_open(self, at: dt.datetime) -> bool:
+        """Whether claims are open at ``at`` (an aware time), read in the window's time zone."""
+        local = at.astimezone(ZoneInfo(self.timezone)).time()
+        return self.opens <= local and (self.closes == MIDNIGHT or local < self.closes)
 
 
 @dataclass(frozen=True, slots=True)

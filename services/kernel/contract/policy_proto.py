@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Final, TypeVar
 
-from services.kernel.contract.policy_document import policy_from_dict, policy_from_json
+from services.kernel.contract.policy_document import hhmm_text, policy_from_dict, policy_from_json
 from services.kernel.contract.policy_model import Group, Policy, PolicyError, RefundRule, Rounding
 from subsidy.v1 import events_pb2, policy_pb2
 
@@ -23,6 +23,7 @@ _ROUNDING_PB: Final = {Rounding.DOWN: _PB.ROUNDING_DOWN, Rounding.HALF_UP: _PB.R
 _REFUND_PB: Final = {
     RefundRule.RESTORE: _PB.REFUND_RULE_RESTORE,
     RefundRule.FORFEIT: _PB.REFUND_RULE_FORFEIT,
+    RefundRule.RESTORE_NEXT_DAY: _PB.REFUND_RULE_RESTORE_NEXT_DAY,
 }
 _GROUP_PB: Final = {
     Group.NATIONAL_APPLIANCE: policy_pb2.CategoryRule.GROUP_NATIONAL_APPLIANCE,
@@ -44,13 +45,17 @@ def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
     message = policy_pb2.Policy(
         version=policy.version,
         effective_from_utc_offset_seconds=int(offset.total_seconds()),
-        campaign=policy_pb2.Campaign(name=policy.campaign.name, area=policy.campaign.area),
+        campaign=policy_pb2.Campaign(
+            name=policy.campaign.name,
+            area=policy.campaign.area,
+            regions=policy.campaign.regions,
+        ),
         rounding=_ROUNDING_PB[policy.rounding],
         price_tolerance_bp=policy.price_tolerance_bp,
         baseline_window_days=policy.baseline_window_days,
         claim_window=policy_pb2.ClaimWindow(
-            opens=policy.claim_window.opens.strftime("%H:%M"),
-            closes=policy.claim_window.closes.strftime("%H:%M"),
+            opens=hhmm_text(policy.claim_window.opens),
+            closes=hhmm_text(policy.claim_window.closes),
             timezone=policy.claim_window.timezone,
         ),
         qualification_validity_days=policy.qualification_validity_days,
@@ -111,10 +116,13 @@ def _proto_document(message: policy_pb2.Policy) -> dict[str, object]:
                 "daily_quota": rule.daily_quota,
             }
         )
+    campaign: dict[str, object] = {"name": message.campaign.name, "area": message.campaign.area}
+    if message.campaign.regions:  # a policy published before regions existed: the area alone
+        campaign["regions"] = list(message.campaign.regions)
     return {
         "version": message.version,
         "effective_from": message.effective_from.ToDatetime(tzinfo=dt.UTC).astimezone(zone),
-        "campaign": {"name": message.campaign.name, "area": message.campaign.area},
+        "campaign": campaign,
         "rounding": _enum_word(_ROUNDING_PB, message.rounding),
         "price_tolerance_bp": message.price_tolerance_bp,
         "baseline_window_days": message.baseline_window_days,
