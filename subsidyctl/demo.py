@@ -23,12 +23,14 @@ import yaml
 
 from services.kernel import authz, rpc, tls
 from services.kernel.contract.personal_data import id_number_check_char
+from services.kernel.contract.policy import default_policy, policy_from_dict, policy_to_dict
 from services.kernel.identity import Caller, Role
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (
     audit_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
+    common_pb2,
     eligibility_pb2,
     eligibility_pb2_grpc,
     eventlog_pb2_grpc,
@@ -39,6 +41,10 @@ from subsidy.v1 import (
 )
 
 DEMO = Path(__file__).with_name("demo.yaml")
+# Where the demo consumers claim from: the campaign's area, where generate_person's residents
+# live (the policy's campaign regions must contain it).
+DEMO_REGION = "440310"
+IN_REGION = common_pb2.Circumstances(region_code=DEMO_REGION)
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华"
 
@@ -167,6 +173,17 @@ def load_demo(path: Path = DEMO) -> dict[str, Any]:
     return data
 
 
+def write_demo_policy(directory: Path, demo: Mapping[str, Any] | None = None) -> Path:
+    """The demo campaign's policy document (the bundled rules with the parts demo.yaml
+    replaces), written into ``directory``; point SUBSIDY_INITIAL_POLICY at it."""
+    document = policy_to_dict(default_policy())
+    document.update((demo or load_demo())["policy"])
+    policy_from_dict(document)  # a broken demo file fails here, not in the catalog
+    path = directory / "demo-policy.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True, sort_keys=False))
+    return path
+
+
 async def seed(
     client: Client, rng: random.Random, demo: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -245,6 +262,7 @@ async def checkout(
         consumer = await register(client, generate_person(rng))
         qual = await client.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
+                circumstances=IN_REGION,
                 consumer_id=consumer.consumer_id,
                 category=product.category,
                 channel=client.platform_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -47,6 +48,8 @@ async def start_platform(
     reservation_timeout_s: int = 900,
     cert_ttl: str = "1h",
     migration_database_url: Callable[[str], str | None] = lambda service: None,
+    initial_policy: Path | None = None,
+    expiry_sweep_s: float = 5.0,
 ) -> InProcessPlatform:
     """Start the simulator and the services (in dependency order) on free loopback ports;
     each service is pointed at the peers services/kernel/topology.py gives it."""
@@ -72,6 +75,8 @@ async def start_platform(
             reservation_timeout_s=reservation_timeout_s,
             tls_source="vault",
             cert_ttl=cert_ttl,
+            initial_policy=initial_policy,
+            expiry_sweep_s=expiry_sweep_s,
         )
         running[spec.name] = await start(spec, settings)
         endpoints[spec.name] = f"127.0.0.1:{running[spec.name].port}"

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.kernel import natsauth, tls, topology
 from services.kernel.identity import Caller
 
+from .demo import write_demo_policy
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
 from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
@@ -296,6 +297,8 @@ class LocalStack:
             "SUBSIDY_TLS_SERVER_NAMES": ",".join(identities.LOOPBACK),
             "SUBSIDY_METRICS_LISTEN": f"127.0.0.1:{self.ports.metrics(service)}",
             "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
+            # The local stack runs the demo campaign, whose claim window is open all day.
+            "SUBSIDY_INITIAL_POLICY": str(write_demo_policy(self.run_dir)),
             **self.settings_overrides,
         }
         for peer in topology.peers(service):

@@ -157,12 +157,13 @@ class Catalog:
         return self._switches
 
     # -- policy ---------------------------------------------------------------------------
-    async def ensure_default_policy(self) -> None:
-        """Publish the shipped default policy once, so a fresh catalog can answer."""
+    async def ensure_default_policy(self, initial: Policy | None = None) -> None:
+        """Publish the campaign's first policy once (``initial``, by default the shipped one),
+        so a fresh catalog can answer."""
         await self.refresh()
         if self._policies:
             return
-        policy = default_policy()
+        policy = initial or default_policy()
         ctx = Context(service_actor(SERVICE), correlation_id="default-policy")
         # Another replica publishing it first leaves nothing to do (the decision sees it).
         await self.pipeline.run(

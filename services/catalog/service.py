@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.consumer import EventConsumer
+from services.kernel.contract.policy import load_policy
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc
 
 from .api import CatalogApi
@@ -13,7 +14,8 @@ from .projections import LEDGER_SUBJECTS, metadata
 
 async def build(rt: Runtime) -> Wiring:
     catalog = Catalog(rt.store)
-    await catalog.ensure_default_policy()
+    initial = rt.settings.initial_policy
+    await catalog.ensure_default_policy(load_policy(initial) if initial else None)
     return Wiring(
         registrations=[
             (catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogApi(catalog))

@@ -429,6 +429,20 @@ class Settings(ProcessSettings):
     )
     # One SUBSIDY_<PEER>_ADDR per peer the topology gives the service (see variables()).
     peers: Mapping[str, str] = field(default_factory=dict)
+    # The demo and test stacks start with a policy whose claim window is open all day, so that
+    # a checkout works at any hour; production starts with the bundled rules.
+    initial_policy: Path | None = variable(  # noqa: RUF009 (a dataclasses.field)
+        "SUBSIDY_INITIAL_POLICY",
+        "catalog: the policy document (YAML) a new campaign starts with; "
+        "unset: the bundled Shenzhen 2025 rules",
+        default=None,
+    )
+    expiry_sweep_s: float = variable(
+        "SUBSIDY_EXPIRY_SWEEP_S",
+        "eligibility: seconds between sweeps that expire qualifications past their validity, "
+        "default 5",
+        default=5.0,
+    )
     reservation_timeout_s: int = variable(
         "SUBSIDY_RESERVATION_TIMEOUT_S",
         "ledger: seconds a pending reservation lives, default 900",

@@ -33,6 +33,7 @@ from subsidy.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
+from subsidyctl.demo import IN_REGION, load_demo, write_demo_policy
 from subsidyctl.inprocess import SPECS, start_platform
 from subsidyctl.stack import Nats, free_port
 from tests.conftest import Infra
@@ -41,6 +42,9 @@ from tests.support.identities import Person, make_person
 
 SPANS = InMemorySpanExporter()
 T = TypeVar("T")
+
+# The policy the session platform starts with (subsidyctl/demo.yaml): claims open all day.
+DEMO_POLICY_VERSION: str = load_demo()["policy"]["version"]
 
 
 # The platforms the tests check out through; the pools they fund pay these.
@@ -103,7 +107,7 @@ class Platform:
         """Claim a qualification for ``consumer_id``; returns its id."""
         q = await self.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer_id, category=category, channel=channel
+                circumstances=IN_REGION, consumer_id=consumer_id, category=category, channel=channel
             )
         )
         return str(q.qualification_id)
@@ -203,6 +207,10 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         infra.bao.addr,
         infra.bao.token,
         migration_database_url=lambda name: databases[name].migration_url,
+        initial_policy=write_demo_policy(infra.root),  # claims open all day
+        # Tests move a service's clock forward; a background sweep at such a moment would
+        # expire every other test's qualifications. The expiry tests sweep themselves.
+        expiry_sweep_s=3600,
     )
     running = started.running
     peers = started.endpoints

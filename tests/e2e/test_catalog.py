@@ -26,7 +26,8 @@ from services.kernel import rpc
 from services.kernel.eventstore import EventStore, make_engine
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, eligibility_pb2, ledger_pb2
-from tests.e2e.conftest import Platform, eventually, status_of
+from subsidyctl.demo import IN_REGION
+from tests.e2e.conftest import DEMO_POLICY_VERSION, Platform, eventually, status_of
 from tests.support.callers import CallerRouter
 
 OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="op-li")
@@ -125,10 +126,10 @@ async def test_quote_answers_the_issue_list(
         catalog_pb2.QuoteRequest(category=category, grade=grade, price_fen=price_fen)
     )
     assert (q.eligible, q.subsidy_fen, q.rate_bp, q.cap_fen, list(q.reasons)) == expected
-    assert q.policy_version == "shenzhen-2025.1"
+    assert q.policy_version == DEMO_POLICY_VERSION
     pinned = await platform.catalog.Quote(
         catalog_pb2.QuoteRequest(
-            category=category, grade=grade, price_fen=price_fen, policy_version="shenzhen-2025.1"
+            category=category, grade=grade, price_fen=price_fen, policy_version=DEMO_POLICY_VERSION
         )
     )
     assert pinned == q
@@ -446,7 +447,7 @@ async def test_verify_item_lists_every_reason(platform: Platform, rng: random.Ra
         50_000,
         "phone",
     )
-    assert ok.policy_version == "shenzhen-2025.1"
+    assert ok.policy_version == DEMO_POLICY_VERSION
 
     # Several reasons at once, in the documented order.
     bad_merchant = await merchant(p, rng, approve=False)
@@ -556,7 +557,7 @@ async def test_pause_category_reaches_every_replica_within_a_second(
         pool = await p.pool(rng, 1_000_000)
         q = await p.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer, category="microwave", channel="jd"
+                circumstances=IN_REGION, consumer_id=consumer, category="microwave", channel="jd"
             )
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -694,7 +695,7 @@ async def checkout(
     category = (await p.catalog.GetProduct(catalog_pb2.GetProductRequest(sku=sku))).category
     q = await p.eligibility.ClaimQualification(
         eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category=category, channel="jd"
+            circumstances=IN_REGION, consumer_id=consumer, category=category, channel="jd"
         )
     )
     order = f"o-{rng.randrange(10**12)}"

@@ -15,7 +15,7 @@ from services.kernel.identity import Caller, Role
 from subsidy.v1 import catalog_pb2, common_pb2
 from subsidy.v1 import events_pb2 as ev
 from tests.e2e.cli import identity_dir, subsidyctl
-from tests.e2e.conftest import Platform, status_of
+from tests.e2e.conftest import DEMO_POLICY_VERSION, Platform, status_of
 from tests.e2e.test_catalog import OPERATOR, catalog_events, merchant
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -283,7 +283,7 @@ async def test_cli_quote_prints_one_json_object(platform: Platform) -> None:
         "subsidy_fen": 200_000,
         "rate_bp": 2000,
         "cap_fen": 200_000,
-        "policy_version": "shenzhen-2025.1",
+        "policy_version": DEMO_POLICY_VERSION,
         "reasons": [],
     }
     code, answer, _ = await cli(
@@ -294,7 +294,7 @@ async def test_cli_quote_prints_one_json_object(platform: Platform) -> None:
         "--price-fen",
         "600100",
         "--policy",
-        "shenzhen-2025.1",
+        DEMO_POLICY_VERSION,
     )
     assert (code, answer["eligible"], answer["reasons"]) == (0, False, ["PRICE_ABOVE_CEILING"])
     code, answer, err = await cli(platform, "quote", "--category", "phone", "--price-fen", "-5")

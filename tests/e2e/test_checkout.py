@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from services.invariants import check_audit_complete, check_budget_balanced
 from services.kernel import rpc
 from subsidy.v1 import audit_pb2, eligibility_pb2, ledger_pb2
-from tests.e2e.conftest import Platform, eventually, status_of
+from tests.e2e.conftest import DEMO_POLICY_VERSION, Platform, eventually, status_of
 
 
 async def budget(p: Platform, pool_id: str) -> ledger_pb2.BudgetPool:
@@ -52,7 +52,7 @@ async def test_register_claim_reserve_capture(platform: Platform, rng: random.Ra
     assert (res.status, res.subsidy_fen, res.policy_version) == (
         "PENDING",
         200_000,
-        "shenzhen-2025.1",
+        DEMO_POLICY_VERSION,
     )
     b = await budget(p, pool)
     assert (b.available_fen, b.reserved_fen, b.spent_fen) == (9_800_000, 200_000, 0)
