@@ -27,6 +27,7 @@ from services.kernel import rpc
 from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
+from subsidyctl.demo import IN_REGION
 from subsidyctl.localstack import LocalStack, Ports, free_base
 
 
@@ -88,7 +89,10 @@ async def measure(
         consumer = await demo.register(client, demo.generate_person(rng))
         q = await client.eligibility.ClaimQualification(
             eligibility_pb2.ClaimQualificationRequest(
-                consumer_id=consumer.consumer_id, category="phone", channel=client.platform_id
+                circumstances=IN_REGION,
+                consumer_id=consumer.consumer_id,
+                category="phone",
+                channel=client.platform_id,
             )
         )
         people.append((consumer.consumer_id, q.qualification_id))

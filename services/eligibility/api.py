@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.kernel import validate
-from services.kernel.contract import personal_data
+from services.kernel.contract import circumstances, personal_data
 from services.kernel.errors import InvalidArgument
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.rpc import ServicerContext
@@ -26,6 +26,8 @@ def _qualification(q: Qualification) -> eligibility_pb2.Qualification:
         order_id=q.order_id,
     )
     out.expires_at.FromDatetime(q.expires_at)
+    if q.available_from is not None:
+        out.available_from.FromDatetime(q.available_from)
     return out
 
 
@@ -67,7 +69,12 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
         channel = own_platform("channel", request.channel)
-        q = await self.e.claim(consumer_id, category, channel, caller().actor())
+        region = request.circumstances.region_code
+        if region:  # not reported is the domain's OUTSIDE_REGION; malformed is the caller's bug
+            region = _personal(
+                "circumstances.region_code", region, circumstances.validate_region_code
+            )
+        q = await self.e.claim(consumer_id, category, channel, caller().actor(), region)
         return _qualification(q)
 
     async def GetQualification(

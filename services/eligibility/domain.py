@@ -2,10 +2,12 @@
 qualification. No I/O, no clock: the time a command is decided at comes in as ``now``.
 
 A consumer registers once (three factors confirmed by the identity authority) and claims
-qualifications, one category at a time, within the per-person limit and the day's quota. A
-qualification is AVAILABLE until it expires; the ledger LOCKS it to one order at checkout; the
-order's payment makes it USED; a cancellation, an expiry or a refused reservation UNLOCKS it; a
-refund RESTORES it or FORFEITS it under the order's own policy version. docs/architecture.md
+qualifications, one category at a time, inside the policy's daily window and campaign region,
+within the per-person limit, the re-claim limit and the day's quota. A qualification is
+AVAILABLE until it EXPIRES (the sweeper records it); the ledger LOCKS it to one order at
+checkout; the order's payment makes it USED; a cancellation, an expiry or a refused reservation
+UNLOCKS it; a refund RESTORES it (at once or from the next day) or FORFEITS it under the order's
+own policy version. docs/architecture.md
 and ../shared/domain.md give the rules these functions enforce.
 """
 
@@ -19,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from google.protobuf.message import Message
 
+from services.kernel.contract.circumstances import in_region
 from services.kernel.contract.policy import CategoryRule, Policy, RefundRule
 from services.kernel.errors import (
     FailedPrecondition,
@@ -32,7 +35,8 @@ AVAILABLE: Final = "AVAILABLE"
 LOCKED: Final = "LOCKED"
 USED: Final = "USED"
 FORFEITED: Final = "FORFEITED"
-STATUSES: Final = (AVAILABLE, LOCKED, USED, FORFEITED)
+EXPIRED: Final = "EXPIRED"
+STATUSES: Final = (AVAILABLE, LOCKED, USED, FORFEITED, EXPIRED)
 # Held by an order: the only statuses the ledger's outcome events act on.
 HELD: Final = (LOCKED, USED)
 
@@ -55,6 +59,7 @@ class Qualification:
     order_id: str
     quota_day: str
     expires_at: dt.datetime
+    available_from: dt.datetime | None = None  # restored "next day": lockable from then
 
     def counts_against_limit(self, now: dt.datetime) -> bool:
         """The per-person rule: every qualification the consumer holds or has had counts,
@@ -64,15 +69,21 @@ class Qualification:
             return self.expires_at > now
         return self.status in (LOCKED, USED, FORFEITED)
 
+    def lapsed(self, now: dt.datetime) -> bool:
+        """Expired unused: recorded by the sweeper, or due and not swept yet (the limits read
+        the same either way, whenever the sweeper runs)."""
+        return self.status == EXPIRED or (self.status == AVAILABLE and self.expires_at <= now)
+
 
 @dataclass(frozen=True)
 class ClaimState:
-    """What a claim is decided on, read under the consumer's stream lock and the day's quota
-    row lock: whether the consumer exists, how many qualifications of the category count
-    against their limit, and how many the day has issued in the category."""
+    """What a claim is decided on, read under the person's lock and the day's quota row lock:
+    whether the consumer exists, the person's qualifications of the category (every one they
+    have had: the limit and the re-claims are counted from them), and how many the day has
+    issued in the category."""
 
     registered: bool  # registered, and enrolled with the platform the claim comes through
-    held: int
+    qualifications: tuple[Qualification, ...]
     issued_today: int
 
 
@@ -103,6 +114,7 @@ class Claim:
     channel: str
     qualification_id: str
     now: dt.datetime
+    region_code: str = ""  # where the platform says the claim is made from ("": not reported)
 
 
 @dataclass(frozen=True)
@@ -191,8 +203,35 @@ def visible(q: Qualification | None, platform: str | None) -> Qualification | No
 
 
 def held(qualifications: Iterable[Qualification], now: dt.datetime) -> int:
-    """How many of a consumer's qualifications of one category count against their limit."""
+    """How many of a person's qualifications of one category count against their limit."""
     return sum(1 for q in qualifications if q.counts_against_limit(now))
+
+
+def lapsed(qualifications: Iterable[Qualification], now: dt.datetime) -> int:
+    """How many of a person's qualifications of one category expired unused: each claim after
+    one of them is a re-claim."""
+    return sum(1 for q in qualifications if q.lapsed(now))
+
+
+def check_window(policy: Policy, now: dt.datetime) -> None:
+    """Claims are taken only inside the policy's daily window, in the campaign's time zone."""
+    window = policy.claim_window
+    if not window.is_open(now):
+        closes = "24:00" if window.closes == dt.time.max else f"{window.closes:%H:%M}"
+        raise FailedPrecondition(
+            "OUTSIDE_WINDOW",
+            f"claims open daily {window.opens:%H:%M}-{closes} ({window.timezone})",
+        )
+
+
+def check_region(policy: Policy, region_code: str) -> None:
+    """The delivery or GPS region the platform reports must lie inside the campaign's."""
+    if not region_code or not in_region(region_code, policy.campaign.regions):
+        raise FailedPrecondition(
+            "OUTSIDE_REGION",
+            "circumstances.region_code: not reported, or outside the campaign's regions",
+            field="circumstances.region_code",
+        )
 
 
 def quota_day(policy: Policy, now: dt.datetime) -> str:
@@ -209,16 +248,33 @@ def category_rule(policy: Policy, category: str) -> CategoryRule:
     return rule
 
 
-def claim(state: ClaimState, cmd: Claim, policy: Policy) -> list[Message]:
-    """A registered consumer claims one qualification of a category, within their limit and
-    the day's quota; it is valid for the policy's validity period."""
+def check_claimable(policy: Policy, cmd: Claim) -> CategoryRule:
+    """What a claim is refused on before anything is read: the category, the window, the
+    region (the use case checks these first, so a refused rush costs no lock)."""
     rule = category_rule(policy, cmd.category)
+    check_window(policy, cmd.now)
+    check_region(policy, cmd.region_code)
+    return rule
+
+
+def claim(state: ClaimState, cmd: Claim, policy: Policy) -> list[Message]:
+    """A registered consumer claims one qualification of a category, inside the window and
+    the region, within their limit, their re-claims and the day's quota; it is valid for the
+    policy's validity period."""
+    rule = check_claimable(policy, cmd)
     if not state.registered:
         raise NotFound("UNKNOWN_CONSUMER", "consumer_id: not registered", field="consumer_id")
-    if state.held >= rule.per_person_limit:
+    if held(state.qualifications, cmd.now) >= rule.per_person_limit:
         raise ResourceExhausted(
             "PERSON_LIMIT_REACHED",
             f"category: the limit of {rule.per_person_limit} per person is reached",
+            field="category",
+        )
+    if lapsed(state.qualifications, cmd.now) > policy.reclaim_limit:
+        raise ResourceExhausted(
+            "RECLAIM_LIMIT_REACHED",
+            f"category: qualifications expired unused more than {policy.reclaim_limit} "
+            "times; no more re-claims",
             field="category",
         )
     if state.issued_today >= rule.daily_quota:
@@ -282,6 +338,12 @@ def lock(q: Qualification | None, cmd: Lock) -> list[Message]:
         raise FailedPrecondition(
             "QUALIFICATION_EXPIRED", "qualification_id: has expired", field="qualification_id"
         )
+    if q.available_from is not None and cmd.now < q.available_from:
+        raise FailedPrecondition(
+            "QUALIFICATION_NOT_YET_AVAILABLE",
+            f"qualification_id: restored after a refund; usable from {q.available_from:%Y-%m-%d}",
+            field="qualification_id",
+        )
     return [ev.QualificationLocked(qualification_id=q.qualification_id, order_id=cmd.order_id)]
 
 
@@ -300,13 +362,17 @@ def consumed(q: Qualification | None, order_id: str) -> Qualification:
 
 
 def settle(
-    q: Qualification | None, outcome: LedgerOutcome, refund_rule: RefundRule | None
+    q: Qualification | None,
+    outcome: LedgerOutcome,
+    order_policy: Policy | None,
+    at: dt.datetime | None = None,
 ) -> list[Message]:
     """The ledger's outcome of an order, applied to the qualification that order holds: paid
-    -> used; cancelled, expired or refused -> unlocked; refunded -> restored or forfeited by
-    the order's policy (``refund_rule``). Only the qualification held by that very order
-    moves: one unlocked already, or since given to another order, is left alone. A refund is
-    judged by the event (was the order paid?), not by which event arrived first."""
+    -> used; cancelled, expired or refused -> unlocked; refunded (at ``at``) -> restored, at
+    once or from the next day, or forfeited by the order's own policy (``order_policy``). Only
+    the qualification held by that very order moves: one unlocked already, or since given to
+    another order, is left alone. A refund is judged by the event (was the order paid?), not
+    by which event arrived first."""
     if q is None or q.order_id != outcome.order_id or q.status not in HELD:
         return []
     qid, order = q.qualification_id, outcome.order_id
@@ -317,19 +383,43 @@ def settle(
             else []
         )
     if isinstance(outcome, ev.SubsidyReleased) and outcome.was_captured:
-        if refund_rule is None:
-            raise ValueError("a refund is settled under the order's refund rule")
-        cls = (
-            ev.QualificationRestored
-            if refund_rule is RefundRule.RESTORE
-            else ev.QualificationForfeited
+        if order_policy is None or at is None:
+            raise ValueError("a refund is settled under the order's policy, at its time")
+        rule = order_policy.refund_rule
+        if rule is RefundRule.FORFEIT:
+            return [
+                ev.QualificationForfeited(
+                    qualification_id=qid, order_id=order, reason=outcome.reason
+                )
+            ]
+        restored = ev.QualificationRestored(
+            qualification_id=qid, order_id=order, reason=outcome.reason
         )
-        return [cls(qualification_id=qid, order_id=order, reason=outcome.reason)]
+        if rule is RefundRule.RESTORE_NEXT_DAY:
+            restored.available_from.FromDatetime(next_day(order_policy, at))
+        return [restored]
     if q.status == LOCKED:
         return [
             ev.QualificationUnlocked(qualification_id=qid, order_id=order, reason=outcome.reason)
         ]
     return []
+
+
+def next_day(policy: Policy, at: dt.datetime) -> dt.datetime:
+    """The start of the day after ``at`` in the campaign's time zone, in UTC."""
+    zone = ZoneInfo(policy.claim_window.timezone)
+    tomorrow = at.astimezone(zone).date() + dt.timedelta(days=1)
+    return dt.datetime.combine(tomorrow, dt.time(), zone).astimezone(dt.UTC)
+
+
+def expire(q: Qualification | None, now: dt.datetime) -> list[Message]:
+    """The sweeper: an available qualification past its expiry becomes EXPIRED (one locked to
+    an order is left to the order's outcome; the sweeper sees it again if it is unlocked)."""
+    if q is None or q.status != AVAILABLE or q.expires_at > now:
+        return []
+    expired = ev.QualificationExpired(qualification_id=q.qualification_id)
+    expired.expired_at.FromDatetime(q.expires_at)
+    return [expired]
 
 
 def is_refund(outcome: LedgerOutcome) -> bool:
@@ -360,8 +450,17 @@ def evolve(q: Qualification | None, event: Message) -> Qualification | None:
         return replace(q, status=LOCKED, order_id=event.order_id)
     if isinstance(event, ev.QualificationUsed):
         return replace(q, status=USED, order_id=event.order_id)
-    if isinstance(event, ev.QualificationUnlocked | ev.QualificationRestored):
+    if isinstance(event, ev.QualificationUnlocked):
         return replace(q, status=AVAILABLE, order_id="")
+    if isinstance(event, ev.QualificationRestored):
+        available_from = (
+            event.available_from.ToDatetime(tzinfo=dt.UTC)
+            if event.HasField("available_from")
+            else None
+        )
+        return replace(q, status=AVAILABLE, order_id="", available_from=available_from)
+    if isinstance(event, ev.QualificationExpired):
+        return replace(q, status=EXPIRED)
     if isinstance(event, ev.QualificationForfeited):
         return replace(q, status=FORFEITED, order_id=event.order_id)
     return q

@@ -7,6 +7,8 @@ the state it left. The clock is injected, so tests decide what "now" is.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.invariants import check_person_limit, check_quota, check_quota_counted
 from services.kernel import vault
+from services.kernel.background import every
 from services.kernel.contract import personal_data
 from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
@@ -46,6 +49,7 @@ from .projections import (
 )
 
 SERVICE = "eligibility"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ async def _load_claim(conn: AsyncConnection, key: ClaimKey) -> domain.ClaimState
         .where(quota_usage.c.category == key.category, quota_usage.c.day == key.day)
         .with_for_update()
     )
-    held = domain.held([as_qualification(r) for r in rows], key.now)
-    return domain.ClaimState(registered is not None, held, int(issued or 0))
+    return domain.ClaimState(
+        registered is not None, tuple(as_qualification(r) for r in rows), int(issued or 0)
+    )
 
 
 async def _load_qualification(
@@ -156,13 +161,15 @@ class Eligibility:
         *,
         clock: Callable[[], datetime] | None = None,
         identity_attempts_per_day: int = 5,
+        sweep_every_s: float = 5.0,
     ) -> None:
         self.store = store
+        self.sweep_every_s = sweep_every_s
         self.identity_attempts_per_day = identity_attempts_per_day
         self.vault = keys
         self.authority = authority
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.policies = PolicyCopy(store, self.clock)
+        self.policies = PolicyCopy(store, lambda: self.clock())  # the clock as injected now
         self.pipeline = Pipeline(store, SERVICE, apply_event)
 
     # -- consumers ------------------------------------------------------------------------
@@ -274,12 +281,20 @@ class Eligibility:
 
     # -- qualifications -------------------------------------------------------------------
     async def claim(
-        self, consumer_id: str, category: str, channel: str, actor: common_pb2.Actor
+        self,
+        consumer_id: str,
+        category: str,
+        channel: str,
+        actor: common_pb2.Actor,
+        region_code: str = "",
     ) -> domain.Qualification:
         policy = await self.policies.in_force()
-        domain.category_rule(policy, category)  # an unknown category changes nothing
         now = self.clock()
-        command = domain.Claim(consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now)
+        command = domain.Claim(
+            consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now, region_code
+        )
+        # Category, window and region first: a claim refused on them takes no lock.
+        domain.check_claimable(policy, command)
         key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
         await self.pipeline.run(  # answered from the qualification, not the claim state
@@ -346,16 +361,65 @@ class Eligibility:
         owner = await self._holder(tx.conn, outcome)
         if owner is None:
             return  # never locked here
-        refund_rule = None
+        order_policy = None
         if domain.is_refund(outcome):
-            refund_rule = (await self.policies.version(env.policy_version)).refund_rule
+            order_policy = await self.policies.version(env.policy_version)
+        at = env.occurred_at.ToDatetime(tzinfo=UTC)
         await self.pipeline.run(
             QUALIFICATION,
             owner,
-            lambda q: domain.settle(q, outcome, refund_rule),
+            lambda q: domain.settle(q, outcome, order_policy, at),
             Context(service_actor(SERVICE), correlation_id=outcome.order_id),
             tx=tx,
             reload=False,  # a reaction answers nobody
+        )
+
+    # -- the expiry sweeper -----------------------------------------------------------------
+    async def expire_due(self, batch: int = 500) -> int:
+        """Record QualificationExpired for up to ``batch`` available qualifications past their
+        expiry; returns how many. Each is decided under its consumer's lock (domain.expire), so
+        one locked meanwhile is left alone."""
+        now = self.clock()
+        async with self.store.engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(qualifications.c.consumer_id, qualifications.c.qualification_id)
+                    .where(
+                        qualifications.c.status == domain.AVAILABLE,
+                        qualifications.c.expires_at <= now,
+                    )
+                    .order_by(qualifications.c.expires_at)
+                    .limit(batch)
+                )
+            ).all()
+        ctx = Context(service_actor(SERVICE), correlation_id="expiry-sweep")
+        expired = 0
+        for row in due:
+            outcome = await self.pipeline.run(
+                QUALIFICATION,
+                QualificationKey(row.consumer_id, row.qualification_id),
+                lambda q: domain.expire(q, now),
+                ctx,
+                reload=False,
+            )
+            expired += len(outcome.appended)
+        return expired
+
+    async def expiry_loop(self, stop: asyncio.Event) -> None:
+        """Sweep expired qualifications every ``sweep_every_s`` until ``stop``; a backlog (the
+        service was down) is swept batch after batch."""
+
+        async def sweep() -> None:
+            while await self.expire_due() > 0:
+                pass
+
+        await every(
+            stop,
+            self.sweep_every_s,
+            sweep,
+            log=log,
+            failure="qualification expiry sweep failed",
+            alert="qualification-expiry",
         )
 
     @staticmethod

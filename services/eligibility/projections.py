@@ -80,6 +80,8 @@ qualifications = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("qualifications_by_consumer", "consumer_id", "category"),
     Index("qualifications_by_order", "order_id"),
+    # What the expiry sweeper looks for: available ones, by expiry.
+    Index("qualifications_due", "expires_at", postgresql_where=text("status = 'AVAILABLE'")),
     # One qualification per order: a second lock to an order that holds one is refused here,
     # under concurrency, so the ledger's events always name one qualification.
     Index(
@@ -88,6 +90,15 @@ qualifications = Table(
         unique=True,
         postgresql_where=text("status IN ('LOCKED', 'USED')"),
     ),
+)
+# When a qualification restored "next day" by a refund may be locked again. Its own table, not a
+# column of ``qualifications``: a table is what the schema step (create_all) adds to an existing
+# database; schema migrations proper are issue 15's.
+qualification_availability = Table(
+    "qualification_availability",
+    metadata,
+    Column("qualification_id", String(64), primary_key=True),
+    Column("available_from", DateTime(timezone=True), nullable=False),
 )
 quota_usage = Table(
     "quota_usage",
@@ -110,6 +121,7 @@ QUALIFICATION_EVENTS = (
     ev.QualificationUnlocked,
     ev.QualificationRestored,
     ev.QualificationForfeited,
+    ev.QualificationExpired,
 )
 
 
@@ -118,7 +130,7 @@ def consumer_stream(consumer_id: str) -> str:
     return f"consumer/{consumer_id}"
 
 
-def as_qualification(row: Any) -> domain.Qualification:
+def as_qualification(row: Any, available_from: Any = None) -> domain.Qualification:
     return domain.Qualification(
         qualification_id=row.qualification_id,
         consumer_id=row.consumer_id,
@@ -128,14 +140,23 @@ def as_qualification(row: Any) -> domain.Qualification:
         order_id=row.order_id,
         quota_day=row.quota_day,
         expires_at=row.expires_at,
+        available_from=available_from,
     )
 
 
 async def load_qualification(conn: AsyncConnection, qid: str) -> domain.Qualification | None:
-    row = (
-        await conn.execute(select(qualifications).where(qualifications.c.qualification_id == qid))
-    ).first()
-    return as_qualification(row) if row is not None else None
+    query = (
+        select(qualifications, qualification_availability.c.available_from)
+        .select_from(
+            qualifications.outerjoin(
+                qualification_availability,
+                qualification_availability.c.qualification_id == qualifications.c.qualification_id,
+            )
+        )
+        .where(qualifications.c.qualification_id == qid)
+    )
+    row = (await conn.execute(query)).first()
+    return as_qualification(row, row.available_from) if row is not None else None
 
 
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
@@ -177,7 +198,9 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     elif isinstance(event, ev.QualificationClaimed):
         claimed = domain.evolve(None, event)
         assert claimed is not None
-        await conn.execute(insert(qualifications).values(**asdict(claimed)))
+        row = asdict(claimed)
+        del row["available_from"]  # a fresh claim is lockable at once (its own table)
+        await conn.execute(insert(qualifications).values(**row))
         stmt = pg_insert(quota_usage).values(category=event.category, day=event.quota_day, issued=1)
         await conn.execute(
             stmt.on_conflict_do_update(
@@ -193,6 +216,16 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 .where(qualifications.c.qualification_id == qid)
                 .values(status=after.status, order_id=after.order_id)
             )
+            if after.available_from is not None:
+                stmt = pg_insert(qualification_availability).values(
+                    qualification_id=qid, available_from=after.available_from
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["qualification_id"],
+                        set_={"available_from": after.available_from},
+                    )
+                )
 
 
 async def rebuild(store: EventStore) -> int:
@@ -204,6 +237,13 @@ async def rebuild(store: EventStore) -> int:
     service quiesced: a consumer handling an event meanwhile would update rows being replaced.
     """
     return await store.rebuild(
-        (qualifications, quota_usage, consumer_platforms, identity_failures, consumers),
+        (
+            qualification_availability,
+            qualifications,
+            quota_usage,
+            consumer_platforms,
+            identity_failures,
+            consumers,
+        ),
         apply_event,
     )

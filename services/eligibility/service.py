@@ -19,6 +19,7 @@ async def build(rt: Runtime) -> Wiring:
         rt.vault,
         GrpcIdentityAuthority(identity_pb2_grpc.IdentityAuthorityStub(authority_ch)),
         identity_attempts_per_day=rt.settings.identity_attempts_per_day,
+        sweep_every_s=rt.settings.expiry_sweep_s,
     )
     return Wiring(
         registrations=[
@@ -42,6 +43,7 @@ async def build(rt: Runtime) -> Wiring:
             ),
         ],
         on_close=[authority_ch.close],
+        background=[e.expiry_loop],
         ready=e.policies.wait,
     )
 

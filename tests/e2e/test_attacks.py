@@ -27,6 +27,7 @@ from subsidy.v1 import (
     ledger_pb2_grpc,
 )
 from subsidy.v1 import events_pb2 as ev
+from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform, status_of
 from tests.e2e.test_saga import reserve_request, setup
 
@@ -170,7 +171,7 @@ async def test_platform_a_cannot_touch_platform_bs_order(
         "qualification_id",
     )
     claim = eligibility_pb2.ClaimQualificationRequest(
-        consumer_id=consumer, category="air_conditioner", channel="taobao"
+        circumstances=IN_REGION, consumer_id=consumer, category="air_conditioner", channel="taobao"
     )
     assert await refused(taobao.ClaimQualification(claim)) == (
         grpc.StatusCode.NOT_FOUND,

@@ -28,6 +28,7 @@ from services.kernel.eventstore import make_engine
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.cli.audit import verify
+from subsidyctl.demo import IN_REGION
 from subsidyctl.localstack import LocalStack, Ports, free_base, wait_until_audited
 
 T = TypeVar("T")
@@ -90,6 +91,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
                 qual = await retrying(
                     lambda: client.eligibility.ClaimQualification(
                         eligibility_pb2.ClaimQualificationRequest(
+                            circumstances=IN_REGION,
                             consumer_id=consumer.consumer_id,
                             category="phone",
                             channel=client.platform_id,

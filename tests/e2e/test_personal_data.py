@@ -30,6 +30,7 @@ from services.kernel import bus
 from services.kernel.bus import EVENTS_STREAM
 from services.kernel.errors import NotFound
 from subsidy.v1 import eligibility_pb2, identity_pb2, ledger_pb2
+from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.support.identities import Person, make_person, make_phone
 
@@ -262,7 +263,7 @@ async def test_no_raw_personal_data_anywhere_and_shredding(
     pool = await p.pool(rng, 1_000_000)
     q = await p.eligibility.ClaimQualification(
         eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumers[0], category="phone", channel="jd"
+            circumstances=IN_REGION, consumer_id=consumers[0], category="phone", channel="jd"
         )
     )
     order = f"o-{rng.randrange(10**12)}"

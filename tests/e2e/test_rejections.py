@@ -27,6 +27,7 @@ from services.audit import log as audit_log
 from services.kernel.eventstore import EventStore
 from services.kernel.rpc import error_info
 from subsidy.v1 import audit_pb2, eligibility_pb2, identity_pb2, ledger_pb2
+from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.support.identities import (
     Person,
@@ -83,7 +84,7 @@ def _order(rng: random.Random) -> str:
 async def _claim(p: Platform, consumer: str, category: str) -> str:
     q = await p.eligibility.ClaimQualification(
         eligibility_pb2.ClaimQualificationRequest(
-            consumer_id=consumer, category=category, channel="jd"
+            circumstances=IN_REGION, consumer_id=consumer, category=category, channel="jd"
         )
     )
     return q.qualification_id
@@ -889,7 +890,12 @@ case(
 # EligibilityService.ClaimQualification -----------------------------------------------------------
 def claim(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.ClaimQualificationRequest:
     """A claim that would succeed (A's first phone) but for ``kw``."""
-    values: dict[str, Any] = {"consumer_id": w.a, "category": "phone", "channel": "jd"}
+    values: dict[str, Any] = {
+        "consumer_id": w.a,
+        "category": "phone",
+        "channel": "jd",
+        "circumstances": IN_REGION,
+    }
     return eligibility_pb2.ClaimQualificationRequest(**(values | kw))
 
 

@@ -19,6 +19,7 @@ from services.eligibility import projections as eligibility_projections
 from services.kernel.eventstore import EventStore
 from services.ledger import projections as ledger_projections
 from subsidy.v1 import eligibility_pb2, ledger_pb2
+from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform
 
 Rows = dict[str, list[tuple[Any, ...]]]
@@ -58,7 +59,7 @@ async def make_history(p: Platform, rng: random.Random) -> None:
         claimed = {
             category: await p.eligibility.ClaimQualification(
                 eligibility_pb2.ClaimQualificationRequest(
-                    consumer_id=consumer, category=category, channel="jd"
+                    circumstances=IN_REGION, consumer_id=consumer, category=category, channel="jd"
                 )
             )
             for category in ("phone", "refrigerator", "air_conditioner")

@@ -12,6 +12,7 @@ import pytest
 from services.ledger.handlers import Ledger
 from services.ledger.projections import reservation_attempts
 from subsidy.v1 import eligibility_pb2, ledger_pb2
+from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform, eventually, status_of
 
 
@@ -310,7 +311,7 @@ async def test_a_forfeited_qualification_counts_against_the_personal_limit(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await p.eligibility.ClaimQualification(
                 eligibility_pb2.ClaimQualificationRequest(
-                    consumer_id=consumer, category="phone", channel="jd"
+                    circumstances=IN_REGION, consumer_id=consumer, category="phone", channel="jd"
                 )
             )
         assert status_of(err.value) == (
