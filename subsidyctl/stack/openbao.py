@@ -133,6 +133,8 @@ class OpenBao(_Server):
                 child.wait_until(self._answers, self.start_timeout, "at start")
                 self._init_and_unseal(child)
             child.wait_until(self._active, self.start_timeout, "waiting to become active")
+            if self.dev:
+                self._replace_dev_root_token()
             try:
                 ensure_transit_keys(self.addr, self.token)
             except Exception as exc:
@@ -144,6 +146,17 @@ class OpenBao(_Server):
         except BaseException:
             self.stop()
             raise
+
+    def _replace_dev_root_token(self) -> None:
+        """Dev mode prints its root token in the start-up banner (OpenBao 2.7 does, whatever
+        the environment says), so the log holds it: make a new root token and revoke the
+        printed one, so that what the log shows opens nothing."""
+        printed = self.client()
+        # An orphan: revoking the printed token revokes its children.
+        made = printed.auth.token.create(policies=["root"], no_parent=True)
+        fresh: str = made["auth"]["client_token"]
+        printed.auth.token.revoke_self()
+        self.root_token = fresh
 
     def stop(self) -> None:
         """SIGTERM (OpenBao seals and exits), then kill after a timeout."""
