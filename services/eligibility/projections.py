@@ -1,4 +1,5 @@
-"""Eligibility read models fed by events: consumers, qualifications, daily quotas, policies.
+"""Eligibility read models fed by events: consumers, qualifications, daily quotas, policies,
+and persons (every consumer's identifiers as blind indexes, who is one person, erasures).
 
 ``person_keys`` is not a read model: it holds each person's wrapped data key. Deleting a row
 crypto-shreds that person; the events keep only ciphertext, so the log stays verifiable.
@@ -7,8 +8,10 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import UTC
 from typing import Any
 
+from google.protobuf.message import Message
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -18,6 +21,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
+    func,
     insert,
     select,
     text,
@@ -30,7 +35,7 @@ from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
-from . import domain
+from . import domain, linking
 
 metadata = MetaData()
 ONE_QUALIFICATION_PER_ORDER = "qualifications_one_per_order"
@@ -96,6 +101,54 @@ quota_usage = Table(
     Column("day", String(10), primary_key=True),
     Column("issued", BigInteger, nullable=False),
 )
+# -- persons (same user): services/eligibility/linking.py decides, services/eligibility/persons.py
+# reads. Every identifier of every consumer as a blind index in its identifier space, with a mask.
+consumer_identifiers = Table(
+    "consumer_identifiers",
+    metadata,
+    Column("space", String(32), primary_key=True),
+    Column("blind_index", String(128), primary_key=True),
+    Column("consumer_id", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("masked", String(64), nullable=False),  # emptied when the consumer is erased
+    Index("consumer_identifiers_by_consumer", "consumer_id"),
+)
+# One row per person: the row a claim locks, so claims of linked consumers serialise; a merge
+# deletes the rows of the persons it absorbs (a claim waiting on one then looks again).
+persons = Table(
+    "persons",
+    metadata,
+    Column("person_id", String(64), primary_key=True),
+    Column("consumers", BigInteger, nullable=False),
+)
+person_members = Table(
+    "person_members",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("person_id", String(64), nullable=False, index=True),
+)
+# Per person and category, what its consumers held together when they were last linked
+# (ConsumersLinked.held): claims made before a link may exceed a limit, and stay.
+person_held_when_linked = Table(
+    "person_held_when_linked",
+    metadata,
+    Column("person_id", String(64), primary_key=True),
+    Column("category", String(64), primary_key=True),
+    Column("held", BigInteger, nullable=False),
+)
+consumer_erasures = Table(
+    "consumer_erasures",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)
+PERSON_TABLES = (
+    consumer_identifiers,
+    persons,
+    person_members,
+    person_held_when_linked,
+    consumer_erasures,
+)
 policies = Table(
     "policies",
     metadata,
@@ -111,6 +164,7 @@ QUALIFICATION_EVENTS = (
     ev.QualificationRestored,
     ev.QualificationForfeited,
 )
+PERSON_EVENTS = (ev.IdentifiersAdded, ev.ConsumersLinked, ev.ConsumerErased)
 
 
 def consumer_stream(consumer_id: str) -> str:
@@ -143,6 +197,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     :func:`services.eligibility.domain.evolve`, never decided here."""
     event = payload_of(env)
     if isinstance(event, ev.ConsumerRegistered):
+        await apply_person_event(conn, env, event)
         await conn.execute(
             insert(consumers).values(
                 consumer_id=event.consumer_id,
@@ -184,6 +239,8 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 index_elements=["category", "day"], set_={"issued": quota_usage.c.issued + 1}
             )
         )
+    elif isinstance(event, PERSON_EVENTS):
+        await apply_person_event(conn, env, event)
     elif isinstance(event, QUALIFICATION_EVENTS):
         qid = event.qualification_id
         after = domain.evolve(await load_qualification(conn, qid), event)
@@ -195,6 +252,102 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
             )
 
 
+async def apply_person_event(conn: AsyncConnection, env: Envelope, event: Message) -> None:
+    """The persons read models (identifiers, persons, links, erasures) after one event; what
+    merges is decided by services/eligibility/linking.py and recorded in the event."""
+    if isinstance(event, ev.ConsumerRegistered):
+        # The ID number and the registered phone are identifiers too; a consumer starts as a
+        # person of their own.
+        await conn.execute(
+            insert(consumer_identifiers),
+            [
+                {
+                    "space": linking.space(linking.Kind.ID_NUMBER),
+                    "blind_index": event.id_number_index,
+                    "consumer_id": event.consumer_id,
+                    "kind": linking.Kind.ID_NUMBER,
+                    "masked": event.id_number_masked,
+                },
+                {
+                    "space": linking.space(linking.Kind.PHONE),
+                    "blind_index": event.phone_index,
+                    "consumer_id": event.consumer_id,
+                    "kind": linking.Kind.PHONE,
+                    "masked": event.phone_masked,
+                },
+            ],
+        )
+        person = linking.person_id([event.consumer_id])
+        await conn.execute(insert(persons).values(person_id=person, consumers=1))
+        await conn.execute(
+            insert(person_members).values(consumer_id=event.consumer_id, person_id=person)
+        )
+    elif isinstance(event, ev.IdentifiersAdded):
+        await conn.execute(
+            pg_insert(consumer_identifiers)
+            .values(
+                [
+                    {
+                        "space": linking.space(linking.Kind(i.kind)),
+                        "blind_index": i.blind_index,
+                        "consumer_id": event.consumer_id,
+                        "kind": i.kind,
+                        "masked": i.masked,
+                    }
+                    for i in event.identifiers
+                ]
+            )
+            .on_conflict_do_nothing()
+        )
+    elif isinstance(event, ev.ConsumersLinked):
+        merged = list(event.merged_person_ids)
+        await conn.execute(
+            update(person_members)
+            .where(person_members.c.person_id.in_(merged))
+            .values(person_id=event.person_id)
+        )
+        await conn.execute(delete(persons).where(persons.c.person_id.in_(merged)))
+        count = await conn.scalar(
+            select(func.count())
+            .select_from(person_members)
+            .where(person_members.c.person_id == event.person_id)
+        )
+        await conn.execute(insert(persons).values(person_id=event.person_id, consumers=count))
+        await conn.execute(
+            delete(person_held_when_linked).where(
+                person_held_when_linked.c.person_id.in_([*merged, event.person_id])
+            )
+        )
+        if event.held:
+            await conn.execute(
+                insert(person_held_when_linked),
+                [
+                    {"person_id": event.person_id, "category": h.category, "held": h.count}
+                    for h in event.held
+                ],
+            )
+    elif isinstance(event, ev.ConsumerErased):
+        # The key is gone (handlers); what stays is what limits need: blind indexes, the
+        # person, the qualifications. Masks go, and no platform may act for them any more.
+        c = event.consumer_id
+        await conn.execute(
+            insert(consumer_erasures).values(
+                consumer_id=c, erased_at=env.occurred_at.ToDatetime(tzinfo=UTC)
+            )
+        )
+        await conn.execute(delete(consumer_platforms).where(consumer_platforms.c.consumer_id == c))
+        await conn.execute(
+            update(consumers)
+            .where(consumers.c.consumer_id == c)
+            .values(id_number_masked="", phone_masked="")
+        )
+        await conn.execute(
+            update(consumer_identifiers)
+            .where(consumer_identifiers.c.consumer_id == c)
+            .values(masked="")
+        )
+
+
 async def rebuild(store: EventStore) -> int:
     """Drop the read models and replay every event; returns how many were applied.
 
@@ -204,6 +357,13 @@ async def rebuild(store: EventStore) -> int:
     service quiesced: a consumer handling an event meanwhile would update rows being replaced.
     """
     return await store.rebuild(
-        (qualifications, quota_usage, consumer_platforms, identity_failures, consumers),
+        (
+            qualifications,
+            quota_usage,
+            consumer_platforms,
+            identity_failures,
+            consumers,
+            *PERSON_TABLES,
+        ),
         apply_event,
     )
