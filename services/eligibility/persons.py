@@ -62,19 +62,30 @@ from .projections import (
 
 async def lock_person(conn: AsyncConnection, consumer_id: str) -> frozenset[str]:
     """Lock the person ``consumer_id`` belongs to until the transaction ends, and return its
-    consumers. A merge that absorbed the person meanwhile deleted its row: look again."""
+    consumers (two statements on the claim's hot path). A merge that absorbed the person while
+    this waited deleted its row: look again."""
     while True:
-        person = await _person_of(conn, consumer_id)
-        if person is None:  # not registered: nobody to count but themselves
-            return frozenset({consumer_id})
-        locked = await conn.scalar(
-            select(persons.c.person_id).where(persons.c.person_id == person).with_for_update()
+        person = await conn.scalar(
+            select(persons.c.person_id)
+            .join(person_members, person_members.c.person_id == persons.c.person_id)
+            .where(person_members.c.consumer_id == consumer_id)
+            .with_for_update(of=persons)
         )
-        if locked is not None and await _person_of(conn, consumer_id) == person:
-            members = await conn.execute(
-                select(person_members.c.consumer_id).where(person_members.c.person_id == person)
-            )
-            return frozenset(members.scalars())
+        if person is None:
+            if await _person_of(conn, consumer_id) is None:
+                return frozenset({consumer_id})  # not registered: nobody else to count
+            continue  # absorbed by a merge while this waited: its row is gone
+        # Read under the lock, so current; the consumer is in it unless a merge moved them
+        # between the join's snapshot and the lock.
+        members = frozenset(
+            (
+                await conn.execute(
+                    select(person_members.c.consumer_id).where(person_members.c.person_id == person)
+                )
+            ).scalars()
+        )
+        if consumer_id in members:
+            return members
 
 
 async def _person_of(conn: AsyncConnection, consumer_id: str) -> str | None:

@@ -8,7 +8,7 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
@@ -22,7 +22,6 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
-    func,
     insert,
     select,
     text,
@@ -120,6 +119,8 @@ persons = Table(
     metadata,
     Column("person_id", String(64), primary_key=True),
     Column("consumers", BigInteger, nullable=False),
+    # When its consumers were last linked (what person_held_when_linked records is from then).
+    Column("linked_at", DateTime(timezone=True)),
 )
 person_members = Table(
     "person_members",
@@ -253,81 +254,41 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
 
 
 async def apply_person_event(conn: AsyncConnection, env: Envelope, event: Message) -> None:
-    """The persons read models (identifiers, persons, links, erasures) after one event; what
-    merges is decided by services/eligibility/linking.py and recorded in the event."""
+    """The persons read models (identifiers, persons, erasures) after one event.
+
+    Whether two persons merge is decided by services/eligibility/linking.py; applying a link
+    here does not depend on the order links arrive in, so a replay gives the same rows although
+    the store's global order may put a link before an event it was decided after (a transaction
+    that waited on another's lock can hold the older transaction id): membership is the union of
+    the linked pairs, a person's id comes from its consumers, and what a person held when linked
+    is the latest link's (by the time it was decided)."""
     if isinstance(event, ev.ConsumerRegistered):
-        # The ID number and the registered phone are identifiers too; a consumer starts as a
-        # person of their own.
-        await conn.execute(
-            insert(consumer_identifiers),
+        # The ID number and the registered phone are identifiers too.
+        await _add_identifiers(
+            conn,
+            event.consumer_id,
             [
-                {
-                    "space": linking.space(linking.Kind.ID_NUMBER),
-                    "blind_index": event.id_number_index,
-                    "consumer_id": event.consumer_id,
-                    "kind": linking.Kind.ID_NUMBER,
-                    "masked": event.id_number_masked,
-                },
-                {
-                    "space": linking.space(linking.Kind.PHONE),
-                    "blind_index": event.phone_index,
-                    "consumer_id": event.consumer_id,
-                    "kind": linking.Kind.PHONE,
-                    "masked": event.phone_masked,
-                },
+                (linking.Kind.ID_NUMBER, event.id_number_index, event.id_number_masked),
+                (linking.Kind.PHONE, event.phone_index, event.phone_masked),
             ],
         )
-        person = linking.person_id([event.consumer_id])
-        await conn.execute(insert(persons).values(person_id=person, consumers=1))
-        await conn.execute(
-            insert(person_members).values(consumer_id=event.consumer_id, person_id=person)
-        )
+        await _person_row(conn, event.consumer_id)
     elif isinstance(event, ev.IdentifiersAdded):
-        await conn.execute(
-            pg_insert(consumer_identifiers)
-            .values(
-                [
-                    {
-                        "space": linking.space(linking.Kind(i.kind)),
-                        "blind_index": i.blind_index,
-                        "consumer_id": event.consumer_id,
-                        "kind": i.kind,
-                        "masked": i.masked,
-                    }
-                    for i in event.identifiers
-                ]
-            )
-            .on_conflict_do_nothing()
+        await _add_identifiers(
+            conn,
+            event.consumer_id,
+            [(linking.Kind(i.kind), i.blind_index, i.masked) for i in event.identifiers],
         )
     elif isinstance(event, ev.ConsumersLinked):
-        merged = list(event.merged_person_ids)
-        await conn.execute(
-            update(person_members)
-            .where(person_members.c.person_id.in_(merged))
-            .values(person_id=event.person_id)
+        await _link(
+            conn,
+            event.consumer_id,
+            event.linked_consumer_id,
+            env.occurred_at.ToDatetime(tzinfo=UTC),
+            {h.category: int(h.count) for h in event.held},
         )
-        await conn.execute(delete(persons).where(persons.c.person_id.in_(merged)))
-        count = await conn.scalar(
-            select(func.count())
-            .select_from(person_members)
-            .where(person_members.c.person_id == event.person_id)
-        )
-        await conn.execute(insert(persons).values(person_id=event.person_id, consumers=count))
-        await conn.execute(
-            delete(person_held_when_linked).where(
-                person_held_when_linked.c.person_id.in_([*merged, event.person_id])
-            )
-        )
-        if event.held:
-            await conn.execute(
-                insert(person_held_when_linked),
-                [
-                    {"person_id": event.person_id, "category": h.category, "held": h.count}
-                    for h in event.held
-                ],
-            )
     elif isinstance(event, ev.ConsumerErased):
-        # The key is gone (handlers); what stays is what limits need: blind indexes, the
+        # The key is gone (persons.py); what stays is what limits need: blind indexes, the
         # person, the qualifications. Masks go, and no platform may act for them any more.
         c = event.consumer_id
         await conn.execute(
@@ -345,6 +306,96 @@ async def apply_person_event(conn: AsyncConnection, env: Envelope, event: Messag
             update(consumer_identifiers)
             .where(consumer_identifiers.c.consumer_id == c)
             .values(masked="")
+        )
+
+
+async def _add_identifiers(
+    conn: AsyncConnection, consumer_id: str, found: list[tuple[linking.Kind, str, str]]
+) -> None:
+    await conn.execute(
+        pg_insert(consumer_identifiers)
+        .values(
+            [
+                {
+                    "space": linking.space(kind),
+                    "blind_index": index,
+                    "consumer_id": consumer_id,
+                    "kind": kind,
+                    "masked": masked,
+                }
+                for kind, index, masked in found
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def _person_row(conn: AsyncConnection, consumer_id: str) -> str:
+    """The consumer's person; a consumer nobody has linked yet is a person of their own."""
+    person: str | None = await conn.scalar(
+        select(person_members.c.person_id).where(person_members.c.consumer_id == consumer_id)
+    )
+    if person is None:
+        person = linking.person_id([consumer_id])
+        await conn.execute(insert(persons).values(person_id=person, consumers=1))
+        await conn.execute(insert(person_members).values(consumer_id=consumer_id, person_id=person))
+    return person
+
+
+async def _link(
+    conn: AsyncConnection,
+    a: str,
+    b: str,
+    linked_at: datetime,
+    held: dict[str, int],
+) -> None:
+    """Merge the persons of ``a`` and ``b`` (one already: only the held record may change)."""
+    merged = sorted({await _person_row(conn, a), await _person_row(conn, b)})
+    earlier = (await conn.execute(select(persons).where(persons.c.person_id.in_(merged)))).all()
+    members = list(
+        (
+            await conn.execute(
+                select(person_members.c.consumer_id).where(person_members.c.person_id.in_(merged))
+            )
+        ).scalars()
+    )
+    person = linking.person_id(members)
+    # The latest link's record wins (a person's record is that of the link that made it).
+    latest = max((r.linked_at for r in earlier if r.linked_at is not None), default=None)
+    if latest is not None and latest > linked_at:
+        kept = await conn.execute(
+            select(person_held_when_linked).where(
+                person_held_when_linked.c.person_id
+                == next(r.person_id for r in earlier if r.linked_at == latest)
+            )
+        )
+        held, linked_at = {r.category: int(r.held) for r in kept}, latest
+    await conn.execute(
+        update(person_members)
+        .where(person_members.c.person_id.in_(merged))
+        .values(person_id=person)
+    )
+    # The absorbed persons' rows go (a claim waiting on one looks again); the survivor's stays.
+    await conn.execute(
+        delete(persons).where(persons.c.person_id.in_(merged), persons.c.person_id != person)
+    )
+    await conn.execute(
+        pg_insert(persons)
+        .values(person_id=person, consumers=len(members), linked_at=linked_at)
+        .on_conflict_do_update(
+            index_elements=["person_id"],
+            set_={"consumers": len(members), "linked_at": linked_at},
+        )
+    )
+    await conn.execute(
+        delete(person_held_when_linked).where(
+            person_held_when_linked.c.person_id.in_([*merged, person])
+        )
+    )
+    if held:
+        await conn.execute(
+            insert(person_held_when_linked),
+            [{"person_id": person, "category": c, "held": n} for c, n in sorted(held.items())],
         )
 
 

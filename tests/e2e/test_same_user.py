@@ -476,3 +476,42 @@ async def test_identifiers_are_kept_only_as_blind_indexes_and_masks_and_rebuild_
         await tx.conn.execute(text("UPDATE consumer_identifiers SET masked = 'x'"))
     await projections.rebuild(store)
     assert await rows(store, PERSON_TABLES) == before
+
+
+async def test_the_persons_read_models_do_not_depend_on_the_order_of_streams(
+    platform: Platform, rng: random.Random
+) -> None:
+    """The store's global order follows transaction ids, and a transaction that waited on a lock
+    may hold an older one than the transaction it waited for: a link can come before an event it
+    was decided after. Applying every stream's events in order, but the streams in the reverse
+    order, gives the same persons."""
+    p = platform
+    store = p.running["eligibility"].runtime.store
+    shared, other = device(rng), card(rng)
+    a = await register(p, rng, device_id=shared)
+    b = await register(p, rng, device_id=shared, bank_card=other)
+    await p.claim(a, "phone")
+    await register(p, rng, bank_card=other)  # linked to B, so to A: B's person
+    operator = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="ops")
+    await eligibility_of(p).persons.erase(b, "test", operator)
+    await p.quiesce()
+    expected = await rows(store, PERSON_TABLES)
+    by_stream: dict[str, list[ev.EventEnvelope]] = {}
+    for rec in await store.read_all(limit=10**6):
+        by_stream.setdefault(rec.envelope.stream_id, []).append(rec.envelope)
+    reordered = [env for stream in reversed(list(by_stream)) for env in by_stream[stream]]
+    async with store.engine.connect() as conn:
+        t = await conn.begin()
+        for table in projections.PERSON_TABLES:
+            await conn.execute(table.delete())
+        for env in reordered:
+            event = payload_of(env)
+            if isinstance(event, (ev.ConsumerRegistered, *projections.PERSON_EVENTS)):
+                await projections.apply_person_event(conn, env, event)
+        replayed = {
+            table.name: sorted(tuple(r) for r in await conn.execute(table.select()))
+            for table in projections.PERSON_TABLES
+        }
+        await t.rollback()
+    assert replayed == expected
+    assert await rows(store, PERSON_TABLES) == expected  # rolled back: nothing changed
