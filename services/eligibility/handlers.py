@@ -1,4 +1,6 @@
 """Eligibility use cases: register a consumer, claim, lock, and settle qualifications.
+(Same user, linking and erasure, are in persons.py; this file is a little over 450 lines
+because registration records the platform's identifiers in the same transaction.)
 
 Each use case builds a command from already-validated input (``api.py`` validates at the
 edge), runs it through the kernel's pipeline with a decision from ``domain.py``, and returns
@@ -428,6 +430,9 @@ async def check_limits(engine: AsyncEngine, policy: Policy, now: datetime | None
     is within the quota."""
     now = now or datetime.now(UTC)
     async with engine.connect() as conn:
+        # One snapshot for every read: a claim or a link committing in between would otherwise
+        # make counters, qualifications and persons disagree for a moment.
+        await conn.execution_options(isolation_level="REPEATABLE READ")
         rows = (await conn.execute(select(qualifications))).all()
         quotas = (await conn.execute(select(quota_usage))).all()
         person_of, held_when_linked = await persons_and_allowances(conn)
