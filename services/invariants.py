@@ -7,7 +7,7 @@ each raises :class:`InvariantViolation` naming what broke and returns nothing wh
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 
@@ -36,13 +36,43 @@ def check_budget_balanced(
         )
 
 
-def check_person_limit(consumer_id: str, category: str, *, held: int, limit: int) -> None:
-    """Per consumer (after same-user linking) and category: the qualifications that count
-    against the limit (available and unexpired, locked, used or forfeited: exactly what the
-    claim rule counts) are at most the policy's per-person limit."""
-    if held < 0 or held > limit:
+def check_person_limit(
+    person_id: str, category: str, *, held: int, limit: int, held_when_linked: int = 0
+) -> None:
+    """Per person (every consumer linked into it by a shared identifier) and category: the
+    qualifications that count against the limit (available and unexpired, locked, used or
+    forfeited: exactly what the claim rule counts) are at most the policy's per-person limit,
+    or at most what the person's consumers already held together when they were last linked
+    (a link does not take back claims made before it; no claim is allowed above the limit)."""
+    allowed = max(limit, held_when_linked)
+    if held < 0 or held > allowed:
+        linked = f" (held {held_when_linked} when linked)" if held_when_linked > limit else ""
         raise InvariantViolation(
-            f"consumer {consumer_id} / {category}: holds {held} qualifications > limit {limit}"
+            f"person {person_id} / {category}: holds {held} qualifications > limit {limit}" + linked
+        )
+
+
+def check_person_limits(
+    held: Mapping[tuple[str, str], int],
+    person_of: Mapping[str, str],
+    limit_of: Callable[[str], int],
+    held_when_linked: Mapping[tuple[str, str], int] | None = None,
+) -> None:
+    """:func:`check_person_limit` for every person: ``held`` is what each (consumer, category)
+    holds, ``person_of`` each consumer's person (a consumer missing from it is a person of
+    their own), ``held_when_linked`` what a (person, category) held when last linked. Counting
+    per person, not per consumer, is what makes linked identities one person for the limit."""
+    per_person: Counter[tuple[str, str]] = Counter()
+    for (consumer_id, category), n in held.items():
+        per_person[(person_of.get(consumer_id, consumer_id), category)] += n
+    linked = held_when_linked or {}
+    for (person_id, category), n in sorted(per_person.items()):
+        check_person_limit(
+            person_id,
+            category,
+            held=n,
+            limit=limit_of(category),
+            held_when_linked=linked.get((person_id, category), 0),
         )
 
 

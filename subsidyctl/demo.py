@@ -236,7 +236,10 @@ async def seed(
     }
 
 
-async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
+async def register(
+    client: Client, person: Person, identifiers: eligibility_pb2.Identifiers | None = None
+) -> eligibility_pb2.Consumer:
+    """Register a generated person (``identifiers``: what else the platform knows of them)."""
     # The simulated authority must know the person before the real-name check can match.
     await client.authority.Enroll(
         identity_pb2.EnrollRequest(name=person.name, id_number=person.id_number, phone=person.phone)
@@ -247,6 +250,7 @@ async def register(client: Client, person: Person) -> eligibility_pb2.Consumer:
             id_number=person.id_number,
             phone=person.phone,
             platform_id=client.platform_id,  # must be the certificate's own platform
+            identifiers=identifiers,
         )
     )
     return consumer

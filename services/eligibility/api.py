@@ -14,6 +14,7 @@ from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc
 
 from .domain import Qualification
 from .handlers import Eligibility
+from .linking import Kind
 
 
 def _qualification(q: Qualification) -> eligibility_pb2.Qualification:
@@ -38,6 +39,30 @@ def _personal(field: str, value: str, check: Callable[[str], str]) -> str:
         raise InvalidArgument(exc.reason, f"{field}: {exc}", field=field) from None
 
 
+# The Identifiers fields, their kinds and the contract's validators (each returns the canonical
+# form the blind index is taken over); an empty field is one the platform does not have.
+_IDENTIFIER_FIELDS: tuple[tuple[str, Kind, Callable[[str], str]], ...] = (
+    ("device_id", Kind.DEVICE, circumstances.validate_device_id),
+    ("bank_phone", Kind.BANK_PHONE, personal_data.validate_phone),
+    ("bank_card", Kind.BANK_CARD, circumstances.validate_bank_card),
+    ("app_account", Kind.APP_ACCOUNT, circumstances.validate_app_account),
+)
+
+
+def _identifiers(
+    given: eligibility_pb2.Identifiers, field: str, *, required: bool = False
+) -> list[tuple[Kind, str]]:
+    """The identifiers a request carries, validated and canonical, in a fixed order."""
+    found = [
+        (kind, _personal(f"{field}.{name}", getattr(given, name), check))
+        for name, kind, check in _IDENTIFIER_FIELDS
+        if getattr(given, name)
+    ]
+    if required and not found:
+        raise InvalidArgument("MISSING_FIELD", f"{field}: at least one identifier", field=field)
+    return found
+
+
 class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     def __init__(self, eligibility: Eligibility) -> None:
         self.e = eligibility
@@ -49,12 +74,14 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         id_number = _personal("id_number", request.id_number, personal_data.validate_id_number)
         phone = _personal("phone", request.phone, personal_data.validate_phone)
         platform_id = own_platform("platform_id", request.platform_id)
+        identifiers = _identifiers(request.identifiers, "identifiers")
         row, existed = await self.e.register(
             name,
             id_number,
             phone,
             platform_id,
             caller().actor(),
+            identifiers,
         )
         return eligibility_pb2.Consumer(
             consumer_id=str(row["consumer_id"]),
@@ -112,3 +139,63 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         qid = validate.identifier("qualification_id", request.qualification_id)
         q = await self.e.consumed(qid, order_id, scope())
         return _qualification(q)
+
+    # -- same user ------------------------------------------------------------------------
+    async def AddIdentifiers(
+        self, request: eligibility_pb2.AddIdentifiersRequest, context: ServicerContext
+    ) -> eligibility_pb2.AddIdentifiersResponse:
+        consumer_id = validate.identifier("consumer_id", request.consumer_id)
+        platform_id = own_platform("platform_id", request.platform_id)
+        values = _identifiers(request.identifiers, "identifiers", required=True)
+        kept = await self.e.persons.add_identifiers(
+            consumer_id, platform_id, values, caller().actor()
+        )
+        return eligibility_pb2.AddIdentifiersResponse(
+            consumer_id=consumer_id,
+            identifiers=[
+                eligibility_pb2.MaskedIdentifier(kind=i.kind, masked=i.masked) for i in kept
+            ],
+        )
+
+    async def GetPerson(
+        self, request: eligibility_pb2.GetPersonRequest, context: ServicerContext
+    ) -> eligibility_pb2.Person:
+        consumer_id = validate.identifier("consumer_id", request.consumer_id)
+        found = await self.e.persons.explain(consumer_id, await self.e.policies.in_force())
+        return eligibility_pb2.Person(
+            person_id=found.person_id,
+            consumers=[
+                eligibility_pb2.PersonConsumer(
+                    consumer_id=m.consumer_id,
+                    platform_ids=m.platform_ids,
+                    erased=m.erased,
+                    id_number_masked=m.id_number_masked,
+                    phone_masked=m.phone_masked,
+                )
+                for m in found.consumers
+            ],
+            links=[
+                eligibility_pb2.PersonLink(
+                    consumer_id=link.consumer_id,
+                    kind=link.kind,
+                    linked_consumer_id=link.linked_consumer_id,
+                    linked_kind=link.linked_kind,
+                    masked=link.masked,
+                )
+                for link in found.links
+            ],
+            held_when_linked=[
+                eligibility_pb2.CategoryHeld(category=c, count=n)
+                for c, n in sorted(found.held_when_linked.items())
+            ],
+        )
+
+    async def EraseConsumer(
+        self, request: eligibility_pb2.EraseConsumerRequest, context: ServicerContext
+    ) -> eligibility_pb2.ConsumerErasure:
+        consumer_id = validate.identifier("consumer_id", request.consumer_id)
+        reason = validate.text_field("reason", request.reason)
+        when = await self.e.persons.erase(consumer_id, reason, caller().actor(reason))
+        out = eligibility_pb2.ConsumerErasure(consumer_id=consumer_id)
+        out.erased_at.FromDatetime(when)
+        return out

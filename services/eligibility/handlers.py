@@ -1,4 +1,6 @@
 """Eligibility use cases: register a consumer, claim, lock, and settle qualifications.
+(Same user, linking and erasure, are in persons.py; this file is a little over 450 lines
+because registration records the platform's identifiers in the same transaction.)
 
 Each use case builds a command from already-validated input (``api.py`` validates at the
 edge), runs it through the kernel's pipeline with a decision from ``domain.py``, and returns
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,10 +21,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.invariants import check_person_limit, check_quota, check_quota_counted
+from services.invariants import check_person_limits, check_quota, check_quota_counted
 from services.kernel import vault
 from services.kernel.background import every
-from services.kernel.contract import personal_data
+from services.kernel.contract.personal_data import mask_id_number, mask_phone
 from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
@@ -31,8 +33,9 @@ from services.kernel.pipeline import Aggregate, Pipeline
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
-from . import domain
+from . import domain, linking
 from .authority import IdentityAuthority
+from .persons import Persons, consumer_erased, lock_person, persons_and_allowances
 from .policies import PolicyCopy
 from .projections import (
     ONE_QUALIFICATION_PER_ORDER,
@@ -75,18 +78,21 @@ async def _load_consumer(conn: AsyncConnection, consumer_id: str) -> dict[str, o
 
 
 async def _load_claim(conn: AsyncConnection, key: ClaimKey) -> domain.ClaimState:
-    """Under the consumer's lock: their qualifications of the category, and the day's quota
-    row, locked too, so that the quota is exact under any concurrency."""
+    """Under the consumer's lock and their person's: the qualifications of the category of
+    every consumer of the person, and the day's quota row, locked too, so that the per-person
+    limit and the quota are exact under any concurrency."""
     registered = await conn.scalar(
         select(consumer_platforms.c.consumer_id).where(
             consumer_platforms.c.consumer_id == key.consumer_id,
             consumer_platforms.c.platform_id == key.platform_id,
         )
     )
+    # Same user: every consumer of the person counts, and the person is locked (persons.py).
+    person = await lock_person(conn, key.consumer_id)
     rows = (
         await conn.execute(
             select(qualifications).where(
-                qualifications.c.consumer_id == key.consumer_id,
+                qualifications.c.consumer_id.in_(sorted(person)),
                 qualifications.c.category == key.category,
             )
         )
@@ -171,13 +177,21 @@ class Eligibility:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.policies = PolicyCopy(store, lambda: self.clock())  # the clock as injected now
         self.pipeline = Pipeline(store, SERVICE, apply_event)
+        self.persons = Persons(store, keys, self.pipeline, lambda: self.clock())
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
-        self, name: str, id_number: str, phone: str, platform_id: str, actor: common_pb2.Actor
+        self,
+        name: str,
+        id_number: str,
+        phone: str,
+        platform_id: str,
+        actor: common_pb2.Actor,
+        identifiers: Sequence[tuple[linking.Kind, str]] = (),
     ) -> tuple[dict[str, object], bool]:
-        """Three-factor check, then store the person encrypted under their own key. The three
-        factors arrive validated and canonical (api.py)."""
+        """Three-factor check, then store the person encrypted under their own key, with the
+        platform's further identifiers (blind indexed; linked to any consumer sharing one, the
+        phone included). Everything arrives validated and canonical (api.py)."""
         try:
             id_index = await self.vault.blind_index("id_number", id_number)
         except vault.VaultUnavailable as exc:
@@ -197,10 +211,17 @@ class Eligibility:
             raise domain.identity_mismatch()
         try:
             phone_index = await self.vault.blind_index("phone", phone)
-            existing = await self._consumer_by_index(id_index)
-            if existing is not None:
-                await self._enrol(str(existing["consumer_id"]), platform_id, actor)
-                return existing, True
+        except vault.VaultUnavailable as exc:
+            raise Unavailable("VAULT_UNAVAILABLE", str(exc)) from None
+        given = (
+            linking.Identifier(linking.Kind.ID_NUMBER, id_index, mask_id_number(id_number)),
+            linking.Identifier(linking.Kind.PHONE, phone_index, mask_phone(phone)),
+            *await self.persons.index(identifiers, platform_id),
+        )
+        existing = await self._consumer_by_index(id_index)
+        if existing is not None:
+            return await self._again(existing, platform_id, given, actor), True
+        try:
             key, wrapped = await self.vault.new_data_key()
         except vault.VaultUnavailable as exc:
             raise Unavailable("VAULT_UNAVAILABLE", str(exc)) from None
@@ -214,8 +235,8 @@ class Eligibility:
             phone_sealed=vault.seal(key, phone, aad),
             id_number_index=id_index,
             phone_index=phone_index,
-            id_number_masked=personal_data.mask_id_number(id_number),
-            phone_masked=personal_data.mask_phone(phone),
+            id_number_masked=mask_id_number(id_number),
+            phone_masked=mask_phone(phone),
         )
         try:
             async with self.store.transaction() as tx:
@@ -231,15 +252,32 @@ class Eligibility:
                     Context(actor),
                     tx=tx,
                 )
+                await self.persons.identify(consumer_id, platform_id, given, actor, tx=tx)
         except IntegrityError:
             # The same person registered concurrently: theirs won, ours rolled back whole.
             raced = await self._consumer_by_index(id_index)
             if raced is None:
                 raise
-            await self._enrol(str(raced["consumer_id"]), platform_id, actor)
-            return raced, True
+            return await self._again(raced, platform_id, given, actor), True
         assert outcome.state is not None
         return outcome.state, False
+
+    async def _again(
+        self,
+        existing: dict[str, object],
+        platform_id: str,
+        given: Sequence[linking.Identifier],
+        actor: common_pb2.Actor,
+    ) -> dict[str, object]:
+        """A registered person registering again: refused once erased; else enrolled with the
+        platform, and what it knows of them recorded and linked."""
+        consumer_id = str(existing["consumer_id"])
+        async with self.store.engine.connect() as conn:
+            if await consumer_erased(conn, consumer_id):
+                raise linking.consumer_erased()
+        await self._enrol(consumer_id, platform_id, actor)
+        await self.persons.identify(consumer_id, platform_id, given, actor)
+        return existing
 
     async def _enrol(self, consumer_id: str, platform_id: str, actor: common_pb2.Actor) -> None:
         """The same person through another platform: that platform may serve them too."""
@@ -450,24 +488,30 @@ def _claim_state(state: domain.ClaimState | None) -> domain.ClaimState:
 
 async def check_limits(engine: AsyncEngine, policy: Policy, now: datetime | None = None) -> None:
     """Over an eligibility database (the service, the tests and the chaos test all call this):
-    per consumer and category, the qualifications that count against the limit, counted by
-    the claim rule itself, are within it; every day's quota counter equals the qualifications
-    claimed that day and is within the quota."""
+    per person (linked consumers together) and category, the qualifications that count against
+    the limit, counted by the claim rule itself, are within it (or within what the person held
+    when last linked); every day's quota counter equals the qualifications claimed that day and
+    is within the quota."""
     now = now or datetime.now(UTC)
     async with engine.connect() as conn:
+        # One snapshot for every read: a claim or a link committing in between would otherwise
+        # make counters, qualifications and persons disagree for a moment.
+        await conn.execution_options(isolation_level="REPEATABLE READ")
         rows = (await conn.execute(select(qualifications))).all()
         quotas = (await conn.execute(select(quota_usage))).all()
-    by_person: dict[tuple[str, str], list[domain.Qualification]] = {}
+        person_of, held_when_linked = await persons_and_allowances(conn)
+    by_consumer: dict[tuple[str, str], list[domain.Qualification]] = {}
     claimed: dict[tuple[str, str], int] = {}
     for row in rows:
         q = as_qualification(row)
-        by_person.setdefault((q.consumer_id, q.category), []).append(q)
+        by_consumer.setdefault((q.consumer_id, q.category), []).append(q)
         claimed[(q.category, q.quota_day)] = claimed.get((q.category, q.quota_day), 0) + 1
-    for (consumer_id, category), held in sorted(by_person.items()):
-        rule = domain.category_rule(policy, category)
-        check_person_limit(
-            consumer_id, category, held=domain.held(held, now), limit=rule.per_person_limit
-        )
+    check_person_limits(
+        {k: domain.held(qs, now) for k, qs in by_consumer.items()},
+        person_of,
+        lambda category: domain.category_rule(policy, category).per_person_limit,
+        held_when_linked,
+    )
     counters = {(q.category, q.day): int(q.issued) for q in quotas}
     for category, day in sorted(counters.keys() | claimed.keys()):
         rule = domain.category_rule(policy, category)

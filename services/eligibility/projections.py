@@ -1,4 +1,5 @@
-"""Eligibility read models fed by events: consumers, qualifications, daily quotas, policies.
+"""Eligibility read models fed by events: consumers, qualifications, daily quotas, policies,
+and persons (every consumer's identifiers as blind indexes, who is one person, erasures).
 
 ``person_keys`` is not a read model: it holds each person's wrapped data key. Deleting a row
 crypto-shreds that person; the events keep only ciphertext, so the log stays verifiable.
@@ -7,8 +8,10 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.message import Message
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -18,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     insert,
     select,
     text,
@@ -30,7 +34,7 @@ from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
-from . import domain
+from . import domain, linking
 
 metadata = MetaData()
 ONE_QUALIFICATION_PER_ORDER = "qualifications_one_per_order"
@@ -107,6 +111,56 @@ quota_usage = Table(
     Column("day", String(10), primary_key=True),
     Column("issued", BigInteger, nullable=False),
 )
+# -- persons (same user): services/eligibility/linking.py decides, services/eligibility/persons.py
+# reads. Every identifier of every consumer as a blind index in its identifier space, with a mask.
+consumer_identifiers = Table(
+    "consumer_identifiers",
+    metadata,
+    Column("space", String(32), primary_key=True),
+    Column("blind_index", String(128), primary_key=True),
+    Column("consumer_id", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("masked", String(64), nullable=False),  # emptied when the consumer is erased
+    Index("consumer_identifiers_by_consumer", "consumer_id"),
+)
+# One row per person: the row a claim locks, so claims of linked consumers serialise; a merge
+# deletes the rows of the persons it absorbs (a claim waiting on one then looks again).
+persons = Table(
+    "persons",
+    metadata,
+    Column("person_id", String(64), primary_key=True),
+    Column("consumers", BigInteger, nullable=False),
+    # When its consumers were last linked (what person_held_when_linked records is from then).
+    Column("linked_at", DateTime(timezone=True)),
+)
+person_members = Table(
+    "person_members",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("person_id", String(64), nullable=False, index=True),
+)
+# Per person and category, what its consumers held together when they were last linked
+# (ConsumersLinked.held): claims made before a link may exceed a limit, and stay.
+person_held_when_linked = Table(
+    "person_held_when_linked",
+    metadata,
+    Column("person_id", String(64), primary_key=True),
+    Column("category", String(64), primary_key=True),
+    Column("held", BigInteger, nullable=False),
+)
+consumer_erasures = Table(
+    "consumer_erasures",
+    metadata,
+    Column("consumer_id", String(64), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)
+PERSON_TABLES = (
+    consumer_identifiers,
+    persons,
+    person_members,
+    person_held_when_linked,
+    consumer_erasures,
+)
 policies = Table(
     "policies",
     metadata,
@@ -123,6 +177,7 @@ QUALIFICATION_EVENTS = (
     ev.QualificationForfeited,
     ev.QualificationExpired,
 )
+PERSON_EVENTS = (ev.IdentifiersAdded, ev.ConsumersLinked, ev.ConsumerErased)
 
 
 def consumer_stream(consumer_id: str) -> str:
@@ -164,6 +219,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     :func:`services.eligibility.domain.evolve`, never decided here."""
     event = payload_of(env)
     if isinstance(event, ev.ConsumerRegistered):
+        await apply_person_event(conn, env, event)
         await conn.execute(
             insert(consumers).values(
                 consumer_id=event.consumer_id,
@@ -207,6 +263,8 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 index_elements=["category", "day"], set_={"issued": quota_usage.c.issued + 1}
             )
         )
+    elif isinstance(event, PERSON_EVENTS):
+        await apply_person_event(conn, env, event)
     elif isinstance(event, QUALIFICATION_EVENTS):
         qid = event.qualification_id
         after = domain.evolve(await load_qualification(conn, qid), event)
@@ -228,6 +286,152 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 )
 
 
+async def apply_person_event(conn: AsyncConnection, env: Envelope, event: Message) -> None:
+    """The persons read models (identifiers, persons, erasures) after one event.
+
+    Whether two persons merge is decided by services/eligibility/linking.py; applying a link
+    here does not depend on the order links arrive in, so a replay gives the same rows although
+    the store's global order may put a link before an event it was decided after (a transaction
+    that waited on another's lock can hold the older transaction id): membership is the union of
+    the linked pairs, a person's id comes from its consumers, and what a person held when linked
+    is the latest link's (by the time it was decided)."""
+    if isinstance(event, ev.ConsumerRegistered):
+        # The ID number and the registered phone are identifiers too.
+        await _add_identifiers(
+            conn,
+            event.consumer_id,
+            [
+                (linking.Kind.ID_NUMBER, event.id_number_index, event.id_number_masked),
+                (linking.Kind.PHONE, event.phone_index, event.phone_masked),
+            ],
+        )
+        await _person_row(conn, event.consumer_id)
+    elif isinstance(event, ev.IdentifiersAdded):
+        await _add_identifiers(
+            conn,
+            event.consumer_id,
+            [(linking.Kind(i.kind), i.blind_index, i.masked) for i in event.identifiers],
+        )
+    elif isinstance(event, ev.ConsumersLinked):
+        await _link(
+            conn,
+            event.consumer_id,
+            event.linked_consumer_id,
+            env.occurred_at.ToDatetime(tzinfo=UTC),
+            {h.category: int(h.count) for h in event.held},
+        )
+    elif isinstance(event, ev.ConsumerErased):
+        # The key is gone (persons.py); what stays is what limits need: blind indexes, the
+        # person, the qualifications. Masks go, and no platform may act for them any more.
+        c = event.consumer_id
+        await conn.execute(
+            insert(consumer_erasures).values(
+                consumer_id=c, erased_at=env.occurred_at.ToDatetime(tzinfo=UTC)
+            )
+        )
+        await conn.execute(delete(consumer_platforms).where(consumer_platforms.c.consumer_id == c))
+        await conn.execute(
+            update(consumers)
+            .where(consumers.c.consumer_id == c)
+            .values(id_number_masked="", phone_masked="")
+        )
+        await conn.execute(
+            update(consumer_identifiers)
+            .where(consumer_identifiers.c.consumer_id == c)
+            .values(masked="")
+        )
+
+
+async def _add_identifiers(
+    conn: AsyncConnection, consumer_id: str, found: list[tuple[linking.Kind, str, str]]
+) -> None:
+    await conn.execute(
+        pg_insert(consumer_identifiers)
+        .values(
+            [
+                {
+                    "space": linking.space(kind),
+                    "blind_index": index,
+                    "consumer_id": consumer_id,
+                    "kind": kind,
+                    "masked": masked,
+                }
+                for kind, index, masked in found
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def _person_row(conn: AsyncConnection, consumer_id: str) -> str:
+    """The consumer's person; a consumer nobody has linked yet is a person of their own."""
+    person: str | None = await conn.scalar(
+        select(person_members.c.person_id).where(person_members.c.consumer_id == consumer_id)
+    )
+    if person is None:
+        person = linking.person_id([consumer_id])
+        await conn.execute(insert(persons).values(person_id=person, consumers=1))
+        await conn.execute(insert(person_members).values(consumer_id=consumer_id, person_id=person))
+    return person
+
+
+async def _link(
+    conn: AsyncConnection,
+    a: str,
+    b: str,
+    linked_at: datetime,
+    held: dict[str, int],
+) -> None:
+    """Merge the persons of ``a`` and ``b`` (one already: only the held record may change)."""
+    merged = sorted({await _person_row(conn, a), await _person_row(conn, b)})
+    earlier = (await conn.execute(select(persons).where(persons.c.person_id.in_(merged)))).all()
+    members = list(
+        (
+            await conn.execute(
+                select(person_members.c.consumer_id).where(person_members.c.person_id.in_(merged))
+            )
+        ).scalars()
+    )
+    person = linking.person_id(members)
+    # The latest link's record wins (a person's record is that of the link that made it).
+    latest = max((r.linked_at for r in earlier if r.linked_at is not None), default=None)
+    if latest is not None and latest > linked_at:
+        kept = await conn.execute(
+            select(person_held_when_linked).where(
+                person_held_when_linked.c.person_id
+                == next(r.person_id for r in earlier if r.linked_at == latest)
+            )
+        )
+        held, linked_at = {r.category: int(r.held) for r in kept}, latest
+    await conn.execute(
+        update(person_members)
+        .where(person_members.c.person_id.in_(merged))
+        .values(person_id=person)
+    )
+    # The absorbed persons' rows go (a claim waiting on one looks again); the survivor's stays.
+    await conn.execute(
+        delete(persons).where(persons.c.person_id.in_(merged), persons.c.person_id != person)
+    )
+    await conn.execute(
+        pg_insert(persons)
+        .values(person_id=person, consumers=len(members), linked_at=linked_at)
+        .on_conflict_do_update(
+            index_elements=["person_id"],
+            set_={"consumers": len(members), "linked_at": linked_at},
+        )
+    )
+    await conn.execute(
+        delete(person_held_when_linked).where(
+            person_held_when_linked.c.person_id.in_([*merged, person])
+        )
+    )
+    if held:
+        await conn.execute(
+            insert(person_held_when_linked),
+            [{"person_id": person, "category": c, "held": n} for c, n in sorted(held.items())],
+        )
+
+
 async def rebuild(store: EventStore) -> int:
     """Drop the read models and replay every event; returns how many were applied.
 
@@ -244,6 +448,7 @@ async def rebuild(store: EventStore) -> int:
             consumer_platforms,
             identity_failures,
             consumers,
+            *PERSON_TABLES,
         ),
         apply_event,
     )

@@ -70,6 +70,11 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _ELIGIBILITY + "GetQualification": frozenset({PLATFORM, OPERATOR, AUDITOR, SERVICE}),
     _ELIGIBILITY + "LockQualification": frozenset({"service/ledger"}),
     _ELIGIBILITY + "ConsumeQualification": frozenset({PLATFORM, "service/ledger"}),
+    # eligibility: same user (a platform adds what it knows of its own consumers; operators and
+    # auditors see why consumers are one person) and erasure (an operator, with a reason)
+    _ELIGIBILITY + "AddIdentifiers": frozenset({PLATFORM}),
+    _ELIGIBILITY + "GetPerson": frozenset({OPERATOR, AUDITOR}),
+    _ELIGIBILITY + "EraseConsumer": frozenset({OPERATOR}),
     # ledger
     _LEDGER + "ProposeFunding": frozenset({OPERATOR}),
     _LEDGER + "ApproveFunding": frozenset({APPROVER}),

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -284,3 +286,270 @@ class ConsumeQualificationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeQualificationRequest: _TypeAlias = ConsumeQualificationRequest  # noqa: Y015
+
+@_typing.final
+class AddIdentifiersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    platform_id: _builtins.str
+    """your platform id (an app account is one of that platform's)"""
+    @_builtins.property
+    def identifiers(self) -> Global___Identifiers:
+        """at least one"""
+
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        identifiers: Global___Identifiers | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "identifiers", b"identifiers", "platform_id", b"platform_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddIdentifiersRequest: _TypeAlias = AddIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class MaskedIdentifier(_message.Message):
+    """An identifier as we show it: its kind and a mask, never the value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """ID_NUMBER, PHONE, BANK_PHONE, BANK_CARD, DEVICE, APP_ACCOUNT"""
+    masked: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        masked: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "masked", b"masked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaskedIdentifier: _TypeAlias = MaskedIdentifier  # noqa: Y015
+
+@_typing.final
+class AddIdentifiersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedIdentifier]:
+        """the identifiers of the request, masked"""
+
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[Global___MaskedIdentifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "identifiers", b"identifiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddIdentifiersResponse: _TypeAlias = AddIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class GetPersonRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPersonRequest: _TypeAlias = GetPersonRequest  # noqa: Y015
+
+@_typing.final
+class PersonConsumer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_IDS_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
+    ID_NUMBER_MASKED_FIELD_NUMBER: _builtins.int
+    PHONE_MASKED_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    erased: _builtins.bool
+    id_number_masked: _builtins.str
+    """empty once erased"""
+    phone_masked: _builtins.str
+    @_builtins.property
+    def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        platform_ids: _abc.Iterable[_builtins.str] | None = ...,
+        erased: _builtins.bool = ...,
+        id_number_masked: _builtins.str = ...,
+        phone_masked: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "erased", b"erased", "id_number_masked", b"id_number_masked", "phone_masked", b"phone_masked", "platform_ids", b"platform_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonConsumer: _TypeAlias = PersonConsumer  # noqa: Y015
+
+@_typing.final
+class PersonLink(_message.Message):
+    """consumer_id holds an identifier as `kind` that linked_consumer_id holds as `linked_kind`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LINKED_CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    LINKED_KIND_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    kind: _builtins.str
+    linked_consumer_id: _builtins.str
+    linked_kind: _builtins.str
+    masked: _builtins.str
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        linked_consumer_id: _builtins.str = ...,
+        linked_kind: _builtins.str = ...,
+        masked: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "kind", b"kind", "linked_consumer_id", b"linked_consumer_id", "linked_kind", b"linked_kind", "masked", b"masked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonLink: _TypeAlias = PersonLink  # noqa: Y015
+
+@_typing.final
+class Person(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    HELD_WHEN_LINKED_FIELD_NUMBER: _builtins.int
+    person_id: _builtins.str
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PersonConsumer]: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___PersonLink]: ...
+    @_builtins.property
+    def held_when_linked(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryHeld]:
+        """Per category, what the person held when its consumers were last linked, where that was
+        over the limit (claims made before the link are not taken back).
+        """
+
+    def __init__(
+        self,
+        *,
+        person_id: _builtins.str = ...,
+        consumers: _abc.Iterable[Global___PersonConsumer] | None = ...,
+        links: _abc.Iterable[Global___PersonLink] | None = ...,
+        held_when_linked: _abc.Iterable[Global___CategoryHeld] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "held_when_linked", b"held_when_linked", "links", b"links", "person_id", b"person_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Person: _TypeAlias = Person  # noqa: Y015
+
+@_typing.final
+class CategoryHeld(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryHeld: _TypeAlias = CategoryHeld  # noqa: Y015
+
+@_typing.final
+class EraseConsumerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    reason: _builtins.str
+    """required: why the purpose ended (recorded with the operator)"""
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseConsumerRequest: _TypeAlias = EraseConsumerRequest  # noqa: Y015
+
+@_typing.final
+class ConsumerErasure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    ERASED_AT_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    @_builtins.property
+    def erased_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        erased_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "erased_at", b"erased_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerErasure: _TypeAlias = ConsumerErasure  # noqa: Y015

@@ -60,6 +60,21 @@ class EligibilityServiceStub:
                 request_serializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
                 _registered_method=True)
+        self.AddIdentifiers = channel.unary_unary(
+                '/subsidy.v1.EligibilityService/AddIdentifiers',
+                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersResponse.FromString,
+                _registered_method=True)
+        self.GetPerson = channel.unary_unary(
+                '/subsidy.v1.EligibilityService/GetPerson',
+                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.GetPersonRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Person.FromString,
+                _registered_method=True)
+        self.EraseConsumer = channel.unary_unary(
+                '/subsidy.v1.EligibilityService/EraseConsumer',
+                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.FromString,
+                _registered_method=True)
 
 
 class EligibilityServiceServicer:
@@ -101,6 +116,31 @@ class EligibilityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddIdentifiers(self, request, context):
+        """Same user: identifiers the platform learns of an existing consumer (device, bank phone,
+        bank card, app account). Any identifier shared with another consumer makes them one person
+        for every limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPerson(self, request, context):
+        """Operators and auditors: a consumer's person, its consumers, and which identifier (masked)
+        linked which two of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseConsumer(self, request, context):
+        """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
+        count what they used; the event log and the audit log still verify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EligibilityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +168,21 @@ def add_EligibilityServiceServicer_to_server(servicer, server):
                     servicer.ConsumeQualification,
                     request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.SerializeToString,
+            ),
+            'AddIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddIdentifiers,
+                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersResponse.SerializeToString,
+            ),
+            'GetPerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPerson,
+                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.GetPersonRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Person.SerializeToString,
+            ),
+            'EraseConsumer': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseConsumer,
+                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +321,87 @@ class EligibilityService:
             '/subsidy.v1.EligibilityService/ConsumeQualification',
             subsidy_dot_v1_dot_eligibility__pb2.ConsumeQualificationRequest.SerializeToString,
             subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.EligibilityService/AddIdentifiers',
+            subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersRequest.SerializeToString,
+            subsidy_dot_v1_dot_eligibility__pb2.AddIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.EligibilityService/GetPerson',
+            subsidy_dot_v1_dot_eligibility__pb2.GetPersonRequest.SerializeToString,
+            subsidy_dot_v1_dot_eligibility__pb2.Person.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseConsumer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.EligibilityService/EraseConsumer',
+            subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.SerializeToString,
+            subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,19 @@ class EligibilityServiceStub:
     """
     ConsumeQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.ConsumeQualificationRequest, _eligibility_pb2.Qualification]
     """Payment done: the qualification is used."""
+    AddIdentifiers: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.AddIdentifiersRequest, _eligibility_pb2.AddIdentifiersResponse]
+    """Same user: identifiers the platform learns of an existing consumer (device, bank phone,
+    bank card, app account). Any identifier shared with another consumer makes them one person
+    for every limit.
+    """
+    GetPerson: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.GetPersonRequest, _eligibility_pb2.Person]
+    """Operators and auditors: a consumer's person, its consumers, and which identifier (masked)
+    linked which two of them.
+    """
+    EraseConsumer: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.EraseConsumerRequest, _eligibility_pb2.ConsumerErasure]
+    """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
+    count what they used; the event log and the audit log still verify.
+    """
 
 @_typing.type_check_only
 class EligibilityServiceAsyncStub(EligibilityServiceStub):
@@ -61,6 +74,19 @@ class EligibilityServiceAsyncStub(EligibilityServiceStub):
     """
     ConsumeQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.ConsumeQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
     """Payment done: the qualification is used."""
+    AddIdentifiers: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.AddIdentifiersRequest, _eligibility_pb2.AddIdentifiersResponse]  # type: ignore[assignment]
+    """Same user: identifiers the platform learns of an existing consumer (device, bank phone,
+    bank card, app account). Any identifier shared with another consumer makes them one person
+    for every limit.
+    """
+    GetPerson: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.GetPersonRequest, _eligibility_pb2.Person]  # type: ignore[assignment]
+    """Operators and auditors: a consumer's person, its consumers, and which identifier (masked)
+    linked which two of them.
+    """
+    EraseConsumer: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.EraseConsumerRequest, _eligibility_pb2.ConsumerErasure]  # type: ignore[assignment]
+    """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
+    count what they used; the event log and the audit log still verify.
+    """
 
 class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Consumers (identity), qualifications and quotas."""
@@ -105,5 +131,36 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]:
         """Payment done: the qualification is used."""
+
+    @_abc_1.abstractmethod
+    def AddIdentifiers(
+        self,
+        request: _eligibility_pb2.AddIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eligibility_pb2.AddIdentifiersResponse, _abc.Awaitable[_eligibility_pb2.AddIdentifiersResponse]]:
+        """Same user: identifiers the platform learns of an existing consumer (device, bank phone,
+        bank card, app account). Any identifier shared with another consumer makes them one person
+        for every limit.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPerson(
+        self,
+        request: _eligibility_pb2.GetPersonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eligibility_pb2.Person, _abc.Awaitable[_eligibility_pb2.Person]]:
+        """Operators and auditors: a consumer's person, its consumers, and which identifier (masked)
+        linked which two of them.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseConsumer(
+        self,
+        request: _eligibility_pb2.EraseConsumerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eligibility_pb2.ConsumerErasure, _abc.Awaitable[_eligibility_pb2.ConsumerErasure]]:
+        """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
+        count what they used; the event log and the audit log still verify.
+        """
 
 def add_EligibilityServiceServicer_to_server(servicer: EligibilityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

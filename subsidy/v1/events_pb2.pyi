@@ -634,6 +634,171 @@ class ConsumerEnrolled(_message.Message):
 Global___ConsumerEnrolled: _TypeAlias = ConsumerEnrolled  # noqa: Y015
 
 @_typing.final
+class IdentifierIndex(_message.Message):
+    """---- eligibility: same user (linking) and erasure -------------------------------------
+    One identifier of a consumer as it is kept: the kind, its blind index in the kind's identifier
+    space (services/eligibility/linking.py: a registered and a bank-reserved phone share one
+    space) and a mask for operators. Never the value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    BLIND_INDEX_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """ID_NUMBER, PHONE, BANK_PHONE, BANK_CARD, DEVICE, APP_ACCOUNT"""
+    blind_index: _builtins.str
+    """keyed HMAC (Vault transit subsidy-blind-index)"""
+    masked: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        blind_index: _builtins.str = ...,
+        masked: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blind_index", b"blind_index", "kind", b"kind", "masked", b"masked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentifierIndex: _TypeAlias = IdentifierIndex  # noqa: Y015
+
+@_typing.final
+class IdentifiersAdded(_message.Message):
+    """A platform told us identifiers of a consumer beyond the three factors (at registration or
+    later); each one shared with another consumer links the two into one person.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    platform_id: _builtins.str
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentifierIndex]: ...
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[Global___IdentifierIndex] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "identifiers", b"identifiers", "platform_id", b"platform_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentifiersAdded: _TypeAlias = IdentifiersAdded  # noqa: Y015
+
+@_typing.final
+class CategoryCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryCount: _TypeAlias = CategoryCount  # noqa: Y015
+
+@_typing.final
+class ConsumersLinked(_message.Message):
+    """Two persons became one: consumer_id's identifier (kind, masked) is also linked_consumer_id's
+    (as linked_kind). Past events stay as they were; limits count the merged person from now on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    MERGED_PERSON_IDS_FIELD_NUMBER: _builtins.int
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LINKED_CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    LINKED_KIND_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    person_id: _builtins.str
+    """the person both are from now on"""
+    consumer_id: _builtins.str
+    kind: _builtins.str
+    linked_consumer_id: _builtins.str
+    linked_kind: _builtins.str
+    masked: _builtins.str
+    @_builtins.property
+    def merged_person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the persons that became it"""
+
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryCount]:
+        """What the merged person held per category at that moment (qualifications that count against
+        the limit). Claims made before the link may together exceed a limit; that is what they held.
+        """
+
+    def __init__(
+        self,
+        *,
+        person_id: _builtins.str = ...,
+        merged_person_ids: _abc.Iterable[_builtins.str] | None = ...,
+        consumer_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        linked_consumer_id: _builtins.str = ...,
+        linked_kind: _builtins.str = ...,
+        masked: _builtins.str = ...,
+        held: _abc.Iterable[Global___CategoryCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "held", b"held", "kind", b"kind", "linked_consumer_id", b"linked_consumer_id", "linked_kind", b"linked_kind", "masked", b"masked", "merged_person_ids", b"merged_person_ids", "person_id", b"person_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumersLinked: _TypeAlias = ConsumersLinked  # noqa: Y015
+
+@_typing.final
+class ConsumerErased(_message.Message):
+    """An operator erased a consumer (crypto-shredding): their data key is destroyed, so nothing
+    sealed under it can be read again; blind indexes, links and qualifications stay, so limits
+    still count what they used.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    consumer_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        consumer_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerErased: _TypeAlias = ConsumerErased  # noqa: Y015
+
+@_typing.final
 class QualificationClaimed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

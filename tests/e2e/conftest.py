@@ -249,6 +249,16 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         nats.stop()
 
 
+@pytest.fixture(autouse=True)
+async def limits_hold_after_each_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After every test on the shared platform: the per-person limits (linked consumers counted
+    as one person) and the daily quotas hold over everything the session has done so far."""
+    yield
+    if "platform" in request.fixturenames:
+        p: Platform = request.getfixturevalue("platform")
+        await p.running["eligibility"].wiring.registrations[0][1].e.check_limits()
+
+
 def status_of(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:
     """(code, reason, field) of a failed call."""
     info = rpc.error_info(err)

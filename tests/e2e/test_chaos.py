@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from services.eligibility.handlers import check_limits
+from services.kernel import rpc
 from services.kernel.contract.policy import default_policy
 from services.kernel.eventstore import make_engine
 from subsidy.v1 import eligibility_pb2, ledger_pb2
@@ -83,10 +84,13 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
         await demo.seed(client, rng, {**demo.load_demo(), "consumers": 0})
         completed: list[tuple[str, str]] = []  # (order id, qualification id)
         refused: list[str] = []
+        linked: list[int] = []  # claims refused because a linked consumer had claimed
 
         async def checkout(i: int) -> None:
             person = demo.generate_person(rng)
-            consumer = await retrying(lambda: demo.register(client, person))
+            # Consumers 2k and 2k+1 share a device: one person, one phone between them.
+            shared = eligibility_pb2.Identifiers(device_id=f"chaos-device-{i // 2}")
+            consumer = await retrying(lambda: demo.register(client, person, shared))
             try:
                 qual = await retrying(
                     lambda: client.eligibility.ClaimQualification(
@@ -98,8 +102,13 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
                         )
                     )
                 )
-            except grpc.aio.AioRpcError:
-                refused.append(f"claim-{i}")  # a retried claim whose first try had landed
+            except grpc.aio.AioRpcError as err:
+                # The device's other consumer has the phone, or a retried claim whose first
+                # try had landed.
+                info = rpc.error_info(err)
+                refused.append(f"claim-{i}")
+                if info is not None and info.reason == "PERSON_LIMIT_REACHED":
+                    linked.append(i)
                 return
             order = f"chaos-{i}"
             request = ledger_pb2.ReserveSubsidyRequest(
@@ -156,6 +165,7 @@ async def _run(stack: LocalStack) -> tuple[int, int]:
         await asyncio.gather(traffic(), chaos())
         assert kills_during_traffic == ["audit", "eligibility", "ledger"]
         assert RETRIES, "no call ever met a dead service: the chaos did not hit the traffic"
+        assert linked, "no claim met a linked consumer's: the per-person limit was not exercised"
 
         # -- every invariant, from the databases and the audit log -------------------------
         await wait_until_audited(stack, client, within=60)

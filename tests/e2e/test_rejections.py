@@ -185,7 +185,16 @@ async def world(platform: Platform, rng: random.Random) -> World:
 
 # -- "nothing changed" ---------------------------------------------------------------------------
 LEDGER_TABLES = ("budget_pools", "reservations", "funding_keys")
-ELIGIBILITY_TABLES = ("consumers", "person_keys", "qualifications", "quota_usage", "policies")
+ELIGIBILITY_TABLES = (
+    "consumers",
+    "person_keys",
+    "qualifications",
+    "quota_usage",
+    "policies",
+    "persons",
+    "person_members",
+    "consumer_erasures",
+)
 
 
 @dataclass(frozen=True)
@@ -1078,6 +1087,111 @@ case(
     PRECONDITION,
     "QUALIFICATION_NOT_LOCKED_TO_ORDER",
     "order_id",
+)
+
+
+# EligibilityService.AddIdentifiers, GetPerson, EraseConsumer (same user; test_same_user.py and
+# test_erasure.py have the rest) ------------------------------------------------------------------
+def identify(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.AddIdentifiersRequest:
+    """Identifiers that would be added (a new device for A) but for ``kw``."""
+    values: dict[str, Any] = {
+        "consumer_id": w.a,
+        "platform_id": "jd",
+        "identifiers": eligibility_pb2.Identifiers(device_id=f"dev-{rng.randrange(10**12)}"),
+    }
+    return eligibility_pb2.AddIdentifiersRequest(**(values | kw))
+
+
+ADD_IDS = "eligibility.AddIdentifiers"
+for _name in ("consumer_id", "platform_id"):
+    identifier_cases(ADD_IDS, _name, setting(identify, _name))
+for _what, (_given, _reason, _field) in {
+    "card-letters": ({"bank_card": "6222 0202 00AB 1234"}, "BANK_CARD_FORMAT", "bank_card"),
+    "card-too-short": ({"bank_card": "62220202"}, "BANK_CARD_FORMAT", "bank_card"),
+    "device-129-chars": ({"device_id": "d" * 129}, "DEVICE_ID_FORMAT", "device_id"),
+    "device-space": ({"device_id": "dev 1234"}, "DEVICE_ID_FORMAT", "device_id"),
+    "bank-phone": ({"bank_phone": "12345678901"}, "PHONE_FORMAT", "bank_phone"),
+    "app-account-short": ({"app_account": "ab"}, "APP_ACCOUNT_FORMAT", "app_account"),
+}.items():
+    case(
+        f"{ADD_IDS}-{_what}",
+        ADD_IDS,
+        fixed(identify, identifiers=eligibility_pb2.Identifiers(**_given)),
+        INVALID,
+        _reason,
+        f"identifiers.{_field}",
+    )
+case(
+    f"{ADD_IDS}-none",
+    ADD_IDS,
+    fixed(identify, identifiers=eligibility_pb2.Identifiers()),
+    INVALID,
+    "MISSING_FIELD",
+    "identifiers",
+)
+case(
+    f"{ADD_IDS}-unknown-consumer",
+    ADD_IDS,
+    lambda w, rng: identify(w, rng, consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_CONSUMER",
+    "consumer_id",
+)
+case(  # A registered through jd: to taobao, A is as unknown as nobody
+    f"{ADD_IDS}-another-platforms-consumer",
+    ADD_IDS,
+    fixed(identify, platform_id="taobao"),
+    NOT_FOUND,
+    "UNKNOWN_CONSUMER",
+    "consumer_id",
+)
+
+GET_PERSON = "eligibility.GetPerson"
+identifier_cases(
+    GET_PERSON, "consumer_id", lambda w, rng, v: eligibility_pb2.GetPersonRequest(consumer_id=v)
+)
+case(
+    f"{GET_PERSON}-unknown-consumer",
+    GET_PERSON,
+    lambda w, rng: eligibility_pb2.GetPersonRequest(consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_CONSUMER",
+    "consumer_id",
+)
+
+
+def erasure(w: World, rng: random.Random, **kw: Any) -> eligibility_pb2.EraseConsumerRequest:
+    """An erasure that would succeed (of E) but for ``kw``."""
+    values: dict[str, Any] = {"consumer_id": w.e, "reason": "the purpose ended"}
+    return eligibility_pb2.EraseConsumerRequest(**(values | kw))
+
+
+ERASE = "eligibility.EraseConsumer"
+identifier_cases(ERASE, "consumer_id", setting(erasure, "consumer_id"))
+case(f"{ERASE}-no-reason", ERASE, fixed(erasure, reason=" "), INVALID, "MISSING_FIELD", "reason")
+case(
+    f"{ERASE}-reason-201-chars",
+    ERASE,
+    fixed(erasure, reason="r" * 201),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "reason",
+)
+case(
+    f"{ERASE}-reason-control-character",
+    ERASE,
+    fixed(erasure, reason="because\x07"),
+    INVALID,
+    "INVALID_TEXT",
+    "reason",
+)
+case(
+    f"{ERASE}-unknown-consumer",
+    ERASE,
+    lambda w, rng: erasure(w, rng, consumer_id=f"c-none-{rng.randrange(10**9)}"),
+    NOT_FOUND,
+    "UNKNOWN_CONSUMER",
+    "consumer_id",
 )
 
 

@@ -25,6 +25,15 @@ from tests.e2e.conftest import Platform
 Rows = dict[str, list[tuple[Any, ...]]]
 LEDGER_READ_MODELS = ("budget_pools", "reservations", "funding_keys")
 ELIGIBILITY_READ_MODELS = ("consumers", "qualifications", "quota_usage")
+# Same user: compared too, but this history need not link or erase anyone (test_same_user.py
+# rebuilds after links and erasures).
+ELIGIBILITY_PERSON_MODELS = (
+    "consumer_identifiers",
+    "persons",
+    "person_members",
+    "person_held_when_linked",
+    "consumer_erasures",
+)
 ELIGIBILITY_KEPT = ("person_keys", "policies")  # not read models of eligibility's events
 
 
@@ -35,6 +44,12 @@ async def rows(store: EventStore, tables: tuple[str, ...]) -> Rows:
             t: [tuple(r) for r in await conn.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2"))]
             for t in tables
         }
+
+
+async def unordered_rows(store: EventStore, tables: tuple[str, ...]) -> Rows:
+    """Every row of each table, sorted whole (rows of these tables may share their first
+    columns, so an ORDER BY on them would leave ties in any order)."""
+    return {t: sorted(found) for t, found in (await rows(store, tables)).items()}
 
 
 async def distinct(store: EventStore, column: str, table: str) -> set[Any]:
@@ -124,6 +139,7 @@ async def test_eligibility_read_models_rebuild_from_events_alone(
     await make_history(platform, rng)
     store = platform.running["eligibility"].runtime.store
     before = await rows(store, ELIGIBILITY_READ_MODELS)
+    persons_before = await unordered_rows(store, ELIGIBILITY_PERSON_MODELS)
     kept = await rows(store, ELIGIBILITY_KEPT)
     assert all(before.values()), before.keys()
     assert {"AVAILABLE", "LOCKED", "USED"} <= await distinct(store, "status", "qualifications")
@@ -134,6 +150,7 @@ async def test_eligibility_read_models_rebuild_from_events_alone(
     applied = await eligibility_projections.rebuild(store)
     assert applied == await store.count()
     assert await rows(store, ELIGIBILITY_READ_MODELS) == before
+    assert await unordered_rows(store, ELIGIBILITY_PERSON_MODELS) == persons_before
     assert await rows(store, ELIGIBILITY_KEPT) == kept
     async with store.engine.connect() as conn:
         some = (await conn.execute(text("SELECT * FROM qualifications LIMIT 1"))).one()

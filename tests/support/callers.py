@@ -44,6 +44,7 @@ _PLATFORM_METHODS = (
     "EligibilityService/ClaimQualification",
     "EligibilityService/GetQualification",
     "EligibilityService/ConsumeQualification",
+    "EligibilityService/AddIdentifiers",
 )
 _DEFAULTS: dict[str, Caller] = {
     "CatalogService/VerifyItem": LEDGER,
