@@ -226,13 +226,16 @@ class ActiveRisk:
         """Reload if a change was made since the last load; whether it reloaded."""
         t = self.tables
         versions_q = select(t.state.c.rules_version, t.state.c.lists_version)
+        async with self.engine.connect() as conn:  # the poll: one small read
+            row = (await conn.execute(versions_q)).first()
+        polled = (int(row[0]), int(row[1])) if row else (0, 0)
+        if polled == self._versions:
+            return False
         async with self.engine.connect() as conn:
             # One snapshot for the versions, the rules and the entries they describe.
             conn = await conn.execution_options(isolation_level="REPEATABLE READ")
             row = (await conn.execute(versions_q)).first()
             versions = (int(row[0]), int(row[1])) if row else (0, 0)
-            if versions == self._versions:
-                return False
             document = await conn.scalar(
                 select(t.rule_sets.c.document).where(t.rule_sets.c.version == versions[0])
             )

@@ -21,6 +21,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import text
 
+from services.eligibility import risk_projections
 from services.kernel.identity import Caller, Role
 from services.kernel.riskscreen import ActiveRisk
 from subsidy.v1 import common_pb2, eligibility_pb2, ledger_pb2, risk_pb2, risk_pb2_grpc
@@ -620,3 +621,36 @@ async def test_removing_a_block_entry_is_maker_checker_and_lets_the_subject_thro
     )
     await within(1.0, lambda: active_copy(p, "eligibility").lists.version >= done.activated_version)
     assert (await claim(p, consumer, circumstances())).status == "AVAILABLE"
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+async def test_the_risk_read_models_rebuild_from_the_events_to_the_same_rows(
+    platform: Platform, risk: Risk, rng: random.Random
+) -> None:
+    p = platform
+    _, consumer = await p.person(rng)
+    version = await risk.add("person", consumer)
+    await within(1.0, lambda: active_copy(p, "eligibility").lists.version >= version)
+    assert (await refusal(claim(p, consumer, circumstances())))[1] == "RISK_BLOCKED"
+    store = p.running["eligibility"].runtime.store
+    tables = (
+        risk_projections.risk_changes,
+        risk_projections.tables.rule_sets,
+        risk_projections.tables.list_entries,
+        risk_projections.tables.state,
+        risk_projections.risk_decisions,
+    )
+
+    async def rows() -> dict[str, list[tuple[Any, ...]]]:
+        await p.quiesce()
+        async with store.engine.connect() as conn:
+            return {
+                t.name: sorted(tuple(r) for r in await conn.execute(t.select())) for t in tables
+            }
+
+    before = await rows()
+    assert before["risk_decisions"] and before["risk_list_entries"] and before["risk_changes"]
+    assert await risk_projections.rebuild(store) > 0
+    assert await rows() == before
