@@ -9,6 +9,7 @@ from services.kernel import validate
 from services.kernel.contract import circumstances, personal_data
 from services.kernel.errors import InvalidArgument
 from services.kernel.identity import caller, own_platform, scope
+from services.kernel.riskscreen import circumstances_of
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc
 
@@ -96,12 +97,8 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
         channel = own_platform("channel", request.channel)
-        region = request.circumstances.region_code
-        if region:  # not reported is the domain's OUTSIDE_REGION; malformed is the caller's bug
-            region = _personal(
-                "circumstances.region_code", region, circumstances.validate_region_code
-            )
-        q = await self.e.claim(consumer_id, category, channel, caller().actor(), region)
+        circumstances = circumstances_of(request.circumstances)  # RISK: validated, canonical
+        q = await self.e.claim(consumer_id, category, channel, caller().actor(), circumstances)
         return _qualification(q)
 
     async def GetQualification(

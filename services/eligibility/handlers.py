@@ -30,6 +30,7 @@ from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
+from services.kernel.riskscreen import Circumstances
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
@@ -50,6 +51,7 @@ from .projections import (
     qualifications,
     quota_usage,
 )
+from .risk import RiskControl
 
 SERVICE = "eligibility"
 log = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ class Eligibility:
         clock: Callable[[], datetime] | None = None,
         identity_attempts_per_day: int = 5,
         sweep_every_s: float = 5.0,
+        risk: RiskControl | None = None,
     ) -> None:
         self.store = store
         self.sweep_every_s = sweep_every_s
@@ -178,6 +181,8 @@ class Eligibility:
         self.policies = PolicyCopy(store, lambda: self.clock())  # the clock as injected now
         self.pipeline = Pipeline(store, SERVICE, apply_event)
         self.persons = Persons(store, keys, self.pipeline, lambda: self.clock())
+        # RISK: the screen claims go through, and the rules and lists it owns (risk.py).
+        self.risk = risk or RiskControl(store, keys, self.clock)
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
@@ -324,24 +329,36 @@ class Eligibility:
         category: str,
         channel: str,
         actor: common_pb2.Actor,
-        region_code: str = "",
+        circumstances: Circumstances | None = None,
     ) -> domain.Qualification:
         policy = await self.policies.in_force()
         now = self.clock()
         command = domain.Claim(
-            consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now, region_code
+            consumer_id,
+            category,
+            channel,
+            f"q-{uuid.uuid4().hex}",
+            now,
+            circumstances.region_code if circumstances else "",
         )
         # Category, window and region first: a claim refused on them takes no lock.
         domain.check_claimable(policy, command)
         key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
-        await self.pipeline.run(  # answered from the qualification, not the claim state
-            CLAIM,
-            key,
-            lambda state: domain.claim(_claim_state(state), command, policy),
-            ctx,
-            reload=False,
-        )
+        # RISK: screened in-process (services/eligibility/risk.py): a block raises RISK_BLOCKED
+        # before the claim writes anything; the claim runs in the screen's transaction, where
+        # its risk observation commits with it.
+        async with self.risk.screened_claim(
+            consumer_id, circumstances, command.qualification_id, now
+        ) as tx:
+            await self.pipeline.run(  # answered from the qualification, not the claim state
+                CLAIM,
+                key,
+                lambda state: domain.claim(_claim_state(state), command, policy),
+                ctx,
+                tx=tx,
+                reload=False,
+            )
         return await self.qualification(command.qualification_id)
 
     async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:

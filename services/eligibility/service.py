@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.consumer import EventConsumer
-from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc, identity_pb2_grpc
+from subsidy.v1 import (
+    eligibility_pb2,
+    eligibility_pb2_grpc,
+    identity_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
+)
 
 from .api import EligibilityApi
 from .authority import GrpcIdentityAuthority
 from .handlers import Eligibility
 from .projections import metadata
+from .risk_api import RiskApi
 
 
 async def build(rt: Runtime) -> Wiring:
@@ -21,11 +28,20 @@ async def build(rt: Runtime) -> Wiring:
         identity_attempts_per_day=rt.settings.identity_attempts_per_day,
         sweep_every_s=rt.settings.expiry_sweep_s,
     )
+
+    async def ready() -> None:
+        await e.policies.wait()
+        await e.risk.active.refresh()  # the rules and lists in force, before the first claim
+
     return Wiring(
         registrations=[
-            (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e))
+            (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e)),
+            (risk_pb2_grpc.add_RiskServiceServicer_to_server, RiskApi(e.risk)),
         ],
-        service_names=[eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name],
+        service_names=[
+            eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
+            risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
+        ],
         consumers=[
             EventConsumer(
                 "eligibility-policies",
@@ -41,10 +57,18 @@ async def build(rt: Runtime) -> Wiring:
                 ],
                 e.on_ledger_event,
             ),
+            # The ledger's blocks and flags, for the one list of decisions operators review.
+            EventConsumer(
+                "eligibility-risk",
+                ["events.ledger.RiskDecisionRecorded"],
+                e.risk.on_ledger_decision,
+            ),
         ],
         on_close=[authority_ch.close],
-        background=[e.expiry_loop],
-        ready=e.policies.wait,
+        # Every replica polls its copy of the risk rules and lists (a change is in force on
+        # each within a second); the sweeper expires qualifications past their validity.
+        background=[e.risk.active.run, e.expiry_loop],
+        ready=ready,
     )
 
 

@@ -33,6 +33,7 @@ _AUDIT = "/subsidy.v1.AuditService/"
 _IDENTITY = "/subsidy.v1.IdentityAuthority/"
 _SIMULATOR = "/subsidy.v1.IdentitySimulatorAdmin/"
 _EVENT_LOG = "/subsidy.v1.EventLogService/"
+_RISK = "/subsidy.v1.RiskService/"
 
 RULES: Final[Mapping[str, frozenset[str]]] = {
     # catalog: the policy (maker-checker: an operator drafts, a different approver approves)
@@ -75,6 +76,16 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _ELIGIBILITY + "AddIdentifiers": frozenset({PLATFORM}),
     _ELIGIBILITY + "GetPerson": frozenset({OPERATOR, AUDITOR}),
     _ELIGIBILITY + "EraseConsumer": frozenset({OPERATOR}),
+    # risk control, served by eligibility (maker-checker: an operator proposes, a different
+    # approver approves; an operator lifts a block, with a reason)
+    _RISK + "ProposeRules": frozenset({OPERATOR}),
+    _RISK + "ProposeListChange": frozenset({OPERATOR}),
+    _RISK + "ApproveChange": frozenset({APPROVER}),
+    _RISK + "GetChange": frozenset(PEOPLE),
+    _RISK + "ListRules": frozenset(PEOPLE),
+    _RISK + "ListLists": frozenset(PEOPLE),
+    _RISK + "ListDecisions": frozenset(PEOPLE),
+    _RISK + "LiftBlock": frozenset({OPERATOR}),
     # ledger
     _LEDGER + "ProposeFunding": frozenset({OPERATOR}),
     _LEDGER + "ApproveFunding": frozenset({APPROVER}),

@@ -92,16 +92,26 @@ class EventConsumer:
     _failure_backoff: Sequence[float] = field(default=(0.5, 1.0, 2.0, 5.0, 10.0))
 
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        # One literal subject goes as filter_subject, which the create request carries in its
+        # NATS subject, so a service's permissions can bind its consumers to the producers it
+        # consumes (services/kernel/natsauth.py: BOUND_CONSUMERS_ONLY). A wildcard filter
+        # (audit's events.>) cannot be matched by a permission, so it goes in the request body.
+        one = len(self.subjects) == 1 and not {"*", ">"} & set(self.subjects[0].split("."))
         config = ConsumerConfig(
             durable_name=self.name,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
             max_deliver=-1,  # we count deliveries ourselves and dead-letter, never drop
-            filter_subjects=list(self.subjects),
+            filter_subject=self.subjects[0] if one else None,
+            filter_subjects=None if one else list(self.subjects),
         )
-        # Binds to the durable consumer when it exists, creates it otherwise.
-        return await js.pull_subscribe("", durable=self.name, stream=EVENTS_STREAM, config=config)
+        # Binds to the durable consumer when it exists, creates it otherwise (nats-py sets
+        # filter_subject from the subject it is given unless filter_subjects is set).
+        subject = self.subjects[0] if one else ""
+        return await js.pull_subscribe(
+            subject, durable=self.name, stream=EVENTS_STREAM, config=config
+        )
 
     async def handle(self, store: EventStore, js: JetStreamContext, msg: Msg) -> None:
         env = await self._admit(js, msg)

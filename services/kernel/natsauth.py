@@ -54,9 +54,16 @@ STREAM_ADMIN_DENIED: Final = (
 # wiring.
 DURABLES: Final[Mapping[str, tuple[str, ...]]] = {
     topology.CATALOG: ("catalog-sales",),
-    topology.ELIGIBILITY: ("eligibility-policies", "eligibility-ledger"),
+    topology.ELIGIBILITY: ("eligibility-policies", "eligibility-ledger", "eligibility-risk"),
+    topology.LEDGER: ("ledger-risk-rules", "ledger-risk-lists"),
     topology.AUDIT: ("audit-log",),
 }
+
+
+# Services whose every durable filters on one subject: their create requests carry the filter
+# in the NATS subject (services/kernel/consumer.py), so they are granted no create request
+# without one, and can create consumers only on the producers they consume.
+BOUND_CONSUMERS_ONLY: Final = frozenset({topology.LEDGER})
 
 
 class NatsCredentialsError(RuntimeError):
@@ -135,7 +142,7 @@ def permissions(service: str) -> dict[str, Any]:
             # so not by a pattern). A consumer with one filter subject carries it in the create
             # subject, so it is bound to the producers consumed; one with several is not.
             f"$JS.API.CONSUMER.INFO.{stream}.*",
-            f"$JS.API.CONSUMER.CREATE.{stream}.*",
+            *(() if service in BOUND_CONSUMERS_ONLY else (f"$JS.API.CONSUMER.CREATE.{stream}.*",)),
             *(f"$JS.API.CONSUMER.CREATE.{stream}.*.events.{p}.>" for p in consumes),
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
             f"$JS.ACK.{stream}.>",

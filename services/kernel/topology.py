@@ -61,7 +61,15 @@ SERVICES: tuple[Service, ...] = (
         consumes=(CATALOG, LEDGER),
         clients=(PLATFORM, AUDITOR),
     ),
-    Service(LEDGER, 3, calls=(CATALOG, ELIGIBILITY), clients=(PLATFORM, AUDITOR)),
+    # The ledger screens reservations against the risk rules and lists eligibility owns, which
+    # it learns from eligibility's events.
+    Service(
+        LEDGER,
+        3,
+        calls=(CATALOG, ELIGIBILITY),
+        consumes=(ELIGIBILITY,),
+        clients=(PLATFORM, AUDITOR),
+    ),
     Service(AUDIT, 4, consumes=(CATALOG, ELIGIBILITY, LEDGER, AUDIT), clients=(AUDITOR,)),
 )
 SERVICE_NAMES: tuple[str, ...] = tuple(s.name for s in SERVICES)

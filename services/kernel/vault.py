@@ -147,6 +147,29 @@ class Vault:
         mac: str = res["data"]["hmac"]
         return mac.split(":")[-1]
 
+    def blind_indexes_sync(self, items: Sequence[tuple[str, str]]) -> list[str]:
+        """The blind indexes of many ``(purpose, value)`` pairs in ONE transit call (its
+        ``batch_input``), equal to :meth:`blind_index_sync` of each: the risk screen indexes a
+        claim's device, IP, address and card on the hot path for one round trip, not four."""
+        if not items:
+            return []
+        batch = [
+            {"input": base64.b64encode(f"{purpose}:{value}".encode()).decode()}
+            for purpose, value in items
+        ]
+        try:
+            res = self._client.adapter.post(
+                f"/v1/{self._mount}/hmac/{BLIND_INDEX_KEY}/sha2-256", json={"batch_input": batch}
+            )
+        except hvac.exceptions.VaultError as exc:
+            raise VaultUnavailable(f"vault refused hmac batch: {type(exc).__name__}") from exc
+        except Exception as exc:
+            raise VaultUnavailable("vault unreachable during hmac batch") from exc
+        results = res["data"]["batch_results"]
+        if len(results) != len(items) or any("error" in r and r["error"] for r in results):
+            raise VaultUnavailable("vault refused an item of an hmac batch")
+        return [str(r["hmac"]).split(":")[-1] for r in results]
+
     def sign_sync(self, message: bytes) -> str:
         res = self._call(
             self._client.secrets.transit.sign_data,
@@ -239,6 +262,9 @@ class Vault:
 
     async def blind_index(self, purpose: str, value: str) -> str:
         return await asyncio.to_thread(self.blind_index_sync, purpose, value)
+
+    async def blind_indexes(self, items: Sequence[tuple[str, str]]) -> list[str]:
+        return await asyncio.to_thread(self.blind_indexes_sync, items)
 
     async def sign(self, message: bytes) -> str:
         return await asyncio.to_thread(self.sign_sync, message)

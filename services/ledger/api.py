@@ -11,6 +11,7 @@ from services.kernel import validate
 from services.kernel.contract.budget import Pool
 from services.kernel.errors import NotFound
 from services.kernel.identity import caller, own_platform, scope
+from services.kernel.riskscreen import circumstances_of
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -123,7 +124,8 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
             unit_price_fen=validate.price_fen("unit_price_fen", request.unit_price_fen),
             serial=validate.serial("serial", request.serial) if request.serial else "",
         )
-        row = await self.ledger.reserve(cmd, caller().actor())
+        circumstances = circumstances_of(request.circumstances)
+        row = await self.ledger.reserve(cmd, caller().actor(), circumstances)
         return _reservation(row)
 
     async def CaptureSubsidy(

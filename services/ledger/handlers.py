@@ -22,13 +22,16 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.kernel import vault
 from services.kernel.background import every
 from services.kernel.contract import budget
 from services.kernel.contract.budget import pool_stream
+from services.kernel.contract.risk import Action, Outcome, Subjects
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
 from services.kernel.eventstore import EventStore, streams_table
 from services.kernel.pipeline import Aggregate, Pipeline
+from services.kernel.riskscreen import Circumstances, RiskBlocked, Screening
 from services.kernel.rpc import as_domain_error
 from subsidy.v1 import (
     catalog_pb2,
@@ -51,6 +54,7 @@ from .projections import (
 )
 from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
+from .risk import LedgerRisk
 
 SERVICE = "ledger"
 # Answers after which eligibility certainly locked nothing.
@@ -132,6 +136,7 @@ class Ledger(FundingUseCases):
         abandon_after_s: float = 60.0,
         clock: Callable[[], datetime] | None = None,
         funding_ceiling_fen: int = 10**12,
+        keys: vault.Vault,
     ) -> None:
         self.store = store
         self.funding_ceiling_fen = funding_ceiling_fen
@@ -142,6 +147,7 @@ class Ledger(FundingUseCases):
         self.abandon_after_s = abandon_after_s
         self.clock = clock or (lambda: datetime.now(UTC))
         self.pipeline = Pipeline(store, SERVICE, apply_event)
+        self.risk = LedgerRisk(self.pipeline, keys, self.clock)
 
     # -- budget ---------------------------------------------------------------------------
     async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:
@@ -165,8 +171,14 @@ class Ledger(FundingUseCases):
             return None
         return row
 
-    async def reserve(self, cmd: domain.Reserve, actor: common_pb2.Actor) -> dict[str, object]:
-        """Verify the item, lock the qualification, hold the subsidy; idempotent on order id."""
+    async def reserve(
+        self,
+        cmd: domain.Reserve,
+        actor: common_pb2.Actor,
+        circumstances: Circumstances | None = None,
+    ) -> dict[str, object]:
+        """Verify the item, screen the order against the risk rules and lists, lock the
+        qualification, hold the subsidy; idempotent on order id."""
         async with self.store.engine.connect() as conn:  # one connection for both reads
             prior = await self._row(conn, cmd.order_id)
             if prior is not None:
@@ -180,14 +192,30 @@ class Ledger(FundingUseCases):
             )
             pool_now = await load_pool(conn, cmd.pool_id)
         item = await self._verify(cmd)
-        # Refuse what the budget already refuses before locking the qualification, so that
-        # rejection changes nothing; the decision under the pool's lock still decides races.
+        screen = self.risk.screen
+        subjects = await screen.subjects(
+            cmd.consumer_id, circumstances, merchant=item.merchant_id, serial=cmd.serial
+        )
+        # Refuse what the risk rules, and the budget, already refuse before locking the
+        # qualification, so that rejection changes nothing; the decisions under the locks
+        # (the subjects', the pool's) still decide races.
+        await self._prescreen(cmd, subjects)
         domain.check_budget(pool_now, cmd.pool_id, item.subsidy_fen)
         await self._lock_qualification(cmd, item, actor)
         ctx = Context(actor, correlation_id=cmd.order_id, policy_version=item.policy_version)
-        expires = self.clock() + self.timeout
+        now = self.clock()
+        expires = now + self.timeout
+        screening: Screening | None = None
         try:
             async with self.store.transaction() as tx:
+                # Counted under the subjects' advisory locks, held until the observation below
+                # commits: two concurrent orders from one device are counted one after the other.
+                screening = await screen.judge(
+                    tx.conn, Action.RESERVE, cmd.consumer_id, cmd.order_id, subjects, now, lock=True
+                )
+                if screening.verdict.outcome is Outcome.BLOCK:
+                    raise RiskBlocked(screening.verdict, screening.decision_id)
+                await screen.observe(tx.conn, screening, now)
                 await self.pipeline.run(
                     HOLD,
                     OrderKey(cmd.pool_id, cmd.order_id),
@@ -221,11 +249,25 @@ class Ledger(FundingUseCases):
             domain.same_order(_as_command(existing), cmd)
             return existing
         except DomainError as refusal:
-            # Refused after the lock (the budget ran out meanwhile, or the order was refused
-            # while this attempt was locking): the order is refused for good, which undoes
-            # this attempt's lock too.
+            # Refused after the lock (the budget ran out meanwhile, the order was refused
+            # while this attempt was locking, or the risk rules block it now): the order is
+            # refused for good, which undoes this attempt's lock too.
             await self._refuse(cmd.pool_id, cmd.order_id, cmd.qualification_id, refusal.reason, ctx)
+            if isinstance(refusal, RiskBlocked) and screening is not None:
+                await screen.record(screening)
             raise
+        finally:
+            if screening is not None and screening.verdict.outcome is Outcome.FLAG:
+                await screen.record(screening)  # once the hold's transaction has ended
+
+    async def _prescreen(self, cmd: domain.Reserve, subjects: Subjects) -> None:
+        """The risk verdict before anything is locked (no advisory locks: a race is decided
+        again under them in the hold's transaction). A block is recorded and refused here."""
+        early = await self.risk.screen.judge(
+            None, Action.RESERVE, cmd.consumer_id, cmd.order_id, subjects, self.clock()
+        )
+        if early.verdict.outcome is Outcome.BLOCK:
+            raise await self.risk.screen.refuse(early)
 
     async def _verify(self, cmd: domain.Reserve) -> domain.Item:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.kernel.app import Runtime, ServiceSpec, Wiring
+from services.kernel.consumer import EventConsumer
 from subsidy.v1 import catalog_pb2_grpc, eligibility_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 from .api import LedgerApi
@@ -21,12 +22,34 @@ async def build(rt: Runtime) -> Wiring:
         reservation_timeout_s=s.reservation_timeout_s,
         abandon_after_s=s.abandon_after_s,
         funding_ceiling_fen=s.funding_ceiling_fen,
+        keys=rt.vault,
     )
+
+    async def ready() -> None:
+        await ledger.risk.active.refresh()  # the rules and lists in force, before any order
+
     return Wiring(
         registrations=[(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerApi(ledger))],
         service_names=[ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name],
-        background=[ledger.expiry_loop],
+        # The risk rules and lists eligibility owns, into the ledger's own copy: one subject
+        # per consumer, so the ledger's NATS user may create consumers on eligibility's
+        # events only (services/kernel/natsauth.py: BOUND_CONSUMERS_ONLY).
+        consumers=[
+            EventConsumer(
+                "ledger-risk-rules",
+                ["events.eligibility.RiskRulesActivated"],
+                ledger.risk.on_eligibility_event,
+            ),
+            EventConsumer(
+                "ledger-risk-lists",
+                ["events.eligibility.RiskListChanged"],
+                ledger.risk.on_eligibility_event,
+            ),
+        ],
+        # Every replica polls its copy (a change is in force on each within a second).
+        background=[ledger.expiry_loop, ledger.risk.active.run],
         on_close=[catalog_ch.close, eligibility_ch.close],
+        ready=ready,
     )
 
 

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
 from subsidy.v1 import policy_pb2 as _policy_pb2
+from subsidy.v1 import risk_pb2 as _risk_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -1261,6 +1262,256 @@ class ReservationRefused(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReservationRefused: _TypeAlias = ReservationRefused  # noqa: Y015
+
+@_typing.final
+class RiskChangeProposed(_message.Message):
+    """---- risk control (eligibility owns the rules and lists; both it and ledger decide) -------
+    Maker-checker: an operator proposes a change (stream risk-change/<id>), a different approver
+    approves it; the approval is followed, in the same transaction, by RiskRulesActivated in the
+    stream risk-rules (whose version is the rule-set version) or RiskListChanged in the stream
+    risk-lists (whose version is the lists version). The ledger consumes those two.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RULE_SET_FIELD_NUMBER: _builtins.int
+    LIST_CHANGE_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    kind: _builtins.str
+    """rules, list"""
+    list_change: _builtins.str
+    """add, remove"""
+    reason: _builtins.str
+    @_builtins.property
+    def rule_set(self) -> _risk_pb2.RiskRuleSet: ...
+    @_builtins.property
+    def entry(self) -> _risk_pb2.RiskListEntry: ...
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        rule_set: _risk_pb2.RiskRuleSet | None = ...,
+        list_change: _builtins.str = ...,
+        entry: _risk_pb2.RiskListEntry | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "rule_set", b"rule_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "entry", b"entry", "kind", b"kind", "list_change", b"list_change", "reason", b"reason", "rule_set", b"rule_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskChangeProposed: _TypeAlias = RiskChangeProposed  # noqa: Y015
+
+@_typing.final
+class RiskChangeApproved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    proposed_by: _builtins.str
+    """the maker's actor id, for the audit trail"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        proposed_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "proposed_by", b"proposed_by", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskChangeApproved: _TypeAlias = RiskChangeApproved  # noqa: Y015
+
+@_typing.final
+class RiskRulesActivated(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RULE_SET_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    change_id: _builtins.str
+    @_builtins.property
+    def rule_set(self) -> _risk_pb2.RiskRuleSet: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        rule_set: _risk_pb2.RiskRuleSet | None = ...,
+        change_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule_set", b"rule_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "rule_set", b"rule_set", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskRulesActivated: _TypeAlias = RiskRulesActivated  # noqa: Y015
+
+@_typing.final
+class RiskListChanged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    change: _builtins.str
+    """add, remove"""
+    change_id: _builtins.str
+    """the approved change, or"""
+    decision_id: _builtins.str
+    """the lifted block that made this change"""
+    @_builtins.property
+    def entry(self) -> _risk_pb2.RiskListEntry: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        change: _builtins.str = ...,
+        entry: _risk_pb2.RiskListEntry | None = ...,
+        change_id: _builtins.str = ...,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "change_id", b"change_id", "decision_id", b"decision_id", "entry", b"entry", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskListChanged: _TypeAlias = RiskListChanged  # noqa: Y015
+
+@_typing.final
+class RiskDecisionRecorded(_message.Message):
+    """A claim (eligibility) or a reservation (ledger) blocked or flagged: stream
+    risk-decision/<decision_id> of the deciding service. Only masked inputs and blind indexes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    LISTS_VERSION_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SUBJECT_KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
+    SUBJECT_MASKED_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    action: _builtins.str
+    """claim, reserve"""
+    outcome: _builtins.str
+    """block, flag"""
+    rule_id: _builtins.str
+    rule_set_version: _builtins.int
+    lists_version: _builtins.int
+    consumer_id: _builtins.str
+    reference: _builtins.str
+    """qualification id or order id"""
+    subject_kind: _builtins.str
+    subject_index: _builtins.str
+    subject_masked: _builtins.str
+    entry_id: _builtins.str
+    """the list entry that blocked, if a list did"""
+    window_s: _builtins.int
+    """the window of the rule that hit, if a rule did"""
+    @_builtins.property
+    def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        rule_id: _builtins.str = ...,
+        rule_set_version: _builtins.int = ...,
+        lists_version: _builtins.int = ...,
+        inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        consumer_id: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        subject_kind: _builtins.str = ...,
+        subject_index: _builtins.str = ...,
+        subject_masked: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        window_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "consumer_id", b"consumer_id", "decision_id", b"decision_id", "entry_id", b"entry_id", "inputs", b"inputs", "lists_version", b"lists_version", "outcome", b"outcome", "reference", b"reference", "rule_id", b"rule_id", "rule_set_version", b"rule_set_version", "subject_index", b"subject_index", "subject_kind", b"subject_kind", "subject_masked", b"subject_masked", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskDecisionRecorded: _TypeAlias = RiskDecisionRecorded  # noqa: Y015
+
+@_typing.final
+class RiskBlockLifted(_message.Message):
+    """An operator lifted a block (eligibility's stream risk-decision/<decision_id>); the list
+    change it makes follows in risk-lists.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    reason: _builtins.str
+    entry_id: _builtins.str
+    """the entry removed (a list block) or added (an exemption)"""
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "entry_id", b"entry_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskBlockLifted: _TypeAlias = RiskBlockLifted  # noqa: Y015
 
 @_typing.final
 class OutboxEventSkipped(_message.Message):

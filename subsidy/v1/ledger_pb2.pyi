@@ -215,6 +215,7 @@ class ReserveSubsidyRequest(_message.Message):
     UNIT_PRICE_FEN_FIELD_NUMBER: _builtins.int
     SERIAL_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CIRCUMSTANCES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """the platform's order id; the idempotency key"""
     platform_id: _builtins.str
@@ -226,6 +227,10 @@ class ReserveSubsidyRequest(_message.Message):
     serial: _builtins.str
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
+    @_builtins.property
+    def circumstances(self) -> _common_pb2.Circumstances:
+        """How and where the order is made, for the risk rules (each field optional)."""
+
     def __init__(
         self,
         *,
@@ -238,10 +243,11 @@ class ReserveSubsidyRequest(_message.Message):
         unit_price_fen: _builtins.int = ...,
         serial: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        circumstances: _common_pb2.Circumstances | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "consumer_id", b"consumer_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances", "consumer_id", b"consumer_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,6 +17,9 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
   version.
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
+- :mod:`.risk`: ``risk rules``, ``risk lists``, ``risk decisions``: the risk rules and the block
+  and allow lists (read; change through ``propose`` / ``lists add`` and ``approve`` by another
+  person), the decisions they made, and ``risk lift`` for a block.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
   stack's CA.
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
@@ -51,7 +54,7 @@ from collections.abc import Sequence
 import grpc
 import typer
 
-from . import audit, budget, catalog, certs, checkout, common, policy, stack, switches
+from . import audit, budget, catalog, certs, checkout, common, policy, risk, stack, switches
 
 app = typer.Typer(
     name="subsidyctl",
@@ -65,6 +68,7 @@ app.add_typer(checkout.app)
 app.add_typer(catalog.app)
 app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
 app.add_typer(budget.app, rich_help_panel=catalog.PANEL)
+app.add_typer(risk.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
@@ -73,6 +77,7 @@ app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 GROUPS = (
     policy.app.info.name,
     budget.app.info.name,
+    risk.app.info.name,
     audit.app.info.name,
     certs.app.info.name,
 )

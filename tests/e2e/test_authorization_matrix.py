@@ -44,6 +44,7 @@ SIMULATOR = topology.IDENTITY_SIMULATOR
 SERVED_BY: dict[str, tuple[str, ...]] = {
     "subsidy.v1.CatalogService": ("catalog",),
     "subsidy.v1.EligibilityService": ("eligibility",),
+    "subsidy.v1.RiskService": ("eligibility",),  # risk control is eligibility's
     "subsidy.v1.LedgerService": ("ledger",),
     "subsidy.v1.AuditService": ("audit",),
     # Every service lists its own event store (services/kernel/eventlog.py); the simulator

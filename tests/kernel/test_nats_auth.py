@@ -213,7 +213,8 @@ async def test_a_service_publishes_its_own_events_and_consumes_what_the_topology
 async def test_consumers_may_not_reach_beyond_the_topology(
     infra: Infra, operator: JetStreamContext
 ) -> None:
-    # Ledger consumes nothing: no subscription on anyone's events, and no consumer at all.
+    # Ledger consumes only eligibility's events: no subscription on anyone else's, and no
+    # consumer of them (its durables each name their one subject, which binds them).
     ledger = await connect_as(infra, topology.LEDGER)
     # Catalog may not drain another service's durable (acking audit's messages would hide
     # them from the audit log).

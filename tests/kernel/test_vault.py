@@ -31,6 +31,15 @@ def test_blind_index_is_stable_keyed_and_separated_by_purpose(infra: Infra) -> N
     assert "13800000000" not in a
 
 
+def test_a_batch_of_blind_indexes_is_one_call_equal_to_one_call_each(infra: Infra) -> None:
+    v = vault.connect(infra.bao.addr, token=infra.bao.token)
+    items = [("device_id", "dev-123456"), ("ip", "10.0.0.1"), ("device_id", "dev-654321")]
+    batch = v.blind_indexes_sync(items)
+    assert batch == [v.blind_index_sync(purpose, value) for purpose, value in items]
+    assert len(set(batch)) == 3 and not any("dev-" in b or "10.0" in b for b in batch)
+    assert v.blind_indexes_sync([]) == []
+
+
 def test_tree_head_signature_verifies_and_detects_tampering(infra: Infra) -> None:
     v = vault.connect(infra.bao.addr, token=infra.bao.token)
     sig = v.sign_sync(b"size=3 root=abc")
