@@ -262,7 +262,7 @@ async def test_one_unit_is_subsidised_once_even_when_two_orders_race(
             assert info is not None
             if field == "sku":  # catalog saw the other order first: its reasons are the unit's
                 assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ITEM_NOT_ELIGIBLE")
-                return info.metadata["reasons"]
+                return str(info.metadata["reasons"])
             assert (code, field) == (grpc.StatusCode.FAILED_PRECONDITION, "serial"), (code, reason)
             return reason
 
