@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.consumer import EventConsumer
-from subsidy.v1 import eligibility_pb2, eligibility_pb2_grpc, identity_pb2_grpc
+from subsidy.v1 import (
+    eligibility_pb2,
+    eligibility_pb2_grpc,
+    identity_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 
 from .api import EligibilityApi
 from .authority import GrpcIdentityAuthority
 from .handlers import Eligibility
 from .projections import metadata
+from .usage import UsageApi
 
 
 async def build(rt: Runtime) -> Wiring:
@@ -23,9 +30,14 @@ async def build(rt: Runtime) -> Wiring:
     )
     return Wiring(
         registrations=[
-            (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e))
+            (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e)),
+            # What the auditor's replay compares the events with (read-only).
+            (usage_pb2_grpc.add_UsageServiceServicer_to_server, UsageApi(rt.store)),
         ],
-        service_names=[eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name],
+        service_names=[
+            eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
+            usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+        ],
         consumers=[
             EventConsumer(
                 "eligibility-policies",

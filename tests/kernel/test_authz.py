@@ -16,6 +16,7 @@ from subsidy.v1 import (
     identity_pb2,
     ledger_pb2,
     outbox_pb2,
+    usage_pb2,
 )
 
 FILES: tuple[FileDescriptor, ...] = (
@@ -26,6 +27,7 @@ FILES: tuple[FileDescriptor, ...] = (
     eventlog_pb2.DESCRIPTOR,
     outbox_pb2.DESCRIPTOR,
     identity_pb2.DESCRIPTOR,
+    usage_pb2.DESCRIPTOR,
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,
 )
