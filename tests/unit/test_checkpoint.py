@@ -81,6 +81,16 @@ def keypair(name: str) -> tuple[Ed25519PrivateKey, VerifierKey]:
     return private, VerifierKey(name, public)
 
 
+def test_a_verifier_key_whose_base64_holds_a_plus_is_read_back() -> None:
+    """The key is the third part: everything after the second "+" (base64 has "+" too)."""
+    for _ in range(200):
+        _, key = keypair("subsidy.example/audit")
+        if "+" in key.encode().split("+", 2)[2]:
+            assert VerifierKey.parse(key.encode()) == key
+            return
+    raise AssertionError("no key with a '+' in 200 tries")
+
+
 def test_a_checkpoint_signed_and_opened() -> None:
     private, key = keypair("subsidy.example/audit")
     at = datetime(2026, 12, 1, 10, 0, 5, tzinfo=UTC)

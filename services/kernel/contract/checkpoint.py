@@ -91,7 +91,7 @@ class VerifierKey:
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
         """A vkey as :meth:`encode` writes it; its ID must be the one its key gives."""
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)  # the base64 key may itself hold a "+"
         if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{8}", parts[1]):
             raise NoteInvalid("a verifier key is <name>+<8 hex digits>+<base64 key>")
         material = _b64decode(parts[2], "the verifier key")
