@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar
 
-from google.protobuf import symbol_database
+from google.protobuf import empty_pb2, symbol_database
 from google.protobuf.message import Message
 
 from services.invariants import InvariantViolation
@@ -49,7 +49,12 @@ def _name(message: type[Message]) -> str:
 
 @cache
 def _payload_class(event_type: str) -> type[Message]:
-    cls: type[Message] = symbol_database.Default().GetSymbol(event_type)
+    """The payload's message class; an event type this build does not know reads as empty
+    (no fold counts it; a pool's stream still sees its version)."""
+    try:
+        cls: type[Message] = symbol_database.Default().GetSymbol(event_type)
+    except KeyError:
+        return empty_pb2.Empty
     return cls
 
 
@@ -106,6 +111,10 @@ class Fold:
     service: ClassVar[str]  # whose events it reads first (the owner of the figures)
     event_types: ClassVar[frozenset[str]]
 
+    def wants(self, env: Envelope) -> bool:
+        """Whether this fold reads ``env`` (by default: by its event type)."""
+        return env.event_type in self.event_types
+
     def add(self, env: Envelope, payload: Message) -> None:
         raise NotImplementedError
 
@@ -126,8 +135,13 @@ class PoolFold(Fold):
     versions: dict[str, dict[int, Message]] = field(default_factory=dict)
     twice: list[str] = field(default_factory=list)
 
+    def wants(self, env: Envelope) -> bool:
+        # Every event of a pool's stream, whatever its type: a version missing from the log
+        # is a violation even when the budget fold would ignore that event.
+        return env.service == "ledger" and env.stream_id.startswith(POOL_STREAM_PREFIX)
+
     def add(self, env: Envelope, payload: Message) -> None:
-        if env.service != "ledger" or not env.stream_id.startswith(POOL_STREAM_PREFIX):
+        if not self.wants(env):
             return
         seen = self.versions.setdefault(env.stream_id.removeprefix(POOL_STREAM_PREFIX), {})
         if env.stream_version in seen:
@@ -306,26 +320,22 @@ class Rebuild:
 
     def __init__(self, folds: Iterable[Fold] | None = None) -> None:
         self.folds = list(folds) if folds is not None else [f() for f in FOLDS]
-        self._by_type: dict[str, list[Fold]] = defaultdict(list)
-        for f in self.folds:
-            for t in f.event_types:
-                self._by_type[t].append(f)
-        self._streams: dict[tuple[str, str], list[tuple[int, Envelope]]] = defaultdict(list)
-
-    def wants(self, event_type: str) -> bool:
-        return event_type in self._by_type
+        self._streams: dict[tuple[str, str], list[tuple[int, Envelope, list[Fold]]]] = defaultdict(
+            list
+        )
 
     def add(self, env: Envelope) -> None:
-        if env.event_type in self._by_type:
-            self._streams[(env.service, env.stream_id)].append((env.stream_version, env))
+        readers = [f for f in self.folds if f.wants(env)]
+        if readers:
+            self._streams[(env.service, env.stream_id)].append((env.stream_version, env, readers))
 
     def finish(self) -> dict[str, Fold]:
         """Apply every buffered event, each stream in version order; the folds by name."""
-        for (_, _), events in sorted(self._streams.items()):
+        for events in self._streams.values():
             events.sort(key=lambda e: e[0])
-            for _, env in events:
+            for _, env, readers in events:
                 payload = _payload_class(env.event_type).FromString(env.payload)
-                for f in self._by_type[env.event_type]:
+                for f in readers:
                     f.add(env, payload)
         self._streams.clear()
         return {f.name: f for f in self.folds}

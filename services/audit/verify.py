@@ -70,7 +70,7 @@ def replay(entries: Iterable[Row]) -> Replay:
         out.head, out.size = chained, out.size + 1
         env = Envelope.FromString(data)
         out.events_by_service[env.service] = out.events_by_service.get(env.service, 0) + 1
-        if env.event_type in pools.event_types:
+        if pools.wants(env):
             pools.add(env, payload_of(env))
     out.pools = pools.pools()
     return out
@@ -225,6 +225,7 @@ class LogAudit:
                     )
                 )
                 self.broken, self.size = True, idx
+                self.head = b""  # the chain before this entry is in the missing ones
             actual = leaf_hash(data)
             if actual != reported:
                 self.problems.append(
@@ -235,7 +236,7 @@ class LogAudit:
                         idx,
                     )
                 )
-            elif chain_hash(self.head, actual) != chained:
+            elif self.head and chain_hash(self.head, actual) != chained:
                 self.problems.append(
                     Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx)
                 )
@@ -261,7 +262,8 @@ class LogAudit:
             self.rebuild.add(env)
 
     def check_checkpoint(self, checkpoint: Checkpoint) -> list[Problem]:
-        """The entries fetched so far against a signed checkpoint of exactly that many."""
+        """The entries fetched so far against a signed checkpoint of exactly that many (what
+        :meth:`add` found is in :attr:`problems`; this returns what the root shows)."""
         found: list[Problem] = []
         if self.size < checkpoint.size:
             missing = range(self.size, checkpoint.size)
@@ -287,7 +289,6 @@ class LogAudit:
                     "either: its stored tree was changed"
                 )
             found.append(Problem("tree", message))
-        self.problems += found
         return found
 
     def check_trusted(
@@ -336,7 +337,6 @@ class LogAudit:
                     differs.start,
                 )
             )
-        self.problems += found
         return found
 
     def trusted_state(self, note: str, checkpoint: Checkpoint) -> Trusted:

@@ -464,6 +464,7 @@ async def audit_log(
     if progress is not None:
         progress("TOTALS", 0, 1)
     await compare_totals(src, state, found)
+    found.problems[:0] = state.problems  # each entry's own findings first, by position
     return found, state
 
 
@@ -730,8 +731,7 @@ def verify_command(
     answer = asyncio.run(run())
     if not json_only:  # for people: one line per disagreement, then the JSON answer
         for d in answer["differences"]:
-            where = "" if d.get("position") is None else f" [entry {d['position']}]"
-            note(f"{d['check']}{where}: {d['message']}")
+            note(d["message"])
     emit(answer)
     if not answer["ok"]:
         raise typer.Exit(EXIT_NO)
