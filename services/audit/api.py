@@ -102,7 +102,7 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
                 raise InvalidArgument(
                     "INVALID_END", f"end: after start, at most {MAX_PAGE} later", field="end"
                 )
-            size = (await log.info(self.store))[0]
+            size = await log.size(self.store)
             if request.end > size:
                 raise InvalidArgument(
                     "BEYOND_LOG", f"end: the log holds {size} entries", field="end"
@@ -112,7 +112,7 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("INVALID_LIMIT", f"limit: 1..{MAX_PAGE}", field="limit")
         else:
             limit = request.limit
-        rows = await tree.read_entries(self.store, request.start, limit)
+        rows = await tree.read_entries(self.store, request.start, limit, end=request.end)
         parsed = not request.bytes_only
         return audit_pb2.GetEntriesResponse(entries=[_entry(r, parsed=parsed) for r in rows])
 

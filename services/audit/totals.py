@@ -112,8 +112,14 @@ class Fold:
     event_types: ClassVar[frozenset[str]]
 
     def wants(self, env: Envelope) -> bool:
-        """Whether this fold reads ``env`` (by default: by its event type)."""
+        """Whether this fold reads ``env`` (by default: by its event type). It may depend on
+        the event's service, its type and the kind of its stream (the stream id up to its
+        first ``/``) only: :class:`Rebuild` remembers the answer per those three."""
         return env.event_type in self.event_types
+
+    def repeated(self, env: Envelope) -> None:
+        """``env``'s stream version was in the log already (the cross-check names the entry;
+        a fold whose figures depend on every version may say so too)."""
 
     def add(self, env: Envelope, payload: Message) -> None:
         raise NotImplementedError
@@ -132,38 +138,45 @@ class PoolFold(Fold):
         _name(m)
         for m in (ev.BudgetFunded, ev.SubsidyReserved, ev.SubsidyCaptured, ev.SubsidyReleased)
     )
-    versions: dict[str, dict[int, Message]] = field(default_factory=dict)
-    twice: list[str] = field(default_factory=list)
+    folded: dict[str, budget.Pool] = field(default_factory=dict)
+    last: dict[str, int] = field(default_factory=dict)  # the last version folded, per pool
+    violations: list[str] = field(default_factory=list)
+    _stopped: set[str] = field(default_factory=set)  # pools whose fold already failed
 
     def wants(self, env: Envelope) -> bool:
         # Every event of a pool's stream, whatever its type: a version missing from the log
         # is a violation even when the budget fold would ignore that event.
         return env.service == "ledger" and env.stream_id.startswith(POOL_STREAM_PREFIX)
 
+    def repeated(self, env: Envelope) -> None:
+        if self.wants(env):
+            self.violations.append(f"{env.stream_id} v{env.stream_version} logged twice")
+
     def add(self, env: Envelope, payload: Message) -> None:
+        """The pool's next event (:class:`Rebuild` hands them over in version order)."""
         if not self.wants(env):
             return
-        seen = self.versions.setdefault(env.stream_id.removeprefix(POOL_STREAM_PREFIX), {})
-        if env.stream_version in seen:
-            self.twice.append(f"{env.stream_id} v{env.stream_version} logged twice")
-        seen[env.stream_version] = payload
+        pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
+        if env.stream_version != self.last.get(pool_id, 0) + 1 and pool_id not in self._stopped:
+            self.violations.append(f"{env.stream_id}: events missing from the log")
+            self._stopped.add(pool_id)
+        self.last[pool_id] = env.stream_version
+        if pool_id in self._stopped:
+            return
+        try:  # checks the budget invariant after the event
+            self.folded[pool_id] = budget.apply(
+                self.folded.get(pool_id) or budget.Pool(pool_id), payload
+            )
+        except InvariantViolation as exc:
+            self.violations.append(str(exc))
+            self._stopped.add(pool_id)
 
     def pools(self) -> dict[str, budget.Pool]:
         """Every pool's figures; raises InvariantViolation for a version logged twice or
         missing, or a step that breaks the budget invariant."""
-        if self.twice:
-            raise InvariantViolation(self.twice[0])
-        out: dict[str, budget.Pool] = {}
-        for pool_id, versions in sorted(self.versions.items()):
-            if sorted(versions) != list(range(1, len(versions) + 1)):
-                raise InvariantViolation(
-                    f"{POOL_STREAM_PREFIX}{pool_id}: events missing from the log"
-                )
-            pool = budget.Pool(pool_id)
-            for version in sorted(versions):
-                pool = budget.apply(pool, versions[version])  # checks the invariant
-            out[pool_id] = pool
-        return out
+        if self.violations:
+            raise InvariantViolation(self.violations[0])
+        return dict(sorted(self.folded.items()))
 
     def table(self) -> Table:
         return {(p.pool_id,): pool_figures(p) for p in self.pools().values()}
@@ -315,27 +328,50 @@ FOLDS: tuple[Callable[[], Fold], ...] = (PoolFold, QuotaFold, PersonFold, SalesF
 
 
 class Rebuild:
-    """All folds over the log: feed it every entry's envelope, in log order, then read the
-    tables. Events are buffered per stream and applied in version order at the end."""
+    """All folds over the log: feed it every entry's envelope in log order, then read the
+    tables. Each stream's events reach the folds in version order: an event that arrived
+    before an earlier version of its stream (after a redelivery) waits for it, and whatever
+    still waits at the end (a version the log lacks) follows in order."""
 
     def __init__(self, folds: Iterable[Fold] | None = None) -> None:
         self.folds = list(folds) if folds is not None else [f() for f in FOLDS]
-        self._streams: dict[tuple[str, str], list[tuple[int, Envelope, list[Fold]]]] = defaultdict(
-            list
-        )
+        self._next: dict[tuple[str, str], int] = {}  # each stream's next version
+        self._held: dict[tuple[str, str], dict[int, Envelope]] = defaultdict(dict)
+        self._readers: dict[tuple[str, str, str], list[Fold]] = {}
 
     def add(self, env: Envelope) -> None:
-        readers = [f for f in self.folds if f.wants(env)]
+        key, version = (env.service, env.stream_id), env.stream_version
+        expected = self._next.get(key, 1)
+        held = self._held.get(key)
+        if version < expected or (held is not None and version in held):
+            for f in self.folds:
+                f.repeated(env)
+        elif version > expected:
+            self._held[key][version] = env
+        else:
+            self._apply(env)
+            expected += 1
+            while held and expected in held:
+                self._apply(held.pop(expected))
+                expected += 1
+            if held is not None and not held:
+                del self._held[key]
+            self._next[key] = expected
+
+    def _apply(self, env: Envelope) -> None:
+        kind = (env.service, env.event_type, env.stream_id.partition("/")[0])
+        readers = self._readers.get(kind)
+        if readers is None:
+            readers = self._readers[kind] = [f for f in self.folds if f.wants(env)]
         if readers:
-            self._streams[(env.service, env.stream_id)].append((env.stream_version, env, readers))
+            payload = _payload_class(env.event_type).FromString(env.payload)
+            for f in readers:
+                f.add(env, payload)
 
     def finish(self) -> dict[str, Fold]:
-        """Apply every buffered event, each stream in version order; the folds by name."""
-        for events in self._streams.values():
-            events.sort(key=lambda e: e[0])
-            for _, env, readers in events:
-                payload = _payload_class(env.event_type).FromString(env.payload)
-                for f in readers:
-                    f.add(env, payload)
-        self._streams.clear()
+        """Hand over what still waits, each stream in version order; the folds by name."""
+        for held in self._held.values():
+            for version in sorted(held):
+                self._apply(held[version])
+        self._held.clear()
         return {f.name: f for f in self.folds}

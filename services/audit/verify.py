@@ -30,7 +30,7 @@ from services.kernel.contract import budget, merkle
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
 from services.kernel.contract.checkpoint import Checkpoint
 from services.kernel.contract.merkle import CompactRange, ProofInvalid
-from services.kernel.events import Envelope, payload_of
+from services.kernel.events import Envelope
 from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
@@ -62,6 +62,7 @@ def replay(entries: Iterable[Row]) -> Replay:
     """
     out = Replay()
     pools = PoolFold()
+    folds = Rebuild([pools])
     for idx, leaf, chained, data in entries:
         if idx != out.size:
             raise InvariantViolation(f"audit entry {idx} out of order (expected {out.size})")
@@ -70,8 +71,8 @@ def replay(entries: Iterable[Row]) -> Replay:
         out.head, out.size = chained, out.size + 1
         env = Envelope.FromString(data)
         out.events_by_service[env.service] = out.events_by_service.get(env.service, 0) + 1
-        if pools.wants(env):
-            pools.add(env, payload_of(env))
+        folds.add(env)
+    folds.finish()
     out.pools = pools.pools()
     return out
 
@@ -191,14 +192,19 @@ class LogAudit:
     every entry whose bytes hash to another leaf is named by position), the hash chain, the
     events per service, the digests the stores are compared with, and the totals' rebuild."""
 
-    def __init__(self, trusted_size: int = 0, watch: Iterable[int] = ()) -> None:
+    def __init__(
+        self, trusted_size: int = 0, watch: Iterable[int] = (), *, digests: bool = True
+    ) -> None:
         self.size = 0  # entries seen (the next index expected)
         self.tree = CompactRange()  # from the leaves recomputed from the bytes
-        self.reported = CompactRange()  # from the leaves the service reports
+        # From the leaves the service reports: the same as ``tree`` until an entry's bytes
+        # hash to another leaf than it reports, so kept apart only from then on.
+        self._reported: CompactRange | None = None
         self.broken = False  # an entry is missing: no root can be recomputed
         self.head = GENESIS
         self.problems: list[Problem] = []
         self.events_by_service: Counter[str] = Counter()
+        self.keep_digests = digests  # only the cross-check with the stores needs them
         self.digests: list[tuple[int, EventDigest]] = []
         self.skipped: dict[str, tuple[str, str]] = {}
         self.rebuild = Rebuild()
@@ -207,27 +213,24 @@ class LogAudit:
         self.watched = set(watch)
         self.leaves: dict[int, bytes] = {}  # the recomputed leaves of the watched entries
 
+    @property
+    def reported(self) -> CompactRange:
+        """The tree of the leaf hashes the service reports."""
+        return self.tree if self._reported is None else self._reported
+
     def add(self, rows: Iterable[Row]) -> None:
         """The next page of entries."""
+        # The hot loop of a million-entry audit: the hashes and the tree's append inline.
+        tree, parse, rebuild, sha256 = self.tree, Envelope.FromString, self.rebuild, hashlib.sha256
+        edge = tree.hashes
         for idx, reported, chained, data in rows:
-            if idx < self.size:
-                self.problems.append(
-                    Problem("tree", f"audit entry {idx} is served twice or out of order", idx)
-                )
-                continue
-            if idx > self.size:
-                self.problems.append(
-                    Problem(
-                        "tree",
-                        f"audit {_span(range(self.size, idx))} missing: the log goes from "
-                        f"entry {self.size - 1} to entry {idx}",
-                        self.size,
-                    )
-                )
-                self.broken, self.size = True, idx
-                self.head = b""  # the chain before this entry is in the missing ones
-            actual = leaf_hash(data)
+            if idx != self.size:
+                if not self._misplaced(idx):
+                    continue
+            actual = sha256(b"\x00" + data).digest()  # RFC 6962 leaf, as merkle.leaf_hash
             if actual != reported:
+                if self._reported is None:
+                    self._reported = CompactRange(tree.size, list(tree.hashes))
                 self.problems.append(
                     Problem(
                         "tree",
@@ -236,30 +239,57 @@ class LogAudit:
                         idx,
                     )
                 )
-            elif self.head and chain_hash(self.head, actual) != chained:
+            elif self.head and sha256(self.head + actual).digest() != chained:  # chain_hash
                 self.problems.append(
                     Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx)
                 )
             self.head = chained
-            self.tree.extend((actual,))
-            self.reported.extend((reported,))
+            h, s = actual, tree.size  # CompactRange.append
+            while s & 1:
+                h = sha256(b"\x01" + edge.pop() + h).digest()
+                s >>= 1
+            edge.append(h)
+            tree.size += 1
+            if self._reported is not None:
+                self._reported.append(reported)
             if idx in self.watched:
                 self.leaves[idx] = actual
             self.size = idx + 1
             if self.size == self.trusted_size and not self.broken:
-                self.edge_at_trusted = list(self.tree.hashes)
+                self.edge_at_trusted = list(tree.hashes)
             try:
-                env = Envelope.FromString(data)
+                env = parse(data)
             except DecodeError:
                 self.problems.append(
                     Problem("tree", f"audit entry {idx} is not an event envelope", idx)
                 )
                 continue
             self.events_by_service[env.service] += 1
-            self.digests.append((idx, digest_of(env, data)))
-            if (stuck := skip_named(env)) is not None:
+            if self.keep_digests:
+                self.digests.append((idx, digest_of(env, data)))
+            if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
                 self.skipped[stuck] = (env.service, env.event_id)
-            self.rebuild.add(env)
+            rebuild.add(env)
+
+    def _misplaced(self, idx: int) -> bool:
+        """An entry not where the next one should be: served twice (skip it: False), or
+        after a gap (name the gap, and take the entry: True)."""
+        if idx < self.size:
+            self.problems.append(
+                Problem("tree", f"audit entry {idx} is served twice or out of order", idx)
+            )
+            return False
+        self.problems.append(
+            Problem(
+                "tree",
+                f"audit {_span(range(self.size, idx))} missing: the log goes from entry "
+                f"{self.size - 1} to entry {idx}",
+                self.size,
+            )
+        )
+        self.broken, self.size = True, idx
+        self.head = b""  # the chain before this entry is in the missing ones
+        return True
 
     def check_checkpoint(self, checkpoint: Checkpoint) -> list[Problem]:
         """The entries fetched so far against a signed checkpoint of exactly that many (what

@@ -16,7 +16,9 @@ One module per command group; each holds its commands and registers them on ``ap
   funding of a pool;
 - :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
   version.
-- :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
+- :mod:`.audit`: ``audit verify`` (the signed Merkle log, its history, every store and every
+  total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
+  ``audit key`` (the checkpoint key to pin).
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
   stack's CA.
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress

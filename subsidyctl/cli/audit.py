@@ -428,7 +428,11 @@ async def audit_log(
     """Run every check and collect every disagreement (nothing raises for a finding)."""
     found = Verification()
     checkpoint = await signed_checkpoint(src.audit, keys, found)
-    state = LogAudit(trusted.tree_size if trusted else 0, sample_of(checkpoint.size, sample))
+    state = LogAudit(
+        trusted.tree_size if trusted else 0,
+        sample_of(checkpoint.size, sample),
+        digests=bool(src.stores),
+    )
     await fetch_entries(src.audit, state, checkpoint.size, progress)
     found.problems += state.check_checkpoint(checkpoint)
     if not state.broken:
