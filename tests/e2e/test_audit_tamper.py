@@ -536,3 +536,41 @@ async def test_usage_pages_through_every_quota_and_person_and_refuses_a_forged_c
                 assert status_of(caught.value) == (grpc.StatusCode.INVALID_ARGUMENT, reason, field)
     finally:
         await channel.close()
+
+
+async def test_every_proof_still_verifies_after_a_person_is_crypto_shredded(
+    platform: Platform, rng: random.Random, tmp_path: Path
+) -> None:
+    """The tree hashes the ciphertext: destroying a person's data key (crypto-shredding)
+    changes no entry, so their registration's proof and the whole audit still verify."""
+    order = await checkout(platform, rng)
+    cp = await settled(platform)
+    page = await platform.audit.ListOrderEntries(audit_pb2.ListOrderEntriesRequest(order_id=order))
+    locked = next(e for e in page.entries if e.envelope.event_type.endswith("QualificationLocked"))
+    consumer = locked.envelope.stream_id.removeprefix("consumer/")
+    recent = await platform.audit.GetEntries(  # the checkout's own entries are among these
+        audit_pb2.GetEntriesRequest(start=max(0, cp.tree_size - 1000), end=cp.tree_size)
+    )
+    registered = next(
+        e
+        for e in recent.entries
+        if Envelope.FromString(e.envelope_bytes).stream_id == f"consumer/{consumer}"
+        and Envelope.FromString(e.envelope_bytes).stream_version == 1
+    )
+    async with database(platform, "eligibility") as conn:
+        await conn.execute("DELETE FROM person_keys WHERE consumer_id = %s", (consumer,))
+    proof = await platform.audit.GetInclusionProof(
+        audit_pb2.GetInclusionProofRequest(
+            leaf_hash=leaf_hash(registered.envelope_bytes), tree_size=cp.tree_size
+        )
+    )
+    assert proof.index == registered.index
+    merkle.verify_inclusion(
+        proof.index,
+        cp.tree_size,
+        leaf_hash(registered.envelope_bytes),
+        list(proof.hashes),
+        cp.root_hash,
+    )
+    code, answer, err = await run_cli(platform, tmp_path)
+    assert code == 0, (answer["differences"], err)
