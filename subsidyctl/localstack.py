@@ -305,6 +305,10 @@ class LocalStack:
             env[topology.addr_variable(peer)] = self.endpoint(topology.serving_process(peer))
         return env
 
+    def pid(self, service: str) -> int:
+        """The process id of one service (benchmarks read its CPU time)."""
+        return self._procs[service].pid
+
     def kill(self, service: str) -> None:
         """kill -9 one service's process (chaos tests): no drain, no goodbye."""
         proc = self._procs[service]

@@ -124,3 +124,10 @@ async def read(store: EventStore, start: int, limit: int) -> list[tuple[int, byt
             )
         ).all()
     return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+
+async def size(store: EventStore) -> int:
+    """How many entries the log holds (its head; no count over the entries)."""
+    async with store.engine.connect() as conn:
+        found = await conn.scalar(select(head.c.size).where(head.c.id == 1))
+    return int(found or 0)

@@ -1,21 +1,62 @@
-"""How audit is wired into the shared service runner: one consumer of every event."""
+"""How audit is wired into the shared service runner: one consumer of every event, and the
+loop that integrates new entries into the Merkle tree and signs checkpoints on a schedule."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from services.kernel.app import Runtime, ServiceSpec, Wiring
+from services.kernel.background import every
 from services.kernel.consumer import EventConsumer
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
 
-from . import log
+from . import checkpoints, log, tree
 from .api import AuditApi
+
+logger = logging.getLogger(__name__)
+# How often new entries are integrated into the tree: proofs and fresh checkpoints cover an
+# entry within about this long of its arrival (a fresh checkpoint integrates at once).
+INTEGRATE_EVERY_S = 1.0
 
 
 async def build(rt: Runtime) -> Wiring:
     await log.ensure_head(rt.store)
+    await tree.ensure_tree(rt.store)
+    signer = checkpoints.Signer(rt.vault, rt.settings.audit_origin)
+    loop = asyncio.get_running_loop()
+    last_signed = [loop.time()]
+
+    async def catch_up() -> None:
+        while await tree.integrate(rt.store):
+            pass
+
+    async def step() -> None:
+        await catch_up()
+        if loop.time() - last_signed[0] >= rt.settings.checkpoint_interval_s:
+            await checkpoints.publish(rt.store, signer)  # the last one if nothing was added
+            last_signed[0] = loop.time()
+
+    async def tree_loop(stop: asyncio.Event) -> None:
+        await every(
+            stop,
+            INTEGRATE_EVERY_S,
+            step,
+            log=logger,
+            failure="audit tree integration or checkpoint failed",
+            alert=checkpoints.ALERT,
+        )
+
     return Wiring(
-        registrations=[(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditApi(rt.store))],
+        registrations=[
+            (
+                audit_pb2_grpc.add_AuditServiceServicer_to_server,
+                AuditApi(rt.store, signer, catch_up),
+            )
+        ],
         service_names=[audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name],
         consumers=[EventConsumer("audit-log", ["events.>"], log.append)],
+        background=[tree_loop],
     )
 
 

@@ -1,32 +1,44 @@
-"""What an auditor checks: the log's chain, the money, and the log against every store.
+"""What an auditor checks: the log's tree and signed checkpoint, its history against what they
+trusted before, the money and every other total, and the log against every service's store.
 
-Nothing here trusts a service's own figures: the hash chain is recomputed from the envelopes'
-bytes, and every budget pool is rebuilt by folding its events through the budget fold the
-ledger itself decides with (:mod:`services.kernel.contract.budget`), which checks the budget
-invariant after every event. The chain proves the log was not changed *after* an entry was
-written, not that the entry was true: :func:`compare_with_stores` checks each entry against
-the store of the service that wrote the event (an entry forged on the bus, or written into the
-log's database and rechained, matches no stored event).
+Nothing here trusts the audit service: each entry's leaf is recomputed from its bytes, the tree
+is recomputed from the leaves (:class:`LogAudit`), the checkpoint's signature is checked with a
+key the auditor pinned, and the trusted state of the last run (:class:`Trusted`: a checkpoint
+and the right edge of its tree) tells whether today's log extends what was seen then. Every
+disagreement is a :class:`Problem` with its position in the log where it has one.
+
+The totals are rebuilt from the events alone (:mod:`services.audit.totals`); the budget pools
+through the fold the ledger decides with (:mod:`services.kernel.contract.budget`), which checks
+the budget invariant after every event. The tree proves the log was not changed *after* an
+entry was written, not that the entry was true: :func:`compare_with_stores` checks each entry
+against the store of the service that wrote the event (an entry forged on the bus, or written
+into the log's database and re-hashed, matches no stored event).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError
 
 from services.invariants import EventDigest, InvariantViolation, check_log_matches_stores
-from services.kernel.contract import budget
+from services.kernel.contract import budget, merkle
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
-from services.kernel.events import Envelope, payload_of
+from services.kernel.contract.checkpoint import Checkpoint
+from services.kernel.contract.merkle import CompactRange, ProofInvalid
+from services.kernel.events import Envelope
 from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
+from .totals import PoolFold, Rebuild
 
 POOL_STREAM = POOL_STREAM_PREFIX
 SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
+Row = tuple[int, bytes, bytes, bytes]  # (index, leaf hash, chain hash, envelope bytes)
 
 
 @dataclass
@@ -39,15 +51,18 @@ class Replay:
     events_by_service: dict[str, int] = field(default_factory=dict)
 
 
-def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
-    """Replay ``(index, leaf hash, chain hash, envelope bytes)`` from index 0, in order.
+def replay(entries: Iterable[Row]) -> Replay:
+    """Replay ``(index, leaf hash, chain hash, envelope bytes)`` from index 0, in order; raise
+    :class:`InvariantViolation` at the first entry out of place or off the chain, or a pool
+    whose events do not add up.
 
     The log records events in the order they reached the audit service, which after a crash or
     a redelivery is not the order they happened in; each budget pool is therefore folded in its
     own stream's version order, and a missing version is a violation.
     """
     out = Replay()
-    pool_events: dict[str, dict[int, Message]] = {}
+    pools = PoolFold()
+    folds = Rebuild([pools])
     for idx, leaf, chained, data in entries:
         if idx != out.size:
             raise InvariantViolation(f"audit entry {idx} out of order (expected {out.size})")
@@ -56,18 +71,9 @@ def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
         out.head, out.size = chained, out.size + 1
         env = Envelope.FromString(data)
         out.events_by_service[env.service] = out.events_by_service.get(env.service, 0) + 1
-        if env.service == "ledger" and env.stream_id.startswith(POOL_STREAM):
-            versions = pool_events.setdefault(env.stream_id.removeprefix(POOL_STREAM), {})
-            if env.stream_version in versions:
-                raise InvariantViolation(f"{env.stream_id} v{env.stream_version} logged twice")
-            versions[env.stream_version] = payload_of(env)
-    for pool_id, versions in sorted(pool_events.items()):
-        if sorted(versions) != list(range(1, len(versions) + 1)):
-            raise InvariantViolation(f"{POOL_STREAM}{pool_id}: events missing from the log")
-        pool = budget.Pool(pool_id)
-        for version in sorted(versions):
-            pool = budget.apply(pool, versions[version])  # checks the invariant
-        out.pools[pool_id] = pool
+        folds.add(env)
+    folds.finish()
+    out.pools = pools.pools()
     return out
 
 
@@ -81,9 +87,26 @@ def compare_pools(replayed: dict[str, budget.Pool], reported: dict[str, budget.P
             )
 
 
-def compare_with_stores(
-    entries: Iterable[tuple[int, bytes, bytes, bytes]], stored: Iterable[EventDigest]
-) -> dict[str, int]:
+def digest_of(env: Envelope, data: bytes) -> EventDigest:
+    """An entry as the log-to-store cross-check compares it."""
+    return EventDigest(
+        env.service,
+        env.event_id,
+        hashlib.sha256(data).hexdigest(),
+        env.stream_id,
+        env.stream_version,
+        env.event_type,
+    )
+
+
+def skip_named(env: Envelope) -> str | None:
+    """The event an ``OutboxEventSkipped`` entry says its service's outbox let pass."""
+    if env.event_type != SKIPPED:
+        return None
+    return str(ev.OutboxEventSkipped.FromString(env.payload).event_id)
+
+
+def compare_with_stores(entries: Iterable[Row], stored: Iterable[EventDigest]) -> dict[str, int]:
     """Cross-check the log's ``(index, leaf hash, chain hash, envelope bytes)`` entries with
     every event the services' stores list (``stored``, each with the SHA-256 of its stored
     envelope bytes): see :func:`services.invariants.check_log_matches_stores`, which raises
@@ -95,16 +118,257 @@ def compare_with_stores(
     skipped: dict[str, tuple[str, str]] = {}
     for idx, _, _, data in entries:
         env = Envelope.FromString(data)
-        if env.event_type == SKIPPED:
-            stuck = ev.OutboxEventSkipped.FromString(env.payload).event_id
+        if (stuck := skip_named(env)) is not None:
             skipped[stuck] = (env.service, env.event_id)
-        digest = EventDigest(
-            env.service,
-            env.event_id,
-            hashlib.sha256(data).hexdigest(),
-            env.stream_id,
-            env.stream_version,
-            env.event_type,
-        )
-        logged.append((idx, digest))
+        logged.append((idx, digest_of(env, data)))
     return check_log_matches_stores(stored, logged, skipped=skipped)
+
+
+# -- the tree, the checkpoint and the trusted state --------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One thing that is off: which check found it, where in the log (if it has a place), and
+    what, in words."""
+
+    check: str  # signature, tree, trusted, proof, stores, totals
+    message: str
+    position: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"check": self.check, "position": self.position, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Trusted:
+    """What the auditor verified last time: the signed checkpoint, and its tree's right edge
+    (the roots of the complete subtrees that tile it), which also tells *where* a later log
+    differs from it."""
+
+    note: str
+    tree_size: int
+    root: bytes
+    right_edge: tuple[bytes, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "note": self.note,
+            "tree_size": self.tree_size,
+            "root_hex": self.root.hex(),
+            "right_edge_hex": [h.hex() for h in self.right_edge],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Trusted:
+        """Read a trusted state; its right edge must be the tree of its root."""
+        trusted = cls(
+            str(data["note"]),
+            int(data["tree_size"]),
+            bytes.fromhex(data["root_hex"]),
+            tuple(bytes.fromhex(h) for h in data["right_edge_hex"]),
+        )
+        edge = CompactRange(trusted.tree_size, list(trusted.right_edge))
+        if len(edge.nodes()) != len(trusted.right_edge) or edge.root() != trusted.root:
+            raise ValueError("the trusted state's right edge is not the tree of its root")
+        return trusted
+
+
+def first_difference(size: int, mine: Sequence[bytes], theirs: Sequence[bytes]) -> range:
+    """Where two trees of ``size`` leaves differ, from their right edges: the leaves of the
+    first complete subtree whose hashes disagree."""
+    for (level, index), a, b in zip(merkle.range_nodes(0, size), mine, theirs, strict=True):
+        if a != b:
+            return range(index << level, (index + 1) << level)
+    raise ValueError("the two right edges are equal")
+
+
+def _span(r: range) -> str:
+    return f"entry {r.start}" if len(r) == 1 else f"entries {r.start}..{r.stop - 1}"
+
+
+class LogAudit:
+    """The log as the auditor downloads it, page by page in index order: each entry's leaf
+    recomputed from its bytes, the tree recomputed from those leaves (and, apart, from the
+    leaves the service reports: when those add up to the signed root, they are the tree's, and
+    every entry whose bytes hash to another leaf is named by position), the hash chain, the
+    events per service, the digests the stores are compared with, and the totals' rebuild."""
+
+    def __init__(
+        self, trusted_size: int = 0, watch: Iterable[int] = (), *, digests: bool = True
+    ) -> None:
+        self.size = 0  # entries seen (the next index expected)
+        self.tree = CompactRange()  # from the leaves recomputed from the bytes
+        # From the leaves the service reports: the same as ``tree`` until an entry's bytes
+        # hash to another leaf than it reports, so kept apart only from then on.
+        self._reported: CompactRange | None = None
+        self.broken = False  # an entry is missing: no root can be recomputed
+        self.head = GENESIS
+        self.problems: list[Problem] = []
+        self.events_by_service: Counter[str] = Counter()
+        self.keep_digests = digests  # only the cross-check with the stores needs them
+        self.digests: list[tuple[int, EventDigest]] = []
+        self.skipped: dict[str, tuple[str, str]] = {}
+        self.rebuild = Rebuild()
+        self.trusted_size = trusted_size
+        self.edge_at_trusted: list[bytes] | None = [] if trusted_size == 0 else None
+        self.watched = set(watch)
+        self.leaves: dict[int, bytes] = {}  # the recomputed leaves of the watched entries
+
+    @property
+    def reported(self) -> CompactRange:
+        """The tree of the leaf hashes the service reports."""
+        return self.tree if self._reported is None else self._reported
+
+    def add(self, rows: Iterable[Row]) -> None:
+        """The next page of entries."""
+        # The hot loop of a million-entry audit: the hashes and the tree's append inline.
+        tree, parse, rebuild, sha256 = self.tree, Envelope.FromString, self.rebuild, hashlib.sha256
+        edge = tree.hashes
+        for idx, reported, chained, data in rows:
+            if idx != self.size:
+                if not self._misplaced(idx):
+                    continue
+            actual = sha256(b"\x00" + data).digest()  # RFC 6962 leaf, as merkle.leaf_hash
+            if actual != reported:
+                if self._reported is None:
+                    self._reported = CompactRange(tree.size, list(tree.hashes))
+                self.problems.append(
+                    Problem(
+                        "tree",
+                        f"audit entry {idx}: its bytes hash to leaf {actual.hex()}, the log's "
+                        f"tree has {reported.hex()} there",
+                        idx,
+                    )
+                )
+            elif self.head and sha256(self.head + actual).digest() != chained:  # chain_hash
+                self.problems.append(
+                    Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx)
+                )
+            self.head = chained
+            h, s = actual, tree.size  # CompactRange.append
+            while s & 1:
+                h = sha256(b"\x01" + edge.pop() + h).digest()
+                s >>= 1
+            edge.append(h)
+            tree.size += 1
+            if self._reported is not None:
+                self._reported.append(reported)
+            if idx in self.watched:
+                self.leaves[idx] = actual
+            self.size = idx + 1
+            if self.size == self.trusted_size and not self.broken:
+                self.edge_at_trusted = list(tree.hashes)
+            try:
+                env = parse(data)
+            except DecodeError:
+                self.problems.append(
+                    Problem("tree", f"audit entry {idx} is not an event envelope", idx)
+                )
+                continue
+            self.events_by_service[env.service] += 1
+            if self.keep_digests:
+                self.digests.append((idx, digest_of(env, data)))
+            if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
+                self.skipped[stuck] = (env.service, env.event_id)
+            rebuild.add(env)
+
+    def _misplaced(self, idx: int) -> bool:
+        """An entry not where the next one should be: served twice (skip it: False), or
+        after a gap (name the gap, and take the entry: True)."""
+        if idx < self.size:
+            self.problems.append(
+                Problem("tree", f"audit entry {idx} is served twice or out of order", idx)
+            )
+            return False
+        self.problems.append(
+            Problem(
+                "tree",
+                f"audit {_span(range(self.size, idx))} missing: the log goes from entry "
+                f"{self.size - 1} to entry {idx}",
+                self.size,
+            )
+        )
+        self.broken, self.size = True, idx
+        self.head = b""  # the chain before this entry is in the missing ones
+        return True
+
+    def check_checkpoint(self, checkpoint: Checkpoint) -> list[Problem]:
+        """The entries fetched so far against a signed checkpoint of exactly that many (what
+        :meth:`add` found is in :attr:`problems`; this returns what the root shows)."""
+        found: list[Problem] = []
+        if self.size < checkpoint.size:
+            missing = range(self.size, checkpoint.size)
+            found.append(
+                Problem(
+                    "tree",
+                    f"audit {_span(missing)} missing: the log serves {self.size} of the "
+                    f"{checkpoint.size} entries its checkpoint signs",
+                    self.size,
+                )
+            )
+        elif self.broken:
+            pass  # named where the gap is
+        elif self.tree.root() != checkpoint.root:
+            if self.reported.root() == checkpoint.root:
+                message = (
+                    "the entries do not add up to the signed root: the entries named above "
+                    "were changed after they were signed"
+                )
+            else:
+                message = (
+                    "the leaf hashes the log reports do not add up to its signed root "
+                    "either: its stored tree was changed"
+                )
+            found.append(Problem("tree", message))
+        return found
+
+    def check_trusted(
+        self, trusted: Trusted, checkpoint: Checkpoint, proof: Sequence[bytes] | None
+    ) -> list[Problem]:
+        """Today's checkpoint against the one trusted last time: the log may only have grown.
+        ``proof`` is the service's consistency proof from the trusted size to today's (None
+        when it could not give one); the right edge recomputed from the entries at the
+        trusted size locates where a rewritten history first differs."""
+        found: list[Problem] = []
+        t, n = trusted.tree_size, checkpoint.size
+        if n < t:
+            found.append(
+                Problem(
+                    "trusted",
+                    f"the log has {n} entries, fewer than the {t} of your trusted checkpoint: "
+                    f"it was truncated at entry {n}",
+                    n,
+                )
+            )
+        elif n == t and checkpoint.root != trusted.root:
+            found.append(
+                Problem("trusted", f"the log signs another root for your trusted size {t}")
+            )
+        elif n > t and t > 0:
+            try:
+                if proof is None:
+                    raise ProofInvalid("the log gave no consistency proof")
+                merkle.verify_consistency(t, n, trusted.root, checkpoint.root, proof)
+            except ProofInvalid as exc:
+                found.append(
+                    Problem(
+                        "trusted",
+                        f"the log of {n} entries is not consistent with your trusted "
+                        f"checkpoint of {t}: {exc}",
+                    )
+                )
+        edge = self.edge_at_trusted
+        if t and edge is not None and edge != list(trusted.right_edge) and n >= t:
+            differs = first_difference(t, edge, trusted.right_edge)
+            found.append(
+                Problem(
+                    "trusted",
+                    f"the first {t} entries are not those you trusted: they differ within "
+                    f"{_span(differs)}",
+                    differs.start,
+                )
+            )
+        return found
+
+    def trusted_state(self, note: str, checkpoint: Checkpoint) -> Trusted:
+        """What to trust next time: this checkpoint and the recomputed right edge."""
+        return Trusted(note, checkpoint.size, checkpoint.root, tuple(self.tree.hashes))

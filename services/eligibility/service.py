@@ -10,6 +10,8 @@ from subsidy.v1 import (
     identity_pb2_grpc,
     risk_pb2,
     risk_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 
 from .api import EligibilityApi
@@ -17,6 +19,7 @@ from .authority import GrpcIdentityAuthority
 from .handlers import Eligibility
 from .projections import metadata
 from .risk_api import RiskApi
+from .usage import UsageApi
 
 
 async def build(rt: Runtime) -> Wiring:
@@ -37,10 +40,13 @@ async def build(rt: Runtime) -> Wiring:
         registrations=[
             (eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server, EligibilityApi(e)),
             (risk_pb2_grpc.add_RiskServiceServicer_to_server, RiskApi(e.risk)),
+            # What the auditor's replay compares the events with (read-only).
+            (usage_pb2_grpc.add_UsageServiceServicer_to_server, UsageApi(rt.store)),
         ],
         service_names=[
             eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
             risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
+            usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
         ],
         consumers=[
             EventConsumer(

@@ -30,6 +30,7 @@ _CATALOG = "/subsidy.v1.CatalogService/"
 _ELIGIBILITY = "/subsidy.v1.EligibilityService/"
 _LEDGER = "/subsidy.v1.LedgerService/"
 _AUDIT = "/subsidy.v1.AuditService/"
+_USAGE = "/subsidy.v1.UsageService/"
 _IDENTITY = "/subsidy.v1.IdentityAuthority/"
 _SIMULATOR = "/subsidy.v1.IdentitySimulatorAdmin/"
 _EVENT_LOG = "/subsidy.v1.EventLogService/"
@@ -98,6 +99,13 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     # audit: read-only, for the people who check the campaign
     _AUDIT + "GetLogInfo": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetEntries": frozenset({AUDITOR, OPERATOR}),
+    _AUDIT + "GetCheckpoint": frozenset({AUDITOR, OPERATOR}),
+    _AUDIT + "GetInclusionProof": frozenset({AUDITOR, OPERATOR}),
+    _AUDIT + "GetConsistencyProof": frozenset({AUDITOR, OPERATOR}),
+    _AUDIT + "ListOrderEntries": frozenset({AUDITOR, OPERATOR}),
+    # eligibility's issued quotas and per-person figures, for the auditor's replay to compare
+    _USAGE + "ListQuotaUsage": frozenset({AUDITOR, OPERATOR}),
+    _USAGE + "ListPersonUsage": frozenset({AUDITOR, OPERATOR}),
     # every service: its own event store, listed for the audit log's cross-check
     _EVENT_LOG + "ListEvents": frozenset({AUDITOR, OPERATOR}),
     # the identity authority (the simulator locally) answers eligibility only

@@ -443,6 +443,18 @@ class Settings(ProcessSettings):
         "default 5",
         default=5.0,
     )
+    checkpoint_interval_s: float = variable(
+        "SUBSIDY_CHECKPOINT_INTERVAL_S",
+        "audit: seconds between signed checkpoints of the audit log's Merkle tree (one is "
+        "signed only when the tree grew; auditors can ask for one at any time), default 60",
+        default=60.0,
+    )
+    audit_origin: str = variable(
+        "SUBSIDY_AUDIT_ORIGIN",
+        "audit: the origin line of the log's checkpoints and the name of their signing key, a "
+        "schema-less URL naming this campaign's log, default `subsidy.local/audit`",
+        default="subsidy.local/audit",
+    )
     reservation_timeout_s: int = variable(
         "SUBSIDY_RESERVATION_TIMEOUT_S",
         "ledger: seconds a pending reservation lives, default 900",

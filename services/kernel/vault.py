@@ -188,6 +188,22 @@ class Vault:
         )
         return bool(res["data"]["valid"])
 
+    def tree_head_public_keys_sync(self) -> dict[int, bytes]:
+        """The tree-head key's Ed25519 public keys by version (every version still readable:
+        checkpoints signed before a rotation verify with the old one)."""
+        res = self._call(self._client.secrets.transit.read_key, name=TREE_HEAD_KEY)
+        return {
+            int(version): base64.b64decode(key["public_key"])
+            for version, key in res["data"]["keys"].items()
+        }
+
+    def sign_tree_head_sync(self, message: bytes) -> tuple[int, bytes]:
+        """Ed25519 over ``message`` with the tree-head key: (key version, raw signature)."""
+        prefix, version, sig = self.sign_sync(message).split(":")
+        if prefix != "vault" or not version.startswith("v"):
+            raise VaultUnavailable("vault returned a signature in an unknown format")
+        return int(version[1:]), base64.b64decode(sig)
+
     def forget_cached(self, wrapped: WrappedKey) -> None:
         self._dek_cache.pop(wrapped.ciphertext, None)
 
@@ -268,6 +284,12 @@ class Vault:
 
     async def sign(self, message: bytes) -> str:
         return await asyncio.to_thread(self.sign_sync, message)
+
+    async def sign_tree_head(self, message: bytes) -> tuple[int, bytes]:
+        return await asyncio.to_thread(self.sign_tree_head_sync, message)
+
+    async def tree_head_public_keys(self) -> dict[int, bytes]:
+        return await asyncio.to_thread(self.tree_head_public_keys_sync)
 
 
 def _is_ip(name: str) -> bool:

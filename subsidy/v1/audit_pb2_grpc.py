@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """The append-only log of every event of every service.
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
     """
 
     def __init__(self, channel):
@@ -45,10 +46,31 @@ class AuditServiceStub:
                 request_serializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/subsidy.v1.AuditService/GetCheckpoint',
+                request_serializer=subsidy_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/subsidy.v1.AuditService/GetInclusionProof',
+                request_serializer=subsidy_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/subsidy.v1.AuditService/GetConsistencyProof',
+                request_serializer=subsidy_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
+                _registered_method=True)
+        self.ListOrderEntries = channel.unary_unary(
+                '/subsidy.v1.AuditService/ListOrderEntries',
+                request_serializer=subsidy_dot_v1_dot_audit__pb2.ListOrderEntriesRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
-    """The append-only log of every event of every service.
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
     """
 
     def GetLogInfo(self, request, context):
@@ -59,6 +81,32 @@ class AuditServiceServicer:
 
     def GetEntries(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The latest signed checkpoint, one published earlier (tree_size), or a new one (fresh).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOrderEntries(self, request, context):
+        """The entries of one order: events whose correlation id or payload names it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -76,6 +124,26 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     request_deserializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.SerializeToString,
             ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=subsidy_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_audit__pb2.Checkpoint.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=subsidy_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=subsidy_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_audit__pb2.ConsistencyProof.SerializeToString,
+            ),
+            'ListOrderEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrderEntries,
+                    request_deserializer=subsidy_dot_v1_dot_audit__pb2.ListOrderEntriesRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'subsidy.v1.AuditService', rpc_method_handlers)
@@ -85,7 +153,8 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """The append-only log of every event of every service.
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
     """
 
     @staticmethod
@@ -131,6 +200,114 @@ class AuditService:
             target,
             '/subsidy.v1.AuditService/GetEntries',
             subsidy_dot_v1_dot_audit__pb2.GetEntriesRequest.SerializeToString,
+            subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.AuditService/GetCheckpoint',
+            subsidy_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            subsidy_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.AuditService/GetInclusionProof',
+            subsidy_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            subsidy_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.AuditService/GetConsistencyProof',
+            subsidy_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            subsidy_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrderEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.AuditService/ListOrderEntries',
+            subsidy_dot_v1_dot_audit__pb2.ListOrderEntriesRequest.SerializeToString,
             subsidy_dot_v1_dot_audit__pb2.GetEntriesResponse.FromString,
             options,
             channel_credentials,

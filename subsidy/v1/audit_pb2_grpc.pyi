@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditServiceStub:
-    """The append-only log of every event of every service."""
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -35,17 +37,33 @@ class AuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     GetLogInfo: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetLogInfoRequest, _audit_pb2.LogInfo]
     GetEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEntriesRequest, _audit_pb2.GetEntriesResponse]
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.Checkpoint]
+    """The latest signed checkpoint, one published earlier (tree_size), or a new one (fresh)."""
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.InclusionProof]
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.ConsistencyProof]
+    ListOrderEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListOrderEntriesRequest, _audit_pb2.GetEntriesResponse]
+    """The entries of one order: events whose correlation id or payload names it."""
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
-    """The append-only log of every event of every service."""
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetLogInfo: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetLogInfoRequest, _audit_pb2.LogInfo]  # type: ignore[assignment]
     GetEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEntriesRequest, _audit_pb2.GetEntriesResponse]  # type: ignore[assignment]
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.Checkpoint]  # type: ignore[assignment]
+    """The latest signed checkpoint, one published earlier (tree_size), or a new one (fresh)."""
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.InclusionProof]  # type: ignore[assignment]
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.ConsistencyProof]  # type: ignore[assignment]
+    ListOrderEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListOrderEntriesRequest, _audit_pb2.GetEntriesResponse]  # type: ignore[assignment]
+    """The entries of one order: events whose correlation id or payload names it."""
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The append-only log of every event of every service."""
+    """The append-only log of every event of every service, its RFC 6962 Merkle tree, signed
+    checkpoints, and proofs for any tree size the log has had (docs/audit.md).
+    """
 
     @_abc_1.abstractmethod
     def GetLogInfo(
@@ -60,5 +78,35 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.GetEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.GetEntriesResponse, _abc.Awaitable[_audit_pb2.GetEntriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _audit_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.Checkpoint, _abc.Awaitable[_audit_pb2.Checkpoint]]:
+        """The latest signed checkpoint, one published earlier (tree_size), or a new one (fresh)."""
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.GetInclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.InclusionProof, _abc.Awaitable[_audit_pb2.InclusionProof]]: ...
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _audit_pb2.GetConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ConsistencyProof, _abc.Awaitable[_audit_pb2.ConsistencyProof]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOrderEntries(
+        self,
+        request: _audit_pb2.ListOrderEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetEntriesResponse, _abc.Awaitable[_audit_pb2.GetEntriesResponse]]:
+        """The entries of one order: events whose correlation id or payload names it."""
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

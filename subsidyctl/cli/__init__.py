@@ -20,6 +20,9 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.risk`: ``risk rules``, ``risk lists``, ``risk decisions``: the risk rules and the block
   and allow lists (read; change through ``propose`` / ``lists add`` and ``approve`` by another
   person), the decisions they made, and ``risk lift`` for a block.
+- :mod:`.audit`: ``audit verify`` (the signed Merkle log, its history, every store and every
+  total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
+  ``audit key`` (the checkpoint key to pin).
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
   stack's CA.
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress

@@ -1,11 +1,13 @@
 """subsidyctl audit verify compares the audit log with every service's own store, on the real
 in-process platform: an entry no store wrote, a stored event the log lacks and an entry whose
-bytes differ are each named, although the log's hash chain was recomputed to hide them.
+bytes differ are each named, although the log's hash chain and Merkle tree were recomputed (and
+signed anew) to hide them.
 
 The tampering is done as an attacker with access to the audit database would: straight into
-its tables, as the PostgreSQL superuser, chain and head recomputed. Each test puts the log back
-exactly as it was (the session's platform is shared), under the head row's lock so the audit
-consumer cannot append in between.
+its tables, as the PostgreSQL superuser, chain, tree and heads recomputed, the old checkpoints
+deleted (tests/e2e/test_audit_tamper.py shows what an auditor with a trusted checkpoint sees).
+Each test puts the log back exactly as it was (the session's platform is shared), under the
+head rows' locks so the audit consumer cannot append in between.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from services.audit.domain import GENESIS, chain_hash, leaf_hash
+from services.audit.tree import keys_of
 from services.invariants import LogStoreMismatch
+from services.kernel.contract.merkle import CompactRange
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
 from services.kernel.eventstore import START
 from services.kernel.identity import Caller, Role
@@ -48,10 +52,16 @@ def audit_conninfo(platform: Platform) -> str:
 
 
 async def rewrite(conn: psycopg.AsyncConnection[Any], entries: list[Entry]) -> None:
-    """Replace the whole log with ``entries``, chained and with a head that matches: after
-    this, the log's own chain verifies whatever the entries are."""
+    """Replace the whole log with ``entries``, chained, its Merkle tree rebuilt and with heads
+    that match, and the signed checkpoints deleted (so the service signs the new tree): after
+    this, the log's own chain and tree verify whatever the entries are."""
     await conn.execute("DELETE FROM audit_entries")
+    await conn.execute("DELETE FROM audit_tree_nodes")
+    await conn.execute("DELETE FROM audit_entry_keys")
+    await conn.execute("DELETE FROM audit_checkpoints")
     head = GENESIS
+    nodes: list[tuple[int, int, bytes]] = []
+    tree = CompactRange()
     for idx, (event_id, service, event_type, data) in enumerate(entries):
         leaf = leaf_hash(data)
         head = chain_hash(head, leaf)
@@ -61,9 +71,44 @@ async def rewrite(conn: psycopg.AsyncConnection[Any], entries: list[Entry]) -> N
             " VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (idx, event_id, service, event_type, leaf, head, data),
         )
+        tree.append(leaf, lambda level, index, h: nodes.append((level, index, h)))
+        for key in keys_of(data):
+            await conn.execute(
+                "INSERT INTO audit_entry_keys (key, idx) VALUES (%s, %s)", (key, idx)
+            )
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO audit_tree_nodes (level, idx, hash) VALUES (%s, %s, %s)", nodes
+        )
     await conn.execute(
         "UPDATE audit_head SET size = %s, chain_hash = %s WHERE id = 1", (len(entries), head)
     )
+    await conn.execute("UPDATE audit_tree SET size = %s WHERE id = 1", (len(entries),))
+
+
+async def lock_log(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Hold the log's head and its tree's head (no append, integration or signature meanwhile)."""
+    await conn.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")
+    await conn.execute("SELECT 1 FROM audit_tree WHERE id = 1 FOR UPDATE")
+
+
+async def read_checkpoints(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(
+        "SELECT tree_size, root_hash, note, published_at FROM audit_checkpoints"
+    )
+    return [tuple(r) for r in await cur.fetchall()]
+
+
+async def put_back_checkpoints(
+    conn: psycopg.AsyncConnection[Any], saved: list[tuple[Any, ...]]
+) -> None:
+    await conn.execute("DELETE FROM audit_checkpoints")
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO audit_checkpoints (tree_size, root_hash, note, published_at)"
+            " VALUES (%s, %s, %s, %s)",
+            saved,
+        )
 
 
 async def read_log(conn: psycopg.AsyncConnection[Any]) -> list[Entry]:
@@ -81,8 +126,9 @@ async def tampered(
     await platform.quiesce()  # nothing on its way to the log while it is changed
     async with await psycopg.AsyncConnection.connect(audit_conninfo(platform)) as conn:
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")
+            await lock_log(conn)
             original = await read_log(conn)
+            signed = await read_checkpoints(conn)
             changed = change(list(original))
             await rewrite(conn, changed)
             added = {e[0] for e in changed} - {e[0] for e in original}  # forged: not put back
@@ -90,11 +136,13 @@ async def tampered(
             yield
         finally:
             async with conn.transaction():
-                await conn.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")
+                await lock_log(conn)
                 known = {e[0] for e in original} | set(added)
                 # Entries the consumer appended meanwhile stay, after the original ones.
                 arrived = [e for e in await read_log(conn) if e[0] not in known]
                 await rewrite(conn, [*original, *arrived])
+                # The checkpoints signed before, which the true tree extends; not the forged.
+                await put_back_checkpoints(conn, signed)
 
 
 def first_of(entries: list[Entry], service: str) -> int:
@@ -119,6 +167,25 @@ def forge(entries: list[Entry]) -> list[Entry]:
     return [*entries, (env.event_id, "ledger", env.event_type, data)]
 
 
+def token_file(directory: Path, token: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vault-token").write_text(token)
+    return directory / "vault-token"
+
+
+async def log_key(platform: Platform, directory: Path) -> Path:
+    """The log's verifier key, as an auditor gets it once from Vault (``audit key``) and pins."""
+    token, vkey = token_file(directory, platform.infra.bao.token), directory / "log.vkey"
+    code, answer, err = await subsidyctl(
+        "audit", "key", "--vault-addr", platform.infra.bao.addr,
+        "--vault-token-file", str(token), "--out", str(vkey),
+        "--origin", platform.running["audit"].runtime.settings.audit_origin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert answer["vkeys"] and vkey.read_text().splitlines() == answer["vkeys"]
+    return vkey
+
+
 async def run_cli(
     platform: Platform, tmp_path: Path, *extra: str
 ) -> tuple[int, dict[str, Any], str]:
@@ -128,7 +195,8 @@ async def run_cli(
         for arg in (f"--{name}", f"127.0.0.1:{platform.running[name].port}")
     ]
     who = identity_dir(platform.infra.identities(AUDITOR), tmp_path / "auditor")
-    return await subsidyctl("audit", "verify", *addresses, *extra, identity=who)
+    key = await log_key(platform, tmp_path / "key")
+    return await subsidyctl("audit", "verify", *addresses, "--key", str(key), *extra, identity=who)
 
 
 async def store_counts(platform: Platform) -> dict[str, int]:

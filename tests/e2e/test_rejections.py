@@ -1223,6 +1223,89 @@ for _limit in (0, -1, 1001, INT32_MAX, -(2**31)):
     )
 
 
+# GetEntries by range: a start before its end, at most 1000 at a time, within the log
+RANGE_CASES: list[tuple[str, dict[str, int], str, str]] = [
+    ("end-and-limit", {"start": 0, "end": 5, "limit": 5}, "END_OR_LIMIT", "limit"),
+    ("end-at-start", {"start": 5, "end": 5}, "INVALID_END", "end"),
+    ("end-before-start", {"start": 5, "end": 4}, "INVALID_END", "end"),
+    ("more-than-1000", {"start": 0, "end": 1001}, "INVALID_END", "end"),
+    ("beyond-the-log", {"start": INT64_MAX - 10, "end": INT64_MAX}, "BEYOND_LOG", "end"),
+]
+for _rid, _range, _rreason, _rfield in RANGE_CASES:
+    case(f"{ENTRIES}-{_rid}", ENTRIES, fixed(entries, **_range), INVALID, _rreason, _rfield)
+
+
+# AuditService.GetCheckpoint / GetInclusionProof / GetConsistencyProof / ListOrderEntries --
+CHECKPOINT = "audit.GetCheckpoint"
+INCLUSION = "audit.GetInclusionProof"
+CONSISTENCY = "audit.GetConsistencyProof"
+ORDER_ENTRIES = "audit.ListOrderEntries"
+
+
+def checkpoint(w: World, rng: random.Random, **kw: Any) -> audit_pb2.GetCheckpointRequest:
+    return audit_pb2.GetCheckpointRequest(**kw)
+
+
+def inclusion(w: World, rng: random.Random, **kw: Any) -> audit_pb2.GetInclusionProofRequest:
+    return audit_pb2.GetInclusionProofRequest(**kw)
+
+
+def consistency(w: World, rng: random.Random, **kw: Any) -> audit_pb2.GetConsistencyProofRequest:
+    return audit_pb2.GetConsistencyProofRequest(**kw)
+
+
+def order_entries(w: World, rng: random.Random, **kw: Any) -> audit_pb2.ListOrderEntriesRequest:
+    return audit_pb2.ListOrderEntriesRequest(**kw)
+
+
+TREE_CASES: list[tuple[str, Make, dict[str, Any], grpc.StatusCode, str, str]] = [
+    (f"{CHECKPOINT}-negative-size", checkpoint, {"tree_size": -1}, INVALID,
+     "INVALID_TREE_SIZE", "tree_size"),
+    (f"{CHECKPOINT}-fresh-and-size", checkpoint, {"tree_size": 1, "fresh": True}, INVALID,
+     "FRESH_OR_SIZE", "fresh"),
+    (f"{CHECKPOINT}-never-published", checkpoint, {"tree_size": INT64_MAX}, NOT_FOUND,
+     "CHECKPOINT_NOT_FOUND", "tree_size"),
+    (f"{INCLUSION}-no-leaf", inclusion, {"tree_size": 1}, INVALID, "LEAF_REQUIRED", "index"),
+    (f"{INCLUSION}-size-0", inclusion, {"index": 0, "tree_size": 0}, INVALID,
+     "INVALID_TREE_SIZE", "tree_size"),
+    (f"{INCLUSION}-size-negative", inclusion, {"index": 0, "tree_size": -5}, INVALID,
+     "INVALID_TREE_SIZE", "tree_size"),
+    (f"{INCLUSION}-beyond-the-tree", inclusion, {"index": 0, "tree_size": INT64_MAX}, INVALID,
+     "BEYOND_TREE", "tree_size"),
+    (f"{INCLUSION}-index-negative", inclusion, {"index": -1, "tree_size": 1}, INVALID,
+     "INVALID_INDEX", "index"),
+    (f"{INCLUSION}-index-at-size", inclusion, {"index": 1, "tree_size": 1}, INVALID,
+     "INVALID_INDEX", "index"),
+    (f"{INCLUSION}-short-hash", inclusion, {"leaf_hash": b"x" * 31, "tree_size": 1}, INVALID,
+     "INVALID_LEAF_HASH", "leaf_hash"),
+    (f"{INCLUSION}-long-hash", inclusion, {"leaf_hash": b"x" * 33, "tree_size": 1}, INVALID,
+     "INVALID_LEAF_HASH", "leaf_hash"),
+    (f"{INCLUSION}-unknown-hash", inclusion, {"leaf_hash": bytes(32), "tree_size": 1},
+     NOT_FOUND, "LEAF_NOT_FOUND", "leaf_hash"),
+    (f"{CONSISTENCY}-new-0", consistency, {"old_size": 1, "new_size": 0}, INVALID,
+     "INVALID_TREE_SIZE", "new_size"),
+    (f"{CONSISTENCY}-beyond-the-tree", consistency, {"old_size": 1, "new_size": INT64_MAX},
+     INVALID, "BEYOND_TREE", "new_size"),
+    (f"{CONSISTENCY}-old-0", consistency, {"old_size": 0, "new_size": 1}, INVALID,
+     "INVALID_OLD_SIZE", "old_size"),
+    (f"{CONSISTENCY}-old-after-new", consistency, {"old_size": 2, "new_size": 1}, INVALID,
+     "INVALID_OLD_SIZE", "old_size"),
+    (f"{CONSISTENCY}-old-negative", consistency, {"old_size": -1, "new_size": 1}, INVALID,
+     "INVALID_OLD_SIZE", "old_size"),
+    (f"{ORDER_ENTRIES}-no-order", order_entries, {}, INVALID, "MISSING_FIELD", "order_id"),
+    (f"{ORDER_ENTRIES}-long-order", order_entries, {"order_id": LONG}, INVALID,
+     "FIELD_TOO_LONG", "order_id"),
+    (f"{ORDER_ENTRIES}-bad-order", order_entries, {"order_id": "a b"}, INVALID,
+     "INVALID_IDENTIFIER", "order_id"),
+    (f"{ORDER_ENTRIES}-limit-1001", order_entries, {"order_id": "o-1", "limit": 1001}, INVALID,
+     "INVALID_LIMIT", "limit"),
+    (f"{ORDER_ENTRIES}-limit-negative", order_entries, {"order_id": "o-1", "limit": -1},
+     INVALID, "INVALID_LIMIT", "limit"),
+]  # fmt: skip
+for _tid, _tmake, _tfields, _tcode, _treason, _tfield in TREE_CASES:
+    case(_tid, _tid.split("-")[0], fixed(_tmake, **_tfields), _tcode, _treason, _tfield)
+
+
 # -- the tests ----------------------------------------------------------------------------------
 async def call(p: Platform, rpc: str, request: Message) -> Message:
     stub_name, method = rpc.split(".")

@@ -43,6 +43,9 @@ async def test_checkout_is_one_trace_across_services_and_nats(
         got = names()
         assert "audit-log consume SubsidyCaptured" in got, got
         assert "eligibility-ledger consume SubsidyCaptured" in got, got
+        # Eligibility's reaction (QualificationUsed) is published and consumed after that, by
+        # the relay and the audit log on their own schedules: wait for it too.
+        assert "audit-log consume QualificationUsed" in got, got
         return got
 
     got = await eventually(reached_audit)

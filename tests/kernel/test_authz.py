@@ -17,6 +17,7 @@ from subsidy.v1 import (
     ledger_pb2,
     outbox_pb2,
     risk_pb2,
+    usage_pb2,
 )
 
 FILES: tuple[FileDescriptor, ...] = (
@@ -28,6 +29,7 @@ FILES: tuple[FileDescriptor, ...] = (
     outbox_pb2.DESCRIPTOR,
     risk_pb2.DESCRIPTOR,
     identity_pb2.DESCRIPTOR,
+    usage_pb2.DESCRIPTOR,
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,
 )

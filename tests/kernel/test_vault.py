@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hvac
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.kernel import vault
 from tests.conftest import Infra
@@ -45,6 +48,19 @@ def test_tree_head_signature_verifies_and_detects_tampering(infra: Infra) -> Non
     sig = v.sign_sync(b"size=3 root=abc")
     assert v.verify_sync(b"size=3 root=abc", sig)
     assert not v.verify_sync(b"size=4 root=abc", sig)
+
+
+def test_a_tree_head_signature_is_plain_ed25519_under_the_published_public_key(
+    infra: Infra,
+) -> None:
+    """What lets an auditor check a checkpoint offline: transit signs the message itself (no
+    prehash), so the public key Vault publishes verifies it with any Ed25519 library."""
+    v = vault.connect(infra.bao.addr, token=infra.bao.token)
+    version, signature = v.sign_tree_head_sync(b"subsidy.example/audit\n3\nAAAA\n")
+    public = Ed25519PublicKey.from_public_bytes(v.tree_head_public_keys_sync()[version])
+    public.verify(signature, b"subsidy.example/audit\n3\nAAAA\n")
+    with pytest.raises(InvalidSignature):
+        public.verify(signature, b"subsidy.example/audit\n4\nAAAA\n")
 
 
 def test_a_short_lived_token_is_renewed(infra: Infra) -> None:

@@ -56,6 +56,12 @@ _DEFAULTS: dict[str, Caller] = {
     "LedgerService/GetFundingProposal": APPROVER,
     "AuditService/GetLogInfo": AUDITOR,
     "AuditService/GetEntries": AUDITOR,
+    "AuditService/GetCheckpoint": AUDITOR,
+    "AuditService/GetInclusionProof": AUDITOR,
+    "AuditService/GetConsistencyProof": AUDITOR,
+    "AuditService/ListOrderEntries": AUDITOR,
+    "UsageService/ListQuotaUsage": AUDITOR,
+    "UsageService/ListPersonUsage": AUDITOR,
     "EventLogService/ListEvents": AUDITOR,
 }
 

@@ -318,6 +318,7 @@ def test_up_announces_itself_as_text_or_as_one_json_line(
         (["policy", "draft"], "operator-demo"),
         (["policy", "approve"], "approver-checker"),
         (["audit", "verify"], "auditor-demo"),
+        (["audit", "prove"], "auditor-demo"),
     ],
 )
 def test_each_command_defaults_to_the_demo_identity_that_fits_it(

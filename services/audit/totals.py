@@ -1,0 +1,377 @@
+"""Every total the services report, rebuilt from the log's events alone, and compared.
+
+Each kind of total is a :class:`Fold`: the event types it reads, what it does with each event
+(in its stream's version order: the log's order is the order events *reached* audit), and the
+table it ends with, ``{key: {figure: integer}}``. ``subsidyctl audit verify`` runs every fold
+over the log, asks the service that owns each total for its own figures (through that service's
+read RPCs) and :func:`compare` lists every key and figure that differs.
+
+- ``pool``: each budget pool's funded / available / reserved / spent, through the ledger's own
+  fold (:mod:`services.kernel.contract.budget`, which checks the budget invariant after every
+  event; a missing or repeated version of a pool's stream is a violation);
+- ``quota``: qualifications issued per category and campaign day (eligibility's daily quota);
+- ``person``: each person's qualifications per category by status, the person named by the
+  blind index of their ID number (never the number);
+- ``sales``: the sales ledger (销售台账) per merchant and SKU: units, sales and subsidy captured,
+  and what was refunded.
+
+The auditor folds qualifications and sales itself, from the events' meaning in
+``proto/subsidy/v1/events.proto``, rather than with eligibility's or catalog's code (which the
+architecture keeps inside those services): two implementations that must agree. A new kind of
+total (funding sources, settlement batches) is a new Fold here, listed in :data:`FOLDS`, and a
+reader of the owning service's figures in ``subsidyctl/cli/audit.py``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar
+
+from google.protobuf import empty_pb2, symbol_database
+from google.protobuf.message import Message
+
+from services.invariants import InvariantViolation
+from services.kernel.contract import budget
+from services.kernel.contract.budget import POOL_STREAM_PREFIX
+from services.kernel.events import Envelope
+from subsidy.v1 import events_pb2 as ev
+
+Key = tuple[str, ...]
+Table = dict[Key, dict[str, int]]
+
+
+def _name(message: type[Message]) -> str:
+    return message.DESCRIPTOR.full_name
+
+
+@cache
+def _payload_class(event_type: str) -> type[Message]:
+    """The payload's message class; an event type this build does not know reads as empty
+    (no fold counts it; a pool's stream still sees its version)."""
+    try:
+        cls: type[Message] = symbol_database.Default().GetSymbol(event_type)
+    except KeyError:
+        return empty_pb2.Empty
+    return cls
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One figure the log's events and the live service disagree on (None: the key is on
+    one side only)."""
+
+    total: str
+    key: Key
+    figure: str
+    log: int | None
+    live: int | None
+
+    def describe(self) -> str:
+        where = f"{self.total} {'/'.join(self.key)}"
+        if self.log is None:
+            return f"{where}: the service reports {self.figure} {self.live}, the log has none"
+        if self.live is None:
+            return f"{where}: the log adds up to {self.figure} {self.log}, the service has none"
+        return f"{where}: {self.figure} is {self.log} by the log, {self.live} by the service"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "check": "totals",
+            "total": self.total,
+            "key": list(self.key),
+            "figure": self.figure,
+            "log": self.log,
+            "live": self.live,
+            "message": self.describe(),
+        }
+
+
+def compare(total: str, log: Table, live: Table) -> list[Difference]:
+    """Every figure of every key that differs between what the log adds up to and what the
+    service reports; a figure missing on one side counts as 0, a key missing on one side makes
+    each of the other side's figures a difference (with None for the missing side)."""
+    found: list[Difference] = []
+    for key in sorted(log.keys() | live.keys()):
+        mine, theirs = log.get(key), live.get(key)
+        for figure in sorted((mine or {}).keys() | (theirs or {}).keys()):
+            a = None if mine is None else mine.get(figure, 0)
+            b = None if theirs is None else theirs.get(figure, 0)
+            if a != b:
+                found.append(Difference(total, key, figure, a, b))
+    return found
+
+
+class Fold:
+    """A total rebuilt from events: subclasses name the event types they read."""
+
+    name: ClassVar[str]
+    service: ClassVar[str]  # whose events it reads first (the owner of the figures)
+    event_types: ClassVar[frozenset[str]]
+
+    def wants(self, env: Envelope) -> bool:
+        """Whether this fold reads ``env`` (by default: by its event type). It may depend on
+        the event's service, its type and the kind of its stream (the stream id up to its
+        first ``/``) only: :class:`Rebuild` remembers the answer per those three."""
+        return env.event_type in self.event_types
+
+    def repeated(self, env: Envelope) -> None:
+        """``env``'s stream version was in the log already (the cross-check names the entry;
+        a fold whose figures depend on every version may say so too)."""
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        raise NotImplementedError
+
+    def table(self) -> Table:
+        raise NotImplementedError
+
+
+@dataclass
+class PoolFold(Fold):
+    """Each pool, through the ledger's budget fold, in its stream's version order."""
+
+    name: ClassVar[str] = "pool"
+    service: ClassVar[str] = "ledger"
+    event_types: ClassVar[frozenset[str]] = frozenset(
+        _name(m)
+        for m in (ev.BudgetFunded, ev.SubsidyReserved, ev.SubsidyCaptured, ev.SubsidyReleased)
+    )
+    folded: dict[str, budget.Pool] = field(default_factory=dict)
+    last: dict[str, int] = field(default_factory=dict)  # the last version folded, per pool
+    violations: list[str] = field(default_factory=list)
+    _stopped: set[str] = field(default_factory=set)  # pools whose fold already failed
+
+    def wants(self, env: Envelope) -> bool:
+        # Every event of a pool's stream, whatever its type: a version missing from the log
+        # is a violation even when the budget fold would ignore that event.
+        return env.service == "ledger" and env.stream_id.startswith(POOL_STREAM_PREFIX)
+
+    def repeated(self, env: Envelope) -> None:
+        if self.wants(env):
+            self.violations.append(f"{env.stream_id} v{env.stream_version} logged twice")
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        """The pool's next event (:class:`Rebuild` hands them over in version order)."""
+        if not self.wants(env):
+            return
+        pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
+        if env.stream_version != self.last.get(pool_id, 0) + 1 and pool_id not in self._stopped:
+            self.violations.append(f"{env.stream_id}: events missing from the log")
+            self._stopped.add(pool_id)
+        self.last[pool_id] = env.stream_version
+        if pool_id in self._stopped:
+            return
+        try:  # checks the budget invariant after the event
+            self.folded[pool_id] = budget.apply(
+                self.folded.get(pool_id) or budget.Pool(pool_id), payload
+            )
+        except InvariantViolation as exc:
+            self.violations.append(str(exc))
+            self._stopped.add(pool_id)
+
+    def pools(self) -> dict[str, budget.Pool]:
+        """Every pool's figures; raises InvariantViolation for a version logged twice or
+        missing, or a step that breaks the budget invariant."""
+        if self.violations:
+            raise InvariantViolation(self.violations[0])
+        return dict(sorted(self.folded.items()))
+
+    def table(self) -> Table:
+        return {(p.pool_id,): pool_figures(p) for p in self.pools().values()}
+
+
+def pool_figures(p: budget.Pool) -> dict[str, int]:
+    return {
+        "funded_fen": p.funded,
+        "available_fen": p.available,
+        "reserved_fen": p.reserved,
+        "spent_fen": p.spent,
+    }
+
+
+@dataclass
+class QuotaFold(Fold):
+    """Qualifications issued per category and campaign day."""
+
+    name: ClassVar[str] = "quota"
+    service: ClassVar[str] = "eligibility"
+    event_types: ClassVar[frozenset[str]] = frozenset({_name(ev.QualificationClaimed)})
+    issued: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        assert isinstance(payload, ev.QualificationClaimed)
+        self.issued[(payload.category, payload.quota_day)] += 1
+
+    def table(self) -> Table:
+        return {key: {"issued": n} for key, n in self.issued.items()}
+
+
+# What each qualification event makes of a qualification (events.proto's comments).
+_STATUS: Mapping[str, str] = {
+    _name(ev.QualificationClaimed): "AVAILABLE",
+    _name(ev.QualificationLocked): "LOCKED",
+    _name(ev.QualificationUnlocked): "AVAILABLE",
+    _name(ev.QualificationUsed): "USED",
+    _name(ev.QualificationRestored): "AVAILABLE",
+    _name(ev.QualificationExpired): "EXPIRED",
+    _name(ev.QualificationForfeited): "FORFEITED",
+}
+
+
+@dataclass
+class PersonFold(Fold):
+    """Each person's qualifications per category, by status; the person by blind index."""
+
+    name: ClassVar[str] = "person"
+    service: ClassVar[str] = "eligibility"
+    event_types: ClassVar[frozenset[str]] = frozenset({_name(ev.ConsumerRegistered), *_STATUS})
+    person_of: dict[str, str] = field(default_factory=dict)  # consumer id -> blind index
+    # qualification id -> (consumer, category, status)
+    qualifications: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        if isinstance(payload, ev.ConsumerRegistered):
+            self.person_of[payload.consumer_id] = payload.id_number_index
+            return
+        if isinstance(payload, ev.QualificationClaimed):
+            self.qualifications[payload.qualification_id] = (
+                payload.consumer_id,
+                payload.category,
+                "AVAILABLE",
+            )
+            return
+        qid = str(getattr(payload, "qualification_id", ""))
+        if qid in self.qualifications:
+            consumer, category, _ = self.qualifications[qid]
+            self.qualifications[qid] = (consumer, category, _STATUS[env.event_type])
+
+    def table(self) -> Table:
+        out: Table = {}
+        for consumer, category, status in self.qualifications.values():
+            counts = out.setdefault((self.person_of.get(consumer, f"?{consumer}"), category), {})
+            counts[status] = counts.get(status, 0) + 1
+        return out
+
+
+@dataclass
+class _Order:
+    sku: str = ""
+    merchant_id: str = ""
+    category: str = ""
+    unit_price_fen: int = 0
+    subsidy_fen: int = 0
+    reserved: bool = False
+    captured: bool = False
+    refunded: bool = False
+
+
+@dataclass
+class SalesFold(Fold):
+    """The sales ledger: per merchant and SKU, what was captured and what refunded."""
+
+    name: ClassVar[str] = "sales"
+    service: ClassVar[str] = "catalog"
+    event_types: ClassVar[frozenset[str]] = frozenset(
+        _name(m) for m in (ev.SubsidyReserved, ev.SubsidyCaptured, ev.SubsidyReleased)
+    )
+    orders: dict[str, _Order] = field(default_factory=dict)
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        if env.service != "ledger":
+            return
+        order = self.orders.setdefault(str(getattr(payload, "order_id", "")), _Order())
+        if isinstance(payload, ev.SubsidyReserved):
+            order.sku, order.merchant_id, order.category = (
+                payload.sku,
+                payload.merchant_id,
+                payload.category,
+            )
+            order.unit_price_fen, order.subsidy_fen = payload.unit_price_fen, payload.subsidy_fen
+            order.reserved = True
+        elif isinstance(payload, ev.SubsidyCaptured):
+            order.captured = True
+            if not order.reserved:  # the reservation's own figure wins when it is known
+                order.subsidy_fen = payload.subsidy_fen
+        elif isinstance(payload, ev.SubsidyReleased) and payload.was_captured:
+            order.captured = order.refunded = True
+
+    def table(self) -> Table:
+        out: Table = {}
+        for o in self.orders.values():
+            if not o.captured:
+                continue
+            row = out.setdefault(
+                (o.merchant_id, o.sku),
+                dict.fromkeys(SALES_FIGURES, 0),
+            )
+            row["sold_units"] += 1
+            row["sales_fen"] += o.unit_price_fen
+            row["subsidy_fen"] += o.subsidy_fen
+            if o.refunded:
+                row["refunded_units"] += 1
+                row["refunded_sales_fen"] += o.unit_price_fen
+                row["refunded_subsidy_fen"] += o.subsidy_fen
+        return out
+
+
+SALES_FIGURES = (
+    "sold_units",
+    "sales_fen",
+    "subsidy_fen",
+    "refunded_units",
+    "refunded_sales_fen",
+    "refunded_subsidy_fen",
+)
+FOLDS: tuple[Callable[[], Fold], ...] = (PoolFold, QuotaFold, PersonFold, SalesFold)
+
+
+class Rebuild:
+    """All folds over the log: feed it every entry's envelope in log order, then read the
+    tables. Each stream's events reach the folds in version order: an event that arrived
+    before an earlier version of its stream (after a redelivery) waits for it, and whatever
+    still waits at the end (a version the log lacks) follows in order."""
+
+    def __init__(self, folds: Iterable[Fold] | None = None) -> None:
+        self.folds = list(folds) if folds is not None else [f() for f in FOLDS]
+        self._next: dict[tuple[str, str], int] = {}  # each stream's next version
+        self._held: dict[tuple[str, str], dict[int, Envelope]] = defaultdict(dict)
+        self._readers: dict[tuple[str, str, str], list[Fold]] = {}
+
+    def add(self, env: Envelope) -> None:
+        key, version = (env.service, env.stream_id), env.stream_version
+        expected = self._next.get(key, 1)
+        held = self._held.get(key)
+        if version < expected or (held is not None and version in held):
+            for f in self.folds:
+                f.repeated(env)
+        elif version > expected:
+            self._held[key][version] = env
+        else:
+            self._apply(env)
+            expected += 1
+            while held and expected in held:
+                self._apply(held.pop(expected))
+                expected += 1
+            if held is not None and not held:
+                del self._held[key]
+            self._next[key] = expected
+
+    def _apply(self, env: Envelope) -> None:
+        kind = (env.service, env.event_type, env.stream_id.partition("/")[0])
+        readers = self._readers.get(kind)
+        if readers is None:
+            readers = self._readers[kind] = [f for f in self.folds if f.wants(env)]
+        if readers:
+            payload = _payload_class(env.event_type).FromString(env.payload)
+            for f in readers:
+                f.add(env, payload)
+
+    def finish(self) -> dict[str, Fold]:
+        """Hand over what still waits, each stream in version order; the folds by name."""
+        for held in self._held.values():
+            for version in sorted(held):
+                self._apply(held[version])
+        self._held.clear()
+        return {f.name: f for f in self.folds}
