@@ -326,10 +326,17 @@ class CpuMeter:
         for pid, proc in list(self._procs.items()):
             try:
                 cpu = proc.cpu_times()
-                group = "client (bench)" if pid == self._me.pid else _group(proc)
-                totals[group] = totals.get(group, 0.0) + cpu.user + cpu.system
             except psutil.Error:
                 continue
+            if pid == self._me.pid:
+                group, used = "client (bench)", cpu.user + cpu.system
+            else:
+                # With the children it has reaped: PostgreSQL's backends come and go (a pool's
+                # overflow connections close when returned) and their CPU is the postmaster's
+                # from then on.
+                group = _group(proc)
+                used = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+            totals[group] = totals.get(group, 0.0) + used
         return totals
 
     @staticmethod
