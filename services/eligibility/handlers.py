@@ -30,10 +30,12 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from .authority import IdentityAuthority
+from .claim_batch import ClaimBatcher, claimed
 from .policies import PolicyCopy
 from .projections import (
     ONE_QUALIFICATION_PER_ORDER,
     apply_event,
+    apply_events,
     as_qualification,
     consumer_platforms,
     consumer_stream,
@@ -163,7 +165,9 @@ class Eligibility:
         self.authority = authority
         self.clock = clock or (lambda: datetime.now(UTC))
         self.policies = PolicyCopy(store, self.clock)
-        self.pipeline = Pipeline(store, SERVICE, apply_event)
+        self.pipeline = Pipeline(store, SERVICE, apply_event, project_many=apply_events)
+        # Claims of one category and day, decided a batch at a time under the rush.
+        self.claims = ClaimBatcher(store, self.pipeline, CLAIM)
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
@@ -282,14 +286,13 @@ class Eligibility:
         command = domain.Claim(consumer_id, category, channel, f"q-{uuid.uuid4().hex}", now)
         key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
-        await self.pipeline.run(  # answered from the qualification, not the claim state
-            CLAIM,
+        outcome = await self.claims.run(  # Pipeline.run(CLAIM, ...), batched (claim_batch.py)
             key,
             lambda state: domain.claim(_claim_state(state), command, policy),
             ctx,
-            reload=False,
         )
-        return await self.qualification(command.qualification_id)
+        # Answered from the event it appended, as the projection recorded it.
+        return claimed(outcome) or await self.qualification(command.qualification_id)
 
     async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:
         """One qualification; a platform sees only those claimed through it."""
