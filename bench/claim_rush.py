@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,6 +381,21 @@ class Profiler:
             self._proc = None
 
 
+def batch_sizes(stack: LocalStack) -> dict[str, float]:
+    """Eligibility's claim batches (its ``subsidy_batch_size`` histogram, from /metrics)."""
+    url = f"http://127.0.0.1:{stack.ports.metrics('eligibility')}/metrics"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as response:
+        text_ = response.read().decode()
+    found = {}
+    for line in text_.splitlines():
+        for part in ("count", "sum"):
+            if line.startswith(f'subsidy_batch_size_{part}{{batch="claims"}}'):
+                found[part] = float(line.rsplit(" ", 1)[1])
+    count, total = found.get("count", 0.0), found.get("sum", 0.0)
+    return {"batches": count, "mean_size": round(total / count, 1) if count else 0.0}
+
+
 def percentile(sorted_ms: list[float], q: float) -> float:
     return round(sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * q))], 2)
 
@@ -431,6 +447,7 @@ async def run(
                 profiler.stop()
             await settle(stack, client, within_s=120 + consumers / 100)
             cpu3 = meter.sample()
+            batches = batch_sizes(stack)
             await verify(stack, policy, tally, min(consumers, quota))
         finally:
             await client.close()
@@ -455,6 +472,7 @@ async def run(
         # While the quota lasted: the claims that write (the refusals after it are cheaper).
         "issued_per_s": round(tally.issued / tally.last_issued_at, 1) if tally.issued else 0.0,
         "rush_wall_s": round(wall, 2),
+        "claim_batches": batches,
         "baseline": {
             "name": "gRPC health check (eligibility), same channel credentials and concurrency",
             "count": len(base_ms),
