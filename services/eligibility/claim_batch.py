@@ -138,7 +138,7 @@ class ClaimBatcher(Generic[K]):
         aggregate: Aggregate[K, domain.ClaimState],
         *,
         max_batch: int = 256,
-        linger_s: float = 0.0,
+        linger_s: float = 0.003,
     ) -> None:
         self.store = store
         self.pipeline = pipeline

@@ -9,8 +9,10 @@ one transaction (``Pipeline.run_many``) and returns one result per item.
 
 - One batch at a time per group and process: a batch is the group's queue while the one before
   it commits, so it grows with the load by itself (one item when calls are rare, many under a
-  rush) and no item waits longer than one batch for its turn. ``linger_s`` adds a fixed wait
-  before each batch (0: only what is already queued when the loop next runs).
+  rush) and no item waits longer than one batch for its turn.
+- ``linger_s``: while the group is busy (a batch has just run and more are waiting), the next
+  batch waits that long to gather more, so that a rush is decided in fewer, larger batches;
+  the first batch after a quiet spell starts at once (a lone call pays nothing).
 - ``distinct``: at most one item per key in a batch (``run_many`` takes each stream once); a
   second item for the same key waits for the next batch, behind the first.
 - A caller that gave up before its batch started (a cancelled RPC) is left out of it.
@@ -114,10 +116,13 @@ class GroupCommit(Generic[G, T, R]):
 
     async def _drain(self, group: G, queue: _Queue[T, R]) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
+        busy = False
         try:
             while queue.waiting:
-                # Let the callers that arrived in the same turn of the loop join this batch.
-                await asyncio.sleep(self._linger_s)
+                # Let the callers that arrived in the same turn of the loop join this batch,
+                # and under a rush those of the next linger_s too.
+                await asyncio.sleep(self._linger_s if busy else 0)
+                busy = True
                 batch = self._take(queue)
                 if not batch:
                     continue

@@ -196,9 +196,11 @@ async def test_a_refusal_in_a_batch_is_only_its_own_and_each_event_keeps_its_cal
     configure_tracing("tests", exporter=SPANS)  # as the platform fixture does
     r = replicas
     e = r.first
-    e.claims = ClaimBatcher(e.store, e.pipeline, CLAIM, linger_s=0.2)  # one batch, surely
     a, b, c = await r.consumers(3)
     await e.claim(c, "phone", "jd", PLATFORM)  # c holds the one phone a person may have
+    # The policy is in memory from here on, so the four below reach the batcher in one turn of
+    # the event loop, and are one batch.
+    e.policies.refresh_s = 3600
 
     async def traced(consumer: str) -> tuple[str, str]:
         with tracer().start_as_current_span(f"claim by {consumer}") as span:
@@ -227,7 +229,7 @@ async def test_a_refusal_in_a_batch_is_only_its_own_and_each_event_keeps_its_cal
 async def test_a_batch_that_fails_is_retried_claim_by_claim(replicas: Replicas) -> None:
     r = replicas
     e = r.first
-    batcher = ClaimBatcher(e.store, e.pipeline, CLAIM, linger_s=0.2)
+    batcher = ClaimBatcher(e.store, e.pipeline, CLAIM)  # the three below reach it in one turn
     a, b = await r.consumers(2)
     now = dt.datetime.now(dt.UTC)
     policy = r.policy

@@ -119,13 +119,23 @@ async def test_a_caller_who_gave_up_before_its_batch_is_left_out_of_it() -> None
     assert [items for _, items in r.batches] == [["a"], ["stays"]]
 
 
-async def test_a_fixed_linger_gathers_callers_who_arrive_within_it() -> None:
+async def test_under_load_the_next_batch_lingers_to_gather_more_a_lone_call_does_not() -> None:
     r = Recorder()
-    commit: GroupCommit[str, str, str] = GroupCommit(r.flush, linger_s=0.05)
+    commit: GroupCommit[str, str, str] = GroupCommit(r.flush, linger_s=0.1)
 
     async def later(item: str, after_s: float) -> str:
         await asyncio.sleep(after_s)
         return await commit.submit("g", item)
 
-    await asyncio.gather(later("a", 0), later("b", 0.01), later("c", 0.02))
-    assert [items for _, items in r.batches] == [["a", "b", "c"]]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await commit.submit("g", "alone") == "ALONE"
+    assert loop.time() - started < 0.05  # nothing was busy: no lingering
+    r.release.clear()
+    first = asyncio.create_task(commit.submit("g", "a"))
+    await until(lambda: len(r.batches) == 2, "the batch of a started")
+    during = asyncio.create_task(commit.submit("g", "b"))  # busy: the next batch lingers
+    await asyncio.sleep(0.01)
+    r.release.set()
+    await asyncio.gather(first, during, later("c", 0.04), later("d", 0.06))
+    assert [items for _, items in r.batches] == [["alone"], ["a"], ["b", "c", "d"]]
