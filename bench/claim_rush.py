@@ -32,6 +32,7 @@ import asyncio
 import datetime as dt
 import io
 import json
+import os
 import random
 import shutil
 import signal
@@ -63,7 +64,7 @@ from services.kernel.identity import Role
 from subsidy.v1 import audit_pb2, catalog_pb2, common_pb2, eligibility_pb2, identity_pb2
 from subsidyctl import demo
 from subsidyctl.cli.progress import PhaseProgress
-from subsidyctl.localstack import SERVICES, LocalStack, Ports, free_base
+from subsidyctl.localstack import REPO, SERVICES, LocalStack, Ports, free_base
 
 CATEGORY = "phone"  # one item per person; the rush is for one category
 QUOTA_REFUSED = "DAILY_QUOTA_EXHAUSTED"
@@ -223,9 +224,10 @@ async def settle(stack: LocalStack, client: demo.Client, within_s: float) -> flo
 
 
 async def claim_all(
-    client: demo.Client, consumer_ids: list[str], concurrency: int
+    clients: list[demo.Client], consumer_ids: list[str], concurrency: int
 ) -> tuple[Tally, list[float], float]:
-    """Every consumer claims the rush category once, ``concurrency`` at a time."""
+    """Every consumer claims the rush category once, ``concurrency`` at a time, the claims
+    dealt round-robin to the eligibility processes (one client each)."""
     tally = Tally()
     t0 = time.perf_counter()
     request = eligibility_pb2.ClaimQualificationRequest
@@ -233,6 +235,7 @@ async def claim_all(
     where = common_pb2.Circumstances(region_code="440310")
 
     async def one(i: int) -> None:
+        client = clients[i % len(clients)]
         try:
             await client.eligibility.ClaimQualification(
                 request(
@@ -381,18 +384,81 @@ class Profiler:
             self._proc = None
 
 
-def batch_sizes(stack: LocalStack) -> dict[str, float]:
-    """Eligibility's claim batches (its ``subsidy_batch_size`` histogram, from /metrics)."""
-    url = f"http://127.0.0.1:{stack.ports.metrics('eligibility')}/metrics"
+class Replica:
+    """One more eligibility process beside the stack's, as a second pod would run: the stack's
+    settings for eligibility (same database, NATS, Vault; its own certificate from Vault) on
+    ports of the stack's block that nothing else uses. Two processes claim one category at
+    once: the quota must stay exact across them."""
+
+    def __init__(self, stack: LocalStack, index: int) -> None:
+        self.stack = stack
+        self.port = stack.ports.base + 90 + 2 * index
+        self.metrics_port = self.port + 1
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        stack = self.stack
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")},
+            # The stack's own environment for its eligibility process (private: a replica is
+            # the benchmark's business, not the local stack's).
+            **stack._service_env("eligibility", stack.token_file),
+            "SUBSIDY_GRPC_LISTEN": self.endpoint,
+            "SUBSIDY_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "SUBSIDY_TRACE_FILE": str(stack.traces / f"eligibility-{self.port}.jsonl"),
+            "PYTHONPATH": str(REPO),
+        }
+        log = (stack.logs / f"eligibility-{self.port}.log").open("ab")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "services.eligibility"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        with grpc.secure_channel(self.endpoint, stack.probe_credentials()) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            while True:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RushFailed(f"eligibility replica on {self.endpoint} did not start")
+                try:
+                    serving = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if serving == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+
+
+def batch_sizes(metrics_ports: list[int]) -> dict[str, float]:
+    """Eligibility's claim batches (its ``subsidy_batch_size`` histogram, from /metrics),
+    over every eligibility process."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=5) as response:
-        text_ = response.read().decode()
-    found = {}
-    for line in text_.splitlines():
-        for part in ("count", "sum"):
-            if line.startswith(f'subsidy_batch_size_{part}{{batch="claims"}}'):
-                found[part] = float(line.rsplit(" ", 1)[1])
-    count, total = found.get("count", 0.0), found.get("sum", 0.0)
+    found: dict[str, float] = {"count": 0.0, "sum": 0.0}
+    for port in metrics_ports:
+        with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        for line in lines:
+            for part in ("count", "sum"):
+                if line.startswith(f'subsidy_batch_size_{part}{{batch="claims"}}'):
+                    found[part] += float(line.rsplit(" ", 1)[1])
+    count, total = found["count"], found["sum"]
     return {"batches": count, "mean_size": round(total / count, 1) if count else 0.0}
 
 
@@ -408,6 +474,7 @@ async def run(
     root: Path,
     profile: Path | None = None,
     over_grpc: bool = False,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """The whole run on a throwaway stack; the result row."""
     t_start = time.perf_counter()
@@ -415,6 +482,7 @@ async def run(
         root, Ports(free_base()), durable=False, log=io.StringIO(), settings_overrides=RATES
     )
     stack.start()
+    replicas = [Replica(stack, i) for i in range(processes - 1)]
     try:
         client = demo.Client(stack.endpoints(), deadline_s=120)
         try:
@@ -440,18 +508,30 @@ async def run(
                 client, stack.endpoint("eligibility"), consumers, concurrency
             )
             cpu2 = meter.sample()
+            for replica in replicas:
+                replica.start()
+            clients = [client] + [
+                demo.Client({**stack.endpoints(), "eligibility": r.endpoint}, deadline_s=120)
+                for r in replicas
+            ]
             profiler.start("claims")
             try:
-                tally, lat, wall = await claim_all(client, ids, concurrency)
+                tally, lat, wall = await claim_all(clients, ids, concurrency)
             finally:
                 profiler.stop()
+                for extra in clients[1:]:
+                    await extra.close()
             await settle(stack, client, within_s=120 + consumers / 100)
             cpu3 = meter.sample()
-            batches = batch_sizes(stack)
+            batches = batch_sizes(
+                [stack.ports.metrics("eligibility"), *(r.metrics_port for r in replicas)]
+            )
             await verify(stack, policy, tally, min(consumers, quota))
         finally:
             await client.close()
     finally:
+        for replica in replicas:
+            replica.stop()
         stack.stop()
     ms = sorted(x * 1000 for x in lat)
     base_ms = sorted(x * 1000 for x in base_lat)
@@ -463,6 +543,7 @@ async def run(
         "quota": quota,
         "category": CATEGORY,
         "concurrency": concurrency,
+        "eligibility_processes": processes,
         "issued": tally.issued,
         "refused_quota": tally.refused.get(QUOTA_REFUSED, 0),
         "refused_other": {r: n for r, n in tally.refused.items() if r != QUOTA_REFUSED},
@@ -507,6 +588,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quota", type=int, default=10_000, help="Q, the category's daily quota")
     parser.add_argument("--concurrency", type=int, default=128, help="claims in flight")
     parser.add_argument(
+        "--eligibility-processes",
+        type=int,
+        default=1,
+        help="eligibility processes taking the claims (more are started beside the stack's)",
+    )
+    parser.add_argument(
         "--register-over-grpc",
         action="store_true",
         help="prepare with RegisterConsumer calls (about 70/s) instead of bench.consumers.seed",
@@ -519,8 +606,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
-    if args.consumers < 1 or args.quota < 0 or args.concurrency < 1:
-        parser.error("--consumers and --concurrency must be positive, --quota non-negative")
+    if min(args.consumers, args.concurrency, args.eligibility_processes) < 1 or args.quota < 0:
+        parser.error("--consumers, --concurrency and --eligibility-processes must be positive")
     with tempfile.TemporaryDirectory(prefix="bench-rush-") as tmp:
         try:
             result = asyncio.run(
@@ -532,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     Path(tmp),
                     args.profile,
                     args.register_over_grpc,
+                    args.eligibility_processes,
                 )
             )
         except (RushFailed, seeding.SeedMismatch) as exc:
