@@ -121,8 +121,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 def _refuse(context: ServicerContext, error: DomainError) -> None:
     """Answer a refusal as :func:`_abort` does (code, message, ErrorInfo), without raising:
     the OpenTelemetry interceptor records a raised ``AbortError`` as a span exception and
-    formats its whole traceback, which made a refused claim cost a third more CPU than an
-    issued one under the rush (docs/benchmarks.md). The span still gets the status code; the
+    formats its whole traceback: an eighth of eligibility's CPU under the claim rush, where
+    most claims are refused (docs/benchmarks.md). The span still gets the status code; the
     handler returns nothing, and gRPC sends no message with a status that is not OK."""
     code, message, status = status_of(error)
     context.set_code(code)
