@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services subsidyctl tests bench
 
-bench: $(STAMP) ## checkout hot-path benchmarks; results in bench/results/
+bench: $(STAMP) ## checkout hot-path and 10:00 claim-rush benchmarks; results in bench/results/
 	$(PY) -m bench
 
 clean: ## remove the virtual environment and local run data

@@ -5,13 +5,15 @@ Each reports throughput and p50/p99 with a same-run baseline as a ratio (see doc
 
 from __future__ import annotations
 
-from bench import audit, checkout, verify_item
+from bench import audit, checkout, claim_rush, verify_item
 
 
 def main() -> None:
     verify_item.main([])
     print()
     checkout.main([])
+    print()
+    claim_rush.main([])  # N = 50,000 consumers, daily quota Q = 10,000
     print()
     audit.main([])  # about three minutes: a million events into the tree and verified
 

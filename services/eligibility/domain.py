@@ -85,6 +85,8 @@ class ClaimState:
     registered: bool  # registered, and enrolled with the platform the claim comes through
     qualifications: tuple[Qualification, ...]
     issued_today: int
+    # The consumers that are one person with the claimant (same user), the claimant among them.
+    person: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,11 +36,13 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain, linking
 from .authority import IdentityAuthority
+from .claim_batch import ClaimBatcher, claimed
 from .persons import Persons, consumer_erased, lock_person, persons_and_allowances
 from .policies import PolicyCopy
 from .projections import (
     ONE_QUALIFICATION_PER_ORDER,
     apply_event,
+    apply_events,
     as_qualification,
     consumer_platforms,
     consumer_stream,
@@ -110,7 +112,7 @@ async def _load_claim(conn: AsyncConnection, key: ClaimKey) -> domain.ClaimState
         .with_for_update()
     )
     return domain.ClaimState(
-        registered is not None, tuple(as_qualification(r) for r in rows), int(issued or 0)
+        registered is not None, tuple(as_qualification(r) for r in rows), int(issued or 0), person
     )
 
 
@@ -179,10 +181,12 @@ class Eligibility:
         self.authority = authority
         self.clock = clock or (lambda: datetime.now(UTC))
         self.policies = PolicyCopy(store, lambda: self.clock())  # the clock as injected now
-        self.pipeline = Pipeline(store, SERVICE, apply_event)
+        self.pipeline = Pipeline(store, SERVICE, apply_event, project_many=apply_events)
         self.persons = Persons(store, keys, self.pipeline, lambda: self.clock())
         # RISK: the screen claims go through, and the rules and lists it owns (risk.py).
         self.risk = risk or RiskControl(store, keys, self.clock)
+        # Claims of one category and day, decided a batch at a time under the rush.
+        self.claims = ClaimBatcher(store, self.pipeline, CLAIM)
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
@@ -345,6 +349,13 @@ class Eligibility:
         domain.check_claimable(policy, command)
         key = ClaimKey(consumer_id, channel, category, domain.quota_day(policy, now), now)
         ctx = Context(actor, correlation_id=command.qualification_id, policy_version=policy.version)
+        decide = lambda state: domain.claim(_claim_state(state), command, policy)  # noqa: E731
+        if self.risk.idle():
+            # No rule and no list entry could block or flag it: decided in a batch with the
+            # concurrent claims of its category and day (claim_batch.py), unobserved.
+            outcome = await self.claims.run(key, decide, ctx)
+            # Answered from the event it appended, as the projection recorded it.
+            return claimed(outcome) or await self.qualification(command.qualification_id)
         # RISK: screened in-process (services/eligibility/risk.py): a block raises RISK_BLOCKED
         # before the claim writes anything; the claim runs in the screen's transaction, where
         # its risk observation commits with it.
@@ -352,12 +363,7 @@ class Eligibility:
             consumer_id, circumstances, command.qualification_id, now
         ) as tx:
             await self.pipeline.run(  # answered from the qualification, not the claim state
-                CLAIM,
-                key,
-                lambda state: domain.claim(_claim_state(state), command, policy),
-                ctx,
-                tx=tx,
-                reload=False,
+                CLAIM, key, decide, ctx, tx=tx, reload=False
             )
         return await self.qualification(command.qualification_id)
 

@@ -116,6 +116,23 @@ async def _lock_persons(conn: AsyncConnection, consumer_ids: Iterable[str]) -> d
         await savepoint.rollback()
 
 
+# A claim batch locks its claimants' persons in one round (claim_batch.py).
+lock_persons = _lock_persons
+
+
+async def members_of(conn: AsyncConnection, person_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+    """Each person's consumers (read under the persons' locks, so current)."""
+    found: dict[str, set[str]] = {}
+    rows = await conn.execute(
+        select(person_members.c.person_id, person_members.c.consumer_id).where(
+            person_members.c.person_id.in_(person_ids)
+        )
+    )
+    for r in rows:
+        found.setdefault(r.person_id, set()).add(r.consumer_id)
+    return {p: frozenset(cs) for p, cs in found.items()}
+
+
 async def _persons_of(conn: AsyncConnection, consumer_ids: Sequence[str]) -> dict[str, str]:
     rows = await conn.execute(
         select(person_members.c.consumer_id, person_members.c.person_id).where(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -35,12 +37,23 @@ log = logging.getLogger(__name__)
 
 
 class PolicyCopy:
-    """The approved versions this service has received, cached once parsed (they never change)."""
+    """The approved versions this service has received, cached once parsed (they never change).
 
-    def __init__(self, store: EventStore, clock: Callable[[], datetime]) -> None:
+    The table is looked at most every ``refresh_s`` (a claim used to pay that look-up and a
+    connection each, a tenth of eligibility's CPU under the rush): a version another replica
+    stored is seen within ``refresh_s``, one this process's consumer stores at once. Catalog
+    approves a version at least a second before it takes effect (APPROVAL_LEAD), so no claim is
+    decided under a version that should no longer be in force."""
+
+    def __init__(
+        self, store: EventStore, clock: Callable[[], datetime], *, refresh_s: float = 0.1
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.refresh_s = refresh_s
         self._parsed: dict[str, Policy] = {}
+        self._looked_at = -math.inf  # monotonic time the last look-up started
+        self._looking = asyncio.Lock()
 
     async def on_policy_published(self, tx: Tx, env: Envelope) -> None:
         """Consumer of catalog's PolicyPublished: keep the document, once per version."""
@@ -54,20 +67,31 @@ class PolicyCopy:
             effective_from=event.effective_from.ToDatetime(tzinfo=UTC),
         )
         await tx.conn.execute(stmt.on_conflict_do_nothing())
+        # Known here at once (a version never changes; were this rolled back, the redelivery
+        # would bring the same one).
+        self._parsed.setdefault(event.version, policy_of(event))
 
-    async def _versions(self) -> dict[str, Policy]:
-        """Every version received, parsing only the ones not seen before (one small query)."""
-        async with self.store.engine.connect() as conn:
-            await load_new_rows(
-                conn, policies.c.version, policies.c.document, self._parsed, policy_from_json
-            )
+    async def _versions(self, *, fresh: bool = False) -> dict[str, Policy]:
+        """Every version received, parsing only the ones not seen before (one small query, at
+        most every ``refresh_s`` unless ``fresh``; concurrent callers share one look-up)."""
+        if not fresh and time.monotonic() - self._looked_at < self.refresh_s:
+            return self._parsed
+        async with self._looking:
+            started = time.monotonic()
+            if not fresh and started - self._looked_at < self.refresh_s:
+                return self._parsed  # looked up while this caller waited
+            async with self.store.engine.connect() as conn:
+                await load_new_rows(
+                    conn, policies.c.version, policies.c.document, self._parsed, policy_from_json
+                )
+            self._looked_at = started
         return self._parsed
 
     async def version(self, version: str) -> Policy:
         """The named version (an order's): unknown here is an error, not another version."""
         if version in self._parsed:
             return self._parsed[version]
-        return named_version(await self._versions(), version)
+        return named_version(await self._versions(fresh=True), version)
 
     async def in_force(self) -> Policy:
         """The version in force now: the latest whose effective_from has passed."""

@@ -7,6 +7,7 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -430,6 +431,47 @@ async def _link(
             insert(person_held_when_linked),
             [{"person_id": person, "category": c, "held": n} for c, n in sorted(held.items())],
         )
+
+
+async def apply_events(conn: AsyncConnection, envs: Sequence[Envelope]) -> None:
+    """:func:`apply_event` for many envelopes, in order (the pipeline's ``run_many``): a run of
+    QualificationClaimed, as a claim batch appends, in two statements, its rows from
+    ``domain.evolve`` as one at a time."""
+    claimed: list[ev.QualificationClaimed] = []
+    for env in envs:
+        event = payload_of(env)
+        if isinstance(event, ev.QualificationClaimed):
+            claimed.append(event)
+            continue
+        await _claimed(conn, claimed)
+        claimed = []
+        await apply_event(conn, env)
+    await _claimed(conn, claimed)
+
+
+async def _claimed(conn: AsyncConnection, events: Sequence[ev.QualificationClaimed]) -> None:
+    if not events:
+        return
+    rows = []
+    per_day: dict[tuple[str, str], int] = {}
+    for event in events:
+        claimed = domain.evolve(None, event)
+        assert claimed is not None
+        row = asdict(claimed)
+        del row["available_from"]  # a fresh claim is lockable at once (its own table)
+        rows.append(row)
+        day = (event.category, event.quota_day)
+        per_day[day] = per_day.get(day, 0) + 1
+    await conn.execute(insert(qualifications), rows)
+    stmt = pg_insert(quota_usage).values(
+        [{"category": c, "day": d, "issued": n} for (c, d), n in sorted(per_day.items())]
+    )
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["category", "day"],
+            set_={"issued": quota_usage.c.issued + stmt.excluded.issued},
+        )
+    )
 
 
 async def rebuild(store: EventStore) -> int:

@@ -104,6 +104,10 @@ class RiskControl:
         self.screen = RiskScreen(SERVICE, self.pipeline, keys, tables, self.clock)
         self.active = self.screen.active
 
+    def idle(self) -> bool:
+        """No rule and no list entry is in force: nothing could block or flag a claim."""
+        return not self.active.rules.rules and not self.active.lists.entries
+
     # -- the claim's screen ---------------------------------------------------------------
     @asynccontextmanager
     async def screened_claim(

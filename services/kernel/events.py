@@ -6,7 +6,8 @@ import hashlib
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from google.protobuf import symbol_database
 from google.protobuf.message import Message
@@ -98,6 +99,9 @@ class Context:
     correlation_id: str = ""
     causation_id: str = ""
     policy_version: str = ""
+    # The W3C trace context to record; None: the current span's. A command decided away from
+    # its caller's task (a claim in a batch) carries the one its caller was in.
+    trace_context: Mapping[str, str] | None = field(default=None, compare=False)
 
 
 def service_actor(service: str) -> common_pb2.Actor:
@@ -131,7 +135,7 @@ def new_envelope(
         actor=ctx.actor,
         correlation_id=ctx.correlation_id,
         causation_id=ctx.causation_id,
-        trace_context=current_trace_context(),
+        trace_context=current_trace_context() if ctx.trace_context is None else ctx.trace_context,
         policy_version=ctx.policy_version,
         service=service,
     )

@@ -51,3 +51,9 @@ RESERVATIONS = Counter(
     "Reservation outcomes: reserved, captured, released by reason.",
     ["outcome"],
 )
+BATCH_SIZE = Histogram(
+    "subsidy_batch_size",
+    "Commands decided together in one group-commit batch (services/kernel/batching.py).",
+    ["batch"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)

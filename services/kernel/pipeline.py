@@ -128,16 +128,22 @@ class Pipeline:
         self,
         aggregate: Aggregate[K, S],
         commands: Sequence[tuple[K, Decision[S]]],
-        ctx: Context,
+        ctx: Context | Sequence[Context],
         *,
         tx: Tx,
     ) -> list[Outcome[S]]:
         """Run one command per key (keys distinct) in ``tx``, with batched statements.
 
         The same steps as :meth:`run`: lock every stream (in stream order, so two batches never
-        deadlock), load every state, decide each command, append, project. A refusal raises
-        before anything is appended, and the caller's transaction then rolls back whole.
+        deadlock), load every state, decide each command, append, project. The commands are
+        decided in the order given, so a decision may count what the ones before it decided
+        (the claim batch counts the quota so). A refusal raises before anything is appended,
+        and the caller's transaction then rolls back whole. ``ctx`` is every command's, or one
+        per command (commands of different callers, each with its own correlation and trace).
         """
+        contexts = [ctx] * len(commands) if isinstance(ctx, Context) else list(ctx)
+        if len(contexts) != len(commands):
+            raise ValueError("run_many: one context per command")
         streams = [aggregate.stream(key) for key, _ in commands]
         versions = await tx.lock_streams(streams)
         if aggregate.load_many is not None:
@@ -150,8 +156,8 @@ class Pipeline:
             for stream, (key, decide) in zip(streams, commands, strict=True)
         ]
         appends = [
-            (stream, versions[stream], [new_envelope(self.service, stream, e, ctx) for e in events])
-            for stream, _, events in planned
+            (stream, versions[stream], [new_envelope(self.service, stream, e, c) for e in events])
+            for (stream, _, events), c in zip(planned, contexts, strict=True)
         ]
         # A stream created here that gets no event is dropped before commit, as lock_stream's
         # are (on a refusal the whole transaction rolls back, placeholders with it).

@@ -39,6 +39,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 
 from . import metrics
 from .errors import DomainError, ResourceExhausted
+from .handler_cache import HandlerCache
 from .identity import caller
 from .settings import Settings, SettingsError
 
@@ -127,6 +128,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         self._rates = rates
         self._reject = reject
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._handlers: HandlerCache[Handler] = HandlerCache(self._limited)
 
     async def intercept_service(
         self,
@@ -137,9 +139,12 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         bucket = BUCKETS.get(details.method)
         if handler is None or bucket is None or handler.unary_unary is None:
             return handler
+        return self._handlers.get(details.method, handler)
+
+    def _limited(self, method: str, handler: Handler) -> Handler:
+        bucket = BUCKETS[method]
         limit = self._rates.of(bucket)
         inner = handler.unary_unary
-        method = details.method
         limiter = self._limiter
 
         async def limited(request: Any, context: ServicerContext) -> Any:

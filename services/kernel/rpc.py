@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from . import authz, metrics, ratelimit, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
+from .handler_cache import HandlerCache
 
 log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -64,6 +65,9 @@ def status_of(error: DomainError, *extra: Message) -> tuple[grpc.StatusCode, str
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors into precise statuses; never lets bad input become INTERNAL."""
 
+    def __init__(self) -> None:
+        self._handlers: HandlerCache[Handler] = HandlerCache(self._mapped)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -72,8 +76,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
+        return self._handlers.get(details.method, handler)
+
+    @staticmethod
+    def _mapped(method: str, handler: Handler) -> Handler:
         inner = handler.unary_unary
-        method = details.method
+        assert inner is not None  # intercept_service wraps unary-unary handlers only
 
         async def mapped(request: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
@@ -86,7 +94,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 err = exc if isinstance(exc, DomainError) else concurrent_update()
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
-                await _abort(context, err)
+                _refuse(context, err)
+                return None
             except grpc.aio.AbortError:
                 outcome = "ABORTED"
                 raise
@@ -109,6 +118,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def _refuse(context: ServicerContext, error: DomainError) -> None:
+    """Answer a refusal as :func:`_abort` does (code, message, ErrorInfo), without raising:
+    the OpenTelemetry interceptor records a raised ``AbortError`` as a span exception and
+    formats its whole traceback: an eighth of eligibility's CPU under the claim rush, where
+    most claims are refused (docs/benchmarks.md). The span still gets the status code; the
+    handler returns nothing, and gRPC sends no message with a status that is not OK."""
+    code, message, status = status_of(error)
+    context.set_code(code)
+    context.set_details(message)
+    context.set_trailing_metadata(((STATUS_DETAILS_KEY, status),))
+
+
 async def _abort(context: ServicerContext, error: DomainError, *extra: Message) -> None:
     code, message, status = status_of(error, *extra)
     await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
@@ -122,6 +143,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, rules: Mapping[str, frozenset[str]] = authz.RULES) -> None:
         self._rules = rules
+        self._handlers: HandlerCache[Handler] = HandlerCache(self._guarded)
 
     async def intercept_service(
         self,
@@ -131,8 +153,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+        return self._handlers.get(details.method, handler)
 
+    def _guarded(self, method: str, handler: Handler) -> Handler:
         async def reject(context: ServicerContext, error: DomainError) -> None:
             metrics.RPC_REFUSALS.labels(method, error.reason).inc()
             log.warning("refused %s: %s", method, error.reason)
