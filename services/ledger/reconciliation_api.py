@@ -93,34 +93,63 @@ def _period(chunk: ledger_pb2.DiscountBillChunk) -> tuple[datetime | None, datet
     return start, end
 
 
-async def _bill(
-    chunks: AsyncIterator[ledger_pb2.DiscountBillChunk],
-) -> tuple[bytes, ledger_pb2.DiscountBillChunk]:
-    """The whole file and its first chunk (which carries the period and the reason); refused
-    as soon as it is larger than a bill may be, before more of it is read."""
+def _header(
+    chunk: ledger_pb2.DiscountBillChunk | None,
+) -> tuple[int, datetime | None, datetime | None, str]:
+    """The bill's size, period and reason, checked before any byte of it is accepted."""
+    if chunk is None:
+        raise InvalidArgument(
+            "MISSING_HEADER", "file_bytes: the first message is the header", field="file_bytes"
+        )
+    if chunk.data:
+        raise InvalidArgument(
+            "INVALID_CHUNK", "data: the header carries none (send it on RECEIVE)", field="data"
+        )
+    if chunk.file_bytes <= 0:
+        raise InvalidArgument("EMPTY_BILL", "csv: the file is empty", field="csv")
+    if chunk.file_bytes > reconcile.MAX_BILL_BYTES:
+        raise InvalidArgument(
+            "BILL_TOO_LARGE",
+            f"csv: at most {reconcile.MAX_BILL_BYTES} bytes; split the bill",
+            field="csv",
+        )
+    start, end = _period(chunk)
+    if start is not None or end is not None:
+        reconcile.period([], start, end)  # both or neither, in order: before any byte
+    reason = validate.text_field("reason", chunk.reason, max_len=500, required=False)
+    return chunk.file_bytes, start, end, reason
+
+
+async def _receive(chunks: AsyncIterator[ledger_pb2.DiscountBillChunk], size: int) -> bytes:
+    """Exactly ``size`` bytes of the file, in chunks of at most 1 MiB; more is refused as soon
+    as it arrives, and nothing more is read once they are in."""
     parts: list[bytes] = []
-    size = 0
-    first: ledger_pb2.DiscountBillChunk | None = None
-    async for chunk in chunks:
-        if first is None:
-            first = chunk
-        elif chunk.HasField("period_from") or chunk.HasField("period_to") or chunk.reason:
+    received = 0
+    while received < size:
+        chunk = await anext(chunks, None)
+        if chunk is None:
             raise InvalidArgument(
-                "INVALID_CHUNK", "period and reason: on the first chunk only", field="period_from"
+                "BILL_INCOMPLETE",
+                f"data: {received} of the {size} bytes the header announced",
+                field="data",
+            )
+        if chunk.HasField("period_from") or chunk.HasField("period_to") or chunk.reason:
+            raise InvalidArgument(
+                "INVALID_CHUNK", "period and reason: in the header only", field="period_from"
             )
         if len(chunk.data) > MAX_CHUNK_BYTES:
             raise InvalidArgument(
                 "CHUNK_TOO_LARGE", f"data: at most {MAX_CHUNK_BYTES} bytes a chunk", field="data"
             )
-        size += len(chunk.data)
-        if size > reconcile.MAX_BILL_BYTES:
+        received += len(chunk.data)
+        if received > size:
             raise InvalidArgument(
-                "BILL_TOO_LARGE",
-                f"csv: at most {reconcile.MAX_BILL_BYTES} bytes; split the bill",
-                field="csv",
+                "BILL_LONGER_THAN_ANNOUNCED",
+                f"data: more than the {size} bytes the header announced",
+                field="data",
             )
         parts.append(chunk.data)
-    return b"".join(parts), first or ledger_pb2.DiscountBillChunk()
+    return b"".join(parts)
 
 
 async def _answering(
@@ -147,11 +176,13 @@ class ReconciliationApi:
         context: ServicerContext,
     ) -> AsyncIterator[ledger_pb2.ReconcileProgress]:
         async def steps() -> AsyncIterator[ledger_pb2.ReconcileProgress]:
-            data, first = await _bill(request_iterator)
-            start, end = _period(first)
-            reason = validate.text_field("reason", first.reason, max_len=500, required=False)
-            if start is not None or end is not None:
-                reconcile.period([], start, end)  # both or neither, in order: before any work
+            # Nothing is read before the caller is told to send: a client writing while the
+            # server refuses can see INTERNAL instead of the refusal (grpc's client races).
+            yield ledger_pb2.ReconcileProgress(phase="READY")
+            requests = aiter(request_iterator)
+            size, start, end, reason = _header(await anext(requests, None))
+            yield ledger_pb2.ReconcileProgress(phase="RECEIVE", done=0, total=size)
+            data = await _receive(requests, size)
             ctx = Context(caller().actor(reason), correlation_id=reconcile.file_sha256(data))
             async for p in self.ledger.reconciliations.reconcile(data, start, end, ctx):
                 yield progress(p)

@@ -373,7 +373,11 @@ Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
 
 @_typing.final
 class DiscountBillChunk(_message.Message):
-    """---- discount-bill reconciliation (立减账单核对) ----------------------------------------"""
+    """---- discount-bill reconciliation (立减账单核对) ----------------------------------------
+    The bill goes in two steps, each after the ledger's go-ahead (a client writing while the
+    server refuses may see INTERNAL instead of the refusal): on READY the header (file_bytes,
+    the period, the reason; no data), on RECEIVE the file's bytes in chunks of at most 1 MiB.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -381,13 +385,15 @@ class DiscountBillChunk(_message.Message):
     PERIOD_FROM_FIELD_NUMBER: _builtins.int
     PERIOD_TO_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """the next bytes of the file (at most 1 MiB each; 32 MiB in all)"""
     reason: _builtins.str
+    file_bytes: _builtins.int
     @_builtins.property
     def period_from(self) -> _timestamp_pb2.Timestamp:
-        """First chunk only: the period whose captures the bill must list, both or neither
-        (neither: the bill's first to last paid_at), and why (kept with the event).
+        """The header only: the period whose captures the bill must list, both or neither
+        (neither: the bill's first to last paid_at), why (kept with the event), and the size.
         """
 
     @_builtins.property
@@ -399,10 +405,11 @@ class DiscountBillChunk(_message.Message):
         period_from: _timestamp_pb2.Timestamp | None = ...,
         period_to: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "period_from", b"period_from", "period_to", b"period_to", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_bytes", b"file_bytes", "period_from", b"period_from", "period_to", b"period_to", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -533,8 +540,9 @@ Global___DiscountBillReconciliation: _TypeAlias = DiscountBillReconciliation  # 
 
 @_typing.final
 class ReconcileProgress(_message.Message):
-    """ReconcileDiscountBill and GetReconciliation answer with these: progress (VALIDATE, MATCH,
-    RECORD), the report's lines (REPORT, at most 2,000 per message), then DONE.
+    """ReconcileDiscountBill and GetReconciliation answer with these: the go-aheads (READY: send
+    the header; RECEIVE: send the bytes), progress (VALIDATE, MATCH, RECORD), the report's lines
+    (REPORT, at most 2,000 per message), then DONE.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -152,8 +152,8 @@ class LedgerServiceServicer:
 
     def ReconcileDiscountBill(self, request_iterator, context):
         """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
-        docs/operations.md) in chunks of at most 1 MiB, answered with progress, the report's lines
-        and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+        docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+        answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
         nothing and gets the recorded answer. A bill with a malformed row records nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -51,8 +51,8 @@ class LedgerServiceStub:
     GetReservation: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.Reservation]
     ReconcileDiscountBill: _grpc.StreamStreamMultiCallable[_ledger_pb2.DiscountBillChunk, _ledger_pb2.ReconcileProgress]
     """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
-    docs/operations.md) in chunks of at most 1 MiB, answered with progress, the report's lines
-    and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+    docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+    answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
     nothing and gets the recorded answer. A bill with a malformed row records nothing.
     """
     ListReconciliations: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReconciliationsRequest, _ledger_pb2.ListReconciliationsResponse]
@@ -83,8 +83,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetReservation: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.Reservation]  # type: ignore[assignment]
     ReconcileDiscountBill: _aio.StreamStreamMultiCallable[_ledger_pb2.DiscountBillChunk, _ledger_pb2.ReconcileProgress]  # type: ignore[assignment]
     """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
-    docs/operations.md) in chunks of at most 1 MiB, answered with progress, the report's lines
-    and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+    docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+    answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
     nothing and gets the recorded answer. A bill with a malformed row records nothing.
     """
     ListReconciliations: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReconciliationsRequest, _ledger_pb2.ListReconciliationsResponse]  # type: ignore[assignment]
@@ -166,8 +166,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReconcileProgress], _abc.AsyncIterator[_ledger_pb2.ReconcileProgress]]:
         """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
-        docs/operations.md) in chunks of at most 1 MiB, answered with progress, the report's lines
-        and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+        docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+        answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
         nothing and gets the recorded answer. A bill with a malformed row records nothing.
         """
 
