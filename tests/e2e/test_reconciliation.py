@@ -4,6 +4,7 @@ row, a bill of 100,000 rows, and callers who may not reconcile."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -476,3 +477,22 @@ async def test_the_reconciliation_read_models_rebuild_from_events_alone(
     with pytest.raises(Exception, match="permission denied"):
         async with store.transaction() as tx:
             await tx.conn.execute(text("DELETE FROM reconciliation_lines"))
+
+
+async def test_the_same_bill_imported_twice_at_once_is_recorded_once(
+    platform: Platform, day: Day, as_role: dict[Role, ledger_pb2_grpc.LedgerServiceAsyncStub]
+) -> None:
+    operator = as_role[Role.OPERATOR]
+    one, other = await asyncio.gather(
+        reconcile_bill(operator, day.data, day.period),
+        reconcile_bill(operator, day.data, day.period),
+    )
+    assert sorted([one.done.already_reconciled, other.done.already_reconciled]) == [False, True]
+    assert one.done.reconciliation == other.done.reconciliation and one.lines == other.lines
+    assert len(await stream_events(platform, hashlib.sha256(day.data).hexdigest())) == 1
+    async with platform.running["ledger"].runtime.store.engine.connect() as conn:
+        kept = await conn.scalar(
+            text("SELECT count(*) FROM reconciliation_lines WHERE file_sha256 = :s"),
+            {"s": one.done.file_sha256},
+        )
+    assert kept == len(one.lines) == 7
