@@ -117,7 +117,7 @@ funding_keys = Table(
 )
 
 # Discount-bill reconciliation: its captures, reconciliations and kept report lines.
-reconciliation_tables = reconciliation.ReconciliationTables(metadata)
+reconciliation_tables = reconciliation.ReconciliationTables(metadata, reservations)
 
 
 def refusal_stream(order_id: str) -> str:

@@ -15,8 +15,9 @@ Matching (:func:`match`), by ``order_id``, gives each row and each capture one k
   still pending, cancelled or expired: the row says which);
 - ``REFUNDED_IN_BILL``: the bill lists an order whose capture was refunded: no discount is owed
   for it (the provider's bill of the payment day still lists it; the refund is the ledger's);
-- ``MISSING_IN_BILL``: a capture, not refunded, made within the bill's period, that the bill
-  does not list (a refunded capture is owed nothing, so it is not missing);
+- ``MISSING_IN_BILL``: a capture, not refunded, made within the bill's period (and, for one
+  platform's bill, by that platform), that the bill does not list (a refunded capture is owed
+  nothing, so it is not missing);
 - ``DUPLICATE``: a second row of an order already listed higher up; only the first row of an
   order is matched.
 
@@ -236,6 +237,7 @@ class Capture:
     subsidy_fen: int
     captured_at: datetime
     refunded: bool = False
+    platform_id: str = ""  # the platform whose checkout captured it
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,7 @@ class Totals:
 class Report:
     rows: int
     period: Period
+    platform_id: str  # the one platform whose captures the bill must list; "" every platform
     totals: Mapping[str, Totals]
     discrepancies: tuple[Discrepancy, ...]
     bill_total_fen: int
@@ -395,10 +398,13 @@ def match(
     captures: Mapping[str, Capture],
     within: Period,
     statuses: Mapping[str, str] | None = None,
+    platform_id: str = "",
 ) -> Report:
     """Match the bill's rows against ``captures`` (by order id: at least every capture of an
     order the bill lists and every capture made ``within`` the period). ``statuses`` names what
-    the ledger knows of an order it has no capture of (a pending or released reservation)."""
+    the ledger knows of an order it has no capture of (a pending or released reservation).
+    ``platform_id``: the bill is one platform's (its payment provider's), so only that
+    platform's captures of the period are missing from it; listed orders match whoever's."""
     statuses = statuses or {}
     first: dict[str, int] = {}
     judged: list[Discrepancy] = []
@@ -414,7 +420,12 @@ def match(
         else:
             judged.append(_judge(row, cap))
     for cap in sorted(captures.values(), key=lambda c: (c.captured_at, c.order_id)):
-        if cap.order_id not in first and not cap.refunded and cap.captured_at in within:
+        if (
+            cap.order_id not in first
+            and not cap.refunded
+            and cap.captured_at in within
+            and (not platform_id or cap.platform_id == platform_id)
+        ):
             judged.append(
                 Discrepancy(
                     MISSING_IN_BILL,
@@ -435,6 +446,7 @@ def match(
     report = Report(
         rows=len(rows),
         period=within,
+        platform_id=platform_id,
         totals=totals,
         discrepancies=tuple(lines),
         bill_total_fen=sum(r.discount_fen for r in rows),
@@ -473,6 +485,7 @@ class Reconciled:
 
     file_sha256: str
     period: Period
+    platform_id: str = ""
 
 
 def _ts(at: datetime) -> Timestamp:
@@ -485,23 +498,21 @@ def _totals(t: Totals) -> ev.BillDiscrepancyTotal:
     return ev.BillDiscrepancyTotal(count=t.count, bill_fen=t.bill_fen, ledger_fen=t.ledger_fen)
 
 
-def same_period(existing: Reconciled, asked: Period | None) -> None:
-    """A bill is reconciled once: asking again for another period is refused (the answer on
-    record is for the period it names); asking without one gets the recorded answer."""
-    if (
+def same_request(existing: Reconciled, asked: Period | None, platform_id: str) -> None:
+    """A bill is reconciled once: asking again for another period or platform is refused (the
+    answer on record is for the ones it names); asking without them gets the recorded answer."""
+    other_platform = bool(platform_id) and platform_id != existing.platform_id
+    other_period = (
         asked is not None
         and asked.given
-        and (asked.start, asked.end)
-        != (
-            existing.period.start,
-            existing.period.end,
-        )
-    ):
+        and (asked.start, asked.end) != (existing.period.start, existing.period.end)
+    )
+    if other_platform or other_period:
         raise AlreadyExists(
             "BILL_ALREADY_RECONCILED",
             f"period_from: this bill was reconciled for {_iso(existing.period.start)} .."
-            f" {_iso(existing.period.end)}; a bill is reconciled once (a corrected bill is a"
-            " new file)",
+            f" {_iso(existing.period.end)}, platform {existing.platform_id or 'all'}; a bill is"
+            " reconciled once (a corrected bill is a new file)",
             field="period_from",
             file_sha256=existing.file_sha256,
         )
@@ -510,7 +521,7 @@ def same_period(existing: Reconciled, asked: Period | None) -> None:
 def record(existing: Reconciled | None, cmd: Reconcile) -> list[Message]:
     """The reconciliation's event, once per file: the same file again records nothing."""
     if existing is not None:
-        same_period(existing, cmd.report.period)
+        same_request(existing, cmd.report.period, cmd.report.platform_id)
         return []
     r = cmd.report
     t = r.totals
@@ -533,6 +544,7 @@ def record(existing: Reconciled | None, cmd: Reconcile) -> list[Message]:
             ledger_total_fen=r.ledger_total_fen,
             lines_sha256=lines_sha256(r.discrepancies),
             discrepancies=len(r.discrepancies),
+            platform_id=r.platform_id,
         )
     ]
 
@@ -547,6 +559,7 @@ def evolve(state: Reconciled | None, event: Message) -> Reconciled | None:
                 event.period_to.ToDatetime(tzinfo=UTC),
                 event.period_given,
             ),
+            event.platform_id,
         )
     return state
 

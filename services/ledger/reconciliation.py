@@ -104,9 +104,10 @@ def _any_of(order_ids: Sequence[str]) -> object:
 
 
 async def _captures(
-    conn: AsyncConnection, order_ids: Sequence[str], within: bill.Period
+    conn: AsyncConnection, order_ids: Sequence[str], within: bill.Period, platform_id: str
 ) -> dict[str, bill.Capture]:
-    """Every capture of an order the bill lists, and every unrefunded one of its period."""
+    """Every capture of an order the bill lists, and every unrefunded one of its period (of
+    its platform, for one platform's bill)."""
     t = tables.captures
     listed = select(t).where(t.c.order_id == _any_of(order_ids))
     in_period = (
@@ -115,11 +116,18 @@ async def _captures(
         .where(t.c.captured_at < within.end)
         .where(t.c.refunded_at.is_(None))
     )
+    if platform_id:
+        in_period = in_period.where(t.c.platform_id == platform_id)
     found: dict[str, bill.Capture] = {}
     for query in (listed, in_period):
         for r in await conn.execute(query):
             found[r.order_id] = bill.Capture(
-                r.order_id, r.payment_ref, r.subsidy_fen, r.captured_at, r.refunded_at is not None
+                r.order_id,
+                r.payment_ref,
+                r.subsidy_fen,
+                r.captured_at,
+                r.refunded_at is not None,
+                r.platform_id,
             )
     return found
 
@@ -169,10 +177,12 @@ class Reconciliations:
         data: bytes,
         start: datetime | None,
         end: datetime | None,
+        platform_id: str,
         ctx: Context,
     ) -> AsyncIterator[Progress]:
-        """Reconcile one bill (``start``/``end``: the operator's period, or None), or answer
-        with its recorded reconciliation; a bill with malformed rows records nothing."""
+        """Reconcile one bill (``start``/``end``: the operator's period, or None;
+        ``platform_id``: the one platform whose bill it is, or ""), or answer with its recorded
+        reconciliation; a bill with malformed rows records nothing."""
         digest = bill.file_sha256(data)
         asked = (
             bill.Period(start.astimezone(UTC), end.astimezone(UTC))
@@ -182,7 +192,7 @@ class Reconciliations:
         async with self.store.engine.connect() as conn:
             prior = await _recorded(conn, digest)
         if prior is not None:
-            bill.same_period(prior.state, asked)
+            bill.same_request(prior.state, asked, platform_id)
             async for step in self._answer(prior, already=True):
                 yield step
             return
@@ -205,9 +215,11 @@ class Reconciliations:
         order_ids = sorted({r.order_id for r in parsed.rows})
         yield Progress("MATCH", 0, total, digest)
         async with self.store.transaction() as tx:
-            captures = await _captures(tx.conn, order_ids, within)
+            captures = await _captures(tx.conn, order_ids, within, platform_id)
             statuses = await _statuses(tx.conn, [o for o in order_ids if o not in captures])
-            report = await asyncio.to_thread(bill.match, parsed.rows, captures, within, statuses)
+            report = await asyncio.to_thread(
+                bill.match, parsed.rows, captures, within, statuses, platform_id
+            )
             yield Progress("MATCH", total, total, digest)
             cmd = bill.Reconcile(digest, len(data), report)
             outcome = await self.pipeline.run(

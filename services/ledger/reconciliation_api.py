@@ -95,8 +95,9 @@ def _period(chunk: ledger_pb2.DiscountBillChunk) -> tuple[datetime | None, datet
 
 def _header(
     chunk: ledger_pb2.DiscountBillChunk | None,
-) -> tuple[int, datetime | None, datetime | None, str]:
-    """The bill's size, period and reason, checked before any byte of it is accepted."""
+) -> tuple[int, datetime | None, datetime | None, str, str]:
+    """The bill's size, period, reason and platform, checked before any byte of it is
+    accepted."""
     if chunk is None:
         raise InvalidArgument(
             "MISSING_HEADER", "file_bytes: the first message is the header", field="file_bytes"
@@ -117,7 +118,8 @@ def _header(
     if start is not None or end is not None:
         reconcile.period([], start, end)  # both or neither, in order: before any byte
     reason = validate.text_field("reason", chunk.reason, max_len=500, required=False)
-    return chunk.file_bytes, start, end, reason
+    platform = validate.identifier("platform_id", chunk.platform_id) if chunk.platform_id else ""
+    return chunk.file_bytes, start, end, reason, platform
 
 
 async def _receive(chunks: AsyncIterator[ledger_pb2.DiscountBillChunk], size: int) -> bytes:
@@ -133,9 +135,16 @@ async def _receive(chunks: AsyncIterator[ledger_pb2.DiscountBillChunk], size: in
                 f"data: {received} of the {size} bytes the header announced",
                 field="data",
             )
-        if chunk.HasField("period_from") or chunk.HasField("period_to") or chunk.reason:
+        if (
+            chunk.HasField("period_from")
+            or chunk.HasField("period_to")
+            or chunk.reason
+            or chunk.platform_id
+        ):
             raise InvalidArgument(
-                "INVALID_CHUNK", "period and reason: in the header only", field="period_from"
+                "INVALID_CHUNK",
+                "period, platform and reason: in the header only",
+                field="period_from",
             )
         if len(chunk.data) > MAX_CHUNK_BYTES:
             raise InvalidArgument(
@@ -180,11 +189,12 @@ class ReconciliationApi:
             # server refuses can see INTERNAL instead of the refusal (grpc's client races).
             yield ledger_pb2.ReconcileProgress(phase="READY")
             requests = aiter(request_iterator)
-            size, start, end, reason = _header(await anext(requests, None))
+            size, start, end, reason, platform = _header(await anext(requests, None))
             yield ledger_pb2.ReconcileProgress(phase="RECEIVE", done=0, total=size)
             data = await _receive(requests, size)
             ctx = Context(caller().actor(reason), correlation_id=reconcile.file_sha256(data))
-            async for p in self.ledger.reconciliations.reconcile(data, start, end, ctx):
+            reconciling = self.ledger.reconciliations.reconcile(data, start, end, platform, ctx)
+            async for p in reconciling:
                 yield progress(p)
 
         async for step in _answering(context, steps):

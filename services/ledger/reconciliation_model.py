@@ -1,8 +1,8 @@
 """The tables of discount-bill reconciliation, on the ledger's metadata, and how events feed them.
 
 - ``bill_captures`` (read model): every captured subsidy as a bill should list it (order id,
-  payment reference, subsidy, when captured, when refunded), from ``SubsidyCaptured`` and
-  ``SubsidyReleased`` (after capture: a refund);
+  its platform, payment reference, subsidy, when captured, when refunded), from
+  ``SubsidyCaptured`` and ``SubsidyReleased`` (after capture: a refund);
 - ``reconciliations`` (read model): one row per reconciled bill, from ``DiscountBillReconciled``;
 - ``reconciliation_lines``: the report's lines of each reconciled bill, written in the same
   transaction as its event. They come from the bill, which is not in the log, so they are not a
@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     insert,
+    select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,13 +39,16 @@ from subsidy.v1 import events_pb2 as ev
 
 
 class ReconciliationTables:
-    """The reconciliation's tables on ``metadata`` (the ledger's)."""
+    """The reconciliation's tables on ``metadata`` (the ledger's); ``reservations`` is the
+    ledger's reservations read model (a capture's platform is its reservation's)."""
 
-    def __init__(self, metadata: MetaData) -> None:
+    def __init__(self, metadata: MetaData, reservations: Table) -> None:
+        self.reservations = reservations
         self.captures = Table(
             "bill_captures",
             metadata,
             Column("order_id", String(64), primary_key=True),
+            Column("platform_id", String(64), nullable=False),
             Column("payment_ref", String(128), nullable=False),
             Column("subsidy_fen", BigInteger, nullable=False),
             Column("captured_at", DateTime(timezone=True), nullable=False, index=True),
@@ -90,9 +94,14 @@ async def apply_event(
     """Apply one ledger event to the reconciliation's read models."""
     at = env.occurred_at.ToDatetime(tzinfo=UTC)
     if isinstance(event, ev.SubsidyCaptured):
+        # Its reservation's row is there: SubsidyReserved came first in the pool's stream.
+        platform = await conn.scalar(
+            select(t.reservations.c.platform_id).where(t.reservations.c.order_id == event.order_id)
+        )
         await conn.execute(
             insert(t.captures).values(
                 order_id=event.order_id,
+                platform_id=platform or "",
                 payment_ref=event.payment_ref,
                 subsidy_fen=event.subsidy_fen,
                 captured_at=at,

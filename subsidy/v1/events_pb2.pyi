@@ -1597,6 +1597,7 @@ class DiscountBillReconciled(_message.Message):
     LEDGER_TOTAL_FEN_FIELD_NUMBER: _builtins.int
     LINES_SHA256_FIELD_NUMBER: _builtins.int
     DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
     file_sha256: _builtins.str
     file_bytes: _builtins.int
     rows: _builtins.int
@@ -1609,6 +1610,8 @@ class DiscountBillReconciled(_message.Message):
     """SHA-256 of the report's lines (services/ledger/reconcile.py)"""
     discrepancies: _builtins.int
     """how many lines the report has"""
+    platform_id: _builtins.str
+    """the bill is this platform's ("": every platform's captures)"""
     @_builtins.property
     def period_from(self) -> _timestamp_pb2.Timestamp:
         """The captures the bill must list: made from period_from (included) to period_to
@@ -1651,10 +1654,11 @@ class DiscountBillReconciled(_message.Message):
         ledger_total_fen: _builtins.int = ...,
         lines_sha256: _builtins.str = ...,
         discrepancies: _builtins.int = ...,
+        platform_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount_mismatch", b"amount_mismatch", "duplicate", b"duplicate", "matched", b"matched", "missing_in_bill", b"missing_in_bill", "missing_in_ledger", b"missing_in_ledger", "payment_ref_mismatch", b"payment_ref_mismatch", "period_from", b"period_from", "period_to", b"period_to", "refunded_in_bill", b"refunded_in_bill"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_mismatch", b"amount_mismatch", "bill_total_fen", b"bill_total_fen", "discrepancies", b"discrepancies", "duplicate", b"duplicate", "file_bytes", b"file_bytes", "file_sha256", b"file_sha256", "ledger_total_fen", b"ledger_total_fen", "lines_sha256", b"lines_sha256", "matched", b"matched", "missing_in_bill", b"missing_in_bill", "missing_in_ledger", b"missing_in_ledger", "payment_ref_mismatch", b"payment_ref_mismatch", "period_from", b"period_from", "period_given", b"period_given", "period_to", b"period_to", "refunded_in_bill", b"refunded_in_bill", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_mismatch", b"amount_mismatch", "bill_total_fen", b"bill_total_fen", "discrepancies", b"discrepancies", "duplicate", b"duplicate", "file_bytes", b"file_bytes", "file_sha256", b"file_sha256", "ledger_total_fen", b"ledger_total_fen", "lines_sha256", b"lines_sha256", "matched", b"matched", "missing_in_bill", b"missing_in_bill", "missing_in_ledger", b"missing_in_ledger", "payment_ref_mismatch", b"payment_ref_mismatch", "period_from", b"period_from", "period_given", b"period_given", "period_to", b"period_to", "platform_id", b"platform_id", "refunded_in_bill", b"refunded_in_bill", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

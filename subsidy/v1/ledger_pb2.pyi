@@ -386,10 +386,15 @@ class DiscountBillChunk(_message.Message):
     PERIOD_TO_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FILE_BYTES_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """the next bytes of the file (at most 1 MiB each; 32 MiB in all)"""
     reason: _builtins.str
     file_bytes: _builtins.int
+    platform_id: _builtins.str
+    """The bill is this platform's (its payment provider's): only its captures of the period
+    must be listed. "": every platform's.
+    """
     @_builtins.property
     def period_from(self) -> _timestamp_pb2.Timestamp:
         """The header only: the period whose captures the bill must list, both or neither
@@ -406,10 +411,11 @@ class DiscountBillChunk(_message.Message):
         period_to: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
         file_bytes: _builtins.int = ...,
+        platform_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_bytes", b"file_bytes", "period_from", b"period_from", "period_to", b"period_to", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_bytes", b"file_bytes", "period_from", b"period_from", "period_to", b"period_to", "platform_id", b"platform_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,6 +1,7 @@
 """Discount-bill reconciliation (立减账单核对) against a running ledger service.
 
-  subsidyctl reconcile FILE.csv [--from ISO --to ISO] [--report PREFIX] [--reason TEXT]
+  subsidyctl reconcile FILE.csv [--from ISO --to ISO] [--platform ID] [--report PREFIX]
+                                [--reason TEXT]
   subsidyctl reconciliations [FILE_SHA256] [--report PREFIX] [--limit N]
 
 ``reconcile`` sends the payment provider's bill (UTF-8 CSV, header
@@ -145,6 +146,7 @@ async def send_bill(
     start: datetime | None = None,
     end: datetime | None = None,
     reason: str = "",
+    platform_id: str = "",
     chunk: int = CHUNK,
     deadline_s: float = 600.0,
     sent: Callable[[int], None] | None = None,
@@ -161,7 +163,9 @@ async def send_bill(
         await ready.wait()
         if call.done():
             return
-        header = ledger_pb2.DiscountBillChunk(file_bytes=len(data), reason=reason)
+        header = ledger_pb2.DiscountBillChunk(
+            file_bytes=len(data), reason=reason, platform_id=platform_id
+        )
         if start is not None and end is not None:
             header.period_from.FromDatetime(start.astimezone(UTC))
             header.period_to.FromDatetime(end.astimezone(UTC))
@@ -226,6 +230,7 @@ def summary(r: ledger_pb2.DiscountBillReconciliation, already: bool) -> dict[str
         "period_from": _iso(e.period_from),
         "period_to": _iso(e.period_to),
         "period_given": e.period_given,
+        "platform_id": e.platform_id,
     }
     totals = {name: getattr(e, name) for name, _ in KINDS}
     out |= {name: t.count for name, t in totals.items()}
@@ -352,6 +357,12 @@ def reconcile_bill(
             "--to", help="captures until this time (excluded); both or neither", show_default=False
         ),
     ] = "",
+    platform: Annotated[
+        str,
+        typer.Option(
+            help="the bill is this platform's: only its captures must be listed (default: all)"
+        ),
+    ] = "",
     report: ReportOpt = "",
     reason: Annotated[str, typer.Option(help="why (default: reconcile FILE)")] = "",
     timeout: TimeoutOpt = 600.0,
@@ -382,6 +393,7 @@ def reconcile_bill(
                 start=period_from,
                 end=period_to,
                 reason=reason or f"reconcile {file.name}",
+                platform_id=platform,
                 deadline_s=timeout,
                 sent=sent,
             )

@@ -20,10 +20,18 @@ from services.kernel import rpc
 from services.kernel.identity import Caller, Role
 from services.ledger import projections as ledger_projections
 from services.ledger import reconcile
-from subsidy.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import (
+    common_pb2,
+    eligibility_pb2,
+    events_pb2,
+    identity_pb2,
+    ledger_pb2,
+    ledger_pb2_grpc,
+)
 from subsidyctl.cli.reconcile import send_bill
 from tests.e2e.conftest import Platform, status_of
 from tests.support.callers import CallerRouter
+from tests.support.identities import make_person
 
 HEADER = "order_id,payment_ref,discount_fen,paid_at\n"
 PHONE_PRICE, PHONE_SUBSIDY = 300_000, 45_000  # 15% of 3,000 yuan
@@ -57,10 +65,18 @@ async def reconcile_bill(
     period: tuple[datetime, datetime] | None = None,
     *,
     chunk: int = CHUNK,
+    platform_id: str = "",
 ) -> Answer:
     start, end = period if period is not None else (None, None)
     replies = send_bill(
-        stub, data, start=start, end=end, reason="bill of the day", chunk=chunk, deadline_s=120
+        stub,
+        data,
+        start=start,
+        end=end,
+        reason="bill of the day",
+        platform_id=platform_id,
+        chunk=chunk,
+        deadline_s=120,
     )
     return Answer([r async for r in replies])
 
@@ -92,19 +108,37 @@ async def as_role(
 
 
 async def checkout(
-    p: Platform, rng: random.Random, pool: str, sku: str, payment_ref: str, *, pay: bool = True
+    p: Platform,
+    rng: random.Random,
+    pool: str,
+    sku: str,
+    payment_ref: str,
+    *,
+    pay: bool = True,
+    platform_id: str = "jd",
 ) -> str:
-    """One phone bought through the real checkout (reserve, then capture unless ``pay`` is
-    False); returns the order id."""
-    _, consumer = await p.person(rng)
-    q_id = await p.claim(consumer, "phone")
+    """One phone bought through the real checkout of ``platform_id`` (reserve, then capture
+    unless ``pay`` is False); returns the order id."""
+    person = make_person(rng)
+    await p.authority.Enroll(
+        identity_pb2.EnrollRequest(name=person.name, id_number=person.id_number, phone=person.phone)
+    )
+    consumer = await p.eligibility.RegisterConsumer(
+        eligibility_pb2.RegisterConsumerRequest(
+            name=person.name,
+            id_number=person.id_number,
+            phone=person.phone,
+            platform_id=platform_id,
+        )
+    )
+    q_id = await p.claim(consumer.consumer_id, "phone", channel=platform_id)
     order = f"rc-{rng.randrange(10**12)}"
     await p.ledger.ReserveSubsidy(
         ledger_pb2.ReserveSubsidyRequest(
             order_id=order,
-            platform_id="jd",
+            platform_id=platform_id,
             pool_id=pool,
-            consumer_id=consumer,
+            consumer_id=consumer.consumer_id,
             qualification_id=q_id,
             sku=sku,
             unit_price_fen=PHONE_PRICE,
@@ -112,9 +146,16 @@ async def checkout(
     )
     if pay:
         await p.ledger.CaptureSubsidy(
-            ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref=payment_ref)
+            ledger_pb2.CaptureSubsidyRequest(
+                order_id=order, payment_ref=payment_ref, actor=platform_actor(platform_id)
+            )
         )
     return order
+
+
+def platform_actor(platform_id: str) -> common_pb2.Actor:
+    # The test channel presents the certificate of the platform a request names.
+    return common_pb2.Actor(kind=common_pb2.Actor.KIND_PLATFORM, id=platform_id)
 
 
 async def stream_events(p: Platform, sha: str) -> list[events_pb2.EventEnvelope]:
@@ -142,7 +183,8 @@ async def day(platform: Platform, rng: random.Random) -> Day:
     p = platform
     pool = await p.pool(rng, 10_000_000)
     sku = await p.product(rng, "phone", 0, PHONE_PRICE)
-    start = datetime.now(UTC) - timedelta(seconds=1)
+    # Earlier tests captured before this instant, so the period holds this test's captures.
+    start = datetime.now(UTC)
     orders: dict[str, str] = {}
     refs: dict[str, str] = {}
     for name in ("matched", "amount", "ref", "missing_in_bill", "refunded", "refunded_unlisted"):
@@ -154,7 +196,7 @@ async def day(platform: Platform, rng: random.Random) -> Day:
             ledger_pb2.ReleaseSubsidyRequest(order_id=orders[name], reason="REFUNDED")
         )
     orders["unknown"] = f"rc-never-{rng.randrange(10**12)}"
-    end = datetime.now(UTC) + timedelta(seconds=1)
+    end = datetime.now(UTC)
     paid = start + timedelta(milliseconds=500)
     data = csv_of(
         (orders["matched"], refs["matched"], PHONE_SUBSIDY, paid),
@@ -496,3 +538,43 @@ async def test_the_same_bill_imported_twice_at_once_is_recorded_once(
             {"s": one.done.file_sha256},
         )
     assert kept == len(one.lines) == 7
+
+
+async def test_a_platforms_bill_misses_only_that_platforms_captures(
+    platform: Platform,
+    rng: random.Random,
+    as_role: dict[Role, ledger_pb2_grpc.LedgerServiceAsyncStub],
+) -> None:
+    p = platform
+    operator = as_role[Role.OPERATOR]
+    pool = await p.pool(rng, 1_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    start = datetime.now(UTC)
+    jd = [await checkout(p, rng, pool, sku, f"pay-jd-{i}") for i in range(2)]
+    taobao = await checkout(p, rng, pool, sku, "pay-tb", platform_id="taobao")
+    period = (start, datetime.now(UTC))
+    data = csv_of((jd[0], "pay-jd-0", PHONE_SUBSIDY, start))  # jd's bill, one order short
+    answer = await reconcile_bill(operator, data, period, platform_id="jd")
+    assert answer.kinds() == [("MISSING_IN_BILL", jd[1])]  # not taobao's capture
+    assert (answer.recorded.platform_id, answer.recorded.ledger_total_fen) == (
+        "jd",
+        2 * PHONE_SUBSIDY,
+    )
+    again = await reconcile_bill(operator, data, period)  # the recorded answer
+    assert again.done.already_reconciled and again.done.reconciliation == answer.done.reconciliation
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reconcile_bill(operator, data, period, platform_id="taobao")
+    assert status_of(err.value)[:2] == (grpc.StatusCode.ALREADY_EXISTS, "BILL_ALREADY_RECONCILED")
+    # The same rows as a bill of every platform (another file): taobao's capture is missing too.
+    every = data + b"\n"
+    everyone = await reconcile_bill(operator, every, period)
+    assert sorted(everyone.kinds()) == sorted(
+        [("MISSING_IN_BILL", jd[1]), ("MISSING_IN_BILL", taobao)]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reconcile_bill(operator, data + b"\n\n", period, platform_id="jd 1")
+    assert status_of(err.value) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_IDENTIFIER",
+        "platform_id",
+    )

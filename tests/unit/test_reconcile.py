@@ -372,6 +372,28 @@ def test_only_captures_of_the_period_are_missing_in_the_bill() -> None:
     assert report.ledger_total_fen == 11
 
 
+def test_a_platforms_bill_misses_only_that_platforms_captures() -> None:
+    captures = {
+        "jd-listed": Capture("jd-listed", "p", 1, at(0), platform_id="jd"),
+        "jd-unlisted": Capture("jd-unlisted", "p", 10, at(1), platform_id="jd"),
+        "tb-unlisted": Capture("tb-unlisted", "p", 100, at(2), platform_id="taobao"),
+        "tb-listed": Capture("tb-listed", "p", 1000, at(3), platform_id="taobao"),
+    }
+    rows = [row(2, "jd-listed", "p", 1, 0), row(3, "tb-listed", "p", 1000, 3)]
+    jd = reconcile.match(rows, captures, WHOLE_DAY, platform_id="jd")
+    assert kinds(jd) == [(MISSING_IN_BILL, "jd-unlisted")]  # a listed order matches anyway
+    assert (jd.ledger_total_fen, jd.platform_id) == (1_011, "jd")
+    every = reconcile.match(rows, captures, WHOLE_DAY)
+    assert kinds(every) == [(MISSING_IN_BILL, "jd-unlisted"), (MISSING_IN_BILL, "tb-unlisted")]
+    [event] = reconcile.record(None, reconcile.Reconcile("ef" * 32, 1, jd))
+    assert isinstance(event, ev.DiscountBillReconciled) and event.platform_id == "jd"
+    state = reconcile.evolve(None, event)
+    assert state is not None and state.platform_id == "jd"
+    assert reconcile.record(state, reconcile.Reconcile("ef" * 32, 1, every)) == []  # none asked
+    with pytest.raises(AlreadyExists):
+        reconcile.same_request(state, None, "taobao")
+
+
 def test_a_listed_capture_outside_the_period_is_still_matched() -> None:
     report = reconcile.match(
         [row(2, "o", "p", 7, 0)], {"o": cap("o", "p", 7, 500)}, Period(at(0), at(1))
