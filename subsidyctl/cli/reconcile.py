@@ -139,20 +139,33 @@ def ledger_call(
     return asyncio.run(go())
 
 
-async def send_bill(
-    stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
-    data: bytes,
-    *,
+def bill_header(
     start: datetime | None = None,
     end: datetime | None = None,
     reason: str = "",
     platform_id: str = "",
+) -> ledger_pb2.DiscountBillChunk:
+    """The header of a bill: its period (both ends, or neither), why, and whose bill it is."""
+    header = ledger_pb2.DiscountBillChunk(reason=reason, platform_id=platform_id)
+    if start is not None:
+        header.period_from.FromDatetime(start.astimezone(UTC))
+    if end is not None:
+        header.period_to.FromDatetime(end.astimezone(UTC))
+    return header
+
+
+async def send_bill(
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+    data: bytes,
+    header: ledger_pb2.DiscountBillChunk,
+    *,
     chunk: int = CHUNK,
     deadline_s: float = 600.0,
     sent: Callable[[int], None] | None = None,
 ) -> AsyncIterator[ledger_pb2.ReconcileProgress]:
-    """ReconcileDiscountBill as the ledger expects it: the header on READY, the bytes in
-    chunks on RECEIVE (``sent`` is told how many bytes went so far); yields every reply.
+    """ReconcileDiscountBill as the ledger expects it: ``header`` (:func:`bill_header`, its
+    size set here) on READY, the bytes in chunks on RECEIVE (``sent`` is told how many bytes
+    went so far); yields every reply.
 
     Writing only after each go-ahead means a refusal (a role that may not reconcile, a bill
     too large, a bad period) arrives as itself: grpc's client can report INTERNAL instead when
@@ -163,13 +176,10 @@ async def send_bill(
         await ready.wait()
         if call.done():
             return
-        header = ledger_pb2.DiscountBillChunk(
-            file_bytes=len(data), reason=reason, platform_id=platform_id
-        )
-        if start is not None and end is not None:
-            header.period_from.FromDatetime(start.astimezone(UTC))
-            header.period_to.FromDatetime(end.astimezone(UTC))
-        yield header
+        sized = ledger_pb2.DiscountBillChunk()
+        sized.CopyFrom(header)
+        sized.file_bytes = len(data)
+        yield sized
         await accepted.wait()
         for at in range(0, len(data), chunk):
             if call.done():
@@ -387,16 +397,10 @@ def reconcile_bill(
             def sent(upto: int) -> None:
                 bar.update("SEND", min(data.count(b"\n", 0, upto), rows), rows)
 
-            replies = send_bill(
-                stub,
-                data,
-                start=period_from,
-                end=period_to,
-                reason=reason or f"reconcile {file.name}",
-                platform_id=platform,
-                deadline_s=timeout,
-                sent=sent,
+            header = bill_header(
+                period_from, period_to, reason or f"reconcile {file.name}", platform
             )
+            replies = send_bill(stub, data, header, deadline_s=timeout, sent=sent)
             return await collect(replies, bar)
 
     answer = ledger_call(ledger, who, call, timeout)

@@ -28,7 +28,7 @@ from subsidy.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
-from subsidyctl.cli.reconcile import send_bill
+from subsidyctl.cli.reconcile import bill_header, send_bill
 from tests.e2e.conftest import Platform, status_of
 from tests.support.callers import CallerRouter
 from tests.support.identities import make_person
@@ -68,16 +68,8 @@ async def reconcile_bill(
     platform_id: str = "",
 ) -> Answer:
     start, end = period if period is not None else (None, None)
-    replies = send_bill(
-        stub,
-        data,
-        start=start,
-        end=end,
-        reason="bill of the day",
-        platform_id=platform_id,
-        chunk=chunk,
-        deadline_s=120,
-    )
+    header = bill_header(start, end, "bill of the day", platform_id)
+    replies = send_bill(stub, data, header, chunk=chunk, deadline_s=120)
     return Answer([r async for r in replies])
 
 
