@@ -10,8 +10,6 @@ monotonically, so the two never disagree.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 from dataclasses import astuple, dataclass, fields
 from typing import Final
@@ -22,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import delete, text
 
 from services.kernel.bus import EVENTS_STREAM
+from services.kernel.contract.spreadsheet import XLSX_TYPE, csv_bytes, xlsx_bytes
 from services.kernel.errors import InvalidArgument
 from services.kernel.events import Envelope
 from services.kernel.eventstore import EventStore
@@ -31,7 +30,6 @@ from .projections import LEDGER_SUBJECTS, apply_ledger_event, sales_orders
 log = logging.getLogger(__name__)
 
 FORMATS: Final = ("csv", "xlsx")
-XLSX_TYPE: Final = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 
 @dataclass(frozen=True)
@@ -100,54 +98,19 @@ async def ledger_rows(store: EventStore, merchant_id: str = "") -> list[SalesRow
         return [SalesRow(*(r[i] for i in range(len(fields(SalesRow))))) for r in result]
 
 
-# A text cell a spreadsheet would run as a formula (OWASP, "CSV Injection"): brand and model
-# are typed by merchants, and an auditor opens the export in Excel or WPS. Tab and CR too:
-# some programs drop them and read what follows as the cell's start.
-_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
-
-
-def neutralise(cell: object) -> object:
-    """``cell`` as a spreadsheet shows it, never runs it: a string starting with a formula
-    trigger gets a leading ``'`` (text, per OWASP's guidance); numbers stay numbers."""
-    if isinstance(cell, str) and cell.startswith(_FORMULA_TRIGGERS):
-        return "'" + cell
-    return cell
-
-
 def _cells(row: SalesRow) -> list[object]:
-    return [neutralise(c) for c in (*astuple(row), row.net_units, row.net_subsidy_fen)]
+    return [*astuple(row), row.net_units, row.net_subsidy_fen]
 
 
 def to_csv(rows: list[SalesRow]) -> bytes:
-    """UTF-8 with a byte-order mark, so spreadsheet programs show the Chinese headers."""
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(HEADERS)
-    for row in rows:
-        writer.writerow(_cells(row))
-    return out.getvalue().encode("utf-8-sig")
+    """UTF-8 with a byte-order mark, so spreadsheet programs show the Chinese headers; brand
+    and model are typed by merchants, so every cell is neutralised (formula-safe)."""
+    return csv_bytes(HEADERS, (_cells(r) for r in rows))
 
 
 def to_xlsx(rows: list[SalesRow]) -> bytes:
-    """One sheet; every text cell is written as a string, never as a formula (openpyxl
-    writes a string starting with ``=`` as one), on top of :func:`neutralise`."""
-    from openpyxl import Workbook
-    from openpyxl.cell import WriteOnlyCell
-
-    book = Workbook(write_only=True)
-    sheet = book.create_sheet("销售台账")
-    sheet.append(list(HEADERS))
-    for row in rows:
-        cells = []
-        for value in _cells(row):
-            cell = WriteOnlyCell(sheet, value=value)
-            if isinstance(value, str):
-                cell.data_type = "s"
-            cells.append(cell)
-        sheet.append(cells)
-    out = io.BytesIO()
-    book.save(out)
-    return out.getvalue()
+    """One sheet, every text cell a string, never a formula."""
+    return xlsx_bytes([("销售台账", HEADERS, (_cells(r) for r in rows))])
 
 
 def export(rows: list[SalesRow], fmt: str) -> tuple[bytes, str, str]:

@@ -96,6 +96,10 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _LEDGER + "CaptureSubsidy": frozenset({PLATFORM}),
     _LEDGER + "ReleaseSubsidy": frozenset({PLATFORM}),
     _LEDGER + "GetReservation": frozenset({PLATFORM, OPERATOR, AUDITOR}),
+    # ledger: discount-bill reconciliation (an operator imports the bill; auditors read)
+    _LEDGER + "ReconcileDiscountBill": frozenset({OPERATOR}),
+    _LEDGER + "ListReconciliations": frozenset({OPERATOR, AUDITOR}),
+    _LEDGER + "GetReconciliation": frozenset({OPERATOR, AUDITOR}),
     # audit: read-only, for the people who check the campaign
     _AUDIT + "GetLogInfo": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetEntries": frozenset({AUDITOR, OPERATOR}),

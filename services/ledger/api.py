@@ -17,6 +17,7 @@ from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import domain
 from .handlers import Ledger
+from .reconciliation_api import ReconciliationApi
 
 
 def _pool(p: Pool) -> ledger_pb2.BudgetPool:
@@ -61,7 +62,7 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     return out
 
 
-class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
+class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 

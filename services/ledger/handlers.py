@@ -54,6 +54,7 @@ from .projections import (
 )
 from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
+from .reconciliation import Reconciliations
 from .risk import LedgerRisk
 
 SERVICE = "ledger"
@@ -148,6 +149,7 @@ class Ledger(FundingUseCases):
         self.clock = clock or (lambda: datetime.now(UTC))
         self.pipeline = Pipeline(store, SERVICE, apply_event)
         self.risk = LedgerRisk(self.pipeline, keys, self.clock)
+        self.reconciliations = Reconciliations(store, self.pipeline)
 
     # -- budget ---------------------------------------------------------------------------
     async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:

@@ -31,6 +31,7 @@ from services.kernel.eventstore import EventStore
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
+from . import reconciliation_model as reconciliation
 
 metadata = MetaData()
 SERIAL_CONSTRAINT = "reservations_one_subsidy_per_serial"
@@ -115,6 +116,9 @@ funding_keys = Table(
     Column("amount_fen", BigInteger, nullable=False),
 )
 
+# Discount-bill reconciliation: its captures, reconciliations and kept report lines.
+reconciliation_tables = reconciliation.ReconciliationTables(metadata, reservations)
+
 
 def refusal_stream(order_id: str) -> str:
     return f"refusal/{order_id}"
@@ -167,6 +171,7 @@ async def load_pool_platforms(conn: AsyncConnection, pool_id: str) -> frozenset[
 async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
+    await reconciliation.apply_event(conn, reconciliation_tables, env, event)
     if isinstance(event, ev.FundingProposed | ev.FundingApproved):
         known = await load_proposal(conn, event.proposal_id)
         proposal = domain.evolve_proposal(known, event, env.actor.id)
@@ -261,6 +266,13 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
 async def rebuild(store: EventStore) -> int:
     """Drop the ledger's read models and replay every event; returns how many were applied."""
     return await store.rebuild(
-        (reservations, budget_pools, funding_keys, funding_proposals, pool_platforms),
+        (
+            reservations,
+            budget_pools,
+            funding_keys,
+            funding_proposals,
+            pool_platforms,
+            *reconciliation_tables.read_models,
+        ),
         apply_event,
     )

@@ -1538,3 +1538,128 @@ class OutboxEventSkipped(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OutboxEventSkipped: _TypeAlias = OutboxEventSkipped  # noqa: Y015
+
+@_typing.final
+class BillDiscrepancyTotal(_message.Message):
+    """---- discount-bill reconciliation (立减账单核对) ----------------------------------------
+    One kind of line of a reconciled bill: how many, and their fen on each side.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    BILL_FEN_FIELD_NUMBER: _builtins.int
+    LEDGER_FEN_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    bill_fen: _builtins.int
+    """what the bill's rows of this kind say"""
+    ledger_fen: _builtins.int
+    """what the ledger owes for them (0 where it owes nothing)"""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        bill_fen: _builtins.int = ...,
+        ledger_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bill_fen", b"bill_fen", "count", b"count", "ledger_fen", b"ledger_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillDiscrepancyTotal: _TypeAlias = BillDiscrepancyTotal  # noqa: Y015
+
+@_typing.final
+class DiscountBillReconciled(_message.Message):
+    """An operator reconciled the payment provider's discount bill against the ledger's captures:
+    stream discount-bill/<file_sha256>, once per file (the same file again records nothing).
+    Counts and totals only: the discrepancy lines are kept in the ledger's reconciliation_lines,
+    and lines_sha256 lets anyone check those against this event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    PERIOD_GIVEN_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    AMOUNT_MISMATCH_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_MISMATCH_FIELD_NUMBER: _builtins.int
+    MISSING_IN_BILL_FIELD_NUMBER: _builtins.int
+    MISSING_IN_LEDGER_FIELD_NUMBER: _builtins.int
+    REFUNDED_IN_BILL_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    BILL_TOTAL_FEN_FIELD_NUMBER: _builtins.int
+    LEDGER_TOTAL_FEN_FIELD_NUMBER: _builtins.int
+    LINES_SHA256_FIELD_NUMBER: _builtins.int
+    DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    file_sha256: _builtins.str
+    file_bytes: _builtins.int
+    rows: _builtins.int
+    period_given: _builtins.bool
+    bill_total_fen: _builtins.int
+    """every row of the bill, duplicates included"""
+    ledger_total_fen: _builtins.int
+    """the unrefunded captures the bill was compared with"""
+    lines_sha256: _builtins.str
+    """SHA-256 of the report's lines (services/ledger/reconcile.py)"""
+    discrepancies: _builtins.int
+    """how many lines the report has"""
+    platform_id: _builtins.str
+    """the bill is this platform's ("": every platform's captures)"""
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp:
+        """The captures the bill must list: made from period_from (included) to period_to
+        (excluded); period_given false: the bill's first to last paid_at (included).
+        """
+
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def matched(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def amount_mismatch(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def payment_ref_mismatch(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def missing_in_bill(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def missing_in_ledger(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def refunded_in_bill(self) -> Global___BillDiscrepancyTotal: ...
+    @_builtins.property
+    def duplicate(self) -> Global___BillDiscrepancyTotal: ...
+    def __init__(
+        self,
+        *,
+        file_sha256: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        period_given: _builtins.bool = ...,
+        matched: Global___BillDiscrepancyTotal | None = ...,
+        amount_mismatch: Global___BillDiscrepancyTotal | None = ...,
+        payment_ref_mismatch: Global___BillDiscrepancyTotal | None = ...,
+        missing_in_bill: Global___BillDiscrepancyTotal | None = ...,
+        missing_in_ledger: Global___BillDiscrepancyTotal | None = ...,
+        refunded_in_bill: Global___BillDiscrepancyTotal | None = ...,
+        duplicate: Global___BillDiscrepancyTotal | None = ...,
+        bill_total_fen: _builtins.int = ...,
+        ledger_total_fen: _builtins.int = ...,
+        lines_sha256: _builtins.str = ...,
+        discrepancies: _builtins.int = ...,
+        platform_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount_mismatch", b"amount_mismatch", "duplicate", b"duplicate", "matched", b"matched", "missing_in_bill", b"missing_in_bill", "missing_in_ledger", b"missing_in_ledger", "payment_ref_mismatch", b"payment_ref_mismatch", "period_from", b"period_from", "period_to", b"period_to", "refunded_in_bill", b"refunded_in_bill"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_mismatch", b"amount_mismatch", "bill_total_fen", b"bill_total_fen", "discrepancies", b"discrepancies", "duplicate", b"duplicate", "file_bytes", b"file_bytes", "file_sha256", b"file_sha256", "ledger_total_fen", b"ledger_total_fen", "lines_sha256", b"lines_sha256", "matched", b"matched", "missing_in_bill", b"missing_in_bill", "missing_in_ledger", b"missing_in_ledger", "payment_ref_mismatch", b"payment_ref_mismatch", "period_from", b"period_from", "period_given", b"period_given", "period_to", b"period_to", "platform_id", b"platform_id", "refunded_in_bill", b"refunded_in_bill", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountBillReconciled: _TypeAlias = DiscountBillReconciled  # noqa: Y015

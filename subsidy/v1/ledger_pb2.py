@@ -24,37 +24,54 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
+from subsidy.v1 import events_pb2 as subsidy_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x8b\x01\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cplatform_ids\x18\x06 \x03(\t\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xd1\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\x12\x14\n\x0cplatform_ids\x18\t \x03(\t\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"q\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\"\x87\x02\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x30\n\rcircumstances\x18\n \x01(\x0b\x32\x19.subsidy.v1.Circumstances\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xe1\x01\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t2\x88\x05\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\x1a\x17subsidy/v1/events.proto\"\x8b\x01\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cplatform_ids\x18\x06 \x03(\t\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xd1\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\x12\x14\n\x0cplatform_ids\x18\t \x03(\t\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"q\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\"\x87\x02\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x30\n\rcircumstances\x18\n \x01(\x0b\x32\x19.subsidy.v1.Circumstances\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xe1\x01\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t\"\xba\x01\n\x11\x44iscountBillChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12/\n\x0bperiod_from\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tperiod_to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nfile_bytes\x18\x05 \x01(\x03\x12\x13\n\x0bplatform_id\x18\x06 \x01(\t\"M\n\x0c\x42illRowError\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xa4\x02\n\x0f\x42illDiscrepancy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\x03\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12\x18\n\x10\x62ill_payment_ref\x18\x04 \x01(\t\x12\x1a\n\x12ledger_payment_ref\x18\x05 \x01(\t\x12\x10\n\x08\x62ill_fen\x18\x06 \x01(\x03\x12\x12\n\nledger_fen\x18\x07 \x01(\x03\x12+\n\x07paid_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63\x61ptured_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rledger_status\x18\n \x01(\t\x12\x12\n\nfirst_line\x18\x0b \x01(\x03\"\xac\x01\n\x1a\x44iscountBillReconciliation\x12\x34\n\x08recorded\x18\x01 \x01(\x0b\x32\".subsidy.v1.DiscountBillReconciled\x12\x15\n\rreconciled_by\x18\x02 \x01(\t\x12\x31\n\rreconciled_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xa7\x02\n\x11ReconcileProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x32\n\rdiscrepancies\x18\x04 \x03(\x0b\x32\x1b.subsidy.v1.BillDiscrepancy\x12>\n\x0ereconciliation\x18\x05 \x01(\x0b\x32&.subsidy.v1.DiscountBillReconciliation\x12\x1a\n\x12\x61lready_reconciled\x18\x06 \x01(\x08\x12*\n\x08rejected\x18\x07 \x03(\x0b\x32\x18.subsidy.v1.BillRowError\x12\x15\n\rrejected_rows\x18\x08 \x01(\x03\x12\x13\n\x0b\x66ile_sha256\x18\t \x01(\t\"?\n\x1aListReconciliationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1bListReconciliationsResponse\x12?\n\x0freconciliations\x18\x01 \x03(\x0b\x32&.subsidy.v1.DiscountBillReconciliation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x18GetReconciliationRequest\x12\x13\n\x0b\x66ile_sha256\x18\x01 \x01(\t2\xa7\x07\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservation\x12Y\n\x15ReconcileDiscountBill\x12\x1d.subsidy.v1.DiscountBillChunk\x1a\x1d.subsidy.v1.ReconcileProgress(\x01\x30\x01\x12\x66\n\x13ListReconciliations\x12&.subsidy.v1.ListReconciliationsRequest\x1a\'.subsidy.v1.ListReconciliationsResponse\x12Z\n\x11GetReconciliation\x12$.subsidy.v1.GetReconciliationRequest\x1a\x1d.subsidy.v1.ReconcileProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSEFUNDINGREQUEST']._serialized_start=98
-  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=237
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=239
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=299
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=301
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=349
-  _globals['_FUNDINGPROPOSAL']._serialized_start=352
-  _globals['_FUNDINGPROPOSAL']._serialized_end=561
-  _globals['_GETBUDGETREQUEST']._serialized_start=563
-  _globals['_GETBUDGETREQUEST']._serialized_end=598
-  _globals['_BUDGETPOOL']._serialized_start=600
-  _globals['_BUDGETPOOL']._serialized_end=713
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=716
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=979
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=981
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=1077
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=1079
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1170
-  _globals['_GETRESERVATIONREQUEST']._serialized_start=1172
-  _globals['_GETRESERVATIONREQUEST']._serialized_end=1213
-  _globals['_RESERVATION']._serialized_start=1216
-  _globals['_RESERVATION']._serialized_end=1441
-  _globals['_LEDGERSERVICE']._serialized_start=1444
-  _globals['_LEDGERSERVICE']._serialized_end=2092
+  _globals['_PROPOSEFUNDINGREQUEST']._serialized_start=123
+  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=262
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=264
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=324
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=326
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=374
+  _globals['_FUNDINGPROPOSAL']._serialized_start=377
+  _globals['_FUNDINGPROPOSAL']._serialized_end=586
+  _globals['_GETBUDGETREQUEST']._serialized_start=588
+  _globals['_GETBUDGETREQUEST']._serialized_end=623
+  _globals['_BUDGETPOOL']._serialized_start=625
+  _globals['_BUDGETPOOL']._serialized_end=738
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=741
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=1004
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=1006
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=1102
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=1104
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1195
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=1197
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=1238
+  _globals['_RESERVATION']._serialized_start=1241
+  _globals['_RESERVATION']._serialized_end=1466
+  _globals['_DISCOUNTBILLCHUNK']._serialized_start=1469
+  _globals['_DISCOUNTBILLCHUNK']._serialized_end=1655
+  _globals['_BILLROWERROR']._serialized_start=1657
+  _globals['_BILLROWERROR']._serialized_end=1734
+  _globals['_BILLDISCREPANCY']._serialized_start=1737
+  _globals['_BILLDISCREPANCY']._serialized_end=2029
+  _globals['_DISCOUNTBILLRECONCILIATION']._serialized_start=2032
+  _globals['_DISCOUNTBILLRECONCILIATION']._serialized_end=2204
+  _globals['_RECONCILEPROGRESS']._serialized_start=2207
+  _globals['_RECONCILEPROGRESS']._serialized_end=2502
+  _globals['_LISTRECONCILIATIONSREQUEST']._serialized_start=2504
+  _globals['_LISTRECONCILIATIONSREQUEST']._serialized_end=2567
+  _globals['_LISTRECONCILIATIONSRESPONSE']._serialized_start=2569
+  _globals['_LISTRECONCILIATIONSRESPONSE']._serialized_end=2688
+  _globals['_GETRECONCILIATIONREQUEST']._serialized_start=2690
+  _globals['_GETRECONCILIATIONREQUEST']._serialized_end=2737
+  _globals['_LEDGERSERVICE']._serialized_start=2740
+  _globals['_LEDGERSERVICE']._serialized_end=3675
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from subsidy.v1 import common_pb2 as _common_pb2
+from subsidy.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -369,3 +370,300 @@ class Reservation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
+
+@_typing.final
+class DiscountBillChunk(_message.Message):
+    """---- discount-bill reconciliation (立减账单核对) ----------------------------------------
+    The bill goes in two steps, each after the ledger's go-ahead (a client writing while the
+    server refuses may see INTERNAL instead of the refusal): on READY the header (file_bytes,
+    the period, the reason; no data), on RECEIVE the file's bytes in chunks of at most 1 MiB.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """the next bytes of the file (at most 1 MiB each; 32 MiB in all)"""
+    reason: _builtins.str
+    file_bytes: _builtins.int
+    platform_id: _builtins.str
+    """The bill is this platform's (its payment provider's): only its captures of the period
+    must be listed. "": every platform's.
+    """
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp:
+        """The header only: the period whose captures the bill must list, both or neither
+        (neither: the bill's first to last paid_at), why (kept with the event), and the size.
+        """
+
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        platform_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_bytes", b"file_bytes", "period_from", b"period_from", "period_to", b"period_to", "platform_id", b"platform_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountBillChunk: _TypeAlias = DiscountBillChunk  # noqa: Y015
+
+@_typing.final
+class BillRowError(_message.Message):
+    """A malformed row: nothing of the bill was recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    COLUMN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """the header is line 1"""
+    column: _builtins.str
+    """order_id, payment_ref, discount_fen, paid_at; "" for the whole row"""
+    reason: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        column: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "line", b"line", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillRowError: _TypeAlias = BillRowError  # noqa: Y015
+
+@_typing.final
+class BillDiscrepancy(_message.Message):
+    """One line of the report: a bill row or a capture that did not match."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    BILL_PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    LEDGER_PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    BILL_FEN_FIELD_NUMBER: _builtins.int
+    LEDGER_FEN_FIELD_NUMBER: _builtins.int
+    PAID_AT_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_FIELD_NUMBER: _builtins.int
+    LEDGER_STATUS_FIELD_NUMBER: _builtins.int
+    FIRST_LINE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """AMOUNT_MISMATCH, MISSING_IN_LEDGER, MISSING_IN_BILL, PAYMENT_REF_MISMATCH,
+    REFUNDED_IN_BILL, DUPLICATE
+    """
+    line: _builtins.int
+    """the bill's line; 0 for a capture the bill does not list"""
+    order_id: _builtins.str
+    bill_payment_ref: _builtins.str
+    ledger_payment_ref: _builtins.str
+    bill_fen: _builtins.int
+    ledger_fen: _builtins.int
+    """what the ledger owes for it"""
+    ledger_status: _builtins.str
+    """CAPTURED, REFUNDED, PENDING, RELEASED; "" the ledger knows none"""
+    first_line: _builtins.int
+    """a duplicate: the line the order is first listed on"""
+    @_builtins.property
+    def paid_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def captured_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        line: _builtins.int = ...,
+        order_id: _builtins.str = ...,
+        bill_payment_ref: _builtins.str = ...,
+        ledger_payment_ref: _builtins.str = ...,
+        bill_fen: _builtins.int = ...,
+        ledger_fen: _builtins.int = ...,
+        paid_at: _timestamp_pb2.Timestamp | None = ...,
+        captured_at: _timestamp_pb2.Timestamp | None = ...,
+        ledger_status: _builtins.str = ...,
+        first_line: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "paid_at", b"paid_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bill_fen", b"bill_fen", "bill_payment_ref", b"bill_payment_ref", "captured_at", b"captured_at", "first_line", b"first_line", "kind", b"kind", "ledger_fen", b"ledger_fen", "ledger_payment_ref", b"ledger_payment_ref", "ledger_status", b"ledger_status", "line", b"line", "order_id", b"order_id", "paid_at", b"paid_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillDiscrepancy: _TypeAlias = BillDiscrepancy  # noqa: Y015
+
+@_typing.final
+class DiscountBillReconciliation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    RECONCILED_BY_FIELD_NUMBER: _builtins.int
+    RECONCILED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reconciled_by: _builtins.str
+    """the operator's name (from their certificate)"""
+    reason: _builtins.str
+    @_builtins.property
+    def recorded(self) -> _events_pb2.DiscountBillReconciled: ...
+    @_builtins.property
+    def reconciled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        recorded: _events_pb2.DiscountBillReconciled | None = ...,
+        reconciled_by: _builtins.str = ...,
+        reconciled_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reconciled_at", b"reconciled_at", "recorded", b"recorded"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reconciled_at", b"reconciled_at", "reconciled_by", b"reconciled_by", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountBillReconciliation: _TypeAlias = DiscountBillReconciliation  # noqa: Y015
+
+@_typing.final
+class ReconcileProgress(_message.Message):
+    """ReconcileDiscountBill and GetReconciliation answer with these: the go-aheads (READY: send
+    the header; RECEIVE: send the bytes), progress (VALIDATE, MATCH, RECORD), the report's lines
+    (REPORT, at most 2,000 per message), then DONE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    RECONCILIATION_FIELD_NUMBER: _builtins.int
+    ALREADY_RECONCILED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_ROWS_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    done: _builtins.int
+    total: _builtins.int
+    already_reconciled: _builtins.bool
+    """DONE: reconciled before; nothing was recorded now"""
+    rejected_rows: _builtins.int
+    """how many rows were malformed"""
+    file_sha256: _builtins.str
+    @_builtins.property
+    def discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillDiscrepancy]: ...
+    @_builtins.property
+    def reconciliation(self) -> Global___DiscountBillReconciliation:
+        """DONE, unless the bill was rejected"""
+
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillRowError]:
+        """DONE: malformed rows (the first 1,000)"""
+
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+        discrepancies: _abc.Iterable[Global___BillDiscrepancy] | None = ...,
+        reconciliation: Global___DiscountBillReconciliation | None = ...,
+        already_reconciled: _builtins.bool = ...,
+        rejected: _abc.Iterable[Global___BillRowError] | None = ...,
+        rejected_rows: _builtins.int = ...,
+        file_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reconciliation", b"reconciliation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_reconciled", b"already_reconciled", "discrepancies", b"discrepancies", "done", b"done", "file_sha256", b"file_sha256", "phase", b"phase", "reconciliation", b"reconciliation", "rejected", b"rejected", "rejected_rows", b"rejected_rows", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileProgress: _TypeAlias = ReconcileProgress  # noqa: Y015
+
+@_typing.final
+class ListReconciliationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """default 50, at most 500"""
+    page_token: _builtins.str
+    """from the previous answer"""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReconciliationsRequest: _TypeAlias = ListReconciliationsRequest  # noqa: Y015
+
+@_typing.final
+class ListReconciliationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECONCILIATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """"" on the last page"""
+    @_builtins.property
+    def reconciliations(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiscountBillReconciliation]: ...
+    def __init__(
+        self,
+        *,
+        reconciliations: _abc.Iterable[Global___DiscountBillReconciliation] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reconciliations", b"reconciliations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReconciliationsResponse: _TypeAlias = ListReconciliationsResponse  # noqa: Y015
+
+@_typing.final
+class GetReconciliationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    file_sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        file_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_sha256", b"file_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReconciliationRequest: _TypeAlias = GetReconciliationRequest  # noqa: Y015

@@ -75,6 +75,21 @@ class LedgerServiceStub:
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetReservationRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_ledger__pb2.Reservation.FromString,
                 _registered_method=True)
+        self.ReconcileDiscountBill = channel.stream_stream(
+                '/subsidy.v1.LedgerService/ReconcileDiscountBill',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.DiscountBillChunk.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
+                _registered_method=True)
+        self.ListReconciliations = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListReconciliations',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsResponse.FromString,
+                _registered_method=True)
+        self.GetReconciliation = channel.unary_stream(
+                '/subsidy.v1.LedgerService/GetReconciliation',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -135,6 +150,30 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReconcileDiscountBill(self, request_iterator, context):
+        """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
+        docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+        answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+        nothing and gets the recorded answer. A bill with a malformed row records nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReconciliations(self, request, context):
+        """The reconciliations recorded, newest first (operators, auditors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReconciliation(self, request, context):
+        """One reconciliation and its report's lines, as ReconcileDiscountBill answered them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +216,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetReservation,
                     request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetReservationRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_ledger__pb2.Reservation.SerializeToString,
+            ),
+            'ReconcileDiscountBill': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReconcileDiscountBill,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.DiscountBillChunk.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.SerializeToString,
+            ),
+            'ListReconciliations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReconciliations,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsResponse.SerializeToString,
+            ),
+            'GetReconciliation': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReconciliation,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +450,87 @@ class LedgerService:
             '/subsidy.v1.LedgerService/GetReservation',
             subsidy_dot_v1_dot_ledger__pb2.GetReservationRequest.SerializeToString,
             subsidy_dot_v1_dot_ledger__pb2.Reservation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileDiscountBill(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/subsidy.v1.LedgerService/ReconcileDiscountBill',
+            subsidy_dot_v1_dot_ledger__pb2.DiscountBillChunk.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReconciliations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListReconciliations',
+            subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListReconciliationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReconciliation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/GetReconciliation',
+            subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
             options,
             channel_credentials,
             insecure,

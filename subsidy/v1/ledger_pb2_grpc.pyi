@@ -49,6 +49,16 @@ class LedgerServiceStub:
     ReleaseSubsidy: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReleaseSubsidyRequest, _ledger_pb2.Reservation]
     """Cancel, refund or timeout: void the reservation, give back budget (and qualification)."""
     GetReservation: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.Reservation]
+    ReconcileDiscountBill: _grpc.StreamStreamMultiCallable[_ledger_pb2.DiscountBillChunk, _ledger_pb2.ReconcileProgress]
+    """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
+    docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+    answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+    nothing and gets the recorded answer. A bill with a malformed row records nothing.
+    """
+    ListReconciliations: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReconciliationsRequest, _ledger_pb2.ListReconciliationsResponse]
+    """The reconciliations recorded, newest first (operators, auditors)."""
+    GetReconciliation: _grpc.UnaryStreamMultiCallable[_ledger_pb2.GetReconciliationRequest, _ledger_pb2.ReconcileProgress]
+    """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -71,6 +81,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ReleaseSubsidy: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReleaseSubsidyRequest, _ledger_pb2.Reservation]  # type: ignore[assignment]
     """Cancel, refund or timeout: void the reservation, give back budget (and qualification)."""
     GetReservation: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.Reservation]  # type: ignore[assignment]
+    ReconcileDiscountBill: _aio.StreamStreamMultiCallable[_ledger_pb2.DiscountBillChunk, _ledger_pb2.ReconcileProgress]  # type: ignore[assignment]
+    """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
+    docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+    answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+    nothing and gets the recorded answer. A bill with a malformed row records nothing.
+    """
+    ListReconciliations: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReconciliationsRequest, _ledger_pb2.ListReconciliationsResponse]  # type: ignore[assignment]
+    """The reconciliations recorded, newest first (operators, auditors)."""
+    GetReconciliation: _aio.UnaryStreamMultiCallable[_ledger_pb2.GetReconciliationRequest, _ledger_pb2.ReconcileProgress]  # type: ignore[assignment]
+    """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Budget pools and the checkout API platforms call."""
@@ -138,5 +158,33 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetReservationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.Reservation, _abc.Awaitable[_ledger_pb2.Reservation]]: ...
+
+    @_abc_1.abstractmethod
+    def ReconcileDiscountBill(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ledger_pb2.DiscountBillChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReconcileProgress], _abc.AsyncIterator[_ledger_pb2.ReconcileProgress]]:
+        """Discount-bill reconciliation (立减账单核对), an operator's: the payment provider's bill (CSV,
+        docs/operations.md), a header then chunks of at most 1 MiB (see DiscountBillChunk),
+        answered with progress, the report's lines and the reconciliation. Idempotent on the file's SHA-256: the same file again records
+        nothing and gets the recorded answer. A bill with a malformed row records nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReconciliations(
+        self,
+        request: _ledger_pb2.ListReconciliationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListReconciliationsResponse, _abc.Awaitable[_ledger_pb2.ListReconciliationsResponse]]:
+        """The reconciliations recorded, newest first (operators, auditors)."""
+
+    @_abc_1.abstractmethod
+    def GetReconciliation(
+        self,
+        request: _ledger_pb2.GetReconciliationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReconcileProgress], _abc.AsyncIterator[_ledger_pb2.ReconcileProgress]]:
+        """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,9 @@ One module per command group; each holds its commands and registers them on ``ap
   funding of a pool;
 - :mod:`.policy`: ``policy draft`` and ``policy approve``, maker-checker publication of a policy
   version.
+- :mod:`.reconcile`: ``reconcile FILE.csv`` (the payment provider's discount bill against the
+  ledger's captures: counts, fen totals and a CSV + XLSX report; once per file) and
+  ``reconciliations`` (the recorded ones, for auditors).
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
 - :mod:`.risk`: ``risk rules``, ``risk lists``, ``risk decisions``: the risk rules and the block
   and allow lists (read; change through ``propose`` / ``lists add`` and ``approve`` by another
@@ -57,7 +60,19 @@ from collections.abc import Sequence
 import grpc
 import typer
 
-from . import audit, budget, catalog, certs, checkout, common, policy, risk, stack, switches
+from . import (
+    audit,
+    budget,
+    catalog,
+    certs,
+    checkout,
+    common,
+    policy,
+    reconcile,
+    risk,
+    stack,
+    switches,
+)
 
 app = typer.Typer(
     name="subsidyctl",
@@ -72,6 +87,7 @@ app.add_typer(catalog.app)
 app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
 app.add_typer(budget.app, rich_help_panel=catalog.PANEL)
 app.add_typer(risk.app, rich_help_panel=catalog.PANEL)
+app.add_typer(reconcile.app)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)

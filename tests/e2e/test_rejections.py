@@ -27,6 +27,7 @@ from services.audit import log as audit_log
 from services.kernel.eventstore import EventStore
 from services.kernel.rpc import error_info
 from subsidy.v1 import audit_pb2, eligibility_pb2, identity_pb2, ledger_pb2
+from subsidyctl.cli.reconcile import send_bill
 from subsidyctl.demo import IN_REGION
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.support.identities import (
@@ -1305,10 +1306,147 @@ TREE_CASES: list[tuple[str, Make, dict[str, Any], grpc.StatusCode, str, str]] = 
 for _tid, _tmake, _tfields, _tcode, _treason, _tfield in TREE_CASES:
     case(_tid, _tid.split("-")[0], fixed(_tmake, **_tfields), _tcode, _treason, _tfield)
 
+# LedgerService: discount-bill reconciliation (streaming; see call) -------------------------------
+RECONCILE = "ledger.ReconcileDiscountBill"
+GET_RECON, LIST_RECON = "ledger.GetReconciliation", "ledger.ListReconciliations"
+BILL_HEADER = b"order_id,payment_ref,discount_fen,paid_at\n"
+AT = dt.datetime(2025, 6, 1, 2, tzinfo=dt.UTC)
+
+
+def bill(w: World, rng: random.Random, data: bytes | None = None, **header: Any) -> Message:
+    """A bill as one message (``data`` the file, default one good row; the rest its header):
+    :func:`call` sends it as ReconcileDiscountBill takes it."""
+    if data is None:
+        data = BILL_HEADER + f"o-{rng.randrange(10**12)},pay-1,100,{AT.isoformat()}\n".encode()
+    chunk = ledger_pb2.DiscountBillChunk(data=data, **header)
+    for name in ("period_from", "period_to"):
+        if isinstance(header.get(name), dt.datetime):
+            getattr(chunk, name).FromDatetime(header[name])
+    return chunk
+
+
+def get_reconciliation(w: World, rng: random.Random, **kw: Any) -> Message:
+    return ledger_pb2.GetReconciliationRequest(**kw)
+
+
+def list_reconciliations(w: World, rng: random.Random, **kw: Any) -> Message:
+    return ledger_pb2.ListReconciliationsRequest(**kw)
+
+
+def bill_cases(name: str, data: bytes, reason: str, **metadata: str) -> None:
+    case(
+        f"{RECONCILE}-{name}", RECONCILE, fixed(bill, data=data), INVALID, reason, "csv", **metadata
+    )
+
+
+bill_cases("empty", b"", "EMPTY_BILL")
+bill_cases("header-only", BILL_HEADER, "EMPTY_BILL")
+bill_cases(
+    "wrong-header", b"order_id,payment_ref,discount_fen\no-1,p,1\n", "WRONG_HEADER", line="1"
+)
+bill_cases(
+    "not-utf8", BILL_HEADER + b"o-1,p\xff,1,2025-06-01T10:00Z\n", "INVALID_ENCODING", line="2"
+)
+bill_cases("nul", BILL_HEADER + b"o-1,p\x00,1,2025-06-01T10:00Z\n", "MALFORMED_CSV", line="2")
+bill_cases("open-quote", BILL_HEADER + b'o-1,"p,1,2025-06-01T10:00Z\n', "MALFORMED_CSV", line="2")
+bill_cases("too-large", b"x" * (32 * 1024 * 1024 + 1), "BILL_TOO_LARGE")
+for _what, _period, _field in (
+    ("from-only", {"period_from": AT}, "period_from"),
+    ("to-only", {"period_to": AT}, "period_from"),
+    ("empty", {"period_from": AT, "period_to": AT}, "period_to"),
+    ("reversed", {"period_from": AT, "period_to": AT - dt.timedelta(hours=1)}, "period_to"),
+):
+    case(
+        f"{RECONCILE}-period-{_what}",
+        RECONCILE,
+        fixed(bill, **_period),
+        INVALID,
+        "INVALID_PERIOD",
+        _field,
+    )
+# platform_id is optional (a bill of every platform); given, it is an identifier.
+case(
+    f"{RECONCILE}-platform_id-65-chars",
+    RECONCILE,
+    fixed(bill, platform_id=LONG),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "platform_id",
+)
+for _what, _value in BAD_IDENTIFIERS.items():
+    case(
+        f"{RECONCILE}-platform_id-{_what}",
+        RECONCILE,
+        fixed(bill, platform_id=_value),
+        INVALID,
+        "INVALID_IDENTIFIER",
+        "platform_id",
+    )
+case(
+    f"{RECONCILE}-reason-control-character",
+    RECONCILE,
+    fixed(bill, reason="because\x07"),
+    INVALID,
+    "INVALID_TEXT",
+    "reason",
+)
+case(
+    f"{RECONCILE}-reason-501-chars",
+    RECONCILE,
+    fixed(bill, reason="a" * 501),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "reason",
+)
+for _sha, _why in (("", "missing"), ("g" * 64, "not-hex"), ("a" * 63, "short"), ("a" * 65, "long")):
+    case(
+        f"{GET_RECON}-sha256-{_why}",
+        GET_RECON,
+        fixed(get_reconciliation, file_sha256=_sha),
+        INVALID,
+        "INVALID_SHA256",
+        "file_sha256",
+    )
+case(
+    f"{GET_RECON}-unknown",
+    GET_RECON,
+    lambda w, rng: ledger_pb2.GetReconciliationRequest(file_sha256=f"{rng.randrange(16**64):064x}"),
+    NOT_FOUND,
+    "UNKNOWN_RECONCILIATION",
+    "file_sha256",
+)
+for _limit in (-1, 501, INT32_MAX, -(2**31)):
+    case(
+        f"{LIST_RECON}-limit-{_limit}",
+        LIST_RECON,
+        fixed(list_reconciliations, limit=_limit),
+        INVALID,
+        "INVALID_LIMIT",
+        "limit",
+    )
+for _token in ("x", "-1", "1" * 10, "１"):
+    case(
+        f"{LIST_RECON}-page-token-{_token.encode().hex()}",
+        LIST_RECON,
+        fixed(list_reconciliations, page_token=_token),
+        INVALID,
+        "INVALID_PAGE_TOKEN",
+        "page_token",
+    )
+
 
 # -- the tests ----------------------------------------------------------------------------------
 async def call(p: Platform, rpc: str, request: Message) -> Message:
     stub_name, method = rpc.split(".")
+    if rpc == RECONCILE:  # the bill goes as the RPC takes it: header, then the bytes
+        assert isinstance(request, ledger_pb2.DiscountBillChunk)
+        header = ledger_pb2.DiscountBillChunk()
+        header.CopyFrom(request)
+        header.ClearField("data")
+        return [r async for r in send_bill(p.ledger, request.data, header)][-1]
+    if rpc == GET_RECON:  # a stream of the reconciliation's parts
+        assert isinstance(request, ledger_pb2.GetReconciliationRequest)
+        return [r async for r in p.ledger.GetReconciliation(request)][-1]
     result: Message = await getattr(getattr(p, stub_name), method)(request)
     return result
 
