@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\x8b\x01\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cplatform_ids\x18\x06 \x03(\t\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xd1\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\x12\x14\n\x0cplatform_ids\x18\t \x03(\t\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"q\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\"\x87\x02\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x30\n\rcircumstances\x18\n \x01(\x0b\x32\x19.subsidy.v1.Circumstances\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xe1\x01\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t2\x88\x05\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/ledger.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"\xb2\x01\n\x15ProposeFundingRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cplatform_ids\x18\x06 \x03(\t\x12%\n\x08tranches\x18\x07 \x03(\x0b\x32\x13.subsidy.v1.Tranche\"<\n\x15\x41pproveFundingRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x19GetFundingProposalRequest\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\"\xf8\x01\n\x0f\x46undingProposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0bproposed_by\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12$\n\x04pool\x18\x08 \x01(\x0b\x32\x16.subsidy.v1.BudgetPool\x12\x14\n\x0cplatform_ids\x18\t \x03(\t\x12%\n\x08tranches\x18\n \x03(\x0b\x32\x13.subsidy.v1.Tranche\"#\n\x10GetBudgetRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\"\xbc\x02\n\nBudgetPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\x12\x15\n\rscheduled_fen\x18\x06 \x01(\x03\x12*\n\x07sources\x18\x07 \x03(\x0b\x32\x19.subsidy.v1.SourceBalance\x12/\n\ncategories\x18\x08 \x03(\x0b\x32\x1b.subsidy.v1.CategoryBalance\x12\'\n\x06\x61lerts\x18\t \x03(\x0b\x32\x17.subsidy.v1.BudgetAlert\x12,\n\x08tranches\x18\n \x03(\x0b\x32\x1a.subsidy.v1.PendingTranche\"\x8a\x01\n\rSourceBalance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\nfunded_fen\x18\x02 \x01(\x03\x12\x15\n\ravailable_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\x12\x15\n\rscheduled_fen\x18\x06 \x01(\x03\"L\n\x0f\x43\x61tegoryBalance\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x14\n\x0creserved_fen\x18\x02 \x01(\x03\x12\x11\n\tspent_fen\x18\x03 \x01(\x03\"\x9c\x01\n\x0b\x42udgetAlert\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x14\n\x0cthreshold_bp\x18\x02 \x01(\x05\x12\x11\n\tspent_fen\x18\x03 \x01(\x03\x12\x10\n\x08\x62\x61se_fen\x18\x04 \x01(\x03\x12\x10\n\x08order_id\x18\x05 \x01(\t\x12.\n\nreached_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0ePendingTranche\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\x12/\n\x0breleases_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66unding_key\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\x05\"\x87\x02\n\x15ReserveSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bplatform_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x04 \x01(\t\x12\x18\n\x10qualification_id\x18\x05 \x01(\t\x12\x0b\n\x03sku\x18\x06 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x07 \x01(\x03\x12\x0e\n\x06serial\x18\x08 \x01(\t\x12 \n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x11.subsidy.v1.Actor\x12\x30\n\rcircumstances\x18\n \x01(\x0b\x32\x19.subsidy.v1.Circumstances\"`\n\x15\x43\x61ptureSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0bpayment_ref\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\"[\n\x15ReleaseSubsidyRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.subsidy.v1.Actor\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\x8c\x02\n\x0bReservation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bsubsidy_fen\x18\x03 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10qualification_id\x18\x08 \x01(\t\x12\x16\n\x0erelease_reason\x18\t \x01(\t\x12)\n\x07sources\x18\n \x03(\x0b\x32\x18.subsidy.v1.SourceAmount2\x88\x05\n\rLedgerService\x12P\n\x0eProposeFunding\x12!.subsidy.v1.ProposeFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12P\n\x0e\x41pproveFunding\x12!.subsidy.v1.ApproveFundingRequest\x1a\x1b.subsidy.v1.FundingProposal\x12X\n\x12GetFundingProposal\x12%.subsidy.v1.GetFundingProposalRequest\x1a\x1b.subsidy.v1.FundingProposal\x12\x41\n\tGetBudget\x12\x1c.subsidy.v1.GetBudgetRequest\x1a\x16.subsidy.v1.BudgetPool\x12L\n\x0eReserveSubsidy\x12!.subsidy.v1.ReserveSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0e\x43\x61ptureSubsidy\x12!.subsidy.v1.CaptureSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eReleaseSubsidy\x12!.subsidy.v1.ReleaseSubsidyRequest\x1a\x17.subsidy.v1.Reservation\x12L\n\x0eGetReservation\x12!.subsidy.v1.GetReservationRequest\x1a\x17.subsidy.v1.Reservationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.ledger_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEFUNDINGREQUEST']._serialized_start=98
-  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=237
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=239
-  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=299
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=301
-  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=349
-  _globals['_FUNDINGPROPOSAL']._serialized_start=352
-  _globals['_FUNDINGPROPOSAL']._serialized_end=561
-  _globals['_GETBUDGETREQUEST']._serialized_start=563
-  _globals['_GETBUDGETREQUEST']._serialized_end=598
-  _globals['_BUDGETPOOL']._serialized_start=600
-  _globals['_BUDGETPOOL']._serialized_end=713
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=716
-  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=979
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=981
-  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=1077
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=1079
-  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1170
-  _globals['_GETRESERVATIONREQUEST']._serialized_start=1172
-  _globals['_GETRESERVATIONREQUEST']._serialized_end=1213
-  _globals['_RESERVATION']._serialized_start=1216
-  _globals['_RESERVATION']._serialized_end=1441
-  _globals['_LEDGERSERVICE']._serialized_start=1444
-  _globals['_LEDGERSERVICE']._serialized_end=2092
+  _globals['_PROPOSEFUNDINGREQUEST']._serialized_end=276
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_start=278
+  _globals['_APPROVEFUNDINGREQUEST']._serialized_end=338
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_start=340
+  _globals['_GETFUNDINGPROPOSALREQUEST']._serialized_end=388
+  _globals['_FUNDINGPROPOSAL']._serialized_start=391
+  _globals['_FUNDINGPROPOSAL']._serialized_end=639
+  _globals['_GETBUDGETREQUEST']._serialized_start=641
+  _globals['_GETBUDGETREQUEST']._serialized_end=676
+  _globals['_BUDGETPOOL']._serialized_start=679
+  _globals['_BUDGETPOOL']._serialized_end=995
+  _globals['_SOURCEBALANCE']._serialized_start=998
+  _globals['_SOURCEBALANCE']._serialized_end=1136
+  _globals['_CATEGORYBALANCE']._serialized_start=1138
+  _globals['_CATEGORYBALANCE']._serialized_end=1214
+  _globals['_BUDGETALERT']._serialized_start=1217
+  _globals['_BUDGETALERT']._serialized_end=1373
+  _globals['_PENDINGTRANCHE']._serialized_start=1376
+  _globals['_PENDINGTRANCHE']._serialized_end=1513
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_start=1516
+  _globals['_RESERVESUBSIDYREQUEST']._serialized_end=1779
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_start=1781
+  _globals['_CAPTURESUBSIDYREQUEST']._serialized_end=1877
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_start=1879
+  _globals['_RELEASESUBSIDYREQUEST']._serialized_end=1970
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=1972
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=2013
+  _globals['_RESERVATION']._serialized_start=2016
+  _globals['_RESERVATION']._serialized_end=2284
+  _globals['_LEDGERSERVICE']._serialized_start=2287
+  _globals['_LEDGERSERVICE']._serialized_end=2935
 # @@protoc_insertion_point(module_scope)
