@@ -199,6 +199,9 @@ class BudgetPool(_message.Message):
     CATEGORIES_FIELD_NUMBER: _builtins.int
     ALERTS_FIELD_NUMBER: _builtins.int
     TRANCHES_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     funded_fen: _builtins.int
     """released to the pool (scheduled tranches not included)"""
@@ -207,6 +210,12 @@ class BudgetPool(_message.Message):
     spent_fen: _builtins.int
     scheduled_fen: _builtins.int
     """approved tranches not released yet"""
+    policy_version: _builtins.str
+    """The funding rules of the policy in force, to read the figures against (GetBudget only;
+    empty when catalog could not be asked).
+    """
+    split: _builtins.str
+    """pro_rata or priority"""
     @_builtins.property
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceBalance]:
         """in the order each source first funded the pool"""
@@ -221,6 +230,8 @@ class BudgetPool(_message.Message):
     def tranches(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingTranche]:
         """scheduled, in time order"""
 
+    @_builtins.property
+    def alert_thresholds_bp(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -234,10 +245,13 @@ class BudgetPool(_message.Message):
         categories: _abc.Iterable[Global___CategoryBalance] | None = ...,
         alerts: _abc.Iterable[Global___BudgetAlert] | None = ...,
         tranches: _abc.Iterable[Global___PendingTranche] | None = ...,
+        policy_version: _builtins.str = ...,
+        split: _builtins.str = ...,
+        alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "available_fen", b"available_fen", "categories", b"categories", "funded_fen", b"funded_fen", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "sources", b"sources", "spent_fen", b"spent_fen", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "alerts", b"alerts", "available_fen", b"available_fen", "categories", b"categories", "funded_fen", b"funded_fen", "policy_version", b"policy_version", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "sources", b"sources", "spent_fen", b"spent_fen", "split", b"split", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,21 +298,27 @@ class CategoryBalance(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     RESERVED_FEN_FIELD_NUMBER: _builtins.int
     SPENT_FEN_FIELD_NUMBER: _builtins.int
+    SUB_BUDGET_FEN_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     reserved_fen: _builtins.int
     spent_fen: _builtins.int
+    sub_budget_fen: _builtins.int
+    """Its sub-budget under the policy in force (a share of funded_fen); absent: none."""
     def __init__(
         self,
         *,
         category: _builtins.str = ...,
         reserved_fen: _builtins.int = ...,
         spent_fen: _builtins.int = ...,
+        sub_budget_fen: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen", "sub_budget_fen", b"sub_budget_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen", "category", b"category", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen", "sub_budget_fen", b"sub_budget_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__sub_budget_fen: _TypeAlias = _typing.Literal["sub_budget_fen"]  # noqa: Y015
+    _WhichOneofArgType__sub_budget_fen: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sub_budget_fen) -> _WhichOneofReturnType__sub_budget_fen | None: ...
 
 Global___CategoryBalance: _TypeAlias = CategoryBalance  # noqa: Y015
 

@@ -35,7 +35,7 @@ from services.invariants import (
     check_source_parts,
     check_sources_add_up,
 )
-from subsidy.v1 import common_pb2
+from subsidy.v1 import common_pb2, ledger_pb2
 from subsidy.v1 import events_pb2 as ev
 
 POOL_STREAM_PREFIX = "budget-pool/"
@@ -174,6 +174,29 @@ def parts_of(message: Iterable[common_pb2.SourceAmount]) -> Parts:
 def parts_message(parts: Parts) -> list[common_pb2.SourceAmount]:
     """Parts as an event's ``sources`` field."""
     return [common_pb2.SourceAmount(source=s, fen=fen) for s, fen in parts]
+
+
+def pool_of(message: ledger_pb2.BudgetPool) -> Pool:
+    """The figures a ledger reports (``GetBudget``), as the fold's Pool, to compare with it."""
+    return Pool(
+        message.pool_id,
+        message.funded_fen,
+        message.available_fen,
+        message.reserved_fen,
+        message.spent_fen,
+        message.scheduled_fen,
+        tuple(
+            Source(
+                s.source,
+                s.funded_fen,
+                s.available_fen,
+                s.reserved_fen,
+                s.spent_fen,
+                s.scheduled_fen,
+            )
+            for s in message.sources
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------
