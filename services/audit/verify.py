@@ -64,10 +64,8 @@ def replay(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> Replay:
     for pool_id, versions in sorted(pool_events.items()):
         if sorted(versions) != list(range(1, len(versions) + 1)):
             raise InvariantViolation(f"{POOL_STREAM}{pool_id}: events missing from the log")
-        pool = budget.Pool(pool_id)
-        for version in sorted(versions):
-            pool = budget.apply(pool, versions[version])  # checks the invariant
-        out.pools[pool_id] = pool
+        # Checks the invariants (per pool and per funding source) after every event.
+        out.pools[pool_id] = budget.fold(pool_id, (versions[v] for v in sorted(versions)))
     return out
 
 

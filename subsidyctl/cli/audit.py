@@ -178,9 +178,7 @@ async def verify(
     reported: dict[str, budget.Pool] = {}
     for pool_id in result.pools:
         b = await ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
-        reported[pool_id] = budget.Pool(
-            pool_id, b.funded_fen, b.available_fen, b.reserved_fen, b.spent_fen
-        )
+        reported[pool_id] = budget.pool_of(b)  # the pool's figures and each source's
     compare_pools(result.pools, reported)
     in_stores, later = await compare_log_with_stores(audit, rows, stores, progress, settle_s)
     if later is not None and len(rows) > result.size:
