@@ -84,6 +84,8 @@ class OrderKey:
     # The item's category, when its use of the pool is part of the decision (a sub-budget
     # caps it, or its thresholds are watched); empty: not loaded.
     category: str = ""
+    # A capture under thresholds: load the pool's figures and the alerts raised too.
+    watch: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ async def _load_hold(conn: AsyncConnection, key: OrderKey) -> domain.Hold:
 
 async def _load_settle(conn: AsyncConnection, key: OrderKey) -> domain.Settle:
     res = await load_reservation(conn, key.order_id)
-    if not key.category or res is None:  # no thresholds to watch: the reservation alone
+    if not key.watch or res is None:  # no thresholds to watch: the reservation alone
         return domain.Settle(res)
     return domain.Settle(
         res,
@@ -516,8 +518,12 @@ class Ledger(FundingUseCases):
             raise domain.unknown_order(order_id)
         version = str(existing["policy_version"])
         rules = await self.policies.rules(version) if watch else domain.DEFAULT_RULES
-        watched = str(existing["category"]) if rules.alert_thresholds_bp else ""
-        key = OrderKey(str(existing["pool_id"]), order_id, watched)
+        key = OrderKey(
+            str(existing["pool_id"]),
+            order_id,
+            str(existing["category"]),
+            watch=bool(rules.alert_thresholds_bp),
+        )
         ctx = Context(actor, correlation_id=order_id, policy_version=version)
         async with self.store.transaction() as tx:
             await self.pipeline.run(

@@ -22,6 +22,7 @@ from services.kernel.contract import budget
 from services.kernel.contract.budget import Pool, Source, split_priority, split_pro_rata
 from services.kernel.contract.policy import FundingRules, Split
 from services.kernel.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -557,9 +558,9 @@ def test_the_same_key_for_another_source_or_schedule_is_another_funding() -> Non
         replace(PROPOSE, source="platform-matching"),
         replace(PROPOSE, tranches=(Tranche(1_000, T0),)),
     ):
-        with pytest.raises(Exception) as err:
+        with pytest.raises(AlreadyExists) as err:
             domain.propose_funding(existing, None, other, PRO_RATA)
-        assert getattr(err.value, "reason", "") == "IDEMPOTENCY_KEY_REUSED"
+        assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
 # --------------------------------------------------------------------------------------------
