@@ -36,6 +36,29 @@ def check_budget_balanced(
         )
 
 
+def check_sources_add_up(
+    pool_id: str, pool: Mapping[str, int], sources: Iterable[Mapping[str, int]]
+) -> None:
+    """Per budget pool: in every bucket its funding sources together hold no more than the
+    pool (exactly the pool's figures when every funding named its source; what is left is money
+    of fundings that named none, and is never negative either)."""
+    listed = list(sources)
+    for bucket, total in pool.items():
+        held = sum(s.get(bucket, 0) for s in listed)
+        if held > total:
+            raise InvariantViolation(
+                f"pool {pool_id}: its sources hold {held} fen {bucket}, the pool {total}"
+            )
+
+
+def check_source_parts(what: str, amount: int, parts: Iterable[tuple[str, int]]) -> None:
+    """A subsidy's source parts (what each funding source holds, paid or gets back) are
+    positive and add up to the subsidy."""
+    found = list(parts)
+    if any(fen <= 0 for _, fen in found) or sum(fen for _, fen in found) != amount:
+        raise InvariantViolation(f"{what}: source parts {found} do not add up to {amount} fen")
+
+
 def check_person_limit(
     person_id: str, category: str, *, held: int, limit: int, held_when_linked: int = 0
 ) -> None:

@@ -136,9 +136,18 @@ class PoolFold(Fold):
     service: ClassVar[str] = "ledger"
     event_types: ClassVar[frozenset[str]] = frozenset(
         _name(m)
-        for m in (ev.BudgetFunded, ev.SubsidyReserved, ev.SubsidyCaptured, ev.SubsidyReleased)
+        for m in (
+            ev.BudgetFunded,
+            ev.TrancheReleased,
+            ev.SubsidyReserved,
+            ev.SubsidyCaptured,
+            ev.SubsidyReleased,
+        )
     )
     folded: dict[str, budget.Pool] = field(default_factory=dict)
+    # What each order written before funding sources was attributed (budget.fold keeps the
+    # same memory), so its capture and release move the same parts.
+    legacy: dict[str, dict[str, budget.Parts]] = field(default_factory=dict)
     last: dict[str, int] = field(default_factory=dict)  # the last version folded, per pool
     violations: list[str] = field(default_factory=list)
     _stopped: set[str] = field(default_factory=set)  # pools whose fold already failed
@@ -163,10 +172,16 @@ class PoolFold(Fold):
         self.last[pool_id] = env.stream_version
         if pool_id in self._stopped:
             return
-        try:  # checks the budget invariant after the event
-            self.folded[pool_id] = budget.apply(
-                self.folded.get(pool_id) or budget.Pool(pool_id), payload
+        try:  # checks the budget invariants (the pool's and each source's) after the event
+            memory = self.legacy.setdefault(pool_id, {})
+            order_id = getattr(payload, "order_id", "")
+            self.folded[pool_id], parts = budget.step(
+                self.folded.get(pool_id) or budget.Pool(pool_id), payload, memory.get(order_id)
             )
+            if isinstance(payload, ev.SubsidyReserved) and not payload.sources:
+                memory[order_id] = parts
+            elif isinstance(payload, ev.SubsidyReleased):
+                memory.pop(order_id, None)
         except InvariantViolation as exc:
             self.violations.append(str(exc))
             self._stopped.add(pool_id)
@@ -179,7 +194,17 @@ class PoolFold(Fold):
         return dict(sorted(self.folded.items()))
 
     def table(self) -> Table:
-        return {(p.pool_id,): pool_figures(p) for p in self.pools().values()}
+        return pool_table(self.pools().values())
+
+
+def pool_table(pools: Iterable[budget.Pool]) -> Table:
+    """Each pool's figures, and each of its funding sources' (keyed by pool and source)."""
+    out: Table = {}
+    for p in pools:
+        out[(p.pool_id,)] = pool_figures(p)
+        for s in p.sources:
+            out[(p.pool_id, s.source)] = source_figures(s)
+    return out
 
 
 def pool_figures(p: budget.Pool) -> dict[str, int]:
@@ -188,6 +213,17 @@ def pool_figures(p: budget.Pool) -> dict[str, int]:
         "available_fen": p.available,
         "reserved_fen": p.reserved,
         "spent_fen": p.spent,
+        "scheduled_fen": p.scheduled,
+    }
+
+
+def source_figures(s: budget.Source) -> dict[str, int]:
+    return {
+        "funded_fen": s.funded,
+        "available_fen": s.available,
+        "reserved_fen": s.reserved,
+        "spent_fen": s.spent,
+        "scheduled_fen": s.scheduled,
     }
 
 

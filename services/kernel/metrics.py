@@ -43,8 +43,26 @@ UNPUBLISHABLE = Gauge(
 )
 BUDGET = Gauge(
     "subsidy_budget_fen",
-    "A budget pool's figures in fen after its latest event.",
+    "A budget pool's figures in fen after its latest event (funded, available, reserved, spent,"
+    " scheduled).",
     ["pool", "bucket"],
+)
+BUDGET_SOURCE = Gauge(
+    "subsidy_budget_source_fen",
+    "One funding source's money in a budget pool, in fen (funded, available, reserved, spent,"
+    " scheduled).",
+    ["pool", "source", "bucket"],
+)
+BUDGET_CATEGORY = Gauge(
+    "subsidy_budget_category_fen",
+    "What one category holds (reserved) and has spent of a budget pool, in fen.",
+    ["pool", "category", "bucket"],
+)
+BUDGET_THRESHOLD = Gauge(
+    "subsidy_budget_threshold_reached",
+    "1 once a spent share of the policy's alert thresholds is reached (category empty: the whole"
+    " pool); raised once per threshold, never reset.",
+    ["pool", "category", "threshold_bp"],
 )
 RESERVATIONS = Counter(
     "subsidy_reservations_total",

@@ -4,20 +4,25 @@ actor is settled; the use cases in handlers.py receive commands of clean values.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.kernel import validate
 from services.kernel.contract.budget import Pool
-from services.kernel.errors import NotFound
+from services.kernel.contract.policy import BP_DENOMINATOR
+from services.kernel.errors import InvalidArgument, NotFound
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.riskscreen import circumstances_of
 from services.kernel.rpc import ServicerContext
-from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 from . import domain
-from .handlers import Ledger
+from .handlers import BudgetStatus, Ledger
 from .reconciliation_api import ReconciliationApi
+
+EARLIEST_TRANCHE = datetime(2000, 1, 1, tzinfo=UTC)
+TRANCHE_HORIZON = timedelta(days=3653)  # a schedule reaches at most ten years ahead
 
 
 def _pool(p: Pool) -> ledger_pb2.BudgetPool:
@@ -27,7 +32,76 @@ def _pool(p: Pool) -> ledger_pb2.BudgetPool:
         available_fen=p.available,
         reserved_fen=p.reserved,
         spent_fen=p.spent,
+        scheduled_fen=p.scheduled,
+        sources=[
+            ledger_pb2.SourceBalance(
+                source=s.source,
+                funded_fen=s.funded,
+                available_fen=s.available,
+                reserved_fen=s.reserved,
+                spent_fen=s.spent,
+                scheduled_fen=s.scheduled,
+            )
+            for s in p.sources
+        ],
     )
+
+
+def _status(status: BudgetStatus) -> ledger_pb2.BudgetPool:
+    out = _pool(status.pool)
+    rules = status.rules
+    if rules is not None:
+        out.policy_version = status.policy_version
+        out.split = rules.split.value
+        out.alert_thresholds_bp.extend(rules.alert_thresholds_bp)
+    for c in sorted(status.categories, key=lambda c: c.category):
+        row = out.categories.add(category=c.category, reserved_fen=c.reserved, spent_fen=c.spent)
+        share_bp = rules.sub_budget_bp(c.category) if rules is not None else None
+        if share_bp is not None:
+            row.sub_budget_fen = status.pool.funded * share_bp // BP_DENOMINATOR
+    for a in status.alerts:
+        alert = out.alerts.add(
+            category=a.category,
+            threshold_bp=a.threshold_bp,
+            spent_fen=a.spent_fen,
+            base_fen=a.base_fen,
+            order_id=a.order_id,
+        )
+        alert.reached_at.FromDatetime(a.reached_at)
+    for t in status.tranches:
+        pending = out.tranches.add(
+            source=t.source, amount_fen=t.amount_fen, funding_key=t.funding_key, index=t.index
+        )
+        pending.releases_at.FromDatetime(t.releases_at)
+    return out
+
+
+def _tranches_pb(tranches: Sequence[domain.Tranche]) -> list[common_pb2.Tranche]:
+    out = []
+    for t in tranches:
+        message = common_pb2.Tranche(amount_fen=t.amount_fen)
+        message.releases_at.FromDatetime(t.releases_at)
+        out.append(message)
+    return out
+
+
+def _tranches(requested: Sequence[common_pb2.Tranche], now: datetime) -> tuple[domain.Tranche, ...]:
+    """A schedule's times, bounded once here: each given, from 2000 to ten years ahead."""
+    if len(requested) > domain.MAX_TRANCHES:
+        raise InvalidArgument(
+            "INVALID_TRANCHES", f"tranches: at most {domain.MAX_TRANCHES}", field="tranches"
+        )
+    out = []
+    for t in requested:
+        at = t.releases_at.ToDatetime(tzinfo=UTC) if t.HasField("releases_at") else None
+        if at is None or not EARLIEST_TRANCHE <= at <= now + TRANCHE_HORIZON:
+            raise InvalidArgument(
+                "INVALID_TRANCHES",
+                "tranches: every releases_at given, from 2000 to ten years from now",
+                field="tranches",
+            )
+        out.append(domain.Tranche(t.amount_fen, at))
+    return tuple(out)
 
 
 def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.FundingProposal:
@@ -40,6 +114,7 @@ def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.Fundin
         proposed_by=p.proposed_by,
         approved_by=p.approved_by,
         platform_ids=p.platform_ids,
+        tranches=_tranches_pb(p.tranches),
     )
     if pool is not None:
         out.pool.CopyFrom(_pool(pool))
@@ -56,6 +131,7 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
         category=row["category"],
         qualification_id=row["qualification_id"],
         release_reason=row["release_reason"],
+        sources=[common_pb2.SourceAmount(source=s, fen=fen) for s, fen in row["sources"]],
     )
     expires: datetime = row["expires_at"]
     out.expires_at.FromDatetime(expires)
@@ -74,7 +150,10 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
         key = request.idempotency_key
         if key:
             validate.identifier("idempotency_key", key, max_len=128)
-        domain.fund(Pool(pool_id), request.amount_fen, source)  # the amount, before any I/O
+        tranches = _tranches(request.tranches, self.ledger.clock())
+        # The amount and its schedule, before any I/O (the source is the policy's: in the use
+        # case).
+        domain.fund(Pool(pool_id), request.amount_fen, source, tranches)
         reason = validate.text_field("reason", request.reason, max_len=500, required=False)
         cmd = domain.ProposeFunding(
             proposal_id=f"fp-{key}" if key else f"fp-{uuid.uuid4().hex}",
@@ -86,6 +165,7 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
             platform_ids=tuple(
                 validate.identifier("platform_ids", p) for p in sorted(set(request.platform_ids))
             ),
+            tranches=tranches,
         )
         proposal, pool = await self.ledger.propose_funding(cmd, caller().actor(reason))
         return _proposal(proposal, pool)
@@ -110,7 +190,7 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetBudgetRequest, context: ServicerContext
     ) -> ledger_pb2.BudgetPool:
         pool_id = validate.identifier("pool_id", request.pool_id)
-        return _pool(await self.ledger.get_pool(pool_id, scope()))
+        return _status(await self.ledger.budget_status(pool_id, scope()))
 
     async def ReserveSubsidy(
         self, request: ledger_pb2.ReserveSubsidyRequest, context: ServicerContext

@@ -1,7 +1,10 @@
-"""Ledger decisions, pure: state + command -> events. No I/O.
+"""Ledger decisions, pure: state + command -> events. No I/O, no clock (``now`` comes in).
 
-How each event moves a pool's money is the budget fold in :mod:`services.kernel.contract.budget`,
-shared with the auditor's replay; the decisions here refuse what would break it.
+How each event moves a pool's money, per funding source, is the budget fold in
+:mod:`services.kernel.contract.budget`, shared with the auditor's replay; the decisions here
+refuse what would break it, and apply the funding rules of the order's policy version
+(``FundingRules``): which source pays (the split rule), how much a category may take (its
+sub-budget), and which spent shares raise an alert (thresholds, once each).
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
-from services.kernel.contract.budget import Pool
+from services.kernel.contract.budget import (
+    Parts,
+    Pool,
+    parts_message,
+    parts_of,
+    split_priority,
+    split_pro_rata,
+)
+from services.kernel.contract.policy import BP_DENOMINATOR, FundingRules, Split
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -23,6 +34,9 @@ from services.kernel.errors import (
 from subsidy.v1 import events_pb2 as ev
 
 MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a budget
+MAX_TRANCHES = 120  # ten years of monthly instalments
+# The rules of a policy without a funding part: any source, priority in funding order.
+DEFAULT_RULES = FundingRules()
 
 PENDING, CAPTURED, RELEASED = "PENDING", "CAPTURED", "RELEASED"
 RELEASE_REASONS = ("CANCELLED", "REFUNDED", "EXPIRED")
@@ -35,14 +49,114 @@ class Reservation:
     subsidy_fen: int
     status: str
     qualification_id: str = ""
+    sources: Parts = ()  # what each funding source holds (empty: reserved before sources)
+    category: str = ""
 
 
-def fund(pool: Pool, amount_fen: int, source: str) -> list[Message]:
+@dataclass(frozen=True)
+class Tranche:
+    """One instalment of a funding: ``amount_fen`` becomes available at ``releases_at``."""
+
+    amount_fen: int
+    releases_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ScheduledTranche:
+    """A tranche of an approved funding, not released yet (what the release decision reads)."""
+
+    pool_id: str
+    funding_key: str
+    index: int
+    source: str
+    amount_fen: int
+    releases_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class CategoryUse:
+    """What one category holds (reserved) and has spent of one pool."""
+
+    category: str
+    reserved: int = 0
+    spent: int = 0
+
+
+def check_amount(amount_fen: int) -> int:
+    """A funding's amount: 1..MAX_FUNDING_FEN fen (anything else is a typo, not a budget)."""
     if amount_fen <= 0 or amount_fen > MAX_FUNDING_FEN:
         raise InvalidArgument(
             "INVALID_AMOUNT", f"amount_fen: must be 1..{MAX_FUNDING_FEN} fen", field="amount_fen"
         )
-    return [ev.BudgetFunded(pool_id=pool.pool_id, amount_fen=amount_fen, source=source)]
+    return amount_fen
+
+
+def check_tranches(amount_fen: int, tranches: tuple[Tranche, ...]) -> tuple[Tranche, ...]:
+    """A schedule is at most MAX_TRANCHES instalments of at least 1 fen each, summing to the
+    funding's amount; returned in time order (ties keep their order)."""
+    if not tranches:
+        return ()
+    if len(tranches) > MAX_TRANCHES:
+        raise InvalidArgument(
+            "INVALID_TRANCHES", f"tranches: at most {MAX_TRANCHES}", field="tranches"
+        )
+    if any(t.amount_fen <= 0 for t in tranches) or sum(t.amount_fen for t in tranches) != (
+        amount_fen
+    ):
+        raise InvalidArgument(
+            "INVALID_TRANCHES",
+            "tranches: every amount_fen at least 1 fen, and together exactly amount_fen",
+            field="tranches",
+        )
+    return tuple(sorted(tranches, key=lambda t: t.releases_at))
+
+
+def fund(
+    pool: Pool, amount_fen: int, source: str, tranches: tuple[Tranche, ...] = ()
+) -> list[Message]:
+    """Fund a pool from ``source``: available at once, or scheduled when ``tranches`` are."""
+    check_amount(amount_fen)
+    funded = ev.BudgetFunded(pool_id=pool.pool_id, amount_fen=amount_fen, source=source)
+    for t in check_tranches(amount_fen, tranches):
+        part = funded.tranches.add(amount_fen=t.amount_fen)
+        part.releases_at.FromDatetime(t.releases_at.astimezone(dt.UTC))
+    return [funded]
+
+
+def release_due(pending: list[ScheduledTranche], now: dt.datetime) -> list[Message]:
+    """Every scheduled tranche whose time has come by ``now`` becomes available, in time order;
+    a tranche not due yet stays scheduled."""
+    due = sorted(
+        (t for t in pending if t.releases_at <= now),
+        key=lambda t: (t.releases_at, t.funding_key, t.index),
+    )
+    events: list[Message] = []
+    for t in due:
+        released = ev.TrancheReleased(
+            pool_id=t.pool_id,
+            source=t.source,
+            amount_fen=t.amount_fen,
+            funding_key=t.funding_key,
+            index=t.index,
+        )
+        released.releases_at.FromDatetime(t.releases_at.astimezone(dt.UTC))
+        events.append(released)
+    return events
+
+
+def scheduled(funded: ev.BudgetFunded) -> list[ScheduledTranche]:
+    """The tranches a funding schedules (its key names them; index in schedule order)."""
+    return [
+        ScheduledTranche(
+            funded.pool_id,
+            funded.idempotency_key,
+            i,
+            funded.source,
+            t.amount_fen,
+            t.releases_at.ToDatetime(tzinfo=dt.UTC),
+        )
+        for i, t in enumerate(funded.tranches)
+    ]
 
 
 def check_budget(pool: Pool | None, pool_id: str, subsidy_fen: int) -> Pool:
@@ -60,9 +174,77 @@ def check_budget(pool: Pool | None, pool_id: str, subsidy_fen: int) -> Pool:
     return pool
 
 
-def reserve(pool: Pool | None, reserved: ev.SubsidyReserved) -> list[Message]:
-    """Reserve ``reserved.subsidy_fen`` from the pool, or refuse: never overspend."""
-    check_budget(pool, reserved.pool_id, reserved.subsidy_fen)
+def check_sub_budget(
+    pool: Pool, category: CategoryUse | None, name: str, subsidy_fen: int, rules: FundingRules
+) -> None:
+    """A category with a sub-budget holds and spends at most its share of the pool's funded
+    amount (rounded down to the fen)."""
+    share_bp = rules.sub_budget_bp(name)
+    if share_bp is None:
+        return
+    cap = pool.funded * share_bp // BP_DENOMINATOR
+    used = (category.reserved + category.spent) if category is not None else 0
+    if used + subsidy_fen > cap:
+        raise ResourceExhausted(
+            "SUB_BUDGET_EXHAUSTED",
+            f"budget pool {pool.pool_id}: category {name} has {max(cap - used, 0)} fen left of"
+            f" its sub-budget of {cap} fen, {subsidy_fen} fen needed",
+            field="pool_id",
+            pool_id=pool.pool_id,
+            category=name,
+        )
+
+
+def split(pool: Pool, subsidy_fen: int, rules: FundingRules) -> Parts:
+    """Which source holds how much of a subsidy the pool can pay, by the split rule. A pool
+    whose fundings named no source records no parts (its money is all unattributed). Under
+    pro rata a source that cannot pay its share refuses the order: SOURCE_EXHAUSTED."""
+    if not pool.sources:
+        return ()
+    payers = pool.payers()
+    if rules.split is Split.PRIORITY:
+        return split_priority(payers, subsidy_fen, rules.priority)
+    parts = split_pro_rata(payers, subsidy_fen)
+    for name, fen in parts:
+        found = pool.source(name) or pool.unattributed
+        if fen > found.available:
+            raise ResourceExhausted(
+                "SOURCE_EXHAUSTED",
+                f"budget pool {pool.pool_id}: source {name or '(none)'} has {found.available}"
+                f" fen left, its pro-rata part is {fen} fen",
+                field="pool_id",
+                pool_id=pool.pool_id,
+                source=name,
+            )
+    return parts
+
+
+def check_funds(
+    pool: Pool | None,
+    pool_id: str,
+    category: str,
+    subsidy_fen: int,
+    rules: FundingRules = DEFAULT_RULES,
+    use: CategoryUse | None = None,
+) -> Parts:
+    """The pool can pay ``subsidy_fen`` for an item of ``category`` now (the pool, the
+    category's sub-budget, each source's part, in that order); returns the source parts."""
+    checked = check_budget(pool, pool_id, subsidy_fen)
+    check_sub_budget(checked, use, category, subsidy_fen, rules)
+    return split(checked, subsidy_fen, rules)
+
+
+def reserve(
+    pool: Pool | None,
+    reserved: ev.SubsidyReserved,
+    rules: FundingRules = DEFAULT_RULES,
+    use: CategoryUse | None = None,
+) -> list[Message]:
+    """Reserve ``reserved.subsidy_fen`` from the pool, split over its sources, or refuse:
+    never overspend the pool, a sub-budget or a source."""
+    parts = check_funds(pool, reserved.pool_id, reserved.category, reserved.subsidy_fen, rules, use)
+    del reserved.sources[:]
+    reserved.sources.extend(parts_message(parts))
     return [reserved]
 
 
@@ -76,6 +258,7 @@ class Fund:
     amount_fen: int
     source: str
     idempotency_key: str = ""
+    tranches: tuple[Tranche, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,17 +298,31 @@ class Item:
 
 @dataclass(frozen=True)
 class Hold:
-    """A pool as a hold sees it under the pool's lock: its figures, and whether the order was
-    refused for good meanwhile (by the sweeper, or a concurrent attempt of the same order)."""
+    """A pool as a hold sees it under the pool's lock: its figures, whether the order was
+    refused for good meanwhile (by the sweeper, or a concurrent attempt of the same order), and
+    what the item's category already uses of it (loaded when the category has a sub-budget)."""
 
     pool: Pool | None
     refused: bool
+    use: CategoryUse | None = None
 
 
-def fund_once(state: Funding, cmd: Fund) -> list[Message]:
+@dataclass(frozen=True)
+class Settle:
+    """An order's capture as it is decided under the pool's lock: the reservation, the pool's
+    figures, the category's use, and the thresholds already alerted ``(category, bp)`` (the
+    category empty for the whole pool)."""
+
+    reservation: Reservation | None
+    pool: Pool | None = None
+    use: CategoryUse | None = None
+    alerted: frozenset[tuple[str, int]] = frozenset()
+
+
+def fund_once(state: Funding, cmd: Fund, now: dt.datetime | None = None) -> list[Message]:
     """Funding, idempotent on its key: the same key again funds nothing; the same key for a
-    different funding is refused."""
-    events = fund(state.pool or Pool(cmd.pool_id), cmd.amount_fen, cmd.source)
+    different funding is refused. Tranches due by ``now`` are released at once."""
+    events = fund(state.pool or Pool(cmd.pool_id), cmd.amount_fen, cmd.source, cmd.tranches)
     if state.prior is not None:
         if state.prior != (cmd.pool_id, cmd.amount_fen):
             raise AlreadyExists(
@@ -137,6 +334,8 @@ def fund_once(state: Funding, cmd: Fund) -> list[Message]:
     funded = events[0]
     assert isinstance(funded, ev.BudgetFunded)
     funded.idempotency_key = cmd.idempotency_key
+    if funded.tranches and now is not None:
+        events += release_due(scheduled(funded), now)
     return events
 
 
@@ -157,6 +356,7 @@ class FundingProposal:
     proposed_by: str
     approved_by: str = ""
     platform_ids: tuple[str, ...] = ()
+    tranches: tuple[Tranche, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +368,7 @@ class ProposeFunding:
     idempotency_key: str
     ceiling_fen: int  # the most a pool may ever be funded with (configured)
     platform_ids: tuple[str, ...] = ()  # the platforms the pool is to serve
+    tranches: tuple[Tranche, ...] = ()  # empty: all of it available at approval
 
 
 @dataclass(frozen=True)
@@ -178,8 +379,8 @@ class ApproveFunding:
 
 
 def check_ceiling(pool: Pool | None, pool_id: str, amount_fen: int, ceiling_fen: int) -> None:
-    """A pool's total funding never exceeds the configured ceiling."""
-    funded = pool.funded if pool is not None else 0
+    """A pool's total funding (released and scheduled) never exceeds the configured ceiling."""
+    funded = pool.funded + pool.scheduled if pool is not None else 0
     if funded + amount_fen > ceiling_fen:
         raise FailedPrecondition(
             "FUNDING_CEILING",
@@ -189,14 +390,37 @@ def check_ceiling(pool: Pool | None, pool_id: str, amount_fen: int, ceiling_fen:
         )
 
 
+def check_source(source: str, rules: FundingRules) -> str:
+    """A funding names one of the sources the policy in force declares (any, if it declares
+    none)."""
+    if not rules.accepts(source):
+        raise InvalidArgument(
+            "UNKNOWN_SOURCE",
+            f"source: {source!r} is not a funding source of this campaign"
+            f" (one of: {', '.join(rules.sources)})",
+            field="source",
+        )
+    return source
+
+
 def propose_funding(
-    existing: FundingProposal | None, pool: Pool | None, cmd: ProposeFunding
+    existing: FundingProposal | None,
+    pool: Pool | None,
+    cmd: ProposeFunding,
+    rules: FundingRules = DEFAULT_RULES,
 ) -> list[Message]:
-    """An operator proposes funding a pool; nothing moves until a different person approves.
-    The same key again is the same proposal; the same key for another funding is refused."""
-    fund(Pool(cmd.pool_id), cmd.amount_fen, cmd.source)  # the amount's bounds
+    """An operator proposes funding a pool from one of the campaign's sources; nothing moves
+    until a different person approves. The same key again is the same proposal; the same key
+    for another funding is refused."""
+    fund(Pool(cmd.pool_id), cmd.amount_fen, cmd.source, cmd.tranches)  # amount and schedule
+    check_source(cmd.source, rules)
     if existing is not None:
-        if (existing.pool_id, existing.amount_fen) != (cmd.pool_id, cmd.amount_fen):
+        if (existing.pool_id, existing.amount_fen, existing.source, existing.tranches) != (
+            cmd.pool_id,
+            cmd.amount_fen,
+            cmd.source,
+            check_tranches(cmd.amount_fen, cmd.tranches),
+        ):
             raise AlreadyExists(
                 "IDEMPOTENCY_KEY_REUSED",
                 "idempotency_key: used before for a different funding",
@@ -204,16 +428,18 @@ def propose_funding(
             )
         return []
     check_ceiling(pool, cmd.pool_id, cmd.amount_fen, cmd.ceiling_fen)
-    return [
-        ev.FundingProposed(
-            proposal_id=cmd.proposal_id,
-            pool_id=cmd.pool_id,
-            amount_fen=cmd.amount_fen,
-            source=cmd.source,
-            idempotency_key=cmd.idempotency_key,
-            platform_ids=cmd.platform_ids,
-        )
-    ]
+    proposed = ev.FundingProposed(
+        proposal_id=cmd.proposal_id,
+        pool_id=cmd.pool_id,
+        amount_fen=cmd.amount_fen,
+        source=cmd.source,
+        idempotency_key=cmd.idempotency_key,
+        platform_ids=cmd.platform_ids,
+    )
+    for t in check_tranches(cmd.amount_fen, cmd.tranches):
+        part = proposed.tranches.add(amount_fen=t.amount_fen)
+        part.releases_at.FromDatetime(t.releases_at.astimezone(dt.UTC))
+    return [proposed]
 
 
 def approve_funding(
@@ -260,7 +486,20 @@ def serves(assigned: frozenset[str], pool_id: str, platform: str | None) -> None
 
 def funded_by(proposal: FundingProposal) -> Fund:
     """The funding an approved proposal makes (its key is the proposal id, so it funds once)."""
-    return Fund(proposal.pool_id, proposal.amount_fen, proposal.source, proposal.proposal_id)
+    return Fund(
+        proposal.pool_id,
+        proposal.amount_fen,
+        proposal.source,
+        proposal.proposal_id,
+        proposal.tranches,
+    )
+
+
+def tranches_of(event: ev.FundingProposed | ev.BudgetFunded) -> tuple[Tranche, ...]:
+    """The schedule an event records."""
+    return tuple(
+        Tranche(t.amount_fen, t.releases_at.ToDatetime(tzinfo=dt.UTC)) for t in event.tranches
+    )
 
 
 def evolve_proposal(
@@ -276,6 +515,7 @@ def evolve_proposal(
             PROPOSED,
             actor_id,
             platform_ids=tuple(event.platform_ids),
+            tranches=tranches_of(event),
         )
     if proposal is not None and isinstance(event, ev.FundingApproved):
         return replace(proposal, status=APPROVED, approved_by=actor_id)
@@ -291,9 +531,17 @@ def order_refused() -> FailedPrecondition:
     )
 
 
-def hold(state: Hold, cmd: Reserve, item: Item, expires_at: dt.datetime) -> list[Message]:
-    """Hold the item's subsidy for the order until ``expires_at``, unless the order was refused
-    for good (an order is held or refused, never both) or the pool cannot pay."""
+def hold(
+    state: Hold,
+    cmd: Reserve,
+    item: Item,
+    expires_at: dt.datetime,
+    rules: FundingRules = DEFAULT_RULES,
+) -> list[Message]:
+    """Hold the item's subsidy for the order until ``expires_at``, split over the pool's sources
+    by the funding rules of the item's policy version, unless the order was refused for good
+    (an order is held or refused, never both) or the pool, the category's sub-budget or a
+    source cannot pay."""
     if state.refused:
         raise order_refused()
     reserved = ev.SubsidyReserved(
@@ -310,7 +558,7 @@ def hold(state: Hold, cmd: Reserve, item: Item, expires_at: dt.datetime) -> list
         serial=cmd.serial,
     )
     reserved.expires_at.FromDatetime(expires_at.astimezone(dt.UTC))
-    return reserve(state.pool, reserved)
+    return reserve(state.pool, reserved, rules, state.use)
 
 
 def same_order(existing: Reserve, cmd: Reserve) -> None:
@@ -361,8 +609,49 @@ def capture(res: Reservation | None, payment_ref: str) -> list[Message]:
             subsidy_fen=res.subsidy_fen,
             payment_ref=payment_ref,
             qualification_id=res.qualification_id,
+            sources=parts_message(res.sources),  # what each source held is what it pays
+            category=res.category,
         )
     ]
+
+
+def reached(spent_fen: int, base_fen: int, threshold_bp: int) -> bool:
+    """Whether ``spent_fen`` is at least ``threshold_bp`` of ``base_fen`` (exact, in integers)."""
+    return base_fen > 0 and spent_fen * BP_DENOMINATOR >= threshold_bp * base_fen
+
+
+def alerts(state: Settle, rules: FundingRules) -> list[Message]:
+    """The thresholds the capture of ``state.reservation`` makes the pool, and its category,
+    reach for the first time: one alert each, never twice. A pool's share is of its funded
+    amount; a category's of its sub-budget, or of the pool's funded amount without one."""
+    res, pool = state.reservation, state.pool
+    if res is None or pool is None or not rules.alert_thresholds_bp:
+        return []
+    scopes = [("", pool.spent + res.subsidy_fen, pool.funded)]
+    if res.category:  # an order reserved before categories were recorded: the pool only
+        use = state.use or CategoryUse(res.category)
+        share_bp = rules.sub_budget_bp(res.category)
+        base = pool.funded if share_bp is None else pool.funded * share_bp // BP_DENOMINATOR
+        scopes.append((res.category, use.spent + res.subsidy_fen, base))
+    return [
+        ev.BudgetThresholdReached(
+            pool_id=res.pool_id,
+            category=category,
+            threshold_bp=bp,
+            spent_fen=spent,
+            base_fen=base,
+            order_id=res.order_id,
+        )
+        for category, spent, base in scopes
+        for bp in rules.alert_thresholds_bp
+        if (category, bp) not in state.alerted and reached(spent, base, bp)
+    ]
+
+
+def capture_and_alert(state: Settle, payment_ref: str, rules: FundingRules) -> list[Message]:
+    """Capture the order, and raise the thresholds the capture reaches (once each)."""
+    captured = capture(state.reservation, payment_ref)
+    return [*captured, *alerts(state, rules)] if captured else []
 
 
 def release(res: Reservation | None, reason: str) -> list[Message]:
@@ -392,6 +681,8 @@ def release(res: Reservation | None, reason: str) -> list[Message]:
             reason=reason,
             was_captured=res.status == CAPTURED,
             qualification_id=res.qualification_id,
+            sources=parts_message(res.sources),  # back to the sources that held or paid it
+            category=res.category,
         )
     ]
 
@@ -400,7 +691,13 @@ def evolve(res: Reservation | None, event: Message) -> Reservation | None:
     """The reservation after ``event``: the one place a reservation's status changes."""
     if isinstance(event, ev.SubsidyReserved):
         return Reservation(
-            event.order_id, event.pool_id, event.subsidy_fen, PENDING, event.qualification_id
+            event.order_id,
+            event.pool_id,
+            event.subsidy_fen,
+            PENDING,
+            event.qualification_id,
+            parts_of(event.sources),
+            event.category,
         )
     if res is None:
         return None
@@ -409,3 +706,18 @@ def evolve(res: Reservation | None, event: Message) -> Reservation | None:
     if isinstance(event, ev.SubsidyReleased):
         return replace(res, status=RELEASED)
     return res
+
+
+def evolve_use(use: CategoryUse, event: Message) -> CategoryUse:
+    """A category's use of a pool after one of its orders' events."""
+    if isinstance(event, ev.SubsidyReserved):
+        return replace(use, reserved=use.reserved + event.subsidy_fen)
+    if isinstance(event, ev.SubsidyCaptured):
+        return replace(
+            use, reserved=use.reserved - event.subsidy_fen, spent=use.spent + event.subsidy_fen
+        )
+    if isinstance(event, ev.SubsidyReleased):
+        if event.was_captured:
+            return replace(use, spent=use.spent - event.subsidy_fen)
+        return replace(use, reserved=use.reserved - event.subsidy_fen)
+    return use

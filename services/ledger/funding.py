@@ -1,11 +1,15 @@
 """Ledger use cases for funding a budget pool, maker-checker: an operator proposes, a different
 approver approves, and only the approval moves money (in one transaction with the proposal's
-approval). Part of :class:`services.ledger.handlers.Ledger`.
+approval). A funding names one of the sources the policy in force declares, and may release its
+amount in tranches (those due at approval at once, the others by the ledger's sweeper). Part
+of :class:`services.ledger.handlers.Ledger`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -19,6 +23,7 @@ from services.kernel.pipeline import Aggregate, Pipeline
 from subsidy.v1 import common_pb2
 
 from . import domain
+from .policies import FundingPolicies
 from .projections import funding_keys, load_pool, load_pool_platforms, load_proposal
 
 
@@ -60,18 +65,21 @@ class FundingUseCases:
     store: EventStore
     pipeline: Pipeline
     funding_ceiling_fen: int
+    policies: FundingPolicies
+    clock: Callable[[], datetime]
 
     async def propose_funding(
         self, cmd: domain.ProposeFunding, actor: common_pb2.Actor
     ) -> tuple[domain.FundingProposal, budget.Pool | None]:
         """An operator proposes funding; nothing moves until a different approver approves."""
         ctx = Context(actor, correlation_id=cmd.proposal_id)
+        _, rules = await self.policies.in_force()  # the campaign's sources
         async with self.store.transaction() as tx:
             pool = await load_pool(tx.conn, cmd.pool_id)
             outcome = await self.pipeline.run(
                 PROPOSAL,
                 cmd.proposal_id,
-                lambda existing: domain.propose_funding(existing, pool, cmd),
+                lambda existing: domain.propose_funding(existing, pool, cmd, rules),
                 ctx,
                 tx=tx,
             )
@@ -97,11 +105,12 @@ class FundingUseCases:
             approved = outcome.state
             assert approved is not None
             funding = domain.funded_by(approved)
+            now = self.clock()
             funded = await self.pipeline.run(
                 FUNDING,
                 FundingKey(funding.pool_id, funding.idempotency_key),
                 lambda state: [
-                    *domain.fund_once(_funding(state), funding),
+                    *domain.fund_once(_funding(state), funding, now),
                     *domain.assign(_funding(state).platforms, approved),
                 ],
                 ctx,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf.message import Message
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,6 +26,7 @@ from services.kernel import vault
 from services.kernel.background import every
 from services.kernel.contract import budget
 from services.kernel.contract.budget import pool_stream
+from services.kernel.contract.policy import FundingRules
 from services.kernel.contract.risk import Action, Outcome, Subjects
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, service_actor
@@ -43,13 +44,20 @@ from subsidy.v1 import (
 
 from . import domain
 from .funding import FundingUseCases
+from .policies import FundingPolicies
 from .projections import (
     SERIAL_CONSTRAINT,
     apply_event,
+    budget_alerts,
+    budget_categories,
     budget_pools,
+    budget_tranches,
+    load_alerted,
+    load_pending_tranches,
     load_pool,
     load_pool_platforms,
     load_reservation,
+    load_use,
     refusal_stream,
 )
 from .projections import reservation_attempts as attempts_t
@@ -74,6 +82,36 @@ log = logging.getLogger(__name__)
 class OrderKey:
     pool_id: str
     order_id: str
+    # The item's category, when its use of the pool is part of the decision (a sub-budget
+    # caps it, or its thresholds are watched); empty: not loaded.
+    category: str = ""
+    # A capture under thresholds: load the pool's figures and the alerts raised too.
+    watch: bool = False
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A threshold the pool (category empty) or a category reached, and the capture that did."""
+
+    category: str
+    threshold_bp: int
+    spent_fen: int
+    base_fen: int
+    order_id: str
+    reached_at: datetime
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A pool as `subsidyctl budget status` shows it: its figures and its sources', each
+    category's use, the thresholds reached, the tranches still scheduled."""
+
+    pool: budget.Pool
+    categories: list[domain.CategoryUse]
+    alerts: list[Alert]
+    tranches: list[domain.ScheduledTranche]
+    policy_version: str = ""  # the policy in force ("" when catalog could not be asked)
+    rules: FundingRules | None = None
 
 
 async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
@@ -86,11 +124,22 @@ async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
 async def _load_hold(conn: AsyncConnection, key: OrderKey) -> domain.Hold:
     # Refusals of an order are written under this same pool lock: if one committed while this
     # attempt was locking the qualification, the order is refused for good.
-    return domain.Hold(await load_pool(conn, key.pool_id), await _was_refused(conn, key.order_id))
+    use = await load_use(conn, key.pool_id, key.category) if key.category else None
+    return domain.Hold(
+        await load_pool(conn, key.pool_id), await _was_refused(conn, key.order_id), use
+    )
 
 
-async def _load_reservation(conn: AsyncConnection, key: OrderKey) -> domain.Reservation | None:
-    return await load_reservation(conn, key.order_id)
+async def _load_settle(conn: AsyncConnection, key: OrderKey) -> domain.Settle:
+    res = await load_reservation(conn, key.order_id)
+    if not key.watch or res is None:  # no thresholds to watch: the reservation alone
+        return domain.Settle(res)
+    return domain.Settle(
+        res,
+        await load_pool(conn, key.pool_id),
+        await load_use(conn, key.pool_id, key.category),
+        await load_alerted(conn, key.pool_id, key.category),
+    )
 
 
 async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
@@ -103,8 +152,11 @@ async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
 HOLD: Aggregate[OrderKey, domain.Hold] = Aggregate(
     "budget-pool", lambda k: pool_stream(k.pool_id), _load_hold
 )
-RESERVATION: Aggregate[OrderKey, domain.Reservation] = Aggregate(
-    "budget-pool", lambda k: pool_stream(k.pool_id), _load_reservation
+SETTLE: Aggregate[OrderKey, domain.Settle] = Aggregate(
+    "budget-pool", lambda k: pool_stream(k.pool_id), _load_settle
+)
+TRANCHES: Aggregate[str, list[domain.ScheduledTranche]] = Aggregate(
+    "budget-pool", pool_stream, load_pending_tranches
 )
 REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
     "refusal", lambda k: refusal_stream(k.order_id), _load_held
@@ -150,6 +202,7 @@ class Ledger(FundingUseCases):
         self.pipeline = Pipeline(store, SERVICE, apply_event)
         self.risk = LedgerRisk(self.pipeline, keys, self.clock)
         self.reconciliations = Reconciliations(store, self.pipeline)
+        self.policies = FundingPolicies(catalog)
 
     # -- budget ---------------------------------------------------------------------------
     async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:
@@ -160,6 +213,75 @@ class Ledger(FundingUseCases):
         if pool is None:
             raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
         return pool
+
+    async def budget_status(self, pool_id: str, platform: str | None = None) -> BudgetStatus:
+        """A pool's figures and sources, its categories' use, the thresholds it reached and
+        the tranches still to come (one read, one snapshot)."""
+        async with self.store.engine.connect() as conn, conn.begin():
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            pool = await load_pool(conn, pool_id)
+            domain.serves(await load_pool_platforms(conn, pool_id), pool_id, platform)
+            if pool is None:
+                raise NotFound(
+                    "UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id"
+                )
+            c, a = budget_categories.c, budget_alerts.c
+            categories = [
+                domain.CategoryUse(*r)
+                for r in await conn.execute(
+                    select(c.category, c.reserved_fen, c.spent_fen)
+                    .where(c.pool_id == pool_id)
+                    .order_by(c.category)
+                )
+            ]
+            alerts = [
+                Alert(*r)
+                for r in await conn.execute(
+                    select(
+                        a.category,
+                        a.threshold_bp,
+                        a.spent_fen,
+                        a.base_fen,
+                        a.order_id,
+                        a.reached_at,
+                    )
+                    .where(a.pool_id == pool_id)
+                    .order_by(a.reached_at, a.category, a.threshold_bp)
+                )
+            ]
+            tranches = await load_pending_tranches(conn, pool_id)
+        try:
+            version, rules = await self.policies.in_force()
+        except DomainError as err:  # the figures are the ledger's; the rules only explain them
+            log.warning("budget status without the policy in force: %s", err.reason)
+            return BudgetStatus(pool, categories, alerts, tranches)
+        listed = {c.category for c in categories}
+        categories += [domain.CategoryUse(c) for c, _ in rules.sub_budgets if c not in listed]
+        return BudgetStatus(pool, categories, alerts, tranches, version, rules)
+
+    async def release_due_tranches(self) -> int:
+        """Release every scheduled tranche whose time has come, pool by pool under each pool's
+        lock; returns how many were released."""
+        now = self.clock()
+        t = budget_tranches.c
+        async with self.store.engine.connect() as conn:
+            pools = (
+                await conn.execute(
+                    select(t.pool_id)
+                    .where(t.released.is_(False), t.releases_at <= now)
+                    .distinct()
+                    .limit(500)
+                )
+            ).scalars()
+            due = list(pools)
+        ctx = Context(service_actor(SERVICE), correlation_id="tranches")
+        released = 0
+        for pool_id in due:
+            outcome = await self.pipeline.run(
+                TRANCHES, pool_id, lambda pending: domain.release_due(pending or [], now), ctx
+            )
+            released += len(outcome.appended)
+        return released
 
     # -- checkout -------------------------------------------------------------------------
     async def get_reservation(
@@ -202,7 +324,15 @@ class Ledger(FundingUseCases):
         # qualification, so that rejection changes nothing; the decisions under the locks
         # (the subjects', the pool's) still decide races.
         await self._prescreen(cmd, subjects)
-        domain.check_budget(pool_now, cmd.pool_id, item.subsidy_fen)
+        rules = await self.policies.rules(item.policy_version)
+        # The category's use is read only when a sub-budget caps it (the common case pays no
+        # extra read).
+        capped = item.category if rules.sub_budget_bp(item.category) is not None else ""
+        use_now = None
+        if capped and pool_now is not None:
+            async with self.store.engine.connect() as conn:
+                use_now = await load_use(conn, cmd.pool_id, capped)
+        domain.check_funds(pool_now, cmd.pool_id, item.category, item.subsidy_fen, rules, use_now)
         await self._lock_qualification(cmd, item, actor)
         ctx = Context(actor, correlation_id=cmd.order_id, policy_version=item.policy_version)
         now = self.clock()
@@ -220,8 +350,8 @@ class Ledger(FundingUseCases):
                 await screen.observe(tx.conn, screening, now)
                 await self.pipeline.run(
                     HOLD,
-                    OrderKey(cmd.pool_id, cmd.order_id),
-                    lambda state: domain.hold(_hold(state), cmd, item, expires),
+                    OrderKey(cmd.pool_id, cmd.order_id, capped),
+                    lambda state: domain.hold(_hold(state), cmd, item, expires, rules),
                     ctx,
                     tx=tx,
                     reload=False,  # the answer is the reservation row, read below
@@ -376,19 +506,36 @@ class Ledger(FundingUseCases):
         self,
         order_id: str,
         actor: common_pb2.Actor,
-        decide: Callable[[domain.Reservation | None], list[Message]],
+        decide: Callable[[domain.Settle, FundingRules], list[Message]],
         platform: str | None = None,
+        *,
+        watch: bool = False,
     ) -> dict[str, object]:
-        """Capture or release one order under its pool's lock (a platform: only its own)."""
+        """Capture or release one order under its pool's lock (a platform: only its own).
+        With ``watch``, the decision gets the funding rules of the order's policy version and,
+        when they have alert thresholds, the pool's figures, the category's use and the alerts
+        raised; otherwise it reads the order alone."""
         existing = await self.get_reservation(order_id, platform)
         if existing is None:
             raise domain.unknown_order(order_id)
-        key = OrderKey(str(existing["pool_id"]), order_id)
-        ctx = Context(
-            actor, correlation_id=order_id, policy_version=str(existing["policy_version"])
+        version = str(existing["policy_version"])
+        rules = await self.policies.rules(version) if watch else domain.DEFAULT_RULES
+        key = OrderKey(
+            str(existing["pool_id"]),
+            order_id,
+            str(existing["category"]),
+            watch=bool(rules.alert_thresholds_bp),
         )
+        ctx = Context(actor, correlation_id=order_id, policy_version=version)
         async with self.store.transaction() as tx:
-            await self.pipeline.run(RESERVATION, key, decide, ctx, tx=tx, reload=False)
+            await self.pipeline.run(
+                SETTLE,
+                key,
+                lambda state: decide(state or domain.Settle(None), rules),
+                ctx,
+                tx=tx,
+                reload=False,
+            )
             row = await self._row(tx.conn, order_id)
         assert row is not None
         return row
@@ -396,14 +543,23 @@ class Ledger(FundingUseCases):
     async def capture(
         self, order_id: str, payment_ref: str, actor: common_pb2.Actor, platform: str | None
     ) -> dict[str, object]:
+        """Post the order's subsidy (each source pays what it held), and raise the thresholds
+        of the order's policy version that the capture reaches."""
         return await self._settle(
-            order_id, actor, lambda r: domain.capture(r, payment_ref), platform
+            order_id,
+            actor,
+            lambda state, rules: domain.capture_and_alert(state, payment_ref, rules),
+            platform,
+            watch=True,
         )
 
     async def release(
         self, order_id: str, reason: str, actor: common_pb2.Actor, platform: str | None
     ) -> dict[str, object]:
-        return await self._settle(order_id, actor, lambda r: domain.release(r, reason), platform)
+        """Void or refund the order: each source gets back what it held or paid."""
+        return await self._settle(
+            order_id, actor, lambda state, _: domain.release(state.reservation, reason), platform
+        )
 
     async def expire_due(self) -> int:
         """Release every pending reservation past its timeout; returns how many."""
@@ -423,17 +579,21 @@ class Ledger(FundingUseCases):
         actor = service_actor(SERVICE)
         for order_id in due:
             try:
-                await self._settle(order_id, actor, lambda r: domain.release(r, "EXPIRED"))
+                await self._settle(
+                    order_id, actor, lambda state, _: domain.release(state.reservation, "EXPIRED")
+                )
             except FailedPrecondition:
                 pass  # captured meanwhile: nothing to expire
         return len(due)
 
     async def expiry_loop(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        """Expire due reservations and undo abandoned attempts every ``every_s`` until ``stop``."""
+        """Expire due reservations, undo abandoned attempts and release due tranches every
+        ``every_s`` until ``stop``."""
 
         async def sweep() -> None:
             await self.expire_due()
             await self.sweep_abandoned(self.abandon_after_s)
+            await self.release_due_tranches()
 
         await every(stop, every_s, sweep, log=log, failure="expiry sweep failed", alert="expiry")
 

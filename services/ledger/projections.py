@@ -1,4 +1,5 @@
-"""Ledger read models, fed by events: budget pools and reservations.
+"""Ledger read models, fed by events: budget pools (and each funding source's money in them,
+each category's use, the thresholds reached, the tranches scheduled), reservations, fundings.
 
 Handlers apply each event here in the same transaction as its append (so decisions read current
 state); :func:`rebuild` drops them and replays the store, which must give identical rows.
@@ -6,22 +7,29 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict
 from datetime import UTC
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
+    bindparam,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import metrics
@@ -44,6 +52,61 @@ budget_pools = Table(
     Column("available_fen", BigInteger, nullable=False),
     Column("reserved_fen", BigInteger, nullable=False),
     Column("spent_fen", BigInteger, nullable=False),
+    Column("scheduled_fen", BigInteger, nullable=False, default=0),
+)
+
+# Each funding source's money in a pool (the pool's row holds their sums): funded = available +
+# reserved + spent per source. ``position`` is the order the source first funded the pool in
+# (the priority rule's default order, and the fold's).
+budget_sources = Table(
+    "budget_sources",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("funded_fen", BigInteger, nullable=False),
+    Column("available_fen", BigInteger, nullable=False),
+    Column("reserved_fen", BigInteger, nullable=False),
+    Column("spent_fen", BigInteger, nullable=False),
+    Column("scheduled_fen", BigInteger, nullable=False),
+)
+
+# What each category holds and has spent of a pool (its sub-budget's use; the category's
+# thresholds).
+budget_categories = Table(
+    "budget_categories",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("category", String(64), primary_key=True),
+    Column("reserved_fen", BigInteger, nullable=False),
+    Column("spent_fen", BigInteger, nullable=False),
+)
+
+# The thresholds reached (BudgetThresholdReached), once each: category "" is the whole pool.
+budget_alerts = Table(
+    "budget_alerts",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("category", String(64), primary_key=True),
+    Column("threshold_bp", Integer, primary_key=True),
+    Column("spent_fen", BigInteger, nullable=False),
+    Column("base_fen", BigInteger, nullable=False),
+    Column("order_id", String(64), nullable=False),
+    Column("reached_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every tranche of every scheduled funding, and whether it has been released yet.
+budget_tranches = Table(
+    "budget_tranches",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("funding_key", String(200), primary_key=True),
+    Column("index", Integer, primary_key=True),
+    Column("source", String(64), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("releases_at", DateTime(timezone=True), nullable=False),
+    Column("released", Boolean, nullable=False),
+    Index("budget_tranches_due", "released", "releases_at"),
 )
 
 reservations = Table(
@@ -65,6 +128,8 @@ reservations = Table(
     Column("release_reason", String(16), nullable=False, default=""),
     Column("payment_ref", String(128), nullable=False, default=""),
     Column("serial", String(64), nullable=False, default=""),
+    # What each funding source holds of subsidy_fen: [[source, fen], ...] in pool order.
+    Column("sources", JSON, nullable=False, default=list),
     Index("reservations_pending_expiry", "status", "expires_at"),
     # One subsidy per unit: a serial / IMEI can be held or spent by one order only. Enforced
     # here, under concurrency, not only by catalog's (asynchronous) view of the ledger's events.
@@ -98,6 +163,8 @@ funding_proposals = Table(
     Column("proposed_by", String(64), nullable=False),
     Column("approved_by", String(64), nullable=False),
     Column("platform_ids", String(2000), nullable=False, default=""),
+    # The schedule: [[amount_fen, releases_at ISO 8601], ...]; empty: all at approval.
+    Column("tranches", JSON, nullable=False, default=list),
 )
 
 # The platforms each pool serves (PoolAssigned): a platform reaches only these pools.
@@ -124,13 +191,95 @@ def refusal_stream(order_id: str) -> str:
     return f"refusal/{order_id}"
 
 
+_P, _S = budget_pools.c, budget_sources.c
+# One round trip: the pool's figures and its sources' (a pool has a handful of sources).
+_POOL_QUERY = (
+    select(
+        _P.funded_fen,
+        _P.available_fen,
+        _P.reserved_fen,
+        _P.spent_fen,
+        _P.scheduled_fen,
+        _S.source,
+        _S.funded_fen.label("s_funded"),
+        _S.available_fen.label("s_available"),
+        _S.reserved_fen.label("s_reserved"),
+        _S.spent_fen.label("s_spent"),
+        _S.scheduled_fen.label("s_scheduled"),
+    )
+    .select_from(budget_pools.outerjoin(budget_sources, _S.pool_id == _P.pool_id))
+    .where(_P.pool_id == bindparam("pool_id"))
+    .order_by(_S.position)
+)
+
+
 async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
-    row = (
-        await conn.execute(select(budget_pools).where(budget_pools.c.pool_id == pool_id))
-    ).first()
-    if row is None:
+    """A pool's figures and its sources', as the fold left them."""
+    rows = (await conn.execute(_POOL_QUERY, {"pool_id": pool_id})).all()
+    if not rows:
         return None
-    return budget.Pool(pool_id, row.funded_fen, row.available_fen, row.reserved_fen, row.spent_fen)
+    first = rows[0]
+    sources = tuple(
+        budget.Source(r.source, r.s_funded, r.s_available, r.s_reserved, r.s_spent, r.s_scheduled)
+        for r in rows
+        if r.source is not None
+    )
+    return budget.Pool(
+        pool_id,
+        first.funded_fen,
+        first.available_fen,
+        first.reserved_fen,
+        first.spent_fen,
+        first.scheduled_fen,
+        sources,
+    )
+
+
+async def load_use(conn: AsyncConnection, pool_id: str, category: str) -> domain.CategoryUse:
+    """What ``category`` holds and has spent of the pool."""
+    row = (
+        await conn.execute(
+            select(budget_categories.c.reserved_fen, budget_categories.c.spent_fen).where(
+                budget_categories.c.pool_id == pool_id, budget_categories.c.category == category
+            )
+        )
+    ).first()
+    return domain.CategoryUse(category, *row) if row is not None else domain.CategoryUse(category)
+
+
+async def load_alerted(
+    conn: AsyncConnection, pool_id: str, category: str
+) -> frozenset[tuple[str, int]]:
+    """The thresholds already reached for the pool and for ``category``."""
+    rows = await conn.execute(
+        select(budget_alerts.c.category, budget_alerts.c.threshold_bp).where(
+            budget_alerts.c.pool_id == pool_id, budget_alerts.c.category.in_(("", category))
+        )
+    )
+    return frozenset((c, t) for c, t in rows)
+
+
+async def load_pending_tranches(
+    conn: AsyncConnection, pool_id: str
+) -> list[domain.ScheduledTranche]:
+    """The pool's tranches not released yet, in time order."""
+    t = budget_tranches.c
+    rows = await conn.execute(
+        select(t.pool_id, t.funding_key, t.index, t.source, t.amount_fen, t.releases_at)
+        .where(t.pool_id == pool_id, t.released.is_(False))
+        .order_by(t.releases_at, t.funding_key, t.index)
+    )
+    return [domain.ScheduledTranche(*r) for r in rows]
+
+
+def _parts(stored: Any) -> budget.Parts:
+    return tuple((str(source), int(fen)) for source, fen in stored or ())
+
+
+def _tranches(stored: Any) -> tuple[domain.Tranche, ...]:
+    return tuple(
+        domain.Tranche(int(fen), dt.datetime.fromisoformat(str(at))) for fen, at in stored or ()
+    )
 
 
 async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reservation | None:
@@ -142,10 +291,14 @@ async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reser
                 reservations.c.subsidy_fen,
                 reservations.c.status,
                 reservations.c.qualification_id,
+                reservations.c.sources,
+                reservations.c.category,
             ).where(reservations.c.order_id == order_id)
         )
     ).first()
-    return domain.Reservation(*row) if row is not None else None
+    if row is None:
+        return None
+    return domain.Reservation(*row[:5], sources=_parts(row.sources), category=row.category)
 
 
 async def load_proposal(conn: AsyncConnection, proposal_id: str) -> domain.FundingProposal | None:
@@ -158,6 +311,7 @@ async def load_proposal(conn: AsyncConnection, proposal_id: str) -> domain.Fundi
         return None
     values = dict(row._mapping)
     values["platform_ids"] = tuple(p for p in values["platform_ids"].split(",") if p)
+    values["tranches"] = _tranches(values["tranches"])
     return domain.FundingProposal(**values)
 
 
@@ -178,6 +332,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         assert proposal is not None
         values = asdict(proposal)
         values["platform_ids"] = ",".join(proposal.platform_ids)
+        values["tranches"] = [[t.amount_fen, t.releases_at.isoformat()] for t in proposal.tranches]
         if known is None:
             await conn.execute(insert(funding_proposals).values(**values))
         else:
@@ -195,38 +350,73 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     if isinstance(event, ev.ReservationRefused):
         metrics.RESERVATIONS.labels("refused").inc()
         return  # the budget did not move
+    if isinstance(event, ev.BudgetThresholdReached):
+        await conn.execute(
+            insert(budget_alerts).values(
+                pool_id=event.pool_id,
+                category=event.category,
+                threshold_bp=event.threshold_bp,
+                spent_fen=event.spent_fen,
+                base_fen=event.base_fen,
+                order_id=event.order_id,
+                reached_at=env.occurred_at.ToDatetime(tzinfo=UTC),
+            )
+        )
+        metrics.BUDGET_THRESHOLD.labels(event.pool_id, event.category, str(event.threshold_bp)).set(
+            1
+        )
+        return
     pool_id = getattr(event, "pool_id", "")
     if not pool_id:
         return
+    settled = None
+    if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        settled = await load_reservation(conn, event.order_id)
     before = await load_pool(conn, pool_id)
-    after = budget.apply(before or budget.Pool(pool_id), event)
-    values = {
-        "funded_fen": after.funded,
-        "available_fen": after.available,
-        "reserved_fen": after.reserved,
-        "spent_fen": after.spent,
-    }
-    for bucket, fen in values.items():
-        metrics.BUDGET.labels(pool_id, bucket.removesuffix("_fen")).set(fen)
+    # An event written before sources is attributed as its reservation was (stored with it).
+    held = settled.sources if settled is not None else None
+    after, parts = budget.step(before or budget.Pool(pool_id), event, held)
+    await _write_pool(conn, before, after)
     if isinstance(event, ev.SubsidyReserved):
         metrics.RESERVATIONS.labels("reserved").inc()
     elif isinstance(event, ev.SubsidyCaptured):
         metrics.RESERVATIONS.labels("captured").inc()
     elif isinstance(event, ev.SubsidyReleased):
         metrics.RESERVATIONS.labels(f"released_{event.reason.lower()}").inc()
-    if before is None:
-        await conn.execute(insert(budget_pools).values(pool_id=pool_id, **values))
-    else:
-        await conn.execute(
-            update(budget_pools).where(budget_pools.c.pool_id == pool_id).values(**values)
-        )
-    if isinstance(event, ev.BudgetFunded) and event.idempotency_key:
-        await conn.execute(
-            insert(funding_keys).values(
-                idempotency_key=event.idempotency_key, pool_id=pool_id, amount_fen=event.amount_fen
+    if isinstance(event, ev.BudgetFunded):
+        if event.idempotency_key:
+            await conn.execute(
+                insert(funding_keys).values(
+                    idempotency_key=event.idempotency_key,
+                    pool_id=pool_id,
+                    amount_fen=event.amount_fen,
+                )
             )
+        if event.tranches:
+            await conn.execute(
+                insert(budget_tranches),
+                [
+                    {
+                        "pool_id": t.pool_id,
+                        "funding_key": t.funding_key,
+                        "index": t.index,
+                        "source": t.source,
+                        "amount_fen": t.amount_fen,
+                        "releases_at": t.releases_at,
+                        "released": False,
+                    }
+                    for t in domain.scheduled(event)
+                ],
+            )
+    elif isinstance(event, ev.TrancheReleased):
+        t = budget_tranches.c
+        await conn.execute(
+            update(budget_tranches)
+            .where(t.pool_id == pool_id, t.funding_key == event.funding_key, t.index == event.index)
+            .values(released=True)
         )
     elif isinstance(event, ev.SubsidyReserved):
+        await _use(conn, pool_id, event.category, event)
         await conn.execute(
             insert(reservations).values(
                 order_id=event.order_id,
@@ -245,12 +435,15 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 release_reason="",
                 payment_ref="",
                 serial=event.serial,
+                sources=[list(p) for p in parts],
             )
         )
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         # The status comes from the domain's evolve, never decided here.
-        settled = domain.evolve(await load_reservation(conn, event.order_id), event)
         assert settled is not None
+        await _use(conn, pool_id, event.category or settled.category, event)
+        status = domain.evolve(settled, event)
+        assert status is not None
         details = (
             {"payment_ref": event.payment_ref}
             if isinstance(event, ev.SubsidyCaptured)
@@ -259,8 +452,67 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         await conn.execute(
             update(reservations)
             .where(reservations.c.order_id == event.order_id)
-            .values(status=settled.status, **details)
+            .values(status=status.status, **details)
         )
+
+
+async def _write_pool(
+    conn: AsyncConnection, before: budget.Pool | None, after: budget.Pool
+) -> None:
+    """Write the fold's figures for the pool and for each source that changed."""
+    values = {f"{b}_fen": getattr(after, b) for b in budget.BUCKETS}
+    for bucket in budget.BUCKETS:
+        metrics.BUDGET.labels(after.pool_id, bucket).set(getattr(after, bucket))
+    if before is None:
+        await conn.execute(insert(budget_pools).values(pool_id=after.pool_id, **values))
+    elif before != after:
+        await conn.execute(
+            update(budget_pools).where(budget_pools.c.pool_id == after.pool_id).values(**values)
+        )
+    known = {s.source: s for s in (before.sources if before is not None else ())}
+    added, changed = [], []
+    for position, s in enumerate(after.sources):
+        if known.get(s.source) == s:
+            continue
+        row = {f"{b}_fen": getattr(s, b) for b in budget.BUCKETS}
+        for bucket in budget.BUCKETS:
+            metrics.BUDGET_SOURCE.labels(after.pool_id, s.source, bucket).set(getattr(s, bucket))
+        if s.source in known:
+            changed.append({"p": after.pool_id, "s": s.source, **row})
+        else:
+            added.append(
+                {"pool_id": after.pool_id, "source": s.source, "position": position, **row}
+            )
+    if added:
+        await conn.execute(insert(budget_sources), added)
+    if changed:
+        await conn.execute(_SOURCE_UPDATE, changed)
+
+
+_SOURCE_UPDATE = (
+    update(budget_sources)
+    .where(_S.pool_id == bindparam("p"), _S.source == bindparam("s"))
+    .values({f"{b}_fen": bindparam(f"{b}_fen") for b in budget.BUCKETS})
+)
+
+
+async def _use(conn: AsyncConnection, pool_id: str, category: str, event: Any) -> None:
+    """Move the category's figures as the order's event moves them."""
+    delta = domain.evolve_use(domain.CategoryUse(category), event)  # from zero: the change
+    c = budget_categories.c
+    insert_use = pg_insert(budget_categories).values(
+        pool_id=pool_id, category=category, reserved_fen=delta.reserved, spent_fen=delta.spent
+    )
+    stmt = insert_use.on_conflict_do_update(
+        index_elements=[c.pool_id, c.category],
+        set_={
+            "reserved_fen": c.reserved_fen + delta.reserved,
+            "spent_fen": c.spent_fen + delta.spent,
+        },
+    ).returning(c.reserved_fen, c.spent_fen)
+    reserved, spent = (await conn.execute(stmt)).one()
+    metrics.BUDGET_CATEGORY.labels(pool_id, category, "reserved").set(reserved)
+    metrics.BUDGET_CATEGORY.labels(pool_id, category, "spent").set(spent)
 
 
 async def rebuild(store: EventStore) -> int:
@@ -269,6 +521,10 @@ async def rebuild(store: EventStore) -> int:
         (
             reservations,
             budget_pools,
+            budget_sources,
+            budget_categories,
+            budget_alerts,
+            budget_tranches,
             funding_keys,
             funding_proposals,
             pool_platforms,

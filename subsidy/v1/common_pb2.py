@@ -22,19 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/common.proto\x12\nsubsidy.v1\"\xd8\x01\n\x05\x41\x63tor\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.subsidy.v1.Actor.Kind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_SERVICE\x10\x01\x12\x11\n\rKIND_PLATFORM\x10\x02\x12\x11\n\rKIND_OPERATOR\x10\x03\x12\x11\n\rKIND_APPROVER\x10\x04\x12\x10\n\x0cKIND_AUDITOR\x10\x05\x12\x11\n\rKIND_CONSUMER\x10\x06\"p\n\rCircumstances\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\x03 \x01(\t\x12\x13\n\x0bregion_code\x18\x04 \x01(\t\x12\x11\n\tbank_card\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/common.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x05\x41\x63tor\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.subsidy.v1.Actor.Kind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_SERVICE\x10\x01\x12\x11\n\rKIND_PLATFORM\x10\x02\x12\x11\n\rKIND_OPERATOR\x10\x03\x12\x11\n\rKIND_APPROVER\x10\x04\x12\x10\n\x0cKIND_AUDITOR\x10\x05\x12\x11\n\rKIND_CONSUMER\x10\x06\"p\n\rCircumstances\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\x03 \x01(\t\x12\x13\n\x0bregion_code\x18\x04 \x01(\t\x12\x11\n\tbank_card\x18\x05 \x01(\t\"+\n\x0cSourceAmount\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0b\n\x03\x66\x65n\x18\x02 \x01(\x03\"N\n\x07Tranche\x12\x12\n\namount_fen\x18\x01 \x01(\x03\x12/\n\x0breleases_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTOR']._serialized_start=40
-  _globals['_ACTOR']._serialized_end=256
-  _globals['_ACTOR_KIND']._serialized_start=116
-  _globals['_ACTOR_KIND']._serialized_end=256
-  _globals['_CIRCUMSTANCES']._serialized_start=258
-  _globals['_CIRCUMSTANCES']._serialized_end=370
+  _globals['_ACTOR']._serialized_start=73
+  _globals['_ACTOR']._serialized_end=289
+  _globals['_ACTOR_KIND']._serialized_start=149
+  _globals['_ACTOR_KIND']._serialized_end=289
+  _globals['_CIRCUMSTANCES']._serialized_start=291
+  _globals['_CIRCUMSTANCES']._serialized_end=403
+  _globals['_SOURCEAMOUNT']._serialized_start=405
+  _globals['_SOURCEAMOUNT']._serialized_end=448
+  _globals['_TRANCHE']._serialized_start=450
+  _globals['_TRANCHE']._serialized_end=528
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -120,3 +121,53 @@ class Circumstances(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Circumstances: _TypeAlias = Circumstances  # noqa: Y015
+
+@_typing.final
+class SourceAmount(_message.Message):
+    """An amount of one funding source's money: a source's part of a subsidy held, paid or given back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FEN_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """the funding source, e.g. "district", "platform-matching" """
+    fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fen", b"fen", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceAmount: _TypeAlias = SourceAmount  # noqa: Y015
+
+@_typing.final
+class Tranche(_message.Message):
+    """One instalment of a funding: its amount becomes available to the pool at releases_at."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    RELEASES_AT_FIELD_NUMBER: _builtins.int
+    amount_fen: _builtins.int
+    @_builtins.property
+    def releases_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        amount_fen: _builtins.int = ...,
+        releases_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["releases_at", b"releases_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "releases_at", b"releases_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tranche: _TypeAlias = Tranche  # noqa: Y015

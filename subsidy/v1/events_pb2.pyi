@@ -1004,6 +1004,7 @@ class FundingProposed(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
@@ -1012,6 +1013,10 @@ class FundingProposed(_message.Message):
     @_builtins.property
     def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the platforms the pool is to serve"""
+
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tranche]:
+        """The funding's schedule (amounts summing to amount_fen); empty: all of it at approval."""
 
     def __init__(
         self,
@@ -1022,10 +1027,11 @@ class FundingProposed(_message.Message):
         source: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1088,11 +1094,18 @@ class BudgetFunded(_message.Message):
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
     """e.g. "district", "platform-matching" """
     idempotency_key: _builtins.str
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tranche]:
+        """Empty: the whole amount is available at once. Otherwise the amount is scheduled (these
+        instalments sum to it) and each becomes available with its TrancheReleased.
+        """
+
     def __init__(
         self,
         *,
@@ -1100,14 +1113,56 @@ class BudgetFunded(_message.Message):
         amount_fen: _builtins.int = ...,
         source: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "pool_id", b"pool_id", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BudgetFunded: _TypeAlias = BudgetFunded  # noqa: Y015
+
+@_typing.final
+class TrancheReleased(_message.Message):
+    """A scheduled instalment of a funding became available (at or after its time; decided with the
+    time of the command that released it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    FUNDING_KEY_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    RELEASES_AT_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    source: _builtins.str
+    amount_fen: _builtins.int
+    funding_key: _builtins.str
+    """the funding's idempotency key (the proposal id)"""
+    index: _builtins.int
+    """which of the funding's tranches, 0-based in schedule order"""
+    @_builtins.property
+    def releases_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        funding_key: _builtins.str = ...,
+        index: _builtins.int = ...,
+        releases_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["releases_at", b"releases_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "funding_key", b"funding_key", "index", b"index", "pool_id", b"pool_id", "releases_at", b"releases_at", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrancheReleased: _TypeAlias = TrancheReleased  # noqa: Y015
 
 @_typing.final
 class SubsidyReserved(_message.Message):
@@ -1125,6 +1180,7 @@ class SubsidyReserved(_message.Message):
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SERIAL_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     platform_id: _builtins.str
@@ -1139,6 +1195,12 @@ class SubsidyReserved(_message.Message):
     """the unit's serial number / IMEI, when the platform gave one"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
+        """How much of subsidy_fen each funding source holds (the split rule of the order's policy
+        version decided it); sums to subsidy_fen. Empty in events written before sources.
+        """
+
     def __init__(
         self,
         *,
@@ -1154,10 +1216,11 @@ class SubsidyReserved(_message.Message):
         subsidy_fen: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         serial: _builtins.str = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1172,12 +1235,22 @@ class SubsidyCaptured(_message.Message):
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     subsidy_fen: _builtins.int
     payment_ref: _builtins.str
     qualification_id: _builtins.str
     """the qualification the order held (eligibility acts on it)"""
+    category: _builtins.str
+    """the item's category (empty in events written before it)"""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
+        """How much of subsidy_fen came from each funding source (what the reservation held); sums
+        to subsidy_fen. Empty in events written before sources.
+        """
+
     def __init__(
         self,
         *,
@@ -1186,10 +1259,12 @@ class SubsidyCaptured(_message.Message):
         subsidy_fen: _builtins.int = ...,
         payment_ref: _builtins.str = ...,
         qualification_id: _builtins.str = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+        category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "order_id", b"order_id", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "sources", b"sources", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1205,6 +1280,8 @@ class SubsidyReleased(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     WAS_CAPTURED_FIELD_NUMBER: _builtins.int
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     subsidy_fen: _builtins.int
@@ -1213,6 +1290,14 @@ class SubsidyReleased(_message.Message):
     was_captured: _builtins.bool
     qualification_id: _builtins.str
     """the qualification the order held (eligibility acts on it)"""
+    category: _builtins.str
+    """the item's category (empty in events written before it)"""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
+        """What goes back to each funding source (the sources that held or paid it); sums to
+        subsidy_fen. Empty in events written before sources.
+        """
+
     def __init__(
         self,
         *,
@@ -1222,14 +1307,59 @@ class SubsidyReleased(_message.Message):
         reason: _builtins.str = ...,
         was_captured: _builtins.bool = ...,
         qualification_id: _builtins.str = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+        category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "reason", b"reason", "subsidy_fen", b"subsidy_fen", "was_captured", b"was_captured"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "order_id", b"order_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "reason", b"reason", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "was_captured", b"was_captured"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubsidyReleased: _TypeAlias = SubsidyReleased  # noqa: Y015
+
+@_typing.final
+class BudgetThresholdReached(_message.Message):
+    """A share of a pool (category empty) or of a category's budget was spent for the first time:
+    raised once per threshold of the policy, by the capture that crossed it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_BP_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    BASE_FEN_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    category: _builtins.str
+    """empty: the whole pool"""
+    threshold_bp: _builtins.int
+    """e.g. 8000 = 80 % spent"""
+    spent_fen: _builtins.int
+    """spent after the capture"""
+    base_fen: _builtins.int
+    """what the share is of: the pool's funded, or the category's budget"""
+    order_id: _builtins.str
+    """the capture that crossed it"""
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        category: _builtins.str = ...,
+        threshold_bp: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+        base_fen: _builtins.int = ...,
+        order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fen", b"base_fen", "category", b"category", "order_id", b"order_id", "pool_id", b"pool_id", "spent_fen", b"spent_fen", "threshold_bp", b"threshold_bp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetThresholdReached: _TypeAlias = BudgetThresholdReached  # noqa: Y015
 
 @_typing.final
 class ReservationRefused(_message.Message):

@@ -31,6 +31,7 @@ class ProposeFundingRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
@@ -44,6 +45,12 @@ class ProposeFundingRequest(_message.Message):
         platform sees and reserves only from pools assigned to it.
         """
 
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tranche]:
+        """Optional schedule: instalments summing to amount_fen, each available from its time (at
+        most 120, times within ten years); empty: all of it available at approval.
+        """
+
     def __init__(
         self,
         *,
@@ -53,10 +60,11 @@ class ProposeFundingRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         reason: _builtins.str = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "reason", b"reason", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "reason", b"reason", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -116,6 +124,7 @@ class FundingProposal(_message.Message):
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
@@ -132,6 +141,8 @@ class FundingProposal(_message.Message):
 
     @_builtins.property
     def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tranche]: ...
     def __init__(
         self,
         *,
@@ -144,10 +155,11 @@ class FundingProposal(_message.Message):
         approved_by: _builtins.str = ...,
         pool: Global___BudgetPool | None = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "platform_ids", b"platform_ids", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "platform_ids", b"platform_ids", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,6 +186,8 @@ Global___GetBudgetRequest: _TypeAlias = GetBudgetRequest  # noqa: Y015
 
 @_typing.final
 class BudgetPool(_message.Message):
+    """A pool's figures: funded = available + reserved + spent, for the pool and for each source."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_ID_FIELD_NUMBER: _builtins.int
@@ -181,11 +195,44 @@ class BudgetPool(_message.Message):
     AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
     RESERVED_FEN_FIELD_NUMBER: _builtins.int
     SPENT_FEN_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FEN_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     funded_fen: _builtins.int
+    """released to the pool (scheduled tranches not included)"""
     available_fen: _builtins.int
     reserved_fen: _builtins.int
     spent_fen: _builtins.int
+    scheduled_fen: _builtins.int
+    """approved tranches not released yet"""
+    policy_version: _builtins.str
+    """The funding rules of the policy in force, to read the figures against (GetBudget only;
+    empty when catalog could not be asked).
+    """
+    split: _builtins.str
+    """pro_rata or priority"""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceBalance]:
+        """in the order each source first funded the pool"""
+
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryBalance]: ...
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetAlert]:
+        """the thresholds reached so far"""
+
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingTranche]:
+        """scheduled, in time order"""
+
+    @_builtins.property
+    def alert_thresholds_bp(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -194,14 +241,155 @@ class BudgetPool(_message.Message):
         available_fen: _builtins.int = ...,
         reserved_fen: _builtins.int = ...,
         spent_fen: _builtins.int = ...,
+        scheduled_fen: _builtins.int = ...,
+        sources: _abc.Iterable[Global___SourceBalance] | None = ...,
+        categories: _abc.Iterable[Global___CategoryBalance] | None = ...,
+        alerts: _abc.Iterable[Global___BudgetAlert] | None = ...,
+        tranches: _abc.Iterable[Global___PendingTranche] | None = ...,
+        policy_version: _builtins.str = ...,
+        split: _builtins.str = ...,
+        alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "funded_fen", b"funded_fen", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "alerts", b"alerts", "available_fen", b"available_fen", "categories", b"categories", "funded_fen", b"funded_fen", "policy_version", b"policy_version", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "sources", b"sources", "spent_fen", b"spent_fen", "split", b"split", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BudgetPool: _TypeAlias = BudgetPool  # noqa: Y015
+
+@_typing.final
+class SourceBalance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FUNDED_FEN_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
+    RESERVED_FEN_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FEN_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    funded_fen: _builtins.int
+    available_fen: _builtins.int
+    reserved_fen: _builtins.int
+    spent_fen: _builtins.int
+    scheduled_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        funded_fen: _builtins.int = ...,
+        available_fen: _builtins.int = ...,
+        reserved_fen: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+        scheduled_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "funded_fen", b"funded_fen", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "source", b"source", "spent_fen", b"spent_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceBalance: _TypeAlias = SourceBalance  # noqa: Y015
+
+@_typing.final
+class CategoryBalance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    RESERVED_FEN_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    SUB_BUDGET_FEN_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    reserved_fen: _builtins.int
+    spent_fen: _builtins.int
+    sub_budget_fen: _builtins.int
+    """Its sub-budget under the policy in force (a share of funded_fen); absent: none."""
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        reserved_fen: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+        sub_budget_fen: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen", "sub_budget_fen", b"sub_budget_fen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen", "category", b"category", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen", "sub_budget_fen", b"sub_budget_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__sub_budget_fen: _TypeAlias = _typing.Literal["sub_budget_fen"]  # noqa: Y015
+    _WhichOneofArgType__sub_budget_fen: _TypeAlias = _typing.Literal["_sub_budget_fen", b"_sub_budget_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sub_budget_fen) -> _WhichOneofReturnType__sub_budget_fen | None: ...
+
+Global___CategoryBalance: _TypeAlias = CategoryBalance  # noqa: Y015
+
+@_typing.final
+class BudgetAlert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_BP_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    BASE_FEN_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REACHED_AT_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """empty: the whole pool"""
+    threshold_bp: _builtins.int
+    spent_fen: _builtins.int
+    base_fen: _builtins.int
+    order_id: _builtins.str
+    @_builtins.property
+    def reached_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        threshold_bp: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+        base_fen: _builtins.int = ...,
+        order_id: _builtins.str = ...,
+        reached_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reached_at", b"reached_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fen", b"base_fen", "category", b"category", "order_id", b"order_id", "reached_at", b"reached_at", "spent_fen", b"spent_fen", "threshold_bp", b"threshold_bp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAlert: _TypeAlias = BudgetAlert  # noqa: Y015
+
+@_typing.final
+class PendingTranche(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    RELEASES_AT_FIELD_NUMBER: _builtins.int
+    FUNDING_KEY_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    amount_fen: _builtins.int
+    funding_key: _builtins.str
+    index: _builtins.int
+    @_builtins.property
+    def releases_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        releases_at: _timestamp_pb2.Timestamp | None = ...,
+        funding_key: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["releases_at", b"releases_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "funding_key", b"funding_key", "index", b"index", "releases_at", b"releases_at", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingTranche: _TypeAlias = PendingTranche  # noqa: Y015
 
 @_typing.final
 class ReserveSubsidyRequest(_message.Message):
@@ -339,6 +527,7 @@ class Reservation(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     RELEASE_REASON_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     status: _builtins.str
     """PENDING, CAPTURED, RELEASED"""
@@ -350,6 +539,10 @@ class Reservation(_message.Message):
     release_reason: _builtins.str
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
+        """how much of subsidy_fen each funding source holds"""
+
     def __init__(
         self,
         *,
@@ -362,10 +555,11 @@ class Reservation(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         qualification_id: _builtins.str = ...,
         release_reason: _builtins.str = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,6 +83,7 @@ class Policy(_message.Message):
     RECLAIM_LIMIT_FIELD_NUMBER: _builtins.int
     REFUND_RULE_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    FUNDING_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """e.g. "shenzhen-2025.1"; never reused"""
     effective_from_utc_offset_seconds: _builtins.int
@@ -106,6 +107,13 @@ class Policy(_message.Message):
     def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryRule]:
         """in the document's order"""
 
+    @_builtins.property
+    def funding(self) -> Global___Funding:
+        """How the budget is paid and watched; absent (policies published before it): the defaults
+        of services/kernel/contract/policy_model.py FundingRules (any source, priority in the
+        order sources first funded the pool, no thresholds, no sub-budgets).
+        """
+
     def __init__(
         self,
         *,
@@ -121,14 +129,107 @@ class Policy(_message.Message):
         reclaim_limit: _builtins.int = ...,
         refund_rule: Global___Policy.RefundRule.ValueType = ...,
         categories: _abc.Iterable[Global___CategoryRule] | None = ...,
+        funding: Global___Funding | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "claim_window", b"claim_window", "effective_from", b"effective_from"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "campaign", b"campaign", "claim_window", b"claim_window", "effective_from", b"effective_from", "funding", b"funding"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_window_days", b"baseline_window_days", "campaign", b"campaign", "categories", b"categories", "claim_window", b"claim_window", "effective_from", b"effective_from", "effective_from_utc_offset_seconds", b"effective_from_utc_offset_seconds", "price_tolerance_bp", b"price_tolerance_bp", "qualification_validity_days", b"qualification_validity_days", "reclaim_limit", b"reclaim_limit", "refund_rule", b"refund_rule", "rounding", b"rounding", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "baseline_window_days", b"baseline_window_days", "campaign", b"campaign", "categories", b"categories", "claim_window", b"claim_window", "effective_from", b"effective_from", "effective_from_utc_offset_seconds", b"effective_from_utc_offset_seconds", "funding", b"funding", "price_tolerance_bp", b"price_tolerance_bp", "qualification_validity_days", b"qualification_validity_days", "reclaim_limit", b"reclaim_limit", "refund_rule", b"refund_rule", "rounding", b"rounding", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__funding: _TypeAlias = _typing.Literal["funding"]  # noqa: Y015
+    _WhichOneofArgType__funding: _TypeAlias = _typing.Literal["_funding", b"_funding"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__funding) -> _WhichOneofReturnType__funding | None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
+class Funding(_message.Message):
+    """Funding sources, the split rule that decides which source pays each subsidy, alert
+    thresholds, and per-category sub-budgets.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Split:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _SplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Funding._Split.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        SPLIT_UNSPECIFIED: Funding._Split.ValueType  # 0
+        """the default: priority"""
+        SPLIT_PRIORITY: Funding._Split.ValueType  # 1
+        """one source first (the priority list, then order of first funding)"""
+        SPLIT_PRO_RATA: Funding._Split.ValueType  # 2
+        """every source in proportion to what it funded"""
+
+    class Split(_Split, metaclass=_SplitEnumTypeWrapper): ...
+    SPLIT_UNSPECIFIED: Funding.Split.ValueType  # 0
+    """the default: priority"""
+    SPLIT_PRIORITY: Funding.Split.ValueType  # 1
+    """one source first (the priority list, then order of first funding)"""
+    SPLIT_PRO_RATA: Funding.Split.ValueType  # 2
+    """every source in proportion to what it funded"""
+
+    SOURCES_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
+    SUB_BUDGETS_FIELD_NUMBER: _builtins.int
+    split: Global___Funding.Split.ValueType
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the sources a funding may name; empty: any"""
+
+    @_builtins.property
+    def priority(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """only with SPLIT_PRIORITY"""
+
+    @_builtins.property
+    def alert_thresholds_bp(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """spent shares that raise an alert, ascending"""
+
+    @_builtins.property
+    def sub_budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubBudget]: ...
+    def __init__(
+        self,
+        *,
+        sources: _abc.Iterable[_builtins.str] | None = ...,
+        split: Global___Funding.Split.ValueType = ...,
+        priority: _abc.Iterable[_builtins.str] | None = ...,
+        alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
+        sub_budgets: _abc.Iterable[Global___SubBudget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "priority", b"priority", "sources", b"sources", "split", b"split", "sub_budgets", b"sub_budgets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Policy: _TypeAlias = Policy  # noqa: Y015
+Global___Funding: _TypeAlias = Funding  # noqa: Y015
+
+@_typing.final
+class SubBudget(_message.Message):
+    """A category's cap: at most share_bp of the pool's funded amount held or spent in it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    SHARE_BP_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    share_bp: _builtins.int
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        share_bp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "share_bp", b"share_bp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubBudget: _TypeAlias = SubBudget  # noqa: Y015
 
 @_typing.final
 class Campaign(_message.Message):

@@ -28,12 +28,12 @@ import grpc
 import hvac
 import typer
 
-from services.audit.totals import Difference, PoolFold, Table, compare
+from services.audit.totals import Difference, PoolFold, Table, compare, pool_table
 from services.audit.verify import LogAudit, Problem, Trusted
 from services.invariants import EventDigest, InvariantViolation, LogStoreMismatch
 from services.invariants import check_log_matches_stores as match_stores
 from services.kernel import rpc, topology, vault
-from services.kernel.contract import merkle
+from services.kernel.contract import budget, merkle
 from services.kernel.contract.checkpoint import (
     Checkpoint,
     NoteInvalid,
@@ -97,21 +97,16 @@ async def live_pools(src: Sources, log: Table) -> Table | None:
     """Each pool the log has, as the ledger reports it (GetBudget)."""
     if src.ledger is None:
         return None
-    out: Table = {}
-    for (pool_id,) in log:
+    pools: list[budget.Pool] = []
+    for pool_id in sorted({key[0] for key in log}):
         try:
             b = await src.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             continue
-        out[(pool_id,)] = {
-            "funded_fen": b.funded_fen,
-            "available_fen": b.available_fen,
-            "reserved_fen": b.reserved_fen,
-            "spent_fen": b.spent_fen,
-        }
-    return out
+        pools.append(budget.pool_of(b))  # the pool's figures and each source's
+    return pool_table(pools)
 
 
 async def live_quotas(src: Sources, log: Table) -> Table | None:

@@ -8,6 +8,7 @@ row by row with what the services had built inline.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from typing import Any
 
@@ -20,10 +21,19 @@ from services.kernel.eventstore import EventStore
 from services.ledger import projections as ledger_projections
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidyctl.demo import IN_REGION
-from tests.e2e.conftest import Platform
+from tests.e2e.conftest import TEST_PLATFORMS, Platform
 
 Rows = dict[str, list[tuple[Any, ...]]]
-LEDGER_READ_MODELS = ("budget_pools", "reservations", "funding_keys")
+LEDGER_READ_MODELS = (
+    "budget_pools",
+    "budget_sources",
+    "budget_categories",
+    "budget_alerts",
+    "budget_tranches",
+    "reservations",
+    "funding_keys",
+    "funding_proposals",
+)
 ELIGIBILITY_READ_MODELS = ("consumers", "qualifications", "quota_usage")
 # Same user: compared too, but this history need not link or erase anyone (test_same_user.py
 # rebuilds after links and erasures).
@@ -63,13 +73,22 @@ async def make_history(p: Platform, rng: random.Random) -> None:
         ledger_pb2.ProposeFundingRequest(
             pool_id=pool,
             amount_fen=200_000,
-            source="platform",
+            source="platform-matching",
             idempotency_key=f"k-{rng.randrange(10**12)}",
         )
     )
+    # A funding in tranches (one due already, one next year): the schedule rebuilds too.
+    scheduled = ledger_pb2.ProposeFundingRequest(
+        pool_id=pool, amount_fen=300_000, source="district", platform_ids=TEST_PLATFORMS
+    )
+    for fen, at in ((100_000, dt.datetime(2025, 1, 1, tzinfo=dt.UTC)), (200_000, None)):
+        tranche = scheduled.tranches.add(amount_fen=fen)
+        tranche.releases_at.FromDatetime(at or dt.datetime.now(dt.UTC) + dt.timedelta(days=365))
+    await p.fund(scheduled)
     tiny = await p.pool(rng, 10)
+    watched = await p.pool(rng, 60_000)  # one paid phone spends 75 %: the 50 % alert
     phone = await p.product(rng, "phone", 0, 300_000)
-    for outcome in ("paid", "cancelled", "refunded", "pending", "refused"):
+    for outcome in ("paid", "cancelled", "refunded", "pending", "refused", "alerted"):
         _, consumer = await p.person(rng)
         claimed = {
             category: await p.eligibility.ClaimQualification(
@@ -83,7 +102,7 @@ async def make_history(p: Platform, rng: random.Random) -> None:
         request = ledger_pb2.ReserveSubsidyRequest(
             order_id=order,
             platform_id="jd",
-            pool_id=tiny if outcome == "refused" else pool,
+            pool_id={"refused": tiny, "alerted": watched}.get(outcome, pool),
             consumer_id=consumer,
             qualification_id=claimed["phone"].qualification_id,
             sku=phone,
@@ -94,7 +113,7 @@ async def make_history(p: Platform, rng: random.Random) -> None:
                 await p.ledger.ReserveSubsidy(request)
             continue
         await p.ledger.ReserveSubsidy(request)
-        if outcome in ("paid", "refunded"):
+        if outcome in ("paid", "refunded", "alerted"):
             await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order))
         if outcome == "cancelled":
             await p.ledger.ReleaseSubsidy(

@@ -37,11 +37,13 @@ from services.kernel.contract.policy_model import (
     Campaign,
     CategoryRule,
     ClaimWindow,
+    FundingRules,
     Group,
     Policy,
     PolicyError,
     RefundRule,
     Rounding,
+    Split,
 )
 
 DEFAULT_POLICY_RESOURCE: Final = "shenzhen-2025.yaml"
@@ -66,7 +68,11 @@ _TOP_REQUIRED: Final = (
     "refund_rule",
     "categories",
 )
-_TOP_OPTIONAL: Final = ("rounding",)
+_TOP_OPTIONAL: Final = ("rounding", "funding")
+_FUNDING_KEYS: Final = ("sources", "split", "priority", "alert_thresholds_bp", "sub_budgets_bp")
+_SOURCE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+MAX_SOURCES: Final = 20
+MAX_THRESHOLDS: Final = 20
 _CAMPAIGN_KEYS: Final = ("name", "area")
 _CAMPAIGN_OPTIONAL: Final = ("regions",)
 _REGION_RE: Final = re.compile(r"[1-9][0-9]{5}(?:[0-9]{3}(?:[0-9]{3})?)?")
@@ -288,6 +294,84 @@ def _regions(value: object, path: str) -> tuple[str, ...]:
     return tuple(codes)
 
 
+def _codes(value: object, path: str, *, maximum: int) -> tuple[str, ...]:
+    """A list of distinct source codes (lower-case letters, digits, ``-`` and ``_``)."""
+    if not isinstance(value, list | tuple) or len(value) > maximum:
+        raise PolicyError(path, f"must be a list of at most {maximum} source codes")
+    codes: list[str] = []
+    for index, code in enumerate(value):
+        text = _text(code, f"{path}[{index}]", pattern=_SOURCE_RE)
+        if text in codes:
+            raise PolicyError(f"{path}[{index}]", f"duplicate source {text!r}")
+        codes.append(text)
+    return tuple(codes)
+
+
+def _thresholds(value: object, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_THRESHOLDS:
+        raise PolicyError(path, f"must be a list of at most {MAX_THRESHOLDS} basis points")
+    found = [_bp(t, f"{path}[{i}]") for i, t in enumerate(value)]
+    for i, t in enumerate(found):
+        if t == 0:
+            raise PolicyError(f"{path}[{i}]", "must be 1..10000 basis points")
+        if i and t <= found[i - 1]:
+            raise PolicyError(f"{path}[{i}]", "thresholds must be strictly ascending")
+    return tuple(found)
+
+
+def _sub_budgets(
+    value: object, path: str, categories: tuple[CategoryRule, ...]
+) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, Mapping):
+        raise PolicyError(path, "must be a mapping of category code to share_bp")
+    known = {rule.code for rule in categories}
+    shares: list[tuple[str, int]] = []
+    for code, share in value.items():
+        if not isinstance(code, str) or code not in known:
+            raise PolicyError(f"{path}[{code!r}]", "is not a category of this policy")
+        share_bp = _bp(share, f"{path}.{code}")
+        if share_bp == 0:
+            raise PolicyError(f"{path}.{code}", "must be 1..10000 basis points")
+        shares.append((code, share_bp))
+    order = {rule.code: i for i, rule in enumerate(categories)}
+    return tuple(sorted(shares, key=lambda s: order[s[0]]))  # policy order: one canonical form
+
+
+def _funding(value: object, path: str, categories: tuple[CategoryRule, ...]) -> FundingRules:
+    """The optional ``funding`` part; every key is optional (see FundingRules' defaults)."""
+    data = _mapping(value, path, (), _FUNDING_KEYS)
+    sources = _codes(data.get("sources", []), f"{path}.sources", maximum=MAX_SOURCES)
+    split = _enum(data.get("split", Split.PRIORITY.value), f"{path}.split", Split)
+    priority = _codes(data.get("priority", []), f"{path}.priority", maximum=MAX_SOURCES)
+    if priority and split is not Split.PRIORITY:
+        raise PolicyError(f"{path}.priority", "only with split: priority")
+    for index, code in enumerate(priority):
+        if sources and code not in sources:
+            raise PolicyError(f"{path}.priority[{index}]", f"{code!r} is not one of the sources")
+    return FundingRules(
+        sources=sources,
+        split=split,
+        priority=priority,
+        alert_thresholds_bp=_thresholds(
+            data.get("alert_thresholds_bp", []), f"{path}.alert_thresholds_bp"
+        ),
+        sub_budgets=_sub_budgets(
+            data.get("sub_budgets_bp", {}), f"{path}.sub_budgets_bp", categories
+        ),
+    )
+
+
+def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
+    """The ``funding`` part as a plain document (every key, fixed order)."""
+    return {
+        "sources": list(rules.sources),
+        "split": rules.split.value,
+        "priority": list(rules.priority),
+        "alert_thresholds_bp": list(rules.alert_thresholds_bp),
+        "sub_budgets_bp": dict(rules.sub_budgets),
+    }
+
+
 def hhmm_text(value: dt.time) -> str:
     """A window time as a document writes it ("24:00" for the end of the day)."""
     return "24:00" if value == MIDNIGHT else value.strftime("%H:%M")
@@ -300,6 +384,7 @@ def policy_from_dict(data: object) -> Policy:
     ``categories[3].cap_fen: must be a non-negative integer``.
     """
     top = _mapping(data, "", _TOP_REQUIRED, _TOP_OPTIONAL)
+    categories = _categories(top["categories"], "categories")
     return Policy(
         version=_text(top["version"], "version", pattern=_VERSION_RE),
         effective_from=_datetime(top["effective_from"], "effective_from"),
@@ -323,7 +408,8 @@ def policy_from_dict(data: object) -> Policy:
         ),
         reclaim_limit=_int(top["reclaim_limit"], "reclaim_limit", maximum=MAX_POLICY_COUNT),
         refund_rule=_enum(top["refund_rule"], "refund_rule", RefundRule),
-        categories=_categories(top["categories"], "categories"),
+        categories=categories,
+        funding=_funding(top.get("funding", {}), "funding", categories),
     )
 
 
@@ -331,10 +417,12 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
     """The policy as a plain, JSON-safe dict that :func:`policy_from_dict` accepts back.
 
     Deterministic: fixed key order, categories in policy order, grade keys as ascending digit
-    strings (JSON object keys are strings), datetimes in ISO 8601, times as "HH:MM".
+    strings (JSON object keys are strings), datetimes in ISO 8601, times as "HH:MM". ``funding``
+    appears only when it is not the default, so a version published before funding rules
+    keeps its exact canonical form.
     """
     window = policy.claim_window
-    return {
+    document: dict[str, Any] = {
         "version": policy.version,
         "effective_from": policy.effective_from.isoformat(),
         "campaign": {
@@ -369,6 +457,9 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
             for rule in policy.categories
         ],
     }
+    if policy.funding != FundingRules():
+        document["funding"] = funding_to_dict(policy.funding)
+    return document
 
 
 class _PolicyLoader(yaml.SafeLoader):

@@ -139,6 +139,52 @@ class CategoryRule:
         return None
 
 
+class Split(StrEnum):
+    """Which funding source pays each subsidy (``FundingRules.split``)."""
+
+    # One source first, then the next: the policy's ``priority`` list, then the pool's other
+    # sources in the order they first funded it.
+    PRIORITY = "priority"
+    # Every source in proportion to what it has funded (released) into the pool, in whole fen
+    # by the largest remainder (ties: the source that funded the pool first); a source that
+    # cannot pay its share refuses the order (SOURCE_EXHAUSTED): a co-funding ratio is kept,
+    # never bent.
+    PRO_RATA = "pro_rata"
+
+
+@dataclass(frozen=True, slots=True)
+class FundingRules:
+    """How a campaign's budget is paid and watched (the policy's optional ``funding`` part).
+
+    Every default is what a policy published before these rules meant, so old versions read
+    the same: ``sources`` empty accepts any source a funding names; ``split`` PRIORITY with no
+    ``priority`` list pays from the sources in the order they first funded the pool (one pool
+    of money, as before); no alert thresholds; no sub-budgets.
+
+    ``alert_thresholds_bp``: spent shares (ascending basis points) that raise one alert each,
+    for the pool (of its funded amount) and for each category (of its sub-budget, or of the
+    pool's funded amount when it has none). ``sub_budgets``: ``(category, share_bp)``, a
+    category may hold or spend at most that share of the pool's funded amount.
+    """
+
+    sources: tuple[str, ...] = ()
+    split: Split = Split.PRIORITY
+    priority: tuple[str, ...] = ()
+    alert_thresholds_bp: tuple[int, ...] = ()
+    sub_budgets: tuple[tuple[str, int], ...] = ()
+
+    def accepts(self, source: str) -> bool:
+        """Whether a funding may name ``source`` (any, when the policy declares none)."""
+        return not self.sources or source in self.sources
+
+    def sub_budget_bp(self, category: str) -> int | None:
+        """The category's cap as a share of the pool's funded amount, or None (no cap)."""
+        for code, share_bp in self.sub_budgets:
+            if code == category:
+                return share_bp
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """One version of the campaign rules. Build it with ``load_policy``, ``policy_from_dict``
@@ -155,6 +201,7 @@ class Policy:
     reclaim_limit: int
     refund_rule: RefundRule
     categories: tuple[CategoryRule, ...]
+    funding: FundingRules = FundingRules()
 
     def category(self, code: str) -> CategoryRule | None:
         """The rule for category ``code``, or None if the policy does not subsidise it."""

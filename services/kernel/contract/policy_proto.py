@@ -13,7 +13,15 @@ from enum import StrEnum
 from typing import Final, TypeVar
 
 from services.kernel.contract.policy_document import hhmm_text, policy_from_dict, policy_from_json
-from services.kernel.contract.policy_model import Group, Policy, PolicyError, RefundRule, Rounding
+from services.kernel.contract.policy_model import (
+    FundingRules,
+    Group,
+    Policy,
+    PolicyError,
+    RefundRule,
+    Rounding,
+    Split,
+)
 from subsidy.v1 import events_pb2, policy_pb2
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -24,6 +32,10 @@ _REFUND_PB: Final = {
     RefundRule.RESTORE: _PB.REFUND_RULE_RESTORE,
     RefundRule.FORFEIT: _PB.REFUND_RULE_FORFEIT,
     RefundRule.RESTORE_NEXT_DAY: _PB.REFUND_RULE_RESTORE_NEXT_DAY,
+}
+_SPLIT_PB: Final = {
+    Split.PRIORITY: policy_pb2.Funding.SPLIT_PRIORITY,
+    Split.PRO_RATA: policy_pb2.Funding.SPLIT_PRO_RATA,
 }
 _GROUP_PB: Final = {
     Group.NATIONAL_APPLIANCE: policy_pb2.CategoryRule.GROUP_NATIONAL_APPLIANCE,
@@ -63,6 +75,19 @@ def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
         refund_rule=_REFUND_PB[policy.refund_rule],
     )
     message.effective_from.FromDatetime(policy.effective_from.astimezone(dt.UTC))
+    rules = policy.funding
+    if rules != FundingRules():  # absent means the defaults: old versions stay byte-identical
+        message.funding.CopyFrom(
+            policy_pb2.Funding(
+                sources=rules.sources,
+                split=_SPLIT_PB[rules.split],
+                priority=rules.priority,
+                alert_thresholds_bp=rules.alert_thresholds_bp,
+                sub_budgets=[
+                    policy_pb2.SubBudget(category=c, share_bp=bp) for c, bp in rules.sub_budgets
+                ],
+            )
+        )
     for rule in policy.categories:
         part = message.categories.add(
             code=rule.code,
@@ -119,7 +144,7 @@ def _proto_document(message: policy_pb2.Policy) -> dict[str, object]:
     campaign: dict[str, object] = {"name": message.campaign.name, "area": message.campaign.area}
     if message.campaign.regions:  # a policy published before regions existed: the area alone
         campaign["regions"] = list(message.campaign.regions)
-    return {
+    document: dict[str, object] = {
         "version": message.version,
         "effective_from": message.effective_from.ToDatetime(tzinfo=dt.UTC).astimezone(zone),
         "campaign": campaign,
@@ -136,6 +161,26 @@ def _proto_document(message: policy_pb2.Policy) -> dict[str, object]:
         "refund_rule": _enum_word(_REFUND_PB, message.refund_rule),
         "categories": categories,
     }
+    if message.HasField("funding"):  # absent: a policy published before funding rules
+        document["funding"] = _funding_document(message.funding)
+    return document
+
+
+def _funding_document(funding: policy_pb2.Funding) -> dict[str, object]:
+    shares: dict[str, int] = {}
+    for index, part in enumerate(funding.sub_budgets):
+        if part.category in shares:  # a mapping in YAML; a repeated field could hold one twice
+            raise PolicyError(f"funding.sub_budgets[{index}]", "duplicate category")
+        shares[part.category] = part.share_bp
+    document: dict[str, object] = {
+        "sources": list(funding.sources),
+        "priority": list(funding.priority),
+        "alert_thresholds_bp": list(funding.alert_thresholds_bp),
+        "sub_budgets_bp": shares,
+    }
+    if funding.split != policy_pb2.Funding.SPLIT_UNSPECIFIED:  # unspecified: the default
+        document["split"] = _enum_word(_SPLIT_PB, funding.split)
+    return document
 
 
 def policy_from_proto(message: policy_pb2.Policy) -> Policy:
