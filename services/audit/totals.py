@@ -213,7 +213,6 @@ def pool_figures(p: budget.Pool) -> dict[str, int]:
         "available_fen": p.available,
         "reserved_fen": p.reserved,
         "spent_fen": p.spent,
-        "scheduled_fen": p.scheduled,
     }
 
 

@@ -403,7 +403,8 @@ async def compare_totals(src: Sources, state: LogAudit, found: Verification) -> 
             found.problems.append(Problem("totals", str(exc)))
             continue
         if isinstance(fold, PoolFold):
-            found.pools = {key[0]: figures for key, figures in table.items()}
+            # The pools' own rows (a source's row is keyed by pool and source).
+            found.pools = {key[0]: figures for key, figures in table.items() if len(key) == 1}
         live = await LIVE[name](src, table)
         if live is None:
             continue  # no such service to ask (a caller that gave only some)
