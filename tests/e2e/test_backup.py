@@ -58,7 +58,22 @@ async def _checkouts(stack: LocalStack, n: int, *, seed: bool) -> dict[str, Any]
             )
         size = await wait_until_audited(stack, client)
         budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=POOL))
-        return {"available": budget.available_fen, "audit_size": size, "erased": erased}
+        return {
+            "available": budget.available_fen,
+            "audit_size": size,
+            "erased": erased,
+            "buyers": [d["consumer_id"] for d in done],
+        }
+    finally:
+        await client.close()
+
+
+async def _erase(stack: LocalStack, consumer: str) -> None:
+    client = demo.Client(stack.endpoints())
+    try:
+        await client.eligibility.EraseConsumer(
+            eligibility_pb2.EraseConsumerRequest(consumer_id=consumer, reason="withdrew consent")
+        )
     finally:
         await client.close()
 
@@ -97,6 +112,11 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
             assert b"person_keys" not in (tmp_path / "bk" / name).read_bytes()
             assert b"audit_entries" not in (tmp_path / "bk" / name).read_bytes()
 
+        # An erasure after the backup: the archive still holds this buyer's key.
+        later = before["buyers"][1]
+        asyncio.run(_erase(stack, later))
+        assert _keys(stack, later) == 0
+
         # A corrupted archive is refused naming the file, before the (non-empty) targets are
         # even looked at; a sound archive is refused because the target is not empty.
         bad = tmp_path / "bad"
@@ -119,27 +139,9 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
     shutil.rmtree(run / "data" / "nats")
     (run / "LOCAL-ONLY-postgres-password").unlink()
     stack = LocalStack(run, ports, durable=False, log=quiet)
-    stack.pg = Postgres(
-        data_dir=run / "data" / "postgres",
-        port=ports.postgres,
-        log_dir=stack.logs,
-        durable=False,
-        password_file=run / "LOCAL-ONLY-postgres-password",
+    done, restored_keys = _restore_without_services(
+        stack, tmp_path / "bk", "--erased", later, provision=True
     )
-    stack.pg.start()
-    try:
-        stack.provision_databases()  # empty databases and their roles, as at a first start
-        # The OpenBao server is needed to unwrap the key: only it, not the services.
-        bao = OpenBao(
-            data_dir=run / "data" / "openbao", port=ports.bao, log_dir=stack.logs, dev=False
-        )
-        bao.start()
-        try:
-            done = cli(stack, "restore", str(tmp_path / "bk"))
-        finally:
-            bao.stop()
-    finally:
-        stack.pg.stop()
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["ok"] is True
@@ -149,7 +151,9 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
     # Every restored store's events are in the restored log, or still to be republished.
     by_service = answer["store_events_by_service"]
     assert all(by_service.get(s, 0) > 0 for s in ("catalog", "eligibility", "ledger")), by_service
-    assert answer["keys_shredded"] == 0  # the erasure was already in the backup
+    # The erasure before the backup had no key in it; the one after it is re-applied.
+    assert answer["keys_shredded"] == 1
+    assert restored_keys == 0
 
     # The stack starts on the restored data: the budget is what it was, the erased buyer's
     # key is still gone, a new checkout works and is audited, and audit verify passes.
@@ -157,6 +161,7 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
     stack.start()
     try:
         assert _keys(stack, before["erased"]) == 0
+        assert _keys(stack, later) == 0
         after = asyncio.run(_checkouts(stack, 1, seed=False))
         assert after["available"] == before["available"] - 200_000
         assert after["audit_size"] > before["audit_size"]
@@ -165,3 +170,41 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
         assert json.loads(verified.stdout)["ok"] is True
     finally:
         stack.stop()
+
+    # --force replaces databases that are not empty (the services stopped).
+    stack = LocalStack(run, ports, durable=False, log=quiet)
+    forced, _ = _restore_without_services(stack, tmp_path / "bk", "--force", "--erased", later)
+    assert forced.returncode == 0, forced.stderr
+    again = json.loads(forced.stdout)
+    assert again["ok"] is True and again["root_hex"] == answer["root_hex"]
+    assert again["entries"] == answer["entries"]  # the backup's log, not the longer live one
+
+
+def _restore_without_services(
+    stack: LocalStack, archive: Path, *args: str, provision: bool = False
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``restore`` with only PostgreSQL and OpenBao running (Vault unwraps the archive's key);
+    returns its outcome and how many keys the last ``--erased`` consumer has afterwards."""
+    run = stack.run_dir
+    stack.pg = Postgres(
+        data_dir=run / "data" / "postgres",
+        port=stack.ports.postgres,
+        log_dir=stack.logs,
+        durable=False,
+        password_file=run / "LOCAL-ONLY-postgres-password",
+    )
+    stack.pg.start()
+    try:
+        if provision:  # empty databases and their roles, as at a first start
+            stack.provision_databases()
+        bao = OpenBao(
+            data_dir=run / "data" / "openbao", port=stack.ports.bao, log_dir=stack.logs, dev=False
+        )
+        bao.start()
+        try:
+            done = cli(stack, "restore", str(archive), *args)
+            return done, _keys(stack, args[-1])
+        finally:
+            bao.stop()
+    finally:
+        stack.pg.stop()
