@@ -26,6 +26,8 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.audit`: ``audit verify`` (the signed Merkle log, its history, every store and every
   total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
   ``audit key`` (the checkpoint key to pin).
+- :mod:`.backup`: ``backup --out DIR`` and ``restore DIR``, encrypted archives of every
+  service's database and the audit log's signed checkpoint.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
   stack's CA.
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
@@ -62,6 +64,7 @@ import typer
 
 from . import (
     audit,
+    backup,
     budget,
     catalog,
     certs,
@@ -91,6 +94,7 @@ app.add_typer(reconcile.app)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
+app.add_typer(backup.app)
 
 
 GROUPS = (
