@@ -10,7 +10,7 @@ from typing import Any
 
 from services.kernel import validate
 from services.kernel.contract.budget import Pool
-from services.kernel.contract.policy import BP_DENOMINATOR
+from services.kernel.contract.policy import BP_DENOMINATOR, MAX_PRICE_FEN
 from services.kernel.errors import InvalidArgument, NotFound
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.riskscreen import circumstances_of
@@ -121,6 +121,17 @@ def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.Fundin
     return out
 
 
+def _paid_amount(fen: int) -> int:
+    """A declared paid amount: 0 (all of it subsidised) up to the largest price, in fen."""
+    if fen < 0 or fen > MAX_PRICE_FEN:
+        raise InvalidArgument(
+            "INVALID_AMOUNT",
+            f"paid_amount_fen: must be 0..{MAX_PRICE_FEN} fen",
+            field="paid_amount_fen",
+        )
+    return fen
+
+
 def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     out = ledger_pb2.Reservation(
         order_id=row["order_id"],
@@ -132,6 +143,9 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
         qualification_id=row["qualification_id"],
         release_reason=row["release_reason"],
         sources=[common_pb2.SourceAmount(source=s, fen=fen) for s, fen in row["sources"]],
+        payment_ref=row["payment_ref"],
+        paid_amount_fen=row["paid_amount_fen"],
+        capture_flag=row["capture_flag"],
     )
     expires: datetime = row["expires_at"]
     out.expires_at.FromDatetime(expires)
@@ -216,8 +230,11 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
+        paid = (
+            _paid_amount(request.paid_amount_fen) if request.HasField("paid_amount_fen") else None
+        )
         return _reservation(
-            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope())
+            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope(), paid)
         )
 
     async def ReleaseSubsidy(

@@ -541,14 +541,21 @@ class Ledger(FundingUseCases):
         return row
 
     async def capture(
-        self, order_id: str, payment_ref: str, actor: common_pb2.Actor, platform: str | None
+        self,
+        order_id: str,
+        payment_ref: str,
+        actor: common_pb2.Actor,
+        platform: str | None,
+        paid_amount_fen: int | None = None,
     ) -> dict[str, object]:
-        """Post the order's subsidy (each source pays what it held), and raise the thresholds
-        of the order's policy version that the capture reaches."""
+        """Post the order's subsidy (each source pays what it held), the paid amount checked
+        by the order's policy version, and raise the thresholds the capture reaches."""
         return await self._settle(
             order_id,
             actor,
-            lambda state, rules: domain.capture_and_alert(state, payment_ref, rules),
+            lambda state, rules: domain.capture_and_alert(
+                state, payment_ref, rules, paid_amount_fen
+            ),
             platform,
             watch=True,
         )

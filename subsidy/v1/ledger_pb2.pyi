@@ -449,8 +449,15 @@ class CaptureSubsidyRequest(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     payment_ref: _builtins.str
+    paid_amount_fen: _builtins.int
+    """What the consumer paid for the item after the instant discount, in fen (0..the largest
+    price): it must be unit_price_fen - subsidy_fen of the reservation. A mismatch (or an
+    absent amount) is refused (PAID_AMOUNT_MISMATCH / PAID_AMOUNT_MISSING) or captured and
+    flagged, as the order's policy version says (funding.paid_amount; default: flag).
+    """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -459,12 +466,15 @@ class CaptureSubsidyRequest(_message.Message):
         order_id: _builtins.str = ...,
         payment_ref: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        paid_amount_fen: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "order_id", b"order_id", "payment_ref", b"payment_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
+    _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paid_amount_fen) -> _WhichOneofReturnType__paid_amount_fen | None: ...
 
 Global___CaptureSubsidyRequest: _TypeAlias = CaptureSubsidyRequest  # noqa: Y015
 
@@ -528,6 +538,9 @@ class Reservation(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     RELEASE_REASON_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    CAPTURE_FLAG_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     status: _builtins.str
     """PENDING, CAPTURED, RELEASED"""
@@ -537,6 +550,11 @@ class Reservation(_message.Message):
     category: _builtins.str
     qualification_id: _builtins.str
     release_reason: _builtins.str
+    payment_ref: _builtins.str
+    paid_amount_fen: _builtins.int
+    """as declared at capture (absent: not declared)"""
+    capture_flag: _builtins.str
+    """empty, PAID_AMOUNT_MISMATCH or PAID_AMOUNT_MISSING (flagged)"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -556,12 +574,17 @@ class Reservation(_message.Message):
         qualification_id: _builtins.str = ...,
         release_reason: _builtins.str = ...,
         sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+        payment_ref: _builtins.str = ...,
+        paid_amount_fen: _builtins.int | None = ...,
+        capture_flag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "expires_at", b"expires_at", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "capture_flag", b"capture_flag", "category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
+    _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paid_amount_fen) -> _WhichOneofReturnType__paid_amount_fen | None: ...
 
 Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
 

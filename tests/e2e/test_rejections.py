@@ -612,6 +612,22 @@ case(
     "payment_ref",
 )
 case(
+    f"{CAPTURE}-paid-amount-negative",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, paid_amount_fen=-1),
+    INVALID,
+    "INVALID_AMOUNT",
+    "paid_amount_fen",
+)
+case(
+    f"{CAPTURE}-paid-amount-above-any-price",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, paid_amount_fen=10**12),
+    INVALID,
+    "INVALID_AMOUNT",
+    "paid_amount_fen",
+)
+case(
     f"{CAPTURE}-after-release",
     CAPTURE,
     lambda w, rng: capture(w, rng, order_id=w.released),

@@ -39,6 +39,7 @@ from services.kernel.contract.policy_model import (
     ClaimWindow,
     FundingRules,
     Group,
+    PaidAmount,
     Policy,
     PolicyError,
     RefundRule,
@@ -69,7 +70,14 @@ _TOP_REQUIRED: Final = (
     "categories",
 )
 _TOP_OPTIONAL: Final = ("rounding", "funding")
-_FUNDING_KEYS: Final = ("sources", "split", "priority", "alert_thresholds_bp", "sub_budgets_bp")
+_FUNDING_KEYS: Final = (
+    "sources",
+    "split",
+    "priority",
+    "alert_thresholds_bp",
+    "sub_budgets_bp",
+    "paid_amount",
+)
 _SOURCE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MAX_SOURCES: Final = 20
 MAX_THRESHOLDS: Final = 20
@@ -358,18 +366,25 @@ def _funding(value: object, path: str, categories: tuple[CategoryRule, ...]) -> 
         sub_budgets=_sub_budgets(
             data.get("sub_budgets_bp", {}), f"{path}.sub_budgets_bp", categories
         ),
+        paid_amount=_enum(
+            data.get("paid_amount", PaidAmount.FLAG.value), f"{path}.paid_amount", PaidAmount
+        ),
     )
 
 
 def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
-    """The ``funding`` part as a plain document (every key, fixed order)."""
-    return {
+    """The ``funding`` part as a plain document (every key, fixed order; ``paid_amount`` only
+    when it is not the default, so versions published before it keep their document)."""
+    document: dict[str, Any] = {
         "sources": list(rules.sources),
         "split": rules.split.value,
         "priority": list(rules.priority),
         "alert_thresholds_bp": list(rules.alert_thresholds_bp),
         "sub_budgets_bp": dict(rules.sub_budgets),
     }
+    if rules.paid_amount is not PaidAmount.FLAG:
+        document["paid_amount"] = rules.paid_amount.value
+    return document
 
 
 def hhmm_text(value: dt.time) -> str:
