@@ -16,8 +16,10 @@ from services.kernel.identity import caller, own_platform, scope
 from services.kernel.riskscreen import circumstances_of
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import events_pb2 as ev
 
 from . import domain
+from . import settlement_domain as sd
 from .handlers import BudgetStatus, Ledger
 from .reconciliation_api import ReconciliationApi
 
@@ -152,6 +154,32 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     return out
 
 
+def _batch(row: dict[str, Any]) -> ledger_pb2.SettlementBatch:
+    out = ledger_pb2.SettlementBatch(
+        batch_id=row["batch_id"],
+        merchant_id=row["merchant_id"],
+        status=row["status"],
+        lines=[ev.SettlementLine(order_id=o, subsidy_fen=fen) for o, fen in row["lines"]],
+        clawbacks=[ev.ClawbackLine(order_id=o, fen=fen) for o, fen in row["clawbacks"]],
+        gross_fen=row["gross_fen"],
+        clawback_fen=row["clawback_fen"],
+        net_fen=row["net_fen"],
+        created_by=row["created_by"],
+        approved_by=row["approved_by"],
+        payment_ref=row["payment_ref"],
+    )
+    out.period_from.FromDatetime(row["period_from"])
+    out.period_to.FromDatetime(row["period_to"])
+    return out
+
+
+def _required_time(field: str, request: Any) -> datetime:
+    if not request.HasField(field):
+        raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
+    value: datetime = getattr(request, field).ToDatetime(tzinfo=UTC)
+    return value
+
+
 class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -252,3 +280,61 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
         if row is None:
             raise NotFound("UNKNOWN_ORDER", "order_id: no reservation", field="order_id")
         return _reservation(row)
+
+    # -- settlement ---------------------------------------------------------------------------
+    async def RecordEvidence(
+        self, request: ledger_pb2.RecordEvidenceRequest, context: ServicerContext
+    ) -> ledger_pb2.OrderEvidence:
+        order_id = validate.identifier("order_id", request.order_id)
+        cmd = sd.RecordEvidence(
+            order_id=order_id,
+            kind=validate.choice("kind", request.kind, sd.EVIDENCE_KINDS),
+            reference=validate.text_field("reference", request.reference, max_len=128),
+            serial=validate.serial("serial", request.serial) if request.serial else "",
+            evidenced_at=(
+                request.evidenced_at.ToDatetime(tzinfo=UTC)
+                if request.HasField("evidenced_at")
+                else None
+            ),
+        )
+        row = await self.ledger.record_evidence(cmd, caller().actor(), scope())
+        return ledger_pb2.OrderEvidence(
+            order_id=row["order_id"],
+            merchant_id=row["merchant_id"],
+            kind=row["kind"],
+            reference=row["reference"],
+            serial=row["serial"],
+        )
+
+    async def CreateSettlementBatch(
+        self, request: ledger_pb2.CreateSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        cmd = sd.CreateBatch(
+            batch_id=validate.identifier("batch_id", request.batch_id),
+            merchant_id=validate.identifier("merchant_id", request.merchant_id),
+            period_from=_required_time("period_from", request),
+            period_to=_required_time("period_to", request),
+        )
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        return _batch(await self.ledger.create_batch(cmd, caller().actor(reason)))
+
+    async def ApproveSettlementBatch(
+        self, request: ledger_pb2.ApproveSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        return _batch(await self.ledger.approve_batch(batch_id, caller().actor(reason)))
+
+    async def MarkSettlementBatchPaid(
+        self, request: ledger_pb2.MarkSettlementBatchPaidRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        payment_ref = validate.text_field("payment_ref", request.payment_ref, max_len=128)
+        row = await self.ledger.mark_batch_paid(batch_id, payment_ref, caller().actor())
+        return _batch(row)
+
+    async def GetSettlementBatch(
+        self, request: ledger_pb2.GetSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        return _batch(await self.ledger.settlement_batch(batch_id))

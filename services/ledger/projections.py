@@ -40,6 +40,7 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from . import reconciliation_model as reconciliation
+from . import settlement_model as settlement
 
 metadata = MetaData()
 SERIAL_CONSTRAINT = "reservations_one_subsidy_per_serial"
@@ -189,6 +190,9 @@ funding_keys = Table(
 
 # Discount-bill reconciliation: its captures, reconciliations and kept report lines.
 reconciliation_tables = reconciliation.ReconciliationTables(metadata, reservations)
+settlement_tables = settlement.SettlementTables(
+    metadata, reservations, reconciliation_tables.captures
+)
 
 
 def refusal_stream(order_id: str) -> str:
@@ -336,6 +340,8 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
     await reconciliation.apply_event(conn, reconciliation_tables, env, event)
+    if await settlement.apply_event(conn, settlement_tables, env, event):
+        return
     if isinstance(event, ev.FundingProposed | ev.FundingApproved):
         known = await load_proposal(conn, event.proposal_id)
         proposal = domain.evolve_proposal(known, event, env.actor.id)
@@ -545,6 +551,7 @@ async def rebuild(store: EventStore) -> int:
             funding_proposals,
             pool_platforms,
             *reconciliation_tables.read_models,
+            *settlement_tables.read_models,
         ),
         apply_event,
     )

@@ -884,3 +884,234 @@ class GetReconciliationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetReconciliationRequest: _TypeAlias = GetReconciliationRequest  # noqa: Y015
+
+@_typing.final
+class RecordEvidenceRequest(_message.Message):
+    """---- settlement ---------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    EVIDENCED_AT_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    kind: _builtins.str
+    """COURIER (a waybill) or ACTIVATION (an activation record)"""
+    reference: _builtins.str
+    """the waybill number or activation record id (at most 128 characters)"""
+    serial: _builtins.str
+    """ACTIVATION of a serialised unit: its serial / IMEI, as reserved"""
+    @_builtins.property
+    def evidenced_at(self) -> _timestamp_pb2.Timestamp:
+        """when delivered or activated (optional)"""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        evidenced_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at", "kind", b"kind", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEvidenceRequest: _TypeAlias = RecordEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class OrderEvidence(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    kind: _builtins.str
+    reference: _builtins.str
+    serial: _builtins.str
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        serial: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "merchant_id", b"merchant_id", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderEvidence: _TypeAlias = OrderEvidence  # noqa: Y015
+
+@_typing.final
+class CreateSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp:
+        """captures from (included)"""
+
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp:
+        """to (excluded)"""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "merchant_id", b"merchant_id", "period_from", b"period_from", "period_to", b"period_to", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSettlementBatchRequest: _TypeAlias = CreateSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class ApproveSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveSettlementBatchRequest: _TypeAlias = ApproveSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class MarkSettlementBatchPaidRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    payment_ref: _builtins.str
+    """the bank transfer's reference (at most 128 characters)"""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        payment_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "payment_ref", b"payment_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkSettlementBatchPaidRequest: _TypeAlias = MarkSettlementBatchPaidRequest  # noqa: Y015
+
+@_typing.final
+class GetSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementBatchRequest: _TypeAlias = GetSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class SettlementBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
+    GROSS_FEN_FIELD_NUMBER: _builtins.int
+    CLAWBACK_FEN_FIELD_NUMBER: _builtins.int
+    NET_FEN_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    status: _builtins.str
+    """CREATED, APPROVED, PAID"""
+    gross_fen: _builtins.int
+    clawback_fen: _builtins.int
+    net_fen: _builtins.int
+    created_by: _builtins.str
+    approved_by: _builtins.str
+    payment_ref: _builtins.str
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.SettlementLine]: ...
+    @_builtins.property
+    def clawbacks(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.ClawbackLine]: ...
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        lines: _abc.Iterable[_events_pb2.SettlementLine] | None = ...,
+        clawbacks: _abc.Iterable[_events_pb2.ClawbackLine] | None = ...,
+        gross_fen: _builtins.int = ...,
+        clawback_fen: _builtins.int = ...,
+        net_fen: _builtins.int = ...,
+        created_by: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        payment_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "batch_id", b"batch_id", "clawback_fen", b"clawback_fen", "clawbacks", b"clawbacks", "created_by", b"created_by", "gross_fen", b"gross_fen", "lines", b"lines", "merchant_id", b"merchant_id", "net_fen", b"net_fen", "payment_ref", b"payment_ref", "period_from", b"period_from", "period_to", b"period_to", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementBatch: _TypeAlias = SettlementBatch  # noqa: Y015

@@ -1,0 +1,183 @@
+"""Merchant settlement on the real stack: evidence, batches (maker-checker), paid, clawbacks.
+
+A batch pays a merchant's evidenced, unrefunded captures of its period, less the merchant's
+outstanding clawbacks; a refund after settlement is clawed back from the next batch. Each step
+is read back from the RPC answers and the events in the merchant's settlement stream.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import grpc
+import pytest
+
+from services.kernel.events import payload_of
+from services.kernel.identity import Caller, Role
+from subsidy.v1 import events_pb2 as ev
+from subsidy.v1 import ledger_pb2
+from tests.e2e.conftest import Platform, status_of
+from tests.e2e.test_funding_sources import PHONE_PRICE, checkout, ledger_as, ledger_events
+
+SUBSIDY = 45_000  # 15 % of PHONE_PRICE
+
+
+async def paid_order(p: Platform, pool: str, sku: str) -> str:
+    order, _ = await checkout(p, pool, sku, "phone", PHONE_PRICE)
+    await p.ledger.CaptureSubsidy(
+        ledger_pb2.CaptureSubsidyRequest(
+            order_id=order, payment_ref=f"pay-{order}", paid_amount_fen=PHONE_PRICE - SUBSIDY
+        )
+    )
+    return order
+
+
+async def evidence(p: Platform, order: str, **kw: str) -> ledger_pb2.OrderEvidence:
+    request = ledger_pb2.RecordEvidenceRequest(
+        order_id=order, kind=kw.get("kind", "COURIER"), reference=kw.get("reference", "SF1")
+    )
+    request.serial = kw.get("serial", "")
+    return await p.ledger.RecordEvidence(request)
+
+
+def period(request: ledger_pb2.CreateSettlementBatchRequest) -> None:
+    now = dt.datetime.now(dt.UTC)
+    request.period_from.FromDatetime(now - dt.timedelta(hours=1))
+    request.period_to.FromDatetime(now + dt.timedelta(hours=1))
+
+
+async def merchant_events(p: Platform, merchant: str) -> list[object]:
+    store = p.running["ledger"].runtime.store
+    return [payload_of(e) for e in await store.read_stream(f"settlement/{merchant}")]
+
+
+async def test_a_batch_pays_evidenced_captures_and_a_later_refund_is_clawed_back(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    merchant = sku.replace("sku-", "m-")
+    shipped, unshipped, returned = [await paid_order(p, pool, sku) for _ in range(3)]
+    answer = await evidence(p, shipped)
+    assert (answer.merchant_id, answer.kind) == (merchant, "COURIER")
+    assert await evidence(p, shipped) == answer  # the same evidence again: unchanged
+    await evidence(p, returned)
+
+    maker = ledger_as(p, Caller(Role.OPERATOR, "ops-a"))
+    same = ledger_as(p, Caller(Role.APPROVER, "ops-a"))
+    checker = ledger_as(p, Caller(Role.APPROVER, "ops-b"))
+    first = ledger_pb2.CreateSettlementBatchRequest(
+        batch_id=f"sb-{rng.randrange(10**9)}", merchant_id=merchant, reason="June"
+    )
+    period(first)
+    batch = await maker.CreateSettlementBatch(first)
+    assert batch.status == "CREATED" and batch.created_by == "ops-a"
+    assert sorted(line.order_id for line in batch.lines) == sorted([shipped, returned])
+    assert (batch.gross_fen, batch.clawback_fen, batch.net_fen) == (2 * SUBSIDY, 0, 2 * SUBSIDY)
+
+    before = await ledger_events(p)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await same.ApproveSettlementBatch(
+            ledger_pb2.ApproveSettlementBatchRequest(batch_id=first.batch_id)
+        )
+    assert status_of(err.value) == (grpc.StatusCode.PERMISSION_DENIED, "MAKER_CHECKER", "batch_id")
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # not approved: cannot be paid
+        await maker.MarkSettlementBatchPaid(
+            ledger_pb2.MarkSettlementBatchPaidRequest(batch_id=first.batch_id, payment_ref="x-1")
+        )
+    assert status_of(err.value)[1] == "BATCH_NOT_APPROVED"
+    assert await ledger_events(p) == before
+    approve = ledger_pb2.ApproveSettlementBatchRequest(batch_id=first.batch_id, reason="ok")
+    approved = await checker.ApproveSettlementBatch(approve)
+    assert (approved.status, approved.approved_by) == ("APPROVED", "ops-b")
+    assert await checker.ApproveSettlementBatch(approve) == approved  # unchanged
+    pay = ledger_pb2.MarkSettlementBatchPaidRequest(batch_id=first.batch_id, payment_ref="x-1")
+    paid = await maker.MarkSettlementBatchPaid(pay)
+    assert (paid.status, paid.payment_ref, paid.net_fen) == ("PAID", "x-1", 2 * SUBSIDY)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await maker.MarkSettlementBatchPaid(
+            ledger_pb2.MarkSettlementBatchPaidRequest(batch_id=first.batch_id, payment_ref="x-2")
+        )
+    assert status_of(err.value)[1] == "BATCH_PAID"
+
+    # A refund after settlement: a clawback, deducted from the next batch.
+    await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=returned, reason="REFUNDED")
+    )
+    clawbacks = [
+        e for e in await merchant_events(p, merchant) if isinstance(e, ev.ClawbackRecorded)
+    ]
+    assert [(c.order_id, c.fen, c.batch_id) for c in clawbacks] == [
+        (returned, SUBSIDY, first.batch_id)
+    ]
+    await evidence(p, unshipped)
+    second = ledger_pb2.CreateSettlementBatchRequest(
+        batch_id=f"sb-{rng.randrange(10**9)}", merchant_id=merchant
+    )
+    period(second)
+    next_batch = await maker.CreateSettlementBatch(second)
+    assert [line.order_id for line in next_batch.lines] == [unshipped]
+    assert [(c.order_id, c.fen) for c in next_batch.clawbacks] == [(returned, SUBSIDY)]
+    assert (next_batch.gross_fen, next_batch.net_fen) == (SUBSIDY, 0)
+    # Every fen owed is an evidenced, unrefunded capture's (shipped, unshipped): the refunded
+    # order's subsidy, paid in the first batch, was clawed back from the second.
+    assert paid.net_fen + next_batch.net_fen == 2 * SUBSIDY
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # nothing left to settle
+        third = ledger_pb2.CreateSettlementBatchRequest(
+            batch_id=f"sb-{rng.randrange(10**9)}", merchant_id=merchant
+        )
+        period(third)
+        await maker.CreateSettlementBatch(third)
+    assert status_of(err.value) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOTHING_TO_SETTLE",
+        "merchant_id",
+    )
+    got = await p.ledger.GetSettlementBatch(
+        ledger_pb2.GetSettlementBatchRequest(batch_id=first.batch_id)
+    )
+    assert got == paid  # immutable once approved: the same lines and figures
+
+
+async def test_a_serialised_unit_is_evidenced_by_its_own_activation_only(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    _, consumer = await p.person(rng)
+    qualification = await p.claim(consumer, "phone")
+    order, serial = f"o-{rng.randrange(10**12)}", f"IMEI{rng.randrange(10**14):015d}"
+    await p.ledger.ReserveSubsidy(
+        ledger_pb2.ReserveSubsidyRequest(
+            order_id=order,
+            platform_id="jd",
+            pool_id=pool,
+            consumer_id=consumer,
+            qualification_id=qualification,
+            sku=sku,
+            unit_price_fen=PHONE_PRICE,
+            serial=serial,
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # not captured yet
+        await evidence(p, order)
+    assert status_of(err.value)[1] == "UNKNOWN_ORDER"
+    await p.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order))
+    before = await ledger_events(p)
+    refusals = [
+        ({"kind": "COURIER"}, "ACTIVATION_REQUIRED", "kind"),
+        ({"kind": "ACTIVATION", "serial": "IMEI000000000000001"}, "SERIAL_MISMATCH", "serial"),
+    ]
+    for fields, reason, field in refusals:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await evidence(p, order, **fields)
+        assert status_of(err.value) == (grpc.StatusCode.FAILED_PRECONDITION, reason, field)
+    assert await ledger_events(p) == before
+    done = await evidence(p, order, kind="ACTIVATION", serial=serial, reference="act-1")
+    assert (done.kind, done.serial) == ("ACTIVATION", serial)
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # other evidence for an evidenced order
+        await evidence(p, order, kind="ACTIVATION", serial=serial, reference="act-2")
+    assert status_of(err.value)[1] == "EVIDENCE_RECORDED"
