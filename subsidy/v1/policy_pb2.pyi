@@ -197,10 +197,15 @@ class Funding(_message.Message):
     ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
     SUB_BUDGETS_FIELD_NUMBER: _builtins.int
     PAID_AMOUNT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_DAYS_FIELD_NUMBER: _builtins.int
     split: Global___Funding.Split.ValueType
     paid_amount: Global___Funding.PaidAmount.ValueType
     """A capture whose declared paid amount plus the subsidy is not the reserved unit price:
     unspecified (policies published before it) means flag.
+    """
+    evidence_days: _builtins.int
+    """How many days after its capture an order's delivery / activation evidence may take
+    (1..366); 0 (policies published before it): the default, 30.
     """
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -225,10 +230,11 @@ class Funding(_message.Message):
         alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
         sub_budgets: _abc.Iterable[Global___SubBudget] | None = ...,
         paid_amount: Global___Funding.PaidAmount.ValueType = ...,
+        evidence_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "paid_amount", b"paid_amount", "priority", b"priority", "sources", b"sources", "split", b"split", "sub_budgets", b"sub_budgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "evidence_days", b"evidence_days", "paid_amount", b"paid_amount", "priority", b"priority", "sources", b"sources", "split", b"split", "sub_budgets", b"sub_budgets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

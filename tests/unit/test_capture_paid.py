@@ -104,3 +104,23 @@ def test_an_unknown_rule_is_refused_naming_its_field() -> None:
     with pytest.raises(PolicyError) as err:
         policy_from_dict(doc)
     assert "funding.paid_amount" in str(err.value)
+
+
+def test_evidence_days_default_to_30_unwritten_and_read_back_when_set() -> None:
+    old = policy_from_dict(policy_to_dict(default_policy()) | {"funding": FUNDING})
+    assert old.funding.evidence_days == 30
+    assert "evidence_days" not in policy_to_dict(old)["funding"]
+    assert policy_to_proto(old).funding.evidence_days == 0
+    doc = policy_to_dict(default_policy()) | {"funding": FUNDING | {"evidence_days": 7}}
+    policy = policy_from_dict(doc)
+    assert policy.funding.evidence_days == 7
+    assert policy_from_json(policy_json(policy)) == policy
+    assert policy_from_proto(policy_to_proto(policy)) == policy
+
+
+@pytest.mark.parametrize("days", [0, -1, 367, 1.5, "7"])
+def test_evidence_days_out_of_range_are_refused_naming_the_field(days: object) -> None:
+    doc = policy_to_dict(default_policy()) | {"funding": FUNDING | {"evidence_days": days}}
+    with pytest.raises(PolicyError) as err:
+        policy_from_dict(doc)
+    assert "funding.evidence_days" in str(err.value)

@@ -33,6 +33,8 @@ from services.kernel.contract.limits import (
 )
 from services.kernel.contract.policy_model import (
     BP_DENOMINATOR,
+    DEFAULT_EVIDENCE_DAYS,
+    MAX_EVIDENCE_DAYS,
     MIDNIGHT,
     Campaign,
     CategoryRule,
@@ -77,6 +79,7 @@ _FUNDING_KEYS: Final = (
     "alert_thresholds_bp",
     "sub_budgets_bp",
     "paid_amount",
+    "evidence_days",
 )
 _SOURCE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MAX_SOURCES: Final = 20
@@ -369,12 +372,20 @@ def _funding(value: object, path: str, categories: tuple[CategoryRule, ...]) -> 
         paid_amount=_enum(
             data.get("paid_amount", PaidAmount.FLAG.value), f"{path}.paid_amount", PaidAmount
         ),
+        evidence_days=_int(
+            data.get("evidence_days", DEFAULT_EVIDENCE_DAYS),
+            f"{path}.evidence_days",
+            minimum=1,
+            maximum=MAX_EVIDENCE_DAYS,
+            unit=" days",
+        ),
     )
 
 
 def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
-    """The ``funding`` part as a plain document (every key, fixed order; ``paid_amount`` only
-    when it is not the default, so versions published before it keep their document)."""
+    """The ``funding`` part as a plain document (every key, fixed order; ``paid_amount`` and
+    ``evidence_days`` only when not the default, so versions published before them keep their
+    document)."""
     document: dict[str, Any] = {
         "sources": list(rules.sources),
         "split": rules.split.value,
@@ -384,6 +395,8 @@ def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
     }
     if rules.paid_amount is not PaidAmount.FLAG:
         document["paid_amount"] = rules.paid_amount.value
+    if rules.evidence_days != DEFAULT_EVIDENCE_DAYS:
+        document["evidence_days"] = rules.evidence_days
     return document
 
 

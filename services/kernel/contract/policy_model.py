@@ -152,6 +152,11 @@ class Split(StrEnum):
     PRO_RATA = "pro_rata"
 
 
+# How long evidence may take when the policy does not say (versions published before the rule).
+DEFAULT_EVIDENCE_DAYS = 30
+MAX_EVIDENCE_DAYS = 366
+
+
 class PaidAmount(StrEnum):
     """What a capture whose declared paid amount does not match the reservation meets
     (``FundingRules.paid_amount``): the paid amount plus the subsidy must be the reserved
@@ -179,7 +184,8 @@ class FundingRules:
     pool's funded amount when it has none). ``sub_budgets``: ``(category, share_bp)``, a
     category may hold or spend at most that share of the pool's funded amount.
     ``paid_amount``: a capture's declared paid amount that does not match is flagged (the
-    default) or refused.
+    default) or refused. ``evidence_days``: how long after its capture an order's delivery or
+    activation evidence may take before the order is listed as overdue (default 30 days).
     """
 
     sources: tuple[str, ...] = ()
@@ -188,6 +194,7 @@ class FundingRules:
     alert_thresholds_bp: tuple[int, ...] = ()
     sub_budgets: tuple[tuple[str, int], ...] = ()
     paid_amount: PaidAmount = PaidAmount.FLAG
+    evidence_days: int = DEFAULT_EVIDENCE_DAYS
 
     def accepts(self, source: str) -> bool:
         """Whether a funding may name ``source`` (any, when the policy declares none)."""

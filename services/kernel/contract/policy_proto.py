@@ -14,6 +14,7 @@ from typing import Final, TypeVar
 
 from services.kernel.contract.policy_document import hhmm_text, policy_from_dict, policy_from_json
 from services.kernel.contract.policy_model import (
+    DEFAULT_EVIDENCE_DAYS,
     FundingRules,
     Group,
     PaidAmount,
@@ -96,6 +97,9 @@ def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
                     _PAID_PB[rules.paid_amount]
                     if rules.paid_amount is not PaidAmount.FLAG
                     else policy_pb2.Funding.PAID_AMOUNT_UNSPECIFIED
+                ),
+                evidence_days=(
+                    rules.evidence_days if rules.evidence_days != DEFAULT_EVIDENCE_DAYS else 0
                 ),
             )
         )
@@ -193,6 +197,8 @@ def _funding_document(funding: policy_pb2.Funding) -> dict[str, object]:
         document["split"] = _enum_word(_SPLIT_PB, funding.split)
     if funding.paid_amount != policy_pb2.Funding.PAID_AMOUNT_UNSPECIFIED:  # the default: flag
         document["paid_amount"] = _enum_word(_PAID_PB, funding.paid_amount)
+    if funding.evidence_days:  # 0: the default
+        document["evidence_days"] = funding.evidence_days
     return document
 
 
