@@ -173,6 +173,17 @@ def _batch(row: dict[str, Any]) -> ledger_pb2.SettlementBatch:
     return out
 
 
+MAX_LIST = 1000
+
+
+def _limit(limit: int) -> int:
+    """A list's size: 1..MAX_LIST, 0 for the default of 100."""
+    limit = limit or 100
+    if not 0 < limit <= MAX_LIST:
+        raise InvalidArgument("INVALID_LIMIT", f"limit: 1..{MAX_LIST}", field="limit")
+    return limit
+
+
 def _required_time(field: str, request: Any) -> datetime:
     if not request.HasField(field):
         raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
@@ -338,3 +349,52 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.SettlementBatch:
         batch_id = validate.identifier("batch_id", request.batch_id)
         return _batch(await self.ledger.settlement_batch(batch_id))
+
+    async def ListOverdueEvidence(
+        self, request: ledger_pb2.ListOverdueEvidenceRequest, context: ServicerContext
+    ) -> ledger_pb2.ListOverdueEvidenceResponse:
+        merchant = (
+            validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
+        )
+        rows = await self.ledger.overdue_evidence(merchant, _limit(request.limit))
+        out = ledger_pb2.ListOverdueEvidenceResponse()
+        for row in rows:
+            item = out.captures.add(
+                order_id=row["order_id"],
+                merchant_id=row["merchant_id"],
+                platform_id=row["platform_id"],
+                subsidy_fen=row["subsidy_fen"],
+                policy_version=row["policy_version"],
+            )
+            item.captured_at.FromDatetime(row["captured_at"])
+            item.due_at.FromDatetime(row["due_at"])
+        return out
+
+    async def ListReturns(
+        self, request: ledger_pb2.ListReturnsRequest, context: ServicerContext
+    ) -> ledger_pb2.ListReturnsResponse:
+        merchant = (
+            validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
+        )
+        out = ledger_pb2.ListReturnsResponse()
+        for row in await self.ledger.returns(merchant, _limit(request.limit)):
+            clawback = (
+                "NONE"
+                if row["clawback_fen"] is None
+                else "DEDUCTED"
+                if row["deducted_by"]
+                else "OUTSTANDING"
+            )
+            item = out.returns.add(
+                order_id=row["order_id"],
+                merchant_id=row["merchant_id"],
+                platform_id=row["platform_id"],
+                sku=row["sku"],
+                subsidy_fen=row["subsidy_fen"],
+                batch_id=row["batch_id"] or "",
+                clawback=clawback,
+                deducted_by=row["deducted_by"] or "",
+            )
+            item.captured_at.FromDatetime(row["captured_at"])
+            item.refunded_at.FromDatetime(row["refunded_at"])
+        return out

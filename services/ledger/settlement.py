@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf.message import Message
@@ -27,6 +28,7 @@ from subsidy.v1 import common_pb2
 from . import domain
 from . import settlement_domain as sd
 from . import settlement_model as model
+from .policies import FundingPolicies
 from .projections import reservations, settlement_tables
 
 T = settlement_tables
@@ -87,6 +89,32 @@ class SettlementUseCases:
 
     store: EventStore
     pipeline: Pipeline
+    policies: FundingPolicies
+    clock: Callable[[], datetime]
+
+    async def overdue_evidence(self, merchant_id: str, limit: int) -> list[dict[str, Any]]:
+        """Captured orders without evidence past their policy version's ``evidence_days``,
+        oldest first (at most ``limit``)."""
+        now = self.clock()
+        async with self.store.engine.connect() as conn:
+            # No version allows less than a day: anything younger cannot be late.
+            rows = await model.load_unevidenced(
+                conn, T, merchant_id, now - timedelta(days=1), 10_000
+            )
+        out: list[dict[str, Any]] = []
+        for row in rows:
+            days = (await self.policies.rules(str(row["policy_version"]))).evidence_days
+            capture = sd.Capture(row["order_id"], row["merchant_id"], 0, row["captured_at"])
+            if sd.overdue([capture], now, days):
+                out.append(row | {"due_at": row["captured_at"] + timedelta(days=days)})
+            if len(out) == limit:
+                break
+        return out
+
+    async def returns(self, merchant_id: str, limit: int) -> list[dict[str, Any]]:
+        """The returns ledger (退换货台账): every refund of a captured order, newest first."""
+        async with self.store.engine.connect() as conn:
+            return await model.load_returns(conn, T, merchant_id, limit)
 
     async def record_evidence(
         self, cmd: sd.RecordEvidence, actor: common_pb2.Actor, platform: str | None

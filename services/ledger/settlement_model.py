@@ -276,3 +276,63 @@ async def batch_row(
 ) -> dict[str, object] | None:
     row = (await conn.execute(select(t.batches).where(t.batches.c.batch_id == batch_id))).first()
     return dict(row._mapping) if row is not None else None
+
+
+async def load_unevidenced(
+    conn: AsyncConnection, t: SettlementTables, merchant_id: str, before: dt.datetime, limit: int
+) -> list[dict[str, Any]]:
+    """Captured orders without evidence captured before ``before``, oldest first."""
+    r, c, e = t.reservations, t.captures, t.evidence
+    query = (
+        select(
+            r.c.order_id,
+            r.c.merchant_id,
+            r.c.platform_id,
+            r.c.subsidy_fen,
+            r.c.policy_version,
+            c.c.captured_at,
+        )
+        .select_from(
+            r.join(c, c.c.order_id == r.c.order_id).outerjoin(e, e.c.order_id == r.c.order_id)
+        )
+        .where(r.c.status == "CAPTURED")
+        .where(e.c.order_id.is_(None))
+        .where(c.c.captured_at < before)
+        .order_by(c.c.captured_at, r.c.order_id)
+        .limit(limit)
+    )
+    if merchant_id:
+        query = query.where(r.c.merchant_id == merchant_id)
+    return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+async def load_returns(
+    conn: AsyncConnection, t: SettlementTables, merchant_id: str, limit: int
+) -> list[dict[str, Any]]:
+    """The returns ledger: every refund of a captured order, newest first, with its clawback."""
+    r, c, o, k = t.reservations, t.captures, t.orders, t.clawbacks
+    query = (
+        select(
+            r.c.order_id,
+            r.c.merchant_id,
+            r.c.platform_id,
+            r.c.sku,
+            r.c.subsidy_fen,
+            c.c.captured_at,
+            c.c.refunded_at,
+            o.c.batch_id,
+            k.c.fen.label("clawback_fen"),
+            k.c.deducted_by,
+        )
+        .select_from(
+            r.join(c, c.c.order_id == r.c.order_id)
+            .outerjoin(o, o.c.order_id == r.c.order_id)
+            .outerjoin(k, k.c.order_id == r.c.order_id)
+        )
+        .where(c.c.refunded_at.is_not(None))
+        .order_by(c.c.refunded_at.desc(), r.c.order_id)
+        .limit(limit)
+    )
+    if merchant_id:
+        query = query.where(r.c.merchant_id == merchant_id)
+    return [dict(row._mapping) for row in await conn.execute(query)]

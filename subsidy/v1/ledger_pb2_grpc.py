@@ -115,6 +115,16 @@ class LedgerServiceStub:
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
                 _registered_method=True)
+        self.ListOverdueEvidence = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListOverdueEvidence',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.FromString,
+                _registered_method=True)
+        self.ListReturns = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListReturns',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -235,6 +245,22 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOverdueEvidence(self, request, context):
+        """Captured orders still without evidence past their policy version's funding.evidence_days
+        (default 30), oldest first: chase the platform, they are not paid until evidenced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReturns(self, request, context):
+        """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+        batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +343,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetSettlementBatch,
                     request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'ListOverdueEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOverdueEvidence,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.SerializeToString,
+            ),
+            'ListReturns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReturns,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +788,60 @@ class LedgerService:
             '/subsidy.v1.LedgerService/GetSettlementBatch',
             subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
             subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOverdueEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListOverdueEvidence',
+            subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReturns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListReturns',
+            subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,14 @@ class LedgerServiceStub:
     ApproveSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]
     MarkSettlementBatchPaid: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]
     GetSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]
+    ListOverdueEvidence: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]
+    """Captured orders still without evidence past their policy version's funding.evidence_days
+    (default 30), oldest first: chase the platform, they are not paid until evidenced.
+    """
+    ListReturns: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReturnsRequest, _ledger_pb2.ListReturnsResponse]
+    """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+    batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -117,6 +125,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ApproveSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
     MarkSettlementBatchPaid: _aio.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
     GetSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    ListOverdueEvidence: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]  # type: ignore[assignment]
+    """Captured orders still without evidence past their policy version's funding.evidence_days
+    (default 30), oldest first: chase the platform, they are not paid until evidenced.
+    """
+    ListReturns: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReturnsRequest, _ledger_pb2.ListReturnsResponse]  # type: ignore[assignment]
+    """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+    batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Budget pools and the checkout API platforms call."""
@@ -255,5 +271,25 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetSettlementBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOverdueEvidence(
+        self,
+        request: _ledger_pb2.ListOverdueEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListOverdueEvidenceResponse, _abc.Awaitable[_ledger_pb2.ListOverdueEvidenceResponse]]:
+        """Captured orders still without evidence past their policy version's funding.evidence_days
+        (default 30), oldest first: chase the platform, they are not paid until evidenced.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReturns(
+        self,
+        request: _ledger_pb2.ListReturnsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListReturnsResponse, _abc.Awaitable[_ledger_pb2.ListReturnsResponse]]:
+        """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+        batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,11 +4,16 @@
   subsidyctl settlement approve BATCH_ID --reason TEXT
   subsidyctl settlement export BATCH_ID [--out DIR]
   subsidyctl settlement paid BATCH_ID --payment-ref REF
+  subsidyctl settlement overdue [--merchant M]
+  subsidyctl settlement returns [--merchant M] [--out DIR]
 
 An operator creates a merchant's batch for a period (its evidenced, unrefunded captures not in
 another batch, less its outstanding clawbacks); a different approver approves it (from then on
 it never changes); ``export`` writes the batch's lines as CSV and XLSX (formula-safe) for the
-payment; an operator marks it paid with the transfer's reference. Each prints one JSON object.
+payment; an operator marks it paid with the transfer's reference. ``overdue`` lists the captures
+still without evidence past their policy's ``evidence_days``; ``returns`` is the returns ledger
+(退换货台账: every refund, the batch that had paid it and its clawback), also as CSV and XLSX.
+Each prints one JSON object.
 """
 
 from __future__ import annotations
@@ -150,3 +155,65 @@ def paid(
     request = ledger_pb2.MarkSettlementBatchPaidRequest(batch_id=batch_id, payment_ref=payment_ref)
     who = identity(identity_dir, OPERATOR_DEMO)
     emit(report(ledger_call(ledger, who, lambda stub: stub.MarkSettlementBatchPaid(request))))
+
+
+MerchantOpt = Annotated[str, typer.Option("--merchant", help="one merchant's only")]
+RETURN_HEADERS = (
+    "order_id",
+    "merchant_id",
+    "platform_id",
+    "sku",
+    "subsidy_fen",
+    "captured_at",
+    "refunded_at",
+    "batch_id",
+    "clawback",
+    "deducted_by",
+)
+
+
+@app.command()
+def overdue(
+    merchant: MerchantOpt = "",
+    ledger: LedgerOpt = "",
+    identity_dir: OperatorIdentityOpt = None,
+    json_only: JsonOpt = False,
+) -> None:
+    """Captures still without delivery / activation evidence past their policy's days."""
+    request = ledger_pb2.ListOverdueEvidenceRequest(merchant_id=merchant, limit=1000)
+    who = identity(identity_dir, OPERATOR_DEMO)
+    answer = ledger_call(ledger, who, lambda stub: stub.ListOverdueEvidence(request))
+    listed = [
+        pick(c, "order_id", "merchant_id", "platform_id", "subsidy_fen", "policy_version")
+        | {"captured_at": _at(c.captured_at), "due_at": _at(c.due_at)}
+        for c in answer.captures
+    ]
+    emit({"overdue": len(listed), "captures": listed})
+
+
+@app.command()
+def returns(
+    merchant: MerchantOpt = "",
+    out: Annotated[Path | None, typer.Option(help="also write returns.csv and .xlsx here")] = None,
+    ledger: LedgerOpt = "",
+    identity_dir: OperatorIdentityOpt = None,
+    json_only: JsonOpt = False,
+) -> None:
+    """The returns ledger (退换货台账): every refund of a captured order, newest first."""
+    request = ledger_pb2.ListReturnsRequest(merchant_id=merchant, limit=1000)
+    who = identity(identity_dir, OPERATOR_DEMO)
+    answer = ledger_call(ledger, who, lambda stub: stub.ListReturns(request))
+    entries = [
+        pick(r, "order_id", "merchant_id", "platform_id", "sku", "subsidy_fen")
+        | {"captured_at": _at(r.captured_at), "refunded_at": _at(r.refunded_at)}
+        | pick(r, "batch_id", "clawback", "deducted_by")
+        for r in answer.returns
+    ]
+    report_out: dict[str, Any] = {"returns": entries}
+    if out is not None:
+        table = [tuple(e[h] for h in RETURN_HEADERS) for e in entries]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "returns.csv").write_bytes(csv_bytes(RETURN_HEADERS, table))
+        (out / "returns.xlsx").write_bytes(xlsx_bytes([("returns", RETURN_HEADERS, table)]))
+        report_out |= {"csv": str(out / "returns.csv"), "xlsx": str(out / "returns.xlsx")}
+    emit(report_out)

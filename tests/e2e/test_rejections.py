@@ -1590,6 +1590,41 @@ for _sb_ref, _sb_reason in (("", "MISSING_FIELD"), ("p" * 129, "FIELD_TOO_LONG")
     )
 
 
+# LedgerService.ListOverdueEvidence and ListReturns ------------------------------------------------
+OVERDUE, RETURNS = "ledger.ListOverdueEvidence", "ledger.ListReturns"
+_SB_LISTS: list[tuple[str, Callable[..., Message]]] = [
+    (OVERDUE, ledger_pb2.ListOverdueEvidenceRequest),
+    (RETURNS, ledger_pb2.ListReturnsRequest),
+]
+for _sb_rpc, _sb_make in _SB_LISTS:
+    for _sb_limit in (-1, 1001):
+        case(
+            f"{_sb_rpc}-limit-{_sb_limit}",
+            _sb_rpc,
+            lambda w, rng, m=_sb_make, n=_sb_limit: m(limit=n),  # type: ignore[misc]
+            INVALID,
+            "INVALID_LIMIT",
+            "limit",
+        )
+    case(
+        f"{_sb_rpc}-merchant-id-65-chars",
+        _sb_rpc,
+        lambda w, rng, m=_sb_make: m(merchant_id=LONG),  # type: ignore[misc]
+        INVALID,
+        "FIELD_TOO_LONG",
+        "merchant_id",
+    )
+    for _sb_what, _sb_bad in BAD_IDENTIFIERS.items():
+        case(
+            f"{_sb_rpc}-merchant-id-{_sb_what}",
+            _sb_rpc,
+            lambda w, rng, m=_sb_make, b=_sb_bad: m(merchant_id=b),  # type: ignore[misc]
+            INVALID,
+            "INVALID_IDENTIFIER",
+            "merchant_id",
+        )
+
+
 # -- the tests ----------------------------------------------------------------------------------
 async def call(p: Platform, rpc: str, request: Message) -> Message:
     stub_name, method = rpc.split(".")

@@ -15,6 +15,7 @@ import pytest
 
 from services.kernel.events import payload_of
 from services.kernel.identity import Caller, Role
+from services.ledger.handlers import Ledger
 from subsidy.v1 import events_pb2 as ev
 from subsidy.v1 import ledger_pb2
 from tests.e2e.conftest import Platform, status_of
@@ -139,6 +140,52 @@ async def test_a_batch_pays_evidenced_captures_and_a_later_refund_is_clawed_back
         ledger_pb2.GetSettlementBatchRequest(batch_id=first.batch_id)
     )
     assert got == paid  # immutable once approved: the same lines and figures
+    # The returns ledger lists the refund, the batch that had paid it, and its clawback's fate.
+    ledger = await p.ledger.ListReturns(ledger_pb2.ListReturnsRequest(merchant_id=merchant))
+    assert [
+        (r.order_id, r.subsidy_fen, r.batch_id, r.clawback, r.deducted_by) for r in ledger.returns
+    ] == [(returned, SUBSIDY, first.batch_id, "DEDUCTED", second.batch_id)]
+    assert ledger.returns[0].refunded_at.ToDatetime() >= ledger.returns[0].captured_at.ToDatetime()
+
+
+async def test_the_returns_ledger_lists_a_refund_before_settlement_with_nothing_to_claw_back(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    merchant = sku.replace("sku-", "m-")
+    order = await paid_order(p, pool, sku)
+    await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="REFUNDED")
+    )
+    settled = await p.ledger.ListReturns(ledger_pb2.ListReturnsRequest(merchant_id=merchant))
+    assert [(r.order_id, r.batch_id, r.clawback) for r in settled.returns] == [(order, "", "NONE")]
+    assert [e for e in await merchant_events(p, merchant)] == []  # no clawback recorded
+
+
+async def test_captures_without_evidence_past_the_policy_days_are_listed(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    merchant = sku.replace("sku-", "m-")
+    late, evidenced = await paid_order(p, pool, sku), await paid_order(p, pool, sku)
+    await evidence(p, evidenced)
+    ledger: Ledger = p.running["ledger"].wiring.registrations[0][1].ledger
+    real = ledger.clock
+    request = ledger_pb2.ListOverdueEvidenceRequest(merchant_id=merchant)
+    try:  # the session's policy says nothing: 30 days
+        ledger.clock = lambda: real() + dt.timedelta(days=29, hours=23)
+        assert list((await p.ledger.ListOverdueEvidence(request)).captures) == []
+        ledger.clock = lambda: real() + dt.timedelta(days=30, minutes=1)
+        [listed] = (await p.ledger.ListOverdueEvidence(request)).captures
+    finally:
+        ledger.clock = real
+    assert (listed.order_id, listed.merchant_id, listed.subsidy_fen) == (late, merchant, SUBSIDY)
+    due = listed.due_at.ToDatetime() - listed.captured_at.ToDatetime()
+    assert due == dt.timedelta(days=30)
 
 
 async def test_a_serialised_unit_is_evidenced_by_its_own_activation_only(

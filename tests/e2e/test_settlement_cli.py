@@ -13,6 +13,7 @@ from pathlib import Path
 import openpyxl
 
 from services.kernel.identity import Caller, Role
+from subsidy.v1 import ledger_pb2
 from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform
 from tests.e2e.test_funding_sources import PHONE_PRICE
@@ -85,3 +86,22 @@ async def test_settlement_commands_create_approve_export_and_mark_paid(
     code, done, err = await subsidyctl(*paid, identity=maker)
     assert code == 0, err
     assert (done["status"], done["payment_ref"]) == ("PAID", "xfer-2025-06-01")
+    # Refunded after settlement: the returns ledger shows the clawback still owed.
+    await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="REFUNDED")
+    )
+    returns = ("settlement", "returns", "--merchant", merchant, "--out", str(out), *address)
+    code, listed, err = await subsidyctl(*returns, identity=maker)
+    assert code == 0, err
+    [entry] = listed["returns"]
+    assert (entry["order_id"], entry["batch_id"], entry["clawback"]) == (
+        order,
+        batch,
+        "OUTSTANDING",
+    )
+    rows = csv_rows(Path(listed["csv"]))
+    assert rows[1][0] == order and rows[1][-2:] == ["OUTSTANDING", ""]
+    overdue = ("settlement", "overdue", "--merchant", merchant, *address)
+    code, late, err = await subsidyctl(*overdue, identity=maker)
+    assert code == 0, err
+    assert late == {"overdue": 0, "captures": []}
