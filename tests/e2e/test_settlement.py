@@ -7,6 +7,7 @@ is read back from the RPC answers and the events in the merchant's settlement st
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 
@@ -228,3 +229,34 @@ async def test_a_serialised_unit_is_evidenced_by_its_own_activation_only(
     with pytest.raises(grpc.aio.AioRpcError) as err:  # other evidence for an evidenced order
         await evidence(p, order, kind="ACTIVATION", serial=serial, reference="act-2")
     assert status_of(err.value)[1] == "EVIDENCE_RECORDED"
+
+
+async def test_a_refund_racing_a_batch_is_either_left_out_or_clawed_back(
+    platform: Platform, rng: random.Random
+) -> None:
+    """The refund and the batch both lock the merchant's settlement stream: whichever comes
+    second sees the other, so no refunded order is paid without its clawback."""
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    merchant = sku.replace("sku-", "m-")
+    orders = [await paid_order(p, pool, sku) for _ in range(6)]
+    for order in orders:
+        await evidence(p, order)
+    refunds = [
+        p.ledger.ReleaseSubsidy(ledger_pb2.ReleaseSubsidyRequest(order_id=o, reason="REFUNDED"))
+        for o in orders[::2]
+    ]
+    request = ledger_pb2.CreateSettlementBatchRequest(
+        batch_id=f"sb-{rng.randrange(10**9)}", merchant_id=merchant
+    )
+    period(request)
+    *_, batch = await asyncio.gather(*refunds, p.ledger.CreateSettlementBatch(request))
+    assert isinstance(batch, ledger_pb2.SettlementBatch)
+    paid = {line.order_id for line in batch.lines}
+    clawed = {
+        e.order_id for e in await merchant_events(p, merchant) if isinstance(e, ev.ClawbackRecorded)
+    }
+    refunded = set(orders[::2])
+    assert paid >= set(orders[1::2])  # the unrefunded ones are all paid
+    assert paid & refunded == clawed  # a refunded order in the batch is clawed back, and only it
