@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
+from services.invariants import InvariantViolation, MerchantSettled
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -342,3 +343,62 @@ def evolve_clawbacks(clawbacks: list[Clawback], event: Message) -> list[Clawback
             for c in clawbacks
         ]
     return clawbacks
+
+
+# --------------------------------------------------------------------------------------------
+# The settlement ledger rebuilt from events alone (what the invariant checks)
+
+
+@dataclass
+class _Book:
+    merchant: dict[str, str]  # batch -> merchant
+    lines: dict[str, dict[str, int]]  # batch -> order -> fen
+    deducted: dict[str, dict[str, int]]  # batch -> order -> fen
+    net: dict[str, int]
+    paid: set[str]
+    refunded: set[str]
+    clawed: dict[str, int]  # order -> fen
+
+
+def settled(events: Iterable[Message]) -> dict[str, MerchantSettled]:
+    """Per merchant, what its settlement events add up to (paid batches only), for
+    :func:`services.invariants.check_paid_covered`. Raises InvariantViolation when an order is
+    in two batches, a clawback is recorded or deducted twice, or a refund of a batched order
+    has no clawback."""
+    book = _Book({}, {}, {}, {}, set(), set(), {})
+    for event in events:
+        if isinstance(event, ev.SettlementBatchCreated):
+            batched = {o for lines in book.lines.values() for o in lines}
+            taken = {o for d in book.deducted.values() for o in d}
+            for line in event.lines:
+                if line.order_id in batched:
+                    raise InvariantViolation(f"order {line.order_id} in two batches")
+            for c in event.clawbacks:
+                if c.order_id in taken or book.clawed.get(c.order_id) != c.fen:
+                    raise InvariantViolation(f"clawback of {c.order_id} deducted wrongly")
+            book.merchant[event.batch_id] = event.merchant_id
+            book.lines[event.batch_id] = {x.order_id: x.subsidy_fen for x in event.lines}
+            book.deducted[event.batch_id] = {c.order_id: c.fen for c in event.clawbacks}
+            book.net[event.batch_id] = event.net_fen
+        elif isinstance(event, ev.SettlementBatchPaid):
+            book.paid.add(event.batch_id)
+        elif isinstance(event, ev.SubsidyReleased) and event.was_captured:
+            book.refunded.add(event.order_id)
+        elif isinstance(event, ev.ClawbackRecorded):
+            if event.order_id in book.clawed:
+                raise InvariantViolation(f"two clawbacks of order {event.order_id}")
+            book.clawed[event.order_id] = event.fen
+    batched = {o for lines in book.lines.values() for o in lines}
+    if missing := (batched & book.refunded) - book.clawed.keys():
+        raise InvariantViolation(f"refunds of batched orders without a clawback: {missing}")
+    out: dict[str, MerchantSettled] = {}
+    for batch_id in sorted(book.paid):
+        lines = book.lines[batch_id]
+        before = out.get(book.merchant[batch_id], MerchantSettled(0, 0, 0, 0))
+        out[book.merchant[batch_id]] = MerchantSettled(
+            before.paid + book.net[batch_id],
+            before.unrefunded + sum(f for o, f in lines.items() if o not in book.refunded),
+            before.clawed + sum(book.clawed[o] for o in lines if o in book.refunded),
+            before.deducted + sum(book.deducted[batch_id].values()),
+        )
+    return out
