@@ -542,7 +542,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
                 isinstance(e := payload_of(env), ev.SubsidyReleased) and e.was_captured
                 for env in outcome.appended
             ):  # a refund: clawed back if a settlement batch included the order
-                await self.claw_back(tx, order_id, ctx)
+                await self.claw_back(tx, order_id, str(existing["merchant_id"]), ctx)
             row = await self._row(tx.conn, order_id)
         assert row is not None
         return row

@@ -46,6 +46,7 @@ class MerchantKey:
     merchant_id: str
     batch_id: str = ""
     cmd: sd.CreateBatch | None = None  # a creation: load what the batch may pay
+    order_id: str = ""  # a refund: load the order as settlement sees it
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Merchant:
     batch: sd.Batch | None
     payable: tuple[sd.Capture, ...] = ()
     clawbacks: tuple[sd.Clawback, ...] = ()
+    capture: sd.Capture | None = None
 
 
 async def _load_evidence(conn: AsyncConnection, key: EvidenceKey) -> sd.Capture | None:
@@ -63,6 +65,8 @@ async def _load_evidence(conn: AsyncConnection, key: EvidenceKey) -> sd.Capture 
 
 async def _load_merchant(conn: AsyncConnection, key: MerchantKey) -> Merchant:
     batch = await model.load_batch(conn, T, key.batch_id) if key.batch_id else None
+    if key.order_id:  # read under the merchant's lock: a batch made meanwhile is seen
+        return Merchant(batch, capture=await model.load_capture(conn, T, key.order_id))
     if key.cmd is None:
         return Merchant(batch)
     c = key.cmd
@@ -145,16 +149,15 @@ class SettlementUseCases:
         assert row is not None
         return dict(row._mapping)
 
-    async def claw_back(self, tx: Tx, order_id: str, ctx: Context) -> None:
+    async def claw_back(self, tx: Tx, order_id: str, merchant_id: str, ctx: Context) -> None:
         """After a refund of a captured order (in its transaction, under its pool's lock): a
-        clawback when a batch included the order."""
-        capture = await model.load_capture(tx.conn, T, order_id)
-        if capture is None or not capture.batch_id:
-            return
+        clawback when a batch included the order. The merchant's settlement stream is locked
+        before the order is read, always: a batch being made now either commits first (and is
+        seen) or waits for this refund (and leaves the order out)."""
         await self.pipeline.run(
             MERCHANT,
-            MerchantKey(capture.merchant_id),
-            lambda _: sd.clawback(capture),
+            MerchantKey(merchant_id, order_id=order_id),
+            lambda state: sd.clawback(_merchant(state).capture),
             ctx,
             tx=tx,
             reload=False,
