@@ -14,11 +14,13 @@ import random
 import grpc
 import pytest
 
-from services.kernel.events import payload_of
+from services.kernel.events import Context, payload_of
 from services.kernel.identity import Caller, Role
+from services.ledger import settlement
+from services.ledger import settlement_domain as sd
 from services.ledger.handlers import Ledger
+from subsidy.v1 import common_pb2, ledger_pb2
 from subsidy.v1 import events_pb2 as ev
-from subsidy.v1 import ledger_pb2
 from tests.e2e.conftest import Platform, status_of
 from tests.e2e.test_funding_sources import PHONE_PRICE, checkout, ledger_as, ledger_events
 
@@ -260,3 +262,46 @@ async def test_a_refund_racing_a_batch_is_either_left_out_or_clawed_back(
     refunded = set(orders[::2])
     assert paid >= set(orders[1::2])  # the unrefunded ones are all paid
     assert paid & refunded == clawed  # a refunded order in the batch is clawed back, and only it
+
+
+async def refund_of(p: Platform, order: str) -> ledger_pb2.Reservation:
+    request = ledger_pb2.ReleaseSubsidyRequest(order_id=order, reason="REFUNDED")
+    answer: ledger_pb2.Reservation = await p.ledger.ReleaseSubsidy(request)
+    return answer
+
+
+async def test_a_refund_waits_for_a_batch_being_made_and_then_claws_it_back(
+    platform: Platform, rng: random.Random
+) -> None:
+    """The refund's moment of truth, forced: a batch is being made (its transaction holds the
+    merchant's settlement stream) when the order is refunded. The refund waits for it, then
+    sees the batch and records the clawback."""
+    p = platform
+    pool = await p.pool(rng, 10_000_000)
+    sku = await p.product(rng, "phone", 0, PHONE_PRICE)
+    merchant = sku.replace("sku-", "m-")
+    order = await paid_order(p, pool, sku)
+    await evidence(p, order)
+    ledger: Ledger = p.running["ledger"].wiring.registrations[0][1].ledger
+    now = dt.datetime.now(dt.UTC)
+    cmd = sd.CreateBatch(f"sb-{rng.randrange(10**9)}", merchant, now - dt.timedelta(hours=1), now)
+    actor = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="ops-a")
+    async with ledger.store.transaction() as tx:
+        await ledger.pipeline.run(
+            settlement.MERCHANT,
+            settlement.MerchantKey(merchant, cmd.batch_id, cmd),
+            lambda state: sd.create_batch(None, state.payable if state else (), (), cmd),
+            Context(actor, correlation_id=cmd.batch_id),
+            tx=tx,
+            reload=False,
+        )
+        refund = asyncio.ensure_future(refund_of(p, order))
+        await asyncio.sleep(1.0)
+        assert not refund.done()  # waiting on the merchant's stream
+    released = await refund
+    assert released.status == "RELEASED"
+    events = await merchant_events(p, merchant)
+    assert [type(e).__name__ for e in events] == ["SettlementBatchCreated", "ClawbackRecorded"]
+    claw = events[1]
+    assert isinstance(claw, ev.ClawbackRecorded)
+    assert (claw.order_id, claw.batch_id, claw.fen) == (order, cmd.batch_id, SUBSIDY)
