@@ -272,3 +272,27 @@ def check_log_matches_stores(
     if lines or counts:
         raise LogStoreMismatch(counts, lines, only_unlogged=not problems, cap=cap)
     return dict(sorted(store_counts.items()))
+
+
+class MerchantSettled(NamedTuple):
+    """What a merchant's settlement events add up to (``services.ledger.settlement_domain
+    .settled``): fen paid (net of paid batches), the subsidy of their lines still unrefunded,
+    the clawbacks recorded on their refunded lines, and the clawbacks they deducted."""
+
+    paid: int
+    unrefunded: int
+    clawed: int
+    deducted: int
+
+
+def check_paid_covered(merchant_id: str, s: MerchantSettled) -> None:
+    """Every fen paid to a merchant is covered by an evidenced, unrefunded capture or a recorded
+    clawback: paid = unrefunded + clawed - deducted (the paid batches' lines, their clawbacks,
+    and what those batches deducted), nothing negative."""
+    if min(s) < 0:
+        raise InvariantViolation(f"merchant {merchant_id}: negative settlement figures {s}")
+    if s.paid != s.unrefunded + s.clawed - s.deducted:
+        raise InvariantViolation(
+            f"merchant {merchant_id}: paid {s.paid} fen != unrefunded {s.unrefunded}"
+            f" + clawed back {s.clawed} - deducted {s.deducted}"
+        )

@@ -100,6 +100,13 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _LEDGER + "ReconcileDiscountBill": frozenset({OPERATOR}),
     _LEDGER + "ListReconciliations": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "GetReconciliation": frozenset({OPERATOR, AUDITOR}),
+    _LEDGER + "RecordEvidence": frozenset({PLATFORM}),
+    _LEDGER + "CreateSettlementBatch": frozenset({OPERATOR}),
+    _LEDGER + "ApproveSettlementBatch": frozenset({APPROVER}),
+    _LEDGER + "MarkSettlementBatchPaid": frozenset({OPERATOR}),
+    _LEDGER + "GetSettlementBatch": frozenset({OPERATOR, APPROVER, AUDITOR}),
+    _LEDGER + "ListOverdueEvidence": frozenset({OPERATOR, AUDITOR}),
+    _LEDGER + "ListReturns": frozenset({OPERATOR, AUDITOR}),
     # audit: read-only, for the people who check the campaign
     _AUDIT + "GetLogInfo": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetEntries": frozenset({AUDITOR, OPERATOR}),

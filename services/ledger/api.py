@@ -10,14 +10,16 @@ from typing import Any
 
 from services.kernel import validate
 from services.kernel.contract.budget import Pool
-from services.kernel.contract.policy import BP_DENOMINATOR
+from services.kernel.contract.policy import BP_DENOMINATOR, MAX_PRICE_FEN
 from services.kernel.errors import InvalidArgument, NotFound
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.riskscreen import circumstances_of
 from services.kernel.rpc import ServicerContext
 from subsidy.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import events_pb2 as ev
 
 from . import domain
+from . import settlement_domain as sd
 from .handlers import BudgetStatus, Ledger
 from .reconciliation_api import ReconciliationApi
 
@@ -121,6 +123,17 @@ def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.Fundin
     return out
 
 
+def _paid_amount(fen: int) -> int:
+    """A declared paid amount: 0 (all of it subsidised) up to the largest price, in fen."""
+    if fen < 0 or fen > MAX_PRICE_FEN:
+        raise InvalidArgument(
+            "INVALID_AMOUNT",
+            f"paid_amount_fen: must be 0..{MAX_PRICE_FEN} fen",
+            field="paid_amount_fen",
+        )
+    return fen
+
+
 def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
     out = ledger_pb2.Reservation(
         order_id=row["order_id"],
@@ -132,10 +145,50 @@ def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
         qualification_id=row["qualification_id"],
         release_reason=row["release_reason"],
         sources=[common_pb2.SourceAmount(source=s, fen=fen) for s, fen in row["sources"]],
+        payment_ref=row["payment_ref"],
+        paid_amount_fen=row["paid_amount_fen"],
+        capture_flag=row["capture_flag"],
     )
     expires: datetime = row["expires_at"]
     out.expires_at.FromDatetime(expires)
     return out
+
+
+def _batch(row: dict[str, Any]) -> ledger_pb2.SettlementBatch:
+    out = ledger_pb2.SettlementBatch(
+        batch_id=row["batch_id"],
+        merchant_id=row["merchant_id"],
+        status=row["status"],
+        lines=[ev.SettlementLine(order_id=o, subsidy_fen=fen) for o, fen in row["lines"]],
+        clawbacks=[ev.ClawbackLine(order_id=o, fen=fen) for o, fen in row["clawbacks"]],
+        gross_fen=row["gross_fen"],
+        clawback_fen=row["clawback_fen"],
+        net_fen=row["net_fen"],
+        created_by=row["created_by"],
+        approved_by=row["approved_by"],
+        payment_ref=row["payment_ref"],
+    )
+    out.period_from.FromDatetime(row["period_from"])
+    out.period_to.FromDatetime(row["period_to"])
+    return out
+
+
+MAX_LIST = 1000
+
+
+def _limit(limit: int) -> int:
+    """A list's size: 1..MAX_LIST, 0 for the default of 100."""
+    limit = limit or 100
+    if not 0 < limit <= MAX_LIST:
+        raise InvalidArgument("INVALID_LIMIT", f"limit: 1..{MAX_LIST}", field="limit")
+    return limit
+
+
+def _required_time(field: str, request: Any) -> datetime:
+    if not request.HasField(field):
+        raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
+    value: datetime = getattr(request, field).ToDatetime(tzinfo=UTC)
+    return value
 
 
 class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
@@ -216,8 +269,11 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
+        paid = (
+            _paid_amount(request.paid_amount_fen) if request.HasField("paid_amount_fen") else None
+        )
         return _reservation(
-            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope())
+            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope(), paid)
         )
 
     async def ReleaseSubsidy(
@@ -235,3 +291,110 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
         if row is None:
             raise NotFound("UNKNOWN_ORDER", "order_id: no reservation", field="order_id")
         return _reservation(row)
+
+    # -- settlement ---------------------------------------------------------------------------
+    async def RecordEvidence(
+        self, request: ledger_pb2.RecordEvidenceRequest, context: ServicerContext
+    ) -> ledger_pb2.OrderEvidence:
+        order_id = validate.identifier("order_id", request.order_id)
+        cmd = sd.RecordEvidence(
+            order_id=order_id,
+            kind=validate.choice("kind", request.kind, sd.EVIDENCE_KINDS),
+            reference=validate.text_field("reference", request.reference, max_len=128),
+            serial=validate.serial("serial", request.serial) if request.serial else "",
+            evidenced_at=(
+                request.evidenced_at.ToDatetime(tzinfo=UTC)
+                if request.HasField("evidenced_at")
+                else None
+            ),
+        )
+        row = await self.ledger.record_evidence(cmd, caller().actor(), scope())
+        return ledger_pb2.OrderEvidence(
+            order_id=row["order_id"],
+            merchant_id=row["merchant_id"],
+            kind=row["kind"],
+            reference=row["reference"],
+            serial=row["serial"],
+        )
+
+    async def CreateSettlementBatch(
+        self, request: ledger_pb2.CreateSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        cmd = sd.CreateBatch(
+            batch_id=validate.identifier("batch_id", request.batch_id),
+            merchant_id=validate.identifier("merchant_id", request.merchant_id),
+            period_from=_required_time("period_from", request),
+            period_to=_required_time("period_to", request),
+        )
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        return _batch(await self.ledger.create_batch(cmd, caller().actor(reason)))
+
+    async def ApproveSettlementBatch(
+        self, request: ledger_pb2.ApproveSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        reason = validate.text_field("reason", request.reason, max_len=500, required=False)
+        return _batch(await self.ledger.approve_batch(batch_id, caller().actor(reason)))
+
+    async def MarkSettlementBatchPaid(
+        self, request: ledger_pb2.MarkSettlementBatchPaidRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        payment_ref = validate.text_field("payment_ref", request.payment_ref, max_len=128)
+        row = await self.ledger.mark_batch_paid(batch_id, payment_ref, caller().actor())
+        return _batch(row)
+
+    async def GetSettlementBatch(
+        self, request: ledger_pb2.GetSettlementBatchRequest, context: ServicerContext
+    ) -> ledger_pb2.SettlementBatch:
+        batch_id = validate.identifier("batch_id", request.batch_id)
+        return _batch(await self.ledger.settlement_batch(batch_id))
+
+    async def ListOverdueEvidence(
+        self, request: ledger_pb2.ListOverdueEvidenceRequest, context: ServicerContext
+    ) -> ledger_pb2.ListOverdueEvidenceResponse:
+        merchant = (
+            validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
+        )
+        rows = await self.ledger.overdue_evidence(merchant, _limit(request.limit))
+        out = ledger_pb2.ListOverdueEvidenceResponse()
+        for row in rows:
+            item = out.captures.add(
+                order_id=row["order_id"],
+                merchant_id=row["merchant_id"],
+                platform_id=row["platform_id"],
+                subsidy_fen=row["subsidy_fen"],
+                policy_version=row["policy_version"],
+            )
+            item.captured_at.FromDatetime(row["captured_at"])
+            item.due_at.FromDatetime(row["due_at"])
+        return out
+
+    async def ListReturns(
+        self, request: ledger_pb2.ListReturnsRequest, context: ServicerContext
+    ) -> ledger_pb2.ListReturnsResponse:
+        merchant = (
+            validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
+        )
+        out = ledger_pb2.ListReturnsResponse()
+        for row in await self.ledger.returns(merchant, _limit(request.limit)):
+            clawback = (
+                "NONE"
+                if row["clawback_fen"] is None
+                else "DEDUCTED"
+                if row["deducted_by"]
+                else "OUTSTANDING"
+            )
+            item = out.returns.add(
+                order_id=row["order_id"],
+                merchant_id=row["merchant_id"],
+                platform_id=row["platform_id"],
+                sku=row["sku"],
+                subsidy_fen=row["subsidy_fen"],
+                batch_id=row["batch_id"] or "",
+                clawback=clawback,
+                deducted_by=row["deducted_by"] or "",
+            )
+            item.captured_at.FromDatetime(row["captured_at"])
+            item.refunded_at.FromDatetime(row["refunded_at"])
+        return out

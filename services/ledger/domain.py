@@ -22,7 +22,7 @@ from services.kernel.contract.budget import (
     split_priority,
     split_pro_rata,
 )
-from services.kernel.contract.policy import BP_DENOMINATOR, FundingRules, Split
+from services.kernel.contract.policy import BP_DENOMINATOR, FundingRules, PaidAmount, Split
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -51,6 +51,7 @@ class Reservation:
     qualification_id: str = ""
     sources: Parts = ()  # what each funding source holds (empty: reserved before sources)
     category: str = ""
+    unit_price_fen: int = 0  # the item's price the platform reserved at
 
 
 @dataclass(frozen=True)
@@ -593,7 +594,39 @@ def unknown_order(order_id: str) -> NotFound:
     return NotFound("UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id")
 
 
-def capture(res: Reservation | None, payment_ref: str) -> list[Message]:
+PAID_AMOUNT_MISMATCH, PAID_AMOUNT_MISSING = "PAID_AMOUNT_MISMATCH", "PAID_AMOUNT_MISSING"
+
+
+def check_paid(res: Reservation, paid_amount_fen: int | None, rule: PaidAmount) -> str:
+    """What the consumer paid (after the instant discount) plus the subsidy must be the reserved
+    unit price: the platform's declared price alone never decides the money. A mismatch, or no
+    amount declared, is refused or flagged by the policy's rule; returns the flag ("" when the
+    amount matches)."""
+    expected = res.unit_price_fen - res.subsidy_fen
+    if paid_amount_fen is None:
+        flag, error = PAID_AMOUNT_MISSING, "paid_amount_fen: required by this order's policy"
+    elif paid_amount_fen != expected:
+        flag = PAID_AMOUNT_MISMATCH
+        error = (
+            f"paid_amount_fen: {paid_amount_fen} fen paid, but order {res.order_id} was reserved"
+            f" at {res.unit_price_fen} fen less a subsidy of {res.subsidy_fen} fen:"
+            f" {expected} fen"
+        )
+    else:
+        return ""
+    if rule is PaidAmount.REFUSE:
+        raise FailedPrecondition(flag, error, field="paid_amount_fen")
+    return flag
+
+
+def capture(
+    res: Reservation | None,
+    payment_ref: str,
+    paid_amount_fen: int | None = None,
+    rule: PaidAmount = PaidAmount.FLAG,
+) -> list[Message]:
+    """Post the order's subsidy (each source pays what it held), recording what was paid; a
+    capture again is the capture already posted (a retry changes nothing)."""
     if res is None:
         raise unknown_order("")
     if res.status == CAPTURED:
@@ -602,6 +635,7 @@ def capture(res: Reservation | None, payment_ref: str) -> list[Message]:
         raise FailedPrecondition(
             "RESERVATION_NOT_PENDING", f"order {res.order_id} is {res.status}", field="order_id"
         )
+    flag = check_paid(res, paid_amount_fen, rule)
     return [
         ev.SubsidyCaptured(
             order_id=res.order_id,
@@ -611,6 +645,8 @@ def capture(res: Reservation | None, payment_ref: str) -> list[Message]:
             qualification_id=res.qualification_id,
             sources=parts_message(res.sources),  # what each source held is what it pays
             category=res.category,
+            paid_amount_fen=paid_amount_fen,
+            flag=flag,
         )
     ]
 
@@ -648,9 +684,12 @@ def alerts(state: Settle, rules: FundingRules) -> list[Message]:
     ]
 
 
-def capture_and_alert(state: Settle, payment_ref: str, rules: FundingRules) -> list[Message]:
-    """Capture the order, and raise the thresholds the capture reaches (once each)."""
-    captured = capture(state.reservation, payment_ref)
+def capture_and_alert(
+    state: Settle, payment_ref: str, rules: FundingRules, paid_amount_fen: int | None = None
+) -> list[Message]:
+    """Capture the order (its paid amount checked by the policy's rule), and raise the
+    thresholds the capture reaches (once each)."""
+    captured = capture(state.reservation, payment_ref, paid_amount_fen, rules.paid_amount)
     return [*captured, *alerts(state, rules)] if captured else []
 
 
@@ -698,6 +737,7 @@ def evolve(res: Reservation | None, event: Message) -> Reservation | None:
             event.qualification_id,
             parts_of(event.sources),
             event.category,
+            event.unit_price_fen,
         )
     if res is None:
         return None

@@ -29,7 +29,7 @@ from services.kernel.contract.budget import pool_stream
 from services.kernel.contract.policy import FundingRules
 from services.kernel.contract.risk import Action, Outcome, Subjects
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
-from services.kernel.events import Context, service_actor
+from services.kernel.events import Context, payload_of, service_actor
 from services.kernel.eventstore import EventStore, streams_table
 from services.kernel.pipeline import Aggregate, Pipeline
 from services.kernel.riskscreen import Circumstances, RiskBlocked, Screening
@@ -41,6 +41,7 @@ from subsidy.v1 import (
     eligibility_pb2,
     eligibility_pb2_grpc,
 )
+from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from .funding import FundingUseCases
@@ -64,6 +65,7 @@ from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
 from .reconciliation import Reconciliations
 from .risk import LedgerRisk
+from .settlement import SettlementUseCases
 
 SERVICE = "ledger"
 # Answers after which eligibility certainly locked nothing.
@@ -176,7 +178,7 @@ def _as_command(row: dict[str, object]) -> domain.Reserve:
     )
 
 
-class Ledger(FundingUseCases):
+class Ledger(FundingUseCases, SettlementUseCases):
     """Budget pools and the checkout's reserve / capture / release."""
 
     def __init__(
@@ -528,7 +530,7 @@ class Ledger(FundingUseCases):
         )
         ctx = Context(actor, correlation_id=order_id, policy_version=version)
         async with self.store.transaction() as tx:
-            await self.pipeline.run(
+            outcome = await self.pipeline.run(
                 SETTLE,
                 key,
                 lambda state: decide(state or domain.Settle(None), rules),
@@ -536,19 +538,31 @@ class Ledger(FundingUseCases):
                 tx=tx,
                 reload=False,
             )
+            if any(
+                isinstance(e := payload_of(env), ev.SubsidyReleased) and e.was_captured
+                for env in outcome.appended
+            ):  # a refund: clawed back if a settlement batch included the order
+                await self.claw_back(tx, order_id, str(existing["merchant_id"]), ctx)
             row = await self._row(tx.conn, order_id)
         assert row is not None
         return row
 
     async def capture(
-        self, order_id: str, payment_ref: str, actor: common_pb2.Actor, platform: str | None
+        self,
+        order_id: str,
+        payment_ref: str,
+        actor: common_pb2.Actor,
+        platform: str | None,
+        paid_amount_fen: int | None = None,
     ) -> dict[str, object]:
-        """Post the order's subsidy (each source pays what it held), and raise the thresholds
-        of the order's policy version that the capture reaches."""
+        """Post the order's subsidy (each source pays what it held), the paid amount checked
+        by the order's policy version, and raise the thresholds the capture reaches."""
         return await self._settle(
             order_id,
             actor,
-            lambda state, rules: domain.capture_and_alert(state, payment_ref, rules),
+            lambda state, rules: domain.capture_and_alert(
+                state, payment_ref, rules, paid_amount_fen
+            ),
             platform,
             watch=True,
         )

@@ -40,6 +40,7 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from . import reconciliation_model as reconciliation
+from . import settlement_model as settlement
 
 metadata = MetaData()
 SERIAL_CONSTRAINT = "reservations_one_subsidy_per_serial"
@@ -130,6 +131,10 @@ reservations = Table(
     Column("serial", String(64), nullable=False, default=""),
     # What each funding source holds of subsidy_fen: [[source, fen], ...] in pool order.
     Column("sources", JSON, nullable=False, default=list),
+    # What the platform declared paid at capture (NULL: not declared), and the capture's flag
+    # (empty, PAID_AMOUNT_MISMATCH or PAID_AMOUNT_MISSING) under a policy that flags.
+    Column("paid_amount_fen", BigInteger, nullable=True),
+    Column("capture_flag", String(32), nullable=False, default=""),
     Index("reservations_pending_expiry", "status", "expires_at"),
     # One subsidy per unit: a serial / IMEI can be held or spent by one order only. Enforced
     # here, under concurrency, not only by catalog's (asynchronous) view of the ledger's events.
@@ -185,6 +190,9 @@ funding_keys = Table(
 
 # Discount-bill reconciliation: its captures, reconciliations and kept report lines.
 reconciliation_tables = reconciliation.ReconciliationTables(metadata, reservations)
+settlement_tables = settlement.SettlementTables(
+    metadata, reservations, reconciliation_tables.captures
+)
 
 
 def refusal_stream(order_id: str) -> str:
@@ -293,12 +301,18 @@ async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reser
                 reservations.c.qualification_id,
                 reservations.c.sources,
                 reservations.c.category,
+                reservations.c.unit_price_fen,
             ).where(reservations.c.order_id == order_id)
         )
     ).first()
     if row is None:
         return None
-    return domain.Reservation(*row[:5], sources=_parts(row.sources), category=row.category)
+    return domain.Reservation(
+        *row[:5],
+        sources=_parts(row.sources),
+        category=row.category,
+        unit_price_fen=row.unit_price_fen,
+    )
 
 
 async def load_proposal(conn: AsyncConnection, proposal_id: str) -> domain.FundingProposal | None:
@@ -326,6 +340,8 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     """Apply one ledger event to the read models."""
     event = payload_of(env)
     await reconciliation.apply_event(conn, reconciliation_tables, env, event)
+    if await settlement.apply_event(conn, settlement_tables, env, event):
+        return
     if isinstance(event, ev.FundingProposed | ev.FundingApproved):
         known = await load_proposal(conn, event.proposal_id)
         proposal = domain.evolve_proposal(known, event, env.actor.id)
@@ -445,7 +461,13 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         status = domain.evolve(settled, event)
         assert status is not None
         details = (
-            {"payment_ref": event.payment_ref}
+            {
+                "payment_ref": event.payment_ref,
+                "paid_amount_fen": (
+                    event.paid_amount_fen if event.HasField("paid_amount_fen") else None
+                ),
+                "capture_flag": event.flag,
+            }
             if isinstance(event, ev.SubsidyCaptured)
             else {"release_reason": event.reason}
         )
@@ -529,6 +551,7 @@ async def rebuild(store: EventStore) -> int:
             funding_proposals,
             pool_platforms,
             *reconciliation_tables.read_models,
+            *settlement_tables.read_models,
         ),
         apply_event,
     )

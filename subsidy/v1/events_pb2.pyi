@@ -1237,6 +1237,8 @@ class SubsidyCaptured(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    FLAG_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     pool_id: _builtins.str
     subsidy_fen: _builtins.int
@@ -1245,6 +1247,14 @@ class SubsidyCaptured(_message.Message):
     """the qualification the order held (eligibility acts on it)"""
     category: _builtins.str
     """the item's category (empty in events written before it)"""
+    paid_amount_fen: _builtins.int
+    """What the consumer paid for the item after the instant discount, as the platform declared
+    it at capture (absent: not declared, in events written before it or by an old client).
+    """
+    flag: _builtins.str
+    """Empty, or why the capture is flagged under a policy that flags rather than refuses:
+    PAID_AMOUNT_MISMATCH (paid + subsidy is not the reserved unit price), PAID_AMOUNT_MISSING.
+    """
     @_builtins.property
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
         """How much of subsidy_fen came from each funding source (what the reservation held); sums
@@ -1261,12 +1271,16 @@ class SubsidyCaptured(_message.Message):
         qualification_id: _builtins.str = ...,
         sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
         category: _builtins.str = ...,
+        paid_amount_fen: _builtins.int | None = ...,
+        flag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "order_id", b"order_id", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "sources", b"sources", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "category", b"category", "flag", b"flag", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "sources", b"sources", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
+    _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paid_amount_fen) -> _WhichOneofReturnType__paid_amount_fen | None: ...
 
 Global___SubsidyCaptured: _TypeAlias = SubsidyCaptured  # noqa: Y015
 
@@ -1793,3 +1807,240 @@ class DiscountBillReconciled(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiscountBillReconciled: _TypeAlias = DiscountBillReconciled  # noqa: Y015
+
+@_typing.final
+class EvidenceRecorded(_message.Message):
+    """---- settlement (services/ledger/settlement_domain.py) ----------------------------------------
+    A captured subsidy's delivery or activation evidence: settlement pays only evidenced captures.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    EVIDENCED_AT_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    kind: _builtins.str
+    """COURIER (a courier's waybill) or ACTIVATION (an activation record)"""
+    reference: _builtins.str
+    """the waybill number or the activation record's id"""
+    serial: _builtins.str
+    """ACTIVATION of a unit reserved with a serial / IMEI: the activated unit's, equal to it."""
+    @_builtins.property
+    def evidenced_at(self) -> _timestamp_pb2.Timestamp:
+        """when delivered or activated, as declared"""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        evidenced_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at", "kind", b"kind", "merchant_id", b"merchant_id", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvidenceRecorded: _TypeAlias = EvidenceRecorded  # noqa: Y015
+
+@_typing.final
+class SettlementLine(_message.Message):
+    """One evidenced, unrefunded capture a batch pays."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    subsidy_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        subsidy_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementLine: _TypeAlias = SettlementLine  # noqa: Y015
+
+@_typing.final
+class ClawbackLine(_message.Message):
+    """A refund after settlement, deducted from a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    FEN_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fen", b"fen", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawbackLine: _TypeAlias = ClawbackLine  # noqa: Y015
+
+@_typing.final
+class SettlementBatchCreated(_message.Message):
+    """An operator made a merchant's settlement batch for a period (maker); nothing is owed until a
+    different approver approves it, and once approved it never changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
+    GROSS_FEN_FIELD_NUMBER: _builtins.int
+    CLAWBACK_FEN_FIELD_NUMBER: _builtins.int
+    NET_FEN_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    gross_fen: _builtins.int
+    clawback_fen: _builtins.int
+    net_fen: _builtins.int
+    """gross_fen - clawback_fen, never negative"""
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp:
+        """captures from (included)"""
+
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp:
+        """to (excluded)"""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettlementLine]: ...
+    @_builtins.property
+    def clawbacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClawbackLine]:
+        """deducted (whole, oldest first, while they fit)"""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        lines: _abc.Iterable[Global___SettlementLine] | None = ...,
+        clawbacks: _abc.Iterable[Global___ClawbackLine] | None = ...,
+        gross_fen: _builtins.int = ...,
+        clawback_fen: _builtins.int = ...,
+        net_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "clawback_fen", b"clawback_fen", "clawbacks", b"clawbacks", "gross_fen", b"gross_fen", "lines", b"lines", "merchant_id", b"merchant_id", "net_fen", b"net_fen", "period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementBatchCreated: _TypeAlias = SettlementBatchCreated  # noqa: Y015
+
+@_typing.final
+class SettlementBatchApproved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    NET_FEN_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    net_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        net_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "merchant_id", b"merchant_id", "net_fen", b"net_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementBatchApproved: _TypeAlias = SettlementBatchApproved  # noqa: Y015
+
+@_typing.final
+class SettlementBatchPaid(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    NET_FEN_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    net_fen: _builtins.int
+    payment_ref: _builtins.str
+    """the bank transfer's reference"""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        net_fen: _builtins.int = ...,
+        payment_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "merchant_id", b"merchant_id", "net_fen", b"net_fen", "payment_ref", b"payment_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementBatchPaid: _TypeAlias = SettlementBatchPaid  # noqa: Y015
+
+@_typing.final
+class ClawbackRecorded(_message.Message):
+    """A refund of an order a batch included: the merchant owes its subsidy back, deducted from
+    its next batch, and a receivable until one does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    FEN_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    fen: _builtins.int
+    batch_id: _builtins.str
+    """the batch that included the order"""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        fen: _builtins.int = ...,
+        batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "fen", b"fen", "merchant_id", b"merchant_id", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawbackRecorded: _TypeAlias = ClawbackRecorded  # noqa: Y015

@@ -449,8 +449,15 @@ class CaptureSubsidyRequest(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     payment_ref: _builtins.str
+    paid_amount_fen: _builtins.int
+    """What the consumer paid for the item after the instant discount, in fen (0..the largest
+    price): it must be unit_price_fen - subsidy_fen of the reservation. A mismatch (or an
+    absent amount) is refused (PAID_AMOUNT_MISMATCH / PAID_AMOUNT_MISSING) or captured and
+    flagged, as the order's policy version says (funding.paid_amount; default: flag).
+    """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -459,12 +466,15 @@ class CaptureSubsidyRequest(_message.Message):
         order_id: _builtins.str = ...,
         payment_ref: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        paid_amount_fen: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "order_id", b"order_id", "payment_ref", b"payment_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
+    _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paid_amount_fen) -> _WhichOneofReturnType__paid_amount_fen | None: ...
 
 Global___CaptureSubsidyRequest: _TypeAlias = CaptureSubsidyRequest  # noqa: Y015
 
@@ -528,6 +538,9 @@ class Reservation(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     RELEASE_REASON_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    CAPTURE_FLAG_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     status: _builtins.str
     """PENDING, CAPTURED, RELEASED"""
@@ -537,6 +550,11 @@ class Reservation(_message.Message):
     category: _builtins.str
     qualification_id: _builtins.str
     release_reason: _builtins.str
+    payment_ref: _builtins.str
+    paid_amount_fen: _builtins.int
+    """as declared at capture (absent: not declared)"""
+    capture_flag: _builtins.str
+    """empty, PAID_AMOUNT_MISMATCH or PAID_AMOUNT_MISSING (flagged)"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -556,12 +574,17 @@ class Reservation(_message.Message):
         qualification_id: _builtins.str = ...,
         release_reason: _builtins.str = ...,
         sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+        payment_ref: _builtins.str = ...,
+        paid_amount_fen: _builtins.int | None = ...,
+        capture_flag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "expires_at", b"expires_at", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "capture_flag", b"capture_flag", "category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
+    _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paid_amount_fen) -> _WhichOneofReturnType__paid_amount_fen | None: ...
 
 Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
 
@@ -861,3 +884,414 @@ class GetReconciliationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetReconciliationRequest: _TypeAlias = GetReconciliationRequest  # noqa: Y015
+
+@_typing.final
+class RecordEvidenceRequest(_message.Message):
+    """---- settlement ---------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    EVIDENCED_AT_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    kind: _builtins.str
+    """COURIER (a waybill) or ACTIVATION (an activation record)"""
+    reference: _builtins.str
+    """the waybill number or activation record id (at most 128 characters)"""
+    serial: _builtins.str
+    """ACTIVATION of a serialised unit: its serial / IMEI, as reserved"""
+    @_builtins.property
+    def evidenced_at(self) -> _timestamp_pb2.Timestamp:
+        """when delivered or activated (optional)"""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        evidenced_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at", "kind", b"kind", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEvidenceRequest: _TypeAlias = RecordEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class OrderEvidence(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    kind: _builtins.str
+    reference: _builtins.str
+    serial: _builtins.str
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        serial: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "merchant_id", b"merchant_id", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderEvidence: _TypeAlias = OrderEvidence  # noqa: Y015
+
+@_typing.final
+class CreateSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp:
+        """captures from (included)"""
+
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp:
+        """to (excluded)"""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "merchant_id", b"merchant_id", "period_from", b"period_from", "period_to", b"period_to", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSettlementBatchRequest: _TypeAlias = CreateSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class ApproveSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveSettlementBatchRequest: _TypeAlias = ApproveSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class MarkSettlementBatchPaidRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    payment_ref: _builtins.str
+    """the bank transfer's reference (at most 128 characters)"""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        payment_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "payment_ref", b"payment_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkSettlementBatchPaidRequest: _TypeAlias = MarkSettlementBatchPaidRequest  # noqa: Y015
+
+@_typing.final
+class GetSettlementBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementBatchRequest: _TypeAlias = GetSettlementBatchRequest  # noqa: Y015
+
+@_typing.final
+class SettlementBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PERIOD_FROM_FIELD_NUMBER: _builtins.int
+    PERIOD_TO_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
+    GROSS_FEN_FIELD_NUMBER: _builtins.int
+    CLAWBACK_FEN_FIELD_NUMBER: _builtins.int
+    NET_FEN_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    PAYMENT_REF_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    merchant_id: _builtins.str
+    status: _builtins.str
+    """CREATED, APPROVED, PAID"""
+    gross_fen: _builtins.int
+    clawback_fen: _builtins.int
+    net_fen: _builtins.int
+    created_by: _builtins.str
+    approved_by: _builtins.str
+    payment_ref: _builtins.str
+    @_builtins.property
+    def period_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period_to(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.SettlementLine]: ...
+    @_builtins.property
+    def clawbacks(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.ClawbackLine]: ...
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        period_from: _timestamp_pb2.Timestamp | None = ...,
+        period_to: _timestamp_pb2.Timestamp | None = ...,
+        lines: _abc.Iterable[_events_pb2.SettlementLine] | None = ...,
+        clawbacks: _abc.Iterable[_events_pb2.ClawbackLine] | None = ...,
+        gross_fen: _builtins.int = ...,
+        clawback_fen: _builtins.int = ...,
+        net_fen: _builtins.int = ...,
+        created_by: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        payment_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_from", b"period_from", "period_to", b"period_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "batch_id", b"batch_id", "clawback_fen", b"clawback_fen", "clawbacks", b"clawbacks", "created_by", b"created_by", "gross_fen", b"gross_fen", "lines", b"lines", "merchant_id", b"merchant_id", "net_fen", b"net_fen", "payment_ref", b"payment_ref", "period_from", b"period_from", "period_to", b"period_to", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementBatch: _TypeAlias = SettlementBatch  # noqa: Y015
+
+@_typing.final
+class ListOverdueEvidenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """empty: every merchant's"""
+    limit: _builtins.int
+    """1..1000; 0: 100"""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOverdueEvidenceRequest: _TypeAlias = ListOverdueEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class OverdueCapture(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    platform_id: _builtins.str
+    subsidy_fen: _builtins.int
+    policy_version: _builtins.str
+    @_builtins.property
+    def captured_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """captured_at + the policy version's evidence_days"""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        subsidy_fen: _builtins.int = ...,
+        captured_at: _timestamp_pb2.Timestamp | None = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+        policy_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "due_at", b"due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "due_at", b"due_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "policy_version", b"policy_version", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverdueCapture: _TypeAlias = OverdueCapture  # noqa: Y015
+
+@_typing.final
+class ListOverdueEvidenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def captures(self) -> _containers.RepeatedCompositeFieldContainer[Global___OverdueCapture]: ...
+    def __init__(
+        self,
+        *,
+        captures: _abc.Iterable[Global___OverdueCapture] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captures", b"captures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOverdueEvidenceResponse: _TypeAlias = ListOverdueEvidenceResponse  # noqa: Y015
+
+@_typing.final
+class ListReturnsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """empty: every merchant's"""
+    limit: _builtins.int
+    """1..1000; 0: 100"""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReturnsRequest: _TypeAlias = ListReturnsRequest  # noqa: Y015
+
+@_typing.final
+class ReturnEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_FIELD_NUMBER: _builtins.int
+    REFUNDED_AT_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CLAWBACK_FIELD_NUMBER: _builtins.int
+    DEDUCTED_BY_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    merchant_id: _builtins.str
+    platform_id: _builtins.str
+    sku: _builtins.str
+    subsidy_fen: _builtins.int
+    batch_id: _builtins.str
+    """the batch that included it ("" for none: nothing to claw back)"""
+    clawback: _builtins.str
+    """NONE, OUTSTANDING (a receivable) or DEDUCTED"""
+    deducted_by: _builtins.str
+    """the batch that deducted the clawback"""
+    @_builtins.property
+    def captured_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refunded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        subsidy_fen: _builtins.int = ...,
+        captured_at: _timestamp_pb2.Timestamp | None = ...,
+        refunded_at: _timestamp_pb2.Timestamp | None = ...,
+        batch_id: _builtins.str = ...,
+        clawback: _builtins.str = ...,
+        deducted_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "refunded_at", b"refunded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "captured_at", b"captured_at", "clawback", b"clawback", "deducted_by", b"deducted_by", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "refunded_at", b"refunded_at", "sku", b"sku", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReturnEntry: _TypeAlias = ReturnEntry  # noqa: Y015
+
+@_typing.final
+class ListReturnsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETURNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def returns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnEntry]: ...
+    def __init__(
+        self,
+        *,
+        returns: _abc.Iterable[Global___ReturnEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["returns", b"returns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReturnsResponse: _TypeAlias = ListReturnsResponse  # noqa: Y015

@@ -90,6 +90,41 @@ class LedgerServiceStub:
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
                 _registered_method=True)
+        self.RecordEvidence = channel.unary_unary(
+                '/subsidy.v1.LedgerService/RecordEvidence',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.RecordEvidenceRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.OrderEvidence.FromString,
+                _registered_method=True)
+        self.CreateSettlementBatch = channel.unary_unary(
+                '/subsidy.v1.LedgerService/CreateSettlementBatch',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.CreateSettlementBatchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+                _registered_method=True)
+        self.ApproveSettlementBatch = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ApproveSettlementBatch',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ApproveSettlementBatchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+                _registered_method=True)
+        self.MarkSettlementBatchPaid = channel.unary_unary(
+                '/subsidy.v1.LedgerService/MarkSettlementBatchPaid',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.MarkSettlementBatchPaidRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+                _registered_method=True)
+        self.GetSettlementBatch = channel.unary_unary(
+                '/subsidy.v1.LedgerService/GetSettlementBatch',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+                _registered_method=True)
+        self.ListOverdueEvidence = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListOverdueEvidence',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.FromString,
+                _registered_method=True)
+        self.ListReturns = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListReturns',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -174,6 +209,58 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvidence(self, request, context):
+        """Delivery / activation evidence of a captured order (its platform's): settlement pays only
+        evidenced captures. A unit reserved with a serial / IMEI: its activation, of that unit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSettlementBatch(self, request, context):
+        """Merchant settlement batches, maker-checker: an operator creates one per merchant and period
+        (its evidenced, unrefunded captures not in another batch, less its outstanding clawbacks),
+        a different approver approves it (from then on it never changes), an operator marks it
+        paid with the transfer's reference. docs/operations.md, "Settle the merchants".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveSettlementBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkSettlementBatchPaid(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlementBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOverdueEvidence(self, request, context):
+        """Captured orders still without evidence past their policy version's funding.evidence_days
+        (default 30), oldest first: chase the platform, they are not paid until evidenced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReturns(self, request, context):
+        """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+        batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +318,41 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetReconciliation,
                     request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.SerializeToString,
+            ),
+            'RecordEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvidence,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.RecordEvidenceRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.OrderEvidence.SerializeToString,
+            ),
+            'CreateSettlementBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSettlementBatch,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.CreateSettlementBatchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'ApproveSettlementBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveSettlementBatch,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ApproveSettlementBatchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'MarkSettlementBatchPaid': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkSettlementBatchPaid,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.MarkSettlementBatchPaidRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'GetSettlementBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlementBatch,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'ListOverdueEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOverdueEvidence,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.SerializeToString,
+            ),
+            'ListReturns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReturns,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +653,195 @@ class LedgerService:
             '/subsidy.v1.LedgerService/GetReconciliation',
             subsidy_dot_v1_dot_ledger__pb2.GetReconciliationRequest.SerializeToString,
             subsidy_dot_v1_dot_ledger__pb2.ReconcileProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/RecordEvidence',
+            subsidy_dot_v1_dot_ledger__pb2.RecordEvidenceRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.OrderEvidence.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSettlementBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/CreateSettlementBatch',
+            subsidy_dot_v1_dot_ledger__pb2.CreateSettlementBatchRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveSettlementBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ApproveSettlementBatch',
+            subsidy_dot_v1_dot_ledger__pb2.ApproveSettlementBatchRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkSettlementBatchPaid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/MarkSettlementBatchPaid',
+            subsidy_dot_v1_dot_ledger__pb2.MarkSettlementBatchPaidRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlementBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/GetSettlementBatch',
+            subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOverdueEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListOverdueEvidence',
+            subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReturns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListReturns',
+            subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
             options,
             channel_credentials,
             insecure,

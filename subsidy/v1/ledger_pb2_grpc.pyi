@@ -59,6 +59,27 @@ class LedgerServiceStub:
     """The reconciliations recorded, newest first (operators, auditors)."""
     GetReconciliation: _grpc.UnaryStreamMultiCallable[_ledger_pb2.GetReconciliationRequest, _ledger_pb2.ReconcileProgress]
     """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
+    RecordEvidence: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordEvidenceRequest, _ledger_pb2.OrderEvidence]
+    """Delivery / activation evidence of a captured order (its platform's): settlement pays only
+    evidenced captures. A unit reserved with a serial / IMEI: its activation, of that unit.
+    """
+    CreateSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CreateSettlementBatchRequest, _ledger_pb2.SettlementBatch]
+    """Merchant settlement batches, maker-checker: an operator creates one per merchant and period
+    (its evidenced, unrefunded captures not in another batch, less its outstanding clawbacks),
+    a different approver approves it (from then on it never changes), an operator marks it
+    paid with the transfer's reference. docs/operations.md, "Settle the merchants".
+    """
+    ApproveSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]
+    MarkSettlementBatchPaid: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]
+    GetSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]
+    ListOverdueEvidence: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]
+    """Captured orders still without evidence past their policy version's funding.evidence_days
+    (default 30), oldest first: chase the platform, they are not paid until evidenced.
+    """
+    ListReturns: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReturnsRequest, _ledger_pb2.ListReturnsResponse]
+    """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+    batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -91,6 +112,27 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """The reconciliations recorded, newest first (operators, auditors)."""
     GetReconciliation: _aio.UnaryStreamMultiCallable[_ledger_pb2.GetReconciliationRequest, _ledger_pb2.ReconcileProgress]  # type: ignore[assignment]
     """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
+    RecordEvidence: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordEvidenceRequest, _ledger_pb2.OrderEvidence]  # type: ignore[assignment]
+    """Delivery / activation evidence of a captured order (its platform's): settlement pays only
+    evidenced captures. A unit reserved with a serial / IMEI: its activation, of that unit.
+    """
+    CreateSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CreateSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    """Merchant settlement batches, maker-checker: an operator creates one per merchant and period
+    (its evidenced, unrefunded captures not in another batch, less its outstanding clawbacks),
+    a different approver approves it (from then on it never changes), an operator marks it
+    paid with the transfer's reference. docs/operations.md, "Settle the merchants".
+    """
+    ApproveSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    MarkSettlementBatchPaid: _aio.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    GetSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    ListOverdueEvidence: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]  # type: ignore[assignment]
+    """Captured orders still without evidence past their policy version's funding.evidence_days
+    (default 30), oldest first: chase the platform, they are not paid until evidenced.
+    """
+    ListReturns: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReturnsRequest, _ledger_pb2.ListReturnsResponse]  # type: ignore[assignment]
+    """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+    batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Budget pools and the checkout API platforms call."""
@@ -186,5 +228,68 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReconcileProgress], _abc.AsyncIterator[_ledger_pb2.ReconcileProgress]]:
         """One reconciliation and its report's lines, as ReconcileDiscountBill answered them."""
+
+    @_abc_1.abstractmethod
+    def RecordEvidence(
+        self,
+        request: _ledger_pb2.RecordEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.OrderEvidence, _abc.Awaitable[_ledger_pb2.OrderEvidence]]:
+        """Delivery / activation evidence of a captured order (its platform's): settlement pays only
+        evidenced captures. A unit reserved with a serial / IMEI: its activation, of that unit.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSettlementBatch(
+        self,
+        request: _ledger_pb2.CreateSettlementBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]:
+        """Merchant settlement batches, maker-checker: an operator creates one per merchant and period
+        (its evidenced, unrefunded captures not in another batch, less its outstanding clawbacks),
+        a different approver approves it (from then on it never changes), an operator marks it
+        paid with the transfer's reference. docs/operations.md, "Settle the merchants".
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveSettlementBatch(
+        self,
+        request: _ledger_pb2.ApproveSettlementBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def MarkSettlementBatchPaid(
+        self,
+        request: _ledger_pb2.MarkSettlementBatchPaidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def GetSettlementBatch(
+        self,
+        request: _ledger_pb2.GetSettlementBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOverdueEvidence(
+        self,
+        request: _ledger_pb2.ListOverdueEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListOverdueEvidenceResponse, _abc.Awaitable[_ledger_pb2.ListOverdueEvidenceResponse]]:
+        """Captured orders still without evidence past their policy version's funding.evidence_days
+        (default 30), oldest first: chase the platform, they are not paid until evidenced.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReturns(
+        self,
+        request: _ledger_pb2.ListReturnsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListReturnsResponse, _abc.Awaitable[_ledger_pb2.ListReturnsResponse]]:
+        """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
+        batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -170,12 +170,43 @@ class Funding(_message.Message):
     SPLIT_PRO_RATA: Funding.Split.ValueType  # 2
     """every source in proportion to what it funded"""
 
+    class _PaidAmount:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PaidAmountEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Funding._PaidAmount.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PAID_AMOUNT_UNSPECIFIED: Funding._PaidAmount.ValueType  # 0
+        """the default: flag"""
+        PAID_AMOUNT_FLAG: Funding._PaidAmount.ValueType  # 1
+        """captured, flagged on the event and the reservation"""
+        PAID_AMOUNT_REFUSE: Funding._PaidAmount.ValueType  # 2
+        """refused: FAILED_PRECONDITION PAID_AMOUNT_MISMATCH"""
+
+    class PaidAmount(_PaidAmount, metaclass=_PaidAmountEnumTypeWrapper): ...
+    PAID_AMOUNT_UNSPECIFIED: Funding.PaidAmount.ValueType  # 0
+    """the default: flag"""
+    PAID_AMOUNT_FLAG: Funding.PaidAmount.ValueType  # 1
+    """captured, flagged on the event and the reservation"""
+    PAID_AMOUNT_REFUSE: Funding.PaidAmount.ValueType  # 2
+    """refused: FAILED_PRECONDITION PAID_AMOUNT_MISMATCH"""
+
     SOURCES_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
     SUB_BUDGETS_FIELD_NUMBER: _builtins.int
+    PAID_AMOUNT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_DAYS_FIELD_NUMBER: _builtins.int
     split: Global___Funding.Split.ValueType
+    paid_amount: Global___Funding.PaidAmount.ValueType
+    """A capture whose declared paid amount plus the subsidy is not the reserved unit price:
+    unspecified (policies published before it) means flag.
+    """
+    evidence_days: _builtins.int
+    """How many days after its capture an order's delivery / activation evidence may take
+    (1..366); 0 (policies published before it): the default, 30.
+    """
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the sources a funding may name; empty: any"""
@@ -198,10 +229,12 @@ class Funding(_message.Message):
         priority: _abc.Iterable[_builtins.str] | None = ...,
         alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
         sub_budgets: _abc.Iterable[Global___SubBudget] | None = ...,
+        paid_amount: Global___Funding.PaidAmount.ValueType = ...,
+        evidence_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "priority", b"priority", "sources", b"sources", "split", b"split", "sub_budgets", b"sub_budgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "evidence_days", b"evidence_days", "paid_amount", b"paid_amount", "priority", b"priority", "sources", b"sources", "split", b"split", "sub_budgets", b"sub_budgets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,7 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.reconcile`: ``reconcile FILE.csv`` (the payment provider's discount bill against the
   ledger's captures: counts, fen totals and a CSV + XLSX report; once per file) and
   ``reconciliations`` (the recorded ones, for auditors).
+- :mod:`.settlement`: ``settlement create|approve|export|paid``, merchant batches, maker-checker.
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
 - :mod:`.risk`: ``risk rules``, ``risk lists``, ``risk decisions``: the risk rules and the block
   and allow lists (read; change through ``propose`` / ``lists add`` and ``approve`` by another
@@ -73,6 +74,7 @@ from . import (
     policy,
     reconcile,
     risk,
+    settlement,
     stack,
     switches,
 )
@@ -91,6 +93,7 @@ app.add_typer(policy.app, rich_help_panel=catalog.PANEL)
 app.add_typer(budget.app, rich_help_panel=catalog.PANEL)
 app.add_typer(risk.app, rich_help_panel=catalog.PANEL)
 app.add_typer(reconcile.app)
+app.add_typer(settlement.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
@@ -100,6 +103,7 @@ app.add_typer(backup.app)
 GROUPS = (
     policy.app.info.name,
     budget.app.info.name,
+    settlement.app.info.name,
     risk.app.info.name,
     audit.app.info.name,
     certs.app.info.name,

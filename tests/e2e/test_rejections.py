@@ -612,6 +612,22 @@ case(
     "payment_ref",
 )
 case(
+    f"{CAPTURE}-paid-amount-negative",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, paid_amount_fen=-1),
+    INVALID,
+    "INVALID_AMOUNT",
+    "paid_amount_fen",
+)
+case(
+    f"{CAPTURE}-paid-amount-above-any-price",
+    CAPTURE,
+    lambda w, rng: capture(w, rng, paid_amount_fen=10**12),
+    INVALID,
+    "INVALID_AMOUNT",
+    "paid_amount_fen",
+)
+case(
     f"{CAPTURE}-after-release",
     CAPTURE,
     lambda w, rng: capture(w, rng, order_id=w.released),
@@ -1433,6 +1449,180 @@ for _token in ("x", "-1", "1" * 10, "１"):
         "INVALID_PAGE_TOKEN",
         "page_token",
     )
+
+
+# LedgerService.RecordEvidence -------------------------------------------------------------------
+def evidence(w: World, rng: random.Random, **kw: Any) -> ledger_pb2.RecordEvidenceRequest:
+    values: dict[str, Any] = {"order_id": w.captured, "kind": "COURIER", "reference": "SF1"}
+    return ledger_pb2.RecordEvidenceRequest(**(values | kw))
+
+
+EVIDENCE = "ledger.RecordEvidence"
+identifier_cases(EVIDENCE, "order_id", setting(evidence, "order_id"))
+for _sb_id, _sb_build, _sb_code, _sb_reason, _sb_field in (
+    (
+        "unknown-order",
+        generated(evidence, "order_id", _order),
+        NOT_FOUND,
+        "UNKNOWN_ORDER",
+        "order_id",
+    ),
+    (
+        "not-captured",
+        lambda w, rng: evidence(w, rng, order_id=w.pending),
+        NOT_FOUND,
+        "UNKNOWN_ORDER",
+        "order_id",
+    ),
+    ("kind-missing", fixed(evidence, kind=""), INVALID, "INVALID_CHOICE", "kind"),
+    ("kind-unknown", fixed(evidence, kind="PHOTO"), INVALID, "INVALID_CHOICE", "kind"),
+    ("reference-missing", fixed(evidence, reference=" "), INVALID, "MISSING_FIELD", "reference"),
+    (
+        "reference-129-chars",
+        fixed(evidence, reference="r" * 129),
+        INVALID,
+        "FIELD_TOO_LONG",
+        "reference",
+    ),
+    ("serial-of-no-serial", fixed(evidence, serial="SN1"), INVALID, "UNEXPECTED_SERIAL", "serial"),
+    ("serial-non-ascii", fixed(evidence, serial="序列1"), INVALID, "INVALID_IDENTIFIER", "serial"),
+):
+    case(f"{EVIDENCE}-{_sb_id}", EVIDENCE, _sb_build, _sb_code, _sb_reason, _sb_field)
+
+
+# LedgerService settlement batches ---------------------------------------------------------------
+def _sb_period(
+    request: ledger_pb2.CreateSettlementBatchRequest,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+) -> ledger_pb2.CreateSettlementBatchRequest:
+    if start is not None:
+        request.period_from.FromDatetime(start)
+    if end is not None:
+        request.period_to.FromDatetime(end)
+    return request
+
+
+_NOW = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
+
+
+def create_batch(
+    w: World, rng: random.Random, **kw: Any
+) -> ledger_pb2.CreateSettlementBatchRequest:
+    start = kw.pop("start", _NOW)
+    end = kw.pop("end", _NOW + dt.timedelta(days=30))
+    values: dict[str, Any] = {"batch_id": f"sb-{rng.randrange(10**12)}", "merchant_id": "m-none"}
+    return _sb_period(ledger_pb2.CreateSettlementBatchRequest(**(values | kw)), start, end)
+
+
+CREATE_BATCH = "ledger.CreateSettlementBatch"
+identifier_cases(CREATE_BATCH, "batch_id", setting(create_batch, "batch_id"))
+identifier_cases(CREATE_BATCH, "merchant_id", setting(create_batch, "merchant_id"))
+for _sb_id, _sb_build, _sb_code, _sb_reason, _sb_field in (
+    (
+        "period-from-missing",
+        fixed(create_batch, start=None),
+        INVALID,
+        "MISSING_FIELD",
+        "period_from",
+    ),
+    ("period-to-missing", fixed(create_batch, end=None), INVALID, "MISSING_FIELD", "period_to"),
+    ("period-empty", fixed(create_batch, end=_NOW), INVALID, "INVALID_PERIOD", "period_to"),
+    (
+        "period-backwards",
+        fixed(create_batch, end=_NOW - dt.timedelta(days=1)),
+        INVALID,
+        "INVALID_PERIOD",
+        "period_to",
+    ),
+    ("nothing-to-settle", fixed(create_batch), PRECONDITION, "NOTHING_TO_SETTLE", "merchant_id"),
+    (
+        "reason-501-chars",
+        fixed(create_batch, reason="r" * 501),
+        INVALID,
+        "FIELD_TOO_LONG",
+        "reason",
+    ),
+):
+    case(f"{CREATE_BATCH}-{_sb_id}", CREATE_BATCH, _sb_build, _sb_code, _sb_reason, _sb_field)
+
+APPROVE_BATCH, PAY_BATCH, GET_BATCH = (
+    "ledger.ApproveSettlementBatch",
+    "ledger.MarkSettlementBatchPaid",
+    "ledger.GetSettlementBatch",
+)
+_BATCH_RPCS: list[tuple[str, Callable[[World, random.Random, str], Message]]] = [
+    (APPROVE_BATCH, lambda w, rng, v: ledger_pb2.ApproveSettlementBatchRequest(batch_id=v)),
+    (
+        PAY_BATCH,
+        lambda w, rng, v: ledger_pb2.MarkSettlementBatchPaidRequest(batch_id=v, payment_ref="x1"),
+    ),
+    (GET_BATCH, lambda w, rng, v: ledger_pb2.GetSettlementBatchRequest(batch_id=v)),
+]
+for _sb_rpc, _sb_make in _BATCH_RPCS:
+    identifier_cases(_sb_rpc, "batch_id", _sb_make)
+    case(
+        f"{_sb_rpc}-unknown",
+        _sb_rpc,
+        lambda w, rng, m=_sb_make: m(w, rng, f"sb-{rng.randrange(10**12)}"),  # type: ignore[misc]
+        NOT_FOUND,
+        "UNKNOWN_BATCH",
+        "batch_id",
+    )
+case(
+    f"{APPROVE_BATCH}-reason-501-chars",
+    APPROVE_BATCH,
+    lambda w, rng: ledger_pb2.ApproveSettlementBatchRequest(batch_id="sb-1", reason="r" * 501),
+    INVALID,
+    "FIELD_TOO_LONG",
+    "reason",
+)
+for _sb_ref, _sb_reason in (("", "MISSING_FIELD"), ("p" * 129, "FIELD_TOO_LONG")):
+    case(
+        f"{PAY_BATCH}-payment-ref-{_sb_reason.lower()}",
+        PAY_BATCH,
+        lambda w, rng, r=_sb_ref: ledger_pb2.MarkSettlementBatchPaidRequest(  # type: ignore[misc]
+            batch_id="sb-1", payment_ref=r
+        ),
+        INVALID,
+        _sb_reason,
+        "payment_ref",
+    )
+
+
+# LedgerService.ListOverdueEvidence and ListReturns ------------------------------------------------
+OVERDUE, RETURNS = "ledger.ListOverdueEvidence", "ledger.ListReturns"
+_SB_LISTS: list[tuple[str, Callable[..., Message]]] = [
+    (OVERDUE, ledger_pb2.ListOverdueEvidenceRequest),
+    (RETURNS, ledger_pb2.ListReturnsRequest),
+]
+for _sb_rpc, _sb_make in _SB_LISTS:
+    for _sb_limit in (-1, 1001):
+        case(
+            f"{_sb_rpc}-limit-{_sb_limit}",
+            _sb_rpc,
+            lambda w, rng, m=_sb_make, n=_sb_limit: m(limit=n),  # type: ignore[misc]
+            INVALID,
+            "INVALID_LIMIT",
+            "limit",
+        )
+    case(
+        f"{_sb_rpc}-merchant-id-65-chars",
+        _sb_rpc,
+        lambda w, rng, m=_sb_make: m(merchant_id=LONG),  # type: ignore[misc]
+        INVALID,
+        "FIELD_TOO_LONG",
+        "merchant_id",
+    )
+    for _sb_what, _sb_bad in BAD_IDENTIFIERS.items():
+        case(
+            f"{_sb_rpc}-merchant-id-{_sb_what}",
+            _sb_rpc,
+            lambda w, rng, m=_sb_make, b=_sb_bad: m(merchant_id=b),  # type: ignore[misc]
+            INVALID,
+            "INVALID_IDENTIFIER",
+            "merchant_id",
+        )
 
 
 # -- the tests ----------------------------------------------------------------------------------

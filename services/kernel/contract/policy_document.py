@@ -33,12 +33,15 @@ from services.kernel.contract.limits import (
 )
 from services.kernel.contract.policy_model import (
     BP_DENOMINATOR,
+    DEFAULT_EVIDENCE_DAYS,
+    MAX_EVIDENCE_DAYS,
     MIDNIGHT,
     Campaign,
     CategoryRule,
     ClaimWindow,
     FundingRules,
     Group,
+    PaidAmount,
     Policy,
     PolicyError,
     RefundRule,
@@ -69,7 +72,15 @@ _TOP_REQUIRED: Final = (
     "categories",
 )
 _TOP_OPTIONAL: Final = ("rounding", "funding")
-_FUNDING_KEYS: Final = ("sources", "split", "priority", "alert_thresholds_bp", "sub_budgets_bp")
+_FUNDING_KEYS: Final = (
+    "sources",
+    "split",
+    "priority",
+    "alert_thresholds_bp",
+    "sub_budgets_bp",
+    "paid_amount",
+    "evidence_days",
+)
 _SOURCE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MAX_SOURCES: Final = 20
 MAX_THRESHOLDS: Final = 20
@@ -358,18 +369,35 @@ def _funding(value: object, path: str, categories: tuple[CategoryRule, ...]) -> 
         sub_budgets=_sub_budgets(
             data.get("sub_budgets_bp", {}), f"{path}.sub_budgets_bp", categories
         ),
+        paid_amount=_enum(
+            data.get("paid_amount", PaidAmount.FLAG.value), f"{path}.paid_amount", PaidAmount
+        ),
+        evidence_days=_int(
+            data.get("evidence_days", DEFAULT_EVIDENCE_DAYS),
+            f"{path}.evidence_days",
+            minimum=1,
+            maximum=MAX_EVIDENCE_DAYS,
+            unit=" days",
+        ),
     )
 
 
 def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
-    """The ``funding`` part as a plain document (every key, fixed order)."""
-    return {
+    """The ``funding`` part as a plain document (every key, fixed order; ``paid_amount`` and
+    ``evidence_days`` only when not the default, so versions published before them keep their
+    document)."""
+    document: dict[str, Any] = {
         "sources": list(rules.sources),
         "split": rules.split.value,
         "priority": list(rules.priority),
         "alert_thresholds_bp": list(rules.alert_thresholds_bp),
         "sub_budgets_bp": dict(rules.sub_budgets),
     }
+    if rules.paid_amount is not PaidAmount.FLAG:
+        document["paid_amount"] = rules.paid_amount.value
+    if rules.evidence_days != DEFAULT_EVIDENCE_DAYS:
+        document["evidence_days"] = rules.evidence_days
+    return document
 
 
 def hhmm_text(value: dt.time) -> str:

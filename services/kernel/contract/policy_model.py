@@ -152,6 +152,24 @@ class Split(StrEnum):
     PRO_RATA = "pro_rata"
 
 
+# How long evidence may take when the policy does not say (versions published before the rule).
+DEFAULT_EVIDENCE_DAYS = 30
+MAX_EVIDENCE_DAYS = 366
+
+
+class PaidAmount(StrEnum):
+    """What a capture whose declared paid amount does not match the reservation meets
+    (``FundingRules.paid_amount``): the paid amount plus the subsidy must be the reserved
+    unit price, so the platform's declared price alone never decides the money."""
+
+    # Captured, and the capture flagged (PAID_AMOUNT_MISMATCH / PAID_AMOUNT_MISSING on the
+    # event and the reservation): what a policy published before this rule means, since its
+    # captures were never checked.
+    FLAG = "flag"
+    # Refused (PAID_AMOUNT_MISMATCH, PAID_AMOUNT_MISSING): nothing is captured.
+    REFUSE = "refuse"
+
+
 @dataclass(frozen=True, slots=True)
 class FundingRules:
     """How a campaign's budget is paid and watched (the policy's optional ``funding`` part).
@@ -165,6 +183,9 @@ class FundingRules:
     for the pool (of its funded amount) and for each category (of its sub-budget, or of the
     pool's funded amount when it has none). ``sub_budgets``: ``(category, share_bp)``, a
     category may hold or spend at most that share of the pool's funded amount.
+    ``paid_amount``: a capture's declared paid amount that does not match is flagged (the
+    default) or refused. ``evidence_days``: how long after its capture an order's delivery or
+    activation evidence may take before the order is listed as overdue (default 30 days).
     """
 
     sources: tuple[str, ...] = ()
@@ -172,6 +193,8 @@ class FundingRules:
     priority: tuple[str, ...] = ()
     alert_thresholds_bp: tuple[int, ...] = ()
     sub_budgets: tuple[tuple[str, int], ...] = ()
+    paid_amount: PaidAmount = PaidAmount.FLAG
+    evidence_days: int = DEFAULT_EVIDENCE_DAYS
 
     def accepts(self, source: str) -> bool:
         """Whether a funding may name ``source`` (any, when the policy declares none)."""

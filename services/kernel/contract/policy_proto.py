@@ -14,8 +14,10 @@ from typing import Final, TypeVar
 
 from services.kernel.contract.policy_document import hhmm_text, policy_from_dict, policy_from_json
 from services.kernel.contract.policy_model import (
+    DEFAULT_EVIDENCE_DAYS,
     FundingRules,
     Group,
+    PaidAmount,
     Policy,
     PolicyError,
     RefundRule,
@@ -36,6 +38,10 @@ _REFUND_PB: Final = {
 _SPLIT_PB: Final = {
     Split.PRIORITY: policy_pb2.Funding.SPLIT_PRIORITY,
     Split.PRO_RATA: policy_pb2.Funding.SPLIT_PRO_RATA,
+}
+_PAID_PB: Final = {
+    PaidAmount.FLAG: policy_pb2.Funding.PAID_AMOUNT_FLAG,
+    PaidAmount.REFUSE: policy_pb2.Funding.PAID_AMOUNT_REFUSE,
 }
 _GROUP_PB: Final = {
     Group.NATIONAL_APPLIANCE: policy_pb2.CategoryRule.GROUP_NATIONAL_APPLIANCE,
@@ -86,6 +92,15 @@ def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
                 sub_budgets=[
                     policy_pb2.SubBudget(category=c, share_bp=bp) for c, bp in rules.sub_budgets
                 ],
+                # The default stays unspecified (unwritten): old versions keep their bytes.
+                paid_amount=(
+                    _PAID_PB[rules.paid_amount]
+                    if rules.paid_amount is not PaidAmount.FLAG
+                    else policy_pb2.Funding.PAID_AMOUNT_UNSPECIFIED
+                ),
+                evidence_days=(
+                    rules.evidence_days if rules.evidence_days != DEFAULT_EVIDENCE_DAYS else 0
+                ),
             )
         )
     for rule in policy.categories:
@@ -180,6 +195,10 @@ def _funding_document(funding: policy_pb2.Funding) -> dict[str, object]:
     }
     if funding.split != policy_pb2.Funding.SPLIT_UNSPECIFIED:  # unspecified: the default
         document["split"] = _enum_word(_SPLIT_PB, funding.split)
+    if funding.paid_amount != policy_pb2.Funding.PAID_AMOUNT_UNSPECIFIED:  # the default: flag
+        document["paid_amount"] = _enum_word(_PAID_PB, funding.paid_amount)
+    if funding.evidence_days:  # 0: the default
+        document["evidence_days"] = funding.evidence_days
     return document
 
 
