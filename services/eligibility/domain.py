@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from services.kernel.contract.circumstances import in_region
 from services.kernel.contract.policy import CategoryRule, Policy, RefundRule
+from services.kernel.contract.policy_document import hhmm_text
 from services.kernel.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -219,10 +220,10 @@ def check_window(policy: Policy, now: dt.datetime) -> None:
     """Claims are taken only inside the policy's daily window, in the campaign's time zone."""
     window = policy.claim_window
     if not window.is_open(now):
-        closes = "24:00" if window.closes == dt.time.max else f"{window.closes:%H:%M}"
         raise FailedPrecondition(
             "OUTSIDE_WINDOW",
-            f"claims open daily {window.opens:%H:%M}-{closes} ({window.timezone})",
+            f"claims open daily {hhmm_text(window.opens)}-{hhmm_text(window.closes)}"
+            f" ({window.timezone})",
         )
 
 

@@ -133,7 +133,8 @@ async def test_a_claim_from_outside_the_campaign_region_is_refused(
     ) == (grpc.StatusCode.INVALID_ARGUMENT, "REGION_CODE_FORMAT", "circumstances.region_code")
     assert await qualifications_of(p, consumer) == 0
     village = common_pb2.Circumstances(region_code="440310003012")  # inside Pingshan
-    assert (await p.eligibility.ClaimQualification(claim(consumer, circumstances=village))).status
+    inside = await p.eligibility.ClaimQualification(claim(consumer, circumstances=village))
+    assert inside.status == "AVAILABLE"
 
 
 async def test_the_days_quota_is_exact_under_concurrent_claims(
@@ -159,7 +160,8 @@ async def test_the_days_quota_is_exact_under_concurrent_claims(
     # The next day in Shenzhen, the quota is fresh.
     eligibility.clock = lambda: (day + timedelta(days=1, hours=10)).astimezone(UTC)
     refused_one = next(c for c, r in zip(consumers, results, strict=True) if r not in issued)
-    assert (await p.eligibility.ClaimQualification(claim(refused_one, "tablet"))).status
+    fresh = await p.eligibility.ClaimQualification(claim(refused_one, "tablet"))
+    assert fresh.status == "AVAILABLE"
     await eligibility.check_limits()
 
 

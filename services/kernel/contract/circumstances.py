@@ -33,7 +33,7 @@ _TOKEN_RE: Final = re.compile(r"[!-~]{4,128}")
 # UnionPay and international cards: 12 to 19 digits (not every issuer's card passes Luhn).
 _CARD_RE: Final = re.compile(r"[0-9]{12,19}")
 # A 6-digit county code, optionally with the 3-digit township and 3-digit village parts.
-_REGION_RE: Final = re.compile(r"[1-9][0-9]{5}(?:[0-9]{3}(?:[0-9]{3})?)?")
+REGION_RE: Final = re.compile(r"[1-9][0-9]{5}(?:[0-9]{3}(?:[0-9]{3})?)?")
 _SPACES_RE: Final = re.compile(r"[\s\-]+")
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
@@ -77,7 +77,7 @@ def validate_bank_card(value: str) -> str:
 
 def validate_region_code(value: str) -> str:
     """An administrative division code: 6 digits (county), or 9 or 12 with township/village."""
-    if not _REGION_RE.fullmatch(value):
+    if not REGION_RE.fullmatch(value):
         raise InvalidCircumstance(REGION_CODE_FORMAT)
     return value
 

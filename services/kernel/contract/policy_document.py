@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from services.kernel.contract.circumstances import REGION_RE
 from services.kernel.contract.limits import (
     MAX_CAP_FEN,
     MAX_GRADE,
@@ -86,7 +87,6 @@ MAX_SOURCES: Final = 20
 MAX_THRESHOLDS: Final = 20
 _CAMPAIGN_KEYS: Final = ("name", "area")
 _CAMPAIGN_OPTIONAL: Final = ("regions",)
-_REGION_RE: Final = re.compile(r"[1-9][0-9]{5}(?:[0-9]{3}(?:[0-9]{3})?)?")
 MAX_REGIONS: Final = 1000
 _CLAIM_WINDOW_KEYS: Final = ("opens", "closes", "timezone")
 _CATEGORY_KEYS: Final = (
@@ -298,7 +298,7 @@ def _regions(value: object, path: str) -> tuple[str, ...]:
         raise PolicyError(path, f"must be a list of 1..{MAX_REGIONS} division codes")
     codes: list[str] = []
     for index, code in enumerate(value):
-        text = _text(code, f"{path}[{index}]", pattern=_REGION_RE)
+        text = _text(code, f"{path}[{index}]", pattern=REGION_RE)
         if text in codes:
             raise PolicyError(f"{path}[{index}]", f"duplicate region {text!r}")
         codes.append(text)
