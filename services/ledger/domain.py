@@ -19,24 +19,29 @@ from services.kernel.contract.budget import (
     Pool,
     parts_message,
     parts_of,
-    split_priority,
-    split_pro_rata,
 )
-from services.kernel.contract.policy import BP_DENOMINATOR, FundingRules, PaidAmount, Split
+
+# The funding checks are the ledger's decisions; they live in the contract because the
+# auditor's what-if replays them (re-exported: callers and tests name them as the ledger's).
+from services.kernel.contract.funds import DEFAULT_RULES as DEFAULT_RULES
+from services.kernel.contract.funds import CategoryUse as CategoryUse
+from services.kernel.contract.funds import check_budget as check_budget
+from services.kernel.contract.funds import check_funds as check_funds
+from services.kernel.contract.funds import check_sub_budget as check_sub_budget
+from services.kernel.contract.funds import evolve_use as evolve_use
+from services.kernel.contract.funds import split as split
+from services.kernel.contract.policy import BP_DENOMINATOR, FundingRules, PaidAmount
 from services.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
 )
 from subsidy.v1 import events_pb2 as ev
 
 MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a budget
 MAX_TRANCHES = 120  # ten years of monthly instalments
-# The rules of a policy without a funding part: any source, priority in funding order.
-DEFAULT_RULES = FundingRules()
 
 PENDING, CAPTURED, RELEASED = "PENDING", "CAPTURED", "RELEASED"
 RELEASE_REASONS = ("CANCELLED", "REFUNDED", "EXPIRED")
@@ -72,15 +77,6 @@ class ScheduledTranche:
     source: str
     amount_fen: int
     releases_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class CategoryUse:
-    """What one category holds (reserved) and has spent of one pool."""
-
-    category: str
-    reserved: int = 0
-    spent: int = 0
 
 
 def check_amount(amount_fen: int) -> int:
@@ -158,81 +154,6 @@ def scheduled(funded: ev.BudgetFunded) -> list[ScheduledTranche]:
         )
         for i, t in enumerate(funded.tranches)
     ]
-
-
-def check_budget(pool: Pool | None, pool_id: str, subsidy_fen: int) -> Pool:
-    """The pool exists and can pay ``subsidy_fen`` now: never overspend."""
-    if pool is None:
-        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
-    if subsidy_fen <= 0:
-        raise FailedPrecondition("NO_SUBSIDY", "the item earns no subsidy", field="sku")
-    if subsidy_fen > pool.available:
-        raise ResourceExhausted(
-            "BUDGET_EXHAUSTED",
-            f"budget pool {pool.pool_id} has {pool.available} fen left, {subsidy_fen} fen needed",
-            field="pool_id",
-        )
-    return pool
-
-
-def check_sub_budget(
-    pool: Pool, category: CategoryUse | None, name: str, subsidy_fen: int, rules: FundingRules
-) -> None:
-    """A category with a sub-budget holds and spends at most its share of the pool's funded
-    amount (rounded down to the fen)."""
-    share_bp = rules.sub_budget_bp(name)
-    if share_bp is None:
-        return
-    cap = pool.funded * share_bp // BP_DENOMINATOR
-    used = (category.reserved + category.spent) if category is not None else 0
-    if used + subsidy_fen > cap:
-        raise ResourceExhausted(
-            "SUB_BUDGET_EXHAUSTED",
-            f"budget pool {pool.pool_id}: category {name} has {max(cap - used, 0)} fen left of"
-            f" its sub-budget of {cap} fen, {subsidy_fen} fen needed",
-            field="pool_id",
-            pool_id=pool.pool_id,
-            category=name,
-        )
-
-
-def split(pool: Pool, subsidy_fen: int, rules: FundingRules) -> Parts:
-    """Which source holds how much of a subsidy the pool can pay, by the split rule. A pool
-    whose fundings named no source records no parts (its money is all unattributed). Under
-    pro rata a source that cannot pay its share refuses the order: SOURCE_EXHAUSTED."""
-    if not pool.sources:
-        return ()
-    payers = pool.payers()
-    if rules.split is Split.PRIORITY:
-        return split_priority(payers, subsidy_fen, rules.priority)
-    parts = split_pro_rata(payers, subsidy_fen)
-    for name, fen in parts:
-        found = pool.source(name) or pool.unattributed
-        if fen > found.available:
-            raise ResourceExhausted(
-                "SOURCE_EXHAUSTED",
-                f"budget pool {pool.pool_id}: source {name or '(none)'} has {found.available}"
-                f" fen left, its pro-rata part is {fen} fen",
-                field="pool_id",
-                pool_id=pool.pool_id,
-                source=name,
-            )
-    return parts
-
-
-def check_funds(
-    pool: Pool | None,
-    pool_id: str,
-    category: str,
-    subsidy_fen: int,
-    rules: FundingRules = DEFAULT_RULES,
-    use: CategoryUse | None = None,
-) -> Parts:
-    """The pool can pay ``subsidy_fen`` for an item of ``category`` now (the pool, the
-    category's sub-budget, each source's part, in that order); returns the source parts."""
-    checked = check_budget(pool, pool_id, subsidy_fen)
-    check_sub_budget(checked, use, category, subsidy_fen, rules)
-    return split(checked, subsidy_fen, rules)
 
 
 def reserve(
@@ -746,18 +667,3 @@ def evolve(res: Reservation | None, event: Message) -> Reservation | None:
     if isinstance(event, ev.SubsidyReleased):
         return replace(res, status=RELEASED)
     return res
-
-
-def evolve_use(use: CategoryUse, event: Message) -> CategoryUse:
-    """A category's use of a pool after one of its orders' events."""
-    if isinstance(event, ev.SubsidyReserved):
-        return replace(use, reserved=use.reserved + event.subsidy_fen)
-    if isinstance(event, ev.SubsidyCaptured):
-        return replace(
-            use, reserved=use.reserved - event.subsidy_fen, spent=use.spent + event.subsidy_fen
-        )
-    if isinstance(event, ev.SubsidyReleased):
-        if event.was_captured:
-            return replace(use, spent=use.spent - event.subsidy_fen)
-        return replace(use, reserved=use.reserved - event.subsidy_fen)
-    return use
