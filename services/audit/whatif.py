@@ -18,7 +18,7 @@ which a laxer draft might have admitted; and a draft's claim-time rules themselv
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
@@ -204,15 +204,19 @@ def replay(
     draft: Policy,
     start: dt.date | None = None,
     end: dt.date | None = None,
+    pools: Collection[str] | None = None,
 ) -> WhatIf:
     """Every pool's history under ``draft`` for the orders reserved on days ``start``..``end``
     (inclusive, in the draft's time zone; None: unbounded). Orders outside the period keep
     the subsidy they had (the draft's rules are not applied to them), so the budget they use
-    before and after the period is the real one, as far as the draft's budget still pays it."""
+    before and after the period is the real one, as far as the draft's budget still pays it.
+    ``pools``: only these pools (None: every pool)."""
     zone = ZoneInfo(draft.claim_window.timezone)
     orders: list[Order] = []
     burn: dict[tuple[str, str], dict[str, int]] = {}
     for pool_id, events in sorted(fold.pools.items()):
+        if pools is not None and pool_id not in pools:
+            continue
         actual, draft_pool = budget.Pool(pool_id), _Replay(budget.Pool(pool_id))
         legacy: dict[str, budget.Parts] = {}  # parts of orders reserved before sources
         mine: dict[str, Order] = {}

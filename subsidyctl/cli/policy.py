@@ -2,6 +2,7 @@
 
   subsidyctl policy draft FILE --reason TEXT [--identity DIR]        (the maker: an operator)
   subsidyctl policy approve VERSION --reason TEXT [--identity DIR]   (the checker: an approver)
+  subsidyctl policy whatif --draft VERSION [--from DAY --to DAY]     (history under a draft)
 
 Who drafts and who approves is the certificate's identity (default: the demo operator, the demo
 approver); the catalog refuses an approval by the drafter. Prints one JSON object: the version,
@@ -19,6 +20,7 @@ import typer
 from subsidy.v1 import catalog_pb2
 
 from ..stack.certs import APPROVER_DEMO, OPERATOR_DEMO
+from . import whatif
 from .common import (
     ApproverIdentityOpt,
     CatalogOpt,
@@ -37,6 +39,7 @@ app = typer.Typer(
     help="Draft a policy version, or approve someone else's draft.",
     no_args_is_help=True,
 )
+app.command("whatif")(whatif.whatif_command)
 
 
 def show(v: catalog_pb2.PolicyVersion) -> None:
