@@ -38,6 +38,7 @@ from services.kernel.identity import Caller
 from .demo import write_demo_policy
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
+from .stack.nats import NatsCluster
 from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,8 +116,11 @@ class LocalStack:
     settings_overrides: dict[str, str] = field(default_factory=dict)  # e.g. shorter timeouts
     _lock: IO[str] | None = None
     pg: Postgres | None = None
-    nats: Nats | None = None
+    nats: Nats | NatsCluster | None = None
     bao: OpenBao | None = None
+    # 1: one nats-server on the stack's ports; more: a JetStream cluster of that many nodes on
+    # free ports, every stream at that many replicas (as production runs it).
+    nats_nodes: int = 1
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
 
     @property
@@ -195,11 +199,17 @@ class LocalStack:
                 durable=self.durable,
                 password_file=self.run_dir / "LOCAL-ONLY-postgres-password",
             )
-            self.nats = Nats(
-                store_dir=data / "nats",
-                port=self.ports.nats,
-                monitor_port=self.ports.nats_monitor,
-                log_dir=self.logs,
+            self.nats = (
+                Nats(
+                    store_dir=data / "nats",
+                    port=self.ports.nats,
+                    monitor_port=self.ports.nats_monitor,
+                    log_dir=self.logs,
+                )
+                if self.nats_nodes == 1
+                else NatsCluster(
+                    store_dir=data / "nats-cluster", log_dir=self.logs, size=self.nats_nodes
+                )
             )
             self.bao = OpenBao(
                 data_dir=data / "openbao", port=self.ports.bao, log_dir=self.logs, dev=False

@@ -140,7 +140,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         nats_ca,
     )
     nc, js = await bus.connect(settings.nats_url, spec.name, nats_credentials)
-    await bus.ensure_streams(js)
+    await bus.ensure_streams(js, replicas=None)  # a check: replication is the operator's
     runtime = Runtime(settings, store, v, nc, js, identity)
     wiring = await spec.build(runtime)
     # Every service lists its own store to the auditor, who compares it with the audit log

@@ -51,9 +51,10 @@ async def connect(
     url: str, name: str, credentials: Credentials
 ) -> tuple[NatsClient, JetStreamContext]:
     """Connect over TLS (the server's certificate verified against ``credentials.ca_pem``)
-    as ``credentials.user``, signing the server's nonce with its nkey seed."""
+    as ``credentials.user``, signing the server's nonce with its nkey seed. ``url`` may name
+    several servers, comma-separated (a cluster's nodes: the client fails over between them)."""
     nc = await nats.connect(
-        url,
+        [u.strip() for u in url.split(",") if u.strip()],
         name=name,
         tls=credentials.ssl_context(),
         nkeys_seed_str=credentials.seed or None,
@@ -70,30 +71,34 @@ class StreamsNotReady(RuntimeError):
     not create or change streams (only the operator's may)."""
 
 
-def _differs(have: StreamConfig, want: StreamConfig) -> bool:
+def _differs(have: StreamConfig, want: StreamConfig, replicas: bool = True) -> bool:
     """True if ``have`` lacks something ``want`` asks for (an unset field: the server's
-    default, e.g. the dead-letter stream's duplicate window)."""
-    return any(
-        getattr(want, f) and getattr(have, f) != getattr(want, f)
-        for f in ("subjects", "storage", "duplicate_window", "num_replicas")
-    )
+    default, e.g. the dead-letter stream's duplicate window); the replica count only when
+    ``replicas``."""
+    checked = ("subjects", "storage", "duplicate_window", *(("num_replicas",) if replicas else ()))
+    return any(getattr(want, f) and getattr(have, f) != getattr(want, f) for f in checked)
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, *, replicas: int | None = 1) -> None:
     """Create the events and dead-letter streams, or update one that differs; idempotent.
 
     Only the operator's credential may create or change a stream: with a service's, a stream
-    that exists as configured passes (a read), and anything else raises StreamsNotReady."""
+    that exists as configured passes (a read), and anything else raises StreamsNotReady.
+    ``replicas`` None (a service's check): how many replicas the streams have is the
+    operator's choice (1 for one server, 3 for a cluster), any number passes."""
     for cfg in (
         StreamConfig(
             name=EVENTS_STREAM,
             subjects=["events.>"],
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=replicas,
+            num_replicas=replicas or 1,
         ),
         StreamConfig(
-            name=DLQ_STREAM, subjects=["dlq.>"], storage=StorageType.FILE, num_replicas=replicas
+            name=DLQ_STREAM,
+            subjects=["dlq.>"],
+            storage=StorageType.FILE,
+            num_replicas=replicas or 1,
         ),
     ):
         try:
@@ -102,7 +107,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             except NotFoundError:
                 await js.add_stream(cfg)
                 continue
-            if _differs(info.config, cfg):
+            if _differs(info.config, cfg, replicas is not None):
                 await js.update_stream(cfg)
         except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
             # A denied API call is a permissions violation the server reports out of band;

@@ -102,15 +102,27 @@ def announce(
     print("serving; press Ctrl-C to stop", flush=True)
 
 
+NatsNodesOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=5,
+        envvar="SUBSIDY_LOCAL_NATS_NODES",
+        help="NATS JetStream nodes: 1, or a cluster (e.g. 3, streams at that many replicas)",
+    ),
+]
+
+
 @app.command(rich_help_panel=PANEL)
 def up(
     seed_demo: Annotated[bool, typer.Option(help="create the demo campaign")] = False,
     run_dir: RunDirOpt = DEFAULT_RUN_DIR,
     base_port: BasePortOpt = DEFAULT_BASE_PORT,
+    nats_nodes: NatsNodesOpt = 1,
     json_only: JsonOpt = False,
 ) -> None:
     """Start the whole stack locally and serve until Ctrl-C."""
-    stack = LocalStack(run_dir.resolve(), Ports(base_port), durable=True)
+    stack = LocalStack(run_dir.resolve(), Ports(base_port), durable=True, nats_nodes=nats_nodes)
     try:
         stack.start()
     except StackError as exc:
@@ -210,10 +222,10 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
 
 
 @app.command(rich_help_panel=PANEL)
-def smoke(json_only: JsonOpt = False) -> None:
+def smoke(nats_nodes: NatsNodesOpt = 1, json_only: JsonOpt = False) -> None:
     """A throwaway stack on free ports, one checkout as a platform runs it, one JSON line."""
     with tempfile.TemporaryDirectory(prefix="subsidy-smoke-") as tmp:
-        stack = LocalStack(Path(tmp), Ports(free_base()), durable=False)
+        stack = LocalStack(Path(tmp), Ports(free_base()), durable=False, nats_nodes=nats_nodes)
         configure_tracing("smoke", trace_file=stack.traces / "platform.jsonl")
         try:
             stack.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -29,13 +30,26 @@ from .processes import (
     _http,
     _Server,
     _venv_tool,
+    free_port,
     require_free,
 )
 
 
+@dataclass(frozen=True)
+class Route:
+    """One node's place in a cluster: its name, the port its routes listen on, and the route
+    ports of the others."""
+
+    server_name: str
+    port: int
+    peers: tuple[int, ...]
+    cluster_name: str = "subsidy"
+
+
 @dataclass(kw_only=True)
 class Nats(_Server):
-    """A real nats-server with JetStream, its streams stored in ``store_dir``."""
+    """A real nats-server with JetStream, its streams stored in ``store_dir``; with ``route``,
+    one node of a cluster (:class:`NatsCluster` starts them together)."""
 
     store_dir: Path
     port: int
@@ -43,6 +57,8 @@ class Nats(_Server):
     log_dir: Path
     accounts: natsauth.Accounts | None = None
     start_timeout: float = START_TIMEOUT
+    route: Route | None = None
+    replicas: int = 1  # of the streams this server creates (a cluster's: its size)
     _child: _Child | None = field(default=None, init=False, repr=False)
 
     @property
@@ -66,7 +82,8 @@ class Nats(_Server):
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "nats.log"
+        name = f"nats-{self.route.server_name}.log" if self.route is not None else "nats.log"
+        return self.log_dir / name
 
     @property
     def pid_file(self) -> Path:
@@ -75,7 +92,14 @@ class Nats(_Server):
     def start(self) -> None:
         if self._already_running():
             return
-        require_free("NATS", self.port, self.monitor_port)
+        self.launch()
+        self.wait_ready(create_streams=True)
+
+    def launch(self) -> None:
+        """Start the process (a cluster's nodes are all launched before any is waited for:
+        JetStream is healthy only once a quorum of them is up)."""
+        ports = (self.port, self.monitor_port, *((self.route.port,) if self.route else ()))
+        require_free("NATS", *ports)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.accounts is None:
             argv: list[str | Path] = [
@@ -90,9 +114,15 @@ class Nats(_Server):
             self.log_path,
         )
         self._child = child
+
+    def wait_ready(self, *, create_streams: bool) -> None:
+        """Wait until the server is healthy; then create the streams if asked (and it has
+        accounts). Stops it if it fails."""
+        child = self._child
+        assert child is not None, "launch() first"
         try:
             child.wait_until(self._healthy, self.start_timeout, "at start")
-            if self.accounts is not None:
+            if create_streams and self.accounts is not None:
                 try:
                     _run(self._create_streams(self.accounts.operator))
                 except Exception as exc:
@@ -120,15 +150,48 @@ class Nats(_Server):
             "tls": {"cert_file": str(cert), "key_file": str(key), "timeout": 5},
             "authorization": natsauth.authorization(accounts.public_keys),
         }
+        if self.route is not None:
+            config["server_name"] = self.route.server_name
+            config["cluster"] = {
+                "name": self.route.cluster_name,
+                "host": HOST,
+                "port": self.route.port,
+                "routes": [f"nats-route://{HOST}:{p}" for p in self.route.peers],
+                # Routes are mutual TLS with the campaign CA: a node proves itself with the
+                # same service/nats certificate clients verify.
+                "tls": {
+                    "cert_file": str(cert),
+                    "key_file": str(key),
+                    "ca_file": str(self._ca_file(accounts)),
+                    "verify": True,
+                    "timeout": 5,
+                },
+            }
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
         return self.config_path
+
+    def _ca_file(self, accounts: natsauth.Accounts) -> Path:
+        path = self.store_dir / "ca.crt"
+        path.write_bytes(accounts.certificate.ca_pem)
+        return path
 
     async def _create_streams(self, operator: natsauth.Credentials) -> None:
         nc, js = await bus.connect(self.url, "stack", operator)
         try:
-            await bus.ensure_streams(js)
+            await bus.ensure_streams(js, replicas=self.replicas)
         finally:
             await nc.close()
+
+    def kill(self) -> None:
+        """SIGKILL to the server, as a crash would (tests of a node's loss); ``start()``
+        brings it back on the same store."""
+        child, self._child = self._child, None
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.proc.wait()
+            child.close()
+        self.pid_file.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """SIGTERM (nats-server flushes JetStream and exits), then kill after a timeout."""
@@ -138,6 +201,69 @@ class Nats(_Server):
     def _healthy(self) -> bool:
         status, body = _http("GET", f"{self.monitor_url}/healthz")
         return status == 200 and isinstance(body, dict) and body.get("status") == "ok"
+
+
+@dataclass(kw_only=True)
+class NatsCluster:
+    """JetStream as a cluster of ``size`` nodes on loopback, every stream at ``size`` replicas,
+    as production runs it (docs/operations.md): losing any one node loses no event and stops
+    nothing. Clients connect with :attr:`url`, every node's address (they fail over)."""
+
+    store_dir: Path
+    log_dir: Path
+    accounts: natsauth.Accounts | None = None  # set before start()
+    size: int = 3
+    nodes: list[Nats] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        routes = [free_port() for _ in range(self.size)]
+        for i in range(self.size):
+            self.nodes.append(
+                Nats(
+                    store_dir=self.store_dir / f"n{i + 1}",
+                    port=free_port(),
+                    monitor_port=free_port(),
+                    log_dir=self.log_dir,
+                    route=Route(f"n{i + 1}", routes[i], tuple(p for p in routes if p != routes[i])),
+                    replicas=self.size,
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    @property
+    def operator(self) -> natsauth.Credentials:
+        if self.accounts is None:
+            raise StackError("this NATS cluster has no accounts yet")
+        return self.accounts.operator
+
+    def start(self) -> None:
+        """Launch every node, wait until each is healthy (a JetStream quorum), then create the
+        streams, replicated on every node."""
+        if self.accounts is None:
+            raise StackError("a NATS cluster runs with accounts only (natsauth.provision)")
+        for node in self.nodes:
+            node.accounts = self.accounts
+            node.launch()
+        try:
+            for i, node in enumerate(self.nodes):
+                node.wait_ready(create_streams=i == len(self.nodes) - 1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 def _run(coro: Coroutine[None, None, None]) -> None:

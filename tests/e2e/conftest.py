@@ -8,6 +8,7 @@ span of a checkout. tests/e2e/test_processes.py covers the separate-process stac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -187,7 +188,6 @@ async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 15.0)
 
 @pytest.fixture(scope="session")
 async def platform(infra: Infra) -> AsyncIterator[Platform]:
-    configure_tracing("tests", exporter=SPANS)
     # Its own NATS: the audit log records every event on the bus, and the kernel tests publish
     # synthetic ones to the session's server.
     nats = Nats(
@@ -198,12 +198,26 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         accounts=natsauth.provision(infra.bao.client()),  # the session's seeds, its own server
     )
     nats.start()
+    try:
+        async with platform_on(infra, nats.url, nats.operator) as p:
+            yield p
+    finally:
+        nats.stop()
+
+
+@contextlib.asynccontextmanager
+async def platform_on(
+    infra: Infra, nats_url: str, nats_operator: natsauth.Credentials
+) -> AsyncIterator[Platform]:
+    """The four services and the simulator on fresh databases of the session's PostgreSQL,
+    over the NATS at ``nats_url`` (one server, or a cluster's nodes comma-separated)."""
+    configure_tracing("tests", exporter=SPANS)
     identities = infra.identities  # the CA exists before any service asks it for a certificate
     # Each service migrates as the migration role and runs as the runtime role.
     databases = {spec.name: infra.create_service_database(spec.name) for spec in SPECS}
     started = await start_platform(
         lambda name: databases[name].runtime_url,
-        nats.url,
+        nats_url,
         infra.bao.addr,
         infra.bao.token,
         migration_database_url=lambda name: databases[name].migration_url,
@@ -224,8 +238,8 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         audit=audit_pb2_grpc.AuditServiceStub(channels["audit"]),
         authority=identity_pb2_grpc.IdentitySimulatorAdminStub(channels["identity_sim"]),
         spans=SPANS,
-        nats_url=nats.url,
-        nats_operator=nats.operator,
+        nats_url=nats_url,
+        nats_operator=nats_operator,
         event_logs={
             name: eventlog_pb2_grpc.EventLogServiceStub(channels[name]) for name in running
         },
@@ -235,18 +249,15 @@ async def platform(infra: Infra) -> AsyncIterator[Platform]:
         # Eligibility learns the policy from catalog's events.
         e = running["eligibility"].runtime.store
         async with e.engine.connect() as conn:
-            from sqlalchemy import text
-
             assert (await conn.scalar(text("SELECT count(*) FROM policies"))) >= 1
 
-    await eventually(policy_reached_eligibility)
     try:
+        await eventually(policy_reached_eligibility)
         yield p
     finally:
         for ch in channels.values():
             await ch.close()
         await started.stop()
-        nats.stop()
 
 
 @pytest.fixture(autouse=True)
