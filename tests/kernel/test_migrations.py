@@ -15,9 +15,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -429,3 +436,119 @@ async def test_a_database_create_all_made_before_migrations_is_adopted(
         assert await owner.count() == 1
     finally:
         await owner.engine.dispose()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _service_env(database: ServiceDatabase, **extra: str) -> dict[str, str]:
+    """What `python -m services.<name>` reads; the URLs carry the passwords (a test)."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "SUBSIDY_GRPC_LISTEN": "127.0.0.1:0",
+        "SUBSIDY_DATABASE_URL": database.runtime_url,
+        "SUBSIDY_NATS_URL": "tls://127.0.0.1:1",
+        "SUBSIDY_VAULT_ADDR": "http://127.0.0.1:1",
+        "SUBSIDY_VAULT_TOKEN": "unused",
+        "SUBSIDY_TLS_SOURCE": "vault",
+        **extra,
+    }
+
+
+def test_the_installed_package_migrates_and_a_service_refuses_a_database_behind(
+    infra: Infra, tmp_path: Path
+) -> None:
+    """From a wheel of the project, installed apart from the repository, with no alembic.ini:
+    a service run on an empty database refuses to start and says what to run; `migrate`
+    (the chart's Job) brings it to head; the models then match."""
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(REPO / "pyproject.toml", source)
+    for package in ("services", "subsidyctl", "subsidy"):  # what the image's build copies
+        shutil.copytree(
+            REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(source),
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    installed = tmp_path / "site"
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(installed)
+        names = set(archive.namelist())
+    for spec in SPECS:
+        assert f"services/{spec.name}/migrations/env.py" in names
+        assert f"services/{spec.name}/migrations/script.py.mako" in names
+    assert "services/ledger/migrations/versions/r0002_funding_sources.py" in names
+
+    database = infra.create_service_database("packaged")
+    env = _service_env(database, PYTHONPATH=str(installed))
+    serve = subprocess.run(
+        [sys.executable, "-m", "services.catalog"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert serve.returncode == 2, serve.stderr
+    assert (
+        "catalog: the database has no schema version (empty, or created before migrations); "
+        "this release needs revision 0001: run `python -m services.catalog migrate` first"
+    ) in serve.stderr
+    migrate = subprocess.run(
+        [sys.executable, "-m", "services.catalog", "migrate"],
+        env=env | {"SUBSIDY_MIGRATION_DATABASE_URL": database.migration_url},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    check = subprocess.run(
+        [sys.executable, "-c", "import services.kernel.schema as s; print(s.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.stdout.strip().startswith(str(installed))  # the installed copy ran
+
+    async def verify() -> None:
+        engine = make_engine(database.runtime_url, pool_size=1)
+        try:
+            await schema.require_current(engine, _schema(CATALOG))
+            assert await schema.differences(engine, _schema(CATALOG)) == []
+        finally:
+            await engine.dispose()
+
+    asyncio.run(verify())
+
+
+def test_subsidyctl_schema_check_finds_the_models_and_revisions_agree(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The developer's check (a throwaway PostgreSQL of its own), as CI's above."""
+    from subsidyctl.cli import main
+
+    assert main(["schema", "check", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        {"service": spec.name, "head": _schema(spec).head(), "differences": []}
+        for spec in (CATALOG, ELIGIBILITY, LEDGER, AUDIT)
+    ]
