@@ -122,7 +122,7 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
 
     store = EventStore(make_engine(pg.url("catalog"), pool_size=concurrency))
     try:
-        await store.migrate(metadata)
+        await store.create_tables(metadata)
         catalog = Catalog(store)
         await catalog.ensure_default_policy()
         server, _ = rpc.build_server(

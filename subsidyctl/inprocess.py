@@ -18,7 +18,7 @@ from services.catalog.service import SPEC as CATALOG
 from services.eligibility.service import SPEC as ELIGIBILITY
 from services.identity_sim.simulator import start as start_simulator
 from services.kernel import tls, topology, vault
-from services.kernel.app import Running, ServiceSpec, start
+from services.kernel.app import Running, ServiceSpec, migrate_schema, start
 from services.kernel.identity import service_caller
 from services.kernel.settings import Settings
 from services.ledger.service import SPEC as LEDGER
@@ -78,6 +78,7 @@ async def start_platform(
             initial_policy=initial_policy,
             expiry_sweep_s=expiry_sweep_s,
         )
+        await migrate_schema(spec, settings)  # as the chart's migration Job does, first
         running[spec.name] = await start(spec, settings)
         endpoints[spec.name] = f"127.0.0.1:{running[spec.name].port}"
     return InProcessPlatform(running, endpoints, sim)

@@ -233,6 +233,7 @@ class LocalStack:
                 },
             )
             self._wait_serving(SIMULATOR)
+            self.migrate(token_file)
             for service in SERVICES:
                 self._spawn(service, self._service_env(service, token_file))
             for service in SERVICES:
@@ -314,6 +315,36 @@ class LocalStack:
         for peer in topology.peers(service):
             env[topology.addr_variable(peer)] = self.endpoint(topology.serving_process(peer))
         return env
+
+    def migrate(self, token_file: Path) -> None:
+        """``python -m services.<service> migrate`` for every service, side by side, before any
+        starts (as the chart's migration Jobs run before its pods): each database is upgraded
+        to this release's head as its migration role; a service refuses a database behind."""
+        self.say("migrating the databases ...")
+        running = {}
+        for service in SERVICES:
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")},
+                "SUBSIDY_GRPC_LISTEN": self.endpoint(service),
+                "PYTHONPATH": str(REPO),
+                **self._service_env(service, token_file),
+            }
+            env.pop("SUBSIDY_METRICS_LISTEN", None)  # the service's own, once it serves
+            out = (self.logs / f"{service}.log").open("ab")
+            running[service] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}", "migrate"],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            out.close()
+        failed = [s for s, proc in running.items() if proc.wait(120) != 0]
+        if failed:
+            raise StackError(
+                "migration failed: " + "; ".join(f"{s}:\n{self.tail(s)}" for s in failed)
+            )
 
     def pid(self, service: str) -> int:
         """The process id of one service (benchmarks read its CPU time)."""

@@ -15,9 +15,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import create_engine
 
 from services.kernel import natsauth
-from services.kernel.eventstore import EventStore, make_engine
+from services.kernel.eventstore import EventStore, kernel_metadata, make_engine
 from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
 from subsidyctl.stack.postgres import Login, ServiceDatabase
 from tests.support.callers import Identities
@@ -61,6 +62,19 @@ class Infra:
             )
         return ServiceDatabase(name, self.pg.port, self.migration, self.runtime)
 
+    def create_kernel_database(self, prefix: str) -> str:
+        """A fresh database with the kernel's tables only (events, streams, checkpoints,
+        handled events), for a test's own service, which ships no migrations; returns the
+        owning role's SQLAlchemy URL."""
+        url = self.create_database(prefix)
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                kernel_metadata.create_all(conn)
+        finally:
+            engine.dispose()
+        return url
+
     def create_database(self, prefix: str) -> str:
         """A fresh, empty database; returns the SQLAlchemy URL of the role that owns it (a
         dev setup: one role migrates and runs; never the superuser)."""
@@ -97,7 +111,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
 async def store(infra: Infra) -> AsyncIterator[EventStore]:
     """An event store on a fresh database, migrated."""
     s = EventStore(make_engine(infra.create_database("es")))
-    await s.migrate()
+    await s.create_tables()
     yield s
     await s.engine.dispose()
 

@@ -1,9 +1,11 @@
 """The one way a service process starts, serves and stops.
 
 ``python -m services.<name>`` → :func:`main`: read settings (fail fast), configure logs and
-traces, migrate the schema, connect Vault and NATS, start the outbox relay, the durable consumers
-and background tasks, serve gRPC until SIGTERM/SIGINT, then drain gracefully.
-``python -m services.<name> migrate`` only migrates (the Helm hook Job runs this).
+traces, check that the database is at this release's schema revision (refuse to start
+otherwise), connect Vault and NATS, start the outbox relay, the durable consumers and background
+tasks, serve gRPC until SIGTERM/SIGINT, then drain gracefully.
+``python -m services.<name> migrate`` upgrades the schema to head and exits (the Helm hook Job,
+the local stack and the tests run it first; services/kernel/schema.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from . import bus, eventlog, natsauth, outbox, ratelimit, rpc, tls, topology, vault
+from . import bus, eventlog, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
 from .consumer import EventConsumer
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
@@ -81,6 +83,12 @@ class ServiceSpec:
         service the topology does not know, such as a test's)."""
         return topology.peers(self.name) if self.name in topology.SERVICE_NAMES else ()
 
+    @property
+    def schema(self) -> schema.Schema | None:
+        """Its schema revisions (``services.<name>.migrations``); None for a service that
+        ships none (a test's, whose tables the test makes)."""
+        return schema.Schema.of(self.name, self.metadata)
+
 
 @dataclass
 class Running:
@@ -121,7 +129,12 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     """Start ``spec`` in this event loop; returns once it is serving."""
     rate_limits = ratelimit.RateLimits.from_settings(settings)  # malformed: stop before anything
     store = EventStore(make_engine(settings.database_url))
-    await migrate_schema(spec, settings, store)
+    if spec.schema is not None:
+        try:
+            await schema.require_current(store.engine, spec.schema)
+        except BaseException:
+            await store.engine.dispose()
+            raise
     v = vault.connect(
         settings.vault_addr,
         token=settings.vault_token,
@@ -246,30 +259,33 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     return Running(port, runtime, wiring, asyncio.create_task(lifecycle()))
 
 
-async def migrate_schema(spec: ServiceSpec, settings: Settings, store: EventStore) -> None:
-    """Create the schema, as the migration role when SUBSIDY_MIGRATION_DATABASE_URL says
-    which (it owns the tables and grants the service's own role, ``store``'s, only what each
-    table allows: the events table append-only); else as the service's own role (dev)."""
-    if settings.migration_database_url is None:
-        await store.migrate(spec.metadata)
-        return
-    runtime_role = make_url(settings.database_url).username
-    if runtime_role is None:
-        raise SettingsError("SUBSIDY_DATABASE_URL names no user to grant the schema to")
-    owner = EventStore(make_engine(settings.migration_database_url, pool_size=1))
+async def migrate_schema(spec: ServiceSpec, settings: Settings) -> list[str]:
+    """Upgrade the service's database to head (services/kernel/schema.py); the revisions
+    applied. As the migration role when SUBSIDY_MIGRATION_DATABASE_URL says which (it owns
+    the tables and grants the service's own role, SUBSIDY_DATABASE_URL's, only what each table
+    allows: the events table append-only); else as the service's own role (a dev setup)."""
+    target = spec.schema
+    if target is None:
+        raise SettingsError(
+            f"{spec.name} ships no schema revisions (services.{spec.name}.migrations)"
+        )
+    runtime_role: str | None = None
+    url = settings.database_url
+    if settings.migration_database_url is not None:
+        runtime_role = make_url(settings.database_url).username
+        if runtime_role is None:
+            raise SettingsError("SUBSIDY_DATABASE_URL names no user to grant the schema to")
+        url = settings.migration_database_url
+    owner = make_engine(url, pool_size=1)
     try:
-        await owner.migrate(spec.metadata, runtime_role=runtime_role)
+        return await schema.upgrade(owner, target, runtime_role=runtime_role)
     finally:
-        await owner.engine.dispose()
+        await owner.dispose()
 
 
 async def migrate_only(spec: ServiceSpec, settings: Settings) -> None:
     """``python -m services.<name> migrate`` (the chart's migration Job): migrate and exit."""
-    store = EventStore(make_engine(settings.database_url, pool_size=1))
-    try:
-        await migrate_schema(spec, settings, store)
-    finally:
-        await store.engine.dispose()
+    await migrate_schema(spec, settings)
 
 
 def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
@@ -295,8 +311,8 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         host, _, port = settings.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0")
     if args.command == "migrate":
-        asyncio.run(migrate_only(spec, settings))
-        log.info("%s schema migrated", spec.name)
+        applied = asyncio.run(migrate_schema(spec, settings))
+        log.info("%s schema at head (applied: %s)", spec.name, ", ".join(applied) or "none")
         return 0
 
     async def serve() -> None:
@@ -306,5 +322,10 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, running.runtime.stop.set)
         await running.done
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except schema.SchemaNotCurrent as exc:
+        print(exc, file=sys.stderr)
+        log.error("%s", exc)
+        return 2
     return 0

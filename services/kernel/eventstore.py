@@ -17,11 +17,11 @@ Three guarantees, each tested in tests/kernel/test_eventstore.py:
 Services keep their decision state in ordinary tables updated in the same transaction as the
 append (inline projections); replaying the stream rebuilds them exactly.
 
-The log is append-only in the database too, not only in this code: :meth:`EventStore.migrate`
-runs as a migration role that owns the tables and grants the service's runtime role, table by
-table, the privileges in the table's ``info["grants"]`` (:data:`APPEND_ONLY` for the events
-table: SELECT and INSERT, never UPDATE, DELETE or TRUNCATE) or :data:`READ_WRITE` for read
-models and bookkeeping.
+The log is append-only in the database too, not only in this code: a service's schema is
+migrated (services/kernel/schema.py, Alembic) as a migration role that owns the tables and grants
+the service's runtime role, table by table, the privileges in the table's ``info["grants"]``
+(:data:`APPEND_ONLY` for the events table: SELECT and INSERT, never UPDATE, DELETE or TRUNCATE)
+or :data:`READ_WRITE` for read models and bookkeeping (:func:`grant_statements`).
 """
 
 from __future__ import annotations
@@ -399,21 +399,17 @@ class EventStore:
         self.engine = engine
         self.appended = asyncio.Event()  # set after a commit that appended: wakes the relay
 
-    async def migrate(self, *metadatas: MetaData, runtime_role: str | None = None) -> None:
-        """Create the kernel's tables and the given service tables; idempotent.
+    async def create_tables(self, *metadatas: MetaData) -> None:
+        """Create the kernel's tables and the given ones straight from the models; idempotent.
 
-        With ``runtime_role`` (this engine is then the migration role, which owns the tables),
-        also grant that role what each table declares (:func:`grant_statements`), in the same
-        transaction. Without it, the connecting role owns what it creates (a dev setup)."""
+        For tests of the kernel and of single components on a scratch database only: a
+        service's database is migrated by its Alembic revisions (services/kernel/schema.py),
+        and no service calls this."""
         async with self.engine.begin() as conn:
-            # Several processes may migrate one database at once (tests, rolling upgrades).
+            # Several tests may create one database's tables at once.
             await conn.execute(text("SELECT pg_advisory_xact_lock(7340001)"))
-            everything = (kernel_metadata, *metadatas)
-            for md in everything:
+            for md in (kernel_metadata, *metadatas):
                 await conn.run_sync(md.create_all)
-            if runtime_role is not None:
-                for statement in grant_statements(everything, runtime_role, conn.dialect):
-                    await conn.execute(statement)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

@@ -31,6 +31,8 @@ One module per command group; each holds its commands and registers them on ``ap
   service's database and the audit log's signed checkpoint.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
   stack's CA.
+- :mod:`.schema`: ``schema revision SERVICE -m MESSAGE`` (the next Alembic revision of a
+  service's database, from its models) and ``schema check`` (models against revisions).
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
   bars) are shared by the groups.
 
@@ -74,6 +76,7 @@ from . import (
     policy,
     reconcile,
     risk,
+    schema,
     settlement,
     stack,
     switches,
@@ -98,6 +101,7 @@ app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 app.add_typer(backup.app)
+app.add_typer(schema.app, rich_help_panel=stack.PANEL)
 
 
 GROUPS = (
@@ -107,6 +111,7 @@ GROUPS = (
     risk.app.info.name,
     audit.app.info.name,
     certs.app.info.name,
+    schema.app.info.name,
 )
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from services.catalog.service import SPEC as CATALOG
 from services.kernel import natsauth
-from services.kernel.app import Running, start
+from services.kernel.app import Running, migrate_schema, start
 from services.kernel.contract.policy import default_policy, policy_to_dict
 from services.kernel.identity import Caller, Role
 from services.kernel.settings import Settings
@@ -80,6 +80,7 @@ async def own(infra: Infra) -> AsyncIterator[OwnCatalog]:
         tls_source="vault",
     )
     identities = infra.identities
+    await migrate_schema(CATALOG, settings)  # what the chart's migration Job runs first
     running = await start(CATALOG, settings)
     channel = CallerRouter(f"127.0.0.1:{running.port}", identities, deadline_s=60)
     try:

@@ -118,7 +118,7 @@ def registering(command: domain.Register) -> Callable[[Any], list[Message]]:
 async def replicas(infra: Infra) -> AsyncIterator[Replicas]:
     url = infra.create_database("claims")
     first, second = (EventStore(make_engine(url, pool_size=8)) for _ in range(2))
-    await first.migrate(metadata)
+    await first.create_tables(metadata)
     keys = vault.connect(infra.bao.addr, token=infra.bao.token)
     e1, e2 = (Eligibility(s, keys, NoAuthority()) for s in (first, second))
     policy = policy_with(quota=40)

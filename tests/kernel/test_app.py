@@ -41,7 +41,7 @@ def settings(infra: Infra) -> Settings:
     return Settings(
         service="lifecycle",
         grpc_listen="127.0.0.1:0",
-        database_url=infra.create_database("app"),
+        database_url=infra.create_kernel_database("app"),
         nats_url=infra.nats.url,
         nats_nkey_path=natsauth.kv_path(natsauth.OPERATOR),  # not a platform service
         vault_addr=infra.bao.addr,

@@ -97,7 +97,7 @@ async def test_relay_killed_mid_stream_loses_nothing(infra: Infra, js: JetStream
     """kill -9 the relay process mid-stream; a restarted relay publishes the rest, none lost."""
     url = infra.create_database("relaykill")
     store = EventStore(make_engine(url))
-    await store.migrate()
+    await store.create_tables()
     service = f"kill{uuid.uuid4().hex[:8]}"
     ids = await fill(store, service, 3000)
     cmd = [sys.executable, "-m", "services.kernel.bus"]

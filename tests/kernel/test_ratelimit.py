@@ -256,7 +256,7 @@ def service_settings(infra: Infra, *, rate_checkout: str) -> Settings:
     return Settings(
         service="limited",
         grpc_listen="127.0.0.1:0",
-        database_url=infra.create_database("limited"),
+        database_url=infra.create_kernel_database("limited"),
         nats_url=infra.nats.url,
         nats_nkey_path=natsauth.kv_path(natsauth.OPERATOR),  # not a platform service
         vault_addr=infra.bao.addr,

@@ -20,7 +20,7 @@ CTX = Context(service_actor("ledger"))
 @pytest.fixture
 async def audit_store(infra: Infra) -> AsyncIterator[EventStore]:
     s = EventStore(make_engine(infra.create_database("audit")))
-    await s.migrate(log.metadata)
+    await s.create_tables(log.metadata)
     await log.ensure_head(s)
     yield s
     await s.engine.dispose()

@@ -24,7 +24,7 @@ ORIGIN = "test.subsidy.example/audit"
 @pytest.fixture
 async def audit_store(infra: Infra) -> AsyncIterator[EventStore]:
     s = EventStore(make_engine(infra.create_database("audit")))
-    await s.migrate(log.metadata)
+    await s.create_tables(log.metadata)
     await log.ensure_head(s)
     await tree.ensure_tree(s)
     yield s

@@ -1,0 +1,1 @@
+"""The audit schema's revisions, oldest first (services/kernel/schema.py runs them)."""
