@@ -238,6 +238,28 @@ def check_login(login: Login, host: str, tls_dir: Path | None) -> None:
         raise DashboardError("a certificate login needs --tls-dir (the dashboard's certificate)")
 
 
+async def reload_certificate(
+    context: ssl.SSLContext, tls_dir: Path, stop: asyncio.Event, every_s: float = 5.0
+) -> None:
+    """Load the dashboard's certificate again whenever its files change (Vault Agent or
+    cert-manager renew them in place); new connections get the new one."""
+
+    def stamp() -> tuple[float, ...]:
+        return tuple((tls_dir / name).stat().st_mtime for name in ("tls.crt", "tls.key"))
+
+    seen = stamp()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        try:
+            now = stamp()
+            if now != seen:
+                context.load_cert_chain(tls_dir / "tls.crt", tls_dir / "tls.key")
+                seen = now
+        except (OSError, ssl.SSLError):
+            continue  # half-written files: the next look loads them
+
+
 async def serve(
     monitor: Monitor,
     login: Login,
@@ -256,12 +278,17 @@ async def serve(
     site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     refresh = asyncio.create_task(monitor.run(stop))
+    renew = asyncio.create_task(
+        reload_certificate(context, tls_dir, stop) if context and tls_dir else stop.wait()
+    )
     try:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         ready(sockets[0].getsockname()[1] if sockets else port)
         await stop.wait()
     finally:
+        stop.set()
         await refresh
+        await renew
         await runner.cleanup()
         await monitor.close()

@@ -34,6 +34,7 @@ from subsidyctl.stack import free_port
 from tests.support.browser import Browser, find_chromium
 
 POOL = "pingshan-2025"
+SERVER_IDENTITY = Caller(Role.SERVICE, "dashboard")  # the HTTPS dashboard's own certificate
 AVAILABLE = f'document.querySelector(\'[data-pool="{POOL}"] [data-field="available"]\')'
 
 
@@ -137,6 +138,10 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
 ) -> None:
     client = demo.Client(stack.endpoints())
     try:
+        # Some history first, so the page has a burn-down and several categories to show.
+        rng = random.Random(13)
+        for sku, price_fen in (("demo-washer-g2", 500_000), ("demo-phone", 300_000)):
+            await demo.checkout(client, rng, pool_id=POOL, sku=sku, price_fen=price_fen)
         before = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=POOL))
         async with Browser(chromium) as browser:
             page = await browser.new_page()
@@ -153,7 +158,7 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
             version = int(await page.evaluate("document.body.dataset.version"))
 
             result = await demo.checkout(
-                client, random.Random(), pool_id=POOL, sku="demo-fridge-g1", price_fen=1_200_000
+                client, rng, pool_id=POOL, sku="demo-fridge-g1", price_fen=1_200_000
             )
             after = yuan(result["budget_available_fen"])
             assert after != shown
@@ -212,9 +217,7 @@ async def test_over_https_operators_and_auditors_log_in_with_their_certificate(
 ) -> None:
     assert stack.bao is not None
     tls_dir = tmp_path / "dashboard-tls"
-    identities.issue_to(
-        stack.bao.client(), Caller(Role.SERVICE, "dashboard"), tls_dir, hosts=identities.LOOPBACK
-    )
+    identities.issue_to(stack.bao.client(), SERVER_IDENTITY, tls_dir, hosts=identities.LOOPBACK)
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "subsidyctl", "dashboard"),
@@ -248,10 +251,37 @@ async def test_over_https_operators_and_auditors_log_in_with_their_certificate(
         assert code == 403
         code, _ = await status(None)
         assert code == 401
+        # A renewed certificate (Vault Agent or cert-manager rewrite the files) is served to
+        # new connections without a restart.
+        first = await asyncio.to_thread(_served_certificate, port, ca)
+        identities.issue_to(
+            stack.bao.client(),
+            Caller(Role.SERVICE, "dashboard"),
+            tls_dir,
+            hosts=identities.LOOPBACK,
+        )
+        renewed = (tls_dir / "tls.crt").read_bytes()
+        deadline = time.monotonic() + 20
+        while (served := await asyncio.to_thread(_served_certificate, port, ca)) == first:
+            assert time.monotonic() < deadline, "the renewed certificate was not served"
+            await asyncio.sleep(0.5)
+        assert ssl.DER_cert_to_PEM_cert(served).encode().strip() in renewed
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0, err.decode()
+
+
+def _served_certificate(port: int, ca: Path) -> bytes:
+    """The certificate the dashboard presents to a new connection (DER)."""
+    import socket
+
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
 
 
 async def _until_healthy(

@@ -49,7 +49,7 @@ function lineChart(times, series, title) {
     wrap.append(el("p", {class: "muted"}, "no movements yet"));
     return wrap;
   }
-  const W = 600, H = 180, L = 80, R = 10, T = 10, B = 22;
+  const W = 420, H = 170, L = 78, R = 8, T = 10, B = 22;
   const t0 = times[0], t1 = times[times.length - 1];
   // The axis spans what the lines cover (not from zero), so a day's burn of a large pool shows.
   let top = -Infinity, low = Infinity;
