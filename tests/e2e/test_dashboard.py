@@ -12,6 +12,7 @@ import asyncio
 import io
 import os
 import random
+import signal
 import ssl
 import stat
 import subprocess
@@ -299,3 +300,36 @@ async def _until_healthy(
                 pass
             await asyncio.sleep(0.2)
     raise AssertionError("the HTTPS dashboard did not answer")
+
+
+@pytest.mark.slow
+async def test_make_run_prints_the_dashboard_url_and_it_logs_in(tmp_path: Path) -> None:
+    """`subsidyctl up --seed-demo` (make run) prints `dashboard: URL`; the URL logs in."""
+    base = free_base()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "subsidyctl", "up", "--seed-demo"),
+        *("--run-dir", str(tmp_path / "run"), "--base-port", str(base)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    url = ""
+    try:
+        deadline = time.monotonic() + 180
+        while not url:
+            line = await asyncio.wait_for(proc.stdout.readline(), deadline - time.monotonic())
+            assert line, "up exited before printing the dashboard's URL"
+            if line.startswith(b"dashboard: "):
+                url = line.decode().removeprefix("dashboard: ").strip()
+        assert url.startswith(f"http://127.0.0.1:{Ports(base).dashboard}/?token=")
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.get(url) as r:  # follows the redirect, with the cookie
+                assert r.status == 200
+                assert str(r.url) == f"http://127.0.0.1:{Ports(base).dashboard}/"
+            snapshot = await _snapshot_with_pools(http, str(r.url) + "api/snapshot", {})
+            assert POOL in {p["pool_id"] for p in snapshot["pools"]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 60)
+    assert proc.returncode == 0
