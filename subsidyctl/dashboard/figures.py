@@ -29,7 +29,7 @@ from subsidy.v1 import events_pb2 as ev
 
 # At most this many burn-down points per pool are kept: past it every other point is dropped
 # (the latest always kept), so a long campaign costs bounded memory and chart size.
-MAX_POINTS = 600
+MAX_POINTS = 400
 MAX_ALERTS = 50
 
 

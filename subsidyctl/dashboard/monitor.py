@@ -95,6 +95,7 @@ class Monitor:
             if name in topology.SERVICE_NAMES
         }
         self.snapshot: dict[str, Any] = {"version": 0, "loading": True}
+        self._last_pools: dict[str, dict[str, Any]] = {}
         self._body = ""
         self._changed = asyncio.Condition()
         self._http: aiohttp.ClientSession | None = None
@@ -193,11 +194,15 @@ class Monitor:
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.NOT_FOUND:
                     errors.append(f"ledger GetBudget {pool_id}: {_status(err)}")
+                    # The last figures the ledger gave, marked stale, rather than no pool at all.
+                    if pool_id in self._last_pools:
+                        out.append({**self._last_pools[pool_id], "stale": True})
                 continue
             trail = self.fold.pools.get(pool_id)
             out.append(
                 {
                     "pool_id": b.pool_id,
+                    "stale": False,
                     "policy_version": b.policy_version,
                     "split": b.split,
                     **{k: money(getattr(b, f"{k}_fen")) for k in _BUCKETS},
@@ -231,6 +236,7 @@ class Monitor:
                     "burn_down": burn_down(trail) if trail is not None else None,
                 }
             )
+            self._last_pools[pool_id] = out[-1]
         return out
 
     async def _outboxes(self, errors: list[str]) -> dict[str, str]:

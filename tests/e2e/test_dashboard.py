@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +333,44 @@ async def test_make_run_prints_the_dashboard_url_and_it_logs_in(tmp_path: Path) 
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 60)
     assert proc.returncode == 0
+
+
+async def test_a_service_down_is_reported_and_the_last_figures_kept(stack: LocalStack) -> None:
+    """The ledger killed: the page says so and keeps the pool's last figures (marked stale);
+    back up, the figures are live again. The dashboard itself never stops."""
+    url, headers = f"{_base(stack)}/api/snapshot", {"Authorization": f"Bearer {_token(stack)}"}
+    async with aiohttp.ClientSession() as http:
+        live = await _snapshot_with_pools(http, url, headers)
+        [pool] = [p for p in live["pools"] if p["pool_id"] == POOL]
+        assert pool["stale"] is False
+        stack.kill("ledger")
+        try:
+            down = await _snapshot_until(
+                http, url, headers, lambda s: any("ledger" in e for e in s["errors"])
+            )
+            [stale] = [p for p in down["pools"] if p["pool_id"] == POOL]
+            assert stale["stale"] is True
+            assert stale["available"] == pool["available"]
+        finally:
+            stack.respawn("ledger")
+        back = await _snapshot_until(
+            http, url, headers, lambda s: not s["errors"] and bool(s["pools"])
+        )
+        assert [p["stale"] for p in back["pools"] if p["pool_id"] == POOL] == [False]
+
+
+async def _snapshot_until(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    done: Callable[[dict[str, Any]], bool],
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        async with http.get(url, headers=headers) as r:
+            assert r.status == 200
+            snapshot: dict[str, Any] = await r.json()
+        if done(snapshot):
+            return snapshot
+        assert time.monotonic() < deadline, f"never came: {snapshot.get('errors')}"
+        await asyncio.sleep(0.3)

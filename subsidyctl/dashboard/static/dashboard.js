@@ -102,6 +102,8 @@ function poolCard(p) {
   const card = el("article", {class: "pool", id: "pool-" + p.pool_id, "data-pool": p.pool_id});
   card.append(el("div", {class: "pool-head"},
     el("span", {class: "pool-id", "data-field": "pool_id"}, p.pool_id),
+    p.stale ? el("span", {class: "stale", "data-field": "stale"},
+                 "stale: the ledger did not answer; last figures shown") : null,
     el("span", {class: "muted"}, `policy ${p.policy_version || "?"} · split ${p.split || "?"} · `
       + `spent ${p.spent_share} of funded · alerts at ${p.thresholds.join(", ") || "none"}`)));
   card.append(el("div", {class: "figures"},
