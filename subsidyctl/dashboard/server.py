@@ -172,7 +172,9 @@ def create_app(monitor: Monitor, login: Login) -> web.Application:
     app = web.Application(middlewares=[security_headers, auth_middleware(login)])
 
     async def index(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html"})
+        return web.FileResponse(
+            STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8"}
+        )
 
     async def static(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -270,7 +272,7 @@ async def serve(
     tls_dir: Path | None = None,
     ready: Callable[[int], None] = lambda port: None,
 ) -> None:
-    """Serve until ``stop`` is set (``ready`` is told the port once listening)."""
+    """Serve until ``stop`` is set (``ready`` is called with the port once listening)."""
     check_login(login, host, tls_dir)
     context = server_ssl(tls_dir) if tls_dir is not None else None
     runner = web.AppRunner(create_app(monitor, login), shutdown_timeout=1.0, access_log=None)
@@ -282,9 +284,7 @@ async def serve(
         reload_certificate(context, tls_dir, stop) if context and tls_dir else stop.wait()
     )
     try:
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        ready(sockets[0].getsockname()[1] if sockets else port)
+        ready(port)
         await stop.wait()
     finally:
         stop.set()

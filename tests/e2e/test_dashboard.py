@@ -33,6 +33,7 @@ from subsidyctl.localstack import LocalStack, Ports, free_base
 from subsidyctl.stack import certs as identities
 from subsidyctl.stack import free_port
 from tests.support.browser import Browser, find_chromium
+from tests.support.foreign_ca import foreign_certificate
 
 POOL = "pingshan-2025"
 SERVER_IDENTITY = Caller(Role.SERVICE, "dashboard")  # the HTTPS dashboard's own certificate
@@ -252,6 +253,21 @@ async def test_over_https_operators_and_auditors_log_in_with_their_certificate(
         assert code == 403
         code, _ = await status(None)
         assert code == 401
+        # An auditor's name on a certificate of another CA does not get past the handshake.
+        impostor = tmp_path / "impostor"
+        identities.write_identity(
+            impostor,
+            foreign_certificate(
+                identities.AUDITOR_DEMO.spiffe_id,
+                trusted_ca=ca.read_bytes(),
+                chain_includes_ca=True,
+            ),
+        )
+        connector = aiohttp.TCPConnector(ssl=_https(impostor, ca))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(f"{url}/api/snapshot") as r:
+                    await r.read()
         # A renewed certificate (Vault Agent or cert-manager rewrite the files) is served to
         # new connections without a restart.
         first = await asyncio.to_thread(_served_certificate, port, ca)
