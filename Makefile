@@ -25,7 +25,7 @@ proto: $(STAMP) ## regenerate the committed protobuf/gRPC code from proto/
 proto-check: $(STAMP) ## fail if the committed generated code is stale
 	$(PY) -m subsidyctl.proto check
 
-run: $(STAMP) ## start the whole stack locally, seed a demo campaign, serve until Ctrl-C
+run: $(STAMP) ## start the whole stack locally, seed a demo campaign, print the dashboard URL, serve until Ctrl-C
 	$(VENV)/bin/subsidyctl up --seed-demo
 
 smoke: $(STAMP) ## start the stack, run one checkout as a platform would, print one JSON line, stop

@@ -93,6 +93,11 @@ class Ports:
     def bao(self) -> int:
         return self.base + 20  # and base + 21 for its cluster listener
 
+    @property
+    def dashboard(self) -> int:
+        """The fund-monitoring dashboard (``subsidyctl dashboard``, started by ``up``)."""
+        return self.base + 88
+
     def all(self) -> list[int]:
         return [
             *self.services.values(),
@@ -102,6 +107,7 @@ class Ports:
             self.nats_monitor,
             self.bao,
             self.bao + 1,
+            self.dashboard,
         ]
 
 
@@ -380,6 +386,58 @@ class LocalStack:
         )
         out.close()
 
+    @property
+    def dashboard_token_file(self) -> Path:
+        """The dashboard's login token, new at each start (the URL ``up`` prints carries it)."""
+        return self.run_dir / "LOCAL-ONLY-dashboard-token"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard's login URL (``dashboard: URL`` in what ``up`` prints)."""
+        token = self.dashboard_token_file.read_text().strip()
+        return f"http://127.0.0.1:{self.ports.dashboard}/?token={token}"
+
+    def start_dashboard(self, timeout: float = 30.0) -> str:
+        """Start the fund-monitoring dashboard beside the services, reading as the demo
+        auditor, with a fresh random login token; returns its login URL once it answers."""
+        import secrets
+        import urllib.error
+        import urllib.request
+
+        assert self.nats is not None
+        write_private(self.dashboard_token_file, secrets.token_urlsafe(32) + "\n")
+        args = [
+            *("--listen", f"127.0.0.1:{self.ports.dashboard}"),
+            *("--token-file", str(self.dashboard_token_file)),
+            *("--base-port", str(self.ports.base)),
+            *("--identity", str(self.identity(identities.AUDITOR_DEMO))),
+            *("--nats-monitor", self.nats.monitor_url),
+        ]
+        out = (self.logs / "dashboard.log").open("ab")
+        self._procs["dashboard"] = proc = subprocess.Popen(
+            [sys.executable, "-m", "subsidyctl", "dashboard", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        health = f"http://127.0.0.1:{self.ports.dashboard}/healthz"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(
+                    f"the dashboard exited with {proc.returncode}:\n{self.tail('dashboard')}"
+                )
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with opener.open(health, timeout=1) as answer:
+                    if answer.status == 200:
+                        return self.dashboard_url
+            time.sleep(0.1)
+        raise StackError(f"the dashboard did not answer in {timeout:.0f} s")
+
     def probe_credentials(self) -> grpc.ChannelCredentials:
         """The health probes' mutual TLS: the demo operator's certificate (there is no
         plaintext port to probe)."""
@@ -417,7 +475,7 @@ class LocalStack:
     def stop(self) -> dict[str, int]:
         """Stop services first (they drain), then the infrastructure; safe to call twice.
         Returns each service's exit code (0 = it shut down gracefully on SIGTERM)."""
-        for service in (*reversed(SERVICES), SIMULATOR):
+        for service in ("dashboard", *reversed(SERVICES), SIMULATOR):
             proc = self._procs.get(service)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

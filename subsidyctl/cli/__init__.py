@@ -27,6 +27,7 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.audit`: ``audit verify`` (the signed Merkle log, its history, every store and every
   total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
   ``audit key`` (the checkpoint key to pin).
+- :mod:`.dashboard`: ``dashboard``, the live fund-monitoring dashboard (read-only, in a browser).
 - :mod:`.backup`: ``backup --out DIR`` and ``restore DIR``, encrypted archives of every
   service's database and the audit log's signed checkpoint.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
@@ -73,6 +74,7 @@ from . import (
     certs,
     checkout,
     common,
+    dashboard,
     policy,
     reconcile,
     risk,
@@ -99,6 +101,7 @@ app.add_typer(reconcile.app)
 app.add_typer(settlement.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
+app.add_typer(dashboard.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 app.add_typer(backup.app)
 app.add_typer(schema.app, rich_help_panel=stack.PANEL)

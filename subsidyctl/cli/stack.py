@@ -8,8 +8,9 @@
 them while it serves; ``seed`` acts as those demo users (an operator funds and files, an
 approver approves, the demo platform registers the consumers).
 
-``up`` tells people where everything is (a table of endpoints on a terminal); with ``--json`` it
-prints one JSON object instead once the stack serves. It exits 1 if the stack cannot start or a
+``up`` tells people where everything is (a table of endpoints on a terminal) and prints the
+fund-monitoring dashboard's login URL on a line ``dashboard: URL``; with ``--json`` it prints one
+JSON object instead once the stack serves. It exits 1 if the stack cannot start or a
 service dies; ``smoke`` exits 1 with every service's log tail on stderr if anything fails.
 """
 
@@ -76,13 +77,19 @@ def example(base_port: int, certs: Path = DEFAULT_RUN_DIR / "certs") -> str:
 
 
 def announce(
-    stack: LocalStack, base_port: int, seeded: dict[str, Any] | None, json_only: bool
+    stack: LocalStack,
+    base_port: int,
+    seeded: dict[str, Any] | None,
+    json_only: bool,
+    dashboard: str = "",
 ) -> None:
     """What ``up`` prints once everything serves: today's text, a table on a terminal, or JSON."""
     where = stack.endpoints()
     if json_only:
         line: dict[str, Any] = {"serving": True, "endpoints": where}
         line.update(logs=str(stack.logs), traces=str(stack.traces))
+        if dashboard:
+            line["dashboard"] = dashboard
         if seeded is not None:
             line["demo_campaign"] = seeded
         emit(line)
@@ -99,6 +106,8 @@ def announce(
         print("endpoints:", json.dumps(where, indent=2), flush=True)
     print(f"logs: {stack.logs}   traces: {stack.traces}", flush=True)
     print(example(base_port, stack.certs), flush=True)
+    if dashboard:  # the login token is in the URL, as Jupyter prints it
+        print(f"dashboard: {dashboard}", flush=True)
     print("serving; press Ctrl-C to stop", flush=True)
 
 
@@ -137,7 +146,12 @@ def up(
     signal.signal(signal.SIGTERM, request_stop)
     try:
         seeded = asyncio.run(_seed(stack.endpoints())) if seed_demo else None
-        announce(stack, base_port, seeded, json_only)
+        try:
+            dashboard = stack.start_dashboard()
+        except StackError as exc:  # the platform still serves; say why there is no dashboard
+            note(f"subsidyctl up: no dashboard: {exc}")
+            dashboard = ""
+        announce(stack, base_port, seeded, json_only, dashboard)
         next_renewal_check = time.monotonic() + RENEW_CHECK_S
         while not stop["now"]:
             dead = stack.dead()

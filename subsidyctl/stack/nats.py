@@ -234,6 +234,11 @@ class NatsCluster:
         return ",".join(n.url for n in self.nodes)
 
     @property
+    def monitor_url(self) -> str:
+        """The first node's monitoring endpoint (each node reports the replicated streams)."""
+        return self.nodes[0].monitor_url
+
+    @property
     def operator(self) -> natsauth.Credentials:
         if self.accounts is None:
             raise StackError("this NATS cluster has no accounts yet")
