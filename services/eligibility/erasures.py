@@ -41,9 +41,7 @@ log = logging.getLogger(__name__)
 class Erases(Protocol):
     """What re-applying needs of :class:`services.eligibility.persons.Persons`."""
 
-    async def erase(
-        self, consumer_id: str, reason: str, actor: common_pb2.Actor
-    ) -> datetime: ...
+    async def erase(self, consumer_id: str, reason: str, actor: common_pb2.Actor) -> datetime: ...
 
 
 def path_of(consumer_id: str) -> str:
