@@ -104,6 +104,12 @@ class Ports:
         ]
 
 
+# How ``subsidyctl restore`` asks a running ``subsidyctl up`` (the pid in its run folder's
+# stack.lock) to stop its services and start them again; ``up`` writes what it did to STATE.
+QUIESCE, RESUME = signal.SIGUSR1, signal.SIGUSR2
+STATE = "stack.state"
+
+
 @dataclass
 class LocalStack:
     run_dir: Path
@@ -319,6 +325,28 @@ class LocalStack:
         """Start a killed service again with the environment it had, and wait until serving."""
         self._spawn(service, self._extra[service])
         self._wait_serving(service)
+
+    def stop_services(self) -> None:
+        """Stop the four services (they drain), keeping PostgreSQL, NATS, OpenBao and the
+        identity simulator running: what ``subsidyctl restore`` quiesces (QUIESCE)."""
+        for service in reversed(SERVICES):
+            proc = self._procs.pop(service, None)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+    def start_services(self) -> None:
+        """Start the services :meth:`stop_services` stopped, with the environment each had,
+        and wait until every one is serving (RESUME)."""
+        for service in SERVICES:
+            if service not in self._procs:
+                self._spawn(service, self._extra[service])
+        for service in SERVICES:
+            self._wait_serving(service)
 
     def _spawn(self, service: str, extra: dict[str, str]) -> None:
         self._extra[service] = extra
