@@ -1,5 +1,9 @@
 """Encrypted backups of the platform and their restore (``subsidyctl backup`` / ``restore``).
 
+(Longer than the project's usual 450 lines: the archive's format, written and read, in one
+place; the read-model replay is in subsidyctl/replay_check.py, the erasure register in
+services/eligibility/erasures.py.)
+
 An archive is a directory: one ``<service>.dump.enc`` per service database (``pg_dump``'s custom
 format, run as the service's migration role, which owns every table) and ``manifest.json``.
 Each dump is encrypted with a fresh data key Vault transit generated for this backup

@@ -32,16 +32,27 @@ from subsidyctl.backup import migration_databases
 from subsidyctl.localstack import SERVICES, LocalStack, Ports, free_base, wait_until_audited
 from subsidyctl.replay_check import check_read_models
 from subsidyctl.stack.openbao import OpenBao
-from subsidyctl.stack.postgres import Postgres
+from subsidyctl.stack.postgres import Postgres, migration_user, sqlalchemy_url
 
 POOL, SKU, PRICE = "pingshan-2025", "demo-fridge-g1", 1_200_000
 
 
-def cli(stack: LocalStack, *args: str, json_only: bool = True) -> subprocess.CompletedProcess[str]:
-    """``subsidyctl`` as an operator runs it against this stack (its run folder and ports);
-    without ``json_only`` it also writes its progress lines on stderr."""
+def cli(
+    stack: LocalStack,
+    *args: str,
+    json_only: bool = True,
+    deployed: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``subsidyctl`` as an operator runs it against this stack (its run folder and ports), or
+    with ``deployed`` as the chart's CronJob runs it (those variables, no run folder); without
+    ``json_only`` it also writes its progress lines on stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSIDY_")}
-    env |= {"SUBSIDY_RUN_DIR": str(stack.run_dir), "SUBSIDY_BASE_PORT": str(stack.ports.base)}
+    if deployed is None:
+        env |= {"SUBSIDY_RUN_DIR": str(stack.run_dir), "SUBSIDY_BASE_PORT": str(stack.ports.base)}
+    else:  # nothing of the local stack to fall back on: a run folder with nothing in it
+        nowhere = stack.run_dir.parent / "nowhere"
+        nowhere.mkdir(exist_ok=True)
+        env |= {"SUBSIDY_RUN_DIR": str(nowhere), "SUBSIDY_BASE_PORT": "1"} | deployed
     return subprocess.run(
         [sys.executable, "-m", "subsidyctl", *args, *(["--json"] if json_only else [])],
         capture_output=True,
@@ -104,6 +115,25 @@ async def _erase(stack: LocalStack, consumer: str) -> None:
         await client.close()
 
 
+def _deployment(stack: LocalStack) -> dict[str, str]:
+    """The variables the chart's backup CronJob sets (the services' names for them), pointing
+    at this stack's PostgreSQL and OpenBao."""
+    env = {
+        "SUBSIDY_VAULT_ADDR": f"http://127.0.0.1:{stack.ports.bao}",
+        "SUBSIDY_VAULT_TOKEN_FILE": str(stack.token_file),
+        "SUBSIDY_VAULT_TRANSIT_MOUNT": "transit",
+    }
+    for service in SERVICES:
+        prefix = f"SUBSIDY_{service.upper()}_MIGRATION_DATABASE"
+        env[f"{prefix}_URL"] = sqlalchemy_url(
+            migration_user(service), None, stack.ports.postgres, service
+        )
+        env[f"{prefix}_PASSWORD_FILE"] = str(
+            stack.run_dir / "secrets" / f"{service}-db-migration-password"
+        )
+    return env
+
+
 def _count(stack: LocalStack, query: str, *args: str) -> int:
     assert stack.pg is not None
     with psycopg.connect(stack.pg.conninfo("eligibility")) as db:
@@ -155,6 +185,24 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
             assert b"person_keys" not in (tmp_path / "bk" / name).read_bytes()
             assert b"audit_entries" not in (tmp_path / "bk" / name).read_bytes()
 
+        # The chart's CronJob, twice: dated archives from the deployment's variables with the
+        # stored checkpoint, the older pruned by --keep 1.
+        nightly = tmp_path / "nightly"
+        for _ in range(2):
+            time.sleep(1.1)  # archives are dated to the second
+            scheduled = cli(
+                stack,
+                *("backup", "--out", str(nightly), "--dated", "--keep", "1"),
+                "--stored-checkpoint",
+                deployed=_deployment(stack),
+            )
+            assert scheduled.returncode == 0, scheduled.stderr
+        made = json.loads(scheduled.stdout)
+        assert len(made["pruned"]) == 1 and made["pruned"][0] not in made["out"]
+        assert [p.name for p in nightly.iterdir()] == [Path(made["out"]).name]
+        assert sorted(made["files"]) == files[:-1]
+        assert made["tree_size"] > 0
+
         # An erasure after the backup: the archive still holds this buyer's key.
         later = before["buyers"][1]
         asyncio.run(_erase(stack, later))
@@ -182,9 +230,15 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
     shutil.rmtree(run / "data" / "nats")
     (run / "LOCAL-ONLY-postgres-password").unlink()
     stack = LocalStack(run, ports, durable=False, log=quiet)
-    # No --erased: the erasure after the backup comes back from the erasure register.
+    # No --erased: the erasure after the backup comes back from the erasure register. Restored
+    # as in a deployment: from the services' variables, no run folder.
     done, restored_keys = _restore_without_services(
-        stack, tmp_path / "bk", consumer=later, provision=True, then=_a_changed_read_model
+        stack,
+        tmp_path / "bk",
+        consumer=later,
+        provision=True,
+        then=_a_changed_read_model,
+        deployed=_deployment(stack),
     )
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
@@ -313,6 +367,7 @@ def _restore_without_services(
     consumer: str,
     provision: bool = False,
     then: Callable[[LocalStack], None] | None = None,
+    deployed: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], int]:
     """``restore`` with only PostgreSQL and OpenBao running (Vault unwraps the archive's key);
     returns its outcome and how many keys ``consumer`` has afterwards; ``then`` runs after
@@ -334,7 +389,7 @@ def _restore_without_services(
         )
         bao.start()
         try:
-            done = cli(stack, "restore", str(archive), *args)
+            done = cli(stack, "restore", str(archive), *args, deployed=deployed)
             if then is not None and done.returncode == 0:
                 then(stack)
             return done, _keys(stack, consumer)
