@@ -17,6 +17,7 @@ Used by ``subsidyctl up`` (``make run``; data survives restarts) and ``subsidyct
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -31,8 +32,9 @@ from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.js.errors import NotFoundError
 
-from services.kernel import natsauth, tls, topology
+from services.kernel import bus, natsauth, tls, topology
 from services.kernel.identity import Caller
 
 from .demo import write_demo_policy
@@ -338,6 +340,26 @@ class LocalStack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+
+    def reset_event_stream(self) -> None:
+        """Delete and recreate the events stream, with its consumers and its duplicate window,
+        as a fresh NATS has it: after a restore every store's relay republishes every event,
+        which JetStream would drop as duplicates for ``bus.DUPLICATE_WINDOW_S`` after their
+        first publication, and the abandoned history's messages must not be replayed to
+        anyone (catalog's sales rebuild reads the stream). The dead-letter stream is kept."""
+        assert self.nats is not None
+        url, operator = self.nats.url, self.nats.operator
+
+        async def reset() -> None:
+            nc, js = await bus.connect(url, "stack", operator)
+            try:
+                with contextlib.suppress(NotFoundError):
+                    await js.delete_stream(bus.EVENTS_STREAM)
+                await bus.ensure_streams(js)
+            finally:
+                await nc.close()
+
+        asyncio.run(reset())
 
     def start_services(self) -> None:
         """Start the services :meth:`stop_services` stopped, with the environment each had,

@@ -135,6 +135,8 @@ async def check_read_models(databases: Mapping[str, Database]) -> tuple[list[Pro
         probe = ReplayProbe(service, async_url(databases[service]), metadata.sorted_tables)
         try:
             applied += await rebuild(probe)
+        except Exception as exc:  # an event its projections cannot apply: a difference too
+            problems.append(Problem("read_models", f"{service}: the replay failed: {exc!r:.300}"))
         finally:
             await probe.engine.dispose()
         problems += probe.problems

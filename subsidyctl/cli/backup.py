@@ -175,7 +175,8 @@ async def latest_checkpoint(address: str, who: tls.CertificateSource) -> str:
 # -- a running local stack ------------------------------------------------------------------
 class RunningStack:
     """A ``subsidyctl up`` serving from the run folder: asked by signal to stop its services
-    and to start them again, it answers in ``stack.state`` (subsidyctl/cli/stack.py)."""
+    (and reset the events stream: LocalStack.reset_event_stream) and to start them again, it
+    answers in ``stack.state`` (subsidyctl/cli/stack.py)."""
 
     def __init__(self, folder: Path, pid: int) -> None:
         self.state = folder / STATE
@@ -327,8 +328,8 @@ def restore_command(
             def quiesce() -> None:
                 if running is not None:
                     bar.update("QUIESCE", 0, 1)
+                    stopped.append(running)  # started again below, even if this fails
                     running.quiesce()
-                    stopped.append(running)
                     bar.update("QUIESCE", 1, 1)
 
             try:

@@ -170,8 +170,13 @@ def _quiesce_or_resume(stack: LocalStack, asked: signal.Signals, state: Path) ->
     """Stop or start the services for ``subsidyctl restore`` and say so in ``state`` (a failed
     start is written there too, and ``up`` keeps the infrastructure running)."""
     if asked == QUIESCE:
-        note("restore: stopping the services ...")
+        note("restore: stopping the services, resetting the events stream ...")
         stack.stop_services()
+        try:
+            stack.reset_event_stream()
+        except Exception as exc:  # the restore must not go on with a bus that drops events
+            state.write_text(f"failed: resetting the events stream: {exc!r}\n")
+            return
         state.write_text("quiesced\n")
         return
     note("restore: starting the services ...")

@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 from services.eligibility.projections import consumer_stream
+from services.kernel import bus
 from subsidy.v1 import eligibility_pb2, ledger_pb2
 from subsidy.v1 import events_pb2 as ev
 from subsidyctl import demo
@@ -301,9 +302,32 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
         verified = cli(stack, "audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert json.loads(verified.stdout)["ok"] is True
+        # The events stream was reset: it carries the restored history republished, not the
+        # abandoned one (the checkout made after the first restore is in no store now).
+        assert asyncio.run(_stream_messages(stack)) <= _stored_events(stack)
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
+
+
+async def _stream_messages(stack: LocalStack) -> int:
+    assert stack.nats is not None
+    nc, js = await bus.connect(stack.nats.url, "test", stack.nats.operator)
+    try:
+        return int((await js.stream_info(bus.EVENTS_STREAM)).state.messages)
+    finally:
+        await nc.close()
+
+
+def _stored_events(stack: LocalStack) -> int:
+    assert stack.pg is not None
+    total = 0
+    for service in SERVICES:
+        with psycopg.connect(stack.pg.conninfo(service)) as db:
+            row = db.execute("SELECT count(*) FROM events").fetchone()
+        assert row is not None
+        total += int(row[0])
+    return total
 
 
 def _up(run: Path, ports: Ports) -> subprocess.Popen[bytes]:
