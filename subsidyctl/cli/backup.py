@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import hvac
 import typer
@@ -311,11 +314,20 @@ def restore_command(
     vault_k8s_role: VaultRoleOpt = "",
     transit_mount: MountOpt = "transit",
     origin: Annotated[str, typer.Option(help="the audit log's origin")] = DEFAULT_ORIGIN,
+    audit_verify: Annotated[
+        bool,
+        typer.Option(
+            "--audit-verify/--no-audit-verify",
+            help="when it restarted a running local stack: then run `audit verify` against it "
+            "(every total compared with the live services)",
+        ),
+    ] = True,
     json_only: JsonOpt = False,
 ) -> None:
     """Check every checksum of ``DIR``, restore it into empty databases (a running local
     stack's services are stopped and started again), re-apply erasures, verify the restored
-    log against the archived signed checkpoint and replay every read model."""
+    log against the archived signed checkpoint, replay every read model, and run `audit
+    verify` on the restarted stack."""
     deployed = deployed_databases()
     databases = deployed or local_databases()
     keys = vault_client(vault_addr, vault_token_file, vault_k8s_role, transit_mount)
@@ -350,13 +362,36 @@ def restore_command(
                     bar.update("RESTART", 1, 1)
     except archive.BackupError as exc:
         raise Failure(str(exc)) from None
-    answer = restored.as_json() | {"services_restarted": bool(stopped)}
+    answer = restored.as_json() | {"services_restarted": bool(stopped), "audit_verify": None}
+    if stopped and audit_verify and restored.ok:
+        verified = _audit_verify(json_only)
+        answer["audit_verify"] = verified
+        answer["ok"] = restored.ok and verified.get("ok") is True
     if not json_only:
         for d in answer["differences"]:
             note(d["message"])
     emit(answer)
-    if not restored.ok:
+    if not answer["ok"]:
         raise typer.Exit(EXIT_NO)
+
+
+def _audit_verify(quiet: bool) -> dict[str, Any]:
+    """``subsidyctl audit verify`` as its own process against the restarted stack (the run
+    folder's demo auditor): its JSON answer, or why there is none."""
+    if not quiet:
+        note("audit verify: waiting for the republished events, then checking every total ...")
+    done = subprocess.run(
+        [sys.executable, "-m", "subsidyctl", "audit", "verify", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"ok": False, "error": done.stderr.strip()[-800:]}
+    return answer
 
 
 def _verifier_keys(key_file: Path | None, keys: vault.Vault, origin: str) -> list[VerifierKey]:

@@ -293,6 +293,9 @@ def test_backup_wipe_restore_verify_and_the_stack_runs_on(tmp_path: Path) -> Non
         assert again["entries"] == answer["entries"]  # the backup's log, not the longer live one
         assert again["services_restarted"] is True
         assert again["read_models_match_replay"] is True
+        # and it ran `audit verify` on the restarted stack itself
+        assert again["audit_verify"]["ok"] is True, again["audit_verify"]
+        assert again["audit_verify"]["cross_check_ok"] is True
         for phase in ("quiesce: 1/1", "restore: 4/4", "replay: 1/1", "restart: 1/1"):
             assert phase in forced.stderr, forced.stderr  # progress shown
         assert (run / "stack.state").read_text().strip() == "serving"
