@@ -1,5 +1,9 @@
 """Encrypted backups of the platform and their restore (``subsidyctl backup`` / ``restore``).
 
+(Longer than the project's usual 450 lines: the archive's format, written and read, in one
+place; the read-model replay is in subsidyctl/replay_check.py, the erasure register in
+services/eligibility/erasures.py.)
+
 An archive is a directory: one ``<service>.dump.enc`` per service database (``pg_dump``'s custom
 format, run as the service's migration role, which owns every table) and ``manifest.json``.
 Each dump is encrypted with a fresh data key Vault transit generated for this backup
@@ -23,9 +27,14 @@ What is not in an archive, and why:
   opens.
 
 Crypto-shredding: a backup holds what the databases held, so a person erased *after* the backup
-was taken still has their wrapped data key in it. A restore deletes the key of every consumer
-whose ``ConsumerErased`` event is in the restored eligibility store, and of every consumer named
-with ``--erased`` (the erasures recorded since the backup: docs/operations.md).
+was taken still has their wrapped data key in it, and no ``ConsumerErased``. A restore deletes
+the key of every consumer in the erasure register (Vault KV, outside every database:
+:mod:`services.eligibility.erasures`), of every consumer whose ``ConsumerErased`` event is in
+the restored eligibility store, and of every consumer named with ``--erased``; eligibility, when
+it starts, records the missing erasures through its own pipeline.
+
+After the log's checks, every read model is replayed from the restored events by the services'
+own projections and compared with the restored one (:mod:`subsidyctl.replay_check`).
 
 Restoring into a new PostgreSQL cluster: each event's ``tx_id`` is the writing transaction's id
 in the old cluster, which the new cluster has not reached; the stores read events in
@@ -36,11 +45,13 @@ lets new transactions follow them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,8 +66,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from psycopg.conninfo import make_conninfo
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from services.audit.verify import LogAudit, Problem, Row
+from services.eligibility import erasures
 from services.invariants import EventDigest, LogStoreMismatch, check_log_matches_stores
 from services.kernel import vault
 from services.kernel.contract.checkpoint import (
@@ -69,12 +83,14 @@ from services.kernel.contract.checkpoint import (
 from services.kernel.events import Envelope, payload_of
 from subsidy.v1 import events_pb2 as ev
 
+from .replay_check import check_read_models
 from .stack.postgres import SERVICE_DATABASES, pg_bin_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 MAGIC = b"SUBSIDY-BACKUP-1\n"
 CHUNK = 1 << 20
+DATED = re.compile(r"\d{8}T\d{6}Z")
 ERASED_TYPE = ev.ConsumerErased.DESCRIPTOR.full_name
 Progress = Callable[[str, int, int], None]
 
@@ -88,19 +104,49 @@ class Database:
     """One service's database and the role a backup or restore logs in as (its migration role,
     which owns the database and every table in it)."""
 
-    name: str
+    name: str  # the service's: names its file in the archive
     host: str
     port: int
     user: str
     password: str
+    dbname: str = ""  # the database's own name, when it is not the service's (a deployment)
+    sslmode: str = ""  # libpq's; empty: libpq's default (the local stack)
+
+    @property
+    def database(self) -> str:
+        return self.dbname or self.name
 
     def conninfo(self) -> str:
+        extra = {"sslmode": self.sslmode} if self.sslmode else {}
         return make_conninfo(
             host=self.host,
             port=self.port,
             user=self.user,
             password=self.password,
-            dbname=self.name,
+            dbname=self.database,
+            **extra,
+        )
+
+    @classmethod
+    def from_url(cls, service: str, url: str, password: str) -> Database:
+        """``service``'s database from a URL as the services' settings write it
+        (``postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...``) and its role's password."""
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            # Never echo the URL: it may carry credentials.
+            raise BackupError(f"the {service} database URL is not a valid URL") from None
+        if not (parsed.host and parsed.username and parsed.database):
+            raise BackupError(f"the {service} database URL needs a user, a host and a database")
+        sslmode = parsed.query.get("sslmode", "")
+        return cls(
+            service,
+            parsed.host,
+            parsed.port or 5432,
+            parsed.username,
+            parsed.password or password,
+            dbname=parsed.database,
+            sslmode=sslmode if isinstance(sslmode, str) else sslmode[0],
         )
 
 
@@ -190,8 +236,13 @@ def _passfile(db: Database) -> Iterator[dict[str, str]]:
         passfile = scratch / "pgpass"
         esc = db.password.replace("\\", "\\\\").replace(":", "\\:")
         with _private(passfile) as fh:
-            fh.write(f"{db.host}:{db.port}:{db.name}:{db.user}:{esc}\n".encode())
+            fh.write(f"{db.host}:{db.port}:{db.database}:{db.user}:{esc}\n".encode())
+        # Only the CA bundle of libpq's own variables passes (a deployment verifies the server).
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if "PGSSLROOTCERT" in os.environ:
+            env["PGSSLROOTCERT"] = os.environ["PGSSLROOTCERT"]
+        if db.sslmode:
+            env["PGSSLMODE"] = db.sslmode
         yield env | {"PGPASSFILE": str(passfile), "LC_ALL": "C"}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -209,7 +260,7 @@ def pg_dump(db: Database, target: Path) -> None:
         _run(
             [
                 str(pg_bin_dir() / "pg_dump"),
-                *("-h", db.host, "-p", str(db.port), "-U", db.user, "-d", db.name),
+                *("-h", db.host, "-p", str(db.port), "-U", db.user, "-d", db.database),
                 "--format=custom",
                 "--no-owner",  # restored as the target's migration role, which then owns it
                 "--no-password",
@@ -225,7 +276,7 @@ def pg_restore(db: Database, source: Path) -> None:
         _run(
             [
                 str(pg_bin_dir() / "pg_restore"),
-                *("-h", db.host, "-p", str(db.port), "-U", db.user, "-d", db.name),
+                *("-h", db.host, "-p", str(db.port), "-U", db.user, "-d", db.database),
                 "--no-owner",
                 "--exit-on-error",
                 "--single-transaction",  # all of a database or nothing of it
@@ -304,6 +355,38 @@ def backup(
     return manifest
 
 
+def stored_checkpoint(audit: Database) -> str:
+    """The newest signed checkpoint the audit service stored (it signs one every
+    ``SUBSIDY_CHECKPOINT_INTERVAL_S`` while the log grows): what a backup without a client
+    certificate for the audit service (the chart's CronJob) archives."""
+    with psycopg.connect(audit.conninfo(), connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT note FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+    if row is None:
+        raise BackupError("the audit log has no signed checkpoint yet: nothing to back up against")
+    return str(row[0])
+
+
+def dated(root: Path, now: datetime | None = None) -> Path:
+    """A new archive directory under ``root`` named by the UTC time (``20261201T023000Z``)."""
+    return root / (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` dated archives under ``root``; returns the deleted.
+    Only directories named as :func:`dated` names them and holding a manifest are touched."""
+    archives = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and DATED.fullmatch(p.name) and (p / MANIFEST).is_file()
+    )
+    old = archives[: max(0, len(archives) - keep)]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
 # -- restore ----------------------------------------------------------------------------------
 def read_manifest(archive: Path) -> dict[str, Any]:
     try:
@@ -345,11 +428,19 @@ class Restored:
     signature_ok: bool = False
     store_events: dict[str, int] = field(default_factory=dict)
     unlogged_events: int = 0
+    erasures_registered: int = 0
+    read_models_ok: bool = False
+    read_model_events: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.root_matches_checkpoint and self.signature_ok and not self.problems
+        return (
+            self.root_matches_checkpoint
+            and self.signature_ok
+            and self.read_models_ok
+            and not self.problems
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -363,6 +454,9 @@ class Restored:
             "store_events_by_service": self.store_events,
             "unlogged_events": self.unlogged_events,
             "keys_shredded": self.keys_shredded,
+            "erasures_registered": self.erasures_registered,
+            "read_models_match_replay": self.read_models_ok,
+            "read_model_events_replayed": self.read_model_events,
             "differences": [p.as_json() for p in self.problems],
         }
 
@@ -376,11 +470,14 @@ def restore(
     force: bool = False,
     erased: Sequence[str] = (),
     progress: Progress | None = None,
+    before_change: Callable[[], None] | None = None,
 ) -> Restored:
-    """Restore ``archive`` into ``databases`` (by name), then verify it (:func:`verify`).
+    """Restore ``archive`` into ``databases`` (by name), then verify it (:func:`verify`) and
+    replay every read model (:mod:`subsidyctl.replay_check`).
 
     Nothing is changed until every checksum matched, the manifest's HMAC checked, every file
-    decrypted, and every target found empty (or ``force``)."""
+    decrypted, and every target found empty (or ``force``); ``before_change`` is called then
+    (a running local stack's services are stopped there)."""
     manifest = read_manifest(archive)
     check_checksums(archive, manifest, progress)
     try:
@@ -410,6 +507,8 @@ def restore(
             decrypt_file(data_key, f"{name}.dump.enc", archive / f"{name}.dump.enc", scratch / name)
         if progress:
             progress("DECRYPT", len(names), len(names))
+        if before_change:
+            before_change()
         for done, name in enumerate(names):
             if progress:
                 progress("RESTORE", done, len(names))
@@ -423,8 +522,20 @@ def restore(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if "eligibility" in databases and "eligibility" in names:
-        out.keys_shredded = reapply_erasures(databases["eligibility"], erased)
+        try:
+            registered = erasures.registered_sync(keys)
+        except vault.VaultUnavailable as exc:
+            raise BackupError(f"the erasure register ({erasures.REGISTER}): {exc}") from None
+        out.erasures_registered = len(registered)
+        out.keys_shredded = reapply_erasures(databases["eligibility"], [*erased, *registered])
     verify(databases, manifest, verifier_keys, out, progress)
+    if progress:
+        progress("REPLAY", 0, 1)
+    found, out.read_model_events = asyncio.run(check_read_models({n: databases[n] for n in names}))
+    out.read_models_ok = not found
+    out.problems += found
+    if progress:
+        progress("REPLAY", 1, 1)
     return out
 
 

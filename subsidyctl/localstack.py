@@ -17,6 +17,7 @@ Used by ``subsidyctl up`` (``make run``; data survives restarts) and ``subsidyct
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -31,8 +32,9 @@ from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.js.errors import NotFoundError
 
-from services.kernel import natsauth, tls, topology
+from services.kernel import bus, natsauth, tls, topology
 from services.kernel.identity import Caller
 
 from .demo import write_demo_policy
@@ -109,6 +111,12 @@ class Ports:
             self.bao + 1,
             self.dashboard,
         ]
+
+
+# How ``subsidyctl restore`` asks a running ``subsidyctl up`` (the pid in its run folder's
+# stack.lock) to stop its services and start them again; ``up`` writes what it did to STATE.
+QUIESCE, RESUME = signal.SIGUSR1, signal.SIGUSR2
+STATE = "stack.state"
 
 
 @dataclass
@@ -366,6 +374,48 @@ class LocalStack:
         """Start a killed service again with the environment it had, and wait until serving."""
         self._spawn(service, self._extra[service])
         self._wait_serving(service)
+
+    def stop_services(self) -> None:
+        """Stop the four services (they drain), keeping PostgreSQL, NATS, OpenBao and the
+        identity simulator running: what ``subsidyctl restore`` quiesces (QUIESCE)."""
+        for service in reversed(SERVICES):
+            proc = self._procs.pop(service, None)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+    def reset_event_stream(self) -> None:
+        """Delete and recreate the events stream, with its consumers and its duplicate window,
+        as a fresh NATS has it: after a restore every store's relay republishes every event,
+        which JetStream would drop as duplicates for ``bus.DUPLICATE_WINDOW_S`` after their
+        first publication, and the abandoned history's messages must not be replayed to
+        anyone (catalog's sales rebuild reads the stream). The dead-letter stream is kept."""
+        assert self.nats is not None
+        url, operator = self.nats.url, self.nats.operator
+
+        async def reset() -> None:
+            nc, js = await bus.connect(url, "stack", operator)
+            try:
+                with contextlib.suppress(NotFoundError):
+                    await js.delete_stream(bus.EVENTS_STREAM)
+                await bus.ensure_streams(js, replicas=self.nats_nodes)
+            finally:
+                await nc.close()
+
+        asyncio.run(reset())
+
+    def start_services(self) -> None:
+        """Start the services :meth:`stop_services` stopped, with the environment each had,
+        and wait until every one is serving (RESUME)."""
+        for service in SERVICES:
+            if service not in self._procs:
+                self._spawn(service, self._extra[service])
+        for service in SERVICES:
+            self._wait_serving(service)
 
     def _spawn(self, service: str, extra: dict[str, str]) -> None:
         self._extra[service] = extra

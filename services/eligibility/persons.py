@@ -42,7 +42,7 @@ from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
 from subsidy.v1 import common_pb2
 
-from . import domain, linking
+from . import domain, erasures, linking
 from .projections import (
     as_qualification,
     consumer_erasures,
@@ -368,6 +368,9 @@ class Persons:
                 tx=tx,
                 reload=False,
             )
+            # Decided, not yet committed: registered outside the database first, so a restore
+            # of an older backup erases them again (services/eligibility/erasures.py).
+            await erasures.record(self.vault, consumer_id)
             wrapped = (
                 await tx.conn.execute(
                     delete(person_keys)

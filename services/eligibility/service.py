@@ -14,6 +14,7 @@ from subsidy.v1 import (
     usage_pb2_grpc,
 )
 
+from . import erasures
 from .api import EligibilityApi
 from .authority import GrpcIdentityAuthority
 from .handlers import Eligibility
@@ -35,6 +36,8 @@ async def build(rt: Runtime) -> Wiring:
     async def ready() -> None:
         await e.policies.wait()
         await e.risk.active.refresh()  # the rules and lists in force, before the first claim
+        # Erasures a restored backup predates, erased again before anything is served.
+        await erasures.reapply(e.persons, rt.vault, rt.store)
 
     return Wiring(
         registrations=[

@@ -574,6 +574,23 @@ def peer_variables(peers: tuple[str, ...]) -> tuple[Variable, ...]:
     )
 
 
+def _owner_url(service: str) -> Any:
+    upper = service.upper()
+    return variable(
+        f"SUBSIDY_{upper}_MIGRATION_DATABASE_URL",
+        f"backup and restore: the {service} database as its migration role, "
+        "`postgresql+psycopg://USER@HOST:PORT/DBNAME?sslmode=...`, no password; unset: the "
+        "local stack's",
+        default="",
+        also=(
+            Variable(
+                f"SUBSIDY_{upper}_MIGRATION_DATABASE_PASSWORD_FILE",
+                "file holding that role's password alone",
+            ),
+        ),
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class CliSettings:
     """The variables ``subsidyctl`` reads (its Typer options' ``envvar`` and its own look-ups;
@@ -599,6 +616,33 @@ class CliSettings:
         "the demo identity that fits the command",
         default=None,
     )
+    # backup and restore against a deployment (the chart's backup CronJob sets these): the
+    # Vault the services use, and each service database's owner (migration) role.
+    vault_addr: str = variable(
+        "SUBSIDY_VAULT_ADDR",
+        "backup and restore: Vault/OpenBao address, default the local stack's",
+        default="",
+    )
+    vault_token_file: Path | None = variable(  # noqa: RUF009
+        "SUBSIDY_VAULT_TOKEN_FILE",
+        "backup and restore: file holding a Vault token, default the local stack's",
+        default=None,
+    )
+    vault_k8s_role: str = variable(
+        "SUBSIDY_VAULT_K8S_ROLE",
+        "backup and restore: Kubernetes auth role to log in to Vault as (no token file), "
+        "`subsidy-backup` in the chart",
+        default="",
+    )
+    vault_transit_mount: str = variable(
+        "SUBSIDY_VAULT_TRANSIT_MOUNT",
+        "backup and restore: Vault's transit mount, default `transit`",
+        default="transit",
+    )
+    catalog_migration_database_url: str = _owner_url("catalog")
+    eligibility_migration_database_url: str = _owner_url("eligibility")
+    ledger_migration_database_url: str = _owner_url("ledger")
+    audit_migration_database_url: str = _owner_url("audit")
 
     @classmethod
     def variables(cls) -> tuple[Variable, ...]:

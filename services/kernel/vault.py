@@ -269,6 +269,31 @@ class Vault:
         data: dict[str, Any] = found["data"]["data"]
         return data
 
+    def write_secret_sync(self, path: str, data: dict[str, Any]) -> None:
+        """A new version of the KV v2 secret at ``<mount>/<path>``."""
+        mount, _, rest = path.strip("/").partition("/")
+        try:
+            self._client.secrets.kv.v2.create_or_update_secret(
+                path=rest, secret=data, mount_point=mount
+            )
+        except hvac.exceptions.VaultError as exc:
+            raise VaultUnavailable(f"vault refused to write {path}: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise VaultUnavailable(f"vault unreachable writing {path}") from exc
+
+    def list_secrets_sync(self, path: str) -> list[str]:
+        """The names of the KV v2 secrets under ``<mount>/<path>`` (none: an empty list)."""
+        mount, _, rest = path.strip("/").partition("/")
+        try:
+            found = self._client.secrets.kv.v2.list_secrets(path=rest, mount_point=mount)
+        except hvac.exceptions.InvalidPath:
+            return []
+        except hvac.exceptions.VaultError as exc:
+            raise VaultUnavailable(f"vault refused to list {path}: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise VaultUnavailable(f"vault unreachable listing {path}") from exc
+        return [str(k) for k in found["data"]["keys"]]
+
     # -- async wrappers --------------------------------------------------------------------
     async def new_data_key(self) -> tuple[bytes, WrappedKey]:
         return await asyncio.to_thread(self.new_data_key_sync)

@@ -36,7 +36,16 @@ from rich.table import Table
 from services.kernel.telemetry import configure_tracing
 
 from .. import demo
-from ..localstack import SERVICES, LocalStack, Ports, free_base, wait_until_audited
+from ..localstack import (
+    QUIESCE,
+    RESUME,
+    SERVICES,
+    STATE,
+    LocalStack,
+    Ports,
+    free_base,
+    wait_until_audited,
+)
 from ..stack import StackError
 from ..stack.certs import PLATFORM_DEMO, dir_name
 from .common import (
@@ -138,12 +147,16 @@ def up(
         note(f"subsidyctl up: {exc}")
         raise typer.Exit(EXIT_NO) from None
     stop = {"now": False}
+    wanted: list[signal.Signals] = []  # QUIESCE / RESUME from `subsidyctl restore`
 
     def request_stop(signum: int, frame: object) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(QUIESCE, lambda signum, frame: wanted.append(QUIESCE))
+    signal.signal(RESUME, lambda signum, frame: wanted.append(RESUME))
+    state = stack.run_dir / STATE
     try:
         seeded = asyncio.run(_seed(stack.endpoints())) if seed_demo else None
         try:
@@ -152,8 +165,11 @@ def up(
             note(f"subsidyctl up: no dashboard: {exc}")
             dashboard = ""
         announce(stack, base_port, seeded, json_only, dashboard)
+        state.write_text("serving\n")
         next_renewal_check = time.monotonic() + RENEW_CHECK_S
         while not stop["now"]:
+            while wanted:
+                _quiesce_or_resume(stack, wanted.pop(0), state)
             dead = stack.dead()
             if dead:
                 for s in dead:
@@ -171,8 +187,34 @@ def up(
             time.sleep(0.5)
     finally:
         note("stopping ...")
+        state.unlink(missing_ok=True)
         stack.stop()
         note("stopped")
+
+
+def _quiesce_or_resume(stack: LocalStack, asked: signal.Signals, state: Path) -> None:
+    """Stop or start the services for ``subsidyctl restore`` and say so in ``state`` (a failed
+    start is written there too, and ``up`` keeps the infrastructure running)."""
+    if asked == QUIESCE:
+        note("restore: stopping the services, resetting the events stream ...")
+        stack.stop_services()
+        try:
+            stack.reset_event_stream()
+        except Exception as exc:  # the restore must not go on with a bus that drops events
+            state.write_text(f"failed: resetting the events stream: {exc!r}\n")
+            return
+        state.write_text("quiesced\n")
+        return
+    note("restore: starting the services ...")
+    try:
+        stack.start_services()
+    except StackError as exc:
+        stack.stop_services()
+        state.write_text(f"failed: {exc}\n")
+        note(f"restore: the services did not start: {exc}")
+        return
+    state.write_text("serving\n")
+    note("restore: serving again")
 
 
 async def _seed(where: dict[str, str], identities: demo.Identities | None = None) -> dict[str, Any]:

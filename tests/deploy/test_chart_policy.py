@@ -254,11 +254,17 @@ def test_backup_cronjob_renders_only_when_enabled(rel: Release) -> None:
     (cronjob,) = cronjobs
     spec = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = spec["containers"]
+    # The command line is parsed with the CLI's own options in test_chart_backup.py.
     assert [*container["command"], *container["args"]] == [
         "subsidyctl",
         "backup",
-        "--to",
+        "--out",
         "/backup",
+        "--dated",
+        "--keep",
+        str(rel.effective["backup"]["keep"]),
+        "--stored-checkpoint",
+        "--json",
     ]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}

@@ -4,6 +4,7 @@ changed, cut off, reordered or moved to another file's name does not open."""
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,55 @@ def test_the_manifest_hmac_covers_every_field_but_itself() -> None:
     edited = {**manifest, "files": {"a": {"sha256": "01"}}}
     assert backup._canonical(manifest) != backup._canonical(edited)
     assert backup._canonical(manifest) == backup._canonical({**manifest, "hmac_sha256": "y"})
+
+
+# -- a deployment's databases, dated archives ------------------------------------------------
+def test_a_database_url_as_the_services_settings_write_it() -> None:
+    db = backup.Database.from_url(
+        "ledger",
+        "postgresql+psycopg://subsidy_ledger_migration@pg.db.svc:5433/subsidy_ledger"
+        "?sslmode=verify-full",
+        "s3cr:t@",
+    )
+    assert (db.name, db.database, db.host, db.port) == (
+        "ledger",
+        "subsidy_ledger",
+        "pg.db.svc",
+        5433,
+    )
+    assert (db.user, db.password, db.sslmode) == (
+        "subsidy_ledger_migration",
+        "s3cr:t@",
+        "verify-full",
+    )
+    assert "sslmode=verify-full" in db.conninfo() and "dbname=subsidy_ledger" in db.conninfo()
+    local = backup.Database.from_url("audit", "postgresql+psycopg://a@h/audit", "pw")
+    assert (local.port, local.sslmode) == (5432, "")
+
+
+@pytest.mark.parametrize(
+    "url", ["not a url", "postgresql+psycopg://pg.db.svc/x", "postgresql+psycopg://u@h"]
+)
+def test_a_database_url_without_user_host_or_database_is_refused_unechoed(url: str) -> None:
+    with pytest.raises(BackupError, match="the catalog database URL") as refused:
+        backup.Database.from_url("catalog", url, "pw")
+    assert url not in str(refused.value)
+
+
+def test_prune_keeps_the_newest_dated_archives_only(tmp_path: Path) -> None:
+    start = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)
+    made = []
+    for day in range(4):
+        archive = backup.dated(tmp_path, start + timedelta(days=day))
+        archive.mkdir()
+        (archive / backup.MANIFEST).write_text("{}")
+        made.append(archive)
+    assert made[0].name == "20261201T023000Z"
+    (tmp_path / "20261101T000000Z").mkdir()  # no manifest: not an archive, left alone
+    (tmp_path / "drill").mkdir()
+    (tmp_path / "drill" / backup.MANIFEST).write_text("{}")  # not dated: left alone
+    assert backup.prune(tmp_path, 2) == made[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["20261101T000000Z", "drill", made[2].name, made[3].name]
+    )
+    assert backup.prune(tmp_path, 2) == []
