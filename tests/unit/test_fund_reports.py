@@ -7,9 +7,12 @@ import dataclasses
 import datetime as dt
 import io
 import random
+from zoneinfo import ZoneInfo
 
 import openpyxl
 from google.protobuf.message import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.kernel.contract import budget, dailyreport, fundledger
 from services.kernel.contract.budget import pool_stream
@@ -41,10 +44,12 @@ class Stream:
     def __init__(self, pool_id: str = "p") -> None:
         self.pool_id = pool_id
         self.envelopes: list[Envelope] = []
+        self.versions: dict[str, int] = {}
 
     def add(self, event: Message, at: dt.datetime, stream: str | None = None) -> Envelope:
-        version = 1 + sum(1 for e in self.envelopes if e.stream_id == (stream or self.stream))
-        env = new_envelope("ledger", stream or self.stream, event, LEDGER, version=version)
+        stream_id = stream or self.stream
+        version = self.versions[stream_id] = self.versions.get(stream_id, 0) + 1
+        env = new_envelope("ledger", stream_id, event, LEDGER, version=version)
         env.occurred_at.FromDatetime(at)
         self.envelopes.append(env)
         return env
@@ -354,3 +359,155 @@ def test_select_keeps_the_running_balances_of_the_whole_stream() -> None:
     assert mine and all(m.source == "platform-matching" for m in mine)
     assert mine == [m for m in rows if m.source == "platform-matching"]
     assert isinstance(mine[0], Movement) and dataclasses.is_dataclass(mine[0])
+
+
+def test_an_order_written_before_sources_is_attributed_as_the_budget_fold_attributes_it() -> None:
+    s = Stream()
+    s.fund("district", 1_000)
+    s.fund("platform-matching", 1_000)
+    s.add(
+        ev.SubsidyReserved(order_id="old", pool_id="p", category="tv", subsidy_fen=1_500), MORNING
+    )
+    s.add(ev.SubsidyCaptured(order_id="old", pool_id="p", subsidy_fen=1_500), MORNING)
+    s.add(
+        ev.SubsidyReleased(
+            order_id="old", pool_id="p", subsidy_fen=1_500, reason="REFUNDED", was_captured=True
+        ),
+        EVENING,
+    )
+    rows = fundledger.movements(s.envelopes)
+    # Priority in funding order, the capture and the refund moving what the reserve took.
+    for kind in (fundledger.RESERVED, fundledger.CAPTURED, fundledger.REFUNDED):
+        assert [(m.source, m.amount_fen, m.category) for m in rows if m.kind == kind] == [
+            ("district", 1_000, "tv"),
+            ("platform-matching", 500, "tv"),
+        ]
+    assert rows[-1].available_fen == 1_000 and rows[-1].spent_fen == 0
+
+
+def test_a_clawback_other_than_the_refund_is_split_as_the_refund_was() -> None:
+    s = Stream()
+    s.fund("district", 10_000)
+    s.fund("platform-matching", 10_000)
+    s.order("o", "tv", MORNING, refund_at=EVENING, district=600, platform_matching=400)
+    s.clawback("o", 501, EVENING)  # e.g. part of the order only
+    claw = [m for m in fundledger.movements(s.envelopes) if m.kind == fundledger.CLAWBACK]
+    assert [(m.source, m.amount_fen) for m in claw] == [
+        ("district", 301),
+        ("platform-matching", 200),
+    ]
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["fund", "reserve", "capture", "release", "clawback", "later"]),
+        st.sampled_from(["district", "platform-matching"]),
+        st.integers(1, 5_000),
+        st.sampled_from(["tv", "phone", "=x"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS, st.randoms(use_true_random=False))
+def test_any_history_gives_balances_the_budget_fold_has_and_days_that_add_up(
+    ops: list[tuple[str, str, int, str]], rnd: random.Random
+) -> None:
+    """Random funds, reserves (pro rata, as the ledger splits), captures, cancels, refunds and
+    clawbacks over several days: every row's balances are the budget fold's after its event,
+    each day's figures are the day's events, the days add up to the history, and neither the
+    order the events are read in nor reading one twice changes a byte."""
+    s = Stream()
+    at = BEFORE
+    pool = budget.Pool("p")
+    pending: dict[str, tuple[str, budget.Parts]] = {}
+    captured: dict[str, tuple[str, budget.Parts]] = {}
+    refunded: list[str] = []
+    expected: dict[dt.date, dict[str, int]] = {}
+
+    def day_of(when: dt.datetime) -> dict[str, int]:
+        local = when.astimezone(ZoneInfo(SHANGHAI)).date()
+        return expected.setdefault(local, dict.fromkeys(dailyreport.FLOWS, 0))
+
+    for n, (op, source, fen, category) in enumerate(ops):
+        at += dt.timedelta(hours=7)  # every 7th step is at midnight, local
+        order = f"o-{n}"
+        event: Message | None = None
+        if op == "fund":
+            event = ev.BudgetFunded(pool_id="p", amount_fen=fen, source=source)
+        elif op == "reserve":
+            split = budget.split_pro_rata(pool.payers(), fen)
+            if split and all((pool.source(x) or budget.Source(x)).available >= f for x, f in split):
+                pending[order] = (category, split)
+                event = ev.SubsidyReserved(
+                    order_id=order, pool_id="p", category=category, subsidy_fen=fen,
+                    sources=budget.parts_message(split),
+                )  # fmt: skip
+        elif op == "capture" and pending:
+            order = sorted(pending)[0]
+            category, split = captured[order] = pending.pop(order)
+            event = ev.SubsidyCaptured(
+                order_id=order, pool_id="p", subsidy_fen=sum(f for _, f in split),
+                sources=budget.parts_message(split), category=category,
+            )  # fmt: skip
+            day_of(at)["orders"] += 1
+            day_of(at)["subsidy_fen"] += sum(f for _, f in split)
+        elif op == "release" and (pending or captured):
+            was = not pending or (bool(captured) and fen % 2 == 0)
+            book = captured if was else pending
+            order = sorted(book)[0]
+            category, split = book.pop(order)
+            event = ev.SubsidyReleased(
+                order_id=order, pool_id="p", subsidy_fen=sum(f for _, f in split),
+                reason="REFUNDED" if was else "CANCELLED", was_captured=was,
+                sources=budget.parts_message(split), category=category,
+            )  # fmt: skip
+            if was:
+                refunded.append(order)
+                day_of(at)["refunds"] += 1
+                day_of(at)["refunded_fen"] += sum(f for _, f in split)
+        elif op == "clawback" and refunded:
+            order = refunded.pop(0)
+            owed = ev.ClawbackRecorded(order_id=order, merchant_id="m-1", fen=fen, batch_id="b")
+            s.add(owed, at, stream="settlement/m-1")
+            day_of(at)["clawbacks"] += 1
+            day_of(at)["clawback_fen"] += fen
+        if event is not None:
+            s.add(event, at)
+            pool = budget.apply(pool, event)
+
+    rows = fundledger.movements(s.envelopes)
+    pool_events = [e for e in s.envelopes if e.stream_id == s.stream]
+    for m in rows:
+        if m.kind == fundledger.CLAWBACK:
+            continue
+        state = budget.fold("p", [payload_of(e) for e in pool_events[: m.stream_version]])
+        mine = state.source(m.source)
+        assert mine is not None
+        assert (m.available_fen, m.reserved_fen, m.spent_fen, m.funded_fen) == (
+            mine.available,
+            mine.reserved,
+            mine.spent,
+            mine.funded,
+        )
+    shuffled = [*s.envelopes, *s.envelopes[:2]]
+    rnd.shuffle(shuffled)
+    for date, figures in expected.items():
+        report = dailyreport.daily_report(rows, Day(date, SHANGHAI))
+        total = report.total()
+        assert {f: getattr(total, f) for f in dailyreport.FLOWS} == figures, date
+        for f in dailyreport.FLOWS:
+            assert sum(getattr(x, f) for x in lines(report, dailyreport.CATEGORY)) == figures[f]
+        assert dailyreport.from_events(shuffled, Day(date, SHANGHAI)).csv() == report.csv()
+
+
+def test_midnight_belongs_to_the_day_it_starts() -> None:
+    s = Stream()
+    s.fund("district", 10_000)
+    s.order("o", "tv", DAY.end, district=100)  # 00:00 on the 3rd, local
+    assert dailyreport.from_events(s.envelopes, DAY).total().orders == 0
+    following = Day(dt.date(2025, 6, 3), SHANGHAI)
+    assert dailyreport.from_events(s.envelopes, following).total().orders == 1
+    (left,) = lines(dailyreport.from_events(s.envelopes, DAY), dailyreport.POOL_REMAINING)
+    assert (left.available_fen, left.spent_fen) == (10_000, 0)  # the order is the next day's
