@@ -210,3 +210,22 @@ async def test_a_platform_may_not_read_the_fund_reports(platform: Platform) -> N
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert status_of(err.value)[0] == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_next_read_has_the_movements_made_since(
+    platform: Platform, rng: random.Random
+) -> None:
+    """The rows the ledger keeps between calls are never older than its store."""
+    p = platform
+    pool = await p.pool(rng, 100_000)
+    request = ledger_pb2.GetFundLedgerRequest(pool_id=pool)
+    first = await p.ledger.GetFundLedger(request)
+    assert [m.kind for m in first.movements] == ["FUNDED"]
+    assert (await p.ledger.GetFundLedger(request)) == first  # kept, and the same
+    order = await paid_order(p, pool, await p.product(rng, "phone", 0, PHONE_PRICE))
+    after = await p.ledger.GetFundLedger(request)
+    assert [(m.kind, m.order_id, m.amount_fen) for m in after.movements[1:]] == [
+        ("RESERVED", order, SUBSIDY),
+        ("CAPTURED", order, SUBSIDY),
+    ]
+    assert after.movements[-1].spent_fen == SUBSIDY

@@ -46,7 +46,7 @@ KINDS_WITH_CLAWBACK: Final = (*KINDS, CLAWBACK)
 _CLAWBACK_TYPE: Final = ev.ClawbackRecorded.DESCRIPTOR.full_name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a campaign has millions of them
 class Movement:
     """One source's share of one movement, and that source's balances after it (fen)."""
 
