@@ -41,6 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 PAGE = 1000
+IN_FLIGHT = 4  # pages of entries requested at once, as audit verify does
 AuditAddrOpt = Annotated[
     str, typer.Option(help="audit service HOST:PORT (default: the local stack's)")
 ]
@@ -51,13 +52,17 @@ async def log_envelopes(audit: audit_pb2_grpc.AuditServiceAsyncStub) -> list[Env
     entries' recomputed tree is not the checkpoint's (a changed, missing or added entry)."""
     checkpoint = await audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(fresh=True))
     size = checkpoint.tree_size
-    pages = [
-        audit.GetEntries(
-            audit_pb2.GetEntriesRequest(start=s, end=min(s + PAGE, size), bytes_only=True)
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
+
+    async def page(start: int) -> list[bytes]:
+        request = audit_pb2.GetEntriesRequest(
+            start=start, end=min(start + PAGE, size), bytes_only=True
         )
-        for s in range(0, size, PAGE)
-    ]
-    data = [e.envelope_bytes for page in await asyncio.gather(*pages) for e in page.entries]
+        async with in_flight:
+            return [e.envelope_bytes for e in (await audit.GetEntries(request)).entries]
+
+    pages = await asyncio.gather(*(page(s) for s in range(0, size, PAGE)))
+    data = [d for p in pages for d in p]
     if len(data) != size or merkle.root_of(map(merkle.leaf_hash, data)) != checkpoint.root_hash:
         raise Failure(
             f"the audit log's {len(data)} entries do not add up to its checkpoint of {size}:"
