@@ -511,3 +511,24 @@ def test_midnight_belongs_to_the_day_it_starts() -> None:
     assert dailyreport.from_events(s.envelopes, following).total().orders == 1
     (left,) = lines(dailyreport.from_events(s.envelopes, DAY), dailyreport.POOL_REMAINING)
     assert (left.available_fen, left.spent_fen) == (10_000, 0)  # the order is the next day's
+
+
+def test_what_the_ledger_sends_is_every_figure_of_every_row() -> None:
+    from services.ledger.fundreports_api import movement, report_message
+    from subsidyctl.cli.funds import row
+    from subsidyctl.cli.report import lines_of
+
+    s = campaign()
+    report = dailyreport.from_events(s.envelopes, DAY)
+    sent = report_message(report)
+    assert (sent.date, sent.timezone, sent.csv, sent.xlsx) == (
+        "2025-06-02",
+        SHANGHAI,
+        report.csv(),
+        report.xlsx(),
+    )
+    assert lines_of(sent) == list(report.lines)
+    for m in fundledger.movements(s.envelopes):
+        shown = row(movement(m))
+        assert list(shown) == list(fundledger.HEADERS)
+        assert tuple(shown.values()) == fundledger.row(m)
