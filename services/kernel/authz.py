@@ -107,6 +107,9 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _LEDGER + "GetSettlementBatch": frozenset({OPERATOR, APPROVER, AUDITOR}),
     _LEDGER + "ListOverdueEvidence": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "ListReturns": frozenset({OPERATOR, AUDITOR}),
+    # ledger: the fund-detail ledger and the bureau's daily report (read-only)
+    _LEDGER + "GetFundLedger": frozenset({OPERATOR, AUDITOR}),
+    _LEDGER + "GetDailyReport": frozenset({OPERATOR, AUDITOR}),
     # audit: read-only, for the people who check the campaign
     _AUDIT + "GetLogInfo": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetEntries": frozenset({AUDITOR, OPERATOR}),

@@ -20,6 +20,7 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from . import settlement_domain as sd
+from .fundreports_api import FundReportsApi
 from .handlers import BudgetStatus, Ledger
 from .reconciliation_api import ReconciliationApi
 
@@ -191,7 +192,7 @@ def _required_time(field: str, request: Any) -> datetime:
     return value
 
 
-class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
+class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 

@@ -1295,3 +1295,256 @@ class ListReturnsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReturnsResponse: _TypeAlias = ListReturnsResponse  # noqa: Y015
+
+@_typing.final
+class GetFundLedgerRequest(_message.Message):
+    """---- fund-detail ledger and the bureau's daily report ------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    """empty: every pool's"""
+    source: _builtins.str
+    """absent: every source's ("" is money of no named source)"""
+    start: _builtins.int
+    """the first row wanted (0-based, after the filters)"""
+    limit: _builtins.int
+    """1..10000; 0: 1000"""
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        source: _builtins.str | None = ...,
+        start: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_source", b"_source", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source", b"_source", "limit", b"limit", "pool_id", b"pool_id", "source", b"source", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
+    _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
+
+Global___GetFundLedgerRequest: _TypeAlias = GetFundLedgerRequest  # noqa: Y015
+
+@_typing.final
+class FundMovement(_message.Message):
+    """One source's share of one movement and that source's balances after it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    STREAM_VERSION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    FUNDED_FEN_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FEN_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
+    RESERVED_FEN_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    stream_version: _builtins.int
+    """the pool stream's (a clawback: its refund's)"""
+    source: _builtins.str
+    kind: _builtins.str
+    """FUNDED, SCHEDULED, TRANCHE_RELEASED, RESERVED, CAPTURED, RELEASED, REFUNDED, CLAWBACK"""
+    amount_fen: _builtins.int
+    order_id: _builtins.str
+    category: _builtins.str
+    reason: _builtins.str
+    """a release's reason; a clawback's batch id"""
+    event_id: _builtins.str
+    funded_fen: _builtins.int
+    scheduled_fen: _builtins.int
+    available_fen: _builtins.int
+    reserved_fen: _builtins.int
+    spent_fen: _builtins.int
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        stream_version: _builtins.int = ...,
+        source: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        order_id: _builtins.str = ...,
+        category: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        funded_fen: _builtins.int = ...,
+        scheduled_fen: _builtins.int = ...,
+        available_fen: _builtins.int = ...,
+        reserved_fen: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "available_fen", b"available_fen", "category", b"category", "event_id", b"event_id", "funded_fen", b"funded_fen", "kind", b"kind", "occurred_at", b"occurred_at", "order_id", b"order_id", "pool_id", b"pool_id", "reason", b"reason", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "source", b"source", "spent_fen", b"spent_fen", "stream_version", b"stream_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundMovement: _TypeAlias = FundMovement  # noqa: Y015
+
+@_typing.final
+class FundLedger(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOVEMENTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_START_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """rows in all (after the filters)"""
+    next_start: _builtins.int
+    """the next page's start; 0 on the last page"""
+    @_builtins.property
+    def movements(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundMovement]: ...
+    def __init__(
+        self,
+        *,
+        movements: _abc.Iterable[Global___FundMovement] | None = ...,
+        total: _builtins.int = ...,
+        next_start: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["movements", b"movements", "next_start", b"next_start", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundLedger: _TypeAlias = FundLedger  # noqa: Y015
+
+@_typing.final
+class GetDailyReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    """YYYY-MM-DD, the campaign's day"""
+    timezone: _builtins.str
+    """IANA zone; empty: the claim window's of the policy in force"""
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDailyReportRequest: _TypeAlias = GetDailyReportRequest  # noqa: Y015
+
+@_typing.final
+class DailyReportLine(_message.Message):
+    """One line of the daily report (figures a section does not use are 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECTION_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
+    SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
+    REFUNDS_FIELD_NUMBER: _builtins.int
+    REFUNDED_FEN_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
+    CLAWBACK_FEN_FIELD_NUMBER: _builtins.int
+    FUNDED_FEN_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FEN_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
+    RESERVED_FEN_FIELD_NUMBER: _builtins.int
+    SPENT_FEN_FIELD_NUMBER: _builtins.int
+    section: _builtins.str
+    """CATEGORY, TOTAL, SOURCE, POOL_REMAINING, SOURCE_REMAINING"""
+    pool_id: _builtins.str
+    source: _builtins.str
+    category: _builtins.str
+    orders: _builtins.int
+    subsidy_fen: _builtins.int
+    refunds: _builtins.int
+    refunded_fen: _builtins.int
+    clawbacks: _builtins.int
+    clawback_fen: _builtins.int
+    funded_fen: _builtins.int
+    scheduled_fen: _builtins.int
+    available_fen: _builtins.int
+    reserved_fen: _builtins.int
+    spent_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        section: _builtins.str = ...,
+        pool_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        category: _builtins.str = ...,
+        orders: _builtins.int = ...,
+        subsidy_fen: _builtins.int = ...,
+        refunds: _builtins.int = ...,
+        refunded_fen: _builtins.int = ...,
+        clawbacks: _builtins.int = ...,
+        clawback_fen: _builtins.int = ...,
+        funded_fen: _builtins.int = ...,
+        scheduled_fen: _builtins.int = ...,
+        available_fen: _builtins.int = ...,
+        reserved_fen: _builtins.int = ...,
+        spent_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "category", b"category", "clawback_fen", b"clawback_fen", "clawbacks", b"clawbacks", "funded_fen", b"funded_fen", "orders", b"orders", "pool_id", b"pool_id", "refunded_fen", b"refunded_fen", "refunds", b"refunds", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "section", b"section", "source", b"source", "spent_fen", b"spent_fen", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailyReportLine: _TypeAlias = DailyReportLine  # noqa: Y015
+
+@_typing.final
+class DailyReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    CSV_FIELD_NUMBER: _builtins.int
+    XLSX_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    timezone: _builtins.str
+    csv: _builtins.bytes
+    """the report as CSV (UTF-8 with BOM, formula-safe)"""
+    xlsx: _builtins.bytes
+    """the same rows as XLSX (its dates pinned to the day's start)"""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyReportLine]: ...
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        lines: _abc.Iterable[Global___DailyReportLine] | None = ...,
+        csv: _builtins.bytes = ...,
+        xlsx: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "date", b"date", "lines", b"lines", "timezone", b"timezone", "xlsx", b"xlsx"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailyReport: _TypeAlias = DailyReport  # noqa: Y015

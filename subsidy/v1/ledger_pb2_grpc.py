@@ -125,6 +125,16 @@ class LedgerServiceStub:
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
                 _registered_method=True)
+        self.GetFundLedger = channel.unary_unary(
+                '/subsidy.v1.LedgerService/GetFundLedger',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetFundLedgerRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.FundLedger.FromString,
+                _registered_method=True)
+        self.GetDailyReport = channel.unary_unary(
+                '/subsidy.v1.LedgerService/GetDailyReport',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetDailyReportRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.DailyReport.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -261,6 +271,24 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFundLedger(self, request, context):
+        """The fund-detail ledger (资金明细台账): every movement of every funding source, in each pool's
+        stream order, with the source's balances after it, folded from the ledger's own events
+        (services/kernel/contract/fundledger.py; operators, auditors). Paged by row.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDailyReport(self, request, context):
+        """The bureau's daily report of one campaign day (services/kernel/contract/dailyreport.py):
+        its lines and its CSV and XLSX files, from the ledger's own events; an auditor rebuilds
+        the same bytes from the audit log (operators, auditors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +381,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListReturns,
                     request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.SerializeToString,
+            ),
+            'GetFundLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFundLedger,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetFundLedgerRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.FundLedger.SerializeToString,
+            ),
+            'GetDailyReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDailyReport,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetDailyReportRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.DailyReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -842,6 +880,60 @@ class LedgerService:
             '/subsidy.v1.LedgerService/ListReturns',
             subsidy_dot_v1_dot_ledger__pb2.ListReturnsRequest.SerializeToString,
             subsidy_dot_v1_dot_ledger__pb2.ListReturnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFundLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/GetFundLedger',
+            subsidy_dot_v1_dot_ledger__pb2.GetFundLedgerRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.FundLedger.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDailyReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/GetDailyReport',
+            subsidy_dot_v1_dot_ledger__pb2.GetDailyReportRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.DailyReport.FromString,
             options,
             channel_credentials,
             insecure,

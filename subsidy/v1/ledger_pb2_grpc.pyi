@@ -80,6 +80,16 @@ class LedgerServiceStub:
     """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
     batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
     """
+    GetFundLedger: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetFundLedgerRequest, _ledger_pb2.FundLedger]
+    """The fund-detail ledger (资金明细台账): every movement of every funding source, in each pool's
+    stream order, with the source's balances after it, folded from the ledger's own events
+    (services/kernel/contract/fundledger.py; operators, auditors). Paged by row.
+    """
+    GetDailyReport: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetDailyReportRequest, _ledger_pb2.DailyReport]
+    """The bureau's daily report of one campaign day (services/kernel/contract/dailyreport.py):
+    its lines and its CSV and XLSX files, from the ledger's own events; an auditor rebuilds
+    the same bytes from the audit log (operators, auditors).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -132,6 +142,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ListReturns: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReturnsRequest, _ledger_pb2.ListReturnsResponse]  # type: ignore[assignment]
     """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
     batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+    """
+    GetFundLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetFundLedgerRequest, _ledger_pb2.FundLedger]  # type: ignore[assignment]
+    """The fund-detail ledger (资金明细台账): every movement of every funding source, in each pool's
+    stream order, with the source's balances after it, folded from the ledger's own events
+    (services/kernel/contract/fundledger.py; operators, auditors). Paged by row.
+    """
+    GetDailyReport: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetDailyReportRequest, _ledger_pb2.DailyReport]  # type: ignore[assignment]
+    """The bureau's daily report of one campaign day (services/kernel/contract/dailyreport.py):
+    its lines and its CSV and XLSX files, from the ledger's own events; an auditor rebuilds
+    the same bytes from the audit log (operators, auditors).
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -290,6 +310,28 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.ListReturnsResponse, _abc.Awaitable[_ledger_pb2.ListReturnsResponse]]:
         """The returns ledger (退换货台账): every refund of a captured order, newest first, with the
         batch that had paid it and its clawback (none, outstanding: a receivable, or deducted).
+        """
+
+    @_abc_1.abstractmethod
+    def GetFundLedger(
+        self,
+        request: _ledger_pb2.GetFundLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.FundLedger, _abc.Awaitable[_ledger_pb2.FundLedger]]:
+        """The fund-detail ledger (资金明细台账): every movement of every funding source, in each pool's
+        stream order, with the source's balances after it, folded from the ledger's own events
+        (services/kernel/contract/fundledger.py; operators, auditors). Paged by row.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDailyReport(
+        self,
+        request: _ledger_pb2.GetDailyReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.DailyReport, _abc.Awaitable[_ledger_pb2.DailyReport]]:
+        """The bureau's daily report of one campaign day (services/kernel/contract/dailyreport.py):
+        its lines and its CSV and XLSX files, from the ledger's own events; an auditor rebuilds
+        the same bytes from the audit log (operators, auditors).
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,10 @@ One module per command group; each holds its commands and registers them on ``ap
   ledger's captures: counts, fen totals and a CSV + XLSX report; once per file) and
   ``reconciliations`` (the recorded ones, for auditors).
 - :mod:`.settlement`: ``settlement create|approve|export|paid``, merchant batches, maker-checker.
+- :mod:`.funds`: ``ledger funds``, the fund-detail ledger (资金明细台账): every movement of every
+  funding source with its balances after it.
+- :mod:`.report`: ``report daily --date D``, the bureau's daily report (CSV + XLSX), from the
+  ledger or rebuilt from the audit log's events (``--from-events``) and compared.
 - :mod:`.audit`: ``audit verify``, recompute the audit chain and rebuild every budget from the log.
 - :mod:`.risk`: ``risk rules``, ``risk lists``, ``risk decisions``: the risk rules and the block
   and allow lists (read; change through ``propose`` / ``lists add`` and ``approve`` by another
@@ -75,8 +79,10 @@ from . import (
     checkout,
     common,
     dashboard,
+    funds,
     policy,
     reconcile,
+    report,
     risk,
     schema,
     settlement,
@@ -99,6 +105,8 @@ app.add_typer(budget.app, rich_help_panel=catalog.PANEL)
 app.add_typer(risk.app, rich_help_panel=catalog.PANEL)
 app.add_typer(reconcile.app)
 app.add_typer(settlement.app, rich_help_panel=catalog.PANEL)
+app.add_typer(funds.app, rich_help_panel=catalog.PANEL)
+app.add_typer(report.app, rich_help_panel=catalog.PANEL)
 app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(dashboard.app, rich_help_panel="Audit")
@@ -111,6 +119,8 @@ GROUPS = (
     policy.app.info.name,
     budget.app.info.name,
     settlement.app.info.name,
+    funds.app.info.name,
+    report.app.info.name,
     risk.app.info.name,
     audit.app.info.name,
     certs.app.info.name,

@@ -1625,6 +1625,55 @@ for _sb_rpc, _sb_make in _SB_LISTS:
         )
 
 
+# LedgerService.GetFundLedger and GetDailyReport ----------------------------------------------
+FUND_LEDGER, DAILY_REPORT = "ledger.GetFundLedger", "ledger.GetDailyReport"
+for _fl_limit in (-1, 10_001):
+    case(
+        f"{FUND_LEDGER}-limit-{_fl_limit}",
+        FUND_LEDGER,
+        lambda w, rng, n=_fl_limit: ledger_pb2.GetFundLedgerRequest(limit=n),  # type: ignore[misc]
+        INVALID,
+        "INVALID_LIMIT",
+        "limit",
+    )
+case(
+    f"{FUND_LEDGER}-start-negative",
+    FUND_LEDGER,
+    lambda w, rng: ledger_pb2.GetFundLedgerRequest(start=-1),
+    INVALID,
+    "INVALID_START",
+    "start",
+)
+case(
+    f"{FUND_LEDGER}-pool-id-slash",
+    FUND_LEDGER,
+    lambda w, rng: ledger_pb2.GetFundLedgerRequest(pool_id="a/b"),
+    INVALID,
+    "INVALID_IDENTIFIER",
+    "pool_id",
+)
+for _dr_date in ("", "2025-6-1", "2025-02-30", "20250601", "2025-06-01T00:00"):
+    case(
+        f"{DAILY_REPORT}-date-{_dr_date or 'missing'}",
+        DAILY_REPORT,
+        lambda w, rng, d=_dr_date: ledger_pb2.GetDailyReportRequest(date=d),  # type: ignore[misc]
+        INVALID,
+        "INVALID_DATE",
+        "date",
+    )
+for _dr_zone in ("Mars/Olympus", "../etc/passwd", "x" * 65):
+    case(
+        f"{DAILY_REPORT}-timezone-{_dr_zone[:12]}",
+        DAILY_REPORT,
+        lambda w, rng, z=_dr_zone: ledger_pb2.GetDailyReportRequest(  # type: ignore[misc]
+            date="2025-06-01", timezone=z
+        ),
+        INVALID,
+        "INVALID_TIMEZONE",
+        "timezone",
+    )
+
+
 # -- the tests ----------------------------------------------------------------------------------
 async def call(p: Platform, rpc: str, request: Message) -> Message:
     stub_name, method = rpc.split(".")

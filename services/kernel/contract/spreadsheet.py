@@ -9,7 +9,10 @@ opens it on their own machine.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
+import re
+import zipfile
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -42,9 +45,12 @@ def csv_bytes(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes
 Sheet = tuple[str, Sequence[str], Iterable[Sequence[object]]]  # (title, headers, rows)
 
 
-def xlsx_bytes(sheets: Sequence[Sheet]) -> bytes:
+def xlsx_bytes(sheets: Sequence[Sheet], *, created: dt.datetime | None = None) -> bytes:
     """A workbook of ``sheets``; every text cell is written as a string, never as a formula
-    (openpyxl writes a string starting with ``=`` as one), on top of :func:`neutralise`."""
+    (openpyxl writes a string starting with ``=`` as one), on top of :func:`neutralise`.
+
+    ``created`` (UTC) makes the bytes a function of the rows alone: the workbook's created and
+    modified dates and every zip member's time are that instant (see :func:`_pinned`)."""
     from openpyxl import Workbook
     from openpyxl.cell import WriteOnlyCell
 
@@ -62,4 +68,30 @@ def xlsx_bytes(sheets: Sequence[Sheet]) -> bytes:
             sheet.append(cells)
     out = io.BytesIO()
     book.save(out)
+    return out.getvalue() if created is None else _pinned(out.getvalue(), created)
+
+
+_CORE_DATES: Final = re.compile(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*(</dcterms:)")
+
+
+def _pinned(data: bytes, at: dt.datetime) -> bytes:
+    """The workbook ``data`` with its clock readings replaced by ``at``. openpyxl stamps the
+    save's wall-clock time into docProps/core.xml (``save_workbook`` overwrites ``modified``)
+    and zipfile stamps each member it writes, and neither takes a time to use instead; so the
+    archive is rewritten member by member, in the same order, with the same compression."""
+    stamp = at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    when = at.astimezone(dt.UTC).timetuple()[:6]
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
+        for member in source.infolist():
+            body = source.read(member)
+            if member.filename == "docProps/core.xml":
+                body = _CORE_DATES.sub(rb"\g<1>" + stamp + rb"\g<2>", body)
+            info = zipfile.ZipInfo(member.filename, date_time=when)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = member.external_attr
+            target.writestr(info, body)
     return out.getvalue()
