@@ -175,7 +175,7 @@ async def _lines(conn: AsyncConnection, order_id: str) -> dict[str, str]:
             | r.order_id.startswith(order_line.lines_prefix(order_id), autoescape=True)
         )
     )
-    return {key: platform for key, platform in rows.tuples()}
+    return {key: platform for key, platform in rows}
 
 
 def _as_command(row: dict[str, object]) -> domain.Reserve:
