@@ -371,8 +371,9 @@ class LedgerApi(ReconciliationApi, ledger_pb2_grpc.LedgerServiceServicer):
         merchant = (
             validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
         )
-        rows = await self.ledger.overdue_evidence(merchant, _limit(request.limit))
-        out = ledger_pb2.ListOverdueEvidenceResponse()
+        after = sd.cursor_of(request.page_token)
+        rows, cursor = await self.ledger.overdue_evidence(merchant, _limit(request.limit), after)
+        out = ledger_pb2.ListOverdueEvidenceResponse(next_page_token=sd.page_token(cursor))
         for row in rows:
             order_id, line_item = order_line.split_line(row["order_id"])
             item = out.captures.add(
