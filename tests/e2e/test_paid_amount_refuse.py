@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -42,19 +43,21 @@ def catalog_as(p: Platform, who: Caller) -> catalog_pb2_grpc.CatalogServiceAsync
     return catalog_pb2_grpc.CatalogServiceStub(channel)
 
 
-async def publish_refusing(p: Platform, catalog: Catalog, rng: random.Random) -> datetime:
-    """The session's rules with ``funding.paid_amount: refuse``, in force from a day of
-    2150-2158 (after every other test's future versions); returns that day."""
+async def publish_from_2150(
+    p: Platform, catalog: Catalog, rng: random.Random, reason: str, **changes: Any
+) -> datetime:
+    """The session's rules with ``changes``, published through catalog (maker, then another
+    person approves), in force from a day of 2150-2158 (after every other test's future
+    versions); returns that day."""
     effective = datetime(2150, 1, 1, tzinfo=UTC) + timedelta(days=rng.randrange(3000))
-    document = policy_to_dict(catalog.policy())
-    document["version"] = f"paid-refuse-{rng.randrange(10**9)}"
+    document = policy_to_dict(catalog.policy()) | changes
+    document["version"] = f"from-2150-{rng.randrange(10**9)}"
     document["effective_from"] = effective.isoformat()
-    document["funding"] = {**document.get("funding", {}), "paid_amount": "refuse"}
     maker = catalog_as(p, Caller(Role.OPERATOR, "ops-a"))
     checker = catalog_as(p, Caller(Role.APPROVER, "ops-b"))
     await maker.DraftPolicy(
         catalog_pb2.DraftPolicyRequest(
-            document=json.dumps(document, ensure_ascii=False), reason="refuse wrong paid amounts"
+            document=json.dumps(document, ensure_ascii=False), reason=reason
         )
     )
     approved = await checker.ApprovePolicy(
@@ -62,6 +65,14 @@ async def publish_refusing(p: Platform, catalog: Catalog, rng: random.Random) ->
     )
     assert (approved.status, approved.in_force) == ("APPROVED", False)
     return effective
+
+
+async def publish_refusing(p: Platform, catalog: Catalog, rng: random.Random) -> datetime:
+    """The session's rules with ``funding.paid_amount: refuse``, in force from 2150 on."""
+    funding = policy_to_dict(catalog.policy()).get("funding", {})
+    return await publish_from_2150(
+        p, catalog, rng, "refuse wrong paid amounts", funding={**funding, "paid_amount": "refuse"}
+    )
 
 
 async def test_a_refusing_policy_refuses_a_wrong_or_missing_paid_amount_and_changes_nothing(
@@ -78,7 +89,7 @@ async def test_a_refusing_policy_refuses_a_wrong_or_missing_paid_amount_and_chan
     finally:
         catalog.now = real
     held = await p.ledger.GetReservation(ledger_pb2.GetReservationRequest(order_id=order))
-    assert held.policy_version.startswith("paid-refuse-") and held.status == "PENDING"
+    assert held.policy_version.startswith("from-2150-") and held.status == "PENDING"
 
     def capture(paid: int | None) -> ledger_pb2.CaptureSubsidyRequest:
         request = ledger_pb2.CaptureSubsidyRequest(order_id=order, payment_ref=f"pay-{order}")

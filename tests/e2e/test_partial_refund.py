@@ -3,30 +3,41 @@
 A multi-item order is one reservation per item (``order_id`` + ``item``), each with its own
 qualification: refunding one item after its merchant was settled credits back exactly that
 item's sources, claws back exactly that item's subsidy, gives that item's qualification back
-(restored, under the session's policy) and leaves the other items captured, used and paid. The
-discount bill still lists the order once, with the discount of all its items. Calls that name
-no item of a multi-item order, an item it does not have, or an item of another order are
-refused precisely and change nothing.
+(restored under the session's policy; forfeited under an order policy that forfeits) and
+leaves the other items captured, used and paid. The discount bill still lists the order once,
+with the discount of all its items. Calls that name no item of a multi-item order, an item it
+does not have, or an item of another order are refused precisely and change nothing.
 """
 
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
+from services.catalog.handlers import Catalog
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidy.v1 import events_pb2 as ev
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.e2e.test_funding_sources import budget, by_source, ledger_as, ledger_events
+from tests.e2e.test_paid_amount_refuse import publish_from_2150
 from tests.e2e.test_reconciliation import csv_of, reconcile_bill
 from tests.e2e.test_settlement import merchant_events, period
 
 # (category, price, subsidy): 15 % of each price, each under its cap.
 ITEMS = (("phone", 300_000, 45_000), ("tablet", 200_000, 30_000), ("smartwatch", 100_000, 15_000))
+
+
+@pytest.fixture
+def catalog(platform: Platform) -> Iterator[Catalog]:
+    found: Catalog = platform.running["catalog"].wiring.registrations[0][1].catalog
+    real = found.now
+    yield found
+    found.now = real
 
 
 async def products(p: Platform, rng: random.Random) -> tuple[str, list[str]]:
@@ -272,3 +283,60 @@ async def test_refunding_one_settled_item_claws_back_that_item_only(
 
 async def _is(p: Platform, qid: str, expected: tuple[str, str]) -> None:
     assert await qualification(p, qid) == expected
+
+
+async def test_a_refunded_item_forfeits_its_qualification_under_a_forfeiting_order_policy(
+    platform: Platform, rng: random.Random, catalog: Catalog
+) -> None:
+    """The order's own policy version forfeits refunded qualifications: refunding one item
+    forfeits exactly that item's; the other item's stays used (and its budget spent)."""
+    p = platform
+    pool = await p.pool(rng, 1_000_000)
+    _, skus = await products(p, rng)
+    _, consumer = await p.person(rng)
+    qids = [await p.claim(consumer, category) for category, _, _ in ITEMS[:2]]
+    effective = await publish_from_2150(p, catalog, rng, "forfeit on refund", refund_rule="forfeit")
+    order = f"o-{rng.randrange(10**12)}"
+    real = catalog.now
+    catalog.now = lambda: effective + timedelta(hours=12)  # the forfeiting version rules
+    try:
+        for i, (sku, qid, (_, price, _)) in enumerate(zip(skus, qids, ITEMS, strict=False), 1):
+            await p.ledger.ReserveSubsidy(
+                ledger_pb2.ReserveSubsidyRequest(
+                    order_id=order,
+                    item=str(i),
+                    platform_id="jd",
+                    pool_id=pool,
+                    consumer_id=consumer,
+                    qualification_id=qid,
+                    sku=sku,
+                    unit_price_fen=price,
+                )
+            )
+    finally:
+        catalog.now = real
+    for i, (_, price, subsidy) in enumerate(ITEMS[:2], 1):
+        await p.ledger.CaptureSubsidy(
+            ledger_pb2.CaptureSubsidyRequest(
+                order_id=order, item=str(i), payment_ref="pay", paid_amount_fen=price - subsidy
+            )
+        )
+    await eventually(lambda: _is(p, qids[0], ("USED", f"{order}/1")))
+
+    async def consumed() -> None:  # the payment, as eligibility sees it for that item
+        q = await p.eligibility.ConsumeQualification(
+            eligibility_pb2.ConsumeQualificationRequest(
+                qualification_id=qids[1], order_id=order, item="2"
+            )
+        )
+        assert (q.status, q.order_id) == ("USED", f"{order}/2")
+
+    await eventually(consumed)
+    spent = (await budget(p, pool)).spent_fen
+    released = await p.ledger.ReleaseSubsidy(
+        ledger_pb2.ReleaseSubsidyRequest(order_id=order, item="1", reason="REFUNDED")
+    )
+    assert released.policy_version.startswith("from-2150-")
+    await eventually(lambda: _is(p, qids[0], ("FORFEITED", f"{order}/1")))
+    assert await qualification(p, qids[1]) == ("USED", f"{order}/2")
+    assert (await budget(p, pool)).spent_fen == spent - ITEMS[0][2]
