@@ -162,6 +162,7 @@ def paid(
 MerchantOpt = Annotated[str, typer.Option("--merchant", help="one merchant's only")]
 RETURN_HEADERS = (
     "order_id",
+    "item",  # of a multi-item order ("": the whole order)
     "merchant_id",
     "platform_id",
     "sku",
@@ -222,7 +223,7 @@ def returns(
     who = identity(identity_dir, OPERATOR_DEMO)
     answer = ledger_call(ledger, who, lambda stub: stub.ListReturns(request))
     entries = [
-        pick(r, "order_id", "merchant_id", "platform_id", "sku", "subsidy_fen")
+        pick(r, "order_id", "item", "merchant_id", "platform_id", "sku", "subsidy_fen")
         | {"captured_at": _at(r.captured_at), "refunded_at": _at(r.refunded_at)}
         | pick(r, "batch_id", "clawback", "deducted_by")
         for r in answer.returns
