@@ -212,6 +212,22 @@ class Ledger(RuleBasedStateMachine):
             if captured.batch_id:
                 self.refunds_of_batched.append(order)
 
+    @rule(
+        subsidies=st.lists(st.sampled_from([10_000, 20_000, 7_777]), min_size=2, max_size=3),
+        merchant=st.sampled_from(MERCHANTS),
+    )
+    def settled_order(self, subsidies: list[int], merchant: str) -> None:
+        """A multi-item order taken through payment, evidence and a paid batch at once, so
+        that partial refunds after settlement (the clawback of one item) are common."""
+        known = set(self.items)
+        self.reserve_order(subsidies, merchant, pro_rata=False)
+        for order_id in set(self.items) - known:
+            for key in self.items[order_id]:
+                self.capture(_Drawn(key), exact=True)
+                kind = sd.ACTIVATION if self.serials[key] else sd.COURIER
+                self.evidence(_Drawn(key), kind, right_serial=True)
+        self.settle_and_pay(merchant)
+
     def _refundable_items(self) -> list[str]:
         return [
             key
