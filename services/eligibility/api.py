@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.kernel import validate
-from services.kernel.contract import circumstances, personal_data
+from services.kernel.contract import circumstances, order_line, personal_data
 from services.kernel.errors import InvalidArgument
 from services.kernel.identity import caller, own_platform, scope
 from services.kernel.riskscreen import circumstances_of
@@ -110,7 +110,8 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
     async def LockQualification(
         self, request: eligibility_pb2.LockQualificationRequest, context: ServicerContext
     ) -> eligibility_pb2.Qualification:
-        order_id = validate.identifier("order_id", request.order_id)
+        # The ledger's reservation key: an order, or order_id/item for one item of it.
+        order_id = validate.line("order_id", request.order_id)
         consumer_id = validate.identifier("consumer_id", request.consumer_id)
         category = validate.identifier("category", request.category)
         platform_id = own_platform("platform_id", request.platform_id)
@@ -133,8 +134,9 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         # Payment is recorded by the ledger; its SubsidyCaptured event marks the qualification
         # used. This read lets a caller see the outcome for that order.
         order_id = validate.identifier("order_id", request.order_id)
+        item = validate.item("item", request.item, order_id)
         qid = validate.identifier("qualification_id", request.qualification_id)
-        q = await self.e.consumed(qid, order_id, scope())
+        q = await self.e.consumed(qid, order_line.line_of(order_id, item), scope())
         return _qualification(q)
 
     # -- same user ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from services.kernel.contract import order_line
 from services.kernel.contract.limits import MAX_PRICE_FEN, MIN_PRICE_FEN
 
 from .errors import InvalidArgument
@@ -25,6 +26,33 @@ def identifier(field: str, value: str, *, max_len: int = 64) -> str:
             f"{field}: letters, digits and . _ : - only, starting with a letter or digit",
             field=field,
         )
+    return value
+
+
+def item(field: str, value: str, order_id: str) -> str:
+    """An item of a multi-item order ("" for the whole order): an identifier of at most
+    MAX_ITEM_LEN characters, and ``order_id/item`` fits where order ids are stored."""
+    if not value:
+        return ""
+    identifier(field, value, max_len=order_line.MAX_ITEM_LEN)
+    if len(order_line.line_of(order_id, value)) > order_line.MAX_LINE_LEN:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG",
+            f"{field}: order_id, '/' and item together at most {order_line.MAX_LINE_LEN}"
+            " characters",
+            field=field,
+        )
+    return value
+
+
+def line(field: str, value: str) -> str:
+    """A reservation's key as one service passes it to another: an order id, or
+    ``order_id/item`` (services.kernel.contract.order_line)."""
+    order_id, sep, rest = value.partition(order_line.SEP)
+    identifier(field, order_id)
+    if sep:
+        identifier(field, rest, max_len=order_line.MAX_ITEM_LEN)  # "order/" names no item
+        item(field, rest, order_id)
     return value
 
 

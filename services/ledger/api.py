@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.kernel import validate
+from services.kernel.contract import order_line
 from services.kernel.contract.budget import Pool
 from services.kernel.contract.policy import BP_DENOMINATOR, MAX_PRICE_FEN
 from services.kernel.errors import InvalidArgument, NotFound
@@ -136,8 +137,10 @@ def _paid_amount(fen: int) -> int:
 
 
 def _reservation(row: dict[str, Any]) -> ledger_pb2.Reservation:
+    order_id, item = order_line.split_line(row["order_id"])
     out = ledger_pb2.Reservation(
-        order_id=row["order_id"],
+        order_id=order_id,
+        item=item,
         status=row["status"],
         subsidy_fen=row["subsidy_fen"],
         policy_version=row["policy_version"],
@@ -249,8 +252,10 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
     async def ReserveSubsidy(
         self, request: ledger_pb2.ReserveSubsidyRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
+        order_id = validate.identifier("order_id", request.order_id)
+        item = validate.item("item", request.item, order_id)
         cmd = domain.Reserve(
-            order_id=validate.identifier("order_id", request.order_id),
+            order_id=order_line.line_of(order_id, item),
             platform_id=own_platform("platform_id", request.platform_id),
             pool_id=validate.identifier("pool_id", request.pool_id),
             consumer_id=validate.identifier("consumer_id", request.consumer_id),
@@ -258,6 +263,7 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
             sku=validate.identifier("sku", request.sku),
             unit_price_fen=validate.price_fen("unit_price_fen", request.unit_price_fen),
             serial=validate.serial("serial", request.serial) if request.serial else "",
+            item=item,
         )
         circumstances = circumstances_of(request.circumstances)
         row = await self.ledger.reserve(cmd, caller().actor(), circumstances)
@@ -270,11 +276,12 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
             "payment_ref", request.payment_ref, max_len=128, required=False
         )
         order_id = validate.identifier("order_id", request.order_id)
+        item = validate.item("item", request.item, order_id)
         paid = (
             _paid_amount(request.paid_amount_fen) if request.HasField("paid_amount_fen") else None
         )
         return _reservation(
-            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope(), paid)
+            await self.ledger.capture(order_id, payment_ref, caller().actor(), scope(), paid, item)
         )
 
     async def ReleaseSubsidy(
@@ -282,13 +289,18 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
     ) -> ledger_pb2.Reservation:
         reason = validate.choice("reason", request.reason, ("CANCELLED", "REFUNDED"))
         order_id = validate.identifier("order_id", request.order_id)
-        return _reservation(await self.ledger.release(order_id, reason, caller().actor(), scope()))
+        item = validate.item("item", request.item, order_id)
+        return _reservation(
+            await self.ledger.release(order_id, reason, caller().actor(), scope(), item)
+        )
 
     async def GetReservation(
         self, request: ledger_pb2.GetReservationRequest, context: ServicerContext
     ) -> ledger_pb2.Reservation:
         order_id = validate.identifier("order_id", request.order_id)
-        row = await self.ledger.get_reservation(order_id, scope())
+        item = validate.item("item", request.item, order_id)
+        key = await self.ledger.locate(order_id, item, scope())
+        row = await self.ledger.get_reservation(key, scope())
         if row is None:
             raise NotFound("UNKNOWN_ORDER", "order_id: no reservation", field="order_id")
         return _reservation(row)
@@ -298,8 +310,9 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
         self, request: ledger_pb2.RecordEvidenceRequest, context: ServicerContext
     ) -> ledger_pb2.OrderEvidence:
         order_id = validate.identifier("order_id", request.order_id)
+        item = validate.item("item", request.item, order_id)
         cmd = sd.RecordEvidence(
-            order_id=order_id,
+            order_id=await self.ledger.locate(order_id, item, scope()),
             kind=validate.choice("kind", request.kind, sd.EVIDENCE_KINDS),
             reference=validate.text_field("reference", request.reference, max_len=128),
             serial=validate.serial("serial", request.serial) if request.serial else "",
@@ -310,8 +323,10 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
             ),
         )
         row = await self.ledger.record_evidence(cmd, caller().actor(), scope())
+        order_id, item = order_line.split_line(row["order_id"])
         return ledger_pb2.OrderEvidence(
-            order_id=row["order_id"],
+            order_id=order_id,
+            item=item,
             merchant_id=row["merchant_id"],
             kind=row["kind"],
             reference=row["reference"],
@@ -357,11 +372,14 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
         merchant = (
             validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
         )
-        rows = await self.ledger.overdue_evidence(merchant, _limit(request.limit))
-        out = ledger_pb2.ListOverdueEvidenceResponse()
+        after = sd.cursor_of(request.page_token)
+        rows, cursor = await self.ledger.overdue_evidence(merchant, _limit(request.limit), after)
+        out = ledger_pb2.ListOverdueEvidenceResponse(next_page_token=sd.page_token(cursor))
         for row in rows:
+            order_id, line_item = order_line.split_line(row["order_id"])
             item = out.captures.add(
-                order_id=row["order_id"],
+                order_id=order_id,
+                item=line_item,
                 merchant_id=row["merchant_id"],
                 platform_id=row["platform_id"],
                 subsidy_fen=row["subsidy_fen"],
@@ -386,8 +404,10 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
                 if row["deducted_by"]
                 else "OUTSTANDING"
             )
+            order_id, line_item = order_line.split_line(row["order_id"])
             item = out.returns.add(
-                order_id=row["order_id"],
+                order_id=order_id,
+                item=line_item,
                 merchant_id=row["merchant_id"],
                 platform_id=row["platform_id"],
                 sku=row["sku"],

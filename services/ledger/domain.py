@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
 
+from services.kernel.contract import order_line
 from services.kernel.contract.budget import (
     Parts,
     Pool,
@@ -195,7 +196,8 @@ class Funding:
 
 @dataclass(frozen=True)
 class Reserve:
-    """A platform's checkout: hold the subsidy for one order (idempotent on ``order_id``)."""
+    """A platform's checkout: hold the subsidy for one order, or one item of a multi-item
+    order (idempotent on ``order_id``, the reservation's key: ``order_id/item`` for an item)."""
 
     order_id: str
     platform_id: str
@@ -205,6 +207,7 @@ class Reserve:
     sku: str
     unit_price_fen: int
     serial: str = ""
+    item: str = ""  # the item of a multi-item order ("": the whole order)
 
 
 @dataclass(frozen=True)
@@ -478,6 +481,7 @@ def hold(
         category=item.category,
         subsidy_fen=item.subsidy_fen,
         serial=cmd.serial,
+        item=cmd.item,
     )
     reserved.expires_at.FromDatetime(expires_at.astimezone(dt.UTC))
     return reserve(state.pool, reserved, rules, state.use)
@@ -513,6 +517,49 @@ def refuse(
 
 def unknown_order(order_id: str) -> NotFound:
     return NotFound("UNKNOWN_ORDER", f"order_id: no reservation for {order_id!r}", field="order_id")
+
+
+def unknown_item(order_id: str, item: str) -> NotFound:
+    return NotFound("UNKNOWN_ITEM", f"item: order {order_id!r} has no item {item!r}", field="item")
+
+
+def locate(order_id: str, item: str, lines: frozenset[str]) -> str:
+    """The reservation a capture, release or evidence names, among ``lines`` (the keys the
+    order has: itself when reserved whole, ``order_id/item`` per item of a multi-item order):
+    an item the order does not have is UNKNOWN_ITEM (as is any item of a whole order); a
+    multi-item order named without an item is ITEM_REQUIRED (one call settles one item)."""
+    key = order_line.line_of(order_id, item)
+    if key in lines:
+        return key
+    if not lines:
+        raise unknown_order(order_id)
+    if item:
+        raise unknown_item(order_id, item)
+    raise InvalidArgument(
+        "ITEM_REQUIRED",
+        f"item: order {order_id!r} was reserved item by item; name the item"
+        f" (one of: {', '.join(sorted(order_line.split_line(k)[1] for k in lines))})",
+        field="item",
+    )
+
+
+def new_line(cmd: Reserve, lines: dict[str, str]) -> None:
+    """A first reserve of ``cmd.order_id`` (a line not reserved yet), beside the order's other
+    lines (key -> platform): an order is reserved whole or item by item, never both, and all of
+    it by one platform."""
+    order_id = order_line.order_of(cmd.order_id)
+    whole = order_id in lines
+    if (cmd.item and whole) or (not cmd.item and lines):
+        raise AlreadyExists(
+            "ORDER_ID_REUSED",
+            f"order_id: {order_id!r} is already reserved "
+            + ("as a whole order (no items)" if whole else "item by item: name the item"),
+            field="item",
+        )
+    if any(platform != cmd.platform_id for platform in lines.values()):
+        raise AlreadyExists(
+            "ORDER_ID_REUSED", "order_id: already reserved by another platform", field="order_id"
+        )
 
 
 PAID_AMOUNT_MISMATCH, PAID_AMOUNT_MISSING = "PAID_AMOUNT_MISMATCH", "PAID_AMOUNT_MISSING"

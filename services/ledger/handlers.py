@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import vault
 from services.kernel.background import every
-from services.kernel.contract import budget
+from services.kernel.contract import budget, order_line
 from services.kernel.contract.budget import pool_stream
 from services.kernel.contract.policy import FundingRules
 from services.kernel.contract.risk import Action, Outcome, Subjects
@@ -165,6 +165,19 @@ REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
 )
 
 
+async def _lines(conn: AsyncConnection, order_id: str) -> dict[str, str]:
+    """The reservations of a platform's order (key -> platform): itself when reserved whole,
+    ``order_id/item`` per item (an index range: the database's collation is C)."""
+    r = reservations_t.c
+    rows = await conn.execute(
+        select(r.order_id, r.platform_id).where(
+            (r.order_id == order_id)
+            | r.order_id.startswith(order_line.lines_prefix(order_id), autoescape=True)
+        )
+    )
+    return {key: platform for key, platform in rows}
+
+
 def _as_command(row: dict[str, object]) -> domain.Reserve:
     return domain.Reserve(
         order_id=str(row["order_id"]),
@@ -175,6 +188,7 @@ def _as_command(row: dict[str, object]) -> domain.Reserve:
         sku=str(row["sku"]),
         unit_price_fen=int(str(row["unit_price_fen"])),
         serial=str(row["serial"]),
+        item=order_line.split_line(str(row["order_id"]))[1],
     )
 
 
@@ -289,13 +303,23 @@ class Ledger(FundingUseCases, SettlementUseCases):
     async def get_reservation(
         self, order_id: str, platform: str | None = None
     ) -> dict[str, object] | None:
-        """The order's reservation; for a platform, only its own (another platform's order is
-        as unknown as one that never existed, so ids cannot be probed)."""
+        """The reservation keyed ``order_id`` (an order, or ``order_id/item``); for a platform,
+        only its own (another platform's order is as unknown as one that never existed, so ids
+        cannot be probed)."""
         async with self.store.engine.connect() as conn:
             row = await self._row(conn, order_id)
         if row is not None and platform is not None and row["platform_id"] != platform:
             return None
         return row
+
+    async def locate(self, order_id: str, item: str, platform: str | None = None) -> str:
+        """The key of the reservation a call names: the whole order, or one of its items
+        (domain.locate); another platform's order is unknown."""
+        async with self.store.engine.connect() as conn:
+            lines = await _lines(conn, order_id)
+        if platform is not None and any(p != platform for p in lines.values()):
+            lines = {}
+        return domain.locate(order_id, item, frozenset(lines))
 
     async def reserve(
         self,
@@ -305,11 +329,13 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> dict[str, object]:
         """Verify the item, screen the order against the risk rules and lists, lock the
         qualification, hold the subsidy; idempotent on order id."""
-        async with self.store.engine.connect() as conn:  # one connection for both reads
-            prior = await self._row(conn, cmd.order_id)
+        async with self.store.engine.connect() as conn:  # one connection for every read
+            lines = await _lines(conn, order_line.order_of(cmd.order_id))
+            prior = await self._row(conn, cmd.order_id) if cmd.order_id in lines else None
             if prior is not None:
                 domain.same_order(_as_command(prior), cmd)
                 return prior
+            domain.new_line(cmd, lines)
             if await _was_refused(conn, cmd.order_id):
                 raise domain.order_refused()
             # The order's platform must be one the pool pays (platform_id is the caller's own).
@@ -336,7 +362,11 @@ class Ledger(FundingUseCases, SettlementUseCases):
                 use_now = await load_use(conn, cmd.pool_id, capped)
         domain.check_funds(pool_now, cmd.pool_id, item.category, item.subsidy_fen, rules, use_now)
         await self._lock_qualification(cmd, item, actor)
-        ctx = Context(actor, correlation_id=cmd.order_id, policy_version=item.policy_version)
+        ctx = Context(
+            actor,
+            correlation_id=order_line.order_of(cmd.order_id),
+            policy_version=item.policy_version,
+        )
         now = self.clock()
         expires = now + self.timeout
         screening: Screening | None = None
@@ -528,7 +558,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
             str(existing["category"]),
             watch=bool(rules.alert_thresholds_bp),
         )
-        ctx = Context(actor, correlation_id=order_id, policy_version=version)
+        ctx = Context(actor, correlation_id=order_line.order_of(order_id), policy_version=version)
         async with self.store.transaction() as tx:
             outcome = await self.pipeline.run(
                 SETTLE,
@@ -554,11 +584,13 @@ class Ledger(FundingUseCases, SettlementUseCases):
         actor: common_pb2.Actor,
         platform: str | None,
         paid_amount_fen: int | None = None,
+        item: str = "",
     ) -> dict[str, object]:
-        """Post the order's subsidy (each source pays what it held), the paid amount checked
-        by the order's policy version, and raise the thresholds the capture reaches."""
+        """Post the order's (or its item's) subsidy (each source pays what it held), the paid
+        amount checked by the order's policy version, and raise the thresholds the capture
+        reaches."""
         return await self._settle(
-            order_id,
+            await self.locate(order_id, item, platform),
             actor,
             lambda state, rules: domain.capture_and_alert(
                 state, payment_ref, rules, paid_amount_fen
@@ -568,11 +600,20 @@ class Ledger(FundingUseCases, SettlementUseCases):
         )
 
     async def release(
-        self, order_id: str, reason: str, actor: common_pb2.Actor, platform: str | None
+        self,
+        order_id: str,
+        reason: str,
+        actor: common_pb2.Actor,
+        platform: str | None,
+        item: str = "",
     ) -> dict[str, object]:
-        """Void or refund the order: each source gets back what it held or paid."""
+        """Void or refund the order, or one item of it (the other items stay as they are):
+        each source gets back what it held or paid for exactly that reservation."""
         return await self._settle(
-            order_id, actor, lambda state, _: domain.release(state.reservation, reason), platform
+            await self.locate(order_id, item, platform),
+            actor,
+            lambda state, _: domain.release(state.reservation, reason),
+            platform,
         )
 
     async def expire_due(self) -> int:

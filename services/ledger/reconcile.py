@@ -35,7 +35,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -238,6 +238,20 @@ class Capture:
     captured_at: datetime
     refunded: bool = False
     platform_id: str = ""  # the platform whose checkout captured it
+
+
+def order_capture(items: Sequence[Capture]) -> Capture:
+    """One order as the bill lists it, from its captures (one, or one per item of a multi-item
+    order, in item order): the discount of all its items, the first's payment reference and
+    time; refunded only when every item was (a partly refunded order is still owed the
+    discount of its payment in the bill; the refunded items are in the returns ledger)."""
+    first = items[0]
+    return replace(
+        first,
+        subsidy_fen=sum(c.subsidy_fen for c in items),
+        captured_at=min(c.captured_at for c in items),
+        refunded=all(c.refunded for c in items),
+    )
 
 
 @dataclass(frozen=True)

@@ -107,29 +107,38 @@ async def _captures(
     conn: AsyncConnection, order_ids: Sequence[str], within: bill.Period, platform_id: str
 ) -> dict[str, bill.Capture]:
     """Every capture of an order the bill lists, and every unrefunded one of its period (of
-    its platform, for one platform's bill)."""
+    its platform, for one platform's bill), one per order (a multi-item order's items added
+    up: reconcile.order_capture)."""
     t = tables.captures
-    listed = select(t).where(t.c.order_id == _any_of(order_ids))
     in_period = (
-        select(t)
+        select(t.c.bill_order_id)
         .where(t.c.captured_at >= within.start)
         .where(t.c.captured_at < within.end)
         .where(t.c.refunded_at.is_(None))
+        .distinct()
     )
     if platform_id:
         in_period = in_period.where(t.c.platform_id == platform_id)
-    found: dict[str, bill.Capture] = {}
-    for query in (listed, in_period):
-        for r in await conn.execute(query):
-            found[r.order_id] = bill.Capture(
-                r.order_id,
+    wanted = set(order_ids) | set((await conn.execute(in_period)).scalars())
+    # Every capture of those orders, refunded items too: an order's discount is all its items'.
+    rows = await conn.execute(
+        select(t)
+        .where(t.c.bill_order_id == _any_of(sorted(wanted)))
+        .order_by(t.c.bill_order_id, t.c.order_id)
+    )
+    lines: dict[str, list[bill.Capture]] = {}
+    for r in rows:
+        lines.setdefault(r.bill_order_id, []).append(
+            bill.Capture(
+                r.bill_order_id,
                 r.payment_ref,
                 r.subsidy_fen,
                 r.captured_at,
                 r.refunded_at is not None,
                 r.platform_id,
             )
-    return found
+        )
+    return {order_id: bill.order_capture(items) for order_id, items in lines.items()}
 
 
 async def _statuses(conn: AsyncConnection, order_ids: Sequence[str]) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The tables of discount-bill reconciliation, on the ledger's metadata, and how events feed them.
 
 - ``bill_captures`` (read model): every captured subsidy as a bill should list it (order id,
-  its platform, payment reference, subsidy, when captured, when refunded), from
+  its platform, payment reference, subsidy, when captured, when refunded; an item of a
+  multi-item order under its order's ``bill_order_id``, added up when matched), from
   ``SubsidyCaptured`` and ``SubsidyReleased`` (after capture: a refund);
 - ``reconciliations`` (read model): one row per reconciled bill, from ``DiscountBillReconciled``;
 - ``reconciliation_lines``: the report's lines of each reconciled bill, written in the same
@@ -33,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.kernel.contract import order_line
 from services.kernel.events import Envelope
 from services.kernel.eventstore import APPEND_ONLY, GRANTS
 from subsidy.v1 import events_pb2 as ev
@@ -53,6 +55,9 @@ class ReconciliationTables:
             Column("subsidy_fen", BigInteger, nullable=False),
             Column("captured_at", DateTime(timezone=True), nullable=False, index=True),
             Column("refunded_at", DateTime(timezone=True), nullable=True),
+            # The order the bill lists it under: the order itself, or the order an item of a
+            # multi-item order belongs to (the bill has one row per order, all items summed).
+            Column("bill_order_id", String(64), nullable=False, index=True),
         )
         self.reconciliations = Table(
             "reconciliations",
@@ -106,6 +111,7 @@ async def apply_event(
                 subsidy_fen=event.subsidy_fen,
                 captured_at=at,
                 refunded_at=None,
+                bill_order_id=order_line.order_of(event.order_id),
             )
         )
     elif isinstance(event, ev.SubsidyReleased) and event.was_captured:

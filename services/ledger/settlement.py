@@ -32,6 +32,8 @@ from .policies import FundingPolicies
 from .projections import reservations, settlement_tables
 
 T = settlement_tables
+OVERDUE_CHUNK = 1_000  # unevidenced captures read per statement
+OVERDUE_SCAN = 10_000  # and at most this many per ListOverdueEvidence call
 BatchDecision = Callable[[sd.Batch | None], Sequence[Message]]
 
 
@@ -96,24 +98,38 @@ class SettlementUseCases:
     policies: FundingPolicies
     clock: Callable[[], datetime]
 
-    async def overdue_evidence(self, merchant_id: str, limit: int) -> list[dict[str, Any]]:
+    async def overdue_evidence(
+        self, merchant_id: str, limit: int, after: sd.Cursor | None = None
+    ) -> tuple[list[dict[str, Any]], sd.Cursor | None]:
         """Captured orders without evidence past their policy version's ``evidence_days``,
-        oldest first (at most ``limit``)."""
+        oldest first, at most ``limit`` after the cursor ``after``; and the cursor of the next
+        page (None: no more). One call scans at most OVERDUE_SCAN unevidenced captures (in
+        chunks), so a page may be short of ``limit`` and still have a next one."""
         now = self.clock()
+        scanned: list[tuple[sd.Capture, int]] = []
+        rows: dict[str, dict[str, Any]] = {}
+        complete, late = False, 0
         async with self.store.engine.connect() as conn:
-            # No version allows less than a day: anything younger cannot be late.
-            rows = await model.load_unevidenced(
-                conn, T, merchant_id, now - timedelta(days=1), 10_000
-            )
-        out: list[dict[str, Any]] = []
-        for row in rows:
-            days = (await self.policies.rules(str(row["policy_version"]))).evidence_days
-            capture = sd.Capture(row["order_id"], row["merchant_id"], 0, row["captured_at"])
-            if sd.overdue([capture], now, days):
-                out.append(row | {"due_at": row["captured_at"] + timedelta(days=days)})
-            if len(out) == limit:
-                break
-        return out
+            # One more than a page: whether a next page exists is known without an empty one.
+            while len(scanned) < OVERDUE_SCAN and late <= limit:
+                # No version allows less than a day: anything younger cannot be late.
+                chunk = await model.load_unevidenced(
+                    conn, T, merchant_id, now - timedelta(days=1), OVERDUE_CHUNK, after
+                )
+                for row in chunk:
+                    days = (await self.policies.rules(str(row["policy_version"]))).evidence_days
+                    capture = sd.Capture(row["order_id"], row["merchant_id"], 0, row["captured_at"])
+                    scanned.append((capture, days))
+                    late += len(sd.overdue([capture], now, days))
+                    rows[capture.order_id] = row | {
+                        "due_at": row["captured_at"] + timedelta(days=days)
+                    }
+                if len(chunk) < OVERDUE_CHUNK:
+                    complete = True
+                    break
+                after = (chunk[-1]["captured_at"], chunk[-1]["order_id"])
+        page, cursor = sd.overdue_page(scanned, now, limit, complete)
+        return [rows[c.order_id] for c in page], cursor
 
     async def returns(self, merchant_id: str, limit: int) -> list[dict[str, Any]]:
         """The returns ledger (退换货台账): every refund of a captured order, newest first."""

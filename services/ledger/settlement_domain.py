@@ -12,7 +12,7 @@ So every fen paid to a merchant is an evidenced, unrefunded capture's or a recor
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
@@ -149,6 +149,58 @@ def overdue(captures: Iterable[Capture], now: dt.datetime, days: int) -> list[Ca
         if c.evidence is None and not c.refunded and now - c.captured_at >= limit
     ]
     return sorted(late, key=lambda c: (c.captured_at, c.order_id))
+
+
+# Where a listing of captures stopped: the (capture time, order id) of the last one examined;
+# the next page starts after it. Opaque to callers: "<microseconds since 1970>~<order id>".
+Cursor = tuple[dt.datetime, str]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def page_token(cursor: Cursor | None) -> str:
+    """The page token of ``cursor`` ("" when the listing is complete)."""
+    if cursor is None:
+        return ""
+    at, order_id = cursor
+    micros = (at - _EPOCH) // dt.timedelta(microseconds=1)
+    return f"{micros}~{order_id}"
+
+
+def cursor_of(token: str) -> Cursor | None:
+    """The cursor a page token names (None for the first page); anything but a token this
+    ledger gave is INVALID_PAGE_TOKEN."""
+    if not token:
+        return None
+    micros, sep, order_id = token.partition("~")
+    if not (
+        sep
+        and micros.isascii()
+        and micros.isdigit()
+        and len(micros) <= 18
+        and 0 < len(order_id) <= 64  # what an order id (or an item's line) is stored in
+    ):
+        raise InvalidArgument(
+            "INVALID_PAGE_TOKEN", "page_token: from a previous answer", field="page_token"
+        )
+    return _EPOCH + dt.timedelta(microseconds=int(micros)), order_id
+
+
+def overdue_page(
+    scanned: Sequence[tuple[Capture, int]], now: dt.datetime, limit: int, complete: bool
+) -> tuple[list[Capture], Cursor | None]:
+    """One page of overdue captures from ``scanned`` (unevidenced captures in (time, order)
+    order, each with its policy version's evidence days), at most ``limit``; and where the
+    next page starts: after the last one returned when more overdue ones were scanned, after
+    the last one scanned when the scan stopped short of the end (``complete`` false), None
+    when nothing is left (so a last page that is full has no empty page after it)."""
+    late = [c for c, days in scanned if overdue([c], now, days)]
+    if len(late) > limit:
+        last = late[limit - 1]
+        return late[:limit], (last.captured_at, last.order_id)
+    if complete or not scanned:
+        return late, None
+    end = scanned[-1][0]
+    return late, (end.captured_at, end.order_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     insert,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -279,9 +280,15 @@ async def batch_row(
 
 
 async def load_unevidenced(
-    conn: AsyncConnection, t: SettlementTables, merchant_id: str, before: dt.datetime, limit: int
+    conn: AsyncConnection,
+    t: SettlementTables,
+    merchant_id: str,
+    before: dt.datetime,
+    limit: int,
+    after: sd.Cursor | None = None,
 ) -> list[dict[str, Any]]:
-    """Captured orders without evidence captured before ``before``, oldest first."""
+    """Captured orders without evidence captured before ``before``, oldest first (then by
+    order id), after the cursor ``after`` when given."""
     r, c, e = t.reservations, t.captures, t.evidence
     query = (
         select(
@@ -303,6 +310,8 @@ async def load_unevidenced(
     )
     if merchant_id:
         query = query.where(r.c.merchant_id == merchant_id)
+    if after is not None:
+        query = query.where(tuple_(c.c.captured_at, r.c.order_id) > tuple_(*after))
     return [dict(row._mapping) for row in await conn.execute(query)]
 
 

@@ -235,6 +235,7 @@ class LockQualificationRequest(_message.Message):
     PLATFORM_ID_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
+    """The reservation's key: the order id, or order_id/item for one item of a multi-item order."""
     category: _builtins.str
     """must match the item's category"""
     consumer_id: _builtins.str
@@ -268,8 +269,11 @@ class ConsumeQualificationRequest(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
+    item: _builtins.str
+    """the item of a multi-item order whose qualification this is ("": whole)"""
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -278,10 +282,11 @@ class ConsumeQualificationRequest(_message.Message):
         qualification_id: _builtins.str = ...,
         order_id: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "order_id", b"order_id", "qualification_id", b"qualification_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "item", b"item", "order_id", b"order_id", "qualification_id", b"qualification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1181,7 +1181,12 @@ class SubsidyReserved(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SERIAL_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
+    """The reservation's key: the platform's order id, or order_id/item for one item of a
+    multi-item order (each item its own reservation; services/kernel/contract/order_line.py).
+    Every event of the reservation names it so.
+    """
     pool_id: _builtins.str
     platform_id: _builtins.str
     consumer_id: _builtins.str
@@ -1193,6 +1198,8 @@ class SubsidyReserved(_message.Message):
     subsidy_fen: _builtins.int
     serial: _builtins.str
     """the unit's serial number / IMEI, when the platform gave one"""
+    item: _builtins.str
+    """the item of a multi-item order ("": a whole order, and older events)"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1217,10 +1224,11 @@ class SubsidyReserved(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         serial: _builtins.str = ...,
         sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "item", b"item", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

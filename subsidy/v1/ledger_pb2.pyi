@@ -405,6 +405,7 @@ class ReserveSubsidyRequest(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     CIRCUMSTANCES_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """the platform's order id; the idempotency key"""
     platform_id: _builtins.str
@@ -414,6 +415,10 @@ class ReserveSubsidyRequest(_message.Message):
     sku: _builtins.str
     unit_price_fen: _builtins.int
     serial: _builtins.str
+    item: _builtins.str
+    """One item of a multi-item order (one reservation, and one qualification, per item; at most
+    16 characters, and order_id/item at most 64). Empty: the whole order (a single-item order).
+    """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     @_builtins.property
@@ -433,10 +438,11 @@ class ReserveSubsidyRequest(_message.Message):
         serial: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
         circumstances: _common_pb2.Circumstances | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances", "consumer_id", b"consumer_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "circumstances", b"circumstances", "consumer_id", b"consumer_id", "item", b"item", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,6 +456,7 @@ class CaptureSubsidyRequest(_message.Message):
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     payment_ref: _builtins.str
     paid_amount_fen: _builtins.int
@@ -457,6 +464,10 @@ class CaptureSubsidyRequest(_message.Message):
     price): it must be unit_price_fen - subsidy_fen of the reservation. A mismatch (or an
     absent amount) is refused (PAID_AMOUNT_MISMATCH / PAID_AMOUNT_MISSING) or captured and
     flagged, as the order's policy version says (funding.paid_amount; default: flag).
+    """
+    item: _builtins.str
+    """One item of a multi-item order (one reservation, and one qualification, per item; at most
+    16 characters, and order_id/item at most 64). Empty: the whole order (a single-item order).
     """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
@@ -467,10 +478,11 @@ class CaptureSubsidyRequest(_message.Message):
         payment_ref: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
         paid_amount_fen: _builtins.int | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "actor", b"actor", "item", b"item", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
     _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
@@ -485,9 +497,16 @@ class ReleaseSubsidyRequest(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     reason: _builtins.str
     """CANCELLED, REFUNDED (EXPIRED is the ledger's own)"""
+    item: _builtins.str
+    """A refund or cancellation of one item of a multi-item order: exactly that item's subsidy,
+    sources, qualification and (if its merchant was settled) clawback; the others stay.
+    One item of a multi-item order (one reservation, and one qualification, per item; at most
+    16 characters, and order_id/item at most 64). Empty: the whole order (a single-item order).
+    """
     @_builtins.property
     def actor(self) -> _common_pb2.Actor: ...
     def __init__(
@@ -496,10 +515,11 @@ class ReleaseSubsidyRequest(_message.Message):
         order_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "item", b"item", "order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,15 +530,19 @@ class GetReservationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
+    item: _builtins.str
+    """the item of a multi-item order ("": the whole order)"""
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "order_id", b"order_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +565,7 @@ class Reservation(_message.Message):
     PAYMENT_REF_FIELD_NUMBER: _builtins.int
     PAID_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     CAPTURE_FLAG_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     status: _builtins.str
     """PENDING, CAPTURED, RELEASED"""
@@ -555,6 +580,8 @@ class Reservation(_message.Message):
     """as declared at capture (absent: not declared)"""
     capture_flag: _builtins.str
     """empty, PAID_AMOUNT_MISMATCH or PAID_AMOUNT_MISSING (flagged)"""
+    item: _builtins.str
+    """the item of a multi-item order ("": the whole order)"""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -577,10 +604,11 @@ class Reservation(_message.Message):
         payment_ref: _builtins.str = ...,
         paid_amount_fen: _builtins.int | None = ...,
         capture_flag: _builtins.str = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "expires_at", b"expires_at", "paid_amount_fen", b"paid_amount_fen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "capture_flag", b"capture_flag", "category", b"category", "expires_at", b"expires_at", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen", "capture_flag", b"capture_flag", "category", b"category", "expires_at", b"expires_at", "item", b"item", "order_id", b"order_id", "paid_amount_fen", b"paid_amount_fen", "payment_ref", b"payment_ref", "policy_version", b"policy_version", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "release_reason", b"release_reason", "sources", b"sources", "status", b"status", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__paid_amount_fen: _TypeAlias = _typing.Literal["paid_amount_fen"]  # noqa: Y015
     _WhichOneofArgType__paid_amount_fen: _TypeAlias = _typing.Literal["_paid_amount_fen", b"_paid_amount_fen"]  # noqa: Y015
@@ -896,6 +924,7 @@ class RecordEvidenceRequest(_message.Message):
     REFERENCE_FIELD_NUMBER: _builtins.int
     SERIAL_FIELD_NUMBER: _builtins.int
     EVIDENCED_AT_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     kind: _builtins.str
     """COURIER (a waybill) or ACTIVATION (an activation record)"""
@@ -903,6 +932,8 @@ class RecordEvidenceRequest(_message.Message):
     """the waybill number or activation record id (at most 128 characters)"""
     serial: _builtins.str
     """ACTIVATION of a serialised unit: its serial / IMEI, as reserved"""
+    item: _builtins.str
+    """the item of a multi-item order ("": the whole order); each item's own"""
     @_builtins.property
     def evidenced_at(self) -> _timestamp_pb2.Timestamp:
         """when delivered or activated (optional)"""
@@ -915,10 +946,11 @@ class RecordEvidenceRequest(_message.Message):
         reference: _builtins.str = ...,
         serial: _builtins.str = ...,
         evidenced_at: _timestamp_pb2.Timestamp | None = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at", "kind", b"kind", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidenced_at", b"evidenced_at", "item", b"item", "kind", b"kind", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,11 +965,13 @@ class OrderEvidence(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     SERIAL_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     merchant_id: _builtins.str
     kind: _builtins.str
     reference: _builtins.str
     serial: _builtins.str
+    item: _builtins.str
     def __init__(
         self,
         *,
@@ -946,10 +980,11 @@ class OrderEvidence(_message.Message):
         kind: _builtins.str = ...,
         reference: _builtins.str = ...,
         serial: _builtins.str = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "merchant_id", b"merchant_id", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "kind", b"kind", "merchant_id", b"merchant_id", "order_id", b"order_id", "reference", b"reference", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1122,19 +1157,23 @@ class ListOverdueEvidenceRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
     """empty: every merchant's"""
     limit: _builtins.int
     """1..1000; 0: 100"""
+    page_token: _builtins.str
+    """from the previous answer ("": the first page)"""
     def __init__(
         self,
         *,
         merchant_id: _builtins.str = ...,
         limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "merchant_id", b"merchant_id", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1151,11 +1190,14 @@ class OverdueCapture(_message.Message):
     CAPTURED_AT_FIELD_NUMBER: _builtins.int
     DUE_AT_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     merchant_id: _builtins.str
     platform_id: _builtins.str
     subsidy_fen: _builtins.int
     policy_version: _builtins.str
+    item: _builtins.str
+    """the item of a multi-item order ("": the whole order)"""
     @_builtins.property
     def captured_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1172,10 +1214,11 @@ class OverdueCapture(_message.Message):
         captured_at: _timestamp_pb2.Timestamp | None = ...,
         due_at: _timestamp_pb2.Timestamp | None = ...,
         policy_version: _builtins.str = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "due_at", b"due_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "due_at", b"due_at", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "policy_version", b"policy_version", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "due_at", b"due_at", "item", b"item", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "policy_version", b"policy_version", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,16 +1229,20 @@ class ListOverdueEvidenceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAPTURES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """"" on the last page"""
     @_builtins.property
     def captures(self) -> _containers.RepeatedCompositeFieldContainer[Global___OverdueCapture]: ...
     def __init__(
         self,
         *,
         captures: _abc.Iterable[Global___OverdueCapture] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captures", b"captures"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captures", b"captures", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1239,6 +1286,7 @@ class ReturnEntry(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     CLAWBACK_FIELD_NUMBER: _builtins.int
     DEDUCTED_BY_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     merchant_id: _builtins.str
     platform_id: _builtins.str
@@ -1250,6 +1298,8 @@ class ReturnEntry(_message.Message):
     """NONE, OUTSTANDING (a receivable) or DEDUCTED"""
     deducted_by: _builtins.str
     """the batch that deducted the clawback"""
+    item: _builtins.str
+    """the item refunded, of a multi-item order ("": the whole order)"""
     @_builtins.property
     def captured_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1267,10 +1317,11 @@ class ReturnEntry(_message.Message):
         batch_id: _builtins.str = ...,
         clawback: _builtins.str = ...,
         deducted_by: _builtins.str = ...,
+        item: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "refunded_at", b"refunded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "captured_at", b"captured_at", "clawback", b"clawback", "deducted_by", b"deducted_by", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "refunded_at", b"refunded_at", "sku", b"sku", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "captured_at", b"captured_at", "clawback", b"clawback", "deducted_by", b"deducted_by", "item", b"item", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "refunded_at", b"refunded_at", "sku", b"sku", "subsidy_fen", b"subsidy_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,13 +19,15 @@ Each prints one JSON object.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from services.kernel.contract.spreadsheet import csv_bytes, xlsx_bytes
-from subsidy.v1 import ledger_pb2
+from subsidy.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ..stack.certs import APPROVER_DEMO, OPERATOR_DEMO
 from .budget import LedgerOpt, ledger_call
@@ -160,6 +162,7 @@ def paid(
 MerchantOpt = Annotated[str, typer.Option("--merchant", help="one merchant's only")]
 RETURN_HEADERS = (
     "order_id",
+    "item",  # of a multi-item order ("": the whole order)
     "merchant_id",
     "platform_id",
     "sku",
@@ -180,13 +183,29 @@ def overdue(
     json_only: JsonOpt = False,
 ) -> None:
     """Captures still without delivery / activation evidence past their policy's days."""
-    request = ledger_pb2.ListOverdueEvidenceRequest(merchant_id=merchant, limit=1000)
     who = identity(identity_dir, OPERATOR_DEMO)
-    answer = ledger_call(ledger, who, lambda stub: stub.ListOverdueEvidence(request))
+    captures: list[ledger_pb2.OverdueCapture] = []
+    token = ""
+
+    def page(
+        stub: ledger_pb2_grpc.LedgerServiceAsyncStub, token: str
+    ) -> Awaitable[ledger_pb2.ListOverdueEvidenceResponse]:
+        return stub.ListOverdueEvidence(
+            ledger_pb2.ListOverdueEvidenceRequest(
+                merchant_id=merchant, limit=1000, page_token=token
+            )
+        )
+
+    while True:  # every page (each call scans a bounded part of the captures)
+        answer = ledger_call(ledger, who, partial(page, token=token))
+        captures += answer.captures
+        token = answer.next_page_token
+        if not token:
+            break
     listed = [
-        pick(c, "order_id", "merchant_id", "platform_id", "subsidy_fen", "policy_version")
+        pick(c, "order_id", "item", "merchant_id", "platform_id", "subsidy_fen", "policy_version")
         | {"captured_at": _at(c.captured_at), "due_at": _at(c.due_at)}
-        for c in answer.captures
+        for c in captures
     ]
     emit({"overdue": len(listed), "captures": listed})
 
@@ -204,7 +223,7 @@ def returns(
     who = identity(identity_dir, OPERATOR_DEMO)
     answer = ledger_call(ledger, who, lambda stub: stub.ListReturns(request))
     entries = [
-        pick(r, "order_id", "merchant_id", "platform_id", "sku", "subsidy_fen")
+        pick(r, "order_id", "item", "merchant_id", "platform_id", "sku", "subsidy_fen")
         | {"captured_at": _at(r.captured_at), "refunded_at": _at(r.refunded_at)}
         | pick(r, "batch_id", "clawback", "deducted_by")
         for r in answer.returns

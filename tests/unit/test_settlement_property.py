@@ -9,7 +9,11 @@ budget fold, checked at every step against a simple model:
   - (clawbacks those batches deducted), and no more than the unrefunded lines plus the
   clawbacks still outstanding;
 - a batch pays only evidenced captures, an order at most once, a clawback is deducted at most
-  once, and every refund of a batched order records exactly one clawback.
+  once, and every refund of a batched order records exactly one clawback;
+- multi-item orders (one reservation per item, keyed ``order_id/item``): refunding one item
+  credits back exactly its sources, claws back exactly its subsidy when it was settled, and
+  leaves every other item of the order as it was; the bill's view of an order is the sum of its
+  captured items, refunded only once every item is; each call names exactly one item.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.invariants import MerchantSettled, check_paid_covered
-from services.kernel.contract import budget
+from services.kernel.contract import budget, order_line
 from services.kernel.contract.policy import FundingRules, PaidAmount, Split
 from services.kernel.errors import DomainError
-from services.ledger import domain
+from services.ledger import domain, reconcile
 from services.ledger import settlement_domain as sd
 from subsidy.v1 import events_pb2 as ev
 
@@ -54,6 +58,8 @@ class Ledger(RuleBasedStateMachine):
         self.clock = T0
         self.log: list[Message] = []  # every event, in order (the rebuild reads these)
         self.n = 0
+        self.serials: dict[str, str] = {}  # the unit each reservation holds ("" for none)
+        self.items: dict[str, tuple[str, ...]] = {}  # a multi-item order -> its item lines
 
     def _fold(self, events: list[Message], held: budget.Parts | None = None) -> None:
         for event in events:
@@ -92,6 +98,46 @@ class Ledger(RuleBasedStateMachine):
         assert res is not None
         self.reservations[order] = res
         self.merchant[order] = merchant
+        self.serials[order] = reserved.serial
+
+    @rule(
+        subsidies=st.lists(st.sampled_from([10_000, 20_000, 7_777, 1]), min_size=2, max_size=3),
+        merchant=st.sampled_from(MERCHANTS),
+        pro_rata=st.booleans(),
+    )
+    def reserve_order(self, subsidies: list[int], merchant: str, pro_rata: bool) -> None:
+        """A multi-item order: one reservation per item (its own qualification), keyed
+        ``order_id/item``; an item the pool cannot pay is refused alone."""
+        self.n += 1
+        order = f"o-{self.n}"
+        rules = FundingRules(split=Split.PRO_RATA if pro_rata else Split.PRIORITY)
+        lines = []
+        for i, subsidy in enumerate(subsidies, start=1):
+            key = order_line.line_of(order, str(i))
+            reserved = ev.SubsidyReserved(
+                order_id=key,
+                pool_id=POOL,
+                subsidy_fen=subsidy,
+                merchant_id=merchant,
+                unit_price_fen=subsidy * 4,
+                qualification_id=f"q-{key}",
+                serial=f"sn-{self.n}-{i}" if i == 2 else "",
+                item=str(i),
+            )
+            try:
+                events = domain.reserve(self.pool, reserved, rules)
+            except DomainError:
+                assert subsidy > self.pool.available or pro_rata
+                continue
+            self._fold(events)
+            res = domain.evolve(None, events[0])
+            assert res is not None and res.qualification_id == f"q-{key}"
+            self.reservations[key] = res
+            self.merchant[key] = merchant
+            self.serials[key] = reserved.serial
+            lines.append(key)
+        if lines:
+            self.items[order] = tuple(lines)
 
     def _pick(self, data: st.DataObject, pool: list[str]) -> str:
         return data.draw(st.sampled_from(sorted(pool)))
@@ -114,13 +160,12 @@ class Ledger(RuleBasedStateMachine):
         self._fold(events, res.sources)
         self.reservations[order] = domain.evolve(res, events[0]) or res
         self.clock += dt.timedelta(hours=1)
-        number = int(order.split("-")[1])
         self.captures[order] = sd.Capture(
             order,
             self.merchant[order],
             res.subsidy_fen,
             self.clock,
-            serial=f"sn-{number}" if number % 3 == 0 else "",
+            serial=self.serials[order],
         )
 
     @precondition(lambda self: bool(self.captures))
@@ -166,6 +211,78 @@ class Ledger(RuleBasedStateMachine):
                 self.captures[order] = sd.evolve_capture(self.captures[order], event) or captured
             if captured.batch_id:
                 self.refunds_of_batched.append(order)
+
+    @rule(
+        subsidies=st.lists(st.sampled_from([10_000, 20_000, 7_777]), min_size=2, max_size=3),
+        merchant=st.sampled_from(MERCHANTS),
+    )
+    def settled_order(self, subsidies: list[int], merchant: str) -> None:
+        """A multi-item order taken through payment, evidence and a paid batch at once, so
+        that partial refunds after settlement (the clawback of one item) are common."""
+        known = set(self.items)
+        self.reserve_order(subsidies, merchant, pro_rata=False)
+        for order_id in set(self.items) - known:
+            for key in self.items[order_id]:
+                self.capture(_Drawn(key), exact=True)
+                kind = sd.ACTIVATION if self.serials[key] else sd.COURIER
+                self.evidence(_Drawn(key), kind, right_serial=True)
+        self.settle_and_pay(merchant)
+
+    def _refundable_items(self) -> list[str]:
+        return [
+            key
+            for keys in self.items.values()
+            for key in keys
+            if self.reservations[key].status == domain.CAPTURED
+        ]
+
+    @precondition(lambda self: bool(self._refundable_items()))
+    @rule(data=st.data())
+    def refund_one_item(self, data: st.DataObject) -> None:
+        """A partial refund: one item of a multi-item order, named by order and item."""
+        self._refund_item(self._pick(data, self._refundable_items()))
+
+    def _settled_items(self) -> list[str]:
+        return [k for k in self._refundable_items() if self.captures[k].batch_id]
+
+    @precondition(lambda self: bool(self._settled_items()))
+    @rule(data=st.data())
+    def refund_one_settled_item(self, data: st.DataObject) -> None:
+        """A partial refund after the merchant was settled for the item (the clawback case)."""
+        self._refund_item(self._pick(data, self._settled_items()))
+
+    def _refund_item(self, key: str) -> None:
+        order_id, item = order_line.split_line(key)
+        assert domain.locate(order_id, item, frozenset(self.items[order_id])) == key
+        res = self.reservations[key]
+        siblings = {k: self.reservations[k] for k in self.items[order_id] if k != key}
+        sibling_captures = {k: self.captures.get(k) for k in siblings}
+        before = self.pool
+        events = domain.release(res, "REFUNDED")
+        [released] = events
+        assert isinstance(released, ev.SubsidyReleased)
+        # Exactly this item's money and qualification, back to the sources that paid it.
+        assert (released.order_id, released.qualification_id) == (key, res.qualification_id)
+        assert budget.parts_of(released.sources) == res.sources
+        self._fold(events, res.sources)
+        assert self.pool.spent == before.spent - res.subsidy_fen
+        assert self.pool.available == before.available + res.subsidy_fen
+        self.reservations[key] = domain.evolve(res, released) or res
+        captured = self.captures[key]
+        claws = sd.clawback(captured)
+        # Clawed back exactly this item's subsidy if a batch paid it; nothing otherwise.
+        assert [(c.order_id, c.fen) for c in claws] == (  # type: ignore[attr-defined]
+            [(key, captured.subsidy_fen)] if captured.batch_id else []
+        )
+        self.log += [*events, *claws]
+        for event in [*events, *claws]:
+            self.clawbacks = sd.evolve_clawbacks(self.clawbacks, event)
+            self.captures[key] = sd.evolve_capture(self.captures[key], event) or captured
+        if captured.batch_id:
+            self.refunds_of_batched.append(key)
+        # The other items stay exactly as they were.
+        assert {k: self.reservations[k] for k in siblings} == siblings
+        assert {k: self.captures.get(k) for k in siblings} == sibling_captures
 
     @rule(merchant=st.sampled_from(MERCHANTS), maker=st.sampled_from(PEOPLE))
     def create_batch(self, merchant: str, maker: str) -> None:
@@ -276,6 +393,39 @@ class Ledger(RuleBasedStateMachine):
             )
 
     @invariant()
+    def the_bill_lists_each_order_once_with_all_its_items(self) -> None:
+        for order_id, keys in self.items.items():
+            captured = [
+                reconcile.Capture(
+                    order_id,
+                    "",
+                    self.captures[k].subsidy_fen,
+                    self.clock,
+                    refunded=self.reservations[k].status == domain.RELEASED,
+                )
+                for k in keys
+                if k in self.captures
+            ]
+            if captured:
+                order = reconcile.order_capture(captured)
+                assert order.subsidy_fen == sum(
+                    self.captures[k].subsidy_fen for k in keys if k in self.captures
+                )
+                assert order.refunded == all(
+                    self.reservations[k].status == domain.RELEASED
+                    for k in keys
+                    if k in self.captures
+                )
+            for key in keys:
+                assert domain.locate(*order_line.split_line(key), frozenset(keys)) == key
+            try:
+                domain.locate(order_id, "99", frozenset(keys))
+            except DomainError as err:
+                assert err.reason == "UNKNOWN_ITEM"
+            else:
+                raise AssertionError("an item the order does not have was located")
+
+    @invariant()
     def the_events_alone_add_up_the_same(self) -> None:
         rebuilt = sd.settled(self.log)
         for merchant, figures in rebuilt.items():
@@ -352,3 +502,33 @@ def test_a_clawback_deducted_by_a_later_paid_batch_keeps_every_fen_covered() -> 
     m.every_source_balances()
     m.every_fen_paid_is_covered()
     m.the_events_alone_add_up_the_same()
+
+
+def test_refunding_one_settled_item_claws_back_that_item_only() -> None:
+    """A 3-item order, captured, evidenced and settled; one item refunded: its subsidy is
+    clawed back and its sources credited, the other two stay captured and paid."""
+    m = Ledger()
+    m.fund("district", 100_000)
+    m.reserve_order([10_000, 20_000, 7_777], "m-1", pro_rata=False)
+    keys = m.items["o-1"]
+    assert keys == ("o-1/1", "o-1/2", "o-1/3")
+    for key in keys:
+        m.capture(_Drawn(key), exact=True)
+        right = key == "o-1/2"  # the serialised unit: activated, of that very unit
+        m.evidence(_Drawn(key), sd.ACTIVATION if right else sd.COURIER, right_serial=True)
+    m.settle_and_pay("m-1")
+    assert m.pool.spent == 37_777
+    m.refund_one_settled_item(_Drawn("o-1/2"))
+    assert [(c.order_id, c.fen) for c in m.clawbacks] == [("o-1/2", 20_000)]
+    assert m.pool.spent == 17_777 and m.pool.available == 100_000 - 17_777
+    assert [m.reservations[k].status for k in keys] == [
+        domain.CAPTURED,
+        domain.RELEASED,
+        domain.CAPTURED,
+    ]
+    [(merchant, figures)] = sd.settled(m.log).items()
+    assert merchant == "m-1" and figures.paid == 37_777
+    m.every_source_balances()
+    m.every_fen_paid_is_covered()
+    m.the_events_alone_add_up_the_same()
+    m.the_bill_lists_each_order_once_with_all_its_items()
