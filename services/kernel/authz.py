@@ -77,6 +77,9 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _ELIGIBILITY + "AddIdentifiers": frozenset({PLATFORM}),
     _ELIGIBILITY + "GetPerson": frozenset({OPERATOR, AUDITOR}),
     _ELIGIBILITY + "EraseConsumer": frozenset({OPERATOR}),
+    # eligibility: a supervision case's outcome, carried out by an operator (names the case)
+    _ELIGIBILITY + "RestoreQualification": frozenset({OPERATOR}),
+    _ELIGIBILITY + "ForfeitQualification": frozenset({OPERATOR}),
     # risk control, served by eligibility (maker-checker: an operator proposes, a different
     # approver approves; an operator lifts a block, with a reason)
     _RISK + "ProposeRules": frozenset({OPERATOR}),
