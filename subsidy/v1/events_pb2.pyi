@@ -2211,11 +2211,14 @@ class CaseOutcomeProposed(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
     case_id: _builtins.str
     outcome: _builtins.str
     qualification_id: _builtins.str
     order_id: _builtins.str
     amount_fen: _builtins.int
+    proposed_by: _builtins.str
+    """the maker's name: the approver must be someone else"""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -2227,10 +2230,11 @@ class CaseOutcomeProposed(_message.Message):
         order_id: _builtins.str = ...,
         amount_fen: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        proposed_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "at", b"at", "case_id", b"case_id", "order_id", b"order_id", "outcome", b"outcome", "qualification_id", b"qualification_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "at", b"at", "case_id", b"case_id", "order_id", b"order_id", "outcome", b"outcome", "proposed_by", b"proposed_by", "qualification_id", b"qualification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

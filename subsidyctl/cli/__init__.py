@@ -27,6 +27,9 @@ One module per command group; each holds its commands and registers them on ``ap
 - :mod:`.audit`: ``audit verify`` (the signed Merkle log, its history, every store and every
   total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
   ``audit key`` (the checkpoint key to pin).
+- :mod:`.cases`: ``cases list|show|assign|note|resolve|apply|approve|operator-actions``,
+  supervision cases (complaints, risk alerts, operator activity), and ``complaint file``, a
+  complaint as a platform files it.
 - :mod:`.backup`: ``backup --out DIR`` and ``restore DIR``, encrypted archives of every
   service's database and the audit log's signed checkpoint.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
@@ -67,6 +70,7 @@ from . import (
     audit,
     backup,
     budget,
+    cases,
     catalog,
     certs,
     checkout,
@@ -98,6 +102,8 @@ app.add_typer(switches.app)
 app.add_typer(audit.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 app.add_typer(backup.app)
+app.add_typer(cases.app, rich_help_panel=cases.PANEL)
+app.add_typer(cases.complaint_app, rich_help_panel=cases.PANEL)
 
 
 GROUPS = (
@@ -107,6 +113,8 @@ GROUPS = (
     risk.app.info.name,
     audit.app.info.name,
     certs.app.info.name,
+    cases.app.info.name,
+    cases.complaint_app.info.name,
 )
 
 
