@@ -244,7 +244,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     }
     if isinstance(event, ev.CaseResolved):
         row["resolved_by"] = env.actor.id
-    stmt = pg_insert(cases).values(case_id=case_id, resolved_by="", **row)
+    stmt = pg_insert(cases).values({"case_id": case_id, "resolved_by": "", **row})
     await conn.execute(stmt.on_conflict_do_update(index_elements=["case_id"], set_=row))
 
 
