@@ -483,3 +483,31 @@ async def test_cases_from_the_command_line(
         identity=operator,
     )
     assert (code, again) == (2, {}) and '"reason": "CASE_ALREADY_RESOLVED"' in err
+
+
+async def test_the_cases_read_model_rebuilds_from_the_events_to_the_same_rows(
+    platform: Platform, callers: Callers, rng: random.Random
+) -> None:
+    from services.audit.cases import TABLES, apply_event
+
+    p = platform
+    case = await callers.jd.FileComplaint(
+        cases_pb2.FileComplaintRequest(order_id=f"o-rb-{rng.randrange(10**12)}", text="rebuild")
+    )
+    await callers.operator.AssignCase(
+        cases_pb2.AssignCaseRequest(case_id=case.case_id, assignee="case-li")
+    )
+    await callers.operator.ResolveCase(
+        cases_pb2.ResolveCaseRequest(case_id=case.case_id, outcome="NO_ACTION", reason="ok")
+    )
+    await p.quiesce()  # no consumer opens a case while the table is replaced
+    store = p.running["audit"].runtime.store
+
+    async def rows() -> list[Any]:
+        async with store.engine.connect() as conn:
+            return list((await conn.execute(select(cases).order_by(cases.c.case_id))).all())
+
+    before = await rows()
+    assert any(r.case_id == case.case_id and r.resolved_by == "case-li" for r in before)
+    await store.rebuild(TABLES, apply_event)
+    assert await rows() == before
