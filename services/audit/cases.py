@@ -11,8 +11,9 @@ opens cases from the event stream, and the overdue sweeper. The rules are in
 - One durable consumer (``audit-supervision``) reads every event: the policy versions (for the
   deadlines), risk decisions (a block or flag opens a RISK_ALERT case), every action of a
   person (``operator_actions``: who, what, when, why), overrides counted per person (the
-  policy's limit within its window opens an OPERATOR_ACTIVITY case), and eligibility's events
-  that name a case (linked to it as CaseOutcomeApplied).
+  policy's limit within its window opens an OPERATOR_ACTIVITY case), eligibility's events
+  that name a case (linked to it as CaseOutcomeApplied), and which platform each order is of
+  (``case_orders``, from the ledger's SubsidyReserved: a complaint names one of its own).
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ operator_actions = Table(
     Column("override", Boolean, nullable=False),
     Index("operator_actions_by_person", "operator", "occurred_at"),
 )
+# Which platform each order is of (from the ledger's SubsidyReserved): whose complaint it may be.
+case_orders = Table(
+    "case_orders",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("platform_id", String(64), nullable=False),
+)
 TABLES = (cases,)
 # The events this consumer reads the payload of (the rest it records by their envelope).
 _DECODED = frozenset(
@@ -136,6 +144,7 @@ _DECODED = frozenset(
     for m in (
         ev.PolicyPublished,
         ev.RiskDecisionRecorded,
+        ev.SubsidyReserved,
         ev.QualificationRestored,
         ev.QualificationForfeited,
     )
@@ -337,6 +346,10 @@ class Cases:
         now = self.clock()
         digest, length = text_digest(text)
         async with self.store.transaction() as tx:
+            order_platform = await tx.conn.scalar(
+                select(case_orders.c.platform_id).where(case_orders.c.order_id == order_id)
+            )
+            domain.check_order(order_platform, platform_id)
             key = await self._new_key(tx, case_id)
             rules = await supervision_at(tx.conn, now)
             command = domain.Open(
@@ -478,6 +491,12 @@ class Cases:
             await self._keep_policy(tx.conn, event)
         elif isinstance(event, ev.RiskDecisionRecorded):
             await self._risk_alert(tx, env, event)
+        elif isinstance(event, ev.SubsidyReserved) and env.service == "ledger":
+            await tx.conn.execute(
+                pg_insert(case_orders)
+                .values(order_id=event.order_id[:64], platform_id=event.platform_id[:64])
+                .on_conflict_do_nothing()
+            )
         if env.service == "eligibility" and isinstance(
             event, ev.QualificationRestored | ev.QualificationForfeited
         ):

@@ -200,6 +200,19 @@ def visible(case: Case | None, platform: str | None) -> Case | None:
     return case if case.kind == COMPLAINT and case.platform_id == platform else None
 
 
+def check_order(order_platform: str | None, platform_id: str) -> None:
+    """A complaint names an order of the platform it is filed for: one the log has not seen
+    (yet: an order reaches it within seconds of its reservation) or another platform's reads
+    as unknown, so a platform cannot learn which order ids another has."""
+    if order_platform is None or order_platform != platform_id:
+        raise NotFound(
+            "UNKNOWN_ORDER",
+            "order_id: no order of this platform (an order is known here within seconds of "
+            "its reservation)",
+            field="order_id",
+        )
+
+
 def deadlines(opened_at: dt.datetime, rules: Supervision) -> tuple[dt.datetime, dt.datetime]:
     """When the first response and the resolution of a case opened at ``opened_at`` are due."""
     return (

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select, text
 
-from services.audit.cases import Cases, cases
+from services.audit.cases import Cases, case_orders, cases
 from services.kernel.events import Context, new_envelope, service_actor
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import (
@@ -32,6 +32,7 @@ from subsidy.v1 import (
 )
 from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform, eventually, status_of
+from tests.e2e.test_saga import reserve_request, setup
 from tests.support.callers import CallerRouter
 
 # A complaint as a consumer writes it: it names them (the phone number stands for personal data).
@@ -98,6 +99,23 @@ async def case_count(p: Platform) -> int:
         return int(await conn.scalar(select(func.count()).select_from(cases)) or 0)
 
 
+async def order_of(p: Platform, rng: random.Random) -> str:
+    """A real order of platform jd (reserved), once the audit service knows whose it is."""
+    consumer, sku, pool, qid = await setup(p, rng)
+    order = f"o-case-{rng.randrange(10**12)}"
+    await p.ledger.ReserveSubsidy(reserve_request(order, consumer, sku, pool, qid))
+
+    async def known() -> None:
+        async with p.running["audit"].runtime.store.engine.connect() as conn:
+            found = await conn.scalar(
+                select(case_orders.c.platform_id).where(case_orders.c.order_id == order)
+            )
+        assert found == "jd"
+
+    await eventually(known)
+    return order
+
+
 async def forfeited_qualification(p: Platform, rng: random.Random) -> str:
     """A qualification an earlier case forfeited (claimed with a borrowed identity, it said)."""
     _, consumer = await p.person(rng)
@@ -116,7 +134,7 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
 ) -> None:
     p = platform
     qid = await forfeited_qualification(p, rng)
-    order = f"o-complaint-{rng.randrange(10**12)}"
+    order = await order_of(p, rng)
 
     # The platform files the complaint for its consumer: a case with the policy's deadlines.
     filed = await callers.jd.FileComplaint(
@@ -239,6 +257,14 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
             cases_pb2.FileComplaintRequest(order_id=order, text="hi", platform_id="taobao")
         )
     assert status_of(naming.value)[1] == "NOT_YOUR_PLATFORM"
+    for stub, about in ((callers.taobao, order), (callers.jd, "o-never-reserved")):
+        with pytest.raises(grpc.aio.AioRpcError) as unknown_order:  # another's, or no order
+            await stub.FileComplaint(cases_pb2.FileComplaintRequest(order_id=about, text="hi"))
+        assert status_of(unknown_order.value) == (
+            grpc.StatusCode.NOT_FOUND,
+            "UNKNOWN_ORDER",
+            "order_id",
+        )
     assert await case_count(p) == count
     # Personal data stays out of every event of the audit service's store.
     async with p.running["audit"].runtime.store.engine.connect() as conn:
@@ -252,7 +278,7 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
 async def test_a_money_outcome_needs_a_second_person(
     platform: Platform, callers: Callers, rng: random.Random
 ) -> None:
-    order = f"o-claw-{rng.randrange(10**12)}"
+    order = await order_of(platform, rng)
     case = await callers.operator.FileComplaint(
         cases_pb2.FileComplaintRequest(order_id=order, text="fake sale", platform_id="jd")
     )
@@ -293,7 +319,7 @@ async def test_overdue_deadlines_raise_one_alert_each_at_an_injected_instant(
 ) -> None:
     p = platform
     case = await callers.jd.FileComplaint(
-        cases_pb2.FileComplaintRequest(order_id=f"o-sla-{rng.randrange(10**12)}", text="late")
+        cases_pb2.FileComplaintRequest(order_id=await order_of(p, rng), text="late")
     )
     first = case.first_response_due.ToDatetime(tzinfo=UTC)
     resolution = case.resolution_due.ToDatetime(tzinfo=UTC)
@@ -427,7 +453,7 @@ async def test_cases_from_the_command_line(
         identity_dir(p.infra.identities(who), tmp_path / who.principal)
         for who in (Caller(Role.PLATFORM, "jd"), Caller(Role.OPERATOR, "cli-chen"))
     )
-    order = f"o-cli-{rng.randrange(10**12)}"
+    order = await order_of(p, rng)
     code, filed, err = await subsidyctl(
         "complaint", "file", "--order", order, "--text", TEXT, *at, identity=platform_id
     )
@@ -492,7 +518,7 @@ async def test_the_cases_read_model_rebuilds_from_the_events_to_the_same_rows(
 
     p = platform
     case = await callers.jd.FileComplaint(
-        cases_pb2.FileComplaintRequest(order_id=f"o-rb-{rng.randrange(10**12)}", text="rebuild")
+        cases_pb2.FileComplaintRequest(order_id=await order_of(p, rng), text="rebuild")
     )
     await callers.operator.AssignCase(
         cases_pb2.AssignCaseRequest(case_id=case.case_id, assignee="case-li")

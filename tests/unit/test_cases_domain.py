@@ -198,3 +198,11 @@ def test_unknown_cases_are_not_found(decide: Callable[[], list[Message]]) -> Non
     with pytest.raises(NotFound) as err:
         decide()
     assert err.value.reason == "UNKNOWN_CASE"
+
+
+def test_a_complaint_names_an_order_of_its_own_platform() -> None:
+    domain.check_order("jd", "jd")
+    for order_platform in (None, "taobao"):  # unknown, or another's: the same answer
+        with pytest.raises(NotFound) as err:
+            domain.check_order(order_platform, "jd")
+        assert (err.value.reason, err.value.field) == ("UNKNOWN_ORDER", "order_id")
