@@ -546,6 +546,40 @@ class Cases:
             reload=False,
         )
 
+    async def open_finding(
+        self,
+        key: str,
+        summary: str,
+        *,
+        subject: str = "",
+        order_id: str = "",
+        source_event_id: str = "",
+    ) -> domain.Case:
+        """Open the case of a post-hoc detector's finding (services/audit/detectors.py: its
+        ``key``, a summary of its reason and evidence, ids and amounts only), once per key."""
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            command = domain.Open(
+                case_id=domain.finding_case_id(key),
+                kind=domain.DETECTION,
+                priority=domain.HIGH,
+                now=now,
+                supervision=await supervision_at(tx.conn, now),
+                order_id=order_id[:64],
+                subject=(subject or key)[:200],
+                source_event_id=source_event_id,
+                summary=summary[:300],
+            )
+            outcome = await self.pipeline.run(
+                CASE,
+                command.case_id,
+                lambda c: domain.open_case(c, command),
+                Context(service_actor(SERVICE), correlation_id=order_id),
+                tx=tx,
+            )
+        assert outcome.state is not None
+        return outcome.state
+
     async def _link(self, tx: Tx, env: Envelope, case_id: str) -> None:
         await self.pipeline.run(
             CASE,

@@ -16,6 +16,7 @@ it here); the case never edits another service's data.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -29,7 +30,8 @@ from subsidy.v1 import events_pb2 as ev
 COMPLAINT: Final = "COMPLAINT"
 RISK_ALERT: Final = "RISK_ALERT"
 OPERATOR_ACTIVITY: Final = "OPERATOR_ACTIVITY"
-KINDS: Final = (COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY)
+DETECTION: Final = "DETECTION"  # a post-hoc detector's finding (services/audit/detectors.py)
+KINDS: Final = (COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY, DETECTION)
 # Who complains
 CONSUMER: Final = "CONSUMER"
 MERCHANT: Final = "MERCHANT"
@@ -389,6 +391,12 @@ def operator_case_due(overrides_in_window: int, rules: Supervision, open_case: b
     """Whether one person's overrides within the policy's window open an operator-activity
     case: at the limit, unless a case about that person is still open (one at a time)."""
     return overrides_in_window >= rules.override_limit and not open_case
+
+
+def finding_case_id(key: str) -> str:
+    """The case a detector's finding opens: one per finding key (the same suspicion found
+    again by a later run maps to the same case, so it is opened once)."""
+    return "det-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def risk_priority(outcome: str) -> str:

@@ -2087,7 +2087,7 @@ class CaseOpened(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     case_id: _builtins.str
     kind: _builtins.str
-    """COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY"""
+    """COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY, DETECTION"""
     priority: _builtins.str
     """LOW, NORMAL, HIGH"""
     platform_id: _builtins.str

@@ -537,3 +537,16 @@ async def test_the_cases_read_model_rebuilds_from_the_events_to_the_same_rows(
     assert any(r.case_id == case.case_id and r.resolved_by == "case-li" for r in before)
     await store.rebuild(TABLES, apply_event)
     assert await rows() == before
+
+
+async def test_a_detector_finding_opens_its_case_once(
+    platform: Platform, callers: Callers, rng: random.Random
+) -> None:
+    key = f"shared_serial/serial/IMEI-{rng.randrange(10**9)}/several orders"
+    c = cases_of(platform)
+    first = await c.open_finding(key, "one serial on 2 orders", subject="IMEI")
+    again = await c.open_finding(key, "one serial on 2 orders", subject="IMEI")
+    assert first.case_id == again.case_id
+    got = await callers.operator.GetCase(cases_pb2.GetCaseRequest(case_id=first.case_id))
+    assert (got.kind, got.priority, got.summary) == ("DETECTION", "HIGH", "one serial on 2 orders")
+    assert len(await case_events(platform, first.case_id)) == 1

@@ -206,3 +206,10 @@ def test_a_complaint_names_an_order_of_its_own_platform() -> None:
         with pytest.raises(NotFound) as err:
             domain.check_order(order_platform, "jd")
         assert (err.value.reason, err.value.field) == ("UNKNOWN_ORDER", "order_id")
+
+
+def test_a_finding_opens_one_case_per_key() -> None:
+    key = "shared_serial/serial/IMEI-1/several orders"
+    assert domain.finding_case_id(key) == domain.finding_case_id(key)
+    assert domain.finding_case_id(key) != domain.finding_case_id(key + "x")
+    assert len(domain.finding_case_id(key)) <= 80  # a case id the API accepts
