@@ -442,9 +442,13 @@ class Cases:
             rows = (await conn.execute(query)).all()
         return [CaseRow(_case(r), r.resolved_by) for r in rows]
 
-    async def reveal(self, case_id: str) -> Revealed:
-        """The complaint's and the notes' texts (people only; never logged). A shredded key
-        reveals nothing."""
+    async def reveal(self, case_id: str, actor: common_pb2.Actor) -> Revealed:
+        """The complaint's and the notes' texts (people only; never logged), and a record that
+        ``actor`` read them (CaseTextRevealed). A shredded key reveals nothing."""
+        now = self.clock()
+        await self.pipeline.run(
+            CASE, case_id, lambda c: domain.reveal(c, now), Context(actor), reload=False
+        )
         key = await self._key(case_id)
         aad = case_id.encode()
         text, notes = "", []
@@ -523,8 +527,9 @@ class Cases:
 
     async def _risk_alert(self, tx: Tx, env: Envelope, event: ev.RiskDecisionRecorded) -> None:
         """A block or flag opens one case per decision (the ledger's decisions reach audit
-        twice, once re-recorded by eligibility: the case id is the decision's)."""
-        now = self.clock()
+        twice, once re-recorded by eligibility: the case id is the decision's). Its deadlines
+        run from the decision, however late the consumer sees it."""
+        now = env.occurred_at.ToDatetime(tzinfo=UTC)
         by = f"rule {event.rule_id}" if event.rule_id else f"list entry {event.entry_id}"
         command = domain.Open(
             case_id=f"risk-{event.decision_id}"[:80],
@@ -639,7 +644,7 @@ class Cases:
         )
         if not domain.operator_case_due(int(count or 0), rules, bool(open_case)):
             return
-        now = self.clock()
+        now = at  # the deadlines run from the override that reached the limit
         command = domain.Open(
             case_id=f"ops-{env.event_id}",
             kind=domain.OPERATOR_ACTIVITY,

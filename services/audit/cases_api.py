@@ -121,7 +121,7 @@ class CasesApi(cases_pb2_grpc.CaseServiceServicer):
         message = case_message(await self.cases.get(case_id, platform))
         if platform is None:
             if request.reveal_text:
-                revealed = await self.cases.reveal(case_id)
+                revealed = await self.cases.reveal(case_id, caller().actor())
                 message.text = revealed.text
                 for author, at, text in revealed.notes:
                     note = message.notes.add(author=author, text_length=len(text), text=text)

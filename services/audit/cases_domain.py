@@ -277,6 +277,15 @@ def note(case: Case | None, cmd: Note) -> list[Message]:
     return [event]
 
 
+def reveal(case: Case | None, now: dt.datetime) -> list[Message]:
+    """A person reads the case's sealed texts: recorded every time (who and when)."""
+    if case is None:
+        raise unknown_case()
+    event = ev.CaseTextRevealed(case_id=case.case_id)
+    event.at.FromDatetime(now)
+    return [event]
+
+
 def resolve(case: Case | None, cmd: Resolve) -> list[Message]:
     """Resolve the case with an outcome, once. An outcome on a qualification names it; one
     that moves money names the order and the amount, and is only proposed: a different person

@@ -2200,6 +2200,33 @@ class CaseNoteAdded(_message.Message):
 Global___CaseNoteAdded: _TypeAlias = CaseNoteAdded  # noqa: Y015
 
 @_typing.final
+class CaseTextRevealed(_message.Message):
+    """A person read the case's sealed texts (the complaint, the notes): access to personal data
+    is itself an action on record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "case_id", b"case_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseTextRevealed: _TypeAlias = CaseTextRevealed  # noqa: Y015
+
+@_typing.final
 class CaseOutcomeProposed(_message.Message):
     """A money-moving outcome waits for a different person to approve it (maker-checker)."""
 

@@ -162,6 +162,10 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
         cases_pb2.GetCaseRequest(case_id=case_id, reveal_text=True)
     )
     assert revealed.text == TEXT
+    # Reading personal data is on record: who read it, and when.
+    kind, envelope = (await case_events(p, case_id))[-1]
+    assert kind == "subsidy.v1.CaseTextRevealed"
+    assert events_pb2.EventEnvelope.FromString(envelope).actor.id == "case-li"
 
     # The platform follows its own complaint; another platform cannot see it at all.
     assert (await callers.jd.GetCase(cases_pb2.GetCaseRequest(case_id=case_id))).status == "OPEN"

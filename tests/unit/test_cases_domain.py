@@ -192,6 +192,7 @@ def test_many_overrides_by_one_person_open_a_case_once_at_the_limit() -> None:
         lambda: domain.note(None, Note(b"", "", 0, NOW)),
         lambda: domain.resolve(None, Resolve(domain.NO_ACTION, "li", NOW)),
         lambda: domain.approve(None, Approve("wang", NOW)),
+        lambda: domain.reveal(None, NOW),
     ],
 )
 def test_unknown_cases_are_not_found(decide: Callable[[], list[Message]]) -> None:
