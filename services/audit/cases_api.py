@@ -119,17 +119,19 @@ class CasesApi(cases_pb2_grpc.CaseServiceServicer):
                 "REVEAL_NOT_ALLOWED", "reveal_text: people only", field="reveal_text"
             )
         message = case_message(await self.cases.get(case_id, platform))
-        if platform is None:
-            if request.reveal_text:
-                revealed = await self.cases.reveal(case_id, caller().actor())
-                message.text = revealed.text
-                for author, at, text in revealed.notes:
-                    note = message.notes.add(author=author, text_length=len(text), text=text)
-                    note.at.FromDatetime(at)
-            else:
-                for author, at, length in await self.cases.notes(case_id):
-                    note = message.notes.add(author=author, text_length=length)
-                    note.at.FromDatetime(at)
+        if platform is not None:  # the campaign's staff stay internal: a platform sees no names
+            for name in ("assignee", "proposed_by", "resolved_by"):
+                message.ClearField(name)
+        elif request.reveal_text:
+            revealed = await self.cases.reveal(case_id, caller().actor())
+            message.text = revealed.text
+            for author, at, text in revealed.notes:
+                note = message.notes.add(author=author, text_length=len(text), text=text)
+                note.at.FromDatetime(at)
+        else:
+            for author, at, length in await self.cases.notes(case_id):
+                note = message.notes.add(author=author, text_length=length)
+                note.at.FromDatetime(at)
         return message
 
     async def ListCases(

@@ -225,7 +225,9 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
         assert got.applied_event_id == linked[0]
         return got
 
-    await eventually(applied)
+    followed = await eventually(applied)
+    assert (followed.status, followed.outcome) == ("RESOLVED", "RESTORE_QUALIFICATION")
+    assert followed.assignee == followed.resolved_by == ""  # no staff names to a platform
     # Carrying it out again changes nothing (eligibility records nothing the second time).
     again = await p.eligibility.RestoreQualification(
         eligibility_pb2.CaseQualificationRequest(qualification_id=qid, case_id=case_id, reason="x")
