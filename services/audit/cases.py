@@ -145,6 +145,7 @@ _DECODED = frozenset(
         ev.PolicyPublished,
         ev.RiskDecisionRecorded,
         ev.SubsidyReserved,
+        ev.RiskBlockLifted,
         ev.QualificationRestored,
         ev.QualificationForfeited,
     )
@@ -155,6 +156,11 @@ _ROLES = {
     common_pb2.Actor.KIND_APPROVER: "approver",
     common_pb2.Actor.KIND_AUDITOR: "auditor",
 }
+
+
+def risk_case_id(decision_id: str) -> str:
+    """The case a risk decision opens (one per decision)."""
+    return f"risk-{decision_id}"[:80]
 
 
 def case_stream(case_id: str) -> str:
@@ -506,6 +512,8 @@ class Cases:
         ):
             if event.case_id:
                 await self._link(tx, env, event.case_id)
+        elif env.service == "eligibility" and isinstance(event, ev.RiskBlockLifted):
+            await self._link(tx, env, risk_case_id(event.decision_id))  # the alert's case
         if env.actor.kind in PEOPLE:
             await self._record_action(tx, env, event)
 
@@ -532,7 +540,7 @@ class Cases:
         now = env.occurred_at.ToDatetime(tzinfo=UTC)
         by = f"rule {event.rule_id}" if event.rule_id else f"list entry {event.entry_id}"
         command = domain.Open(
-            case_id=f"risk-{event.decision_id}"[:80],
+            case_id=risk_case_id(event.decision_id),
             kind=domain.RISK_ALERT,
             priority=domain.risk_priority(event.outcome),
             now=now,

@@ -71,6 +71,12 @@ OUTCOMES: Final = (
     CORRECT_RECONCILIATION,
 )
 ON_QUALIFICATION: Final = frozenset({RESTORE_QUALIFICATION, FORFEIT_QUALIFICATION})
+# The owning service's event that carries each acting outcome out (linked as applied).
+CARRIED_OUT_BY: Final = {
+    RESTORE_QUALIFICATION: ev.QualificationRestored.DESCRIPTOR.full_name,
+    FORFEIT_QUALIFICATION: ev.QualificationForfeited.DESCRIPTOR.full_name,
+    LIFT_BLOCK: ev.RiskBlockLifted.DESCRIPTOR.full_name,  # a risk alert's block (its subject)
+}
 MOVES_MONEY: Final = frozenset({CLAWBACK, CORRECT_RECONCILIATION})
 
 # The events that override a control, counted per person for the operator-activity alarm
@@ -386,8 +392,11 @@ def overdue(case: Case | None, now: dt.datetime) -> list[Message]:
 
 
 def applied(case: Case | None, service: str, event_id: str, event_type: str) -> list[Message]:
-    """The owning service's event that carried out the case's outcome, linked once."""
-    if case is None or case.applied_event_id == event_id:
+    """The owning service's event that carried out the case's resolved outcome, linked once
+    (an event of another kind, or before the case was resolved, is no outcome of it)."""
+    if case is None or case.status != RESOLVED or case.applied_event_id:
+        return []
+    if CARRIED_OUT_BY.get(case.outcome) != event_type:
         return []
     return [
         ev.CaseOutcomeApplied(

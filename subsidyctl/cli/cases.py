@@ -14,11 +14,12 @@ and complaints as a platform files them.
 
 ``resolve`` records the outcome with the audit service; for RESTORE_QUALIFICATION and
 FORFEIT_QUALIFICATION it then asks eligibility (the owner of qualifications) to carry it out,
-naming the case, and eligibility's event is linked back to the case. If that second call fails,
-``cases apply CASE_ID`` repeats it (eligibility does nothing the second time). Outcomes that move
-money (CLAWBACK, CORRECT_RECONCILIATION) are proposed and wait for ``cases approve`` by a
-different person; they and LIFT_BLOCK, ADD_BLOCK, SUSPEND_MERCHANT are recorded for the owning
-service's operators to act on (docs/cases.md).
+naming the case, and for LIFT_BLOCK on a risk alert to lift the block the alert is about;
+eligibility's event is linked back to the case. If that second call fails, ``cases apply
+CASE_ID`` repeats it (eligibility does nothing the second time for a qualification). Outcomes
+that move money (CLAWBACK, CORRECT_RECONCILIATION) are proposed and wait for ``cases approve`` by
+a different person; they, LIFT_BLOCK on other cases, ADD_BLOCK and SUSPEND_MERCHANT are recorded
+for the owning service's operators to act on (docs/cases.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ import typer
 from google.protobuf import json_format
 
 from services.kernel import rpc, tls
-from subsidy.v1 import cases_pb2, cases_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc
+from subsidy.v1 import (
+    cases_pb2,
+    cases_pb2_grpc,
+    eligibility_pb2,
+    eligibility_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
+)
 
 from ..stack.certs import APPROVER_DEMO, AUDITOR_DEMO, OPERATOR_DEMO, PLATFORM_DEMO
 from .common import (
@@ -182,10 +190,29 @@ def add_note(
     emit(summary(cases_call(audit, who, lambda s: s.AddCaseNote(request))))
 
 
+def acts(case: cases_pb2.Case) -> bool:
+    """Whether eligibility carries the case's resolved outcome out (else it is recorded)."""
+    if case.status != "RESOLVED":
+        return False
+    return case.outcome in ON_QUALIFICATION or (
+        case.outcome == "LIFT_BLOCK" and case.kind == "RISK_ALERT"
+    )
+
+
 def _carry_out(
     case: cases_pb2.Case, eligibility: str, who: tls.CertificateSource, reason: str
 ) -> dict[str, Any]:
-    """Ask eligibility to restore or forfeit the case's qualification, naming the case."""
+    """Ask eligibility to carry the outcome out: restore or forfeit the case's qualification
+    (naming the case), or lift the block a risk-alert case is about (its decision)."""
+    if case.outcome == "LIFT_BLOCK":
+        lift = risk_pb2.LiftBlockRequest(decision_id=case.subject, reason=reason)
+        decision = _call(
+            eligibility,
+            "eligibility",
+            who,
+            lambda ch: risk_pb2_grpc.RiskServiceStub(ch).LiftBlock(lift),
+        )
+        return {"decision": {"decision_id": decision.decision_id, "status": decision.status}}
     request = eligibility_pb2.CaseQualificationRequest(
         qualification_id=case.qualification_id, case_id=case.case_id, reason=reason
     )
@@ -197,7 +224,7 @@ def _carry_out(
         return await stub.ForfeitQualification(request)
 
     q = _call(eligibility, "eligibility", who, call)
-    return {"qualification_id": q.qualification_id, "status": q.status}
+    return {"qualification": {"qualification_id": q.qualification_id, "status": q.status}}
 
 
 @app.command()
@@ -228,8 +255,8 @@ def resolve(
     )
     case = cases_call(audit, who, lambda s: s.ResolveCase(request))
     out = summary(case)
-    if case.status == "RESOLVED" and case.outcome in ON_QUALIFICATION:
-        out["qualification"] = _carry_out(case, eligibility, who, reason)
+    if acts(case):
+        out |= _carry_out(case, eligibility, who, reason)
     emit(out)
 
 
@@ -246,9 +273,9 @@ def apply(
     failed); eligibility changes nothing if it was carried out already."""
     who = identity(identity_dir, OPERATOR_DEMO)
     case = cases_call(audit, who, lambda s: s.GetCase(cases_pb2.GetCaseRequest(case_id=case_id)))
-    if case.status != "RESOLVED" or case.outcome not in ON_QUALIFICATION:
-        raise Failure(f"case {case_id} has no resolved qualification outcome to carry out")
-    emit(summary(case) | {"qualification": _carry_out(case, eligibility, who, reason or case_id)})
+    if not acts(case):
+        raise Failure(f"case {case_id} has no resolved outcome eligibility carries out")
+    emit(summary(case) | _carry_out(case, eligibility, who, reason or case.outcome))
 
 
 @app.command()

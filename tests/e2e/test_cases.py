@@ -29,7 +29,9 @@ from subsidy.v1 import (
     eligibility_pb2,
     eligibility_pb2_grpc,
     events_pb2,
+    risk_pb2,
 )
+from tests.e2e import test_risk
 from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.e2e.test_saga import reserve_request, setup
@@ -503,6 +505,10 @@ async def test_cases_from_the_command_line(
     assert code == 0, err
     assert resolved["status"] == "RESOLVED"
     assert resolved["qualification"] == {"qualification_id": qid, "status": "AVAILABLE"}
+    code, again_applied, err = await subsidyctl(
+        "cases", "apply", case_id, *at, *elig, identity=operator
+    )  # carrying it out again changes nothing
+    assert code == 0 and again_applied["qualification"]["status"] == "AVAILABLE", err
     code, again, err = await subsidyctl(
         "cases",
         "resolve",
@@ -556,3 +562,84 @@ async def test_a_detector_finding_opens_its_case_once(
     got = await callers.operator.GetCase(cases_pb2.GetCaseRequest(case_id=first.case_id))
     assert (got.kind, got.priority, got.summary) == ("DETECTION", "HIGH", "one serial on 2 orders")
     assert len(await case_events(platform, first.case_id)) == 1
+
+
+@pytest.fixture
+async def risk(platform: Platform) -> AsyncIterator[test_risk.Risk]:
+    """RiskService stubs; the rule set in force before the test is in force again after it
+    (as tests/e2e/test_risk.py's fixture)."""
+    r = test_risk.Risk(platform)
+    before = await r.auditor.ListRules(risk_pb2.ListRiskRulesRequest())
+    try:
+        yield r
+    finally:
+        now = await r.auditor.ListRules(risk_pb2.ListRiskRulesRequest())
+        if now.version != before.version:
+            await r.activate(
+                [{f.name: v for f, v in rule.ListFields()} for rule in before.rule_set.rules],
+                reason="put back after a test",
+            )
+        await r.close()
+
+
+async def test_a_real_block_opens_a_case_whose_lift_goes_through_eligibility(
+    platform: Platform, risk: test_risk.Risk, rng: random.Random, tmp_path: Path
+) -> None:
+    p = platform
+    rule_id = f"case-device-{rng.randrange(10**6)}"
+    version = await risk.activate([test_risk.velocity(rule_id, "device", 1)])
+    await test_risk.within(
+        1.0, lambda: test_risk.active_copy(p, "eligibility").rules.version >= version
+    )
+    shared = test_risk.device(rng)
+    first, second = (await p.person(rng))[1], (await p.person(rng))[1]
+    await test_risk.claim(p, first, test_risk.circumstances(device_id=shared))
+    with pytest.raises(grpc.aio.AioRpcError) as blocked:
+        await test_risk.claim(p, second, test_risk.circumstances(device_id=shared))
+    assert status_of(blocked.value)[1] == "RISK_BLOCKED"
+    listed = await risk.auditor.ListDecisions(risk_pb2.ListRiskDecisionsRequest())
+    decision = next(d for d in listed.decisions if d.consumer_id == second)
+    case_id = f"risk-{decision.decision_id}"
+    operator = identity_dir(p.infra.identities(Caller(Role.OPERATOR, "risk-li")), tmp_path / "o")
+    at = ("--audit", f"127.0.0.1:{p.running['audit'].port}")
+    elig = ("--eligibility", f"127.0.0.1:{p.running['eligibility'].port}")
+
+    async def opened() -> dict[str, Any]:
+        code, shown, err = await subsidyctl("cases", "show", case_id, *at, identity=operator)
+        assert code == 0, err
+        return shown
+
+    shown = await eventually(opened, within=30)
+    assert (shown["type"], shown["priority"], shown["subject"]) == (
+        "RISK_ALERT",
+        "HIGH",
+        decision.decision_id,
+    )
+    assert shown["summary"] == f"claim block by rule {rule_id}"
+    code, resolved, err = await subsidyctl(
+        "cases",
+        "resolve",
+        case_id,
+        "--outcome",
+        "LIFT_BLOCK",
+        "--reason",
+        "a family's shared tablet",
+        *at,
+        *elig,
+        identity=operator,
+    )
+    assert code == 0, err
+    assert resolved["decision"] == {"decision_id": decision.decision_id, "status": "LIFTED"}
+    lifted = await p.running["eligibility"].runtime.store.read_stream(
+        f"risk-decision/{decision.decision_id}"
+    )
+    assert [e.event_type for e in lifted] == [
+        "subsidy.v1.RiskDecisionRecorded",  # a claim's block is recorded in its stream
+        "subsidy.v1.RiskBlockLifted",
+    ]
+
+    async def linked() -> None:
+        got = await cases_of(p).get(case_id, None)
+        assert got.case.applied_event_id == lifted[-1].event_id
+
+    await eventually(linked)

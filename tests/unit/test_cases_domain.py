@@ -170,12 +170,18 @@ def test_a_platform_sees_only_the_complaints_it_filed() -> None:
 
 
 def test_the_outcome_carried_out_is_linked_once() -> None:
+    restored = "subsidy.v1.QualificationRestored"
     case = complaint()
-    [link] = domain.applied(case, "eligibility", "e-1", "subsidy.v1.QualificationRestored")
-    linked = play(case, [link])
+    assert domain.applied(case, "eligibility", "e-0", restored) == []  # not resolved yet
+    cmd = Resolve(domain.RESTORE_QUALIFICATION, "li", NOW, qualification_id="q-1")
+    resolved = play(case, domain.resolve(case, cmd))
+    assert domain.applied(resolved, "eligibility", "e-0", "subsidy.v1.RiskBlockLifted") == []
+    [link] = domain.applied(resolved, "eligibility", "e-1", restored)
+    linked = play(resolved, [link])
     assert linked is not None and linked.applied_event_id == "e-1"
-    assert domain.applied(linked, "eligibility", "e-1", "x") == []
-    assert domain.applied(None, "eligibility", "e-2", "x") == []
+    assert domain.applied(linked, "eligibility", "e-1", restored) == []
+    assert domain.applied(linked, "eligibility", "e-2", restored) == []  # the first one stands
+    assert domain.applied(None, "eligibility", "e-2", restored) == []
 
 
 def test_many_overrides_by_one_person_open_a_case_once_at_the_limit() -> None:
