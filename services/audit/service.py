@@ -9,15 +9,18 @@ import logging
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.background import every
 from services.kernel.consumer import EventConsumer
-from subsidy.v1 import audit_pb2, audit_pb2_grpc
+from subsidy.v1 import audit_pb2, audit_pb2_grpc, cases_pb2, cases_pb2_grpc
 
-from . import checkpoints, log, tree
+from . import cases, checkpoints, log, tree
 from .api import AuditApi
+from .cases_api import CasesApi
 
 logger = logging.getLogger(__name__)
 # How often new entries are integrated into the tree: proofs and fresh checkpoints cover an
 # entry within about this long of its arrival (a fresh checkpoint integrates at once).
 INTEGRATE_EVERY_S = 1.0
+# How often overdue cases are looked for: deadlines are hours, an alert comes within this.
+CASE_SWEEP_EVERY_S = 30.0
 
 
 async def build(rt: Runtime) -> Wiring:
@@ -47,16 +50,25 @@ async def build(rt: Runtime) -> Wiring:
             alert=checkpoints.ALERT,
         )
 
+    supervision = cases.Cases(rt.store, rt.vault, sweep_every_s=CASE_SWEEP_EVERY_S)
     return Wiring(
         registrations=[
             (
                 audit_pb2_grpc.add_AuditServiceServicer_to_server,
                 AuditApi(rt.store, signer, catch_up),
-            )
+            ),
+            # Supervision cases (complaints, risk alerts, operator activity): cases_api.py.
+            (cases_pb2_grpc.add_CaseServiceServicer_to_server, CasesApi(supervision)),
         ],
-        service_names=[audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name],
-        consumers=[EventConsumer("audit-log", ["events.>"], log.append)],
-        background=[tree_loop],
+        service_names=[
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            cases_pb2.DESCRIPTOR.services_by_name["CaseService"].full_name,
+        ],
+        consumers=[
+            EventConsumer("audit-log", ["events.>"], log.append),
+            EventConsumer("audit-supervision", ["events.>"], supervision.on_event),
+        ],
+        background=[tree_loop, supervision.overdue_loop],
     )
 
 

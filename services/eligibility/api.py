@@ -198,3 +198,24 @@ class EligibilityApi(eligibility_pb2_grpc.EligibilityServiceServicer):
         out = eligibility_pb2.ConsumerErasure(consumer_id=consumer_id)
         out.erased_at.FromDatetime(when)
         return out
+
+    async def RestoreQualification(
+        self, request: eligibility_pb2.CaseQualificationRequest, context: ServicerContext
+    ) -> eligibility_pb2.Qualification:
+        qid, case_id, reason = _case_request(request)
+        return _qualification(await self.e.restore_by_case(qid, case_id, caller().actor(reason)))
+
+    async def ForfeitQualification(
+        self, request: eligibility_pb2.CaseQualificationRequest, context: ServicerContext
+    ) -> eligibility_pb2.Qualification:
+        qid, case_id, reason = _case_request(request)
+        return _qualification(await self.e.forfeit_by_case(qid, case_id, caller().actor(reason)))
+
+
+def _case_request(request: eligibility_pb2.CaseQualificationRequest) -> tuple[str, str, str]:
+    """A case outcome's qualification, case and reason, each required and bounded."""
+    return (
+        validate.identifier("qualification_id", request.qualification_id),
+        validate.identifier("case_id", request.case_id),
+        validate.text_field("reason", request.reason),
+    )

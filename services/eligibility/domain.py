@@ -425,6 +425,72 @@ def expire(q: Qualification | None, now: dt.datetime) -> list[Message]:
     return [expired]
 
 
+@dataclass(frozen=True)
+class CaseRestore:
+    """An operator restores a forfeited qualification as the outcome of a supervision case."""
+
+    qualification_id: str
+    case_id: str
+    reason: str
+    now: dt.datetime
+
+
+@dataclass(frozen=True)
+class CaseForfeit:
+    """An operator forfeits an available qualification as the outcome of a supervision case."""
+
+    qualification_id: str
+    case_id: str
+    reason: str
+
+
+def not_restorable(q: Qualification, wanted: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"QUALIFICATION_NOT_{wanted}",
+        f"qualification_id: is {q.status}",
+        field="qualification_id",
+    )
+
+
+def restore_by_case(q: Qualification | None, cmd: CaseRestore, policy: Policy) -> list[Message]:
+    """A case finds a qualification forfeited wrongly: it is available again, for a fresh
+    validity from now when its own has run out. Only a FORFEITED one: it already counts
+    against the person's limit, so the limit holds (an expired one does not count any more,
+    and a held one belongs to its order). Restored already (by this or another case, or
+    never forfeited and available): nothing to do."""
+    if q is None:
+        raise unknown_qualification()
+    if q.status == AVAILABLE:
+        return []
+    if q.status != FORFEITED:
+        raise not_restorable(q, "RESTORABLE")
+    restored = ev.QualificationRestored(
+        qualification_id=q.qualification_id, reason=cmd.reason, case_id=cmd.case_id
+    )
+    if q.expires_at <= cmd.now:
+        validity = dt.timedelta(days=policy.qualification_validity_days)
+        restored.expires_at.FromDatetime(cmd.now.astimezone(dt.UTC) + validity)
+    return [restored]
+
+
+def forfeit_by_case(q: Qualification | None, cmd: CaseForfeit) -> list[Message]:
+    """A case finds a qualification should not be used (e.g. claimed with a borrowed
+    identity): an AVAILABLE one is forfeited (it still counts against the limit, so no new
+    claim replaces it). Forfeited already: nothing to do. One held by an order is left to the
+    order (release or refund it first)."""
+    if q is None:
+        raise unknown_qualification()
+    if q.status == FORFEITED:
+        return []
+    if q.status != AVAILABLE:
+        raise not_restorable(q, "FORFEITABLE")
+    return [
+        ev.QualificationForfeited(
+            qualification_id=q.qualification_id, reason=cmd.reason, case_id=cmd.case_id
+        )
+    ]
+
+
 def is_refund(outcome: LedgerOutcome) -> bool:
     """Whether settling ``outcome`` needs the order's refund rule."""
     return isinstance(outcome, ev.SubsidyReleased) and outcome.was_captured
@@ -461,7 +527,18 @@ def evolve(q: Qualification | None, event: Message) -> Qualification | None:
             if event.HasField("available_from")
             else None
         )
-        return replace(q, status=AVAILABLE, order_id="", available_from=available_from)
+        expires_at = (
+            event.expires_at.ToDatetime(tzinfo=dt.UTC)
+            if event.HasField("expires_at")
+            else q.expires_at
+        )
+        return replace(
+            q,
+            status=AVAILABLE,
+            order_id="",
+            available_from=available_from,
+            expires_at=expires_at,
+        )
     if isinstance(event, ev.QualificationExpired):
         return replace(q, status=EXPIRED)
     if isinstance(event, ev.QualificationForfeited):

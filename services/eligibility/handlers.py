@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
@@ -411,6 +412,43 @@ class Eligibility:
         async with self.store.engine.connect() as conn:
             found = domain.visible(await load_qualification(conn, qid), platform)
         return domain.consumed(found, order_id)
+
+    # -- outcomes of supervision cases (the audit service's cases) -------------------------
+    async def restore_by_case(
+        self, qid: str, case_id: str, actor: common_pb2.Actor
+    ) -> domain.Qualification:
+        """RestoreQualification: a forfeited qualification available again, naming the case."""
+        command = domain.CaseRestore(qid, case_id, actor.reason, self.clock())
+        policy = await self.policies.in_force()
+        return await self._by_case(
+            qid, case_id, actor, lambda q: domain.restore_by_case(q, command, policy)
+        )
+
+    async def forfeit_by_case(
+        self, qid: str, case_id: str, actor: common_pb2.Actor
+    ) -> domain.Qualification:
+        """ForfeitQualification: an available qualification forfeited, naming the case."""
+        command = domain.CaseForfeit(qid, case_id, actor.reason)
+        return await self._by_case(
+            qid, case_id, actor, lambda q: domain.forfeit_by_case(q, command)
+        )
+
+    async def _by_case(
+        self,
+        qid: str,
+        case_id: str,
+        actor: common_pb2.Actor,
+        decide: Callable[[domain.Qualification | None], list[Message]],
+    ) -> domain.Qualification:
+        owner = (await self.qualification(qid)).consumer_id  # UNKNOWN_QUALIFICATION if none
+        outcome = await self.pipeline.run(
+            QUALIFICATION,
+            QualificationKey(owner, qid),
+            decide,
+            Context(actor, correlation_id=case_id),
+        )
+        assert outcome.state is not None
+        return outcome.state
 
     # -- reactions to the ledger's events -------------------------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:

@@ -273,7 +273,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
             await conn.execute(
                 update(qualifications)
                 .where(qualifications.c.qualification_id == qid)
-                .values(status=after.status, order_id=after.order_id)
+                .values(status=after.status, order_id=after.order_id, expires_at=after.expires_at)
             )
             if after.available_from is not None:
                 stmt = pg_insert(qualification_availability).values(

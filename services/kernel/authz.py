@@ -35,6 +35,7 @@ _IDENTITY = "/subsidy.v1.IdentityAuthority/"
 _SIMULATOR = "/subsidy.v1.IdentitySimulatorAdmin/"
 _EVENT_LOG = "/subsidy.v1.EventLogService/"
 _RISK = "/subsidy.v1.RiskService/"
+_CASES = "/subsidy.v1.CaseService/"
 
 RULES: Final[Mapping[str, frozenset[str]]] = {
     # catalog: the policy (maker-checker: an operator drafts, a different approver approves)
@@ -77,6 +78,9 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _ELIGIBILITY + "AddIdentifiers": frozenset({PLATFORM}),
     _ELIGIBILITY + "GetPerson": frozenset({OPERATOR, AUDITOR}),
     _ELIGIBILITY + "EraseConsumer": frozenset({OPERATOR}),
+    # eligibility: a supervision case's outcome, carried out by an operator (names the case)
+    _ELIGIBILITY + "RestoreQualification": frozenset({OPERATOR}),
+    _ELIGIBILITY + "ForfeitQualification": frozenset({OPERATOR}),
     # risk control, served by eligibility (maker-checker: an operator proposes, a different
     # approver approves; an operator lifts a block, with a reason)
     _RISK + "ProposeRules": frozenset({OPERATOR}),
@@ -117,6 +121,16 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _AUDIT + "GetInclusionProof": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "GetConsistencyProof": frozenset({AUDITOR, OPERATOR}),
     _AUDIT + "ListOrderEntries": frozenset({AUDITOR, OPERATOR}),
+    # audit: supervision cases (platforms file and follow their own complaints; a money
+    # outcome is proposed by an operator and approved by a different approver)
+    _CASES + "FileComplaint": frozenset({PLATFORM, OPERATOR}),
+    _CASES + "GetCase": frozenset({PLATFORM, *PEOPLE}),
+    _CASES + "ListCases": frozenset(PEOPLE),
+    _CASES + "AssignCase": frozenset({OPERATOR}),
+    _CASES + "AddCaseNote": frozenset({OPERATOR, APPROVER}),
+    _CASES + "ResolveCase": frozenset({OPERATOR}),
+    _CASES + "ApproveCaseOutcome": frozenset({APPROVER}),
+    _CASES + "ListOperatorActions": frozenset({OPERATOR, APPROVER, AUDITOR}),
     # eligibility's issued quotas and per-person figures, for the auditor's replay to compare
     _USAGE + "ListQuotaUsage": frozenset({AUDITOR, OPERATOR}),
     _USAGE + "ListPersonUsage": frozenset({AUDITOR, OPERATOR}),

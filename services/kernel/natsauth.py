@@ -56,7 +56,7 @@ DURABLES: Final[Mapping[str, tuple[str, ...]]] = {
     topology.CATALOG: ("catalog-sales",),
     topology.ELIGIBILITY: ("eligibility-policies", "eligibility-ledger", "eligibility-risk"),
     topology.LEDGER: ("ledger-risk-rules", "ledger-risk-lists"),
-    topology.AUDIT: ("audit-log",),
+    topology.AUDIT: ("audit-log", "audit-supervision"),
 }
 
 

@@ -70,7 +70,8 @@ SERVICES: tuple[Service, ...] = (
         consumes=(ELIGIBILITY,),
         clients=(PLATFORM, AUDITOR),
     ),
-    Service(AUDIT, 4, consumes=(CATALOG, ELIGIBILITY, LEDGER, AUDIT), clients=(AUDITOR,)),
+    # Platforms file and follow complaints (the audit service's supervision cases).
+    Service(AUDIT, 4, consumes=(CATALOG, ELIGIBILITY, LEDGER, AUDIT), clients=(PLATFORM, AUDITOR)),
 )
 SERVICE_NAMES: tuple[str, ...] = tuple(s.name for s in SERVICES)
 SIMULATOR_PORT_OFFSET = 5

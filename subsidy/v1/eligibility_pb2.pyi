@@ -558,3 +558,30 @@ class ConsumerErasure(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumerErasure: _TypeAlias = ConsumerErasure  # noqa: Y015
+
+@_typing.final
+class CaseQualificationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    qualification_id: _builtins.str
+    case_id: _builtins.str
+    """the supervision case whose outcome this is (required)"""
+    reason: _builtins.str
+    """required: recorded with the operator"""
+    def __init__(
+        self,
+        *,
+        qualification_id: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseQualificationRequest: _TypeAlias = CaseQualificationRequest  # noqa: Y015

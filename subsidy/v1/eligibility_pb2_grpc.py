@@ -75,6 +75,16 @@ class EligibilityServiceStub:
                 request_serializer=subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.FromString,
                 _registered_method=True)
+        self.RestoreQualification = channel.unary_unary(
+                '/subsidy.v1.EligibilityService/RestoreQualification',
+                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
+                _registered_method=True)
+        self.ForfeitQualification = channel.unary_unary(
+                '/subsidy.v1.EligibilityService/ForfeitQualification',
+                request_serializer=subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
+                _registered_method=True)
 
 
 class EligibilityServiceServicer:
@@ -141,6 +151,21 @@ class EligibilityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreQualification(self, request, context):
+        """Operators, as the outcome of a supervision case (the audit service's cases): restore a
+        forfeited qualification (with a fresh validity), or forfeit an available one. The event
+        recorded names the case; repeating a call that already took effect changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForfeitQualification(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EligibilityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +208,16 @@ def add_EligibilityServiceServicer_to_server(servicer, server):
                     servicer.EraseConsumer,
                     request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.SerializeToString,
+            ),
+            'RestoreQualification': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreQualification,
+                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.SerializeToString,
+            ),
+            'ForfeitQualification': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForfeitQualification,
+                    request_deserializer=subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_eligibility__pb2.Qualification.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +437,60 @@ class EligibilityService:
             '/subsidy.v1.EligibilityService/EraseConsumer',
             subsidy_dot_v1_dot_eligibility__pb2.EraseConsumerRequest.SerializeToString,
             subsidy_dot_v1_dot_eligibility__pb2.ConsumerErasure.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreQualification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.EligibilityService/RestoreQualification',
+            subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.SerializeToString,
+            subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForfeitQualification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.EligibilityService/ForfeitQualification',
+            subsidy_dot_v1_dot_eligibility__pb2.CaseQualificationRequest.SerializeToString,
+            subsidy_dot_v1_dot_eligibility__pb2.Qualification.FromString,
             options,
             channel_credentials,
             insecure,

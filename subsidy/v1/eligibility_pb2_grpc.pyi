@@ -57,6 +57,12 @@ class EligibilityServiceStub:
     """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
     count what they used; the event log and the audit log still verify.
     """
+    RestoreQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.CaseQualificationRequest, _eligibility_pb2.Qualification]
+    """Operators, as the outcome of a supervision case (the audit service's cases): restore a
+    forfeited qualification (with a fresh validity), or forfeit an available one. The event
+    recorded names the case; repeating a call that already took effect changes nothing.
+    """
+    ForfeitQualification: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.CaseQualificationRequest, _eligibility_pb2.Qualification]
 
 @_typing.type_check_only
 class EligibilityServiceAsyncStub(EligibilityServiceStub):
@@ -87,6 +93,12 @@ class EligibilityServiceAsyncStub(EligibilityServiceStub):
     """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
     count what they used; the event log and the audit log still verify.
     """
+    RestoreQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.CaseQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
+    """Operators, as the outcome of a supervision case (the audit service's cases): restore a
+    forfeited qualification (with a fresh validity), or forfeit an available one. The event
+    recorded names the case; repeating a call that already took effect changes nothing.
+    """
+    ForfeitQualification: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.CaseQualificationRequest, _eligibility_pb2.Qualification]  # type: ignore[assignment]
 
 class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Consumers (identity), qualifications and quotas."""
@@ -162,5 +174,23 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Operators: crypto-shred a consumer (their data key is destroyed), with a reason. Limits still
         count what they used; the event log and the audit log still verify.
         """
+
+    @_abc_1.abstractmethod
+    def RestoreQualification(
+        self,
+        request: _eligibility_pb2.CaseQualificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]:
+        """Operators, as the outcome of a supervision case (the audit service's cases): restore a
+        forfeited qualification (with a fresh validity), or forfeit an available one. The event
+        recorded names the case; repeating a call that already took effect changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ForfeitQualification(
+        self,
+        request: _eligibility_pb2.CaseQualificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eligibility_pb2.Qualification, _abc.Awaitable[_eligibility_pb2.Qualification]]: ...
 
 def add_EligibilityServiceServicer_to_server(servicer: EligibilityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

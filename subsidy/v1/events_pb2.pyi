@@ -912,14 +912,22 @@ class QualificationRestored(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     AVAILABLE_FROM_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
     reason: _builtins.str
+    case_id: _builtins.str
+    """restored as the outcome of a supervision case ("": by a refund)"""
     @_builtins.property
     def available_from(self) -> _timestamp_pb2.Timestamp:
         """Under a "restore next day" refund rule: lockable again from the start of the next day in
         the campaign's time zone (unset: at once).
         """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Set by a case's restore: the new end of its validity (unset: the claim's expiry stands)."""
 
     def __init__(
         self,
@@ -928,10 +936,12 @@ class QualificationRestored(_message.Message):
         order_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         available_from: _timestamp_pb2.Timestamp | None = ...,
+        case_id: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_from", b"available_from", "case_id", b"case_id", "expires_at", b"expires_at", "order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -971,19 +981,23 @@ class QualificationForfeited(_message.Message):
     QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
     qualification_id: _builtins.str
     order_id: _builtins.str
     reason: _builtins.str
+    case_id: _builtins.str
+    """forfeited as the outcome of a supervision case ("": by a refund)"""
     def __init__(
         self,
         *,
         qualification_id: _builtins.str = ...,
         order_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        case_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "order_id", b"order_id", "qualification_id", b"qualification_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2052,3 +2066,316 @@ class ClawbackRecorded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClawbackRecorded: _TypeAlias = ClawbackRecorded  # noqa: Y015
+
+@_typing.final
+class CaseOpened(_message.Message):
+    """---- audit: supervision cases (services/audit/cases_domain.py) ----------------------------
+    A case: a complaint filed by a platform or an operator, a risk alert (a block or flag), or
+    unusual operator activity. Its deadlines come from the policy's supervision part. Complaint
+    and note texts are sealed under the case's own data key (crypto-shredded with it): only
+    their ciphertext, SHA-256 and length are recorded, never the text.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    COMPLAINANT_FIELD_NUMBER: _builtins.int
+    TEXT_SEALED_FIELD_NUMBER: _builtins.int
+    TEXT_SHA256_FIELD_NUMBER: _builtins.int
+    TEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    FIRST_RESPONSE_DUE_FIELD_NUMBER: _builtins.int
+    RESOLUTION_DUE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SOURCE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    kind: _builtins.str
+    """COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY, DETECTION"""
+    priority: _builtins.str
+    """LOW, NORMAL, HIGH"""
+    platform_id: _builtins.str
+    """the platform that filed the complaint ("": opened inside)"""
+    order_id: _builtins.str
+    """the order complained about, if any"""
+    complainant: _builtins.str
+    """CONSUMER, MERCHANT (complaints; "" otherwise)"""
+    text_sealed: _builtins.bytes
+    """the complaint's text, AES-GCM under the case's data key"""
+    text_sha256: _builtins.str
+    text_length: _builtins.int
+    subject: _builtins.str
+    """the risk decision id, or the operator id, the case is about"""
+    source_event_id: _builtins.str
+    """the event that opened it (risk alert, operator activity)"""
+    summary: _builtins.str
+    """what opened it, in words the system chose (no personal data)"""
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def first_response_due(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolution_due(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        priority: _builtins.str = ...,
+        platform_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        complainant: _builtins.str = ...,
+        text_sealed: _builtins.bytes = ...,
+        text_sha256: _builtins.str = ...,
+        text_length: _builtins.int = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        first_response_due: _timestamp_pb2.Timestamp | None = ...,
+        resolution_due: _timestamp_pb2.Timestamp | None = ...,
+        subject: _builtins.str = ...,
+        source_event_id: _builtins.str = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_response_due", b"first_response_due", "opened_at", b"opened_at", "resolution_due", b"resolution_due"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "complainant", b"complainant", "first_response_due", b"first_response_due", "kind", b"kind", "opened_at", b"opened_at", "order_id", b"order_id", "platform_id", b"platform_id", "priority", b"priority", "resolution_due", b"resolution_due", "source_event_id", b"source_event_id", "subject", b"subject", "summary", b"summary", "text_length", b"text_length", "text_sealed", b"text_sealed", "text_sha256", b"text_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseOpened: _TypeAlias = CaseOpened  # noqa: Y015
+
+@_typing.final
+class CaseAssigned(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    ASSIGNEE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    assignee: _builtins.str
+    """an operator's name"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        assignee: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "at", b"at", "case_id", b"case_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseAssigned: _TypeAlias = CaseAssigned  # noqa: Y015
+
+@_typing.final
+class CaseNoteAdded(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    TEXT_SEALED_FIELD_NUMBER: _builtins.int
+    TEXT_SHA256_FIELD_NUMBER: _builtins.int
+    TEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    text_sealed: _builtins.bytes
+    """AES-GCM under the case's data key"""
+    text_sha256: _builtins.str
+    text_length: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        text_sealed: _builtins.bytes = ...,
+        text_sha256: _builtins.str = ...,
+        text_length: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "case_id", b"case_id", "text_length", b"text_length", "text_sealed", b"text_sealed", "text_sha256", b"text_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseNoteAdded: _TypeAlias = CaseNoteAdded  # noqa: Y015
+
+@_typing.final
+class CaseTextRevealed(_message.Message):
+    """A person read the case's sealed texts (the complaint, the notes): access to personal data
+    is itself an action on record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "case_id", b"case_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseTextRevealed: _TypeAlias = CaseTextRevealed  # noqa: Y015
+
+@_typing.final
+class CaseOutcomeProposed(_message.Message):
+    """A money-moving outcome waits for a different person to approve it (maker-checker)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    outcome: _builtins.str
+    qualification_id: _builtins.str
+    order_id: _builtins.str
+    amount_fen: _builtins.int
+    proposed_by: _builtins.str
+    """the maker's name: the approver must be someone else"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        qualification_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        proposed_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "at", b"at", "case_id", b"case_id", "order_id", b"order_id", "outcome", b"outcome", "proposed_by", b"proposed_by", "qualification_id", b"qualification_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseOutcomeProposed: _TypeAlias = CaseOutcomeProposed  # noqa: Y015
+
+@_typing.final
+class CaseResolved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    outcome: _builtins.str
+    """NO_ACTION, RESTORE_QUALIFICATION, FORFEIT_QUALIFICATION, LIFT_BLOCK, ADD_BLOCK,
+    SUSPEND_MERCHANT, CLAWBACK, CORRECT_RECONCILIATION
+    """
+    qualification_id: _builtins.str
+    order_id: _builtins.str
+    amount_fen: _builtins.int
+    proposed_by: _builtins.str
+    """the maker, when a different person approved"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        qualification_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        proposed_by: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "at", b"at", "case_id", b"case_id", "order_id", b"order_id", "outcome", b"outcome", "proposed_by", b"proposed_by", "qualification_id", b"qualification_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseResolved: _TypeAlias = CaseResolved  # noqa: Y015
+
+@_typing.final
+class CaseOverdue(_message.Message):
+    """A deadline passed: raised once per case and deadline by the audit service's sweeper."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    DUE_FIELD_NUMBER: _builtins.int
+    DETECTED_AT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    deadline: _builtins.str
+    """FIRST_RESPONSE, RESOLUTION"""
+    @_builtins.property
+    def due(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def detected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        deadline: _builtins.str = ...,
+        due: _timestamp_pb2.Timestamp | None = ...,
+        detected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_at", b"detected_at", "due", b"due"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "deadline", b"deadline", "detected_at", b"detected_at", "due", b"due"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseOverdue: _TypeAlias = CaseOverdue  # noqa: Y015
+
+@_typing.final
+class CaseOutcomeApplied(_message.Message):
+    """The owning service acted on the case's outcome (its event names the case)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    service: _builtins.str
+    event_id: _builtins.str
+    event_type: _builtins.str
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        service: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "event_id", b"event_id", "event_type", b"event_type", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseOutcomeApplied: _TypeAlias = CaseOutcomeApplied  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/policy.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x05\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n!effective_from_utc_offset_seconds\x18\x03 \x01(\x05\x12&\n\x08\x63\x61mpaign\x18\x04 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12-\n\x08rounding\x18\x05 \x01(\x0e\x32\x1b.subsidy.v1.Policy.Rounding\x12\x1a\n\x12price_tolerance_bp\x18\x06 \x01(\x05\x12\x1c\n\x14\x62\x61seline_window_days\x18\x07 \x01(\x05\x12-\n\x0c\x63laim_window\x18\x08 \x01(\x0b\x32\x17.subsidy.v1.ClaimWindow\x12#\n\x1bqualification_validity_days\x18\t \x01(\x05\x12\x15\n\rreclaim_limit\x18\n \x01(\x05\x12\x32\n\x0brefund_rule\x18\x0b \x01(\x0e\x32\x1d.subsidy.v1.Policy.RefundRule\x12,\n\ncategories\x18\x0c \x03(\x0b\x32\x18.subsidy.v1.CategoryRule\x12)\n\x07\x66unding\x18\r \x01(\x0b\x32\x13.subsidy.v1.FundingH\x00\x88\x01\x01\"M\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x11\n\rROUNDING_DOWN\x10\x01\x12\x14\n\x10ROUNDING_HALF_UP\x10\x02\"}\n\nRefundRule\x12\x1b\n\x17REFUND_RULE_UNSPECIFIED\x10\x00\x12\x17\n\x13REFUND_RULE_RESTORE\x10\x01\x12\x17\n\x13REFUND_RULE_FORFEIT\x10\x02\x12 \n\x1cREFUND_RULE_RESTORE_NEXT_DAY\x10\x03\x42\n\n\x08_funding\"\x8c\x03\n\x07\x46unding\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12(\n\x05split\x18\x02 \x01(\x0e\x32\x19.subsidy.v1.Funding.Split\x12\x10\n\x08priority\x18\x03 \x03(\t\x12\x1b\n\x13\x61lert_thresholds_bp\x18\x04 \x03(\x05\x12*\n\x0bsub_budgets\x18\x05 \x03(\x0b\x32\x15.subsidy.v1.SubBudget\x12\x33\n\x0bpaid_amount\x18\x06 \x01(\x0e\x32\x1e.subsidy.v1.Funding.PaidAmount\x12\x15\n\revidence_days\x18\x07 \x01(\x05\"F\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPLIT_PRIORITY\x10\x01\x12\x12\n\x0eSPLIT_PRO_RATA\x10\x02\"W\n\nPaidAmount\x12\x1b\n\x17PAID_AMOUNT_UNSPECIFIED\x10\x00\x12\x14\n\x10PAID_AMOUNT_FLAG\x10\x01\x12\x16\n\x12PAID_AMOUNT_REFUSE\x10\x02\"/\n\tSubBudget\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\"7\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rea\x18\x02 \x01(\t\x12\x0f\n\x07regions\x18\x03 \x03(\t\">\n\x0b\x43laimWindow\x12\r\n\x05opens\x18\x01 \x01(\t\x12\x0e\n\x06\x63loses\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\"\xa9\x03\n\x0c\x43\x61tegoryRule\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12-\n\x05group\x18\x04 \x01(\x0e\x32\x1e.subsidy.v1.CategoryRule.Group\x12%\n\x06grades\x18\x05 \x03(\x0b\x32\x15.subsidy.v1.GradeRate\x12\x1d\n\x10no_grade_rate_bp\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07\x63\x61p_fen\x18\x07 \x01(\x03\x12\x1e\n\x11price_ceiling_fen\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10per_person_limit\x18\t \x01(\x05\x12\x13\n\x0b\x64\x61ily_quota\x18\n \x01(\x05\"i\n\x05Group\x12\x15\n\x11GROUP_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_NATIONAL_APPLIANCE\x10\x01\x12\x18\n\x14GROUP_CITY_APPLIANCE\x10\x02\x12\x11\n\rGROUP_DIGITAL\x10\x03\x42\x13\n\x11_no_grade_rate_bpB\x14\n\x12_price_ceiling_fen\"+\n\tGradeRate\x12\r\n\x05grade\x18\x01 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x02 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/policy.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x06\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n!effective_from_utc_offset_seconds\x18\x03 \x01(\x05\x12&\n\x08\x63\x61mpaign\x18\x04 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12-\n\x08rounding\x18\x05 \x01(\x0e\x32\x1b.subsidy.v1.Policy.Rounding\x12\x1a\n\x12price_tolerance_bp\x18\x06 \x01(\x05\x12\x1c\n\x14\x62\x61seline_window_days\x18\x07 \x01(\x05\x12-\n\x0c\x63laim_window\x18\x08 \x01(\x0b\x32\x17.subsidy.v1.ClaimWindow\x12#\n\x1bqualification_validity_days\x18\t \x01(\x05\x12\x15\n\rreclaim_limit\x18\n \x01(\x05\x12\x32\n\x0brefund_rule\x18\x0b \x01(\x0e\x32\x1d.subsidy.v1.Policy.RefundRule\x12,\n\ncategories\x18\x0c \x03(\x0b\x32\x18.subsidy.v1.CategoryRule\x12)\n\x07\x66unding\x18\r \x01(\x0b\x32\x13.subsidy.v1.FundingH\x00\x88\x01\x01\x12\x31\n\x0bsupervision\x18\x0e \x01(\x0b\x32\x17.subsidy.v1.SupervisionH\x01\x88\x01\x01\"M\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x11\n\rROUNDING_DOWN\x10\x01\x12\x14\n\x10ROUNDING_HALF_UP\x10\x02\"}\n\nRefundRule\x12\x1b\n\x17REFUND_RULE_UNSPECIFIED\x10\x00\x12\x17\n\x13REFUND_RULE_RESTORE\x10\x01\x12\x17\n\x13REFUND_RULE_FORFEIT\x10\x02\x12 \n\x1cREFUND_RULE_RESTORE_NEXT_DAY\x10\x03\x42\n\n\x08_fundingB\x0e\n\x0c_supervision\"|\n\x0bSupervision\x12\x1c\n\x14\x66irst_response_hours\x18\x01 \x01(\x05\x12\x18\n\x10resolution_hours\x18\x02 \x01(\x05\x12\x16\n\x0eoverride_limit\x18\x03 \x01(\x05\x12\x1d\n\x15override_window_hours\x18\x04 \x01(\x05\"\x8c\x03\n\x07\x46unding\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12(\n\x05split\x18\x02 \x01(\x0e\x32\x19.subsidy.v1.Funding.Split\x12\x10\n\x08priority\x18\x03 \x03(\t\x12\x1b\n\x13\x61lert_thresholds_bp\x18\x04 \x03(\x05\x12*\n\x0bsub_budgets\x18\x05 \x03(\x0b\x32\x15.subsidy.v1.SubBudget\x12\x33\n\x0bpaid_amount\x18\x06 \x01(\x0e\x32\x1e.subsidy.v1.Funding.PaidAmount\x12\x15\n\revidence_days\x18\x07 \x01(\x05\"F\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPLIT_PRIORITY\x10\x01\x12\x12\n\x0eSPLIT_PRO_RATA\x10\x02\"W\n\nPaidAmount\x12\x1b\n\x17PAID_AMOUNT_UNSPECIFIED\x10\x00\x12\x14\n\x10PAID_AMOUNT_FLAG\x10\x01\x12\x16\n\x12PAID_AMOUNT_REFUSE\x10\x02\"/\n\tSubBudget\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\"7\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rea\x18\x02 \x01(\t\x12\x0f\n\x07regions\x18\x03 \x03(\t\">\n\x0b\x43laimWindow\x12\r\n\x05opens\x18\x01 \x01(\t\x12\x0e\n\x06\x63loses\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\"\xa9\x03\n\x0c\x43\x61tegoryRule\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12-\n\x05group\x18\x04 \x01(\x0e\x32\x1e.subsidy.v1.CategoryRule.Group\x12%\n\x06grades\x18\x05 \x03(\x0b\x32\x15.subsidy.v1.GradeRate\x12\x1d\n\x10no_grade_rate_bp\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07\x63\x61p_fen\x18\x07 \x01(\x03\x12\x1e\n\x11price_ceiling_fen\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10per_person_limit\x18\t \x01(\x05\x12\x13\n\x0b\x64\x61ily_quota\x18\n \x01(\x05\"i\n\x05Group\x12\x15\n\x11GROUP_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_NATIONAL_APPLIANCE\x10\x01\x12\x18\n\x14GROUP_CITY_APPLIANCE\x10\x02\x12\x11\n\rGROUP_DIGITAL\x10\x03\x42\x13\n\x11_no_grade_rate_bpB\x14\n\x12_price_ceiling_fen\"+\n\tGradeRate\x12\r\n\x05grade\x18\x01 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x02 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.policy_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICY']._serialized_start=73
-  _globals['_POLICY']._serialized_end=804
-  _globals['_POLICY_ROUNDING']._serialized_start=588
-  _globals['_POLICY_ROUNDING']._serialized_end=665
-  _globals['_POLICY_REFUNDRULE']._serialized_start=667
-  _globals['_POLICY_REFUNDRULE']._serialized_end=792
-  _globals['_FUNDING']._serialized_start=807
-  _globals['_FUNDING']._serialized_end=1203
-  _globals['_FUNDING_SPLIT']._serialized_start=1044
-  _globals['_FUNDING_SPLIT']._serialized_end=1114
-  _globals['_FUNDING_PAIDAMOUNT']._serialized_start=1116
-  _globals['_FUNDING_PAIDAMOUNT']._serialized_end=1203
-  _globals['_SUBBUDGET']._serialized_start=1205
-  _globals['_SUBBUDGET']._serialized_end=1252
-  _globals['_CAMPAIGN']._serialized_start=1254
-  _globals['_CAMPAIGN']._serialized_end=1309
-  _globals['_CLAIMWINDOW']._serialized_start=1311
-  _globals['_CLAIMWINDOW']._serialized_end=1373
-  _globals['_CATEGORYRULE']._serialized_start=1376
-  _globals['_CATEGORYRULE']._serialized_end=1801
-  _globals['_CATEGORYRULE_GROUP']._serialized_start=1653
-  _globals['_CATEGORYRULE_GROUP']._serialized_end=1758
-  _globals['_GRADERATE']._serialized_start=1803
-  _globals['_GRADERATE']._serialized_end=1846
+  _globals['_POLICY']._serialized_end=871
+  _globals['_POLICY_ROUNDING']._serialized_start=639
+  _globals['_POLICY_ROUNDING']._serialized_end=716
+  _globals['_POLICY_REFUNDRULE']._serialized_start=718
+  _globals['_POLICY_REFUNDRULE']._serialized_end=843
+  _globals['_SUPERVISION']._serialized_start=873
+  _globals['_SUPERVISION']._serialized_end=997
+  _globals['_FUNDING']._serialized_start=1000
+  _globals['_FUNDING']._serialized_end=1396
+  _globals['_FUNDING_SPLIT']._serialized_start=1237
+  _globals['_FUNDING_SPLIT']._serialized_end=1307
+  _globals['_FUNDING_PAIDAMOUNT']._serialized_start=1309
+  _globals['_FUNDING_PAIDAMOUNT']._serialized_end=1396
+  _globals['_SUBBUDGET']._serialized_start=1398
+  _globals['_SUBBUDGET']._serialized_end=1445
+  _globals['_CAMPAIGN']._serialized_start=1447
+  _globals['_CAMPAIGN']._serialized_end=1502
+  _globals['_CLAIMWINDOW']._serialized_start=1504
+  _globals['_CLAIMWINDOW']._serialized_end=1566
+  _globals['_CATEGORYRULE']._serialized_start=1569
+  _globals['_CATEGORYRULE']._serialized_end=1994
+  _globals['_CATEGORYRULE_GROUP']._serialized_start=1846
+  _globals['_CATEGORYRULE_GROUP']._serialized_end=1951
+  _globals['_GRADERATE']._serialized_start=1996
+  _globals['_GRADERATE']._serialized_end=2039
 # @@protoc_insertion_point(module_scope)

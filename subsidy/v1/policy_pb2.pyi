@@ -84,6 +84,7 @@ class Policy(_message.Message):
     REFUND_RULE_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
     FUNDING_FIELD_NUMBER: _builtins.int
+    SUPERVISION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """e.g. "shenzhen-2025.1"; never reused"""
     effective_from_utc_offset_seconds: _builtins.int
@@ -114,6 +115,12 @@ class Policy(_message.Message):
         order sources first funded the pool, no thresholds, no sub-budgets).
         """
 
+    @_builtins.property
+    def supervision(self) -> Global___Supervision:
+        """Supervision cases' deadlines and the operator-activity alarm; absent: the defaults of
+        services/kernel/contract/policy_model.py Supervision.
+        """
+
     def __init__(
         self,
         *,
@@ -130,16 +137,56 @@ class Policy(_message.Message):
         refund_rule: Global___Policy.RefundRule.ValueType = ...,
         categories: _abc.Iterable[Global___CategoryRule] | None = ...,
         funding: Global___Funding | None = ...,
+        supervision: Global___Supervision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "campaign", b"campaign", "claim_window", b"claim_window", "effective_from", b"effective_from", "funding", b"funding"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "_supervision", b"_supervision", "campaign", b"campaign", "claim_window", b"claim_window", "effective_from", b"effective_from", "funding", b"funding", "supervision", b"supervision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "baseline_window_days", b"baseline_window_days", "campaign", b"campaign", "categories", b"categories", "claim_window", b"claim_window", "effective_from", b"effective_from", "effective_from_utc_offset_seconds", b"effective_from_utc_offset_seconds", "funding", b"funding", "price_tolerance_bp", b"price_tolerance_bp", "qualification_validity_days", b"qualification_validity_days", "reclaim_limit", b"reclaim_limit", "refund_rule", b"refund_rule", "rounding", b"rounding", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_funding", b"_funding", "_supervision", b"_supervision", "baseline_window_days", b"baseline_window_days", "campaign", b"campaign", "categories", b"categories", "claim_window", b"claim_window", "effective_from", b"effective_from", "effective_from_utc_offset_seconds", b"effective_from_utc_offset_seconds", "funding", b"funding", "price_tolerance_bp", b"price_tolerance_bp", "qualification_validity_days", b"qualification_validity_days", "reclaim_limit", b"reclaim_limit", "refund_rule", b"refund_rule", "rounding", b"rounding", "supervision", b"supervision", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__funding: _TypeAlias = _typing.Literal["funding"]  # noqa: Y015
     _WhichOneofArgType__funding: _TypeAlias = _typing.Literal["_funding", b"_funding"]  # noqa: Y015
+    _WhichOneofReturnType__supervision: _TypeAlias = _typing.Literal["supervision"]  # noqa: Y015
+    _WhichOneofArgType__supervision: _TypeAlias = _typing.Literal["_supervision", b"_supervision"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__funding) -> _WhichOneofReturnType__funding | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__supervision) -> _WhichOneofReturnType__supervision | None: ...
 
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
+class Supervision(_message.Message):
+    """How fast cases must be answered and resolved, and what operator activity opens a case."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_RESPONSE_HOURS_FIELD_NUMBER: _builtins.int
+    RESOLUTION_HOURS_FIELD_NUMBER: _builtins.int
+    OVERRIDE_LIMIT_FIELD_NUMBER: _builtins.int
+    OVERRIDE_WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    first_response_hours: _builtins.int
+    """a case's first response due after this long (1..720)"""
+    resolution_hours: _builtins.int
+    """its resolution (1..8760, not before the first response)"""
+    override_limit: _builtins.int
+    """this many overrides by one person (1..10000) ..."""
+    override_window_hours: _builtins.int
+    """... within this many hours (1..720) open a case"""
+    def __init__(
+        self,
+        *,
+        first_response_hours: _builtins.int = ...,
+        resolution_hours: _builtins.int = ...,
+        override_limit: _builtins.int = ...,
+        override_window_hours: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_response_hours", b"first_response_hours", "override_limit", b"override_limit", "override_window_hours", b"override_window_hours", "resolution_hours", b"resolution_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Supervision: _TypeAlias = Supervision  # noqa: Y015
 
 @_typing.final
 class Funding(_message.Message):

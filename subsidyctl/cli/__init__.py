@@ -32,6 +32,9 @@ One module per command group; each holds its commands and registers them on ``ap
   total rebuilt from the events), ``audit prove`` (one order's entries with inclusion proofs),
   ``audit key`` (the checkpoint key to pin).
 - :mod:`.dashboard`: ``dashboard``, the live fund-monitoring dashboard (read-only, in a browser).
+- :mod:`.cases`: ``cases list|show|assign|note|resolve|apply|approve|operator-actions``,
+  supervision cases (complaints, risk alerts, operator activity), and ``complaint file``, a
+  complaint as a platform files it.
 - :mod:`.backup`: ``backup --out DIR`` and ``restore DIR``, encrypted archives of every
   service's database and the audit log's signed checkpoint.
 - :mod:`.certs`: ``certs issue``, one identity (tls.crt, tls.key, ca.crt) from the running local
@@ -74,6 +77,7 @@ from . import (
     audit,
     backup,
     budget,
+    cases,
     catalog,
     certs,
     checkout,
@@ -113,6 +117,8 @@ app.add_typer(dashboard.app, rich_help_panel="Audit")
 app.add_typer(certs.app, rich_help_panel=stack.PANEL)
 app.add_typer(backup.app)
 app.add_typer(schema.app, rich_help_panel=stack.PANEL)
+app.add_typer(cases.app, rich_help_panel=cases.PANEL)
+app.add_typer(cases.complaint_app, rich_help_panel=cases.PANEL)
 
 
 GROUPS = (
@@ -125,6 +131,8 @@ GROUPS = (
     audit.app.info.name,
     certs.app.info.name,
     schema.app.info.name,
+    cases.app.info.name,
+    cases.complaint_app.info.name,
 )
 
 

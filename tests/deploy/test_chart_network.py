@@ -93,7 +93,8 @@ def test_each_service_accepts_exactly_the_designed_callers(rel: Release) -> None
         "catalog": {("ledger", grpc), ("auditor", grpc)},
         "eligibility": {("platform", grpc), ("ledger", grpc), ("auditor", grpc)},
         "ledger": {("platform", grpc), ("auditor", grpc)},
-        "audit": {("auditor", grpc)},
+        # platforms file and follow complaints (the audit service's supervision cases)
+        "audit": {("platform", grpc), ("auditor", grpc)},
     }
     for service in SERVICES:
         policy = rel.named("NetworkPolicy", component_name(service))

@@ -47,6 +47,7 @@ SERVED_BY: dict[str, tuple[str, ...]] = {
     "subsidy.v1.RiskService": ("eligibility",),  # risk control is eligibility's
     "subsidy.v1.LedgerService": ("ledger",),
     "subsidy.v1.AuditService": ("audit",),
+    "subsidy.v1.CaseService": ("audit",),  # supervision cases are the audit service's
     "subsidy.v1.UsageService": ("eligibility",),
     # Every service lists its own event store (services/kernel/eventlog.py); the simulator
     # has none.

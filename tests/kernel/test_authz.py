@@ -10,6 +10,7 @@ from services.kernel import authz
 from services.kernel.identity import Caller, NotAnIdentity, Role
 from subsidy.v1 import (
     audit_pb2,
+    cases_pb2,
     catalog_pb2,
     eligibility_pb2,
     eventlog_pb2,
@@ -25,6 +26,7 @@ FILES: tuple[FileDescriptor, ...] = (
     eligibility_pb2.DESCRIPTOR,
     ledger_pb2.DESCRIPTOR,
     audit_pb2.DESCRIPTOR,
+    cases_pb2.DESCRIPTOR,
     eventlog_pb2.DESCRIPTOR,
     outbox_pb2.DESCRIPTOR,
     risk_pb2.DESCRIPTOR,

@@ -48,6 +48,7 @@ from services.kernel.contract.policy_model import (
     RefundRule,
     Rounding,
     Split,
+    Supervision,
 )
 
 DEFAULT_POLICY_RESOURCE: Final = "shenzhen-2025.yaml"
@@ -72,7 +73,13 @@ _TOP_REQUIRED: Final = (
     "refund_rule",
     "categories",
 )
-_TOP_OPTIONAL: Final = ("rounding", "funding")
+_TOP_OPTIONAL: Final = ("rounding", "funding", "supervision")
+_SUPERVISION_KEYS: Final = (
+    "first_response_hours",
+    "resolution_hours",
+    "override_limit",
+    "override_window_hours",
+)
 _FUNDING_KEYS: Final = (
     "sources",
     "split",
@@ -400,6 +407,42 @@ def funding_to_dict(rules: FundingRules) -> dict[str, Any]:
     return document
 
 
+def _supervision(value: object, path: str) -> Supervision:
+    """The optional ``supervision`` part; every key is optional (see Supervision's defaults)."""
+    data = _mapping(value, path, (), _SUPERVISION_KEYS)
+    default = Supervision()
+
+    def hours(key: str, maximum: int) -> int:
+        return _int(
+            data.get(key, getattr(default, key)),
+            f"{path}.{key}",
+            minimum=1,
+            maximum=maximum,
+            unit=" hours",
+        )
+
+    first = hours("first_response_hours", 720)
+    resolution = hours("resolution_hours", 8760)
+    if resolution < first:
+        raise PolicyError(f"{path}.resolution_hours", "must not be before the first response")
+    return Supervision(
+        first_response_hours=first,
+        resolution_hours=resolution,
+        override_limit=_int(
+            data.get("override_limit", default.override_limit),
+            f"{path}.override_limit",
+            minimum=1,
+            maximum=10_000,
+        ),
+        override_window_hours=hours("override_window_hours", 720),
+    )
+
+
+def supervision_to_dict(rules: Supervision) -> dict[str, Any]:
+    """The ``supervision`` part as a plain document (every key, fixed order)."""
+    return {key: getattr(rules, key) for key in _SUPERVISION_KEYS}
+
+
 def hhmm_text(value: dt.time) -> str:
     """A window time as a document writes it ("24:00" for the end of the day)."""
     return "24:00" if value == MIDNIGHT else value.strftime("%H:%M")
@@ -438,6 +481,7 @@ def policy_from_dict(data: object) -> Policy:
         refund_rule=_enum(top["refund_rule"], "refund_rule", RefundRule),
         categories=categories,
         funding=_funding(top.get("funding", {}), "funding", categories),
+        supervision=_supervision(top.get("supervision", {}), "supervision"),
     )
 
 
@@ -487,6 +531,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
     }
     if policy.funding != FundingRules():
         document["funding"] = funding_to_dict(policy.funding)
+    if policy.supervision != Supervision():  # absent: the defaults (older versions unchanged)
+        document["supervision"] = supervision_to_dict(policy.supervision)
     return document
 
 

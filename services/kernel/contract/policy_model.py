@@ -209,6 +209,22 @@ class FundingRules:
 
 
 @dataclass(frozen=True, slots=True)
+class Supervision:
+    """How fast supervision cases must be handled, and what operator activity opens one (the
+    policy's optional ``supervision`` part; absent: these defaults).
+
+    A case's first response (an assignment or a note) is due ``first_response_hours`` after it
+    opened, its resolution ``resolution_hours`` after; ``override_limit`` overrides (lifted
+    blocks, case restores and forfeits, reinstatements...) by one person within
+    ``override_window_hours`` open an operator-activity case."""
+
+    first_response_hours: int = 24
+    resolution_hours: int = 7 * 24
+    override_limit: int = 20
+    override_window_hours: int = 24
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """One version of the campaign rules. Build it with ``load_policy``, ``policy_from_dict``
     or ``policy_from_proto`` (in :mod:`.policy`), which validate; the constructor does not."""
@@ -225,6 +241,7 @@ class Policy:
     refund_rule: RefundRule
     categories: tuple[CategoryRule, ...]
     funding: FundingRules = FundingRules()
+    supervision: Supervision = Supervision()
 
     def category(self, code: str) -> CategoryRule | None:
         """The rule for category ``code``, or None if the policy does not subsidise it."""

@@ -23,6 +23,7 @@ from services.kernel.contract.policy_model import (
     RefundRule,
     Rounding,
     Split,
+    Supervision,
 )
 from subsidy.v1 import events_pb2, policy_pb2
 
@@ -103,6 +104,15 @@ def policy_to_proto(policy: Policy) -> policy_pb2.Policy:
                 ),
             )
         )
+    if policy.supervision != Supervision():  # absent means the defaults, as for funding
+        message.supervision.CopyFrom(
+            policy_pb2.Supervision(
+                first_response_hours=policy.supervision.first_response_hours,
+                resolution_hours=policy.supervision.resolution_hours,
+                override_limit=policy.supervision.override_limit,
+                override_window_hours=policy.supervision.override_window_hours,
+            )
+        )
     for rule in policy.categories:
         part = message.categories.add(
             code=rule.code,
@@ -178,6 +188,14 @@ def _proto_document(message: policy_pb2.Policy) -> dict[str, object]:
     }
     if message.HasField("funding"):  # absent: a policy published before funding rules
         document["funding"] = _funding_document(message.funding)
+    if message.HasField("supervision"):  # absent: a policy published before supervision
+        part = message.supervision
+        document["supervision"] = {
+            "first_response_hours": part.first_response_hours,
+            "resolution_hours": part.resolution_hours,
+            "override_limit": part.override_limit,
+            "override_window_hours": part.override_window_hours,
+        }
     return document
 
 

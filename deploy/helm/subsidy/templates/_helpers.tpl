@@ -30,7 +30,7 @@ ledger:
   clients: [platform, auditor]
 audit:
   calls: []
-  clients: [auditor]
+  clients: [platform, auditor]
 {{- end }}
 
 {{/* The services that call peer .name, in the serviceNames order. (dict "root" $ "name" "catalog") */}}
