@@ -50,6 +50,7 @@ async def start_platform(
     migration_database_url: Callable[[str], str | None] = lambda service: None,
     initial_policy: Path | None = None,
     expiry_sweep_s: float = 5.0,
+    detect_every_s: float = 60.0,
 ) -> InProcessPlatform:
     """Start the simulator and the services (in dependency order) on free loopback ports;
     each service is pointed at the peers services/kernel/topology.py gives it."""
@@ -77,6 +78,7 @@ async def start_platform(
             cert_ttl=cert_ttl,
             initial_policy=initial_policy,
             expiry_sweep_s=expiry_sweep_s,
+            detect_every_s=detect_every_s,
         )
         await migrate_schema(spec, settings)  # as the chart's migration Job does, first
         running[spec.name] = await start(spec, settings)

@@ -11,7 +11,7 @@ from services.kernel.background import every
 from services.kernel.consumer import EventConsumer
 from subsidy.v1 import audit_pb2, audit_pb2_grpc, cases_pb2, cases_pb2_grpc
 
-from . import cases, checkpoints, log, tree
+from . import cases, checkpoints, detection, log, tree
 from .api import AuditApi
 from .cases_api import CasesApi
 
@@ -51,6 +51,14 @@ async def build(rt: Runtime) -> Wiring:
         )
 
     supervision = cases.Cases(rt.store, rt.vault, sweep_every_s=CASE_SWEEP_EVERY_S)
+    # Post-hoc fraud detection over the log; each finding opens a case (detection.py).
+    detect = detection.Detection(
+        rt.store, supervision, detection.rules_from_file(rt.settings.detector_rules_file)
+    )
+
+    async def detection_loop(stop: asyncio.Event) -> None:
+        await detect.loop(stop, rt.settings.detect_every_s)
+
     return Wiring(
         registrations=[
             (
@@ -68,7 +76,7 @@ async def build(rt: Runtime) -> Wiring:
             EventConsumer("audit-log", ["events.>"], log.append),
             EventConsumer("audit-supervision", ["events.>"], supervision.on_event),
         ],
-        background=[tree_loop, supervision.overdue_loop],
+        background=[tree_loop, supervision.overdue_loop, detection_loop],
     )
 
 

@@ -449,6 +449,19 @@ class Settings(ProcessSettings):
         "signed only when the tree grew; auditors can ask for one at any time), default 60",
         default=60.0,
     )
+    detect_every_s: float = variable(
+        "SUBSIDY_DETECT_EVERY_S",
+        "audit: seconds between rounds of the post-hoc fraud detectors over the log (each "
+        "finding opens a case), default 60",
+        default=60.0,
+    )
+    detector_rules_file: Path | None = variable(  # noqa: RUF009 (a dataclasses.field)
+        "SUBSIDY_DETECTOR_RULES_FILE",
+        "audit: a YAML or JSON mapping of the fraud detectors' rules (services/audit/"
+        "detectors.py DetectorRules: thresholds, windows, minimum counts); default: their "
+        "defaults",
+        default=None,
+    )
     audit_origin: str = variable(
         "SUBSIDY_AUDIT_ORIGIN",
         "audit: the origin line of the log's checkpoints and the name of their signing key, a "

@@ -225,6 +225,9 @@ async def platform_on(
         # Tests move a service's clock forward; a background sweep at such a moment would
         # expire every other test's qualifications. The expiry tests sweep themselves.
         expiry_sweep_s=3600,
+        # Likewise the fraud detectors: the session's tests would be findings of each other
+        # (tests/e2e/test_detection.py runs them itself).
+        detect_every_s=3600,
     )
     running = started.running
     peers = started.endpoints

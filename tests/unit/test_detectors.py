@@ -4,10 +4,12 @@ honest history that looks most like it."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
 from bench.fraud import CraftedLog
+from services.audit.detection import rules_from_file
 from services.audit.detectors import DetectorRules, Finding, detect
 
 T0 = dt.datetime(2025, 6, 1, 2, 0, tzinfo=dt.UTC)
@@ -150,3 +152,16 @@ def test_rules_are_data_and_refuse_what_they_do_not_know() -> None:
         DetectorRules.from_mapping({"nonsense": 1})
     with pytest.raises(ValueError, match="serial_min_orders must be"):
         DetectorRules.from_mapping({"serial_min_orders": 0})
+
+
+def test_the_rules_file_is_read_and_a_bad_one_stops_the_service(tmp_path: Path) -> None:
+    good = tmp_path / "rules.yaml"
+    good.write_text("quick_refund_s: 3600\nserial_min_orders: 3\n")
+    assert rules_from_file(good) == DetectorRules(quick_refund_s=3600, serial_min_orders=3)
+    assert rules_from_file(None) == DetectorRules()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- not\n- a mapping\n")
+    with pytest.raises(ValueError, match="not a mapping"):
+        rules_from_file(bad)
+    with pytest.raises(ValueError, match="No such file"):
+        rules_from_file(tmp_path / "missing.yaml")
