@@ -85,16 +85,21 @@ class CraftedLog:
         refund_after: dt.timedelta | None = None,
         evidence: bool = True,
         category: str = "tv",
+        address: str = "",
     ) -> str:
         """An order reserved and captured at ``at`` (its evidence the same day unless
-        ``evidence`` is False), refunded ``refund_after`` later if given; its id."""
+        ``evidence`` is False), refunded ``refund_after`` later if given, delivered to
+        ``address`` (a blind index, as the ledger keeps it); its id."""
         order_id = f"o{next(self._ids)}"
         pool, subsidy = "budget-pool/p", price // 5
-        self.add("ledger", pool, ev.SubsidyReserved(
+        reserved = ev.SubsidyReserved(
             order_id=order_id, pool_id="p", platform_id=platform,
             consumer_id=consumer or f"c-{order_id}", sku=sku, merchant_id=merchant,
             category=category, unit_price_fen=price, subsidy_fen=subsidy, serial=serial,
-        ), at)  # fmt: skip
+        )  # fmt: skip
+        if address:
+            reserved.circumstance_indexes["address"] = address
+        self.add("ledger", pool, reserved, at)
         captured = ev.SubsidyCaptured(
             order_id=order_id, pool_id="p", subsidy_fen=subsidy, category=category
         )
@@ -141,14 +146,19 @@ def generate(orders: int, rng: random.Random, frauds_each: int = 10) -> Campaign
         moved = price * rng.randrange(94, 109) // 100
         log.price(sku, price, moved, START + dt.timedelta(days=rng.randrange(1, 20)))
     serials = itertools.count(1)
+    # Households of one to three people, each with its own address (a blind index).
+    people: list[tuple[str, str]] = []  # (consumer, address)
+    for h in range(max(orders // 3, 1)):
+        people += [(f"c-{h}-{i}", f"addr-{h}") for i in range(rng.randrange(1, 4))]
     for _ in range(orders):
         sku, merchant, category, price = rng.choice(catalogue)
+        consumer, address = rng.choice(people)
         at = START + dt.timedelta(days=rng.randrange(0, 30), minutes=rng.randrange(0, 600))
         refund = dt.timedelta(days=rng.randrange(3, 15)) if rng.random() < 0.04 else None
         serial = f"IMEI-{next(serials)}" if category == "phone" else ""
         log.order(
             at, sku=sku, price=price, merchant=merchant, category=category,
-            serial=serial, refund_after=refund,
+            serial=serial, refund_after=refund, consumer=consumer, address=address,
         )  # fmt: skip
         if serial and refund is not None and rng.random() < 0.5:  # refunded, then sold again
             log.order(
@@ -203,15 +213,23 @@ def _plant(c: Campaign, rng: random.Random, n: int) -> None:
         for _ in range(3):
             log.order(day - dt.timedelta(days=5), merchant=ghost, sku=f"ghost-{k}", evidence=False)
         c.plant("missing_evidence", ghost)
-        # A merchant whose average price triples on one day (1.7x its category's too).
+        # Six people's subsidies delivered to one address within a fortnight.
+        drop = f"addr-drop-{k}"
+        for i in range(6):
+            log.order(
+                day + dt.timedelta(days=2 * i), consumer=f"c-drop-{k}-{i}", address=drop,
+                sku="cash-tv", merchant="m-cash", price=500_000,
+            )  # fmt: skip
+        c.plant("shared_address", drop)
+        # A merchant whose average price quadruples on one day (about 1.8x its category's).
         jump, cheap, dear = f"m-jump-{k}", f"jump-{k}-a", f"jump-{k}-b"
         log.product(cheap, 300_000, START, model=f"J{k}a", merchant=jump)
-        log.product(dear, 950_000, START, model=f"J{k}b", merchant=jump)
+        log.product(dear, 1_200_000, START, model=f"J{k}b", merchant=jump)
         for d in range(5):
             for _ in range(6):
                 log.order(START + dt.timedelta(days=d), merchant=jump, sku=cheap, price=300_000)
         for _ in range(6):
-            log.order(START + dt.timedelta(days=6), merchant=jump, sku=dear, price=950_000)
+            log.order(START + dt.timedelta(days=6), merchant=jump, sku=dear, price=1_200_000)
         c.plant("merchant_anomaly", jump)
 
 

@@ -14,6 +14,8 @@ the same key again and a case is opened once.
   its baseline (the finding says which);
 - ``shared_serial``: one serial / IMEI on several subsidised orders (held or captured at once,
   or on several platforms);
+- ``shared_address``: many people's subsidised orders to one delivery address (by its blind
+  index) within a window;
 - ``quick_refund``: subsidies refunded soon after their capture, per consumer and per merchant;
 - ``missing_evidence``: captures without delivery or activation evidence past the deadline;
 - ``merchant_anomaly``: a merchant's day whose average price or refund rate jumps against its
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -60,6 +62,8 @@ class DetectorRules:
     anomaly_refund_rate_bp: int = 3000  # refund rate 30 points above its own and category's
     anomaly_sigma: int = 4  # and the average price that many standard errors above its own
     anomaly_refund_one_in: int = 1_000_000  # and the refunds that unlikely at its own rate
+    address_min_people: int = 5  # consumers with subsidised orders to one delivery address
+    address_window_days: int = 30
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> DetectorRules:
@@ -143,6 +147,7 @@ class _Order:
     refunded: bool = False
     evidenced: bool = False
     reserved: bool = False
+    address: str = ""  # the delivery address's blind index ("" if the platform gave none)
 
 
 class Orders(Detector):
@@ -176,6 +181,7 @@ class Orders(Detector):
             )
             o.platform_id, o.sku, o.serial = payload.platform_id, payload.sku, payload.serial
             o.unit_price_fen, o.subsidy_fen = payload.unit_price_fen, payload.subsidy_fen
+            o.address = payload.circumstance_indexes.get("address", "")
             o.reserved = True
         elif isinstance(payload, ev.SubsidyCaptured):
             o.captured_at = _at(env)
@@ -320,6 +326,54 @@ def _overlap(a: _Order, b: _Order) -> bool:
     a_end = a.released_at or dt.datetime.max.replace(tzinfo=dt.UTC)
     b_end = b.released_at or dt.datetime.max.replace(tzinfo=dt.UTC)
     return a.at < b_end and b.at < a_end
+
+
+class SharedAddress(Orders):
+    """Many people's subsidised orders delivered to one address within a window: one address
+    collecting subsidies for many (the address by its blind index; the value is in no event)."""
+
+    name: ClassVar[str] = "shared_address"
+
+    def findings(self, now: dt.datetime) -> list[Finding]:
+        window = dt.timedelta(days=self.rules.address_window_days)
+        by_address: dict[str, list[_Order]] = defaultdict(list)
+        for o in self.reserved():
+            if o.address and o.captured_at is not None:
+                by_address[o.address].append(o)
+        out = []
+        for address, orders in sorted(by_address.items()):
+            orders.sort(key=lambda o: (o.at, o.order_id))
+            start, best = 0, (0, 0, 0)  # (people, first, last) of the fullest window
+            inside: Counter[str] = Counter()  # each consumer's orders in the window
+            for end, o in enumerate(orders):
+                inside[o.consumer_id] += 1
+                while o.at - orders[start].at > window:
+                    gone = orders[start].consumer_id
+                    inside[gone] -= 1
+                    if not inside[gone]:
+                        del inside[gone]
+                    start += 1
+                if len(inside) > best[0]:
+                    best = (len(inside), start, end)
+            people, first, last = best
+            if people < self.rules.address_min_people:
+                continue
+            shown = orders[first : last + 1]
+            out.append(
+                Finding(
+                    self.name,
+                    "address",
+                    address,
+                    "MANY_PEOPLE_AT_ONE_ADDRESS",
+                    shown[-1].at,
+                    (
+                        ("people", str(people)),
+                        ("orders", ",".join(o.order_id for o in shown)),
+                        ("subsidy_fen", str(sum(o.subsidy_fen for o in shown))),
+                    ),
+                )
+            )
+        return out
 
 
 class QuickRefund(Orders):
@@ -513,6 +567,7 @@ def _merged(days: Iterable[_Day]) -> _Day:
 DETECTORS: tuple[type[Detector], ...] = (
     PriceRaise,
     SharedSerial,
+    SharedAddress,
     QuickRefund,
     MissingEvidence,
     MerchantAnomaly,

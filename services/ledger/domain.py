@@ -10,6 +10,7 @@ sub-budget), and which spent shares raise an alert (thresholds, once each).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
@@ -462,11 +463,13 @@ def hold(
     item: Item,
     expires_at: dt.datetime,
     rules: FundingRules = DEFAULT_RULES,
+    indexes: Mapping[str, str] | None = None,
 ) -> list[Message]:
     """Hold the item's subsidy for the order until ``expires_at``, split over the pool's sources
     by the funding rules of the item's policy version, unless the order was refused for good
     (an order is held or refused, never both) or the pool, the category's sub-budget or a
-    source cannot pay."""
+    source cannot pay. ``indexes``: the order's circumstances as blind indexes, by kind, kept
+    on the event for the post-hoc detectors."""
     if state.refused:
         raise order_refused()
     reserved = ev.SubsidyReserved(
@@ -484,6 +487,7 @@ def hold(
         item=cmd.item,
     )
     reserved.expires_at.FromDatetime(expires_at.astimezone(dt.UTC))
+    reserved.circumstance_indexes.update(indexes or {})
     return reserve(state.pool, reserved, rules, state.use)
 
 

@@ -27,7 +27,7 @@ from services.kernel.background import every
 from services.kernel.contract import budget, order_line
 from services.kernel.contract.budget import pool_stream
 from services.kernel.contract.policy import FundingRules
-from services.kernel.contract.risk import Action, Outcome, Subjects
+from services.kernel.contract.risk import Action, Kind, Outcome, Subjects
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, payload_of, service_actor
 from services.kernel.eventstore import EventStore, streams_table
@@ -78,6 +78,9 @@ DEFINITIVE = {
     grpc.StatusCode.ALREADY_EXISTS,
 }
 log = logging.getLogger(__name__)
+# The circumstances whose blind indexes a reservation's event keeps (the risk subjects that are
+# blind-indexed; the person, merchant and serial are on the event as they are).
+CIRCUMSTANCES = frozenset({Kind.DEVICE, Kind.IP, Kind.ADDRESS, Kind.CARD})
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ def _as_command(row: dict[str, object]) -> domain.Reserve:
         serial=str(row["serial"]),
         item=order_line.split_line(str(row["order_id"]))[1],
     )
+
+
+def circumstance_indexes(subjects: Subjects) -> dict[str, str]:
+    """The order's circumstances as blind indexes, by kind (never a value, nor the person)."""
+    return {k.value: s.index for k, s in subjects.items() if k in CIRCUMSTANCES}
 
 
 class Ledger(FundingUseCases, SettlementUseCases):
@@ -383,7 +391,9 @@ class Ledger(FundingUseCases, SettlementUseCases):
                 await self.pipeline.run(
                     HOLD,
                     OrderKey(cmd.pool_id, cmd.order_id, capped),
-                    lambda state: domain.hold(_hold(state), cmd, item, expires, rules),
+                    lambda state: domain.hold(
+                        _hold(state), cmd, item, expires, rules, circumstance_indexes(subjects)
+                    ),
                     ctx,
                     tx=tx,
                     reload=False,  # the answer is the reservation row, read below

@@ -1182,6 +1182,26 @@ Global___TrancheReleased: _TypeAlias = TrancheReleased  # noqa: Y015
 class SubsidyReserved(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CircumstanceIndexesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ORDER_ID_FIELD_NUMBER: _builtins.int
     POOL_ID_FIELD_NUMBER: _builtins.int
     PLATFORM_ID_FIELD_NUMBER: _builtins.int
@@ -1196,6 +1216,7 @@ class SubsidyReserved(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     ITEM_FIELD_NUMBER: _builtins.int
+    CIRCUMSTANCE_INDEXES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The reservation's key: the platform's order id, or order_id/item for one item of a
     multi-item order (each item its own reservation; services/kernel/contract/order_line.py).
@@ -1222,6 +1243,13 @@ class SubsidyReserved(_message.Message):
         version decided it); sums to subsidy_fen. Empty in events written before sources.
         """
 
+    @_builtins.property
+    def circumstance_indexes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The order's circumstances as their blind indexes (keyed HMACs from Vault, never the
+        values), by kind: device, ip, address, card (those the platform gave). What the post-hoc
+        detectors group orders by, e.g. many people at one delivery address.
+        """
+
     def __init__(
         self,
         *,
@@ -1239,10 +1267,11 @@ class SubsidyReserved(_message.Message):
         serial: _builtins.str = ...,
         sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
         item: _builtins.str = ...,
+        circumstance_indexes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "item", b"item", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "circumstance_indexes", b"circumstance_indexes", "consumer_id", b"consumer_id", "expires_at", b"expires_at", "item", b"item", "merchant_id", b"merchant_id", "order_id", b"order_id", "platform_id", b"platform_id", "pool_id", b"pool_id", "qualification_id", b"qualification_id", "serial", b"serial", "sku", b"sku", "sources", b"sources", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,8 +11,10 @@ from services.audit.cases import Cases
 from services.audit.cases_domain import DETECTION, finding_case_id
 from services.audit.detection import Detection
 from services.audit.detectors import DetectorRules
-from subsidy.v1 import ledger_pb2
+from subsidy.v1 import common_pb2, ledger_pb2
+from subsidy.v1 import events_pb2 as ev
 from tests.e2e.conftest import Platform
+from tests.e2e.test_funding_sources import pool_events
 
 PHONE, TABLET = 300_000, 400_000
 
@@ -73,3 +75,34 @@ async def test_quick_refunds_of_one_consumer_open_one_case_with_the_evidence(
             {"s": f"case/{finding_case_id(key)}"},
         )
     assert opened == 1
+
+
+async def test_a_reservation_keeps_its_delivery_address_as_a_blind_index_only(
+    platform: Platform, rng: random.Random
+) -> None:
+    p = platform
+    pool = await p.pool(rng, 1_000_000)
+    phone = await p.product(rng, "phone", 0, PHONE)
+    street = f"坪山区坪山大道{rng.randrange(10**6)}号"
+    addresses = {"a": street, "same": f"  {street} ", "other": street + "B座"}
+    orders = {}
+    for name, address in addresses.items():
+        _, consumer = await p.person(rng)
+        qualification = await p.claim(consumer, "phone")
+        orders[name] = f"o-{rng.randrange(10**12)}"
+        await p.ledger.ReserveSubsidy(
+            ledger_pb2.ReserveSubsidyRequest(
+                order_id=orders[name], platform_id="jd", pool_id=pool, consumer_id=consumer,
+                qualification_id=qualification, sku=phone, unit_price_fen=PHONE,
+                circumstances=common_pb2.Circumstances(delivery_address=address),
+            )
+        )  # fmt: skip
+    held = {
+        e.order_id: dict(e.circumstance_indexes)
+        for e in await pool_events(p, pool)
+        if isinstance(e, ev.SubsidyReserved)
+    }
+    index = {name: held[order]["address"] for name, order in orders.items()}
+    assert index["a"] == index["same"] != index["other"]  # normalised, then keyed
+    assert all(street not in i and len(i) >= 32 for i in index.values())
+    assert set(held[orders["a"]]) == {"address"}  # only what the platform gave

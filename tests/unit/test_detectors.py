@@ -165,3 +165,20 @@ def test_the_rules_file_is_read_and_a_bad_one_stops_the_service(tmp_path: Path) 
         rules_from_file(bad)
     with pytest.raises(ValueError, match="No such file"):
         rules_from_file(tmp_path / "missing.yaml")
+
+
+def test_many_people_at_one_delivery_address_is_found_and_a_household_is_not() -> None:
+    log = Log()
+    drop = [log.order(T0 + days(3 * i), consumer=f"c-{i}", address="addr-drop") for i in range(5)]
+    for i in range(3):  # a family of three, ordering often
+        for d in range(4):
+            log.order(T0 + days(d), consumer=f"family-{i}", address="addr-home")
+    for i in range(5):  # five people at one address, but a year apart: not one window
+        log.order(T0 + days(40 * i), consumer=f"mover-{i}", address="addr-flat")
+    (found,) = log.findings("shared_address", now=T0 + days(400))
+    assert (found.subject, found.reason) == ("addr-drop", "MANY_PEOPLE_AT_ONE_ADDRESS")
+    assert dict(found.evidence) == {
+        "people": "5",
+        "orders": ",".join(drop),
+        "subsidy_fen": str(5 * 100_000),
+    }
