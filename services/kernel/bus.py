@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 
 from subsidy.v1 import events_pb2 as ev
 
-from . import metrics
+from . import faults, metrics
 from .background import pause
 from .events import Envelope
 from .eventstore import EventStore, Position
@@ -144,6 +144,8 @@ class OutboxRelay:
         # it is published, health is NOT_SERVING, and only an operator's skip moves on.
         self.stuck: tuple[str, str] | None = None
         self.on_stuck: Callable[[bool], Awaitable[None]] | None = None
+        # Called with the part's name when a publish met an outage (the health watch probes).
+        self.on_outage: Callable[[str], None] | None = None
 
     async def publish_pending(self) -> int:
         """Publish everything not yet published; return how many were sent."""
@@ -233,9 +235,15 @@ class OutboxRelay:
                 await self.publish_pending()
             except RelayStuck:
                 await pause(stop, 1.0)  # logged once when it stuck; tried again each second
-            except Exception:
-                log.exception("relay failed; retrying", extra={"alert": "relay"})
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                part = faults.transient_part(exc)
+                if part is None:
+                    log.exception("relay failed; retrying", extra={"alert": "relay"})
+                else:  # an outage, not a fault of the relay's: the health watch reports it
+                    log.warning("relay paused: the %s is down; retrying", part)
+                    if self.on_outage is not None:
+                        self.on_outage(part)
+                await pause(stop, 1.0)
             self._store.appended.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._store.appended.wait(), idle_poll_s)
