@@ -80,13 +80,24 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         return self._handlers.get(details.method, handler)
 
+    async def _outage(self, method: str, part: str, context: Any) -> None:
+        """Answer a call that met ``part`` down: UNAVAILABLE with a retry delay. One line, no
+        traceback (there may be thousands), and the health watch probes at once."""
+        outage = faults.unavailable(part)
+        metrics.RPC_REFUSALS.labels(method, outage.reason).inc()
+        log.warning("%s refused: the %s is down", method, part)
+        if self.on_outage is not None:
+            self.on_outage(part)
+        await _abort(context, outage, ratelimit.retry_info(faults.RETRY_DELAY_S))
+
     def _mapped(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return self._mapped_stream(method, handler)
         inner = handler.unary_unary
-        assert inner is not None  # intercept_service wraps unary-unary handlers only
 
         async def mapped(request: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
@@ -115,16 +126,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 part = faults.transient_part(exc)
                 if part is not None:
-                    # A part is down, not the server broken: the caller retries, the health
-                    # watch reports it. One line, no traceback (there may be thousands).
-                    outage = faults.unavailable(part)
+                    # A part is down, not the server broken: the caller retries.
                     outcome = "UNAVAILABLE"
-                    metrics.RPC_REFUSALS.labels(method, outage.reason).inc()
-                    log.warning("%s refused: the %s is down", method, part)
-                    if self.on_outage is not None:
-                        self.on_outage(part)
-                    _refuse(context, outage, ratelimit.retry_info(faults.RETRY_DELAY_S))
-                    return None
+                    await self._outage(method, part, context)
                 if faults.is_conflict(exc):
                     # The database's serialization failure or deadlock: nothing was written.
                     outcome = "ABORTED"
@@ -141,6 +145,56 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _mapped_stream(self, method: str, handler: Handler) -> Handler:
+        """A streaming method: its servicer maps its own refusals (it must, to refuse after
+        it has answered part of a stream); only an outage is mapped here, to UNAVAILABLE."""
+        decode, encode = handler.request_deserializer, handler.response_serializer
+
+        async def outage_or_raise(exc: Exception, context: Any) -> None:
+            part = faults.transient_part(exc)
+            if part is None:
+                raise exc
+            await self._outage(method, part, context)
+
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                try:
+                    async for item in authz._iterate(inner_us(request, context)):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await outage_or_raise(exc, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: Any) -> Any:
+                try:
+                    return await inner_su(requests, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await outage_or_raise(exc, context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
+        inner_ss = handler.stream_stream
+        assert inner_ss is not None  # the fourth shape
+
+        async def stream_stream(requests: Any, context: Any) -> Any:
+            try:
+                async for item in authz._iterate(inner_ss(requests, context)):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await outage_or_raise(exc, context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
 
 
 def _refuse(context: ServicerContext, error: DomainError, *extra: Message) -> None:
