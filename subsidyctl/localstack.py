@@ -39,6 +39,7 @@ from .demo import write_demo_policy
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
 from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
+from .stack.supervise import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = topology.SERVICE_NAMES
@@ -117,6 +118,7 @@ class LocalStack:
     pg: Postgres | None = None
     nats: Nats | None = None
     bao: OpenBao | None = None
+    supervisor: Supervisor | None = None  # restarts a part that dies (stack/supervise.py)
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
 
     @property
@@ -212,6 +214,10 @@ class LocalStack:
             # operator's, their seeds kept in OpenBao (reused across restarts).
             self.nats.accounts = natsauth.provision(self.bao.client())
             self.nats.start()
+            self.supervisor = Supervisor(
+                {"PostgreSQL": self.pg, "NATS": self.nats, "OpenBao": self.bao}, self.say
+            )
+            self.supervisor.start()
             token_file = self.token_file
             write_private(token_file, self.bao.token)
             self.issue_identities()
@@ -389,6 +395,8 @@ class LocalStack:
                 proc.wait(5)
         codes = {service: proc.returncode for service, proc in self._procs.items()}
         self._procs.clear()
+        if self.supervisor is not None:  # stopping a part on purpose is not a crash
+            self.supervisor.stop()
         for part in (self.bao, self.nats, self.pg):
             if part is not None:
                 with contextlib.suppress(Exception):
