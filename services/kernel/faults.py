@@ -15,21 +15,11 @@ hvac's and requests'.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Final
 
-import hvac.exceptions
-import nats.errors
-import nats.js.errors
-import psycopg
-import requests.exceptions
-import sqlalchemy.exc
-from psycopg.errors import DeadlockDetected, SerializationFailure, TransactionRollback
-
 from .errors import Unavailable
-
-# psycopg files these under OperationalError, but the database is up: a retry succeeds.
-_CONFLICTS = (SerializationFailure, DeadlockDetected, TransactionRollback)
 
 DATABASE: Final = "database"
 NATS: Final = "nats"
@@ -40,33 +30,52 @@ PEER: Final = "peer"
 # time PostgreSQL needs to restart or a NATS client to reconnect; the health check's period.
 RETRY_DELAY_S: Final = 1.0
 
-_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    sqlalchemy.exc.OperationalError,  # wraps psycopg.OperationalError: refused, terminated
-    sqlalchemy.exc.InterfaceError,  # a connection that is closed
-    sqlalchemy.exc.DisconnectionError,
-    sqlalchemy.exc.TimeoutError,  # no connection free in the pool in time
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-)
-_NATS_ERRORS: tuple[type[BaseException], ...] = (
-    nats.errors.TimeoutError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.NoServersError,
-    nats.errors.NoRespondersError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.UnexpectedEOF,
-    nats.js.errors.ServiceUnavailableError,
-)
-_VAULT_ERRORS: tuple[type[BaseException], ...] = (
-    hvac.exceptions.VaultDown,  # sealed or restarting
-    hvac.exceptions.InternalServerError,
-    hvac.exceptions.BadGateway,
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-)
+Kinds = tuple[type[BaseException], ...]
+
+
+@functools.cache
+def _kinds() -> tuple[Kinds, Kinds, Kinds, Kinds]:
+    """(conflicts, database, NATS, Vault) exception classes. Imported at the first failure,
+    not with this module: the rpc bootstrap imports it, and so does the pod's health probe,
+    which must start in a fraction of its 5 s."""
+    import hvac.exceptions
+    import nats.errors
+    import nats.js.errors
+    import psycopg
+    import requests.exceptions
+    import sqlalchemy.exc
+    from psycopg.errors import DeadlockDetected, SerializationFailure, TransactionRollback
+
+    # psycopg files these under OperationalError, but the database is up: a retry succeeds.
+    conflicts: Kinds = (SerializationFailure, DeadlockDetected, TransactionRollback)
+    database: Kinds = (
+        sqlalchemy.exc.OperationalError,  # wraps psycopg.OperationalError: refused, terminated
+        sqlalchemy.exc.InterfaceError,  # a connection that is closed
+        sqlalchemy.exc.DisconnectionError,
+        sqlalchemy.exc.TimeoutError,  # no connection free in the pool in time
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+    bus: Kinds = (
+        nats.errors.TimeoutError,
+        nats.errors.ConnectionClosedError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.NoServersError,
+        nats.errors.NoRespondersError,
+        nats.errors.StaleConnectionError,
+        nats.errors.OutboundBufferLimitError,
+        nats.errors.UnexpectedEOF,
+        nats.js.errors.ServiceUnavailableError,
+    )
+    vault: Kinds = (
+        hvac.exceptions.VaultDown,  # sealed or restarting
+        hvac.exceptions.InternalServerError,
+        hvac.exceptions.BadGateway,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+    )
+    return conflicts, database, bus, vault
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -81,19 +90,19 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def transient_part(exc: BaseException) -> str | None:
     """The part (``database``, ``nats``, ``vault``, ``peer``) whose outage ``exc`` comes from,
     or None if the failure is not an outage (it will happen again on a retry)."""
+    conflicts, database, bus, vault = _kinds()
     for link in _chain(exc):
         # psycopg files a serialization failure or deadlock under OperationalError: a retry
         # succeeds, but the database is up (see :func:`is_conflict`).
-        if isinstance(link, _CONFLICTS):
+        if isinstance(link, conflicts):
             return None
-        if isinstance(link, _DATABASE_ERRORS):
-            orig = getattr(link, "orig", None)
-            if isinstance(orig, _CONFLICTS):
+        if isinstance(link, database):
+            if isinstance(getattr(link, "orig", None), conflicts):
                 return None
             return DATABASE
-        if isinstance(link, _NATS_ERRORS):
+        if isinstance(link, bus):
             return NATS
-        if isinstance(link, _VAULT_ERRORS):
+        if isinstance(link, vault):
             return VAULT
         if isinstance(link, Unavailable):
             return PEER  # another service (or the identity authority) did not answer
@@ -105,8 +114,9 @@ def transient_part(exc: BaseException) -> str | None:
 def is_conflict(exc: BaseException) -> bool:
     """True if ``exc`` is the database's serialization failure or deadlock: nothing was
     written and the same call may be retried at once (``ABORTED``)."""
+    conflicts = _kinds()[0]
     return any(
-        isinstance(link, _CONFLICTS) or isinstance(getattr(link, "orig", None), _CONFLICTS)
+        isinstance(link, conflicts) or isinstance(getattr(link, "orig", None), conflicts)
         for link in _chain(exc)
     )
 
