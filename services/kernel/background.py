@@ -31,8 +31,9 @@ async def every(
     A step that raises is logged as ``failure`` with ``extra={"alert": alert}`` (what the
     alert rules match) and tried again next round: a background job must outlive a database
     or network blip rather than end the loop. An outage of a part (services.kernel.faults) is
-    one warning line, without a traceback: the health watch reports the outage itself.
+    one warning line per outage, without a traceback: the health watch reports it itself.
     """
+    waiting_for: str | None = None  # the part that is down, logged once per outage
     while not stop.is_set():
         try:
             await step()
@@ -40,6 +41,9 @@ async def every(
             part = transient_part(exc)
             if part is None:
                 log.exception(failure, extra={"alert": alert})
-            else:
-                log.warning("%s: the %s is down", failure, part)
+            elif part != waiting_for:
+                log.warning("%s: the %s is down; retrying until it is back", failure, part)
+            waiting_for = part
+        else:
+            waiting_for = None
         await pause(stop, seconds)

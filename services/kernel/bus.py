@@ -230,9 +230,11 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event, idle_poll_s: float = 0.1) -> None:
         """Relay until ``stop``; wakes on an in-process append, polls for other writers."""
+        waiting_for: str | None = None  # the part that is down, logged once per outage
         while not stop.is_set():
             try:
                 await self.publish_pending()
+                waiting_for = None
             except RelayStuck:
                 await pause(stop, 1.0)  # logged once when it stuck; tried again each second
             except Exception as exc:
@@ -240,9 +242,11 @@ class OutboxRelay:
                 if part is None:
                     log.exception("relay failed; retrying", extra={"alert": "relay"})
                 else:  # an outage, not a fault of the relay's: the health watch reports it
-                    log.warning("relay paused: the %s is down; retrying", part)
+                    if part != waiting_for:
+                        log.warning("relay paused: the %s is down; retrying until it is back", part)
                     if self.on_outage is not None:
                         self.on_outage(part)
+                waiting_for = part
                 await pause(stop, 1.0)
             self._store.appended.clear()
             with contextlib.suppress(TimeoutError):
