@@ -108,6 +108,11 @@ async def health_of(stack: Stack, service: str) -> int:
     return int(reply.status)
 
 
+async def drain(stream: Any) -> list[Any]:
+    """Every message of a server-streaming call."""
+    return [item async for item in stream]
+
+
 async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not await check():
@@ -177,6 +182,10 @@ async def test_a_database_outage_answers_unavailable_and_health_follows_the_data
         "GetBudget": lambda: ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="p")),
         "GetLogInfo": lambda: audit.GetLogInfo(audit_pb2.GetLogInfoRequest()),
         "GetProduct": lambda: catalog.GetProduct(catalog_pb2.GetProductRequest(sku="none")),
+        # A streaming answer: its servicer maps its own refusals; the outage is the kernel's.
+        "GetReconciliation": lambda: drain(
+            ledger.GetReconciliation(ledger_pb2.GetReconciliationRequest(file_sha256="a" * 64))
+        ),
     }
 
     stack.pg.stop()
