@@ -11,7 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from subsidyctl.stack import Nats, Postgres, free_port
+from services.kernel.vault import KEK_KEY
+from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
 from subsidyctl.stack.supervise import Supervisor
 
 
@@ -97,3 +98,28 @@ def test_postmaster_pid_is_removed_only_when_its_process_is_gone(
     lock.write_text(f"{pid}\n{pg.data_dir}\n0\n{pg.port}\n\n127.0.0.1\n  0  0\nready\n")
     pg._remove_stale_lock()
     assert lock.exists() == alive
+
+
+def test_a_killed_openbao_is_restarted_unsealed_with_its_keys(tmp_path: Path) -> None:
+    """The stack's OpenBao keeps its data (raft): restarted, it is unsealed again and still
+    has the transit keys (a key it lost would make every sealed field unreadable)."""
+    bao = OpenBao(
+        data_dir=tmp_path / "bao", port=free_port(2), log_dir=tmp_path / "logs", dev=False
+    )
+    bao.start()
+    lines: list[str] = []
+    supervisor = Supervisor({"OpenBao": bao}, lines.append, interval_s=0.1)
+    supervisor.start()
+    try:
+        client = bao.client()
+        before = client.secrets.transit.read_key(name=KEK_KEY)["data"]["keys"]
+        killed = bao.pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        wait_for_line(lines, "OpenBao restarted")
+        assert not Path(f"/proc/{killed}").exists()
+        after = bao.client().secrets.transit.read_key(name=KEK_KEY)["data"]["keys"]
+        assert after == before
+    finally:
+        supervisor.stop()
+        bao.stop()
