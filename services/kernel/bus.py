@@ -61,8 +61,28 @@ async def connect(
         inbox_prefix=credentials.inbox_prefix,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        # The client reconnects by itself; what it meets on the way is one line each, not
+        # nats-py's default (an ERROR with a traceback for every failed reconnect).
+        error_cb=_nats_error,
+        disconnected_cb=_nats_disconnected,
+        reconnected_cb=_nats_reconnected,
     )
     return nc, nc.jetstream(timeout=10)
+
+
+async def _nats_error(exc: Exception) -> None:
+    if faults.transient_part(exc) is None and not isinstance(exc, OSError):
+        log.error("NATS client error: %s", type(exc).__name__, extra={"alert": "nats"})
+    else:
+        log.warning("NATS: %s; reconnecting", type(exc).__name__)
+
+
+async def _nats_disconnected() -> None:
+    log.warning("NATS connection lost; reconnecting")
+
+
+async def _nats_reconnected() -> None:
+    log.info("NATS reconnected")
 
 
 class StreamsNotReady(RuntimeError):

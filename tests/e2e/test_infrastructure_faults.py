@@ -1,5 +1,5 @@
-"""PostgreSQL killed and PostgreSQL down for 30 s under a checkout load: nothing lost, nothing
-dead-lettered, no service restarted.
+"""PostgreSQL, NATS and OpenBao killed, PostgreSQL down for 30 s, under a checkout load: nothing
+lost, nothing dead-lettered, no service restarted.
 
 The separate-process stack `make run` starts (real PostgreSQL, NATS, OpenBao), checkouts driven
 as a platform drives them (retrying UNAVAILABLE with the same order id, as the integration guide
@@ -8,7 +8,10 @@ says). Twice, mid-traffic:
   data (a log line says so), and the services reconnect by themselves;
 - PostgreSQL stopped for 30 s and started again: every service turns NOT_SERVING meanwhile and
   SERVING after, and no event in flight is dead-lettered (the consumers' default limit of 5
-  deliveries would have been spent within seconds had the outage counted).
+  deliveries would have been spent within seconds had the outage counted);
+- (a second run) kill -9 of nats-server, then of OpenBao: each restarted by the supervisor (on
+  its data: JetStream's file store, OpenBao's raft storage, unsealed again), the services'
+  clients reconnect.
 Afterwards no service process was restarted, the dead-letter stream is empty, every checkout the
 platform saw succeed is captured and its qualification used, and every invariant and
 `subsidyctl audit verify` pass.
@@ -17,6 +20,7 @@ platform saw succeed is captured and its qualification used, and every invariant
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import random
@@ -94,8 +98,61 @@ def none_serving(stack: LocalStack) -> bool:
     return all(health(stack, s) != health_pb2.HealthCheckResponse.SERVING for s in SERVICES)
 
 
+Injection = Callable[[LocalStack, io.StringIO, Callable[[], int]], Awaitable[None]]
+
+
+def more_than(count: Callable[[], int], n: int) -> bool:
+    return count() > n
+
+
+async def kill_and_restart(stack: LocalStack, log: io.StringIO, part: str, pid: int | None) -> None:
+    """kill -9 of one infrastructure process; the supervisor reaps it and starts it again."""
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: f"{part} restarted" in log.getvalue(), 60, f"{part} restarted")
+    assert f"{part} exited (code -9); restarting it" in log.getvalue()
+    # reaped: no zombie left behind
+    assert not await asyncio.to_thread(os.path.exists, f"/proc/{pid}")
+    await until(lambda: all_serving(stack), 30, f"serving after {part} restarted")
+
+
+async def postgres_faults(
+    stack: LocalStack, log: io.StringIO, completed: Callable[[], int]
+) -> None:
+    """kill -9 of the postmaster, then PostgreSQL stopped for 30 s."""
+    pg = stack.pg
+    assert pg is not None
+    before = completed()
+    killed = pg.pid
+    await kill_and_restart(stack, log, "PostgreSQL", killed)
+    assert pg.pid != killed
+    await until(lambda: completed() > before + 3, 60, "checking out again")
+    # PostgreSQL down for 30 s (stopped on purpose: the supervisor leaves it).
+    before = completed()
+    await asyncio.to_thread(pg.stop)
+    await until(lambda: none_serving(stack), 15, "NOT_SERVING during the outage")
+    await asyncio.sleep(OUTAGE_S)
+    await asyncio.to_thread(pg.start)
+    await until(lambda: all_serving(stack), 30, "serving after the outage")
+    await until(lambda: completed() > before + 3, 90, "checking out again")
+
+
+async def nats_and_openbao_faults(
+    stack: LocalStack, log: io.StringIO, completed: Callable[[], int]
+) -> None:
+    """kill -9 of nats-server, then of OpenBao."""
+    assert stack.nats is not None and stack.bao is not None
+    for part, server in (("NATS", stack.nats), ("OpenBao", stack.bao)):
+        before = completed()
+        await kill_and_restart(stack, log, part, server.pid)
+        await until(functools.partial(more_than, completed, before + 3), 60, f"after {part}")
+
+
 @pytest.mark.slow
-def test_postgres_killed_and_down_for_30_s_under_checkouts_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inject", [postgres_faults, nats_and_openbao_faults])
+def test_infrastructure_killed_under_checkouts_loses_nothing(
+    tmp_path: Path, inject: Injection
+) -> None:
     log = io.StringIO()
     stack = LocalStack(
         tmp_path / "run",
@@ -109,7 +166,7 @@ def test_postgres_killed_and_down_for_30_s_under_checkouts_loses_nothing(tmp_pat
     stack.start()
     try:
         pids = {s: stack.pid(s) for s in SERVICES}
-        done, refused, retries = asyncio.run(_run(stack, log))
+        done, refused, retries = asyncio.run(_run(stack, log, inject))
         assert stack.dead() == [] and {s: stack.pid(s) for s in SERVICES} == pids  # no restart
     finally:
         stack.stop()
@@ -117,7 +174,9 @@ def test_postgres_killed_and_down_for_30_s_under_checkouts_loses_nothing(tmp_pat
     assert done >= 10, f"only {done} checkouts completed"  # the traffic really flowed
 
 
-async def _run(stack: LocalStack, log: io.StringIO) -> tuple[int, int, dict[str, int]]:
+async def _run(
+    stack: LocalStack, log: io.StringIO, inject: Injection
+) -> tuple[int, int, dict[str, int]]:
     assert stack.pg is not None and stack.nats is not None
     client = demo.Client(stack.endpoints())
     platform = Platform()
@@ -184,33 +243,13 @@ async def _run(stack: LocalStack, log: io.StringIO) -> tuple[int, int, dict[str,
 
         async def faults() -> None:
             nonlocal faults_done
-            pg = stack.pg
-            assert pg is not None
             await asyncio.sleep(2.0)
-            # 1. kill -9 of the postmaster: the supervisor reaps it and starts it again.
-            before = len(completed)
-            killed = pg.pid
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
-            await until(lambda: "PostgreSQL restarted" in log.getvalue(), 60, "restarted")
-            assert "PostgreSQL exited (code -9); restarting it" in log.getvalue()
-            assert pg.pid != killed
-            # reaped: no zombie left behind
-            assert not await asyncio.to_thread(os.path.exists, f"/proc/{killed}")
-            await until(lambda: all_serving(stack), 30, "serving after the restart")
-            await until(lambda: len(completed) > before + 3, 60, "checking out again")
-            # 2. PostgreSQL down for 30 s (stopped on purpose: the supervisor leaves it).
-            before = len(completed)
-            await asyncio.to_thread(pg.stop)
-            await until(lambda: none_serving(stack), 15, "NOT_SERVING during the outage")
-            await asyncio.sleep(OUTAGE_S)
-            await asyncio.to_thread(pg.start)
-            await until(lambda: all_serving(stack), 30, "serving after the outage")
-            await until(lambda: len(completed) > before + 3, 90, "checking out again")
+            await inject(stack, log, lambda: len(completed))
             faults_done = True
 
         await asyncio.gather(traffic(), faults())
-        assert platform.retries.get("UNAVAILABLE", 0) > 0, "no call ever met the outage"
+        if inject is postgres_faults:
+            assert platform.retries.get("UNAVAILABLE", 0) > 0, "no call ever met the outage"
 
         # -- nothing dead-lettered, every invariant, from the databases and the audit log ------
         nc, js = await bus.connect(stack.nats.url, "test", stack.nats.operator)
