@@ -162,7 +162,8 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         {
             faults.DATABASE: health_watch.database_probe(store.engine),
             faults.NATS: health_watch.nats_probe(nc),
-        }
+        },
+        on_demand={faults.VAULT: health_watch.vault_probe(v)},
     )
     outage = watch.poke_for
     server, health = rpc.build_server(

@@ -4,7 +4,8 @@ must run has stopped.
 One :class:`HealthWatch` per service decides SERVING or NOT_SERVING from two things:
 - the parts it needs, probed every ``interval_s`` (and at once when a call or a consumer met a
   failure :func:`services.kernel.faults.transient_part` says is an outage): the service's
-  database (``SELECT 1``) and its NATS connection. A part that is down turns the service
+  database (``SELECT 1``) and its NATS connection, and Vault once a call has met it down (not
+  every service needs it; its calls show which do). A part that is down turns the service
   NOT_SERVING (so Kubernetes takes it out of the Service's endpoints and a platform's client
   goes to a replica that can answer); once the part answers again it is SERVING again, with no
   restart. Each change is one log line.
@@ -26,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .background import pause
+from .vault import Vault
 
 log = logging.getLogger(__name__)
 _MIN_SPACING_S = 0.2
@@ -59,10 +61,20 @@ def database_probe(engine: AsyncEngine, timeout_s: float = 2.0) -> Probe:
 class HealthWatch:
     """Sets a server's health from its parts' probes and from holds (see the module)."""
 
-    def __init__(self, probes: Mapping[str, Probe], *, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        probes: Mapping[str, Probe],
+        *,
+        on_demand: Mapping[str, Probe] | None = None,
+        interval_s: float = 1.0,
+    ) -> None:
         self._health: grpc_health.aio.HealthServicer | None = None
         self._names: tuple[str, ...] = ()
         self._probes = dict(probes)
+        # Parts not every service needs (Vault): probed only once a call has met one down, and
+        # until it answers again. Whether the service needs it is what its calls show.
+        self._on_demand = dict(on_demand or {})
+        self._suspects: set[str] = set()
         self._interval_s = interval_s
         self.down: set[str] = set()
         self._holds: set[str] = set()
@@ -85,7 +97,10 @@ class HealthWatch:
         self._wake.set()
 
     def poke_for(self, part: str) -> None:
-        """:meth:`poke`, as the callback that is told which part a failure met."""
+        """:meth:`poke`, as the callback that is told which part a failure met (an on-demand
+        part is probed from now on, until it answers)."""
+        if part in self._on_demand:
+            self._suspects.add(part)
         self._wake.set()
 
     async def hold(self, reason: str, on: bool = True) -> None:
@@ -99,8 +114,11 @@ class HealthWatch:
     async def check(self) -> bool:
         """Probe every part once and publish the result (once bound); True if serving."""
         async with self._lock:
-            results = await asyncio.gather(*(p() for p in self._probes.values()))
-            for part, up in zip(self._probes, results, strict=True):
+            probes = {**self._probes, **{p: self._on_demand[p] for p in sorted(self._suspects)}}
+            results = await asyncio.gather(*(p() for p in probes.values()))
+            for part, up in zip(probes, results, strict=True):
+                if up:
+                    self._suspects.discard(part)
                 if not up and part not in self.down:
                     self.down.add(part)
                     log.warning(
@@ -138,6 +156,18 @@ class HealthWatch:
             await pause(stop, _MIN_SPACING_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s - _MIN_SPACING_S)
+
+
+def vault_probe(v: Vault, timeout_s: float = 3.0) -> Probe:
+    """True if Vault is unsealed and active within ``timeout_s``."""
+
+    async def probe() -> bool:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(v.answers_sync), timeout_s)
+        except TimeoutError:
+            return False
+
+    return probe
 
 
 def nats_probe(nc: NatsClient) -> Probe:
