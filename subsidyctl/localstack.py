@@ -39,6 +39,7 @@ from .demo import write_demo_policy
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
 from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
+from .stack.processes import _Server
 from .stack.supervise import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,9 +215,7 @@ class LocalStack:
             # operator's, their seeds kept in OpenBao (reused across restarts).
             self.nats.accounts = natsauth.provision(self.bao.client())
             self.nats.start()
-            self.supervisor = Supervisor(
-                {"PostgreSQL": self.pg, "NATS": self.nats, "OpenBao": self.bao}, self.say
-            )
+            self.supervisor = Supervisor(self.infrastructure(), self.say)
             self.supervisor.start()
             token_file = self.token_file
             write_private(token_file, self.bao.token)
@@ -237,6 +236,18 @@ class LocalStack:
             self.stop()
             raise
         self.say(f"stack serving in {time.monotonic() - t0:.1f} s")
+
+    def infrastructure(self) -> dict[str, _Server]:
+        """The infrastructure processes the supervisor watches, by the name its log lines use
+        (a NATS cluster's nodes each on their own: one that dies is restarted alone)."""
+        assert self.pg and self.nats and self.bao
+        nodes: list[_Server] = list(getattr(self.nats, "nodes", None) or [self.nats])
+        nats = (
+            {"NATS": nodes[0]}
+            if len(nodes) == 1
+            else {f"NATS node {i}": n for i, n in enumerate(nodes, 1)}
+        )
+        return {"PostgreSQL": self.pg, **nats, "OpenBao": self.bao}
 
     def issue_identities(self, *, only_due: bool = False) -> list[str]:
         """Issue the demo identities and the simulator's certificate from the stack's CA into

@@ -83,8 +83,11 @@ class Supervisor:
         return False
 
     def _watch(self) -> None:
+        said = ""
         while not self._stop.wait(self._interval_s):
             try:
                 self.check()
             except Exception as exc:  # the watch must outlive anything one round meets
-                self._say(f"supervisor: {exc!r}")
+                if repr(exc) != said:  # once, not every half second
+                    said = repr(exc)
+                    self._say(f"supervisor: {said}")
