@@ -42,6 +42,8 @@ from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
 from .stack.nats import NatsCluster
 from .stack.postgres import migration_user, runtime_user, sqlalchemy_url
+from .stack.processes import _Server
+from .stack.supervise import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = topology.SERVICE_NAMES
@@ -135,6 +137,7 @@ class LocalStack:
     # 1: one nats-server on the stack's ports; more: a JetStream cluster of that many nodes on
     # free ports, every stream at that many replicas (as production runs it).
     nats_nodes: int = 1
+    supervisor: Supervisor | None = None  # restarts a part that dies (stack/supervise.py)
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
 
     @property
@@ -236,6 +239,8 @@ class LocalStack:
             # operator's, their seeds kept in OpenBao (reused across restarts).
             self.nats.accounts = natsauth.provision(self.bao.client())
             self.nats.start()
+            self.supervisor = Supervisor(self.infrastructure(), self.say)
+            self.supervisor.start()
             token_file = self.token_file
             write_private(token_file, self.bao.token)
             self.issue_identities()
@@ -256,6 +261,18 @@ class LocalStack:
             self.stop()
             raise
         self.say(f"stack serving in {time.monotonic() - t0:.1f} s")
+
+    def infrastructure(self) -> dict[str, _Server]:
+        """The infrastructure processes the supervisor watches, by the name its log lines use
+        (a NATS cluster's nodes each on their own: one that dies is restarted alone)."""
+        assert self.pg and self.nats and self.bao
+        nodes: list[_Server] = list(getattr(self.nats, "nodes", None) or [self.nats])
+        nats = (
+            {"NATS": nodes[0]}
+            if len(nodes) == 1
+            else {f"NATS node {i}": n for i, n in enumerate(nodes, 1)}
+        )
+        return {"PostgreSQL": self.pg, **nats, "OpenBao": self.bao}
 
     def issue_identities(self, *, only_due: bool = False) -> list[str]:
         """Issue the demo identities and the simulator's certificate from the stack's CA into
@@ -538,6 +555,8 @@ class LocalStack:
                 proc.wait(5)
         codes = {service: proc.returncode for service, proc in self._procs.items()}
         self._procs.clear()
+        if self.supervisor is not None:  # stopping a part on purpose is not a crash
+            self.supervisor.stop()
         for part in (self.bao, self.nats, self.pg):
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -25,7 +25,8 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from . import bus, eventlog, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
+from . import bus, eventlog, faults, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
+from . import health as health_watch
 from .consumer import EventConsumer
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
@@ -168,11 +169,22 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         # consumes) is a wiring mistake: refuse to start rather than drift from the chart.
         topology.check_consumers(spec.name, [s for c in wiring.consumers for s in c.subjects])
     relay = bus.OutboxRelay(store, js)
+    # Health means every part the service needs answers and nothing essential has stopped
+    # (services/kernel/health.py); calls, consumers and the relay that meet an outage say so.
+    watch = health_watch.HealthWatch(
+        {
+            faults.DATABASE: health_watch.database_probe(store.engine),
+            faults.NATS: health_watch.nats_probe(nc),
+        },
+        on_demand={faults.VAULT: health_watch.vault_probe(v)},
+    )
+    outage = watch.poke_for
     server, health = rpc.build_server(
         [*wiring.registrations, outbox.registration(store, spec.name, relay)],
         wiring.service_names,
         reflection_on=settings.grpc_reflection == "on",
         rate_limits=rate_limits,
+        on_outage=outage,
     )
     port = rpc.listen(server, settings.grpc_listen, identity)
     if port == 0:
@@ -181,14 +193,12 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     # The relay and the consumers must run as long as the service does: one that ends early
     # (a consumer that cannot subscribe, a bug) leaves events unpublished or unhandled while
     # the service still answers. It then reports NOT_SERVING, so Kubernetes restarts the pod.
-    ended: list[str] = []
     reports: set[asyncio.Task[None]] = set()
 
     def essential_ended(task: asyncio.Task[None]) -> None:
         if runtime.stop.is_set():
             return
         exc = None if task.cancelled() else task.exception()
-        ended.append(task.get_name())
         log.error(
             "%s ended while %s is running; reporting NOT_SERVING",
             task.get_name(),
@@ -196,10 +206,13 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
             exc_info=exc,
             extra={"alert": "task"},
         )
-        report = asyncio.create_task(rpc.set_not_serving(health, wiring.service_names))
+        report = asyncio.create_task(watch.hold(f"{task.get_name()} ended"))
         reports.add(report)
         report.add_done_callback(reports.discard)
 
+    relay.on_outage = outage
+    for consumer in wiring.consumers:
+        consumer.on_outage = outage
     essential = [asyncio.create_task(relay.run(runtime.stop), name=f"{spec.name}-relay")]
     essential += [
         asyncio.create_task(c.run(store, js, runtime.stop), name=f"{spec.name}-{c.name}")
@@ -210,10 +223,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
 
     async def relay_stuck(stuck: bool) -> None:
         # Stuck on an event the bus refuses: not serving until an operator skips it.
-        if stuck or ended:
-            await rpc.set_not_serving(health, wiring.service_names)
-        else:
-            await rpc.set_serving(health, wiring.service_names)
+        await watch.hold("relay stuck", stuck)
 
     relay.on_stuck = relay_stuck
     tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
@@ -221,9 +231,9 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     tasks.append(asyncio.create_task(identity.keep_fresh(runtime.stop), name="certificate"))
     if wiring.ready is not None:
         await wiring.ready()
-    await rpc.set_serving(health, wiring.service_names)
-    if ended:  # ended before serving: set_serving must not hide it
-        await rpc.set_not_serving(health, wiring.service_names)
+    watch.bind(health, wiring.service_names)
+    await watch.check()  # SERVING unless a part is down or a task ended meanwhile
+    tasks.append(asyncio.create_task(watch.run(runtime.stop), name="health"))
     log.info("%s serving gRPC on port %d", spec.name, port)
 
     async def lifecycle() -> None:

@@ -8,6 +8,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from .faults import transient_part
+
 
 async def pause(stop: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less if ``stop`` is set meanwhile (shutdown never waits a round)."""
@@ -28,11 +30,20 @@ async def every(
 
     A step that raises is logged as ``failure`` with ``extra={"alert": alert}`` (what the
     alert rules match) and tried again next round: a background job must outlive a database
-    or network blip rather than end the loop.
+    or network blip rather than end the loop. An outage of a part (services.kernel.faults) is
+    one warning line per outage, without a traceback: the health watch reports it itself.
     """
+    waiting_for: str | None = None  # the part that is down, logged once per outage
     while not stop.is_set():
         try:
             await step()
-        except Exception:
-            log.exception(failure, extra={"alert": alert})
+        except Exception as exc:
+            part = transient_part(exc)
+            if part is None:
+                log.exception(failure, extra={"alert": alert})
+            elif part != waiting_for:
+                log.warning("%s: the %s is down; retrying until it is back", failure, part)
+            waiting_for = part
+        else:
+            waiting_for = None
         await pause(stop, seconds)

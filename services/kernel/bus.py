@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 
 from subsidy.v1 import events_pb2 as ev
 
-from . import metrics
+from . import faults, metrics
 from .background import pause
 from .events import Envelope
 from .eventstore import EventStore, Position
@@ -62,8 +62,28 @@ async def connect(
         inbox_prefix=credentials.inbox_prefix,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        # The client reconnects by itself; what it meets on the way is one line each, not
+        # nats-py's default (an ERROR with a traceback for every failed reconnect).
+        error_cb=_nats_error,
+        disconnected_cb=_nats_disconnected,
+        reconnected_cb=_nats_reconnected,
     )
     return nc, nc.jetstream(timeout=10)
+
+
+async def _nats_error(exc: Exception) -> None:
+    if faults.transient_part(exc) is None and not isinstance(exc, OSError):
+        log.error("NATS client error: %s", type(exc).__name__, extra={"alert": "nats"})
+    else:
+        log.warning("NATS: %s; reconnecting", type(exc).__name__)
+
+
+async def _nats_disconnected() -> None:
+    log.warning("NATS connection lost; reconnecting")
+
+
+async def _nats_reconnected() -> None:
+    log.info("NATS reconnected")
 
 
 class StreamsNotReady(RuntimeError):
@@ -149,6 +169,8 @@ class OutboxRelay:
         # it is published, health is NOT_SERVING, and only an operator's skip moves on.
         self.stuck: tuple[str, str] | None = None
         self.on_stuck: Callable[[bool], Awaitable[None]] | None = None
+        # Called with the part's name when a publish met an outage (the health watch probes).
+        self.on_outage: Callable[[str], None] | None = None
 
     async def publish_pending(self) -> int:
         """Publish everything not yet published; return how many were sent."""
@@ -233,14 +255,24 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event, idle_poll_s: float = 0.1) -> None:
         """Relay until ``stop``; wakes on an in-process append, polls for other writers."""
+        waiting_for: str | None = None  # the part that is down, logged once per outage
         while not stop.is_set():
             try:
                 await self.publish_pending()
+                waiting_for = None
             except RelayStuck:
                 await pause(stop, 1.0)  # logged once when it stuck; tried again each second
-            except Exception:
-                log.exception("relay failed; retrying", extra={"alert": "relay"})
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                part = faults.transient_part(exc)
+                if part is None:
+                    log.exception("relay failed; retrying", extra={"alert": "relay"})
+                else:  # an outage, not a fault of the relay's: the health watch reports it
+                    if part != waiting_for:
+                        log.warning("relay paused: the %s is down; retrying until it is back", part)
+                    if self.on_outage is not None:
+                        self.on_outage(part)
+                waiting_for = part
+                await pause(stop, 1.0)
             self._store.appended.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._store.appended.wait(), idle_poll_s)

@@ -4,8 +4,12 @@ Consumers are durable pull consumers with explicit ack. The handler's effects an
 the event was handled commit in one transaction, so a redelivery changes nothing. A message that
 keeps failing goes to the dead-letter stream after ``max_deliver`` tries, with an alert; one that
 is not an envelope, or not its owner's event (services.kernel.consumer.refusal), goes there on its
-first delivery. No message and no NATS error ends a consumer: the server's own ``max_deliver`` is
-unlimited, so a consumer that died on a poison message would die on it again after every restart.
+first delivery. A failure that is an outage of a part (the database down, NATS gone, Vault not
+answering: services.kernel.faults.transient_part) is never the message's fault: the message is
+naked with a capped back-off and retried for as long as the outage lasts, and those deliveries
+do not count towards ``max_deliver``. No message and no NATS error ends a consumer: the server's
+own ``max_deliver`` is unlimited, so a consumer that died on a poison message would die on it
+again after every restart.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from . import metrics
+from . import faults, metrics
 from .background import pause
 from .bus import EVENTS_STREAM
 from .events import Envelope, belongs_to
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Tx, Envelope], Awaitable[None]]
 
 UNDECODABLE = "DecodeError"
+_OUTAGE_LOG_EVERY_S = 10.0
+_MAX_TRACKED = 10_000  # messages whose outage deliveries are remembered (a few hundred KiB)
 
 
 def decode(data: bytes) -> Envelope | None:
@@ -90,6 +97,15 @@ class EventConsumer:
     dead_lettered: int = 0
     _backoff: Sequence[float] = field(default=(0.2, 0.5, 1.0, 2.0))
     _failure_backoff: Sequence[float] = field(default=(0.5, 1.0, 2.0, 5.0, 10.0))
+    # While a part is down: short enough that the consumer notices within seconds that it is
+    # back, long enough not to hammer it.
+    _outage_backoff: Sequence[float] = field(default=(0.5, 1.0, 2.0, 3.0))
+    # Called with the part's name when a message met an outage (the health watch probes then).
+    on_outage: Callable[[str], None] | None = None
+    outages: int = 0
+    # Deliveries of a message that met an outage, by event id: not the message's failures.
+    outage_deliveries: dict[str, int] = field(default_factory=dict)
+    _outage_logged_at: float = -_OUTAGE_LOG_EVERY_S
 
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         # One literal subject goes as filter_subject, which the create request carries in its
@@ -165,6 +181,37 @@ class EventConsumer:
         self.handled += handled
         metrics.EVENTS_HANDLED.labels(self.name).inc(handled)
 
+    def _done_with(self, event_id: str) -> None:
+        self.outage_deliveries.pop(event_id, None)
+
+    async def _outage(self, msg: Msg, env: Envelope, part: str) -> None:
+        """The handler met ``part`` down: nak with a capped back-off; this delivery does not
+        count towards the dead-letter limit. A quiet log line every few seconds at most, no
+        traceback: the health watch reports the outage itself."""
+        counted = self.outage_deliveries
+        if env.event_id not in counted and len(counted) >= _MAX_TRACKED:
+            counted.pop(next(iter(counted)))  # bounded; the oldest entry was probably settled
+        counted[env.event_id] = counted.get(env.event_id, 0) + 1
+        self.outages += 1
+        metrics.CONSUMER_OUTAGES.labels(self.name, part).inc()
+        if self.on_outage is not None:
+            self.on_outage(part)
+        tries = counted[env.event_id]
+        delay = self._outage_backoff[min(tries, len(self._outage_backoff)) - 1]
+        now = time.monotonic()
+        if now - self._outage_logged_at >= _OUTAGE_LOG_EVERY_S:
+            self._outage_logged_at = now
+            log.warning(
+                "%s: the %s is down; %d events wait, retried every %.1f s at most (an outage is"
+                " not an event's failure)",
+                self.name,
+                part,
+                len(counted),
+                self._outage_backoff[-1],
+                extra={"consumer": self.name, "part": part},
+            )
+        await self._settle(msg.nak(delay=delay), "nak", env.event_id)
+
     async def _handle(
         self, store: EventStore, js: JetStreamContext, msg: Msg, env: Envelope
     ) -> None:
@@ -176,15 +223,22 @@ class EventConsumer:
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR))
-                await self._failed(js, msg, env, exc)
+                part = faults.transient_part(exc)
+                if part is not None:
+                    await self._outage(msg, env, part)
+                else:
+                    await self._failed(js, msg, env, exc)
                 return
+        self._done_with(env.event_id)
         # Outside the try: a lost ack is not a handler failure (the handled mark committed, so
         # the redelivery changes nothing) and must never dead-letter a handled event.
         await self._settle(msg.ack(), "ack", env.event_id)
 
     async def _failed(self, js: JetStreamContext, msg: Msg, env: Envelope, exc: Exception) -> None:
-        delivered = msg.metadata.num_delivered
+        # Deliveries that met an outage were not this message's failures.
+        delivered = msg.metadata.num_delivered - self.outage_deliveries.get(env.event_id, 0)
         if delivered >= self.max_deliver:
+            self._done_with(env.event_id)
             await self._dead_letter(js, msg, env, exc)
             return
         log.warning(
@@ -217,12 +271,20 @@ class EventConsumer:
                 for msg, env in batch:
                     with self._span(msg, env):
                         handled += await self._apply(tx, env)
-        except Exception:
+        except Exception as exc:
+            part = faults.transient_part(exc)
+            if part is not None:
+                # The part is down for every message alike: trying each alone would only
+                # meet it again, once per message.
+                for msg, env in batch:
+                    await self._outage(msg, env, part)
+                return
             for msg, env in batch:
                 await self._handle(store, js, msg, env)
             return
         self._count(handled)
         for msg, env in batch:
+            self._done_with(env.event_id)
             await self._settle(msg.ack(), "ack", env.event_id)
 
     async def _settle(self, reply: Awaitable[None], what: str, event_id: str) -> bool:
@@ -306,10 +368,16 @@ class EventConsumer:
                 msgs = await sub.fetch(batch=64, timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
-            except Exception:
+            except Exception as exc:
                 if stop.is_set():
                     break
-                log.exception("fetch failed; retrying", extra={"alert": "consumer"})
+                part = faults.transient_part(exc)
+                if part is None:
+                    log.exception("fetch failed; retrying", extra={"alert": "consumer"})
+                else:  # NATS is reconnecting: the health watch reports it
+                    log.warning("fetch failed: the %s is down; retrying", part)
+                    if self.on_outage is not None:
+                        self.on_outage(part)
                 await pause(stop, 1.0)
                 continue
             try:

@@ -25,6 +25,11 @@ EVENTS_PUBLISHED = Counter(
 EVENTS_HANDLED = Counter(
     "subsidy_consumer_handled_total", "Events a durable consumer handled.", ["consumer"]
 )
+CONSUMER_OUTAGES = Counter(
+    "subsidy_consumer_outage_retries_total",
+    "Event deliveries retried because a part (database, NATS, Vault) was down; not failures.",
+    ["consumer", "part"],
+)
 DEAD_LETTERED = Counter(
     "subsidy_consumer_dead_lettered_total",
     "Poison events moved to the dead-letter stream (alert on any increase).",

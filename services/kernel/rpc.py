@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from . import authz, metrics, ratelimit, tls
+from . import authz, faults, metrics, ratelimit, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
 from .handler_cache import HandlerCache
@@ -63,10 +63,16 @@ def status_of(error: DomainError, *extra: Message) -> tuple[grpc.StatusCode, str
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors into precise statuses; never lets bad input become INTERNAL."""
+    """Turns domain errors into precise statuses; never lets bad input become INTERNAL.
 
-    def __init__(self) -> None:
+    A failure that is an outage of a part the service needs (its database, NATS, Vault:
+    services.kernel.faults.transient_part) is ``UNAVAILABLE`` with reason
+    ``<PART>_UNAVAILABLE`` and a ``google.rpc.RetryInfo``, as is a peer's unavailability;
+    ``on_outage`` is told the part (the health watch probes it at once)."""
+
+    def __init__(self, on_outage: Callable[[str], None] | None = None) -> None:
         self._handlers: HandlerCache[Handler] = HandlerCache(self._mapped)
+        self.on_outage = on_outage
 
     async def intercept_service(
         self,
@@ -74,14 +80,24 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         return self._handlers.get(details.method, handler)
 
-    @staticmethod
-    def _mapped(method: str, handler: Handler) -> Handler:
+    async def _outage(self, method: str, part: str, context: Any) -> None:
+        """Answer a call that met ``part`` down: UNAVAILABLE with a retry delay. One line, no
+        traceback (there may be thousands), and the health watch probes at once."""
+        outage = faults.unavailable(part)
+        metrics.RPC_REFUSALS.labels(method, outage.reason).inc()
+        log.warning("%s refused: the %s is down", method, part)
+        if self.on_outage is not None:
+            self.on_outage(part)
+        await _abort(context, outage, ratelimit.retry_info(faults.RETRY_DELAY_S))
+
+    def _mapped(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return self._mapped_stream(method, handler)
         inner = handler.unary_unary
-        assert inner is not None  # intercept_service wraps unary-unary handlers only
 
         async def mapped(request: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
@@ -94,7 +110,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 err = exc if isinstance(exc, DomainError) else concurrent_update()
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
-                _refuse(context, err)
+                if err.code == grpc.StatusCode.UNAVAILABLE:
+                    _refuse(context, err, ratelimit.retry_info(faults.RETRY_DELAY_S))
+                else:
+                    _refuse(context, err)
                 return None
             except grpc.aio.AbortError:
                 outcome = "ABORTED"
@@ -104,7 +123,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 # health service's List): the method is not there, the server did not fail.
                 outcome = "UNIMPLEMENTED"
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-            except Exception:
+            except Exception as exc:
+                part = faults.transient_part(exc)
+                if part is not None:
+                    # A part is down, not the server broken: the caller retries.
+                    outcome = "UNAVAILABLE"
+                    await self._outage(method, part, context)
+                if faults.is_conflict(exc):
+                    # The database's serialization failure or deadlock: nothing was written.
+                    outcome = "ABORTED"
+                    _refuse(context, concurrent_update())
+                    return None
                 outcome = "INTERNAL"
                 log.exception("unhandled error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the trace")
@@ -117,14 +146,64 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def _mapped_stream(self, method: str, handler: Handler) -> Handler:
+        """A streaming method: its servicer maps its own refusals (it must, to refuse after
+        it has answered part of a stream); only an outage is mapped here, to UNAVAILABLE."""
+        decode, encode = handler.request_deserializer, handler.response_serializer
 
-def _refuse(context: ServicerContext, error: DomainError) -> None:
+        async def outage_or_raise(exc: Exception, context: Any) -> None:
+            part = faults.transient_part(exc)
+            if part is None:
+                raise exc
+            await self._outage(method, part, context)
+
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                try:
+                    async for item in authz._iterate(inner_us(request, context)):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await outage_or_raise(exc, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: Any) -> Any:
+                try:
+                    return await inner_su(requests, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await outage_or_raise(exc, context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
+        inner_ss = handler.stream_stream
+        assert inner_ss is not None  # the fourth shape
+
+        async def stream_stream(requests: Any, context: Any) -> Any:
+            try:
+                async for item in authz._iterate(inner_ss(requests, context)):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await outage_or_raise(exc, context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
+
+
+def _refuse(context: ServicerContext, error: DomainError, *extra: Message) -> None:
     """Answer a refusal as :func:`_abort` does (code, message, ErrorInfo), without raising:
     the OpenTelemetry interceptor records a raised ``AbortError`` as a span exception and
     formats its whole traceback: an eighth of eligibility's CPU under the claim rush, where
     most claims are refused (docs/benchmarks.md). The span still gets the status code; the
     handler returns nothing, and gRPC sends no message with a status that is not OK."""
-    code, message, status = status_of(error)
+    code, message, status = status_of(error, *extra)
     context.set_code(code)
     context.set_details(message)
     context.set_trailing_metadata(((STATUS_DETAILS_KEY, status),))
@@ -133,6 +212,119 @@ def _refuse(context: ServicerContext, error: DomainError) -> None:
 async def _abort(context: ServicerContext, error: DomainError, *extra: Message) -> None:
     code, message, status = status_of(error, *extra)
     await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status),))
+
+
+class _Malformed:
+    """What the tolerant deserializer hands on in place of a request it could not decode."""
+
+    __slots__ = ()
+
+
+_MALFORMED = _Malformed()
+
+
+def malformed_request(method: str) -> InvalidArgument:
+    """The refusal of request bytes that are not the method's request message."""
+    return InvalidArgument(
+        "MALFORMED_REQUEST",
+        f"the request bytes are not a valid {method.rsplit('/', 1)[-1]} request message",
+    )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserialize`` that answers :data:`_MALFORMED` instead of raising: gRPC decodes the
+    request before any interceptor's code runs, and a decoder's exception there becomes
+    ``UNKNOWN`` with its class in the message and a traceback at ERROR."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # whatever the caller's bytes make the decoder raise
+            return _MALFORMED
+
+    return decode
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not decode answer ``INVALID_ARGUMENT`` (reason
+    ``MALFORMED_REQUEST``) with one log line, on every shape of call. The innermost
+    interceptor: the ones outside copy its request deserializer, so authorisation still runs
+    first and an unknown caller learns nothing about the method's message."""
+
+    def __init__(self) -> None:
+        self._handlers: HandlerCache[Handler] = HandlerCache(self._guarded)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return self._handlers.get(details.method, handler)
+
+    @staticmethod
+    def _guarded(method: str, handler: Handler) -> Handler:
+        assert handler.request_deserializer is not None  # intercept_service passes the rest
+        decode = _tolerant(handler.request_deserializer)
+        encode = handler.response_serializer
+        error = malformed_request(method)
+
+        def refused() -> None:
+            metrics.RPC_REFUSALS.labels(method, error.reason).inc()
+            log.info("refused %s: the request bytes do not decode", method)
+
+        async def checked(requests: Any) -> Any:
+            async for request in requests:
+                if request is _MALFORMED:
+                    refused()
+                    raise error
+                yield request
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                if request is _MALFORMED:
+                    refused()
+                    _refuse(context, error)
+                    return None
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, decode, encode)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                if request is _MALFORMED:
+                    refused()
+                    await _abort(context, error)
+                async for item in authz._iterate(inner_us(request, context)):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: Any) -> Any:
+                try:
+                    return await inner_su(checked(requests), context)
+                except InvalidArgument as exc:
+                    await _abort(context, exc)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
+        inner_ss = handler.stream_stream
+        assert inner_ss is not None  # the fourth shape
+
+        async def stream_stream(requests: Any, context: Any) -> Any:
+            try:
+                async for item in authz._iterate(inner_ss(checked(requests), context)):
+                    yield item
+            except InvalidArgument as exc:
+                await _abort(context, exc)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
 
 
 class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
@@ -172,17 +364,20 @@ def build_server(
     reflection_on: bool = True,
     rules: Mapping[str, frozenset[str]] = authz.RULES,
     rate_limits: ratelimit.RateLimits | None = None,
+    on_outage: Callable[[str], None] | None = None,
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
     """A server with health, reflection (unless turned off), tracing, authorisation, the
-    per-client rate limits (when given; every service's are) and error mapping; not yet
-    listening (see :func:`listen`)."""
+    per-client rate limits (when given; every service's are), error mapping (``on_outage`` is
+    told of each call that met a part down) and malformed requests refused; not yet listening
+    (see :func:`listen`)."""
     limiting = [] if rate_limits is None else [ratelimit.RateLimitInterceptor(rate_limits, _abort)]
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
             AuthorizationInterceptor(rules),
             *limiting,  # after authorisation: a bucket is the authenticated caller's
-            ErrorMappingInterceptor(),
+            ErrorMappingInterceptor(on_outage),
+            DecodeGuardInterceptor(),  # innermost: see its docstring
         ],
         options=[
             ("grpc.so_reuseport", 0),

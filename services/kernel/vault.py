@@ -204,6 +204,17 @@ class Vault:
             raise VaultUnavailable("vault returned a signature in an unknown format")
         return int(version[1:]), base64.b64decode(sig)
 
+    def answers_sync(self) -> bool:
+        """True if Vault is initialised, unsealed and active (``sys/health`` says 200); the
+        health watch asks while a call has met Vault down."""
+        try:
+            status = self._client.sys.read_health_status(method="GET")
+        except Exception:  # unreachable
+            return False
+        if isinstance(status, dict):  # the JSON body, whatever the HTTP status
+            return bool(status.get("initialized")) and not status.get("sealed", True)
+        return getattr(status, "status_code", 0) == 200
+
     def forget_cached(self, wrapped: WrappedKey) -> None:
         self._dek_cache.pop(wrapped.ciphertext, None)
 

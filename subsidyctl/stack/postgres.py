@@ -35,6 +35,8 @@ from .processes import (
     StackError,
     _Child,
     _log_tail,
+    _pid_alive,
+    _read_pid,
     _Server,
     as_system_user,
     require_free,
@@ -121,6 +123,23 @@ class ServiceDatabase:
     @property
     def migration_url(self) -> str:
         return self.url(self.migration)
+
+
+def _shared_memory_in_use(lock: Path) -> bool:
+    """True if processes are still attached to the System V shared memory segment that
+    ``lock`` (a postmaster.pid) names (its 7th line: key and id), as /proc/sysvipc/shm
+    tells; False when the segment is gone or unattached, or the file names none."""
+    try:
+        fields = lock.read_text().splitlines()[6].split()
+        shmid = int(fields[1])
+        table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except (OSError, IndexError, ValueError):
+        return False
+    for row in table:
+        columns = row.split()  # key shmid perms size cpid lpid nattch ...
+        if len(columns) > 6 and columns[1] == str(shmid):
+            return int(columns[6]) > 0
+    return False
 
 
 def _wheel_install() -> Path:
@@ -293,6 +312,7 @@ class Postgres(_Server):
         """initdb if the data directory is new, start the server, create ``databases``."""
         if self._already_running():
             return
+        self._remove_stale_lock()
         require_free("PostgreSQL", self.port)
         user = _pg_system_user() if os.geteuid() == 0 else None
         self._prepare_data_dir(user)
@@ -392,6 +412,24 @@ class Postgres(_Server):
         return ServiceDatabase(name, self.port, migration, runtime)
 
     # -- internals -------------------------------------------------------------------------
+    def _remove_stale_lock(self) -> None:
+        """Remove postmaster.pid when the server it names is really gone: its postmaster has
+        exited (a kill -9 leaves the file behind) and no process of it is still attached to
+        its shared memory (the backends of a killed postmaster exit a moment after it). While
+        either lives, the file stays, and PostgreSQL refuses to start, as it must: two sets of
+        processes on one data directory would corrupt it."""
+        lock = self.data_dir / "postmaster.pid"
+        pid = _read_pid(lock)
+        if pid is None or _pid_alive(pid):
+            return
+        if _shared_memory_in_use(lock):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"subsidyctl: removed a stale postmaster.pid (pid {pid} is gone)\n")
+
     def _server_options(self) -> list[str]:
         socket_dir = str(self.data_dir)
         if len(f"{socket_dir}/.s.PGSQL.{self.port}") > _UNIX_SOCKET_PATH_MAX:

@@ -297,6 +297,19 @@ class _Server:
         """True while the server this object started is alive (watch it from ``up``)."""
         return self._child is not None and self._child.running()
 
+    def exit_code(self) -> int | None:
+        """The exit code of the server this object started if it has exited (negative: the
+        signal that killed it), else None. Asking reaps it, so it never lingers as a zombie
+        (whose pid still looks alive to the next start). The supervisor asks."""
+        if self._child is None or self._child.running():
+            return None
+        return self._child.proc.returncode
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the server this object started (None when it has none)."""
+        return self._child.pid if self._child is not None else None
+
     def _already_running(self) -> bool:
         """True if our server runs; forgets (and closes the log of) one that died."""
         if self._child is None:
