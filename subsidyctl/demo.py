@@ -28,6 +28,7 @@ from services.kernel.identity import Caller, Role
 from services.kernel.telemetry import tracer
 from subsidy.v1 import (
     audit_pb2_grpc,
+    cases_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
     common_pb2,
@@ -154,6 +155,7 @@ class Client:
         )
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.audit = audit_pb2_grpc.AuditServiceStub(self._channels["audit"])
+        self.cases = cases_pb2_grpc.CaseServiceStub(self._channels["audit"])  # audit serves it
         self.authority = identity_pb2_grpc.IdentitySimulatorAdminStub(
             self._channels["identity_sim"]
         )

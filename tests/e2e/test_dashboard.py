@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from services.kernel import rpc
 from services.kernel.identity import Caller, Role
-from subsidy.v1 import ledger_pb2
+from subsidy.v1 import cases_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.dashboard.figures import yuan
 from subsidyctl.localstack import LocalStack, Ports, free_base
@@ -182,8 +184,15 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
                 "document.querySelector('#lag [data-service=audit]') !== null"
             )
             assert await page.evaluate("document.getElementById('status').textContent") == "live"
-            note = await page.evaluate("document.getElementById('cases-note').textContent")
-            assert "no read API for cases" in note
+            # A complaint about the order becomes an open case on the page.
+            case = await _complain(client, str(result["order_id"]))
+            row = f"""document.querySelector('#cases-table tr[data-case="{case}"]')"""
+            await page.wait_for(
+                f"{row} !== null || document.getElementById('errors').textContent"
+            )
+            errors = await page.evaluate("document.getElementById('errors').textContent")
+            assert errors == "", errors
+            assert await page.evaluate(f"{row}.children[1].textContent") == "COMPLAINT"
             png = await page.screenshot()
     finally:
         await client.close()
@@ -191,6 +200,23 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
     target = os.environ.get("DASHBOARD_SCREENSHOT")
     if target:
         await asyncio.to_thread(Path(target).write_bytes, png)
+
+
+async def _complain(client: demo.Client, order_id: str) -> str:
+    """File a complaint about ``order_id`` as the demo platform, once the order has reached
+    audit (until then it is UNKNOWN_ORDER); the case's id."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            filed = await client.cases.FileComplaint(
+                cases_pb2.FileComplaintRequest(order_id=order_id, text="未收到货")
+            )
+            return str(filed.case_id)
+        except grpc.aio.AioRpcError as err:
+            info = rpc.error_info(err)
+            if info is None or info.reason != "UNKNOWN_ORDER" or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _snapshot_with_pools(

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -130,7 +131,10 @@ class Browser:
 
     def __init__(self, executable: str) -> None:
         self.executable = executable
-        self._profile = tempfile.TemporaryDirectory(prefix="subsidy-chromium-")
+        # Chromium's helpers (crashpad) may still write into the profile as it is removed.
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="subsidy-chromium-", ignore_cleanup_errors=True
+        )
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
         self.port = 0
@@ -187,4 +191,7 @@ class Browser:
             except TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()
+        if self._proc is not None:  # and every helper process it started (its own session)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         self._profile.cleanup()

@@ -207,7 +207,14 @@ function render(s) {
   }
   lag.replaceChildren(...rows);
   document.getElementById("lag-note").textContent = s.lag_note || "";
-  document.getElementById("cases-note").textContent = s.cases.note;
+  const cases = s.cases;
+  document.getElementById("cases-count").textContent =
+    cases.available ? `(${cases.open} open, ${cases.overdue} overdue)` : "";
+  document.querySelector("#cases-table tbody").replaceChildren(...(cases.rows || []).map((c) =>
+    el("tr", {"data-case": c.case_id, class: c.overdue ? "overdue" : ""},
+      el("td", {}, c.case_id), el("td", {}, c.kind), el("td", {}, c.priority),
+      el("td", {}, c.status), el("td", {}, c.deadline + (c.overdue ? " (overdue)" : "")))));
+  document.getElementById("cases-note").textContent = cases.note;
   document.getElementById("log").textContent =
     `${s.log.folded} of ${s.log.size} entries read`;
   const errors = document.getElementById("errors");
