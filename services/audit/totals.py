@@ -19,7 +19,7 @@ The auditor folds qualifications and sales itself, from the events' meaning in
 ``proto/subsidy/v1/events.proto``, rather than with eligibility's or catalog's code (which the
 architecture keeps inside those services): two implementations that must agree. A new kind of
 total (funding sources, settlement batches) is a new Fold here, listed in :data:`FOLDS`, and a
-reader of the owning service's figures in ``subsidyctl/cli/audit.py``.
+reader of the owning service's figures in ``subsidyctl/cli/audit/live.py``.
 """
 
 from __future__ import annotations

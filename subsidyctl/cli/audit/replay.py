@@ -1,39 +1,24 @@
-"""Auditor commands: ``audit verify`` checks the whole log, ``audit prove`` proves one order's
-entries, ``audit key`` prints the key checkpoints are signed with (docs/audit.md).
-
-``verify`` asks the audit service for a fresh signed checkpoint and checks its signature with a
-key the auditor pinned (``--key FILE``, or read from Vault transit), fetches every entry the
-checkpoint covers (a Rich progress bar on a terminal), recomputes each leaf and the tree's root,
-checks a sample of the service's inclusion proofs, checks that the log extends the checkpoint it
-trusted last time (``--trusted FILE``, written after every run that passes), cross-checks the
-log with every service's own store (``EventLogService``), and rebuilds from the events alone
-every total the services report (budget pools, daily quotas, per-person usage, the sales
-ledger: :mod:`services.audit.totals`), comparing each with the live service. It prints one JSON
-object (``ok``, ``tree_size``, ``root_hex``, ``signature_ok``, ``consistent_with_trusted``,
-``cross_check_ok``, ``totals_compared``, ``differences``, ...) and exits 1 when anything is off.
-"""
+"""One ``audit verify`` run without its command line: the checkpoint and its signature, every
+entry fetched and checked, the sampled inclusion proofs, the trusted checkpoint, the store
+cross-check and every total compared (:func:`audit_log`), and the JSON report."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import grpc
-import hvac
-import typer
 
-from services.audit.totals import Difference, PoolFold, Table, compare, pool_table
+from services.audit.totals import Difference, PoolFold, compare
 from services.audit.verify import LogAudit, Problem, Trusted
 from services.invariants import EventDigest, InvariantViolation, LogStoreMismatch
 from services.invariants import check_log_matches_stores as match_stores
-from services.kernel import rpc, topology, vault
-from services.kernel.contract import budget, merkle
+from services.kernel.contract import merkle
 from services.kernel.contract.checkpoint import (
     Checkpoint,
     NoteInvalid,
@@ -44,122 +29,25 @@ from services.kernel.contract.checkpoint import (
 from subsidy.v1 import (
     audit_pb2,
     audit_pb2_grpc,
-    catalog_pb2,
     catalog_pb2_grpc,
     eventlog_pb2,
     eventlog_pb2_grpc,
-    ledger_pb2,
     ledger_pb2_grpc,
-    usage_pb2,
     usage_pb2_grpc,
 )
 
-from ..localstack import Ports
-from ..stack.certs import AUDITOR_DEMO
-from .common import (
-    EXIT_NO,
-    AuditorIdentityOpt,
+from ..common import (
     Failure,
-    JsonOpt,
-    emit,
-    identity,
-    local_address,
-    note,
-    run_dir,
 )
-from .progress import PhaseProgress
+from .live import LIVE, PAGE, Sources
 
-app = typer.Typer(name="audit", help="Auditor commands.", no_args_is_help=True)
-PAGE = 1000
 IN_FLIGHT = 4  # pages of entries requested at once (the service reads while we hash)
 SAMPLE = 16  # inclusion proofs checked besides the first and last entry
 # How long verify waits for the log to receive store events it does not have yet: the log
 # learns of an event through NATS, a moment after the store committed it.
 SETTLE_S = 10.0
-DEFAULT_ORIGIN = "subsidy.local/audit"
 Progress = Callable[[str, int, int], None]
 Keys = Callable[[str], Awaitable[list[VerifierKey]]]  # the trusted keys, given the origin
-
-
-@dataclass
-class Sources:
-    """Where the auditor reads: the audit log, and each service's read RPCs and store."""
-
-    audit: audit_pb2_grpc.AuditServiceAsyncStub
-    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub | None = None
-    catalog: catalog_pb2_grpc.CatalogServiceAsyncStub | None = None
-    usage: usage_pb2_grpc.UsageServiceAsyncStub | None = None
-    stores: Mapping[str, eventlog_pb2_grpc.EventLogServiceAsyncStub] = field(default_factory=dict)
-
-
-# -- the live side of each total: the owning service's own figures ----------------------------
-async def live_pools(src: Sources, log: Table) -> Table | None:
-    """Each pool the log has, as the ledger reports it (GetBudget)."""
-    if src.ledger is None:
-        return None
-    pools: list[budget.Pool] = []
-    for pool_id in sorted({key[0] for key in log}):
-        try:
-            b = await src.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            continue
-        pools.append(budget.pool_of(b))  # the pool's figures and each source's
-    return pool_table(pools)
-
-
-async def live_quotas(src: Sources, log: Table) -> Table | None:
-    if src.usage is None:
-        return None
-    out: Table = {}
-    cursor = ""
-    while True:
-        page = await src.usage.ListQuotaUsage(usage_pb2.ListUsageRequest(cursor=cursor, limit=PAGE))
-        out |= {(r.category, r.day): {"issued": r.issued} for r in page.rows}
-        if not (cursor := page.next_cursor):
-            return out
-
-
-async def live_persons(src: Sources, log: Table) -> Table | None:
-    if src.usage is None:
-        return None
-    out: Table = {}
-    cursor = ""
-    while True:
-        page = await src.usage.ListPersonUsage(
-            usage_pb2.ListUsageRequest(cursor=cursor, limit=PAGE)
-        )
-        out |= {(r.id_number_index, r.category): dict(r.by_status) for r in page.rows}
-        if not (cursor := page.next_cursor):
-            return out
-
-
-async def live_sales(src: Sources, log: Table) -> Table | None:
-    if src.catalog is None:
-        return None
-    ledger = await src.catalog.GetSalesLedger(catalog_pb2.GetSalesLedgerRequest())
-    return {
-        (r.merchant_id, r.sku): {
-            "sold_units": r.sold_units,
-            "sales_fen": r.sales_fen,
-            "subsidy_fen": r.subsidy_fen,
-            "refunded_units": r.refunded_units,
-            "refunded_sales_fen": r.refunded_sales_fen,
-            "refunded_subsidy_fen": r.refunded_subsidy_fen,
-        }
-        for r in ledger.rows
-    }
-
-
-# One reader per fold of services.audit.totals.FOLDS: a new total adds its fold there and its
-# reader here.
-LIVE: dict[str, Callable[[Sources, Table], Awaitable[Table | None]]] = {
-    "pool": live_pools,
-    "quota": live_quotas,
-    "person": live_persons,
-    "sales": live_sales,
-}
 
 
 # -- fetching ---------------------------------------------------------------------------------
@@ -539,69 +427,6 @@ async def verify(
     return report(found, state)
 
 
-# -- keys -------------------------------------------------------------------------------------
-def keys_from_file(path: Path) -> list[VerifierKey]:
-    """The verifier keys in a file, one vkey a line (``#`` comments and blank lines allowed)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise Failure(f"cannot read the key file {path}: {exc.strerror}") from None
-    try:
-        return [VerifierKey.parse(ln) for ln in lines if ln.strip() and not ln.startswith("#")]
-    except NoteInvalid as exc:
-        raise Failure(f"{path}: {exc}") from None
-
-
-def keys_from_vault(addr: str, token: str, mount: str, origin: str) -> list[VerifierKey]:
-    """The tree-head key's public keys as Vault transit publishes them (every version)."""
-    try:
-        client = vault.Vault(hvac.Client(url=addr, token=token, timeout=10), mount)
-        public = client.tree_head_public_keys_sync()
-    except vault.VaultUnavailable as exc:
-        raise Failure(f"cannot read the tree-head key from Vault at {addr}: {exc}") from None
-    return [VerifierKey(origin, pk) for _, pk in sorted(public.items())]
-
-
-def key_source(
-    key_file: Path | None, vault_addr: str, vault_token_file: Path | None, mount: str
-) -> Callable[[str], list[VerifierKey]]:
-    """Where the trusted keys come from: a pinned file, the given Vault, or the local stack's
-    Vault (its root token in the run folder, as ``certs issue`` reads it)."""
-
-    def resolve(origin: str) -> list[VerifierKey]:
-        if key_file is not None:
-            return keys_from_file(key_file)
-        if vault_addr:
-            if vault_token_file is None:
-                raise Failure("--vault-addr needs --vault-token-file (a token that may read it)")
-            return keys_from_vault(vault_addr, _read_token(vault_token_file), mount, origin)
-        from .certs import TOKEN_FILE
-
-        token_file = run_dir() / TOKEN_FILE
-        if not token_file.exists():
-            raise Failure(
-                "no key to check the checkpoint with: pass --key FILE (the log's vkey, "
-                "docs/audit.md) or --vault-addr and --vault-token-file"
-            )
-        local = f"http://127.0.0.1:{Ports(_base()).bao}"
-        return keys_from_vault(local, _read_token(token_file), mount, origin)
-
-    return resolve
-
-
-def _base() -> int:
-    from .common import base_port
-
-    return base_port()
-
-
-def _read_token(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise Failure(f"cannot read the Vault token file {path}: {exc.strerror}") from None
-
-
 def read_trusted(path: Path | None) -> Trusted | None:
     if path is None or not path.exists():
         return None
@@ -615,210 +440,3 @@ def write_trusted(path: Path, trusted: Trusted) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(trusted.as_json(), indent=1) + "\n")
     tmp.replace(path)  # never a half-written trusted state
-
-
-KeyOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key",
-        dir_okay=False,
-        help="the log's verifier key (a C2SP vkey line, as `audit key` prints it) to check "
-        "checkpoints with; default: read it from Vault (--vault-addr, or the local stack's)",
-    ),
-]
-VaultAddrOpt = Annotated[
-    str, typer.Option("--vault-addr", help="read the tree-head public key from this Vault")
-]
-VaultTokenOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--vault-token-file",
-        dir_okay=False,
-        help="a Vault token that may read transit/keys/subsidy-tree-head",
-    ),
-]
-MountOpt = Annotated[str, typer.Option("--transit-mount", help="Vault's transit mount")]
-AuditAddrOpt = Annotated[
-    str, typer.Option(help="audit service HOST:PORT (default: the local stack's)")
-]
-
-
-@app.command("verify")
-def verify_command(
-    audit: AuditAddrOpt = "",
-    ledger: Annotated[
-        str, typer.Option(help="ledger service HOST:PORT (default: the local stack's)")
-    ] = "",
-    catalog: Annotated[
-        str, typer.Option(help="catalog service HOST:PORT (default: the local stack's)")
-    ] = "",
-    eligibility: Annotated[
-        str, typer.Option(help="eligibility service HOST:PORT (default: the local stack's)")
-    ] = "",
-    trusted_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--trusted",
-            dir_okay=False,
-            help="the trusted state of the last run: the log must extend it; written (or "
-            "created) after every run that passes",
-        ),
-    ] = None,
-    key_file: KeyOpt = None,
-    vault_addr: VaultAddrOpt = "",
-    vault_token_file: VaultTokenOpt = None,
-    transit_mount: MountOpt = "transit",
-    sample: Annotated[
-        int, typer.Option(min=0, max=1000, help="random entries whose inclusion proofs are checked")
-    ] = SAMPLE,
-    settle_s: Annotated[
-        float,
-        typer.Option(
-            "--settle-s",
-            min=0,
-            help="how long to wait for the log to receive events the stores already hold",
-        ),
-    ] = SETTLE_S,
-    identity_dir: AuditorIdentityOpt = None,
-    json_only: JsonOpt = False,
-) -> None:
-    """Check the audit log's signed tree, its history, every service's store and every total
-    the services report against each other."""
-    given = {"catalog": catalog, "eligibility": eligibility, "ledger": ledger, "audit": audit}
-    addresses = {name: given[name] or local_address(name) for name in topology.SERVICE_NAMES}
-    who = identity(identity_dir, AUDITOR_DEMO)
-    resolve = key_source(key_file, vault_addr, vault_token_file, transit_mount)
-    trusted = read_trusted(trusted_file)
-
-    async def keys(origin: str) -> list[VerifierKey]:
-        return await asyncio.to_thread(resolve, origin)
-
-    async def run() -> dict[str, Any]:
-        channels = {name: rpc.channel(addr, who) for name, addr in addresses.items()}
-        try:
-            src = Sources(
-                audit_pb2_grpc.AuditServiceStub(channels["audit"]),
-                ledger_pb2_grpc.LedgerServiceStub(channels["ledger"]),
-                catalog_pb2_grpc.CatalogServiceStub(channels["catalog"]),
-                usage_pb2_grpc.UsageServiceStub(channels["eligibility"]),
-                {n: eventlog_pb2_grpc.EventLogServiceStub(ch) for n, ch in channels.items()},
-            )
-            # A bar on a terminal only: piped, audit verify prints nothing but its answer.
-            with PhaseProgress(unit="entries", plain=False, quiet=json_only) as bar:
-                found, state = await audit_log(
-                    src,
-                    keys=keys,
-                    trusted=trusted,
-                    progress=bar.update,
-                    settle_s=settle_s,
-                    sample=sample,
-                )
-        finally:
-            for ch in channels.values():
-                await ch.close()
-        answer = report(found, state)
-        if trusted_file is not None:
-            answer["trusted"] = {
-                "file": str(trusted_file),
-                "tree_size": trusted.tree_size if trusted else None,
-                "written": False,
-            }
-            if found.ok and found.checkpoint is not None:
-                write_trusted(trusted_file, state.trusted_state(found.note, found.checkpoint))
-                answer["trusted"]["written"] = True
-        return answer
-
-    answer = asyncio.run(run())
-    if not json_only:  # for people: one line per disagreement, then the JSON answer
-        for d in answer["differences"]:
-            note(d["message"])
-    emit(answer)
-    if not answer["ok"]:
-        raise typer.Exit(EXIT_NO)
-
-
-# -- prove ------------------------------------------------------------------------------------
-async def prove(audit: audit_pb2_grpc.AuditServiceAsyncStub, order_id: str) -> dict[str, Any]:
-    """The entries naming ``order_id``, each with its inclusion proof against a fresh signed
-    checkpoint: everything ``subsidyctl/verify_proof.py`` needs, offline."""
-    cp = await audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(fresh=True))
-    page = await audit.ListOrderEntries(audit_pb2.ListOrderEntriesRequest(order_id=order_id))
-    entries = []
-    for e in page.entries:
-        if e.index >= cp.tree_size:
-            continue
-        proof = await audit.GetInclusionProof(
-            audit_pb2.GetInclusionProofRequest(index=e.index, tree_size=cp.tree_size)
-        )
-        leaf = merkle.leaf_hash(e.envelope_bytes)
-        merkle.verify_inclusion(e.index, cp.tree_size, leaf, list(proof.hashes), cp.root_hash)
-        entries.append(
-            {
-                "index": e.index,
-                "event_type": e.envelope.event_type,  # labels for people; the bytes are proved
-                "event_id": e.envelope.event_id,
-                "service": e.envelope.service,
-                "envelope_b64": base64.b64encode(e.envelope_bytes).decode(),
-                "proof_b64": [base64.b64encode(h).decode() for h in proof.hashes],
-            }
-        )
-    return {
-        "order_id": order_id,
-        "tree_size": cp.tree_size,
-        "root_hex": cp.root_hash.hex(),
-        "checkpoint": cp.note,
-        "entries": entries,
-    }
-
-
-@app.command("prove")
-def prove_command(
-    order: Annotated[str, typer.Option("--order", help="the platform's order id")],
-    audit: AuditAddrOpt = "",
-    out: Annotated[
-        Path | None, typer.Option(dir_okay=False, help="also write the proof to this file")
-    ] = None,
-    identity_dir: AuditorIdentityOpt = None,
-    json_only: JsonOpt = False,
-) -> None:
-    """Print one order's entries with their inclusion proofs against the current signed
-    checkpoint; `python subsidyctl/verify_proof.py FILE --key VKEY` checks them offline."""
-    who = identity(identity_dir, AUDITOR_DEMO)
-
-    async def run() -> dict[str, Any]:
-        channel = rpc.channel(audit or local_address("audit"), who)
-        try:
-            return await prove(audit_pb2_grpc.AuditServiceStub(channel), order)
-        finally:
-            await channel.close()
-
-    answer = asyncio.run(run())
-    if out is not None:
-        out.write_text(json.dumps(answer, indent=1, ensure_ascii=False) + "\n")
-    if not json_only and not answer["entries"]:
-        note(f"no entry of the audit log names order {order}")
-    emit(answer)
-    if not answer["entries"]:
-        raise typer.Exit(EXIT_NO)
-
-
-# -- key --------------------------------------------------------------------------------------
-@app.command("key")
-def key_command(
-    origin: Annotated[
-        str, typer.Option(help="the log's origin (SUBSIDY_AUDIT_ORIGIN of its audit service)")
-    ] = DEFAULT_ORIGIN,
-    vault_addr: VaultAddrOpt = "",
-    vault_token_file: VaultTokenOpt = None,
-    transit_mount: MountOpt = "transit",
-    out: Annotated[
-        Path | None, typer.Option(dir_okay=False, help="write the vkeys to this file to pin")
-    ] = None,
-    json_only: JsonOpt = False,
-) -> None:
-    """Print the verifier key (C2SP vkey) of every version of the tree-head signing key, read
-    from Vault transit: what an auditor pins and passes as ``--key``."""
-    keys = key_source(None, vault_addr, vault_token_file, transit_mount)(origin)
-    if out is not None:
-        out.write_text("".join(f"{k.encode()}\n" for k in keys))
-    emit({"origin": origin, "vkeys": [k.encode() for k in keys]})
