@@ -43,6 +43,7 @@ from .live import LIVE, PAGE, Sources
 
 IN_FLIGHT = 4  # pages of entries requested at once (the service reads while we hash)
 SAMPLE = 16  # inclusion proofs checked besides the first and last entry
+PARALLEL_FROM = 50_000  # entries from which the events are folded in a second process
 # How long verify waits for the log to receive store events it does not have yet: the log
 # learns of an event through NATS, a moment after the store committed it.
 SETTLE_S = 10.0
@@ -63,7 +64,9 @@ async def fetch_entries(
     pending: list[asyncio.Task[audit_pb2.GetEntriesResponse]] = []
 
     def request(start: int) -> asyncio.Task[audit_pb2.GetEntriesResponse]:
-        req = audit_pb2.GetEntriesRequest(start=start, end=min(start + PAGE, end), bytes_only=True)
+        req = audit_pb2.GetEntriesRequest(
+            start=start, end=min(start + PAGE, end), bytes_only=True, packed=True
+        )
         return asyncio.ensure_future(audit.GetEntries(req))
 
     for start in starts:
@@ -75,15 +78,20 @@ async def fetch_entries(
             page = await pending.pop(0)
             if (following := next(starts, None)) is not None:
                 pending.append(request(following))
-            state.add(
-                (
-                    e.index,
-                    bytes.fromhex(e.leaf_hash_hex),
-                    bytes.fromhex(e.chain_hash_hex),
-                    e.envelope_bytes,
+            if page.entries:  # a service from before the packed answer
+                state.add(
+                    (
+                        e.index,
+                        bytes.fromhex(e.leaf_hash_hex),
+                        bytes.fromhex(e.chain_hash_hex),
+                        e.envelope_bytes,
+                    )
+                    for e in page.entries
                 )
-                for e in page.entries
-            )
+            else:
+                state.add_packed(
+                    list(page.indexes), page.leaf_hashes, page.chain_hashes, list(page.envelopes)
+                )
             if progress is not None:
                 progress("FETCH", min(state.size, end), end)
     finally:
@@ -283,7 +291,7 @@ async def cross_check(
 
 async def compare_totals(src: Sources, state: LogAudit, found: Verification) -> None:
     """Every fold's table against its service's figures."""
-    folds = state.rebuild.finish()
+    folds = state.finish()
     for name, fold in folds.items():
         try:
             table = fold.table()
@@ -308,51 +316,64 @@ async def audit_log(
     progress: Progress | None = None,
     settle_s: float = SETTLE_S,
     sample: int = SAMPLE,
+    parallel: bool | None = None,
 ) -> tuple[Verification, LogAudit]:
-    """Run every check and collect every disagreement (nothing raises for a finding)."""
+    """Run every check and collect every disagreement (nothing raises for a finding).
+
+    ``parallel``: parse and fold the events in a second process while this one hashes
+    (default: for a log of at least :data:`PARALLEL_FROM` entries, where the second core pays
+    for the process's start)."""
     found = Verification()
     checkpoint = await signed_checkpoint(src.audit, keys, found)
     state = LogAudit(
         trusted.tree_size if trusted else 0,
         sample_of(checkpoint.size, sample),
         digests=bool(src.stores),
+        parallel=checkpoint.size >= PARALLEL_FROM if parallel is None else parallel,
     )
-    await fetch_entries(src.audit, state, checkpoint.size, progress)
-    found.problems += state.check_checkpoint(checkpoint)
-    if not state.broken:
-        await check_inclusion_proofs(src.audit, state, checkpoint, found)
-    if trusted is not None:
-        await check_trusted(src.audit, state, trusted, checkpoint, found)
-    if src.stores:
+    try:
+        await fetch_entries(src.audit, state, checkpoint.size, progress)
+        found.problems += state.check_checkpoint(checkpoint)
+        if not state.broken:
+            await check_inclusion_proofs(src.audit, state, checkpoint, found)
+        if trusted is not None:
+            await check_trusted(src.audit, state, trusted, checkpoint, found)
+        if src.stores:
+            if progress is not None:
+                progress("STORES", 0, 1)
+            await cross_check(src, state, found, progress, settle_s)
+            if state.size > checkpoint.size and not state.broken:
+                # Entries fetched while waiting for the log: a later signed checkpoint must cover
+                # them, extend the first one, and be their root.
+                later = await signed_checkpoint(src.audit, keys, found)
+                await fetch_entries(src.audit, state, later.size, progress)
+                found.problems += state.check_checkpoint(later)
+                if checkpoint.size:
+                    reply = await src.audit.GetConsistencyProof(
+                        audit_pb2.GetConsistencyProofRequest(
+                            old_size=checkpoint.size, new_size=later.size
+                        )
+                    )
+                    try:
+                        merkle.verify_consistency(
+                            checkpoint.size,
+                            later.size,
+                            checkpoint.root,
+                            later.root,
+                            list(reply.hashes),
+                        )
+                    except merkle.ProofInvalid as exc:
+                        found.problems.append(
+                            Problem("tree", f"the log moved on inconsistently: {exc}")
+                        )
+                checkpoint = later
+        found.checkpoint = checkpoint
         if progress is not None:
-            progress("STORES", 0, 1)
-        await cross_check(src, state, found, progress, settle_s)
-        if state.size > checkpoint.size and not state.broken:
-            # Entries fetched while waiting for the log: a later signed checkpoint must cover
-            # them, extend the first one, and be their root.
-            later = await signed_checkpoint(src.audit, keys, found)
-            await fetch_entries(src.audit, state, later.size, progress)
-            found.problems += state.check_checkpoint(later)
-            if checkpoint.size:
-                reply = await src.audit.GetConsistencyProof(
-                    audit_pb2.GetConsistencyProofRequest(
-                        old_size=checkpoint.size, new_size=later.size
-                    )
-                )
-                try:
-                    merkle.verify_consistency(
-                        checkpoint.size, later.size, checkpoint.root, later.root, list(reply.hashes)
-                    )
-                except merkle.ProofInvalid as exc:
-                    found.problems.append(
-                        Problem("tree", f"the log moved on inconsistently: {exc}")
-                    )
-            checkpoint = later
-    found.checkpoint = checkpoint
-    if progress is not None:
-        progress("TOTALS", 0, 1)
-    await compare_totals(src, state, found)
-    found.problems[:0] = state.problems  # each entry's own findings first, by position
+            progress("TOTALS", 0, 1)
+        await compare_totals(src, state, found)
+        found.problems[:0] = state.problems  # each entry's own findings first, by position
+    finally:
+        state.close()  # the replay's second process, if it has one
     return found, state
 
 
