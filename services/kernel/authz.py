@@ -105,6 +105,7 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _LEDGER + "ApproveSettlementBatch": frozenset({APPROVER}),
     _LEDGER + "MarkSettlementBatchPaid": frozenset({OPERATOR}),
     _LEDGER + "GetSettlementBatch": frozenset({OPERATOR, APPROVER, AUDITOR}),
+    _LEDGER + "ListSettlementBatches": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "ListOverdueEvidence": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "ListReturns": frozenset({OPERATOR, AUDITOR}),
     # audit: read-only, for the people who check the campaign

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.audit.totals import Table, pool_table
+from services.audit.totals import (
+    BatchRow,
+    Table,
+    batch_table,
+    pool_table,
+    return_figures,
+    return_key,
+)
 from services.kernel.contract import budget
 from subsidy.v1 import (
     audit_pb2_grpc,
@@ -94,6 +101,62 @@ async def live_sales(src: Sources, log: Table) -> Table | None:
     }
 
 
+async def live_settlement(src: Sources, log: Table) -> Table | None:
+    """Every settlement batch, as the ledger lists them (ListSettlementBatches)."""
+    if src.ledger is None:
+        return None
+    batches: list[BatchRow] = []
+    cursor = ""
+    while True:
+        page = await src.ledger.ListSettlementBatches(
+            ledger_pb2.ListSettlementBatchesRequest(cursor=cursor, limit=PAGE)
+        )
+        for b in page.batches:
+            status = {
+                "approved": int(b.status in ("APPROVED", "PAID")),
+                "paid": int(b.status == "PAID"),
+            }
+            batches.append(
+                (
+                    b.batch_id,
+                    b.merchant_id,
+                    b.period_from.ToJsonString(),
+                    b.period_to.ToJsonString(),
+                    {line.order_id: line.subsidy_fen for line in b.lines},
+                    {c.order_id: c.fen for c in b.clawbacks},
+                    {
+                        "orders": len(b.lines),
+                        "gross_fen": b.gross_fen,
+                        "clawbacks": len(b.clawbacks),
+                        "clawback_fen": b.clawback_fen,
+                        "net_fen": b.net_fen,
+                    }
+                    | status,
+                )
+            )
+        if not (cursor := page.next_cursor):
+            return batch_table(batches)
+
+
+async def live_returns(src: Sources, log: Table) -> Table | None:
+    """The returns ledger, as the ledger lists it (ListReturns, every page)."""
+    if src.ledger is None:
+        return None
+    out: Table = {}
+    cursor = ""
+    while True:
+        page = await src.ledger.ListReturns(
+            ledger_pb2.ListReturnsRequest(cursor=cursor, limit=PAGE)
+        )
+        for r in page.returns:
+            key = return_key(
+                r.order_id, r.merchant_id, r.platform_id, r.sku, r.batch_id, r.deducted_by
+            )
+            out[key] = return_figures(r.subsidy_fen, clawed_back=r.clawback != "NONE")
+        if not (cursor := page.next_cursor):
+            return out
+
+
 # One reader per fold of services.audit.totals.FOLDS: a new total adds its fold there and its
 # reader here.
 LIVE: dict[str, Callable[[Sources, Table], Awaitable[Table | None]]] = {
@@ -101,4 +164,6 @@ LIVE: dict[str, Callable[[Sources, Table], Awaitable[Table | None]]] = {
     "quota": live_quotas,
     "person": live_persons,
     "sales": live_sales,
+    "settlement": live_settlement,
+    "returns": live_returns,
 }
