@@ -40,7 +40,7 @@ from services.kernel.events import Envelope
 from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
-from .totals import Fold, PoolFold, Rebuild
+from .totals import Fold, PoolFold, Rebuild, Table
 
 POOL_STREAM = POOL_STREAM_PREFIX
 SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
@@ -192,6 +192,17 @@ def _span(r: range) -> str:
     return f"entry {r.start}" if len(r) == 1 else f"entries {r.start}..{r.stop - 1}"
 
 
+def tables_of(folds: dict[str, Fold]) -> dict[str, Table | InvariantViolation]:
+    """Each fold's table, or the violation its events show."""
+    out: dict[str, Table | InvariantViolation] = {}
+    for name, fold in folds.items():
+        try:
+            out[name] = fold.table()
+        except InvariantViolation as exc:
+            out[name] = exc
+    return out
+
+
 class EventReplay:
     """What the auditor makes of the entries' events, once their bytes are checked: each
     envelope parsed (an entry that is not one is a problem at its position), the events per
@@ -230,9 +241,10 @@ class EventReplay:
     def sync(self) -> None:
         """Nothing to fetch: everything added is here already."""
 
-    def finish(self) -> dict[str, Fold]:
-        """Every fold, after what still waits for an earlier version (:meth:`Rebuild.finish`)."""
-        return self.rebuild.finish()
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        """Every fold's table, after what still waits for an earlier version
+        (:meth:`Rebuild.finish`), or the violation that fold found instead."""
+        return tables_of(self.rebuild.finish())
 
     def close(self) -> None:
         """Nothing to stop."""
@@ -337,11 +349,12 @@ class ReplayProcess:
         if self._dirty:
             self._ask("sync")
 
-    def finish(self) -> dict[str, Fold]:
-        (folds,) = self._ask("finish")
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        # The tables come back, not the folds: far fewer objects to pickle.
+        (tables,) = self._ask("finish")
         self._proc.wait(30)
-        folds_by_name: dict[str, Fold] = folds
-        return folds_by_name
+        by_name: dict[str, Table | InvariantViolation] = tables
+        return by_name
 
     def close(self) -> None:
         """Stop the process (after :meth:`finish` it has ended by itself)."""
@@ -415,8 +428,9 @@ class LogAudit:
         self.replay.sync()
         return self.replay.skipped
 
-    def finish(self) -> dict[str, Fold]:
-        """The totals' folds, after the last entry (the replay takes no more entries)."""
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        """Each total's table (or the violation its fold found), after the last entry (the
+        replay takes no more entries)."""
         return self.replay.finish()
 
     def close(self) -> None:

@@ -64,12 +64,10 @@ def outcome(rows: list[Row], *, parallel: bool, page: int = 32) -> dict[str, Any
             )
         digests = list(audit.digests)  # as of a moment before the end (a sync)
         audit.add([])
-        tables: dict[str, Any] = {}
-        for name, fold in audit.finish().items():
-            try:
-                tables[name] = fold.table()
-            except Exception as exc:  # the violation is part of what is compared
-                tables[name] = repr(exc)
+        tables = {  # the violation, if any, is part of what is compared
+            name: repr(table) if isinstance(table, Exception) else table
+            for name, table in audit.finish().items()
+        }
         return {
             "problems": [(p.check, p.position, p.message) for p in audit.problems],
             "digests": digests,
