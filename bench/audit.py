@@ -31,13 +31,21 @@ import asyncio
 import io
 import json
 import os
+import re
 import resource
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench.common import RESULTS
@@ -182,7 +190,85 @@ async def wait_integrated(audit: audit_pb2_grpc.AuditServiceAsyncStub, size: int
     return time.perf_counter() - t0
 
 
-async def run(events: int, root: Path) -> dict[str, Any]:
+class Profiler:
+    """py-spy sampling the auditor (this process) and the audit service during ``verify``
+    (``--profile DIR``): collapsed stacks in ``DIR/verify-<who>.txt`` and each one's top
+    functions by own time in the results. py-spy is pip-installable; a run without
+    ``--profile`` does not need it."""
+
+    def __init__(self, directory: Path | None, pids: dict[str, int]) -> None:
+        self.directory = directory
+        self.pids = dict(pids)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._watch: threading.Thread | None = None
+
+    def _spy(self, who: str, pid: int) -> None:
+        assert self.directory is not None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        # --gil: only samples holding the GIL, i.e. the CPU the process itself spends;
+        # --nonblocking: the sampled process is never paused (the wall time stays honest).
+        command = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+        out = self.directory / f"verify-{who}.txt"
+        self._procs.append(
+            subprocess.Popen(
+                [*command, "--gil", "--nonblocking", "-o", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def _spy_replay(self) -> None:
+        """The auditor's second process (``services.audit.replay``), once it has started."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for child in psutil.Process().children():
+                try:
+                    if "services.audit.replay" in child.cmdline():
+                        self._spy("auditor-replay", child.pid)
+                        self.pids["auditor-replay"] = child.pid
+                        return
+                except psutil.Error:
+                    continue
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for who, pid in list(self.pids.items()):
+            self._spy(who, pid)
+        self._watch = threading.Thread(target=self._spy_replay, daemon=True)
+        self._watch.start()
+        time.sleep(0.5)  # attached before the phase starts
+
+    def stop(self) -> dict[str, list[tuple[str, float]]]:
+        """Stop sampling; each process's top functions (share of its samples, own time)."""
+        if self._watch is not None:
+            self._watch.join()
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            proc.wait(30)
+        self._procs = []
+        if self.directory is None:
+            return {}
+        return {who: top_functions(self.directory / f"verify-{who}.txt") for who in self.pids}
+
+
+def top_functions(path: Path, n: int = 12) -> list[tuple[str, float]]:
+    """The functions that spend the most samples themselves (the innermost frame, its line
+    numbers folded into the function) in a py-spy raw file (``frame;frame;... count`` a line),
+    as shares of all samples; the first row is the number of samples (200 a second)."""
+    own: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            own[re.sub(r":\d+\)$", ")", stack.rsplit(";", 1)[-1])] += int(count)
+    total = sum(own.values())
+    rows = [(frame, round(100 * c / (total or 1), 1)) for frame, c in own.most_common(n)]
+    return [("samples", float(total)), *rows]
+
+
+async def run(events: int, root: Path, profile: Path | None = None) -> dict[str, Any]:
     stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
     stack.start()
     try:
@@ -211,11 +297,16 @@ async def run(events: int, root: Path) -> dict[str, Any]:
         size, copy_s = await asyncio.to_thread(synthesise, conninfo, campaign, events - first)
         ingest_s = await wait_integrated(audit, size)
         server = stack.pid("audit")
+        profiler = Profiler(profile, {"auditor": os.getpid(), "audit-service": server})
+        profiler.start()
         cpu0, served0 = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(server)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         found, state = await audit_log(Sources(audit), keys=keys, trusted=trusted, sample=16)
         verify_s = time.perf_counter() - t0
         cpu1, served1 = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(server)
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        top = profiler.stop()
         await channel.close()
         problems = [p.message for p in found.problems]
         assert found.ok and found.signature_ok and found.consistent_with_trusted, problems
@@ -235,12 +326,17 @@ async def run(events: int, root: Path) -> dict[str, Any]:
             "verify_cpu_s": round(
                 (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1
             ),
+            # the auditor's second process (parsing and folding), waited for at the end
+            "verify_replay_cpu_s": round(
+                (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime), 1
+            ),
             "audit_service_cpu_s": round(served1 - served0, 1),
             "proofs_checked": found.proofs_checked,
             "totals": {k: v for k, v in found.totals_compared.items()},
             "pools": len(pools),
             "spent_fen": spent,
             "targets": {"ingest_per_s": 3000, "verify_per_s": 100_000},
+            "profile": top,
         }
     finally:
         stack.stop()
@@ -249,9 +345,12 @@ async def run(events: int, root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the auditor and the audit service during verify"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
-        result = asyncio.run(run(args.events, Path(tmp)))
+        result = asyncio.run(run(args.events, Path(tmp), args.profile))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"append (consumer's write)  {result['append_per_s']:>10.1f} events/s")
@@ -263,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         f"audit verify               {result['verify_per_s']:>10.1f} events/s"
         f"  ({result['events']} in {result['verify_s']} s; target 100,000)"
     )
+    for who, rows in result["profile"].items():
+        print(f"top functions (own time) of {who}:")
+        for frame, share in rows:
+            print(f"  {share:7.1f} {'' if frame == 'samples' else '%'}  {frame}")
 
 
 if __name__ == "__main__":

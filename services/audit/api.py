@@ -112,6 +112,10 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("INVALID_LIMIT", f"limit: 1..{MAX_PAGE}", field="limit")
         else:
             limit = request.limit
+        if request.packed:
+            if not request.end:
+                raise InvalidArgument("PACKED_NEEDS_END", "packed: give end", field="packed")
+            return await tree.read_packed(self.store, request.start, request.end)
         rows = await tree.read_entries(self.store, request.start, limit, end=request.end)
         parsed = not request.bytes_only
         return audit_pb2.GetEntriesResponse(entries=[_entry(r, parsed=parsed) for r in rows])

@@ -13,13 +13,17 @@ read RPCs) and :func:`compare` lists every key and figure that differs.
 - ``person``: each person's qualifications per category by status, the person named by the
   blind index of their ID number (never the number);
 - ``sales``: the sales ledger (销售台账) per merchant and SKU: units, sales and subsidy captured,
-  and what was refunded.
+  and what was refunded;
+- ``settlement``: each merchant settlement batch (merchant, period, the orders it pays, gross,
+  the clawbacks it deducts, net, approved, paid), with the settlement invariants checked;
+- ``returns``: the returns ledger (退换货台账): each refund of a captured order, the batch that
+  had paid it, whether it was clawed back and the batch that deducted that.
 
-The auditor folds qualifications and sales itself, from the events' meaning in
+The auditor folds qualifications, sales and settlement itself, from the events' meaning in
 ``proto/subsidy/v1/events.proto``, rather than with eligibility's or catalog's code (which the
 architecture keeps inside those services): two implementations that must agree. A new kind of
-total (funding sources, settlement batches) is a new Fold here, listed in :data:`FOLDS`, and a
-reader of the owning service's figures in ``subsidyctl/cli/audit.py``.
+total is a new Fold here, listed in :data:`FOLDS`, and a
+reader of the owning service's figures in ``subsidyctl/cli/audit/live.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, ClassVar
 from google.protobuf import empty_pb2, symbol_database
 from google.protobuf.message import Message
 
-from services.invariants import InvariantViolation
+from services.invariants import InvariantViolation, MerchantSettled, check_paid_covered
 from services.kernel.contract import budget
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
 from services.kernel.events import Envelope
@@ -359,7 +363,238 @@ SALES_FIGURES = (
     "refunded_sales_fen",
     "refunded_subsidy_fen",
 )
-FOLDS: tuple[Callable[[], Fold], ...] = (PoolFold, QuotaFold, PersonFold, SalesFold)
+
+
+@dataclass
+class _Batch:
+    merchant_id: str
+    period: tuple[str, str]  # from, to (RFC 3339)
+    lines: dict[str, int]  # order -> subsidy fen
+    deducted: dict[str, int]  # order -> clawback fen
+    gross_fen: int
+    clawback_fen: int
+    net_fen: int
+    approved: bool = False
+    paid: bool = False
+
+
+@dataclass
+class _Sale:
+    merchant_id: str = ""
+    platform_id: str = ""
+    sku: str = ""
+    subsidy_fen: int = 0
+    refunded: bool = False
+
+
+@dataclass
+class SettlementFold(Fold):
+    """The merchants' settlement from the ledger's events: every batch (merchant, period,
+    orders, gross, clawbacks deducted, net, status) and the returns ledger (each refund of a
+    captured order: the batch that had paid it, its clawback, the batch that deducted that).
+
+    It checks, as it folds, what the ledger's settlement promises (``settlement_domain``'s
+    ``settled``, written again here from the events' meaning): an order in at most one batch,
+    each clawback recorded once and deducted at most once and for what was recorded, every
+    refund of a batched order clawed back, and per merchant every fen paid covered
+    (:func:`services.invariants.check_paid_covered`)."""
+
+    name: ClassVar[str] = "settlement"
+    service: ClassVar[str] = "ledger"
+    event_types: ClassVar[frozenset[str]] = frozenset(
+        _name(m)
+        for m in (
+            ev.SubsidyReserved,
+            ev.SubsidyReleased,
+            ev.SettlementBatchCreated,
+            ev.SettlementBatchApproved,
+            ev.SettlementBatchPaid,
+            ev.ClawbackRecorded,
+        )
+    )
+    batches: dict[str, _Batch] = field(default_factory=dict)
+    sales: dict[str, _Sale] = field(default_factory=dict)  # order -> what its refund lists
+    batch_of: dict[str, str] = field(default_factory=dict)  # order -> the batch that paid it
+    clawed: dict[str, tuple[int, str]] = field(default_factory=dict)  # order -> (fen, batch)
+    deducted_by: dict[str, str] = field(default_factory=dict)  # order -> deducting batch
+    violations: list[str] = field(default_factory=list)
+
+    def wants(self, env: Envelope) -> bool:
+        return env.service == "ledger" and env.event_type in self.event_types
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        if isinstance(payload, ev.SubsidyReserved):
+            sale = self.sales.setdefault(payload.order_id, _Sale())
+            sale.merchant_id, sale.platform_id = payload.merchant_id, payload.platform_id
+            sale.sku, sale.subsidy_fen = payload.sku, payload.subsidy_fen
+        elif isinstance(payload, ev.SubsidyReleased):
+            if payload.was_captured:
+                self.sales.setdefault(payload.order_id, _Sale()).refunded = True
+        elif isinstance(payload, ev.SettlementBatchCreated):
+            self._created(payload)
+        elif isinstance(payload, ev.SettlementBatchApproved | ev.SettlementBatchPaid):
+            batch = self.batches.get(payload.batch_id)
+            if batch is None:
+                self.violations.append(f"batch {payload.batch_id} changed before it was created")
+                return
+            batch.approved = True
+            batch.paid = batch.paid or isinstance(payload, ev.SettlementBatchPaid)
+        elif isinstance(payload, ev.ClawbackRecorded):
+            if payload.order_id in self.clawed:
+                self.violations.append(f"two clawbacks of order {payload.order_id}")
+            self.clawed[payload.order_id] = (payload.fen, payload.batch_id)
+
+    def _created(self, e: ev.SettlementBatchCreated) -> None:
+        # The merchant's stream orders a clawback before the batch that deducts it.
+        for line in e.lines:
+            if line.order_id in self.batch_of:
+                self.violations.append(f"order {line.order_id} in two batches")
+            self.batch_of[line.order_id] = e.batch_id
+        for c in e.clawbacks:
+            recorded = self.clawed.get(c.order_id)
+            if c.order_id in self.deducted_by or recorded is None or recorded[0] != c.fen:
+                self.violations.append(f"clawback of {c.order_id} deducted wrongly")
+            self.deducted_by[c.order_id] = e.batch_id
+        self.batches[e.batch_id] = _Batch(
+            e.merchant_id,
+            (e.period_from.ToJsonString(), e.period_to.ToJsonString()),
+            {line.order_id: line.subsidy_fen for line in e.lines},
+            {c.order_id: c.fen for c in e.clawbacks},
+            e.gross_fen,
+            e.clawback_fen,
+            e.net_fen,
+        )
+
+    def merchants(self) -> dict[str, MerchantSettled]:
+        """Per merchant, what its paid batches add up to (``settlement_domain.settled``)."""
+        refunded = {o for o, sale in self.sales.items() if sale.refunded}
+        out: dict[str, MerchantSettled] = {}
+        for _, b in sorted(self.batches.items()):
+            if not b.paid:
+                continue
+            before = out.get(b.merchant_id, MerchantSettled(0, 0, 0, 0))
+            out[b.merchant_id] = MerchantSettled(
+                before.paid + b.net_fen,
+                before.unrefunded + sum(f for o, f in b.lines.items() if o not in refunded),
+                before.clawed + sum(self.clawed[o][0] for o in b.lines if o in refunded),
+                before.deducted + sum(b.deducted.values()),
+            )
+        return out
+
+    def check(self) -> None:
+        """Raise InvariantViolation for the first settlement promise the events break."""
+        if self.violations:
+            raise InvariantViolation(self.violations[0])
+        refunded = {o for o, sale in self.sales.items() if sale.refunded}
+        if missing := sorted((self.batch_of.keys() & refunded) - self.clawed.keys()):
+            raise InvariantViolation(f"refunds of batched orders without a clawback: {missing}")
+        for merchant_id, figures in sorted(self.merchants().items()):
+            check_paid_covered(merchant_id, figures)
+
+    def table(self) -> Table:
+        self.check()
+        return batch_table(
+            (batch_id, b.merchant_id, *b.period, b.lines, b.deducted, figures(b))
+            for batch_id, b in self.batches.items()
+        )
+
+    def returns(self) -> Table:
+        """The returns ledger: each refund of a captured order (as ``ListReturns`` lists it)."""
+        out: Table = {}
+        for order_id, sale in self.sales.items():
+            if not sale.refunded:
+                continue
+            out[
+                return_key(
+                    order_id,
+                    sale.merchant_id,
+                    sale.platform_id,
+                    sale.sku,
+                    self.batch_of.get(order_id, ""),
+                    self.deducted_by.get(order_id, ""),
+                )
+            ] = return_figures(sale.subsidy_fen, clawed_back=order_id in self.clawed)
+        return out
+
+
+def figures(b: _Batch) -> dict[str, int]:
+    """A batch's figures (its status as two flags: approved, paid)."""
+    return {
+        "orders": len(b.lines),
+        "gross_fen": b.gross_fen,
+        "clawbacks": len(b.deducted),
+        "clawback_fen": b.clawback_fen,
+        "net_fen": b.net_fen,
+        "approved": int(b.approved),
+        "paid": int(b.paid),
+    }
+
+
+BatchRow = tuple[str, str, str, str, Mapping[str, int], Mapping[str, int], dict[str, int]]
+
+
+def batch_table(batches: Iterable[BatchRow]) -> Table:
+    """Batches as rows: ``(batch, merchant, period from, period to)`` with its figures, each
+    order it pays ``(batch, "order", order)`` and each clawback it deducts ``(batch,
+    "clawback", order)`` with its fen (the same for the log's and the ledger's batches)."""
+    out: Table = {}
+    for batch_id, merchant_id, start, end, lines, deducted, totals in batches:
+        out[(batch_id, merchant_id, start, end)] = totals
+        for order_id, fen in lines.items():
+            out[(batch_id, "order", order_id)] = {"subsidy_fen": fen}
+        for order_id, fen in deducted.items():
+            out[(batch_id, "clawback", order_id)] = {"fen": fen}
+    return out
+
+
+def return_key(
+    order_id: str, merchant_id: str, platform_id: str, sku: str, batch_id: str, deducted_by: str
+) -> Key:
+    """A refund's row in the returns ledger: the order, whose it was, the batch that had paid
+    it and the batch that deducted its clawback ("" for none)."""
+    return (order_id, merchant_id, platform_id, sku, batch_id or "-", deducted_by or "-")
+
+
+def return_figures(subsidy_fen: int, *, clawed_back: bool) -> dict[str, int]:
+    """A refund's figures: its subsidy, and whether a clawback was recorded for it (its fen is
+    in the batch that deducts it)."""
+    return {"subsidy_fen": subsidy_fen, "clawed_back": int(clawed_back)}
+
+
+@dataclass
+class ReturnsFold(Fold):
+    """The returns ledger (退换货台账), read from the :class:`SettlementFold` it follows
+    (one fold of the events, two tables)."""
+
+    name: ClassVar[str] = "returns"
+    service: ClassVar[str] = "ledger"
+    event_types: ClassVar[frozenset[str]] = frozenset()
+    settlement: SettlementFold | None = None
+
+    def wants(self, env: Envelope) -> bool:
+        return False
+
+    def table(self) -> Table:
+        if self.settlement is None:
+            return {}
+        self.settlement.check()
+        return self.settlement.returns()
+
+
+def settlement_and_returns() -> list[Fold]:
+    """The settlement fold and the returns ledger read from it."""
+    settlement = SettlementFold()
+    return [settlement, ReturnsFold(settlement)]
+
+
+# Every kind of total, as a maker of its folds (two tables may share one fold of the events).
+FOLDS: tuple[Callable[[], list[Fold]], ...] = (
+    lambda: [PoolFold()],
+    lambda: [QuotaFold()],
+    lambda: [PersonFold()],
+    lambda: [SalesFold()],
+    settlement_and_returns,
+)
 
 
 class Rebuild:
@@ -369,14 +604,21 @@ class Rebuild:
     still waits at the end (a version the log lacks) follows in order."""
 
     def __init__(self, folds: Iterable[Fold] | None = None) -> None:
-        self.folds = list(folds) if folds is not None else [f() for f in FOLDS]
+        self.folds = list(folds) if folds is not None else [f for m in FOLDS for f in m()]
         self._next: dict[tuple[str, str], int] = {}  # each stream's next version
         self._held: dict[tuple[str, str], dict[int, Envelope]] = defaultdict(dict)
-        self._readers: dict[tuple[str, str, str], list[Fold]] = {}
+        # Per (service, event type, kind of stream): the payload's parser and the folds that
+        # read it (none: the event is only counted in its stream's order).
+        self._readers: dict[tuple[str, str, str], tuple[Callable[[bytes], Message], list[Fold]]]
+        self._readers = {}
 
     def add(self, env: Envelope) -> None:
         key, version = (env.service, env.stream_id), env.stream_version
         expected = self._next.get(key, 1)
+        if version == expected and key not in self._held:  # the usual case: the next one
+            self._apply(env)
+            self._next[key] = expected + 1
+            return
         held = self._held.get(key)
         if version < expected or (held is not None and version in held):
             for f in self.folds:
@@ -395,11 +637,13 @@ class Rebuild:
 
     def _apply(self, env: Envelope) -> None:
         kind = (env.service, env.event_type, env.stream_id.partition("/")[0])
-        readers = self._readers.get(kind)
-        if readers is None:
-            readers = self._readers[kind] = [f for f in self.folds if f.wants(env)]
+        found = self._readers.get(kind)
+        if found is None:
+            readers = [f for f in self.folds if f.wants(env)]
+            found = self._readers[kind] = (_payload_class(env.event_type).FromString, readers)
+        parse, readers = found
         if readers:
-            payload = _payload_class(env.event_type).FromString(env.payload)
+            payload = parse(env.payload)
             for f in readers:
                 f.add(env, payload)
 

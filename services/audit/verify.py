@@ -18,10 +18,16 @@ into the log's database and re-hashed, matches no stored event).
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import subprocess
+import sys
+import traceback
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from google.protobuf.message import DecodeError
 
@@ -34,11 +40,12 @@ from services.kernel.events import Envelope
 from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
-from .totals import PoolFold, Rebuild
+from .totals import Fold, PoolFold, Rebuild, Table
 
 POOL_STREAM = POOL_STREAM_PREFIX
 SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
 Row = tuple[int, bytes, bytes, bytes]  # (index, leaf hash, chain hash, envelope bytes)
+HASH = merkle.HASH_SIZE
 
 
 @dataclass
@@ -185,15 +192,200 @@ def _span(r: range) -> str:
     return f"entry {r.start}" if len(r) == 1 else f"entries {r.start}..{r.stop - 1}"
 
 
+def tables_of(folds: dict[str, Fold]) -> dict[str, Table | InvariantViolation]:
+    """Each fold's table, or the violation its events show."""
+    out: dict[str, Table | InvariantViolation] = {}
+    for name, fold in folds.items():
+        try:
+            out[name] = fold.table()
+        except InvariantViolation as exc:
+            out[name] = exc
+    return out
+
+
+class EventReplay:
+    """What the auditor makes of the entries' events, once their bytes are checked: each
+    envelope parsed (an entry that is not one is a problem at its position), the events per
+    service, the digests the stores are compared with, the events an outbox skipped, and the
+    totals' rebuild. :class:`LogAudit` runs one in its own process, or in a second process
+    (:class:`ReplayProcess`) for a large log, so that hashing and folding use both cores."""
+
+    def __init__(self, digests: bool = True) -> None:
+        self.keep_digests = digests  # only the cross-check with the stores needs them
+        self.events_by_service: Counter[str] = Counter()
+        self.digests: list[tuple[int, EventDigest]] = []
+        self.skipped: dict[str, tuple[str, str]] = {}
+        # (the entry's ordinal among those LogAudit took, the problem): merged in that order
+        self.problems: list[tuple[int, Problem]] = []
+        self.rebuild = Rebuild()
+
+    def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
+        """The next entries LogAudit took (``ordinal``: the first one's among them)."""
+        parse, add, by_service = Envelope.FromString, self.rebuild.add, self.events_by_service
+        digests = self.digests if self.keep_digests else None
+        for k, (idx, data) in enumerate(zip(indexes, envelopes, strict=True), ordinal):
+            try:
+                env = parse(data)
+            except DecodeError:
+                self.problems.append(
+                    (k, Problem("tree", f"audit entry {idx} is not an event envelope", idx))
+                )
+                continue
+            by_service[env.service] += 1
+            if digests is not None:
+                digests.append((idx, digest_of(env, data)))
+            if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
+                self.skipped[stuck] = (env.service, env.event_id)
+            add(env)
+
+    def sync(self) -> None:
+        """Nothing to fetch: everything added is here already."""
+
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        """Every fold's table, after what still waits for an earlier version
+        (:meth:`Rebuild.finish`), or the violation that fold found instead."""
+        return tables_of(self.rebuild.finish())
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+def serve_replay(source: BinaryIO, sink: BinaryIO, digests: bool) -> None:
+    """The second process of :class:`ReplayProcess` (``python -m services.audit.replay``): an
+    :class:`EventReplay` fed with pickled messages on ``source``. Answers ``sync`` on ``sink``
+    with what was found since the last answer, and ``finish`` with that and the folds; a
+    failure is answered with its traceback, never silence."""
+    replay = EventReplay(digests)
+    sent = (0, 0)  # digests and problems already sent
+
+    def news() -> tuple[Any, ...]:
+        nonlocal sent
+        found = (
+            replay.digests[sent[0] :],
+            replay.problems[sent[1] :],
+            replay.skipped,
+            replay.events_by_service,
+        )
+        sent = (len(replay.digests), len(replay.problems))
+        return found
+
+    def answer(message: tuple[Any, ...]) -> None:
+        pickle.dump(message, sink, protocol=pickle.HIGHEST_PROTOCOL)
+        sink.flush()
+
+    try:
+        while True:
+            try:
+                message = pickle.load(source)
+            except EOFError:  # the auditor went away
+                return
+            if message[0] == "add":
+                replay.add(*message[1:])
+            elif message[0] == "sync":
+                answer(("ok", news()))
+            else:  # finish
+                found = news()
+                answer(("ok", (*found, replay.finish())))
+                return
+    except Exception:  # handed to the auditor, who raises it
+        answer(("error", traceback.format_exc()))
+
+
+class ReplayProcess:
+    """An :class:`EventReplay` in a second process (a fresh interpreter: nothing of this
+    process's gRPC or event loop is inherited): entries are pickled to it over a pipe as they
+    are checked, and what the replay found comes back at :meth:`sync` and :meth:`finish`. The
+    same code folds the same events in the same order as in one process; only where it runs
+    differs."""
+
+    def __init__(self, digests: bool = True) -> None:
+        # The child imports this package from where this process did, whatever its sys.path.
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "services.audit.replay", "1" if digests else "0"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._to, self._from = self._proc.stdin, self._proc.stdout
+        self.keep_digests = digests
+        self.events_by_service: Counter[str] = Counter()
+        self.digests: list[tuple[int, EventDigest]] = []
+        self.skipped: dict[str, tuple[str, str]] = {}
+        self.problems: list[tuple[int, Problem]] = []
+        self._dirty = False
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            pickle.dump(message, self._to, protocol=pickle.HIGHEST_PROTOCOL)
+            self._to.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"the replay process ended (exit {self._proc.wait()})") from None
+
+    def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
+        self._send(("add", ordinal, list(indexes), list(envelopes)))
+        self._dirty = True
+
+    def _ask(self, what: str) -> tuple[Any, ...]:
+        self._send((what,))
+        try:
+            status, found = pickle.load(self._from)
+        except EOFError:
+            raise RuntimeError("the replay process ended without an answer") from None
+        if status != "ok":
+            raise RuntimeError(f"the replay process failed:\n{found}")
+        digests, problems, skipped, by_service = found[:4]
+        self.digests += digests
+        self.problems += problems
+        self.skipped, self.events_by_service = skipped, by_service
+        self._dirty = False
+        return tuple(found[4:])
+
+    def sync(self) -> None:
+        """Fetch what the replay found for every entry added so far."""
+        if self._dirty:
+            self._ask("sync")
+
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        # The tables come back, not the folds: far fewer objects to pickle.
+        (tables,) = self._ask("finish")
+        self._proc.wait(30)
+        by_name: dict[str, Table | InvariantViolation] = tables
+        return by_name
+
+    def close(self) -> None:
+        """Stop the process (after :meth:`finish` it has ended by itself)."""
+        for pipe in (self._to, self._from):
+            try:
+                pipe.close()
+            except BrokenPipeError:
+                pass
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+
+
 class LogAudit:
     """The log as the auditor downloads it, page by page in index order: each entry's leaf
     recomputed from its bytes, the tree recomputed from those leaves (and, apart, from the
     leaves the service reports: when those add up to the signed root, they are the tree's, and
-    every entry whose bytes hash to another leaf is named by position), the hash chain, the
-    events per service, the digests the stores are compared with, and the totals' rebuild."""
+    every entry whose bytes hash to another leaf is named by position), the hash chain; and
+    each entry's event handed to an :class:`EventReplay` (the events per service, the digests
+    the stores are compared with, the totals' rebuild), in a second process when
+    ``parallel``."""
 
     def __init__(
-        self, trusted_size: int = 0, watch: Iterable[int] = (), *, digests: bool = True
+        self,
+        trusted_size: int = 0,
+        watch: Iterable[int] = (),
+        *,
+        digests: bool = True,
+        parallel: bool = False,
     ) -> None:
         self.size = 0  # entries seen (the next index expected)
         self.tree = CompactRange()  # from the leaves recomputed from the bytes
@@ -202,16 +394,47 @@ class LogAudit:
         self._reported: CompactRange | None = None
         self.broken = False  # an entry is missing: no root can be recomputed
         self.head = GENESIS
-        self.problems: list[Problem] = []
-        self.events_by_service: Counter[str] = Counter()
-        self.keep_digests = digests  # only the cross-check with the stores needs them
-        self.digests: list[tuple[int, EventDigest]] = []
-        self.skipped: dict[str, tuple[str, str]] = {}
-        self.rebuild = Rebuild()
+        self._problems: list[tuple[int, Problem]] = []  # (ordinal of the entry, problem)
+        self._taken = 0  # entries taken so far (each one's ordinal, for the order of problems)
+        self.keep_digests = digests
+        self.replay: EventReplay | ReplayProcess = (
+            ReplayProcess(digests) if parallel else EventReplay(digests)
+        )
         self.trusted_size = trusted_size
         self.edge_at_trusted: list[bytes] | None = [] if trusted_size == 0 else None
         self.watched = set(watch)
         self.leaves: dict[int, bytes] = {}  # the recomputed leaves of the watched entries
+
+    # What the replay found, as of every entry added so far.
+    @property
+    def problems(self) -> list[Problem]:
+        """Each entry's own findings (hashes, positions, envelopes), in log order."""
+        self.replay.sync()
+        merged = sorted(self._problems + self.replay.problems, key=lambda p: p[0])
+        return [p for _, p in merged]
+
+    @property
+    def events_by_service(self) -> Counter[str]:
+        self.replay.sync()
+        return self.replay.events_by_service
+
+    @property
+    def digests(self) -> list[tuple[int, EventDigest]]:
+        self.replay.sync()
+        return self.replay.digests
+
+    @property
+    def skipped(self) -> dict[str, tuple[str, str]]:
+        self.replay.sync()
+        return self.replay.skipped
+
+    def finish(self) -> dict[str, Table | InvariantViolation]:
+        """Each total's table (or the violation its fold found), after the last entry (the
+        replay takes no more entries)."""
+        return self.replay.finish()
+
+    def close(self) -> None:
+        self.replay.close()
 
     @property
     def reported(self) -> CompactRange:
@@ -219,29 +442,83 @@ class LogAudit:
         return self.tree if self._reported is None else self._reported
 
     def add(self, rows: Iterable[Row]) -> None:
-        """The next page of entries."""
+        """The next page of entries, as ``(index, leaf hash, chain hash, envelope bytes)``."""
+        page = list(rows)
+        self.add_columns(
+            [r[0] for r in page], [r[1] for r in page], [r[2] for r in page], [r[3] for r in page]
+        )
+
+    def add_packed(
+        self, indexes: Sequence[int], leaves: bytes, chains: bytes, envelopes: Sequence[bytes]
+    ) -> None:
+        """The next page as GetEntries' packed answer: the indexes, the leaf and the chain
+        hashes as reported (32 bytes each, concatenated), the envelopes' bytes."""
+        n = len(envelopes)
+        if len(indexes) != n or len(leaves) != HASH * n or len(chains) != HASH * n:
+            self._problems.append(
+                (
+                    self._taken,
+                    Problem(
+                        "tree",
+                        f"a page of entries from {self.size} whose columns differ in length:"
+                        f" {len(indexes)} indexes, {n} envelopes, "
+                        f"{len(leaves)} and {len(chains)} bytes of hashes",
+                        self.size,
+                    ),
+                )
+            )
+            return
+        cut = range(0, HASH * n, HASH)
+        self.add_columns(
+            indexes,
+            [leaves[at : at + HASH] for at in cut],
+            [chains[at : at + HASH] for at in cut],
+            envelopes,
+        )
+
+    def add_columns(
+        self,
+        indexes: Sequence[int],
+        leaves: Sequence[bytes],
+        chains: Sequence[bytes],
+        envelopes: Sequence[bytes],
+    ) -> None:
+        """The next page of entries as columns: their indexes, their leaf and chain hashes as
+        the service reports them, their envelopes' bytes."""
         # The hot loop of a million-entry audit: the hashes and the tree's append inline.
-        tree, parse, rebuild, sha256 = self.tree, Envelope.FromString, self.rebuild, hashlib.sha256
+        tree, sha256, watched = self.tree, hashlib.sha256, self.watched
         edge = tree.hashes
-        for idx, reported, chained, data in rows:
-            if idx != self.size:
-                if not self._misplaced(idx):
-                    continue
+        ordinal = self._taken
+        taken: list[int] | None = None  # positions taken, once one was not
+        rows = zip(indexes, leaves, chains, envelopes, strict=True)
+        for k, (idx, reported, chained, data) in enumerate(rows):
+            if idx != self.size and not self._misplaced(idx):
+                if taken is None:
+                    taken = list(range(k))
+                continue
+            if taken is not None:
+                taken.append(k)
             actual = sha256(b"\x00" + data).digest()  # RFC 6962 leaf, as merkle.leaf_hash
             if actual != reported:
                 if self._reported is None:
                     self._reported = CompactRange(tree.size, list(tree.hashes))
-                self.problems.append(
-                    Problem(
-                        "tree",
-                        f"audit entry {idx}: its bytes hash to leaf {actual.hex()}, the log's "
-                        f"tree has {reported.hex()} there",
-                        idx,
+                self._problems.append(
+                    (
+                        self._taken,
+                        Problem(
+                            "tree",
+                            f"audit entry {idx}: its bytes hash to leaf {actual.hex()}, the "
+                            f"log's tree has {reported.hex()} there",
+                            idx,
+                        ),
                     )
                 )
             elif self.head and sha256(self.head + actual).digest() != chained:  # chain_hash
-                self.problems.append(
-                    Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx)
+                self._problems.append(
+                    (
+                        self._taken,
+                        Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx),
+                    )
                 )
             self.head = chained
             h, s = actual, tree.size  # CompactRange.append
@@ -252,39 +529,37 @@ class LogAudit:
             tree.size += 1
             if self._reported is not None:
                 self._reported.append(reported)
-            if idx in self.watched:
+            if idx in watched:
                 self.leaves[idx] = actual
             self.size = idx + 1
+            self._taken += 1
             if self.size == self.trusted_size and not self.broken:
                 self.edge_at_trusted = list(tree.hashes)
-            try:
-                env = parse(data)
-            except DecodeError:
-                self.problems.append(
-                    Problem("tree", f"audit entry {idx} is not an event envelope", idx)
-                )
-                continue
-            self.events_by_service[env.service] += 1
-            if self.keep_digests:
-                self.digests.append((idx, digest_of(env, data)))
-            if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
-                self.skipped[stuck] = (env.service, env.event_id)
-            rebuild.add(env)
+        if taken is None:
+            self.replay.add(ordinal, indexes, envelopes)
+        elif taken:
+            self.replay.add(ordinal, [indexes[k] for k in taken], [envelopes[k] for k in taken])
 
     def _misplaced(self, idx: int) -> bool:
         """An entry not where the next one should be: served twice (skip it: False), or
         after a gap (name the gap, and take the entry: True)."""
         if idx < self.size:
-            self.problems.append(
-                Problem("tree", f"audit entry {idx} is served twice or out of order", idx)
+            self._problems.append(
+                (
+                    self._taken,
+                    Problem("tree", f"audit entry {idx} is served twice or out of order", idx),
+                )
             )
             return False
-        self.problems.append(
-            Problem(
-                "tree",
-                f"audit {_span(range(self.size, idx))} missing: the log goes from entry "
-                f"{self.size - 1} to entry {idx}",
-                self.size,
+        self._problems.append(
+            (
+                self._taken,
+                Problem(
+                    "tree",
+                    f"audit {_span(range(self.size, idx))} missing: the log goes from entry "
+                    f"{self.size - 1} to entry {idx}",
+                    self.size,
+                ),
             )
         )
         self.broken, self.size = True, idx

@@ -109,6 +109,7 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _LEDGER + "ApproveSettlementBatch": frozenset({APPROVER}),
     _LEDGER + "MarkSettlementBatchPaid": frozenset({OPERATOR}),
     _LEDGER + "GetSettlementBatch": frozenset({OPERATOR, APPROVER, AUDITOR}),
+    _LEDGER + "ListSettlementBatches": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "ListOverdueEvidence": frozenset({OPERATOR, AUDITOR}),
     _LEDGER + "ListReturns": frozenset({OPERATOR, AUDITOR}),
     # ledger: the fund-detail ledger and the bureau's daily report (read-only)

@@ -180,6 +180,22 @@ def _batch(row: dict[str, Any]) -> ledger_pb2.SettlementBatch:
 MAX_LIST = 1000
 
 
+def _returns_cursor(cursor: str) -> tuple[datetime, str] | None:
+    """ListReturns' cursor (``refunded_at|order_id`` of the last refund of the page before)."""
+    if not cursor:
+        return None
+    at, _, order_id = cursor.partition("|")
+    try:
+        when = datetime.fromisoformat(at) if len(cursor) <= 128 else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or not order_id:
+        raise InvalidArgument(
+            "INVALID_CURSOR", "cursor: a next_cursor of ListReturns", field="cursor"
+        )
+    return when, validate.identifier("cursor", order_id)
+
+
 def _limit(limit: int) -> int:
     """A list's size: 1..MAX_LIST, 0 for the default of 100."""
     limit = limit or 100
@@ -366,6 +382,20 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
         batch_id = validate.identifier("batch_id", request.batch_id)
         return _batch(await self.ledger.settlement_batch(batch_id))
 
+    async def ListSettlementBatches(
+        self, request: ledger_pb2.ListSettlementBatchesRequest, context: ServicerContext
+    ) -> ledger_pb2.ListSettlementBatchesResponse:
+        merchant = (
+            validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
+        )
+        after = validate.identifier("cursor", request.cursor) if request.cursor else ""
+        limit = _limit(request.limit)
+        rows = await self.ledger.settlement_batches(merchant, after, limit)
+        out = ledger_pb2.ListSettlementBatchesResponse(batches=[_batch(row) for row in rows])
+        if len(rows) == limit:  # perhaps more: the next page starts after the last batch id
+            out.next_cursor = str(rows[-1]["batch_id"])
+        return out
+
     async def ListOverdueEvidence(
         self, request: ledger_pb2.ListOverdueEvidenceRequest, context: ServicerContext
     ) -> ledger_pb2.ListOverdueEvidenceResponse:
@@ -395,8 +425,12 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
         merchant = (
             validate.identifier("merchant_id", request.merchant_id) if request.merchant_id else ""
         )
+        limit = _limit(request.limit)
+        rows = await self.ledger.returns(merchant, limit, _returns_cursor(request.cursor))
         out = ledger_pb2.ListReturnsResponse()
-        for row in await self.ledger.returns(merchant, _limit(request.limit)):
+        if len(rows) == limit:  # perhaps more: the next page starts after the last refund
+            out.next_cursor = f"{rows[-1]['refunded_at'].isoformat()}|{rows[-1]['order_id']}"
+        for row in rows:
             clawback = (
                 "NONE"
                 if row["clawback_fen"] is None

@@ -131,10 +131,20 @@ class SettlementUseCases:
         page, cursor = sd.overdue_page(scanned, now, limit, complete)
         return [rows[c.order_id] for c in page], cursor
 
-    async def returns(self, merchant_id: str, limit: int) -> list[dict[str, Any]]:
-        """The returns ledger (退换货台账): every refund of a captured order, newest first."""
+    async def returns(
+        self, merchant_id: str, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The returns ledger (退换货台账): every refund of a captured order, newest first
+        (after ``after``: the last refund time and order id of the page before)."""
         async with self.store.engine.connect() as conn:
-            return await model.load_returns(conn, T, merchant_id, limit)
+            return await model.load_returns(conn, T, merchant_id, limit, after)
+
+    async def settlement_batches(
+        self, merchant_id: str, after: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The settlement batches after batch id ``after``, by batch id."""
+        async with self.store.engine.connect() as conn:
+            return await model.load_batches(conn, T, merchant_id, after, limit)
 
     async def record_evidence(
         self, cmd: sd.RecordEvidence, actor: common_pb2.Actor, platform: str | None

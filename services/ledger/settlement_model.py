@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     and_,
     insert,
+    or_,
     select,
     tuple_,
     update,
@@ -315,10 +316,26 @@ async def load_unevidenced(
     return [dict(row._mapping) for row in await conn.execute(query)]
 
 
-async def load_returns(
-    conn: AsyncConnection, t: SettlementTables, merchant_id: str, limit: int
+async def load_batches(
+    conn: AsyncConnection, t: SettlementTables, merchant_id: str, after: str, limit: int
 ) -> list[dict[str, Any]]:
-    """The returns ledger: every refund of a captured order, newest first, with its clawback."""
+    """The batches whose id follows ``after`` (all: ""), by batch id, at most ``limit``."""
+    query = select(t.batches).where(t.batches.c.batch_id > after)
+    if merchant_id:
+        query = query.where(t.batches.c.merchant_id == merchant_id)
+    query = query.order_by(t.batches.c.batch_id).limit(limit)
+    return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+async def load_returns(
+    conn: AsyncConnection,
+    t: SettlementTables,
+    merchant_id: str,
+    limit: int,
+    after: tuple[dt.datetime, str] | None = None,
+) -> list[dict[str, Any]]:
+    """The returns ledger: every refund of a captured order, newest first, with its clawback
+    (those after ``after``, the last (refunded at, order id) of the page before)."""
     r, c, o, k = t.reservations, t.captures, t.orders, t.clawbacks
     query = (
         select(
@@ -344,4 +361,9 @@ async def load_returns(
     )
     if merchant_id:
         query = query.where(r.c.merchant_id == merchant_id)
+    if after is not None:
+        at, order_id = after
+        query = query.where(
+            or_(c.c.refunded_at < at, and_(c.c.refunded_at == at, r.c.order_id > order_id))
+        )
     return [dict(row._mapping) for row in await conn.execute(query)]

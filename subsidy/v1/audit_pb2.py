@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy.v1 import events_pb2 as subsidy_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16subsidy/v1/audit.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/events.proto\"\x13\n\x11GetLogInfoRequest\"\xc1\x01\n\x07LogInfo\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x15\n\rhead_hash_hex\x18\x02 \x01(\t\x12\x45\n\x12\x65ntries_by_service\x18\x03 \x03(\x0b\x32).subsidy.v1.LogInfo.EntriesByServiceEntry\x12\x11\n\ttree_size\x18\x04 \x01(\x03\x1a\x37\n\x15\x45ntriesByServiceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"R\n\x11GetEntriesRequest\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\x12\x12\n\nbytes_only\x18\x04 \x01(\x08\"\x8f\x01\n\nAuditEntry\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x15\n\rleaf_hash_hex\x18\x02 \x01(\t\x12\x16\n\x0e\x63hain_hash_hex\x18\x03 \x01(\t\x12+\n\x08\x65nvelope\x18\x04 \x01(\x0b\x32\x19.subsidy.v1.EventEnvelope\x12\x16\n\x0e\x65nvelope_bytes\x18\x05 \x01(\x0c\"=\n\x12GetEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.subsidy.v1.AuditEntry\"8\n\x14GetCheckpointRequest\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"r\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x18GetInclusionProofRequest\x12\x0f\n\x05index\x18\x01 \x01(\x03H\x00\x12\x13\n\tleaf_hash\x18\x02 \x01(\x0cH\x00\x12\x11\n\ttree_size\x18\x03 \x01(\x03\x42\x06\n\x04leaf\"U\n\x0eInclusionProof\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\":\n\x17ListOrderEntriesRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x32\xf5\x03\n\x0c\x41uditService\x12@\n\nGetLogInfo\x12\x1d.subsidy.v1.GetLogInfoRequest\x1a\x13.subsidy.v1.LogInfo\x12K\n\nGetEntries\x12\x1d.subsidy.v1.GetEntriesRequest\x1a\x1e.subsidy.v1.GetEntriesResponse\x12I\n\rGetCheckpoint\x12 .subsidy.v1.GetCheckpointRequest\x1a\x16.subsidy.v1.Checkpoint\x12U\n\x11GetInclusionProof\x12$.subsidy.v1.GetInclusionProofRequest\x1a\x1a.subsidy.v1.InclusionProof\x12[\n\x13GetConsistencyProof\x12&.subsidy.v1.GetConsistencyProofRequest\x1a\x1c.subsidy.v1.ConsistencyProof\x12W\n\x10ListOrderEntries\x12#.subsidy.v1.ListOrderEntriesRequest\x1a\x1e.subsidy.v1.GetEntriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16subsidy/v1/audit.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/events.proto\"\x13\n\x11GetLogInfoRequest\"\xc1\x01\n\x07LogInfo\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x15\n\rhead_hash_hex\x18\x02 \x01(\t\x12\x45\n\x12\x65ntries_by_service\x18\x03 \x03(\x0b\x32).subsidy.v1.LogInfo.EntriesByServiceEntry\x12\x11\n\ttree_size\x18\x04 \x01(\x03\x1a\x37\n\x15\x45ntriesByServiceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"b\n\x11GetEntriesRequest\x12\r\n\x05start\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\x12\x12\n\nbytes_only\x18\x04 \x01(\x08\x12\x0e\n\x06packed\x18\x05 \x01(\x08\"\x8f\x01\n\nAuditEntry\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x15\n\rleaf_hash_hex\x18\x02 \x01(\t\x12\x16\n\x0e\x63hain_hash_hex\x18\x03 \x01(\t\x12+\n\x08\x65nvelope\x18\x04 \x01(\x0b\x32\x19.subsidy.v1.EventEnvelope\x12\x16\n\x0e\x65nvelope_bytes\x18\x05 \x01(\x0c\"\x8c\x01\n\x12GetEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.subsidy.v1.AuditEntry\x12\x0f\n\x07indexes\x18\x02 \x03(\x03\x12\x13\n\x0bleaf_hashes\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hain_hashes\x18\x04 \x01(\x0c\x12\x11\n\tenvelopes\x18\x05 \x03(\x0c\"8\n\x14GetCheckpointRequest\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"r\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x18GetInclusionProofRequest\x12\x0f\n\x05index\x18\x01 \x01(\x03H\x00\x12\x13\n\tleaf_hash\x18\x02 \x01(\x0cH\x00\x12\x11\n\ttree_size\x18\x03 \x01(\x03\x42\x06\n\x04leaf\"U\n\x0eInclusionProof\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\":\n\x17ListOrderEntriesRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x32\xf5\x03\n\x0c\x41uditService\x12@\n\nGetLogInfo\x12\x1d.subsidy.v1.GetLogInfoRequest\x1a\x13.subsidy.v1.LogInfo\x12K\n\nGetEntries\x12\x1d.subsidy.v1.GetEntriesRequest\x1a\x1e.subsidy.v1.GetEntriesResponse\x12I\n\rGetCheckpoint\x12 .subsidy.v1.GetCheckpointRequest\x1a\x16.subsidy.v1.Checkpoint\x12U\n\x11GetInclusionProof\x12$.subsidy.v1.GetInclusionProofRequest\x1a\x1a.subsidy.v1.InclusionProof\x12[\n\x13GetConsistencyProof\x12&.subsidy.v1.GetConsistencyProofRequest\x1a\x1c.subsidy.v1.ConsistencyProof\x12W\n\x10ListOrderEntries\x12#.subsidy.v1.ListOrderEntriesRequest\x1a\x1e.subsidy.v1.GetEntriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGINFO_ENTRIESBYSERVICEENTRY']._serialized_start=256
   _globals['_LOGINFO_ENTRIESBYSERVICEENTRY']._serialized_end=311
   _globals['_GETENTRIESREQUEST']._serialized_start=313
-  _globals['_GETENTRIESREQUEST']._serialized_end=395
-  _globals['_AUDITENTRY']._serialized_start=398
-  _globals['_AUDITENTRY']._serialized_end=541
-  _globals['_GETENTRIESRESPONSE']._serialized_start=543
-  _globals['_GETENTRIESRESPONSE']._serialized_end=604
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=606
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=662
-  _globals['_CHECKPOINT']._serialized_start=664
-  _globals['_CHECKPOINT']._serialized_end=778
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=780
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=871
-  _globals['_INCLUSIONPROOF']._serialized_start=873
-  _globals['_INCLUSIONPROOF']._serialized_end=958
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=960
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1024
-  _globals['_CONSISTENCYPROOF']._serialized_start=1026
-  _globals['_CONSISTENCYPROOF']._serialized_end=1096
-  _globals['_LISTORDERENTRIESREQUEST']._serialized_start=1098
-  _globals['_LISTORDERENTRIESREQUEST']._serialized_end=1156
-  _globals['_AUDITSERVICE']._serialized_start=1159
-  _globals['_AUDITSERVICE']._serialized_end=1660
+  _globals['_GETENTRIESREQUEST']._serialized_end=411
+  _globals['_AUDITENTRY']._serialized_start=414
+  _globals['_AUDITENTRY']._serialized_end=557
+  _globals['_GETENTRIESRESPONSE']._serialized_start=560
+  _globals['_GETENTRIESRESPONSE']._serialized_end=700
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=702
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=758
+  _globals['_CHECKPOINT']._serialized_start=760
+  _globals['_CHECKPOINT']._serialized_end=874
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=876
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=967
+  _globals['_INCLUSIONPROOF']._serialized_start=969
+  _globals['_INCLUSIONPROOF']._serialized_end=1054
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1056
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1120
+  _globals['_CONSISTENCYPROOF']._serialized_start=1122
+  _globals['_CONSISTENCYPROOF']._serialized_end=1192
+  _globals['_LISTORDERENTRIESREQUEST']._serialized_start=1194
+  _globals['_LISTORDERENTRIESREQUEST']._serialized_end=1252
+  _globals['_AUDITSERVICE']._serialized_start=1255
+  _globals['_AUDITSERVICE']._serialized_end=1756
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,7 @@ class GetEntriesRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     BYTES_ONLY_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     start: _builtins.int
     """0-based index"""
     limit: _builtins.int
@@ -103,6 +104,10 @@ class GetEntriesRequest(_message.Message):
     """exclusive: [start, end), at most 1000 entries, within the log"""
     bytes_only: _builtins.bool
     """Leave AuditEntry.envelope out (the bytes are what is hashed; a verifier parses them)."""
+    packed: _builtins.bool
+    """Answer in the packed columns of GetEntriesResponse instead of `entries` (what
+    `audit verify` reads: no message per entry on either side).
+    """
     def __init__(
         self,
         *,
@@ -110,10 +115,11 @@ class GetEntriesRequest(_message.Message):
         limit: _builtins.int = ...,
         end: _builtins.int = ...,
         bytes_only: _builtins.bool = ...,
+        packed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_only", b"bytes_only", "end", b"end", "limit", b"limit", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_only", b"bytes_only", "end", b"end", "limit", b"limit", "packed", b"packed", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,16 +166,35 @@ class GetEntriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    LEAF_HASHES_FIELD_NUMBER: _builtins.int
+    CHAIN_HASHES_FIELD_NUMBER: _builtins.int
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    leaf_hashes: _builtins.bytes
+    chain_hashes: _builtins.bytes
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]: ...
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With `packed`: the same entries as columns, in log order, the i-th of each column being
+        the i-th entry: its index, its leaf and chain hashes (32 bytes each, concatenated) and
+        its envelope bytes.
+        """
+
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        indexes: _abc.Iterable[_builtins.int] | None = ...,
+        leaf_hashes: _builtins.bytes = ...,
+        chain_hashes: _builtins.bytes = ...,
+        envelopes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_hashes", b"chain_hashes", "entries", b"entries", "envelopes", b"envelopes", "indexes", b"indexes", "leaf_hashes", b"leaf_hashes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1152,6 +1152,60 @@ class SettlementBatch(_message.Message):
 Global___SettlementBatch: _TypeAlias = SettlementBatch  # noqa: Y015
 
 @_typing.final
+class ListSettlementBatchesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """empty: every merchant's"""
+    cursor: _builtins.str
+    """the previous page's next_cursor; "" for the first page"""
+    limit: _builtins.int
+    """1..1000; 0: 100"""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        cursor: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementBatchesRequest: _TypeAlias = ListSettlementBatchesRequest  # noqa: Y015
+
+@_typing.final
+class ListSettlementBatchesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    """"" after the last page"""
+    @_builtins.property
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettlementBatch]:
+        """by batch id"""
+
+    def __init__(
+        self,
+        *,
+        batches: _abc.Iterable[Global___SettlementBatch] | None = ...,
+        next_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "next_cursor", b"next_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementBatchesResponse: _TypeAlias = ListSettlementBatchesResponse  # noqa: Y015
+
+@_typing.final
 class ListOverdueEvidenceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1254,19 +1308,23 @@ class ListReturnsRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
     """empty: every merchant's"""
     limit: _builtins.int
     """1..1000; 0: 100"""
+    cursor: _builtins.str
+    """the previous page's next_cursor; "" for the newest"""
     def __init__(
         self,
         *,
         merchant_id: _builtins.str = ...,
         limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "merchant_id", b"merchant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,16 +1390,20 @@ class ListReturnsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RETURNS_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    """where the next (older) page starts; "" after the last"""
     @_builtins.property
     def returns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnEntry]: ...
     def __init__(
         self,
         *,
         returns: _abc.Iterable[Global___ReturnEntry] | None = ...,
+        next_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["returns", b"returns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_cursor", b"next_cursor", "returns", b"returns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -115,6 +115,11 @@ class LedgerServiceStub:
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
                 _registered_method=True)
+        self.ListSettlementBatches = channel.unary_unary(
+                '/subsidy.v1.LedgerService/ListSettlementBatches',
+                request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesResponse.FromString,
+                _registered_method=True)
         self.ListOverdueEvidence = channel.unary_unary(
                 '/subsidy.v1.LedgerService/ListOverdueEvidence',
                 request_serializer=subsidy_dot_v1_dot_ledger__pb2.ListOverdueEvidenceRequest.SerializeToString,
@@ -255,6 +260,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSettlementBatches(self, request, context):
+        """Every settlement batch, by batch id, a page at a time (operators, auditors: what
+        `audit verify` compares with the batches it rebuilds from the events).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOverdueEvidence(self, request, context):
         """Captured orders still without evidence past their policy version's funding.evidence_days
         (default 30), oldest first: chase the platform, they are not paid until evidenced.
@@ -371,6 +384,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetSettlementBatch,
                     request_deserializer=subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.SerializeToString,
+            ),
+            'ListSettlementBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSettlementBatches,
+                    request_deserializer=subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesResponse.SerializeToString,
             ),
             'ListOverdueEvidence': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOverdueEvidence,
@@ -826,6 +844,33 @@ class LedgerService:
             '/subsidy.v1.LedgerService/GetSettlementBatch',
             subsidy_dot_v1_dot_ledger__pb2.GetSettlementBatchRequest.SerializeToString,
             subsidy_dot_v1_dot_ledger__pb2.SettlementBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSettlementBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.LedgerService/ListSettlementBatches',
+            subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesRequest.SerializeToString,
+            subsidy_dot_v1_dot_ledger__pb2.ListSettlementBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,10 @@ class LedgerServiceStub:
     ApproveSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]
     MarkSettlementBatchPaid: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]
     GetSettlementBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]
+    ListSettlementBatches: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListSettlementBatchesRequest, _ledger_pb2.ListSettlementBatchesResponse]
+    """Every settlement batch, by batch id, a page at a time (operators, auditors: what
+    `audit verify` compares with the batches it rebuilds from the events).
+    """
     ListOverdueEvidence: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]
     """Captured orders still without evidence past their policy version's funding.evidence_days
     (default 30), oldest first: chase the platform, they are not paid until evidenced.
@@ -135,6 +139,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ApproveSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApproveSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
     MarkSettlementBatchPaid: _aio.UnaryUnaryMultiCallable[_ledger_pb2.MarkSettlementBatchPaidRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
     GetSettlementBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSettlementBatchRequest, _ledger_pb2.SettlementBatch]  # type: ignore[assignment]
+    ListSettlementBatches: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListSettlementBatchesRequest, _ledger_pb2.ListSettlementBatchesResponse]  # type: ignore[assignment]
+    """Every settlement batch, by batch id, a page at a time (operators, auditors: what
+    `audit verify` compares with the batches it rebuilds from the events).
+    """
     ListOverdueEvidence: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListOverdueEvidenceRequest, _ledger_pb2.ListOverdueEvidenceResponse]  # type: ignore[assignment]
     """Captured orders still without evidence past their policy version's funding.evidence_days
     (default 30), oldest first: chase the platform, they are not paid until evidenced.
@@ -291,6 +299,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetSettlementBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.SettlementBatch, _abc.Awaitable[_ledger_pb2.SettlementBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSettlementBatches(
+        self,
+        request: _ledger_pb2.ListSettlementBatchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListSettlementBatchesResponse, _abc.Awaitable[_ledger_pb2.ListSettlementBatchesResponse]]:
+        """Every settlement batch, by batch id, a page at a time (operators, auditors: what
+        `audit verify` compares with the batches it rebuilds from the events).
+        """
 
     @_abc_1.abstractmethod
     def ListOverdueEvidence(

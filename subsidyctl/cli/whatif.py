@@ -19,14 +19,15 @@ from typing import Annotated, Any
 import typer
 
 from services.audit.totals import Rebuild
-from services.audit.verify import LogAudit
+from services.audit.verify import EventReplay, LogAudit
 from services.audit.whatif import DAY_FIGURES, WhatIf, WhatIfFold, replay
 from services.kernel import rpc
 from services.kernel.contract.spreadsheet import csv_bytes
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
 
 from ..stack.certs import OPERATOR_DEMO
-from .audit import AuditAddrOpt, fetch_entries
+from .audit import AuditAddrOpt
+from .audit.replay import fetch_entries
 from .common import Failure, JsonOpt, OperatorIdentityOpt, emit, identity, local_address
 from .progress import PhaseProgress
 
@@ -56,12 +57,16 @@ async def _fold(audit_addr: str, who: Any, quiet: bool) -> WhatIfFold:
     try:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         size = (await stub.GetLogInfo(audit_pb2.GetLogInfoRequest())).size
-        state = LogAudit(digests=False)
+        state = LogAudit(digests=False)  # its replay in this process: the what-if's fold in it
+        assert isinstance(state.replay, EventReplay)
         fold = WhatIfFold()
-        state.rebuild = Rebuild([fold])
-        with PhaseProgress(unit="entries", plain=False, quiet=quiet) as bar:
-            await fetch_entries(stub, state, size, bar.update)
-        state.rebuild.finish()
+        state.replay.rebuild = Rebuild([fold])
+        try:
+            with PhaseProgress(unit="entries", plain=False, quiet=quiet) as bar:
+                await fetch_entries(stub, state, size, bar.update)
+            state.replay.rebuild.finish()
+        finally:
+            state.close()
         return fold
     finally:
         await channel.close()

@@ -212,7 +212,14 @@ async def test_a_trusted_checkpoint_is_written_then_extended(
     first = json.loads(trusted.read_text())
     assert first["tree_size"] == answer["tree_size"] and first["root_hex"] == answer["root_hex"]
     assert answer["signature_ok"] is True and answer["cross_check_ok"] is True
-    assert set(answer["totals_compared"]) == {"pool", "quota", "person", "sales"}
+    assert set(answer["totals_compared"]) == {
+        "pool",
+        "quota",
+        "person",
+        "sales",
+        "settlement",
+        "returns",
+    }
     assert answer["proofs_checked"] >= 2
     await checkout(platform, rng)
     await settled(platform)

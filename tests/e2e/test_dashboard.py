@@ -187,9 +187,7 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
             # A complaint about the order becomes an open case on the page.
             case = await _complain(client, str(result["order_id"]))
             row = f"""document.querySelector('#cases-table tr[data-case="{case}"]')"""
-            await page.wait_for(
-                f"{row} !== null || document.getElementById('errors').textContent"
-            )
+            await page.wait_for(f"{row} !== null || document.getElementById('errors').textContent")
             errors = await page.evaluate("document.getElementById('errors').textContent")
             assert errors == "", errors
             assert await page.evaluate(f"{row}.children[1].textContent") == "COMPLAINT"

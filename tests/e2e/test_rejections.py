@@ -1247,6 +1247,7 @@ RANGE_CASES: list[tuple[str, dict[str, int], str, str]] = [
     ("end-before-start", {"start": 5, "end": 4}, "INVALID_END", "end"),
     ("more-than-1000", {"start": 0, "end": 1001}, "INVALID_END", "end"),
     ("beyond-the-log", {"start": INT64_MAX - 10, "end": INT64_MAX}, "BEYOND_LOG", "end"),
+    ("packed-without-end", {"start": 0, "limit": 5, "packed": True}, "PACKED_NEEDS_END", "packed"),
 ]
 for _rid, _range, _rreason, _rfield in RANGE_CASES:
     case(f"{ENTRIES}-{_rid}", ENTRIES, fixed(entries, **_range), INVALID, _rreason, _rfield)
@@ -1592,10 +1593,34 @@ for _sb_ref, _sb_reason in (("", "MISSING_FIELD"), ("p" * 129, "FIELD_TOO_LONG")
 
 # LedgerService.ListOverdueEvidence and ListReturns ------------------------------------------------
 OVERDUE, RETURNS = "ledger.ListOverdueEvidence", "ledger.ListReturns"
+BATCHES = "ledger.ListSettlementBatches"
 _SB_LISTS: list[tuple[str, Callable[..., Message]]] = [
     (OVERDUE, ledger_pb2.ListOverdueEvidenceRequest),
     (RETURNS, ledger_pb2.ListReturnsRequest),
+    (BATCHES, ledger_pb2.ListSettlementBatchesRequest),
 ]
+# Their cursors: a batch id (ListSettlementBatches), a refund's time and order (ListReturns).
+for _sb_id, _sb_rpc, _sb_cursor, _sb_reason in [
+    ("bad-cursor", BATCHES, "a b", "INVALID_IDENTIFIER"),
+    ("long-cursor", BATCHES, LONG, "FIELD_TOO_LONG"),
+    ("cursor-no-time", RETURNS, "o-1", "INVALID_CURSOR"),
+    ("cursor-naive-time", RETURNS, "2026-12-01T10:00:00|o-1", "INVALID_CURSOR"),
+    ("cursor-no-order", RETURNS, "2026-12-01T10:00:00+00:00|", "INVALID_CURSOR"),
+    ("cursor-bad-order", RETURNS, "2026-12-01T10:00:00+00:00|a b", "INVALID_IDENTIFIER"),
+    ("cursor-129-chars", RETURNS, "2026-12-01T10:00:00+00:00|" + "o" * 103, "INVALID_CURSOR"),
+]:
+    case(
+        f"{_sb_rpc}-{_sb_id}",
+        _sb_rpc,
+        lambda w, rng, r=_sb_rpc, c=_sb_cursor: (  # type: ignore[misc]
+            ledger_pb2.ListReturnsRequest(cursor=c)
+            if r == RETURNS
+            else ledger_pb2.ListSettlementBatchesRequest(cursor=c)
+        ),
+        INVALID,
+        _sb_reason,
+        "cursor",
+    )
 for _sb_rpc, _sb_make in _SB_LISTS:
     for _sb_limit in (-1, 1001):
         case(
