@@ -1212,6 +1212,37 @@ case(
 )
 
 
+# EligibilityService.RestoreQualification / ForfeitQualification (a case's outcome) -----------
+def case_outcome(
+    w: World, rng: random.Random, **kw: Any
+) -> eligibility_pb2.CaseQualificationRequest:
+    """A case outcome on A's available refrigerator qualification but for ``kw`` (restoring it
+    is nothing to do, forfeiting it would succeed)."""
+    values: dict[str, Any] = {"qualification_id": w.qa, "case_id": "case-x1", "reason": "case"}
+    return eligibility_pb2.CaseQualificationRequest(**(values | kw))
+
+
+for _rpc, _state in (
+    ("eligibility.RestoreQualification", "RESTORABLE"),
+    ("eligibility.ForfeitQualification", "FORFEITABLE"),
+):
+    qualification_id_cases(_rpc, setting(case_outcome, "qualification_id"))
+    identifier_cases(_rpc, "case_id", setting(case_outcome, "case_id"))
+    case(f"{_rpc}-no-reason", _rpc, fixed(case_outcome, reason=""), INVALID, "MISSING_FIELD",
+         "reason")  # fmt: skip
+    case(f"{_rpc}-reason-201-chars", _rpc, fixed(case_outcome, reason="r" * 201), INVALID,
+         "FIELD_TOO_LONG", "reason")  # fmt: skip
+    # A qualification locked to a pending order is neither restored nor forfeited by a case.
+    case(
+        f"{_rpc}-locked-qualification",
+        _rpc,
+        lambda w, rng: case_outcome(w, rng, qualification_id=w.qc),
+        PRECONDITION,
+        f"QUALIFICATION_NOT_{_state}",
+        "qualification_id",
+    )
+
+
 # AuditService.GetEntries (GetLogInfo takes no input: see its own test below) --------------------
 ENTRIES = "audit.GetEntries"
 
