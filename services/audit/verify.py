@@ -18,7 +18,6 @@ into the log's database and re-hashed, matches no stored event).
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import subprocess
 import sys
@@ -299,15 +298,14 @@ class ReplayProcess:
     differs."""
 
     def __init__(self, digests: bool = True) -> None:
-        # The child imports this package from where this process did, whatever its sys.path.
+        # The child imports this package from where this process did, whatever its sys.path:
+        # `python -m` puts its working directory first on the path.
         root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "services.audit.replay", "1" if digests else "0"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            cwd=root,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._to, self._from = self._proc.stdin, self._proc.stdout

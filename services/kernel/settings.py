@@ -613,6 +613,12 @@ class CliSettings:
     base_port: int = variable(
         "SUBSIDY_BASE_PORT", "the local stack's base port, default 7100", default=7100
     )
+    local_nats_nodes: int = variable(
+        "SUBSIDY_LOCAL_NATS_NODES",
+        "the local stack's NATS JetStream nodes: 1, or a cluster of that many (streams at that "
+        "many replicas), default 1",
+        default=1,
+    )
     run_dir: Path = variable(  # noqa: RUF009 (a dataclasses.field, as variable() is)
         "SUBSIDY_RUN_DIR",
         "the local stack's run folder (data, logs, traces, certs), default `run`",
