@@ -170,6 +170,40 @@ function poolCard(p) {
   return card;
 }
 
+// One draft's what-if: the totals, the burn-down per pool (actual against draft, at each day's
+// end) and the per-day table. Days stand in for times on the chart's axis.
+function whatifCard(w) {
+  const card = el("article", {class: "whatif", "data-draft": w.draft});
+  card.append(el("div", {class: "pool-head"},
+    el("span", {class: "pool-id"}, "draft " + w.draft),
+    el("span", {class: "muted"}, `${w.orders} orders so far · actual ${w.actual.yuan} · `
+      + `under the draft ${w.draft_subsidy.yuan} · difference `),
+    el("span", {"data-field": "difference"}, w.difference.yuan),
+    el("span", {class: "muted"}, " · refused "),
+    el("span", {"data-field": "refused"}, w.refused)));
+  const charts = el("div", {class: "burns"});
+  const dayTimes = w.days.map((d) => Date.parse(d.day + "T00:00:00Z"));
+  charts.append(lineChart(dayTimes, {actual: w.days.map((d) => d.actual.fen),
+                                     ["draft " + w.draft]: w.days.map((d) => d.draft_subsidy.fen)},
+                          "subsidy paid per day"));
+  for (const b of w.burn_down) {
+    const times = b.days.map((d) => Date.parse(d + "T00:00:00Z"));
+    charts.append(lineChart(times, {actual: b.actual, ["draft " + w.draft]: b.draft},
+                            `${b.pool_id}: available at each day's end`));
+  }
+  card.append(charts);
+  const table = el("table", {class: "whatif-days"},
+    el("thead", {}, el("tr", {}, el("th", {}, "day"), el("th", {class: "n"}, "orders"),
+      el("th", {class: "n"}, "actual"), el("th", {class: "n"}, "draft"),
+      el("th", {class: "n"}, "difference"), el("th", {class: "n"}, "refused"))),
+    el("tbody", {}, ...w.days.map((d) => el("tr", {"data-day": d.day},
+      el("td", {}, d.day), el("td", {class: "n"}, d.orders),
+      el("td", {class: "n"}, d.actual.yuan), el("td", {class: "n"}, d.draft_subsidy.yuan),
+      el("td", {class: "n"}, d.difference.yuan), el("td", {class: "n"}, d.refused)))));
+  card.append(table, el("p", {class: "muted"}, "Not replayed: " + w.not_replayed + "."));
+  return card;
+}
+
 function render(s) {
   if (s.loading) return;
   const c = s.campaign;
@@ -215,6 +249,10 @@ function render(s) {
       el("td", {}, c.case_id), el("td", {}, c.kind), el("td", {}, c.priority),
       el("td", {}, c.status), el("td", {}, c.deadline + (c.overdue ? " (overdue)" : "")))));
   document.getElementById("cases-note").textContent = cases.note;
+  const drafts = s.whatif || [];
+  document.getElementById("whatif-drafts").replaceChildren(...drafts.map(whatifCard));
+  document.getElementById("whatif-note").textContent = drafts.length ? ""
+    : "no policy draft awaiting approval";
   document.getElementById("log").textContent =
     `${s.log.folded} of ${s.log.size} entries read`;
   const errors = document.getElementById("errors");
