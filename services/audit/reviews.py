@@ -67,6 +67,8 @@ review_actions = Table(
     Column("reviewed_at", DateTime(timezone=True), nullable=True),
 )
 
+TABLES = (reviews, review_actions)  # what a replay of the audit service's own store rebuilds
+
 
 def review_stream(review_id: str) -> str:
     return f"review/{review_id}"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import select
 
+from services.audit.reviews import TABLES, apply_event, review_actions, reviews
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import cases_pb2, cases_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc
 from tests.e2e.cli import identity_dir, subsidyctl
@@ -240,3 +242,41 @@ async def test_reviews_from_the_command_line(
         identity=supervisor,
     )  # fmt: skip
     assert (code, again) == (2, {}) and '"reason": "ALREADY_REVIEWED"' in err
+
+
+async def test_the_reviews_read_model_rebuilds_from_the_events_to_the_same_rows(
+    platform: Platform, people: People, rng: random.Random
+) -> None:
+    p = platform
+    await actions_of(p, people, rng, 3)
+    review = await people.supervisor.SampleOperatorActions(
+        cases_pb2.SampleOperatorActionsRequest(size=2, operator=people.operator)
+    )
+    for action, verdict, note in zip(review.actions, ("OK", "FLAGGED"), ("", NOTE), strict=True):
+        await people.supervisor.ReviewOperatorAction(
+            cases_pb2.ReviewOperatorActionRequest(
+                review_id=review.review_id,
+                event_id=action.action.event_id,
+                verdict=verdict,
+                note=note,
+            )
+        )
+    await p.quiesce()
+    store = p.running["audit"].runtime.store
+
+    async def rows() -> list[object]:
+        async with store.engine.connect() as conn:
+            heads = (await conn.execute(select(reviews).order_by(reviews.c.review_id))).all()
+            actions = (
+                await conn.execute(
+                    select(review_actions).order_by(
+                        review_actions.c.review_id, review_actions.c.position
+                    )
+                )
+            ).all()
+        return [*heads, *actions]
+
+    before = await rows()
+    assert any(getattr(r, "verdict", "") == "FLAGGED" for r in before)
+    await store.rebuild(TABLES, apply_event)
+    assert await rows() == before
