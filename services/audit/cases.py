@@ -593,6 +593,44 @@ class Cases:
         assert outcome.state is not None
         return outcome.state
 
+    async def open_flagged_action(
+        self,
+        tx: Tx,
+        case_id: str,
+        operator: str,
+        action_event_id: str,
+        summary: str,
+        note: str,
+        actor: common_pb2.Actor,
+    ) -> None:
+        """Open the case of an operator action a supervisor flagged in a review (in the
+        review's transaction ``tx``), with the supervisor's note as its text, sealed under
+        the case's own key."""
+        now = self.clock()
+        digest, length = text_digest(note)
+        key = await self._new_key(tx, case_id)
+        command = domain.Open(
+            case_id=case_id,
+            kind=domain.SUPERVISOR_REVIEW,
+            priority=domain.HIGH,
+            now=now,
+            supervision=await supervision_at(tx.conn, now),
+            subject=operator[:200],
+            source_event_id=action_event_id,
+            summary=summary[:300],
+            text_sealed=vault.seal(key, note, case_id.encode()),
+            text_sha256=digest,
+            text_length=length,
+        )
+        await self.pipeline.run(
+            CASE,
+            case_id,
+            lambda c: domain.open_case(c, command),
+            Context(actor, causation_id=action_event_id),
+            tx=tx,
+            reload=False,
+        )
+
     async def _link(self, tx: Tx, env: Envelope, case_id: str) -> None:
         await self.pipeline.run(
             CASE,

@@ -16,7 +16,9 @@ from services.kernel.rpc import ServicerContext
 from subsidy.v1 import cases_pb2, cases_pb2_grpc
 
 from . import cases_domain as domain
+from . import reviews_domain
 from .cases import CaseRow, Cases
+from .reviews import MAX_SEED, Reviews, ReviewView
 
 MAX_TEXT = 2000  # characters of a complaint or a note (the event stays far below the bus's cap)
 MAX_PAGE = 500
@@ -78,9 +80,48 @@ def _case_id(value: str) -> str:
     return validate.identifier("case_id", value, max_len=MAX_CASE_ID)
 
 
+def _action_message(out: cases_pb2.OperatorAction, row: dict[str, object]) -> None:
+    """A recorded operator action (``operator_actions`` row) into ``out``."""
+    out.event_id = str(row["event_id"])
+    for name in ("service", "event_type", "stream_id", "role", "reason"):
+        setattr(out, name, str(row.get(name) or ""))
+    at = row.get("occurred_at")
+    if isinstance(at, datetime):
+        out.at.FromDatetime(at)
+
+
+def review_message(view: ReviewView) -> cases_pb2.Review:
+    """A review as the API shows it: the sample in draw order, each action with its verdict."""
+    h = view.head
+    message = cases_pb2.Review(
+        review_id=str(h["review_id"]),
+        reviewer=str(h["reviewer"]),
+        operator=str(h["operator"]),
+        seed=int(str(h["seed"])),
+        size=int(str(h["size"])),
+        population=int(str(h["population"])),
+        population_last_event_id=str(h["population_last_event_id"]),
+        pending=sum(1 for a in view.actions if not a.verdict),
+    )
+    at = h["sampled_at"]
+    assert isinstance(at, datetime)
+    message.sampled_at.FromDatetime(at)
+    for a in view.actions:
+        sampled = message.actions.add(
+            operator=str(a.action.get("operator") or ""), verdict=a.verdict, case_id=a.case_id
+        )
+        _action_message(sampled.action, a.action)
+    return message
+
+
+def _review_id(value: str) -> str:
+    return validate.identifier("review_id", value, max_len=MAX_CASE_ID)
+
+
 class CasesApi(cases_pb2_grpc.CaseServiceServicer):
     def __init__(self, cases: Cases) -> None:
         self.cases = cases
+        self.reviews = Reviews(cases.store, cases)
 
     async def _answer(self, case_id: str) -> cases_pb2.Case:
         return case_message(await self.cases.get(case_id, None))
@@ -214,3 +255,41 @@ class CasesApi(cases_pb2_grpc.CaseServiceServicer):
             assert isinstance(at, datetime)
             action.at.FromDatetime(at)
         return out
+
+    async def SampleOperatorActions(
+        self, request: cases_pb2.SampleOperatorActionsRequest, context: ServicerContext
+    ) -> cases_pb2.Review:
+        if not 1 <= request.size <= reviews_domain.MAX_SAMPLE:
+            raise InvalidArgument(
+                "INVALID_SIZE", f"size: 1..{reviews_domain.MAX_SAMPLE}", field="size"
+            )
+        operator = validate.identifier("operator", request.operator) if request.operator else ""
+        seed = request.seed if request.HasField("seed") else None
+        if seed is not None and seed > MAX_SEED:
+            raise InvalidArgument("INVALID_SEED", f"seed: 0..{MAX_SEED}", field="seed")
+        reason = validate.text_field("reason", request.reason, required=False)
+        review_id = await self.reviews.sample(request.size, operator, seed, caller().actor(reason))
+        return review_message(await self.reviews.get(review_id))
+
+    async def ReviewOperatorAction(
+        self, request: cases_pb2.ReviewOperatorActionRequest, context: ServicerContext
+    ) -> cases_pb2.Review:
+        review_id = _review_id(request.review_id)
+        event_id = validate.identifier("event_id", request.event_id, max_len=36)
+        verdict = validate.choice("verdict", request.verdict, reviews_domain.VERDICTS)
+        if verdict == reviews_domain.FLAGGED:
+            note = free_text("note", request.note)
+        elif request.note:
+            raise InvalidArgument(
+                "NOTE_NOT_ALLOWED", "note: only a flag takes a note (OK: use reason)", field="note"
+            )
+        else:
+            note = ""
+        reason = validate.text_field("reason", request.reason, required=False)
+        await self.reviews.mark(review_id, event_id, verdict, note, caller().actor(reason))
+        return review_message(await self.reviews.get(review_id))
+
+    async def GetReview(
+        self, request: cases_pb2.GetReviewRequest, context: ServicerContext
+    ) -> cases_pb2.Review:
+        return review_message(await self.reviews.get(_review_id(request.review_id)))

@@ -31,7 +31,8 @@ COMPLAINT: Final = "COMPLAINT"
 RISK_ALERT: Final = "RISK_ALERT"
 OPERATOR_ACTIVITY: Final = "OPERATOR_ACTIVITY"
 DETECTION: Final = "DETECTION"  # a post-hoc detector's finding (services/audit/detectors.py)
-KINDS: Final = (COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY, DETECTION)
+SUPERVISOR_REVIEW: Final = "SUPERVISOR_REVIEW"  # an action a supervisor flagged (reviews_domain)
+KINDS: Final = (COMPLAINT, RISK_ALERT, OPERATOR_ACTIVITY, DETECTION, SUPERVISOR_REVIEW)
 # Who complains
 CONSUMER: Final = "CONSUMER"
 MERCHANT: Final = "MERCHANT"

@@ -132,6 +132,10 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     _CASES + "ResolveCase": frozenset({OPERATOR}),
     _CASES + "ApproveCaseOutcome": frozenset({APPROVER}),
     _CASES + "ListOperatorActions": frozenset({OPERATOR, APPROVER, AUDITOR}),
+    # Supervisor reviews: approvers draw and mark them (docs/cases.md says why); auditors read.
+    _CASES + "SampleOperatorActions": frozenset({APPROVER}),
+    _CASES + "ReviewOperatorAction": frozenset({APPROVER}),
+    _CASES + "GetReview": frozenset({APPROVER, AUDITOR}),
     # eligibility's issued quotas and per-person figures, for the auditor's replay to compare
     _USAGE + "ListQuotaUsage": frozenset({AUDITOR, OPERATOR}),
     _USAGE + "ListPersonUsage": frozenset({AUDITOR, OPERATOR}),

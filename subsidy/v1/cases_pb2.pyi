@@ -437,3 +437,169 @@ class ListOperatorActionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOperatorActionsResponse: _TypeAlias = ListOperatorActionsResponse  # noqa: Y015
+
+@_typing.final
+class SampleOperatorActionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """1..200"""
+    operator: _builtins.str
+    """"" = every person's actions but the reviewer's own"""
+    seed: _builtins.int
+    """absent: a fresh random one (recorded either way)"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        operator: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "operator", b"operator", "reason", b"reason", "seed", b"seed", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___SampleOperatorActionsRequest: _TypeAlias = SampleOperatorActionsRequest  # noqa: Y015
+
+@_typing.final
+class ReviewOperatorActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    event_id: _builtins.str
+    """one of the review's sampled actions"""
+    verdict: _builtins.str
+    """OK, FLAGGED"""
+    note: _builtins.str
+    """FLAGGED: required, at most 2,000 characters, sealed in the case"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        note: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "note", b"note", "reason", b"reason", "review_id", b"review_id", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewOperatorActionRequest: _TypeAlias = ReviewOperatorActionRequest  # noqa: Y015
+
+@_typing.final
+class GetReviewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["review_id", b"review_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReviewRequest: _TypeAlias = GetReviewRequest  # noqa: Y015
+
+@_typing.final
+class SampledAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    operator: _builtins.str
+    verdict: _builtins.str
+    """"" until reviewed, OK, FLAGGED"""
+    case_id: _builtins.str
+    """FLAGGED: the case it opened"""
+    @_builtins.property
+    def action(self) -> Global___OperatorAction: ...
+    def __init__(
+        self,
+        *,
+        action: Global___OperatorAction | None = ...,
+        operator: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "case_id", b"case_id", "operator", b"operator", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampledAction: _TypeAlias = SampledAction  # noqa: Y015
+
+@_typing.final
+class Review(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    POPULATION_FIELD_NUMBER: _builtins.int
+    POPULATION_LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
+    SAMPLED_AT_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    reviewer: _builtins.str
+    operator: _builtins.str
+    seed: _builtins.int
+    size: _builtins.int
+    population: _builtins.int
+    population_last_event_id: _builtins.str
+    pending: _builtins.int
+    """sampled actions not reviewed yet"""
+    @_builtins.property
+    def sampled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampledAction]: ...
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        reviewer: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        seed: _builtins.int = ...,
+        size: _builtins.int = ...,
+        population: _builtins.int = ...,
+        population_last_event_id: _builtins.str = ...,
+        sampled_at: _timestamp_pb2.Timestamp | None = ...,
+        actions: _abc.Iterable[Global___SampledAction] | None = ...,
+        pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "operator", b"operator", "pending", b"pending", "population", b"population", "population_last_event_id", b"population_last_event_id", "review_id", b"review_id", "reviewer", b"reviewer", "sampled_at", b"sampled_at", "seed", b"seed", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Review: _TypeAlias = Review  # noqa: Y015

@@ -77,6 +77,21 @@ class CaseServiceStub:
                 request_serializer=subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsResponse.FromString,
                 _registered_method=True)
+        self.SampleOperatorActions = channel.unary_unary(
+                '/subsidy.v1.CaseService/SampleOperatorActions',
+                request_serializer=subsidy_dot_v1_dot_cases__pb2.SampleOperatorActionsRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_cases__pb2.Review.FromString,
+                _registered_method=True)
+        self.ReviewOperatorAction = channel.unary_unary(
+                '/subsidy.v1.CaseService/ReviewOperatorAction',
+                request_serializer=subsidy_dot_v1_dot_cases__pb2.ReviewOperatorActionRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_cases__pb2.Review.FromString,
+                _registered_method=True)
+        self.GetReview = channel.unary_unary(
+                '/subsidy.v1.CaseService/GetReview',
+                request_serializer=subsidy_dot_v1_dot_cases__pb2.GetReviewRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_cases__pb2.Review.FromString,
+                _registered_method=True)
 
 
 class CaseServiceServicer:
@@ -139,6 +154,26 @@ class CaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleOperatorActions(self, request, context):
+        """A supervisor (approver) draws a reproducible random sample of the recorded operator
+        actions to review, then marks each reviewed OK or FLAGGED (a flag opens a case).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewOperatorAction(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReview(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +216,21 @@ def add_CaseServiceServicer_to_server(servicer, server):
                     servicer.ListOperatorActions,
                     request_deserializer=subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsResponse.SerializeToString,
+            ),
+            'SampleOperatorActions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SampleOperatorActions,
+                    request_deserializer=subsidy_dot_v1_dot_cases__pb2.SampleOperatorActionsRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_cases__pb2.Review.SerializeToString,
+            ),
+            'ReviewOperatorAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewOperatorAction,
+                    request_deserializer=subsidy_dot_v1_dot_cases__pb2.ReviewOperatorActionRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_cases__pb2.Review.SerializeToString,
+            ),
+            'GetReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReview,
+                    request_deserializer=subsidy_dot_v1_dot_cases__pb2.GetReviewRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_cases__pb2.Review.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +452,87 @@ class CaseService:
             '/subsidy.v1.CaseService/ListOperatorActions',
             subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsRequest.SerializeToString,
             subsidy_dot_v1_dot_cases__pb2.ListOperatorActionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleOperatorActions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CaseService/SampleOperatorActions',
+            subsidy_dot_v1_dot_cases__pb2.SampleOperatorActionsRequest.SerializeToString,
+            subsidy_dot_v1_dot_cases__pb2.Review.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewOperatorAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CaseService/ReviewOperatorAction',
+            subsidy_dot_v1_dot_cases__pb2.ReviewOperatorActionRequest.SerializeToString,
+            subsidy_dot_v1_dot_cases__pb2.Review.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.CaseService/GetReview',
+            subsidy_dot_v1_dot_cases__pb2.GetReviewRequest.SerializeToString,
+            subsidy_dot_v1_dot_cases__pb2.Review.FromString,
             options,
             channel_credentials,
             insecure,

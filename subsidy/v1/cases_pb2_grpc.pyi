@@ -51,6 +51,12 @@ class CaseServiceStub:
     ApproveCaseOutcome: _grpc.UnaryUnaryMultiCallable[_cases_pb2.ApproveCaseOutcomeRequest, _cases_pb2.Case]
     ListOperatorActions: _grpc.UnaryUnaryMultiCallable[_cases_pb2.ListOperatorActionsRequest, _cases_pb2.ListOperatorActionsResponse]
     """Internal supervision: every action of one person, from the audit log (newest last)."""
+    SampleOperatorActions: _grpc.UnaryUnaryMultiCallable[_cases_pb2.SampleOperatorActionsRequest, _cases_pb2.Review]
+    """A supervisor (approver) draws a reproducible random sample of the recorded operator
+    actions to review, then marks each reviewed OK or FLAGGED (a flag opens a case).
+    """
+    ReviewOperatorAction: _grpc.UnaryUnaryMultiCallable[_cases_pb2.ReviewOperatorActionRequest, _cases_pb2.Review]
+    GetReview: _grpc.UnaryUnaryMultiCallable[_cases_pb2.GetReviewRequest, _cases_pb2.Review]
 
 @_typing.type_check_only
 class CaseServiceAsyncStub(CaseServiceStub):
@@ -75,6 +81,12 @@ class CaseServiceAsyncStub(CaseServiceStub):
     ApproveCaseOutcome: _aio.UnaryUnaryMultiCallable[_cases_pb2.ApproveCaseOutcomeRequest, _cases_pb2.Case]  # type: ignore[assignment]
     ListOperatorActions: _aio.UnaryUnaryMultiCallable[_cases_pb2.ListOperatorActionsRequest, _cases_pb2.ListOperatorActionsResponse]  # type: ignore[assignment]
     """Internal supervision: every action of one person, from the audit log (newest last)."""
+    SampleOperatorActions: _aio.UnaryUnaryMultiCallable[_cases_pb2.SampleOperatorActionsRequest, _cases_pb2.Review]  # type: ignore[assignment]
+    """A supervisor (approver) draws a reproducible random sample of the recorded operator
+    actions to review, then marks each reviewed OK or FLAGGED (a flag opens a case).
+    """
+    ReviewOperatorAction: _aio.UnaryUnaryMultiCallable[_cases_pb2.ReviewOperatorActionRequest, _cases_pb2.Review]  # type: ignore[assignment]
+    GetReview: _aio.UnaryUnaryMultiCallable[_cases_pb2.GetReviewRequest, _cases_pb2.Review]  # type: ignore[assignment]
 
 class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """Supervision cases, served by the audit service (docs/cases.md): complaints platforms file and
@@ -144,5 +156,29 @@ class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cases_pb2.ListOperatorActionsResponse, _abc.Awaitable[_cases_pb2.ListOperatorActionsResponse]]:
         """Internal supervision: every action of one person, from the audit log (newest last)."""
+
+    @_abc_1.abstractmethod
+    def SampleOperatorActions(
+        self,
+        request: _cases_pb2.SampleOperatorActionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cases_pb2.Review, _abc.Awaitable[_cases_pb2.Review]]:
+        """A supervisor (approver) draws a reproducible random sample of the recorded operator
+        actions to review, then marks each reviewed OK or FLAGGED (a flag opens a case).
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewOperatorAction(
+        self,
+        request: _cases_pb2.ReviewOperatorActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cases_pb2.Review, _abc.Awaitable[_cases_pb2.Review]]: ...
+
+    @_abc_1.abstractmethod
+    def GetReview(
+        self,
+        request: _cases_pb2.GetReviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cases_pb2.Review, _abc.Awaitable[_cases_pb2.Review]]: ...
 
 def add_CaseServiceServicer_to_server(servicer: CaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2408,3 +2408,110 @@ class CaseOutcomeApplied(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaseOutcomeApplied: _TypeAlias = CaseOutcomeApplied  # noqa: Y015
+
+@_typing.final
+class OperatorActionsSampled(_message.Message):
+    """Internal supervision: a supervisor (an approver) drew a reproducible random sample of the
+    recorded operator actions to review: Python's random.Random(seed).sample over the first
+    `population` actions ordered by (occurred_at, event_id), of `operator` ("": everyone but
+    the reviewer), through population_last_event_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    POPULATION_FIELD_NUMBER: _builtins.int
+    POPULATION_LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_IDS_FIELD_NUMBER: _builtins.int
+    OPERATORS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    reviewer: _builtins.str
+    operator: _builtins.str
+    seed: _builtins.int
+    size: _builtins.int
+    """asked for"""
+    population: _builtins.int
+    """actions it was drawn from"""
+    population_last_event_id: _builtins.str
+    @_builtins.property
+    def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the sample, in draw order"""
+
+    @_builtins.property
+    def operators(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """whose action each one is"""
+
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        reviewer: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        seed: _builtins.int = ...,
+        size: _builtins.int = ...,
+        population: _builtins.int = ...,
+        population_last_event_id: _builtins.str = ...,
+        event_ids: _abc.Iterable[_builtins.str] | None = ...,
+        operators: _abc.Iterable[_builtins.str] | None = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "event_ids", b"event_ids", "operator", b"operator", "operators", b"operators", "population", b"population", "population_last_event_id", b"population_last_event_id", "review_id", b"review_id", "reviewer", b"reviewer", "seed", b"seed", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatorActionsSampled: _TypeAlias = OperatorActionsSampled  # noqa: Y015
+
+@_typing.final
+class OperatorActionReviewed(_message.Message):
+    """One sampled action reviewed: OK, or FLAGGED with a note (sealed in the case it opens)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    NOTE_SHA256_FIELD_NUMBER: _builtins.int
+    NOTE_LENGTH_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    event_id: _builtins.str
+    verdict: _builtins.str
+    """OK, FLAGGED"""
+    operator: _builtins.str
+    """whose action it was"""
+    case_id: _builtins.str
+    """FLAGGED: the case it opened"""
+    note_sha256: _builtins.str
+    note_length: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        note_sha256: _builtins.str = ...,
+        note_length: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "case_id", b"case_id", "event_id", b"event_id", "note_length", b"note_length", "note_sha256", b"note_sha256", "operator", b"operator", "review_id", b"review_id", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatorActionReviewed: _TypeAlias = OperatorActionReviewed  # noqa: Y015

@@ -10,6 +10,10 @@ and complaints as a platform files them.
   subsidyctl cases apply CASE_ID                          carry a resolved outcome out again
   subsidyctl cases approve CASE_ID --reason TEXT          (the checker of a money outcome)
   subsidyctl cases operator-actions --operator NAME       every action of one person
+  subsidyctl cases review-sample --size N [--operator NAME] [--seed S]
+                                                          a supervisor (approver) draws a sample
+  subsidyctl cases review-mark REVIEW_ID EVENT_ID --ok | --flag --note TEXT
+  subsidyctl cases review-show REVIEW_ID                  the sample and its verdicts
   subsidyctl complaint file --order ORDER_ID --text TEXT  (as the demo platform)
 
 ``resolve`` records the outcome with the audit service; for RESTORE_QUALIFICATION and
@@ -308,6 +312,75 @@ def operator_actions(
         emit(plain(action) | {"operator": operator})
     if not json_only and not got.actions:
         note(f"no actions of {operator}")
+
+
+def review_shown(review: cases_pb2.Review) -> dict[str, Any]:
+    """A review as ``review-*`` print it: every field (the seed as a number, not a string)."""
+    return plain(review) | {"seed": review.seed, "pending": review.pending}
+
+
+@app.command("review-sample")
+def review_sample(
+    size: Annotated[int, typer.Option(min=1, max=200, help="how many actions to draw")],
+    operator: Annotated[
+        str, typer.Option(help="only this person's actions (default: everyone's but yours)")
+    ] = "",
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="draw with this seed (default: a fresh random one)")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="why this review (recorded)")] = "",
+    audit: AuditOpt = "",
+    identity_dir: ApproverIdentityOpt = None,
+    json_only: JsonOpt = False,
+) -> None:
+    """Draw a reproducible random sample of recorded operator actions to review (supervisor:
+    an approver); prints the review with its sampled actions."""
+    who = identity(identity_dir, APPROVER_DEMO)
+    request = cases_pb2.SampleOperatorActionsRequest(size=size, operator=operator, reason=reason)
+    if seed is not None:
+        request.seed = seed
+    emit(review_shown(cases_call(audit, who, lambda s: s.SampleOperatorActions(request))))
+
+
+@app.command("review-mark")
+def review_mark(
+    review_id: str,
+    event_id: str,
+    ok: Annotated[bool, typer.Option("--ok", help="reviewed: nothing wrong")] = False,
+    flag: Annotated[bool, typer.Option("--flag", help="reviewed: flagged (opens a case)")] = False,
+    note_text: Annotated[
+        str, typer.Option("--note", help="why it is flagged (sealed in the case it opens)")
+    ] = "",
+    reason: Annotated[str, typer.Option(help="recorded with the verdict")] = "",
+    audit: AuditOpt = "",
+    identity_dir: ApproverIdentityOpt = None,
+    json_only: JsonOpt = False,
+) -> None:
+    """Mark one sampled action of a review reviewed: --ok, or --flag with a --note."""
+    if ok == flag:
+        raise Failure("give exactly one of --ok and --flag")
+    who = identity(identity_dir, APPROVER_DEMO)
+    request = cases_pb2.ReviewOperatorActionRequest(
+        review_id=review_id,
+        event_id=event_id,
+        verdict="OK" if ok else "FLAGGED",
+        note=note_text,
+        reason=reason,
+    )
+    emit(review_shown(cases_call(audit, who, lambda s: s.ReviewOperatorAction(request))))
+
+
+@app.command("review-show")
+def review_show(
+    review_id: str,
+    audit: AuditOpt = "",
+    identity_dir: AuditorIdentityOpt = None,
+    json_only: JsonOpt = False,
+) -> None:
+    """One review: who drew it, with which seed, and each sampled action with its verdict."""
+    who = identity(identity_dir, AUDITOR_DEMO)
+    request = cases_pb2.GetReviewRequest(review_id=review_id)
+    emit(review_shown(cases_call(audit, who, lambda s: s.GetReview(request))))
 
 
 @complaint_app.command("file")

@@ -21,6 +21,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from services.audit.totals import Rebuild
+from services.audit.whatif import WhatIf, WhatIfFold, replay
 from services.invariants import InvariantViolation
 from services.kernel.contract import budget
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
@@ -117,14 +119,28 @@ class LogFold:
     claims: Counter[tuple[str, str]] = field(default_factory=Counter)  # (day, category)
     alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     seen: int = 0  # entries folded so far (the next GetEntries start)
+    # The policy what-if's fold, fed the same entries (no second download of the log); the
+    # versions drafted and those published, to show the drafts still awaiting approval.
+    whatif: WhatIfFold = field(default_factory=WhatIfFold)
+    drafted: list[str] = field(default_factory=list)
+    published: set[str] = field(default_factory=set)
+    _rebuild: Rebuild | None = None
+    _panels: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
 
     def add(self, env: Envelope) -> None:
         """Fold the log's next entry."""
         self.seen += 1
+        if self._rebuild is None:
+            self._rebuild = Rebuild([self.whatif])
+        self._rebuild.add(env)  # each stream in version order, as the CLI's what-if reads it
         try:
             payload = payload_of(env)
         except KeyError:  # an event type this build does not know: nothing here counts it
             return
+        if isinstance(payload, ev.PolicyDrafted) and payload.version not in self.drafted:
+            self.drafted.append(payload.version)
+        elif isinstance(payload, ev.PolicyPublished):
+            self.published.add(payload.version)
         if isinstance(payload, ev.QualificationClaimed):
             self.claims[(payload.quota_day, payload.category)] += 1
         elif isinstance(payload, ev.BudgetThresholdReached):
@@ -198,6 +214,30 @@ class LogFold:
             last = trail.points[-1]
             trail.points = [*trail.points[:-1:2], last]
 
+    def drafts(self) -> list[str]:
+        """The policy versions drafted in the log and not published (awaiting approval), in
+        the order they were drafted."""
+        return [v for v in self.drafted if v not in self.published]
+
+    def whatif_panels(self) -> list[dict[str, Any]]:
+        """Per draft awaiting approval, the what-if of the orders so far under it
+        (:func:`whatif_panel`); each replayed again only when the log has grown."""
+        out = []
+        for version in self.drafts():
+            policy = self.whatif.policies.get(version)
+            if policy is None:  # its event is still held back for an earlier version
+                continue
+            cached = self._panels.get(version)
+            if cached is None or cached[0] != self.seen:
+                cached = self._panels[version] = (
+                    self.seen,
+                    whatif_panel(replay(self.whatif, policy)),
+                )
+            out.append(cached[1])
+        for version in set(self._panels) - set(self.drafts()):
+            del self._panels[version]  # approved meanwhile: no longer a draft to weigh
+        return out
+
     def pending(self, pool_id: str) -> int:
         """Reservations of the pool neither captured nor released yet."""
         trail = self.pools.get(pool_id)
@@ -238,3 +278,42 @@ def outcomes_json(fold: LogFold, pool_id: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def whatif_panel(result: WhatIf) -> dict[str, Any]:
+    """A draft's what-if as the page draws it: the totals (actual and draft subsidy, their
+    difference, orders the draft refuses), per day (all categories) the same figures, and per
+    pool the burn-down at each day's end, actual against draft (available money, fen)."""
+    summary = result.summary()
+    days: dict[str, dict[str, int]] = {}
+    for (day, _category), figures in result.days().items():
+        row = days.setdefault(day, Counter())
+        row.update(figures)
+    burn: dict[str, dict[str, list[Any]]] = {}
+    for (pool_id, day), figures in result.burn_down.items():
+        series = burn.setdefault(pool_id, {"days": [], "actual": [], "draft": []})
+        series["days"].append(day)
+        series["actual"].append(figures["actual_available_fen"])
+        series["draft"].append(figures["draft_available_fen"])
+    return {
+        "draft": result.draft,
+        "timezone": result.timezone,
+        "orders": summary["orders"],
+        "actual": money(summary["actual_subsidy_fen"]),
+        "draft_subsidy": money(summary["draft_subsidy_fen"]),
+        "difference": money(summary["difference_fen"]),
+        "refused": summary["refused_by_draft"],
+        "days": [
+            {
+                "day": day,
+                "orders": row["orders"],
+                "actual": money(row["actual_subsidy_fen"]),
+                "draft_subsidy": money(row["draft_subsidy_fen"]),
+                "difference": money(row["difference_fen"]),
+                "refused": row["refused_by_draft"],
+            }
+            for day, row in sorted(days.items())
+        ],
+        "burn_down": [{"pool_id": pool_id, **series} for pool_id, series in sorted(burn.items())],
+        "not_replayed": summary["not_replayed"],
+    }

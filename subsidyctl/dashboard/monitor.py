@@ -3,7 +3,8 @@
 The monitor acts as one read-only identity (the demo auditor locally) and, once a second:
 - follows the audit log (``GetEntries`` from where it stopped) into :class:`figures.LogFold`:
   which pools exist, their burn-down, reservations by outcome, claims per day and category,
-  threshold alerts;
+  threshold alerts, and the policy what-if of every draft awaiting approval (the same entries
+  feed :class:`services.audit.whatif.WhatIfFold`);
 - asks the ledger for each pool's figures as they stand (``GetBudget``), catalog for the policy
   in force (``GetPolicy``: the daily quotas and the campaign's time zone, so "today" is the
   campaign's day), and every service whether its outbox relay is stuck (``GetOutboxStatus``);
@@ -140,6 +141,7 @@ class Monitor:
             "lag": lag.get("services", []),
             "lag_note": lag.get("note", ""),
             "cases": await self._cases(errors),
+            "whatif": self.fold.whatif_panels(),  # from the entries already folded above
             "log": log,
             "errors": errors,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ import pytest
 
 from services.kernel import rpc
 from services.kernel.identity import Caller, Role
-from subsidy.v1 import cases_pb2, ledger_pb2
+from subsidy.v1 import cases_pb2, catalog_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.dashboard.figures import yuan
 from subsidyctl.localstack import LocalStack, Ports, free_base
@@ -191,6 +192,22 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
             errors = await page.evaluate("document.getElementById('errors').textContent")
             assert errors == "", errors
             assert await page.evaluate(f"{row}.children[1].textContent") == "COMPLAINT"
+            # A draft with a lower refrigerator cap, not approved: its what-if panel shows the
+            # saving on the one refrigerator order so far (the washer and phone pay the same).
+            draft = await _draft_lower_cap(client, "refrigerator", FRIDGE_CAP)
+            saving = int(result["subsidy_fen"]) - FRIDGE_CAP
+            assert saving > 0
+            panel = f"""document.querySelector('#whatif [data-draft="{draft}"]')"""
+            difference = f"{panel}?.querySelector('[data-field=difference]')?.textContent"
+            shown_difference = await page.wait_for(difference)
+            assert shown_difference == yuan(-saving)
+            assert (
+                await page.evaluate(f"{panel}.querySelector('[data-field=refused]').textContent")
+                == "0"
+            )
+            assert await page.evaluate(f"{panel}.querySelectorAll('svg.chart').length") >= 2
+            today = f"{panel}.querySelector('tr[data-day]:last-child td:nth-child(5)').textContent"
+            assert await page.evaluate(today) == yuan(-saving)  # the fridge order is the last day's
             png = await page.screenshot()
     finally:
         await client.close()
@@ -198,6 +215,25 @@ async def test_the_page_shows_the_campaign_and_updates_after_a_checkout(
     target = os.environ.get("DASHBOARD_SCREENSHOT")
     if target:
         await asyncio.to_thread(Path(target).write_bytes, png)
+
+
+FRIDGE_CAP = 10_000  # 100 yuan, under what the demo policy pays for the 12,000-yuan fridge
+
+
+async def _draft_lower_cap(client: demo.Client, category: str, cap_fen: int) -> str:
+    """A draft (never approved) of the policy in force with ``category``'s cap lowered."""
+    current = await client.catalog.GetPolicy(catalog_pb2.GetPolicyRequest())
+    document = json.loads(current.policy_json)
+    document["version"] = f"{document['version']}-lower-{category}"
+    document["effective_from"] = "2095-01-01T00:00:00+08:00"
+    for rule in document["categories"]:
+        if rule["code"] == category:
+            rule["cap_fen"] = cap_fen
+    drafted = await client.catalog.DraftPolicy(
+        catalog_pb2.DraftPolicyRequest(document=json.dumps(document), reason="what-if")
+    )
+    assert drafted.status == "DRAFT"
+    return str(drafted.version)
 
 
 async def _complain(client: demo.Client, order_id: str) -> str:

@@ -170,6 +170,89 @@ function poolCard(p) {
   return card;
 }
 
+// A chart over campaign days (ISO dates, evenly spaced): a line with a dot per day for each
+// series, so even a single day shows; values in fen (only for the geometry).
+function dayChart(days, series, title) {
+  const names = Object.keys(series);
+  const wrap = el("div", {class: "chart-wrap"}, el("h3", {}, title));
+  if (days.length === 0 || names.length === 0) {
+    wrap.append(el("p", {class: "muted"}, "no orders yet"));
+    return wrap;
+  }
+  const W = 420, H = 170, L = 78, R = 14, T = 10, B = 22;
+  let top = -Infinity, low = Infinity;
+  for (const n of names) for (const v of series[n]) { top = Math.max(top, v); low = Math.min(low, v); }
+  if (top === low) low = Math.min(0, low);
+  if (top === low) top = low + 1;
+  const x = (i) => days.length > 1 ? L + 8 + i * (W - L - R - 8) / (days.length - 1)
+                                   : (L + W - R) / 2;
+  const y = (v) => T + (1 - (v - low) / (top - low)) * (H - T - B);
+  const chart = svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`,
+                            role: "img", "aria-label": title});
+  chart.append(svg("line", {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d9dee7"}));
+  chart.append(svg("line", {x1: L, y1: T, x2: L, y2: H - B, stroke: "#d9dee7"}));
+  for (const [v, at] of [[top, T + 8], [low, H - B]]) {
+    const label = svg("text", {x: L - 4, y: at, "text-anchor": "end"});
+    label.textContent = yuanAxis(v);
+    chart.append(label);
+  }
+  const ends = days.length > 1 ? [0, days.length - 1] : [0];
+  for (const i of ends) {
+    const anchor = days.length === 1 ? "middle" : (i ? "end" : "start");
+    const label = svg("text", {x: days.length === 1 ? x(i) : (i ? W - R : L), y: H - 6,
+                               "text-anchor": anchor});
+    label.textContent = days[i];
+    chart.append(label);
+  }
+  const legend = el("div", {class: "legend"});
+  names.forEach((n, k) => {
+    const colour = COLOURS[k % COLOURS.length];
+    const values = series[n];
+    const d = values.map((v, i) => `${i ? "L" : "M"}${x(i)},${y(v)}`).join("");
+    chart.append(svg("path", {d, fill: "none", stroke: colour, "stroke-width": 2}));
+    values.forEach((v, i) => chart.append(
+      svg("circle", {cx: x(i), cy: y(v), r: 3.5 - k, fill: colour})));
+    const swatch = el("i");
+    swatch.style.background = colour;
+    legend.append(el("span", {}, swatch, n));
+  });
+  wrap.append(chart, legend);
+  return wrap;
+}
+
+// One draft's what-if: the totals, the burn-down per pool (actual against draft, at each day's
+// end) and the per-day table.
+function whatifCard(w) {
+  const card = el("article", {class: "whatif", "data-draft": w.draft});
+  card.append(el("div", {class: "pool-head"},
+    el("span", {class: "pool-id"}, "draft " + w.draft),
+    el("span", {class: "muted"}, `${w.orders} orders so far · actual ${w.actual.yuan} · `
+      + `under the draft ${w.draft_subsidy.yuan} · difference `),
+    el("span", {"data-field": "difference"}, w.difference.yuan),
+    el("span", {class: "muted"}, " · refused "),
+    el("span", {"data-field": "refused"}, w.refused)));
+  const charts = el("div", {class: "burns"});
+  charts.append(dayChart(w.days.map((d) => d.day),
+                         {actual: w.days.map((d) => d.actual.fen),
+                          ["draft " + w.draft]: w.days.map((d) => d.draft_subsidy.fen)},
+                         "subsidy paid per day"));
+  for (const b of w.burn_down) {
+    charts.append(dayChart(b.days, {actual: b.actual, ["draft " + w.draft]: b.draft},
+                           `${b.pool_id}: available at each day's end`));
+  }
+  card.append(charts);
+  const table = el("table", {class: "whatif-days"},
+    el("thead", {}, el("tr", {}, el("th", {}, "day"), el("th", {class: "n"}, "orders"),
+      el("th", {class: "n"}, "actual"), el("th", {class: "n"}, "draft"),
+      el("th", {class: "n"}, "difference"), el("th", {class: "n"}, "refused"))),
+    el("tbody", {}, ...w.days.map((d) => el("tr", {"data-day": d.day},
+      el("td", {}, d.day), el("td", {class: "n"}, d.orders),
+      el("td", {class: "n"}, d.actual.yuan), el("td", {class: "n"}, d.draft_subsidy.yuan),
+      el("td", {class: "n"}, d.difference.yuan), el("td", {class: "n"}, d.refused)))));
+  card.append(table, el("p", {class: "muted"}, "Not replayed: " + w.not_replayed + "."));
+  return card;
+}
+
 function render(s) {
   if (s.loading) return;
   const c = s.campaign;
@@ -215,6 +298,10 @@ function render(s) {
       el("td", {}, c.case_id), el("td", {}, c.kind), el("td", {}, c.priority),
       el("td", {}, c.status), el("td", {}, c.deadline + (c.overdue ? " (overdue)" : "")))));
   document.getElementById("cases-note").textContent = cases.note;
+  const drafts = s.whatif || [];
+  document.getElementById("whatif-drafts").replaceChildren(...drafts.map(whatifCard));
+  document.getElementById("whatif-note").textContent = drafts.length ? ""
+    : "no policy draft awaiting approval";
   document.getElementById("log").textContent =
     `${s.log.folded} of ${s.log.size} entries read`;
   const errors = document.getElementById("errors");
