@@ -6,6 +6,7 @@ with the internal retry policy gets an idempotent call through once a slot frees
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,8 +23,10 @@ from services.kernel import admission, authz, metrics, rpc
 from services.kernel.events import Context, new_envelope
 from services.kernel.eventstore import EventStore, events_table
 from services.kernel.identity import Caller, Role
+from services.kernel.settings import Settings, SettingsError
 from subsidy.v1 import events_pb2 as ev
 from tests.conftest import Infra
+from tests.kernel.test_settings import BASE
 from tests.support.callers import OPERATOR
 
 SERVICE = "test.v1.Work"
@@ -41,12 +44,12 @@ class Work:
     entered: int = 0
 
     async def write(self, request: empty_pb2.Empty, context: object) -> empty_pb2.Empty:
-        self.entered += 1
         stream = f"call/{uuid.uuid4()}"
         payload = ev.BudgetFunded(pool_id="p", amount_fen=1)
         await self.store.append(
             stream, 0, [new_envelope("test", stream, payload, Context(OPERATOR.actor()))]
         )
+        self.entered += 1  # counted once its event is written
         await self.release.wait()
         return empty_pb2.Empty()
 
@@ -198,12 +201,22 @@ async def test_the_retry_policy_gets_an_idempotent_call_through_once_a_slot_free
     one: Served, store: EventStore
 ) -> None:
     async with one.channel() as plain, one.channel(retry=True) as retrying:
-        held = asyncio.ensure_future(unary(plain, WRITE)(empty_pb2.Empty()))
+        # One call of about a second first: the retry delay follows the admitted calls'
+        # latency, so the retries below wait about 0.1 s each, not 10 ms (a busy machine
+        # could spend all four attempts before the slot frees).
+        first = asyncio.ensure_future(unary(plain, WRITE)(empty_pb2.Empty()))
         await one.work.wait_entered(1)
+        await asyncio.sleep(1.0)
+        one.work.release.set()
+        await first
+        one.work.release = asyncio.Event()
+        held = asyncio.ensure_future(unary(plain, WRITE)(empty_pb2.Empty()))
+        await one.work.wait_entered(2)
         # Without the policy the call beyond the bound fails (so the test below can fail).
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await unary(plain, WRITE)(empty_pb2.Empty())
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert overload_of(caught.value)[2] >= 50  # ms: the pushback follows the latency
         before = refused_count()
         retried = asyncio.ensure_future(unary(retrying, WRITE)(empty_pb2.Empty()))
         async with asyncio.timeout(5):
@@ -214,5 +227,38 @@ async def test_the_retry_policy_gets_an_idempotent_call_through_once_a_slot_free
         await held
         await retried  # a later attempt was admitted and answered OK
         assert refused_count() > before
-        assert one.work.entered == 2
-        assert await events(store) == 2
+        assert one.work.entered == 3
+        assert await events(store) == 3
+
+
+def test_health_and_reflection_are_never_bounded_and_reads_have_their_own_bound() -> None:
+    assert admission.method_class("/grpc.health.v1.Health/Check") is None
+    assert admission.method_class("/grpc.reflection.v1alpha.ServerReflection/Info") is None
+    assert admission.method_class("/subsidy.v1.CatalogService/VerifyItem") == admission.READS
+    assert admission.method_class("/subsidy.v1.LedgerService/GetBudget") == admission.READS
+    assert admission.method_class("/subsidy.v1.LedgerService/ReserveSubsidy") == admission.WRITES
+    assert (
+        admission.method_class("/subsidy.v1.EligibilityService/LockQualification")
+        == admission.WRITES
+    )
+
+
+def test_the_bounds_come_from_the_settings_and_a_negative_one_is_refused() -> None:
+    env = {**BASE, "SUBSIDY_MAX_CONCURRENT_WRITES": "5"}
+    limits = admission.AdmissionLimits.from_settings(Settings.from_env("catalog", env=env))
+    assert limits == admission.AdmissionLimits(writes=5, reads=64)
+    env["SUBSIDY_MAX_CONCURRENT_READS"] = "-1"
+    with pytest.raises(SettingsError, match="SUBSIDY_MAX_CONCURRENT_READS"):
+        admission.AdmissionLimits.from_settings(Settings.from_env("catalog", env=env))
+
+
+def test_the_internal_retry_policy_names_only_idempotent_calls_and_bounds_its_attempts() -> None:
+    config = json.loads(rpc.service_config())
+    (method_config,) = config["methodConfig"]
+    names = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert names == set(rpc.IDEMPOTENT_INTERNAL_CALLS)
+    # A checkout's own calls are never retried by the channel: ReserveSubsidy is the caller's.
+    assert ("subsidy.v1.LedgerService", "ReserveSubsidy") not in names
+    policy = method_config["retryPolicy"]
+    assert policy["maxAttempts"] <= 5  # gRPC caps at 5 anyway
+    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
