@@ -112,7 +112,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
                 if err.code == grpc.StatusCode.UNAVAILABLE:
-                    _refuse(context, err, ratelimit.retry_info(faults.RETRY_DELAY_S))
+                    # Aborted, not answered by _refuse: only a response without headers is one
+                    # a client's gRPC retry policy may retry (services/kernel/admission.py).
+                    await _abort(context, err, ratelimit.retry_info(faults.RETRY_DELAY_S))
                 else:
                     _refuse(context, err)
                 return None

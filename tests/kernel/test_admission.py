@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
 
-from services.kernel import admission, authz, metrics, rpc
+from services.kernel import admission, authz, errors, metrics, rpc
 from services.kernel.events import Context, new_envelope
 from services.kernel.eventstore import EventStore, events_table
 from services.kernel.identity import Caller, Role
@@ -32,7 +32,8 @@ from tests.support.callers import OPERATOR
 SERVICE = "test.v1.Work"
 WRITE = f"/{SERVICE}/Write"
 READ = f"/{SERVICE}/GetThing"
-RULES = {**authz.RULES, WRITE: frozenset({authz.OPERATOR}), READ: frozenset({authz.OPERATOR})}
+DOWN = f"/{SERVICE}/Down"
+RULES = {**authz.RULES, **{m: frozenset({authz.OPERATOR}) for m in (WRITE, READ, DOWN)}}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Work:
     store: EventStore
     release: asyncio.Event = field(default_factory=asyncio.Event)
     entered: int = 0
+    down_calls: int = 0
 
     async def write(self, request: empty_pb2.Empty, context: object) -> empty_pb2.Empty:
         stream = f"call/{uuid.uuid4()}"
@@ -56,6 +58,11 @@ class Work:
     async def read(self, request: empty_pb2.Empty, context: object) -> empty_pb2.Empty:
         return empty_pb2.Empty()
 
+    async def down(self, request: empty_pb2.Empty, context: object) -> empty_pb2.Empty:
+        """A peer this method needs does not answer (a domain UNAVAILABLE), every time."""
+        self.down_calls += 1
+        raise errors.Unavailable("CATALOG_UNAVAILABLE", "catalog did not answer in time")
+
     def register(self, servicer: object, server: grpc.aio.Server) -> None:
         def unary(fn: object) -> grpc.RpcMethodHandler[empty_pb2.Empty, empty_pb2.Empty]:
             return grpc.unary_unary_rpc_method_handler(
@@ -64,7 +71,11 @@ class Work:
                 response_serializer=empty_pb2.Empty.SerializeToString,
             )
 
-        handlers = {"Write": unary(self.write), "GetThing": unary(self.read)}
+        handlers = {
+            "Write": unary(self.write),
+            "GetThing": unary(self.read),
+            "Down": unary(self.down),
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     async def wait_entered(self, n: int) -> None:
@@ -83,7 +94,7 @@ class Served:
         return rpc.channel(
             self.target,
             self.infra.identities(OPERATOR),
-            retry=[(SERVICE, "Write")] if retry else (),
+            retry=[(SERVICE, "Write"), (SERVICE, "Down")] if retry else (),
         )
 
 
@@ -229,6 +240,21 @@ async def test_the_retry_policy_gets_an_idempotent_call_through_once_a_slot_free
         assert refused_count() > before
         assert one.work.entered == 3
         assert await events(store) == 3
+
+
+async def test_a_peer_unavailable_refusal_is_retried_by_the_policy_a_bounded_number_of_times(
+    one: Served,
+) -> None:
+    async with one.channel() as plain, one.channel(retry=True) as retrying:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(plain, DOWN)(empty_pb2.Empty())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert one.work.down_calls == 1
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(retrying, DOWN)(empty_pb2.Empty())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Tried again (its answer has no headers, so the policy may), and not forever.
+        assert one.work.down_calls == 1 + rpc.RETRY_POLICY["maxAttempts"]
 
 
 def test_health_and_reflection_are_never_bounded_and_reads_have_their_own_bound() -> None:
