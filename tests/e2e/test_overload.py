@@ -4,10 +4,12 @@ admitted by the process that served them (services/kernel/admission.py)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 from prometheus_client import REGISTRY
 
+from services.kernel import rpc
 from subsidy.v1 import ledger_pb2
 from tests.e2e.conftest import Platform
 
@@ -45,3 +47,27 @@ async def test_a_checkout_passes_the_admission_bound_of_every_service_it_touches
     )
     after = {m: admitted(m) for m in (RESERVE, VERIFY, LOCK)}
     assert {m: after[m] - before[m] for m in after} == {RESERVE: 1, VERIFY: 1, LOCK: 1}
+
+
+async def test_the_services_channels_to_their_peers_carry_the_retry_policy(
+    platform: Platform,
+) -> None:
+    for service, peer, call in (
+        ("ledger", "catalog", ("subsidy.v1.CatalogService", "VerifyItem")),
+        ("ledger", "eligibility", ("subsidy.v1.EligibilityService", "LockQualification")),
+        (
+            "eligibility",
+            "identity_authority",
+            ("subsidy.v1.IdentityAuthority", "VerifyThreeFactors"),
+        ),
+    ):
+        ch = platform.running[service].runtime.channel(peer)
+        try:
+            options = dict(ch._options)
+            assert options["grpc.enable_retries"] == 1
+            (config,) = json.loads(options["grpc.service_config"])["methodConfig"]
+            names = {(n["service"], n["method"]) for n in config["name"]}
+            assert call in names, (service, peer)
+            assert config["retryPolicy"] == rpc.RETRY_POLICY
+        finally:
+            await ch.close()
