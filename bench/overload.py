@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from bench.checkout import campaign, person, reserve_request
 from bench.common import RESULTS, timed
@@ -121,12 +122,41 @@ async def open_loop(
     return phase
 
 
-async def capture_all(client: demo.Client, orders: list[str]) -> None:
-    sem = asyncio.Semaphore(8)
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of an OVERLOADED refusal, or None for any other failure."""
+    info = rpc.error_info(err)
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or info is None:
+        return None
+    if info.reason != "OVERLOADED":
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == rpc.STATUS_DETAILS_KEY and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                retry = error_details_pb2.RetryInfo()
+                if detail.Unpack(retry):
+                    return float(retry.retry_delay.ToTimedelta().total_seconds())
+    return 0.05
+
+
+async def capture_all(client: demo.Client, orders: list[str], concurrency: int) -> None:
+    """Capture every admitted order as a platform should after payment: until it answers,
+    waiting the RetryInfo delay (with jitter) after an OVERLOADED refusal."""
+    sem = asyncio.Semaphore(concurrency)
+    jitter = random.Random(5)
 
     async def one(order_id: str) -> None:
         async with sem:
-            await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=order_id))
+            while True:
+                try:
+                    await client.ledger.CaptureSubsidy(
+                        ledger_pb2.CaptureSubsidyRequest(order_id=order_id)
+                    )
+                    return
+                except grpc.aio.AioRpcError as err:
+                    delay = retry_delay_s(err)
+                    if delay is None:
+                        raise
+                    await asyncio.sleep(delay * jitter.uniform(0.5, 1.5))
 
     await asyncio.gather(*(one(o) for o in orders))
 
@@ -180,7 +210,7 @@ async def bounded_run(
             rest = people[int(capacity * seconds) :]
             twice = await open_loop(client, Phase("2x capacity", 2 * capacity, seconds), rest, "x2")
             admitted = [*captured, *once.admitted_orders, *twice.admitted_orders]
-            await capture_all(client, admitted)
+            await capture_all(client, admitted, limit)
             budget = await client.ledger.GetBudget(
                 ledger_pb2.GetBudgetRequest(pool_id="bench-pool")
             )
