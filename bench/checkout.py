@@ -45,10 +45,8 @@ async def run(orders: int, concurrency: int, root: Path) -> dict[str, Any]:
         stack.stop()
 
 
-async def measure(
-    client: demo.Client, endpoints: dict[str, str], orders: int, concurrency: int
-) -> dict[str, Any]:
-    rng = random.Random(7)
+async def campaign(client: demo.Client) -> None:
+    """The merchant, its phone (subsidy 45,000 fen) and one funded pool the orders draw on."""
     await client.catalog.ApplyMerchant(
         catalog_pb2.ApplyMerchantRequest(
             merchant_id="bench-m",
@@ -82,20 +80,47 @@ async def measure(
     await client.ledger.ApproveFunding(
         ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="bench")
     )
+
+
+async def person(client: demo.Client, rng: random.Random) -> tuple[str, str]:
+    """A registered consumer and the phone qualification they claimed: (consumer, qualification)."""
+    consumer = await demo.register(client, demo.generate_person(rng))
+    q = await client.eligibility.ClaimQualification(
+        eligibility_pb2.ClaimQualificationRequest(
+            circumstances=IN_REGION,
+            consumer_id=consumer.consumer_id,
+            category="phone",
+            channel=client.platform_id,
+        )
+    )
+    return consumer.consumer_id, q.qualification_id
+
+
+def reserve_request(
+    client: demo.Client, order_id: str, who: tuple[str, str]
+) -> ledger_pb2.ReserveSubsidyRequest:
+    """The checkout's reservation of the bench phone for ``who`` (consumer, qualification)."""
+    return ledger_pb2.ReserveSubsidyRequest(
+        order_id=order_id,
+        platform_id=client.platform_id,
+        pool_id="bench-pool",
+        consumer_id=who[0],
+        qualification_id=who[1],
+        sku="bench-phone",
+        unit_price_fen=300_000,
+    )
+
+
+async def measure(
+    client: demo.Client, endpoints: dict[str, str], orders: int, concurrency: int
+) -> dict[str, Any]:
+    rng = random.Random(7)
+    await campaign(client)
     # Preparation (not the hot path): register consumers and claim their qualifications.
     people: list[tuple[str, str]] = []
 
     async def prepare(i: int) -> None:
-        consumer = await demo.register(client, demo.generate_person(rng))
-        q = await client.eligibility.ClaimQualification(
-            eligibility_pb2.ClaimQualificationRequest(
-                circumstances=IN_REGION,
-                consumer_id=consumer.consumer_id,
-                category="phone",
-                channel=client.platform_id,
-            )
-        )
-        people.append((consumer.consumer_id, q.qualification_id))
+        people.append(await person(client, rng))
 
     prep_lat, prep_wall = await timed(orders, concurrency, prepare)
 
@@ -109,18 +134,7 @@ async def measure(
         base_lat, base_wall = await timed(orders, concurrency, check)
 
     async def reserve(i: int) -> None:
-        consumer, qual = people[i]
-        await client.ledger.ReserveSubsidy(
-            ledger_pb2.ReserveSubsidyRequest(
-                order_id=f"bench-{i}",
-                platform_id=client.platform_id,
-                pool_id="bench-pool",
-                consumer_id=consumer,
-                qualification_id=qual,
-                sku="bench-phone",
-                unit_price_fen=300_000,
-            )
-        )
+        await client.ledger.ReserveSubsidy(reserve_request(client, f"bench-{i}", people[i]))
 
     async def capture(i: int) -> None:
         await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))

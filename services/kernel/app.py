@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from . import bus, eventlog, faults, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
 from . import health as health_watch
+from .admission import AdmissionLimits
 from .consumer import EventConsumer
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
@@ -52,7 +53,10 @@ class Runtime:
     def channel(self, peer: str) -> tls.RenewingChannel:
         """A mutual-TLS channel to ``peer`` (one of the topology's peers of this service)."""
         return rpc.channel(
-            self.settings.peers[peer], self.identity, deadline_s=self.settings.rpc_deadline_s
+            self.settings.peers[peer],
+            self.identity,
+            deadline_s=self.settings.rpc_deadline_s,
+            retry=rpc.IDEMPOTENT_INTERNAL_CALLS,
         )
 
 
@@ -129,6 +133,7 @@ def certificate_source(settings: Settings, v: vault.Vault) -> tls.CertificateSou
 async def start(spec: ServiceSpec, settings: Settings) -> Running:
     """Start ``spec`` in this event loop; returns once it is serving."""
     rate_limits = ratelimit.RateLimits.from_settings(settings)  # malformed: stop before anything
+    admission_limits = AdmissionLimits.from_settings(settings)
     store = EventStore(make_engine(settings.database_url))
     if spec.schema is not None:
         try:
@@ -185,6 +190,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         reflection_on=settings.grpc_reflection == "on",
         rate_limits=rate_limits,
         on_outage=outage,
+        admission_limits=admission_limits,
     )
     port = rpc.listen(server, settings.grpc_listen, identity)
     if port == 0:

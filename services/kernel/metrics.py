@@ -19,6 +19,16 @@ RPC_REFUSALS = Counter(
     "Calls refused with a domain error, by method and machine-readable reason.",
     ["method", "reason"],
 )
+ADMISSIONS = Counter(
+    "subsidy_rpc_admissions_total",
+    "Unary calls the admission bound let in or refused as OVERLOADED, by method.",
+    ["method", "outcome"],
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "subsidy_rpc_in_flight",
+    "Calls this process is working on now, by admission class (writes, reads).",
+    ["class"],
+)
 EVENTS_PUBLISHED = Counter(
     "subsidy_relay_published_total", "Events the outbox relay published to JetStream."
 )

@@ -12,6 +12,7 @@ deadline on every call.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
@@ -26,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from . import authz, faults, metrics, ratelimit, tls
+from . import admission, authz, faults, metrics, ratelimit, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
 from .handler_cache import HandlerCache
@@ -111,7 +112,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 outcome = err.code.name
                 metrics.RPC_REFUSALS.labels(method, err.reason).inc()
                 if err.code == grpc.StatusCode.UNAVAILABLE:
-                    _refuse(context, err, ratelimit.retry_info(faults.RETRY_DELAY_S))
+                    # Aborted, not answered by _refuse: only a response without headers is one
+                    # a client's gRPC retry policy may retry (services/kernel/admission.py).
+                    await _abort(context, err, ratelimit.retry_info(faults.RETRY_DELAY_S))
                 else:
                     _refuse(context, err)
                 return None
@@ -365,16 +368,33 @@ def build_server(
     rules: Mapping[str, frozenset[str]] = authz.RULES,
     rate_limits: ratelimit.RateLimits | None = None,
     on_outage: Callable[[str], None] | None = None,
+    admission_limits: admission.AdmissionLimits | None = None,
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
     """A server with health, reflection (unless turned off), tracing, authorisation, the
-    per-client rate limits (when given; every service's are), error mapping (``on_outage`` is
-    told of each call that met a part down) and malformed requests refused; not yet listening
-    (see :func:`listen`)."""
+    per-process admission bound (when given; every service's is: services/kernel/admission.py),
+    the per-client rate limits (when given; every service's are), error mapping (``on_outage``
+    is told of each call that met a part down) and malformed requests refused; not yet
+    listening (see :func:`listen`)."""
     limiting = [] if rate_limits is None else [ratelimit.RateLimitInterceptor(rate_limits, _abort)]
+    admitting = (
+        []
+        if admission_limits is None
+        else [
+            admission.AdmissionInterceptor(
+                admission_limits,
+                status_of,
+                ratelimit.retry_info,
+                details_key=STATUS_DETAILS_KEY,
+            )
+        ]
+    )
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
             AuthorizationInterceptor(rules),
+            # After authorisation (cheap, in memory) so every call is still authorised first;
+            # before everything that may do work.
+            *admitting,
             *limiting,  # after authorisation: a bucket is the authenticated caller's
             ErrorMappingInterceptor(on_outage),
             DecodeGuardInterceptor(),  # innermost: see its docstring
@@ -437,15 +457,63 @@ class DeadlineInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
+# The calls one service makes of another that may be sent again as they are: a read
+# (VerifyItem, GetPolicy, the identity check) or a command the callee makes idempotent
+# (LockQualification of the same order is answered as the first was). Only these are retried.
+IDEMPOTENT_INTERNAL_CALLS: tuple[tuple[str, str], ...] = (
+    ("subsidy.v1.CatalogService", "VerifyItem"),
+    ("subsidy.v1.CatalogService", "GetPolicy"),
+    ("subsidy.v1.EligibilityService", "LockQualification"),
+    ("subsidy.v1.IdentityAuthority", "VerifyThreeFactors"),
+)
+# gRPC's own retry policy (gRFC A6): a peer that is briefly down (UNAVAILABLE) or refuses
+# beyond its admission bound (RESOURCE_EXHAUSTED, reason OVERLOADED, with the
+# grpc-retry-pushback-ms trailer that sets the next attempt's delay) is tried again, at most
+# 4 attempts in all, with jittered exponential backoff, within the call's one deadline.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+}
+
+
+def service_config(
+    methods: Sequence[tuple[str, str]] = IDEMPOTENT_INTERNAL_CALLS,
+) -> str:
+    """The gRPC service config (JSON) that retries ``methods`` by :data:`RETRY_POLICY`."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": svc, "method": name} for svc, name in methods],
+                    "retryPolicy": RETRY_POLICY,
+                }
+            ]
+        }
+    )
+
+
 def channel(
-    addr: str, identity: tls.CertificateSource, *, deadline_s: float = 5.0
+    addr: str,
+    identity: tls.CertificateSource,
+    *,
+    deadline_s: float = 5.0,
+    retry: Sequence[tuple[str, str]] = (),
 ) -> tls.RenewingChannel:
     """A mutual-TLS client channel presenting ``identity``'s current certificate, with tracing
-    and a default deadline on every call."""
+    and a default deadline on every call; the ``retry`` methods (service, method) are retried
+    by :data:`RETRY_POLICY` (a service's channels to its peers retry
+    :data:`IDEMPOTENT_INTERNAL_CALLS`)."""
+    options: list[tuple[str, Any]] = []
+    if retry:
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(retry))]
     return tls.RenewingChannel(
         addr,
         identity,
         interceptors=[*aio_client_interceptors(), DeadlineInterceptor(deadline_s)],  # type: ignore[no-untyped-call]
+        options=options,
     )
 
 

@@ -502,6 +502,21 @@ class Settings(ProcessSettings):
         default="200/second",
         deployed=True,
     )
+    # Per process (services/kernel/admission.py): beyond about this many calls at once a call
+    # only waits behind the others, so it is refused with OVERLOADED instead.
+    max_concurrent_writes: int = variable(
+        "SUBSIDY_MAX_CONCURRENT_WRITES",
+        "calls that may change state one process works on at once; beyond, a call is refused "
+        "with `RESOURCE_EXHAUSTED` reason `OVERLOADED` and a retry delay; 0: no bound; "
+        "default 32",
+        default=32,
+    )
+    max_concurrent_reads: int = variable(
+        "SUBSIDY_MAX_CONCURRENT_READS",
+        "reads (`Get*`, `List*`, `Verify*`, `Check*`) one process works on at once, as above; "
+        "health checks are never bounded; default 64",
+        default=64,
+    )
     identity_attempts_per_day: int = variable(
         "SUBSIDY_IDENTITY_ATTEMPTS_PER_DAY",
         "eligibility: failed identity checks allowed per ID number and day, default 5",
