@@ -492,6 +492,22 @@ class EventStore:
         async with self.engine.connect() as conn:
             return int(await conn.scalar(text("SELECT count(*) FROM events")) or 0)
 
+    async def backlog(self, after: Position) -> tuple[int, float]:
+        """How many events lie after ``after`` (committed, in the global order) and how many
+        seconds ago the oldest of them was recorded (0.0 when there is none): the relay's lag."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at)),"
+                        " 0) FROM events "
+                        "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos)"
+                    ),
+                    {"tx": after.tx_id, "pos": after.position},
+                )
+            ).one()
+            return int(row[0]), max(0.0, float(row[1]))
+
     async def load_checkpoint(self, name: str) -> Position:
         async with self.engine.connect() as conn:
             row = (
