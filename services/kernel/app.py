@@ -180,7 +180,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     )
     outage = watch.poke_for
     server, health = rpc.build_server(
-        [*wiring.registrations, outbox.registration(store, spec.name, relay)],
+        [*wiring.registrations, outbox.registration(store, spec.name, relay, wiring.consumers, js)],
         wiring.service_names,
         reflection_on=settings.grpc_reflection == "on",
         rate_limits=rate_limits,

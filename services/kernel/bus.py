@@ -161,6 +161,7 @@ class OutboxRelay:
     ) -> None:
         self._store = store
         self._js = js
+        self.js = js  # the operator interface reads the dead-letter stream with it
         self._name = name
         self._batch = batch
         self.published = 0

@@ -190,6 +190,15 @@ class EventConsumer:
         await self.handler(tx, env)
         return 1
 
+    async def apply(self, tx: Tx, env: Envelope) -> int:
+        """:meth:`_apply` for a dead letter's replay (services.kernel.deadletters): the same
+        handled-events record, so an event is handled once however it arrives."""
+        return await self._apply(tx, env)
+
+    def count_handled(self, handled: int) -> None:
+        """Count events handled outside the fetch loop (a replay)."""
+        self._count(handled)
+
     def _count(self, handled: int) -> None:
         self.handled += handled
         metrics.EVENTS_HANDLED.labels(self.name).inc(handled)
