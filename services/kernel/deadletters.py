@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+# JetStream's sequences are signed 64-bit on the wire: a larger one is the request's fault.
+MAX_SEQUENCE = 2**63 - 1
 HANDLED = "handled"
 ALREADY_HANDLED = "already_handled"
 STILL_FAILING = "still_failing"
@@ -108,6 +110,10 @@ class DeadLetters:
         return self._consumers[name]
 
     async def _raw(self, seq: int, subject: str | None = None) -> RawStreamMsg | None:
+        if seq > MAX_SEQUENCE:
+            raise InvalidArgument(
+                "INVALID_SEQUENCE", "sequence: a dead letter's sequence", field="sequence"
+            )
         try:
             if subject is None:
                 return await self._js.get_msg(DLQ_STREAM, seq=seq)

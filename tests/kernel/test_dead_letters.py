@@ -124,6 +124,15 @@ async def test_only_the_services_own_consumers_letters_are_listed_and_forged_sta
         await other.get(letter.sequence)
     with pytest.raises(InvalidArgument):
         await other.list(consumer.name)
+    # Sequences from the request are bounded before they reach NATS.
+    for sequence in (0, 2**62):
+        with pytest.raises(NotFound):
+            await mine.get(sequence)
+    with pytest.raises(InvalidArgument):
+        await mine.get(2**64 - 1)
+    with pytest.raises(InvalidArgument):
+        await mine.list(after=2**64 - 2)
+    assert await mine.list(after=2**62) == []
     # A letter that is not its owner's event (a forged one) is never handed over.
     forged = await mine.get(letter.sequence)
     forged = type(forged)(
