@@ -92,6 +92,7 @@ OVERRIDES: Final = frozenset(
         ev.CategoryResumed,
         ev.CampaignResumed,
         ev.OutboxEventSkipped,
+        ev.DeadLetterReplayed,
     )
 )
 

@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from . import bus, eventlog, faults, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
 from . import health as health_watch
 from .admission import AdmissionLimits
-from .consumer import EventConsumer
+from .consumer import EventConsumer, keep_lag_metrics
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
 from .settings import Settings, SettingsError
@@ -185,7 +185,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     )
     outage = watch.poke_for
     server, health = rpc.build_server(
-        [*wiring.registrations, outbox.registration(store, spec.name, relay)],
+        [*wiring.registrations, outbox.registration(store, spec.name, relay, wiring.consumers, js)],
         wiring.service_names,
         reflection_on=settings.grpc_reflection == "on",
         rate_limits=rate_limits,
@@ -233,6 +233,11 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
 
     relay.on_stuck = relay_stuck
     tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
+    tasks.append(
+        asyncio.create_task(
+            keep_lag_metrics(runtime.stop, relay, wiring.consumers, js), name="lag-metrics"
+        )
+    )
     tasks.append(asyncio.create_task(v.keep_token_fresh(runtime.stop), name="vault-token"))
     tasks.append(asyncio.create_task(identity.keep_fresh(runtime.stop), name="certificate"))
     if wiring.ready is not None:

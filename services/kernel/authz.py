@@ -147,6 +147,10 @@ RULES: Final[Mapping[str, frozenset[str]]] = {
     # every service's outbox relay: its state, and the one way past an event the bus refuses
     "/subsidy.v1.OutboxService/GetOutboxStatus": frozenset({OPERATOR, AUDITOR}),
     "/subsidy.v1.OutboxService/SkipStuckEvent": frozenset({OPERATOR}),
+    # and its consumers' dead letters: read and replayed by operators only
+    "/subsidy.v1.OutboxService/ListDeadLetters": frozenset({OPERATOR}),
+    "/subsidy.v1.OutboxService/GetDeadLetter": frozenset({OPERATOR}),
+    "/subsidy.v1.OutboxService/ReplayDeadLetters": frozenset({OPERATOR}),
     # every server's health and (where enabled) reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,

@@ -161,6 +161,7 @@ class OutboxRelay:
     ) -> None:
         self._store = store
         self._js = js
+        self.js = js  # the operator interface reads the dead-letter stream with it
         self._name = name
         self._batch = batch
         self.published = 0
@@ -229,6 +230,15 @@ class OutboxRelay:
             self.stuck = None
             if self.on_stuck is not None:
                 await self.on_stuck(False)
+
+    async def refresh_lag(self) -> tuple[int, float]:
+        """Set the relay's lag gauges from the store (a background refresh, never the relay's
+        own loop); returns (unpublished events, age in seconds of the oldest)."""
+        pos = self._pos if self._pos is not None else await self._store.load_checkpoint(self._name)
+        count, age = await self._store.backlog(pos)
+        metrics.RELAY_BACKLOG.set(count)
+        metrics.RELAY_BACKLOG_AGE.set(age)
+        return count, age
 
     async def publish_pending_soon(self) -> None:
         """Wake the relay's loop now (after a skip) instead of at its next retry."""

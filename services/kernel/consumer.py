@@ -30,8 +30,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from . import faults, metrics
-from .background import pause
-from .bus import EVENTS_STREAM
+from .background import every, pause
+from .bus import EVENTS_STREAM, OutboxRelay
 from .events import Envelope, belongs_to
 from .eventstore import EventStore, Tx
 from .telemetry import extract, tracer
@@ -76,6 +76,10 @@ def refusal(subject: str, env: Envelope) -> str | None:
     if not belongs_to(env.event_id, env.service):
         return FOREIGN_ID
     return None
+
+
+# How often the lag gauges are refreshed: the alert rules' windows are minutes.
+LAG_REFRESH_S = 10.0
 
 
 @dataclass
@@ -129,6 +133,15 @@ class EventConsumer:
             subject, durable=self.name, stream=EVENTS_STREAM, config=config
         )
 
+    async def refresh_lag(self, js: JetStreamContext) -> tuple[int, int]:
+        """Set this consumer's lag gauges from JetStream's consumer info (a background refresh,
+        not the fetch loop); returns (pending, ack pending)."""
+        info = await js.consumer_info(EVENTS_STREAM, self.name)
+        pending, ack_pending = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        metrics.CONSUMER_PENDING.labels(self.name).set(pending)
+        metrics.CONSUMER_ACK_PENDING.labels(self.name).set(ack_pending)
+        return pending, ack_pending
+
     async def handle(self, store: EventStore, js: JetStreamContext, msg: Msg) -> None:
         env = await self._admit(js, msg)
         if env is not None:
@@ -176,6 +189,15 @@ class EventConsumer:
             return 0
         await self.handler(tx, env)
         return 1
+
+    async def apply(self, tx: Tx, env: Envelope) -> int:
+        """:meth:`_apply` for a dead letter's replay (services.kernel.deadletters): the same
+        handled-events record, so an event is handled once however it arrives."""
+        return await self._apply(tx, env)
+
+    def count_handled(self, handled: int) -> None:
+        """Count events handled outside the fetch loop (a replay)."""
+        self._count(handled)
 
     def _count(self, handled: int) -> None:
         self.handled += handled
@@ -397,3 +419,26 @@ class EventConsumer:
                 failures = 0
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def keep_lag_metrics(
+    stop: asyncio.Event,
+    relay: OutboxRelay,
+    consumers: Sequence[EventConsumer],
+    js: JetStreamContext,
+    every_s: float = LAG_REFRESH_S,
+) -> None:
+    """Refresh the relay's and the consumers' lag gauges every ``every_s`` until ``stop``.
+
+    Beside the relay and the consumers, never inside them: their loops stay as they are, and a
+    refresh that fails (a part is down) is retried next round (services.kernel.background)."""
+
+    async def refresh() -> None:
+        await relay.refresh_lag()
+        for consumer in consumers:
+            await consumer.refresh_lag(js)
+        metrics.LAG_REFRESHED.set(time.time())
+
+    await every(
+        stop, every_s, refresh, log=log, failure="lag metrics refresh failed", alert="metrics"
+    )

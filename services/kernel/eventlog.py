@@ -24,7 +24,7 @@ from sqlalchemy import text
 from subsidy.v1 import eventlog_pb2, eventlog_pb2_grpc
 
 from .errors import InvalidArgument
-from .eventstore import START, EventStore, Position
+from .eventstore import READ_HORIZON, START, EventStore, Position
 from .rpc import Registration, ServicerContext
 
 SERVICE_NAME: Final = eventlog_pb2.DESCRIPTOR.services_by_name["EventLogService"].full_name
@@ -40,7 +40,7 @@ _PAGE = text(
     "SELECT tx_id::text::bigint, position, event_id, stream_id, stream_version, event_type, "
     "encode(sha256(envelope), 'hex') FROM events "
     "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
-    "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+    f"AND tx_id < {READ_HORIZON} "
     "ORDER BY tx_id, position LIMIT :limit"
 )
 

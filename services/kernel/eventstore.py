@@ -10,8 +10,8 @@ Three guarantees, each tested in tests/kernel/test_eventstore.py:
 - ``read_all`` returns events in one global order that a poller can never overtake. Each row
   records the id of the transaction that wrote it (``xid8``); a reader orders by
   ``(tx_id, position)`` and only reads rows whose transaction is older than the oldest one still
-  running (``pg_snapshot_xmin``). A transaction that commits late therefore holds readers back
-  instead of being skipped, and writers never serialise on a table lock.
+  running in this database (:data:`READ_HORIZON`). A transaction that commits late therefore
+  holds readers back instead of being skipped, and writers never serialise on a table lock.
 - The events table is the outbox: the relay reads it with ``read_all`` and checkpoints.
 
 Services keep their decision state in ordinary tables updated in the same transaction as the
@@ -392,6 +392,23 @@ class Tx:
         return row is not None
 
 
+# The oldest transaction id a reader of the events table must not reach: the oldest transaction
+# still running in *this* database, or the next id when none is. PostgreSQL's snapshot xmin
+# (pg_snapshot_xmin) is cluster-wide, so with several services' databases on one server a long
+# transaction in catalog's database would hold back ledger's relay. Transaction ids are
+# cluster-wide but a backend belongs to one database and can only write there, so the running ids
+# that pg_stat_activity shows in another database are left out (backend_xid is visible to every
+# role). Any other running id of the snapshot counts, including one that committed between the
+# snapshot and the pg_stat_activity read, or a prepared transaction: when in doubt, wait a poll.
+READ_HORIZON = (
+    "(SELECT LEAST(pg_snapshot_xmax(snap.s), ("
+    "SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x WHERE NOT EXISTS ("
+    "SELECT 1 FROM pg_stat_activity a WHERE a.backend_xid = x::xid "
+    "AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database()))"
+    ")) FROM (SELECT pg_current_snapshot() AS s) AS snap)"
+)
+
+
 class EventStore:
     """A service's event store. One per process; safe for concurrent use."""
 
@@ -446,7 +463,7 @@ class EventStore:
                 text(
                     "SELECT tx_id::text::bigint, position, envelope FROM events "
                     "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
-                    "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+                    f"AND tx_id < {READ_HORIZON} "
                     "ORDER BY tx_id, position LIMIT :limit"
                 ),
                 {"tx": after.tx_id, "pos": after.position, "limit": limit},
@@ -474,6 +491,22 @@ class EventStore:
     async def count(self) -> int:
         async with self.engine.connect() as conn:
             return int(await conn.scalar(text("SELECT count(*) FROM events")) or 0)
+
+    async def backlog(self, after: Position) -> tuple[int, float]:
+        """How many events lie after ``after`` (committed, in the global order) and how many
+        seconds ago the oldest of them was recorded (0.0 when there is none): the relay's lag."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at)),"
+                        " 0) FROM events "
+                        "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos)"
+                    ),
+                    {"tx": after.tx_id, "pos": after.position},
+                )
+            ).one()
+            return int(row[0]), max(0.0, float(row[1]))
 
     async def load_checkpoint(self, name: str) -> Position:
         async with self.engine.connect() as conn:

@@ -51,6 +51,30 @@ EVENTS_REFUSED = Counter(
     " or misrouted event); each is dead-lettered and changes nothing.",
     ["consumer", "reason"],
 )
+# Lag, refreshed in the background every few seconds (services.kernel.app), never on the hot
+# path: what the relay has not yet published, and what each durable consumer has not yet handled.
+RELAY_BACKLOG = Gauge(
+    "subsidy_relay_unpublished_events",
+    "Events in the service's outbox (events table) after the relay's checkpoint.",
+)
+RELAY_BACKLOG_AGE = Gauge(
+    "subsidy_relay_oldest_unpublished_age_seconds",
+    "How long ago the oldest event the relay has not yet published was recorded (0: none).",
+)
+CONSUMER_PENDING = Gauge(
+    "subsidy_consumer_pending_messages",
+    "Messages of a durable consumer's filter not yet delivered to it (JetStream num_pending).",
+    ["consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "subsidy_consumer_ack_pending_messages",
+    "Messages delivered to a durable consumer and not yet acknowledged (num_ack_pending).",
+    ["consumer"],
+)
+LAG_REFRESHED = Gauge(
+    "subsidy_lag_refreshed_timestamp_seconds",
+    "When the lag gauges were last refreshed (Unix time): a stale value means they are stale.",
+)
 UNPUBLISHABLE = Gauge(
     "subsidy_relay_stuck",
     "1 while the outbox relay cannot publish an event (health is NOT_SERVING; see the log).",

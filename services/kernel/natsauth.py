@@ -132,6 +132,8 @@ def permissions(service: str) -> dict[str, Any]:
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
         f"$JS.API.STREAM.INFO.{DLQ_STREAM}",
+        # Read a dead letter by sequence, to list and replay its consumers' (OutboxService).
+        f"$JS.API.STREAM.MSG.GET.{DLQ_STREAM}",
     ]
     deny = list(STREAM_ADMIN_DENIED)
     if consumes:

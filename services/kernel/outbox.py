@@ -9,8 +9,14 @@ that one event, which is itself recorded as an event (who, when, why).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from nats.js import JetStreamContext
+
 from services.kernel import validate
-from services.kernel.errors import FailedPrecondition
+from services.kernel.consumer import EventConsumer
+from services.kernel.deadletters import MAX_LIMIT, DeadLetters
+from services.kernel.errors import FailedPrecondition, InvalidArgument
 from services.kernel.events import Context
 from services.kernel.eventstore import EventStore, Projector
 from services.kernel.identity import caller
@@ -46,8 +52,15 @@ def skip(stuck: tuple[str, str] | None, event_id: str, reason: str) -> list[ev.O
 
 
 class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
-    def __init__(self, store: EventStore, service: str, relay: OutboxRelay) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        service: str,
+        relay: OutboxRelay,
+        dead_letters: DeadLetters | None = None,
+    ) -> None:
         self.relay = relay
+        self.dead_letters = dead_letters or DeadLetters(store, relay.js, service, ())
         project: Projector = _no_read_model
         self.pipeline = Pipeline(store, service, project)
 
@@ -78,7 +91,60 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         await self.relay.publish_pending_soon()
         return await self._status()
 
+    async def ListDeadLetters(
+        self, request: outbox_pb2.ListDeadLettersRequest, context: ServicerContext
+    ) -> outbox_pb2.ListDeadLettersResponse:
+        consumer = validate.identifier("consumer", request.consumer) if request.consumer else ""
+        letters = await self.dead_letters.list(consumer, request.after_sequence, request.limit)
+        return outbox_pb2.ListDeadLettersResponse(
+            dead_letters=[await self.dead_letters.describe(letter) for letter in letters]
+        )
 
-def registration(store: EventStore, service: str, relay: OutboxRelay) -> Registration:
+    async def GetDeadLetter(
+        self, request: outbox_pb2.GetDeadLetterRequest, context: ServicerContext
+    ) -> outbox_pb2.DeadLetter:
+        return await self.dead_letters.describe(await self.dead_letters.get(request.sequence))
+
+    async def ReplayDeadLetters(
+        self, request: outbox_pb2.ReplayDeadLettersRequest, context: ServicerContext
+    ) -> outbox_pb2.ReplayDeadLettersResponse:
+        reason = validate.text_field("reason", request.reason, max_len=500)
+        consumer = validate.identifier("consumer", request.consumer) if request.consumer else ""
+        if request.all == (request.sequence != 0):
+            raise InvalidArgument(
+                "ONE_OR_ALL",
+                "sequence: one dead letter's sequence, or all = true (not both)",
+                field="sequence",
+            )
+        if request.all:
+            letters, after = [], 0
+            while page := await self.dead_letters.list(consumer, after, MAX_LIMIT):
+                letters += page
+                after = page[-1].sequence
+        else:
+            letters = [await self.dead_letters.get(request.sequence)]
+        ctx = Context(caller().actor(reason))
+        outcomes = []
+        seen: set[tuple[str, str]] = set()
+        for letter in letters:
+            key = (letter.consumer, letter.envelope.event_id if letter.envelope else "")
+            if key in seen and key[1]:
+                continue  # the same event dead-lettered twice (redelivered): one replay
+            seen.add(key)
+            outcomes.append(await self.dead_letters.replay(letter, ctx))
+        return outbox_pb2.ReplayDeadLettersResponse(outcomes=outcomes)
+
+
+def registration(
+    store: EventStore,
+    service: str,
+    relay: OutboxRelay,
+    consumers: Sequence[EventConsumer] = (),
+    js: JetStreamContext | None = None,
+) -> Registration:
     """The OutboxService registration every service's server gets (services.kernel.app)."""
-    return (outbox_pb2_grpc.add_OutboxServiceServicer_to_server, OutboxApi(store, service, relay))
+    letters = DeadLetters(store, js or relay.js, service, consumers)
+    return (
+        outbox_pb2_grpc.add_OutboxServiceServicer_to_server,
+        OutboxApi(store, service, relay, letters),
+    )

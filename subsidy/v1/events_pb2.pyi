@@ -1735,6 +1735,38 @@ class OutboxEventSkipped(_message.Message):
 Global___OutboxEventSkipped: _TypeAlias = OutboxEventSkipped  # noqa: Y015
 
 @_typing.final
+class DeadLetterReplayed(_message.Message):
+    """An operator handed a dead-lettered event to its consumer again, once the cause was fixed, and
+    the consumer handled it (in the same transaction as this event; a second replay does nothing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    consumer: _builtins.str
+    dead_letter_sequence: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        dead_letter_sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "dead_letter_sequence", b"dead_letter_sequence", "event_id", b"event_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetterReplayed: _TypeAlias = DeadLetterReplayed  # noqa: Y015
+
+@_typing.final
 class BillDiscrepancyTotal(_message.Message):
     """---- discount-bill reconciliation (立减账单核对) ----------------------------------------
     One kind of line of a reconciled bill: how many, and their fen on each side.

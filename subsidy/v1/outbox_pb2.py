@@ -22,21 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/outbox.proto\x12\nsubsidy.v1\"\x18\n\x16GetOutboxStatusRequest\"9\n\x15SkipStuckEventRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"j\n\x0cOutboxStatus\x12\x16\n\x0estuck_event_id\x18\x01 \x01(\t\x12\x14\n\x0cstuck_reason\x18\x02 \x01(\t\x12\x11\n\tpublished\x18\x03 \x01(\x03\x12\x19\n\x11skipped_event_ids\x18\x04 \x03(\t2\xaf\x01\n\rOutboxService\x12O\n\x0fGetOutboxStatus\x12\".subsidy.v1.GetOutboxStatusRequest\x1a\x18.subsidy.v1.OutboxStatus\x12M\n\x0eSkipStuckEvent\x12!.subsidy.v1.SkipStuckEventRequest\x1a\x18.subsidy.v1.OutboxStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/outbox.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetOutboxStatusRequest\"9\n\x15SkipStuckEventRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"j\n\x0cOutboxStatus\x12\x16\n\x0estuck_event_id\x18\x01 \x01(\t\x12\x14\n\x0cstuck_reason\x18\x02 \x01(\t\x12\x11\n\tpublished\x18\x03 \x01(\x03\x12\x19\n\x11skipped_event_ids\x18\x04 \x03(\t\"Q\n\x16ListDeadLettersRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x05\"G\n\x17ListDeadLettersResponse\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x16.subsidy.v1.DeadLetter\"(\n\x14GetDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\xe3\x02\n\nDeadLetter\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10original_subject\x18\x05 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12\x12\n\nevent_type\x18\x07 \x01(\t\x12\x11\n\tstream_id\x18\x08 \x01(\t\x12\x16\n\x0estream_version\x18\t \x01(\x03\x12\x10\n\x08producer\x18\n \x01(\t\x12/\n\x0boccurred_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\r \x01(\t\x12\x0f\n\x07handled\x18\x0e \x01(\x08\"[\n\x18ReplayDeadLettersRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"e\n\rReplayOutcome\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"H\n\x19ReplayDeadLettersResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.subsidy.v1.ReplayOutcome2\xb8\x03\n\rOutboxService\x12O\n\x0fGetOutboxStatus\x12\".subsidy.v1.GetOutboxStatusRequest\x1a\x18.subsidy.v1.OutboxStatus\x12M\n\x0eSkipStuckEvent\x12!.subsidy.v1.SkipStuckEventRequest\x1a\x18.subsidy.v1.OutboxStatus\x12Z\n\x0fListDeadLetters\x12\".subsidy.v1.ListDeadLettersRequest\x1a#.subsidy.v1.ListDeadLettersResponse\x12I\n\rGetDeadLetter\x12 .subsidy.v1.GetDeadLetterRequest\x1a\x16.subsidy.v1.DeadLetter\x12`\n\x11ReplayDeadLetters\x12$.subsidy.v1.ReplayDeadLettersRequest\x1a%.subsidy.v1.ReplayDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.outbox_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETOUTBOXSTATUSREQUEST']._serialized_start=39
-  _globals['_GETOUTBOXSTATUSREQUEST']._serialized_end=63
-  _globals['_SKIPSTUCKEVENTREQUEST']._serialized_start=65
-  _globals['_SKIPSTUCKEVENTREQUEST']._serialized_end=122
-  _globals['_OUTBOXSTATUS']._serialized_start=124
-  _globals['_OUTBOXSTATUS']._serialized_end=230
-  _globals['_OUTBOXSERVICE']._serialized_start=233
-  _globals['_OUTBOXSERVICE']._serialized_end=408
+  _globals['_GETOUTBOXSTATUSREQUEST']._serialized_start=72
+  _globals['_GETOUTBOXSTATUSREQUEST']._serialized_end=96
+  _globals['_SKIPSTUCKEVENTREQUEST']._serialized_start=98
+  _globals['_SKIPSTUCKEVENTREQUEST']._serialized_end=155
+  _globals['_OUTBOXSTATUS']._serialized_start=157
+  _globals['_OUTBOXSTATUS']._serialized_end=263
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=265
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=346
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=348
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=419
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=421
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=461
+  _globals['_DEADLETTER']._serialized_start=464
+  _globals['_DEADLETTER']._serialized_end=819
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=821
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=912
+  _globals['_REPLAYOUTCOME']._serialized_start=914
+  _globals['_REPLAYOUTCOME']._serialized_end=1015
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1017
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1089
+  _globals['_OUTBOXSERVICE']._serialized_start=1092
+  _globals['_OUTBOXSERVICE']._serialized_end=1532
 # @@protoc_insertion_point(module_scope)

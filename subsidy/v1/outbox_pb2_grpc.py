@@ -46,6 +46,21 @@ class OutboxServiceStub:
                 request_serializer=subsidy_dot_v1_dot_outbox__pb2.SkipStuckEventRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_outbox__pb2.OutboxStatus.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/subsidy.v1.OutboxService/ListDeadLetters',
+                request_serializer=subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetDeadLetter = channel.unary_unary(
+                '/subsidy.v1.OutboxService/GetDeadLetter',
+                request_serializer=subsidy_dot_v1_dot_outbox__pb2.GetDeadLetterRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_outbox__pb2.DeadLetter.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetters = channel.unary_unary(
+                '/subsidy.v1.OutboxService/ReplayDeadLetters',
+                request_serializer=subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class OutboxServiceServicer:
@@ -66,6 +81,29 @@ class OutboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """The dead letters of this service's durable consumers (the dead-letter stream), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeadLetter(self, request, context):
+        """One dead letter: its envelope's metadata, never its payload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetters(self, request, context):
+        """Hand dead letters to their consumer again once the cause is fixed. Idempotent: an event
+        the consumer has handled (handled_events) is not handled again; each one handled now is
+        recorded as a DeadLetterReplayed event with the operator and the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +116,21 @@ def add_OutboxServiceServicer_to_server(servicer, server):
                     servicer.SkipStuckEvent,
                     request_deserializer=subsidy_dot_v1_dot_outbox__pb2.SkipStuckEventRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_outbox__pb2.OutboxStatus.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'GetDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeadLetter,
+                    request_deserializer=subsidy_dot_v1_dot_outbox__pb2.GetDeadLetterRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_outbox__pb2.DeadLetter.SerializeToString,
+            ),
+            'ReplayDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetters,
+                    request_deserializer=subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +189,87 @@ class OutboxService:
             '/subsidy.v1.OutboxService/SkipStuckEvent',
             subsidy_dot_v1_dot_outbox__pb2.SkipStuckEventRequest.SerializeToString,
             subsidy_dot_v1_dot_outbox__pb2.OutboxStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.OutboxService/ListDeadLetters',
+            subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersRequest.SerializeToString,
+            subsidy_dot_v1_dot_outbox__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.OutboxService/GetDeadLetter',
+            subsidy_dot_v1_dot_outbox__pb2.GetDeadLetterRequest.SerializeToString,
+            subsidy_dot_v1_dot_outbox__pb2.DeadLetter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.OutboxService/ReplayDeadLetters',
+            subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersRequest.SerializeToString,
+            subsidy_dot_v1_dot_outbox__pb2.ReplayDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,15 @@ class OutboxServiceStub:
     GetOutboxStatus: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.GetOutboxStatusRequest, _outbox_pb2.OutboxStatus]
     SkipStuckEvent: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.SkipStuckEventRequest, _outbox_pb2.OutboxStatus]
     """Skip the event the relay is stuck on (and only that one); the reason is required."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.ListDeadLettersRequest, _outbox_pb2.ListDeadLettersResponse]
+    """The dead letters of this service's durable consumers (the dead-letter stream), oldest first."""
+    GetDeadLetter: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.GetDeadLetterRequest, _outbox_pb2.DeadLetter]
+    """One dead letter: its envelope's metadata, never its payload."""
+    ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.ReplayDeadLettersRequest, _outbox_pb2.ReplayDeadLettersResponse]
+    """Hand dead letters to their consumer again once the cause is fixed. Idempotent: an event
+    the consumer has handled (handled_events) is not handled again; each one handled now is
+    recorded as a DeadLetterReplayed event with the operator and the reason.
+    """
 
 @_typing.type_check_only
 class OutboxServiceAsyncStub(OutboxServiceStub):
@@ -49,6 +58,15 @@ class OutboxServiceAsyncStub(OutboxServiceStub):
     GetOutboxStatus: _aio.UnaryUnaryMultiCallable[_outbox_pb2.GetOutboxStatusRequest, _outbox_pb2.OutboxStatus]  # type: ignore[assignment]
     SkipStuckEvent: _aio.UnaryUnaryMultiCallable[_outbox_pb2.SkipStuckEventRequest, _outbox_pb2.OutboxStatus]  # type: ignore[assignment]
     """Skip the event the relay is stuck on (and only that one); the reason is required."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_outbox_pb2.ListDeadLettersRequest, _outbox_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """The dead letters of this service's durable consumers (the dead-letter stream), oldest first."""
+    GetDeadLetter: _aio.UnaryUnaryMultiCallable[_outbox_pb2.GetDeadLetterRequest, _outbox_pb2.DeadLetter]  # type: ignore[assignment]
+    """One dead letter: its envelope's metadata, never its payload."""
+    ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_outbox_pb2.ReplayDeadLettersRequest, _outbox_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
+    """Hand dead letters to their consumer again once the cause is fixed. Idempotent: an event
+    the consumer has handled (handled_events) is not handled again; each one handled now is
+    recorded as a DeadLetterReplayed event with the operator and the reason.
+    """
 
 class OutboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every service's outbox relay, for operators: is it stuck on an event the bus refuses, and
@@ -69,5 +87,32 @@ class OutboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_outbox_pb2.OutboxStatus, _abc.Awaitable[_outbox_pb2.OutboxStatus]]:
         """Skip the event the relay is stuck on (and only that one); the reason is required."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _outbox_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outbox_pb2.ListDeadLettersResponse, _abc.Awaitable[_outbox_pb2.ListDeadLettersResponse]]:
+        """The dead letters of this service's durable consumers (the dead-letter stream), oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetDeadLetter(
+        self,
+        request: _outbox_pb2.GetDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outbox_pb2.DeadLetter, _abc.Awaitable[_outbox_pb2.DeadLetter]]:
+        """One dead letter: its envelope's metadata, never its payload."""
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetters(
+        self,
+        request: _outbox_pb2.ReplayDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outbox_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_outbox_pb2.ReplayDeadLettersResponse]]:
+        """Hand dead letters to their consumer again once the cause is fixed. Idempotent: an event
+        the consumer has handled (handled_events) is not handled again; each one handled now is
+        recorded as a DeadLetterReplayed event with the operator and the reason.
+        """
 
 def add_OutboxServiceServicer_to_server(servicer: OutboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -41,6 +41,8 @@ One module per command group; each holds its commands and registers them on ``ap
   stack's CA.
 - :mod:`.schema`: ``schema revision SERVICE -m MESSAGE`` (the next Alembic revision of a
   service's database, from its models) and ``schema check`` (models against revisions).
+- :mod:`.dlq`: ``dlq list|show|replay``, the dead letters of every service's consumers (metadata
+  only), replayed once the cause is fixed (idempotent, recorded as an operator's event).
 - :mod:`.common` (options, addresses, output, exit codes) and :mod:`.progress` (Rich progress
   bars) are shared by the groups.
 
@@ -83,6 +85,7 @@ from . import (
     checkout,
     common,
     dashboard,
+    dlq,
     funds,
     policy,
     reconcile,
@@ -119,6 +122,7 @@ app.add_typer(backup.app)
 app.add_typer(schema.app, rich_help_panel=stack.PANEL)
 app.add_typer(cases.app, rich_help_panel=cases.PANEL)
 app.add_typer(cases.complaint_app, rich_help_panel=cases.PANEL)
+app.add_typer(dlq.app, rich_help_panel=stack.PANEL)
 
 
 GROUPS = (
@@ -133,6 +137,7 @@ GROUPS = (
     schema.app.info.name,
     cases.app.info.name,
     cases.complaint_app.info.name,
+    dlq.app.info.name,
 )
 
 

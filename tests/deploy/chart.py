@@ -80,7 +80,11 @@ def parse(rendered: dict[str, str]) -> list[Manifest]:
 def _everything_on() -> dict[str, Any]:
     return {
         "backup": {"enabled": True},
-        "metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "grafanaDashboard": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+        },
         "identitySimulator": {"enabled": True},
         "caBundle": {"configMapName": "subsidy-ca"},
     }

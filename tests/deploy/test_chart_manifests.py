@@ -17,6 +17,7 @@ from tests.deploy.chart import CHART_DIR, KUBE_VERSION, NAMESPACE, SERVICES, Rel
 # a schema fails the validation test.
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),  # checked in test_chart_alerts.py
     ("cert-manager.io/v1", "Certificate"),  # checked in test_chart_tls.py
 }
 
