@@ -10,7 +10,7 @@ register them, so a new RPC is fuzzed without editing anything here) the engine
   caller the authorisation table allows (``services/kernel/authz.py``), so the request reaches
   validation, and a few as a caller of a role the table refuses;
 - checks each answer: never ``INTERNAL``, ``UNKNOWN`` or ``DATA_LOSS``; a wrong role always
-  ``PERMISSION_DENIED``; every refusal carries an ``ErrorInfo`` reason;
+  ``PERMISSION_DENIED``, whatever its bytes; every refusal carries an ``ErrorInfo`` reason;
 - checks that a refused request changed no state: each service's row count of every table
   (its events included) is read before and after every request; equal after a refusal; after a
   success the platform is left to settle (consumers, audit) and counted again;
@@ -350,15 +350,9 @@ class Fuzzer:
                 self.report.client_races += 1
             elif code in BAD:
                 finding(code.name, (err.details() if err else "") or "")
-            if (
-                wrong
-                and not raced
-                and code
-                not in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.INVALID_ARGUMENT,  # bytes that do not decode are refused first
-                )
-            ):
+            # Authorisation runs before decoding and validation: a caller the table refuses
+            # learns nothing about the method's message, not even that its bytes are wrong.
+            if wrong and not raced and code != grpc.StatusCode.PERMISSION_DENIED:
                 finding("WRONG_ROLE_NOT_REFUSED", f"{who} got {code.name}")
             if err is not None and not raced and code not in BAD and rpc.error_info(err) is None:
                 if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED,):  # gRPC's own size limit
