@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard proto/subsidy/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test smoke proto proto-check lint bench clean venv
+.PHONY: help run test smoke proto proto-check lint bench fuzz clean venv
 
 help: ## list every target
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,14 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## checkout hot-path and 10:00 claim-rush benchmarks; results in bench/results/
 	$(PY) -m bench
+
+# The long fuzz run (CI runs the short one in `make test`): a fresh seed each run unless
+# SUBSIDY_FUZZ_SEED is given; SUBSIDY_FUZZ_ONLY=<Method> fuzzes only the matching RPCs.
+fuzz: $(STAMP) ## fuzz every RPC of every service, 10,000 requests per service; prints the seed and a summary
+	@seed=$${SUBSIDY_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz seed $$seed (replay: make fuzz SUBSIDY_FUZZ_SEED=$$seed)"; \
+	SUBSIDY_FUZZ_SEED=$$seed SUBSIDY_FUZZ_REQUESTS=$${SUBSIDY_FUZZ_REQUESTS:-10000} \
+	$(PY) -m pytest -q -s -p no:cacheprovider -o log_level=ERROR tests/fuzz
 
 clean: ## remove the virtual environment and local run data
 	rm -rf $(VENV) run var .pytest_cache .mypy_cache .ruff_cache

@@ -141,7 +141,7 @@ class RiskApi(risk_pb2_grpc.RiskServiceServicer):
     def _expiry(request: risk_pb2.ProposeListChangeRequest, now: dt.datetime) -> dt.datetime:
         if not request.HasField("expires_at"):
             raise InvalidArgument("MISSING_FIELD", "expires_at: required", field="expires_at")
-        expires = request.expires_at.ToDatetime(tzinfo=dt.UTC)
+        expires = validate.timestamp("expires_at", request.expires_at)
         if not now < expires <= now + dt.timedelta(days=risk.MAX_LIST_DAYS):
             raise InvalidArgument(
                 "INVALID_EXPIRY",

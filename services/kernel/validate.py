@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.kernel.contract import order_line
 from services.kernel.contract.limits import MAX_PRICE_FEN, MIN_PRICE_FEN
@@ -107,3 +110,17 @@ def serial(field: str, value: str) -> str:
         )
     canonical = "".join(c for c in stripped.upper() if c not in _SERIAL_SEPARATORS)
     return identifier(field, canonical, max_len=64)
+
+
+def timestamp(field: str, value: Timestamp) -> dt.datetime:
+    """A request's ``google.protobuf.Timestamp`` as an aware UTC datetime.
+
+    Any seconds and nanos decode off the wire, but only 0001-01-01 to 9999-12-31 with nanos
+    in 0..999,999,999 is a time: protobuf's ``ToDatetime`` raises ``ValueError`` on the rest,
+    which a caller must see as its own mistake, not the server's."""
+    try:
+        return value.ToDatetime(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(
+            "INVALID_TIME", f"{field}: not a valid timestamp", field=field
+        ) from None

@@ -207,8 +207,7 @@ def _limit(limit: int) -> int:
 def _required_time(field: str, request: Any) -> datetime:
     if not request.HasField(field):
         raise InvalidArgument("MISSING_FIELD", f"{field}: required", field=field)
-    value: datetime = getattr(request, field).ToDatetime(tzinfo=UTC)
-    return value
+    return validate.timestamp(field, getattr(request, field))
 
 
 class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerServiceServicer):

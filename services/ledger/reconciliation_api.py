@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -88,8 +88,12 @@ def progress(p: Progress) -> ledger_pb2.ReconcileProgress:
 
 
 def _period(chunk: ledger_pb2.DiscountBillChunk) -> tuple[datetime | None, datetime | None]:
-    start = chunk.period_from.ToDatetime(tzinfo=UTC) if chunk.HasField("period_from") else None
-    end = chunk.period_to.ToDatetime(tzinfo=UTC) if chunk.HasField("period_to") else None
+    start = (
+        validate.timestamp("period_from", chunk.period_from)
+        if chunk.HasField("period_from")
+        else None
+    )
+    end = validate.timestamp("period_to", chunk.period_to) if chunk.HasField("period_to") else None
     return start, end
 
 
