@@ -148,7 +148,9 @@ class PoolFold(Fold):
             ev.SubsidyReleased,
         )
     )
-    folded: dict[str, budget.Pool] = field(default_factory=dict)
+    # Each pool folded in place (budget.Tally: budget.step's arithmetic and invariants without
+    # a frozen Pool per event); frozen by pools().
+    folded: dict[str, budget.Tally] = field(default_factory=dict)
     # What each order written before funding sources was attributed (budget.fold keeps the
     # same memory), so its capture and release move the same parts.
     legacy: dict[str, dict[str, budget.Parts]] = field(default_factory=dict)
@@ -167,23 +169,32 @@ class PoolFold(Fold):
 
     def add(self, env: Envelope, payload: Message) -> None:
         """The pool's next event (:class:`Rebuild` hands them over in version order)."""
-        if not self.wants(env):
+        stream = env.stream_id
+        if env.service != "ledger" or not stream.startswith(POOL_STREAM_PREFIX):
             return
-        pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
-        if env.stream_version != self.last.get(pool_id, 0) + 1 and pool_id not in self._stopped:
-            self.violations.append(f"{env.stream_id}: events missing from the log")
-            self._stopped.add(pool_id)
-        self.last[pool_id] = env.stream_version
+        pool_id = stream[len(POOL_STREAM_PREFIX) :]
+        version = env.stream_version
         if pool_id in self._stopped:
+            self.last[pool_id] = version
             return
+        if version != self.last.get(pool_id, 0) + 1:
+            self.violations.append(f"{stream}: events missing from the log")
+            self._stopped.add(pool_id)
+            self.last[pool_id] = version
+            return
+        self.last[pool_id] = version
+        tally = self.folded.get(pool_id)
+        if tally is None:
+            tally = self.folded[pool_id] = budget.Tally(pool_id)
         try:  # checks the budget invariants (the pool's and each source's) after the event
-            memory = self.legacy.setdefault(pool_id, {})
+            memory = self.legacy.get(pool_id)
+            if memory is None:
+                memory = self.legacy[pool_id] = {}
             order_id = getattr(payload, "order_id", "")
-            self.folded[pool_id], parts = budget.step(
-                self.folded.get(pool_id) or budget.Pool(pool_id), payload, memory.get(order_id)
-            )
-            if isinstance(payload, ev.SubsidyReserved) and not payload.sources:
-                memory[order_id] = parts
+            parts = tally.step(payload, memory.get(order_id))
+            if isinstance(payload, ev.SubsidyReserved):
+                if not payload.sources:
+                    memory[order_id] = parts
             elif isinstance(payload, ev.SubsidyReleased):
                 memory.pop(order_id, None)
         except InvariantViolation as exc:
@@ -195,7 +206,7 @@ class PoolFold(Fold):
         missing, or a step that breaks the budget invariant."""
         if self.violations:
             raise InvariantViolation(self.violations[0])
-        return dict(sorted(self.folded.items()))
+        return {pool_id: self.folded[pool_id].pool() for pool_id in sorted(self.folded)}
 
     def table(self) -> Table:
         return pool_table(self.pools().values())
