@@ -221,8 +221,9 @@ class EventReplay:
 
     def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
         """The next entries LogAudit took (``ordinal``: the first one's among them)."""
-        parse, add, by_service = Envelope.FromString, self.rebuild.add, self.events_by_service
+        parse, by_service = Envelope.FromString, self.events_by_service
         digests = self.digests if self.keep_digests else None
+        parsed: list[Envelope] = []
         for k, (idx, data) in enumerate(zip(indexes, envelopes, strict=True), ordinal):
             try:
                 env = parse(data)
@@ -231,12 +232,13 @@ class EventReplay:
                     (k, Problem("tree", f"audit entry {idx} is not an event envelope", idx))
                 )
                 continue
-            by_service[env.service] += 1
+            parsed.append(env)
             if digests is not None:
                 digests.append((idx, digest_of(env, data)))
             if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
                 self.skipped[stuck] = (env.service, env.event_id)
-            add(env)
+        by_service.update(env.service for env in parsed)
+        self.rebuild.add_all(parsed)
 
     def sync(self) -> None:
         """Nothing to fetch: everything added is here already."""

@@ -376,23 +376,31 @@ class Tally:
             if any(fen <= 0 for _, fen in recorded) or sum(f for _, f in recorded) != amount:
                 return None
             return recorded
-        if held is not None and sum(fen for _, fen in held) == amount:
-            return held
+        if held is not None:
+            total = 0
+            for _, fen in held:
+                total += fen
+            if total == amount:
+                return held
         return self._attributed(amount, at)
 
     def step(self, event: Message, held: Parts | None = None) -> Parts:
         """As :func:`step`: the tally after ``event``; returns the parts it moved."""
         added = ""  # a source this event adds to the pool
-        if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
-            if isinstance(event, ev.SubsidyReserved):
-                at, to = _A, _R
-            elif isinstance(event, ev.SubsidyCaptured):
-                at, to = _R, _S
-            else:
-                at, to = (_S if event.was_captured else _R), _A
-            found = self._parts(event, at, held)
-            if found is None or any(n != UNATTRIBUTED and n not in self.sources for n, _ in found):
+        moving: Moving | None = None
+        if isinstance(event, ev.SubsidyReserved):
+            moving, at, to = event, _A, _R
+        elif isinstance(event, ev.SubsidyCaptured):
+            moving, at, to = event, _R, _S
+        elif isinstance(event, ev.SubsidyReleased):
+            moving, at, to = event, (_S if event.was_captured else _R), _A
+        if moving is not None:
+            found = self._parts(moving, at, held)
+            if found is None:
                 return self._refuse(event, held)
+            for name, _ in found:
+                if name != UNATTRIBUTED and name not in self.sources:
+                    return self._refuse(event, held)
             parts = found
             moves = [(name, fen, at, to) for name, fen in parts]
         elif isinstance(event, ev.BudgetFunded):
@@ -435,11 +443,19 @@ class Tally:
     def _holds(self, moves: list[Move]) -> bool:
         """The invariants of :meth:`Pool.check` after the moves (the figures are integers:
         sums of protobuf integer fields)."""
-        for row in (self.totals, *(self.sources[n] for n, *_ in moves if n in self.sources)):
-            f, a, r, s, sch = row
-            if a < 0 or r < 0 or s < 0 or sch < 0 or f != a + r + s:  # (so f >= 0)
-                return False
-        return all(n <= t for n, t in zip(self.named, self.totals, strict=True))
+        f, a, r, s, sch = self.totals
+        if a < 0 or r < 0 or s < 0 or sch < 0 or f != a + r + s:  # (so f >= 0)
+            return False
+        if not self.sources:  # the named sums are 0, no more than the pool's (checked above)
+            return True
+        for name, *_ in moves:
+            row = self.sources.get(name)
+            if row is not None:
+                f, a, r, s, sch = row
+                if a < 0 or r < 0 or s < 0 or sch < 0 or f != a + r + s:
+                    return False
+        n, t = self.named, self.totals
+        return n[0] <= t[0] and n[1] <= t[1] and n[2] <= t[2] and n[3] <= t[3] and n[4] <= t[4]
 
     def _refuse(self, event: Message, held: Parts | None) -> Parts:
         """Raise what :func:`step` raises for ``event`` (the tally is as before it)."""
