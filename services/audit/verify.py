@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 import traceback
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -46,6 +48,7 @@ POOL_STREAM = POOL_STREAM_PREFIX
 SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
 Row = tuple[int, bytes, bytes, bytes]  # (index, leaf hash, chain hash, envelope bytes)
 HASH = merkle.HASH_SIZE
+QUEUED_PAGES = 4  # pages handed to the replay process's pipe ahead of its reading
 
 
 @dataclass
@@ -319,12 +322,32 @@ class ReplayProcess:
         self.skipped: dict[str, tuple[str, str]] = {}
         self.problems: list[tuple[int, Problem]] = []
         self._dirty = False
+        # A page is larger than a pipe holds: written from this process's own thread, a
+        # page waits for the replay to read it without stopping this one's hashing (and its
+        # event loop); a few pages at most are queued, so a slow replay slows the fetch.
+        self._outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUED_PAGES)
+        self._broken: BaseException | None = None
+        self._writer = threading.Thread(target=self._write, name="replay-pipe", daemon=True)
+        self._writer.start()
+
+    def _write(self) -> None:
+        while True:
+            data = self._outbox.get()
+            try:
+                if data is None:
+                    return
+                if self._broken is None:  # else drained, so that no put waits for nothing
+                    self._to.write(data)
+                    self._to.flush()
+            except OSError as exc:  # BrokenPipeError: the replay process ended
+                self._broken = exc
+            finally:
+                self._outbox.task_done()
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        try:
-            pickle.dump(message, self._to, protocol=pickle.HIGHEST_PROTOCOL)
-            self._to.flush()
-        except BrokenPipeError:
+        if self._broken is None:
+            self._outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        if self._broken is not None:
             raise RuntimeError(f"the replay process ended (exit {self._proc.wait()})") from None
 
     def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
@@ -333,6 +356,9 @@ class ReplayProcess:
 
     def _ask(self, what: str) -> tuple[Any, ...]:
         self._send((what,))
+        self._outbox.join()  # written, every message before it too
+        if self._broken is not None:
+            raise RuntimeError(f"the replay process ended (exit {self._proc.wait()})")
         try:
             status, found = pickle.load(self._from)
         except EOFError:
@@ -360,6 +386,14 @@ class ReplayProcess:
 
     def close(self) -> None:
         """Stop the process (after :meth:`finish` it has ended by itself)."""
+        if self._writer.is_alive():
+            self._broken = self._broken or RuntimeError("closed")  # drop what is queued
+            try:  # the queue is full only while the replay reads: it drains
+                self._outbox.put(None, timeout=5)
+            except queue.Full:
+                self._proc.kill()  # not reading: the write in progress fails
+                self._outbox.put(None, timeout=5)
+            self._writer.join(5)
         for pipe in (self._to, self._from):
             try:
                 pipe.close()
