@@ -521,26 +521,34 @@ class LogAudit:
     ) -> None:
         """The next page of entries as columns: their indexes, their leaf and chain hashes as
         the service reports them, their envelopes' bytes."""
-        # The hot loop of a million-entry audit: the hashes and the tree's append inline.
+        # The hot loop of a million-entry audit: the hashes and the tree's append inline, the
+        # attributes it changes per entry kept in locals (written back before _misplaced,
+        # which reads and changes them, and at the end).
         tree, sha256, watched = self.tree, hashlib.sha256, self.watched
         edge = tree.hashes
         ordinal = self._taken
         taken: list[int] | None = None  # positions taken, once one was not
+        head, size, count, tree_size = self.head, self.size, self._taken, tree.size
+        trusted_size, reported_tree = self.trusted_size, self._reported
         rows = zip(indexes, leaves, chains, envelopes, strict=True)
         for k, (idx, reported, chained, data) in enumerate(rows):
-            if idx != self.size and not self._misplaced(idx):
-                if taken is None:
-                    taken = list(range(k))
-                continue
+            if idx != size:
+                self.head, self.size, self._taken = head, size, count
+                misplaced = self._misplaced(idx)
+                head, size = self.head, self.size
+                if not misplaced:
+                    if taken is None:
+                        taken = list(range(k))
+                    continue
             if taken is not None:
                 taken.append(k)
             actual = sha256(b"\x00" + data).digest()  # RFC 6962 leaf, as merkle.leaf_hash
             if actual != reported:
-                if self._reported is None:
-                    self._reported = CompactRange(tree.size, list(tree.hashes))
+                if reported_tree is None:
+                    reported_tree = self._reported = CompactRange(tree_size, list(edge))
                 self._problems.append(
                     (
-                        self._taken,
+                        count,
                         Problem(
                             "tree",
                             f"audit entry {idx}: its bytes hash to leaf {actual.hex()}, the "
@@ -549,28 +557,26 @@ class LogAudit:
                         ),
                     )
                 )
-            elif self.head and sha256(self.head + actual).digest() != chained:  # chain_hash
+            elif head and sha256(head + actual).digest() != chained:  # chain_hash
                 self._problems.append(
-                    (
-                        self._taken,
-                        Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx),
-                    )
+                    (count, Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx))
                 )
-            self.head = chained
-            h, s = actual, tree.size  # CompactRange.append
+            head = chained
+            h, s = actual, tree_size  # CompactRange.append
             while s & 1:
                 h = sha256(b"\x01" + edge.pop() + h).digest()
                 s >>= 1
             edge.append(h)
-            tree.size += 1
-            if self._reported is not None:
-                self._reported.append(reported)
+            tree_size += 1
+            if reported_tree is not None:
+                reported_tree.append(reported)
             if idx in watched:
                 self.leaves[idx] = actual
-            self.size = idx + 1
-            self._taken += 1
-            if self.size == self.trusted_size and not self.broken:
-                self.edge_at_trusted = list(tree.hashes)
+            size = idx + 1
+            count += 1
+            if size == trusted_size and not self.broken:
+                self.edge_at_trusted = list(edge)
+        self.head, self.size, self._taken, tree.size = head, size, count, tree_size
         if taken is None:
             self.replay.add(ordinal, indexes, envelopes)
         elif taken:
