@@ -148,7 +148,9 @@ class PoolFold(Fold):
             ev.SubsidyReleased,
         )
     )
-    folded: dict[str, budget.Pool] = field(default_factory=dict)
+    # Each pool folded in place (budget.Tally: budget.step's arithmetic and invariants without
+    # a frozen Pool per event); frozen by pools().
+    folded: dict[str, budget.Tally] = field(default_factory=dict)
     # What each order written before funding sources was attributed (budget.fold keeps the
     # same memory), so its capture and release move the same parts.
     legacy: dict[str, dict[str, budget.Parts]] = field(default_factory=dict)
@@ -167,23 +169,32 @@ class PoolFold(Fold):
 
     def add(self, env: Envelope, payload: Message) -> None:
         """The pool's next event (:class:`Rebuild` hands them over in version order)."""
-        if not self.wants(env):
+        stream = env.stream_id
+        if env.service != "ledger" or not stream.startswith(POOL_STREAM_PREFIX):
             return
-        pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
-        if env.stream_version != self.last.get(pool_id, 0) + 1 and pool_id not in self._stopped:
-            self.violations.append(f"{env.stream_id}: events missing from the log")
-            self._stopped.add(pool_id)
-        self.last[pool_id] = env.stream_version
+        pool_id = stream[len(POOL_STREAM_PREFIX) :]
+        version = env.stream_version
         if pool_id in self._stopped:
+            self.last[pool_id] = version
             return
+        if version != self.last.get(pool_id, 0) + 1:
+            self.violations.append(f"{stream}: events missing from the log")
+            self._stopped.add(pool_id)
+            self.last[pool_id] = version
+            return
+        self.last[pool_id] = version
+        tally = self.folded.get(pool_id)
+        if tally is None:
+            tally = self.folded[pool_id] = budget.Tally(pool_id)
         try:  # checks the budget invariants (the pool's and each source's) after the event
-            memory = self.legacy.setdefault(pool_id, {})
+            memory = self.legacy.get(pool_id)
+            if memory is None:
+                memory = self.legacy[pool_id] = {}
             order_id = getattr(payload, "order_id", "")
-            self.folded[pool_id], parts = budget.step(
-                self.folded.get(pool_id) or budget.Pool(pool_id), payload, memory.get(order_id)
-            )
-            if isinstance(payload, ev.SubsidyReserved) and not payload.sources:
-                memory[order_id] = parts
+            parts = tally.step(payload, memory.get(order_id))
+            if isinstance(payload, ev.SubsidyReserved):
+                if not payload.sources:
+                    memory[order_id] = parts
             elif isinstance(payload, ev.SubsidyReleased):
                 memory.pop(order_id, None)
         except InvariantViolation as exc:
@@ -195,7 +206,7 @@ class PoolFold(Fold):
         missing, or a step that breaks the budget invariant."""
         if self.violations:
             raise InvariantViolation(self.violations[0])
-        return dict(sorted(self.folded.items()))
+        return {pool_id: self.folded[pool_id].pool() for pool_id in sorted(self.folded)}
 
     def table(self) -> Table:
         return pool_table(self.pools().values())
@@ -612,7 +623,30 @@ class Rebuild:
         self._readers: dict[tuple[str, str, str], tuple[Callable[[bytes], Message], list[Fold]]]
         self._readers = {}
 
+    def add_all(self, envelopes: Iterable[Envelope]) -> None:
+        """:meth:`add` each one, in order: the usual case (its stream's next version, nothing
+        held) inline, as :meth:`add` and :meth:`_apply` take it (the replay's hot loop)."""
+        following, held, readers = self._next, self._held, self._readers
+        for env in envelopes:
+            service, stream = env.service, env.stream_id
+            key = (service, stream)
+            expected = following.get(key, 1)
+            if env.stream_version != expected or key in held:
+                self.add(env)
+                continue
+            kind = (service, env.event_type, stream.partition("/")[0])
+            found = readers.get(kind)
+            if found is None:
+                found = self._reader(kind, env)
+            parse, folds = found
+            if folds:
+                payload = parse(env.payload)
+                for f in folds:
+                    f.add(env, payload)
+            following[key] = expected + 1
+
     def add(self, env: Envelope) -> None:
+        """The log's next entry's envelope."""
         key, version = (env.service, env.stream_id), env.stream_version
         expected = self._next.get(key, 1)
         if version == expected and key not in self._held:  # the usual case: the next one
@@ -639,13 +673,19 @@ class Rebuild:
         kind = (env.service, env.event_type, env.stream_id.partition("/")[0])
         found = self._readers.get(kind)
         if found is None:
-            readers = [f for f in self.folds if f.wants(env)]
-            found = self._readers[kind] = (_payload_class(env.event_type).FromString, readers)
+            found = self._reader(kind, env)
         parse, readers = found
         if readers:
             payload = parse(env.payload)
             for f in readers:
                 f.add(env, payload)
+
+    def _reader(
+        self, kind: tuple[str, str, str], env: Envelope
+    ) -> tuple[Callable[[bytes], Message], list[Fold]]:
+        readers = [f for f in self.folds if f.wants(env)]
+        found = self._readers[kind] = (_payload_class(env.event_type).FromString, readers)
+        return found
 
     def finish(self) -> dict[str, Fold]:
         """Hand over what still waits, each stream in version order; the folds by name."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 import traceback
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -45,6 +47,7 @@ POOL_STREAM = POOL_STREAM_PREFIX
 SKIPPED = ev.OutboxEventSkipped.DESCRIPTOR.full_name
 Row = tuple[int, bytes, bytes, bytes]  # (index, leaf hash, chain hash, envelope bytes)
 HASH = merkle.HASH_SIZE
+QUEUED_PAGES = 4  # pages handed to the replay process's pipe ahead of its reading
 
 
 @dataclass
@@ -220,8 +223,9 @@ class EventReplay:
 
     def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
         """The next entries LogAudit took (``ordinal``: the first one's among them)."""
-        parse, add, by_service = Envelope.FromString, self.rebuild.add, self.events_by_service
+        parse, by_service = Envelope.FromString, self.events_by_service
         digests = self.digests if self.keep_digests else None
+        parsed: list[Envelope] = []
         for k, (idx, data) in enumerate(zip(indexes, envelopes, strict=True), ordinal):
             try:
                 env = parse(data)
@@ -230,12 +234,13 @@ class EventReplay:
                     (k, Problem("tree", f"audit entry {idx} is not an event envelope", idx))
                 )
                 continue
-            by_service[env.service] += 1
+            parsed.append(env)
             if digests is not None:
                 digests.append((idx, digest_of(env, data)))
             if env.event_type == SKIPPED and (stuck := skip_named(env)) is not None:
                 self.skipped[stuck] = (env.service, env.event_id)
-            add(env)
+        by_service.update(env.service for env in parsed)
+        self.rebuild.add_all(parsed)
 
     def sync(self) -> None:
         """Nothing to fetch: everything added is here already."""
@@ -315,12 +320,32 @@ class ReplayProcess:
         self.skipped: dict[str, tuple[str, str]] = {}
         self.problems: list[tuple[int, Problem]] = []
         self._dirty = False
+        # A page is larger than a pipe holds: written from this process's own thread, a
+        # page waits for the replay to read it without stopping this one's hashing (and its
+        # event loop); a few pages at most are queued, so a slow replay slows the fetch.
+        self._outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUED_PAGES)
+        self._broken: BaseException | None = None
+        self._writer = threading.Thread(target=self._write, name="replay-pipe", daemon=True)
+        self._writer.start()
+
+    def _write(self) -> None:
+        while True:
+            data = self._outbox.get()
+            try:
+                if data is None:
+                    return
+                if self._broken is None:  # else drained, so that no put waits for nothing
+                    self._to.write(data)
+                    self._to.flush()
+            except OSError as exc:  # BrokenPipeError: the replay process ended
+                self._broken = exc
+            finally:
+                self._outbox.task_done()
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        try:
-            pickle.dump(message, self._to, protocol=pickle.HIGHEST_PROTOCOL)
-            self._to.flush()
-        except BrokenPipeError:
+        if self._broken is None:
+            self._outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        if self._broken is not None:
             raise RuntimeError(f"the replay process ended (exit {self._proc.wait()})") from None
 
     def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
@@ -329,6 +354,9 @@ class ReplayProcess:
 
     def _ask(self, what: str) -> tuple[Any, ...]:
         self._send((what,))
+        self._outbox.join()  # written, every message before it too
+        if self._broken is not None:
+            raise RuntimeError(f"the replay process ended (exit {self._proc.wait()})")
         try:
             status, found = pickle.load(self._from)
         except EOFError:
@@ -356,6 +384,14 @@ class ReplayProcess:
 
     def close(self) -> None:
         """Stop the process (after :meth:`finish` it has ended by itself)."""
+        if self._writer.is_alive():
+            self._broken = self._broken or RuntimeError("closed")  # drop what is queued
+            try:  # the queue is full only while the replay reads: it drains
+                self._outbox.put(None, timeout=5)
+            except queue.Full:
+                self._proc.kill()  # not reading: the write in progress fails
+                self._outbox.put(None, timeout=5)
+            self._writer.join(5)
         for pipe in (self._to, self._from):
             try:
                 pipe.close()
@@ -483,26 +519,34 @@ class LogAudit:
     ) -> None:
         """The next page of entries as columns: their indexes, their leaf and chain hashes as
         the service reports them, their envelopes' bytes."""
-        # The hot loop of a million-entry audit: the hashes and the tree's append inline.
+        # The hot loop of a million-entry audit: the hashes and the tree's append inline, the
+        # attributes it changes per entry kept in locals (written back before _misplaced,
+        # which reads and changes them, and at the end).
         tree, sha256, watched = self.tree, hashlib.sha256, self.watched
         edge = tree.hashes
         ordinal = self._taken
         taken: list[int] | None = None  # positions taken, once one was not
+        head, size, count, tree_size = self.head, self.size, self._taken, tree.size
+        trusted_size, reported_tree = self.trusted_size, self._reported
         rows = zip(indexes, leaves, chains, envelopes, strict=True)
         for k, (idx, reported, chained, data) in enumerate(rows):
-            if idx != self.size and not self._misplaced(idx):
-                if taken is None:
-                    taken = list(range(k))
-                continue
+            if idx != size:
+                self.head, self.size, self._taken = head, size, count
+                misplaced = self._misplaced(idx)
+                head, size = self.head, self.size
+                if not misplaced:
+                    if taken is None:
+                        taken = list(range(k))
+                    continue
             if taken is not None:
                 taken.append(k)
             actual = sha256(b"\x00" + data).digest()  # RFC 6962 leaf, as merkle.leaf_hash
             if actual != reported:
-                if self._reported is None:
-                    self._reported = CompactRange(tree.size, list(tree.hashes))
+                if reported_tree is None:
+                    reported_tree = self._reported = CompactRange(tree_size, list(edge))
                 self._problems.append(
                     (
-                        self._taken,
+                        count,
                         Problem(
                             "tree",
                             f"audit entry {idx}: its bytes hash to leaf {actual.hex()}, the "
@@ -511,28 +555,26 @@ class LogAudit:
                         ),
                     )
                 )
-            elif self.head and sha256(self.head + actual).digest() != chained:  # chain_hash
+            elif head and sha256(head + actual).digest() != chained:  # chain_hash
                 self._problems.append(
-                    (
-                        self._taken,
-                        Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx),
-                    )
+                    (count, Problem("tree", f"audit entry {idx}: the hash chain breaks here", idx))
                 )
-            self.head = chained
-            h, s = actual, tree.size  # CompactRange.append
+            head = chained
+            h, s = actual, tree_size  # CompactRange.append
             while s & 1:
                 h = sha256(b"\x01" + edge.pop() + h).digest()
                 s >>= 1
             edge.append(h)
-            tree.size += 1
-            if self._reported is not None:
-                self._reported.append(reported)
+            tree_size += 1
+            if reported_tree is not None:
+                reported_tree.append(reported)
             if idx in watched:
                 self.leaves[idx] = actual
-            self.size = idx + 1
-            self._taken += 1
-            if self.size == self.trusted_size and not self.broken:
-                self.edge_at_trusted = list(tree.hashes)
+            size = idx + 1
+            count += 1
+            if size == trusted_size and not self.broken:
+                self.edge_at_trusted = list(edge)
+        self.head, self.size, self._taken, tree.size = head, size, count, tree_size
         if taken is None:
             self.replay.add(ordinal, indexes, envelopes)
         elif taken:

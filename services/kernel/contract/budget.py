@@ -306,13 +306,158 @@ def fold(pool_id: str, events: Iterable[Message]) -> Pool:
     Pure: events in, figures out (the invariants checked after every event). Keeps what each
     order written without source parts was attributed, so its capture and release move the
     same parts (orders written with parts carry them on every event and need no memory)."""
-    pool = Pool(pool_id)
+    tally = Tally(pool_id)
     legacy: dict[str, Parts] = {}
     for event in events:
         order_id = getattr(event, "order_id", "")
-        pool, parts = step(pool, event, legacy.get(order_id))
+        parts = tally.step(event, legacy.get(order_id))
         if isinstance(event, ev.SubsidyReserved) and not event.sources:
             legacy[order_id] = parts
         elif isinstance(event, ev.SubsidyReleased):
             legacy.pop(order_id, None)
-    return pool
+    return tally.pool()
+
+
+# Bucket positions in a Tally's figure lists (the order of BUCKETS); _NONE: no bucket,
+# _RELEASED: into funded and available at once.
+_F, _A, _R, _S, _SCH = range(5)
+_NONE, _RELEASED = -1, -2
+Move = tuple[str, int, int, int]  # (source, fen, from bucket, to bucket)
+
+
+class Tally:
+    """One pool folded in place: :func:`step` event after event, without building a frozen
+    :class:`Pool` per event (a replay of a whole log folds a million events; :func:`fold` and
+    the auditor use this). The same arithmetic and the same invariants after every event: the
+    pool's figures, every source the event moved (the others did not change since they were
+    last checked), and the named sources' sums against the pool's, kept as running sums. When
+    an event would break one, the tally is left as it was and :func:`step` of the frozen pool
+    raises, so the violation says exactly what the frozen fold says."""
+
+    __slots__ = ("named", "pool_id", "sources", "totals")
+
+    def __init__(self, pool_id: str) -> None:
+        self.pool_id = pool_id
+        self.totals = [0, 0, 0, 0, 0]  # funded, available, reserved, spent, scheduled
+        self.sources: dict[str, list[int]] = {}  # in the order they first funded the pool
+        self.named = [0, 0, 0, 0, 0]  # the named sources' sums, per bucket
+
+    def pool(self) -> Pool:
+        """The frozen figures."""
+        f, a, r, s, sch = self.totals
+        return Pool(
+            self.pool_id,
+            f,
+            a,
+            r,
+            s,
+            sch,
+            tuple(Source(name, *figures) for name, figures in self.sources.items()),
+        )
+
+    def _attributed(self, amount: int, at: int) -> Parts:
+        # as _attributed: the priority rule in pool order, the unattributed money last
+        parts: list[tuple[str, int]] = []
+        left = amount
+        for name, figures in self.sources.items():
+            take = min(left, figures[at])
+            if take > 0:
+                parts.append((name, take))
+                left -= take
+        if left:
+            parts.append((UNATTRIBUTED, left))
+        return tuple(parts)
+
+    def _parts(self, event: Moving, at: int, held: Parts | None) -> Parts | None:
+        """As :func:`_parts`; None for recorded parts that check_source_parts refuses."""
+        amount = event.subsidy_fen
+        if event.sources:
+            recorded = parts_of(event.sources)
+            if any(fen <= 0 for _, fen in recorded) or sum(f for _, f in recorded) != amount:
+                return None
+            return recorded
+        if held is not None:
+            total = 0
+            for _, fen in held:
+                total += fen
+            if total == amount:
+                return held
+        return self._attributed(amount, at)
+
+    def step(self, event: Message, held: Parts | None = None) -> Parts:
+        """As :func:`step`: the tally after ``event``; returns the parts it moved."""
+        added = ""  # a source this event adds to the pool
+        moving: Moving | None = None
+        if isinstance(event, ev.SubsidyReserved):
+            moving, at, to = event, _A, _R
+        elif isinstance(event, ev.SubsidyCaptured):
+            moving, at, to = event, _R, _S
+        elif isinstance(event, ev.SubsidyReleased):
+            moving, at, to = event, (_S if event.was_captured else _R), _A
+        if moving is not None:
+            found = self._parts(moving, at, held)
+            if found is None:
+                return self._refuse(event, held)
+            for name, _ in found:
+                if name != UNATTRIBUTED and name not in self.sources:
+                    return self._refuse(event, held)
+            parts = found
+            moves = [(name, fen, at, to) for name, fen in parts]
+        elif isinstance(event, ev.BudgetFunded):
+            name, fen = event.source, event.amount_fen
+            parts = ((name, fen),)
+            if name != UNATTRIBUTED and name not in self.sources:
+                self.sources[name] = [0, 0, 0, 0, 0]  # after the others
+                added = name
+            moves = [(name, fen, _NONE, _SCH if event.tranches else _RELEASED)]
+        elif isinstance(event, ev.TrancheReleased):
+            name, fen = event.source, event.amount_fen
+            if name != UNATTRIBUTED and name not in self.sources:
+                return self._refuse(event, held)
+            parts = ((name, fen),)
+            moves = [(name, fen, _SCH, _RELEASED)]
+        else:  # moves no money: the figures are as they were, and were checked
+            return ()
+        self._apply(moves, 1)
+        if not self._holds(moves):
+            self._apply(moves, -1)
+            if added:
+                del self.sources[added]
+            return self._refuse(event, held)
+        return parts
+
+    def _apply(self, moves: list[Move], sign: int) -> None:
+        for name, fen, at, to in moves:
+            figures = self.sources.get(name) if name != UNATTRIBUTED else None
+            rows = (self.totals,) if figures is None else (self.totals, self.named, figures)
+            fen *= sign
+            for row in rows:
+                if at != _NONE:
+                    row[at] -= fen
+                if to == _RELEASED:
+                    row[_F] += fen
+                    row[_A] += fen
+                else:
+                    row[to] += fen
+
+    def _holds(self, moves: list[Move]) -> bool:
+        """The invariants of :meth:`Pool.check` after the moves (the figures are integers:
+        sums of protobuf integer fields)."""
+        f, a, r, s, sch = self.totals
+        if a < 0 or r < 0 or s < 0 or sch < 0 or f != a + r + s:  # (so f >= 0)
+            return False
+        if not self.sources:  # the named sums are 0, no more than the pool's (checked above)
+            return True
+        for name, *_ in moves:
+            row = self.sources.get(name)
+            if row is not None:
+                f, a, r, s, sch = row
+                if a < 0 or r < 0 or s < 0 or sch < 0 or f != a + r + s:
+                    return False
+        n, t = self.named, self.totals
+        return n[0] <= t[0] and n[1] <= t[1] and n[2] <= t[2] and n[3] <= t[3] and n[4] <= t[4]
+
+    def _refuse(self, event: Message, held: Parts | None) -> Parts:
+        """Raise what :func:`step` raises for ``event`` (the tally is as before it)."""
+        step(self.pool(), event, held)
+        raise AssertionError(f"pool {self.pool_id}: the tally and step disagree on {event}")
