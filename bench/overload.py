@@ -1,7 +1,8 @@
 """Benchmark: the checkout at about once and twice its capacity, with the admission bound.
 
 The stack `make run` starts (each service its own process; real PostgreSQL, NATS, OpenBao) with
-the shipped admission bound (``SUBSIDY_MAX_CONCURRENT_WRITES``, default 32, or ``--limit``) and
+the admission bound (``SUBSIDY_MAX_CONCURRENT_WRITES``, ``--limit``, default 32; the services
+ship with no bound) and
 the per-client rate limits lifted (the bench is one client; the bound under test is the
 process's, not a client's). First the capacity: ReserveSubsidy closed-loop at the bound's
 concurrency, orders per second. Then an open-loop load (arrivals at a fixed rate whatever the

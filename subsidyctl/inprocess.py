@@ -51,6 +51,7 @@ async def start_platform(
     initial_policy: Path | None = None,
     expiry_sweep_s: float = 5.0,
     detect_every_s: float = 60.0,
+    max_concurrent: int = 0,
 ) -> InProcessPlatform:
     """Start the simulator and the services (in dependency order) on free loopback ports;
     each service is pointed at the peers services/kernel/topology.py gives it."""
@@ -79,6 +80,8 @@ async def start_platform(
             initial_policy=initial_policy,
             expiry_sweep_s=expiry_sweep_s,
             detect_every_s=detect_every_s,
+            max_concurrent_writes=max_concurrent,
+            max_concurrent_reads=max_concurrent,
         )
         await migrate_schema(spec, settings)  # as the chart's migration Job does, first
         running[spec.name] = await start(spec, settings)

@@ -503,19 +503,21 @@ class Settings(ProcessSettings):
         deployed=True,
     )
     # Per process (services/kernel/admission.py): beyond about this many calls at once a call
-    # only waits behind the others, so it is refused with OVERLOADED instead.
+    # only waits behind the others, so it is refused with OVERLOADED instead. Off unless set:
+    # the right bound depends on the machine (and a batched claim rush gains from concurrency).
     max_concurrent_writes: int = variable(
         "SUBSIDY_MAX_CONCURRENT_WRITES",
         "calls that may change state one process works on at once; beyond, a call is refused "
-        "with `RESOURCE_EXHAUSTED` reason `OVERLOADED` and a retry delay; 0: no bound; "
-        "default 32",
-        default=32,
+        "with `RESOURCE_EXHAUSTED` reason `OVERLOADED` and a retry delay; size it as the "
+        "process's measured calls per second times the latency you accept (docs/benchmarks.md); "
+        "default 0: no bound",
+        default=0,
     )
     max_concurrent_reads: int = variable(
         "SUBSIDY_MAX_CONCURRENT_READS",
         "reads (`Get*`, `List*`, `Verify*`, `Check*`) one process works on at once, as above; "
-        "health checks are never bounded; default 64",
-        default=64,
+        "health checks are never bounded; default 0: no bound",
+        default=0,
     )
     identity_attempts_per_day: int = variable(
         "SUBSIDY_IDENTITY_ATTEMPTS_PER_DAY",

@@ -228,6 +228,9 @@ async def platform_on(
         # Likewise the fraud detectors: the session's tests would be findings of each other
         # (tests/e2e/test_detection.py runs them itself).
         detect_every_s=3600,
+        # The admission bound in front of every service, as production sets one, but far above
+        # what the race and rush tests send at once (tests/kernel/test_admission.py binds it).
+        max_concurrent=10_000,
     )
     running = started.running
     peers = started.endpoints

@@ -272,7 +272,7 @@ def test_health_and_reflection_are_never_bounded_and_reads_have_their_own_bound(
 def test_the_bounds_come_from_the_settings_and_a_negative_one_is_refused() -> None:
     env = {**BASE, "SUBSIDY_MAX_CONCURRENT_WRITES": "5"}
     limits = admission.AdmissionLimits.from_settings(Settings.from_env("catalog", env=env))
-    assert limits == admission.AdmissionLimits(writes=5, reads=64)
+    assert limits == admission.AdmissionLimits(writes=5, reads=0)  # reads: unbounded unless set
     env["SUBSIDY_MAX_CONCURRENT_READS"] = "-1"
     with pytest.raises(SettingsError, match="SUBSIDY_MAX_CONCURRENT_READS"):
         admission.AdmissionLimits.from_settings(Settings.from_env("catalog", env=env))
