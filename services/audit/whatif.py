@@ -18,7 +18,7 @@ which a laxer draft might have admitted; and a draft's claim-time rules themselv
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
@@ -289,8 +289,3 @@ def _reserve(
     order.draft_fen, order.draft_parts = fen, parts
     pool.step(_with(event, fen, parts))
     return order
-
-
-def versions(fold: WhatIfFold) -> Iterable[str]:
-    """The policy versions the log holds (drafted or published), sorted."""
-    return sorted(fold.policies)

@@ -26,12 +26,13 @@ from typing import Annotated, Any
 import typer
 
 from services.kernel import rpc, tls
-from services.kernel.contract import dailyreport, merkle
+from services.kernel.contract import dailyreport
 from services.kernel.contract.dailyreport import DailyReport, Day
 from services.kernel.events import Envelope
-from subsidy.v1 import audit_pb2, audit_pb2_grpc, ledger_pb2, ledger_pb2_grpc
+from subsidy.v1 import audit_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 from ..stack.certs import AUDITOR_DEMO, OPERATOR_DEMO
+from .audit.replay import checked_envelopes
 from .budget import LedgerOpt
 from .common import EXIT_NO, Failure, JsonOpt, OperatorIdentityOpt, emit, identity, local_address
 
@@ -40,36 +41,9 @@ app = typer.Typer(
     help="The bureau's daily report, from the ledger or rebuilt from the audit log.",
     no_args_is_help=True,
 )
-PAGE = 1000
-IN_FLIGHT = 4  # pages of entries requested at once, as audit verify does
 AuditAddrOpt = Annotated[
     str, typer.Option(help="audit service HOST:PORT (default: the local stack's)")
 ]
-
-
-async def log_envelopes(audit: audit_pb2_grpc.AuditServiceAsyncStub) -> list[Envelope]:
-    """Every entry of the audit log up to a fresh checkpoint, parsed; raises Failure when the
-    entries' recomputed tree is not the checkpoint's (a changed, missing or added entry)."""
-    checkpoint = await audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(fresh=True))
-    size = checkpoint.tree_size
-    in_flight = asyncio.Semaphore(IN_FLIGHT)
-
-    async def page(start: int) -> list[bytes]:
-        request = audit_pb2.GetEntriesRequest(
-            start=start, end=min(start + PAGE, size), bytes_only=True
-        )
-        async with in_flight:
-            return [e.envelope_bytes for e in (await audit.GetEntries(request)).entries]
-
-    pages = await asyncio.gather(*(page(s) for s in range(0, size, PAGE)))
-    data = [d for p in pages for d in p]
-    if len(data) != size or merkle.root_of(map(merkle.leaf_hash, data)) != checkpoint.root_hash:
-        raise Failure(
-            f"the audit log's {len(data)} entries do not add up to its checkpoint of {size}:"
-            " run subsidyctl audit verify",
-            EXIT_NO,
-        )
-    return [Envelope.FromString(d) for d in data]
 
 
 def rebuilt(envelopes: list[Envelope], date: dt.date, now: dt.datetime) -> DailyReport:
@@ -173,7 +147,8 @@ async def _fetch(
     try:
         log = None
         if audit_ch is not None:
-            envelopes = await log_envelopes(audit_pb2_grpc.AuditServiceStub(audit_ch))
+            data = await checked_envelopes(audit_pb2_grpc.AuditServiceStub(audit_ch))
+            envelopes = [Envelope.FromString(d) for d in data]
             log = rebuilt(envelopes, day, dt.datetime.now(dt.UTC))
         request = ledger_pb2.GetDailyReportRequest(date=day.isoformat())
         live = await ledger_pb2_grpc.LedgerServiceStub(ledger_ch).GetDailyReport(request)

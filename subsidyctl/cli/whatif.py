@@ -1,6 +1,7 @@
 """``subsidyctl policy whatif --draft VERSION``: the real history of orders under a draft policy.
 
-Reads the audit log's entries (operator or auditor; nothing else is asked and nothing changes),
+Reads the audit log's entries up to a fresh checkpoint, their tree checked against it (operator
+or auditor; nothing else is asked and nothing changes),
 finds the draft in the log (its ``PolicyDrafted`` or ``PolicyPublished`` event: a draft made
 with ``policy draft`` and not approved is what this is for), replays every pool's stream under
 it (:mod:`services.audit.whatif`) and prints one JSON object: the summary (actual and draft
@@ -19,15 +20,15 @@ from typing import Annotated, Any
 import typer
 
 from services.audit.totals import Rebuild
-from services.audit.verify import EventReplay, LogAudit
 from services.audit.whatif import DAY_FIGURES, WhatIf, WhatIfFold, replay
 from services.kernel import rpc
 from services.kernel.contract.spreadsheet import csv_bytes
-from subsidy.v1 import audit_pb2, audit_pb2_grpc
+from services.kernel.events import Envelope
+from subsidy.v1 import audit_pb2_grpc
 
 from ..stack.certs import OPERATOR_DEMO
 from .audit import AuditAddrOpt
-from .audit.replay import fetch_entries
+from .audit.replay import checked_envelopes
 from .common import Failure, JsonOpt, OperatorIdentityOpt, emit, identity, local_address
 from .progress import PhaseProgress
 
@@ -52,24 +53,20 @@ ORDER_COLUMNS = (
 
 
 async def _fold(audit_addr: str, who: Any, quiet: bool) -> WhatIfFold:
-    """Every entry of the log, folded for a what-if."""
+    """Every entry of the log up to a fresh checkpoint (its tree checked), folded for a
+    what-if."""
     channel = rpc.channel(audit_addr, who)
     try:
-        stub = audit_pb2_grpc.AuditServiceStub(channel)
-        size = (await stub.GetLogInfo(audit_pb2.GetLogInfoRequest())).size
-        state = LogAudit(digests=False)  # its replay in this process: the what-if's fold in it
-        assert isinstance(state.replay, EventReplay)
-        fold = WhatIfFold()
-        state.replay.rebuild = Rebuild([fold])
-        try:
-            with PhaseProgress(unit="entries", plain=False, quiet=quiet) as bar:
-                await fetch_entries(stub, state, size, bar.update)
-            state.replay.rebuild.finish()
-        finally:
-            state.close()
-        return fold
+        with PhaseProgress(unit="entries", plain=False, quiet=quiet) as bar:
+            data = await checked_envelopes(audit_pb2_grpc.AuditServiceStub(channel), bar.update)
     finally:
         await channel.close()
+    fold = WhatIfFold()
+    rebuild = Rebuild([fold])
+    for d in data:
+        rebuild.add(Envelope.FromString(d))
+    rebuild.finish()
+    return fold
 
 
 def answer_of(result: WhatIf) -> dict[str, Any]:

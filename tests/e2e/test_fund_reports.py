@@ -21,7 +21,8 @@ from services.kernel.events import Envelope
 from services.kernel.identity import Caller, Role
 from subsidy.v1 import events_pb2 as ev
 from subsidy.v1 import ledger_pb2
-from subsidyctl.cli.report import log_envelopes, rebuilt
+from subsidyctl.cli.audit.replay import checked_envelopes
+from subsidyctl.cli.report import rebuilt
 from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform, eventually, status_of
 from tests.e2e.test_funding_sources import PHONE_PRICE, budget, checkout, ledger_as
@@ -46,7 +47,7 @@ async def both(
     """The ledger's report of ``day`` and the one rebuilt from the audit log, once the log
     has every event (the log first: the ledger's can only have more)."""
     await p.quiesce()
-    envelopes = await log_envelopes(p.audit)
+    envelopes = [Envelope.FromString(d) for d in await checked_envelopes(p.audit)]
     log = rebuilt(envelopes, day, dt.datetime.now(dt.UTC))
     live = await p.ledger.GetDailyReport(ledger_pb2.GetDailyReportRequest(date=day.isoformat()))
     return live, log, envelopes

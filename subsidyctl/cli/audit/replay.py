@@ -36,9 +36,7 @@ from subsidy.v1 import (
     usage_pb2_grpc,
 )
 
-from ..common import (
-    Failure,
-)
+from ..common import EXIT_NO, Failure
 from .live import LIVE, PAGE, Sources
 
 IN_FLIGHT = 4  # pages of entries requested at once (the service reads while we hash)
@@ -52,6 +50,40 @@ Keys = Callable[[str], Awaitable[list[VerifierKey]]]  # the trusted keys, given 
 
 
 # -- fetching ---------------------------------------------------------------------------------
+async def checked_envelopes(
+    audit: audit_pb2_grpc.AuditServiceAsyncStub, progress: Progress | None = None
+) -> list[bytes]:
+    """Every entry's envelope bytes up to a fresh checkpoint, for a tool that reads the events
+    (report daily --from-events, policy whatif): raises Failure when the entries' recomputed
+    tree is not the checkpoint's (a changed, missing or added entry). The checkpoint's signature
+    and the rest are ``audit verify``'s."""
+    checkpoint = await audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(fresh=True))
+    size = checkpoint.tree_size
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
+    fetched = [0]
+
+    async def page(start: int) -> list[bytes]:
+        request = audit_pb2.GetEntriesRequest(
+            start=start, end=min(start + PAGE, size), bytes_only=True
+        )
+        async with in_flight:
+            got = [e.envelope_bytes for e in (await audit.GetEntries(request)).entries]
+        fetched[0] += len(got)
+        if progress is not None:
+            progress("FETCH", fetched[0], size)
+        return got
+
+    pages = await asyncio.gather(*(page(s) for s in range(0, size, PAGE)))
+    data = [d for p in pages for d in p]
+    if len(data) != size or merkle.root_of(map(merkle.leaf_hash, data)) != checkpoint.root_hash:
+        raise Failure(
+            f"the audit log's {len(data)} entries do not add up to its checkpoint of {size}:"
+            " run subsidyctl audit verify",
+            EXIT_NO,
+        )
+    return data
+
+
 async def fetch_entries(
     audit: audit_pb2_grpc.AuditServiceAsyncStub,
     state: LogAudit,
