@@ -377,8 +377,8 @@ def build_server(
     listening (see :func:`listen`)."""
     limiting = [] if rate_limits is None else [ratelimit.RateLimitInterceptor(rate_limits, _abort)]
     admitting = (
-        []
-        if admission_limits is None
+        []  # no bound set (the default): nothing in the calls' way
+        if admission_limits is None or not (admission_limits.writes or admission_limits.reads)
         else [
             admission.AdmissionInterceptor(
                 admission_limits,
