@@ -84,6 +84,7 @@ cases = Table(
     Column("subject", String(200), nullable=False),
     Column("summary", String(300), nullable=False),
     Column("text_length", Integer, nullable=False),
+    Column("text_sha256", String(64), nullable=False, server_default=""),
     Column("responded", Boolean, nullable=False),
     Column("assignee", String(64), nullable=False),
     Column("outcome", String(32), nullable=False),
@@ -190,6 +191,7 @@ def _case(row: object) -> domain.Case:
         subject=r["subject"],
         summary=r["summary"],
         text_length=r["text_length"],
+        text_sha256=r["text_sha256"],
         responded=r["responded"],
         assignee=r["assignee"],
         outcome=r["outcome"],
@@ -246,6 +248,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         "subject": after.subject,
         "summary": after.summary,
         "text_length": after.text_length,
+        "text_sha256": after.text_sha256,
         "responded": after.responded,
         "assignee": after.assignee,
         "outcome": after.outcome,
@@ -346,9 +349,16 @@ class Cases:
         text: str,
         complainant: str,
         actor: common_pb2.Actor,
+        complaint_id: str = "",
     ) -> domain.Case:
-        """A complaint about an order becomes a case (its text sealed under the case's key)."""
-        case_id = f"case-{uuid.uuid4().hex[:20]}"
+        """A complaint about an order becomes a case (its text sealed under the case's key).
+        With the platform's ``complaint_id`` the case's id is derived from it, so a retry of
+        the same complaint answers the case it opened (:func:`cases_domain.file_complaint`)."""
+        case_id = (
+            domain.complaint_case_id(platform_id, complaint_id)
+            if complaint_id
+            else f"case-{uuid.uuid4().hex[:20]}"
+        )
         now = self.clock()
         digest, length = text_digest(text)
         async with self.store.transaction() as tx:
@@ -356,7 +366,9 @@ class Cases:
                 select(case_orders.c.platform_id).where(case_orders.c.order_id == order_id)
             )
             domain.check_order(order_platform, platform_id)
-            key = await self._new_key(tx, case_id)
+            # A retry needs no new key (its text is not stored again: nothing is appended).
+            filed = await load_case(tx.conn, case_id) is not None
+            key = await self._key(case_id) if filed else await self._new_key(tx, case_id)
             rules = await supervision_at(tx.conn, now)
             command = domain.Open(
                 case_id=case_id,
@@ -367,7 +379,7 @@ class Cases:
                 platform_id=platform_id,
                 order_id=order_id,
                 complainant=complainant,
-                text_sealed=vault.seal(key, text, case_id.encode()),
+                text_sealed=vault.seal(key, text, case_id.encode()) if key else b"",
                 text_sha256=digest,
                 text_length=length,
                 summary=f"{complainant.lower()} complaint about order {order_id}",
@@ -375,7 +387,7 @@ class Cases:
             outcome = await self.pipeline.run(
                 CASE,
                 case_id,
-                lambda c: domain.open_case(c, command),
+                lambda c: domain.file_complaint(c, command),
                 Context(actor, correlation_id=order_id),
                 tx=tx,
             )

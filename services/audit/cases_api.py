@@ -145,8 +145,13 @@ class CasesApi(cases_pb2_grpc.CaseServiceServicer):
             "complainant", request.complainant or domain.CONSUMER, domain.COMPLAINANTS
         )
         text = free_text("text", request.text)
+        complaint_id = (
+            validate.identifier("complaint_id", request.complaint_id)
+            if request.complaint_id
+            else ""
+        )
         case = await self.cases.file_complaint(
-            platform_id, order_id, text, complainant, caller().actor()
+            platform_id, order_id, text, complainant, caller().actor(), complaint_id
         )
         return case_message(CaseRow(case, ""))
 

@@ -23,7 +23,13 @@ from typing import Final
 from google.protobuf.message import Message
 
 from services.kernel.contract.policy import Supervision
-from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.kernel.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from subsidy.v1 import events_pb2 as ev
 
 # Kinds
@@ -118,6 +124,7 @@ class Case:
     subject: str = ""
     summary: str = ""
     text_length: int = 0
+    text_sha256: str = ""
     responded: bool = False
     assignee: str = ""
     outcome: str = ""
@@ -255,6 +262,30 @@ def open_case(existing: Case | None, cmd: Open) -> list[Message]:
     event.first_response_due.FromDatetime(first)
     event.resolution_due.FromDatetime(resolution)
     return [event]
+
+
+def complaint_case_id(platform_id: str, complaint_id: str) -> str:
+    """The case of a platform's complaint id: the same id filed again names the same case."""
+    digest = hashlib.sha256(f"{platform_id}\x00{complaint_id}".encode()).hexdigest()
+    return f"case-{digest[:20]}"
+
+
+def file_complaint(existing: Case | None, cmd: Open) -> list[Message]:
+    """A complaint opens its case. The same complaint filed again (a platform retrying after a
+    lost answer) changes nothing; the case's id reused for a different complaint (another
+    order, complainant or text) is refused, so a retry can never hide a second complaint."""
+    if existing is None:
+        return open_case(None, cmd)
+    filed = (existing.kind, existing.platform_id, existing.order_id, existing.complainant)
+    if filed != (COMPLAINT, cmd.platform_id, cmd.order_id, cmd.complainant) or (
+        existing.text_sha256 != cmd.text_sha256
+    ):
+        raise AlreadyExists(
+            "COMPLAINT_ID_REUSED",
+            "complaint_id: names a different complaint already filed",
+            field="complaint_id",
+        )
+    return []
 
 
 def assign(case: Case | None, cmd: Assign) -> list[Message]:
@@ -449,6 +480,7 @@ def evolve(case: Case | None, event: Message) -> Case | None:
             subject=event.subject,
             summary=event.summary,
             text_length=event.text_length,
+            text_sha256=event.text_sha256,
         )
     if case is None:
         return None

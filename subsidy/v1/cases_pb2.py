@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16subsidy/v1/cases.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x14\x46ileComplaintRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x63omplainant\x18\x03 \x01(\t\x12\x13\n\x0bplatform_id\x18\x04 \x01(\t\"6\n\x0eGetCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x13\n\x0breveal_text\x18\x02 \x01(\x08\"1\n\x10ListCasesRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"4\n\x11ListCasesResponse\x12\x1f\n\x05\x63\x61ses\x18\x01 \x03(\x0b\x32\x10.subsidy.v1.Case\"F\n\x11\x41ssignCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"3\n\x12\x41\x64\x64\x43\x61seNoteRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x86\x01\n\x12ResolveCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10qualification_id\x18\x04 \x01(\t\x12\x10\n\x08order_id\x18\x05 \x01(\t\x12\x12\n\namount_fen\x18\x06 \x01(\x03\"<\n\x19\x41pproveCaseOutcomeRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\x08\x43\x61seNote\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btext_length\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xdc\x04\n\x04\x43\x61se\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0bplatform_id\x18\x05 \x01(\t\x12\x10\n\x08order_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63omplainant\x18\x07 \x01(\t\x12-\n\topened_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x66irst_response_due\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eresolution_due\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ssignee\x18\x0c \x01(\t\x12\x0f\n\x07outcome\x18\r \x01(\t\x12\x18\n\x10qualification_id\x18\x0e \x01(\t\x12\x12\n\namount_fen\x18\x0f \x01(\x03\x12\x13\n\x0bproposed_by\x18\x10 \x01(\t\x12\x13\n\x0bresolved_by\x18\x11 \x01(\t\x12\x0f\n\x07overdue\x18\x12 \x03(\t\x12\x18\n\x10\x61pplied_event_id\x18\x13 \x01(\t\x12\x0f\n\x07subject\x18\x14 \x01(\t\x12\x0f\n\x07summary\x18\x15 \x01(\t\x12\x13\n\x0btext_length\x18\x16 \x01(\x05\x12\x0c\n\x04text\x18\x17 \x01(\t\x12#\n\x05notes\x18\x18 \x03(\x0b\x32\x14.subsidy.v1.CaseNote\"=\n\x1aListOperatorActionsRequest\x12\x10\n\x08operator\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa0\x01\n\x0eOperatorAction\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x1bListOperatorActionsResponse\x12+\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1a.subsidy.v1.OperatorAction\"j\n\x1cSampleOperatorActionsRequest\x12\x0c\n\x04size\x18\x01 \x01(\x05\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x07\n\x05_seed\"q\n\x1bReviewOperatorActionRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"%\n\x10GetReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\"o\n\rSampledAction\x12*\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x1a.subsidy.v1.OperatorAction\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x04 \x01(\t\"\xfe\x01\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x10\n\x08operator\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x05\x12\x12\n\npopulation\x18\x06 \x01(\x05\x12 \n\x18population_last_event_id\x18\x07 \x01(\t\x12.\n\nsampled_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x61\x63tions\x18\t \x03(\x0b\x32\x19.subsidy.v1.SampledAction\x12\x0f\n\x07pending\x18\n \x01(\x05\x32\xb8\x06\n\x0b\x43\x61seService\x12\x43\n\rFileComplaint\x12 .subsidy.v1.FileComplaintRequest\x1a\x10.subsidy.v1.Case\x12\x37\n\x07GetCase\x12\x1a.subsidy.v1.GetCaseRequest\x1a\x10.subsidy.v1.Case\x12H\n\tListCases\x12\x1c.subsidy.v1.ListCasesRequest\x1a\x1d.subsidy.v1.ListCasesResponse\x12=\n\nAssignCase\x12\x1d.subsidy.v1.AssignCaseRequest\x1a\x10.subsidy.v1.Case\x12?\n\x0b\x41\x64\x64\x43\x61seNote\x12\x1e.subsidy.v1.AddCaseNoteRequest\x1a\x10.subsidy.v1.Case\x12?\n\x0bResolveCase\x12\x1e.subsidy.v1.ResolveCaseRequest\x1a\x10.subsidy.v1.Case\x12M\n\x12\x41pproveCaseOutcome\x12%.subsidy.v1.ApproveCaseOutcomeRequest\x1a\x10.subsidy.v1.Case\x12\x66\n\x13ListOperatorActions\x12&.subsidy.v1.ListOperatorActionsRequest\x1a\'.subsidy.v1.ListOperatorActionsResponse\x12U\n\x15SampleOperatorActions\x12(.subsidy.v1.SampleOperatorActionsRequest\x1a\x12.subsidy.v1.Review\x12S\n\x14ReviewOperatorAction\x12\'.subsidy.v1.ReviewOperatorActionRequest\x1a\x12.subsidy.v1.Review\x12=\n\tGetReview\x12\x1c.subsidy.v1.GetReviewRequest\x1a\x12.subsidy.v1.Reviewb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16subsidy/v1/cases.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x14\x46ileComplaintRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x63omplainant\x18\x03 \x01(\t\x12\x13\n\x0bplatform_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63omplaint_id\x18\x05 \x01(\t\"6\n\x0eGetCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x13\n\x0breveal_text\x18\x02 \x01(\x08\"1\n\x10ListCasesRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"4\n\x11ListCasesResponse\x12\x1f\n\x05\x63\x61ses\x18\x01 \x03(\x0b\x32\x10.subsidy.v1.Case\"F\n\x11\x41ssignCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"3\n\x12\x41\x64\x64\x43\x61seNoteRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x86\x01\n\x12ResolveCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10qualification_id\x18\x04 \x01(\t\x12\x10\n\x08order_id\x18\x05 \x01(\t\x12\x12\n\namount_fen\x18\x06 \x01(\x03\"<\n\x19\x41pproveCaseOutcomeRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\x08\x43\x61seNote\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btext_length\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xdc\x04\n\x04\x43\x61se\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0bplatform_id\x18\x05 \x01(\t\x12\x10\n\x08order_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63omplainant\x18\x07 \x01(\t\x12-\n\topened_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x66irst_response_due\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eresolution_due\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ssignee\x18\x0c \x01(\t\x12\x0f\n\x07outcome\x18\r \x01(\t\x12\x18\n\x10qualification_id\x18\x0e \x01(\t\x12\x12\n\namount_fen\x18\x0f \x01(\x03\x12\x13\n\x0bproposed_by\x18\x10 \x01(\t\x12\x13\n\x0bresolved_by\x18\x11 \x01(\t\x12\x0f\n\x07overdue\x18\x12 \x03(\t\x12\x18\n\x10\x61pplied_event_id\x18\x13 \x01(\t\x12\x0f\n\x07subject\x18\x14 \x01(\t\x12\x0f\n\x07summary\x18\x15 \x01(\t\x12\x13\n\x0btext_length\x18\x16 \x01(\x05\x12\x0c\n\x04text\x18\x17 \x01(\t\x12#\n\x05notes\x18\x18 \x03(\x0b\x32\x14.subsidy.v1.CaseNote\"=\n\x1aListOperatorActionsRequest\x12\x10\n\x08operator\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa0\x01\n\x0eOperatorAction\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x1bListOperatorActionsResponse\x12+\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1a.subsidy.v1.OperatorAction\"j\n\x1cSampleOperatorActionsRequest\x12\x0c\n\x04size\x18\x01 \x01(\x05\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x07\n\x05_seed\"q\n\x1bReviewOperatorActionRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"%\n\x10GetReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\"o\n\rSampledAction\x12*\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x1a.subsidy.v1.OperatorAction\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x04 \x01(\t\"\xfe\x01\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x10\n\x08operator\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x05\x12\x12\n\npopulation\x18\x06 \x01(\x05\x12 \n\x18population_last_event_id\x18\x07 \x01(\t\x12.\n\nsampled_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x61\x63tions\x18\t \x03(\x0b\x32\x19.subsidy.v1.SampledAction\x12\x0f\n\x07pending\x18\n \x01(\x05\x32\xb8\x06\n\x0b\x43\x61seService\x12\x43\n\rFileComplaint\x12 .subsidy.v1.FileComplaintRequest\x1a\x10.subsidy.v1.Case\x12\x37\n\x07GetCase\x12\x1a.subsidy.v1.GetCaseRequest\x1a\x10.subsidy.v1.Case\x12H\n\tListCases\x12\x1c.subsidy.v1.ListCasesRequest\x1a\x1d.subsidy.v1.ListCasesResponse\x12=\n\nAssignCase\x12\x1d.subsidy.v1.AssignCaseRequest\x1a\x10.subsidy.v1.Case\x12?\n\x0b\x41\x64\x64\x43\x61seNote\x12\x1e.subsidy.v1.AddCaseNoteRequest\x1a\x10.subsidy.v1.Case\x12?\n\x0bResolveCase\x12\x1e.subsidy.v1.ResolveCaseRequest\x1a\x10.subsidy.v1.Case\x12M\n\x12\x41pproveCaseOutcome\x12%.subsidy.v1.ApproveCaseOutcomeRequest\x1a\x10.subsidy.v1.Case\x12\x66\n\x13ListOperatorActions\x12&.subsidy.v1.ListOperatorActionsRequest\x1a\'.subsidy.v1.ListOperatorActionsResponse\x12U\n\x15SampleOperatorActions\x12(.subsidy.v1.SampleOperatorActionsRequest\x1a\x12.subsidy.v1.Review\x12S\n\x14ReviewOperatorAction\x12\'.subsidy.v1.ReviewOperatorActionRequest\x1a\x12.subsidy.v1.Review\x12=\n\tGetReview\x12\x1c.subsidy.v1.GetReviewRequest\x1a\x12.subsidy.v1.Reviewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,41 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.cases_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FILECOMPLAINTREQUEST']._serialized_start=71
-  _globals['_FILECOMPLAINTREQUEST']._serialized_end=167
-  _globals['_GETCASEREQUEST']._serialized_start=169
-  _globals['_GETCASEREQUEST']._serialized_end=223
-  _globals['_LISTCASESREQUEST']._serialized_start=225
-  _globals['_LISTCASESREQUEST']._serialized_end=274
-  _globals['_LISTCASESRESPONSE']._serialized_start=276
-  _globals['_LISTCASESRESPONSE']._serialized_end=328
-  _globals['_ASSIGNCASEREQUEST']._serialized_start=330
-  _globals['_ASSIGNCASEREQUEST']._serialized_end=400
-  _globals['_ADDCASENOTEREQUEST']._serialized_start=402
-  _globals['_ADDCASENOTEREQUEST']._serialized_end=453
-  _globals['_RESOLVECASEREQUEST']._serialized_start=456
-  _globals['_RESOLVECASEREQUEST']._serialized_end=590
-  _globals['_APPROVECASEOUTCOMEREQUEST']._serialized_start=592
-  _globals['_APPROVECASEOUTCOMEREQUEST']._serialized_end=652
-  _globals['_CASENOTE']._serialized_start=654
-  _globals['_CASENOTE']._serialized_end=755
-  _globals['_CASE']._serialized_start=758
-  _globals['_CASE']._serialized_end=1362
-  _globals['_LISTOPERATORACTIONSREQUEST']._serialized_start=1364
-  _globals['_LISTOPERATORACTIONSREQUEST']._serialized_end=1425
-  _globals['_OPERATORACTION']._serialized_start=1428
-  _globals['_OPERATORACTION']._serialized_end=1588
-  _globals['_LISTOPERATORACTIONSRESPONSE']._serialized_start=1590
-  _globals['_LISTOPERATORACTIONSRESPONSE']._serialized_end=1664
-  _globals['_SAMPLEOPERATORACTIONSREQUEST']._serialized_start=1666
-  _globals['_SAMPLEOPERATORACTIONSREQUEST']._serialized_end=1772
-  _globals['_REVIEWOPERATORACTIONREQUEST']._serialized_start=1774
-  _globals['_REVIEWOPERATORACTIONREQUEST']._serialized_end=1887
-  _globals['_GETREVIEWREQUEST']._serialized_start=1889
-  _globals['_GETREVIEWREQUEST']._serialized_end=1926
-  _globals['_SAMPLEDACTION']._serialized_start=1928
-  _globals['_SAMPLEDACTION']._serialized_end=2039
-  _globals['_REVIEW']._serialized_start=2042
-  _globals['_REVIEW']._serialized_end=2296
-  _globals['_CASESERVICE']._serialized_start=2299
-  _globals['_CASESERVICE']._serialized_end=3123
+  _globals['_FILECOMPLAINTREQUEST']._serialized_end=189
+  _globals['_GETCASEREQUEST']._serialized_start=191
+  _globals['_GETCASEREQUEST']._serialized_end=245
+  _globals['_LISTCASESREQUEST']._serialized_start=247
+  _globals['_LISTCASESREQUEST']._serialized_end=296
+  _globals['_LISTCASESRESPONSE']._serialized_start=298
+  _globals['_LISTCASESRESPONSE']._serialized_end=350
+  _globals['_ASSIGNCASEREQUEST']._serialized_start=352
+  _globals['_ASSIGNCASEREQUEST']._serialized_end=422
+  _globals['_ADDCASENOTEREQUEST']._serialized_start=424
+  _globals['_ADDCASENOTEREQUEST']._serialized_end=475
+  _globals['_RESOLVECASEREQUEST']._serialized_start=478
+  _globals['_RESOLVECASEREQUEST']._serialized_end=612
+  _globals['_APPROVECASEOUTCOMEREQUEST']._serialized_start=614
+  _globals['_APPROVECASEOUTCOMEREQUEST']._serialized_end=674
+  _globals['_CASENOTE']._serialized_start=676
+  _globals['_CASENOTE']._serialized_end=777
+  _globals['_CASE']._serialized_start=780
+  _globals['_CASE']._serialized_end=1384
+  _globals['_LISTOPERATORACTIONSREQUEST']._serialized_start=1386
+  _globals['_LISTOPERATORACTIONSREQUEST']._serialized_end=1447
+  _globals['_OPERATORACTION']._serialized_start=1450
+  _globals['_OPERATORACTION']._serialized_end=1610
+  _globals['_LISTOPERATORACTIONSRESPONSE']._serialized_start=1612
+  _globals['_LISTOPERATORACTIONSRESPONSE']._serialized_end=1686
+  _globals['_SAMPLEOPERATORACTIONSREQUEST']._serialized_start=1688
+  _globals['_SAMPLEOPERATORACTIONSREQUEST']._serialized_end=1794
+  _globals['_REVIEWOPERATORACTIONREQUEST']._serialized_start=1796
+  _globals['_REVIEWOPERATORACTIONREQUEST']._serialized_end=1909
+  _globals['_GETREVIEWREQUEST']._serialized_start=1911
+  _globals['_GETREVIEWREQUEST']._serialized_end=1948
+  _globals['_SAMPLEDACTION']._serialized_start=1950
+  _globals['_SAMPLEDACTION']._serialized_end=2061
+  _globals['_REVIEW']._serialized_start=2064
+  _globals['_REVIEW']._serialized_end=2318
+  _globals['_CASESERVICE']._serialized_start=2321
+  _globals['_CASESERVICE']._serialized_end=3145
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,7 @@ class FileComplaintRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     COMPLAINANT_FIELD_NUMBER: _builtins.int
     PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    COMPLAINT_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     text: _builtins.str
     """at most 2,000 characters; sealed, never logged"""
@@ -34,6 +35,11 @@ class FileComplaintRequest(_message.Message):
     """CONSUMER (default) or MERCHANT"""
     platform_id: _builtins.str
     """operators filing for a platform; a platform's own is its certificate's"""
+    complaint_id: _builtins.str
+    """The platform's own id for this complaint (optional; at most 64 letters, digits and . _ : -): filing it
+    again, as a retry after a lost answer, answers the same case and opens nothing; reusing it
+    for a different complaint is refused (COMPLAINT_ID_REUSED). Without it every call opens a case.
+    """
     def __init__(
         self,
         *,
@@ -41,10 +47,11 @@ class FileComplaintRequest(_message.Message):
         text: _builtins.str = ...,
         complainant: _builtins.str = ...,
         platform_id: _builtins.str = ...,
+        complaint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complainant", b"complainant", "order_id", b"order_id", "platform_id", b"platform_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complainant", b"complainant", "complaint_id", b"complaint_id", "order_id", b"order_id", "platform_id", b"platform_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

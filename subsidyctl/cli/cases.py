@@ -388,11 +388,16 @@ def file_complaint(
     order: Annotated[str, typer.Option(help="the order complained about")],
     text: Annotated[str, typer.Option(help="the complaint (sealed; at most 2,000 characters)")],
     complainant: Annotated[str, typer.Option(help="CONSUMER or MERCHANT")] = "CONSUMER",
+    complaint_id: Annotated[
+        str, typer.Option(help="your id for it: filing again under it answers the same case")
+    ] = "",
     audit: AuditOpt = "",
     identity_dir: PlatformIdentityOpt = None,
     json_only: JsonOpt = False,
 ) -> None:
     """File a complaint about an order as the platform the certificate names (the demo one)."""
     who = identity(identity_dir, PLATFORM_DEMO)
-    request = cases_pb2.FileComplaintRequest(order_id=order, text=text, complainant=complainant)
+    request = cases_pb2.FileComplaintRequest(
+        order_id=order, text=text, complainant=complainant, complaint_id=complaint_id
+    )
     emit(summary(cases_call(audit, who, lambda s: s.FileComplaint(request))))

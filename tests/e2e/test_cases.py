@@ -283,6 +283,53 @@ async def test_a_complaint_becomes_a_case_whose_outcome_restores_a_qualification
     assert leaked == 0
 
 
+async def test_a_complaint_filed_again_under_its_id_answers_the_same_case(
+    platform: Platform, callers: Callers, rng: random.Random
+) -> None:
+    """A platform that lost the answer files again with the same complaint id: the same case,
+    one CaseOpened; the id reused for another complaint is refused and changes nothing."""
+    p = platform
+    order = await order_of(p, rng)
+    complaint_id = f"cmp-{rng.randrange(10**12)}"
+    request = cases_pb2.FileComplaintRequest(
+        order_id=order, text=TEXT, complainant="CONSUMER", complaint_id=complaint_id
+    )
+    first = await callers.jd.FileComplaint(request)
+    count = await case_count(p)
+    again = await callers.jd.FileComplaint(request)
+    assert again.case_id == first.case_id
+    assert again.opened_at == first.opened_at
+    assert [kind for kind, _ in await case_events(p, first.case_id)] == ["subsidy.v1.CaseOpened"]
+    assert await case_count(p) == count
+
+    other = cases_pb2.FileComplaintRequest(
+        order_id=order, text="a different complaint", complaint_id=complaint_id
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await callers.jd.FileComplaint(other)
+    assert status_of(reused.value) == (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "COMPLAINT_ID_REUSED",
+        "complaint_id",
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await callers.jd.FileComplaint(
+            cases_pb2.FileComplaintRequest(order_id=order, text="hi", complaint_id="x\n")
+        )
+    assert status_of(bad.value) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_IDENTIFIER",
+        "complaint_id",
+    )
+    assert await case_count(p) == count
+    assert [kind for kind, _ in await case_events(p, first.case_id)] == ["subsidy.v1.CaseOpened"]
+    # The text the retry brought was not stored again; the case's own still opens.
+    shown = await callers.operator.GetCase(
+        cases_pb2.GetCaseRequest(case_id=first.case_id, reveal_text=True)
+    )
+    assert shown.text == TEXT
+
+
 async def test_a_money_outcome_needs_a_second_person(
     platform: Platform, callers: Callers, rng: random.Random
 ) -> None:
@@ -462,12 +509,13 @@ async def test_cases_from_the_command_line(
         for who in (Caller(Role.PLATFORM, "jd"), Caller(Role.OPERATOR, "cli-chen"))
     )
     order = await order_of(p, rng)
-    code, filed, err = await subsidyctl(
-        "complaint", "file", "--order", order, "--text", TEXT, *at, identity=platform_id
-    )
+    filing = ("complaint", "file", "--order", order, "--text", TEXT, "--complaint-id", "cli-1")
+    code, filed, err = await subsidyctl(*filing, *at, identity=platform_id)
     assert code == 0, err
     case_id = filed["case_id"]
     assert (filed["type"], filed["status"], filed["order_id"]) == ("COMPLAINT", "OPEN", order)
+    code, again, err = await subsidyctl(*filing, *at, identity=platform_id)  # a retry
+    assert code == 0 and again["case_id"] == case_id, err
 
     listed = await cli_lines("cases", "list", "--json", *at, identity=operator)
     mine = [row for row in listed if row["case_id"] == case_id]

@@ -579,3 +579,39 @@ async def test_every_revision_downgrades_and_upgrades_again(
         assert await schema.differences(owner, target) == []
     finally:
         await owner.dispose()
+
+
+async def test_audit_0004_fills_each_case_digest_from_its_opening_event(infra: Infra) -> None:
+    """Cases opened before 0004 get the text digest their CaseOpened event recorded, so a
+    complaint filed again under its id compares against it like a case opened after."""
+    database = infra.create_service_database("migrate_audit_digest")
+    owner = make_engine(database.migration_url, pool_size=1)
+    target = _schema(AUDIT)
+    digest = hashlib.sha256(b"no goods").hexdigest()
+    opened = ev.CaseOpened(case_id="case-old", kind="COMPLAINT", text_sha256=digest)
+    env = new_envelope("audit", "case/case-old", opened, Context(LEDGER_ACTOR), version=1)
+    at = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
+    try:
+        assert await schema.upgrade(owner, target, to="0003") == ["0001", "0002", "0003"]
+        async with owner.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+                    "envelope) VALUES (:id, 'case/case-old', 1, 'subsidy.v1.CaseOpened', :e)"
+                ),
+                {"id": env.event_id, "e": env.SerializeToString()},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO cases VALUES ('case-old', 'COMPLAINT', 'NORMAL', 'OPEN', 'jd', "
+                    "'o-1', 'CONSUMER', :at, :at, :at, '', '', 8, false, '', '', '', 0, '', '', "
+                    "false, false, '', 0)"
+                ),
+                {"at": at},
+            )
+        assert await schema.upgrade(owner, target) == ["0004"]
+        async with owner.connect() as conn:
+            found = await conn.scalar(text("SELECT text_sha256 FROM cases"))
+        assert found == digest
+    finally:
+        await owner.dispose()

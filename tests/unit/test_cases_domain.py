@@ -21,7 +21,13 @@ from services.audit.cases_domain import (
     evolve,
 )
 from services.kernel.contract.policy import Supervision
-from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.kernel.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from subsidy.v1 import events_pb2 as ev
 
 NOW = dt.datetime(2025, 6, 1, 2, 0, tzinfo=dt.UTC)
@@ -54,6 +60,45 @@ def test_opening_the_same_case_again_changes_nothing() -> None:
     case = complaint()
     cmd = Open("case-1", domain.RISK_ALERT, domain.HIGH, NOW, RULES)
     assert domain.open_case(case, cmd) == []
+
+
+def filed(order_id: str = "o-1", text_sha256: str = "d1", complainant: str = "CONSUMER") -> Open:
+    case_id = domain.complaint_case_id("jd", "c-42")
+    return Open(
+        case_id,
+        domain.COMPLAINT,
+        domain.NORMAL,
+        NOW,
+        RULES,
+        "jd",
+        order_id,
+        complainant,
+        text_sha256=text_sha256,
+    )
+
+
+def test_a_complaint_filed_again_under_its_id_is_the_same_case_and_opens_nothing() -> None:
+    case = play(None, domain.file_complaint(None, filed()))
+    assert case is not None and case.case_id == domain.complaint_case_id("jd", "c-42")
+    assert case.text_sha256 == "d1"
+    assert domain.file_complaint(case, filed()) == []  # the platform's retry
+
+
+@pytest.mark.parametrize(
+    "other",
+    [filed(order_id="o-2"), filed(text_sha256="d2"), filed(complainant="MERCHANT")],
+    ids=["another order", "another text", "another complainant"],
+)
+def test_a_complaint_id_reused_for_a_different_complaint_is_refused(other: Open) -> None:
+    case = play(None, domain.file_complaint(None, filed()))
+    with pytest.raises(AlreadyExists) as refused:
+        domain.file_complaint(case, other)
+    assert (refused.value.reason, refused.value.field) == ("COMPLAINT_ID_REUSED", "complaint_id")
+
+
+def test_complaint_ids_are_per_platform() -> None:
+    assert domain.complaint_case_id("jd", "c-1") != domain.complaint_case_id("taobao", "c-1")
+    assert domain.complaint_case_id("jd", "c-1") == domain.complaint_case_id("jd", "c-1")
 
 
 def test_an_assignment_or_a_note_is_the_first_response() -> None:
