@@ -11,6 +11,9 @@ change, not as a regression. Also the CPU each part of the stack spends per chec
 user + system, read before and after each phase; PostgreSQL's backends included) and, with
 ``--profile DIR``, py-spy flame graphs (``DIR/<process>.svg``) and collapsed stacks
 (``DIR/<process>.txt``) of every service and of the client during reserve + capture.
+``--count-statements`` has PostgreSQL log every statement (which costs CPU: its figures are not
+comparable) and reports SQL statements per RPC per database; ``--trace-ratio R`` runs the
+services with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at ratio R, as production would.
 Usage: python -m bench.checkout [--orders N] [--concurrency C] [--profile DIR]
 """
 
@@ -82,6 +85,49 @@ class Profiler:
         self._procs = []
 
 
+class StatementLog:
+    """SQL statements per database, from PostgreSQL's own log (``log_statement = all``, set
+    for the measured phases only): what each RPC costs the database in round trips."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        assert stack.pg is not None
+        self.pg = stack.pg
+        self.offset = 0
+
+    def _set(self, on: bool) -> None:
+        import psycopg
+
+        with psycopg.connect(self.pg.conninfo("postgres"), autocommit=True) as db:
+            if on:
+                db.execute("ALTER SYSTEM SET log_statement = 'all'")
+                db.execute("ALTER SYSTEM SET log_line_prefix = '@%d@ '")
+            else:
+                db.execute("ALTER SYSTEM RESET log_statement")
+                db.execute("ALTER SYSTEM RESET log_line_prefix")
+            db.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # every backend has read the new setting
+
+    def start(self) -> None:
+        self._set(True)
+        self.offset = self.pg.log_path.stat().st_size
+
+    def count(self) -> dict[str, int]:
+        """Statements logged per database since :meth:`start` or the last count."""
+        with self.pg.log_path.open("rb") as fh:
+            fh.seek(self.offset)
+            text = fh.read().decode(errors="replace")
+            self.offset = fh.tell()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("@") and ("statement: " in line or "execute " in line):
+                db = line[1:].split("@", 1)[0]
+                counts[db] = counts.get(db, 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        self._set(False)
+
+
 async def run(
     orders: int,
     concurrency: int,
@@ -89,16 +135,27 @@ async def run(
     profile: Path | None = None,
     suffix: str = "",
     deadline_s: float = 10,
+    count_statements: bool = False,
+    trace_ratio: float | None = None,
 ) -> dict[str, Any]:
     """The services as separate processes (as in production), on free ports."""
     stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
+    if trace_ratio is not None:
+        stack.settings_overrides = {
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
+        }
     stack.start()
     try:
         client = demo.Client(stack.endpoints(), deadline_s=deadline_s)
         try:
             pids = {s: stack.pid(s) for s in ("ledger", "eligibility", "catalog", "audit")}
             profiler = Profiler(profile, {**pids, "client": os.getpid()}, suffix)
-            result = await measure(client, stack.endpoints(), orders, concurrency, profiler)
+            statements = StatementLog(stack) if count_statements else None
+            result = await measure(
+                client, stack.endpoints(), orders, concurrency, profiler, statements
+            )
+            result["trace_ratio"] = trace_ratio
             result["load_average"] = [round(x, 2) for x in os.getloadavg()]
             return result
         finally:
@@ -179,6 +236,7 @@ async def measure(
     orders: int,
     concurrency: int,
     profiler: Profiler | None = None,
+    statements: StatementLog | None = None,
 ) -> dict[str, Any]:
     """Prepare the people, then the baseline, reservations and captures, each timed, with the
     CPU every part of the stack spends in each phase (ms per operation)."""
@@ -210,13 +268,19 @@ async def measure(
     meter = CpuMeter()
     if profiler is not None:
         profiler.start()
+    if statements is not None:
+        statements.start()
     cpu0 = meter.sample()
     res_lat, res_wall = await timed(orders, concurrency, reserve)
     cpu1 = meter.sample()
+    reserve_sql = statements.count() if statements is not None else {}
     cap_lat, cap_wall = await timed(orders, concurrency, capture)
     cpu2 = meter.sample()
+    capture_sql = statements.count() if statements is not None else {}
     if profiler is not None:
         profiler.stop()
+    if statements is not None:
+        statements.stop()
     budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="bench-pool"))
     assert budget.spent_fen == orders * 45_000, "every benchmark order must have been captured"
     baseline = summarise("baseline: gRPC health check (ledger)", base_lat, base_wall)
@@ -238,6 +302,10 @@ async def measure(
         "cpu_ms_per_reserve": CpuMeter.per_op(cpu0, cpu1, orders),
         "cpu_ms_per_capture": CpuMeter.per_op(cpu1, cpu2, orders),
         "cpu_ms_per_checkout": CpuMeter.per_op(cpu0, cpu2, orders),
+        # SQL statements per call by database (--count-statements), the asynchronous
+        # consumers' and relays' included: everything the phase made the databases do
+        "sql_per_reserve": {db: round(n / orders, 2) for db, n in sorted(reserve_sql.items())},
+        "sql_per_capture": {db: round(n / orders, 2) for db, n in sorted(capture_sql.items())},
     }
 
 
@@ -257,6 +325,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=10,
         help="the client's deadline a call, s (raise it on a machine shared with other load)",
     )
+    parser.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="count SQL statements per RPC from PostgreSQL's log (its CPU figures then differ)",
+    )
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        help="run the services with parentbased_traceidratio trace sampling at this ratio",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         result = asyncio.run(
@@ -267,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.profile,
                 args.profile_suffix,
                 args.deadline,
+                args.count_statements,
+                args.trace_ratio,
             )
         )
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
@@ -274,6 +354,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
     for part, ms in result["cpu_ms_per_checkout"].items():
         print(f"  {part:24} {ms:8.2f}")
+    for phase in ("reserve", "capture"):
+        if result[f"sql_per_{phase}"]:
+            print(f"SQL statements per {phase}: {result[f'sql_per_{phase}']}")
     return result
 
 
