@@ -257,7 +257,10 @@ async def measure(
         async def check(i: int) -> None:
             await health.Check(health_pb2.HealthCheckRequest())
 
+        meter = CpuMeter()
+        base_cpu0 = meter.sample()
         base_lat, base_wall = await timed(orders, concurrency, check)
+        base_cpu1 = meter.sample()
 
     async def reserve(i: int) -> None:
         await client.ledger.ReserveSubsidy(reserve_request(client, f"bench-{i}", people[i]))
@@ -265,7 +268,6 @@ async def measure(
     async def capture(i: int) -> None:
         await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))
 
-    meter = CpuMeter()
     if profiler is not None:
         profiler.start()
     if statements is not None:
@@ -302,6 +304,9 @@ async def measure(
         "cpu_ms_per_reserve": CpuMeter.per_op(cpu0, cpu1, orders),
         "cpu_ms_per_capture": CpuMeter.per_op(cpu1, cpu2, orders),
         "cpu_ms_per_checkout": CpuMeter.per_op(cpu0, cpu2, orders),
+        # The same-run CPU baseline: a busy machine makes every call cost more CPU (caches,
+        # shared cores), so compare runs by CPU per checkout over CPU per health check too
+        "cpu_ms_per_health_check": CpuMeter.per_op(base_cpu0, base_cpu1, orders),
         # SQL statements per call by database (--count-statements), the asynchronous
         # consumers' and relays' included: everything the phase made the databases do
         "sql_per_reserve": {db: round(n / orders, 2) for db, n in sorted(reserve_sql.items())},
@@ -352,8 +357,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
     report("checkout", result)
     print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
+    base = result["cpu_ms_per_health_check"]
     for part, ms in result["cpu_ms_per_checkout"].items():
         print(f"  {part:24} {ms:8.2f}")
+    ratio = result["cpu_ms_per_checkout"]["total"] / max(base["total"], 1e-9)
+    print(f"  (a health check: {base['total']:.2f} ms in all; a checkout is {ratio:.1f} of them)")
     for phase in ("reserve", "capture"):
         if result[f"sql_per_{phase}"]:
             print(f"SQL statements per {phase}: {result[f'sql_per_{phase}']}")
