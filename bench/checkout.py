@@ -7,7 +7,14 @@ stream lock.
 
 Reports throughput and p50/p99 latency, and the same-run baseline (a gRPC health check against the
 ledger at the same concurrency) as a ratio, so a slower or busier machine shows as a baseline
-change, not as a regression. Usage: python -m bench.checkout [--orders N] [--concurrency C]
+change, not as a regression. Also the CPU each part of the stack spends per checkout (psutil,
+user + system, read before and after each phase; PostgreSQL's backends included) and, with
+``--profile DIR``, py-spy flame graphs (``DIR/<process>.svg``) and collapsed stacks
+(``DIR/<process>.txt``) of every service and of the client during reserve + capture.
+``--count-statements`` has PostgreSQL log every statement (which costs CPU: its figures are not
+comparable) and reports SQL statements per RPC per database; ``--trace-ratio R`` runs the
+services with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at ratio R, as production would.
+Usage: python -m bench.checkout [--orders N] [--concurrency C] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -15,13 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.claim_rush import CpuMeter
 from bench.common import against_baseline, report, summarise, timed
 from services.kernel import rpc
 from services.kernel.identity import Role
@@ -31,14 +45,119 @@ from subsidyctl.demo import IN_REGION
 from subsidyctl.localstack import LocalStack, Ports, free_base
 
 
-async def run(orders: int, concurrency: int, root: Path) -> dict[str, Any]:
+class Profiler:
+    """py-spy on every service and on this process (the platform client) during reserve +
+    capture: a flame graph (``<who>.svg``) and collapsed stacks (``<who>.txt``, for a grep or
+    a diff) per process. Two samplers a process, since py-spy writes one format a run; they
+    run beside the stack, never inside it (``--nonblocking``: the sampled process is never
+    paused). py-spy is pip-installable; a run without ``--profile`` does not need it."""
+
+    def __init__(self, directory: Path | None, pids: dict[str, int], suffix: str = "") -> None:
+        self.directory = directory
+        self.pids = pids
+        self.suffix = suffix
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        for who, pid in self.pids.items():
+            for fmt, ext in (("flamegraph", "svg"), ("raw", "txt")):
+                out = self.directory / f"{who}{self.suffix}.{ext}"
+                # --gil: only samples holding the GIL, i.e. the CPU the process itself spends
+                command = [spy, "record", "--pid", str(pid), "--rate", "100", "--gil"]
+                self._procs.append(
+                    subprocess.Popen(
+                        [*command, "--nonblocking", "--format", fmt, "-o", str(out)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        time.sleep(1.0)  # attached before the phase starts
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for proc in self._procs:
+            proc.wait(60)
+        self._procs = []
+
+
+class StatementLog:
+    """SQL statements per database, from PostgreSQL's own log (``log_statement = all``, set
+    for the measured phases only): what each RPC costs the database in round trips."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        assert stack.pg is not None
+        self.pg = stack.pg
+        self.offset = 0
+
+    def _set(self, on: bool) -> None:
+        import psycopg
+
+        with psycopg.connect(self.pg.conninfo("postgres"), autocommit=True) as db:
+            if on:
+                db.execute("ALTER SYSTEM SET log_statement = 'all'")
+                db.execute("ALTER SYSTEM SET log_line_prefix = '@%d@ '")
+            else:
+                db.execute("ALTER SYSTEM RESET log_statement")
+                db.execute("ALTER SYSTEM RESET log_line_prefix")
+            db.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # every backend has read the new setting
+
+    def start(self) -> None:
+        self._set(True)
+        self.offset = self.pg.log_path.stat().st_size
+
+    def count(self) -> dict[str, int]:
+        """Statements logged per database since :meth:`start` or the last count."""
+        with self.pg.log_path.open("rb") as fh:
+            fh.seek(self.offset)
+            text = fh.read().decode(errors="replace")
+            self.offset = fh.tell()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("@") and ("statement: " in line or "execute " in line):
+                db = line[1:].split("@", 1)[0]
+                counts[db] = counts.get(db, 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        self._set(False)
+
+
+async def run(
+    orders: int,
+    concurrency: int,
+    root: Path,
+    profile: Path | None = None,
+    suffix: str = "",
+    deadline_s: float = 10,
+    count_statements: bool = False,
+    trace_ratio: float | None = None,
+) -> dict[str, Any]:
     """The services as separate processes (as in production), on free ports."""
     stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
+    if trace_ratio is not None:
+        stack.settings_overrides = {
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
+        }
     stack.start()
     try:
-        client = demo.Client(stack.endpoints())
+        client = demo.Client(stack.endpoints(), deadline_s=deadline_s)
         try:
-            return await measure(client, stack.endpoints(), orders, concurrency)
+            pids = {s: stack.pid(s) for s in ("ledger", "eligibility", "catalog", "audit")}
+            profiler = Profiler(profile, {**pids, "client": os.getpid()}, suffix)
+            statements = StatementLog(stack) if count_statements else None
+            result = await measure(
+                client, stack.endpoints(), orders, concurrency, profiler, statements
+            )
+            result["trace_ratio"] = trace_ratio
+            result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+            return result
         finally:
             await client.close()
     finally:
@@ -112,8 +231,15 @@ def reserve_request(
 
 
 async def measure(
-    client: demo.Client, endpoints: dict[str, str], orders: int, concurrency: int
+    client: demo.Client,
+    endpoints: dict[str, str],
+    orders: int,
+    concurrency: int,
+    profiler: Profiler | None = None,
+    statements: StatementLog | None = None,
 ) -> dict[str, Any]:
+    """Prepare the people, then the baseline, reservations and captures, each timed, with the
+    CPU every part of the stack spends in each phase (ms per operation)."""
     rng = random.Random(7)
     await campaign(client)
     # Preparation (not the hot path): register consumers and claim their qualifications.
@@ -131,7 +257,10 @@ async def measure(
         async def check(i: int) -> None:
             await health.Check(health_pb2.HealthCheckRequest())
 
+        meter = CpuMeter()
+        base_cpu0 = meter.sample()
         base_lat, base_wall = await timed(orders, concurrency, check)
+        base_cpu1 = meter.sample()
 
     async def reserve(i: int) -> None:
         await client.ledger.ReserveSubsidy(reserve_request(client, f"bench-{i}", people[i]))
@@ -139,8 +268,21 @@ async def measure(
     async def capture(i: int) -> None:
         await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))
 
+    if profiler is not None:
+        profiler.start()
+    if statements is not None:
+        statements.start()
+    cpu0 = meter.sample()
     res_lat, res_wall = await timed(orders, concurrency, reserve)
+    cpu1 = meter.sample()
+    reserve_sql = statements.count() if statements is not None else {}
     cap_lat, cap_wall = await timed(orders, concurrency, capture)
+    cpu2 = meter.sample()
+    capture_sql = statements.count() if statements is not None else {}
+    if profiler is not None:
+        profiler.stop()
+    if statements is not None:
+        statements.stop()
     budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="bench-pool"))
     assert budget.spent_fen == orders * 45_000, "every benchmark order must have been captured"
     baseline = summarise("baseline: gRPC health check (ledger)", base_lat, base_wall)
@@ -153,18 +295,76 @@ async def measure(
         summarise("CaptureSubsidy", cap_lat, cap_wall),
     ]
     against_baseline(rows, baseline)
-    return {"benchmark": "checkout", "orders": orders, "concurrency": concurrency, "rows": rows}
+    return {
+        "benchmark": "checkout",
+        "orders": orders,
+        "concurrency": concurrency,
+        "rows": rows,
+        # CPU ms per checkout by part of the stack: reserve, capture, and both (one checkout)
+        "cpu_ms_per_reserve": CpuMeter.per_op(cpu0, cpu1, orders),
+        "cpu_ms_per_capture": CpuMeter.per_op(cpu1, cpu2, orders),
+        "cpu_ms_per_checkout": CpuMeter.per_op(cpu0, cpu2, orders),
+        # The same-run CPU baseline: a busy machine makes every call cost more CPU (caches,
+        # shared cores), so compare runs by CPU per checkout over CPU per health check too
+        "cpu_ms_per_health_check": CpuMeter.per_op(base_cpu0, base_cpu1, orders),
+        # SQL statements per call by database (--count-statements), the asynchronous
+        # consumers' and relays' included: everything the phase made the databases do
+        "sql_per_reserve": {db: round(n / orders, 2) for db, n in sorted(reserve_sql.items())},
+        "sql_per_capture": {db: round(n / orders, 2) for db, n in sorted(capture_sql.items())},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.checkout")
     parser.add_argument("--orders", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy flame graphs of every process during the checkout"
+    )
+    parser.add_argument(
+        "--profile-suffix", default="", help="appended to each profile's name (e.g. -before)"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=10,
+        help="the client's deadline a call, s (raise it on a machine shared with other load)",
+    )
+    parser.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="count SQL statements per RPC from PostgreSQL's log (its CPU figures then differ)",
+    )
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        help="run the services with parentbased_traceidratio trace sampling at this ratio",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
-        result = asyncio.run(run(args.orders, args.concurrency, Path(tmp)))
+        result = asyncio.run(
+            run(
+                args.orders,
+                args.concurrency,
+                Path(tmp),
+                args.profile,
+                args.profile_suffix,
+                args.deadline,
+                args.count_statements,
+                args.trace_ratio,
+            )
+        )
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
     report("checkout", result)
+    print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
+    base = result["cpu_ms_per_health_check"]
+    for part, ms in result["cpu_ms_per_checkout"].items():
+        print(f"  {part:24} {ms:8.2f}")
+    ratio = result["cpu_ms_per_checkout"]["total"] / max(base["total"], 1e-9)
+    print(f"  (a health check: {base['total']:.2f} ms in all; a checkout is {ratio:.1f} of them)")
+    for phase in ("reserve", "capture"):
+        if result[f"sql_per_{phase}"]:
+            print(f"SQL statements per {phase}: {result[f'sql_per_{phase}']}")
     return result
 
 

@@ -18,8 +18,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import uvloop
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
@@ -35,6 +36,15 @@ from .settings import Settings, SettingsError
 from .telemetry import configure_logging, configure_tracing
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop's event loop: the checkout's profile showed a tenth of every
+    service's CPU in the stdlib loop itself (callback dispatch, selector, scheduling)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 @dataclass
@@ -325,6 +335,8 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         trace_file=settings.trace_file,
         service_name=settings.otel_service_name,
         traces_exporter=settings.otel_traces_exporter,
+        traces_sampler=settings.otel_traces_sampler,
+        traces_sampler_arg=settings.otel_traces_sampler_arg,
     )
     if settings.metrics_listen:
         from prometheus_client import start_http_server
@@ -344,7 +356,7 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         await running.done
 
     try:
-        asyncio.run(serve())
+        run_loop(serve())
     except schema.SchemaNotCurrent as exc:
         print(exc, file=sys.stderr)
         log.error("%s", exc)

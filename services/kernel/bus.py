@@ -202,6 +202,11 @@ class OutboxRelay:
             metrics.EVENTS_PUBLISHED.inc(len(batch))
             sent += len(batch)
             self.published += len(batch)
+            if len(batch) < self._batch:
+                # All that was visible: no second, empty read each time the relay wakes (the
+                # checkout's profile showed it). What commits later sets the store's
+                # ``appended``, which run() cleared before this pass, so it is not missed.
+                return sent
 
     async def _save(self, pos: Position) -> None:
         if pos != self._pos:
@@ -263,12 +268,25 @@ class OutboxRelay:
                 subject_for(env), env.SerializeToString(deterministic=True), headers=headers
             )
 
-    async def run(self, stop: asyncio.Event, idle_poll_s: float = 0.1) -> None:
-        """Relay until ``stop``; wakes on an in-process append, polls for other writers."""
+    async def run(
+        self, stop: asyncio.Event, idle_poll_s: float = 0.1, max_idle_poll_s: float = 1.0
+    ) -> None:
+        """Relay until ``stop``; wakes on an in-process append, polls for other writers.
+
+        The poll starts at ``idle_poll_s`` after a pass that published and doubles up to
+        ``max_idle_poll_s`` while nothing comes: in the checkout's profile the audit and
+        catalog relays spent 5 to 8 % of their process's CPU reading an empty outbox ten times
+        a second. This process's own appends still wake it at once; another writer's (a
+        stand-alone relay's store, a second process) wait one poll at most."""
         waiting_for: str | None = None  # the part that is down, logged once per outage
+        poll_s = idle_poll_s
         while not stop.is_set():
+            # Cleared before the pass, not after: an append that commits while it publishes
+            # wakes the next pass at once instead of waiting for the idle poll.
+            self._store.appended.clear()
             try:
-                await self.publish_pending()
+                sent = await self.publish_pending()
+                poll_s = idle_poll_s if sent else min(poll_s * 2, max_idle_poll_s)
                 waiting_for = None
             except RelayStuck:
                 await pause(stop, 1.0)  # logged once when it stuck; tried again each second
@@ -283,9 +301,8 @@ class OutboxRelay:
                         self.on_outage(part)
                 waiting_for = part
                 await pause(stop, 1.0)
-            self._store.appended.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._store.appended.wait(), idle_poll_s)
+                await asyncio.wait_for(self._store.appended.wait(), poll_s)
 
 
 __all__ = ["OutboxRelay", "Position", "connect", "ensure_streams", "subject_for"]

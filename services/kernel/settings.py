@@ -277,9 +277,32 @@ class ProcessSettings:
         default="none",
         deployed=True,
     )
+    otel_traces_sampler: str = variable(
+        "OTEL_TRACES_SAMPLER",
+        "which traces are kept: `parentbased_always_on` (default: all), "
+        "`parentbased_traceidratio` (production: a share of new traces, and every call whose "
+        "caller kept its trace), `parentbased_always_off`, `always_on`, `always_off`, "
+        "`traceidratio`",
+        default="parentbased_always_on",
+    )
+    otel_traces_sampler_arg: float | None = variable(
+        "OTEL_TRACES_SAMPLER_ARG",
+        "the share of new traces a `*traceidratio` sampler keeps, 0 to 1 (default 1)",
+        default=None,
+    )
 
     # The name a process logs and traces under when OTEL_SERVICE_NAME does not say.
     process: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        # An unknown sampler or a ratio outside 0..1 stops the process at start, not at its
+        # first span (services.kernel.telemetry.sampler builds what the names say).
+        from .telemetry import sampler
+
+        try:
+            sampler(self.otel_traces_sampler, self.otel_traces_sampler_arg)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def variables(cls) -> tuple[Variable, ...]:

@@ -1,7 +1,10 @@
 """OpenTelemetry set-up and JSON logs carrying trace ids.
 
-Exporters follow the standard ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``); the
-local stack adds ``SUBSIDY_TRACE_FILE``: spans as JSON lines in the run folder, so a developer
+Exporters follow the standard ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``) and the
+sampler the standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (parent-based by
+default: a call or an event whose caller kept its trace is kept, so one checkout stays one whole
+trace or none; production samples a ratio of new traces, tests keep all); the local stack adds
+``SUBSIDY_TRACE_FILE``: spans as JSON lines in the run folder, so a developer
 (and ``make smoke``) can follow one checkout across processes without a collector.
 """
 
@@ -18,7 +21,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -28,6 +31,40 @@ from opentelemetry.sdk.trace.export import (
 )
 
 _configured = False
+_tracer: trace.Tracer | None = None
+
+# OTEL_TRACES_SAMPLER's values (the OpenTelemetry SDK's names); the ratio ones read
+# OTEL_TRACES_SAMPLER_ARG, 1.0 when unset, as the specification says.
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+def sampler(name: str, arg: float | None = None) -> sampling.Sampler:
+    """The sampler OTEL_TRACES_SAMPLER names, with OTEL_TRACES_SAMPLER_ARG as its ratio.
+
+    Built here rather than left to the SDK's own reading of the environment: the platform
+    reads its variables once, in services.kernel.settings, and refuses an unknown name at
+    start instead of silently tracing everything."""
+    if name not in SAMPLERS:
+        raise ValueError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    ratio = 1.0 if arg is None else arg
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, got {arg!r}")
+    root: sampling.Sampler
+    kind = name.removeprefix("parentbased_")
+    if kind == "always_on":
+        root = sampling.ALWAYS_ON
+    elif kind == "always_off":
+        root = sampling.ALWAYS_OFF
+    else:
+        root = sampling.TraceIdRatioBased(ratio)
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -72,16 +109,22 @@ def configure_tracing(
     exporter: SpanExporter | None = None,
     service_name: str | None = None,
     traces_exporter: str = "none",
+    traces_sampler: str = "parentbased_always_on",
+    traces_sampler_arg: float | None = None,
 ) -> TracerProvider:
     """Install the process's tracer provider once; later calls return the installed one.
 
-    ``service_name`` and ``traces_exporter`` are OTEL_SERVICE_NAME and OTEL_TRACES_EXPORTER as
+    ``service_name``, ``traces_exporter``, ``traces_sampler`` and ``traces_sampler_arg`` are
+    OTEL_SERVICE_NAME, OTEL_TRACES_EXPORTER, OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG as
     the process's settings read them (services.kernel.settings)."""
     global _configured
     current = trace.get_tracer_provider()
     if _configured and isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name or service}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name or service}),
+        sampler=sampler(traces_sampler, traces_sampler_arg),
+    )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     if trace_file is not None:
@@ -102,7 +145,14 @@ def configure_tracing(
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("subsidy")
+    """The platform's tracer, looked up once: ``trace.get_tracer`` builds a tracer (and its
+    instrumentation scope) on every call, which the checkout's profile showed on every
+    relay publish and consumed event. Before a provider is installed this is the API's proxy
+    tracer, which follows the provider installed later."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer("subsidy")
+    return _tracer
 
 
 def extract(carrier: Mapping[str, str]) -> Context:

@@ -1,0 +1,83 @@
+"""The relay's idle poll backs off while nothing comes, yet a commit is never left waiting for it:
+this process's own append wakes the relay at once, another writer's is published within the
+longest poll. Real PostgreSQL and NATS JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.js import JetStreamContext
+
+from services.kernel import bus
+from services.kernel.events import Context, new_envelope, service_actor
+from services.kernel.eventstore import EventStore, make_engine
+from subsidy.v1 import events_pb2 as ev
+from tests.conftest import Infra
+
+CTX = Context(service_actor("test"))
+
+
+@pytest.fixture
+async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
+    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
+    await bus.ensure_streams(js)
+    yield js
+    await nc.close()
+
+
+async def append_one(store: EventStore, service: str) -> None:
+    env = new_envelope(service, f"budget-pool/{service}", ev.BudgetFunded(pool_id="p"), CTX)
+    async with store.transaction() as tx:
+        await tx.append(f"budget-pool/{service}-{env.event_id}", 0, [env])
+
+
+async def seconds_until_published(relay: bus.OutboxRelay, count: int, within: float) -> float:
+    t0 = time.monotonic()
+    while relay.published < count:
+        assert time.monotonic() - t0 < within, f"not published within {within} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_an_idle_relay_still_publishes_its_own_append_at_once(
+    infra: Infra, js: JetStreamContext
+) -> None:
+    store = EventStore(make_engine(infra.create_database(f"wake{uuid.uuid4().hex[:8]}")))
+    await store.create_tables()
+    relay, stop = bus.OutboxRelay(store, js), asyncio.Event()
+    # A poll that grows to 5 s: only the append's wake can publish within a second.
+    task = asyncio.create_task(relay.run(stop, idle_poll_s=0.05, max_idle_poll_s=5.0))
+    try:
+        await asyncio.sleep(2.0)  # idle: the poll has backed off past a second
+        await append_one(store, f"svc{uuid.uuid4().hex[:8]}")
+        assert await seconds_until_published(relay, 1, within=5.0) < 1.0
+    finally:
+        stop.set()
+        await task
+        await store.engine.dispose()
+
+
+async def test_another_writers_append_is_published_within_the_longest_poll(
+    infra: Infra, js: JetStreamContext
+) -> None:
+    url = infra.create_database(f"wake{uuid.uuid4().hex[:8]}")
+    store = EventStore(make_engine(url))
+    await store.create_tables()
+    other = EventStore(make_engine(url))  # another process's store: its commits wake no one here
+    relay, stop = bus.OutboxRelay(store, js), asyncio.Event()
+    task = asyncio.create_task(relay.run(stop, idle_poll_s=0.05, max_idle_poll_s=0.4))
+    try:
+        await asyncio.sleep(1.5)  # idle: the poll is at its longest
+        await append_one(other, f"svc{uuid.uuid4().hex[:8]}")
+        await seconds_until_published(relay, 1, within=3.0)
+        await append_one(store, f"svc{uuid.uuid4().hex[:8]}")  # and its own, after
+        await seconds_until_published(relay, 2, within=3.0)
+    finally:
+        stop.set()
+        await task
+        await store.engine.dispose()
+        await other.engine.dispose()
