@@ -63,6 +63,7 @@ from .projections import (
     load_reservation,
     load_shard,
     load_shard_categories,
+    load_shards,
     load_use,
     refusal_stream,
 )
@@ -426,11 +427,10 @@ class Ledger(FundingUseCases, SettlementUseCases):
             layout = await load_layout(conn, cmd.pool_id)
             sharded = layout is not None and layout.made > 1
             # The whole pool's figures (a pool of one shard: that row, as read above).
-            pool_now = (
-                await load_pool(conn, cmd.pool_id)
-                if sharded
-                else (layout.main if layout is not None else None)
-            )
+            pool_now = layout.main if layout is not None else None
+            if layout is not None and sharded:
+                _, figures = await load_shards(conn, cmd.pool_id, layout)
+                pool_now = budget.total(cmd.pool_id, (figures[k] for k in sorted(figures)))
         item = await self._verify(cmd)
         screen = self.risk.screen
         subjects = await screen.subjects(

@@ -295,9 +295,12 @@ def _shard_pool(pool_id: str, row: Any) -> budget.Pool:
     )
 
 
-async def load_shards(conn: AsyncConnection, pool_id: str) -> tuple[Layout, dict[int, budget.Pool]]:
-    """Every shard's figures (0: the pool's own stream), for a pool that exists."""
-    layout = await load_layout(conn, pool_id)
+async def load_shards(
+    conn: AsyncConnection, pool_id: str, layout: Layout | None = None
+) -> tuple[Layout, dict[int, budget.Pool]]:
+    """Every shard's figures (0: the pool's own stream), for a pool that exists (``layout``:
+    as just read, in this transaction)."""
+    layout = layout or await load_layout(conn, pool_id)
     if layout is None:
         raise LookupError(pool_id)
     figures = {0: layout.main}
@@ -314,7 +317,7 @@ async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
     layout = await load_layout(conn, pool_id)
     if layout is None or layout.made <= 1:
         return layout.main if layout is not None else None
-    _, figures = await load_shards(conn, pool_id)
+    _, figures = await load_shards(conn, pool_id, layout)
     return budget.total(pool_id, (figures[k] for k in sorted(figures)))
 
 
