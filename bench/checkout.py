@@ -14,13 +14,17 @@ user + system, read before and after each phase; PostgreSQL's backends included)
 ``--count-statements`` has PostgreSQL log every statement (which costs CPU: its figures are not
 comparable) and reports SQL statements per RPC per database; ``--trace-ratio R`` runs the
 services with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at ratio R, as production would.
-Usage: python -m bench.checkout [--orders N] [--concurrency C] [--profile DIR]
+``--shards K`` (K > 1): the same run also reserves as many orders again on one pool split
+into K shards (PoolSharded) and reports its throughput and CPU per reservation per process
+against the one-shard pool's.
+Usage: python -m bench.checkout [--orders N] [--concurrency C] [--profile DIR] [--shards K]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -42,7 +46,7 @@ from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.demo import IN_REGION
-from subsidyctl.localstack import LocalStack, Ports, free_base
+from subsidyctl.localstack import SERVICES, LocalStack, Ports, free_base
 
 
 class Profiler:
@@ -137,6 +141,7 @@ async def run(
     deadline_s: float = 10,
     count_statements: bool = False,
     trace_ratio: float | None = None,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """The services as separate processes (as in production), on free ports."""
     stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
@@ -157,11 +162,96 @@ async def run(
             )
             result["trace_ratio"] = trace_ratio
             result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+            if shards > 1:
+                pids = {name: stack.pid(name) for name in SERVICES}
+                assert stack.pg is not None
+                postmaster = (stack.pg.data_dir / "postmaster.pid").read_text().split()[0]
+                pids["postgres"] = int(postmaster)  # and its backends
+                result["shards"] = await shard_comparison(client, pids, orders, concurrency, shards)
             return result
         finally:
             await client.close()
     finally:
         stack.stop()
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """Each process's CPU time so far (user + system), and this client's."""
+    import os
+
+    import psutil
+
+    def used(process: psutil.Process) -> float:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return float(sum(process.cpu_times()[:2]))
+        return 0.0  # a backend that exited between listing and reading
+
+    out = {}
+    for name, pid in pids.items():
+        process = psutil.Process(pid)
+        children = process.children(recursive=True) if name == "postgres" else []
+        out[name] = used(process) + sum(used(c) for c in children)
+    out["bench client"] = used(psutil.Process(os.getpid()))
+    return out
+
+
+async def shard_comparison(
+    client: demo.Client, pids: dict[str, int], orders: int, concurrency: int, shards: int
+) -> dict[str, Any]:
+    """ReserveSubsidy on ONE pool, first of 1 shard then of ``shards``, same orders and
+    concurrency in the same run: throughput, p50/p99, and CPU ms per reservation per process
+    (the machine is shared: the ratios are the figure to read, with the load average)."""
+    import os
+
+    rng = random.Random(11)
+    for pool_id, k in (("bench-one-shard", 1), ("bench-sharded", shards)):
+        proposal = await client.ledger.ProposeFunding(
+            ledger_pb2.ProposeFundingRequest(
+                pool_id=pool_id,
+                amount_fen=10**12,
+                source="district",
+                reason="bench",
+                platform_ids=[client.platform_id],
+                shards=k,
+            )
+        )
+        await client.ledger.ApproveFunding(
+            ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="bench")
+        )
+    people: list[tuple[str, str]] = []
+
+    async def prepare(i: int) -> None:
+        people.append(await person(client, rng))
+
+    await timed(2 * orders, concurrency, prepare)
+    out: dict[str, Any] = {"shards": shards, "load_average_before": os.getloadavg()}
+    rows = []
+    for label, pool_id, offset in (
+        ("1 shard", "bench-one-shard", 0),
+        (f"{shards} shards", "bench-sharded", orders),
+    ):
+
+        async def reserve(i: int, pool_id: str = pool_id, offset: int = offset) -> None:
+            request = reserve_request(client, f"{pool_id}-{i}", people[offset + i])
+            request.pool_id = pool_id
+            await client.ledger.ReserveSubsidy(request)
+
+        before = cpu_seconds(pids)
+        lat, wall = await timed(orders, concurrency, reserve)
+        after = cpu_seconds(pids)
+        row = summarise(f"ReserveSubsidy, one pool of {label}", lat, wall)
+        row["cpu_ms_per_reserve"] = {
+            name: round((after[name] - before[name]) * 1000 / orders, 2) for name in after
+        }
+        row["cpu_ms_per_reserve_total"] = round(sum(row["cpu_ms_per_reserve"].values()), 2)
+        rows.append(row)
+        figures = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
+        assert figures.reserved_fen == orders * 45_000, "every order must have been held"
+        assert figures.shards == (shards if offset else 1)
+    out["rows"] = rows
+    out["throughput_ratio"] = round(rows[1]["throughput_per_s"] / rows[0]["throughput_per_s"], 3)
+    out["load_average_after"] = os.getloadavg()
+    return out
 
 
 async def campaign(client: demo.Client) -> None:
@@ -340,6 +430,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=float,
         help="run the services with parentbased_traceidratio trace sampling at this ratio",
     )
+    # Every order on one pool is what this benchmark does (the hot pool); the flag says so.
+    parser.add_argument("--one-pool", action="store_true", help="all orders on one pool")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="also reserve on one pool of K shards (K > 1)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         result = asyncio.run(
@@ -352,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.deadline,
                 args.count_statements,
                 args.trace_ratio,
+                args.shards,
             )
         )
     print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
@@ -365,6 +461,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for phase in ("reserve", "capture"):
         if result[f"sql_per_{phase}"]:
             print(f"SQL statements per {phase}: {result[f'sql_per_{phase}']}")
+    if "shards" in result:
+        compared = result["shards"]
+        for row in compared["rows"]:
+            print(
+                f"{row['name']}: {row['throughput_per_s']:.1f}/s, p50 {row['p50_ms']:.1f} ms,"
+                f" p99 {row['p99_ms']:.1f} ms, CPU {row['cpu_ms_per_reserve_total']:.1f} ms"
+                f" per reserve {row['cpu_ms_per_reserve']}"
+            )
+        print(
+            f"{compared['shards']} shards vs 1: {compared['throughput_ratio']:.3f}x throughput"
+            f" (load average {compared['load_average_before']} -> "
+            f"{compared['load_average_after']})"
+        )
     return result
 
 

@@ -51,6 +51,41 @@ def check_sources_add_up(
             )
 
 
+def check_shards_add_up(
+    pool_id: str, pool: Mapping[str, int], shards: Mapping[int, Mapping[str, int]]
+) -> None:
+    """Per budget pool split into shards: every shard balanced on its own (funded = available
+    + reserved + spent, nothing negative: no shard overspends what it was given), and the
+    pool's figures exactly the sums of its shards' (so the pool never overspends either)."""
+    for shard, figures in sorted(shards.items()):
+        check_budget_balanced(
+            f"{pool_id} shard {shard}",
+            funded=figures["funded"],
+            available=figures["available"],
+            reserved=figures["reserved"],
+            spent=figures["spent"],
+        )
+    for bucket, value in pool.items():
+        held = sum(f.get(bucket, 0) for f in shards.values())
+        if held != value:
+            raise InvariantViolation(
+                f"pool {pool_id}: its shards hold {held} fen {bucket}, the pool {value}"
+            )
+
+
+def check_shard_moves_balance(
+    pool_id: str, sent: Mapping[tuple[int, int], int], received: Mapping[tuple[int, int], int]
+) -> None:
+    """Per budget pool split into shards: what each shard sent another (``(from, to) -> fen``)
+    is exactly what that one received: a rebalance moves money, never makes or loses it."""
+    for move in sorted(sent.keys() | received.keys()):
+        if sent.get(move, 0) != received.get(move, 0):
+            raise InvariantViolation(
+                f"pool {pool_id}: shard {move[0]} sent shard {move[1]} {sent.get(move, 0)} fen,"
+                f" which received {received.get(move, 0)} fen"
+            )
+
+
 def check_source_parts(what: str, amount: int, parts: Iterable[tuple[str, int]]) -> None:
     """A subsidy's source parts (what each funding source holds, paid or gets back) are
     positive and add up to the subsidy."""

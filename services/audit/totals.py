@@ -37,7 +37,12 @@ from typing import Any, ClassVar
 from google.protobuf import empty_pb2, symbol_database
 from google.protobuf.message import Message
 
-from services.invariants import InvariantViolation, MerchantSettled, check_paid_covered
+from services.invariants import (
+    InvariantViolation,
+    MerchantSettled,
+    check_paid_covered,
+    check_shard_moves_balance,
+)
 from services.kernel.contract import budget
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
 from services.kernel.events import Envelope
@@ -146,10 +151,12 @@ class PoolFold(Fold):
             ev.SubsidyReserved,
             ev.SubsidyCaptured,
             ev.SubsidyReleased,
+            ev.ShardBudgetSent,
+            ev.ShardBudgetReceived,
         )
     )
     # Each pool folded in place (budget.Tally: budget.step's arithmetic and invariants without
-    # a frozen Pool per event); frozen by pools().
+    # a frozen Pool per event); frozen by pools(). A shard k >= 1 of a pool is keyed "pool/k".
     folded: dict[str, budget.Tally] = field(default_factory=dict)
     # What each order written before funding sources was attributed (budget.fold keeps the
     # same memory), so its capture and release move the same parts.
@@ -157,6 +164,9 @@ class PoolFold(Fold):
     last: dict[str, int] = field(default_factory=dict)  # the last version folded, per pool
     violations: list[str] = field(default_factory=list)
     _stopped: set[str] = field(default_factory=set)  # pools whose fold already failed
+    # What shards of a pool sent and received each other ((from, to) -> fen), per pool.
+    sent: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
+    received: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
 
     def wants(self, env: Envelope) -> bool:
         # Every event of a pool's stream, whatever its type: a version missing from the log
@@ -197,6 +207,11 @@ class PoolFold(Fold):
                     memory[order_id] = parts
             elif isinstance(payload, ev.SubsidyReleased):
                 memory.pop(order_id, None)
+            elif isinstance(payload, ev.ShardBudgetSent | ev.ShardBudgetReceived):
+                moved = self.sent if isinstance(payload, ev.ShardBudgetSent) else self.received
+                pair = (payload.from_shard, payload.to_shard)
+                into = moved.setdefault(payload.pool_id, {})
+                into[pair] = into.get(pair, 0) + payload.amount_fen
         except InvariantViolation as exc:
             self.violations.append(str(exc))
             self._stopped.add(pool_id)
@@ -206,7 +221,24 @@ class PoolFold(Fold):
         missing, or a step that breaks the budget invariant."""
         if self.violations:
             raise InvariantViolation(self.violations[0])
-        return {pool_id: self.folded[pool_id].pool() for pool_id in sorted(self.folded)}
+        shards: dict[str, dict[int, budget.Pool]] = {}
+        for name, tally in self.folded.items():
+            pool_id, shard = budget.stream_shard(POOL_STREAM_PREFIX + name)
+            shards.setdefault(pool_id, {})[shard] = tally.pool()
+        out: dict[str, budget.Pool] = {}
+        for pool_id in sorted(shards):
+            split = shards[pool_id]
+            moved = pool_id in self.sent or pool_id in self.received
+            if len(split) == 1 and 0 in split and not moved:  # one stream: the pool itself
+                out[pool_id] = split[0]
+                continue
+            # A pool split into shards: each shard was checked as it folded; the pool is
+            # their sum, and what they moved between them adds up.
+            check_shard_moves_balance(
+                pool_id, self.sent.get(pool_id, {}), self.received.get(pool_id, {})
+            )
+            out[pool_id] = budget.total(pool_id, (split[k] for k in sorted(split)))
+        return out
 
     def table(self) -> Table:
         return pool_table(self.pools().values())

@@ -53,6 +53,7 @@ def _pool(p: Pool) -> ledger_pb2.BudgetPool:
 
 def _status(status: BudgetStatus) -> ledger_pb2.BudgetPool:
     out = _pool(status.pool)
+    out.shards = status.shards
     rules = status.rules
     if rules is not None:
         out.policy_version = status.policy_version
@@ -119,6 +120,7 @@ def _proposal(p: domain.FundingProposal, pool: Pool | None) -> ledger_pb2.Fundin
         approved_by=p.approved_by,
         platform_ids=p.platform_ids,
         tranches=_tranches_pb(p.tranches),
+        shards=p.shards,
     )
     if pool is not None:
         out.pool.CopyFrom(_pool(pool))
@@ -226,6 +228,7 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
         # The amount and its schedule, before any I/O (the source is the policy's: in the use
         # case).
         domain.fund(Pool(pool_id), request.amount_fen, source, tranches)
+        shards = domain.check_shard_count(request.shards)
         reason = validate.text_field("reason", request.reason, max_len=500, required=False)
         cmd = domain.ProposeFunding(
             proposal_id=f"fp-{key}" if key else f"fp-{uuid.uuid4().hex}",
@@ -238,6 +241,7 @@ class LedgerApi(ReconciliationApi, FundReportsApi, ledger_pb2_grpc.LedgerService
                 validate.identifier("platform_ids", p) for p in sorted(set(request.platform_ids))
             ),
             tranches=tranches,
+            shards=shards,
         )
         proposal, pool = await self.ledger.propose_funding(cmd, caller().actor(reason))
         return _proposal(proposal, pool)

@@ -10,6 +10,7 @@ sub-budget), and which spent shares raise an alert (thresholds, once each).
 from __future__ import annotations
 
 import datetime as dt
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -19,8 +20,10 @@ from services.kernel.contract import order_line
 from services.kernel.contract.budget import (
     Parts,
     Pool,
+    Source,
     parts_message,
     parts_of,
+    split_pro_rata,
 )
 
 # The funding checks are the ledger's decisions; they live in the contract because the
@@ -44,6 +47,7 @@ from subsidy.v1 import events_pb2 as ev
 
 MAX_FUNDING_FEN = 10**14  # a trillion yuan: anything above is a typo, not a budget
 MAX_TRANCHES = 120  # ten years of monthly instalments
+MAX_SHARDS = 64  # far more than the database's cores: more shards only cost rebalances
 
 PENDING, CAPTURED, RELEASED = "PENDING", "CAPTURED", "RELEASED"
 RELEASE_REASONS = ("CANCELLED", "REFUNDED", "EXPIRED")
@@ -163,10 +167,14 @@ def reserve(
     reserved: ev.SubsidyReserved,
     rules: FundingRules = DEFAULT_RULES,
     use: CategoryUse | None = None,
+    total: Pool | None = None,
 ) -> list[Message]:
-    """Reserve ``reserved.subsidy_fen`` from the pool, split over its sources, or refuse:
-    never overspend the pool, a sub-budget or a source."""
-    parts = check_funds(pool, reserved.pool_id, reserved.category, reserved.subsidy_fen, rules, use)
+    """Reserve ``reserved.subsidy_fen`` from the pool (or the shard of it that holds the order:
+    ``total`` is then the whole pool's figures), split over its sources, or refuse: never
+    overspend the pool, a shard, a sub-budget or a source."""
+    parts = check_funds(
+        pool, reserved.pool_id, reserved.category, reserved.subsidy_fen, rules, use, total
+    )
     del reserved.sources[:]
     reserved.sources.extend(parts_message(parts))
     return [reserved]
@@ -231,6 +239,13 @@ class Hold:
     pool: Pool | None
     refused: bool
     use: CategoryUse | None = None
+    # A pool split into shards: ``pool`` is the order's shard, ``total`` the whole pool (its
+    # funding is what a sub-budget is a share of), ``shards`` the shard count read under the
+    # lock (an order routed by an older count is routed again).
+    total: Pool | None = None
+    shards: int = 1
+    made: int = 1  # the pool's shard streams ever made (more than 1: siblings may pay)
+    available: int = 0  # the whole pool's available (one snapshot), when it has shards
 
 
 @dataclass(frozen=True)
@@ -283,6 +298,7 @@ class FundingProposal:
     approved_by: str = ""
     platform_ids: tuple[str, ...] = ()
     tranches: tuple[Tranche, ...] = ()
+    shards: int = 0  # the pool's shard count once approved (0: unchanged)
 
 
 @dataclass(frozen=True)
@@ -295,6 +311,7 @@ class ProposeFunding:
     ceiling_fen: int  # the most a pool may ever be funded with (configured)
     platform_ids: tuple[str, ...] = ()  # the platforms the pool is to serve
     tranches: tuple[Tranche, ...] = ()  # empty: all of it available at approval
+    shards: int = 0  # split the pool over this many shards when approved (0: unchanged)
 
 
 @dataclass(frozen=True)
@@ -340,12 +357,20 @@ def propose_funding(
     for another funding is refused."""
     fund(Pool(cmd.pool_id), cmd.amount_fen, cmd.source, cmd.tranches)  # amount and schedule
     check_source(cmd.source, rules)
+    check_shard_count(cmd.shards)
     if existing is not None:
-        if (existing.pool_id, existing.amount_fen, existing.source, existing.tranches) != (
+        if (
+            existing.pool_id,
+            existing.amount_fen,
+            existing.source,
+            existing.tranches,
+            existing.shards,
+        ) != (
             cmd.pool_id,
             cmd.amount_fen,
             cmd.source,
             check_tranches(cmd.amount_fen, cmd.tranches),
+            cmd.shards,
         ):
             raise AlreadyExists(
                 "IDEMPOTENCY_KEY_REUSED",
@@ -361,6 +386,7 @@ def propose_funding(
         source=cmd.source,
         idempotency_key=cmd.idempotency_key,
         platform_ids=cmd.platform_ids,
+        shards=cmd.shards,
     )
     for t in check_tranches(cmd.amount_fen, cmd.tranches):
         part = proposed.tranches.add(amount_fen=t.amount_fen)
@@ -442,6 +468,7 @@ def evolve_proposal(
             actor_id,
             platform_ids=tuple(event.platform_ids),
             tranches=tranches_of(event),
+            shards=event.shards,
         )
     if proposal is not None and isinstance(event, ev.FundingApproved):
         return replace(proposal, status=APPROVED, approved_by=actor_id)
@@ -488,7 +515,7 @@ def hold(
     )
     reserved.expires_at.FromDatetime(expires_at.astimezone(dt.UTC))
     reserved.circumstance_indexes.update(indexes or {})
-    return reserve(state.pool, reserved, rules, state.use)
+    return reserve(state.pool, reserved, rules, state.use, state.total)
 
 
 def same_order(existing: Reserve, cmd: Reserve) -> None:
@@ -718,3 +745,117 @@ def evolve(res: Reservation | None, event: Message) -> Reservation | None:
     if isinstance(event, ev.SubsidyReleased):
         return replace(res, status=RELEASED)
     return res
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: a hot pool's available budget split over several streams, so that checkouts on it
+# spread over several locks; money moves between shards only by a rebalance, under every
+# shard's lock, and each shard is a balanced pool of its own (services.invariants).
+
+Plan = dict[int, list[Message]]  # the events to append per shard, appended in shard order
+
+
+def check_shard_count(shards: int) -> int:
+    """A pool's shard count: 1..MAX_SHARDS (0 in a request: leave it as it is)."""
+    if shards < 0 or shards > MAX_SHARDS:
+        raise InvalidArgument(
+            "INVALID_SHARDS", f"shards: 1..{MAX_SHARDS} (0: unchanged)", field="shards"
+        )
+    return shards
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard that holds a reservation: a stable hash of its key (the order id, or
+    ``order_id/item``), so retries and every process pick the same one."""
+    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
+
+
+def _take(available: dict[str, int], amount: int) -> Parts:
+    """``amount`` of a shard's available, in proportion to what each source has available
+    there (whole fen, sums to ``amount``; never more than a source has, as amount <= the sum),
+    taken out of ``available``."""
+    weights = [Source(name, funded=fen) for name, fen in available.items() if fen > 0]
+    parts = split_pro_rata(weights, amount)
+    for name, fen in parts:
+        available[name] -= fen
+    return parts
+
+
+def _moves(pool_id: str, figures: Mapping[int, Pool], targets: Mapping[int, int]) -> Plan:
+    """The moves that bring each shard's available to its target (the targets sum to what the
+    shards have available): surplus shards give, in shard order, to deficit shards."""
+    left = {k: {s.source: s.available for s in p.payers()} for k, p in figures.items()}
+    surplus = {k: p.available - targets.get(k, 0) for k, p in figures.items()}
+    plan: Plan = {}
+    givers = sorted(k for k, fen in surplus.items() if fen > 0)
+    for to in sorted(k for k in targets if targets[k] > figures.get(k, Pool(pool_id)).available):
+        need = targets[to] - (figures[to].available if to in figures else 0)
+        for frm in givers:
+            give = min(need, surplus[frm])
+            if give <= 0:
+                continue
+            parts = parts_message(_take(left[frm], give))
+            plan.setdefault(frm, []).append(
+                ev.ShardBudgetSent(
+                    pool_id=pool_id, from_shard=frm, to_shard=to, amount_fen=give, sources=parts
+                )
+            )
+            plan.setdefault(to, []).append(
+                ev.ShardBudgetReceived(
+                    pool_id=pool_id, from_shard=frm, to_shard=to, amount_fen=give, sources=parts
+                )
+            )
+            surplus[frm] -= give
+            need -= give
+            if need == 0:
+                break
+    return plan
+
+
+def spread(pool_id: str, figures: Mapping[int, Pool], shards: int) -> Plan:
+    """Even out the available budget over shards 0..shards-1 (the first ones get the fen left
+    over); a shard beyond them (the count was lowered) gives all it has available back."""
+    available = sum(p.available for p in figures.values())
+    targets = {k: available // shards + (1 if k < available % shards else 0) for k in range(shards)}
+    return _moves(pool_id, figures, targets)
+
+
+def rebalance(
+    pool_id: str, figures: Mapping[int, Pool], shards: int, short: int, need: int
+) -> Plan:
+    """A shard that cannot pay ``need`` takes budget from its siblings (all of them locked):
+    at least ``need``, and up to an even share of what the pool has available, the largest
+    holders giving first. Nothing when the shard can pay, or when the whole pool cannot (the
+    hold then refuses: BUDGET_EXHAUSTED is the pool's answer, not a shard's)."""
+    own = figures[short].available if short in figures else 0
+    available = sum(p.available for p in figures.values())
+    if own >= need or available < need:
+        return {}
+    want = max(need, available // shards) - own
+    targets = {k: p.available for k, p in figures.items()}
+    targets[short] = own + want
+    for k in sorted(figures, key=lambda k: (-figures[k].available, k)):
+        if k == short or want == 0:
+            continue
+        give = min(want, figures[k].available)
+        targets[k] -= give
+        want -= give
+    return _moves(pool_id, figures, targets)
+
+
+def shard_pool(
+    pool_id: str, figures: Mapping[int, Pool], current: int, shards: int, proposal_id: str = ""
+) -> Plan:
+    """Split the pool's available budget over ``shards`` (PoolSharded in the pool's stream,
+    then the moves that even it out); the same count again changes nothing. Reservations held
+    stay with the shard that holds them; a shard beyond a lowered count gives its available
+    back, and what its reservations release later is rebalanced from it when needed."""
+    check_shard_count(shards)
+    if shards == 0 or shards == current:
+        return {}
+    if 0 not in figures:
+        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
+    plan = spread(pool_id, figures, shards)
+    sharded = ev.PoolSharded(pool_id=pool_id, shards=shards, proposal_id=proposal_id)
+    plan[0] = [sharded, *plan.get(0, [])]
+    return plan

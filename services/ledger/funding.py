@@ -15,16 +15,24 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.contract import budget
-from services.kernel.contract.budget import pool_stream
+from services.kernel.contract.budget import pool_stream, shard_stream
 from services.kernel.errors import NotFound
 from services.kernel.events import Context
-from services.kernel.eventstore import EventStore
+from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
 from subsidy.v1 import common_pb2
 
 from . import domain
 from .policies import FundingPolicies
-from .projections import funding_keys, load_pool, load_pool_platforms, load_proposal
+from .projections import (
+    Layout,
+    funding_keys,
+    load_layout,
+    load_pool,
+    load_pool_platforms,
+    load_proposal,
+    load_shards,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,37 @@ FUNDING: Aggregate[FundingKey, domain.Funding] = Aggregate(
 PROPOSAL: Aggregate[str, domain.FundingProposal] = Aggregate(
     "funding-proposal", lambda proposal_id: f"funding/{proposal_id}", load_proposal
 )
+
+
+async def lock_shards(
+    tx: Tx, pool_id: str, at_least: int = 1
+) -> tuple[Layout, dict[int, budget.Pool]]:
+    """Lock every shard stream of the pool (and up to ``at_least`` of them), in stream order
+    as every multi-stream lock is taken (so two of them never deadlock), and read every
+    shard's figures under those locks. A rebalance and a change of the shard count run so."""
+    peek = await load_layout(tx.conn, pool_id)
+    if peek is None:
+        raise NotFound("UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id")
+    made = max(peek.made, at_least)
+    while True:
+        await tx.lock_streams([shard_stream(pool_id, k) for k in range(made)])
+        # Only PoolSharded makes shards, under shard 0's lock, held now: this count is final
+        # unless it grew before the lock was taken (then lock the new ones too).
+        layout, figures = await load_shards(tx.conn, pool_id)
+        if layout.made <= made:
+            return layout, figures
+        made = layout.made
+
+
+async def append_plan(
+    tx: Tx, pipeline: Pipeline, pool_id: str, plan: domain.Plan, ctx: Context
+) -> None:
+    """Append a plan's events to each shard's stream (locked by :func:`lock_shards`), in shard
+    order, and project them, in ``tx``."""
+    for shard in sorted(plan):
+        stream = shard_stream(pool_id, shard)
+        version = await tx.lock_stream(stream)  # held already: answers the version
+        await tx.emit(pipeline.service, stream, version, plan[shard], ctx, pipeline.project)
 
 
 def _funding(state: domain.Funding | None) -> domain.Funding:
@@ -117,7 +156,22 @@ class FundingUseCases:
                 tx=tx,
             )
         assert funded.state is not None and funded.state.pool is not None
+        if approved.shards:  # after the funding, so its money is spread too (a retry: again)
+            if await self.shard_pool(approved.pool_id, approved.shards, approved.proposal_id, ctx):
+                async with self.store.engine.connect() as conn:
+                    pool = await load_pool(conn, approved.pool_id)
+                assert pool is not None
+                return approved, pool
         return approved, funded.state.pool
+
+    async def shard_pool(self, pool_id: str, shards: int, proposal_id: str, ctx: Context) -> bool:
+        """Split the pool's available budget over ``shards`` (domain.shard_pool), under every
+        shard's lock; False when it already has that many (nothing written)."""
+        async with self.store.transaction() as tx:
+            layout, figures = await lock_shards(tx, pool_id, shards)
+            plan = domain.shard_pool(pool_id, figures, layout.shards, shards, proposal_id)
+            await append_plan(tx, self.pipeline, pool_id, plan, ctx)
+        return bool(plan)
 
     async def funding_proposal(
         self, proposal_id: str

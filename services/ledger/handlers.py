@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import grpc
 from google.protobuf.message import Message
@@ -25,12 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.kernel import vault
 from services.kernel.background import every
 from services.kernel.contract import budget, order_line
-from services.kernel.contract.budget import pool_stream
+from services.kernel.contract.budget import pool_stream, shard_stream
 from services.kernel.contract.policy import FundingRules
 from services.kernel.contract.risk import Action, Kind, Outcome, Subjects
-from services.kernel.errors import DomainError, FailedPrecondition, NotFound
+from services.kernel.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
 from services.kernel.events import Context, payload_of, service_actor
-from services.kernel.eventstore import EventStore, streams_table
+from services.kernel.eventstore import EventStore, Tx, streams_table
 from services.kernel.pipeline import Aggregate, Pipeline
 from services.kernel.riskscreen import Circumstances, RiskBlocked, Screening
 from services.kernel.rpc import as_domain_error
@@ -44,7 +45,7 @@ from subsidy.v1 import (
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
-from .funding import FundingUseCases
+from .funding import FundingUseCases, append_plan, lock_shards
 from .policies import FundingPolicies
 from .projections import (
     SERIAL_CONSTRAINT,
@@ -54,10 +55,15 @@ from .projections import (
     budget_pools,
     budget_tranches,
     load_alerted,
+    load_available,
+    load_layout,
     load_pending_tranches,
     load_pool,
     load_pool_platforms,
     load_reservation,
+    load_shard,
+    load_shard_categories,
+    load_shards,
     load_use,
     refusal_stream,
 )
@@ -92,6 +98,62 @@ class OrderKey:
     category: str = ""
     # A capture under thresholds: load the pool's figures and the alerts raised too.
     watch: bool = False
+    # The shard of the pool that holds (or is to hold) the order: its stream is locked.
+    shard: int = 0
+
+
+# Budgets a shard is short of that its siblings may have: the hold is tried again with every
+# shard locked, after a rebalance (a refusal then is the whole pool's).
+SHORT = frozenset({"BUDGET_EXHAUSTED", "SOURCE_EXHAUSTED"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a hold is tried: the shard (by the shard count it was routed with), and whether
+    with every shard locked after a rebalance (``gather``)."""
+
+    shard: int = 0
+    shards: int = 1
+    gather: bool = False
+
+
+class HoldAgain(Exception):  # a signal to try again, not an error anyone sees
+    """The hold is to be tried again by ``route`` (its transaction rolled back, nothing
+    written): the shard was short, or the shard count changed since the order was routed."""
+
+    def __init__(self, route: Route) -> None:
+        super().__init__(route)
+        self.route = route
+
+
+def route_of(key: str, capped: str, shards: int) -> int:
+    """The shard that holds a reservation: by its key's hash, except an item whose category
+    has a sub-budget, held by shard 0 (its sub-budget is then decided under one lock)."""
+    return 0 if capped else domain.shard_of(key, shards)
+
+
+def decide_hold(
+    state: domain.Hold,
+    route: Route,
+    capped: str,
+    key: str,
+    need: int,
+    hold: Callable[[domain.Hold], list[Message]],
+) -> list[Message]:
+    """The hold on the routed shard, or :class:`HoldAgain`: routed by a count that changed,
+    or short on a shard whose siblings may pay (a pool of one shard refuses as before). When
+    the whole pool, read as one snapshot, cannot pay either, the refusal stands as it is: the
+    order is refused at that snapshot, as a pool of one shard refuses under its lock."""
+    if not route.gather and route_of(key, capped, state.shards) != route.shard:
+        raise HoldAgain(Route(route_of(key, capped, state.shards), state.shards))
+    try:
+        return hold(state)
+    except ResourceExhausted as short:
+        if route.gather or state.made <= 1 or short.reason not in SHORT:
+            raise
+        if short.reason == "BUDGET_EXHAUSTED" and state.available < need:
+            raise
+        raise HoldAgain(Route(route.shard, route.shards, gather=True)) from None
 
 
 @dataclass(frozen=True)
@@ -117,6 +179,7 @@ class BudgetStatus:
     tranches: list[domain.ScheduledTranche]
     policy_version: str = ""  # the policy in force ("" when catalog could not be asked)
     rules: FundingRules | None = None
+    shards: int = 1  # how many shards hold its available budget
 
 
 async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
@@ -127,22 +190,29 @@ async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
 
 
 async def _load_hold(conn: AsyncConnection, key: OrderKey) -> domain.Hold:
-    # Refusals of an order are written under this same pool lock: if one committed while this
-    # attempt was locking the qualification, the order is refused for good.
-    use = await load_use(conn, key.pool_id, key.category) if key.category else None
-    return domain.Hold(
-        await load_pool(conn, key.pool_id), await _was_refused(conn, key.order_id), use
-    )
+    # Refusals of an order are written under this same pool lock (every shard's, for a pool of
+    # several): if one committed while this attempt was locking the qualification, the order is
+    # refused for good.
+    pool, shards, made = await load_shard(conn, key.pool_id, key.shard)
+    sharded = made > 1
+    use = await load_use(conn, key.pool_id, key.category, sharded) if key.category else None
+    # A sub-budget is a share of the whole pool's funding (only shard 0's lock changes it).
+    total = await load_pool(conn, key.pool_id) if key.category and sharded else None
+    refused = await _was_refused(conn, key.order_id)
+    available = await load_available(conn, key.pool_id) if sharded else 0
+    return domain.Hold(pool, refused, use, total, shards, made, available)
 
 
 async def _load_settle(conn: AsyncConnection, key: OrderKey) -> domain.Settle:
     res = await load_reservation(conn, key.order_id)
     if not key.watch or res is None:  # no thresholds to watch: the reservation alone
         return domain.Settle(res)
+    layout = await load_layout(conn, key.pool_id)
+    sharded = layout is not None and layout.made > 1
     return domain.Settle(
         res,
-        await load_pool(conn, key.pool_id),
-        await load_use(conn, key.pool_id, key.category),
+        await load_pool(conn, key.pool_id),  # the whole pool's (summed over its shards)
+        await load_use(conn, key.pool_id, key.category, sharded),
         await load_alerted(conn, key.pool_id, key.category),
     )
 
@@ -155,10 +225,10 @@ async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
 
 
 HOLD: Aggregate[OrderKey, domain.Hold] = Aggregate(
-    "budget-pool", lambda k: pool_stream(k.pool_id), _load_hold
+    "budget-pool", lambda k: shard_stream(k.pool_id, k.shard), _load_hold
 )
 SETTLE: Aggregate[OrderKey, domain.Settle] = Aggregate(
-    "budget-pool", lambda k: pool_stream(k.pool_id), _load_settle
+    "budget-pool", lambda k: shard_stream(k.pool_id, k.shard), _load_settle
 )
 TRANCHES: Aggregate[str, list[domain.ScheduledTranche]] = Aggregate(
     "budget-pool", pool_stream, load_pending_tranches
@@ -243,21 +313,25 @@ class Ledger(FundingUseCases, SettlementUseCases):
         the tranches still to come (one read, one snapshot)."""
         async with self.store.engine.connect() as conn, conn.begin():
             await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            layout = await load_layout(conn, pool_id)
             pool = await load_pool(conn, pool_id)
             domain.serves(await load_pool_platforms(conn, pool_id), pool_id, platform)
-            if pool is None:
+            if pool is None or layout is None:
                 raise NotFound(
                     "UNKNOWN_POOL", f"pool_id: no budget pool {pool_id!r}", field="pool_id"
                 )
             c, a = budget_categories.c, budget_alerts.c
-            categories = [
-                domain.CategoryUse(*r)
-                for r in await conn.execute(
-                    select(c.category, c.reserved_fen, c.spent_fen)
-                    .where(c.pool_id == pool_id)
-                    .order_by(c.category)
+            used = {
+                category: (reserved, spent)
+                for category, reserved, spent in await conn.execute(
+                    select(c.category, c.reserved_fen, c.spent_fen).where(c.pool_id == pool_id)
                 )
-            ]
+            }
+            if layout.made > 1:  # and what the other shards' orders hold and spent
+                for category, (r, sp) in (await load_shard_categories(conn, pool_id)).items():
+                    held, paid = used.get(category, (0, 0))
+                    used[category] = (held + r, paid + sp)
+            categories = [domain.CategoryUse(k, *used[k]) for k in sorted(used)]
             alerts = [
                 Alert(*r)
                 for r in await conn.execute(
@@ -278,10 +352,10 @@ class Ledger(FundingUseCases, SettlementUseCases):
             version, rules = await self.policies.in_force()
         except DomainError as err:  # the figures are the ledger's; the rules only explain them
             log.warning("budget status without the policy in force: %s", err.reason)
-            return BudgetStatus(pool, categories, alerts, tranches)
+            return BudgetStatus(pool, categories, alerts, tranches, shards=layout.shards)
         listed = {c.category for c in categories}
         categories += [domain.CategoryUse(c) for c, _ in rules.sub_budgets if c not in listed]
-        return BudgetStatus(pool, categories, alerts, tranches, version, rules)
+        return BudgetStatus(pool, categories, alerts, tranches, version, rules, layout.shards)
 
     async def release_due_tranches(self) -> int:
         """Release every scheduled tranche whose time has come, pool by pool under each pool's
@@ -350,7 +424,13 @@ class Ledger(FundingUseCases, SettlementUseCases):
             domain.serves(
                 await load_pool_platforms(conn, cmd.pool_id), cmd.pool_id, cmd.platform_id
             )
-            pool_now = await load_pool(conn, cmd.pool_id)
+            layout = await load_layout(conn, cmd.pool_id)
+            sharded = layout is not None and layout.made > 1
+            # The whole pool's figures (a pool of one shard: that row, as read above).
+            pool_now = layout.main if layout is not None else None
+            if layout is not None and sharded:
+                _, figures = await load_shards(conn, cmd.pool_id, layout)
+                pool_now = budget.total(cmd.pool_id, (figures[k] for k in sorted(figures)))
         item = await self._verify(cmd)
         screen = self.risk.screen
         subjects = await screen.subjects(
@@ -367,8 +447,10 @@ class Ledger(FundingUseCases, SettlementUseCases):
         use_now = None
         if capped and pool_now is not None:
             async with self.store.engine.connect() as conn:
-                use_now = await load_use(conn, cmd.pool_id, capped)
+                use_now = await load_use(conn, cmd.pool_id, capped, sharded)
         domain.check_funds(pool_now, cmd.pool_id, item.category, item.subsidy_fen, rules, use_now)
+        shards = layout.shards if layout is not None else 1
+        route = Route(route_of(cmd.order_id, capped, shards), shards)
         await self._lock_qualification(cmd, item, actor)
         ctx = Context(
             actor,
@@ -377,33 +459,59 @@ class Ledger(FundingUseCases, SettlementUseCases):
         )
         now = self.clock()
         expires = now + self.timeout
+        indexes = circumstance_indexes(subjects)
+
+        def decide(state: domain.Hold | None, route: Route) -> list[Message]:
+            return decide_hold(
+                _hold(state),
+                route,
+                capped,
+                cmd.order_id,
+                item.subsidy_fen,
+                lambda held: domain.hold(held, cmd, item, expires, rules, indexes),
+            )
+
         screening: Screening | None = None
         try:
-            async with self.store.transaction() as tx:
-                # Counted under the subjects' advisory locks, held until the observation below
-                # commits: two concurrent orders from one device are counted one after the other.
-                screening = await screen.judge(
-                    tx.conn, Action.RESERVE, cmd.consumer_id, cmd.order_id, subjects, now, lock=True
-                )
-                if screening.verdict.outcome is Outcome.BLOCK:
-                    raise RiskBlocked(screening.verdict, screening.decision_id)
-                await screen.observe(tx.conn, screening, now)
-                await self.pipeline.run(
-                    HOLD,
-                    OrderKey(cmd.pool_id, cmd.order_id, capped),
-                    lambda state: domain.hold(
-                        _hold(state), cmd, item, expires, rules, circumstance_indexes(subjects)
-                    ),
-                    ctx,
-                    tx=tx,
-                    reload=False,  # the answer is the reservation row, read below
-                )
-                await tx.conn.execute(
-                    attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
-                )
-                row = await self._row(tx.conn, cmd.order_id)
-                assert row is not None
-                return row
+            for attempt in range(4):  # a changed shard count re-routes; a short shard gathers
+                if attempt == 3:  # the count keeps changing: decide with every shard locked
+                    route = Route(route.shard, route.shards, gather=True)
+                try:
+                    async with self.store.transaction() as tx:
+                        # Counted under the subjects' advisory locks, held until the observation
+                        # below commits: two concurrent orders from one device are counted one
+                        # after the other.
+                        screening = await screen.judge(
+                            tx.conn,
+                            Action.RESERVE,
+                            cmd.consumer_id,
+                            cmd.order_id,
+                            subjects,
+                            now,
+                            lock=True,
+                        )
+                        if screening.verdict.outcome is Outcome.BLOCK:
+                            raise RiskBlocked(screening.verdict, screening.decision_id)
+                        await screen.observe(tx.conn, screening, now)
+                        if route.gather:  # every shard locked, budget moved to this one
+                            route = await self._gather(tx, cmd, capped, item.subsidy_fen, ctx)
+                        await self.pipeline.run(
+                            HOLD,
+                            OrderKey(cmd.pool_id, cmd.order_id, capped, shard=route.shard),
+                            partial(decide, route=route),
+                            ctx,
+                            tx=tx,
+                            reload=False,  # the answer is the reservation row, read below
+                        )
+                        await tx.conn.execute(
+                            attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
+                        )
+                        row = await self._row(tx.conn, cmd.order_id)
+                        assert row is not None
+                        return row
+                except HoldAgain as again:
+                    route = again.route
+            raise AssertionError("a hold with every shard locked never asks to be tried again")
         except IntegrityError as exc:
             if SERIAL_CONSTRAINT in str(exc.orig):
                 refusal = FailedPrecondition(
@@ -412,7 +520,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
                     field="serial",
                 )
                 await self._refuse(
-                    cmd.pool_id, cmd.order_id, cmd.qualification_id, refusal.reason, ctx
+                    cmd.pool_id, cmd.order_id, cmd.qualification_id, refusal.reason, ctx, capped
                 )
                 raise refusal from None
             # The same order id reserved concurrently (the reservations key refused the second
@@ -426,13 +534,27 @@ class Ledger(FundingUseCases, SettlementUseCases):
             # Refused after the lock (the budget ran out meanwhile, the order was refused
             # while this attempt was locking, or the risk rules block it now): the order is
             # refused for good, which undoes this attempt's lock too.
-            await self._refuse(cmd.pool_id, cmd.order_id, cmd.qualification_id, refusal.reason, ctx)
+            await self._refuse(
+                cmd.pool_id, cmd.order_id, cmd.qualification_id, refusal.reason, ctx, capped
+            )
             if isinstance(refusal, RiskBlocked) and screening is not None:
                 await screen.record(screening)
             raise
         finally:
             if screening is not None and screening.verdict.outcome is Outcome.FLAG:
                 await screen.record(screening)  # once the hold's transaction has ended
+
+    async def _gather(
+        self, tx: Tx, cmd: domain.Reserve, capped: str, need: int, ctx: Context
+    ) -> Route:
+        """Lock every shard of the pool and move budget to the order's shard from its siblings
+        (domain.rebalance), in ``tx``: the hold that follows decides with the whole pool's
+        money within reach, so it refuses only when the whole pool cannot pay."""
+        layout, figures = await lock_shards(tx, cmd.pool_id)
+        shard = route_of(cmd.order_id, capped, layout.shards)
+        plan = domain.rebalance(cmd.pool_id, figures, layout.shards, shard, need)
+        await append_plan(tx, self.pipeline, cmd.pool_id, plan, ctx)
+        return Route(shard, layout.shards, gather=True)
 
     async def _prescreen(self, cmd: domain.Reserve, subjects: Subjects) -> None:
         """The risk verdict before anything is locked (no advisory locks: a race is decided
@@ -507,13 +629,35 @@ class Ledger(FundingUseCases, SettlementUseCases):
         return dict(row._mapping) if row else None
 
     async def _refuse(
-        self, pool_id: str, order_id: str, qualification_id: str, reason: str, ctx: Context
+        self,
+        pool_id: str,
+        order_id: str,
+        qualification_id: str,
+        reason: str,
+        ctx: Context,
+        capped: str | None = None,
     ) -> None:
         """Refuse the order for good after its qualification was locked: eligibility unlocks the
         qualification when the event reaches it. Written under the pool's stream lock, like
-        every hold, so an order is either reserved or refused, never both."""
+        every hold, so an order is either reserved or refused, never both: for a pool of
+        several shards, the lock of the shard the order is routed to (``capped``: the category
+        routed by its sub-budget), or every shard's when the route is not known."""
         async with self.store.transaction() as tx:
-            await tx.lock_stream(pool_stream(pool_id))
+            peek = await load_layout(tx.conn, pool_id)
+            if peek is None or peek.made <= 1 or capped is None:
+                await tx.lock_stream(pool_stream(pool_id))
+                # Read under shard 0's lock, which every change of the count takes.
+                layout = await load_layout(tx.conn, pool_id)
+                if layout is not None and layout.made > 1:
+                    await lock_shards(tx, pool_id)
+            else:
+                shard = route_of(order_id, capped, peek.shards)
+                await tx.lock_stream(shard_stream(pool_id, shard))
+                # The count changes only under every shard's lock, this one's too: as read now,
+                # it is the count any hold of this order is routed by while this lock is held.
+                _, shards, _ = await load_shard(tx.conn, pool_id, shard)
+                if route_of(order_id, capped, shards) != shard:  # it changed meanwhile (rare)
+                    await lock_shards(tx, pool_id)
             await tx.conn.execute(attempts_t.delete().where(attempts_t.c.order_id == order_id))
             await self.pipeline.run(
                 REFUSAL,
@@ -567,9 +711,15 @@ class Ledger(FundingUseCases, SettlementUseCases):
             order_id,
             str(existing["category"]),
             watch=bool(rules.alert_thresholds_bp),
+            shard=int(str(existing["shard"])),
         )
         ctx = Context(actor, correlation_id=order_line.order_of(order_id), policy_version=version)
         async with self.store.transaction() as tx:
+            if key.watch and key.shard:
+                # Thresholds are of the whole pool: captures that watch them queue on shard 0's
+                # lock too (shard 0 first, as every multi-stream lock), so each sees the ones
+                # before it and a threshold is raised once.
+                await tx.lock_stream(pool_stream(key.pool_id))
             outcome = await self.pipeline.run(
                 SETTLE,
                 key,

@@ -8,10 +8,11 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC
 from typing import Any
 
+from google.protobuf.message import Message
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    func,
     insert,
     select,
     text,
@@ -54,6 +56,28 @@ budget_pools = Table(
     Column("reserved_fen", BigInteger, nullable=False),
     Column("spent_fen", BigInteger, nullable=False),
     Column("scheduled_fen", BigInteger, nullable=False, default=0),
+    # How many shards hold the pool's available budget (PoolSharded; 1: this row alone), and
+    # how many shard streams were ever made (a lowered count leaves the others' reservations).
+    # With shards, this row and budget_sources are shard 0's figures; budget_shards the rest.
+    Column("shards", Integer, nullable=False, default=1, server_default="1"),
+    Column("shards_made", Integer, nullable=False, default=1, server_default="1"),
+)
+
+# Shards 1.. of a pool split into shards, one row each, so that a checkout on one shard writes
+# one row no other shard's checkout waits for: the shard's figures, its sources'
+# ([[source, funded, available, reserved, spent], ...] in the order they reached the shard) and
+# its categories' use ({category: [reserved, spent]}).
+budget_shards = Table(
+    "budget_shards",
+    metadata,
+    Column("pool_id", String(64), primary_key=True),
+    Column("shard", Integer, primary_key=True),
+    Column("funded_fen", BigInteger, nullable=False),
+    Column("available_fen", BigInteger, nullable=False),
+    Column("reserved_fen", BigInteger, nullable=False),
+    Column("spent_fen", BigInteger, nullable=False),
+    Column("sources", JSON, nullable=False, default=list),
+    Column("categories", JSON, nullable=False, default=dict),
 )
 
 # Each funding source's money in a pool (the pool's row holds their sums): funded = available +
@@ -135,6 +159,9 @@ reservations = Table(
     # (empty, PAID_AMOUNT_MISMATCH or PAID_AMOUNT_MISSING) under a policy that flags.
     Column("paid_amount_fen", BigInteger, nullable=True),
     Column("capture_flag", String(32), nullable=False, default=""),
+    # The shard of its pool that holds it (0: the pool's own stream); its capture and release
+    # act on that shard.
+    Column("shard", Integer, nullable=False, default=0, server_default="0"),
     Index("reservations_pending_expiry", "status", "expires_at"),
     # One subsidy per unit: a serial / IMEI can be held or spent by one order only. Enforced
     # here, under concurrency, not only by catalog's (asynchronous) view of the ledger's events.
@@ -170,6 +197,7 @@ funding_proposals = Table(
     Column("platform_ids", String(2000), nullable=False, default=""),
     # The schedule: [[amount_fen, releases_at ISO 8601], ...]; empty: all at approval.
     Column("tranches", JSON, nullable=False, default=list),
+    Column("shards", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # The platforms each pool serves (PoolAssigned): a platform reaches only these pools.
@@ -199,7 +227,7 @@ def refusal_stream(order_id: str) -> str:
     return f"refusal/{order_id}"
 
 
-_P, _S = budget_pools.c, budget_sources.c
+_P, _S, _K = budget_pools.c, budget_sources.c, budget_shards.c
 # One round trip: the pool's figures and its sources' (a pool has a handful of sources).
 _POOL_QUERY = (
     select(
@@ -208,6 +236,8 @@ _POOL_QUERY = (
         _P.reserved_fen,
         _P.spent_fen,
         _P.scheduled_fen,
+        _P.shards,
+        _P.shards_made,
         _S.source,
         _S.funded_fen.label("s_funded"),
         _S.available_fen.label("s_available"),
@@ -221,8 +251,18 @@ _POOL_QUERY = (
 )
 
 
-async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
-    """A pool's figures and its sources', as the fold left them."""
+@dataclass(frozen=True)
+class Layout:
+    """How a pool is split: its shard 0 (its own stream's figures: all of the pool's when it
+    has one shard), the shard count, and how many shard streams were ever made."""
+
+    main: budget.Pool
+    shards: int = 1
+    made: int = 1
+
+
+async def load_layout(conn: AsyncConnection, pool_id: str) -> Layout | None:
+    """The pool's own stream's figures (shard 0) and its shard counts."""
     rows = (await conn.execute(_POOL_QUERY, {"pool_id": pool_id})).all()
     if not rows:
         return None
@@ -232,7 +272,7 @@ async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
         for r in rows
         if r.source is not None
     )
-    return budget.Pool(
+    main = budget.Pool(
         pool_id,
         first.funded_fen,
         first.available_fen,
@@ -241,10 +281,99 @@ async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
         first.scheduled_fen,
         sources,
     )
+    return Layout(main, first.shards, first.shards_made)
 
 
-async def load_use(conn: AsyncConnection, pool_id: str, category: str) -> domain.CategoryUse:
-    """What ``category`` holds and has spent of the pool."""
+def _shard_pool(pool_id: str, row: Any) -> budget.Pool:
+    return budget.Pool(
+        pool_id,
+        row.funded_fen,
+        row.available_fen,
+        row.reserved_fen,
+        row.spent_fen,
+        sources=tuple(budget.Source(str(n), *map(int, f)) for n, *f in row.sources or ()),
+    )
+
+
+async def load_shards(
+    conn: AsyncConnection, pool_id: str, layout: Layout | None = None
+) -> tuple[Layout, dict[int, budget.Pool]]:
+    """Every shard's figures (0: the pool's own stream), for a pool that exists (``layout``:
+    as just read, in this transaction)."""
+    layout = layout or await load_layout(conn, pool_id)
+    if layout is None:
+        raise LookupError(pool_id)
+    figures = {0: layout.main}
+    if layout.made > 1:
+        rows = await conn.execute(
+            select(budget_shards).where(_K.pool_id == pool_id).order_by(_K.shard)
+        )
+        figures.update({r.shard: _shard_pool(pool_id, r) for r in rows})
+    return layout, figures
+
+
+async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
+    """A pool's figures and its sources', as the fold left them (summed over its shards)."""
+    layout = await load_layout(conn, pool_id)
+    if layout is None or layout.made <= 1:
+        return layout.main if layout is not None else None
+    _, figures = await load_shards(conn, pool_id, layout)
+    return budget.total(pool_id, (figures[k] for k in sorted(figures)))
+
+
+# One statement, so one snapshot: the whole pool's available budget at one moment.
+_AVAILABLE_QUERY = select(
+    _P.available_fen
+    + func.coalesce(
+        select(func.sum(_K.available_fen)).where(_K.pool_id == _P.pool_id).scalar_subquery(), 0
+    )
+).where(_P.pool_id == bindparam("pool_id"))
+
+
+async def load_available(conn: AsyncConnection, pool_id: str) -> int:
+    """What the pool has available over all its shards, as one snapshot of what committed."""
+    return int(await conn.scalar(_AVAILABLE_QUERY, {"pool_id": pool_id}) or 0)
+
+
+_SHARD_QUERY = (
+    select(
+        _P.shards,
+        _P.shards_made,
+        _K.funded_fen,
+        _K.available_fen,
+        _K.reserved_fen,
+        _K.spent_fen,
+        _K.sources,
+    )
+    .select_from(
+        budget_pools.outerjoin(
+            budget_shards, (_K.pool_id == _P.pool_id) & (_K.shard == bindparam("shard"))
+        )
+    )
+    .where(_P.pool_id == bindparam("pool_id"))
+)
+
+
+async def load_shard(
+    conn: AsyncConnection, pool_id: str, shard: int
+) -> tuple[budget.Pool | None, int, int]:
+    """One shard's figures (None: no pool; a shard given nothing yet holds nothing), the
+    pool's shard count and how many shard streams it ever had, in one round trip."""
+    if shard == 0:
+        layout = await load_layout(conn, pool_id)
+        return (layout.main, layout.shards, layout.made) if layout is not None else (None, 1, 1)
+    row = (await conn.execute(_SHARD_QUERY, {"pool_id": pool_id, "shard": shard})).first()
+    if row is None:
+        return None, 1, 1
+    if row.funded_fen is None:
+        return budget.Pool(pool_id), row.shards, row.shards_made
+    return _shard_pool(pool_id, row), row.shards, row.shards_made
+
+
+async def load_use(
+    conn: AsyncConnection, pool_id: str, category: str, sharded: bool = False
+) -> domain.CategoryUse:
+    """What ``category`` holds and has spent of the pool (``sharded``: of all its shards)."""
     row = (
         await conn.execute(
             select(budget_categories.c.reserved_fen, budget_categories.c.spent_fen).where(
@@ -252,7 +381,22 @@ async def load_use(conn: AsyncConnection, pool_id: str, category: str) -> domain
             )
         )
     ).first()
-    return domain.CategoryUse(category, *row) if row is not None else domain.CategoryUse(category)
+    use = domain.CategoryUse(category, *row) if row is not None else domain.CategoryUse(category)
+    if sharded:
+        for (held,) in await conn.execute(select(_K.categories).where(_K.pool_id == pool_id)):
+            reserved, spent = (held or {}).get(category, (0, 0))
+            use = domain.CategoryUse(category, use.reserved + reserved, use.spent + spent)
+    return use
+
+
+async def load_shard_categories(conn: AsyncConnection, pool_id: str) -> dict[str, tuple[int, int]]:
+    """Each category's (reserved, spent) in the pool's shards 1.. (shard 0's: budget_categories)."""
+    out: dict[str, tuple[int, int]] = {}
+    for (held,) in await conn.execute(select(_K.categories).where(_K.pool_id == pool_id)):
+        for category, (reserved, spent) in (held or {}).items():
+            r, sp = out.get(category, (0, 0))
+            out[category] = (r + reserved, sp + spent)
+    return out
 
 
 async def load_alerted(
@@ -385,14 +529,29 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
     pool_id = getattr(event, "pool_id", "")
     if not pool_id:
         return
+    if isinstance(event, ev.PoolSharded):
+        await conn.execute(
+            update(budget_pools)
+            .where(_P.pool_id == pool_id)
+            .values(shards=event.shards, shards_made=func.greatest(_P.shards_made, event.shards))
+        )
+        return
+    _, shard = budget.stream_shard(env.stream_id)
+    if shard:  # one of shards 1..: its own row, nothing else of the pool's
+        await _apply_shard(conn, env, event, pool_id, shard)
+        return
     settled = None
     if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         settled = await load_reservation(conn, event.order_id)
-    before = await load_pool(conn, pool_id)
+    layout = await load_layout(conn, pool_id)
+    before = layout.main if layout is not None else None
     # An event written before sources is attributed as its reservation was (stored with it).
     held = settled.sources if settled is not None else None
     after, parts = budget.step(before or budget.Pool(pool_id), event, held)
-    await _write_pool(conn, before, after)
+    sharded = layout is not None and layout.made > 1
+    await _write_pool(conn, before, after, gauges=not sharded)
+    if sharded:
+        await _pool_gauges(conn, pool_id)
     if isinstance(event, ev.SubsidyReserved):
         metrics.RESERVATIONS.labels("reserved").inc()
     elif isinstance(event, ev.SubsidyCaptured):
@@ -433,6 +592,23 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         )
     elif isinstance(event, ev.SubsidyReserved):
         await _use(conn, pool_id, event.category, event)
+        await _reservation_row(conn, env, event, parts, None, 0)
+    elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        assert settled is not None
+        await _use(conn, pool_id, event.category or settled.category, event)
+        await _reservation_row(conn, env, event, parts, settled, 0)
+
+
+async def _reservation_row(
+    conn: AsyncConnection,
+    env: Envelope,
+    event: Message,
+    parts: budget.Parts,
+    settled: domain.Reservation | None,
+    shard: int,
+) -> None:
+    """The reservation's row after its event (held by ``shard`` of its pool)."""
+    if isinstance(event, ev.SubsidyReserved):
         await conn.execute(
             insert(reservations).values(
                 order_id=event.order_id,
@@ -452,12 +628,12 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
                 payment_ref="",
                 serial=event.serial,
                 sources=[list(p) for p in parts],
+                shard=shard,
             )
         )
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         # The status comes from the domain's evolve, never decided here.
         assert settled is not None
-        await _use(conn, pool_id, event.category or settled.category, event)
         status = domain.evolve(settled, event)
         assert status is not None
         details = (
@@ -478,12 +654,61 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         )
 
 
+async def _pool_gauges(conn: AsyncConnection, pool_id: str) -> None:
+    """The budget gauges of a pool split into shards: the sums over its shards."""
+    pool = await load_pool(conn, pool_id)
+    assert pool is not None
+    for bucket in budget.BUCKETS:
+        metrics.BUDGET.labels(pool_id, bucket).set(getattr(pool, bucket))
+    for s in pool.sources:
+        for bucket in budget.BUCKETS:
+            metrics.BUDGET_SOURCE.labels(pool_id, s.source, bucket).set(getattr(s, bucket))
+
+
+async def _apply_shard(
+    conn: AsyncConnection, env: Envelope, event: Message, pool_id: str, shard: int
+) -> None:
+    """An event of shard ``shard`` >= 1 of a pool: the shard's row (figures, sources and its
+    categories' use) through the same budget fold, and the reservation's row."""
+    row = (
+        await conn.execute(select(budget_shards).where(_K.pool_id == pool_id, _K.shard == shard))
+    ).first()
+    before = _shard_pool(pool_id, row) if row is not None else budget.Pool(pool_id)
+    categories: dict[str, list[int]] = dict(row.categories or {}) if row is not None else {}
+    settled = None
+    if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        settled = await load_reservation(conn, event.order_id)
+    after, parts = budget.step(before, event, settled.sources if settled is not None else None)
+    if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
+        category = event.category or (settled.category if settled is not None else "")
+        reserved, spent = categories.get(category, (0, 0))
+        use = domain.evolve_use(domain.CategoryUse(category, reserved, spent), event)
+        categories[category] = [use.reserved, use.spent]
+    values = {
+        "funded_fen": after.funded,
+        "available_fen": after.available,
+        "reserved_fen": after.reserved,
+        "spent_fen": after.spent,
+        "sources": [[s.source, s.funded, s.available, s.reserved, s.spent] for s in after.sources],
+        "categories": categories,
+    }
+    if row is None:
+        await conn.execute(insert(budget_shards).values(pool_id=pool_id, shard=shard, **values))
+    else:
+        await conn.execute(
+            update(budget_shards).where(_K.pool_id == pool_id, _K.shard == shard).values(**values)
+        )
+    await _pool_gauges(conn, pool_id)
+    if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
+        await _reservation_row(conn, env, event, parts, settled, shard)
+
+
 async def _write_pool(
-    conn: AsyncConnection, before: budget.Pool | None, after: budget.Pool
+    conn: AsyncConnection, before: budget.Pool | None, after: budget.Pool, gauges: bool = True
 ) -> None:
     """Write the fold's figures for the pool and for each source that changed."""
     values = {f"{b}_fen": getattr(after, b) for b in budget.BUCKETS}
-    for bucket in budget.BUCKETS:
+    for bucket in budget.BUCKETS if gauges else ():
         metrics.BUDGET.labels(after.pool_id, bucket).set(getattr(after, bucket))
     if before is None:
         await conn.execute(insert(budget_pools).values(pool_id=after.pool_id, **values))
@@ -497,7 +722,7 @@ async def _write_pool(
         if known.get(s.source) == s:
             continue
         row = {f"{b}_fen": getattr(s, b) for b in budget.BUCKETS}
-        for bucket in budget.BUCKETS:
+        for bucket in budget.BUCKETS if gauges else ():
             metrics.BUDGET_SOURCE.labels(after.pool_id, s.source, bucket).set(getattr(s, bucket))
         if s.source in known:
             changed.append({"p": after.pool_id, "s": s.source, **row})
@@ -544,6 +769,7 @@ async def rebuild(store: EventStore) -> int:
             reservations,
             budget_pools,
             budget_sources,
+            budget_shards,
             budget_categories,
             budget_alerts,
             budget_tranches,

@@ -1019,11 +1019,14 @@ class FundingProposed(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     TRANCHES_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
     idempotency_key: _builtins.str
+    shards: _builtins.int
+    """the pool's shard count once approved (0: leave it as it is)"""
     @_builtins.property
     def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the platforms the pool is to serve"""
@@ -1042,10 +1045,11 @@ class FundingProposed(_message.Message):
         idempotency_key: _builtins.str = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
         tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
+        shards: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "shards", b"shards", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1382,6 +1386,109 @@ class SubsidyReleased(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubsidyReleased: _TypeAlias = SubsidyReleased  # noqa: Y015
+
+@_typing.final
+class PoolSharded(_message.Message):
+    """A pool's available budget is split over `shards` streams (budget-pool/<pool>, then
+    budget-pool/<pool>/<k> for k >= 1): reservations spread over them instead of queueing on one
+    lock. 1 is one stream, as before. Written in the pool's stream under every shard's lock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    shards: _builtins.int
+    proposal_id: _builtins.str
+    """the approved funding proposal that asked for it"""
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        shards: _builtins.int = ...,
+        proposal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool_id", b"pool_id", "proposal_id", b"proposal_id", "shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolSharded: _TypeAlias = PoolSharded  # noqa: Y015
+
+@_typing.final
+class ShardBudgetSent(_message.Message):
+    """Budget moved from one shard of a pool to another (a rebalance, under every shard's lock):
+    ShardBudgetSent in the giving shard's stream, ShardBudgetReceived in the receiving one's, in
+    one transaction. Each shard's funded is what it was given: funded = available + reserved +
+    spent holds per shard, and the pool's figures are the sums over its shards.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    FROM_SHARD_FIELD_NUMBER: _builtins.int
+    TO_SHARD_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    from_shard: _builtins.int
+    to_shard: _builtins.int
+    amount_fen: _builtins.int
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]:
+        """per funding source ("" unattributed); sums to amount_fen"""
+
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        from_shard: _builtins.int = ...,
+        to_shard: _builtins.int = ...,
+        amount_fen: _builtins.int = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "from_shard", b"from_shard", "pool_id", b"pool_id", "sources", b"sources", "to_shard", b"to_shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardBudgetSent: _TypeAlias = ShardBudgetSent  # noqa: Y015
+
+@_typing.final
+class ShardBudgetReceived(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    FROM_SHARD_FIELD_NUMBER: _builtins.int
+    TO_SHARD_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.str
+    from_shard: _builtins.int
+    to_shard: _builtins.int
+    amount_fen: _builtins.int
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceAmount]: ...
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.str = ...,
+        from_shard: _builtins.int = ...,
+        to_shard: _builtins.int = ...,
+        amount_fen: _builtins.int = ...,
+        sources: _abc.Iterable[_common_pb2.SourceAmount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "from_shard", b"from_shard", "pool_id", b"pool_id", "sources", b"sources", "to_shard", b"to_shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardBudgetReceived: _TypeAlias = ShardBudgetReceived  # noqa: Y015
 
 @_typing.final
 class BudgetThresholdReached(_message.Message):

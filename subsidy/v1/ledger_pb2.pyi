@@ -32,6 +32,7 @@ class ProposeFundingRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     TRANCHES_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     amount_fen: _builtins.int
     source: _builtins.str
@@ -39,6 +40,10 @@ class ProposeFundingRequest(_message.Message):
     """the same key again returns the same proposal"""
     reason: _builtins.str
     """why this money, for the approver and the auditor"""
+    shards: _builtins.int
+    """Optional: split the pool's available budget over this many shards when approved (1..64),
+    so checkouts on one hot pool do not queue on one lock; 0 leaves the pool as it is.
+    """
     @_builtins.property
     def platform_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The platforms whose checkouts this pool pays (added to the pool's when approved); a
@@ -61,10 +66,11 @@ class ProposeFundingRequest(_message.Message):
         reason: _builtins.str = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
         tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
+        shards: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "reason", b"reason", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "idempotency_key", b"idempotency_key", "platform_ids", b"platform_ids", "pool_id", b"pool_id", "reason", b"reason", "shards", b"shards", "source", b"source", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,6 +131,7 @@ class FundingProposal(_message.Message):
     POOL_FIELD_NUMBER: _builtins.int
     PLATFORM_IDS_FIELD_NUMBER: _builtins.int
     TRANCHES_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     pool_id: _builtins.str
     amount_fen: _builtins.int
@@ -135,6 +142,8 @@ class FundingProposal(_message.Message):
     """the operator's name (from their certificate)"""
     approved_by: _builtins.str
     """the approver's name, once approved"""
+    shards: _builtins.int
+    """the shard count asked for (0: none)"""
     @_builtins.property
     def pool(self) -> Global___BudgetPool:
         """the pool as it stands after this call"""
@@ -156,10 +165,11 @@ class FundingProposal(_message.Message):
         pool: Global___BudgetPool | None = ...,
         platform_ids: _abc.Iterable[_builtins.str] | None = ...,
         tranches: _abc.Iterable[_common_pb2.Tranche] | None = ...,
+        shards: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "platform_ids", b"platform_ids", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "source", b"source", "status", b"status", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "approved_by", b"approved_by", "platform_ids", b"platform_ids", "pool", b"pool", "pool_id", b"pool_id", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "shards", b"shards", "source", b"source", "status", b"status", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +213,7 @@ class BudgetPool(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     ALERT_THRESHOLDS_BP_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     funded_fen: _builtins.int
     """released to the pool (scheduled tranches not included)"""
@@ -217,6 +228,8 @@ class BudgetPool(_message.Message):
     """
     split: _builtins.str
     """pro_rata or priority"""
+    shards: _builtins.int
+    """how many shards hold its available budget (1: one stream)"""
     @_builtins.property
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceBalance]:
         """in the order each source first funded the pool"""
@@ -249,10 +262,11 @@ class BudgetPool(_message.Message):
         policy_version: _builtins.str = ...,
         split: _builtins.str = ...,
         alert_thresholds_bp: _abc.Iterable[_builtins.int] | None = ...,
+        shards: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "alerts", b"alerts", "available_fen", b"available_fen", "categories", b"categories", "funded_fen", b"funded_fen", "policy_version", b"policy_version", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "sources", b"sources", "spent_fen", b"spent_fen", "split", b"split", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds_bp", b"alert_thresholds_bp", "alerts", b"alerts", "available_fen", b"available_fen", "categories", b"categories", "funded_fen", b"funded_fen", "policy_version", b"policy_version", "pool_id", b"pool_id", "reserved_fen", b"reserved_fen", "scheduled_fen", b"scheduled_fen", "shards", b"shards", "sources", b"sources", "spent_fen", b"spent_fen", "split", b"split", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

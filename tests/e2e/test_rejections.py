@@ -347,6 +347,15 @@ for _amount in (0, -1, -(10**6), 10**14 + 1, INT64_MAX):
         "INVALID_AMOUNT",
         "amount_fen",
     )
+for _shards in (-1, 65, 2**31 - 1):  # 1..64 shards (0: the pool's count unchanged)
+    case(
+        f"{FUND}-shards-{_shards}",
+        FUND,
+        fixed(fund, shards=_shards),
+        INVALID,
+        "INVALID_SHARDS",
+        "shards",
+    )
 case(
     f"{FUND}-source-blank",
     FUND,

@@ -52,6 +52,24 @@ def pool_stream(pool_id: str) -> str:
     return f"{POOL_STREAM_PREFIX}{pool_id}"
 
 
+# A pool split into shards (PoolSharded): shard 0 is the pool's own stream (fundings, tranches,
+# and its share of the checkouts), shard k >= 1 is ``budget-pool/<pool>/<k>`` (a pool id has no
+# "/", so the name is unambiguous). Each shard folds on its own; the pool is their sum (total).
+SHARD_SEPARATOR = "/"
+
+
+def shard_stream(pool_id: str, shard: int) -> str:
+    """The stream of one shard of a pool (shard 0: the pool's own stream)."""
+    return pool_stream(pool_id) if shard == 0 else f"{POOL_STREAM_PREFIX}{pool_id}/{shard}"
+
+
+def stream_shard(stream_id: str) -> tuple[str, int]:
+    """The pool and shard a pool stream belongs to (``budget-pool/p`` -> ("p", 0))."""
+    name = stream_id.removeprefix(POOL_STREAM_PREFIX)
+    pool_id, _, shard = name.partition(SHARD_SEPARATOR)
+    return pool_id, int(shard) if shard.isdigit() else 0
+
+
 @dataclass(frozen=True)
 class Source:
     """One funding source's money in one pool. ``funded`` is what has been released to the
@@ -200,6 +218,26 @@ def pool_of(message: ledger_pb2.BudgetPool) -> Pool:
     )
 
 
+def total(pool_id: str, shards: Iterable[Pool]) -> Pool:
+    """A pool's figures from its shards' (in shard order): every bucket summed, for the pool
+    and per source, the sources in the order they first appear (shard 0 holds every funding,
+    so that is the order they first funded the pool)."""
+    totals = dict.fromkeys(BUCKETS, 0)
+    sources: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        for b in BUCKETS:
+            totals[b] += getattr(shard, b)
+        for s in shard.sources:
+            into = sources.setdefault(s.source, dict.fromkeys(BUCKETS, 0))
+            for b in BUCKETS:
+                into[b] += getattr(s, b)
+    return Pool(
+        pool_id,
+        sources=tuple(Source(name, **figures) for name, figures in sources.items()),
+        **totals,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The fold
 
@@ -261,6 +299,14 @@ def _parts(pool: Pool, event: Moving, bucket: str, held: Parts | None) -> Parts:
     return _attributed(pool, amount, bucket)
 
 
+def _shard_parts(pool: Pool, event: ev.ShardBudgetSent | ev.ShardBudgetReceived) -> Parts:
+    """What a move between shards moves, per source (recorded on the event, always)."""
+    parts = parts_of(event.sources)
+    what = f"pool {pool.pool_id}: {type(event).__name__} {event.from_shard}->{event.to_shard}"
+    check_source_parts(what, event.amount_fen, parts)
+    return parts
+
+
 def step(pool: Pool, event: Message, held: Parts | None = None) -> tuple[Pool, Parts]:
     """The pool after ``event``, and the parts the event moved (per source).
 
@@ -281,6 +327,16 @@ def step(pool: Pool, event: Message, held: Parts | None = None) -> tuple[Pool, P
         fen = event.amount_fen
         pool = _with_source(pool, event.source, scheduled=-fen, funded=fen, available=fen)
         parts = ((event.source, fen),)
+    elif isinstance(event, ev.ShardBudgetSent):
+        parts = _shard_parts(pool, event)
+        for name, fen in parts:
+            if name != UNATTRIBUTED and pool.source(name) is None:
+                raise InvariantViolation(f"pool {pool.pool_id}: source {name!r} never funded it")
+            pool = _with_source(pool, name, funded=-fen, available=-fen)
+    elif isinstance(event, ev.ShardBudgetReceived):
+        parts = _shard_parts(pool, event)
+        for name, fen in parts:
+            pool = _with_source(pool, name, funded=fen, available=fen)
     elif isinstance(event, ev.SubsidyReserved):
         parts = _parts(pool, event, "available", None)
         pool = _move(pool, parts, "available", "reserved")
@@ -321,7 +377,7 @@ def fold(pool_id: str, events: Iterable[Message]) -> Pool:
 # Bucket positions in a Tally's figure lists (the order of BUCKETS); _NONE: no bucket,
 # _RELEASED: into funded and available at once.
 _F, _A, _R, _S, _SCH = range(5)
-_NONE, _RELEASED = -1, -2
+_NONE, _RELEASED, _WITHDRAWN = -1, -2, -3  # _WITHDRAWN: out of funded and available at once
 Move = tuple[str, int, int, int]  # (source, fen, from bucket, to bucket)
 
 
@@ -416,6 +472,8 @@ class Tally:
                 return self._refuse(event, held)
             parts = ((name, fen),)
             moves = [(name, fen, _SCH, _RELEASED)]
+        elif isinstance(event, ev.ShardBudgetSent | ev.ShardBudgetReceived):
+            return self._shard_move(event)
         else:  # moves no money: the figures are as they were, and were checked
             return ()
         self._apply(moves, 1)
@@ -426,18 +484,46 @@ class Tally:
             return self._refuse(event, held)
         return parts
 
+    def _shard_move(self, event: ev.ShardBudgetSent | ev.ShardBudgetReceived) -> Parts:
+        """A move between shards: out of (Sent) or into (Received) this shard's funded and
+        available, per source (a source new to the shard is added after the others)."""
+        parts = parts_of(event.sources)
+        if any(fen <= 0 for _, fen in parts) or sum(f for _, f in parts) != event.amount_fen:
+            return self._refuse(event, None)
+        added: list[str] = []
+        if isinstance(event, ev.ShardBudgetSent):
+            if any(n != UNATTRIBUTED and n not in self.sources for n, _ in parts):
+                return self._refuse(event, None)
+            moves = [(name, fen, _WITHDRAWN, _NONE) for name, fen in parts]
+        else:
+            for name, _ in parts:
+                if name != UNATTRIBUTED and name not in self.sources:
+                    self.sources[name] = [0, 0, 0, 0, 0]
+                    added.append(name)
+            moves = [(name, fen, _NONE, _RELEASED) for name, fen in parts]
+        self._apply(moves, 1)
+        if not self._holds(moves):
+            self._apply(moves, -1)
+            for name in added:
+                del self.sources[name]
+            return self._refuse(event, None)
+        return parts
+
     def _apply(self, moves: list[Move], sign: int) -> None:
         for name, fen, at, to in moves:
             figures = self.sources.get(name) if name != UNATTRIBUTED else None
             rows = (self.totals,) if figures is None else (self.totals, self.named, figures)
             fen *= sign
             for row in rows:
-                if at != _NONE:
+                if at == _WITHDRAWN:
+                    row[_F] -= fen
+                    row[_A] -= fen
+                elif at != _NONE:
                     row[at] -= fen
                 if to == _RELEASED:
                     row[_F] += fen
                     row[_A] += fen
-                else:
+                elif to != _NONE:
                     row[to] += fen
 
     def _holds(self, moves: list[Move]) -> bool:

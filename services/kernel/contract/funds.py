@@ -98,11 +98,14 @@ def check_funds(
     subsidy_fen: int,
     rules: FundingRules = DEFAULT_RULES,
     use: CategoryUse | None = None,
+    total: Pool | None = None,
 ) -> Parts:
     """The pool can pay ``subsidy_fen`` for an item of ``category`` now (the pool, the
-    category's sub-budget, each source's part, in that order); returns the source parts."""
+    category's sub-budget, each source's part, in that order); returns the source parts.
+    ``pool`` is one shard of a pool split into shards: it pays, while the sub-budget is a
+    share of the whole pool's funding (``total``; None: ``pool`` is the whole pool)."""
     checked = check_budget(pool, pool_id, subsidy_fen)
-    check_sub_budget(checked, use, category, subsidy_fen, rules)
+    check_sub_budget(total or checked, use, category, subsidy_fen, rules)
     return split(checked, subsidy_fen, rules)
 
 
