@@ -5,11 +5,12 @@ afterwards every invariant holds (tests/chaos/engine.py; `make chaos` runs 100 o
 
 from __future__ import annotations
 
+import asyncio
 import io
-from pathlib import Path
 
 import pytest
 
+from subsidyctl.localstack import LocalStack
 from tests.chaos import engine
 
 SEED = 1915
@@ -32,17 +33,19 @@ def test_the_first_round_of_a_plan_hits_every_process_and_kind() -> None:
 
 
 @pytest.mark.slow
-def test_a_short_chaos_run_over_every_process_breaks_no_invariant(tmp_path: Path) -> None:
+def test_a_short_chaos_run_over_every_process_breaks_no_invariant(
+    chaos_stack: LocalStack,
+) -> None:
     log = io.StringIO()
-    report = engine.run(
-        tmp_path / "run",
+    chaos = engine.Chaos(
+        chaos_stack,
         SEED,
         INJECTIONS,
         timing=SHORT,
-        log=log,
         say=lambda line: print(line, file=log),
         chosen=PLAN,
     )
+    report = asyncio.run(chaos.run())
     print(report.table())
     assert len(report.injections) == INJECTIONS, report.table()
     assert {i.target for i in report.injections} == set(engine.targets(3))
