@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             nats_nodes=args.nats_nodes,
             say=lambda line: print(line, flush=True),
         )
+    print(report.table(), flush=True)
     report.write(args.report)
-    print(report.table())
     print(f"report: {args.report}")
     return 0 if report.ok else 1
 

@@ -188,7 +188,9 @@ class ChaosReport:
         return table
 
     def as_json(self) -> dict[str, Any]:
+        """The report as JSON values (``asdict`` would rebuild each Counter from its items)."""
         out = asdict(self)
+        out["refused"], out["retries"] = dict(self.refused), dict(self.retries)
         out["ok"] = self.ok
         out["by_target"] = self.by_kind_and_target()
         out["by_kind"] = dict(Counter(i.kind for i in self.injections))

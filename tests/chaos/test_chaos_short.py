@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,20 @@ def test_the_first_round_of_a_plan_hits_every_process_and_kind() -> None:
     assert len(PLAN) == INJECTIONS
     assert {t for _, t in PLAN} == set(engine.targets(3))
     assert {k for k, _ in PLAN} == set(engine.KINDS)
+
+
+def test_a_report_is_written_as_json(tmp_path: Path) -> None:
+    report = engine.ChaosReport(seed=SEED, planned=1, nats_nodes=3)
+    report.injections.append(engine.Injection(1, engine.PAUSE, "ledger", 1.0, 0.5, 0.7, 2))
+    report.refused["reserve: ORDER_REFUSED"] += 1
+    report.retries["UNAVAILABLE"] += 3
+    report.invariants["no dead letter"] = "ok"
+    report.write(tmp_path / "chaos.json")
+    written = json.loads((tmp_path / "chaos.json").read_text())
+    assert written["retries"] == {"UNAVAILABLE": 3} and written["ok"] is True
+    assert written["by_target"] == {"ledger": {"kill": 0, "pause": 1, "outage": 0}}
+    assert written["replay"] == f"make chaos SUBSIDY_CHAOS_SEED={SEED}"
+    assert "ledger" in report.table()
 
 
 @pytest.mark.slow
