@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard proto/subsidy/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test smoke proto proto-check lint bench fuzz clean venv
+.PHONY: help run test smoke proto proto-check lint bench fuzz chaos clean venv
 
 help: ## list every target
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,14 @@ fuzz: $(STAMP) ## fuzz every RPC of every service, 10,000 requests per service; 
 	echo "fuzz seed $$seed (replay: make fuzz SUBSIDY_FUZZ_SEED=$$seed)"; \
 	SUBSIDY_FUZZ_SEED=$$seed SUBSIDY_FUZZ_REQUESTS=$${SUBSIDY_FUZZ_REQUESTS:-10000} \
 	$(PY) -m pytest -q -s -p no:cacheprovider -o log_level=ERROR tests/fuzz
+
+# The long chaos run (CI runs the short one in `make test`): random fault injections over every
+# process under a checkout load; a fresh seed each run unless SUBSIDY_CHAOS_SEED is given.
+chaos: $(STAMP) ## kill -9 / pause / outage every process at random, 100 times, under checkouts; prints the seed and a report
+	@seed=$${SUBSIDY_CHAOS_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "chaos seed $$seed (replay: make chaos SUBSIDY_CHAOS_SEED=$$seed)"; \
+	SUBSIDY_CHAOS_SEED=$$seed $(PY) -m tests.chaos --injections $${SUBSIDY_CHAOS_INJECTIONS:-100} \
+	$${SUBSIDY_CHAOS_REPORT:+--report $$SUBSIDY_CHAOS_REPORT}
 
 clean: ## remove the virtual environment and local run data
 	rm -rf $(VENV) run var .pytest_cache .mypy_cache .ruff_cache

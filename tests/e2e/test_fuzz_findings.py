@@ -3,8 +3,8 @@
 A ``google.protobuf.Timestamp`` decodes from any seconds and nanos, but protobuf's
 ``ToDatetime`` raises ``ValueError`` outside 0001..9999 or for nanos outside 0..999,999,999:
 CreateSettlementBatch answered INTERNAL, ReconcileDiscountBill UNKNOWN (a streaming call),
-with the exception in the message. Each is now INVALID_ARGUMENT naming the field, and the
-refusal changes nothing.
+with the exception in the message; later ProposeFunding answered INTERNAL for a tranche's
+``releases_at``. Each is now INVALID_ARGUMENT naming the field, and the refusal changes nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +66,25 @@ async def test_settlement_batch_period_that_is_no_time_is_invalid_argument(
                 "INVALID_TIME",
                 field,
             )
+    assert await ledger_events(platform) == before
+
+
+async def test_funding_tranche_release_that_is_no_time_is_invalid_argument(
+    platform: Platform,
+) -> None:
+    before = await ledger_events(platform)
+    for stamp in NOT_TIMES:
+        request = ledger_pb2.ProposeFundingRequest(
+            pool_id="pool-fuzz", amount_fen=1_000, source="district", reason="fuzz"
+        )
+        request.tranches.add(amount_fen=1_000).releases_at.CopyFrom(stamp)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await platform.ledger.ProposeFunding(request)
+        assert status_of(caught.value) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_TIME",
+            "tranches",
+        ), caught.value.details()
     assert await ledger_events(platform) == before
 
 
