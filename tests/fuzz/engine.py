@@ -352,10 +352,14 @@ class Fuzzer:
                 finding(code.name, (err.details() if err else "") or "")
             # Authorisation runs before decoding and validation: a caller the table refuses
             # learns nothing about the method's message, not even that its bytes are wrong.
+            # Only a request over the server's size limit is refused before that, by gRPC's
+            # transport (RESOURCE_EXHAUSTED: nothing of the method ran for anybody).
+            oversized = len(data) > rpc.MAX_REQUEST_BYTES
             if wrong and not raced and code != grpc.StatusCode.PERMISSION_DENIED:
-                finding("WRONG_ROLE_NOT_REFUSED", f"{who} got {code.name}")
+                if not (oversized and code == grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    finding("WRONG_ROLE_NOT_REFUSED", f"{who} got {code.name}")
             if err is not None and not raced and code not in BAD and rpc.error_info(err) is None:
-                if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED,):  # gRPC's own size limit
+                if not (oversized and code == grpc.StatusCode.RESOURCE_EXHAUSTED):
                     finding("NO_REASON", f"{code.name} without ErrorInfo: {err.details()}")
             if code == grpc.StatusCode.OK:
                 # A success may change state; one that appended nothing (a read) leaves
