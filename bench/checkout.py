@@ -7,7 +7,11 @@ stream lock.
 
 Reports throughput and p50/p99 latency, and the same-run baseline (a gRPC health check against the
 ledger at the same concurrency) as a ratio, so a slower or busier machine shows as a baseline
-change, not as a regression. Usage: python -m bench.checkout [--orders N] [--concurrency C]
+change, not as a regression. Also the CPU each part of the stack spends per checkout (psutil,
+user + system, before and after reserve + capture) and the peak resident memory of every
+service process under the load. ``--workers N`` runs N worker processes per service on each
+port (SUBSIDY_WORKERS; services/kernel/workers.py); its result is checkout-<N>workers.json.
+Usage: python -m bench.checkout [--orders N] [--concurrency C] [--workers N]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -22,7 +27,8 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import against_baseline, report, summarise, timed
+from bench.claim_rush import CpuMeter
+from bench.common import RssMeter, against_baseline, report, summarise, timed
 from services.kernel import rpc
 from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
@@ -31,14 +37,27 @@ from subsidyctl.demo import IN_REGION
 from subsidyctl.localstack import LocalStack, Ports, free_base
 
 
-async def run(orders: int, concurrency: int, root: Path) -> dict[str, Any]:
-    """The services as separate processes (as in production), on free ports."""
-    stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
+async def run(orders: int, concurrency: int, root: Path, workers: int = 1) -> dict[str, Any]:
+    """The services as separate processes (as in production), on free ports; ``workers``
+    processes per service, each port shared by them."""
+    stack = LocalStack(
+        root,
+        Ports(free_base()),
+        durable=False,
+        log=io.StringIO(),
+        workers=workers,
+    )
     stack.start()
     try:
         client = demo.Client(stack.endpoints())
         try:
-            return await measure(client, stack.endpoints(), orders, concurrency)
+            async with RssMeter() as rss:
+                result = await measure(client, stack.endpoints(), orders, concurrency)
+            result["workers_per_service"] = workers
+            # Peak resident memory of each service process (MB) over the whole run.
+            result["rss_mb"] = dict(sorted(rss.peak_mb.items()))
+            result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+            return result
         finally:
             await client.close()
     finally:
@@ -139,8 +158,11 @@ async def measure(
     async def capture(i: int) -> None:
         await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))
 
+    meter = CpuMeter()
+    cpu0 = meter.sample()
     res_lat, res_wall = await timed(orders, concurrency, reserve)
     cap_lat, cap_wall = await timed(orders, concurrency, capture)
+    cpu2 = meter.sample()
     budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="bench-pool"))
     assert budget.spent_fen == orders * 45_000, "every benchmark order must have been captured"
     baseline = summarise("baseline: gRPC health check (ledger)", base_lat, base_wall)
@@ -153,18 +175,33 @@ async def measure(
         summarise("CaptureSubsidy", cap_lat, cap_wall),
     ]
     against_baseline(rows, baseline)
-    return {"benchmark": "checkout", "orders": orders, "concurrency": concurrency, "rows": rows}
+    return {
+        "benchmark": "checkout",
+        "orders": orders,
+        "concurrency": concurrency,
+        "rows": rows,
+        # CPU ms per checkout (reserve + capture) by part of the stack
+        "cpu_ms_per_checkout": CpuMeter.per_op(cpu0, cpu2, orders),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.checkout")
     parser.add_argument("--orders", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per service")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
-        result = asyncio.run(run(args.orders, args.concurrency, Path(tmp)))
-    print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
-    report("checkout", result)
+        result = asyncio.run(run(args.orders, args.concurrency, Path(tmp), args.workers))
+    print(
+        f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool,"
+        f" {args.workers} worker process(es) per service"
+    )
+    report("checkout" if args.workers == 1 else f"checkout-{args.workers}workers", result)
+    print("CPU ms per checkout:", result["cpu_ms_per_checkout"])
+    print("peak RSS MB:", result["rss_mb"])
     return result
 
 

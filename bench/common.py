@@ -196,7 +196,9 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 def normalise(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """``result`` with the common keys (:data:`COMMON_KEYS`) first and its own fields kept; a
     common key the benchmark already sets itself wins over the derived one."""
-    derived = EXTRACTORS.get(name, _generic)(result)
+    # By the result's name, else by the benchmark it says it is (checkout-2workers: checkout).
+    extract = EXTRACTORS.get(name) or EXTRACTORS.get(str(result.get("benchmark")), _generic)
+    derived = extract(result)
     head: dict[str, Any] = {k: None for k in COMMON_KEYS}
     head.update(derived)
     head.update({k: result[k] for k in COMMON_KEYS if result.get(k) is not None})

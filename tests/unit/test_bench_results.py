@@ -111,6 +111,12 @@ def test_headline_figures_and_ratios() -> None:
     assert peer["ratio"] == 5.0
 
 
+def test_a_variant_is_read_as_the_benchmark_it_says_it_is() -> None:
+    two = normalise("checkout-2workers", {**CHECKOUT, "workers_per_service": 2})
+    assert two["benchmark"] == "checkout-2workers"
+    assert two["throughput_per_s"] == 36.0 and two["workers_per_service"] == 2
+
+
 def test_a_benchmark_own_common_keys_win() -> None:
     raw = {**PEER, "ratio": 4.2, "operation": "append"}
     out = normalise("eventstore", raw)
