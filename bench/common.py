@@ -201,9 +201,13 @@ def normalise(name: str, result: dict[str, Any]) -> dict[str, Any]:
     derived = extract(result)
     head: dict[str, Any] = {k: None for k in COMMON_KEYS}
     head.update(derived)
-    head.update({k: result[k] for k in COMMON_KEYS if result.get(k) is not None})
+    # A figure of its own under a common key wins; a structure there (claim_rush's baseline
+    # row) is kept beside it as ``<key>_detail``.
+    own = {k: result[k] for k in COMMON_KEYS if result.get(k) is not None}
+    head.update({k: v for k, v in own.items() if not isinstance(v, dict | list)})
     head["benchmark"] = name
-    return {**head, **{k: v for k, v in result.items() if k not in head}}
+    rest = {(f"{k}_detail" if k in head else k): v for k, v in result.items()}
+    return {**head, **{k: v for k, v in rest.items() if k not in head}}
 
 
 def write_result(name: str, result: dict[str, Any], directory: Path = RESULTS) -> Path:
