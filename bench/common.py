@@ -124,7 +124,8 @@ def _checkout(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _claim_rush(result: dict[str, Any]) -> dict[str, Any]:
-    baseline = result.get("baseline") or {}
+    row = result.get("baseline_detail") or result.get("baseline")  # raw, or normalised already
+    baseline: dict[str, Any] = row if isinstance(row, dict) else {}
     return {
         "operation": "ClaimQualification under the 10:00 rush",
         "throughput_per_s": result.get("claims_per_s"),
@@ -206,7 +207,10 @@ def normalise(name: str, result: dict[str, Any]) -> dict[str, Any]:
     own = {k: result[k] for k in COMMON_KEYS if result.get(k) is not None}
     head.update({k: v for k, v in own.items() if not isinstance(v, dict | list)})
     head["benchmark"] = name
-    rest = {(f"{k}_detail" if k in head else k): v for k, v in result.items()}
+    rest = {
+        (f"{k}_detail" if k in head and isinstance(v, dict | list) else k): v
+        for k, v in result.items()
+    }
     return {**head, **{k: v for k, v in rest.items() if k not in head}}
 
 
@@ -227,14 +231,15 @@ def _cell(value: Any, spec: str) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """One line per benchmark (normalised results): what ``python -m bench`` prints last."""
+    width = max([12, *(len(str(r["benchmark"])) for r in results)])
     lines = [
-        f"{'benchmark':12} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8} {'base per s':>11}"
+        f"{'benchmark':{width}} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8} {'base per s':>11}"
         f" {'ratio':>7}  operation / against"
     ]
     for r in results:
         against = f" / {r['baseline']}" if r.get("baseline") else ""
         lines.append(
-            f"{r['benchmark']:12} {_cell(r.get('throughput_per_s'), '10,.1f')}"
+            f"{r['benchmark']:{width}} {_cell(r.get('throughput_per_s'), '10,.1f')}"
             f" {_cell(r.get('p50_ms'), '8.2f')} {_cell(r.get('p99_ms'), '8.2f')}"
             f" {_cell(r.get('baseline_per_s'), '11,.1f')} {_cell(r.get('ratio'), '7.3f')}"
             f"  {r.get('operation') or ''}{against}"

@@ -114,6 +114,12 @@ def test_headline_figures_and_ratios() -> None:
     assert peer["ratio"] == 5.0
 
 
+def test_normalising_twice_changes_nothing() -> None:
+    for name, raw in [("checkout", CHECKOUT), ("claim_rush", CLAIM_RUSH), ("audit", AUDIT)]:
+        once = normalise(name, raw)
+        assert normalise(name, once) == once, name
+
+
 def test_a_variant_is_read_as_the_benchmark_it_says_it_is() -> None:
     two = normalise("checkout-2workers", {**CHECKOUT, "workers_per_service": 2})
     assert two["benchmark"] == "checkout-2workers"
