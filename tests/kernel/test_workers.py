@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -13,13 +14,21 @@ import pytest
 from grpc_health.v1 import health_pb2
 from sqlalchemy import MetaData, text
 
-from services.kernel import app
+from services.kernel import app, metrics
+from services.kernel.events import Context, new_envelope, service_actor
 from services.kernel.eventstore import make_engine
 from services.kernel.settings import SettingsError
 from services.kernel.workers import Leadership, lock_key, worker_command
+from subsidy.v1 import events_pb2 as ev
 from subsidyctl.stack import free_port
 from tests.conftest import Infra
 from tests.kernel.test_app import SERVICE_NAME, health_of, settings
+
+CTX = Context(service_actor("lifecycle"))
+
+
+def funding() -> ev.BudgetFunded:
+    return ev.BudgetFunded(pool_id=f"p-{uuid.uuid4().hex[:8]}", amount_fen=1, source="district")
 
 
 class Runners:
@@ -125,7 +134,16 @@ async def test_two_workers_share_one_port_and_run_the_singular_loops_once(infra:
         for _ in range(10):  # new connections land on either: every one is answered
             assert await health_of(infra, port) == {"": serving, SERVICE_NAME: serving}
         await wait_for(lambda: len(runners.inside) == 1)
-        await asyncio.sleep(1.5)
+        # Events either worker appends are published by one relay, once each: the counter
+        # both in-process workers share moves by the number of events, not twice that.
+        before = metrics.EVENTS_PUBLISHED._value.get()
+        for i, w in enumerate(workers):
+            stream = f"s/{uuid.uuid4().hex[:8]}"
+            envs = [new_envelope("lifecycle", stream, funding(), CTX) for _ in range(3 + i)]
+            await w.runtime.store.append(stream, 0, envs)
+        await wait_for(lambda: metrics.EVENTS_PUBLISHED._value.get() - before >= 7)
+        await asyncio.sleep(1.5)  # a second relay, were there one, would publish them again
+        assert metrics.EVENTS_PUBLISHED._value.get() - before == 7
         assert runners.most == 1 and len(runners.ran) == 1
         leader = int(runners.ran[0][1:])
         await asyncio.wait_for(workers[leader].stop(), 30)
