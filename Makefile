@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard proto/subsidy/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test smoke proto proto-check lint bench fuzz chaos clean venv
+.PHONY: help run test smoke proto proto-check lint bench bench-quick fuzz chaos clean venv
 
 help: ## list every target
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,8 +39,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services subsidyctl tests bench
 
-bench: $(STAMP) ## checkout hot-path and 10:00 claim-rush benchmarks; results in bench/results/
-	$(PY) -m bench
+bench: $(STAMP) ## every benchmark, one table; results in bench/results/ (QUICK=1: a smoke run)
+	$(PY) -m bench $(if $(QUICK),--quick)
+
+bench-quick: $(STAMP) ## every benchmark at small sizes, each under a minute; bench/results/quick/
+	$(PY) -m bench --quick
 
 # The long fuzz run (CI runs the short one in `make test`): a fresh seed each run unless
 # SUBSIDY_FUZZ_SEED is given; SUBSIDY_FUZZ_ONLY=<Method> fuzzes only the matching RPCs.

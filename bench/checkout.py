@@ -17,7 +17,11 @@ services with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at ratio R, as pr
 ``--shards K`` (K > 1): the same run also reserves as many orders again on one pool split
 into K shards (PoolSharded) and reports its throughput and CPU per reservation per process
 against the one-shard pool's.
-Usage: python -m bench.checkout [--orders N] [--concurrency C] [--profile DIR] [--shards K]
+The peak resident memory of every service process under the load is reported too, and
+``--workers N`` runs N worker processes per service on each port (SUBSIDY_WORKERS;
+services/kernel/workers.py); its result is checkout-<N>workers.json.
+Usage: python -m bench.checkout [--orders N] [--concurrency C] [--workers N] [--profile DIR]
+[--shards K]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.claim_rush import CpuMeter
-from bench.common import against_baseline, report, summarise, timed
+from bench.common import RssMeter, against_baseline, report, summarise, timed
 from services.kernel import rpc
 from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
@@ -142,9 +146,11 @@ async def run(
     count_statements: bool = False,
     trace_ratio: float | None = None,
     shards: int = 1,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """The services as separate processes (as in production), on free ports."""
-    stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
+    """The services as separate processes (as in production), on free ports; ``workers``
+    processes per service, each port shared by them."""
+    stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO(), workers=workers)
     if trace_ratio is not None:
         stack.settings_overrides = {
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
@@ -157,9 +163,13 @@ async def run(
             pids = {s: stack.pid(s) for s in ("ledger", "eligibility", "catalog", "audit")}
             profiler = Profiler(profile, {**pids, "client": os.getpid()}, suffix)
             statements = StatementLog(stack) if count_statements else None
-            result = await measure(
-                client, stack.endpoints(), orders, concurrency, profiler, statements
-            )
+            async with RssMeter() as rss:
+                result = await measure(
+                    client, stack.endpoints(), orders, concurrency, profiler, statements
+                )
+            result["workers_per_service"] = workers
+            # Peak resident memory of each service process (MB) over the whole run.
+            result["rss_mb"] = dict(sorted(rss.peak_mb.items()))
             result["trace_ratio"] = trace_ratio
             result["load_average"] = [round(x, 2) for x in os.getloadavg()]
             if shards > 1:
@@ -435,7 +445,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--shards", type=int, default=1, help="also reserve on one pool of K shards (K > 1)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per service")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         result = asyncio.run(
             run(
@@ -448,10 +461,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.count_statements,
                 args.trace_ratio,
                 args.shards,
+                args.workers,
             )
         )
-    print(f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool")
-    report("checkout", result)
+    print(
+        f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool,"
+        f" {args.workers} worker process(es) per service"
+    )
+    report("checkout" if args.workers == 1 else f"checkout-{args.workers}workers", result)
+    print("peak RSS MB:", result["rss_mb"])
     print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
     base = result["cpu_ms_per_health_check"]
     for part, ms in result["cpu_ms_per_checkout"].items():

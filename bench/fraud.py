@@ -258,12 +258,13 @@ def score(c: Campaign, rules: DetectorRules, now: dt.datetime) -> dict[str, Any]
     return {"events": len(c.log.envs), "detect_s": round(elapsed, 2), "rows": rows}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m bench.fraud``: score every detector on a generated campaign; the result."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--frauds", type=int, default=10, help="planted of each kind")
     parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     campaign = generate(args.orders, rng, args.frauds)
     result = {
@@ -281,6 +282,7 @@ def main() -> None:
             f" {row['precision'] if row['precision'] is not None else '-':>9}"
         )
     print(f"{result['events']} events in {result['detect_s']} s")
+    return result
 
 
 if __name__ == "__main__":

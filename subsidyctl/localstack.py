@@ -137,6 +137,8 @@ class LocalStack:
     # 1: one nats-server on the stack's ports; more: a JetStream cluster of that many nodes on
     # free ports, every stream at that many replicas (as production runs it).
     nats_nodes: int = 1
+    # Worker processes per service, all on the service's one port (SUBSIDY_WORKERS).
+    workers: int = 1
     supervisor: Supervisor | None = None  # restarts a part that dies (stack/supervise.py)
     identity_ttl: str = identities.DEMO_TTL  # the demo users' and the simulator's certificates
 
@@ -341,6 +343,7 @@ class LocalStack:
             "SUBSIDY_TRACE_FILE": str(self.traces / f"{service}.jsonl"),
             # The local stack runs the demo campaign, whose claim window is open all day.
             "SUBSIDY_INITIAL_POLICY": str(write_demo_policy(self.run_dir)),
+            "SUBSIDY_WORKERS": str(self.workers),
             **self.settings_overrides,
         }
         for peer in topology.peers(service):
@@ -512,6 +515,7 @@ class LocalStack:
         return tls.channel_credentials(cert)
 
     def _wait_serving(self, service: str, timeout: float = 30.0) -> None:
+        timeout *= self.workers  # a supervisor and its workers start one after the other
         deadline = time.monotonic() + timeout
         proc = self._procs[service]
         with grpc.secure_channel(self.endpoint(service), self.probe_credentials()) as ch:

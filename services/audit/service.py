@@ -76,7 +76,8 @@ async def build(rt: Runtime) -> Wiring:
             EventConsumer("audit-log", ["events.>"], log.append),
             EventConsumer("audit-supervision", ["events.>"], supervision.on_event),
         ],
-        background=[tree_loop, supervision.overdue_loop, detection_loop],
+        # One worker of several at a time integrates, signs, sweeps and detects.
+        singular=[tree_loop, supervision.overdue_loop, detection_loop],
     )
 
 

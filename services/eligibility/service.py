@@ -76,7 +76,8 @@ async def build(rt: Runtime) -> Wiring:
         on_close=[authority_ch.close],
         # Every replica polls its copy of the risk rules and lists (a change is in force on
         # each within a second); the sweeper expires qualifications past their validity.
-        background=[e.risk.active.run, e.expiry_loop],
+        background=[e.risk.active.run],
+        singular=[e.expiry_loop],  # one worker of several at a time
         ready=ready,
     )
 

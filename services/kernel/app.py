@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -28,6 +29,7 @@ from sqlalchemy.engine import make_url
 
 from . import bus, eventlog, faults, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
 from . import health as health_watch
+from . import workers as worker_processes
 from .admission import AdmissionLimits
 from .consumer import EventConsumer, keep_lag_metrics
 from .eventstore import EventStore, make_engine
@@ -79,6 +81,9 @@ class Wiring:
     consumers: Sequence[EventConsumer] = ()
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()
     on_close: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Loops that must run in one process of the service at a time (sweepers, detection): with
+    # several workers (SUBSIDY_WORKERS) only the leader runs them (services/kernel/workers.py).
+    singular: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()
     # Awaited before health turns SERVING: what the service needs before it can answer
     # (eligibility needs the policy that reaches it from catalog's events).
     ready: Callable[[], Awaitable[None]] | None = None
@@ -201,6 +206,7 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         rate_limits=rate_limits,
         on_outage=outage,
         admission_limits=admission_limits,
+        reuse_port=settings.workers > 1,  # the workers share the port
     )
     port = rpc.listen(server, settings.grpc_listen, identity)
     if port == 0:
@@ -229,7 +235,17 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     relay.on_outage = outage
     for consumer in wiring.consumers:
         consumer.on_outage = outage
-    essential = [asyncio.create_task(relay.run(runtime.stop), name=f"{spec.name}-relay")]
+    singular = [relay.run, *wiring.singular]
+    leadership: worker_processes.Leadership | None = None
+    if settings.workers > 1:
+        # One relay and one of each sweeper per service database, whichever worker leads;
+        # it publishes what was committed while draining before it lets go.
+        leadership = worker_processes.Leadership(
+            store.engine, f"{spec.name}-singular", singular, on_step_down=relay.publish_pending
+        )
+        singular = [leadership.run]
+    role = "relay" if leadership is None else "leadership"
+    essential = [asyncio.create_task(singular[0](runtime.stop), name=f"{spec.name}-{role}")]
     essential += [
         asyncio.create_task(c.run(store, js, runtime.stop), name=f"{spec.name}-{c.name}")
         for c in wiring.consumers
@@ -242,7 +258,8 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
         await watch.hold("relay stuck", stuck)
 
     relay.on_stuck = relay_stuck
-    tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in wiring.background)]
+    background = [*wiring.background, *singular[1:]]
+    tasks = [*essential, *(asyncio.create_task(b(runtime.stop)) for b in background)]
     tasks.append(
         asyncio.create_task(
             keep_lag_metrics(runtime.stop, relay, wiring.consumers, js), name="lag-metrics"
@@ -277,7 +294,8 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
             except Exception:
                 log.exception("%s: a close hook failed", spec.name)
         try:
-            await relay.publish_pending()  # what was committed while draining
+            if leadership is None:  # (the leader of several workers did it before letting go)
+                await relay.publish_pending()  # what was committed while draining
         except Exception:
             log.exception("%s: final relay flush failed; the next start publishes it", spec.name)
         try:
@@ -323,6 +341,7 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.<name> [serve|migrate]``."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{spec.name}")
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(spec.name, peers=spec.peers)
@@ -330,6 +349,11 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         print(f"{spec.name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(spec.name, settings.log_level, settings.log_file)
+    if settings.workers < 1:
+        print(f"{spec.name}: SUBSIDY_WORKERS must be at least 1", file=sys.stderr)
+        return 2
+    if args.command == "serve" and settings.workers > 1 and args.worker is None:
+        return worker_processes.supervise(spec.name, settings.workers)
     configure_tracing(
         spec.name,
         trace_file=settings.trace_file,
@@ -338,7 +362,7 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         traces_sampler=settings.otel_traces_sampler,
         traces_sampler_arg=settings.otel_traces_sampler_arg,
     )
-    if settings.metrics_listen:
+    if settings.metrics_listen and not args.worker:  # one /metrics: worker 0's (docs)
         from prometheus_client import start_http_server
 
         host, _, port = settings.metrics_listen.rpartition(":")
@@ -348,12 +372,20 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         log.info("%s schema at head (applied: %s)", spec.name, ", ".join(applied) or "none")
         return 0
 
+    supervisor = os.getppid()
+
     async def serve() -> None:
         running = await start(spec, settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, running.runtime.stop.set)
+        watching = None
+        if args.worker is not None:  # one of several: it ends with its supervisor
+            watch = worker_processes.orphan_watch(running.runtime.stop, supervisor)
+            watching = asyncio.create_task(watch, name="supervisor")
         await running.done
+        if watching is not None:
+            await watching
 
     try:
         run_loop(serve())

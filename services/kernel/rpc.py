@@ -369,12 +369,13 @@ def build_server(
     rate_limits: ratelimit.RateLimits | None = None,
     on_outage: Callable[[str], None] | None = None,
     admission_limits: admission.AdmissionLimits | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
     """A server with health, reflection (unless turned off), tracing, authorisation, the
     per-process admission bound (when given; every service's is: services/kernel/admission.py),
     the per-client rate limits (when given; every service's are), error mapping (``on_outage``
-    is told of each call that met a part down) and malformed requests refused; not yet
-    listening (see :func:`listen`)."""
+    is told of each call that met a part down) and malformed requests refused; ``reuse_port``
+    lets several processes listen on one port; not yet listening (see :func:`listen`)."""
     limiting = [] if rate_limits is None else [ratelimit.RateLimitInterceptor(rate_limits, _abort)]
     admitting = (
         []  # no bound set (the default): nothing in the calls' way
@@ -400,7 +401,9 @@ def build_server(
             DecodeGuardInterceptor(),  # innermost: see its docstring
         ],
         options=[
-            ("grpc.so_reuseport", 0),
+            # Off unless several workers share the port (services/kernel/workers.py): a second
+            # process on a port in use must fail, not silently take half the calls.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
         ],

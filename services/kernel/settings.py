@@ -450,6 +450,13 @@ class Settings(ProcessSettings):
         default=None,
         deployed=True,
     )
+    workers: int = variable(
+        "SUBSIDY_WORKERS",
+        "worker processes of the service, all serving its one gRPC port (SO_REUSEPORT), "
+        "default 1; above 1 the outbox relay and the sweepers run in one process at a time "
+        "(a PostgreSQL advisory lock; services/kernel/workers.py); `/metrics` is worker 0's",
+        default=1,
+    )
     # One SUBSIDY_<PEER>_ADDR per peer the topology gives the service (see variables()).
     peers: Mapping[str, str] = field(default_factory=dict)
     # The demo and test stacks start with a policy whose claim window is open all day, so that
@@ -657,6 +664,11 @@ class CliSettings:
         "SUBSIDY_LOCAL_NATS_NODES",
         "the local stack's NATS JetStream nodes: 1, or a cluster of that many (streams at that "
         "many replicas), default 1",
+        default=1,
+    )
+    local_workers: int = variable(
+        "SUBSIDY_LOCAL_WORKERS",
+        "the local stack's worker processes per service, sharing its port, default 1",
         default=1,
     )
     run_dir: Path = variable(  # noqa: RUF009 (a dataclasses.field, as variable() is)

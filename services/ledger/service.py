@@ -47,7 +47,9 @@ async def build(rt: Runtime) -> Wiring:
             ),
         ],
         # Every replica polls its copy (a change is in force on each within a second).
-        background=[ledger.expiry_loop, ledger.risk.active.run],
+        background=[ledger.risk.active.run],
+        # Expiry, abandoned attempts and tranche release: one worker of several at a time.
+        singular=[ledger.expiry_loop],
         on_close=[catalog_ch.close, eligibility_ch.close],
         ready=ready,
     )

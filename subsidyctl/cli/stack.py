@@ -131,16 +131,30 @@ NatsNodesOpt = Annotated[
 ]
 
 
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=16,
+        envvar="SUBSIDY_LOCAL_WORKERS",
+        help="worker processes per service, sharing its port (SUBSIDY_WORKERS)",
+    ),
+]
+
+
 @app.command(rich_help_panel=PANEL)
 def up(
     seed_demo: Annotated[bool, typer.Option(help="create the demo campaign")] = False,
     run_dir: RunDirOpt = DEFAULT_RUN_DIR,
     base_port: BasePortOpt = DEFAULT_BASE_PORT,
     nats_nodes: NatsNodesOpt = 1,
+    workers: WorkersOpt = 1,
     json_only: JsonOpt = False,
 ) -> None:
     """Start the whole stack locally and serve until Ctrl-C."""
-    stack = LocalStack(run_dir.resolve(), Ports(base_port), durable=True, nats_nodes=nats_nodes)
+    stack = LocalStack(
+        run_dir.resolve(), Ports(base_port), durable=True, nats_nodes=nats_nodes, workers=workers
+    )
     try:
         stack.start()
     except StackError as exc:

@@ -302,7 +302,9 @@ database password is a file the Vault Agent renders, every other secret stays in
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $own := index $v.services .name -}}
+{{- $w := include "subsidy.workload" . | fromYaml -}}
 SUBSIDY_GRPC_LISTEN: {{ printf "0.0.0.0:%d" (int $v.grpc.port) | quote }}
+SUBSIDY_WORKERS: {{ $w.workers | int | toString | quote }}
 SUBSIDY_GRPC_REFLECTION: {{ ternary "on" "off" $v.grpc.reflection | quote }}
 SUBSIDY_RATE_REGISTRATION: {{ $v.grpc.rateLimits.registration | quote }}
 SUBSIDY_RATE_CLAIMS: {{ $v.grpc.rateLimits.claims | quote }}
