@@ -40,6 +40,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/mypy services subsidyctl tests bench
 
 bench: $(STAMP) ## checkout hot-path and 10:00 claim-rush benchmarks; results in bench/results/
+	$(PY) -m pip install --quiet -e '.[dev,bench]'  # the event store benchmark's peer
 	$(PY) -m bench
 
 # The long fuzz run (CI runs the short one in `make test`): a fresh seed each run unless

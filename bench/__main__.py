@@ -5,10 +5,12 @@ Each reports throughput and p50/p99 with a same-run baseline as a ratio (see doc
 
 from __future__ import annotations
 
-from bench import audit, checkout, claim_rush, verify_item
+from bench import audit, checkout, claim_rush, eventstore, verify_item
 
 
 def main() -> None:
+    eventstore.main([])  # EventStore.append against eventsourcing's recorder, same server
+    print()
     verify_item.main([])
     print()
     checkout.main([])
