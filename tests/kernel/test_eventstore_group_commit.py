@@ -5,6 +5,7 @@ its own caller only."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 from sqlalchemy import text
@@ -104,3 +105,42 @@ async def test_an_append_in_a_transaction_needs_the_stream_at_its_version(
             await tx.append("s/none", 2, [funded("n", 1)])
     assert (err.value.expected, err.value.actual) == (2, 0)
     assert await store.count() == 0
+
+
+async def test_random_concurrent_appends_apply_as_some_serial_order(
+    store: EventStore, rng: random.Random
+) -> None:
+    """Many writers append to a few streams at guessed versions, all at once, in rounds: the
+    appends that succeed on each stream form one chain of versions from 0, each failure wrote
+    nothing, and the stored events are exactly the successful appends' (none half-applied)."""
+    streams = [f"s/{i}" for i in range(4)]
+    known = dict.fromkeys(streams, 0)
+    wins: dict[str, list[tuple[int, int]]] = {s: [] for s in streams}
+    written: set[str] = set()
+    for _ in range(6):
+        calls = []
+        for _ in range(30):
+            stream = rng.choice(streams)
+            expected = max(0, known[stream] + rng.choice((-1, 0, 0, 1)))
+            envs = [funded(stream, k) for k in range(rng.randint(1, 3))]
+            calls.append((stream, expected, envs))
+        results = await asyncio.gather(
+            *(store.append(s, e, envs) for s, e, envs in calls), return_exceptions=True
+        )
+        for (stream, expected, envs), result in zip(calls, results, strict=True):
+            if isinstance(result, WrongExpectedVersion):
+                assert result.expected == expected != result.actual
+                continue
+            assert result == expected + len(envs)
+            wins[stream].append((expected, result))
+            written.update(e.event_id for e in envs)
+        for stream in streams:
+            known[stream] = max([known[stream], *(n for _, n in wins[stream])])
+    stored: set[str] = set()
+    for stream in streams:
+        chain = sorted(wins[stream])
+        assert [e for e, _ in chain] == [0, *(n for _, n in chain)][: len(chain)]  # one chain
+        events = await store.read_stream(stream)
+        assert [e.stream_version for e in events] == list(range(1, known[stream] + 1))
+        stored.update(e.event_id for e in events)
+    assert stored == written
