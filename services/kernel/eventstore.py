@@ -14,6 +14,10 @@ Three guarantees, each tested in tests/kernel/test_eventstore.py:
   holds readers back instead of being skipped, and writers never serialise on a table lock.
 - The events table is the outbox: the relay reads it with ``read_all`` and checkpoints.
 
+Every append is one prepared statement run on psycopg directly (:data:`_APPEND`); the
+standalone :meth:`EventStore.append` group-commits concurrent appends to different streams into
+one such statement, one transaction and one WAL flush, each still all or nothing on its own.
+
 Services keep their decision state in ordinary tables updated in the same transaction as the
 append (inline projections); replaying the stream rebuilds them exactly.
 
