@@ -40,9 +40,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/mypy services subsidyctl tests bench
 
 bench: $(STAMP) ## every benchmark, one table; results in bench/results/ (QUICK=1: a smoke run)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'  # the event store benchmark's peer
 	$(PY) -m bench $(if $(QUICK),--quick)
 
 bench-quick: $(STAMP) ## every benchmark at small sizes, each under a minute; bench/results/quick/
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench --quick
 
 # The long fuzz run (CI runs the short one in `make test`): a fresh seed each run unless

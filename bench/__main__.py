@@ -67,7 +67,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("fraud", "bench.fraud", (), ("--orders", "20000")),
     # EventStore.append against the eventsourcing library's recorder (bench-only dependency);
     # skipped while the module is absent. Its quick arguments are its own QUICK_ARGV, if any.
-    Benchmark("eventstore", "bench.eventstore"),
+    Benchmark("eventstore", "bench.eventstore", (), ("--quick",)),
 )
 
 

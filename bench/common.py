@@ -184,7 +184,13 @@ def _generic(result: dict[str, Any]) -> dict[str, Any]:
     return {} if op is None else _from_rows(result, op, base or "\0")
 
 
+def _eventstore(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's figure: EventStore.append at 8 writers against the peer at 8 writers."""
+    return _from_rows(result, "EventStore.append, 8 writer(s)", "peer: eventsourcing, 8 writer(s)")
+
+
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "eventstore": _eventstore,
     "verify_item": lambda r: _from_rows(r, "VerifyItem", "baseline"),
     "checkout": _checkout,
     "claim_rush": _claim_rush,

@@ -59,7 +59,7 @@ FRAUD: dict[str, Any] = {
     "detect_s": 1.46,
     "rows": [{"detector": "price_raise", "recall": 1.0}],
 }
-# A shape no extractor knows (what bench.eventstore may return): a row and its peer.
+# A shape no extractor knows (a new benchmark's): a row and its peer.
 PEER: dict[str, Any] = {
     "rows": [
         row("EventStore.append, 8 writers", 5000.0),
@@ -75,7 +75,7 @@ def test_every_result_gets_the_common_keys_first_and_keeps_its_own() -> None:
         ("audit", AUDIT),
         ("overload", OVERLOAD),
         ("fraud", FRAUD),
-        ("eventstore", PEER),
+        ("newbench", PEER),
     ]
     for name, raw in cases:
         out = normalise(name, raw)
@@ -108,7 +108,7 @@ def test_headline_figures_and_ratios() -> None:
     over = normalise("overload", OVERLOAD)
     assert (over["throughput_per_s"], over["p99_ms"], over["ratio"]) == (9.0, 2400.0, 0.9)
     assert normalise("fraud", FRAUD)["throughput_per_s"] == round(63023 / 1.46, 1)
-    peer = normalise("eventstore", PEER)
+    peer = normalise("newbench", PEER)
     assert peer["operation"] == "EventStore.append, 8 writers"
     assert peer["baseline"] == "peer: eventsourcing PostgreSQL recorder, 8 writers"
     assert peer["ratio"] == 5.0
@@ -193,3 +193,22 @@ def test_quick_fraud_through_the_runner_keeps_the_full_result(
     assert all(r["recall"] == 1.0 for r in quick["rows"])
     printed = capsys.readouterr().out
     assert printed.splitlines()[-1].startswith("fraud")
+
+
+def test_the_event_store_headline_is_eight_writers_against_the_peer_at_eight() -> None:
+    result = {
+        "benchmark": "eventstore",
+        "rows": [
+            row("peer: eventsourcing, 1 writer(s)", 900.0),
+            row("EventStore.append, 1 writer(s)", 700.0),
+            row("peer: eventsourcing, 8 writer(s)", 750.0),
+            row("EventStore.append, 8 writer(s)", 4500.0, 1.5, 3.0),
+        ],
+    }
+    got = normalise("eventstore", result)
+    assert (got["operation"], got["throughput_per_s"], got["p99_ms"]) == (
+        "EventStore.append, 8 writer(s)",
+        4500.0,
+        3.0,
+    )
+    assert (got["baseline_per_s"], got["ratio"]) == (750.0, 6.0)
