@@ -399,7 +399,7 @@ class PersonFold(Fold):
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Order:
     sku: str = ""
     merchant_id: str = ""
@@ -506,7 +506,7 @@ class _Batch:
     paid: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sale:
     merchant_id: str = ""
     platform_id: str = ""
