@@ -63,6 +63,8 @@ from subsidyctl.localstack import LocalStack, Ports, free_base
 from subsidyctl.stack.certs import AUDITOR_DEMO
 
 POOLS = 8
+IDLE_S = 5.0  # seconds PostgreSQL's idle CPU is measured over, before verify
+DETECTION_OFF_S = 10**7  # the detectors' interval: their first round (the empty log) only
 LEDGER = Context(service_actor("ledger"))
 ELIGIBILITY = Context(service_actor("eligibility"))
 
@@ -182,6 +184,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_s(data_dir: Path) -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, its live backends, and
+    the backends that have ended (counted in the postmaster's children's times)."""
+    server = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
+    own = server.cpu_times()
+    total = own.user + own.system + own.children_user + own.children_system
+    for child in server.children():
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # ended meanwhile: counted in the postmaster's children's times
+            continue
+        total += times.user + times.system
+    return total
+
+
 async def wait_integrated(audit: audit_pb2_grpc.AuditServiceAsyncStub, size: int) -> float:
     """Seconds until the tree holds ``size`` entries (polled: the service has no event for it)."""
     t0 = time.perf_counter()
@@ -269,7 +286,15 @@ def top_functions(path: Path, n: int = 12) -> list[tuple[str, float]]:
 
 
 async def run(events: int, root: Path, profile: Path | None = None) -> dict[str, Any]:
-    stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO())
+    # The fraud detectors' rounds over the whole log would run during the measured phases
+    # (each is a fold of every event) and compete with them for the two cores: off here.
+    stack = LocalStack(
+        root,
+        Ports(free_base()),
+        durable=False,
+        log=io.StringIO(),
+        settings_overrides={"SUBSIDY_DETECT_EVERY_S": str(DETECTION_OFF_S)},
+    )
     stack.start()
     try:
         assert stack.pg is not None and stack.bao is not None
@@ -297,15 +322,22 @@ async def run(events: int, root: Path, profile: Path | None = None) -> dict[str,
         size, copy_s = await asyncio.to_thread(synthesise, conninfo, campaign, events - first)
         ingest_s = await wait_integrated(audit, size)
         server = stack.pid("audit")
+        # PostgreSQL's CPU while nothing is asked of the log (the other services' background
+        # loops poll their stores): what of its CPU during verify is not verify's.
+        idle0 = postgres_cpu_s(stack.pg.data_dir)
+        await asyncio.sleep(IDLE_S)
+        pg_idle_per_s = (postgres_cpu_s(stack.pg.data_dir) - idle0) / IDLE_S
         profiler = Profiler(profile, {"auditor": os.getpid(), "audit-service": server})
         profiler.start()
         cpu0, served0 = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(server)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        pg0, load0 = postgres_cpu_s(stack.pg.data_dir), os.getloadavg()
         t0 = time.perf_counter()
         found, state = await audit_log(Sources(audit), keys=keys, trusted=trusted, sample=16)
         verify_s = time.perf_counter() - t0
         cpu1, served1 = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(server)
         kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        pg1, load1 = postgres_cpu_s(stack.pg.data_dir), os.getloadavg()
         top = profiler.stop()
         await channel.close()
         problems = [p.message for p in found.problems]
@@ -331,6 +363,9 @@ async def run(events: int, root: Path, profile: Path | None = None) -> dict[str,
                 (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime), 1
             ),
             "audit_service_cpu_s": round(served1 - served0, 1),
+            "postgres_cpu_s": round(pg1 - pg0, 1),
+            "postgres_idle_cpu_s": round(pg_idle_per_s * verify_s, 1),  # of which, at idle rate
+            "load_average_before_after": [round(load0[0], 1), round(load1[0], 1)],
             "proofs_checked": found.proofs_checked,
             "totals": {k: v for k, v in found.totals_compared.items()},
             "pools": len(pools),
@@ -361,6 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"audit verify               {result['verify_per_s']:>10.1f} events/s"
         f"  ({result['events']} in {result['verify_s']} s; target 100,000)"
+    )
+    print(
+        f"verify CPU s: auditor {result['verify_cpu_s']}, its replay process"
+        f" {result['verify_replay_cpu_s']}, audit service {result['audit_service_cpu_s']},"
+        f" postgres {result['postgres_cpu_s']} (at its idle rate"
+        f" {result['postgres_idle_cpu_s']}); load average"
+        f" {result['load_average_before_after'][0]} -> {result['load_average_before_after'][1]}"
     )
     for who, rows in result["profile"].items():
         print(f"top functions (own time) of {who}:")

@@ -102,6 +102,13 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
                 raise InvalidArgument(
                     "INVALID_END", f"end: after start, at most {MAX_PAGE} later", field="end"
                 )
+            if request.packed:  # the size read with the page, in one statement
+                size, page = await tree.read_packed(self.store, request.start, request.end)
+                if request.end > size:
+                    raise InvalidArgument(
+                        "BEYOND_LOG", f"end: the log holds {size} entries", field="end"
+                    )
+                return page
             size = await log.size(self.store)
             if request.end > size:
                 raise InvalidArgument(
@@ -112,10 +119,8 @@ class AuditApi(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("INVALID_LIMIT", f"limit: 1..{MAX_PAGE}", field="limit")
         else:
             limit = request.limit
-        if request.packed:
-            if not request.end:
-                raise InvalidArgument("PACKED_NEEDS_END", "packed: give end", field="packed")
-            return await tree.read_packed(self.store, request.start, request.end)
+        if request.packed:  # (with end, answered above)
+            raise InvalidArgument("PACKED_NEEDS_END", "packed: give end", field="packed")
         rows = await tree.read_entries(self.store, request.start, limit, end=request.end)
         parsed = not request.bytes_only
         return audit_pb2.GetEntriesResponse(entries=[_entry(r, parsed=parsed) for r in rows])

@@ -28,7 +28,7 @@ reader of the owning service's figures in ``subsidyctl/cli/audit/live.py``.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -54,6 +54,17 @@ Table = dict[Key, dict[str, int]]
 
 def _name(message: type[Message]) -> str:
     return message.DESCRIPTOR.full_name
+
+
+_FUNDED, _TRANCHE = _name(ev.BudgetFunded), _name(ev.TrancheReleased)
+_RESERVED, _CAPTURED, _RELEASED = (
+    _name(ev.SubsidyReserved),
+    _name(ev.SubsidyCaptured),
+    _name(ev.SubsidyReleased),
+)
+_SENT, _RECEIVED = _name(ev.ShardBudgetSent), _name(ev.ShardBudgetReceived)
+_PREFIX = len(POOL_STREAM_PREFIX)
+_REGISTERED, _CLAIMED = _name(ev.ConsumerRegistered), _name(ev.QualificationClaimed)
 
 
 @cache
@@ -113,6 +124,16 @@ def compare(total: str, log: Table, live: Table) -> list[Difference]:
     return found
 
 
+# How a fold reads one kind of event when it needs only the event's stream id, its version and
+# its payload: chosen once per kind by Fold.handler, so that the replay's hot loop hands over
+# three values and no envelope, and the fold branches on nothing per event.
+Handler = Callable[[str, int, Message], None]
+
+
+def _ignore(stream: str, version: int, payload: Message) -> None:
+    """The handler of an event a fold does not read."""
+
+
 class Fold:
     """A total rebuilt from events: subclasses name the event types they read."""
 
@@ -125,6 +146,12 @@ class Fold:
         the event's service, its type and the kind of its stream (the stream id up to its
         first ``/``) only: :class:`Rebuild` remembers the answer per those three."""
         return env.event_type in self.event_types
+
+    def handler(self, env: Envelope) -> Handler | None:
+        """What reads the events of ``env``'s kind (its service, type and kind of stream, as
+        :meth:`wants`) from their stream id, version and payload alone; None (the default):
+        :meth:`add` reads them, envelope and all. :class:`Rebuild` asks once per kind."""
+        return None
 
     def repeated(self, env: Envelope) -> None:
         """``env``'s stream version was in the log already (the cross-check names the entry;
@@ -177,44 +204,99 @@ class PoolFold(Fold):
         if self.wants(env):
             self.violations.append(f"{env.stream_id} v{env.stream_version} logged twice")
 
+    def handler(self, env: Envelope) -> Handler:
+        if not self.wants(env):
+            return _ignore
+        return {
+            _RESERVED: self._reserved,
+            _CAPTURED: self._captured,
+            _RELEASED: self._released,
+            _FUNDED: self._funds,
+            _TRANCHE: self._funds,
+            _SENT: self._moved,
+            _RECEIVED: self._moved,
+        }.get(env.event_type, self._version)  # the others move no money, but hold a place
+
     def add(self, env: Envelope, payload: Message) -> None:
         """The pool's next event (:class:`Rebuild` hands them over in version order)."""
-        stream = env.stream_id
-        if env.service != "ledger" or not stream.startswith(POOL_STREAM_PREFIX):
-            return
-        pool_id = stream[len(POOL_STREAM_PREFIX) :]
-        version = env.stream_version
+        self.handler(env)(env.stream_id, env.stream_version, payload)
+
+    def _next(self, stream: str, version: int) -> budget.Tally | None:
+        """The tally of the stream's pool when ``version`` is its next one (None: the pool's
+        fold failed before, or does now for a version missing from the log)."""
+        pool_id = stream[_PREFIX:]
+        last = self.last
         if pool_id in self._stopped:
-            self.last[pool_id] = version
-            return
-        if version != self.last.get(pool_id, 0) + 1:
+            last[pool_id] = version
+            return None
+        if version != last.get(pool_id, 0) + 1:
             self.violations.append(f"{stream}: events missing from the log")
             self._stopped.add(pool_id)
-            self.last[pool_id] = version
-            return
-        self.last[pool_id] = version
+            last[pool_id] = version
+            return None
+        last[pool_id] = version
         tally = self.folded.get(pool_id)
         if tally is None:
             tally = self.folded[pool_id] = budget.Tally(pool_id)
-        try:  # checks the budget invariants (the pool's and each source's) after the event
-            memory = self.legacy.get(pool_id)
-            if memory is None:
-                memory = self.legacy[pool_id] = {}
-            order_id = getattr(payload, "order_id", "")
-            parts = tally.step(payload, memory.get(order_id))
-            if isinstance(payload, ev.SubsidyReserved):
-                if not payload.sources:
-                    memory[order_id] = parts
-            elif isinstance(payload, ev.SubsidyReleased):
-                memory.pop(order_id, None)
-            elif isinstance(payload, ev.ShardBudgetSent | ev.ShardBudgetReceived):
-                moved = self.sent if isinstance(payload, ev.ShardBudgetSent) else self.received
-                pair = (payload.from_shard, payload.to_shard)
-                into = moved.setdefault(payload.pool_id, {})
-                into[pair] = into.get(pair, 0) + payload.amount_fen
+            self.legacy[pool_id] = {}
+        return tally
+
+    def _step(
+        self, tally: budget.Tally, payload: Message, held: budget.Parts | None
+    ) -> budget.Parts | None:
+        """``budget.Tally.step``, which checks the budget invariants (the pool's and each
+        source's) after the event: the parts it moved, or None when it breaks one (and the
+        pool's fold stops there)."""
+        try:
+            return tally.step(payload, held)
         except InvariantViolation as exc:
             self.violations.append(str(exc))
-            self._stopped.add(pool_id)
+            self._stopped.add(tally.pool_id)
+            return None
+
+    def _version(self, stream: str, version: int, payload: Message) -> None:
+        self._next(stream, version)
+
+    def _funds(self, stream: str, version: int, payload: Message) -> None:
+        if (tally := self._next(stream, version)) is not None:
+            self._step(tally, payload, None)  # (no order's parts: held is not read)
+
+    def _moved(self, stream: str, version: int, payload: Message) -> None:
+        """Budget one shard of a pool sent a sibling, or received from one: the shard's fold
+        moves it, and the pair is kept so that :meth:`pools` checks both sides add up."""
+        if (tally := self._next(stream, version)) is None:
+            return
+        assert isinstance(payload, ev.ShardBudgetSent | ev.ShardBudgetReceived)
+        if self._step(tally, payload, None) is None:
+            return
+        moved = self.sent if isinstance(payload, ev.ShardBudgetSent) else self.received
+        pair = (payload.from_shard, payload.to_shard)
+        into = moved.setdefault(payload.pool_id, {})
+        into[pair] = into.get(pair, 0) + payload.amount_fen
+
+    # An order written before funding sources moves, at its capture and its release, the
+    # parts its reservation was attributed (budget.fold keeps the same memory).
+    def _reserved(self, stream: str, version: int, payload: Message) -> None:
+        if (tally := self._next(stream, version)) is None:
+            return
+        assert isinstance(payload, ev.SubsidyReserved)
+        memory = self.legacy[tally.pool_id]
+        parts = self._step(tally, payload, memory.get(payload.order_id))
+        if parts is not None and not payload.sources:
+            memory[payload.order_id] = parts
+
+    def _captured(self, stream: str, version: int, payload: Message) -> None:
+        if (tally := self._next(stream, version)) is not None:
+            assert isinstance(payload, ev.SubsidyCaptured)
+            self._step(tally, payload, self.legacy[tally.pool_id].get(payload.order_id))
+
+    def _released(self, stream: str, version: int, payload: Message) -> None:
+        if (tally := self._next(stream, version)) is None:
+            return
+        assert isinstance(payload, ev.SubsidyReleased)
+        memory = self.legacy[tally.pool_id]
+        if self._step(tally, payload, memory.get(payload.order_id)) is not None:
+            memory.pop(payload.order_id, None)
 
     def pools(self) -> dict[str, budget.Pool]:
         """Every pool's figures; raises InvariantViolation for a version logged twice or
@@ -282,7 +364,13 @@ class QuotaFold(Fold):
     event_types: ClassVar[frozenset[str]] = frozenset({_name(ev.QualificationClaimed)})
     issued: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
 
+    def handler(self, env: Envelope) -> Handler:
+        return self._claimed if env.event_type in self.event_types else _ignore
+
     def add(self, env: Envelope, payload: Message) -> None:
+        self.handler(env)(env.stream_id, env.stream_version, payload)
+
+    def _claimed(self, stream: str, version: int, payload: Message) -> None:
         assert isinstance(payload, ev.QualificationClaimed)
         self.issued[(payload.category, payload.quota_day)] += 1
 
@@ -310,24 +398,41 @@ class PersonFold(Fold):
     service: ClassVar[str] = "eligibility"
     event_types: ClassVar[frozenset[str]] = frozenset({_name(ev.ConsumerRegistered), *_STATUS})
     person_of: dict[str, str] = field(default_factory=dict)  # consumer id -> blind index
-    # qualification id -> (consumer, category, status)
-    qualifications: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # qualification id -> [consumer, category, status] (its status changed in place)
+    qualifications: dict[str, list[str]] = field(default_factory=dict)
+
+    def handler(self, env: Envelope) -> Handler:
+        kind = env.event_type
+        if kind == _REGISTERED:
+            return self._registered
+        if kind == _CLAIMED:
+            return self._claimed
+        status = _STATUS.get(kind)
+        if status is None:
+            return _ignore
+        qualifications = self.qualifications
+
+        def changed(stream: str, version: int, payload: Message) -> None:
+            qualification = qualifications.get(payload.qualification_id)  # type: ignore[attr-defined]
+            if qualification is not None:
+                qualification[2] = status
+
+        return changed
 
     def add(self, env: Envelope, payload: Message) -> None:
-        if isinstance(payload, ev.ConsumerRegistered):
-            self.person_of[payload.consumer_id] = payload.id_number_index
-            return
-        if isinstance(payload, ev.QualificationClaimed):
-            self.qualifications[payload.qualification_id] = (
-                payload.consumer_id,
-                payload.category,
-                "AVAILABLE",
-            )
-            return
-        qid = str(getattr(payload, "qualification_id", ""))
-        if qid in self.qualifications:
-            consumer, category, _ = self.qualifications[qid]
-            self.qualifications[qid] = (consumer, category, _STATUS[env.event_type])
+        self.handler(env)(env.stream_id, env.stream_version, payload)
+
+    def _registered(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.ConsumerRegistered)
+        self.person_of[payload.consumer_id] = payload.id_number_index
+
+    def _claimed(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.QualificationClaimed)
+        self.qualifications[payload.qualification_id] = [
+            payload.consumer_id,
+            payload.category,
+            "AVAILABLE",
+        ]
 
     def table(self) -> Table:
         out: Table = {}
@@ -337,7 +442,7 @@ class PersonFold(Fold):
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Order:
     sku: str = ""
     merchant_id: str = ""
@@ -360,23 +465,46 @@ class SalesFold(Fold):
     )
     orders: dict[str, _Order] = field(default_factory=dict)
 
-    def add(self, env: Envelope, payload: Message) -> None:
+    def handler(self, env: Envelope) -> Handler:
         if env.service != "ledger":
-            return
-        order = self.orders.setdefault(str(getattr(payload, "order_id", "")), _Order())
-        if isinstance(payload, ev.SubsidyReserved):
-            order.sku, order.merchant_id, order.category = (
-                payload.sku,
-                payload.merchant_id,
-                payload.category,
-            )
-            order.unit_price_fen, order.subsidy_fen = payload.unit_price_fen, payload.subsidy_fen
-            order.reserved = True
-        elif isinstance(payload, ev.SubsidyCaptured):
-            order.captured = True
-            if not order.reserved:  # the reservation's own figure wins when it is known
-                order.subsidy_fen = payload.subsidy_fen
-        elif isinstance(payload, ev.SubsidyReleased) and payload.was_captured:
+            return _ignore
+        return {
+            _RESERVED: self._reserved,
+            _CAPTURED: self._captured,
+            _RELEASED: self._released,
+        }.get(env.event_type, _ignore)
+
+    def add(self, env: Envelope, payload: Message) -> None:
+        self.handler(env)(env.stream_id, env.stream_version, payload)
+
+    def _order(self, order_id: str) -> _Order:
+        order = self.orders.get(order_id)
+        if order is None:
+            order = self.orders[order_id] = _Order()
+        return order
+
+    def _reserved(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.SubsidyReserved)
+        order = self._order(payload.order_id)
+        order.sku, order.merchant_id, order.category = (
+            payload.sku,
+            payload.merchant_id,
+            payload.category,
+        )
+        order.unit_price_fen, order.subsidy_fen = payload.unit_price_fen, payload.subsidy_fen
+        order.reserved = True
+
+    def _captured(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.SubsidyCaptured)
+        order = self._order(payload.order_id)
+        order.captured = True
+        if not order.reserved:  # the reservation's own figure wins when it is known
+            order.subsidy_fen = payload.subsidy_fen
+
+    def _released(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.SubsidyReleased)
+        order = self._order(payload.order_id)
+        if payload.was_captured:
             order.captured = order.refunded = True
 
     def table(self) -> Table:
@@ -421,7 +549,7 @@ class _Batch:
     paid: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sale:
     merchant_id: str = ""
     platform_id: str = ""
@@ -465,12 +593,22 @@ class SettlementFold(Fold):
     def wants(self, env: Envelope) -> bool:
         return env.service == "ledger" and env.event_type in self.event_types
 
+    def handler(self, env: Envelope) -> Handler:
+        return self._reserved if env.event_type == _RESERVED else self._other
+
     def add(self, env: Envelope, payload: Message) -> None:
-        if isinstance(payload, ev.SubsidyReserved):
-            sale = self.sales.setdefault(payload.order_id, _Sale())
-            sale.merchant_id, sale.platform_id = payload.merchant_id, payload.platform_id
-            sale.sku, sale.subsidy_fen = payload.sku, payload.subsidy_fen
-        elif isinstance(payload, ev.SubsidyReleased):
+        self.handler(env)(env.stream_id, env.stream_version, payload)
+
+    def _reserved(self, stream: str, version: int, payload: Message) -> None:
+        assert isinstance(payload, ev.SubsidyReserved)
+        sale = self.sales.get(payload.order_id)
+        if sale is None:
+            sale = self.sales[payload.order_id] = _Sale()
+        sale.merchant_id, sale.platform_id = payload.merchant_id, payload.platform_id
+        sale.sku, sale.subsidy_fen = payload.sku, payload.subsidy_fen
+
+    def _other(self, stream: str, version: int, payload: Message) -> None:
+        if isinstance(payload, ev.SubsidyReleased):
             if payload.was_captured:
                 self.sales.setdefault(payload.order_id, _Sale()).refunded = True
         elif isinstance(payload, ev.SettlementBatchCreated):
@@ -640,45 +778,76 @@ FOLDS: tuple[Callable[[], list[Fold]], ...] = (
 )
 
 
+Arrival = Callable[[Envelope], None]
+# Per (service, event type, kind of stream): the payload's parser (None: no fold reads the
+# kind, whose events only hold their place in their stream's order), the handlers and the
+# folds that read it (Fold.handler, Fold.add), and what is told of each one as it arrives.
+Reader = tuple[
+    Callable[[bytes], Message] | None, tuple[Handler, ...], tuple[Fold, ...], Arrival | None
+]
+
+
 class Rebuild:
     """All folds over the log: feed it every entry's envelope in log order, then read the
     tables. Each stream's events reach the folds in version order: an event that arrived
     before an earlier version of its stream (after a redelivery) waits for it, and whatever
-    still waits at the end (a version the log lacks) follows in order."""
+    still waits at the end (a version the log lacks) follows in order.
 
-    def __init__(self, folds: Iterable[Fold] | None = None) -> None:
+    ``arrivals``: per event type, a function told of each such event as it arrives (in log
+    order, before the folds, whatever its stream's order)."""
+
+    def __init__(
+        self, folds: Iterable[Fold] | None = None, arrivals: Mapping[str, Arrival] | None = None
+    ) -> None:
         self.folds = list(folds) if folds is not None else [f for m in FOLDS for f in m()]
+        self.arrivals = dict(arrivals or {})
         self._next: dict[tuple[str, str], int] = {}  # each stream's next version
         self._held: dict[tuple[str, str], dict[int, Envelope]] = defaultdict(dict)
-        # Per (service, event type, kind of stream): the payload's parser and the folds that
-        # read it (none: the event is only counted in its stream's order).
-        self._readers: dict[tuple[str, str, str], tuple[Callable[[bytes], Message], list[Fold]]]
-        self._readers = {}
+        self._readers: dict[tuple[str, str, str], Reader] = {}
 
-    def add_all(self, envelopes: Iterable[Envelope]) -> None:
-        """:meth:`add` each one, in order: the usual case (its stream's next version, nothing
-        held) inline, as :meth:`add` and :meth:`_apply` take it (the replay's hot loop)."""
+    def add_all(
+        self, envelopes: Iterable[Envelope], by_service: Counter[str] | None = None
+    ) -> None:
+        """:meth:`add` each one, in order, and count them per service in ``by_service``: the
+        usual case (its stream's next version, nothing held) inline, as :meth:`add` and
+        :meth:`_apply` take it (the replay's hot loop: each envelope's fields read once, each
+        kind's parser, handlers and folds looked up once)."""
         following, held, readers = self._next, self._held, self._readers
+        counts: dict[str, int] = {}
         for env in envelopes:
-            service, stream = env.service, env.stream_id
-            key = (service, stream)
-            expected = following.get(key, 1)
-            if env.stream_version != expected or key in held:
-                self.add(env)
-                continue
-            kind = (service, env.event_type, stream.partition("/")[0])
+            service, stream, event_type = env.service, env.stream_id, env.event_type
+            counts[service] = counts.get(service, 0) + 1
+            kind = (service, event_type, stream.partition("/")[0])
             found = readers.get(kind)
             if found is None:
                 found = self._reader(kind, env)
-            parse, folds = found
-            if folds:
+            parse, handlers, folds, arrival = found
+            if arrival is not None:
+                arrival(env)
+            key = (service, stream)
+            version = env.stream_version
+            expected = following.get(key, 1)
+            if version != expected or key in held:
+                self._in_order(env)
+                continue
+            if parse is not None:
                 payload = parse(env.payload)
+                for handle in handlers:
+                    handle(stream, version, payload)
                 for f in folds:
                     f.add(env, payload)
             following[key] = expected + 1
+        if by_service is not None:
+            by_service.update(counts)
 
     def add(self, env: Envelope) -> None:
         """The log's next entry's envelope."""
+        arrival = self._found(env)[3]
+        if arrival is not None:
+            arrival(env)
+        self._in_order(env)
+
+    def _in_order(self, env: Envelope) -> None:
         key, version = (env.service, env.stream_id), env.stream_version
         expected = self._next.get(key, 1)
         if version == expected and key not in self._held:  # the usual case: the next one
@@ -701,22 +870,38 @@ class Rebuild:
                 del self._held[key]
             self._next[key] = expected
 
-    def _apply(self, env: Envelope) -> None:
+    def _found(self, env: Envelope) -> Reader:
         kind = (env.service, env.event_type, env.stream_id.partition("/")[0])
         found = self._readers.get(kind)
-        if found is None:
-            found = self._reader(kind, env)
-        parse, readers = found
-        if readers:
+        return self._reader(kind, env) if found is None else found
+
+    def _apply(self, env: Envelope) -> None:
+        parse, handlers, folds, _ = self._found(env)
+        if parse is not None:
             payload = parse(env.payload)
-            for f in readers:
+            stream, version = env.stream_id, env.stream_version
+            for handle in handlers:
+                handle(stream, version, payload)
+            for f in folds:
                 f.add(env, payload)
 
-    def _reader(
-        self, kind: tuple[str, str, str], env: Envelope
-    ) -> tuple[Callable[[bytes], Message], list[Fold]]:
-        readers = [f for f in self.folds if f.wants(env)]
-        found = self._readers[kind] = (_payload_class(env.event_type).FromString, readers)
+    def _reader(self, kind: tuple[str, str, str], env: Envelope) -> Reader:
+        handlers: list[Handler] = []
+        folds: list[Fold] = []
+        for f in self.folds:
+            if f.wants(env):
+                handle = f.handler(env)
+                if handle is None:
+                    folds.append(f)
+                elif handle is not _ignore:
+                    handlers.append(handle)
+        parse = _payload_class(env.event_type).FromString if handlers or folds else None
+        found = self._readers[kind] = (
+            parse,
+            tuple(handlers),
+            tuple(folds),
+            self.arrivals.get(env.event_type),
+        )
         return found
 
     def finish(self) -> dict[str, Fold]:
