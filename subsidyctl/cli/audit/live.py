@@ -17,6 +17,7 @@ from services.audit.totals import (
     return_key,
 )
 from services.kernel.contract import budget
+from services.kernel.contract.order_line import line_of
 from subsidy.v1 import (
     audit_pb2_grpc,
     catalog_pb2,
@@ -149,8 +150,15 @@ async def live_returns(src: Sources, log: Table) -> Table | None:
             ledger_pb2.ListReturnsRequest(cursor=cursor, limit=PAGE)
         )
         for r in page.returns:
+            # A multi-item order's refund is of one item: its line (order/item), as the log's
+            # events name it.
             key = return_key(
-                r.order_id, r.merchant_id, r.platform_id, r.sku, r.batch_id, r.deducted_by
+                line_of(r.order_id, r.item),
+                r.merchant_id,
+                r.platform_id,
+                r.sku,
+                r.batch_id,
+                r.deducted_by,
             )
             out[key] = return_figures(r.subsidy_fen, clawed_back=r.clawback != "NONE")
         if not (cursor := page.next_cursor):
