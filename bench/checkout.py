@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import os
 import random
@@ -50,7 +49,7 @@ from services.kernel.identity import Role
 from subsidy.v1 import catalog_pb2, eligibility_pb2, ledger_pb2
 from subsidyctl import demo
 from subsidyctl.demo import IN_REGION
-from subsidyctl.localstack import SERVICES, LocalStack, Ports, free_base
+from subsidyctl.localstack import LocalStack, Ports, free_base
 
 
 class Profiler:
@@ -173,11 +172,7 @@ async def run(
             result["trace_ratio"] = trace_ratio
             result["load_average"] = [round(x, 2) for x in os.getloadavg()]
             if shards > 1:
-                pids = {name: stack.pid(name) for name in SERVICES}
-                assert stack.pg is not None
-                postmaster = (stack.pg.data_dir / "postmaster.pid").read_text().split()[0]
-                pids["postgres"] = int(postmaster)  # and its backends
-                result["shards"] = await shard_comparison(client, pids, orders, concurrency, shards)
+                result["shards"] = await shard_comparison(client, orders, concurrency, shards)
             return result
         finally:
             await client.close()
@@ -185,35 +180,14 @@ async def run(
         stack.stop()
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """Each process's CPU time so far (user + system), and this client's."""
-    import os
-
-    import psutil
-
-    def used(process: psutil.Process) -> float:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            return float(sum(process.cpu_times()[:2]))
-        return 0.0  # a backend that exited between listing and reading
-
-    out = {}
-    for name, pid in pids.items():
-        process = psutil.Process(pid)
-        children = process.children(recursive=True) if name == "postgres" else []
-        out[name] = used(process) + sum(used(c) for c in children)
-    out["bench client"] = used(psutil.Process(os.getpid()))
-    return out
-
-
 async def shard_comparison(
-    client: demo.Client, pids: dict[str, int], orders: int, concurrency: int, shards: int
+    client: demo.Client, orders: int, concurrency: int, shards: int
 ) -> dict[str, Any]:
     """ReserveSubsidy on ONE pool, first of 1 shard then of ``shards``, same orders and
     concurrency in the same run: throughput, p50/p99, and CPU ms per reservation per process
     (the machine is shared: the ratios are the figure to read, with the load average)."""
-    import os
-
     rng = random.Random(11)
+    meter = CpuMeter()
     for pool_id, k in (("bench-one-shard", 1), ("bench-sharded", shards)):
         proposal = await client.ledger.ProposeFunding(
             ledger_pb2.ProposeFundingRequest(
@@ -246,14 +220,11 @@ async def shard_comparison(
             request.pool_id = pool_id
             await client.ledger.ReserveSubsidy(request)
 
-        before = cpu_seconds(pids)
+        before = meter.sample()
         lat, wall = await timed(orders, concurrency, reserve)
-        after = cpu_seconds(pids)
         row = summarise(f"ReserveSubsidy, one pool of {label}", lat, wall)
-        row["cpu_ms_per_reserve"] = {
-            name: round((after[name] - before[name]) * 1000 / orders, 2) for name in after
-        }
-        row["cpu_ms_per_reserve_total"] = round(sum(row["cpu_ms_per_reserve"].values()), 2)
+        row["cpu_ms_per_reserve"] = CpuMeter.per_op(before, meter.sample(), orders)
+        row["cpu_ms_per_reserve_total"] = row["cpu_ms_per_reserve"]["total"]
         rows.append(row)
         figures = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
         assert figures.reserved_fen == orders * 45_000, "every order must have been held"
