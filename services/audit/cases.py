@@ -368,7 +368,7 @@ class Cases:
             domain.check_order(order_platform, platform_id)
             # A retry needs no new key (its text is not stored again: nothing is appended).
             filed = await load_case(tx.conn, case_id) is not None
-            key = await self._key(case_id) if filed else await self._new_key(tx, case_id)
+            key = None if filed else await self._new_key(tx, case_id)
             rules = await supervision_at(tx.conn, now)
             command = domain.Open(
                 case_id=case_id,
