@@ -63,6 +63,7 @@ from sqlalchemy.types import UserDefinedType
 
 from .batching import GroupCommit
 from .events import Context, Envelope, check_size, new_envelope
+from .sql import driver
 
 Projector = Callable[[AsyncConnection, Envelope], Awaitable[None]]
 
@@ -326,13 +327,6 @@ async def _one(
         raise DBAPIError.instance(statement, params, exc, psycopg.Error) from exc
 
 
-async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
-    """The psycopg connection under SQLAlchemy's, for the statements run on it directly."""
-    raw = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(raw, psycopg.AsyncConnection)
-    return raw
-
-
 class Tx:
     """One database transaction: load state, lock streams, append, record handled events."""
 
@@ -348,7 +342,7 @@ class Tx:
         Writers of a hot stream (a budget pool) queue here instead of failing on a version
         conflict and retrying; so do the first writers of a stream that does not exist yet.
         """
-        raw = await _driver(self.conn)
+        raw = await driver(self.conn)
         while True:
             row = await _one(raw, _LOCK, {"s": stream_id})
             if row is not None:
@@ -427,7 +421,7 @@ class Tx:
         append = _Append(
             stream_id, expected_version, _event_rows(stream_id, expected_version, envelopes)
         )
-        (result,) = await _append_rows(await _driver(self.conn), [append])
+        (result,) = await _append_rows(await driver(self.conn), [append])
         if isinstance(result, WrongExpectedVersion):
             raise result
         self.appended += len(append.rows)
@@ -498,7 +492,7 @@ class Tx:
 
     async def mark_handled(self, consumer: str, event_id: str) -> bool:
         """Record that ``consumer`` handled ``event_id``; False if it already had."""
-        row = await _one(await _driver(self.conn), _HANDLED, {"c": consumer, "e": event_id})
+        row = await _one(await driver(self.conn), _HANDLED, {"c": consumer, "e": event_id})
         return row is not None
 
 
@@ -602,7 +596,7 @@ class EventStore:
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                return await _append_rows(await _driver(conn), batch)
+                return await _append_rows(await driver(conn), batch)
             except DBAPIError as exc:
                 broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
                 if broken and not isinstance(exc.orig, TransactionRollback):
