@@ -28,14 +28,27 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from . import bus, eventlog, faults, natsauth, outbox, ratelimit, rpc, schema, tls, topology, vault
+from . import (
+    bus,
+    eventlog,
+    faults,
+    metrics,
+    natsauth,
+    outbox,
+    ratelimit,
+    rpc,
+    schema,
+    tls,
+    topology,
+    vault,
+)
 from . import health as health_watch
 from . import workers as worker_processes
 from .admission import AdmissionLimits
 from .consumer import EventConsumer, keep_lag_metrics
 from .eventstore import EventStore, make_engine
 from .identity import service_caller
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, environment_with
 from .telemetry import configure_logging, configure_tracing
 
 log = logging.getLogger(__name__)
@@ -357,7 +370,9 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         print(f"{spec.name}: SUBSIDY_WORKERS must be at least 1", file=sys.stderr)
         return 2
     if args.command == "serve" and settings.workers > 1 and args.worker is None:
-        return worker_processes.supervise(spec.name, settings.workers)
+        with metrics.across_workers(settings.metrics_listen) as extra:  # their sum
+            env = environment_with(extra)
+            return worker_processes.supervise(spec.name, settings.workers, env=env)
     configure_tracing(
         spec.name,
         trace_file=settings.trace_file,
@@ -366,11 +381,8 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
         traces_sampler=settings.otel_traces_sampler,
         traces_sampler_arg=settings.otel_traces_sampler_arg,
     )
-    if settings.metrics_listen and not args.worker:  # one /metrics: worker 0's (docs)
-        from prometheus_client import start_http_server
-
-        host, _, port = settings.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0")
+    if settings.metrics_listen and args.worker is None:  # a worker's are its supervisor's
+        metrics.serve(settings.metrics_listen)
     if args.command == "migrate":
         applied = asyncio.run(migrate_schema(spec, settings))
         log.info("%s schema at head (applied: %s)", spec.name, ", ".join(applied) or "none")

@@ -96,6 +96,12 @@ def variable(
     return field(default=default, metadata=metadata)
 
 
+def environment_with(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with ``extra`` added: the environment of a process it starts
+    (a supervisor's workers), so that reading the environment stays in this module."""
+    return {**os.environ, **extra}
+
+
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     value = env.get(name, default)
     if value is None or value == "":
@@ -454,7 +460,8 @@ class Settings(ProcessSettings):
         "SUBSIDY_WORKERS",
         "worker processes of the service, all serving its one gRPC port (SO_REUSEPORT), "
         "default 1; above 1 the outbox relay and the sweepers run in one process at a time "
-        "(a PostgreSQL advisory lock; services/kernel/workers.py); `/metrics` is worker 0's",
+        "(a PostgreSQL advisory lock; services/kernel/workers.py); `/metrics` is the "
+        "supervisor's, summed over the workers",
         default=1,
     )
     # One SUBSIDY_<PEER>_ADDR per peer the topology gives the service (see variables()).

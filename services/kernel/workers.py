@@ -48,10 +48,13 @@ def worker_command(service: str, index: int) -> list[str]:
     return [sys.executable, "-m", f"services.{service}", "serve", "--worker", str(index)]
 
 
-def supervise(service: str, workers: int, *, grace_s: float = 20.0) -> int:
-    """Run ``workers`` worker processes of ``service`` until a signal or one of them ends;
-    returns the exit code (0 after a signal; else the first ended worker's code, or 1)."""
-    procs = [subprocess.Popen(worker_command(service, k)) for k in range(workers)]
+def supervise(
+    service: str, workers: int, *, grace_s: float = 20.0, env: dict[str, str] | None = None
+) -> int:
+    """Run ``workers`` worker processes of ``service`` (with ``env``, if given, as their
+    environment) until a signal or one of them ends; returns the exit code (0 after a signal;
+    else the first ended worker's code, or 1)."""
+    procs = [subprocess.Popen(worker_command(service, k), env=env) for k in range(workers)]
     asked = {"stop": False}
 
     def forward(signum: int, _frame: FrameType | None) -> None:
