@@ -116,6 +116,22 @@ async def test_mark_handled_is_once_per_consumer(store: EventStore) -> None:
         assert await tx.mark_handled("eligibility", "e1") is True
 
 
+async def test_mark_handled_many_is_once_per_consumer_in_one_statement(store: EventStore) -> None:
+    async with store.transaction() as tx:
+        assert await tx.mark_handled("audit", "e1") is True
+        assert await tx.mark_handled_many("audit", ["e2", "e1", "e3", "e2"]) == {"e2", "e3"}
+        assert await tx.mark_handled_many("audit", ["e1", "e2", "e3"]) == set()
+        assert await tx.mark_handled_many("audit", []) == set()
+        assert await tx.mark_handled("audit", "e3") is False
+        assert await tx.mark_handled_many("eligibility", ["e1", "e3"]) == {"e1", "e3"}
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            assert await tx.mark_handled_many("audit", ["e4"]) == {"e4"}
+            raise RuntimeError("rolled back")
+    async with store.transaction() as tx:  # rolled back with its transaction
+        assert await tx.mark_handled_many("audit", ["e4", "e1"]) == {"e4"}
+
+
 async def test_first_writers_of_a_new_stream_queue_on_its_lock(store: EventStore) -> None:
     """lock_stream on a stream with no row used to lock nothing: concurrent first writers all
     read version 0 and all but one failed (surfacing as INTERNAL from FundBudget)."""
