@@ -489,6 +489,9 @@ class Tx:
         if isinstance(result, WrongExpectedVersion):
             raise result
         self.appended += len(append.rows)
+        # Its row now holds events: nothing to drop at commit (a new stream's command would
+        # otherwise pay a DELETE that deletes nothing, a round trip, before its COMMIT).
+        self._placeholders.discard(stream_id)
         return result
 
     async def append_many(self, appends: Sequence[tuple[str, int, Sequence[Envelope]]]) -> None:
