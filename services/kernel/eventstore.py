@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ from typing import Any, NamedTuple
 
 import psycopg
 from google.protobuf.message import Message
+from psycopg import pq
+from psycopg._preparing import Prepare, PrepareManager
 from psycopg.errors import TransactionRollback
+from psycopg.pq.abc import PGresult
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -52,6 +56,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    event,
     func,
     text,
 )
@@ -182,10 +187,49 @@ class Recorded:
     envelope: Envelope
 
 
+class _PreparedKeptOnRollback(PrepareManager):
+    """psycopg's record of a connection's prepared statements, kept through a ROLLBACK.
+
+    psycopg forgets every statement it prepared on a connection at each rollback and sends
+    DEALLOCATE ALL (in case the rollback undid DDL a statement depended on), so each one is
+    parsed and planned again at its next run. SQLAlchemy ends every read-only use of a pooled
+    connection with a rollback: the checkout's statement log showed about one DEALLOCATE ALL
+    per ledger RPC, and the hot path's prepared statements (the append, the stream lock, the
+    relay's read) re-prepared as often. A prepared statement is PostgreSQL session state, not
+    transactional: a rollback leaves it as it was, and the runtime roles cannot run DDL at
+    all. So a rollback keeps them; a DROP, ALTER, DISCARD ALL or DEALLOCATE ALL run on the
+    connection still makes psycopg forget them, as before."""
+
+    _clears = re.compile(rb"^(?:DROP|ALTER|DISCARD ALL|DEALLOCATE ALL)\b").match
+
+    def _should_discard(self, prep: Prepare, results: Sequence[PGresult]) -> bool:  # type: ignore[override]
+        if self._names or prep == Prepare.SHOULD:
+            for result in results:
+                status = result.command_status
+                if result.status == pq.ExecStatus.COMMAND_OK and status and self._clears(status):
+                    return PrepareManager.clear(self)
+        return False
+
+    def clear(self) -> bool:
+        return False  # called by psycopg's rollback only (see the class)
+
+
+def _keep_prepared_on_rollback(dbapi_connection: Any, _record: Any) -> None:
+    """On each new pooled connection: its prepared statements outlive a rollback (a no-op with
+    a psycopg whose internals differ from those this was written for: only the saving is lost)."""
+    prepared = getattr(getattr(dbapi_connection, "driver_connection", None), "_prepared", None)
+    if type(prepared) is PrepareManager:
+        prepared.__class__ = _PreparedKeptOnRollback
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     # No pre-ping: it costs a round trip on every checkout of the hot path. A connection that
     # broke is invalidated by SQLAlchemy when it fails, and recycled hourly anyway.
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600
+    )
+    event.listen(engine.sync_engine, "connect", _keep_prepared_on_rollback)
+    return engine
 
 
 def _event_rows(
