@@ -773,8 +773,7 @@ class EventStore:
         try:
             while self._announce_due:
                 self._announce_due = False
-                async with self.engine.connect() as conn:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                async with self._autocommit() as conn:
                     await _NOTIFY.run(conn, channel=APPENDED_CHANNEL)
         except Exception as exc:
             # Not lost: the relay's idle poll finds what this one would have announced.
@@ -782,16 +781,25 @@ class EventStore:
         finally:
             self._announcer = None
 
-    async def _run_appends(self, batch: Sequence[_Append]) -> list[int | WrongExpectedVersion]:
+    @asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection in autocommit, for statements run on psycopg directly (each its
+        own transaction: no BEGIN, COMMIT or ROLLBACK round trip). One that broke under them
+        is invalidated here: SQLAlchemy did not see it fail, and resetting it on its way back
+        into the pool would fail (and log) instead."""
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                return await _append_rows(await driver(conn), batch)
+                yield conn
             except DBAPIError as exc:
                 broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
                 if broken and not isinstance(exc.orig, TransactionRollback):
-                    await conn.invalidate()  # SQLAlchemy did not see it fail: drop it here
+                    await conn.invalidate()
                 raise
+
+    async def _run_appends(self, batch: Sequence[_Append]) -> list[int | WrongExpectedVersion]:
+        async with self._autocommit() as conn:
+            return await _append_rows(await driver(conn), batch)
 
     async def read_stream(self, stream_id: str, from_version: int = 1) -> list[Envelope]:
         async with self.engine.connect() as conn:
@@ -806,8 +814,7 @@ class EventStore:
 
     async def read_all(self, after: Position = START, limit: int = 500) -> list[Recorded]:
         """Events after ``after`` in the global order, never past a still-running writer."""
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit() as conn:
             rows = await _READ_ALL.all(conn, tx=after.tx_id, pos=after.position, limit=limit)
         return [
             Recorded(Position(int(r.tx_id), int(r.position)), Envelope.FromString(r.envelope))
@@ -851,13 +858,11 @@ class EventStore:
             return int(row[0]), max(0.0, float(row[1]))
 
     async def load_checkpoint(self, name: str) -> Position:
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit() as conn:
             row = await _LOAD_CHECKPOINT.first(conn, n=name)
         return Position(int(row.tx_id), int(row.position)) if row else START
 
     async def save_checkpoint(self, name: str, pos: Position) -> None:
         # One upsert, in autocommit: atomic by itself, one round trip.
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit() as conn:
             await _SAVE_CHECKPOINT.run(conn, n=name, t=pos.tx_id, p=pos.position)
