@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import signal
@@ -252,9 +251,8 @@ async def start(spec: ServiceSpec, settings: Settings) -> Running:
     singular = [relay.run, *wiring.singular]
     leadership: worker_processes.Leadership | None = None
     if settings.workers > 1:
-        # The other workers' appends cannot wake the leader's relay (the wake is in-process):
-        # its poll stays at its shortest, not backing off to a second while it sees nothing.
-        singular[0] = functools.partial(relay.run, max_idle_poll_s=0.1)
+        # Every worker announces its commits, so they wake the relay in whichever one leads.
+        relay.wake_across_processes()
         # One relay and one of each sweeper per service database, whichever worker leads;
         # it publishes what was committed while draining before it lets go.
         leadership = worker_processes.Leadership(

@@ -31,9 +31,10 @@ from subsidy.v1 import events_pb2 as ev
 from . import faults, metrics
 from .background import pause
 from .events import Envelope
-from .eventstore import EventStore, Position
+from .eventstore import APPENDED_CHANNEL, EventStore, Position
 from .natsauth import Credentials
 from .settings import RelaySettings
+from .sql import driver
 from .telemetry import extract, inject, tracer
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,12 @@ class OutboxRelay:
         self.on_stuck: Callable[[bool], Awaitable[None]] | None = None
         # Called with the part's name when a publish met an outage (the health watch probes).
         self.on_outage: Callable[[str], None] | None = None
+        # Woken by a commit, wait this long before reading, so that the commits of the next
+        # few milliseconds share the pass: one outbox read and one checkpoint for all of them,
+        # not one each (the checkout's statement log showed both once per event in the ledger
+        # and eligibility). It delays an event's publication by this much at most; a backlog
+        # (full batches) is read on without waiting.
+        self.linger_s = 0.02
 
     async def publish_pending(self) -> int:
         """Publish everything not yet published; return how many were sent."""
@@ -249,6 +256,41 @@ class OutboxRelay:
         """Wake the relay's loop now (after a skip) instead of at its next retry."""
         self._store.appended.set()
 
+    def wake_across_processes(self) -> None:
+        """Several processes append to this relay's database (SUBSIDY_WORKERS > 1), and only
+        one of them runs the relay: call it in every one of them. Each process's store then
+        announces its commits (a NOTIFY after each, EventStore.across_processes), and the
+        relay, wherever it runs, LISTENs on a connection of its own, so another worker's
+        event wakes it as its own process's does and its idle poll backs off as one worker's
+        does (it stays at its shortest while it is not listening: the database was down)."""
+        self._store.across_processes = True
+
+    async def _listen(self) -> None:
+        """Wake the relay on every announced commit, until cancelled; a connection lost is
+        taken again after a second (meanwhile the relay polls at its shortest)."""
+        store = self._store
+        while True:
+            try:
+                async with store.engine.connect() as conn:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    raw = await driver(conn)
+                    try:
+                        await raw.execute(f"LISTEN {APPENDED_CHANNEL}")
+                        store.listening = True
+                        # What the others committed before the LISTEN took: one pass reads it.
+                        store.appended.set()
+                        async for _ in raw.notifies():
+                            store.appended.set()
+                    finally:
+                        store.listening = False
+                        # Never back into the pool still listening.
+                        await conn.invalidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("relay: not listening for other processes' commits (%s)", exc)
+            await asyncio.sleep(1.0)
+
     async def skipped(self) -> set[str]:
         """The events operators let the relay past (their OutboxEventSkipped events)."""
         return {
@@ -277,16 +319,37 @@ class OutboxRelay:
         ``max_idle_poll_s`` while nothing comes: in the checkout's profile the audit and
         catalog relays spent 5 to 8 % of their process's CPU reading an empty outbox ten times
         a second. This process's own appends still wake it at once; another writer's (a
-        stand-alone relay's store, a second process) wait one poll at most."""
+        stand-alone relay's store, a second process) wait one poll at most, unless they
+        announce their commits (:meth:`wake_across_processes`): then they wake it too."""
+        listener = (
+            asyncio.create_task(self._listen(), name="relay-listen")
+            if self._store.across_processes
+            else None
+        )
+        try:
+            await self._run(stop, idle_poll_s, max_idle_poll_s)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event, idle_poll_s: float, max_idle_poll_s: float) -> None:
         waiting_for: str | None = None  # the part that is down, logged once per outage
         poll_s = idle_poll_s
+        store = self._store
         while not stop.is_set():
             # Cleared before the pass, not after: an append that commits while it publishes
             # wakes the next pass at once instead of waiting for the idle poll.
             self._store.appended.clear()
             try:
                 sent = await self.publish_pending()
-                poll_s = idle_poll_s if sent else min(poll_s * 2, max_idle_poll_s)
+                # Other processes' commits that nothing announces wake no one: poll them often.
+                longest = (
+                    idle_poll_s
+                    if store.across_processes and not store.listening
+                    else max_idle_poll_s
+                )
+                poll_s = idle_poll_s if sent else min(poll_s * 2, longest)
                 waiting_for = None
             except RelayStuck:
                 await pause(stop, 1.0)  # logged once when it stuck; tried again each second
@@ -303,6 +366,8 @@ class OutboxRelay:
                 await pause(stop, 1.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._store.appended.wait(), poll_s)
+                if self.linger_s > 0:
+                    await asyncio.sleep(self.linger_s)  # stop is checked at the loop
 
 
 __all__ = ["OutboxRelay", "Position", "connect", "ensure_streams", "subject_for"]

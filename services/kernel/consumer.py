@@ -280,8 +280,9 @@ class EventConsumer:
         await self._settle(msg.nak(delay=delay), "nak", env.event_id)
 
     async def handle_batch(self, store: EventStore, js: JetStreamContext, msgs: list[Msg]) -> None:
-        """Handle a fetched batch in one transaction; if any handler fails, none of the batch
-        commits and each message is handled on its own, so only the failing one is retried.
+        """Handle a fetched batch in one transaction, its handled marks in one statement; if any
+        handler fails, none of the batch commits (marks included) and each message is handled
+        on its own, so only the failing one is retried.
         A message that is not an envelope, or not its owner's event, is dead-lettered at once
         and takes no part."""
         batch: list[tuple[Msg, Envelope]] = []
@@ -297,9 +298,15 @@ class EventConsumer:
         handled = 0
         try:
             async with store.transaction() as tx:
+                # The batch's handled marks in one statement, not one per event: the events
+                # this consumer had not handled before (an id given twice counts once).
+                new = await tx.mark_handled_many(self.name, [env.event_id for _, env in batch])
                 for msg, env in batch:
                     with self._span(msg, env):
-                        handled += await self._apply(tx, env)
+                        if env.event_id in new:
+                            new.discard(env.event_id)
+                            await self.handler(tx, env)
+                            handled += 1
         except Exception as exc:
             part = faults.transient_part(exc)
             if part is not None:

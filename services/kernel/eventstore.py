@@ -31,6 +31,8 @@ or :data:`READ_WRITE` for read models and bookkeeping (:func:`grant_statements`)
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,7 +40,10 @@ from typing import Any, NamedTuple
 
 import psycopg
 from google.protobuf.message import Message
+from psycopg import pq
+from psycopg._preparing import Prepare, PrepareManager
 from psycopg.errors import TransactionRollback
+from psycopg.pq.abc import PGresult
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -51,7 +56,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    bindparam,
+    event,
     func,
     text,
 )
@@ -63,7 +68,9 @@ from sqlalchemy.types import UserDefinedType
 
 from .batching import GroupCommit
 from .events import Context, Envelope, check_size, new_envelope
-from .sql import driver
+from .sql import Statement, driver
+
+log = logging.getLogger(__name__)
 
 Projector = Callable[[AsyncConnection, Envelope], Awaitable[None]]
 
@@ -180,10 +187,49 @@ class Recorded:
     envelope: Envelope
 
 
+class _PreparedKeptOnRollback(PrepareManager):
+    """psycopg's record of a connection's prepared statements, kept through a ROLLBACK.
+
+    psycopg forgets every statement it prepared on a connection at each rollback and sends
+    DEALLOCATE ALL (in case the rollback undid DDL a statement depended on), so each one is
+    parsed and planned again at its next run. SQLAlchemy ends every read-only use of a pooled
+    connection with a rollback: the checkout's statement log showed about one DEALLOCATE ALL
+    per ledger RPC, and the hot path's prepared statements (the append, the stream lock, the
+    relay's read) re-prepared as often. A prepared statement is PostgreSQL session state, not
+    transactional: a rollback leaves it as it was, and the runtime roles cannot run DDL at
+    all. So a rollback keeps them; a DROP, ALTER, DISCARD ALL or DEALLOCATE ALL run on the
+    connection still makes psycopg forget them, as before."""
+
+    _clears = re.compile(rb"^(?:DROP|ALTER|DISCARD ALL|DEALLOCATE ALL)\b").match
+
+    def _should_discard(self, prep: Prepare, results: Sequence[PGresult]) -> bool:  # type: ignore[override]
+        if self._names or prep == Prepare.SHOULD:
+            for result in results:
+                status = result.command_status
+                if result.status == pq.ExecStatus.COMMAND_OK and status and self._clears(status):
+                    return PrepareManager.clear(self)
+        return False
+
+    def clear(self) -> bool:
+        return False  # called by psycopg's rollback only (see the class)
+
+
+def _keep_prepared_on_rollback(dbapi_connection: Any, _record: Any) -> None:
+    """On each new pooled connection: its prepared statements outlive a rollback (a no-op with
+    a psycopg whose internals differ from those this was written for: only the saving is lost)."""
+    prepared = getattr(getattr(dbapi_connection, "driver_connection", None), "_prepared", None)
+    if type(prepared) is PrepareManager:
+        prepared.__class__ = _PreparedKeptOnRollback
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     # No pre-ping: it costs a round trip on every checkout of the hot path. A connection that
     # broke is invalidated by SQLAlchemy when it fails, and recycled hourly anyway.
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600
+    )
+    event.listen(engine.sync_engine, "connect", _keep_prepared_on_rollback)
+    return engine
 
 
 def _event_rows(
@@ -313,6 +359,73 @@ _HANDLED = (
     "INSERT INTO handled_events (consumer, event_id) VALUES (%(c)s, %(e)s) "
     "ON CONFLICT DO NOTHING RETURNING event_id"
 )
+# A consumer's fetched batch marked in one statement instead of one per event (the ids are
+# distinct: Tx.mark_handled_many sees to that).
+_HANDLED_MANY = (
+    "INSERT INTO handled_events (consumer, event_id) "
+    "SELECT %(c)s, e FROM unnest(%(e)s::text[]) WITH ORDINALITY AS u(e, n) ORDER BY n "
+    "ON CONFLICT DO NOTHING RETURNING event_id"
+)
+# lock_stream in one statement: create the stream's row at version 0 if it has none (a new
+# stream, locked by this transaction until it ends; a concurrent creator waits on the key), and
+# lock it FOR UPDATE if it has one. Both parts read the statement's snapshot, so a row that a
+# concurrent creator committed while the insert waited on it is in neither: lock_stream then
+# asks again, as it did when these were two statements (a SELECT, then the INSERT).
+_LOCK_OR_CREATE = """
+WITH created AS (
+  INSERT INTO streams (stream_id, version) VALUES (%(s)s, 0)
+  ON CONFLICT DO NOTHING RETURNING version
+), locked AS (
+  SELECT version FROM streams WHERE stream_id = %(s)s FOR UPDATE
+)
+SELECT version, true AS created FROM created UNION ALL SELECT version, false FROM locked
+"""
+# lock_streams in one statement, the same for many streams: the missing rows created first (in
+# stream order), then the existing ones locked (in stream order, so two batches never deadlock):
+# UNION ALL reads its branches in order, and each part runs when first read.
+_LOCK_OR_CREATE_MANY = """
+WITH created AS (
+  INSERT INTO streams (stream_id, version)
+  SELECT s, 0 FROM unnest(%(ids)s::text[]) AS s ORDER BY s
+  ON CONFLICT DO NOTHING RETURNING stream_id
+), locked AS (
+  SELECT stream_id, version FROM streams WHERE stream_id = ANY(%(ids)s::text[])
+  ORDER BY stream_id FOR UPDATE
+)
+SELECT stream_id, 0::bigint AS version, true AS created FROM created
+UNION ALL SELECT stream_id, version, false FROM locked
+"""
+_DROP_PLACEHOLDERS = "DELETE FROM streams WHERE stream_id = ANY(%(ids)s::text[]) AND version = 0"
+# append_many's streams moved and their events inserted in one statement, all or nothing: the
+# events are written only if every stream was at its expected version (the count of moved
+# streams; each stream appears once). When one was not, the streams that did move are put back
+# by _MOVE (rare: the streams were locked first) and nothing else was written.
+_APPEND_ALL = """
+WITH m AS (
+  SELECT * FROM unnest(%(streams)s::text[], %(old)s::bigint[], %(new)s::bigint[])
+    AS m(stream_id, old, new)
+), moved AS (
+  UPDATE streams SET version = m.new FROM m
+  WHERE streams.stream_id = m.stream_id AND streams.version = m.old
+  RETURNING streams.stream_id
+), written AS (
+  INSERT INTO events (event_id, stream_id, stream_version, event_type, envelope)
+  SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.envelope
+  FROM unnest(%(ids)s::text[], %(event_streams)s::text[], %(versions)s::bigint[],
+              %(types)s::text[], %(envelopes)s::bytea[])
+    WITH ORDINALITY AS e(event_id, stream_id, stream_version, event_type, envelope, n)
+  WHERE (SELECT count(*) FROM moved) = cardinality(%(streams)s::text[])
+  ORDER BY e.n
+  RETURNING 1
+)
+SELECT stream_id FROM moved
+"""
+_MOVE = (
+    "UPDATE streams SET version = m.new FROM unnest("
+    "%(streams)s::text[], %(old)s::bigint[], %(new)s::bigint[]) AS m(id, old, new) "
+    "WHERE streams.stream_id = m.id AND streams.version = m.old RETURNING streams.stream_id"
+)
+_VERSION = "SELECT version FROM streams WHERE stream_id = %(s)s"
 
 
 async def _one(
@@ -323,6 +436,17 @@ async def _one(
     try:
         cur = await raw.execute(statement, params, prepare=True)
         return await cur.fetchone()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, params, exc, psycopg.Error) from exc
+
+
+async def _all(
+    raw: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Every row of a prepared statement on ``raw`` (errors wrapped as :func:`_one`'s)."""
+    try:
+        cur = await raw.execute(statement, params, prepare=True)
+        return await cur.fetchall()
     except psycopg.Error as exc:
         raise DBAPIError.instance(statement, params, exc, psycopg.Error) from exc
 
@@ -341,71 +465,55 @@ class Tx:
 
         Writers of a hot stream (a budget pool) queue here instead of failing on a version
         conflict and retrying; so do the first writers of a stream that does not exist yet.
+        One statement (:data:`_LOCK_OR_CREATE`), new stream or not.
         """
         raw = await driver(self.conn)
         while True:
-            row = await _one(raw, _LOCK, {"s": stream_id})
-            if row is not None:
-                return int(row[0])
-            # A new stream has no row to lock: create one at version 0, which this transaction
-            # then holds (a concurrent creator waits here on the unique key until this one
-            # ends). If another transaction created it first, lock its row instead.
-            created = await _one(raw, _CREATE, {"s": stream_id})
-            if created is not None:
-                # Whether a stream EXISTS is read from its row in ``streams`` (the ledger's
-                # _was_refused does so). This row at version 0 is visible to no other
+            row = await _one(raw, _LOCK_OR_CREATE, {"s": stream_id})
+            if row is None:
+                # Another transaction created it while this one waited on its key: its row
+                # was not in this statement's snapshot. Lock it now.
+                continue
+            if row[1]:
+                # A new stream had no row to lock: this transaction created one at version 0,
+                # which it holds (a concurrent creator waits on the unique key until this one
+                # ends). Whether a stream EXISTS is read from its row in ``streams`` (the
+                # ledger's _was_refused does so). This row at version 0 is visible to no other
                 # transaction: it is rolled back with this one, and deleted before commit if
                 # nothing was appended to the stream (see EventStore.transaction). Only this
                 # transaction itself sees it: test existence BEFORE locking a stream, or test
                 # ``version > 0``.
                 self._placeholders.add(stream_id)
-                return 0
+            return int(row[0])
 
     async def lock_streams(self, streams: Sequence[str]) -> dict[str, int]:
-        """:meth:`lock_stream` for many streams in two statements: create the missing ones
-        (locked by this transaction until it ends; a concurrent creator waits on the key), then
-        lock the existing ones, in stream order so two batches never deadlock. Returns each
-        stream's version (0 for a new one)."""
+        """:meth:`lock_stream` for many streams in one statement (:data:`_LOCK_OR_CREATE_MANY`):
+        create the missing ones (locked by this transaction until it ends; a concurrent creator
+        waits on the key), then lock the existing ones, in stream order so two batches never
+        deadlock. Returns each stream's version (0 for a new one)."""
+        raw = await driver(self.conn)
         versions: dict[str, int] = {}
         wanted = sorted(set(streams))
-        while wanted:  # once, unless a stream vanished between the two statements (see below)
-            created = set(
-                (
-                    await self.conn.execute(
-                        text(
-                            "INSERT INTO streams (stream_id, version) "
-                            "SELECT s, 0 FROM unnest(CAST(:ids AS text[])) AS s ORDER BY s "
-                            "ON CONFLICT DO NOTHING RETURNING stream_id"
-                        ).bindparams(bindparam("ids", wanted))
-                    )
-                ).scalars()
-            )
+        while wanted:  # once, unless a concurrent creator committed a row while we waited on it
+            rows = await _all(raw, _LOCK_OR_CREATE_MANY, {"ids": wanted})
             # Placeholders, as lock_stream's: dropped before commit if nothing is appended.
-            self._placeholders.update(created)
-            versions.update(dict.fromkeys(created, 0))
-            rest = [s for s in wanted if s not in created]
-            if rest:
-                rows = await self.conn.execute(
-                    text(
-                        "SELECT stream_id, version FROM streams WHERE stream_id = "
-                        "ANY(CAST(:ids AS text[])) ORDER BY stream_id FOR UPDATE"
-                    ).bindparams(bindparam("ids", rest))
-                )
-                versions.update({r.stream_id: int(r.version) for r in rows})
-            # A concurrent creator's placeholder that was rolled back is gone: create it again.
-            wanted = [s for s in rest if s not in versions]
+            self._placeholders.update(r[0] for r in rows if r[2])
+            versions.update({r[0]: int(r[1]) for r in rows})
+            # Such a row was in neither part's snapshot (and a concurrent creator's placeholder
+            # that was rolled back is gone): ask for those again.
+            wanted = [s for s in wanted if s not in versions]
         return versions
 
     async def _drop_unused_placeholders(self) -> None:
         """Delete the version-0 rows lock_stream created for streams nothing was appended to,
         so that a stream's row never outlives its lock without an event."""
         if self._placeholders:
-            await self.conn.execute(
-                streams_table.delete().where(
-                    streams_table.c.stream_id.in_(sorted(self._placeholders)),
-                    streams_table.c.version == 0,
-                )
-            )
+            ids = sorted(self._placeholders)
+            raw = await driver(self.conn)
+            try:
+                await raw.execute(_DROP_PLACEHOLDERS, {"ids": ids}, prepare=True)
+            except psycopg.Error as exc:
+                raise DBAPIError.instance(_DROP_PLACEHOLDERS, None, exc, psycopg.Error) from exc
             self._placeholders.clear()
 
     async def append(
@@ -425,11 +533,15 @@ class Tx:
         if isinstance(result, WrongExpectedVersion):
             raise result
         self.appended += len(append.rows)
+        # Its row now holds events: nothing to drop at commit (a new stream's command would
+        # otherwise pay a DELETE that deletes nothing, a round trip, before its COMMIT).
+        self._placeholders.discard(stream_id)
         return result
 
     async def append_many(self, appends: Sequence[tuple[str, int, Sequence[Envelope]]]) -> None:
-        """:meth:`append` for many ``(stream, expected_version, envelopes)`` in two statements
-        (the streams locked first, e.g. by :meth:`lock_streams`; each appears once).
+        """:meth:`append` for many ``(stream, expected_version, envelopes)`` in one statement
+        (:data:`_APPEND_ALL`; the streams locked first, e.g. by :meth:`lock_streams`; each
+        appears once).
 
         A stream not at its expected version raises :class:`WrongExpectedVersion` and nothing
         is written, to that stream or any other.
@@ -437,42 +549,41 @@ class Tx:
         moved = [(s, v, v + len(envs)) for s, v, envs in appends if envs]
         if not moved:
             return
-        updated = await self._move_versions(moved)
+        rows = [row for s, v, envs in appends if envs for row in _event_rows(s, v, envs)]
+        raw = await driver(self.conn)
+        params = {
+            "streams": [s for s, _, _ in moved],
+            "old": [v for _, v, _ in moved],
+            "new": [n for _, _, n in moved],
+            "ids": [r["event_id"] for r in rows],
+            "event_streams": [r["stream_id"] for r in rows],
+            "versions": [r["stream_version"] for r in rows],
+            "types": [r["event_type"] for r in rows],
+            "envelopes": [r["envelope"] for r in rows],
+        }
+        updated = {r[0] for r in await _all(raw, _APPEND_ALL, params)}
         missed = {s for s, _, _ in moved} - updated
         if missed:
-            # Put back the streams the first statement moved (it locked their rows), so a
-            # refusal leaves the transaction as it found it, as append's does.
-            await self._move_versions([(s, n, v) for s, v, n in moved if s in updated])
+            # No event was written; put back the streams the statement moved (it locked their
+            # rows), so a refusal leaves the transaction as it found it, as append's does.
+            back = [(s, n, v) for s, v, n in moved if s in updated]
+            if back:
+                await _all(
+                    raw,
+                    _MOVE,
+                    {
+                        "streams": [s for s, _, _ in back],
+                        "old": [o for _, o, _ in back],
+                        "new": [n for _, _, n in back],
+                    },
+                )
             stream = min(missed)
             expected = next(v for s, v, _ in moved if s == stream)
-            actual = await self.conn.scalar(
-                text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream}
-            )
-            raise WrongExpectedVersion(stream, expected, int(actual or 0))
-        rows = [row for s, v, envs in appends for row in _event_rows(s, v, envs)]
-        await self.conn.execute(events_table.insert(), rows)
+            actual = await _one(raw, _VERSION, {"s": stream})
+            raise WrongExpectedVersion(stream, expected, int(actual[0]) if actual else 0)
         self.appended += len(rows)
         # Their rows now hold events: nothing to drop at commit (keeps that DELETE small).
         self._placeholders.difference_update(updated)
-
-    async def _move_versions(self, moves: Sequence[tuple[str, int, int]]) -> set[str]:
-        """Set each ``(stream, from, to)`` stream to ``to`` if it is at ``from``, in one
-        statement; returns the streams moved."""
-        if not moves:
-            return set()
-        result = await self.conn.execute(
-            text(
-                "UPDATE streams SET version = m.new FROM unnest("
-                "CAST(:ids AS text[]), CAST(:old AS bigint[]), CAST(:new AS bigint[])) "
-                "AS m(id, old, new) WHERE streams.stream_id = m.id AND streams.version = m.old "
-                "RETURNING streams.stream_id"
-            ).bindparams(
-                bindparam("ids", [s for s, _, _ in moves]),
-                bindparam("old", [v for _, v, _ in moves]),
-                bindparam("new", [n for _, _, n in moves]),
-            )
-        )
-        return set(result.scalars())
 
     async def emit(
         self,
@@ -495,6 +606,16 @@ class Tx:
         row = await _one(await driver(self.conn), _HANDLED, {"c": consumer, "e": event_id})
         return row is not None
 
+    async def mark_handled_many(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """:meth:`mark_handled` for many events in one statement: the ids among ``event_ids``
+        that ``consumer`` had not handled before (each counted once however often it is
+        given)."""
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return set()
+        rows = await _all(await driver(self.conn), _HANDLED_MANY, {"c": consumer, "e": ids})
+        return {r[0] for r in rows}
+
 
 # The oldest transaction id a reader of the events table must not reach: the oldest transaction
 # still running in *this* database, or the next id when none is. PostgreSQL's snapshot xmin
@@ -513,12 +634,58 @@ READ_HORIZON = (
 )
 
 
+# The relay's statements, compiled once and run prepared in autocommit (one round trip each: no
+# BEGIN and no ROLLBACK around a single statement). The read is one statement, so it reads one
+# snapshot as it did in a transaction of its own; so is the checkpoint's upsert.
+_READ_ALL = Statement(
+    text(
+        "SELECT tx_id::text::bigint AS tx_id, position, envelope FROM events "
+        "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
+        f"AND tx_id < {READ_HORIZON} "
+        "ORDER BY tx_id, position LIMIT :limit"
+    ),
+    name="read_all",
+)
+_LOAD_CHECKPOINT = Statement(
+    text("SELECT tx_id, position FROM checkpoints WHERE name = :n"), name="load_checkpoint"
+)
+_SAVE_CHECKPOINT = Statement(
+    text(
+        "INSERT INTO checkpoints (name, tx_id, position) VALUES (:n, :t, :p) "
+        "ON CONFLICT (name) DO UPDATE SET tx_id = :t, position = :p"
+    ),
+    name="save_checkpoint",
+)
+
+# What a store's commits are announced on to the other processes of its database (several
+# workers: only the leader runs the relay, services/kernel/workers.py). The NOTIFY goes after
+# the commit, in a statement of its own, never inside the appending transaction: PostgreSQL
+# serialises the commits of notifying transactions on one cluster-wide lock held through the
+# commit's WAL flush (async.c, PreCommit_Notify), which would undo group commit for every
+# service sharing the server. Without a durable commit of its own to wait for
+# (synchronous_commit off for that one statement's transaction) it costs one short round trip.
+APPENDED_CHANNEL = "subsidy_appended"
+_NOTIFY = Statement(
+    text("SELECT pg_notify(:channel, ''), set_config('synchronous_commit', 'off', true)"),
+    name="notify",
+)
+
+
 class EventStore:
     """A service's event store. One per process; safe for concurrent use."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = 256) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, max_batch: int = 256, across_processes: bool = False
+    ) -> None:
         self.engine = engine
         self.appended = asyncio.Event()  # set after a commit that appended: wakes the relay
+        # Whether other processes append to this database too (several workers): each commit
+        # that appended is then announced on APPENDED_CHANNEL, for the relay wherever it runs
+        # (OutboxRelay.wake_across_processes), unless this process's relay listens itself.
+        self.across_processes = across_processes
+        self.listening = False  # this process's relay LISTENs: its own wake is in-process
+        self._announce_due = False
+        self._announcer: asyncio.Task[None] | None = None
         # append's group commit: the appends that arrive while a batch commits are the next
         # batch (one at a time per process), one stream at most once in a batch.
         self._appends: GroupCommit[None, _Append, int] = GroupCommit(
@@ -546,7 +713,7 @@ class EventStore:
                 yield tx
                 await tx._drop_unused_placeholders()
             if tx.appended:
-                self.appended.set()
+                self._committed()
 
     async def append(
         self, stream_id: str, expected_version: int, envelopes: Sequence[Envelope]
@@ -589,19 +756,50 @@ class EventStore:
                 except DBAPIError as own:
                     results.append(own)
         if any(not isinstance(r, BaseException) for r in results):
-            self.appended.set()
+            self._committed()
         return results
 
-    async def _run_appends(self, batch: Sequence[_Append]) -> list[int | WrongExpectedVersion]:
+    def _committed(self) -> None:
+        """After a commit that appended: wake this process's relay, and announce it to the
+        other processes' (at most one NOTIFY in flight: the commits meanwhile share the next,
+        so every commit is followed by a NOTIFY sent after it)."""
+        self.appended.set()
+        if self.across_processes and not self.listening:
+            self._announce_due = True
+            if self._announcer is None:
+                self._announcer = asyncio.get_running_loop().create_task(self._announce())
+
+    async def _announce(self) -> None:
+        try:
+            while self._announce_due:
+                self._announce_due = False
+                async with self._autocommit() as conn:
+                    await _NOTIFY.run(conn, channel=APPENDED_CHANNEL)
+        except Exception as exc:
+            # Not lost: the relay's idle poll finds what this one would have announced.
+            log.warning("could not announce a commit to the relay (%s)", type(exc).__name__)
+        finally:
+            self._announcer = None
+
+    @asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection in autocommit, for statements run on psycopg directly (each its
+        own transaction: no BEGIN, COMMIT or ROLLBACK round trip). One that broke under them
+        is invalidated here: SQLAlchemy did not see it fail, and resetting it on its way back
+        into the pool would fail (and log) instead."""
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                return await _append_rows(await driver(conn), batch)
+                yield conn
             except DBAPIError as exc:
                 broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
                 if broken and not isinstance(exc.orig, TransactionRollback):
-                    await conn.invalidate()  # SQLAlchemy did not see it fail: drop it here
+                    await conn.invalidate()
                 raise
+
+    async def _run_appends(self, batch: Sequence[_Append]) -> list[int | WrongExpectedVersion]:
+        async with self._autocommit() as conn:
+            return await _append_rows(await driver(conn), batch)
 
     async def read_stream(self, stream_id: str, from_version: int = 1) -> list[Envelope]:
         async with self.engine.connect() as conn:
@@ -616,19 +814,12 @@ class EventStore:
 
     async def read_all(self, after: Position = START, limit: int = 500) -> list[Recorded]:
         """Events after ``after`` in the global order, never past a still-running writer."""
-        async with self.engine.connect() as conn:
-            result = await conn.execute(
-                text(
-                    "SELECT tx_id::text::bigint, position, envelope FROM events "
-                    "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
-                    f"AND tx_id < {READ_HORIZON} "
-                    "ORDER BY tx_id, position LIMIT :limit"
-                ),
-                {"tx": after.tx_id, "pos": after.position, "limit": limit},
-            )
-            return [
-                Recorded(Position(int(r[0]), int(r[1])), Envelope.FromString(r[2])) for r in result
-            ]
+        async with self._autocommit() as conn:
+            rows = await _READ_ALL.all(conn, tx=after.tx_id, pos=after.position, limit=limit)
+        return [
+            Recorded(Position(int(r.tx_id), int(r.position)), Envelope.FromString(r.envelope))
+            for r in rows
+        ]
 
     async def rebuild(self, tables: Sequence[Table], project: Projector) -> int:
         """Empty ``tables`` and replay every event of this store through ``project``, in one
@@ -667,20 +858,11 @@ class EventStore:
             return int(row[0]), max(0.0, float(row[1]))
 
     async def load_checkpoint(self, name: str) -> Position:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text("SELECT tx_id, position FROM checkpoints WHERE name = :n"), {"n": name}
-                )
-            ).first()
-            return Position(int(row[0]), int(row[1])) if row else START
+        async with self._autocommit() as conn:
+            row = await _LOAD_CHECKPOINT.first(conn, n=name)
+        return Position(int(row.tx_id), int(row.position)) if row else START
 
     async def save_checkpoint(self, name: str, pos: Position) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "INSERT INTO checkpoints (name, tx_id, position) VALUES (:n, :t, :p) "
-                    "ON CONFLICT (name) DO UPDATE SET tx_id = :t, position = :p"
-                ),
-                {"n": name, "t": pos.tx_id, "p": pos.position},
-            )
+        # One upsert, in autocommit: atomic by itself, one round trip.
+        async with self._autocommit() as conn:
+            await _SAVE_CHECKPOINT.run(conn, n=name, t=pos.tx_id, p=pos.position)

@@ -155,6 +155,49 @@ async def test_consumer_redelivery_changes_nothing(store: EventStore, js: JetStr
     assert len(effects) == 5 and len(set(effects)) == 5
 
 
+async def test_a_batch_is_marked_at_once_each_event_handled_once_and_a_failure_fails_alone(
+    store: EventStore, js: JetStreamContext
+) -> None:
+    """A fetched batch's handled marks are one statement: events handled before (a redelivery)
+    and an event given twice in one batch run the handler once; a handler failing on one event
+    rolls the batch back, and then the others commit one by one while it alone is retried."""
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    ids = await fill(store, service, 6)
+    await bus.OutboxRelay(store, js).publish_pending()
+    calls: list[str] = []
+    poison = ids[4]
+
+    async def handler(tx: Tx, env: Envelope) -> None:
+        calls.append(env.event_id)
+        await tx.append(f"effects/{env.event_id}", 0, [funded(service, "e", 1)])
+        if env.event_id == poison:
+            raise RuntimeError("this event's handler fails")
+
+    consumer = EventConsumer(f"c-{service}", [f"events.{service}.>"], handler)
+    sub = await consumer.subscribe(js)
+    msgs = await sub.fetch(6, timeout=5)
+    assert len(msgs) == 6
+    for msg in msgs[:2]:  # handled (and marked) before the batch comes
+        await consumer.handle(store, js, msg)
+    for msg in msgs[:2]:
+        msg._ackd = False  # redelivered, as after a lost ack
+    calls.clear()
+    await consumer.handle_batch(store, js, [*msgs, msgs[2]])
+    # The batch ran each new event once (the twice-given one too) up to the failing one; then
+    # each alone: the marked ones not again, the rolled-back ones and the poison once more.
+    assert calls == [ids[2], ids[3], ids[4], ids[2], ids[3], ids[4], ids[5]]
+    assert consumer.handled == 5
+    effect_streams = [
+        r.envelope.stream_id
+        for r in await store.read_all()
+        if r.envelope.stream_id.startswith("effects/")
+    ]
+    # The failed event's effect was rolled back; every other event's committed once.
+    assert sorted(effect_streams) == sorted(f"effects/{i}" for i in ids if i != poison)
+    async with store.transaction() as tx:
+        assert await tx.mark_handled_many(consumer.name, ids) == {poison}
+
+
 async def test_handler_failure_rolls_back_its_effects_and_the_handled_mark(
     store: EventStore, js: JetStreamContext
 ) -> None:

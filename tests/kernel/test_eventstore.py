@@ -8,8 +8,15 @@ import pytest
 from sqlalchemy import text
 
 from services.kernel.events import Context, new_envelope, service_actor
-from services.kernel.eventstore import START, EventStore, Position, WrongExpectedVersion
+from services.kernel.eventstore import (
+    START,
+    EventStore,
+    Position,
+    WrongExpectedVersion,
+    make_engine,
+)
 from subsidy.v1 import events_pb2 as ev
+from tests.conftest import Infra
 
 CTX = Context(service_actor("test"))
 
@@ -116,6 +123,22 @@ async def test_mark_handled_is_once_per_consumer(store: EventStore) -> None:
         assert await tx.mark_handled("eligibility", "e1") is True
 
 
+async def test_mark_handled_many_is_once_per_consumer_in_one_statement(store: EventStore) -> None:
+    async with store.transaction() as tx:
+        assert await tx.mark_handled("audit", "e1") is True
+        assert await tx.mark_handled_many("audit", ["e2", "e1", "e3", "e2"]) == {"e2", "e3"}
+        assert await tx.mark_handled_many("audit", ["e1", "e2", "e3"]) == set()
+        assert await tx.mark_handled_many("audit", []) == set()
+        assert await tx.mark_handled("audit", "e3") is False
+        assert await tx.mark_handled_many("eligibility", ["e1", "e3"]) == {"e1", "e3"}
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            assert await tx.mark_handled_many("audit", ["e4"]) == {"e4"}
+            raise RuntimeError("rolled back")
+    async with store.transaction() as tx:  # rolled back with its transaction
+        assert await tx.mark_handled_many("audit", ["e4", "e1"]) == {"e4"}
+
+
 async def test_first_writers_of_a_new_stream_queue_on_its_lock(store: EventStore) -> None:
     """lock_stream on a stream with no row used to lock nothing: concurrent first writers all
     read version 0 and all but one failed (surfacing as INTERNAL from FundBudget)."""
@@ -215,3 +238,34 @@ async def test_lock_streams_and_append_many_write_many_streams_at_once(store: Ev
         await tx.mark_handled("c", "e")  # the transaction commits other writes
     assert await versions() == {"s/new-a": 1, "s/new-b": 1, "s/old": 4}
     assert await store.count() == 6
+
+
+async def test_a_pooled_connection_keeps_its_prepared_statements_through_a_rollback(
+    infra: Infra,
+) -> None:
+    """SQLAlchemy ends a read-only use of a pooled connection with a rollback, and psycopg would
+    forget (DEALLOCATE ALL) every statement prepared on it then: the hot path's would be parsed
+    and planned again after each. They are kept; a DEALLOCATE ALL still makes psycopg forget."""
+    store = EventStore(make_engine(infra.create_database("prepkept"), pool_size=1))
+    await store.create_tables()
+
+    async def prepared() -> tuple[int, list[str]]:
+        async with store.engine.connect() as conn:  # read-only: ended with a rollback
+            pid = int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+            names = await conn.scalars(text("SELECT statement FROM pg_prepared_statements"))
+            return pid, [n for n in names if "INSERT INTO checkpoints" in n]
+
+    try:
+        await store.save_checkpoint("relay", Position(1, 1))  # prepared on the one connection
+        pid, before = await prepared()
+        assert len(before) == 1
+        assert await prepared() == (pid, before)  # the same session, after that rollback
+        await store.save_checkpoint("relay", Position(2, 2))
+        assert await prepared() == (pid, before)  # run as prepared, not prepared again
+        async with store.engine.connect() as conn:
+            await conn.execute(text("DEALLOCATE ALL"))
+        await store.save_checkpoint("relay", Position(3, 3))  # prepared again, no error
+        assert await store.load_checkpoint("relay") == Position(3, 3)
+        assert await prepared() == (pid, before)
+    finally:
+        await store.engine.dispose()
