@@ -94,15 +94,23 @@ class ReconciliationTables:
 
 
 async def apply_event(
-    conn: AsyncConnection, t: ReconciliationTables, env: Envelope, event: Message
+    conn: AsyncConnection,
+    t: ReconciliationTables,
+    env: Envelope,
+    event: Message,
+    platform: str | None = None,
 ) -> None:
-    """Apply one ledger event to the reconciliation's read models."""
+    """Apply one ledger event to the reconciliation's read models (``platform``: a captured
+    reservation's, when its command already read it under the lock)."""
     at = env.occurred_at.ToDatetime(tzinfo=UTC)
     if isinstance(event, ev.SubsidyCaptured):
         # Its reservation's row is there: SubsidyReserved came first in the pool's stream.
-        platform = await conn.scalar(
-            select(t.reservations.c.platform_id).where(t.reservations.c.order_id == event.order_id)
-        )
+        if platform is None:
+            platform = await conn.scalar(
+                select(t.reservations.c.platform_id).where(
+                    t.reservations.c.order_id == event.order_id
+                )
+            )
         await conn.execute(
             insert(t.captures).values(
                 order_id=event.order_id,
