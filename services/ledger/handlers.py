@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -21,7 +22,7 @@ from google.protobuf.message import Message
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.kernel import vault
 from services.kernel.background import every
@@ -236,8 +237,10 @@ async def _load_settle(
 ) -> domain.Settle:
     if not key.watch:  # no thresholds to watch: the reservation alone
         row = await SETTLE_PLAIN.first(conn, order_id=key.order_id)
-    else:  # with its category's use and the thresholds reached, in the same round trip
-        row = await SETTLE_WATCHED.first(conn, order_id=key.order_id, category=key.category)
+        rows = [row] if row is not None else []
+    else:  # with its category's use, the thresholds reached and the pool, in one round trip
+        rows = await SETTLE_WATCHED.all(conn, order_id=key.order_id, category=key.category)
+        row = rows[0] if rows else None
     res = reservation_of(row)
     if seen is not None:  # read under the lock: the projection's reservation and platform
         seen.reservation = res
@@ -245,7 +248,8 @@ async def _load_settle(
     if not key.watch or res is None:
         return domain.Settle(res)
     assert row is not None
-    layout = await load_layout(conn, key.pool_id)
+    # Its pool's shard 0 and sources (no pool row: the outer join's pool columns are NULL).
+    layout = layout_of(key.pool_id, rows) if row.shards is not None else None
     sharded = layout is not None and layout.made > 1
     pool = layout.main if layout is not None else None
     if layout is not None and sharded:  # the whole pool's (summed over its shards)
@@ -316,6 +320,16 @@ ATTEMPT_STARTED = Statement(
 ATTEMPT_ENDED = Statement(
     attempts_t.delete().where(_a.order_id == bindparam("order_id")), name="attempt_ended"
 )
+
+
+@asynccontextmanager
+async def _autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection on which each statement is its own transaction: reads that need no
+    snapshot across statements (each would take its own under READ COMMITTED anyway) and the
+    attempt's own durable write pay no BEGIN, COMMIT or ROLLBACK round trip (and a ROLLBACK
+    would make psycopg drop the connection's prepared statements)."""
+    async with engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _like_prefix(prefix: str) -> str:
@@ -403,7 +417,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
     # -- budget ---------------------------------------------------------------------------
     async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:
         """A pool's figures; a platform reads only the pools assigned to it."""
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             pool = await load_pool(conn, pool_id)
             domain.serves(await load_pool_platforms(conn, pool_id), pool_id, platform)
         if pool is None:
@@ -464,7 +478,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         lock; returns how many were released."""
         now = self.clock()
         t = budget_tranches.c
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             pools = (
                 await conn.execute(
                     select(t.pool_id)
@@ -490,7 +504,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         """The reservation keyed ``order_id`` (an order, or ``order_id/item``); for a platform,
         only its own (another platform's order is as unknown as one that never existed, so ids
         cannot be probed)."""
-        async with self.store.engine.begin() as conn:
+        async with _autocommit(self.store.engine) as conn:
             row = await self._row(conn, order_id)
         if row is not None and platform is not None and row["platform_id"] != platform:
             return None
@@ -499,7 +513,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
     async def locate(self, order_id: str, item: str, platform: str | None = None) -> str:
         """The key of the reservation a call names: the whole order, or one of its items
         (domain.locate); another platform's order is unknown."""
-        async with self.store.engine.begin() as conn:
+        async with _autocommit(self.store.engine) as conn:
             rows = await _order_rows(conn, order_id)
         return _located(order_id, item, rows, platform)[0]
 
@@ -511,10 +525,9 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> dict[str, object]:
         """Verify the item, screen the order against the risk rules and lists, lock the
         qualification, hold the subsidy; idempotent on order id."""
-        # One connection for every read, committed (a rollback would make psycopg drop the
-        # connection's prepared statements): the order's lines, then the pool with the order's
+        # One connection for every read: the order's lines, then the pool with the order's
         # refusal and the platforms it serves.
-        async with self.store.engine.begin() as conn:
+        async with _autocommit(self.store.engine) as conn:
             rows = await _order_rows(conn, order_line.order_of(cmd.order_id))
             prior = rows.get(cmd.order_id)
             if prior is not None:
@@ -553,7 +566,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         capped = item.category if rules.sub_budget_bp(item.category) is not None else ""
         use_now = None
         if capped and pool_now is not None:
-            async with self.store.engine.begin() as conn:
+            async with _autocommit(self.store.engine) as conn:
                 use_now = await load_use(conn, cmd.pool_id, capped, sharded)
         domain.check_funds(pool_now, cmd.pool_id, item.category, item.subsidy_fen, rules, use_now)
         shards = layout.shards if layout is not None else 1
@@ -694,9 +707,9 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> None:
         # Durable before the lock: if this process dies before the hold commits, the sweeper
         # finds the attempt and refuses the order, which undoes the lock.
-        async with self.store.transaction() as tx:
+        async with _autocommit(self.store.engine) as conn:
             await ATTEMPT_STARTED.run(
-                tx.conn,
+                conn,
                 order_id=cmd.order_id,
                 pool_id=cmd.pool_id,
                 qualification_id=cmd.qualification_id,
@@ -716,10 +729,8 @@ class Ledger(FundingUseCases, SettlementUseCases):
         except grpc.aio.AioRpcError as err:
             if err.code() in DEFINITIVE:
                 # Eligibility refused: nothing was locked, nothing to undo.
-                async with self.store.transaction() as tx:
-                    await tx.conn.execute(
-                        attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
-                    )
+                async with _autocommit(self.store.engine) as conn:
+                    await ATTEMPT_ENDED.run(conn, order_id=cmd.order_id)
             # Otherwise (a deadline, a dropped connection) the lock may have committed: the
             # attempt stays, and a retry completes it or the sweeper refuses it.
             raise as_domain_error(err, "eligibility") from err
@@ -777,7 +788,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         """Refuse every order whose attempt outlived ``older_than_s`` without a hold (the ledger
         died between locking the qualification and the hold): its qualification is freed."""
         cutoff = self.clock() - timedelta(seconds=older_than_s)
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             stale = (
                 await conn.execute(
                     select(attempts_t).where(attempts_t.c.started_at < cutoff).limit(500)
@@ -903,7 +914,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
 
     async def expire_due(self) -> int:
         """Release every pending reservation past its timeout; returns how many."""
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             due = (
                 (
                     await conn.execute(

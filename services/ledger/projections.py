@@ -517,10 +517,12 @@ _RESERVATION_QUERY = select(
 ).where(_R.order_id == bindparam("order_id"))
 RESERVATION = Statement(_RESERVATION_QUERY, name="reservation")
 # A capture's read under the pool's lock: the reservation (as RESERVATION), its platform (for
-# the bill's capture row), and its category's use of the pool (shard 0's) and the thresholds
-# already reached for the pool and that category, in one round trip.
+# the bill's capture row), its category's use of the pool (shard 0's), the thresholds already
+# reached for the pool and that category, and the pool's shard 0 and sources (as POOL, one row
+# per source), in one round trip.
 SETTLE_WATCHED = Statement(
     _RESERVATION_QUERY.add_columns(
+        *(c for c in _POOL_QUERY.selected_columns),
         _R.platform_id,
         select(_C.reserved_fen)
         .where(_C.pool_id == _R.pool_id, _C.category == bindparam("category"))
@@ -538,7 +540,13 @@ SETTLE_WATCHED = Statement(
         .where(_A.pool_id == _R.pool_id, _ALERTED)
         .scalar_subquery()
         .label("alert_thresholds"),
-    ),
+    )
+    .select_from(
+        reservations.outerjoin(budget_pools, _P.pool_id == _R.pool_id).outerjoin(
+            budget_sources, _S.pool_id == _P.pool_id
+        )
+    )
+    .order_by(_S.position),
     name="settle_watched",
 )
 SETTLE_PLAIN = Statement(_RESERVATION_QUERY.add_columns(_R.platform_id), name="settle_plain")
@@ -730,12 +738,11 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
             .values(released=True)
         )
     elif isinstance(event, ev.SubsidyReserved):
-        await _use(conn, pool_id, event.category, event)
-        await _reservation_row(conn, env, event, parts, None, 0, seen)
+        await _reservation_row(conn, env, event, parts, None, 0, seen, (pool_id, event.category))
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         assert settled is not None
-        await _use(conn, pool_id, event.category or settled.category, event)
-        await _reservation_row(conn, env, event, parts, settled, 0, seen)
+        category = event.category or settled.category
+        await _reservation_row(conn, env, event, parts, settled, 0, seen, (pool_id, category))
 
 
 async def _reservation_row(
@@ -746,13 +753,18 @@ async def _reservation_row(
     settled: domain.Reservation | None,
     shard: int,
     seen: Seen | None = None,
+    use: tuple[str, str] | None = None,
 ) -> None:
     """The reservation's row after its event (held by ``shard`` of its pool); ``seen``
-    keeps the row as written."""
+    keeps the row as written. With ``use`` (a pool and category), the pool's use of that
+    category moves as the event moves it, in the same statement (the upsert as its CTE)."""
+    moved = {} if use is None else _use_delta(*use, event)
+    statements = _ROW_STATEMENTS if use is None else _ROW_AND_USE_STATEMENTS
     written = None
     if isinstance(event, ev.SubsidyReserved):
-        written = await RESERVATION_INSERT.first(
+        written = await statements[0].first(
             conn,
+            **moved,
             order_id=event.order_id,
             pool_id=event.pool_id,
             platform_id=event.platform_id,
@@ -776,8 +788,9 @@ async def _reservation_row(
         status = domain.evolve(settled, event)
         assert status is not None
         if isinstance(event, ev.SubsidyCaptured):
-            written = await RESERVATION_CAPTURED.first(
+            written = await statements[1].first(
                 conn,
+                **moved,
                 order_id=event.order_id,
                 status=status.status,
                 payment_ref=event.payment_ref,
@@ -787,11 +800,18 @@ async def _reservation_row(
                 capture_flag=event.flag,
             )
         else:
-            written = await RESERVATION_RELEASED.first(
-                conn, order_id=event.order_id, status=status.status, release_reason=event.reason
+            written = await statements[2].first(
+                conn,
+                **moved,
+                order_id=event.order_id,
+                status=status.status,
+                release_reason=event.reason,
             )
+    if use is not None:
+        assert written is not None  # the reservation's row is there (its event came first)
+        _use_gauges(*use, written.use_reserved, written.use_spent)
     if seen is not None and written is not None:
-        seen.row = written._asdict()
+        seen.row = {c: getattr(written, c) for c in _RESERVATION_COLUMNS}
 
 
 def _json(value: object) -> str:
@@ -804,7 +824,7 @@ def _json_param(name: str) -> Any:
     return cast(bindparam(name, type_=Text), JSON)
 
 
-RESERVATION_INSERT = Statement(
+_RESERVATION_INSERT = (
     insert(reservations)
     .values(
         {
@@ -836,10 +856,10 @@ RESERVATION_INSERT = Statement(
             "sources": _json_param("sources"),
         }
     )
-    .returning(*reservations.c),
-    name="reservation_insert",
+    .returning(*reservations.c)
 )
-RESERVATION_CAPTURED = Statement(
+RESERVATION_INSERT = Statement(_RESERVATION_INSERT, name="reservation_insert")
+_RESERVATION_CAPTURED = (
     update(reservations)
     .where(_R.order_id == bindparam("order_id"))
     .values(
@@ -848,16 +868,16 @@ RESERVATION_CAPTURED = Statement(
         paid_amount_fen=bindparam("paid_amount_fen"),
         capture_flag=bindparam("capture_flag"),
     )
-    .returning(*reservations.c),
-    name="reservation_captured",
+    .returning(*reservations.c)
 )
-RESERVATION_RELEASED = Statement(
+RESERVATION_CAPTURED = Statement(_RESERVATION_CAPTURED, name="reservation_captured")
+_RESERVATION_RELEASED = (
     update(reservations)
     .where(_R.order_id == bindparam("order_id"))
     .values(status=bindparam("status"), release_reason=bindparam("release_reason"))
-    .returning(*reservations.c),
-    name="reservation_released",
+    .returning(*reservations.c)
 )
+RESERVATION_RELEASED = Statement(_RESERVATION_RELEASED, name="reservation_released")
 
 
 async def _pool_gauges(conn: AsyncConnection, pool_id: str) -> None:
@@ -993,33 +1013,58 @@ POOL_AND_SOURCE_UPDATE = Statement(
 )
 
 
-async def _use(conn: AsyncConnection, pool_id: str, category: str, event: Any) -> None:
-    """Move the category's figures as the order's event moves them."""
+def _use_delta(pool_id: str, category: str, event: Any) -> dict[str, object]:
+    """USE_MOVE's parameters: the change the order's event makes to the category's figures."""
     delta = domain.evolve_use(domain.CategoryUse(category), event)  # from zero: the change
-    moved = await USE_MOVE.first(
-        conn, pool_id=pool_id, category=category, reserved=delta.reserved, spent=delta.spent
-    )
-    assert moved is not None  # an upsert's RETURNING always has its row
-    reserved, spent = moved
+    return {
+        "use_pool": pool_id,
+        "use_category": category,
+        "reserved": delta.reserved,
+        "spent": delta.spent,
+    }
+
+
+def _use_gauges(pool_id: str, category: str, reserved: int, spent: int) -> None:
     metrics.BUDGET_CATEGORY.labels(pool_id, category, "reserved").set(reserved)
     metrics.BUDGET_CATEGORY.labels(pool_id, category, "spent").set(spent)
 
 
+# Move the category's figures as the order's event moves them (an upsert: the first order of a
+# category makes its row).
 _USE_INSERT = pg_insert(budget_categories).values(
-    pool_id=bindparam("pool_id"),
-    category=bindparam("category"),
+    pool_id=bindparam("use_pool"),
+    category=bindparam("use_category"),
     reserved_fen=bindparam("reserved"),
     spent_fen=bindparam("spent"),
 )
-USE_MOVE = Statement(
+_USE_MOVED = (
     _USE_INSERT.on_conflict_do_update(
         index_elements=[_C.pool_id, _C.category],
         set_={
             "reserved_fen": _C.reserved_fen + _USE_INSERT.excluded.reserved_fen,
             "spent_fen": _C.spent_fen + _USE_INSERT.excluded.spent_fen,
         },
-    ).returning(_C.reserved_fen, _C.spent_fen),
-    name="use_move",
+    )
+    .returning(_C.reserved_fen, _C.spent_fen)
+    .cte("use_moved")
+)
+_RESERVATION_COLUMNS = tuple(c.name for c in reservations.c)
+_ROW_STATEMENTS = (RESERVATION_INSERT, RESERVATION_CAPTURED, RESERVATION_RELEASED)
+# The same, each with the category's move as its CTE and the figures it left returned with the
+# row (data-modifying CTEs run whatever the main statement finds; the two rows are distinct).
+_ROW_AND_USE_STATEMENTS = tuple(
+    Statement(
+        stmt.add_cte(_USE_MOVED).returning(
+            select(_USE_MOVED.c.reserved_fen).scalar_subquery().label("use_reserved"),
+            select(_USE_MOVED.c.spent_fen).scalar_subquery().label("use_spent"),
+        ),
+        name=f"{name}_and_use",
+    )
+    for stmt, name in (
+        (_RESERVATION_INSERT, "reservation_insert"),
+        (_RESERVATION_CAPTURED, "reservation_captured"),
+        (_RESERVATION_RELEASED, "reservation_released"),
+    )
 )
 
 
