@@ -50,6 +50,7 @@ from . import domain
 from .funding import FundingUseCases, append_plan, lock_shards
 from .policies import FundingPolicies
 from .projections import (
+    ORDER_LINES,
     PLATFORMS_REFUSED,
     POOL_FOR_HOLD,
     POOL_FOR_ORDER,
@@ -296,14 +297,7 @@ REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
 
 
 _r = reservations_t.c
-# The reservations of a platform's order: itself when reserved whole, ``order_id/item`` per item
-# (a LIKE on a prefix, an index range: the database's collation is C).
-ORDER_ROWS = Statement(
-    select(reservations_t).where(
-        (_r.order_id == bindparam("order_id")) | _r.order_id.like(bindparam("prefix"), escape="/")
-    ),
-    name="order_rows",
-)
+ORDER_ROWS = Statement(select(reservations_t).where(ORDER_LINES), name="order_rows")
 ROW = Statement(select(reservations_t).where(_r.order_id == bindparam("order_id")), name="row")
 _a = attempts_t.c
 ATTEMPT_STARTED = Statement(
@@ -338,11 +332,14 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
 
 
+def _order_lines(order_id: str) -> dict[str, str]:
+    """ORDER_LINES's parameters: the reservations of the platform's order ``order_id``."""
+    return {"order_id": order_id, "prefix": _like_prefix(order_line.lines_prefix(order_id))}
+
+
 async def _order_rows(conn: AsyncConnection, order_id: str) -> dict[str, dict[str, object]]:
     """The reservations of a platform's order, by key, as rows."""
-    rows = await ORDER_ROWS.all(
-        conn, order_id=order_id, prefix=_like_prefix(order_line.lines_prefix(order_id))
-    )
+    rows = await ORDER_ROWS.all(conn, **_order_lines(order_id))
     return {r.order_id: r._asdict() for r in rows}
 
 
@@ -525,21 +522,27 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> dict[str, object]:
         """Verify the item, screen the order against the risk rules and lists, lock the
         qualification, hold the subsidy; idempotent on order id."""
-        # One connection for every read: the order's lines, then the pool with the order's
-        # refusal and the platforms it serves.
+        # One connection for every read: the pool with the order's refusal, the platforms it
+        # serves and whether the order has lines (a new order, the common case, has none: one
+        # round trip); then the order's lines when it has some.
         async with _autocommit(self.store.engine) as conn:
-            rows = await _order_rows(conn, order_line.order_of(cmd.order_id))
+            order = order_line.order_of(cmd.order_id)
+            found = {
+                "pool_id": cmd.pool_id,
+                "refusal": refusal_stream(cmd.order_id),
+                **_order_lines(order),
+            }
+            pool_rows = await POOL_FOR_ORDER.all(conn, **found)
+            head = pool_rows[0] if pool_rows else None
+            if head is None:  # no such pool: the rest is read alone
+                head = await PLATFORMS_REFUSED.first(conn, **found)
+            assert head is not None
+            rows = await _order_rows(conn, order) if head.has_lines else {}
             prior = rows.get(cmd.order_id)
             if prior is not None:
                 domain.same_order(_as_command(prior), cmd)
                 return prior
             domain.new_line(cmd, {k: str(r["platform_id"]) for k, r in rows.items()})
-            refused = refusal_stream(cmd.order_id)
-            pool_rows = await POOL_FOR_ORDER.all(conn, pool_id=cmd.pool_id, refusal=refused)
-            head = pool_rows[0] if pool_rows else None
-            if head is None:  # no such pool: its refusal and platforms are read alone
-                head = await PLATFORMS_REFUSED.first(conn, pool_id=cmd.pool_id, refusal=refused)
-            assert head is not None
             if head.refused:
                 raise domain.order_refused()
             # The order's platform must be one the pool pays (platform_id is the caller's own).

@@ -260,10 +260,18 @@ _POOL_QUERY = (
 POOL = Statement(_POOL_QUERY, name="pool")
 # Whether an order was refused (its refusal stream exists), a column of the hot path's reads.
 _REFUSED = exists().where(streams_table.c.stream_id == bindparam("refusal")).label("refused")
+# The reservations of a platform's order: itself when reserved whole, ``order_id/item`` per item
+# (a LIKE on a prefix escaped with "/", an index range: the database's collation is C).
+ORDER_LINES = (reservations.c.order_id == bindparam("order_id")) | reservations.c.order_id.like(
+    bindparam("prefix"), escape="/"
+)
+_HAS_LINES = exists().where(ORDER_LINES).label("has_lines")
 # The checkout's first read of a pool: its figures and sources (as POOL), whether the order was
-# refused and the platforms the pool serves, in one round trip (no row: no such pool).
+# refused, the platforms the pool serves and whether the order has reservations already, in
+# one round trip (no row: no such pool).
 POOL_FOR_ORDER = Statement(
     _POOL_QUERY.add_columns(
+        _HAS_LINES,
         _REFUSED,
         select(func.array_agg(pool_platforms.c.platform_id))
         .where(pool_platforms.c.pool_id == bindparam("pool_id"))
@@ -277,6 +285,7 @@ POOL_FOR_HOLD = Statement(_POOL_QUERY.add_columns(_REFUSED), name="pool_for_hold
 REFUSED = Statement(select(_REFUSED), name="refused")
 PLATFORMS_REFUSED = Statement(
     select(
+        _HAS_LINES,
         _REFUSED,
         select(func.array_agg(pool_platforms.c.platform_id))
         .where(pool_platforms.c.pool_id == bindparam("pool_id"))
