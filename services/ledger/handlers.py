@@ -205,10 +205,13 @@ async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
 async def _load_hold(conn: AsyncConnection, key: OrderKey, seen: Seen | None = None) -> domain.Hold:
     # Refusals of an order are written under this same pool lock (every shard's, for a pool of
     # several): if one committed while this attempt was locking the qualification, the order is
-    # refused for good. Read with the shard's figures, in one round trip.
+    # refused for good. Read with the shard's figures, in one round trip, which also ends the
+    # order's attempt (its row goes if and only if this hold commits).
     refusal = refusal_stream(key.order_id)
     if key.shard == 0:
-        rows = await POOL_FOR_HOLD.all(conn, pool_id=key.pool_id, refusal=refusal)
+        rows = await POOL_FOR_HOLD.all(
+            conn, pool_id=key.pool_id, refusal=refusal, order_id=key.order_id
+        )
         layout = layout_of(key.pool_id, rows)
         pool, shards, made = (
             (layout.main, layout.shards, layout.made) if layout is not None else (None, 1, 1)
@@ -218,7 +221,7 @@ async def _load_hold(conn: AsyncConnection, key: OrderKey, seen: Seen | None = N
         found = rows[0] if rows else None
     else:
         found = await SHARD_FOR_HOLD.first(
-            conn, pool_id=key.pool_id, shard=key.shard, refusal=refusal
+            conn, pool_id=key.pool_id, shard=key.shard, refusal=refusal, order_id=key.order_id
         )
         pool, shards, made = shard_of_row(key.pool_id, found)
     if found is not None:
@@ -627,7 +630,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
                             tx=tx,
                             reload=False,  # the answer is the reservation row, as written
                         )
-                        await ATTEMPT_ENDED.run(tx.conn, order_id=cmd.order_id)
+                        # The attempt's row went with the hold's read (POOL_FOR_HOLD).
                         row = seen.row or await self._row(tx.conn, cmd.order_id)
                         assert row is not None
                         return row

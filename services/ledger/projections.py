@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     cast,
+    delete,
     exists,
     func,
     insert,
@@ -281,7 +282,18 @@ POOL_FOR_ORDER = Statement(
     name="pool_for_order",
 )
 # The hold's read under the pool's lock: the pool (as POOL) and whether the order was refused.
-POOL_FOR_HOLD = Statement(_POOL_QUERY.add_columns(_REFUSED), name="pool_for_hold")
+# It also ends the order's attempt (deletes its reservation_attempts row, see handlers.reserve):
+# in the hold's transaction, so that the row goes exactly when the hold commits (a refusal or
+# a retry rolls the transaction back, the row with it), in the same round trip.
+_ATTEMPT_ENDED = (
+    delete(reservation_attempts)
+    .where(reservation_attempts.c.order_id == bindparam("order_id"))
+    .returning(reservation_attempts.c.order_id)
+    .cte("attempt_ended")
+)
+POOL_FOR_HOLD = Statement(
+    _POOL_QUERY.add_columns(_REFUSED).add_cte(_ATTEMPT_ENDED), name="pool_for_hold"
+)
 REFUSED = Statement(select(_REFUSED), name="refused")
 PLATFORMS_REFUSED = Statement(
     select(
@@ -409,7 +421,9 @@ _SHARD_QUERY = (
     .where(_P.pool_id == bindparam("pool_id"))
 )
 SHARD = Statement(_SHARD_QUERY, name="shard")
-SHARD_FOR_HOLD = Statement(_SHARD_QUERY.add_columns(_REFUSED), name="shard_for_hold")
+SHARD_FOR_HOLD = Statement(  # as POOL_FOR_HOLD, for shards 1..
+    _SHARD_QUERY.add_columns(_REFUSED).add_cte(_ATTEMPT_ENDED), name="shard_for_hold"
+)
 _NO_REFUSAL = "\x00"  # no stream has this id: the shard's read asks about no refusal
 
 
