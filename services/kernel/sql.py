@@ -55,6 +55,12 @@ class Statement:
         compiled = statement.compile(dialect=_DIALECT)
         assert isinstance(compiled, SQLCompiler)
         self.name = name or str(compiled).split(None, 1)[0]
+        # A column's Python-side default (``Column(default=...)``) is filled in by SQLAlchemy on
+        # each execution; compiled once, it would be bound as None: refuse it, name the columns.
+        prefetched = [*compiled.insert_prefetch, *compiled.update_prefetch]
+        if prefetched:
+            columns = ", ".join(c.key for c in prefetched)
+            raise TypeError(f"{self.name}: Python-side default of {columns}; give the value(s)")
         for key, bind in compiled.binds.items():
             if bind.expanding:
                 raise TypeError(f"{self.name}: {key} is an expanding IN; use = ANY(:{key})")

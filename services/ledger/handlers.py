@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import grpc
 from google.protobuf.message import Message
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.kernel import vault
 from services.kernel.background import every
@@ -35,6 +36,7 @@ from services.kernel.eventstore import EventStore, Tx, streams_table
 from services.kernel.pipeline import Aggregate, Pipeline
 from services.kernel.riskscreen import Circumstances, RiskBlocked, Screening
 from services.kernel.rpc import as_domain_error
+from services.kernel.sql import Statement
 from subsidy.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -48,24 +50,35 @@ from . import domain
 from .funding import FundingUseCases, append_plan, lock_shards
 from .policies import FundingPolicies
 from .projections import (
+    ORDER_LINES,
+    PLATFORMS_REFUSED,
+    POOL_FOR_HOLD,
+    POOL_FOR_ORDER,
+    REFUSED,
     SERIAL_CONSTRAINT,
+    SETTLE_PLAIN,
+    SETTLE_WATCHED,
+    SHARD_FOR_HOLD,
+    Seen,
     apply_event,
     budget_alerts,
     budget_categories,
     budget_pools,
     budget_tranches,
-    load_alerted,
+    layout_of,
     load_available,
     load_layout,
     load_pending_tranches,
     load_pool,
     load_pool_platforms,
-    load_reservation,
     load_shard,
     load_shard_categories,
     load_shards,
     load_use,
     refusal_stream,
+    reservation_of,
+    shard_of_row,
+    shards_use,
 )
 from .projections import reservation_attempts as attempts_t
 from .projections import reservations as reservations_t
@@ -189,32 +202,72 @@ async def _was_refused(conn: AsyncConnection, order_id: str) -> bool:
     return found is not None
 
 
-async def _load_hold(conn: AsyncConnection, key: OrderKey) -> domain.Hold:
+async def _load_hold(conn: AsyncConnection, key: OrderKey, seen: Seen | None = None) -> domain.Hold:
     # Refusals of an order are written under this same pool lock (every shard's, for a pool of
     # several): if one committed while this attempt was locking the qualification, the order is
-    # refused for good.
-    pool, shards, made = await load_shard(conn, key.pool_id, key.shard)
+    # refused for good. Read with the shard's figures, in one round trip, which also ends the
+    # order's attempt (its row goes if and only if this hold commits).
+    refusal = refusal_stream(key.order_id)
+    if key.shard == 0:
+        rows = await POOL_FOR_HOLD.all(
+            conn, pool_id=key.pool_id, refusal=refusal, order_id=key.order_id
+        )
+        layout = layout_of(key.pool_id, rows)
+        pool, shards, made = (
+            (layout.main, layout.shards, layout.made) if layout is not None else (None, 1, 1)
+        )
+        if seen is not None:  # shard 0's row, read under its lock: the projection's "before"
+            seen.layout = layout
+        found = rows[0] if rows else None
+    else:
+        found = await SHARD_FOR_HOLD.first(
+            conn, pool_id=key.pool_id, shard=key.shard, refusal=refusal, order_id=key.order_id
+        )
+        pool, shards, made = shard_of_row(key.pool_id, found)
+    if found is not None:
+        refused = bool(found.refused)
+    else:
+        refused = bool(await REFUSED.scalar(conn, refusal=refusal))
     sharded = made > 1
     use = await load_use(conn, key.pool_id, key.category, sharded) if key.category else None
     # A sub-budget is a share of the whole pool's funding (only shard 0's lock changes it).
     total = await load_pool(conn, key.pool_id) if key.category and sharded else None
-    refused = await _was_refused(conn, key.order_id)
     available = await load_available(conn, key.pool_id) if sharded else 0
     return domain.Hold(pool, refused, use, total, shards, made, available)
 
 
-async def _load_settle(conn: AsyncConnection, key: OrderKey) -> domain.Settle:
-    res = await load_reservation(conn, key.order_id)
-    if not key.watch or res is None:  # no thresholds to watch: the reservation alone
+async def _load_settle(
+    conn: AsyncConnection, key: OrderKey, seen: Seen | None = None
+) -> domain.Settle:
+    if not key.watch:  # no thresholds to watch: the reservation alone
+        row = await SETTLE_PLAIN.first(conn, order_id=key.order_id)
+        rows = [row] if row is not None else []
+    else:  # with its category's use, the thresholds reached and the pool, in one round trip
+        rows = await SETTLE_WATCHED.all(conn, order_id=key.order_id, category=key.category)
+        row = rows[0] if rows else None
+    res = reservation_of(row)
+    if seen is not None:  # read under the lock: the projection's reservation and platform
+        seen.reservation = res
+        seen.platform_id = row.platform_id if row is not None else None
+    if not key.watch or res is None:
         return domain.Settle(res)
-    layout = await load_layout(conn, key.pool_id)
+    assert row is not None
+    # Its pool's shard 0 and sources (no pool row: the outer join's pool columns are NULL).
+    layout = layout_of(key.pool_id, rows) if row.shards is not None else None
     sharded = layout is not None and layout.made > 1
-    return domain.Settle(
-        res,
-        await load_pool(conn, key.pool_id),  # the whole pool's (summed over its shards)
-        await load_use(conn, key.pool_id, key.category, sharded),
-        await load_alerted(conn, key.pool_id, key.category),
-    )
+    pool = layout.main if layout is not None else None
+    if layout is not None and sharded:  # the whole pool's (summed over its shards)
+        _, figures = await load_shards(conn, key.pool_id, layout)
+        pool = budget.total(key.pool_id, (figures[k] for k in sorted(figures)))
+    if seen is not None and key.shard == 0:
+        seen.layout = layout
+    use = domain.CategoryUse(key.category, row.use_reserved or 0, row.use_spent or 0)
+    if row.use_reserved is None:  # no row for the category yet
+        use = domain.CategoryUse(key.category)
+    if sharded:
+        use = await shards_use(conn, use, key.pool_id)
+    alerted = frozenset(zip(row.alert_categories or (), row.alert_thresholds or (), strict=True))
+    return domain.Settle(res, pool, use, alerted)
 
 
 async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
@@ -224,12 +277,20 @@ async def _load_held(conn: AsyncConnection, key: OrderKey) -> bool:
     return held is not None
 
 
-HOLD: Aggregate[OrderKey, domain.Hold] = Aggregate(
-    "budget-pool", lambda k: shard_stream(k.pool_id, k.shard), _load_hold
-)
-SETTLE: Aggregate[OrderKey, domain.Settle] = Aggregate(
-    "budget-pool", lambda k: shard_stream(k.pool_id, k.shard), _load_settle
-)
+def _order_stream(key: OrderKey) -> str:
+    return shard_stream(key.pool_id, key.shard)
+
+
+def _hold_aggregate(seen: Seen) -> Aggregate[OrderKey, domain.Hold]:
+    """The pool shard's stream, its hold state loaded into ``seen`` too."""
+    return Aggregate("budget-pool", _order_stream, partial(_load_hold, seen=seen))
+
+
+def _settle_aggregate(seen: Seen) -> Aggregate[OrderKey, domain.Settle]:
+    """The pool shard's stream, its settle state loaded into ``seen`` too."""
+    return Aggregate("budget-pool", _order_stream, partial(_load_settle, seen=seen))
+
+
 TRANCHES: Aggregate[str, list[domain.ScheduledTranche]] = Aggregate(
     "budget-pool", pool_stream, load_pending_tranches
 )
@@ -238,17 +299,72 @@ REFUSAL: Aggregate[OrderKey, bool] = Aggregate(
 )
 
 
-async def _lines(conn: AsyncConnection, order_id: str) -> dict[str, str]:
-    """The reservations of a platform's order (key -> platform): itself when reserved whole,
-    ``order_id/item`` per item (an index range: the database's collation is C)."""
-    r = reservations_t.c
-    rows = await conn.execute(
-        select(r.order_id, r.platform_id).where(
-            (r.order_id == order_id)
-            | r.order_id.startswith(order_line.lines_prefix(order_id), autoescape=True)
-        )
+_r = reservations_t.c
+ORDER_ROWS = Statement(select(reservations_t).where(ORDER_LINES), name="order_rows")
+ROW = Statement(select(reservations_t).where(_r.order_id == bindparam("order_id")), name="row")
+_a = attempts_t.c
+ATTEMPT_STARTED = Statement(
+    pg_insert(attempts_t)
+    .values(
+        order_id=bindparam("order_id"),
+        pool_id=bindparam("pool_id"),
+        qualification_id=bindparam("qualification_id"),
+        started_at=bindparam("started_at"),
     )
-    return {key: platform for key, platform in rows}
+    .on_conflict_do_nothing(),
+    name="attempt_started",
+)
+ATTEMPT_ENDED = Statement(
+    attempts_t.delete().where(_a.order_id == bindparam("order_id")), name="attempt_ended"
+)
+
+
+@asynccontextmanager
+async def _autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection on which each statement is its own transaction: reads that need no
+    snapshot across statements (each would take its own under READ COMMITTED anyway) and the
+    attempt's own durable write pay no BEGIN, COMMIT or ROLLBACK round trip (and a ROLLBACK
+    would make psycopg drop the connection's prepared statements)."""
+    async with engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _like_prefix(prefix: str) -> str:
+    """``prefix`` as a LIKE pattern (escape character ``/``, as ``startswith(autoescape=True)``
+    escapes it) matching every string that starts with it."""
+    return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+def _order_lines(order_id: str) -> dict[str, str]:
+    """ORDER_LINES's parameters: the reservations of the platform's order ``order_id``."""
+    return {"order_id": order_id, "prefix": _like_prefix(order_line.lines_prefix(order_id))}
+
+
+async def _order_rows(conn: AsyncConnection, order_id: str) -> dict[str, dict[str, object]]:
+    """The reservations of a platform's order, by key, as rows."""
+    rows = await ORDER_ROWS.all(conn, **_order_lines(order_id))
+    return {r.order_id: r._asdict() for r in rows}
+
+
+async def _lines(conn: AsyncConnection, order_id: str) -> dict[str, str]:
+    """The reservations of a platform's order (key -> platform)."""
+    return {k: str(r["platform_id"]) for k, r in (await _order_rows(conn, order_id)).items()}
+
+
+def _located(
+    order_id: str, item: str, rows: dict[str, dict[str, object]], platform: str | None
+) -> tuple[str, dict[str, object] | None]:
+    """The key a call names (domain.locate) among its order's rows, and that reservation's row
+    (None: unknown, or another platform's)."""
+    if platform is not None and any(r["platform_id"] != platform for r in rows.values()):
+        lines: frozenset[str] = frozenset()
+    else:
+        lines = frozenset(rows)
+    key = domain.locate(order_id, item, lines)
+    row = rows.get(key)
+    if row is not None and platform is not None and row["platform_id"] != platform:
+        row = None
+    return key, row
 
 
 def _as_command(row: dict[str, object]) -> domain.Reserve:
@@ -301,7 +417,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
     # -- budget ---------------------------------------------------------------------------
     async def get_pool(self, pool_id: str, platform: str | None = None) -> budget.Pool:
         """A pool's figures; a platform reads only the pools assigned to it."""
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             pool = await load_pool(conn, pool_id)
             domain.serves(await load_pool_platforms(conn, pool_id), pool_id, platform)
         if pool is None:
@@ -362,7 +478,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         lock; returns how many were released."""
         now = self.clock()
         t = budget_tranches.c
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             pools = (
                 await conn.execute(
                     select(t.pool_id)
@@ -388,7 +504,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         """The reservation keyed ``order_id`` (an order, or ``order_id/item``); for a platform,
         only its own (another platform's order is as unknown as one that never existed, so ids
         cannot be probed)."""
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             row = await self._row(conn, order_id)
         if row is not None and platform is not None and row["platform_id"] != platform:
             return None
@@ -397,11 +513,9 @@ class Ledger(FundingUseCases, SettlementUseCases):
     async def locate(self, order_id: str, item: str, platform: str | None = None) -> str:
         """The key of the reservation a call names: the whole order, or one of its items
         (domain.locate); another platform's order is unknown."""
-        async with self.store.engine.connect() as conn:
-            lines = await _lines(conn, order_id)
-        if platform is not None and any(p != platform for p in lines.values()):
-            lines = {}
-        return domain.locate(order_id, item, frozenset(lines))
+        async with _autocommit(self.store.engine) as conn:
+            rows = await _order_rows(conn, order_id)
+        return _located(order_id, item, rows, platform)[0]
 
     async def reserve(
         self,
@@ -411,20 +525,32 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> dict[str, object]:
         """Verify the item, screen the order against the risk rules and lists, lock the
         qualification, hold the subsidy; idempotent on order id."""
-        async with self.store.engine.connect() as conn:  # one connection for every read
-            lines = await _lines(conn, order_line.order_of(cmd.order_id))
-            prior = await self._row(conn, cmd.order_id) if cmd.order_id in lines else None
+        # One connection for every read: the pool with the order's refusal, the platforms it
+        # serves and whether the order has lines (a new order, the common case, has none: one
+        # round trip); then the order's lines when it has some.
+        async with _autocommit(self.store.engine) as conn:
+            order = order_line.order_of(cmd.order_id)
+            found = {
+                "pool_id": cmd.pool_id,
+                "refusal": refusal_stream(cmd.order_id),
+                **_order_lines(order),
+            }
+            pool_rows = await POOL_FOR_ORDER.all(conn, **found)
+            head = pool_rows[0] if pool_rows else None
+            if head is None:  # no such pool: the rest is read alone
+                head = await PLATFORMS_REFUSED.first(conn, **found)
+            assert head is not None
+            rows = await _order_rows(conn, order) if head.has_lines else {}
+            prior = rows.get(cmd.order_id)
             if prior is not None:
                 domain.same_order(_as_command(prior), cmd)
                 return prior
-            domain.new_line(cmd, lines)
-            if await _was_refused(conn, cmd.order_id):
+            domain.new_line(cmd, {k: str(r["platform_id"]) for k, r in rows.items()})
+            if head.refused:
                 raise domain.order_refused()
             # The order's platform must be one the pool pays (platform_id is the caller's own).
-            domain.serves(
-                await load_pool_platforms(conn, cmd.pool_id), cmd.pool_id, cmd.platform_id
-            )
-            layout = await load_layout(conn, cmd.pool_id)
+            domain.serves(frozenset(head.platforms or ()), cmd.pool_id, cmd.platform_id)
+            layout = layout_of(cmd.pool_id, pool_rows)
             sharded = layout is not None and layout.made > 1
             # The whole pool's figures (a pool of one shard: that row, as read above).
             pool_now = layout.main if layout is not None else None
@@ -446,7 +572,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         capped = item.category if rules.sub_budget_bp(item.category) is not None else ""
         use_now = None
         if capped and pool_now is not None:
-            async with self.store.engine.connect() as conn:
+            async with _autocommit(self.store.engine) as conn:
                 use_now = await load_use(conn, cmd.pool_id, capped, sharded)
         domain.check_funds(pool_now, cmd.pool_id, item.category, item.subsidy_fen, rules, use_now)
         shards = layout.shards if layout is not None else 1
@@ -476,6 +602,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
             for attempt in range(4):  # a changed shard count re-routes; a short shard gathers
                 if attempt == 3:  # the count keeps changing: decide with every shard locked
                     route = Route(route.shard, route.shards, gather=True)
+                seen = Seen()  # what this attempt's hold reads, for its projection
                 try:
                     async with self.store.transaction() as tx:
                         # Counted under the subjects' advisory locks, held until the observation
@@ -495,18 +622,16 @@ class Ledger(FundingUseCases, SettlementUseCases):
                         await screen.observe(tx.conn, screening, now)
                         if route.gather:  # every shard locked, budget moved to this one
                             route = await self._gather(tx, cmd, capped, item.subsidy_fen, ctx)
-                        await self.pipeline.run(
-                            HOLD,
+                        await self._seeing(seen).run(
+                            _hold_aggregate(seen),
                             OrderKey(cmd.pool_id, cmd.order_id, capped, shard=route.shard),
                             partial(decide, route=route),
                             ctx,
                             tx=tx,
-                            reload=False,  # the answer is the reservation row, read below
+                            reload=False,  # the answer is the reservation row, as written
                         )
-                        await tx.conn.execute(
-                            attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
-                        )
-                        row = await self._row(tx.conn, cmd.order_id)
+                        # The attempt's row went with the hold's read (POOL_FOR_HOLD).
+                        row = seen.row or await self._row(tx.conn, cmd.order_id)
                         assert row is not None
                         return row
                 except HoldAgain as again:
@@ -588,16 +713,13 @@ class Ledger(FundingUseCases, SettlementUseCases):
     ) -> None:
         # Durable before the lock: if this process dies before the hold commits, the sweeper
         # finds the attempt and refuses the order, which undoes the lock.
-        async with self.store.transaction() as tx:
-            await tx.conn.execute(
-                pg_insert(attempts_t)
-                .values(
-                    order_id=cmd.order_id,
-                    pool_id=cmd.pool_id,
-                    qualification_id=cmd.qualification_id,
-                    started_at=self.clock(),
-                )
-                .on_conflict_do_nothing()
+        async with _autocommit(self.store.engine) as conn:
+            await ATTEMPT_STARTED.run(
+                conn,
+                order_id=cmd.order_id,
+                pool_id=cmd.pool_id,
+                qualification_id=cmd.qualification_id,
+                started_at=self.clock(),
             )
         try:
             await self.eligibility.LockQualification(
@@ -613,20 +735,21 @@ class Ledger(FundingUseCases, SettlementUseCases):
         except grpc.aio.AioRpcError as err:
             if err.code() in DEFINITIVE:
                 # Eligibility refused: nothing was locked, nothing to undo.
-                async with self.store.transaction() as tx:
-                    await tx.conn.execute(
-                        attempts_t.delete().where(attempts_t.c.order_id == cmd.order_id)
-                    )
+                async with _autocommit(self.store.engine) as conn:
+                    await ATTEMPT_ENDED.run(conn, order_id=cmd.order_id)
             # Otherwise (a deadline, a dropped connection) the lock may have committed: the
             # attempt stays, and a retry completes it or the sweeper refuses it.
             raise as_domain_error(err, "eligibility") from err
 
     @staticmethod
     async def _row(conn: AsyncConnection, order_id: str) -> dict[str, object] | None:
-        row = (
-            await conn.execute(select(reservations_t).where(reservations_t.c.order_id == order_id))
-        ).first()
-        return dict(row._mapping) if row else None
+        row = await ROW.first(conn, order_id=order_id)
+        return row._asdict() if row is not None else None
+
+    def _seeing(self, seen: Seen) -> Pipeline:
+        """The service's pipeline, its projection handed what the command read under its lock
+        (``seen``), so that the checkout's projection reads none of it again."""
+        return Pipeline(self.store, SERVICE, partial(apply_event, seen=seen))
 
     async def _refuse(
         self,
@@ -671,7 +794,7 @@ class Ledger(FundingUseCases, SettlementUseCases):
         """Refuse every order whose attempt outlived ``older_than_s`` without a hold (the ledger
         died between locking the qualification and the hold): its qualification is freed."""
         cutoff = self.clock() - timedelta(seconds=older_than_s)
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             stale = (
                 await conn.execute(
                     select(attempts_t).where(attempts_t.c.started_at < cutoff).limit(500)
@@ -696,44 +819,61 @@ class Ledger(FundingUseCases, SettlementUseCases):
         platform: str | None = None,
         *,
         watch: bool = False,
+        item: str | None = None,
     ) -> dict[str, object]:
         """Capture or release one order under its pool's lock (a platform: only its own).
         With ``watch``, the decision gets the funding rules of the order's policy version and,
         when they have alert thresholds, the pool's figures, the category's use and the alerts
-        raised; otherwise it reads the order alone."""
-        existing = await self.get_reservation(order_id, platform)
-        if existing is None:
-            raise domain.unknown_order(order_id)
-        version = str(existing["policy_version"])
-        rules = await self.policies.rules(version) if watch else domain.DEFAULT_RULES
-        key = OrderKey(
-            str(existing["pool_id"]),
-            order_id,
-            str(existing["category"]),
-            watch=bool(rules.alert_thresholds_bp),
-            shard=int(str(existing["shard"])),
-        )
-        ctx = Context(actor, correlation_id=order_line.order_of(order_id), policy_version=version)
+        raised; otherwise it reads the order alone. With ``item`` (a call naming a platform's
+        order and maybe an item), the reservation is located first (:meth:`locate`), in the
+        same read."""
         async with self.store.transaction() as tx:
+            # Read in the transaction, before any lock (as a read of its own would be: each
+            # statement sees what committed before it), so the call pays one BEGIN and COMMIT.
+            if item is None:
+                existing = await self._row(tx.conn, order_id)
+                if existing is not None and platform is not None:
+                    existing = existing if existing["platform_id"] == platform else None
+            else:
+                order_id, existing = _located(
+                    order_id, item, await _order_rows(tx.conn, order_id), platform
+                )
+            if existing is None:
+                raise domain.unknown_order(order_id)
+            version = str(existing["policy_version"])
+            rules = await self.policies.rules(version) if watch else domain.DEFAULT_RULES
+            key = OrderKey(
+                str(existing["pool_id"]),
+                order_id,
+                str(existing["category"]),
+                watch=bool(rules.alert_thresholds_bp),
+                shard=int(str(existing["shard"])),
+            )
+            ctx = Context(
+                actor, correlation_id=order_line.order_of(order_id), policy_version=version
+            )
             if key.watch and key.shard:
                 # Thresholds are of the whole pool: captures that watch them queue on shard 0's
                 # lock too (shard 0 first, as every multi-stream lock), so each sees the ones
                 # before it and a threshold is raised once.
                 await tx.lock_stream(pool_stream(key.pool_id))
-            outcome = await self.pipeline.run(
-                SETTLE,
+            seen = Seen()
+            outcome = await self._seeing(seen).run(
+                _settle_aggregate(seen),
                 key,
                 lambda state: decide(state or domain.Settle(None), rules),
                 ctx,
                 tx=tx,
                 reload=False,
             )
+            row = seen.row  # the reservation's row as the projection wrote it
             if any(
                 isinstance(e := payload_of(env), ev.SubsidyReleased) and e.was_captured
                 for env in outcome.appended
             ):  # a refund: clawed back if a settlement batch included the order
                 await self.claw_back(tx, order_id, str(existing["merchant_id"]), ctx)
-            row = await self._row(tx.conn, order_id)
+                row = None  # read again after the clawback's projection
+            row = row or await self._row(tx.conn, order_id)
         assert row is not None
         return row
 
@@ -750,13 +890,14 @@ class Ledger(FundingUseCases, SettlementUseCases):
         amount checked by the order's policy version, and raise the thresholds the capture
         reaches."""
         return await self._settle(
-            await self.locate(order_id, item, platform),
+            order_id,
             actor,
             lambda state, rules: domain.capture_and_alert(
                 state, payment_ref, rules, paid_amount_fen
             ),
             platform,
             watch=True,
+            item=item,
         )
 
     async def release(
@@ -770,15 +911,16 @@ class Ledger(FundingUseCases, SettlementUseCases):
         """Void or refund the order, or one item of it (the other items stay as they are):
         each source gets back what it held or paid for exactly that reservation."""
         return await self._settle(
-            await self.locate(order_id, item, platform),
+            order_id,
             actor,
             lambda state, _: domain.release(state.reservation, reason),
             platform,
+            item=item,
         )
 
     async def expire_due(self) -> int:
         """Release every pending reservation past its timeout; returns how many."""
-        async with self.store.engine.connect() as conn:
+        async with _autocommit(self.store.engine) as conn:
             due = (
                 (
                     await conn.execute(

@@ -8,7 +8,9 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC
 from typing import Any
 
@@ -24,20 +26,27 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     bindparam,
+    cast,
+    delete,
+    exists,
     func,
     insert,
+    or_,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import metrics
 from services.kernel.contract import budget
 from services.kernel.events import Envelope, payload_of
-from services.kernel.eventstore import EventStore
+from services.kernel.eventstore import EventStore, streams_table
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -249,6 +258,54 @@ _POOL_QUERY = (
     .where(_P.pool_id == bindparam("pool_id"))
     .order_by(_S.position)
 )
+POOL = Statement(_POOL_QUERY, name="pool")
+# Whether an order was refused (its refusal stream exists), a column of the hot path's reads.
+_REFUSED = exists().where(streams_table.c.stream_id == bindparam("refusal")).label("refused")
+# The reservations of a platform's order: itself when reserved whole, ``order_id/item`` per item
+# (a LIKE on a prefix escaped with "/", an index range: the database's collation is C).
+ORDER_LINES = (reservations.c.order_id == bindparam("order_id")) | reservations.c.order_id.like(
+    bindparam("prefix"), escape="/"
+)
+_HAS_LINES = exists().where(ORDER_LINES).label("has_lines")
+# The checkout's first read of a pool: its figures and sources (as POOL), whether the order was
+# refused, the platforms the pool serves and whether the order has reservations already, in
+# one round trip (no row: no such pool).
+POOL_FOR_ORDER = Statement(
+    _POOL_QUERY.add_columns(
+        _HAS_LINES,
+        _REFUSED,
+        select(func.array_agg(pool_platforms.c.platform_id))
+        .where(pool_platforms.c.pool_id == bindparam("pool_id"))
+        .scalar_subquery()
+        .label("platforms"),
+    ),
+    name="pool_for_order",
+)
+# The hold's read under the pool's lock: the pool (as POOL) and whether the order was refused.
+# It also ends the order's attempt (deletes its reservation_attempts row, see handlers.reserve):
+# in the hold's transaction, so that the row goes exactly when the hold commits (a refusal or
+# a retry rolls the transaction back, the row with it), in the same round trip.
+_ATTEMPT_ENDED = (
+    delete(reservation_attempts)
+    .where(reservation_attempts.c.order_id == bindparam("order_id"))
+    .returning(reservation_attempts.c.order_id)
+    .cte("attempt_ended")
+)
+POOL_FOR_HOLD = Statement(
+    _POOL_QUERY.add_columns(_REFUSED).add_cte(_ATTEMPT_ENDED), name="pool_for_hold"
+)
+REFUSED = Statement(select(_REFUSED), name="refused")
+PLATFORMS_REFUSED = Statement(
+    select(
+        _HAS_LINES,
+        _REFUSED,
+        select(func.array_agg(pool_platforms.c.platform_id))
+        .where(pool_platforms.c.pool_id == bindparam("pool_id"))
+        .scalar_subquery()
+        .label("platforms"),
+    ),
+    name="platforms_refused",
+)
 
 
 @dataclass(frozen=True)
@@ -263,7 +320,11 @@ class Layout:
 
 async def load_layout(conn: AsyncConnection, pool_id: str) -> Layout | None:
     """The pool's own stream's figures (shard 0) and its shard counts."""
-    rows = (await conn.execute(_POOL_QUERY, {"pool_id": pool_id})).all()
+    return layout_of(pool_id, await POOL.all(conn, pool_id=pool_id))
+
+
+def layout_of(pool_id: str, rows: Sequence[Any]) -> Layout | None:
+    """The layout in the rows of POOL (or of a statement that adds columns to it)."""
     if not rows:
         return None
     first = rows[0]
@@ -305,11 +366,15 @@ async def load_shards(
         raise LookupError(pool_id)
     figures = {0: layout.main}
     if layout.made > 1:
-        rows = await conn.execute(
-            select(budget_shards).where(_K.pool_id == pool_id).order_by(_K.shard)
-        )
+        rows = await SHARDS.all(conn, pool_id=pool_id)
         figures.update({r.shard: _shard_pool(pool_id, r) for r in rows})
     return layout, figures
+
+
+SHARDS = Statement(
+    select(budget_shards).where(_K.pool_id == bindparam("pool_id")).order_by(_K.shard),
+    name="shards",
+)
 
 
 async def load_pool(conn: AsyncConnection, pool_id: str) -> budget.Pool | None:
@@ -332,7 +397,10 @@ _AVAILABLE_QUERY = select(
 
 async def load_available(conn: AsyncConnection, pool_id: str) -> int:
     """What the pool has available over all its shards, as one snapshot of what committed."""
-    return int(await conn.scalar(_AVAILABLE_QUERY, {"pool_id": pool_id}) or 0)
+    return int(await AVAILABLE.scalar(conn, pool_id=pool_id) or 0)
+
+
+AVAILABLE = Statement(_AVAILABLE_QUERY, name="available")
 
 
 _SHARD_QUERY = (
@@ -352,6 +420,11 @@ _SHARD_QUERY = (
     )
     .where(_P.pool_id == bindparam("pool_id"))
 )
+SHARD = Statement(_SHARD_QUERY, name="shard")
+SHARD_FOR_HOLD = Statement(  # as POOL_FOR_HOLD, for shards 1..
+    _SHARD_QUERY.add_columns(_REFUSED).add_cte(_ATTEMPT_ENDED), name="shard_for_hold"
+)
+_NO_REFUSAL = "\x00"  # no stream has this id: the shard's read asks about no refusal
 
 
 async def load_shard(
@@ -362,7 +435,11 @@ async def load_shard(
     if shard == 0:
         layout = await load_layout(conn, pool_id)
         return (layout.main, layout.shards, layout.made) if layout is not None else (None, 1, 1)
-    row = (await conn.execute(_SHARD_QUERY, {"pool_id": pool_id, "shard": shard})).first()
+    return shard_of_row(pool_id, await SHARD.first(conn, pool_id=pool_id, shard=shard))
+
+
+def shard_of_row(pool_id: str, row: Any) -> tuple[budget.Pool | None, int, int]:
+    """:func:`load_shard`'s answer from a row of SHARD (or of a statement adding to it)."""
     if row is None:
         return None, 1, 1
     if row.funded_fen is None:
@@ -374,25 +451,37 @@ async def load_use(
     conn: AsyncConnection, pool_id: str, category: str, sharded: bool = False
 ) -> domain.CategoryUse:
     """What ``category`` holds and has spent of the pool (``sharded``: of all its shards)."""
-    row = (
-        await conn.execute(
-            select(budget_categories.c.reserved_fen, budget_categories.c.spent_fen).where(
-                budget_categories.c.pool_id == pool_id, budget_categories.c.category == category
-            )
-        )
-    ).first()
+    row = await USE.first(conn, pool_id=pool_id, category=category)
     use = domain.CategoryUse(category, *row) if row is not None else domain.CategoryUse(category)
-    if sharded:
-        for (held,) in await conn.execute(select(_K.categories).where(_K.pool_id == pool_id)):
-            reserved, spent = (held or {}).get(category, (0, 0))
-            use = domain.CategoryUse(category, use.reserved + reserved, use.spent + spent)
+    return await shards_use(conn, use, pool_id) if sharded else use
+
+
+async def shards_use(
+    conn: AsyncConnection, use: domain.CategoryUse, pool_id: str
+) -> domain.CategoryUse:
+    """``use`` (shard 0's) with what shards 1.. of the pool hold and spent of its category."""
+    for (held,) in await SHARD_CATEGORIES.all(conn, pool_id=pool_id):
+        reserved, spent = (held or {}).get(use.category, (0, 0))
+        use = domain.CategoryUse(use.category, use.reserved + reserved, use.spent + spent)
     return use
+
+
+_C = budget_categories.c
+USE = Statement(
+    select(_C.reserved_fen, _C.spent_fen).where(
+        _C.pool_id == bindparam("pool_id"), _C.category == bindparam("category")
+    ),
+    name="use",
+)
+SHARD_CATEGORIES = Statement(
+    select(_K.categories).where(_K.pool_id == bindparam("pool_id")), name="shard_categories"
+)
 
 
 async def load_shard_categories(conn: AsyncConnection, pool_id: str) -> dict[str, tuple[int, int]]:
     """Each category's (reserved, spent) in the pool's shards 1.. (shard 0's: budget_categories)."""
     out: dict[str, tuple[int, int]] = {}
-    for (held,) in await conn.execute(select(_K.categories).where(_K.pool_id == pool_id)):
+    for (held,) in await SHARD_CATEGORIES.all(conn, pool_id=pool_id):
         for category, (reserved, spent) in (held or {}).items():
             r, sp = out.get(category, (0, 0))
             out[category] = (r + reserved, sp + spent)
@@ -403,12 +492,16 @@ async def load_alerted(
     conn: AsyncConnection, pool_id: str, category: str
 ) -> frozenset[tuple[str, int]]:
     """The thresholds already reached for the pool and for ``category``."""
-    rows = await conn.execute(
-        select(budget_alerts.c.category, budget_alerts.c.threshold_bp).where(
-            budget_alerts.c.pool_id == pool_id, budget_alerts.c.category.in_(("", category))
-        )
-    )
+    rows = await ALERTED.all(conn, pool_id=pool_id, category=category)
     return frozenset((c, t) for c, t in rows)
+
+
+_A = budget_alerts.c
+_ALERTED = or_(_A.category == "", _A.category == bindparam("category"))
+ALERTED = Statement(
+    select(_A.category, _A.threshold_bp).where(_A.pool_id == bindparam("pool_id"), _ALERTED),
+    name="alerted",
+)
 
 
 async def load_pending_tranches(
@@ -434,25 +527,68 @@ def _tranches(stored: Any) -> tuple[domain.Tranche, ...]:
     )
 
 
-async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reservation | None:
-    row = (
-        await conn.execute(
-            select(
-                reservations.c.order_id,
-                reservations.c.pool_id,
-                reservations.c.subsidy_fen,
-                reservations.c.status,
-                reservations.c.qualification_id,
-                reservations.c.sources,
-                reservations.c.category,
-                reservations.c.unit_price_fen,
-            ).where(reservations.c.order_id == order_id)
+_R = reservations.c
+_RESERVATION_QUERY = select(
+    _R.order_id,
+    _R.pool_id,
+    _R.subsidy_fen,
+    _R.status,
+    _R.qualification_id,
+    _R.sources,
+    _R.category,
+    _R.unit_price_fen,
+).where(_R.order_id == bindparam("order_id"))
+RESERVATION = Statement(_RESERVATION_QUERY, name="reservation")
+# A capture's read under the pool's lock: the reservation (as RESERVATION), its platform (for
+# the bill's capture row), its category's use of the pool (shard 0's), the thresholds already
+# reached for the pool and that category, and the pool's shard 0 and sources (as POOL, one row
+# per source), in one round trip.
+SETTLE_WATCHED = Statement(
+    _RESERVATION_QUERY.add_columns(
+        *(c for c in _POOL_QUERY.selected_columns),
+        _R.platform_id,
+        select(_C.reserved_fen)
+        .where(_C.pool_id == _R.pool_id, _C.category == bindparam("category"))
+        .scalar_subquery()
+        .label("use_reserved"),
+        select(_C.spent_fen)
+        .where(_C.pool_id == _R.pool_id, _C.category == bindparam("category"))
+        .scalar_subquery()
+        .label("use_spent"),
+        select(func.array_agg(aggregate_order_by(_A.category, _A.category, _A.threshold_bp)))
+        .where(_A.pool_id == _R.pool_id, _ALERTED)
+        .scalar_subquery()
+        .label("alert_categories"),
+        select(func.array_agg(aggregate_order_by(_A.threshold_bp, _A.category, _A.threshold_bp)))
+        .where(_A.pool_id == _R.pool_id, _ALERTED)
+        .scalar_subquery()
+        .label("alert_thresholds"),
+    )
+    .select_from(
+        reservations.outerjoin(budget_pools, _P.pool_id == _R.pool_id).outerjoin(
+            budget_sources, _S.pool_id == _P.pool_id
         )
-    ).first()
+    )
+    .order_by(_S.position),
+    name="settle_watched",
+)
+SETTLE_PLAIN = Statement(_RESERVATION_QUERY.add_columns(_R.platform_id), name="settle_plain")
+
+
+async def load_reservation(conn: AsyncConnection, order_id: str) -> domain.Reservation | None:
+    return reservation_of(await RESERVATION.first(conn, order_id=order_id))
+
+
+def reservation_of(row: Any) -> domain.Reservation | None:
+    """The reservation in a row of RESERVATION (or of a statement adding to it)."""
     if row is None:
         return None
     return domain.Reservation(
-        *row[:5],
+        row.order_id,
+        row.pool_id,
+        row.subsidy_fen,
+        row.status,
+        row.qualification_id,
         sources=_parts(row.sources),
         category=row.category,
         unit_price_fen=row.unit_price_fen,
@@ -480,10 +616,46 @@ async def load_pool_platforms(conn: AsyncConnection, pool_id: str) -> frozenset[
     return frozenset(rows.scalars())
 
 
-async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
-    """Apply one ledger event to the read models."""
+@dataclass
+class Seen:
+    """What a checkout command read under its stream's lock, handed to the projection of the
+    events it appends in the same transaction, so that nothing is read twice: the pool's
+    layout (shard 0's row, read under its lock), the reservation settled and its platform.
+    Each is used once, by the first event about it (after which the row has moved); the
+    projection leaves the reservation's row as written in ``row`` (the command's answer)."""
+
+    layout: Layout | None = None
+    reservation: domain.Reservation | None = None
+    platform_id: str | None = None
+    row: dict[str, object] | None = field(default=None, repr=False)
+
+    def take_layout(self, pool_id: str) -> Layout | None:
+        layout, self.layout = self.layout, None
+        return layout if layout is not None and layout.main.pool_id == pool_id else None
+
+    def take_reservation(self, order_id: str) -> domain.Reservation | None:
+        res, self.reservation = self.reservation, None
+        return res if res is not None and res.order_id == order_id else None
+
+    def take_platform(self, order_id: str, settled: domain.Reservation | None) -> str | None:
+        platform, self.platform_id = self.platform_id, None
+        return platform if settled is not None and settled.order_id == order_id else None
+
+
+async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = None) -> None:
+    """Apply one ledger event to the read models (``seen``: what the command appending it
+    read under its lock, so as not to read it again)."""
     event = payload_of(env)
-    await reconciliation.apply_event(conn, reconciliation_tables, env, event)
+    settled = None
+    if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
+        if seen is not None:
+            settled = seen.take_reservation(event.order_id)
+        platform = seen.take_platform(event.order_id, settled) if seen is not None else None
+        if settled is None:
+            settled = await load_reservation(conn, event.order_id)
+        await reconciliation.apply_event(conn, reconciliation_tables, env, event, platform)
+    else:
+        await reconciliation.apply_event(conn, reconciliation_tables, env, event)
     if await settlement.apply_event(conn, settlement_tables, env, event):
         return
     if isinstance(event, ev.FundingProposed | ev.FundingApproved):
@@ -538,12 +710,10 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
         return
     _, shard = budget.stream_shard(env.stream_id)
     if shard:  # one of shards 1..: its own row, nothing else of the pool's
-        await _apply_shard(conn, env, event, pool_id, shard)
+        await _apply_shard(conn, env, event, pool_id, shard, settled, seen)
         return
-    settled = None
-    if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
-        settled = await load_reservation(conn, event.order_id)
-    layout = await load_layout(conn, pool_id)
+    layout = seen.take_layout(pool_id) if seen is not None else None
+    layout = layout or await load_layout(conn, pool_id)
     before = layout.main if layout is not None else None
     # An event written before sources is attributed as its reservation was (stored with it).
     held = settled.sources if settled is not None else None
@@ -591,12 +761,11 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
             .values(released=True)
         )
     elif isinstance(event, ev.SubsidyReserved):
-        await _use(conn, pool_id, event.category, event)
-        await _reservation_row(conn, env, event, parts, None, 0)
+        await _reservation_row(conn, env, event, parts, None, 0, seen, (pool_id, event.category))
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         assert settled is not None
-        await _use(conn, pool_id, event.category or settled.category, event)
-        await _reservation_row(conn, env, event, parts, settled, 0)
+        category = event.category or settled.category
+        await _reservation_row(conn, env, event, parts, settled, 0, seen, (pool_id, category))
 
 
 async def _reservation_row(
@@ -606,52 +775,132 @@ async def _reservation_row(
     parts: budget.Parts,
     settled: domain.Reservation | None,
     shard: int,
+    seen: Seen | None = None,
+    use: tuple[str, str] | None = None,
 ) -> None:
-    """The reservation's row after its event (held by ``shard`` of its pool)."""
+    """The reservation's row after its event (held by ``shard`` of its pool); ``seen``
+    keeps the row as written. With ``use`` (a pool and category), the pool's use of that
+    category moves as the event moves it, in the same statement (the upsert as its CTE)."""
+    moved = {} if use is None else _use_delta(*use, event)
+    statements = _ROW_STATEMENTS if use is None else _ROW_AND_USE_STATEMENTS
+    written = None
     if isinstance(event, ev.SubsidyReserved):
-        await conn.execute(
-            insert(reservations).values(
-                order_id=event.order_id,
-                pool_id=event.pool_id,
-                platform_id=event.platform_id,
-                consumer_id=event.consumer_id,
-                qualification_id=event.qualification_id,
-                sku=event.sku,
-                merchant_id=event.merchant_id,
-                category=event.category,
-                unit_price_fen=event.unit_price_fen,
-                subsidy_fen=event.subsidy_fen,
-                policy_version=env.policy_version,
-                status=domain.PENDING,
-                expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
-                release_reason="",
-                payment_ref="",
-                serial=event.serial,
-                sources=[list(p) for p in parts],
-                shard=shard,
-            )
+        written = await statements[0].first(
+            conn,
+            **moved,
+            order_id=event.order_id,
+            pool_id=event.pool_id,
+            platform_id=event.platform_id,
+            consumer_id=event.consumer_id,
+            qualification_id=event.qualification_id,
+            sku=event.sku,
+            merchant_id=event.merchant_id,
+            category=event.category,
+            unit_price_fen=event.unit_price_fen,
+            subsidy_fen=event.subsidy_fen,
+            policy_version=env.policy_version,
+            status=domain.PENDING,
+            expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
+            serial=event.serial,
+            sources=_json([list(p) for p in parts]),
+            shard=shard,
         )
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         # The status comes from the domain's evolve, never decided here.
         assert settled is not None
         status = domain.evolve(settled, event)
         assert status is not None
-        details = (
-            {
-                "payment_ref": event.payment_ref,
-                "paid_amount_fen": (
+        if isinstance(event, ev.SubsidyCaptured):
+            written = await statements[1].first(
+                conn,
+                **moved,
+                order_id=event.order_id,
+                status=status.status,
+                payment_ref=event.payment_ref,
+                paid_amount_fen=(
                     event.paid_amount_fen if event.HasField("paid_amount_fen") else None
                 ),
-                "capture_flag": event.flag,
-            }
-            if isinstance(event, ev.SubsidyCaptured)
-            else {"release_reason": event.reason}
-        )
-        await conn.execute(
-            update(reservations)
-            .where(reservations.c.order_id == event.order_id)
-            .values(status=status.status, **details)
-        )
+                capture_flag=event.flag,
+            )
+        else:
+            written = await statements[2].first(
+                conn,
+                **moved,
+                order_id=event.order_id,
+                status=status.status,
+                release_reason=event.reason,
+            )
+    if use is not None:
+        assert written is not None  # the reservation's row is there (its event came first)
+        _use_gauges(*use, written.use_reserved, written.use_spent)
+    if seen is not None and written is not None:
+        seen.row = {c: getattr(written, c) for c in _RESERVATION_COLUMNS}
+
+
+def _json(value: object) -> str:
+    # As SQLAlchemy's JSON type writes a value (json.dumps, psycopg's default serialiser).
+    return json.dumps(value)
+
+
+def _json_param(name: str) -> Any:
+    """A JSON column's value as text (a Statement binds no type that needs a processor)."""
+    return cast(bindparam(name, type_=Text), JSON)
+
+
+_RESERVATION_INSERT = (
+    insert(reservations)
+    .values(
+        {
+            **{
+                c: bindparam(c)
+                for c in (
+                    "order_id",
+                    "pool_id",
+                    "platform_id",
+                    "consumer_id",
+                    "qualification_id",
+                    "sku",
+                    "merchant_id",
+                    "category",
+                    "unit_price_fen",
+                    "subsidy_fen",
+                    "policy_version",
+                    "status",
+                    "expires_at",
+                    "serial",
+                    "shard",
+                )
+            },
+            # Every column's value written here: a Python-side column default would be bound
+            # as None by a statement compiled once (SQLAlchemy fills it in per execution).
+            "release_reason": "",
+            "payment_ref": "",
+            "capture_flag": "",
+            "sources": _json_param("sources"),
+        }
+    )
+    .returning(*reservations.c)
+)
+RESERVATION_INSERT = Statement(_RESERVATION_INSERT, name="reservation_insert")
+_RESERVATION_CAPTURED = (
+    update(reservations)
+    .where(_R.order_id == bindparam("order_id"))
+    .values(
+        status=bindparam("status"),
+        payment_ref=bindparam("payment_ref"),
+        paid_amount_fen=bindparam("paid_amount_fen"),
+        capture_flag=bindparam("capture_flag"),
+    )
+    .returning(*reservations.c)
+)
+RESERVATION_CAPTURED = Statement(_RESERVATION_CAPTURED, name="reservation_captured")
+_RESERVATION_RELEASED = (
+    update(reservations)
+    .where(_R.order_id == bindparam("order_id"))
+    .values(status=bindparam("status"), release_reason=bindparam("release_reason"))
+    .returning(*reservations.c)
+)
+RESERVATION_RELEASED = Statement(_RESERVATION_RELEASED, name="reservation_released")
 
 
 async def _pool_gauges(conn: AsyncConnection, pool_id: str) -> None:
@@ -666,18 +915,20 @@ async def _pool_gauges(conn: AsyncConnection, pool_id: str) -> None:
 
 
 async def _apply_shard(
-    conn: AsyncConnection, env: Envelope, event: Message, pool_id: str, shard: int
+    conn: AsyncConnection,
+    env: Envelope,
+    event: Message,
+    pool_id: str,
+    shard: int,
+    settled: domain.Reservation | None,
+    seen: Seen | None,
 ) -> None:
     """An event of shard ``shard`` >= 1 of a pool: the shard's row (figures, sources and its
-    categories' use) through the same budget fold, and the reservation's row."""
-    row = (
-        await conn.execute(select(budget_shards).where(_K.pool_id == pool_id, _K.shard == shard))
-    ).first()
+    categories' use) through the same budget fold, and the reservation's row (``settled``:
+    the reservation a capture or release settles, as read under the lock)."""
+    row = await SHARD_ROW.first(conn, pool_id=pool_id, shard=shard)
     before = _shard_pool(pool_id, row) if row is not None else budget.Pool(pool_id)
     categories: dict[str, list[int]] = dict(row.categories or {}) if row is not None else {}
-    settled = None
-    if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
-        settled = await load_reservation(conn, event.order_id)
     after, parts = budget.step(before, event, settled.sources if settled is not None else None)
     if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
         category = event.category or (settled.category if settled is not None else "")
@@ -689,18 +940,40 @@ async def _apply_shard(
         "available_fen": after.available,
         "reserved_fen": after.reserved,
         "spent_fen": after.spent,
-        "sources": [[s.source, s.funded, s.available, s.reserved, s.spent] for s in after.sources],
-        "categories": categories,
+        "sources": _json(
+            [[s.source, s.funded, s.available, s.reserved, s.spent] for s in after.sources]
+        ),
+        "categories": _json(categories),
     }
-    if row is None:
-        await conn.execute(insert(budget_shards).values(pool_id=pool_id, shard=shard, **values))
-    else:
-        await conn.execute(
-            update(budget_shards).where(_K.pool_id == pool_id, _K.shard == shard).values(**values)
-        )
+    await (SHARD_INSERT if row is None else SHARD_UPDATE).run(
+        conn, pool_id=pool_id, shard=shard, **values
+    )
     await _pool_gauges(conn, pool_id)
     if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
-        await _reservation_row(conn, env, event, parts, settled, shard)
+        await _reservation_row(conn, env, event, parts, settled, shard, seen)
+
+
+SHARD_ROW = Statement(
+    select(budget_shards).where(_K.pool_id == bindparam("pool_id"), _K.shard == bindparam("shard")),
+    name="shard_row",
+)
+_SHARD_VALUES = {
+    **{f"{b}_fen": bindparam(f"{b}_fen") for b in ("funded", "available", "reserved", "spent")},
+    "sources": _json_param("sources"),
+    "categories": _json_param("categories"),
+}
+SHARD_INSERT = Statement(
+    insert(budget_shards).values(
+        pool_id=bindparam("pool_id"), shard=bindparam("shard"), **_SHARD_VALUES
+    ),
+    name="shard_insert",
+)
+SHARD_UPDATE = Statement(
+    update(budget_shards)
+    .where(_K.pool_id == bindparam("pool_id"), _K.shard == bindparam("shard"))
+    .values(**_SHARD_VALUES),
+    name="shard_update",
+)
 
 
 async def _write_pool(
@@ -710,12 +983,6 @@ async def _write_pool(
     values = {f"{b}_fen": getattr(after, b) for b in budget.BUCKETS}
     for bucket in budget.BUCKETS if gauges else ():
         metrics.BUDGET.labels(after.pool_id, bucket).set(getattr(after, bucket))
-    if before is None:
-        await conn.execute(insert(budget_pools).values(pool_id=after.pool_id, **values))
-    elif before != after:
-        await conn.execute(
-            update(budget_pools).where(budget_pools.c.pool_id == after.pool_id).values(**values)
-        )
     known = {s.source: s for s in (before.sources if before is not None else ())}
     added, changed = [], []
     for position, s in enumerate(after.sources):
@@ -730,10 +997,17 @@ async def _write_pool(
             added.append(
                 {"pool_id": after.pool_id, "source": s.source, "position": position, **row}
             )
+    if before is None:
+        await conn.execute(insert(budget_pools).values(pool_id=after.pool_id, **values))
+    elif before != after:
+        if len(changed) == 1 and not added:  # a checkout's move: the pool and one source
+            pool = {f"pool_{k}": v for k, v in values.items()}
+            await POOL_AND_SOURCE_UPDATE.run(conn, pool_id=after.pool_id, **pool, **changed[0])
+            return
+        await POOL_UPDATE.run(conn, pool_id=after.pool_id, **values)
     if added:
         await conn.execute(insert(budget_sources), added)
-    if changed:
-        await conn.execute(_SOURCE_UPDATE, changed)
+    await SOURCE_UPDATE.run_many(conn, changed)
 
 
 _SOURCE_UPDATE = (
@@ -741,25 +1015,80 @@ _SOURCE_UPDATE = (
     .where(_S.pool_id == bindparam("p"), _S.source == bindparam("s"))
     .values({f"{b}_fen": bindparam(f"{b}_fen") for b in budget.BUCKETS})
 )
+SOURCE_UPDATE = Statement(_SOURCE_UPDATE, name="source_update")
+_POOL_UPDATE = (
+    update(budget_pools)
+    .where(_P.pool_id == bindparam("pool_id"))
+    .values({f"{b}_fen": bindparam(f"{b}_fen") for b in budget.BUCKETS})
+)
+POOL_UPDATE = Statement(_POOL_UPDATE, name="pool_update")
+# The pool's row and one source's in one statement (a data-modifying CTE: both rows are
+# written whatever the other finds; each is keyed by its primary key, as the two updates are).
+POOL_AND_SOURCE_UPDATE = Statement(
+    _SOURCE_UPDATE.add_cte(
+        update(budget_pools)
+        .where(_P.pool_id == bindparam("pool_id"))
+        .values({f"{b}_fen": bindparam(f"pool_{b}_fen") for b in budget.BUCKETS})
+        .returning(_P.pool_id)
+        .cte("pool_moved")
+    ),
+    name="pool_and_source_update",
+)
 
 
-async def _use(conn: AsyncConnection, pool_id: str, category: str, event: Any) -> None:
-    """Move the category's figures as the order's event moves them."""
+def _use_delta(pool_id: str, category: str, event: Any) -> dict[str, object]:
+    """USE_MOVE's parameters: the change the order's event makes to the category's figures."""
     delta = domain.evolve_use(domain.CategoryUse(category), event)  # from zero: the change
-    c = budget_categories.c
-    insert_use = pg_insert(budget_categories).values(
-        pool_id=pool_id, category=category, reserved_fen=delta.reserved, spent_fen=delta.spent
-    )
-    stmt = insert_use.on_conflict_do_update(
-        index_elements=[c.pool_id, c.category],
-        set_={
-            "reserved_fen": c.reserved_fen + delta.reserved,
-            "spent_fen": c.spent_fen + delta.spent,
-        },
-    ).returning(c.reserved_fen, c.spent_fen)
-    reserved, spent = (await conn.execute(stmt)).one()
+    return {
+        "use_pool": pool_id,
+        "use_category": category,
+        "reserved": delta.reserved,
+        "spent": delta.spent,
+    }
+
+
+def _use_gauges(pool_id: str, category: str, reserved: int, spent: int) -> None:
     metrics.BUDGET_CATEGORY.labels(pool_id, category, "reserved").set(reserved)
     metrics.BUDGET_CATEGORY.labels(pool_id, category, "spent").set(spent)
+
+
+# Move the category's figures as the order's event moves them (an upsert: the first order of a
+# category makes its row).
+_USE_INSERT = pg_insert(budget_categories).values(
+    pool_id=bindparam("use_pool"),
+    category=bindparam("use_category"),
+    reserved_fen=bindparam("reserved"),
+    spent_fen=bindparam("spent"),
+)
+_USE_MOVED = (
+    _USE_INSERT.on_conflict_do_update(
+        index_elements=[_C.pool_id, _C.category],
+        set_={
+            "reserved_fen": _C.reserved_fen + _USE_INSERT.excluded.reserved_fen,
+            "spent_fen": _C.spent_fen + _USE_INSERT.excluded.spent_fen,
+        },
+    )
+    .returning(_C.reserved_fen, _C.spent_fen)
+    .cte("use_moved")
+)
+_RESERVATION_COLUMNS = tuple(c.name for c in reservations.c)
+_ROW_STATEMENTS = (RESERVATION_INSERT, RESERVATION_CAPTURED, RESERVATION_RELEASED)
+# The same, each with the category's move as its CTE and the figures it left returned with the
+# row (data-modifying CTEs run whatever the main statement finds; the two rows are distinct).
+_ROW_AND_USE_STATEMENTS = tuple(
+    Statement(
+        stmt.add_cte(_USE_MOVED).returning(
+            select(_USE_MOVED.c.reserved_fen).scalar_subquery().label("use_reserved"),
+            select(_USE_MOVED.c.spent_fen).scalar_subquery().label("use_spent"),
+        ),
+        name=f"{name}_and_use",
+    )
+    for stmt, name in (
+        (_RESERVATION_INSERT, "reservation_insert"),
+        (_RESERVATION_CAPTURED, "reservation_captured"),
+        (_RESERVATION_RELEASED, "reservation_released"),
+    )
+)
 
 
 async def rebuild(store: EventStore) -> int:

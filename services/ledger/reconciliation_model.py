@@ -28,6 +28,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     insert,
     select,
     update,
@@ -37,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.kernel.contract import order_line
 from services.kernel.events import Envelope
 from services.kernel.eventstore import APPEND_ONLY, GRANTS
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 
@@ -86,6 +88,20 @@ class ReconciliationTables:
             Column("first_line", BigInteger, nullable=False),
             info={GRANTS: APPEND_ONLY},
         )
+        # A checkout's writes here, compiled once (services.kernel.sql).
+        c = self.captures.c
+        self.capture_insert = Statement(
+            insert(self.captures).values(
+                {k: bindparam(k) for k in (col.name for col in self.captures.c)}
+            ),
+            name="bill_capture_insert",
+        )
+        self.capture_refunded = Statement(
+            update(self.captures)
+            .where(c.order_id == bindparam("order_id"))
+            .values(refunded_at=bindparam("refunded_at")),
+            name="bill_capture_refunded",
+        )
 
     @property
     def read_models(self) -> tuple[Table, ...]:
@@ -94,30 +110,35 @@ class ReconciliationTables:
 
 
 async def apply_event(
-    conn: AsyncConnection, t: ReconciliationTables, env: Envelope, event: Message
+    conn: AsyncConnection,
+    t: ReconciliationTables,
+    env: Envelope,
+    event: Message,
+    platform: str | None = None,
 ) -> None:
-    """Apply one ledger event to the reconciliation's read models."""
+    """Apply one ledger event to the reconciliation's read models (``platform``: a captured
+    reservation's, when its command already read it under the lock)."""
     at = env.occurred_at.ToDatetime(tzinfo=UTC)
     if isinstance(event, ev.SubsidyCaptured):
         # Its reservation's row is there: SubsidyReserved came first in the pool's stream.
-        platform = await conn.scalar(
-            select(t.reservations.c.platform_id).where(t.reservations.c.order_id == event.order_id)
-        )
-        await conn.execute(
-            insert(t.captures).values(
-                order_id=event.order_id,
-                platform_id=platform or "",
-                payment_ref=event.payment_ref,
-                subsidy_fen=event.subsidy_fen,
-                captured_at=at,
-                refunded_at=None,
-                bill_order_id=order_line.order_of(event.order_id),
+        if platform is None:
+            platform = await conn.scalar(
+                select(t.reservations.c.platform_id).where(
+                    t.reservations.c.order_id == event.order_id
+                )
             )
+        await t.capture_insert.run(
+            conn,
+            order_id=event.order_id,
+            platform_id=platform or "",
+            payment_ref=event.payment_ref,
+            subsidy_fen=event.subsidy_fen,
+            captured_at=at,
+            refunded_at=None,
+            bill_order_id=order_line.order_of(event.order_id),
         )
     elif isinstance(event, ev.SubsidyReleased) and event.was_captured:
-        await conn.execute(
-            update(t.captures).where(t.captures.c.order_id == event.order_id).values(refunded_at=at)
-        )
+        await t.capture_refunded.run(conn, order_id=event.order_id, refunded_at=at)
     elif isinstance(event, ev.DiscountBillReconciled):
         await conn.execute(
             insert(t.reconciliations).values(
