@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.events import Envelope
 from services.kernel.eventstore import APPEND_ONLY, GRANTS, EventStore, Tx
+from services.kernel.sql import Statement
 
 from .domain import GENESIS, leaf_hash
 
@@ -50,9 +51,11 @@ head = Table(
     info={GRANTS: ("SELECT", "INSERT", "UPDATE")},
 )
 # One statement per event: advance the head (a row lock serialises appends) and insert the
-# entry with the new chain hash, computed by PostgreSQL from the previous one.
-_APPEND = text(
-    """
+# entry with the new chain hash, computed by PostgreSQL from the previous one. Compiled once and
+# run prepared (services/kernel/sql.py): it runs for every event of every service.
+_APPEND = Statement(
+    text(
+        """
     WITH h AS (
         UPDATE audit_head SET size = size + 1, chain_hash = sha256(chain_hash || :leaf)
         WHERE id = 1 RETURNING size - 1 AS idx, chain_hash
@@ -60,6 +63,8 @@ _APPEND = text(
     INSERT INTO audit_entries (idx, event_id, service, event_type, leaf_hash, chain_hash, envelope)
     SELECT h.idx, :event_id, :service, :event_type, :leaf, h.chain_hash, :envelope FROM h
     """
+    ),
+    name="audit append",
 )
 
 
@@ -82,17 +87,15 @@ async def append(tx: Tx, env: Envelope) -> None:
     transaction (and the consumer's mark that the event was handled) rolls back, and the
     consumer retries, then dead-letters the event with an alert, instead of losing it."""
     data = env.SerializeToString(deterministic=True)
-    result = await tx.conn.execute(
-        _APPEND,
-        {
-            "leaf": leaf_hash(data),
-            "event_id": env.event_id,
-            "service": env.service,
-            "event_type": env.event_type,
-            "envelope": data,
-        },
+    appended = await _APPEND.run(
+        tx.conn,
+        leaf=leaf_hash(data),
+        event_id=env.event_id,
+        service=env.service,
+        event_type=env.event_type,
+        envelope=data,
     )
-    if result.rowcount != 1:
+    if appended != 1:
         raise AuditHeadMissing(
             f"audit_head row 1 is missing: event {env.event_id} was not appended; restore the "
             "audit database (head and entries) from one backup"
