@@ -6,6 +6,7 @@ Statements are counted from libpq's own trace of each connection the store check
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from services.audit import cases, log, tree
+from services.audit.verify import replay
 from services.kernel import vault
 from services.kernel.contract import merkle
 from services.kernel.events import Context, new_envelope, service_actor
@@ -139,3 +142,85 @@ async def test_an_order_reserved_twice_is_kept_once_with_its_first_platform(
     async with audit_store.engine.connect() as conn:
         rows = (await conn.execute(select(cases.case_orders))).all()
     assert [tuple(r) for r in rows] == [("o-1", "plat-a")]
+
+
+def captured(i: int) -> ev.EventEnvelope:
+    return new_envelope(
+        "ledger",
+        f"reservation/o-{i}",
+        ev.SubsidyCaptured(order_id=f"o-{i}", pool_id="p", subsidy_fen=i),
+        Context(service_actor("ledger"), correlation_id=f"o-{i}"),
+        version=1,
+    )
+
+
+async def test_a_batch_appended_in_one_statement_is_the_log_appended_one_by_one(
+    audit_store: EventStore, infra: Infra, tmp_path: Path
+) -> None:
+    envs = [captured(i) for i in range(9)]
+    one_by_one = EventStore(make_engine(infra.create_database("audit")))
+    await one_by_one.create_tables(log.metadata)
+    await log.ensure_head(one_by_one)
+    try:
+        for env in envs:
+            async with one_by_one.transaction() as tx:
+                await log.append(tx, env)
+        async with audit_store.transaction() as tx:
+            await log.append(tx, envs[0])
+        with statements(audit_store, tmp_path / "batch.trace") as sent:
+            async with audit_store.transaction() as tx:
+                await log.append_all(tx, envs[1:5])
+        assert sent[0] == 3  # BEGIN, the batch, COMMIT
+        async with audit_store.transaction() as tx:
+            await log.append_all(tx, envs[5:])
+            await log.append_all(tx, [])
+        assert await log.read(audit_store, 0, 20) == await log.read(one_by_one, 0, 20)
+        assert await log.info(audit_store) == await log.info(one_by_one)
+        rows = await log.read(audit_store, 0, 20)
+        assert replay(rows).head == (await log.info(audit_store))[1]
+    finally:
+        await one_by_one.engine.dispose()
+
+
+async def test_a_batch_without_the_head_row_appends_nothing(audit_store: EventStore) -> None:
+    async with audit_store.transaction() as tx:
+        await log.append(tx, captured(0))
+    async with audit_store.engine.begin() as conn:
+        await conn.execute(log.head.delete())
+    with pytest.raises(log.AuditHeadMissing, match="2 events from"):
+        async with audit_store.transaction() as tx:
+            await log.append_all(tx, [captured(1), captured(2)])
+    assert [r[0] for r in await log.read(audit_store, 0, 10)] == [0]
+
+
+async def test_a_batch_with_an_event_already_in_the_log_appends_nothing(
+    audit_store: EventStore,
+) -> None:
+    first = captured(0)
+    async with audit_store.transaction() as tx:
+        await log.append(tx, first)
+    with pytest.raises(IntegrityError):
+        async with audit_store.transaction() as tx:
+            await log.append_all(tx, [captured(1), first])
+    assert [r[0] for r in await log.read(audit_store, 0, 10)] == [0]
+    assert (await log.info(audit_store))[0] == 1
+
+
+async def test_concurrent_batches_and_single_appends_make_one_unbroken_chain(
+    audit_store: EventStore,
+) -> None:
+    async def batches(first: int) -> None:
+        for n in range(first, first + 30, 3):
+            async with audit_store.transaction() as tx:
+                await log.append_all(tx, [captured(n), captured(n + 1), captured(n + 2)])
+
+    async def singles(first: int) -> None:
+        for n in range(first, first + 30):
+            async with audit_store.transaction() as tx:
+                await log.append(tx, captured(n))
+
+    await asyncio.gather(batches(0), batches(100), singles(200), batches(300), singles(400))
+    rows = await log.read(audit_store, 0, 500)
+    assert [r[0] for r in rows] == list(range(150))
+    size, head, _ = await log.info(audit_store)
+    assert size == 150 and replay(rows).head == head
