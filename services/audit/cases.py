@@ -38,6 +38,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -52,6 +53,7 @@ from services.kernel.errors import Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
+from services.kernel.sql import Statement
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
@@ -139,6 +141,14 @@ case_orders = Table(
     Column("platform_id", String(64), nullable=False),
 )
 TABLES = (cases,)
+# Every reservation's order, kept by the consumer (compiled once and run prepared,
+# services/kernel/sql.py: it runs for every checkout).
+_KEEP_ORDER = Statement(
+    pg_insert(case_orders)
+    .values(order_id=bindparam("order_id"), platform_id=bindparam("platform_id"))
+    .on_conflict_do_nothing(),
+    name="keep case order",
+)
 # The events this consumer reads the payload of (the rest it records by their envelope).
 _DECODED = frozenset(
     m.DESCRIPTOR.full_name
@@ -514,10 +524,8 @@ class Cases:
         elif isinstance(event, ev.RiskDecisionRecorded):
             await self._risk_alert(tx, env, event)
         elif isinstance(event, ev.SubsidyReserved) and env.service == "ledger":
-            await tx.conn.execute(
-                pg_insert(case_orders)
-                .values(order_id=event.order_id[:64], platform_id=event.platform_id[:64])
-                .on_conflict_do_nothing()
+            await _KEEP_ORDER.run(
+                tx.conn, order_id=event.order_id[:64], platform_id=event.platform_id[:64]
             )
         if env.service == "eligibility" and isinstance(
             event, ev.QualificationRestored | ev.QualificationForfeited

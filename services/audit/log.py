@@ -7,6 +7,8 @@ auditor's replay (``verify.py``) recomputes it with the domain's functions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -23,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.events import Envelope
 from services.kernel.eventstore import APPEND_ONLY, GRANTS, EventStore, Tx
+from services.kernel.sql import Statement
 
 from .domain import GENESIS, leaf_hash
 
@@ -50,9 +53,11 @@ head = Table(
     info={GRANTS: ("SELECT", "INSERT", "UPDATE")},
 )
 # One statement per event: advance the head (a row lock serialises appends) and insert the
-# entry with the new chain hash, computed by PostgreSQL from the previous one.
-_APPEND = text(
-    """
+# entry with the new chain hash, computed by PostgreSQL from the previous one. Compiled once and
+# run prepared (services/kernel/sql.py): it runs for every event of every service.
+_APPEND = Statement(
+    text(
+        """
     WITH h AS (
         UPDATE audit_head SET size = size + 1, chain_hash = sha256(chain_hash || :leaf)
         WHERE id = 1 RETURNING size - 1 AS idx, chain_hash
@@ -60,6 +65,44 @@ _APPEND = text(
     INSERT INTO audit_entries (idx, event_id, service, event_type, leaf_hash, chain_hash, envelope)
     SELECT h.idx, :event_id, :service, :event_type, :leaf, h.chain_hash, :envelope FROM h
     """
+    ),
+    name="audit append",
+)
+
+# A batch of events in one statement, for a consumer that hands its handler the batch (the
+# kernel's consumer calls a handler per event today): the head row locked, the chain extended
+# entry by entry (PostgreSQL's sha256, as above), every entry inserted and the head advanced.
+# The locking read waits for a concurrent append and reads the head it committed.
+_APPEND_ALL = Statement(
+    text(
+        """
+    WITH RECURSIVE
+    new AS (
+        SELECT * FROM unnest(
+            CAST(:leaves AS bytea[]), CAST(:event_ids AS text[]), CAST(:services AS text[]),
+            CAST(:event_types AS text[]), CAST(:envelopes AS bytea[])
+        ) WITH ORDINALITY AS n(leaf, event_id, service, event_type, envelope, i)
+    ),
+    h AS (SELECT size, chain_hash FROM audit_head WHERE id = 1 FOR UPDATE),
+    chain(i, idx, chain_hash) AS (
+        SELECT 0::bigint, size - 1, chain_hash FROM h
+        UNION ALL
+        SELECT n.i, c.idx + 1, sha256(c.chain_hash || n.leaf)
+        FROM chain c JOIN new n ON n.i = c.i + 1
+    ),
+    added AS (
+        INSERT INTO audit_entries
+            (idx, event_id, service, event_type, leaf_hash, chain_hash, envelope)
+        SELECT c.idx, n.event_id, n.service, n.event_type, n.leaf, c.chain_hash, n.envelope
+        FROM chain c JOIN new n ON n.i = c.i
+        RETURNING idx, chain_hash
+    )
+    UPDATE audit_head SET size = a.idx + 1, chain_hash = a.chain_hash
+    FROM (SELECT idx, chain_hash FROM added ORDER BY idx DESC LIMIT 1) AS a
+    WHERE id = 1
+    """
+    ),
+    name="audit append all",
 )
 
 
@@ -82,20 +125,40 @@ async def append(tx: Tx, env: Envelope) -> None:
     transaction (and the consumer's mark that the event was handled) rolls back, and the
     consumer retries, then dead-letters the event with an alert, instead of losing it."""
     data = env.SerializeToString(deterministic=True)
-    result = await tx.conn.execute(
-        _APPEND,
-        {
-            "leaf": leaf_hash(data),
-            "event_id": env.event_id,
-            "service": env.service,
-            "event_type": env.event_type,
-            "envelope": data,
-        },
+    appended = await _APPEND.run(
+        tx.conn,
+        leaf=leaf_hash(data),
+        event_id=env.event_id,
+        service=env.service,
+        event_type=env.event_type,
+        envelope=data,
     )
-    if result.rowcount != 1:
+    if appended != 1:
         raise AuditHeadMissing(
             f"audit_head row 1 is missing: event {env.event_id} was not appended; restore the "
             "audit database (head and entries) from one backup"
+        )
+
+
+async def append_all(tx: Tx, envs: Sequence[Envelope]) -> None:
+    """Append several events, in order, in one statement: the same entries and chain as
+    :func:`append` one by one (the consumer has already made sure each is new). Without the
+    head row nothing is appended and :class:`AuditHeadMissing` is raised, as by :func:`append`."""
+    if not envs:
+        return
+    data = [env.SerializeToString(deterministic=True) for env in envs]
+    advanced = await _APPEND_ALL.run(
+        tx.conn,
+        leaves=[leaf_hash(d) for d in data],
+        event_ids=[env.event_id for env in envs],
+        services=[env.service for env in envs],
+        event_types=[env.event_type for env in envs],
+        envelopes=data,
+    )
+    if advanced != 1:
+        raise AuditHeadMissing(
+            f"audit_head row 1 is missing: {len(envs)} events from {envs[0].event_id} were not "
+            "appended; restore the audit database (head and entries) from one backup"
         )
 
 

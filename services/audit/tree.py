@@ -24,6 +24,7 @@ from typing import Any, Final
 from google.protobuf import symbol_database
 from google.protobuf.message import Message
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Column,
     Index,
@@ -32,11 +33,12 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    and_,
+    bindparam,
     func,
     insert,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -46,6 +48,7 @@ from services.kernel.contract import merkle
 from services.kernel.contract.merkle import CompactRange, NodeId, Range
 from services.kernel.events import Envelope
 from services.kernel.eventstore import APPEND_ONLY, GRANTS, EventStore
+from services.kernel.sql import Statement
 from subsidy.v1 import audit_pb2
 
 from .log import entries, head, metadata
@@ -86,6 +89,83 @@ class TreeCorrupt(RuntimeError):
     """The stored log or tree is not what was written: nothing is integrated or signed."""
 
 
+# The statements of an integration, compiled once and run prepared (services/kernel/sql.py):
+# the tree loop runs them every second and the checkout's profile found SQLAlchemy's
+# per-statement work, and one INSERT per node and per key, in its share.
+# The tree's size, locked until commit (one integration or publication at a time), and the
+# log's: entries below the committed head size are committed (one transaction advances the
+# head and inserts the entry, services/audit/log.py).
+_SIZES = Statement(
+    select(
+        tree.c.size,
+        select(head.c.size).where(head.c.id == 1).scalar_subquery().label("log_size"),
+    )
+    .where(tree.c.id == 1)
+    .with_for_update(of=tree),
+    name="audit tree sizes",
+)
+_ENTRIES = Statement(
+    select(entries.c.idx, entries.c.leaf_hash, entries.c.envelope)
+    .where(entries.c.idx >= bindparam("start"), entries.c.idx < bindparam("end"))
+    .order_by(entries.c.idx),
+    name="audit entries to integrate",
+)
+_WANTED = (
+    func.unnest(
+        bindparam("levels", type_=ARRAY(SmallInteger)), bindparam("idxs", type_=ARRAY(BigInteger))
+    )
+    .table_valued("level", "idx")
+    .render_derived()
+)
+# Nodes by (level, index), the ids as two arrays: one prepared statement whatever their number
+# (an IN list of tuples is a new statement for every length).
+_NODES = Statement(
+    select(nodes.c.level, nodes.c.idx, nodes.c.hash).join_from(
+        nodes, _WANTED, and_(nodes.c.level == _WANTED.c.level, nodes.c.idx == _WANTED.c.idx)
+    ),
+    name="audit tree nodes",
+)
+_NEW_NODES = (
+    func.unnest(
+        bindparam("levels", type_=ARRAY(SmallInteger)),
+        bindparam("idxs", type_=ARRAY(BigInteger)),
+        bindparam("hashes", type_=ARRAY(LargeBinary)),
+    )
+    .table_valued("level", "idx", "hash")
+    .render_derived()
+)
+_NEW_KEYS = (
+    func.unnest(
+        bindparam("keys", type_=ARRAY(String)), bindparam("key_idxs", type_=ARRAY(BigInteger))
+    )
+    .table_valued("key", "idx")
+    .render_derived()
+)
+# What a batch adds, in one statement: its complete subtrees, the keys its entries are found
+# by, and the tree's new size (before: an INSERT per node and per key, and the UPDATE).
+_EXTEND = Statement(
+    update(tree)
+    .where(tree.c.id == 1)
+    .values(size=bindparam("size"))
+    .add_cte(
+        insert(nodes)
+        .from_select(
+            ["level", "idx", "hash"],
+            select(_NEW_NODES.c.level, _NEW_NODES.c.idx, _NEW_NODES.c.hash),
+        )
+        .cte("new_nodes")
+    )
+    .add_cte(
+        pg_insert(named)
+        .from_select(["key", "idx"], select(_NEW_KEYS.c.key, _NEW_KEYS.c.idx))
+        .on_conflict_do_nothing()
+        .cte("new_keys")
+    ),
+    name="audit tree extend",
+)
+_NO_TREE = "audit_tree row 1 is missing: restore the audit database from a backup"
+
+
 async def ensure_tree(store: EventStore) -> None:
     """Create the tree's head row once (at start)."""
     async with store.transaction() as tx:
@@ -98,7 +178,7 @@ async def size_of(conn: AsyncConnection, *, lock: bool = False) -> int:
     query = select(tree.c.size).where(tree.c.id == 1)
     found = await conn.scalar(query.with_for_update() if lock else query)
     if found is None:
-        raise TreeCorrupt("audit_tree row 1 is missing: restore the audit database from a backup")
+        raise TreeCorrupt(_NO_TREE)
     return int(found)
 
 
@@ -107,11 +187,7 @@ async def stored_nodes(conn: AsyncConnection, ids: Iterable[NodeId]) -> dict[Nod
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        select(nodes.c.level, nodes.c.idx, nodes.c.hash).where(
-            tuple_(nodes.c.level, nodes.c.idx).in_(wanted)
-        )
-    )
+    rows = await _NODES.all(conn, levels=[n[0] for n in wanted], idxs=[n[1] for n in wanted])
     found = {(int(r[0]), int(r[1])): bytes(r[2]) for r in rows}
     missing = [n for n in wanted if n not in found]
     if missing:
@@ -158,26 +234,25 @@ async def integrate(store: EventStore, batch: int = BATCH) -> int:
     transaction; returns how many (0 when the tree holds the whole log)."""
     async with store.transaction() as tx:
         conn = tx.conn
-        size = await size_of(conn, lock=True)
-        # Entries below the committed head size are committed: one transaction advances the
-        # head and inserts the entry (services/audit/log.py).
-        log_size = int(await conn.scalar(select(head.c.size).where(head.c.id == 1)) or 0)
-        end = min(log_size, size + batch)
+        sizes = await _SIZES.first(conn)
+        if sizes is None:
+            raise TreeCorrupt(_NO_TREE)
+        size = int(sizes.size)
+        end = min(int(sizes.log_size or 0), size + batch)
         if end <= size:
             return 0
-        rows = (
-            await conn.execute(
-                select(entries.c.idx, entries.c.leaf_hash, entries.c.envelope)
-                .where(entries.c.idx >= size, entries.c.idx < end)
-                .order_by(entries.c.idx)
-            )
-        ).all()
+        rows = await _ENTRIES.all(conn, start=size, end=end)
         edge = await right_edge(conn, size)
-        new_nodes: list[dict[str, Any]] = []
-        keys: list[dict[str, Any]] = []
+        levels: list[int] = []
+        indexes: list[int] = []
+        hashes: list[bytes] = []
+        keys: list[str] = []
+        key_indexes: list[int] = []
 
         def completed(level: int, index: int, h: bytes) -> None:
-            new_nodes.append({"level": level, "idx": index, "hash": h})
+            levels.append(level)
+            indexes.append(index)
+            hashes.append(h)
 
         for idx, stored_leaf, data in rows:
             if idx != edge.size:
@@ -187,13 +262,20 @@ async def integrate(store: EventStore, batch: int = BATCH) -> int:
             if leaf != bytes(stored_leaf):
                 raise TreeCorrupt(f"audit entry {idx} was changed after it was written")
             edge.append(leaf, completed)
-            keys += [{"key": k, "idx": idx} for k in keys_of(data)]
+            for k in keys_of(data):
+                keys.append(k)
+                key_indexes.append(idx)
         if edge.size != end:
             raise TreeCorrupt(f"audit entry {edge.size} is missing from the log")
-        await conn.execute(insert(nodes), new_nodes)
-        if keys:
-            await conn.execute(pg_insert(named).on_conflict_do_nothing(), keys)
-        await conn.execute(update(tree).where(tree.c.id == 1).values(size=end))
+        await _EXTEND.run(
+            conn,
+            levels=levels,
+            idxs=indexes,
+            hashes=hashes,
+            keys=keys,
+            key_idxs=key_indexes,
+            size=end,
+        )
         return end - size
 
 
