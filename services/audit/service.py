@@ -75,7 +75,8 @@ async def build(rt: Runtime) -> Wiring:
             cases_pb2.DESCRIPTOR.services_by_name["CaseService"].full_name,
         ],
         consumers=[
-            EventConsumer("audit-log", ["events.>"], log.append),
+            # A fetched batch's events appended in one statement (log.append_all).
+            EventConsumer("audit-log", ["events.>"], log.append, batch_handler=log.append_all),
             EventConsumer("audit-supervision", ["events.>"], supervision.on_event),
         ],
         # One worker of several at a time integrates, signs, sweeps and detects.

@@ -198,6 +198,49 @@ async def test_a_batch_is_marked_at_once_each_event_handled_once_and_a_failure_f
         assert await tx.mark_handled_many(consumer.name, ids) == {poison}
 
 
+async def test_a_batch_handler_gets_the_new_events_at_once_and_a_failure_falls_back_to_each(
+    store: EventStore, js: JetStreamContext
+) -> None:
+    """With a batch handler the batch's new events (in fetch order, each once, none handled
+    before) go to it in one call; when it fails the batch rolls back and each event is handled
+    alone by the per-event handler, so only the failing one is retried."""
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    ids = await fill(store, service, 6)
+    await bus.OutboxRelay(store, js).publish_pending()
+    batches: list[list[str]] = []
+    alone: list[str] = []
+    fail_batches = False
+
+    async def handler(tx: Tx, env: Envelope) -> None:
+        alone.append(env.event_id)
+        if env.event_id == ids[5]:
+            raise RuntimeError("this event's handler fails")
+
+    async def batch_handler(tx: Tx, envs: list[Envelope]) -> None:
+        batches.append([env.event_id for env in envs])
+        if fail_batches:
+            raise RuntimeError("the batch fails")
+
+    consumer = EventConsumer(
+        f"c-{service}", [f"events.{service}.>"], handler, batch_handler=batch_handler
+    )
+    sub = await consumer.subscribe(js)
+    msgs = await sub.fetch(6, timeout=5)
+    assert len(msgs) == 6
+    await consumer.handle(store, js, msgs[0])  # handled before the batch comes
+    msgs[0]._ackd = False  # redelivered, as after a lost ack
+    await consumer.handle_batch(store, js, [*msgs[:4], msgs[2]])
+    assert batches == [ids[1:4]] and alone == [ids[0]]
+    assert consumer.handled == 4
+    fail_batches = True
+    await consumer.handle_batch(store, js, msgs[4:])
+    # The batch call failed and rolled back; then each alone: the fifth commits, the sixth fails.
+    assert batches == [ids[1:4], ids[4:6]] and alone == [ids[0], ids[4], ids[5]]
+    assert consumer.handled == 5
+    async with store.transaction() as tx:
+        assert await tx.mark_handled_many(consumer.name, ids) == {ids[5]}
+
+
 async def test_handler_failure_rolls_back_its_effects_and_the_handled_mark(
     store: EventStore, js: JetStreamContext
 ) -> None:
