@@ -53,6 +53,20 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ("--workers", "2"),
         ("--orders", "40", "--concurrency", "4", "--workers", "2"),
     ),
+    # Many pools (a campaign's districts and categories, each its own pool), and ONE hot pool
+    # split into shards, both at concurrency 64 (issue 14's two checkout rows).
+    Benchmark(
+        "checkout-16pools",
+        "bench.checkout",
+        ("--orders", "800", "--concurrency", "64", "--pools", "16", "--deadline", "30"),
+        ("--orders", "80", "--concurrency", "16", "--pools", "16", "--deadline", "30"),
+    ),
+    Benchmark(
+        "checkout-8shards",
+        "bench.checkout",
+        ("--orders", "800", "--concurrency", "64", "--pool-shards", "8", "--deadline", "30"),
+        ("--orders", "80", "--concurrency", "16", "--pool-shards", "8", "--deadline", "30"),
+    ),
     # N = 50,000 consumers, daily quota Q = 10,000
     Benchmark(
         "claim_rush",

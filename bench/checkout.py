@@ -19,7 +19,10 @@ into K shards (PoolSharded) and reports its throughput and CPU per reservation p
 against the one-shard pool's.
 The peak resident memory of every service process under the load is reported too, and
 ``--workers N`` runs N worker processes per service on each port (SUBSIDY_WORKERS;
-services/kernel/workers.py); its result is checkout-<N>workers.json.
+services/kernel/workers.py); its result is checkout-<N>workers.json. ``--pools N`` spreads the
+orders over N pools (order i on pool i mod N: a campaign of many districts or categories, each
+its own pool) and ``--pool-shards K`` splits each pool into K shards (the hot pool, scaled past
+one lock); their results are checkout-<N>pools.json, checkout-<K>shards.json.
 Usage: python -m bench.checkout [--orders N] [--concurrency C] [--workers N] [--profile DIR]
 [--shards K]
 """
@@ -146,12 +149,21 @@ async def run(
     trace_ratio: float | None = None,
     shards: int = 1,
     workers: int = 1,
+    pools: int = 1,
+    pool_shards: int = 1,
 ) -> dict[str, Any]:
     """The services as separate processes (as in production), on free ports; ``workers``
     processes per service, each port shared by them."""
     stack = LocalStack(root, Ports(free_base()), durable=False, log=io.StringIO(), workers=workers)
+    # The benchmark's one client stands for every platform at once: the per-client rate limits
+    # (a platform's share, 200 checkout calls a second by default) would measure the limit.
+    stack.settings_overrides = {
+        "SUBSIDY_RATE_CHECKOUT": "1000000/second",
+        "SUBSIDY_RATE_CLAIMS": "1000000/second",
+        "SUBSIDY_RATE_REGISTRATION": "1000000/second",
+    }
     if trace_ratio is not None:
-        stack.settings_overrides = {
+        stack.settings_overrides |= {
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
             "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
         }
@@ -164,7 +176,14 @@ async def run(
             statements = StatementLog(stack) if count_statements else None
             async with RssMeter() as rss:
                 result = await measure(
-                    client, stack.endpoints(), orders, concurrency, profiler, statements
+                    client,
+                    stack.endpoints(),
+                    orders,
+                    concurrency,
+                    profiler,
+                    statements,
+                    pools,
+                    pool_shards,
                 )
             result["workers_per_service"] = workers
             # Peak resident memory of each service process (MB) over the whole run.
@@ -235,8 +254,14 @@ async def shard_comparison(
     return out
 
 
-async def campaign(client: demo.Client) -> None:
-    """The merchant, its phone (subsidy 45,000 fen) and one funded pool the orders draw on."""
+def pool_of(order: int, pools: int) -> str:
+    """The pool order ``order`` draws on: ``bench-pool`` alone, or one of ``pools``."""
+    return "bench-pool" if pools == 1 else f"bench-pool-{order % pools}"
+
+
+async def campaign(client: demo.Client, pools: int = 1, pool_shards: int = 1) -> None:
+    """The merchant, its phone (subsidy 45,000 fen) and the funded pools the orders draw on
+    (``pools`` of them, each of ``pool_shards`` shards)."""
     await client.catalog.ApplyMerchant(
         catalog_pb2.ApplyMerchantRequest(
             merchant_id="bench-m",
@@ -258,18 +283,20 @@ async def campaign(client: demo.Client) -> None:
             list_price_fen=300_000,
         )
     )
-    proposal = await client.ledger.ProposeFunding(
-        ledger_pb2.ProposeFundingRequest(
-            pool_id="bench-pool",
-            amount_fen=10**12,
-            source="district",
-            reason="bench",
-            platform_ids=[client.platform_id],
+    for pool_id in sorted({pool_of(i, pools) for i in range(pools)}):
+        proposal = await client.ledger.ProposeFunding(
+            ledger_pb2.ProposeFundingRequest(
+                pool_id=pool_id,
+                amount_fen=10**12,
+                source="district",
+                reason="bench",
+                platform_ids=[client.platform_id],
+                shards=pool_shards,
+            )
         )
-    )
-    await client.ledger.ApproveFunding(
-        ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="bench")
-    )
+        await client.ledger.ApproveFunding(
+            ledger_pb2.ApproveFundingRequest(proposal_id=proposal.proposal_id, reason="bench")
+        )
 
 
 async def person(client: demo.Client, rng: random.Random) -> tuple[str, str]:
@@ -287,13 +314,13 @@ async def person(client: demo.Client, rng: random.Random) -> tuple[str, str]:
 
 
 def reserve_request(
-    client: demo.Client, order_id: str, who: tuple[str, str]
+    client: demo.Client, order_id: str, who: tuple[str, str], pool_id: str = "bench-pool"
 ) -> ledger_pb2.ReserveSubsidyRequest:
     """The checkout's reservation of the bench phone for ``who`` (consumer, qualification)."""
     return ledger_pb2.ReserveSubsidyRequest(
         order_id=order_id,
         platform_id=client.platform_id,
-        pool_id="bench-pool",
+        pool_id=pool_id,
         consumer_id=who[0],
         qualification_id=who[1],
         sku="bench-phone",
@@ -308,11 +335,13 @@ async def measure(
     concurrency: int,
     profiler: Profiler | None = None,
     statements: StatementLog | None = None,
+    pools: int = 1,
+    pool_shards: int = 1,
 ) -> dict[str, Any]:
     """Prepare the people, then the baseline, reservations and captures, each timed, with the
     CPU every part of the stack spends in each phase (ms per operation)."""
     rng = random.Random(7)
-    await campaign(client)
+    await campaign(client, pools, pool_shards)
     # Preparation (not the hot path): register consumers and claim their qualifications.
     people: list[tuple[str, str]] = []
 
@@ -334,7 +363,8 @@ async def measure(
         base_cpu1 = meter.sample()
 
     async def reserve(i: int) -> None:
-        await client.ledger.ReserveSubsidy(reserve_request(client, f"bench-{i}", people[i]))
+        request = reserve_request(client, f"bench-{i}", people[i], pool_of(i, pools))
+        await client.ledger.ReserveSubsidy(request)
 
     async def capture(i: int) -> None:
         await client.ledger.CaptureSubsidy(ledger_pb2.CaptureSubsidyRequest(order_id=f"bench-{i}"))
@@ -354,8 +384,12 @@ async def measure(
         profiler.stop()
     if statements is not None:
         statements.stop()
-    budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id="bench-pool"))
-    assert budget.spent_fen == orders * 45_000, "every benchmark order must have been captured"
+    spent = 0
+    for pool_id in sorted({pool_of(i, pools) for i in range(pools)}):
+        budget = await client.ledger.GetBudget(ledger_pb2.GetBudgetRequest(pool_id=pool_id))
+        assert budget.shards == pool_shards
+        spent += budget.spent_fen
+    assert spent == orders * 45_000, "every benchmark order must have been captured"
     baseline = summarise("baseline: gRPC health check (ledger)", base_lat, base_wall)
     rows = [
         summarise("prepare: RegisterConsumer + ClaimQualification", prep_lat, prep_wall),
@@ -370,6 +404,8 @@ async def measure(
         "benchmark": "checkout",
         "orders": orders,
         "concurrency": concurrency,
+        "pools": pools,
+        "shards_per_pool": pool_shards,
         "rows": rows,
         # CPU ms per checkout by part of the stack: reserve, capture, and both (one checkout)
         "cpu_ms_per_reserve": CpuMeter.per_op(cpu0, cpu1, orders),
@@ -383,6 +419,19 @@ async def measure(
         "sql_per_reserve": {db: round(n / orders, 2) for db, n in sorted(reserve_sql.items())},
         "sql_per_capture": {db: round(n / orders, 2) for db, n in sorted(capture_sql.items())},
     }
+
+
+def result_name(workers: int, pools: int, pool_shards: int) -> str:
+    """The result's name (bench/results/<name>.json): ``checkout`` for one pool of one shard
+    and one worker, the other shapes named by what differs."""
+    name = "checkout"
+    if pools > 1:
+        name += f"-{pools}pools"
+    if pool_shards > 1:
+        name += f"-{pool_shards}shards"
+    if workers > 1:
+        name += f"-{workers}workers"
+    return name
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -417,9 +466,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--shards", type=int, default=1, help="also reserve on one pool of K shards (K > 1)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per service")
+    parser.add_argument("--pools", type=int, default=1, help="spread the orders over N pools")
+    parser.add_argument("--pool-shards", type=int, default=1, help="each pool of K shards")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 1 <= args.pools <= args.orders:
+        parser.error("--pools must be between 1 and --orders")
+    if not 1 <= args.pool_shards <= 64:
+        parser.error("--pool-shards must be between 1 and 64 (a funding proposal's bound)")
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         result = asyncio.run(
             run(
@@ -433,13 +488,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.trace_ratio,
                 args.shards,
                 args.workers,
+                args.pools,
+                args.pool_shards,
             )
         )
+    where = "one budget pool" if args.pools == 1 else f"{args.pools} budget pools"
     print(
-        f"checkout: {args.orders} orders, concurrency {args.concurrency}, one budget pool,"
-        f" {args.workers} worker process(es) per service"
+        f"checkout: {args.orders} orders, concurrency {args.concurrency}, {where} of"
+        f" {args.pool_shards} shard(s), {args.workers} worker process(es) per service"
     )
-    report("checkout" if args.workers == 1 else f"checkout-{args.workers}workers", result)
+    report(result_name(args.workers, args.pools, args.pool_shards), result)
     print("peak RSS MB:", result["rss_mb"])
     print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
     base = result["cpu_ms_per_health_check"]

@@ -161,10 +161,12 @@ def test_service_labels_tell_workers_apart() -> None:
 
 def test_every_benchmark_is_registered_with_a_quick_size() -> None:
     names = [b.name for b in runner.BENCHMARKS]
-    assert names[:7] == [
+    assert names[:9] == [
         "verify_item",
         "checkout",
         "checkout-2workers",
+        "checkout-16pools",
+        "checkout-8shards",
         "claim_rush",
         "audit",
         "overload",
