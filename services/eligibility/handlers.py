@@ -386,7 +386,9 @@ class Eligibility:
 
     async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:
         """One qualification; a platform sees only those claimed through it."""
-        async with self.store.engine.connect() as conn:
+        # begin, not connect: a read committed keeps the connection's prepared statements,
+        # which the ROLLBACK ending a connect() makes psycopg drop (DEALLOCATE ALL).
+        async with self.store.engine.begin() as conn:
             found = domain.visible(await load_qualification(conn, qid), platform)
         if found is None:
             raise domain.unknown_qualification()
@@ -424,7 +426,7 @@ class Eligibility:
         self, qid: str, order_id: str, platform: str | None = None
     ) -> domain.Qualification:
         """The qualification as the payment of ``order_id`` left it (ConsumeQualification)."""
-        async with self.store.engine.connect() as conn:
+        async with self.store.engine.begin() as conn:  # committed: see qualification()
             found = domain.visible(await load_qualification(conn, qid), platform)
         return domain.consumed(found, order_id)
 

@@ -231,7 +231,9 @@ class ActiveRisk:
         """Reload if a change was made since the last load; whether it reloaded."""
         t = self.tables
         versions_q = select(t.state.c.rules_version, t.state.c.lists_version)
-        async with self.engine.connect() as conn:  # the poll: one small read
+        # The poll: one small read, committed, not rolled back: psycopg forgets every prepared
+        # statement of a connection on ROLLBACK (DEALLOCATE ALL), the hot path's included.
+        async with self.engine.begin() as conn:
             row = await self._poll.first(conn)
         polled = (int(row[0]), int(row[1])) if row else (0, 0)
         if polled == self._versions:
