@@ -379,10 +379,9 @@ class Eligibility:
         async with self.risk.screened_claim(
             consumer_id, circumstances, command.qualification_id, now
         ) as tx:
-            await self.pipeline.run(  # answered from the qualification, not the claim state
-                CLAIM, key, decide, ctx, tx=tx, reload=False
-            )
-        return await self.qualification(command.qualification_id)
+            outcome = await self.pipeline.run(CLAIM, key, decide, ctx, tx=tx, reload=False)
+        # Answered from the event it appended, as the projection recorded it (not read back).
+        return claimed(outcome) or await self.qualification(command.qualification_id)
 
     async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:
         """One qualification; a platform sees only those claimed through it."""
