@@ -43,6 +43,7 @@ from services.kernel.errors import DomainError
 from services.kernel.events import Context, current_trace_context, payload_of
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Decision, Outcome, Pipeline
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -73,23 +74,42 @@ Group = tuple[str, str]  # (category, quota day): the claims that lock one quota
 IDS = ARRAY(String())
 
 
+# The batch's statements, compiled once and run prepared (services/kernel/sql.py).
+_ENROLLED_ANY = Statement(
+    select(consumer_platforms.c.consumer_id, consumer_platforms.c.platform_id).where(
+        consumer_platforms.c.consumer_id == any_(bindparam("ids", type_=IDS))
+    ),
+    name="enrolled_any",
+)
+_OWNED_ANY = Statement(
+    select(qualifications).where(
+        qualifications.c.consumer_id == any_(bindparam("ids", type_=IDS)),
+        qualifications.c.category == any_(bindparam("cats", type_=IDS)),
+    ),
+    name="owned_qualifications_any",
+)
+# A day's quota row, created if missing, locked and read in one statement: an upsert that
+# changes nothing takes the row lock and returns the count (the single claim's load too).
+QUOTA_ROW = Statement(
+    pg_insert(quota_usage)
+    .values(category=bindparam("category"), day=bindparam("day"), issued=0)
+    .on_conflict_do_update(
+        index_elements=["category", "day"], set_={"issued": quota_usage.c.issued}
+    )
+    .returning(quota_usage.c.issued),
+    name="quota_row",
+)
+
+
 async def load_claims(conn: AsyncConnection, keys: Sequence[K]) -> dict[K, domain.ClaimState]:
     """``handlers._load_claim`` for many claims, in a few statements: who is enrolled with the
     platform, the claimants' persons (locked in one sorted round, after their streams and
     before the quota row, the order a single claim takes them in), the qualifications of every
-    consumer of those persons, and each day's quota row, locked (an upsert that changes nothing
-    takes the row lock and returns the count, as the single claim's insert-if-missing and
-    SELECT ... FOR UPDATE do). Call it with the claimants' streams locked.
+    consumer of those persons, and each day's quota row, locked (:data:`QUOTA_ROW`, as the
+    single claim takes it). Call it with the claimants' streams locked.
     tests/e2e/test_claim_batch.py checks it answers as _load_claim does."""
     ids = sorted({k.consumer_id for k in keys})
-    enrolled = {
-        (r.consumer_id, r.platform_id)
-        for r in await conn.execute(
-            select(consumer_platforms.c.consumer_id, consumer_platforms.c.platform_id).where(
-                consumer_platforms.c.consumer_id == any_(bindparam("ids", ids, type_=IDS))
-            )
-        )
-    }
+    enrolled = {(r.consumer_id, r.platform_id) for r in await _ENROLLED_ANY.all(conn, ids=ids)}
     person_of = await lock_persons(conn, ids)  # same user: every consumer of a person counts
     members = await members_of(conn, sorted(set(person_of.values())))
     person: dict[str, frozenset[str]] = {
@@ -98,26 +118,12 @@ async def load_claims(conn: AsyncConnection, keys: Sequence[K]) -> dict[K, domai
     }
     everyone = sorted(set().union(*person.values()))
     categories = sorted({k.category for k in keys})
-    rows = await conn.execute(
-        select(qualifications).where(
-            qualifications.c.consumer_id == any_(bindparam("ids", everyone, type_=IDS)),
-            qualifications.c.category == any_(bindparam("cats", categories, type_=IDS)),
-        )
-    )
     owned: dict[tuple[str, str], list[domain.Qualification]] = {}
-    for row in rows:
+    for row in await _OWNED_ANY.all(conn, ids=everyone, cats=categories):
         owned.setdefault((row.consumer_id, row.category), []).append(as_qualification(row))
     issued: dict[Group, int] = {}
     for category, day in sorted({(k.category, k.day) for k in keys}):  # one lock order
-        upsert = pg_insert(quota_usage).values(category=category, day=day, issued=0)
-        issued[(category, day)] = int(
-            await conn.scalar(
-                upsert.on_conflict_do_update(
-                    index_elements=["category", "day"], set_={"issued": quota_usage.c.issued}
-                ).returning(quota_usage.c.issued)
-            )
-            or 0
-        )
+        issued[(category, day)] = int(await QUOTA_ROW.scalar(conn, category=category, day=day) or 0)
     return {
         k: domain.ClaimState(
             (k.consumer_id, k.platform_id) in enrolled,

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from google.protobuf.message import Message
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import String, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -30,14 +30,15 @@ from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
-from services.kernel.pipeline import Aggregate, Pipeline
+from services.kernel.pipeline import Aggregate, Outcome, Pipeline
 from services.kernel.riskscreen import Circumstances
+from services.kernel.sql import Statement
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain, linking
 from .authority import IdentityAuthority
-from .claim_batch import ClaimBatcher, claimed
+from .claim_batch import QUOTA_ROW, ClaimBatcher, claimed
 from .persons import Persons, consumer_erased, lock_person, persons_and_allowances
 from .policies import PolicyCopy
 from .projections import (
@@ -58,6 +59,7 @@ from .risk import RiskControl
 
 SERVICE = "eligibility"
 log = logging.getLogger(__name__)
+IDS = ARRAY(String())
 
 
 @dataclass(frozen=True)
@@ -82,36 +84,37 @@ async def _load_consumer(conn: AsyncConnection, consumer_id: str) -> dict[str, o
     return dict(row._mapping) if row else None
 
 
+# A claim's statements (the single claim's load; the quota row's is claim_batch.py's),
+# compiled once and run prepared.
+_ENROLLED = Statement(
+    select(consumer_platforms.c.consumer_id).where(
+        consumer_platforms.c.consumer_id == bindparam("consumer_id"),
+        consumer_platforms.c.platform_id == bindparam("platform_id"),
+    ),
+    name="enrolled",
+)
+_OWNED = Statement(
+    select(qualifications).where(
+        qualifications.c.consumer_id == any_(bindparam("ids", type_=IDS)),
+        qualifications.c.category == bindparam("category"),
+    ),
+    name="owned_qualifications",
+)
+
+
 async def _load_claim(conn: AsyncConnection, key: ClaimKey) -> domain.ClaimState:
     """Under the consumer's lock and their person's: the qualifications of the category of
     every consumer of the person, and the day's quota row, locked too, so that the per-person
     limit and the quota are exact under any concurrency."""
-    registered = await conn.scalar(
-        select(consumer_platforms.c.consumer_id).where(
-            consumer_platforms.c.consumer_id == key.consumer_id,
-            consumer_platforms.c.platform_id == key.platform_id,
-        )
+    registered = await _ENROLLED.scalar(
+        conn, consumer_id=key.consumer_id, platform_id=key.platform_id
     )
     # Same user: every consumer of the person counts, and the person is locked (persons.py).
     person = await lock_person(conn, key.consumer_id)
-    rows = (
-        await conn.execute(
-            select(qualifications).where(
-                qualifications.c.consumer_id.in_(sorted(person)),
-                qualifications.c.category == key.category,
-            )
-        )
-    ).all()
-    await conn.execute(
-        pg_insert(quota_usage)
-        .values(category=key.category, day=key.day, issued=0)
-        .on_conflict_do_nothing()
-    )
-    issued = await conn.scalar(
-        select(quota_usage.c.issued)
-        .where(quota_usage.c.category == key.category, quota_usage.c.day == key.day)
-        .with_for_update()
-    )
+    rows = await _OWNED.all(conn, ids=sorted(person), category=key.category)
+    # The day's row, created if missing, locked and read in one statement (an upsert that
+    # changes nothing takes the row lock and returns the count, as claim_batch's does).
+    issued = await QUOTA_ROW.scalar(conn, category=key.category, day=key.day)
     return domain.ClaimState(
         registered is not None, tuple(as_qualification(r) for r in rows), int(issued or 0), person
     )
@@ -158,6 +161,19 @@ CLAIM: Aggregate[ClaimKey, domain.ClaimState] = Aggregate(
 )
 QUALIFICATION: Aggregate[QualificationKey, domain.Qualification] = Aggregate(
     "qualification", lambda k: consumer_stream(k.consumer_id), _load_qualification
+)
+
+# Which qualification a ledger outcome settles (Eligibility._holder), compiled once.
+_HOLDER = select(qualifications.c.consumer_id, qualifications.c.qualification_id)
+_HOLDER_BY_ID = Statement(
+    _HOLDER.where(qualifications.c.qualification_id == bindparam("qid")), name="holder_by_id"
+)
+_HOLDER_BY_ORDER = Statement(
+    _HOLDER.where(
+        qualifications.c.order_id == bindparam("order_id"),
+        qualifications.c.status == any_(bindparam("held", list(domain.HELD), type_=IDS)),
+    ),
+    name="holder_by_order",
 )
 
 
@@ -363,14 +379,15 @@ class Eligibility:
         async with self.risk.screened_claim(
             consumer_id, circumstances, command.qualification_id, now
         ) as tx:
-            await self.pipeline.run(  # answered from the qualification, not the claim state
-                CLAIM, key, decide, ctx, tx=tx, reload=False
-            )
-        return await self.qualification(command.qualification_id)
+            outcome = await self.pipeline.run(CLAIM, key, decide, ctx, tx=tx, reload=False)
+        # Answered from the event it appended, as the projection recorded it (not read back).
+        return claimed(outcome) or await self.qualification(command.qualification_id)
 
     async def qualification(self, qid: str, platform: str | None = None) -> domain.Qualification:
         """One qualification; a platform sees only those claimed through it."""
-        async with self.store.engine.connect() as conn:
+        # begin, not connect: a read committed keeps the connection's prepared statements,
+        # which the ROLLBACK ending a connect() makes psycopg drop (DEALLOCATE ALL).
+        async with self.store.engine.begin() as conn:
             found = domain.visible(await load_qualification(conn, qid), platform)
         if found is None:
             raise domain.unknown_qualification()
@@ -388,8 +405,7 @@ class Eligibility:
         """The ledger locks a qualification to an order (LockQualification)."""
         command = domain.Lock(qid, order_id, category, consumer_id, platform_id, self.clock())
         try:
-            outcome = await self.pipeline.run(
-                QUALIFICATION,
+            outcome = await self._on_qualification(
                 QualificationKey(consumer_id, qid),
                 lambda q: domain.lock(q, command),
                 Context(actor, correlation_id=order_id),
@@ -409,7 +425,7 @@ class Eligibility:
         self, qid: str, order_id: str, platform: str | None = None
     ) -> domain.Qualification:
         """The qualification as the payment of ``order_id`` left it (ConsumeQualification)."""
-        async with self.store.engine.connect() as conn:
+        async with self.store.engine.begin() as conn:  # committed: see qualification()
             found = domain.visible(await load_qualification(conn, qid), platform)
         return domain.consumed(found, order_id)
 
@@ -441,11 +457,8 @@ class Eligibility:
         decide: Callable[[domain.Qualification | None], list[Message]],
     ) -> domain.Qualification:
         owner = (await self.qualification(qid)).consumer_id  # UNKNOWN_QUALIFICATION if none
-        outcome = await self.pipeline.run(
-            QUALIFICATION,
-            QualificationKey(owner, qid),
-            decide,
-            Context(actor, correlation_id=case_id),
+        outcome = await self._on_qualification(
+            QualificationKey(owner, qid), decide, Context(actor, correlation_id=case_id)
         )
         assert outcome.state is not None
         return outcome.state
@@ -464,14 +477,39 @@ class Eligibility:
         if domain.is_refund(outcome):
             order_policy = await self.policies.version(env.policy_version)
         at = env.occurred_at.ToDatetime(tzinfo=UTC)
-        await self.pipeline.run(
-            QUALIFICATION,
+        await self._on_qualification(
             owner,
             lambda q: domain.settle(q, outcome, order_policy, at),
             Context(service_actor(SERVICE), correlation_id=outcome.order_id),
             tx=tx,
-            reload=False,  # a reaction answers nobody
         )
+
+    async def _on_qualification(
+        self,
+        key: QualificationKey,
+        decide: Callable[[domain.Qualification | None], Sequence[Message]],
+        ctx: Context,
+        *,
+        tx: Tx | None = None,
+    ) -> Outcome[domain.Qualification]:
+        """``pipeline.run(QUALIFICATION, key, decide, ctx)``, reading the qualification once:
+        its projection is handed the state the decision was made on (read under the stream's
+        lock, nothing written to it since), and the state after is the one the projection
+        wrote, not read back. One read and one write a command, as the hot path needs."""
+        known: dict[str, domain.Qualification] = {}
+
+        def deciding(q: domain.Qualification | None) -> Sequence[Message]:
+            if q is not None:
+                known[q.qualification_id] = q
+            return decide(q)
+
+        async def project(conn: AsyncConnection, env: Envelope) -> None:
+            await apply_event(conn, env, known)
+
+        outcome = await Pipeline(self.store, SERVICE, project).run(
+            QUALIFICATION, key, deciding, ctx, tx=tx, reload=False
+        )
+        return replace(outcome, state=known.get(key.qualification_id, outcome.state))
 
     # -- the expiry sweeper -----------------------------------------------------------------
     async def expire_due(self, batch: int = 500) -> int:
@@ -494,12 +532,10 @@ class Eligibility:
         ctx = Context(service_actor(SERVICE), correlation_id="expiry-sweep")
         expired = 0
         for row in due:
-            outcome = await self.pipeline.run(
-                QUALIFICATION,
+            outcome = await self._on_qualification(
                 QualificationKey(row.consumer_id, row.qualification_id),
                 lambda q: domain.expire(q, now),
                 ctx,
-                reload=False,
             )
             expired += len(outcome.appended)
         return expired
@@ -526,15 +562,10 @@ class Eligibility:
         conn: AsyncConnection, outcome: domain.LedgerOutcome
     ) -> QualificationKey | None:
         """The qualification an outcome names (older events name only the order) and its owner."""
-        query = select(qualifications.c.consumer_id, qualifications.c.qualification_id)
         if outcome.qualification_id:
-            query = query.where(qualifications.c.qualification_id == outcome.qualification_id)
+            row = await _HOLDER_BY_ID.first(conn, qid=outcome.qualification_id)
         else:
-            query = query.where(
-                qualifications.c.order_id == outcome.order_id,
-                qualifications.c.status.in_(domain.HELD),
-            )
-        row = (await conn.execute(query)).first()
+            row = await _HOLDER_BY_ORDER.first(conn, order_id=outcome.order_id)
         return QualificationKey(row.consumer_id, row.qualification_id) if row else None
 
     async def check_limits(self) -> None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.message import Message
-from sqlalchemy import delete, select, text, tuple_
+from sqlalchemy import String, any_, bindparam, delete, select, text, tuple_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel import vault
@@ -40,6 +41,7 @@ from services.kernel.errors import Unavailable
 from services.kernel.events import Context
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
+from services.kernel.sql import Statement
 from subsidy.v1 import common_pb2
 
 from . import domain, erasures, linking
@@ -60,38 +62,65 @@ from .projections import (
 # -- the person lock ---------------------------------------------------------------------------
 
 
+# The person lock's statements (a claim's hot path), compiled once and run prepared.
+_IDS = ARRAY(String())
+_LOCK_PERSON = Statement(
+    select(persons.c.person_id)
+    .join(person_members, person_members.c.person_id == persons.c.person_id)
+    .where(person_members.c.consumer_id == bindparam("consumer_id"))
+    .with_for_update(of=persons),
+    name="lock_person",
+)
+_MEMBERS = Statement(
+    select(person_members.c.consumer_id).where(person_members.c.person_id == bindparam("person")),
+    name="person_members",
+)
+_PERSON_OF = Statement(
+    select(person_members.c.person_id).where(
+        person_members.c.consumer_id == bindparam("consumer_id")
+    ),
+    name="person_of",
+)
+_PERSONS_OF = Statement(
+    select(person_members.c.consumer_id, person_members.c.person_id).where(
+        person_members.c.consumer_id == any_(bindparam("ids", type_=_IDS))
+    ),
+    name="persons_of",
+)
+_LOCK_PERSONS = Statement(
+    select(persons.c.person_id)
+    .where(persons.c.person_id == any_(bindparam("ids", type_=_IDS)))
+    .order_by(persons.c.person_id)
+    .with_for_update(),
+    name="lock_persons",
+)
+_MEMBERS_OF = Statement(
+    select(person_members.c.person_id, person_members.c.consumer_id).where(
+        person_members.c.person_id == any_(bindparam("ids", type_=_IDS))
+    ),
+    name="members_of",
+)
+
+
 async def lock_person(conn: AsyncConnection, consumer_id: str) -> frozenset[str]:
     """Lock the person ``consumer_id`` belongs to until the transaction ends, and return its
     consumers (two statements on the claim's hot path). A merge that absorbed the person while
     this waited deleted its row: look again."""
     while True:
-        person = await conn.scalar(
-            select(persons.c.person_id)
-            .join(person_members, person_members.c.person_id == persons.c.person_id)
-            .where(person_members.c.consumer_id == consumer_id)
-            .with_for_update(of=persons)
-        )
+        person = await _LOCK_PERSON.scalar(conn, consumer_id=consumer_id)
         if person is None:
             if await _person_of(conn, consumer_id) is None:
                 return frozenset({consumer_id})  # not registered: nobody else to count
             continue  # absorbed by a merge while this waited: its row is gone
         # Read under the lock, so current; the consumer is in it unless a merge moved them
         # between the join's snapshot and the lock.
-        members = frozenset(
-            (
-                await conn.execute(
-                    select(person_members.c.consumer_id).where(person_members.c.person_id == person)
-                )
-            ).scalars()
-        )
+        members = frozenset(r.consumer_id for r in await _MEMBERS.all(conn, person=person))
         if consumer_id in members:
             return members
 
 
 async def _person_of(conn: AsyncConnection, consumer_id: str) -> str | None:
-    found: str | None = await conn.scalar(
-        select(person_members.c.person_id).where(person_members.c.consumer_id == consumer_id)
-    )
+    found: str | None = await _PERSON_OF.scalar(conn, consumer_id=consumer_id)
     return found
 
 
@@ -104,12 +133,7 @@ async def _lock_persons(conn: AsyncConnection, consumer_ids: Iterable[str]) -> d
     while True:
         before = await _persons_of(conn, wanted)
         savepoint = await conn.begin_nested()
-        await conn.execute(
-            select(persons.c.person_id)
-            .where(persons.c.person_id.in_(sorted(set(before.values()))))
-            .order_by(persons.c.person_id)
-            .with_for_update()
-        )
+        await _LOCK_PERSONS.run(conn, ids=sorted(set(before.values())))
         if await _persons_of(conn, wanted) == before:
             await savepoint.commit()
             return before
@@ -123,23 +147,13 @@ lock_persons = _lock_persons
 async def members_of(conn: AsyncConnection, person_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     """Each person's consumers (read under the persons' locks, so current)."""
     found: dict[str, set[str]] = {}
-    rows = await conn.execute(
-        select(person_members.c.person_id, person_members.c.consumer_id).where(
-            person_members.c.person_id.in_(person_ids)
-        )
-    )
-    for r in rows:
+    for r in await _MEMBERS_OF.all(conn, ids=list(person_ids)):
         found.setdefault(r.person_id, set()).add(r.consumer_id)
     return {p: frozenset(cs) for p, cs in found.items()}
 
 
 async def _persons_of(conn: AsyncConnection, consumer_ids: Sequence[str]) -> dict[str, str]:
-    rows = await conn.execute(
-        select(person_members.c.consumer_id, person_members.c.person_id).where(
-            person_members.c.consumer_id.in_(consumer_ids)
-        )
-    )
-    return {r.consumer_id: r.person_id for r in rows}
+    return {r.consumer_id: r.person_id for r in await _PERSONS_OF.all(conn, ids=list(consumer_ids))}
 
 
 async def _lock_identifiers(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kernel.contract.policy import (
@@ -29,11 +30,13 @@ from services.kernel.errors import FailedPrecondition
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.readmodels import load_new_rows
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from .projections import policies
 
 log = logging.getLogger(__name__)
+_VERSIONS = Statement(select(policies.c.version), name="policy_versions")
 
 
 class PolicyCopy:
@@ -80,10 +83,19 @@ class PolicyCopy:
             started = time.monotonic()
             if not fresh and started - self._looked_at < self.refresh_s:
                 return self._parsed  # looked up while this caller waited
-            async with self.store.engine.connect() as conn:
-                await load_new_rows(
-                    conn, policies.c.version, policies.c.document, self._parsed, policy_from_json
-                )
+            # Committed, not rolled back: a ROLLBACK makes psycopg drop the connection's
+            # prepared statements (DEALLOCATE ALL), the hot path's included.
+            async with self.store.engine.begin() as conn:
+                # The versions, prepared (a claim rush asks ten times a second); the documents
+                # only when one is new.
+                if any(r.version not in self._parsed for r in await _VERSIONS.all(conn)):
+                    await load_new_rows(
+                        conn,
+                        policies.c.version,
+                        policies.c.document,
+                        self._parsed,
+                        policy_from_json,
+                    )
             self._looked_at = started
         return self._parsed
 

@@ -8,7 +8,7 @@ crypto-shreds that person; the events keep only ciphertext, so the log stays ver
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,17 +22,21 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
+    func,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain, linking
@@ -200,24 +204,56 @@ def as_qualification(row: Any, available_from: Any = None) -> domain.Qualificati
     )
 
 
-async def load_qualification(conn: AsyncConnection, qid: str) -> domain.Qualification | None:
-    query = (
-        select(qualifications, qualification_availability.c.available_from)
-        .select_from(
-            qualifications.outerjoin(
-                qualification_availability,
-                qualification_availability.c.qualification_id == qualifications.c.qualification_id,
-            )
+# The qualification hot path's statements (LockQualification, the ledger's outcomes, reads),
+# compiled once and run prepared (services/kernel/sql.py).
+_QUALIFICATION = Statement(
+    select(qualifications, qualification_availability.c.available_from)
+    .select_from(
+        qualifications.outerjoin(
+            qualification_availability,
+            qualification_availability.c.qualification_id == qualifications.c.qualification_id,
         )
-        .where(qualifications.c.qualification_id == qid)
     )
-    row = (await conn.execute(query)).first()
+    .where(qualifications.c.qualification_id == bindparam("qid")),
+    name="load_qualification",
+)
+_SET_QUALIFICATION = Statement(
+    update(qualifications)
+    .where(qualifications.c.qualification_id == bindparam("qid"))
+    .values(
+        status=bindparam("new_status"),
+        order_id=bindparam("new_order_id"),
+        expires_at=bindparam("new_expires_at"),
+    ),
+    name="set_qualification",
+)
+_SET_AVAILABLE_FROM = Statement(
+    pg_insert(qualification_availability)
+    .values(qualification_id=bindparam("qid"), available_from=bindparam("at"))
+    .on_conflict_do_update(
+        index_elements=["qualification_id"], set_={"available_from": bindparam("at")}
+    ),
+    name="set_available_from",
+)
+
+
+async def load_qualification(conn: AsyncConnection, qid: str) -> domain.Qualification | None:
+    """One qualification as the read model holds it (None if there is none)."""
+    row = await _QUALIFICATION.first(conn, qid=qid)
     return as_qualification(row, row.available_from) if row is not None else None
 
 
-async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
+async def apply_event(
+    conn: AsyncConnection,
+    env: Envelope,
+    known: dict[str, domain.Qualification] | None = None,
+) -> None:
     """Apply one eligibility event to the read models; a qualification's status comes from
-    :func:`services.eligibility.domain.evolve`, never decided here."""
+    :func:`services.eligibility.domain.evolve`, never decided here.
+
+    ``known``: qualifications as the read model holds them in this transaction (the state a
+    decision was just made on, under its stream's lock), so a qualification event is applied
+    without reading its row again; each one applied is recorded there as the row now is."""
     event = payload_of(env)
     if isinstance(event, ev.ConsumerRegistered):
         await apply_person_event(conn, env, event)
@@ -253,38 +289,32 @@ async def apply_event(conn: AsyncConnection, env: Envelope) -> None:
             )
         )
     elif isinstance(event, ev.QualificationClaimed):
-        claimed = domain.evolve(None, event)
-        assert claimed is not None
-        row = asdict(claimed)
-        del row["available_from"]  # a fresh claim is lockable at once (its own table)
-        await conn.execute(insert(qualifications).values(**row))
-        stmt = pg_insert(quota_usage).values(category=event.category, day=event.quota_day, issued=1)
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["category", "day"], set_={"issued": quota_usage.c.issued + 1}
-            )
-        )
+        await _claimed(conn, [event])
     elif isinstance(event, PERSON_EVENTS):
         await apply_person_event(conn, env, event)
     elif isinstance(event, QUALIFICATION_EVENTS):
         qid = event.qualification_id
-        after = domain.evolve(await load_qualification(conn, qid), event)
+        before = (
+            known[qid]
+            if known is not None and qid in known
+            else await load_qualification(conn, qid)
+        )
+        after = domain.evolve(before, event)
         if after is not None:
-            await conn.execute(
-                update(qualifications)
-                .where(qualifications.c.qualification_id == qid)
-                .values(status=after.status, order_id=after.order_id, expires_at=after.expires_at)
+            await _SET_QUALIFICATION.run(
+                conn,
+                qid=qid,
+                new_status=after.status,
+                new_order_id=after.order_id,
+                new_expires_at=after.expires_at,
             )
             if after.available_from is not None:
-                stmt = pg_insert(qualification_availability).values(
-                    qualification_id=qid, available_from=after.available_from
-                )
-                await conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["qualification_id"],
-                        set_={"available_from": after.available_from},
-                    )
-                )
+                await _SET_AVAILABLE_FROM.run(conn, qid=qid, at=after.available_from)
+            elif before is not None and before.available_from is not None:
+                # No new date: the row keeps the one it had, and so does what is known.
+                after = replace(after, available_from=before.available_from)
+            if known is not None:
+                known[qid] = after
 
 
 async def apply_person_event(conn: AsyncConnection, env: Envelope, event: Message) -> None:
@@ -449,29 +479,58 @@ async def apply_events(conn: AsyncConnection, envs: Sequence[Envelope]) -> None:
     await _claimed(conn, claimed)
 
 
+# What claims write: the new qualifications in one statement (arrays unnested in step, one
+# row per claim), and each day's counter moved by the claims of the batch. Compiled once.
+_CLAIMED_COLUMNS = (
+    "qualification_id",
+    "consumer_id",
+    "category",
+    "channel",
+    "status",
+    "order_id",
+    "quota_day",
+)
+_INSERT_CLAIMED = Statement(
+    insert(qualifications).from_select(
+        [*_CLAIMED_COLUMNS, "expires_at"],
+        select(
+            *(func.unnest(bindparam(c, type_=ARRAY(String()))).label(c) for c in _CLAIMED_COLUMNS),
+            func.unnest(bindparam("expires_at", type_=ARRAY(DateTime(timezone=True)))).label(
+                "expires_at"
+            ),
+        ),
+    ),
+    name="insert_claimed",
+)
+_quota_claimed = pg_insert(quota_usage).values(
+    category=bindparam("category"), day=bindparam("day"), issued=bindparam("n")
+)
+_COUNT_CLAIMED = Statement(
+    _quota_claimed.on_conflict_do_update(
+        index_elements=["category", "day"],
+        set_={"issued": quota_usage.c.issued + _quota_claimed.excluded.issued},
+    ),
+    name="count_claimed",
+)
+
+
 async def _claimed(conn: AsyncConnection, events: Sequence[ev.QualificationClaimed]) -> None:
     if not events:
         return
-    rows = []
+    columns: dict[str, list[Any]] = {c: [] for c in (*_CLAIMED_COLUMNS, "expires_at")}
     per_day: dict[tuple[str, str], int] = {}
     for event in events:
         claimed = domain.evolve(None, event)
         assert claimed is not None
         row = asdict(claimed)
         del row["available_from"]  # a fresh claim is lockable at once (its own table)
-        rows.append(row)
-        day = (event.category, event.quota_day)
-        per_day[day] = per_day.get(day, 0) + 1
-    await conn.execute(insert(qualifications), rows)
-    stmt = pg_insert(quota_usage).values(
-        [{"category": c, "day": d, "issued": n} for (c, d), n in sorted(per_day.items())]
-    )
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["category", "day"],
-            set_={"issued": quota_usage.c.issued + stmt.excluded.issued},
-        )
-    )
+        for c, values in columns.items():
+            values.append(row[c])
+        group = (event.category, event.quota_day)
+        per_day[group] = per_day.get(group, 0) + 1
+    await _INSERT_CLAIMED.run(conn, **columns)
+    for (category, day), n in sorted(per_day.items()):
+        await _COUNT_CLAIMED.run(conn, category=category, day=day, n=n)
 
 
 async def rebuild(store: EventStore) -> int:

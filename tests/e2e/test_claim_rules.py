@@ -59,6 +59,10 @@ async def rules_from(
                 version=policy.version, document=policy_json(policy), effective_from=day
             )
         )
+    # Known at once, as a published version is (its consumer adds it to the copy): the copy's
+    # look-up of the table may have run within its refresh_s before this insert.
+    e: Eligibility = p.running["eligibility"].wiring.registrations[0][1].e
+    await e.policies.version(policy.version)
     return document
 
 
