@@ -24,12 +24,16 @@ refresh only keeps idle replicas current for Quote and GetSwitches).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import psycopg
+from psycopg.errors import TransactionRollback
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.kernel.sql import Statement
@@ -86,6 +90,23 @@ _ITEMS = Statement(
 History = tuple[tuple[dt.datetime, int], ...]
 
 
+@contextlib.asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection in autocommit for single-statement reads run as
+    :class:`~services.kernel.sql.Statement`: one that broke under a statement is invalidated
+    here, since SQLAlchemy did not see it fail (returned to the pool, its reset would fail and
+    log an error while the database is down), as the event store's appends do."""
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield conn
+        except DBAPIError as exc:
+            broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+            if broken and not isinstance(exc.orig, TransactionRollback):
+                await conn.invalidate()
+            raise
+
+
 @dataclass(frozen=True, slots=True)
 class CachedHistory:
     """A product's price history at one version of its stream, read for a window start: every
@@ -127,8 +148,7 @@ class ItemReads:
     :attr:`histories` (bounded; the oldest entry goes first)."""
 
     def __init__(self, engine: AsyncEngine, product_stream: str, switches_stream: str) -> None:
-        # One SELECT: autocommit saves the BEGIN and ROLLBACK round trips.
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = engine  # one SELECT in autocommit: no BEGIN and ROLLBACK round trips
         self._prefix = product_stream  # a product's stream is this and its SKU
         self._switches = switches_stream
         self._waiting: list[_Call] = []
@@ -174,7 +194,7 @@ class ItemReads:
                 try:
                     # One connection for as long as calls keep coming: the pool's checkout and
                     # return, and the autocommit switch, once per busy spell.
-                    async with self._engine.connect() as conn:
+                    async with autocommit(self._engine) as conn:
                         while self._waiting:
                             calls = self._waiting[:MAX_BATCH]
                             del self._waiting[:MAX_BATCH]
