@@ -46,7 +46,7 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from .domain import ItemFacts, ItemVerdict, Merchant, Pause, PolicyRecord, Product, Switches
-from .items import CachedHistory, ItemReads, autocommit, in_window
+from .items import CachedHistory, ItemReads, autocommit, autocommit_engine, in_window
 from .projections import (
     CAMPAIGN_SCOPE,
     apply_event,
@@ -132,6 +132,7 @@ class Catalog:
         self._policies: dict[str, Policy] = {}
         self._switches = Switches()
         self._switches_v = -1  # the switch stream's version self._switches is at
+        self._reads = autocommit_engine(store.engine)  # the refresh's single SELECTs
         self.items = ItemReads(store.engine, product_stream(""), SWITCHES_STREAM)
         self._catching_up = asyncio.Lock()
         self._checked_at = -REFRESH_EVERY_S  # loop time a read last found both up to date
@@ -140,7 +141,7 @@ class Catalog:
     async def refresh(self) -> None:
         """Load new approved policy versions and the switch state from the database (the
         switches only when their stream moved, the policies only when there are more)."""
-        async with autocommit(self.store.engine) as conn:
+        async with autocommit(self._reads) as conn:
             rows = await _SWITCH_STATE.all(conn, switches=SWITCHES_STREAM)
             if rows[0].policies != len(self._policies):
                 await load_new_rows(

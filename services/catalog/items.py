@@ -90,14 +90,19 @@ _ITEMS = Statement(
 History = tuple[tuple[dt.datetime, int], ...]
 
 
+def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The engine's pool, its connections in autocommit: a single SELECT needs no BEGIN and
+    ROLLBACK round trips."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 @contextlib.asynccontextmanager
 async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection in autocommit for single-statement reads run as
+    """A pooled connection of an :func:`autocommit_engine` for single-statement reads run as
     :class:`~services.kernel.sql.Statement`: one that broke under a statement is invalidated
     here, since SQLAlchemy did not see it fail (returned to the pool, its reset would fail and
     log an error while the database is down), as the event store's appends do."""
     async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
         try:
             yield conn
         except DBAPIError as exc:
@@ -148,7 +153,7 @@ class ItemReads:
     :attr:`histories` (bounded; the oldest entry goes first)."""
 
     def __init__(self, engine: AsyncEngine, product_stream: str, switches_stream: str) -> None:
-        self._engine = engine  # one SELECT in autocommit: no BEGIN and ROLLBACK round trips
+        self._engine = autocommit_engine(engine)
         self._prefix = product_stream  # a product's stream is this and its SKU
         self._switches = switches_stream
         self._waiting: list[_Call] = []
