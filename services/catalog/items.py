@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.kernel.sql import Statement
 
 MAX_BATCH: Final = 256  # calls read by one statement at most
+GATHER_TURNS: Final = 4  # turns of the event loop a read waits for calls still coming in
 # Every statement is sent at least this many rows of parameters (padded with empty SKUs, which
 # no product has and the statement skips). Why: PostgreSQL plans a prepared statement again on
 # every run until its generic plan (costed for 10 rows of unnest) looks no dearer than the
@@ -195,6 +196,15 @@ class ItemReads:
     async def _read_waiting(self) -> None:
         calls: list[_Call] = []
         try:
+            # Let the calls already on their way in (requests that came in the same poll of the
+            # server, their tasks ready in this turn of the loop) join the first statement:
+            # without it, a machine with cores to spare read nearly every call on its own. A
+            # few turns at most, and only while more keep joining: a lone call goes at once.
+            for _ in range(GATHER_TURNS):
+                joined = len(self._waiting)
+                await asyncio.sleep(0)
+                if len(self._waiting) == joined:
+                    break
             while self._waiting:
                 try:
                     # One connection for as long as calls keep coming: the pool's checkout and
