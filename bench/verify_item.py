@@ -8,16 +8,27 @@ answered from indexes of realistic size.
 
 Reports throughput and p50/p99 latency next to a same-run baseline (a gRPC health check on the
 same server at the same concurrency) as a ratio, so a slower or busier machine shows up in the
-baseline, not as a regression. No timing is asserted anywhere.
+baseline, not as a regression, and the CPU milliseconds per call of this process (the catalog
+server and its gRPC client together: the health check's row is what the gRPC calls alone cost)
+and of PostgreSQL. No timing is asserted anywhere.
 
-Usage: python -m bench.verify_item [--calls N] [--concurrency C]
+Usage: python -m bench.verify_item [--calls N] [--concurrency C] [--profile DIR]
+
+``--profile DIR`` records py-spy (GIL-holding samples: this process's own CPU) during each row,
+as collapsed stacks in ``DIR/verify-<row>.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -28,6 +39,7 @@ import hvac
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import insert
 
+from bench.claim_rush import CpuMeter
 from bench.common import against_baseline, report, summarise, timed
 from services.catalog.api import CatalogApi
 from services.catalog.handlers import Catalog
@@ -41,6 +53,8 @@ from subsidy.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 from subsidyctl.stack import OpenBao, Postgres, free_port
 
 PRODUCTS = 10_000
+# CpuMeter's name for this process: here it serves the catalog and runs the client too.
+THIS_PROCESS = "client (bench)"
 OPERATOR = common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="bench")
 
 
@@ -109,7 +123,36 @@ async def seed(
     return import_s
 
 
-async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
+class SelfProfile:
+    """py-spy on this process for one row (``--profile DIR``); nothing without a directory."""
+
+    def __init__(self, directory: Path | None, row: str) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        if directory is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [spy, "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "200"]
+        self._proc = subprocess.Popen(
+            [*command, "--gil", "-o", str(directory / f"verify-{slug}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def __aenter__(self) -> None:
+        if self._proc is not None:
+            await asyncio.sleep(0.5)  # attached before the row starts
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            await asyncio.to_thread(self._proc.wait, 30)
+
+
+async def measure(
+    calls: int, concurrency: int, root: Path, profile: Path | None = None
+) -> dict[str, Any]:
     pg = Postgres(data_dir=root / "pg", port=free_port(), log_dir=root, durable=False)
     pg.start()
     bao = OpenBao(data_dir=root / "bao", port=free_port(2), log_dir=root, dev=True)
@@ -175,16 +218,25 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
                 assert v.reasons or v.eligible
 
             await timed(min(calls, 500), concurrency, verify)  # warm the pools and plans
-            rows = [
-                summarise("baseline: gRPC health check", *await timed(calls, concurrency, check)),
-                summarise(
-                    "Quote (policy only, in memory)", *await timed(calls, concurrency, quote)
-                ),
-                summarise("VerifyItem", *await timed(calls, concurrency, verify)),
-                summarise(
-                    "VerifyItem with a serial", *await timed(calls, concurrency, verify_serial)
-                ),
-            ]
+            meter = CpuMeter()
+            load_before = os.getloadavg()
+            rows = []
+            for name, op in (
+                ("baseline: gRPC health check", check),
+                ("Quote (policy only, in memory)", quote),
+                ("VerifyItem", verify),
+                ("VerifyItem with a serial", verify_serial),
+            ):
+                async with SelfProfile(profile, name):
+                    before = meter.sample()
+                    row = summarise(name, *await timed(calls, concurrency, op))
+                    cpu = CpuMeter.per_op(before, meter.sample(), calls)
+                row["cpu_ms_per_call"] = {
+                    "catalog + client": cpu.get(THIS_PROCESS, 0.0),
+                    "postgres": cpu.get("postgres", 0.0),
+                }
+                rows.append(row)
+            load_after = os.getloadavg()
         finally:
             await channel.close()
             await server.stop(grace=None)
@@ -199,6 +251,7 @@ async def measure(calls: int, concurrency: int, root: Path) -> dict[str, Any]:
         "concurrency": concurrency,
         "products": PRODUCTS,
         "import_10000_rows_s": round(import_s, 2),
+        "load_average": [round(x, 2) for x in (*load_before, *load_after)],
         "rows": rows,
     }
 
@@ -207,14 +260,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.verify_item")
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", type=Path, help="py-spy collapsed stacks of each row here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
-        result = asyncio.run(measure(args.calls, args.concurrency, Path(tmp)))
+        result = asyncio.run(measure(args.calls, args.concurrency, Path(tmp), args.profile))
     print(
         f"verify_item: {args.calls} calls per row, concurrency {args.concurrency}, "
         f"{PRODUCTS} products; bulk import of {PRODUCTS} rows: {result['import_10000_rows_s']} s"
     )
     report("verify_item", result)
+    load = result["load_average"]
+    print(f"CPU ms per call (load average {load[:3]} before, {load[3:]} after):")
+    for row in result["rows"]:
+        cpu = row["cpu_ms_per_call"]
+        print(
+            f"  {row['name']:32} catalog + client {cpu['catalog + client']:6.3f}"
+            f"   postgres {cpu['postgres']:6.3f}"
+        )
     return result
 
 

@@ -7,9 +7,12 @@ one transaction. The four aggregates are declared once below.
 
 Policies, emergency switches, merchants, products and prices are the catalog's own streams;
 sales orders and serial bindings are learnt from the ledger's events. ``verify_item`` is the
-checkout's hot path: one SQL round trip plus in-memory policy and switch state, which a
-background loop refreshes from the database twice a second so every replica sees a pause or a
-new policy version within a second.
+checkout's hot path: its share of one prepared statement for every call in flight
+(``items.py``: the product, its merchant, the serial's order, the price history only when the
+product's stream moved, and the versions of the switches and policies), with the policy and
+switch state in memory, reloaded before answering when that read shows another replica changed
+them. A background loop refreshes them twice a second as well, for Quote and GetSwitches on an
+idle replica.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, select, text
 
 from services.invariants import InvariantViolation, check_serial_once
 from services.kernel.background import every
@@ -33,16 +36,19 @@ from services.kernel.contract.policy import (
     named_version,
     policy_from_json,
 )
-from services.kernel.errors import FailedPrecondition, NotFound
+from services.kernel.errors import DomainError, FailedPrecondition, NotFound
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Outcome, Pipeline
 from services.kernel.readmodels import load_new_rows
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
-from .domain import ItemFacts, ItemVerdict, Merchant, PolicyRecord, Product, Switches
+from .domain import ItemFacts, ItemVerdict, Merchant, Pause, PolicyRecord, Product, Switches
+from .items import CachedHistory, ItemReads, autocommit, autocommit_engine, in_window
 from .projections import (
+    CAMPAIGN_SCOPE,
     apply_event,
     apply_events,
     apply_ledger_event,
@@ -90,33 +96,29 @@ PRODUCT: Final[Aggregate[str, Product]] = Aggregate(
 )
 
 
-# The facts VerifyItem needs, in one round trip: the product, its merchant, the prices in force
-# during the baseline window (the last one set before the window opened, and every later one),
-# and the order holding the serial, if any.
-_ITEM_FACTS = text(
-    """
-    SELECT p.sku, p.category, p.grade, p.merchant_id, p.status AS product_status,
-           coalesce(m.status, '') AS merchant_status, h.prices, h.times,
-           s.order_id AS serial_order, s.status AS serial_status
-    FROM products p
-    LEFT JOIN merchants m ON m.merchant_id = p.merchant_id
-    LEFT JOIN LATERAL (
-        SELECT array_agg(ph.price_fen ORDER BY ph.effective_at, ph.event_id) AS prices,
-               array_agg(ph.effective_at ORDER BY ph.effective_at, ph.event_id) AS times
-        FROM price_history ph
-        WHERE ph.sku = p.sku AND ph.effective_at >= coalesce(
-            (SELECT max(effective_at) FROM price_history
-             WHERE sku = p.sku AND effective_at <= :window_start),
-            '-infinity'::timestamptz)
-    ) h ON true
-    LEFT JOIN LATERAL (
-        SELECT o.order_id, o.status FROM sales_orders o
-        WHERE o.serial = :serial AND o.serial <> '' AND o.status IN ('RESERVED', 'CAPTURED')
-        ORDER BY (o.status = 'CAPTURED') DESC, o.reserved_at
-        LIMIT 1
-    ) s ON true
-    WHERE p.sku = :sku
-    """
+# The policy and switch state's freshness in one statement: the switch stream's version with
+# every pause in force (one row of NULLs when none is), and how many versions are approved.
+_SWITCH_STATE = Statement(
+    text(
+        """
+        SELECT v.switches_v, v.policies, s.scope, s.reason, s.actor_id, s.since
+        FROM (SELECT coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
+                     AS switches_v,
+                     (SELECT count(*) FROM policies) AS policies) v
+        LEFT JOIN switches s ON true
+        ORDER BY s.scope
+        """
+    ),
+    name="switch state",
+)
+
+
+_CAPTURED_WITH_SERIAL = Statement(
+    select(sales_orders.c.serial, sales_orders.c.order_id).where(
+        sales_orders.c.serial == bindparam("serial"),
+        sales_orders.c.status == domain.CAPTURED,
+    ),
+    name="captured orders of a serial",
 )
 
 
@@ -129,28 +131,67 @@ class Catalog:
         self.pipeline = Pipeline(store, SERVICE, apply_event, project_many=apply_events)
         self._policies: dict[str, Policy] = {}
         self._switches = Switches()
-        # VerifyItem is one SELECT: autocommit saves the BEGIN and ROLLBACK round trips.
-        self._reads = store.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._switches_v = -1  # the switch stream's version self._switches is at
+        self._reads = autocommit_engine(store.engine)  # the refresh's single SELECTs
+        self.items = ItemReads(store.engine, product_stream(""), SWITCHES_STREAM)
+        self._catching_up = asyncio.Lock()
+        self._checked_at = -REFRESH_EVERY_S  # loop time a read last found both up to date
 
     # -- refresh (policies and switches, from the database) ---------------------------------
     async def refresh(self) -> None:
-        """Load new approved policy versions and the switch state from the database."""
-        async with self.store.engine.connect() as conn:
-            await load_new_rows(
-                conn, policies.c.version, policies.c.document, self._policies, policy_from_json
-            )
-            self._switches = await load_switches(conn)
+        """Load new approved policy versions and the switch state from the database (the
+        switches only when their stream moved, the policies only when there are more)."""
+        async with autocommit(self._reads) as conn:
+            rows = await _SWITCH_STATE.all(conn, switches=SWITCHES_STREAM)
+            if rows[0].policies != len(self._policies):
+                await load_new_rows(
+                    conn,
+                    policies.c.version,
+                    policies.c.document,
+                    self._policies,
+                    policy_from_json,
+                )
+        version = rows[0].switches_v
+        if version > self._switches_v:  # never back to an older state read before a newer one
+            campaign: Pause | None = None
+            categories: dict[str, Pause] = {}
+            for row in rows:
+                if row.scope is None:
+                    continue
+                pause = Pause(row.reason, row.actor_id, row.since)
+                if row.scope == CAMPAIGN_SCOPE:
+                    campaign = pause
+                else:
+                    categories[row.scope.removeprefix("category:")] = pause
+            self._switches, self._switches_v = Switches(campaign, categories), version
+        self._checked_at = asyncio.get_running_loop().time()
+
+    async def _refresh_if_idle(self) -> None:
+        # VerifyItem's reads check both on every call: while they come, nothing to do here.
+        if asyncio.get_running_loop().time() - self._checked_at >= REFRESH_EVERY_S:
+            await self.refresh()
 
     async def refresh_loop(self, stop: asyncio.Event, every_s: float = REFRESH_EVERY_S) -> None:
         """Refresh every ``every_s`` until ``stop``, so a replica sees an approval in time."""
         await every(
             stop,
             every_s,
-            self.refresh,
+            self._refresh_if_idle,
             log=log,
             failure="catalog refresh failed",
             alert="catalog-refresh",
         )
+
+    async def _catch_up(self, switches_v: int, approved: int) -> None:
+        """Reload the policies and switches if a read saw them newer than this replica has
+        them (another replica changed them); one reload for every call that saw it."""
+        if switches_v <= self._switches_v and approved <= len(self._policies):
+            self._checked_at = asyncio.get_running_loop().time()
+            return
+        async with self._catching_up:
+            # A reload that began after this call's read has brought both at least that far.
+            if switches_v > self._switches_v or approved > len(self._policies):
+                await self.refresh()
 
     @property
     def switches(self) -> Switches:
@@ -236,8 +277,9 @@ class Catalog:
 
     # -- emergency switches ---------------------------------------------------------------
     def _switched(self, outcome: Outcome[Switches]) -> Switches:
-        self._switches = outcome.state or Switches()  # this replica applies it at once
-        return self._switches
+        if outcome.version >= self._switches_v:  # this replica applies it at once
+            self._switches, self._switches_v = outcome.state or Switches(), outcome.version
+        return outcome.state or Switches()
 
     async def pause_category(self, command: domain.PauseCategory, ctx: Context) -> Switches:
         policy = self.policy()
@@ -370,17 +412,20 @@ class Catalog:
     async def verify_item(self, query: ItemQuery) -> ItemVerdict:
         """Every reason an item at this price is not eligible, or its subsidy."""
         now = self.now()
+        try:
+            window = self.policy(query.policy_version, at=now).baseline_window_days
+        except DomainError:  # decided again (or refused) once the read has caught up
+            window = 0
+        start = now - timedelta(days=window)
+        row, history = await self.items.read(query.sku, query.serial, start)
+        await self._catch_up(row.switches_v, row.policies)
         policy = self.policy(query.policy_version, at=now)
-        window_start = now - timedelta(days=policy.baseline_window_days)
-        async with self._reads.connect() as conn:
-            row = (
-                await conn.execute(
-                    _ITEM_FACTS,
-                    {"sku": query.sku, "serial": query.serial, "window_start": window_start},
-                )
-            ).first()
+        start = now - timedelta(days=policy.baseline_window_days)
+        if history is not None and history.start > start:
+            # Another version came in force, with a longer window: read what it needs.
+            row, history = await self.items.read(query.sku, query.serial, start)
         facts = None
-        if row is not None:
+        if row.sku is not None and history is not None:
             facts = ItemFacts(
                 sku=row.sku,
                 category=row.category,
@@ -388,7 +433,7 @@ class Catalog:
                 merchant_id=row.merchant_id,
                 merchant_status=row.merchant_status,
                 product_status=row.product_status,
-                price_history=tuple(zip(row.times or (), row.prices or (), strict=True)),
+                price_history=_prices(history, start),
                 serial_order=row.serial_order or "",
                 serial_order_status=row.serial_status or "",
             )
@@ -397,29 +442,22 @@ class Catalog:
     # -- sales orders and units, from the ledger's events ----------------------------------
     async def on_ledger_event(self, tx: Tx, env: Envelope) -> None:
         """Consumer of the ledger's reservation events (services/catalog/service.py)."""
-        await apply_ledger_event(tx.conn, env)
-        event = payload_of(env)
-        if isinstance(event, ev.SubsidyCaptured):
-            serial = await tx.conn.scalar(
-                select(sales_orders.c.serial).where(sales_orders.c.order_id == event.order_id)
-            )
-            if serial:
-                try:
-                    await self._check_serial(tx.conn, serial)
-                except InvariantViolation:
-                    # Two captures raced past VerifyItem: the ledger must claw one back.
-                    log.error(
-                        "one unit subsidised twice",
-                        extra={"alert": "serial-double-subsidy", "order_id": event.order_id},
-                    )
+        # A capture's merge returns the order's serial: the unit it subsidised, if known.
+        serial = await apply_ledger_event(tx.conn, env)
+        if serial:
+            try:
+                await self._check_serial(tx.conn, serial)
+            except InvariantViolation:
+                # Two captures raced past VerifyItem: the ledger must claw one back.
+                event = payload_of(env)
+                order_id = event.order_id if isinstance(event, ev.SubsidyCaptured) else ""
+                log.error(
+                    "one unit subsidised twice",
+                    extra={"alert": "serial-double-subsidy", "order_id": order_id},
+                )
 
     async def _check_serial(self, conn: Any, serial: str) -> None:
-        rows = await conn.execute(
-            select(sales_orders.c.serial, sales_orders.c.order_id).where(
-                sales_orders.c.serial == serial,
-                sales_orders.c.status == domain.CAPTURED,
-            )
-        )
+        rows = await _CAPTURED_WITH_SERIAL.all(conn, serial=serial)
         check_serial_once([(r.serial, r.order_id) for r in rows])
 
     async def check_serials(self) -> None:
@@ -431,6 +469,12 @@ class Catalog:
                 )
             )
             check_serial_once([(r.serial, r.order_id) for r in rows])
+
+
+def _prices(history: CachedHistory, start: datetime) -> tuple[tuple[datetime, int], ...]:
+    if history.start > start:  # pragma: no cover - verify_item reads it again first
+        raise AssertionError("a price history read for a later window")
+    return in_window(history.history, start)
 
 
 def _merchant_row(outcome: Outcome[Merchant]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.contract.policy import policy_from_json, policy_json, policy_of
 from services.kernel.events import Envelope, payload_of
+from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
 from . import domain
@@ -366,64 +367,108 @@ async def project_registered(
 # Sales orders, from the ledger's events
 
 
-async def apply_ledger_event(conn: AsyncConnection, env: Envelope) -> None:
-    """Merge one ledger event into its order's row; idempotent and order-independent."""
+# The three merges, compiled once (services.kernel.sql.Statement): the consumer of the ledger's
+# events runs one per event. Each inserts the order's row or merges into it.
+_RESERVED_DETAILS = (
+    "sku",
+    "merchant_id",
+    "category",
+    "platform_id",
+    "serial",
+    "unit_price_fen",
+    "subsidy_fen",
+    "policy_version",
+    "reserved_at",
+)
+_reserved = pg_insert(sales_orders).values(
+    order_id=bindparam("p_order_id"),
+    status=domain.RESERVED,
+    **{c: bindparam(f"p_{c}") for c in _RESERVED_DETAILS},
+)
+_MERGE_RESERVED = Statement(
+    _reserved.on_conflict_do_update(
+        index_elements=[sales_orders.c.order_id],
+        set_={c: _reserved.excluded[c] for c in _RESERVED_DETAILS},
+    ),
+    name="merge SubsidyReserved",
+)
+_captured = pg_insert(sales_orders).values(
+    order_id=bindparam("p_order_id"),
+    status=domain.CAPTURED,
+    captured=True,
+    subsidy_fen=bindparam("p_subsidy_fen"),
+    captured_at=bindparam("p_at"),
+)
+# Returns the order's serial (as the reservation recorded it, or '' if it has not arrived), for
+# the one-unit-one-subsidy check, without a second read.
+MERGE_CAPTURED = Statement(
+    _captured.on_conflict_do_update(
+        index_elements=[sales_orders.c.order_id],
+        set_={
+            "captured": True,
+            "captured_at": _captured.excluded.captured_at,
+            # never back from RELEASED
+            "status": case(
+                (sales_orders.c.status == domain.RELEASED, domain.RELEASED),
+                else_=domain.CAPTURED,
+            ),
+        },
+    ).returning(sales_orders.c.serial),
+    name="merge SubsidyCaptured",
+)
+_released = pg_insert(sales_orders).values(
+    order_id=bindparam("p_order_id"),
+    status=domain.RELEASED,
+    captured=bindparam("p_was_captured", type_=Boolean),
+    refunded=bindparam("p_was_captured", type_=Boolean),
+    release_reason=bindparam("p_reason"),
+    released_at=bindparam("p_at"),
+)
+_MERGE_RELEASED = Statement(
+    _released.on_conflict_do_update(
+        index_elements=[sales_orders.c.order_id],
+        set_={
+            "status": domain.RELEASED,
+            "captured": sales_orders.c.captured | _released.excluded.captured,
+            "refunded": sales_orders.c.refunded | _released.excluded.refunded,
+            "release_reason": _released.excluded.release_reason,
+            "released_at": _released.excluded.released_at,
+        },
+    ),
+    name="merge SubsidyReleased",
+)
+
+
+async def apply_ledger_event(conn: AsyncConnection, env: Envelope) -> str | None:
+    """Merge one ledger event into its order's row; idempotent and order-independent. For a
+    capture, returns the order's serial ('' if none is known yet); None otherwise."""
     event = payload_of(env)
     at = occurred(env)
-    t = sales_orders
     if isinstance(event, ev.SubsidyReserved):
-        details = {
-            "sku": event.sku,
-            "merchant_id": event.merchant_id,
-            "category": event.category,
-            "platform_id": event.platform_id,
-            "serial": event.serial,
-            "unit_price_fen": event.unit_price_fen,
-            "subsidy_fen": event.subsidy_fen,
-            "policy_version": env.policy_version,
-            "reserved_at": at,
-        }
-        stmt = pg_insert(t).values(order_id=event.order_id, status=domain.RESERVED, **details)
-        await conn.execute(stmt.on_conflict_do_update(index_elements=[t.c.order_id], set_=details))
+        await _MERGE_RESERVED.run(
+            conn,
+            p_order_id=event.order_id,
+            p_sku=event.sku,
+            p_merchant_id=event.merchant_id,
+            p_category=event.category,
+            p_platform_id=event.platform_id,
+            p_serial=event.serial,
+            p_unit_price_fen=event.unit_price_fen,
+            p_subsidy_fen=event.subsidy_fen,
+            p_policy_version=env.policy_version,
+            p_reserved_at=at,
+        )
     elif isinstance(event, ev.SubsidyCaptured):
-        stmt = pg_insert(t).values(
-            order_id=event.order_id,
-            status=domain.CAPTURED,
-            captured=True,
-            subsidy_fen=event.subsidy_fen,
-            captured_at=at,
+        serial: str = await MERGE_CAPTURED.scalar(
+            conn, p_order_id=event.order_id, p_subsidy_fen=event.subsidy_fen, p_at=at
         )
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[t.c.order_id],
-                set_={
-                    "captured": True,
-                    "captured_at": at,
-                    # never back from RELEASED
-                    "status": case(
-                        (t.c.status == domain.RELEASED, domain.RELEASED), else_=domain.CAPTURED
-                    ),
-                },
-            )
-        )
+        return serial
     elif isinstance(event, ev.SubsidyReleased):
-        stmt = pg_insert(t).values(
-            order_id=event.order_id,
-            status=domain.RELEASED,
-            captured=event.was_captured,
-            refunded=event.was_captured,
-            release_reason=event.reason,
-            released_at=at,
+        await _MERGE_RELEASED.run(
+            conn,
+            p_order_id=event.order_id,
+            p_was_captured=event.was_captured,
+            p_reason=event.reason,
+            p_at=at,
         )
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[t.c.order_id],
-                set_={
-                    "status": domain.RELEASED,
-                    "captured": t.c.captured | event.was_captured,
-                    "refunded": t.c.refunded | event.was_captured,
-                    "release_reason": event.reason,
-                    "released_at": at,
-                },
-            )
-        )
+    return None

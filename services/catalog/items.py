@@ -1,0 +1,246 @@
+"""VerifyItem's reads: one prepared statement for every call in flight, and a price-history cache
+that is never stale.
+
+The checkout asks the catalog about one item per reservation, many at once. Each call needs the
+product and its merchant as they are now, the order holding the unit's serial (written by the
+consumer of the ledger's events, on any replica), and the product's price history in the
+baseline window. The first three are index lookups read on every call; the price history is
+what costs (two aggregates over the history and an array of timestamps to parse), and it
+changes only when the product's stream does: every price change and registration is appended
+to ``product/<sku>`` and projected in the same transaction, so the stream's version read in the
+same statement as the rest says whether a cached history is still the product's. A changed
+(or unknown) version brings the history in that same statement.
+
+Calls that arrive while a read is in flight wait for the next one, which reads for all of them
+together (``= ANY``-style over arrays, one round trip and one pooled connection for the batch).
+A waiting call's read starts after the call arrived, so it sees every change committed before
+it, on this replica or any other, as a read of its own would.
+
+Each read also returns the switch stream's version and the number of approved policies, so the
+handler reloads them before answering when another replica changed them (the background
+refresh only keeps idle replicas current for Quote and GetSwitches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg.errors import TransactionRollback
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.kernel.sql import Statement
+
+MAX_BATCH: Final = 256  # calls read by one statement at most
+GATHER_TURNS: Final = 4  # turns of the event loop a read waits for calls still coming in
+# Every statement is sent at least this many rows of parameters (padded with empty SKUs, which
+# no product has and the statement skips). Why: PostgreSQL plans a prepared statement again on
+# every run until its generic plan (costed for 10 rows of unnest) looks no dearer than the
+# plans made for the actual parameters, and batches of a few calls never did: planning was
+# most of the statement's cost. Padded, the generic plan wins after five runs and is kept.
+MIN_ROWS: Final = 16
+MAX_CACHED: Final = 50_000  # products whose price history is kept (a few hundred bytes each)
+UNKNOWN: Final = -1  # "no cached version": the statement sends the history
+
+# One row per call, in the calls' order. ``product_v`` is 0 for a SKU with no stream.
+_ITEMS = Statement(
+    text(
+        """
+        SELECT k.i, coalesce(ps.version, 0) AS product_v,
+               p.sku, p.category, p.grade, p.merchant_id, p.status AS product_status,
+               coalesce(m.status, '') AS merchant_status, h.prices, h.times,
+               s.order_id AS serial_order, s.status AS serial_status,
+               coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
+                   AS switches_v,
+               (SELECT count(*) FROM policies) AS policies
+        FROM unnest(CAST(:skus AS text[]), CAST(:serials AS text[]), CAST(:known AS bigint[]))
+             WITH ORDINALITY AS k(sku, serial, known, i)
+        LEFT JOIN products p ON p.sku = k.sku
+        LEFT JOIN merchants m ON m.merchant_id = p.merchant_id
+        LEFT JOIN streams ps ON ps.stream_id = :stream_prefix || k.sku
+        LEFT JOIN LATERAL (
+            SELECT array_agg(ph.price_fen ORDER BY ph.effective_at, ph.event_id) AS prices,
+                   array_agg(ph.effective_at ORDER BY ph.effective_at, ph.event_id) AS times
+            FROM price_history ph
+            WHERE coalesce(ps.version, 0) <> k.known AND ph.sku = k.sku
+              AND ph.effective_at >= coalesce(
+                (SELECT max(effective_at) FROM price_history
+                 WHERE sku = k.sku AND effective_at <= :start),
+                '-infinity'::timestamptz)
+        ) h ON true
+        LEFT JOIN LATERAL (
+            SELECT o.order_id, o.status FROM sales_orders o
+            WHERE o.serial = k.serial AND o.serial <> '' AND o.status IN ('RESERVED', 'CAPTURED')
+            ORDER BY (o.status = 'CAPTURED') DESC, o.reserved_at
+            LIMIT 1
+        ) s ON true
+        WHERE k.sku <> ''
+        ORDER BY k.i
+        """
+    ),
+    name="verify items",
+)
+
+History = tuple[tuple[dt.datetime, int], ...]
+
+
+def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The engine's pool, its connections in autocommit: a single SELECT needs no BEGIN and
+    ROLLBACK round trips."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextlib.asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection of an :func:`autocommit_engine` for single-statement reads run as
+    :class:`~services.kernel.sql.Statement`: one that broke under a statement is invalidated
+    here, since SQLAlchemy did not see it fail (returned to the pool, its reset would fail and
+    log an error while the database is down), as the event store's appends do."""
+    async with engine.connect() as conn:
+        try:
+            yield conn
+        except DBAPIError as exc:
+            broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+            if broken and not isinstance(exc.orig, TransactionRollback):
+                await conn.invalidate()
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class CachedHistory:
+    """A product's price history at one version of its stream, read for a window start: every
+    price from the last one set at or before ``start`` on (so it holds what any later start
+    needs)."""
+
+    version: int
+    start: dt.datetime
+    history: History
+
+
+def in_window(history: History, start: dt.datetime) -> History:
+    """The prices the baseline over a window opening at ``start`` uses: the last one set at or
+    before ``start`` (with any set at the same instant) and every later one. ``history`` must
+    hold every price from some start at or before ``start`` (a :class:`CachedHistory`'s)."""
+    cutoff = None
+    for at, _ in history:
+        if at <= start:
+            cutoff = at
+        else:
+            break
+    if cutoff is None:
+        return history
+    return tuple(p for p in history if p[0] >= cutoff)
+
+
+@dataclass(slots=True)
+class _Call:
+    sku: str
+    serial: str
+    known: int
+    start: dt.datetime
+    answer: asyncio.Future[Any]
+
+
+class ItemReads:
+    """Reads for VerifyItem, coalesced: :meth:`read` returns the statement's row for one call;
+    calls that overlap share one statement. The price histories it read are kept in
+    :attr:`histories` (bounded; the oldest entry goes first)."""
+
+    def __init__(self, engine: AsyncEngine, product_stream: str, switches_stream: str) -> None:
+        self._engine = autocommit_engine(engine)
+        self._prefix = product_stream  # a product's stream is this and its SKU
+        self._switches = switches_stream
+        self._waiting: list[_Call] = []
+        self._reader: asyncio.Task[None] | None = None
+        self.histories: dict[str, CachedHistory] = {}
+        self.statements = 0  # statements run (tests and benchmarks read it)
+
+    async def read(
+        self, sku: str, serial: str, start: dt.datetime
+    ) -> tuple[Any, CachedHistory | None]:
+        """The row for ``sku`` (with the order holding ``serial``), and the product's price
+        history at the version the row was read at, for a window opening at ``start`` or later
+        (None: no such product). The history comes from the cache when it is for that version
+        and a start at or before ``start``; otherwise the same statement reads it."""
+        cached = self.histories.get(sku)
+        known = cached.version if cached is not None and cached.start <= start else UNKNOWN
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Call(sku, serial, known, start, answer))
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_waiting())
+        row, read_from = await answer
+        if row.sku is None:
+            return row, None
+        if cached is not None and row.product_v == known:
+            return row, cached
+        # Read for the batch's earliest start: a superset of what this call's start needs.
+        entry = CachedHistory(
+            row.product_v, read_from, tuple(zip(row.times or (), row.prices or (), strict=True))
+        )
+        self.keep(sku, entry)
+        return row, entry
+
+    def keep(self, sku: str, entry: CachedHistory) -> None:
+        """Cache a history read (bounded: the oldest entry makes room)."""
+        if sku not in self.histories and len(self.histories) >= MAX_CACHED:
+            self.histories.pop(next(iter(self.histories)))
+        self.histories[sku] = entry
+
+    async def _read_waiting(self) -> None:
+        calls: list[_Call] = []
+        try:
+            # Let the calls already on their way in (requests that came in the same poll of the
+            # server, their tasks ready in this turn of the loop) join the first statement:
+            # without it, a machine with cores to spare read nearly every call on its own. A
+            # few turns at most, and only while more keep joining: a lone call goes at once.
+            for _ in range(GATHER_TURNS):
+                joined = len(self._waiting)
+                await asyncio.sleep(0)
+                if len(self._waiting) == joined:
+                    break
+            while self._waiting:
+                try:
+                    # One connection for as long as calls keep coming: the pool's checkout and
+                    # return, and the autocommit switch, once per busy spell.
+                    async with autocommit(self._engine) as conn:
+                        while self._waiting:
+                            calls = self._waiting[:MAX_BATCH]
+                            del self._waiting[:MAX_BATCH]
+                            start = min(c.start for c in calls)
+                            rows = await self._run(conn, calls, start)
+                            for call, row in zip(calls, rows, strict=True):
+                                if not call.answer.done():  # a caller past its deadline left
+                                    call.answer.set_result((row, start))
+                            calls = []
+                except Exception as exc:  # the connection is returned (or discarded) first
+                    for call in calls:
+                        if not call.answer.done():
+                            call.answer.set_exception(exc)
+                    calls = []
+        finally:
+            self._reader = None
+            # Only if this task was cancelled (shutdown): no caller may wait for ever.
+            for call in [*calls, *self._waiting]:
+                if not call.answer.done():
+                    call.answer.cancel()
+            self._waiting.clear()
+
+    async def _run(self, conn: AsyncConnection, calls: Sequence[_Call], start: dt.datetime) -> Any:
+        self.statements += 1
+        pad = [""] * max(0, MIN_ROWS - len(calls))
+        return await _ITEMS.all(
+            conn,
+            skus=[c.sku for c in calls] + pad,
+            serials=[c.serial for c in calls] + pad,
+            known=[c.known for c in calls] + [0] * len(pad),
+            start=start,  # the earliest: every call's window opens at or after it
+            stream_prefix=self._prefix,
+            switches=self._switches,
+        )
