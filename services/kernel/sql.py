@@ -26,10 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.errors import TransactionRollback
 from psycopg.rows import namedtuple_row
 from sqlalchemy import ARRAY, Boolean
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -91,7 +92,7 @@ class Statement:
             await cur.execute(self.sql, self._params(params), prepare=True)
             return await cur.fetchall()
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise await _failed(conn, self.sql, params, exc) from exc
 
     async def first(self, conn: AsyncConnection, **params: Any) -> Any | None:
         """The first row, or None."""
@@ -101,7 +102,7 @@ class Statement:
             await cur.execute(self.sql, self._params(params), prepare=True)
             return await cur.fetchone()
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise await _failed(conn, self.sql, params, exc) from exc
 
     async def scalar(self, conn: AsyncConnection, **params: Any) -> Any:
         """The first column of the first row, or None when there is no row."""
@@ -110,7 +111,7 @@ class Statement:
             cur = await raw.execute(self.sql, self._params(params), prepare=True)
             row = await cur.fetchone()
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise await _failed(conn, self.sql, params, exc) from exc
         return None if row is None else row[0]
 
     async def run(self, conn: AsyncConnection, **params: Any) -> int:
@@ -119,7 +120,7 @@ class Statement:
         try:
             cur = await raw.execute(self.sql, self._params(params), prepare=True)
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise await _failed(conn, self.sql, params, exc) from exc
         return cur.rowcount
 
     async def run_many(self, conn: AsyncConnection, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -133,7 +134,21 @@ class Statement:
             async with raw.cursor() as cur:
                 await cur.executemany(self.sql, batch)
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, None, exc, psycopg.Error) from exc
+            raise await _failed(conn, self.sql, None, exc) from exc
+
+
+async def _failed(
+    conn: AsyncConnection, sql: str, params: Mapping[str, Any] | None, exc: psycopg.Error
+) -> StatementError:
+    """The error to raise for ``exc``, as SQLAlchemy wraps it; a connection that broke under
+    the statement is invalidated first, as SQLAlchemy does for a disconnect it sees itself:
+    otherwise the pool would try to reset it on its way back (and log an error while the
+    database is down) and hand it out again. A serialisation failure or deadlock does not
+    break the connection."""
+    broken = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    if broken and not isinstance(exc, TransactionRollback) and not conn.invalidated:
+        await conn.invalidate()
+    return DBAPIError.instance(sql, params, exc, psycopg.Error)
 
 
 def _processed(type_: TypeEngine[Any], *, bind: bool) -> bool:
