@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.audit.totals import Rebuild, pool_table
 from services.invariants import InvariantViolation, check_shards_add_up
-from services.kernel.contract import budget
+from services.kernel.contract import budget, fundledger
 from services.kernel.contract.budget import Pool, shard_stream, stream_shard
 from services.kernel.errors import DomainError, InvalidArgument, ResourceExhausted
 from services.kernel.events import Context, new_envelope, service_actor
@@ -49,6 +49,8 @@ class Sharded:
     reservations: dict[str, tuple[int, domain.Reservation]] = field(default_factory=dict)
     funded: int = 0
     refused: int = 0
+    # Every event in the order appended: (shard, event, its version in the shard's stream).
+    log: list[tuple[int, Message, int]] = field(default_factory=list)
 
     def append(self, plan: domain.Plan) -> None:
         for shard in sorted(plan):
@@ -56,6 +58,7 @@ class Sharded:
                 before = self.figures.get(shard, Pool(POOL))
                 self.figures[shard] = budget.apply(before, event)
                 self.streams.setdefault(shard, []).append(event)
+                self.log.append((shard, event, len(self.streams[shard])))
 
     def total(self) -> Pool:
         return budget.total(POOL, (self.figures[k] for k in sorted(self.figures)))
@@ -294,3 +297,51 @@ def test_the_auditor_names_money_sent_between_shards_that_never_arrived() -> Non
     # Shard 0 alone balances (60 available of 60 funded), but 40 fen vanished on the way.
     with pytest.raises(InvariantViolation, match="sent shard 1 40 fen"):
         folds["pool"].table()
+
+
+@settings(max_examples=150, deadline=None)
+@given(first=st.integers(1, 8), steps=commands)
+def test_the_fund_ledger_shows_a_sharded_pool_as_one_pool_with_its_whole_balances(
+    first: int, steps: list[tuple[object, ...]]
+) -> None:
+    """The fund-detail ledger over a sharded pool's streams (fundledger.movements, which the
+    daily report sums): every row names the pool, never a shard; after every row each source's
+    balances are the whole pool's (balanced, nothing negative); the last row of each source
+    shows the pool's figures as the shards add up to; and the rows do not depend on the order
+    the events were read in."""
+    m = Sharded()
+    m.fund(10**6, "district")
+    m.reshard(first)
+    for command in steps:
+        match command:
+            case ("fund", int(amount), str(source)):
+                m.fund(amount, source)
+            case ("reserve", int(amount)):
+                m.reserve(f"o-{len(m.reservations)}-{m.refused}", amount)
+            case ("settle", int(pick), str(decide)):
+                if m.reservations:
+                    m.settle(sorted(m.reservations)[pick % len(m.reservations)], decide)
+            case ("reshard", int(shards)):
+                m.reshard(shards)
+    # The events as the ledger wrote them, each stamped in the order it was appended.
+    envelopes = []
+    for n, (shard, event, version) in enumerate(m.log):
+        env = new_envelope("ledger", shard_stream(POOL, shard), event, LEDGER, version=version)
+        env.occurred_at.FromSeconds(1_750_000_000 + n)
+        envelopes.append(env)
+    rows = fundledger.movements(envelopes)
+    assert {r.pool_id for r in rows} == {POOL}
+    for r in rows:
+        assert r.funded_fen == r.available_fen + r.reserved_fen + r.spent_fen, r
+        assert min(r.available_fen, r.reserved_fen, r.spent_fen) >= 0, r
+    total = m.total()
+    last = {r.source: r for r in rows}
+    for held in total.sources:
+        shown = last[held.source]
+        assert (shown.funded_fen, shown.available_fen, shown.reserved_fen, shown.spent_fen) == (
+            held.funded,
+            held.available,
+            held.reserved,
+            held.spent,
+        )
+    assert fundledger.movements(list(reversed(envelopes))) == rows

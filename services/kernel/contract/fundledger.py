@@ -13,13 +13,15 @@ after each event, and the invariants are checked after every one. A clawback mov
 source that paid, with the balances unchanged.
 
 Rows are in each pool's stream order (its version numbers), pools by id, a clawback right after
-the refund it claws back (they are written in one transaction), so the same events give the
-same rows whatever order they were read in: the ledger's store and the audit log (which holds
+the refund it claws back (they are written in one transaction). A pool split into shards is
+one pool: its shards' streams merged by when each event occurred, its balances the whole
+pool's. So the same events give the same rows whatever order they were read in: the ledger's store and the audit log (which holds
 them in the order they reached audit) give byte-identical files. Pure: envelopes in, rows out.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import Final
@@ -121,35 +123,72 @@ def _kind(payload: Message) -> tuple[str, str]:
 class _Refund:
     pool_id: str
     stream_version: int
+    position: int  # the refund's place among its pool's events (see _pool_order)
     category: str
     parts: budget.Parts
 
 
+def _pool_order(shards: dict[int, list[Envelope]]) -> list[tuple[int, Envelope]]:
+    """One pool's events as (shard, envelope) in one order: each shard's stream in version
+    order, the shards merged by when each event occurred (ties by shard, then version). A pool
+    of one shard is its stream in version order; the same events give the same order whatever
+    order they were read in, since the key is in each envelope."""
+    runs = [
+        [(shard, env) for env in sorted(shards[shard], key=lambda e: e.stream_version)]
+        for shard in sorted(shards)
+    ]
+    if len(runs) == 1:
+        return runs[0]
+
+    def when(item: tuple[int, Envelope]) -> tuple[int, int, int]:
+        shard, env = item
+        return (env.occurred_at.ToNanoseconds(), shard, env.stream_version)
+
+    # A merge, not a sort: each shard's version order is kept even if its clock went back.
+    return list(heapq.merge(*runs, key=when))
+
+
+def _pool_balances(shards: dict[int, budget.Pool], source: str) -> tuple[int, int, int, int, int]:
+    """A source's balances over every shard of its pool (one shard: that shard's)."""
+    if len(shards) == 1:
+        return _balances(next(iter(shards.values())), source)
+    summed = [0, 0, 0, 0, 0]
+    for pool in shards.values():
+        for i, fen in enumerate(_balances(pool, source)):
+            summed[i] += fen
+    return (summed[0], summed[1], summed[2], summed[3], summed[4])
+
+
 def movements(envelopes: Iterable[Envelope]) -> list[Movement]:
     """Every movement of every source, in the order described above, from the ledger's
-    events (any others are ignored). Raises :class:`services.invariants.InvariantViolation`
-    where the events do not add up (the budget fold checks every step)."""
+    events (any others are ignored). A pool split into shards (``budget-pool/<pool>/<k>``)
+    is one pool here: its rows name the pool, its shards' events are merged by when they
+    occurred (:func:`_pool_order`), and the balances are the whole pool's, summed over its
+    shards; moves of budget between shards change no source's balances and have no row.
+    Raises :class:`services.invariants.InvariantViolation` where the events do not add up (the
+    budget fold checks every step)."""
     distinct = _distinct(envelopes)
-    streams: dict[str, list[Envelope]] = {}
+    pools: dict[str, dict[int, list[Envelope]]] = {}
     clawbacks: list[Envelope] = []
     for env in distinct:
         if env.event_type == _CLAWBACK_TYPE:
             clawbacks.append(env)
         else:
-            streams.setdefault(env.stream_id, []).append(env)
-    out: list[Movement] = []
+            pool_id, shard = budget.stream_shard(env.stream_id)
+            pools.setdefault(pool_id, {}).setdefault(shard, []).append(env)
+    keyed: list[tuple[tuple[str, int, int], Movement]] = []
+    order = {k: i for i, k in enumerate(KINDS_WITH_CLAWBACK)}
     refunds: dict[str, _Refund] = {}  # order -> its latest refund after capture
-    for stream_id in sorted(streams):
-        pool_id = stream_id.removeprefix(POOL_STREAM_PREFIX)
-        pool = budget.Pool(pool_id)
+    for pool_id in sorted(pools):
+        states = {shard: budget.Pool(pool_id) for shard in sorted(pools[pool_id])}
         legacy: dict[str, budget.Parts] = {}  # as budget.fold: orders written before sources
         categories: dict[str, str] = {}
-        for env in sorted(streams[stream_id], key=lambda e: e.stream_version):
+        for position, (shard, env) in enumerate(_pool_order(pools[pool_id])):
             payload = _payload(env)
             if payload is None:
                 continue
             order_id = str(getattr(payload, "order_id", ""))
-            pool, parts = budget.step(pool, payload, legacy.get(order_id))
+            states[shard], parts = budget.step(states[shard], payload, legacy.get(order_id))
             if isinstance(payload, ev.SubsidyReserved):
                 categories[order_id] = payload.category
                 if not payload.sources:
@@ -161,64 +200,71 @@ def movements(envelopes: Iterable[Envelope]) -> list[Movement]:
                 continue
             category = str(getattr(payload, "category", "")) or categories.get(order_id, "")
             if isinstance(payload, ev.SubsidyReleased) and payload.was_captured:
-                refunds[order_id] = _Refund(pool_id, env.stream_version, category, parts)
+                refunds[order_id] = _Refund(pool_id, env.stream_version, position, category, parts)
             at = env.occurred_at.ToJsonString()
             for source, fen in parts:
-                out.append(
-                    Movement(
-                        pool_id,
-                        env.stream_version,
-                        source,
-                        kind,
-                        fen,
-                        order_id,
-                        category,
-                        reason,
-                        env.event_id,
-                        at,
-                        *_balances(pool, source),
-                    )
+                movement = Movement(
+                    pool_id,
+                    env.stream_version,
+                    source,
+                    kind,
+                    fen,
+                    order_id,
+                    category,
+                    reason,
+                    env.event_id,
+                    at,
+                    *_pool_balances(states, source),
                 )
-    credited = {(m.pool_id, m.stream_version, m.source): m for m in out if m.kind == REFUNDED}
-    out += _clawbacks(clawbacks, refunds, credited)
-    order = {k: i for i, k in enumerate(KINDS_WITH_CLAWBACK)}
+                keyed.append(((pool_id, position, order[kind]), movement))
+    credited = {
+        (pool_id, position, m.source): m
+        for (pool_id, position, _), m in keyed
+        if m.kind == REFUNDED
+    }
+    for refund_position, movement in _clawbacks(clawbacks, refunds, credited):
+        keyed.append(((movement.pool_id, refund_position, order[CLAWBACK]), movement))
     # A stable sort: the parts of one event stay in the pool's source order.
-    out.sort(key=lambda m: (m.pool_id, m.stream_version, order[m.kind]))
-    return out
+    keyed.sort(key=lambda item: item[0])
+    return [m for _, m in keyed]
 
 
 def _clawbacks(
     clawbacks: Sequence[Envelope],
     refunds: dict[str, _Refund],
     credited: dict[tuple[str, int, str], Movement],
-) -> list[Movement]:
+) -> list[tuple[int, Movement]]:
     """A clawback's rows: its fen split over the sources the refund credited, in the same
     proportions when it differs from the refund (largest remainder, as a pro-rata split),
     with each source's balances as the refund left them. A clawback of an order no refund of
-    which is in the events sits at the end, of no pool."""
-    out: list[Movement] = []
+    which is in the events sits at the end, of no pool. Each row with the refund's position
+    among its pool's events (0 for one of no pool)."""
+    out: list[tuple[int, Movement]] = []
     for env in sorted(clawbacks, key=lambda e: (e.stream_id, e.stream_version)):
         claw = ev.ClawbackRecorded.FromString(env.payload)
         at = env.occurred_at.ToJsonString()
         refund = refunds.get(claw.order_id)
         if refund is None:
             out.append(
-                Movement(
-                    "",
+                (
                     0,
-                    UNATTRIBUTED,
-                    CLAWBACK,
-                    claw.fen,
-                    claw.order_id,
-                    "",
-                    claw.batch_id,
-                    env.event_id,
-                    at,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
+                    Movement(
+                        "",
+                        0,
+                        UNATTRIBUTED,
+                        CLAWBACK,
+                        claw.fen,
+                        claw.order_id,
+                        "",
+                        claw.batch_id,
+                        env.event_id,
+                        at,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ),
                 )
             )
             continue
@@ -227,29 +273,32 @@ def _clawbacks(
             payers = [budget.Source(s, funded=fen) for s, fen in parts]
             parts = budget.split_pro_rata(payers, claw.fen)
         for source, fen in parts:
-            after = credited.get((refund.pool_id, refund.stream_version, source))
+            after = credited.get((refund.pool_id, refund.position, source))
             out.append(
-                Movement(
-                    refund.pool_id,
-                    refund.stream_version,
-                    source,
-                    CLAWBACK,
-                    fen,
-                    claw.order_id,
-                    refund.category,
-                    claw.batch_id,
-                    env.event_id,
-                    at,
-                    *(
-                        (
-                            after.funded_fen,
-                            after.scheduled_fen,
-                            after.available_fen,
-                            after.reserved_fen,
-                            after.spent_fen,
-                        )
-                        if after is not None
-                        else (0, 0, 0, 0, 0)
+                (
+                    refund.position,
+                    Movement(
+                        refund.pool_id,
+                        refund.stream_version,
+                        source,
+                        CLAWBACK,
+                        fen,
+                        claw.order_id,
+                        refund.category,
+                        claw.batch_id,
+                        env.event_id,
+                        at,
+                        *(
+                            (
+                                after.funded_fen,
+                                after.scheduled_fen,
+                                after.available_fen,
+                                after.reserved_fen,
+                                after.spent_fen,
+                            )
+                            if after is not None
+                            else (0, 0, 0, 0, 0)
+                        ),
                     ),
                 )
             )
