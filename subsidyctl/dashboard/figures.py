@@ -80,18 +80,27 @@ class Outcomes:
 
 @dataclass
 class PoolTrail:
-    """One pool as the log tells it."""
+    """One pool as the log tells it; a pool split into shards is one trail, each shard's
+    stream folded in its own version order and the figures summed over the shards."""
 
     pool_id: str
-    pool: budget.Pool
-    next_version: int = 1
-    waiting: dict[int, tuple[Envelope, Message]] = field(default_factory=dict)
+    shards: dict[int, budget.Pool] = field(default_factory=dict)
+    # Per shard: the next version to fold, and the events logged ahead of it.
+    next_version: dict[int, int] = field(default_factory=dict)
+    waiting: dict[int, dict[int, tuple[Envelope, Message]]] = field(default_factory=dict)
     legacy: dict[str, budget.Parts] = field(default_factory=dict)
     used: Counter[str] = field(default_factory=Counter)  # per category: reserved + spent, fen
     order_category: dict[str, str] = field(default_factory=dict)
     points: list[BurnPoint] = field(default_factory=list)
     outcomes: Outcomes = field(default_factory=Outcomes)
     broken: str = ""  # why the fold stopped (an invariant violation), shown as an alert
+
+    @property
+    def pool(self) -> budget.Pool:
+        """The pool's figures: its one shard's, or every shard's summed."""
+        if len(self.shards) == 1:
+            return next(iter(self.shards.values()))
+        return budget.total(self.pool_id, (self.shards[k] for k in sorted(self.shards)))
 
 
 @dataclass(frozen=True)
@@ -158,22 +167,29 @@ class LogFold:
             self._pool_event(env, payload)
 
     def _pool_event(self, env: Envelope, payload: Message) -> None:
-        pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
+        pool_id, shard = budget.stream_shard(env.stream_id)
         trail = self.pools.get(pool_id)
         if trail is None:
-            trail = self.pools[pool_id] = PoolTrail(pool_id, budget.Pool(pool_id))
-        if env.stream_version < trail.next_version:
+            trail = self.pools[pool_id] = PoolTrail(pool_id)
+        if shard not in trail.shards:
+            trail.shards[shard] = budget.Pool(pool_id)
+            trail.next_version[shard] = 1
+            trail.waiting[shard] = {}
+        if env.stream_version < trail.next_version[shard]:
             return  # logged twice (audit verify reports it); counted once here
-        # The log's order is arrival order; a pool's stream is folded in version order.
-        trail.waiting[env.stream_version] = (env, payload)
-        while trail.next_version in trail.waiting and not trail.broken:
-            self._step(trail, *trail.waiting.pop(trail.next_version))
-            trail.next_version += 1
+        # The log's order is arrival order; a shard's stream is folded in version order.
+        waiting = trail.waiting[shard]
+        waiting[env.stream_version] = (env, payload)
+        while trail.next_version[shard] in waiting and not trail.broken:
+            self._step(trail, shard, *waiting.pop(trail.next_version[shard]))
+            trail.next_version[shard] += 1
 
-    def _step(self, trail: PoolTrail, env: Envelope, payload: Message) -> None:
+    def _step(self, trail: PoolTrail, shard: int, env: Envelope, payload: Message) -> None:
         order_id = getattr(payload, "order_id", "")
         try:
-            trail.pool, parts = budget.step(trail.pool, payload, trail.legacy.get(order_id))
+            trail.shards[shard], parts = budget.step(
+                trail.shards[shard], payload, trail.legacy.get(order_id)
+            )
         except InvariantViolation as exc:
             trail.broken = str(exc)
             self.alerts.append(Alert(_iso(env), "invariant", str(exc), trail.pool_id))

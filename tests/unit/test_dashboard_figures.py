@@ -178,7 +178,63 @@ def test_a_pool_stream_is_folded_in_version_order_whatever_the_arrival_order() -
     a, b = in_order.pools["p1"], shuffled.pools["p1"]
     assert b.pool == a.pool
     assert b.outcomes == a.outcomes
-    assert b.next_version == len(events) + 1
+    assert b.next_version == {0: len(events) + 1}
+
+
+def test_a_pool_split_into_shards_is_one_pool_each_shard_folded_in_its_own_order() -> None:
+    """Shard 1's stream (``budget-pool/p1/1``) joins the pool's trail: the figures are the
+    shards' summed, each shard folded in its version order however the log interleaves them."""
+    shard1 = POOL + "/1"
+    moved = parts(district=40_000)
+    events = [
+        env(ev.BudgetFunded(pool_id="p1", amount_fen=100_000, source="district"), 1),
+        env(
+            ev.ShardBudgetSent(
+                pool_id="p1", from_shard=0, to_shard=1, amount_fen=40_000, sources=moved
+            ),
+            2,
+        ),
+        env(
+            ev.ShardBudgetReceived(
+                pool_id="p1", from_shard=0, to_shard=1, amount_fen=40_000, sources=moved
+            ),
+            1,
+            stream=shard1,
+        ),
+        env(
+            ev.SubsidyReserved(
+                order_id="o1",
+                pool_id="p1",
+                category="tv",
+                subsidy_fen=30_000,
+                sources=parts(district=30_000),
+            ),
+            2,
+            stream=shard1,
+        ),
+        env(
+            ev.SubsidyCaptured(
+                order_id="o1", pool_id="p1", subsidy_fen=30_000, sources=parts(district=30_000)
+            ),
+            3,
+            stream=shard1,
+        ),
+    ]
+    fold = LogFold()
+    for e in [events[3], events[2], events[0], events[4], events[1]]:
+        fold.add(e)
+    assert list(fold.pools) == ["p1"]
+    trail = fold.pools["p1"]
+    assert not trail.broken
+    figures = trail.pool
+    assert (figures.funded, figures.available, figures.reserved, figures.spent) == (
+        100_000,
+        70_000,
+        0,
+        30_000,
+    )
+    assert trail.used["tv"] == 30_000
+    assert trail.next_version == {0: 3, 1: 4}
 
 
 def test_a_broken_invariant_stops_the_pool_and_raises_an_alert() -> None:
