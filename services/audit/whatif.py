@@ -18,6 +18,7 @@ which a laxer draft might have admitted; and a draft's claim-time rules themselv
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -58,7 +59,8 @@ class WhatIfFold(Fold):
     event_types: ClassVar[frozenset[str]] = frozenset(
         _name(m) for m in (ev.ProductRegistered, ev.PolicyDrafted, ev.PolicyPublished)
     )
-    pools: dict[str, list[tuple[dt.datetime, Message]]] = field(default_factory=dict)
+    # Per pool and shard, that shard's events in its stream's order (as the log feeds them).
+    shards: dict[str, dict[int, list[tuple[dt.datetime, Message]]]] = field(default_factory=dict)
     grades: dict[str, int | None] = field(default_factory=dict)  # sku -> grade (None: none)
     policies: dict[str, Policy] = field(default_factory=dict)
 
@@ -73,12 +75,33 @@ class WhatIfFold(Fold):
         elif isinstance(payload, ev.PolicyDrafted | ev.PolicyPublished):
             self.policies[payload.version] = policy_of(payload)
         elif env.service == "ledger":
-            pool_id = env.stream_id.removeprefix(POOL_STREAM_PREFIX)
+            # A pool split into shards is weighed whole, as the draft would spend it: its
+            # shards' events in the log's order, and the moves between shards (which change
+            # no figure of the whole pool) left out.
+            if isinstance(payload, _SHARD_MOVES):
+                return
+            pool_id, shard = budget.stream_shard(env.stream_id)
             at = env.occurred_at.ToDatetime(tzinfo=dt.UTC)
-            self.pools.setdefault(pool_id, []).append((at, payload))
+            self.shards.setdefault(pool_id, {}).setdefault(shard, []).append((at, payload))
+
+    @property
+    def pools(self) -> dict[str, list[tuple[dt.datetime, Message]]]:
+        """Each pool's events: one shard's in its stream order, several shards' merged by when
+        each occurred (each shard's own order kept), so the draft spends the whole pool's
+        budget in the order the orders came."""
+        out: dict[str, list[tuple[dt.datetime, Message]]] = {}
+        for pool_id, shards in self.shards.items():
+            runs = [shards[k] for k in sorted(shards)]
+            out[pool_id] = (
+                runs[0] if len(runs) == 1 else list(heapq.merge(*runs, key=lambda e: e[0]))
+            )
+        return out
 
     def table(self) -> Table:
         return {}
+
+
+_SHARD_MOVES = (ev.ShardBudgetSent, ev.ShardBudgetReceived, ev.PoolSharded)
 
 
 @dataclass

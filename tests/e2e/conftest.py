@@ -71,12 +71,16 @@ class Platform:
         """Wait until every durable consumer of every service has handled every stored event
         that matches its subjects (the platform is quiet; read models and audit are final)."""
 
-        async def check() -> None:
+        async def stored() -> list[str]:
             subjects: list[str] = []
             for name, r in self.running.items():
                 async with r.runtime.store.engine.connect() as conn:
                     rows = await conn.execute(text("SELECT event_type FROM events"))
                     subjects += [f"events.{name}.{t.rsplit('.', 1)[-1]}" for (t,) in rows]
+            return subjects
+
+        async def check() -> None:
+            subjects = await stored()
             for r in self.running.values():
                 for c in r.wiring.consumers:
                     expected = sum(
@@ -88,6 +92,10 @@ class Platform:
                             {"c": c.name},
                         )
                     assert handled == expected, f"{c.name} has handled {handled} of {expected}"
+            # A handler that ran while the counts were read may have appended an event of its
+            # own (eligibility's, on a ledger event) after the stores were read: quiet only if
+            # no store grew meanwhile.
+            assert len(await stored()) == len(subjects), "an event was stored while counting"
 
         await eventually(check, within=within)
 

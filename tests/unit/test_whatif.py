@@ -11,6 +11,7 @@ from services.audit.totals import Rebuild
 from services.audit.whatif import WhatIf, WhatIfFold, replay
 from services.kernel.contract.policy import FundingRules, Policy, default_policy
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
+from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -18,6 +19,8 @@ DAY1 = dt.datetime(2025, 6, 1, 10, 0, tzinfo=SHANGHAI)
 DAY2 = DAY1 + dt.timedelta(days=1)
 PRICE = 800_000  # 8,000 yuan: 20 % of it is 1,600 yuan, under the 2,000-yuan cap
 ACTUAL = 160_000
+POOL_STREAM = "budget-pool/p"
+SHARD_1 = "budget-pool/p/1"
 
 
 def env(service: str, stream: str, version: int, event: Message, at: dt.datetime) -> Envelope:
@@ -36,28 +39,30 @@ class History:
             env("ledger", "budget-pool/p", 1, ev.BudgetFunded(
                 pool_id="p", amount_fen=funded_fen, source="district"), DAY1),
         ]  # fmt: skip
-        self.version = 1
+        self.versions = {POOL_STREAM: 1}
 
-    def add(self, event: Message, at: dt.datetime) -> None:
-        self.version += 1
-        self.envs.append(env("ledger", "budget-pool/p", self.version, event, at))
+    def add(self, event: Message, at: dt.datetime, stream: str = POOL_STREAM) -> None:
+        self.versions[stream] = self.versions.get(stream, 0) + 1
+        self.envs.append(env("ledger", stream, self.versions[stream], event, at))
 
-    def order(self, order_id: str, at: dt.datetime, *, then: str = "capture") -> None:
+    def order(
+        self, order_id: str, at: dt.datetime, *, then: str = "capture", stream: str = POOL_STREAM
+    ) -> None:
         """An order reserved at the policy's subsidy, then captured (and maybe refunded) or
-        cancelled."""
+        cancelled; on the pool's stream, or one of its shards' (``stream``)."""
         self.add(ev.SubsidyReserved(
             order_id=order_id, pool_id="p", sku="s1", merchant_id="m", category="tv",
-            unit_price_fen=PRICE, subsidy_fen=ACTUAL), at)  # fmt: skip
+            unit_price_fen=PRICE, subsidy_fen=ACTUAL), at, stream)  # fmt: skip
         if then == "cancel":
             self.add(ev.SubsidyReleased(order_id=order_id, pool_id="p", subsidy_fen=ACTUAL,
-                                        reason="CANCELLED", category="tv"), at)  # fmt: skip
+                                        reason="CANCELLED", category="tv"), at, stream)  # fmt: skip
             return
         self.add(ev.SubsidyCaptured(order_id=order_id, pool_id="p", subsidy_fen=ACTUAL,
-                                    category="tv"), at)  # fmt: skip
+                                    category="tv"), at, stream)  # fmt: skip
         if then == "refund":
             self.add(ev.SubsidyReleased(order_id=order_id, pool_id="p", subsidy_fen=ACTUAL,
                                         reason="REFUNDED", was_captured=True, category="tv"),
-                     at)  # fmt: skip
+                     at, stream)  # fmt: skip
 
     def under(self, draft: Policy, start: dt.date | None = None) -> WhatIf:
         r = Rebuild([WhatIfFold()])
@@ -158,3 +163,26 @@ def test_orders_before_the_period_keep_what_they_had() -> None:
     assert [o.order_id for o in result.changed()] == ["o3"]
     end = result.burn_down[("p", "2025-06-02")]
     assert end["draft_spent_fen"] == ACTUAL + 100_000  # o1 at what it had, o3 at the draft's
+
+
+def test_a_pool_split_into_shards_is_weighed_whole_as_one_pool_would_be() -> None:
+    """The same orders on a pool of two shards (half the budget moved to shard 1, which takes
+    o2 and o4): the draft's replay is the one pool's, order by order and day by day; the moves
+    between shards are no spending."""
+    one = campaign()
+    two = History()
+    moved = [common_pb2.SourceAmount(source="district", fen=500_000)]
+    two.add(ev.PoolSharded(pool_id="p", shards=2), DAY1)
+    two.add(ev.ShardBudgetSent(pool_id="p", from_shard=0, to_shard=1, amount_fen=500_000,
+                               sources=moved), DAY1)  # fmt: skip
+    two.add(ev.ShardBudgetReceived(pool_id="p", from_shard=0, to_shard=1, amount_fen=500_000,
+                                   sources=moved), DAY1, SHARD_1)  # fmt: skip
+    two.order("o1", DAY1)
+    two.order("o2", DAY1, then="cancel", stream=SHARD_1)
+    two.order("o3", DAY2)
+    two.order("o4", DAY2, then="refund", stream=SHARD_1)
+    for draft in (default_policy(), with_tv(default_policy(), cap_fen=100_000)):
+        a, b = one.under(draft), two.under(draft)
+        assert b.orders == a.orders
+        assert b.burn_down == a.burn_down
+        assert {pool for pool, _ in b.burn_down} == {"p"}
