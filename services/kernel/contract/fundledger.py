@@ -15,8 +15,9 @@ source that paid, with the balances unchanged.
 Rows are in each pool's stream order (its version numbers), pools by id, a clawback right after
 the refund it claws back (they are written in one transaction). A pool split into shards is
 one pool: its shards' streams merged by when each event occurred, its balances the whole
-pool's. So the same events give the same rows whatever order they were read in: the ledger's store and the audit log (which holds
-them in the order they reached audit) give byte-identical files. Pure: envelopes in, rows out.
+pool's. So the same events give the same rows whatever order they were read in: the ledger's
+store and the audit log (which holds them in the order they reached audit) give
+byte-identical files. Pure: envelopes in, rows out.
 """
 
 from __future__ import annotations
