@@ -325,21 +325,29 @@ class CpuMeter:
 
     def sample(self) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for proc in [self._me, *self._me.children(recursive=True)]:
+        for _ in range(5):  # a process that ends while the tree is walked: walk it again
+            try:
+                children = self._me.children(recursive=True)
+                break
+            except psutil.Error:
+                continue
+        else:
+            children = []
+        for proc in [self._me, *children]:
             proc = self._procs.setdefault(proc.pid, proc)  # keep the object: cached cmdline
         for pid, proc in list(self._procs.items()):
             try:
                 cpu = proc.cpu_times()
-            except psutil.Error:
+                if pid == self._me.pid:
+                    group, used = "client (bench)", cpu.user + cpu.system
+                else:
+                    # With the children it has reaped: PostgreSQL's backends come and go (a
+                    # pool's overflow connections close when returned) and their CPU is the
+                    # postmaster's from then on.
+                    group = _group(proc)
+                    used = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+            except psutil.Error:  # ended since: its CPU is its parent's now
                 continue
-            if pid == self._me.pid:
-                group, used = "client (bench)", cpu.user + cpu.system
-            else:
-                # With the children it has reaped: PostgreSQL's backends come and go (a pool's
-                # overflow connections close when returned) and their CPU is the postmaster's
-                # from then on.
-                group = _group(proc)
-                used = cpu.user + cpu.system + cpu.children_user + cpu.children_system
             totals[group] = totals.get(group, 0.0) + used
         return totals
 
