@@ -46,7 +46,7 @@ from subsidy.v1 import events_pb2 as ev
 
 from . import domain
 from .domain import ItemFacts, ItemVerdict, Merchant, Pause, PolicyRecord, Product, Switches
-from .items import CachedHistory, ItemReads, autocommit, autocommit_engine, in_window
+from .items import CachedHistory, ItemReads, autocommit_engine, in_window
 from .projections import (
     CAMPAIGN_SCOPE,
     apply_event,
@@ -141,7 +141,7 @@ class Catalog:
     async def refresh(self) -> None:
         """Load new approved policy versions and the switch state from the database (the
         switches only when their stream moved, the policies only when there are more)."""
-        async with autocommit(self._reads) as conn:
+        async with self._reads.connect() as conn:
             rows = await _SWITCH_STATE.all(conn, switches=SWITCHES_STREAM)
             if rows[0].policies != len(self._policies):
                 await load_new_rows(

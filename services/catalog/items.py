@@ -24,16 +24,12 @@ refresh only keeps idle replicas current for Quote and GetSwitches).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import psycopg
-from psycopg.errors import TransactionRollback
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.kernel.sql import Statement
@@ -93,24 +89,9 @@ History = tuple[tuple[dt.datetime, int], ...]
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
     """The engine's pool, its connections in autocommit: a single SELECT needs no BEGIN and
-    ROLLBACK round trips."""
+    ROLLBACK round trips. (A connection that breaks under a Statement invalidates itself:
+    services.kernel.sql.)"""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-@contextlib.asynccontextmanager
-async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection of an :func:`autocommit_engine` for single-statement reads run as
-    :class:`~services.kernel.sql.Statement`: one that broke under a statement is invalidated
-    here, since SQLAlchemy did not see it fail (returned to the pool, its reset would fail and
-    log an error while the database is down), as the event store's appends do."""
-    async with engine.connect() as conn:
-        try:
-            yield conn
-        except DBAPIError as exc:
-            broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
-            if broken and not isinstance(exc.orig, TransactionRollback):
-                await conn.invalidate()
-            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +190,7 @@ class ItemReads:
                 try:
                     # One connection for as long as calls keep coming: the pool's checkout and
                     # return, and the autocommit switch, once per busy spell.
-                    async with autocommit(self._engine) as conn:
+                    async with self._engine.connect() as conn:
                         while self._waiting:
                             calls = self._waiting[:MAX_BATCH]
                             del self._waiting[:MAX_BATCH]

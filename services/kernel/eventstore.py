@@ -68,7 +68,7 @@ from sqlalchemy.types import UserDefinedType
 
 from .batching import GroupCommit
 from .events import Context, Envelope, check_size, new_envelope
-from .sql import Statement, driver
+from .sql import Statement, driver, invalidate_if_broken
 
 log = logging.getLogger(__name__)
 
@@ -792,9 +792,7 @@ class EventStore:
             try:
                 yield conn
             except DBAPIError as exc:
-                broken = isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
-                if broken and not isinstance(exc.orig, TransactionRollback):
-                    await conn.invalidate()
+                await invalidate_if_broken(conn, exc)
                 raise
 
     async def _run_appends(self, batch: Sequence[_Append]) -> list[int | WrongExpectedVersion]:

@@ -84,44 +84,37 @@ class Statement:
             raise KeyError(f"{self.name}: missing parameter(s) {', '.join(sorted(missing))}")
         return {**self._defaults, **given} if self._defaults else dict(given)
 
-    async def all(self, conn: AsyncConnection, **params: Any) -> list[Any]:
-        """Every row, as named tuples (``row.column``)."""
+    async def _execute(
+        self, conn: AsyncConnection, params: Mapping[str, Any], *, named: bool = False
+    ) -> psycopg.AsyncCursor[Any]:
+        """Run the statement prepared on ``conn``'s driver connection; its cursor (rows as
+        named tuples when ``named``). A driver error is raised as :func:`_failed` says."""
         raw = await driver(conn)
         try:
-            cur = raw.cursor(row_factory=namedtuple_row)
+            cur = raw.cursor(row_factory=namedtuple_row) if named else raw.cursor()
             await cur.execute(self.sql, self._params(params), prepare=True)
-            return await cur.fetchall()
         except psycopg.Error as exc:
             raise await _failed(conn, self.sql, params, exc) from exc
+        return cur
+
+    async def all(self, conn: AsyncConnection, **params: Any) -> list[Any]:
+        """Every row, as named tuples (``row.column``)."""
+        cur = await self._execute(conn, params, named=True)
+        return await cur.fetchall()
 
     async def first(self, conn: AsyncConnection, **params: Any) -> Any | None:
         """The first row, or None."""
-        raw = await driver(conn)
-        try:
-            cur = raw.cursor(row_factory=namedtuple_row)
-            await cur.execute(self.sql, self._params(params), prepare=True)
-            return await cur.fetchone()
-        except psycopg.Error as exc:
-            raise await _failed(conn, self.sql, params, exc) from exc
+        cur = await self._execute(conn, params, named=True)
+        return await cur.fetchone()
 
     async def scalar(self, conn: AsyncConnection, **params: Any) -> Any:
         """The first column of the first row, or None when there is no row."""
-        raw = await driver(conn)
-        try:
-            cur = await raw.execute(self.sql, self._params(params), prepare=True)
-            row = await cur.fetchone()
-        except psycopg.Error as exc:
-            raise await _failed(conn, self.sql, params, exc) from exc
+        row = await (await self._execute(conn, params)).fetchone()
         return None if row is None else row[0]
 
     async def run(self, conn: AsyncConnection, **params: Any) -> int:
         """Run a statement that returns no rows; the number of rows it touched."""
-        raw = await driver(conn)
-        try:
-            cur = await raw.execute(self.sql, self._params(params), prepare=True)
-        except psycopg.Error as exc:
-            raise await _failed(conn, self.sql, params, exc) from exc
-        return cur.rowcount
+        return (await self._execute(conn, params)).rowcount
 
     async def run_many(self, conn: AsyncConnection, rows: Iterable[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (psycopg's ``executemany``: one pipeline of
@@ -140,15 +133,22 @@ class Statement:
 async def _failed(
     conn: AsyncConnection, sql: str, params: Mapping[str, Any] | None, exc: psycopg.Error
 ) -> StatementError:
-    """The error to raise for ``exc``, as SQLAlchemy wraps it; a connection that broke under
-    the statement is invalidated first, as SQLAlchemy does for a disconnect it sees itself:
-    otherwise the pool would try to reset it on its way back (and log an error while the
-    database is down) and hand it out again. A serialisation failure or deadlock does not
-    break the connection."""
-    broken = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-    if broken and not isinstance(exc, TransactionRollback) and not conn.invalidated:
-        await conn.invalidate()
+    """The error to raise for ``exc``, as SQLAlchemy wraps it, after
+    :func:`invalidate_if_broken`."""
+    await invalidate_if_broken(conn, exc)
     return DBAPIError.instance(sql, params, exc, psycopg.Error)
+
+
+async def invalidate_if_broken(conn: AsyncConnection, exc: BaseException) -> None:
+    """Invalidate ``conn`` if ``exc`` (a psycopg error, or SQLAlchemy's wrapping of one) says
+    the connection under it broke, as SQLAlchemy does for a disconnect it sees itself: a
+    statement run on psycopg directly fails where SQLAlchemy cannot see it, and the pool would
+    otherwise try to reset the connection on its way back (and log an error while the database
+    is down) and hand it out again. A serialisation failure or deadlock breaks nothing."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    broken = isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
+    if broken and not isinstance(orig, TransactionRollback) and not conn.invalidated:
+        await conn.invalidate()
 
 
 def _processed(type_: TypeEngine[Any], *, bind: bool) -> bool:
