@@ -13,6 +13,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from sqlalchemy import text
 
 from services.kernel import bus
 from services.kernel.consumer import EventConsumer
@@ -90,6 +91,44 @@ async def test_relay_publishes_every_event_once_with_msg_id(
     await store.save_checkpoint("relay", bus.Position(0, 0))
     assert await bus.OutboxRelay(store, js).publish_pending() == 120
     assert await published_ids(js, service) == ids
+
+
+async def test_a_refused_event_mid_batch_holds_what_follows_and_keeps_what_went_before(
+    store: EventStore, js: JetStreamContext
+) -> None:
+    # The relay sends a batch without waiting for each ack: an event the bus refuses in the
+    # middle of one still lets nothing after it out, and what went before it is published
+    # and its position saved (a restarted relay starts at the refused event).
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    before = await fill(store, service, 3)
+    huge = funded(service, "p-huge", 1)
+    huge.payload = b"x" * 1_200_000  # over NATS' max_payload: refused before it is sent
+    huge.stream_version = 1
+    async with store.transaction() as tx:  # written past append's bound, as an old event
+        await tx.conn.execute(
+            text(
+                "INSERT INTO events (event_id, stream_id, stream_version, event_type, envelope)"
+                " VALUES (:e, :s, 1, :t, :b)"
+            ),
+            {
+                "e": huge.event_id,
+                "s": f"budget-pool/{service}-huge",
+                "t": huge.event_type,
+                "b": huge.SerializeToString(),
+            },
+        )
+    after = await fill(store, service, 2)
+    name = f"relay-{service}"
+    relay = bus.OutboxRelay(store, js, name=name, batch=50)
+    with pytest.raises(bus.RelayStuck):
+        await relay.publish_pending()
+    assert relay.stuck is not None and relay.stuck[0] == huge.event_id
+    assert await published_ids(js, service) == before
+    saved = await store.load_checkpoint(name)
+    assert [r.envelope.event_id for r in await store.read_all(saved, limit=10)] == [
+        huge.event_id,
+        *after,
+    ]
 
 
 @pytest.mark.slow
