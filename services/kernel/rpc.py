@@ -360,6 +360,50 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
 
+class FusedChain(grpc.aio.ServerInterceptor):
+    """Several server interceptors as one: the method's handler they make together, built
+    once per method, instead of gRPC awaiting each one's ``intercept_service`` at every call.
+
+    Each of ``chain`` (outermost first) must decide from the method name and the handler it
+    is given alone, nothing of the call (ours do: their per-method wrappers are built once,
+    services/kernel/handler_cache.py); the wrapped handler is then exactly what the same
+    interceptors chained by gRPC would answer, and the steps at call time run in the same
+    order. A different handler for the method (a test server re-registering) is wrapped anew.
+    """
+
+    def __init__(self, chain: Sequence[grpc.aio.ServerInterceptor]) -> None:
+        self._chain = tuple(chain)
+        self._built: dict[str, tuple[Handler, Handler | None]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        found = self._built.get(details.method)
+        if found is not None and found[0] is handler:
+            return found[1]
+        wrapped: Handler | None = handler
+        for interceptor in reversed(self._chain):  # innermost first, as gRPC's chain unwinds
+            wrapped = await interceptor.intercept_service(_ready(wrapped), details)
+        self._built[details.method] = (handler, wrapped)
+        return wrapped
+
+
+def _ready(
+    handler: Handler | None,
+) -> Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]:
+    """A continuation that answers ``handler`` (the inner interceptors' result)."""
+
+    async def continuation(_details: grpc.HandlerCallDetails) -> Handler | None:
+        return handler
+
+    return continuation
+
+
 def build_server(
     registrations: Sequence[Registration],
     service_names: Sequence[str],
@@ -389,9 +433,8 @@ def build_server(
             )
         ]
     )
-    server = grpc.aio.server(
-        interceptors=[
-            aio_server_interceptor(),  # type: ignore[no-untyped-call]
+    chain = FusedChain(
+        [
             AuthorizationInterceptor(rules),
             # After authorisation (cheap, in memory) so every call is still authorised first;
             # before everything that may do work.
@@ -399,7 +442,11 @@ def build_server(
             *limiting,  # after authorisation: a bucket is the authenticated caller's
             ErrorMappingInterceptor(on_outage),
             DecodeGuardInterceptor(),  # innermost: see its docstring
-        ],
+        ]
+    )
+    server = grpc.aio.server(
+        # OpenTelemetry's stays a separate, outermost interceptor: it works per call (a span).
+        interceptors=[aio_server_interceptor(), chain],  # type: ignore[no-untyped-call]
         options=[
             # Off unless several workers share the port (services/kernel/workers.py): a second
             # process on a port in use must fail, not silently take half the calls.

@@ -1,8 +1,16 @@
-"""An interceptor's wrapper is built once per method and handler, not at every call."""
+"""An interceptor's wrapper is built once per method and handler, not at every call (and a
+fused chain's, services.kernel.rpc.FusedChain)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
 from services.kernel.handler_cache import HandlerCache
+from services.kernel.rpc import FusedChain
 
 
 def test_a_wrapper_is_built_once_per_method_and_again_for_another_handler() -> None:
@@ -18,3 +26,50 @@ def test_a_wrapper_is_built_once_per_method_and_again_for_another_handler() -> N
     assert cache.get("/b/B", "h2") == "wrapped h2 for /b/B"
     assert cache.get("/a/A", "h3") == "wrapped h3 for /a/A"  # a handler replaced: rewrapped
     assert built == [("/a/A", "h1"), ("/b/B", "h2"), ("/a/A", "h3")]
+
+
+class _Tagging(grpc.aio.ServerInterceptor):
+    """Wraps the handler it is given in a tuple naming itself, and counts how often it is asked."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.asked = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        self.asked += 1
+        handler = await continuation(details)
+        return None if handler is None else (self.tag, handler)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+
+def test_a_fused_chain_wraps_as_the_chain_would_once_per_method_and_handler() -> None:
+    outer, inner = _Tagging("outer"), _Tagging("inner")
+    chain = FusedChain([outer, inner])
+    registered: dict[str, Any] = {"/a/A": "h1", "/b/B": "h2"}
+
+    async def lookup(details: Any) -> Any:
+        return registered.get(details.method)
+
+    async def call(method: str) -> Any:
+        return await chain.intercept_service(lookup, _Details(method))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        first = await call("/a/A")
+        assert first == ("outer", ("inner", "h1"))  # the outermost outside, as gRPC chains
+        assert await call("/a/A") is first  # built once: the interceptors not asked again
+        assert (outer.asked, inner.asked) == (1, 1)
+        assert await call("/b/B") == ("outer", ("inner", "h2"))
+        registered["/a/A"] = "h3"  # a handler replaced: wrapped anew
+        assert await call("/a/A") == ("outer", ("inner", "h3"))
+        assert await call("/nowhere/X") is None  # no such method: no handler, none wrapped
+        assert (outer.asked, inner.asked) == (3, 3)
+
+    asyncio.run(scenario())
