@@ -7,14 +7,17 @@ the stack itself, never written down. The implied ceiling on ``cores`` cores is
 ``cores * 1000 / floor`` checkouts a second.
 
 This first step measures two hops: (a) a gRPC health check over mutual TLS (the same-run
-baseline, counted once per RPC the checkout makes: reserve + capture, the client's two calls)
-and (c) one PostgreSQL commit of one row (fsync on, as the services run), counted by
-pg_stat_database's xact_commit delta over the checkouts, summed over the databases.
+baseline), counted once per RPC the services served during the checkouts (every service's
+``subsidy_rpc_duration_seconds_count`` on its /metrics, before and after: the platform's reserve
+and capture and the ledger's calls to catalog and eligibility), and (c) one PostgreSQL commit of
+one row, counted by pg_stat_database's xact_commit delta over the checkouts, summed over the
+databases. The stack runs as bench.checkout runs it (``durable=False``: fsync off), so the
+commit's cost is the one the measured checkout paid, not production's.
 
-What the floor leaves out (so the measured checkout is above it by design): the server-to-server
-RPCs (ledger -> catalog/eligibility: not yet counted here), the NATS JetStream publish and
-consumer delivery (hop d), the event store's append beyond its commit (hop e), the SQL statements
-inside each transaction beyond the commit itself, the application's own Python, and OpenBao.
+What the floor leaves out (so the measured checkout is above it by design): the NATS JetStream
+publish and consumer delivery (hop d), the event store's append beyond its commit (hop e), the
+SQL statements inside each transaction beyond the commit itself, the application's own Python,
+and OpenBao.
 Usage: python -m bench.floor [--orders N] [--concurrency C] [--commits N]
 """
 
@@ -26,12 +29,14 @@ import io
 import os
 import random
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.checkout import campaign, person, pool_of, reserve_request
 from bench.claim_rush import CpuMeter
@@ -76,6 +81,25 @@ def commits(conninfo: str) -> dict[str, int]:
             "SELECT datname, xact_commit FROM pg_stat_database WHERE datname IS NOT NULL"
         ).fetchall()
     return {str(name): int(n) for name, n in rows}
+
+
+SERVICES = ("catalog", "eligibility", "ledger", "audit")
+
+
+def served(stack: LocalStack) -> dict[str, float]:
+    """RPCs each service has answered so far (any outcome), from its /metrics."""
+    counts: dict[str, float] = {}
+    for service in SERVICES:
+        url = f"http://127.0.0.1:{stack.ports.metrics(service)}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = reply.read().decode()
+        counts[service] = sum(
+            sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == "subsidy_rpc_duration_seconds_count"
+        )
+    return counts
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -145,6 +169,7 @@ async def measure(
                 ledger_pb2.CaptureSubsidyRequest(order_id=f"floor-{i}")
             )
 
+        r0 = served(stack)
         x0 = commits(su)
         c0 = meter.sample()
         _, c_wall = await timed(orders, concurrency, checkout)
@@ -152,14 +177,15 @@ async def measure(
         # The consumers commit after the RPCs return: let them drain before reading the count.
         await asyncio.sleep(2)
         x1 = commits(su)
+        r1 = served(stack)
     finally:
         await client.close()
     commit_ms, commit_rate = await commit_hop(su, n_commits, concurrency)
     per_db = delta(x0, x1)
     per_db.pop("postgres", None)  # this benchmark's own reads of pg_stat_database
-    client_rpcs = 2.0  # TODO(next step): read from the services' /metrics grpc counters
+    rpcs = {k: r1[k] - r0.get(k, 0.0) for k in r1}
     hops = [
-        Hop("gRPC health check over mTLS", health_ms, client_rpcs),
+        Hop("gRPC call over mTLS (a health check's cost)", health_ms, sum(rpcs.values()) / orders),
         Hop("PostgreSQL one-row commit", commit_ms, sum(per_db.values()) / orders),
     ]
     floor = floor_ms(hops)
@@ -184,6 +210,7 @@ async def measure(
         ],
         "health_checks_per_s": round(orders * 4 / h_wall, 1),
         "commits_per_s": round(commit_rate, 1),
+        "rpcs_per_checkout_by_service": {k: round(v / orders, 2) for k, v in rpcs.items()},
         "commits_per_checkout_by_db": {k: round(v / orders, 2) for k, v in per_db.items()},
         "floor_cpu_ms_per_checkout": round(floor, 3),
         "ceiling_checkouts_per_s_2_cores": round(ceiling_per_s(floor), 1),
@@ -214,12 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             stack.stop()
     print(f"floor: load average {result['load_average']}")
-    print(f"  {'hop':34} {'ms/op':>8} {'x/checkout':>10} {'ms/checkout':>11}")
+    print(f"  {'hop':44} {'ms/op':>8} {'x/checkout':>10} {'ms/checkout':>11}")
     for h in result["hops"]:
         print(
-            f"  {h['name']:34} {h['cpu_ms']:8.3f} {h['per_checkout']:10.2f}"
+            f"  {h['name']:44} {h['cpu_ms']:8.3f} {h['per_checkout']:10.2f}"
             f" {h['ms_per_checkout']:11.3f}"
         )
+    print(f"  RPCs served per checkout: {result['rpcs_per_checkout_by_service']}")
+    print(f"  commits per checkout: {result['commits_per_checkout_by_db']}")
     print(
         f"  floor {result['floor_cpu_ms_per_checkout']} ms, ceiling"
         f" {result['ceiling_checkouts_per_s_2_cores']}/s on 2 cores; measured checkout"
