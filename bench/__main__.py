@@ -82,6 +82,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     # EventStore.append against the eventsourcing library's recorder (bench-only dependency);
     # skipped while the module is absent. Its quick arguments are its own QUICK_ARGV, if any.
     Benchmark("eventstore", "bench.eventstore", (), ("--quick",)),
+    # The floor under the checkout: each hop's CPU x its count per checkout, both measured.
+    Benchmark(
+        "floor",
+        "bench.floor",
+        (),
+        ("--orders", "20", "--concurrency", "4", "--commits", "200"),
+    ),
 )
 
 
