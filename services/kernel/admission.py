@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 
 from . import metrics
 from .errors import DomainError, ResourceExhausted
-from .handler_cache import HandlerCache
+from .handler_cache import MethodWrapper
 from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ StatusOf = Callable[[DomainError, Message], tuple[grpc.StatusCode, str, bytes]]
 RetryInfo = Callable[[float], Message]
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class AdmissionInterceptor(MethodWrapper):
     """Refuses a unary call beyond its class's bound with ``OVERLOADED`` before any handler.
 
     ``status_of`` (rpc.status_of) makes the status, its ErrorInfo and the ``retry_info``
@@ -155,27 +155,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._status_of = status_of
         self._details_key = details_key
         self._retry_info = retry_info
-        self._handlers: HandlerCache[Handler] = HandlerCache(self._admitted)
+        super().__init__()
 
     def in_flight(self, kind: str) -> int:
         """How many calls of ``kind`` this server is working on now."""
         return self._gates[kind].in_flight
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        kind = method_class(details.method)
-        if handler is None or kind is None or handler.unary_unary is None:
-            return handler
-        if not self._gates[kind].limit:
-            return handler
-        return self._handlers.get(details.method, handler)
-
-    def _admitted(self, method: str, handler: Handler) -> Handler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         kind = method_class(method)
+        if kind is None or handler.unary_unary is None or not self._gates[kind].limit:
+            return handler
         assert kind is not None  # intercept_service passes the rest
         gate = self._gates[kind]
         inner = handler.unary_unary

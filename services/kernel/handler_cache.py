@@ -10,10 +10,13 @@ wrapped anew. At most one entry per method.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
 
 H = TypeVar("H")  # a grpc.RpcMethodHandler
+Handler = Any  # grpc.RpcMethodHandler
 
 
 class HandlerCache(Generic[H]):
@@ -30,3 +33,28 @@ class HandlerCache(Generic[H]):
         wrapped = self._wrap(method, inner)
         self._built[method] = (inner, wrapped)
         return wrapped
+
+
+class MethodWrapper(grpc.aio.ServerInterceptor):
+    """A server interceptor that decides from the method's name and handler alone, nothing of
+    the call: :meth:`wrap` says what the handler becomes (itself when the interceptor has
+    nothing to add), and :meth:`intercept_service` keeps it per method (:class:`HandlerCache`).
+    Every interceptor of ours has this shape, so several are fused into one by composing their
+    ``wrap`` (services.kernel.rpc.FusedChain)."""
+
+    def __init__(self) -> None:
+        self._handlers: HandlerCache[Handler] = HandlerCache(self.wrap)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """What ``handler`` of ``method`` becomes under this interceptor (not cached)."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return self._handlers.get(details.method, handler)

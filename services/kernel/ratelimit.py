@@ -39,7 +39,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 
 from . import metrics
 from .errors import DomainError, ResourceExhausted
-from .handler_cache import HandlerCache
+from .handler_cache import MethodWrapper
 from .identity import caller
 from .settings import Settings, SettingsError
 
@@ -117,7 +117,7 @@ Handler = Any  # grpc.RpcMethodHandler
 Reject = Callable[[ServicerContext, DomainError, Message], Awaitable[None]]
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(MethodWrapper):
     """Refuses a limited method's call once its client has used up the method's bucket.
 
     It must run after the authorisation interceptor (rpc.build_server places it so): the
@@ -128,21 +128,12 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         self._rates = rates
         self._reject = reject
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
-        self._handlers: HandlerCache[Handler] = HandlerCache(self._limited)
+        super().__init__()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        bucket = BUCKETS.get(details.method)
-        if handler is None or bucket is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        bucket = BUCKETS.get(method)
+        if bucket is None or handler.unary_unary is None:
             return handler
-        return self._handlers.get(details.method, handler)
-
-    def _limited(self, method: str, handler: Handler) -> Handler:
-        bucket = BUCKETS[method]
         limit = self._rates.of(bucket)
         inner = handler.unary_unary
         limiter = self._limiter

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
@@ -30,7 +30,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from . import admission, authz, faults, metrics, ratelimit, tls
 from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
 from .eventstore import WrongExpectedVersion
-from .handler_cache import HandlerCache
+from .handler_cache import MethodWrapper
 
 log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -63,7 +63,7 @@ def status_of(error: DomainError, *extra: Message) -> tuple[grpc.StatusCode, str
     return error.code, error.message, status.SerializeToString()
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(MethodWrapper):
     """Turns domain errors into precise statuses; never lets bad input become INTERNAL.
 
     A failure that is an outage of a part the service needs (its database, NATS, Vault:
@@ -72,18 +72,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     ``on_outage`` is told the part (the health watch probes it at once)."""
 
     def __init__(self, on_outage: Callable[[str], None] | None = None) -> None:
-        self._handlers: HandlerCache[Handler] = HandlerCache(self._mapped)
+        super().__init__()
         self.on_outage = on_outage
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        return self._handlers.get(details.method, handler)
 
     async def _outage(self, method: str, part: str, context: Any) -> None:
         """Answer a call that met ``part`` down: UNAVAILABLE with a retry delay. One line, no
@@ -95,7 +85,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             self.on_outage(part)
         await _abort(context, outage, ratelimit.retry_info(faults.RETRY_DELAY_S))
 
-    def _mapped(self, method: str, handler: Handler) -> Handler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is None:
             return self._mapped_stream(method, handler)
         inner = handler.unary_unary
@@ -248,28 +238,15 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return decode
 
 
-class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+class DecodeGuardInterceptor(MethodWrapper):
     """Request bytes that do not decode answer ``INVALID_ARGUMENT`` (reason
     ``MALFORMED_REQUEST``) with one log line, on every shape of call. The innermost
     interceptor: the ones outside copy its request deserializer, so authorisation still runs
     first and an unknown caller learns nothing about the method's message."""
 
-    def __init__(self) -> None:
-        self._handlers: HandlerCache[Handler] = HandlerCache(self._guarded)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.request_deserializer is None:
             return handler
-        return self._handlers.get(details.method, handler)
-
-    @staticmethod
-    def _guarded(method: str, handler: Handler) -> Handler:
-        assert handler.request_deserializer is not None  # intercept_service passes the rest
         decode = _tolerant(handler.request_deserializer)
         encode = handler.response_serializer
         error = malformed_request(method)
@@ -330,27 +307,17 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
 
 
-class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+class AuthorizationInterceptor(MethodWrapper):
     """Before any handler runs: who calls (from the client certificate the TLS handshake
     verified) and whether the authorisation table lets them call this method. A method the
     table does not name is refused, for every caller. (``rules`` is the table; only a test
     server with test methods passes another.)"""
 
     def __init__(self, rules: Mapping[str, frozenset[str]] = authz.RULES) -> None:
+        super().__init__()
         self._rules = rules
-        self._handlers: HandlerCache[Handler] = HandlerCache(self._guarded)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return self._handlers.get(details.method, handler)
-
-    def _guarded(self, method: str, handler: Handler) -> Handler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         async def reject(context: ServicerContext, error: DomainError) -> None:
             metrics.RPC_REFUSALS.labels(method, error.reason).inc()
             log.warning("refused %s: %s", method, error.reason)
@@ -360,48 +327,21 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
 
-class FusedChain(grpc.aio.ServerInterceptor):
-    """Several server interceptors as one: the method's handler they make together, built
-    once per method, instead of gRPC awaiting each one's ``intercept_service`` at every call.
+class FusedChain(MethodWrapper):
+    """Several server interceptors as one: the handler they make together, built once per
+    method (:class:`MethodWrapper`), instead of gRPC awaiting each one's ``intercept_service``
+    at every call. ``chain`` is outermost first, as gRPC's ``interceptors=`` list; the wrapped
+    handler is exactly what the same interceptors chained by gRPC would answer, and the steps
+    at call time run in the same order."""
 
-    Each of ``chain`` (outermost first) must decide from the method name and the handler it
-    is given alone, nothing of the call (ours do: their per-method wrappers are built once,
-    services/kernel/handler_cache.py); the wrapped handler is then exactly what the same
-    interceptors chained by gRPC would answer, and the steps at call time run in the same
-    order. A different handler for the method (a test server re-registering) is wrapped anew.
-    """
+    def __init__(self, chain: Sequence[MethodWrapper]) -> None:
+        super().__init__()
+        self._innermost_first = tuple(reversed(chain))
 
-    def __init__(self, chain: Sequence[grpc.aio.ServerInterceptor]) -> None:
-        self._chain = tuple(chain)
-        self._built: dict[str, tuple[Handler, Handler | None]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        found = self._built.get(details.method)
-        if found is not None and found[0] is handler:
-            return found[1]
-        wrapped: Handler | None = handler
-        for interceptor in reversed(self._chain):  # innermost first, as gRPC's chain unwinds
-            wrapped = await interceptor.intercept_service(_ready(wrapped), details)
-        self._built[details.method] = (handler, wrapped)
-        return wrapped
-
-
-def _ready(
-    handler: Handler | None,
-) -> Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]:
-    """A continuation that answers ``handler`` (the inner interceptors' result)."""
-
-    async def continuation(_details: grpc.HandlerCallDetails) -> Handler | None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        for interceptor in self._innermost_first:  # as gRPC's chain unwinds
+            handler = interceptor.wrap(method, handler)
         return handler
-
-    return continuation
 
 
 def build_server(

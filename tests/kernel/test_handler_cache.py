@@ -4,12 +4,9 @@ fused chain's, services.kernel.rpc.FusedChain)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
-
-from services.kernel.handler_cache import HandlerCache
+from services.kernel.handler_cache import HandlerCache, MethodWrapper
 from services.kernel.rpc import FusedChain
 
 
@@ -28,21 +25,17 @@ def test_a_wrapper_is_built_once_per_method_and_again_for_another_handler() -> N
     assert built == [("/a/A", "h1"), ("/b/B", "h2"), ("/a/A", "h3")]
 
 
-class _Tagging(grpc.aio.ServerInterceptor):
+class _Tagging(MethodWrapper):
     """Wraps the handler it is given in a tuple naming itself, and counts how often it is asked."""
 
     def __init__(self, tag: str) -> None:
+        super().__init__()
         self.tag = tag
         self.asked = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
+    def wrap(self, method: str, handler: Any) -> Any:
         self.asked += 1
-        handler = await continuation(details)
-        return None if handler is None else (self.tag, handler)
+        return (self.tag, handler)
 
 
 class _Details:
