@@ -178,23 +178,19 @@ async def measure(
         channel = rpc.channel(
             f"127.0.0.1:{port}", identity(Caller(Role.SERVICE, "ledger")), deadline_s=30
         )
+        address = f"127.0.0.1:{port}"
+        people = [
+            rpc.channel(address, identity(Caller(role, "bench")), deadline_s=30)
+            for role in (Role.OPERATOR, Role.APPROVER)
+        ]
         try:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            address = f"127.0.0.1:{port}"
-            people = [
-                rpc.channel(address, identity(Caller(role, "bench")), deadline_s=30)
-                for role in (Role.OPERATOR, Role.APPROVER)
-            ]
-            try:
-                import_s = await seed(
-                    catalog, *(catalog_pb2_grpc.CatalogServiceStub(c) for c in people)
-                )
-            finally:
-                for c in people:
-                    await c.close()
+            operator, approver = (catalog_pb2_grpc.CatalogServiceStub(c) for c in people)
+            import_s = await seed(catalog, operator, approver)
             rng = random.Random(7)
             skus = [f"b-{rng.randrange(PRODUCTS)}" for _ in range(calls)]
+            seen = sorted(set(skus))
 
             async def check(i: int) -> None:
                 await health.Check(health_pb2.HealthCheckRequest())
@@ -217,16 +213,39 @@ async def measure(
                 )
                 assert v.reasons or v.eligible
 
-            await timed(min(calls, 500), concurrency, verify)  # warm the pools and plans
+            async def verify_seen(i: int) -> None:
+                await stub.VerifyItem(
+                    catalog_pb2.VerifyItemRequest(sku=seen[i], unit_price_fen=300_000)
+                )
+
+            async def reprice_one() -> None:
+                """A price change elsewhere: every row the catalog kept is older than it."""
+                await operator.UpdatePrice(
+                    catalog_pb2.UpdatePriceRequest(
+                        sku="b-1", list_price_fen=280_000, reason="bench", actor=OPERATOR
+                    )
+                )
+
+            async def nothing() -> None:
+                return None
+
+            # Warm the pools and plans, and read every product the rows ask for once: a
+            # catalog in a rush has read its products before (the next rows say what a change
+            # in between costs).
+            await timed(min(calls, 500), concurrency, verify)
+            await timed(len(seen), concurrency, verify_seen)
             meter = CpuMeter()
             load_before = os.getloadavg()
             rows = []
-            for name, op in (
-                ("baseline: gRPC health check", check),
-                ("Quote (policy only, in memory)", quote),
-                ("VerifyItem", verify),
-                ("VerifyItem with a serial", verify_serial),
+            for name, op, before_row in (
+                ("baseline: gRPC health check", check, nothing),
+                ("Quote (policy only, in memory)", quote, nothing),
+                ("VerifyItem, nothing changed since each product was read", verify, nothing),
+                ("VerifyItem after a price change (every row read again)", verify, reprice_one),
+                ("VerifyItem with a serial (always read)", verify_serial, nothing),
             ):
+                await before_row()
+                remembered, statements = catalog.items.from_memory, catalog.items.statements
                 async with SelfProfile(profile, name):
                     before = meter.sample()
                     row = summarise(name, *await timed(calls, concurrency, op))
@@ -235,9 +254,13 @@ async def measure(
                     "catalog + client": cpu.get(THIS_PROCESS, 0.0),
                     "postgres": cpu.get("postgres", 0.0),
                 }
+                row["answered_from_memory"] = catalog.items.from_memory - remembered
+                row["statements"] = catalog.items.statements - statements
                 rows.append(row)
             load_after = os.getloadavg()
         finally:
+            for c in people:
+                await c.close()
             await channel.close()
             await server.stop(grace=None)
     finally:

@@ -19,6 +19,16 @@ it, on this replica or any other, as a read of its own would.
 Each read also returns the switch stream's version and the number of approved policies, so the
 handler reloads them before answering when another replica changed them (the background
 refresh only keeps idle replicas current for Quote and GetSwitches).
+
+Most calls need no row read at all. Every transaction that writes a product, a merchant or a
+price moves one counter at its commit (``catalog_clock``, projections.py), and every read
+returns the counter's value with its rows; the product and merchant fields of each row read
+are kept with that value. A batch whose calls all have such rows (and no serial to look up:
+the orders holding serials change with every checkout) reads only the counter, the switch
+version and the policy count, in one statement without parameters; while the counter reads
+what it read with a call's rows, no change to them can have committed in between, and the call
+is answered from memory, exactly as a read of its own would have answered. A call whose rows
+are older than the counter is read again, in a statement with the rest of its batch.
 """
 
 from __future__ import annotations
@@ -26,16 +36,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.kernel.batching import arrivals
 from services.kernel.sql import Statement
 
 MAX_BATCH: Final = 256  # calls read by one statement at most
-GATHER_TURNS: Final = 4  # turns of the event loop a read waits for calls still coming in
 # Every statement is sent at least this many rows of parameters (padded with empty SKUs, which
 # no product has and the statement skips). Why: PostgreSQL plans a prepared statement again on
 # every run until its generic plan (costed for 10 rows of unnest) looks no dearer than the
@@ -55,7 +65,8 @@ _ITEMS = Statement(
                s.order_id AS serial_order, s.status AS serial_status,
                coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
                    AS switches_v,
-               (SELECT count(*) FROM policies) AS policies
+               (SELECT count(*) FROM policies) AS policies,
+               (SELECT v FROM catalog_clock WHERE id = 1) AS clock
         FROM unnest(CAST(:skus AS text[]), CAST(:serials AS text[]), CAST(:known AS bigint[]))
              WITH ORDINALITY AS k(sku, serial, known, i)
         LEFT JOIN products p ON p.sku = k.sku
@@ -84,7 +95,48 @@ _ITEMS = Statement(
     name="verify items",
 )
 
+# What a batch of calls answered from memory reads: has anything they cached changed?
+_CLOCK = Statement(
+    text(
+        """
+        SELECT (SELECT v FROM catalog_clock WHERE id = 1) AS clock,
+               coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
+                   AS switches_v,
+               (SELECT count(*) FROM policies) AS policies
+        """
+    ),
+    name="catalog clock",
+)
+
 History = tuple[tuple[dt.datetime, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRow:
+    """What VerifyItem reads for one call: the product and its merchant as they are (``sku``
+    None: no such product), the order holding the call's serial, and the switch and policy
+    versions the read saw."""
+
+    product_v: int
+    sku: str | None
+    category: str  # this and the three below are empty when there is no such product
+    grade: int
+    merchant_id: str
+    product_status: str
+    merchant_status: str
+    serial_order: str | None
+    serial_status: str | None
+    switches_v: int
+    policies: int
+
+
+@dataclass(frozen=True, slots=True)
+class CachedItem:
+    """A product's row as read while the catalog clock read ``clock`` (its serial fields
+    empty: those are read on every call that has a serial)."""
+
+    clock: int
+    row: ItemRow
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
@@ -120,19 +172,33 @@ def in_window(history: History, start: dt.datetime) -> History:
     return tuple(p for p in history if p[0] >= cutoff)
 
 
+# A call's answer: its row, the window start its history was read for (None: the row came
+# from memory, the history is the cached one) and that history (as read: empty if unchanged).
+_Answer = tuple[ItemRow, dt.datetime | None, History]
+
+
 @dataclass(slots=True)
 class _Call:
     sku: str
     serial: str
     known: int
     start: dt.datetime
-    answer: asyncio.Future[Any]
+    item: CachedItem | None  # rows to answer from, if the clock has not moved since
+    answer: asyncio.Future[_Answer]
+
+
+def _keep(cache: dict[str, Any], key: str, value: Any) -> None:
+    """Put ``value`` in a bounded cache: the oldest entry makes room."""
+    if key not in cache and len(cache) >= MAX_CACHED:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 class ItemReads:
-    """Reads for VerifyItem, coalesced: :meth:`read` returns the statement's row for one call;
-    calls that overlap share one statement. The price histories it read are kept in
-    :attr:`histories` (bounded; the oldest entry goes first)."""
+    """Reads for VerifyItem, coalesced: :meth:`read` returns one call's row; calls that overlap
+    share one statement. The price histories it read are kept in :attr:`histories`, the rows in
+    :attr:`rows` with the clock they were read at (both bounded; the oldest entry goes
+    first)."""
 
     def __init__(self, engine: AsyncEngine, product_stream: str, switches_stream: str) -> None:
         self._engine = autocommit_engine(engine)
@@ -141,65 +207,60 @@ class ItemReads:
         self._waiting: list[_Call] = []
         self._reader: asyncio.Task[None] | None = None
         self.histories: dict[str, CachedHistory] = {}
+        self.rows: dict[str, CachedItem] = {}
         self.statements = 0  # statements run (tests and benchmarks read it)
+        self.from_memory = 0  # calls answered from the rows kept (tests and benchmarks)
 
     async def read(
         self, sku: str, serial: str, start: dt.datetime
-    ) -> tuple[Any, CachedHistory | None]:
+    ) -> tuple[ItemRow, CachedHistory | None]:
         """The row for ``sku`` (with the order holding ``serial``), and the product's price
         history at the version the row was read at, for a window opening at ``start`` or later
         (None: no such product). The history comes from the cache when it is for that version
-        and a start at or before ``start``; otherwise the same statement reads it."""
+        and a start at or before ``start``; otherwise the same statement reads it. With no
+        serial, and the product's row and history kept, only the clock is read (if nothing
+        else in the batch needs a statement): the row comes from memory while it has not
+        moved."""
         cached = self.histories.get(sku)
         known = cached.version if cached is not None and cached.start <= start else UNKNOWN
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Call(sku, serial, known, start, answer))
+        item = self.rows.get(sku) if not serial and known != UNKNOWN else None
+        if item is not None and item.row.product_v != known:
+            item = None
+        answer: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Call(sku, serial, known, start, item, answer))
         if self._reader is None:
             self._reader = asyncio.create_task(self._read_waiting())
-        row, read_from = await answer
+        row, read_from, history = await answer
         if row.sku is None:
             return row, None
-        if cached is not None and row.product_v == known:
+        if cached is not None and (read_from is None or row.product_v == known):
             return row, cached
+        assert read_from is not None  # from memory only with a cached history
         # Read for the batch's earliest start: a superset of what this call's start needs.
-        entry = CachedHistory(
-            row.product_v, read_from, tuple(zip(row.times or (), row.prices or (), strict=True))
-        )
+        entry = CachedHistory(row.product_v, read_from, history)
         self.keep(sku, entry)
         return row, entry
 
     def keep(self, sku: str, entry: CachedHistory) -> None:
         """Cache a history read (bounded: the oldest entry makes room)."""
-        if sku not in self.histories and len(self.histories) >= MAX_CACHED:
-            self.histories.pop(next(iter(self.histories)))
-        self.histories[sku] = entry
+        _keep(self.histories, sku, entry)
 
     async def _read_waiting(self) -> None:
         calls: list[_Call] = []
         try:
-            # Let the calls already on their way in (requests that came in the same poll of the
-            # server, their tasks ready in this turn of the loop) join the first statement:
-            # without it, a machine with cores to spare read nearly every call on its own. A
-            # few turns at most, and only while more keep joining: a lone call goes at once.
-            for _ in range(GATHER_TURNS):
-                joined = len(self._waiting)
-                await asyncio.sleep(0)
-                if len(self._waiting) == joined:
-                    break
+            await arrivals(self._waiting)
             while self._waiting:
                 try:
                     # One connection for as long as calls keep coming: the pool's checkout and
-                    # return, and the autocommit switch, once per busy spell.
+                    # return, and the autocommit switch, once per busy spell (which goes on
+                    # while calls come within a few turns of the loop).
                     async with self._engine.connect() as conn:
                         while self._waiting:
                             calls = self._waiting[:MAX_BATCH]
                             del self._waiting[:MAX_BATCH]
-                            start = min(c.start for c in calls)
-                            rows = await self._run(conn, calls, start)
-                            for call, row in zip(calls, rows, strict=True):
-                                if not call.answer.done():  # a caller past its deadline left
-                                    call.answer.set_result((row, start))
+                            await self._answer(conn, calls)
                             calls = []
+                            await arrivals(self._waiting)
                 except Exception as exc:  # the connection is returned (or discarded) first
                     for call in calls:
                         if not call.answer.done():
@@ -212,6 +273,58 @@ class ItemReads:
                 if not call.answer.done():
                     call.answer.cancel()
             self._waiting.clear()
+
+    async def _answer(self, conn: AsyncConnection, calls: Sequence[_Call]) -> None:
+        """Answer a batch: the calls with rows kept from memory if the clock has not moved
+        since they were read, every other call (and those, if it has) from a read of its rows.
+        One statement when nothing moved."""
+        remembered = [c for c in calls if c.item is not None]
+        rest = [c for c in calls if c.item is None]
+        if rest:
+            now = await self._read_rows(conn, rest)
+        else:
+            self.statements += 1
+            now = await _CLOCK.first(conn, switches=self._switches)
+        stale: list[_Call] = []
+        for call in remembered:
+            assert call.item is not None
+            # A clock that reads nothing (no row: a database the revision has not reached)
+            # proves nothing: read.
+            if now.clock is None or call.item.clock != now.clock:
+                stale.append(call)
+            elif not call.answer.done():  # a caller past its deadline left
+                row = replace(call.item.row, switches_v=now.switches_v, policies=now.policies)
+                call.answer.set_result((row, None, ()))
+                self.from_memory += 1
+        if stale:
+            await self._read_rows(conn, stale)
+
+    async def _read_rows(self, conn: AsyncConnection, calls: Sequence[_Call]) -> Any:
+        """Read the calls' rows and answer them; keep each product's row with the clock; the
+        last row (its clock and versions are every row's: one statement, one snapshot)."""
+        start = min(c.start for c in calls)
+        rows = await self._run(conn, calls, start)
+        for call, r in zip(calls, rows, strict=True):
+            row = ItemRow(
+                product_v=r.product_v,
+                sku=r.sku,
+                category=r.category or "",
+                grade=r.grade or 0,
+                merchant_id=r.merchant_id or "",
+                product_status=r.product_status or "",
+                merchant_status=r.merchant_status,
+                serial_order=r.serial_order,
+                serial_status=r.serial_status,
+                switches_v=r.switches_v,
+                policies=r.policies,
+            )
+            if r.sku is not None and r.clock is not None:
+                kept = replace(row, serial_order=None, serial_status=None)
+                _keep(self.rows, r.sku, CachedItem(r.clock, kept))
+            if not call.answer.done():  # a caller past its deadline left
+                history = tuple(zip(r.times or (), r.prices or (), strict=True))
+                call.answer.set_result((row, start, history))
+        return rows[-1]
 
     async def _run(self, conn: AsyncConnection, calls: Sequence[_Call], start: dt.datetime) -> Any:
         self.statements += 1

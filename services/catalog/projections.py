@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Final
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     Column,
@@ -34,6 +36,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    event,
     insert,
     select,
     update,
@@ -44,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.kernel.contract.policy import policy_from_json, policy_json, policy_of
 from services.kernel.events import Envelope, payload_of
+from services.kernel.eventstore import Xid8
 from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
 
@@ -121,6 +125,51 @@ price_history = Table(
     Column("reason", Text, nullable=False, server_default=""),
     Index("price_history_by_time", "sku", "effective_at"),
 )
+# What VerifyItem reads of a product, its merchant and its prices changes only when one of
+# those three tables does: every transaction that writes one of them moves this counter, at
+# its commit (a deferred trigger on each, :func:`clock_ddl`; the last lock the transaction
+# takes, so it cannot be part of a deadlock, and once per transaction, not per row). A
+# replica that read rows at counter value v and reads v again later knows no such change has
+# committed in between, and answers from memory (items.py).
+catalog_clock = Table(
+    "catalog_clock",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("v", BigInteger, nullable=False),
+    Column("tx", Xid8()),  # the transaction that moved it last: once per transaction
+)
+CLOCKED: Final = ("products", "merchants", "price_history")
+
+
+def clock_ddl() -> list[str]:
+    """The statements that make the counter move (idempotent: the migration that adds it and
+    ``create_all`` on a scratch database both run them)."""
+    statements = [
+        "INSERT INTO catalog_clock (id, v) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+        """
+        CREATE OR REPLACE FUNCTION catalog_clock_tick() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE catalog_clock SET v = v + 1, tx = pg_current_xact_id()
+            WHERE id = 1 AND tx IS DISTINCT FROM pg_current_xact_id();
+            RETURN NULL;
+        END
+        $$
+        """,
+    ]
+    for table in CLOCKED:
+        statements += [
+            f"DROP TRIGGER IF EXISTS catalog_clock_tick ON {table}",
+            f"CREATE CONSTRAINT TRIGGER catalog_clock_tick AFTER INSERT OR UPDATE OR DELETE"
+            f" ON {table} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+            f" EXECUTE FUNCTION catalog_clock_tick()",
+        ]
+    return statements
+
+
+for _statement in clock_ddl():
+    event.listen(metadata, "after_create", DDL(_statement))  # type: ignore[no-untyped-call]
+
 sales_orders = Table(
     "sales_orders",
     metadata,

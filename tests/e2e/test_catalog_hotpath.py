@@ -74,8 +74,11 @@ async def test_the_next_verify_item_sees_every_product_and_merchant_change(
     first = await replica.VerifyItem(request)
     assert (first.eligible, first.baseline_fen) == (True, 1_000_000)
     assert sku in replica_catalog.items.histories  # the history is cached from here on
+    remembered = replica_catalog.items.from_memory
     again = await replica.VerifyItem(request)
     assert again == first
+    # Nothing changed in between: answered from the rows kept, after reading only the clock.
+    assert replica_catalog.items.from_memory == remembered + 1
 
     # A price change through the other replica: the cached history is the old version's, so
     # the very next call reads the new one. After a moment the new price is the baseline (it
@@ -168,11 +171,14 @@ async def test_concurrent_calls_share_statements_and_keep_their_own_answers(
     ]
     requests.append(catalog_pb2.VerifyItemRequest(sku="sku-nobody", unit_price_fen=100_000))
     before = replica_catalog.items.statements
+    remembered = replica_catalog.items.from_memory
     for _ in range(2):  # first read with the histories, then from the cache
         answers = await asyncio.gather(*(replica.VerifyItem(r) for r in requests))
         for r, v in zip(requests[:-1], answers, strict=False):
             assert (v.eligible, v.baseline_fen, v.merchant_id) == (True, r.unit_price_fen, m)
         assert list(answers[-1].reasons) == ["UNKNOWN_SKU"]
+    # The second round's known products were answered from memory (the unknown SKU is read).
+    assert replica_catalog.items.from_memory - remembered == len(skus)
     # Calls in flight together shared statements (how many depends on the timing).
     assert replica_catalog.items.statements - before < 2 * len(requests)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from services.kernel.batching import GroupCommit
+from services.kernel.batching import GroupCommit, arrivals
 
 
 class Recorder:
@@ -139,3 +139,38 @@ async def test_under_load_the_next_batch_lingers_to_gather_more_a_lone_call_does
     r.release.set()
     await asyncio.gather(first, during, later("c", 0.04), later("d", 0.06))
     assert [items for _, items in r.batches] == [["alone"], ["a"], ["b", "c", "d"]]
+
+
+async def _turns_until(waiting: list[int], join_at: set[int]) -> int:
+    """How many turns of the loop ``arrivals`` took, a caller joining at each turn in
+    ``join_at``."""
+    turns = 0
+
+    async def count() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+            if turns in join_at:
+                waiting.append(turns)
+
+    counter = asyncio.create_task(count())
+    await asyncio.sleep(0)  # the counter runs one turn ahead of arrivals' first
+    try:
+        await arrivals(waiting, idle=3, most=10)
+    finally:
+        counter.cancel()
+    return turns
+
+
+async def test_arrivals_waits_while_callers_keep_joining_and_no_longer() -> None:
+    # Nobody comes: three idle turns and the batch goes.
+    assert await _turns_until([], set()) <= 4
+    # Callers every other turn: the idle count starts again at each one, up to the most.
+    waiting: list[int] = []
+    assert await _turns_until(waiting, {2, 4, 6, 8, 10, 12, 14}) >= 10
+    assert len(waiting) >= 4
+    # A caller after a gap of more idle turns than allowed does not hold the batch.
+    late: list[int] = []
+    await _turns_until(late, {9})
+    assert late == []

@@ -510,7 +510,7 @@ def test_the_installed_package_migrates_and_a_service_refuses_a_database_behind(
     assert serve.returncode == 2, serve.stderr
     assert (
         "catalog: the database has no schema version (empty, or created before migrations); "
-        "this release needs revision 0001: run `python -m services.catalog migrate` first"
+        "this release needs revision 0002: run `python -m services.catalog migrate` first"
     ) in serve.stderr
     migrate = subprocess.run(
         [sys.executable, "-m", "services.catalog", "migrate"],
