@@ -15,12 +15,19 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import delete, insert, text, update
 
 from services.catalog.api import CatalogApi
 from services.catalog.domain import ApprovePolicy, DraftPolicy, PauseCampaign, ResumeCampaign
 from services.catalog.handlers import Catalog
 from services.catalog.items import MIN_ROWS
-from services.catalog.projections import metadata
+from services.catalog.projections import (
+    merchants,
+    metadata,
+    price_history,
+    products,
+    sales_orders,
+)
 from services.catalog.requests import ItemQuery
 from services.kernel import rpc
 from services.kernel.contract.policy import default_policy, policy_from_text, policy_to_dict
@@ -225,3 +232,68 @@ async def test_the_next_verify_item_sees_a_policy_or_pause_approved_on_another_r
     finally:
         for store in stores:
             await store.engine.dispose()
+
+
+async def test_the_catalog_clock_moves_once_per_committed_change_to_what_verify_item_reads(
+    infra: Infra,
+) -> None:
+    url = infra.create_database("catalog_clock")
+    store = EventStore(make_engine(url))
+    clock = text("SELECT v FROM catalog_clock WHERE id = 1")
+    try:
+        await store.create_tables(metadata)
+        async with store.engine.connect() as conn:
+            start = (await conn.execute(clock)).scalar_one()
+        rows = [
+            {
+                "sku": f"c-{i}",
+                "merchant_id": "m-1",
+                "category": "microwave",
+                "grade": 1,
+                "brand": "b",
+                "model": "m",
+                "energy_label_code": "",
+                "list_price_fen": 100_000,
+                "status": "LISTED",
+            }
+            for i in range(3)
+        ]
+        async with store.engine.begin() as conn:  # three rows, two statements: one move
+            await conn.execute(insert(products), rows[:2])
+            await conn.execute(insert(products), rows[2:])
+            # Not yet committed: another connection still reads the value before.
+            async with store.engine.connect() as other:
+                assert (await other.execute(clock)).scalar_one() == start
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(clock)).scalar_one() == start + 1
+        async with store.engine.connect() as conn:  # rolled back: no move
+            async with conn.begin() as tx:
+                await conn.execute(update(products).values(status="DELISTED"))
+                await tx.rollback()
+            assert (await conn.execute(clock)).scalar_one() == start + 1
+        for change in (
+            update(products).where(products.c.sku == "c-1").values(list_price_fen=90_000),
+            insert(merchants).values(
+                merchant_id="m-1",
+                name="n",
+                licence_number="l",
+                contact_masked="c",
+                status="ACTIVE",
+            ),
+            insert(price_history).values(
+                sku="c-1", event_id="e-1", effective_at=dt.datetime.now(dt.UTC), price_fen=1
+            ),
+            delete(products).where(products.c.sku == "c-2"),
+        ):
+            async with store.engine.begin() as conn:
+                before = (await conn.execute(clock)).scalar_one()
+                await conn.execute(change)
+            async with store.engine.connect() as conn:
+                assert (await conn.execute(clock)).scalar_one() == before + 1, change
+        # What every checkout writes (the orders holding serials) does not move it.
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(sales_orders).values(order_id="o-1", status="RESERVED"))
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(clock)).scalar_one() == start + 5
+    finally:
+        await store.engine.dispose()
