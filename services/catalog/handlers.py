@@ -9,9 +9,10 @@ Policies, emergency switches, merchants, products and prices are the catalog's o
 sales orders and serial bindings are learnt from the ledger's events. ``verify_item`` is the
 checkout's hot path: its share of one prepared statement for every call in flight
 (``items.py``: the product, its merchant, the serial's order, the price history only when the
-product's stream moved, and the versions of the switches and policies), with the policy and
-switch state in memory, reloaded before answering when that read shows another replica changed
-them. A background loop refreshes them twice a second as well, for Quote and GetSwitches on an
+product's stream moved, and the versions of the switches and policies; or, when the catalog
+clock says no product, merchant or price changed since the product was read, the row kept in
+memory), with the policy and switch state in memory, reloaded before answering when that read
+shows another replica changed them. A background loop refreshes them twice a second as well, for Quote and GetSwitches on an
 idle replica.
 """
 
