@@ -12,8 +12,8 @@ checkout's hot path: its share of one prepared statement for every call in fligh
 product's stream moved, and the versions of the switches and policies; or, when the catalog
 clock says no product, merchant or price changed since the product was read, the row kept in
 memory), with the policy and switch state in memory, reloaded before answering when that read
-shows another replica changed them. A background loop refreshes them twice a second as well, for Quote and GetSwitches on an
-idle replica.
+shows another replica changed them. A background loop refreshes them twice a second as well,
+for Quote and GetSwitches on an idle replica.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ handler reloads them before answering when another replica changed them (the bac
 refresh only keeps idle replicas current for Quote and GetSwitches).
 
 Most calls need no row read at all. Every transaction that writes a product, a merchant or a
-price moves one counter at its commit (``catalog_clock``, projections.py), and every read
-returns the counter's value with its rows; the product and merchant fields of each row read
-are kept with that value. A batch whose calls all have such rows (and no serial to look up:
-the orders holding serials change with every checkout) reads only the counter, the switch
-version and the policy count, in one statement without parameters; while the counter reads
-what it read with a call's rows, no change to them can have committed in between, and the call
-is answered from memory, exactly as a read of its own would have answered. A call whose rows
-are older than the counter is read again, in a statement with the rest of its batch.
+price gives the catalog clock a new random mark at its commit (``catalog_clock``,
+projections.py), and every read returns the mark with its rows; the product and merchant
+fields of each row read are kept with that mark. A batch whose calls all have such rows (and no
+serial to look up: the orders holding serials change with every checkout) reads only the mark,
+the switch version and the policy count, in one statement without parameters; while the mark
+reads what it read with a call's rows, no change to them can have committed in between, and
+the call is answered from memory, exactly as a read of its own would have answered. A call
+whose rows are older than the mark is read again, in a statement with the rest of its batch.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ _ITEMS = Statement(
                coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
                    AS switches_v,
                (SELECT count(*) FROM policies) AS policies,
-               (SELECT v FROM catalog_clock WHERE id = 1) AS clock
+               (SELECT mark::text FROM catalog_clock WHERE id = 1) AS clock
         FROM unnest(CAST(:skus AS text[]), CAST(:serials AS text[]), CAST(:known AS bigint[]))
              WITH ORDINALITY AS k(sku, serial, known, i)
         LEFT JOIN products p ON p.sku = k.sku
@@ -99,7 +99,7 @@ _ITEMS = Statement(
 _CLOCK = Statement(
     text(
         """
-        SELECT (SELECT v FROM catalog_clock WHERE id = 1) AS clock,
+        SELECT (SELECT mark::text FROM catalog_clock WHERE id = 1) AS clock,
                coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
                    AS switches_v,
                (SELECT count(*) FROM policies) AS policies
@@ -135,7 +135,7 @@ class CachedItem:
     """A product's row as read while the catalog clock read ``clock`` (its serial fields
     empty: those are read on every call that has a serial)."""
 
-    clock: int
+    clock: str  # the clock's mark
     row: ItemRow
 
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    Uuid,
     any_,
     bindparam,
     case,
@@ -129,13 +130,16 @@ price_history = Table(
 # those three tables does: every transaction that writes one of them moves this counter, at
 # its commit (a deferred trigger on each, :func:`clock_ddl`; the last lock the transaction
 # takes, so it cannot be part of a deadlock, and once per transaction, not per row). A
-# replica that read rows at counter value v and reads v again later knows no such change has
-# committed in between, and answers from memory (items.py).
+# replica that read rows at one ``mark`` and reads the same mark later knows no such change has
+# committed in between, and answers from memory (items.py). The mark is random, not the count:
+# a database restored from a backup, then written to, counts up through values a replica may
+# have seen before, but never draws a mark it has seen.
 catalog_clock = Table(
     "catalog_clock",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("v", BigInteger, nullable=False),
+    Column("v", BigInteger, nullable=False),  # how many transactions moved it (for people)
+    Column("mark", Uuid(as_uuid=False), nullable=False),
     Column("tx", Xid8()),  # the transaction that moved it last: once per transaction
 )
 CLOCKED: Final = ("products", "merchants", "price_history")
@@ -145,12 +149,14 @@ def clock_ddl() -> list[str]:
     """The statements that make the counter move (idempotent: the migration that adds it and
     ``create_all`` on a scratch database both run them)."""
     statements = [
-        "INSERT INTO catalog_clock (id, v) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO catalog_clock (id, v, mark) VALUES (1, 0, gen_random_uuid())"
+        " ON CONFLICT (id) DO NOTHING",
         """
         CREATE OR REPLACE FUNCTION catalog_clock_tick() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE catalog_clock SET v = v + 1, tx = pg_current_xact_id()
+            UPDATE catalog_clock
+            SET v = v + 1, mark = gen_random_uuid(), tx = pg_current_xact_id()
             WHERE id = 1 AND tx IS DISTINCT FROM pg_current_xact_id();
             RETURN NULL;
         END

@@ -240,6 +240,7 @@ async def test_the_catalog_clock_moves_once_per_committed_change_to_what_verify_
     url = infra.create_database("catalog_clock")
     store = EventStore(make_engine(url))
     clock = text("SELECT v FROM catalog_clock WHERE id = 1")
+    mark = text("SELECT mark FROM catalog_clock WHERE id = 1")
     try:
         await store.create_tables(metadata)
         async with store.engine.connect() as conn:
@@ -287,9 +288,11 @@ async def test_the_catalog_clock_moves_once_per_committed_change_to_what_verify_
         ):
             async with store.engine.begin() as conn:
                 before = (await conn.execute(clock)).scalar_one()
+                marked = (await conn.execute(mark)).scalar_one()
                 await conn.execute(change)
             async with store.engine.connect() as conn:
                 assert (await conn.execute(clock)).scalar_one() == before + 1, change
+                assert (await conn.execute(mark)).scalar_one() != marked, change
         # What every checkout writes (the orders holding serials) does not move it.
         async with store.engine.begin() as conn:
             await conn.execute(insert(sales_orders).values(order_id="o-1", status="RESERVED"))

@@ -5,10 +5,10 @@ Revises: 0001
 Create Date: 2026-12-02
 
 ``catalog_clock`` holds one row; a deferred trigger on ``products``, ``merchants`` and
-``price_history`` moves it once per transaction that writes one of them, at its commit
-(``projections.clock_ddl``, which ``create_all`` on a scratch database runs too). A replica
-answers VerifyItem from the rows it cached while the counter still reads what it read with
-them. New objects only; nothing to replay.
+``price_history`` gives it a new random ``mark`` (and counts ``v`` up) once per transaction
+that writes one of them, at its commit (``projections.clock_ddl``, which ``create_all`` on a
+scratch database runs too). A replica answers VerifyItem from the rows it cached while the mark
+still reads what it read with them. New objects only; nothing to replay.
 """
 
 from collections.abc import Sequence
@@ -30,6 +30,7 @@ def upgrade() -> None:
         "catalog_clock",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("v", sa.BigInteger(), nullable=False),
+        sa.Column("mark", sa.Uuid(as_uuid=False), nullable=False),
         sa.Column("tx", Xid8(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         if_not_exists=True,
