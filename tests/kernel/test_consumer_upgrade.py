@@ -132,6 +132,12 @@ async def test_a_durable_already_on_its_filter_is_bound_as_it_is(
     await consumer.handle_batch(store, js, await sub.fetch(4, timeout=5))
     await sub.unsubscribe()
     before = await js.consumer_info(bus.EVENTS_STREAM, name)
+    for _ in range(100):  # the acks are sent without waiting for a reply
+        if not before.num_ack_pending:
+            break
+        await asyncio.sleep(0.05)
+        before = await js.consumer_info(bus.EVENTS_STREAM, name)
+    assert before.num_ack_pending == 0
     sub = await consumer.subscribe(js)
     after = await js.consumer_info(bus.EVENTS_STREAM, name)
     await sub.unsubscribe()
