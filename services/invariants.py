@@ -7,7 +7,7 @@ each raises :class:`InvariantViolation` naming what broke and returns nothing wh
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import NamedTuple
 
 
@@ -330,4 +330,15 @@ def check_paid_covered(merchant_id: str, s: MerchantSettled) -> None:
         raise InvariantViolation(
             f"merchant {merchant_id}: paid {s.paid} fen != unrefunded {s.unrefunded}"
             f" + clawed back {s.clawed} - deducted {s.deducted}"
+        )
+
+
+def check_machine_event(event_type: str, *, by_person: bool, machine: Collection[str]) -> None:
+    """An event only platforms and services cause (``machine``: services.kernel.events.
+    MACHINE_EVENTS) never has a person (an operator, approver or auditor) as its actor: the
+    audit's record of every action of a person (services/audit/cases.py) does not subscribe to
+    them, so one caused by a person would go unrecorded. The store checks it at every append."""
+    if by_person and event_type in machine:
+        raise InvariantViolation(
+            f"{event_type} is caused by platforms and services only, yet a person is its actor"
         )

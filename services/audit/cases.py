@@ -46,11 +46,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.kernel import vault
+from services.kernel import topology, vault
 from services.kernel.background import every
 from services.kernel.contract.policy import Supervision, policy_of
 from services.kernel.errors import Unavailable
-from services.kernel.events import Context, Envelope, payload_of, service_actor
+from services.kernel.events import (
+    MACHINE_EVENTS,
+    PERSON_KINDS,
+    Context,
+    Envelope,
+    payload_of,
+    service_actor,
+)
 from services.kernel.eventstore import EventStore, Tx
 from services.kernel.pipeline import Aggregate, Pipeline
 from services.kernel.sql import Statement
@@ -64,11 +71,7 @@ log = logging.getLogger(__name__)
 SERVICE = "audit"
 CONSUMER = "audit-supervision"
 ALERT = "case-overdue"
-PEOPLE = (
-    common_pb2.Actor.KIND_OPERATOR,
-    common_pb2.Actor.KIND_APPROVER,
-    common_pb2.Actor.KIND_AUDITOR,
-)
+PEOPLE = PERSON_KINDS
 
 cases = Table(
     "cases",
@@ -161,6 +164,32 @@ _DECODED = frozenset(
         ev.QualificationForfeited,
     )
 )  # what a replay of the audit service's own store rebuilds
+
+
+def supervised_subjects() -> list[str]:
+    """The subjects ``audit-supervision`` consumes: every event of every service but those only
+    a platform or a service causes (services.kernel.events.MACHINE_EVENTS: the store refuses
+    one whose actor is a person), which this consumer would only count. A checkout's
+    QualificationLocked, QualificationUsed and SubsidyCaptured, and a claim's
+    QualificationClaimed, are never delivered to it."""
+    contract = [
+        m.full_name
+        for m in ev.DESCRIPTOR.message_types_by_name.values()
+        if m.full_name != ev.EventEnvelope.DESCRIPTOR.full_name
+    ]
+    subjects: list[str] = []
+    for service in topology.SERVICE_NAMES:
+        machine = MACHINE_EVENTS.get(service, frozenset())
+        if not machine:
+            subjects.append(f"events.{service}.>")
+            continue
+        subjects += [
+            f"events.{service}.{name.rsplit('.', 1)[-1]}"
+            for name in contract
+            if name not in machine
+        ]
+    return subjects
+
 
 _ROLES = {
     common_pb2.Actor.KIND_OPERATOR: "operator",

@@ -77,7 +77,8 @@ async def build(rt: Runtime) -> Wiring:
         consumers=[
             # A fetched batch's events appended in one statement (log.append_all).
             EventConsumer("audit-log", ["events.>"], log.append, batch_handler=log.append_all),
-            EventConsumer("audit-supervision", ["events.>"], supervision.on_event),
+            # Every event a person may cause, and the ones it reads (cases.supervised_subjects).
+            EventConsumer("audit-supervision", cases.supervised_subjects(), supervision.on_event),
         ],
         # One worker of several at a time integrates, signs, sweeps and detects.
         singular=[tree_loop, supervision.overdue_loop, detection_loop],

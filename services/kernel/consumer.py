@@ -26,6 +26,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -80,6 +81,14 @@ def refusal(subject: str, env: Envelope) -> str | None:
     return None
 
 
+def filters(config: ConsumerConfig) -> set[str]:
+    """The subjects a durable consumer's configuration filters on (one, or several)."""
+    subjects = set(config.filter_subjects or ())
+    if config.filter_subject:
+        subjects.add(config.filter_subject)
+    return subjects
+
+
 # How often the lag gauges are refreshed: the alert rules' windows are minutes.
 LAG_REFRESH_S = 10.0
 
@@ -124,13 +133,14 @@ class EventConsumer:
     # one-message fetch, a batch's retry one by one after a failure, a dead letter's replay.
     batch_handler: BatchHandler | None = None
 
-    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    def config(self) -> ConsumerConfig:
+        """The durable's configuration: what :meth:`subscribe` creates, or updates to."""
         # One literal subject goes as filter_subject, which the create request carries in its
         # NATS subject, so a service's permissions can bind its consumers to the producers it
         # consumes (services/kernel/natsauth.py: BOUND_CONSUMERS_ONLY). A wildcard filter
         # (audit's events.>) cannot be matched by a permission, so it goes in the request body.
         one = len(self.subjects) == 1 and not {"*", ">"} & set(self.subjects[0].split("."))
-        config = ConsumerConfig(
+        return ConsumerConfig(
             durable_name=self.name,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -139,9 +149,30 @@ class EventConsumer:
             filter_subject=self.subjects[0] if one else None,
             filter_subjects=None if one else list(self.subjects),
         )
+
+    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """Bind to the durable, creating it if it does not exist, or first updating its filter
+        in place if it filters on other subjects than this consumer's (a release that narrowed
+        or widened them): JetStream keeps the durable's position and pending acks through a
+        filter update, so no event is delivered anew from the start and none already acked is
+        lost; one still pending redelivers, and the handled marks make that change nothing.
+        A widened filter takes the new subjects from the durable's position on, not their
+        history (a subject newly consumed needs a replay: services/kernel/deadletters.py)."""
+        config = self.config()
+        with contextlib.suppress(NotFoundError):
+            info = await js.consumer_info(EVENTS_STREAM, self.name)
+            if filters(info.config) != set(self.subjects):
+                log.warning(
+                    "consumer %s filtered on %s: updating it to %s in place",
+                    self.name,
+                    sorted(filters(info.config)),
+                    sorted(self.subjects),
+                    extra={"consumer": self.name},
+                )
+                await js.add_consumer(EVENTS_STREAM, config=config)
         # Binds to the durable consumer when it exists, creates it otherwise (nats-py sets
         # filter_subject from the subject it is given unless filter_subjects is set).
-        subject = self.subjects[0] if one else ""
+        subject = config.filter_subject or ""
         return await js.pull_subscribe(
             subject, durable=self.name, stream=EVENTS_STREAM, config=config
         )

@@ -8,12 +8,14 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from google.protobuf import symbol_database
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import propagate
 
+from services.invariants import check_machine_event
 from subsidy.v1 import common_pb2, events_pb2
 
 from .errors import InvalidArgument
@@ -36,6 +38,40 @@ class EventTooLarge(InvalidArgument):
             f"the event this request would record is {size} bytes, over the {MAX_ENVELOPE_BYTES}"
             " bytes the event bus accepts",
         )
+
+
+# The actors that are a person (the audit's record of every action of a person, as against a
+# platform or a service).
+PERSON_KINDS: Final = frozenset({Actor.KIND_OPERATOR, Actor.KIND_APPROVER, Actor.KIND_AUDITOR})
+# The events only a platform or a service causes, by the service that publishes them: a
+# registration, a claim and a checkout's (RegisterConsumer and ClaimQualification are a
+# platform's, LockQualification the ledger's, CaptureSubsidy a platform's, and a qualification is
+# used when eligibility's consumer settles the capture: services/kernel/authz.py). By far the
+# most frequent events; the consumer of what persons do (audit-supervision) leaves them out of
+# its filter, so every append refuses one with a person as its actor (:func:`check_actor`).
+# SubsidyReserved is not here: supervision keeps each order's platform from it.
+MACHINE_EVENTS: Final[Mapping[str, frozenset[str]]] = {
+    "eligibility": frozenset(
+        m.DESCRIPTOR.full_name
+        for m in (
+            events_pb2.ConsumerRegistered,
+            events_pb2.QualificationClaimed,
+            events_pb2.QualificationLocked,
+            events_pb2.QualificationUsed,
+        )
+    ),
+    "ledger": frozenset({events_pb2.SubsidyCaptured.DESCRIPTOR.full_name}),
+}
+
+
+def check_actor(env: Envelope) -> None:
+    """Refuse an event of MACHINE_EVENTS whose actor is a person (the store calls this for
+    every append): services.invariants.check_machine_event."""
+    check_machine_event(
+        env.event_type,
+        by_person=env.actor.kind in PERSON_KINDS,
+        machine=MACHINE_EVENTS.get(env.service, frozenset()),
+    )
 
 
 def check_size(env: Envelope) -> None:

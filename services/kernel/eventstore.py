@@ -67,7 +67,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import UserDefinedType
 
 from .batching import GroupCommit
-from .events import Context, Envelope, check_size, new_envelope
+from .events import Context, Envelope, check_actor, check_size, new_envelope
 from .sql import Statement, driver, invalidate_if_broken
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def _event_rows(
         env.stream_id = stream_id
         env.stream_version = expected_version + i
         check_size(env)
+        check_actor(env)
         rows.append(
             {
                 "event_id": env.event_id,
