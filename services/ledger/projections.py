@@ -647,13 +647,21 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
     read under its lock, so as not to read it again)."""
     event = payload_of(env)
     settled = None
+    bill: dict[str, object] | None = None
     if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         if seen is not None:
             settled = seen.take_reservation(event.order_id)
         platform = seen.take_platform(event.order_id, settled) if seen is not None else None
         if settled is None:
             settled = await load_reservation(conn, event.order_id)
-        await reconciliation.apply_event(conn, reconciliation_tables, env, event, platform)
+        main = not budget.stream_shard(env.stream_id)[1]  # shard 0's stream: written below
+        if isinstance(event, ev.SubsidyCaptured) and event.pool_id and main:
+            # Its bill row is written with the reservation row, below (_reservation_row).
+            bill = await reconciliation.capture_row(
+                conn, reconciliation_tables, env, event, platform
+            )
+        else:
+            await reconciliation.apply_event(conn, reconciliation_tables, env, event, platform)
     else:
         await reconciliation.apply_event(conn, reconciliation_tables, env, event)
     if await settlement.apply_event(conn, settlement_tables, env, event):
@@ -768,7 +776,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         assert settled is not None
         use = (pool_id, event.category or settled.category)
-        await _reservation_row(conn, env, event, parts, settled, 0, seen, use, move)
+        await _reservation_row(conn, env, event, parts, settled, 0, seen, use, move, bill)
 
 
 async def _reservation_row(
@@ -781,17 +789,24 @@ async def _reservation_row(
     seen: Seen | None = None,
     use: tuple[str, str] | None = None,
     move: dict[str, object] | None = None,
+    bill: dict[str, object] | None = None,
 ) -> None:
     """The reservation's row after its event (held by ``shard`` of its pool); ``seen``
     keeps the row as written. With ``use`` (a pool and category), the pool's use of that
     category moves as the event moves it, in the same statement (the upsert as its CTE); with
-    ``move`` too (_write_pool's hand-back), so do the pool's row and its source's."""
+    ``move`` too (_write_pool's hand-back), so do the pool's row and its source's; and a
+    capture's ``bill`` row (reconciliation.capture_row) with them, else on its own first."""
     moved = {} if use is None else _use_delta(*use, event)
     statements = _ROW_STATEMENTS if use is None else _ROW_AND_USE_STATEMENTS
     if move is not None:
         assert use is not None
         moved |= move
         statements = _ROW_USE_AND_POOL_STATEMENTS
+    if bill is not None and move is not None:
+        moved |= {f"bill_{k}": v for k, v in bill.items()}
+        statements = (*statements[:1], _CAPTURED_USE_POOL_AND_BILL, *statements[2:])
+    elif bill is not None:
+        await reconciliation_tables.capture_insert.run(conn, **bill)
     written = None
     if isinstance(event, ev.SubsidyReserved):
         written = await statements[0].first(
@@ -1143,6 +1158,26 @@ _ROW_USE_AND_POOL_STATEMENTS = tuple(
         (_RESERVATION_CAPTURED, "reservation_captured"),
         (_RESERVATION_RELEASED, "reservation_released"),
     )
+)
+
+
+# A capture's, its bill row too (reconciliation's capture_insert as a CTE, its parameters
+# prefixed ``bill_``): the whole capture's projection in one statement.
+_BILL = reconciliation_tables.captures
+_CAPTURED_USE_POOL_AND_BILL = Statement(
+    _RESERVATION_CAPTURED.add_cte(
+        _USE_MOVED,
+        _MOVE_POOL,
+        _MOVE_SOURCE,
+        insert(_BILL)
+        .values({c.name: bindparam(f"bill_{c.name}") for c in _BILL.c})
+        .returning(_BILL.c.order_id)
+        .cte("bill_capture"),
+    ).returning(
+        select(_USE_MOVED.c.reserved_fen).scalar_subquery().label("use_reserved"),
+        select(_USE_MOVED.c.spent_fen).scalar_subquery().label("use_spent"),
+    ),
+    name="reservation_captured_use_pool_and_bill",
 )
 
 
