@@ -647,13 +647,21 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
     read under its lock, so as not to read it again)."""
     event = payload_of(env)
     settled = None
+    bill: dict[str, object] | None = None
     if isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         if seen is not None:
             settled = seen.take_reservation(event.order_id)
         platform = seen.take_platform(event.order_id, settled) if seen is not None else None
         if settled is None:
             settled = await load_reservation(conn, event.order_id)
-        await reconciliation.apply_event(conn, reconciliation_tables, env, event, platform)
+        main = not budget.stream_shard(env.stream_id)[1]  # shard 0's stream: written below
+        if isinstance(event, ev.SubsidyCaptured) and event.pool_id and main:
+            # Its bill row is written with the reservation row, below (_reservation_row).
+            bill = await reconciliation.capture_row(
+                conn, reconciliation_tables, env, event, platform
+            )
+        else:
+            await reconciliation.apply_event(conn, reconciliation_tables, env, event, platform)
     else:
         await reconciliation.apply_event(conn, reconciliation_tables, env, event)
     if await settlement.apply_event(conn, settlement_tables, env, event):
@@ -719,7 +727,9 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
     held = settled.sources if settled is not None else None
     after, parts = budget.step(before or budget.Pool(pool_id), event, held)
     sharded = layout is not None and layout.made > 1
-    await _write_pool(conn, before, after, gauges=not sharded)
+    # A checkout's event writes its pool's move with its reservation row, in one statement.
+    checkout = isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased)
+    move = await _write_pool(conn, before, after, gauges=not sharded, hand_back=checkout)
     if sharded:
         await _pool_gauges(conn, pool_id)
     if isinstance(event, ev.SubsidyReserved):
@@ -761,11 +771,12 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
             .values(released=True)
         )
     elif isinstance(event, ev.SubsidyReserved):
-        await _reservation_row(conn, env, event, parts, None, 0, seen, (pool_id, event.category))
+        use = (pool_id, event.category)
+        await _reservation_row(conn, env, event, parts, None, 0, seen, use, move)
     elif isinstance(event, ev.SubsidyCaptured | ev.SubsidyReleased):
         assert settled is not None
-        category = event.category or settled.category
-        await _reservation_row(conn, env, event, parts, settled, 0, seen, (pool_id, category))
+        use = (pool_id, event.category or settled.category)
+        await _reservation_row(conn, env, event, parts, settled, 0, seen, use, move, bill)
 
 
 async def _reservation_row(
@@ -777,12 +788,25 @@ async def _reservation_row(
     shard: int,
     seen: Seen | None = None,
     use: tuple[str, str] | None = None,
+    move: dict[str, object] | None = None,
+    bill: dict[str, object] | None = None,
 ) -> None:
     """The reservation's row after its event (held by ``shard`` of its pool); ``seen``
     keeps the row as written. With ``use`` (a pool and category), the pool's use of that
-    category moves as the event moves it, in the same statement (the upsert as its CTE)."""
+    category moves as the event moves it, in the same statement (the upsert as its CTE); with
+    ``move`` too (_write_pool's hand-back), so do the pool's row and its source's; and a
+    capture's ``bill`` row (reconciliation.capture_row) with them, else on its own first."""
     moved = {} if use is None else _use_delta(*use, event)
     statements = _ROW_STATEMENTS if use is None else _ROW_AND_USE_STATEMENTS
+    if move is not None:
+        assert use is not None
+        moved |= move
+        statements = _ROW_USE_AND_POOL_STATEMENTS
+    if bill is not None and move is not None:
+        moved |= {f"bill_{k}": v for k, v in bill.items()}
+        statements = (*statements[:1], _CAPTURED_USE_POOL_AND_BILL, *statements[2:])
+    elif bill is not None:
+        await reconciliation_tables.capture_insert.run(conn, **bill)
     written = None
     if isinstance(event, ev.SubsidyReserved):
         written = await statements[0].first(
@@ -977,9 +1001,17 @@ SHARD_UPDATE = Statement(
 
 
 async def _write_pool(
-    conn: AsyncConnection, before: budget.Pool | None, after: budget.Pool, gauges: bool = True
-) -> None:
-    """Write the fold's figures for the pool and for each source that changed."""
+    conn: AsyncConnection,
+    before: budget.Pool | None,
+    after: budget.Pool,
+    gauges: bool = True,
+    *,
+    hand_back: bool = False,
+) -> dict[str, object] | None:
+    """Write the fold's figures for the pool and for each source that changed. With
+    ``hand_back``, a checkout's move (the pool and one source) is not run but returned, as the
+    parameters of the reservation row's statement that makes it (_ROW_USE_AND_POOL_STATEMENTS:
+    one statement, one round trip, instead of two)."""
     values = {f"{b}_fen": getattr(after, b) for b in budget.BUCKETS}
     for bucket in budget.BUCKETS if gauges else ():
         metrics.BUDGET.labels(after.pool_id, bucket).set(getattr(after, bucket))
@@ -1002,12 +1034,17 @@ async def _write_pool(
     elif before != after:
         if len(changed) == 1 and not added:  # a checkout's move: the pool and one source
             pool = {f"pool_{k}": v for k, v in values.items()}
+            if hand_back:
+                return {f"move_{k}": v for k, v in {"pool_id": after.pool_id, **pool}.items()} | {
+                    f"move_{k}": v for k, v in changed[0].items()
+                }
             await POOL_AND_SOURCE_UPDATE.run(conn, pool_id=after.pool_id, **pool, **changed[0])
-            return
+            return None
         await POOL_UPDATE.run(conn, pool_id=after.pool_id, **values)
     if added:
         await conn.execute(insert(budget_sources), added)
     await SOURCE_UPDATE.run_many(conn, changed)
+    return None
 
 
 _SOURCE_UPDATE = (
@@ -1088,6 +1125,59 @@ _ROW_AND_USE_STATEMENTS = tuple(
         (_RESERVATION_CAPTURED, "reservation_captured"),
         (_RESERVATION_RELEASED, "reservation_released"),
     )
+)
+
+
+# The same again, the pool's row and one source's moved too (POOL_AND_SOURCE_UPDATE's two
+# updates as CTEs, their parameters prefixed ``move_``): a checkout's whole projection in one
+# statement. Each row is keyed by its primary key, and every CTE runs whatever the others find.
+_MOVE_POOL = (
+    update(budget_pools)
+    .where(_P.pool_id == bindparam("move_pool_id"))
+    .values({f"{b}_fen": bindparam(f"move_pool_{b}_fen") for b in budget.BUCKETS})
+    .returning(_P.pool_id)
+    .cte("move_pool")
+)
+_MOVE_SOURCE = (
+    update(budget_sources)
+    .where(_S.pool_id == bindparam("move_p"), _S.source == bindparam("move_s"))
+    .values({f"{b}_fen": bindparam(f"move_{b}_fen") for b in budget.BUCKETS})
+    .returning(_S.source)
+    .cte("move_source")
+)
+_ROW_USE_AND_POOL_STATEMENTS = tuple(
+    Statement(
+        stmt.add_cte(_USE_MOVED, _MOVE_POOL, _MOVE_SOURCE).returning(
+            select(_USE_MOVED.c.reserved_fen).scalar_subquery().label("use_reserved"),
+            select(_USE_MOVED.c.spent_fen).scalar_subquery().label("use_spent"),
+        ),
+        name=f"{name}_use_and_pool",
+    )
+    for stmt, name in (
+        (_RESERVATION_INSERT, "reservation_insert"),
+        (_RESERVATION_CAPTURED, "reservation_captured"),
+        (_RESERVATION_RELEASED, "reservation_released"),
+    )
+)
+
+
+# A capture's, its bill row too (reconciliation's capture_insert as a CTE, its parameters
+# prefixed ``bill_``): the whole capture's projection in one statement.
+_BILL = reconciliation_tables.captures
+_CAPTURED_USE_POOL_AND_BILL = Statement(
+    _RESERVATION_CAPTURED.add_cte(
+        _USE_MOVED,
+        _MOVE_POOL,
+        _MOVE_SOURCE,
+        insert(_BILL)
+        .values({c.name: bindparam(f"bill_{c.name}") for c in _BILL.c})
+        .returning(_BILL.c.order_id)
+        .cte("bill_capture"),
+    ).returning(
+        select(_USE_MOVED.c.reserved_fen).scalar_subquery().label("use_reserved"),
+        select(_USE_MOVED.c.spent_fen).scalar_subquery().label("use_spent"),
+    ),
+    name="reservation_captured_use_pool_and_bill",
 )
 
 

@@ -109,6 +109,31 @@ class ReconciliationTables:
         return (self.captures, self.reconciliations)
 
 
+async def capture_row(
+    conn: AsyncConnection,
+    t: ReconciliationTables,
+    env: Envelope,
+    event: ev.SubsidyCaptured,
+    platform: str | None = None,
+) -> dict[str, object]:
+    """The ``bill_captures`` row a capture writes (``capture_insert``'s parameters; the
+    reservation's platform read when the command did not hand it over)."""
+    if platform is None:
+        # Its reservation's row is there: SubsidyReserved came first in the pool's stream.
+        platform = await conn.scalar(
+            select(t.reservations.c.platform_id).where(t.reservations.c.order_id == event.order_id)
+        )
+    return {
+        "order_id": event.order_id,
+        "platform_id": platform or "",
+        "payment_ref": event.payment_ref,
+        "subsidy_fen": event.subsidy_fen,
+        "captured_at": env.occurred_at.ToDatetime(tzinfo=UTC),
+        "refunded_at": None,
+        "bill_order_id": order_line.order_of(event.order_id),
+    }
+
+
 async def apply_event(
     conn: AsyncConnection,
     t: ReconciliationTables,
@@ -120,23 +145,7 @@ async def apply_event(
     reservation's, when its command already read it under the lock)."""
     at = env.occurred_at.ToDatetime(tzinfo=UTC)
     if isinstance(event, ev.SubsidyCaptured):
-        # Its reservation's row is there: SubsidyReserved came first in the pool's stream.
-        if platform is None:
-            platform = await conn.scalar(
-                select(t.reservations.c.platform_id).where(
-                    t.reservations.c.order_id == event.order_id
-                )
-            )
-        await t.capture_insert.run(
-            conn,
-            order_id=event.order_id,
-            platform_id=platform or "",
-            payment_ref=event.payment_ref,
-            subsidy_fen=event.subsidy_fen,
-            captured_at=at,
-            refunded_at=None,
-            bill_order_id=order_line.order_of(event.order_id),
-        )
+        await t.capture_insert.run(conn, **await capture_row(conn, t, env, event, platform))
     elif isinstance(event, ev.SubsidyReleased) and event.was_captured:
         await t.capture_refunded.run(conn, order_id=event.order_id, refunded_at=at)
     elif isinstance(event, ev.DiscountBillReconciled):
