@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from grpc_health.v1 import health_pb2
+from nats.aio.msg import Msg
 from sqlalchemy import MetaData, text
 
-from services.kernel import app, metrics
+from services.kernel import app, bus
+from services.kernel.consumer import decode
 from services.kernel.events import Context, new_envelope, service_actor
 from services.kernel.eventstore import make_engine
 from services.kernel.settings import SettingsError
@@ -134,16 +137,33 @@ async def test_two_workers_share_one_port_and_run_the_singular_loops_once(infra:
         for _ in range(10):  # new connections land on either: every one is answered
             assert await health_of(infra, port) == {"": serving, SERVICE_NAME: serving}
         await wait_for(lambda: len(runners.inside) == 1)
-        # Events either worker appends are published by one relay, once each: the counter
-        # both in-process workers share moves by the number of events, not twice that.
-        before = metrics.EVENTS_PUBLISHED._value.get()
-        for i, w in enumerate(workers):
-            stream = f"s/{uuid.uuid4().hex[:8]}"
-            envs = [new_envelope("lifecycle", stream, funding(), CTX) for _ in range(3 + i)]
-            await w.runtime.store.append(stream, 0, envs)
-        await wait_for(lambda: metrics.EVENTS_PUBLISHED._value.get() - before >= 7)
-        await asyncio.sleep(1.5)  # a second relay, were there one, would publish them again
-        assert metrics.EVENTS_PUBLISHED._value.get() - before == 7
+        # Events either worker appends are published by one relay, once each: every one of
+        # them goes over the bus once, not twice. Counted off the bus itself, by event id (the
+        # process's published counter also moves with other tests' services still running).
+        published: Counter[str] = Counter()
+        ours: set[str] = set()
+
+        async def heard(msg: Msg) -> None:
+            env = decode(msg.data)
+            if env is not None and env.stream_id in ours:
+                published[env.event_id] += 1
+
+        nc, _ = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
+        try:
+            await nc.subscribe("events.lifecycle.>", cb=heard)
+            await nc.flush()
+            appended: list[str] = []
+            for i, w in enumerate(workers):
+                stream = f"s/{uuid.uuid4().hex[:8]}"
+                ours.add(stream)
+                envs = [new_envelope("lifecycle", stream, funding(), CTX) for _ in range(3 + i)]
+                appended += [env.event_id for env in envs]
+                await w.runtime.store.append(stream, 0, envs)
+            await wait_for(lambda: published.total() >= 7)
+            await asyncio.sleep(1.5)  # a second relay, were there one, would publish them again
+        finally:
+            await nc.close()
+        assert published == Counter(appended), published
         assert runners.most == 1 and len(runners.ran) == 1
         leader = int(runners.ran[0][1:])
         await asyncio.wait_for(workers[leader].stop(), 30)
