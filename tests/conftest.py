@@ -14,10 +14,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from nats.js import JetStreamContext
 from psycopg import sql
 from sqlalchemy import create_engine
 
-from services.kernel import natsauth
+from services.kernel import bus, natsauth
 from services.kernel.eventstore import EventStore, kernel_metadata, make_engine
 from subsidyctl.stack import Nats, OpenBao, Postgres, free_port
 from subsidyctl.stack.postgres import Login, ServiceDatabase
@@ -114,6 +115,15 @@ async def store(infra: Infra) -> AsyncIterator[EventStore]:
     await s.create_tables()
     yield s
     await s.engine.dispose()
+
+
+@pytest.fixture
+async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
+    """JetStream on the session's NATS, as the test user, with the event streams made."""
+    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
+    await bus.ensure_streams(js)
+    yield js
+    await nc.close()
 
 
 @pytest.fixture

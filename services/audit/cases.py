@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 SERVICE = "audit"
 CONSUMER = "audit-supervision"
 ALERT = "case-overdue"
-PEOPLE = PERSON_KINDS
 
 cases = Table(
     "cases",
@@ -545,7 +544,7 @@ class Cases:
     async def on_event(self, tx: Tx, env: Envelope) -> None:
         """Every event of every service, once (the consumer marks it handled in ``tx``)."""
         decode = env.event_type in _DECODED or (
-            env.actor.kind in PEOPLE and env.event_type in domain.OVERRIDES
+            env.actor.kind in PERSON_KINDS and env.event_type in domain.OVERRIDES
         )
         event = payload_of(env) if decode else None  # most events are only counted
         if isinstance(event, ev.PolicyPublished):
@@ -563,7 +562,7 @@ class Cases:
                 await self._link(tx, env, event.case_id)
         elif env.service == "eligibility" and isinstance(event, ev.RiskBlockLifted):
             await self._link(tx, env, risk_case_id(event.decision_id))  # the alert's case
-        if env.actor.kind in PEOPLE:
+        if env.actor.kind in PERSON_KINDS:
             await self._record_action(tx, env, event)
 
     async def _keep_policy(self, conn: AsyncConnection, event: ev.PolicyPublished) -> None:

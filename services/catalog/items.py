@@ -55,18 +55,22 @@ MIN_ROWS: Final = 16
 MAX_CACHED: Final = 50_000  # products whose price history is kept (a few hundred bytes each)
 UNKNOWN: Final = -1  # "no cached version": the statement sends the history
 
+# What every read returns besides its rows: the switch stream's version, how many policies are
+# approved, and the catalog clock's mark.
+_VERSIONS: Final = """coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
+                   AS switches_v,
+               (SELECT count(*) FROM policies) AS policies,
+               (SELECT mark::text FROM catalog_clock WHERE id = 1) AS clock"""
+
 # One row per call, in the calls' order. ``product_v`` is 0 for a SKU with no stream.
 _ITEMS = Statement(
     text(
-        """
+        f"""
         SELECT k.i, coalesce(ps.version, 0) AS product_v,
                p.sku, p.category, p.grade, p.merchant_id, p.status AS product_status,
                coalesce(m.status, '') AS merchant_status, h.prices, h.times,
                s.order_id AS serial_order, s.status AS serial_status,
-               coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
-                   AS switches_v,
-               (SELECT count(*) FROM policies) AS policies,
-               (SELECT mark::text FROM catalog_clock WHERE id = 1) AS clock
+               {_VERSIONS}
         FROM unnest(CAST(:skus AS text[]), CAST(:serials AS text[]), CAST(:known AS bigint[]))
              WITH ORDINALITY AS k(sku, serial, known, i)
         LEFT JOIN products p ON p.sku = k.sku
@@ -98,11 +102,8 @@ _ITEMS = Statement(
 # What a batch of calls answered from memory reads: has anything they cached changed?
 _CLOCK = Statement(
     text(
-        """
-        SELECT (SELECT mark::text FROM catalog_clock WHERE id = 1) AS clock,
-               coalesce((SELECT version FROM streams WHERE stream_id = :switches), 0)
-                   AS switches_v,
-               (SELECT count(*) FROM policies) AS policies
+        f"""
+        SELECT {_VERSIONS}
         """
     ),
     name="catalog clock",

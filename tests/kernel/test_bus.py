@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.msg import Msg
@@ -23,14 +22,6 @@ from subsidy.v1 import events_pb2 as ev
 from tests.conftest import Infra
 
 CTX = Context(service_actor("test"))
-
-
-@pytest.fixture
-async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
 
 
 def relay_credential_files(infra: Infra) -> dict[str, str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 
-import pytest
 from nats.js import JetStreamContext
 
 from services.kernel import bus
@@ -16,17 +14,8 @@ from services.kernel.consumer import EventConsumer, filters
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
 from services.kernel.eventstore import EventStore, Tx
 from subsidy.v1 import events_pb2 as ev
-from tests.conftest import Infra
 
 CTX = Context(service_actor("test"))
-
-
-@pytest.fixture
-async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
 
 
 async def publish(

@@ -25,7 +25,7 @@ from services.kernel.events import Context, Envelope
 from services.kernel.eventstore import EventStore, Tx
 from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
-from tests.kernel.test_bus import fill, js  # noqa: F401  (the js fixture)
+from tests.kernel.test_bus import fill
 
 OPERATOR = Context(
     common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="ops-1", reason="handler fixed")
@@ -34,7 +34,7 @@ OPERATOR = Context(
 
 async def dead_letter_one(
     store: EventStore,
-    js: JetStreamContext,  # noqa: F811
+    js: JetStreamContext,
     service: str,
     fixed: asyncio.Event,
 ) -> tuple[EventConsumer, list[str], list[str]]:
@@ -66,7 +66,7 @@ async def dead_letter_one(
 
 async def test_a_fixed_dead_letter_is_replayed_once_and_recorded(
     store: EventStore,
-    js: JetStreamContext,  # noqa: F811
+    js: JetStreamContext,
 ) -> None:
     service = f"dl{uuid.uuid4().hex[:8]}"
     fixed = asyncio.Event()
@@ -111,7 +111,7 @@ async def test_a_fixed_dead_letter_is_replayed_once_and_recorded(
 
 async def test_only_the_services_own_consumers_letters_are_listed_and_forged_stay_refused(
     store: EventStore,
-    js: JetStreamContext,  # noqa: F811
+    js: JetStreamContext,
 ) -> None:
     service = f"dl{uuid.uuid4().hex[:8]}"
     consumer, _, _ = await dead_letter_one(store, js, service, asyncio.Event())

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from nats.js import JetStreamContext
 from sqlalchemy import text
 
-from services.kernel import bus, metrics
+from services.kernel import metrics
 from services.kernel.consumer import (
     FOREIGN_ID,
     WRONG_PUBLISHER,
@@ -35,17 +33,8 @@ from services.kernel.events import (
 )
 from services.kernel.eventstore import EventStore, Tx
 from subsidy.v1 import events_pb2 as ev
-from tests.conftest import Infra
 
 CTX = Context(service_actor("ledger"))
-
-
-@pytest.fixture
-async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
 
 
 def refused(service: str, qualification: str = "q-1") -> Envelope:

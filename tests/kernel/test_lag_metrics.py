@@ -13,7 +13,7 @@ from services.kernel import bus
 from services.kernel.consumer import EventConsumer, keep_lag_metrics
 from services.kernel.events import Envelope
 from services.kernel.eventstore import EventStore, Tx
-from tests.kernel.test_bus import fill, js  # noqa: F401  (the js fixture)
+from tests.kernel.test_bus import fill
 
 
 def gauge(name: str, **labels: str) -> float | None:
@@ -26,7 +26,7 @@ async def nothing(tx: Tx, env: Envelope) -> None:
 
 async def test_relay_lag_counts_unpublished_events_and_the_oldest_ones_age(
     store: EventStore,
-    js: JetStreamContext,  # noqa: F811
+    js: JetStreamContext,
 ) -> None:
     relay = bus.OutboxRelay(store, js)
     assert await relay.refresh_lag() == (0, 0.0)
@@ -44,7 +44,7 @@ async def test_relay_lag_counts_unpublished_events_and_the_oldest_ones_age(
 
 async def test_consumer_lag_is_pending_and_ack_pending_per_durable_consumer(
     store: EventStore,
-    js: JetStreamContext,  # noqa: F811
+    js: JetStreamContext,
 ) -> None:
     service = f"lag{uuid.uuid4().hex[:8]}"
     consumer = EventConsumer(f"c-{service}", [f"events.{service}.>"], nothing)

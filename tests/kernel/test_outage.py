@@ -27,7 +27,6 @@ from services.kernel.eventstore import EventStore, Tx, make_engine
 from services.kernel.health import database_probe
 from subsidyctl.stack import Postgres, free_port
 from tests.kernel.test_bus import dead_letters, fill, funded
-from tests.kernel.test_bus import js as js
 
 OUTAGE_S = 30.0
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import pytest
 from nats.js import JetStreamContext
 from sqlalchemy import text
 
@@ -21,14 +20,6 @@ from subsidy.v1 import events_pb2 as ev
 from tests.conftest import Infra
 
 CTX = Context(service_actor("test"))
-
-
-@pytest.fixture
-async def js(infra: Infra) -> AsyncIterator[JetStreamContext]:
-    nc, js = await bus.connect(infra.nats.url, "test", infra.nats_credentials())
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
 
 
 async def append_one(store: EventStore, service: str) -> None:
