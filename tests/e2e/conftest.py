@@ -233,6 +233,13 @@ async def platform_on(
         # Tests move a service's clock forward; a background sweep at such a moment would
         # expire every other test's qualifications. The expiry tests sweep themselves.
         expiry_sweep_s=3600,
+        # The ledger sweeps every second: a reservation one test left pending would expire 15
+        # minutes later (an attempt a cancelled call left, a minute later) in the middle of
+        # another test's "nothing changed" comparison (tests/e2e/test_rejections.py saw both
+        # services move on CI). A day outlives the session; the expiry tests move the ledger's
+        # clock and tests/e2e/test_saga.py sweeps abandoned attempts itself.
+        reservation_timeout_s=86_400,
+        abandon_after_s=86_400,
         # Likewise the fraud detectors: the session's tests would be findings of each other
         # (tests/e2e/test_detection.py runs them itself).
         detect_every_s=3600,
