@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 
+import nats.errors
 import pytest
 from nats.js.api import StreamInfo
 
@@ -107,7 +108,10 @@ async def test_a_node_killed_during_checkouts_loses_no_event(
     victim.start()  # back on its store: it catches up with the others
 
     async def caught_up() -> None:
-        info = (await streams(cluster))[bus.EVENTS_STREAM]
+        try:
+            info = (await streams(cluster))[bus.EVENTS_STREAM]
+        except nats.errors.TimeoutError:  # the restarted node rejoining: no answer yet
+            raise AssertionError("the cluster did not answer STREAM.INFO yet") from None
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2
         assert all(r.current for r in info.cluster.replicas or []), info.cluster
 
