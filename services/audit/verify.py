@@ -38,7 +38,8 @@ from services.kernel.contract import budget, merkle
 from services.kernel.contract.budget import POOL_STREAM_PREFIX
 from services.kernel.contract.checkpoint import Checkpoint
 from services.kernel.contract.merkle import CompactRange, ProofInvalid
-from services.kernel.events import Envelope
+from services.kernel.events import Envelope, check_actor
+from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
 from .domain import GENESIS, chain_hash, leaf_hash
@@ -63,8 +64,9 @@ class Replay:
 
 def replay(entries: Iterable[Row]) -> Replay:
     """Replay ``(index, leaf hash, chain hash, envelope bytes)`` from index 0, in order; raise
-    :class:`InvariantViolation` at the first entry out of place or off the chain, or a pool
-    whose events do not add up.
+    :class:`InvariantViolation` at the first entry out of place or off the chain, or whose
+    event the store would have refused (:func:`check_entry_actor`), or a pool whose events do
+    not add up.
 
     The log records events in the order they reached the audit service, which after a crash or
     a redelivery is not the order they happened in; each budget pool is therefore folded in its
@@ -80,11 +82,39 @@ def replay(entries: Iterable[Row]) -> Replay:
             raise InvariantViolation(f"audit entry {idx} does not match its hash chain")
         out.head, out.size = chained, out.size + 1
         env = Envelope.FromString(data)
+        check_entry_actor(idx, env)
         out.events_by_service[env.service] = out.events_by_service.get(env.service, 0) + 1
         folds.add(env)
     folds.finish()
     out.pools = pools.pools()
     return out
+
+
+def check_entry_actor(idx: int, env: Envelope) -> None:
+    """Entry ``idx``'s event against what the store enforces at every append
+    (:func:`services.kernel.events.check_actor`, i.e.
+    :func:`services.invariants.check_machine_event`: a person is never the actor of an event
+    only platforms and services cause); raises :class:`InvariantViolation` as
+    :func:`refused_at_append` words it."""
+    try:
+        check_actor(env)
+    except InvariantViolation as exc:
+        raise InvariantViolation(refused_at_append(idx, env, exc)) from None
+
+
+def refused_at_append(idx: int, env: Envelope, exc: InvariantViolation) -> str:
+    """The finding for entry ``idx``, whose event the store would have refused at append
+    (``exc``): it was written around the store (a row inserted straight into a service's
+    events table, a message forged on the bus). Names the entry, its event (id, service,
+    stream, version, type) and its actor's kind, never the actor's id."""
+    event = EventDigest(
+        env.service, env.event_id, "", env.stream_id, env.stream_version, env.event_type
+    )
+    kind = common_pb2.Actor.Kind.Name(env.actor.kind).removeprefix("KIND_").lower()
+    return (
+        f"audit entry {idx}: event {event.described()}: {exc} (actor kind {kind}); the store"
+        " refuses such an event at append, so it was written around the store"
+    )
 
 
 def compare_pools(replayed: dict[str, budget.Pool], reported: dict[str, budget.Pool]) -> None:
@@ -140,7 +170,7 @@ class Problem:
     """One thing that is off: which check found it, where in the log (if it has a place), and
     what, in words."""
 
-    check: str  # signature, tree, trusted, proof, stores, totals
+    check: str  # signature, tree, trusted, proof, actor, stores, totals
     message: str
     position: int | None = None
 
@@ -208,10 +238,12 @@ def tables_of(folds: dict[str, Fold]) -> dict[str, Table | InvariantViolation]:
 
 class EventReplay:
     """What the auditor makes of the entries' events, once their bytes are checked: each
-    envelope parsed (an entry that is not one is a problem at its position), the events per
-    service, the digests the stores are compared with, the events an outbox skipped, and the
-    totals' rebuild. :class:`LogAudit` runs one in its own process, or in a second process
-    (:class:`ReplayProcess`) for a large log, so that hashing and folding use both cores."""
+    envelope parsed (an entry that is not one is a problem at its position), each event checked
+    as the store checks it at append (:func:`check_entry_actor`: a finding at its position),
+    the events per service, the digests the stores are compared with, the events an outbox
+    skipped, and the totals' rebuild. :class:`LogAudit` runs one in its own process, or in a
+    second process (:class:`ReplayProcess`) for a large log, so that hashing and folding use
+    both cores."""
 
     def __init__(self, digests: bool = True) -> None:
         self.keep_digests = digests  # only the cross-check with the stores needs them
@@ -229,35 +261,45 @@ class EventReplay:
     def add(self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]) -> None:
         """The next entries LogAudit took (``ordinal``: the first one's among them)."""
         parse = Envelope.FromString
-        entries: Iterable[tuple[int, bytes]] | None = None  # those parsed, when not all were
+        kept: Sequence[int] = range(len(envelopes))  # the entries parsed (positions in the page)
         try:
             parsed = [parse(data) for data in envelopes]  # the usual case: all of them parse
         except DecodeError:
-            parsed, entries = self._parse_each(ordinal, indexes, envelopes)
+            parsed, kept = self._parse_each(ordinal, indexes, envelopes)
+        problems = self.problems
+        for at, env in zip(kept, parsed, strict=True):  # what the store refuses at append
+            try:
+                check_actor(env)
+            except InvariantViolation as exc:
+                message = refused_at_append(indexes[at], env, exc)
+                problems.append((ordinal + at, Problem("actor", message, indexes[at])))
         if self.keep_digests:
-            rows = zip(indexes, envelopes, strict=True) if entries is None else entries
             self.digests += [
-                (idx, digest_of(env, data)) for (idx, data), env in zip(rows, parsed, strict=True)
+                (indexes[at], digest_of(env, envelopes[at]))
+                for at, env in zip(kept, parsed, strict=True)
             ]
         self.rebuild.add_all(parsed, self.events_by_service)
 
     def _parse_each(
         self, ordinal: int, indexes: Sequence[int], envelopes: Sequence[bytes]
-    ) -> tuple[list[Envelope], list[tuple[int, bytes]]]:
-        """The envelopes that parse and their entries; each entry that is not one is a
-        problem at its position."""
+    ) -> tuple[list[Envelope], list[int]]:
+        """The envelopes that parse and their positions in the page; each entry that is not
+        one is a problem at its position."""
         parsed: list[Envelope] = []
-        entries: list[tuple[int, bytes]] = []
-        for k, (idx, data) in enumerate(zip(indexes, envelopes, strict=True), ordinal):
+        kept: list[int] = []
+        for at, (idx, data) in enumerate(zip(indexes, envelopes, strict=True)):
             try:
                 parsed.append(Envelope.FromString(data))
             except DecodeError:
                 self.problems.append(
-                    (k, Problem("tree", f"audit entry {idx} is not an event envelope", idx))
+                    (
+                        ordinal + at,
+                        Problem("tree", f"audit entry {idx} is not an event envelope", idx),
+                    )
                 )
                 continue
-            entries.append((idx, data))
-        return parsed, entries
+            kept.append(at)
+        return parsed, kept
 
     def sync(self) -> None:
         """Nothing to fetch: everything added is here already."""

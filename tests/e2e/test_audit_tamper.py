@@ -31,12 +31,23 @@ from services.kernel import rpc
 from services.kernel.contract import merkle
 from services.kernel.contract.checkpoint import VerifierKey, open_checkpoint
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
-from subsidy.v1 import audit_pb2, ledger_pb2, usage_pb2, usage_pb2_grpc
+from subsidy.v1 import audit_pb2, common_pb2, ledger_pb2, usage_pb2, usage_pb2_grpc
 from subsidy.v1 import events_pb2 as ev
 from subsidyctl import verify_proof
 from tests.e2e.cli import identity_dir, subsidyctl
 from tests.e2e.conftest import Platform, status_of
-from tests.e2e.test_audit_crosscheck import AUDITOR, Entry, log_key, run_cli, tampered
+from tests.e2e.test_audit_crosscheck import (
+    AUDITOR,
+    Entry,
+    lock_log,
+    log_key,
+    put_back_checkpoints,
+    read_checkpoints,
+    read_log,
+    rewrite,
+    run_cli,
+    tampered,
+)
 
 PHONE_PRICE = 300_000
 
@@ -501,6 +512,85 @@ async def test_a_forked_history_is_refused_to_an_auditor_holding_a_trusted_check
     }
     assert any(line.startswith(f"audit entry {i}: event ") for line in answer["events"])
     assert json.loads(trusted.read_text())["tree_size"] == n
+
+
+# -- an event written around a service's store -----------------------------------------------
+async def forget_event(platform: Platform, service: str, event_id: str) -> None:
+    """Take an event out of ``service``'s store, of every consumer's record of having handled
+    it, and out of the audit log (the entries after it move up; only the checkpoints signed
+    before it are kept, which the log without it still extends)."""
+    async with database(platform, service) as conn:
+        await conn.execute("DELETE FROM events WHERE event_id = %s", (event_id,))
+    for name in platform.running:
+        async with database(platform, name) as conn:
+            await conn.execute("DELETE FROM handled_events WHERE event_id = %s", (event_id,))
+    async with await psycopg.AsyncConnection.connect(conninfo(platform, "audit")) as conn:
+        async with conn.transaction():
+            await lock_log(conn)
+            entries = await read_log(conn)
+            at = [e[0] for e in entries].index(event_id)
+            signed = await read_checkpoints(conn)
+            await rewrite(conn, entries[:at] + entries[at + 1 :])
+            await put_back_checkpoints(conn, [c for c in signed if c[0] <= at])
+
+
+async def test_a_machine_event_by_a_person_inserted_into_a_store_fails_verification(
+    platform: Platform, rng: random.Random, tmp_path: Path
+) -> None:
+    """The store refuses, at every append, an event only platforms and services cause whose
+    actor is a person (services.invariants.check_machine_event). A row inserted straight into
+    eligibility's events table, as the superuser, goes around that: the relay publishes it, the
+    log records it, the store lists it, so the tree, the signature, the cross-check and every
+    total agree. The verifier checks every event it replays as the store would have: this one
+    is named, with its event and its actor's kind (never the actor's id), and fails the run."""
+    await checkout(platform, rng)
+    await settled(platform)
+    stream = f"consumer/c-by-hand-{rng.randrange(10**12)}"
+    operator = Context(common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="op-by-hand"))
+    env = new_envelope(
+        "eligibility",
+        stream,
+        ev.QualificationUsed(qualification_id="q-by-hand", order_id="o-by-hand"),
+        operator,
+        version=1,
+    )
+    async with database(platform, "eligibility") as conn:
+        await conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, envelope)"
+            " VALUES (%s, %s, 1, %s, %s)",
+            (env.event_id, stream, env.event_type, env.SerializeToString(deterministic=True)),
+        )
+    try:
+        await settled(platform)  # published by the relay, recorded by the log
+        async with database(platform, "audit") as conn:
+            cur = await conn.execute(
+                "SELECT idx FROM audit_entries WHERE event_id = %s", (env.event_id,)
+            )
+            (i,) = await cur.fetchone() or (None,)
+        assert i is not None
+        code, answer, err = await run_cli(platform, tmp_path)
+    finally:
+        await forget_event(platform, "eligibility", env.event_id)
+    assert code == 1 and answer["ok"] is False
+    assert answer["differences"] == [
+        {
+            "check": "actor",
+            "position": i,
+            "message": f"audit entry {i}: event {env.event_id} (eligibility {stream} v1"
+            " subsidy.v1.QualificationUsed): subsidy.v1.QualificationUsed is caused by platforms"
+            " and services only, yet a person is its actor (actor kind operator); the store"
+            " refuses such an event at append, so it was written around the store",
+        }
+    ]
+    # Every other check passes: only the actor gives it away.
+    assert answer["signature_ok"] is True and answer["cross_check_ok"] is True
+    assert answer["store_events_by_service"]["eligibility"] >= 1
+    assert "op-by-hand" not in json.dumps(answer) + err
+    # The history without it verifies again.
+    await settled(platform)
+    code, answer, err = await run_cli(platform, tmp_path)
+    assert code == 0, (answer["differences"], err)
+    assert of(answer, "actor") == []
 
 
 # -- eligibility's figures, as the auditor reads them ----------------------------------------

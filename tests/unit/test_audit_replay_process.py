@@ -14,27 +14,37 @@ from services.audit.domain import GENESIS, chain_hash, leaf_hash
 from services.audit.verify import LogAudit
 from services.kernel.contract import merkle
 from services.kernel.contract.checkpoint import Checkpoint
-from services.kernel.events import Context, new_envelope, service_actor
+from services.kernel.events import Context, Envelope, new_envelope, service_actor
+from subsidy.v1 import common_pb2
 from subsidy.v1 import events_pb2 as ev
 
 Row = tuple[int, bytes, bytes, bytes]
 
 
-def campaign_log(n: int) -> list[Row]:
-    """``n`` entries of a campaign (pools, registrations, claims, locks, reservations,
-    captures), hashed and chained as the audit service does."""
+def log_of(envelopes: list[bytes]) -> list[Row]:
+    """The entries of ``envelopes``, hashed and chained as the audit service does."""
     rows, head = [], GENESIS
-    for i, data in enumerate(Campaign().events(n)):
+    for i, data in enumerate(envelopes):
         leaf = leaf_hash(data)
         head = chain_hash(head, leaf)
         rows.append((i, leaf, head, data))
     return rows
 
 
+def campaign_log(n: int) -> list[Row]:
+    """``n`` entries of a campaign (pools, registrations, claims, locks, reservations,
+    captures), hashed and chained as the audit service does."""
+    return log_of(list(Campaign().events(n)))
+
+
 def tampered(rows: list[Row]) -> list[Row]:
-    """A flipped byte (40), bytes that are no envelope (50, hashed as they are), entry 70
-    served twice, entries 80..82 missing, an outbox skip, and a pool event twice."""
-    out = list(rows)
+    """A capture whose actor is a person (30, chained anew: only its actor is off), a flipped
+    byte (40), bytes that are no envelope (50, hashed as they are), entry 70 served twice,
+    entries 80..82 missing, an outbox skip, and a pool event twice."""
+    captured = Envelope.FromString(rows[30][3])
+    captured.actor.CopyFrom(common_pb2.Actor(kind=common_pb2.Actor.KIND_OPERATOR, id="op-li"))
+    by_hand = captured.SerializeToString(deterministic=True)
+    out = log_of([*(r[3] for r in rows[:30]), by_hand, *(r[3] for r in rows[31:])])
     i, leaf, chained, data = out[40]
     out[40] = (i, leaf, chained, data[:-1] + bytes([data[-1] ^ 1]))
     junk = b"\xff\xff\xff"
@@ -95,8 +105,12 @@ def test_the_second_process_finds_what_one_process_finds(tamper: bool) -> None:
         assert one["root"] == merkle.root_of(r[1] for r in rows)
         assert one["tables"]["pool"] and one["tables"]["sales"]
         return
+    check, position, message = one["problems"][0]  # the capture whose actor is a person
+    assert (check, position) == ("actor", 30)
+    assert "subsidy.v1.SubsidyCaptured is caused by platforms and services only" in message
+    assert "actor kind operator" in message and "op-li" not in message
     messages = [(position, message) for _, position, message in one["problems"]]
-    assert messages[0][0] == 40 and "its bytes hash to leaf" in messages[0][1]
+    assert messages[1][0] == 40 and "its bytes hash to leaf" in messages[1][1]
     assert (50, "audit entry 50 is not an event envelope") in messages
     assert (70, "audit entry 70 is served twice or out of order") in messages
     assert (80, "audit entries 80..82 missing: the log goes from entry 79 to entry 83") in messages
