@@ -45,7 +45,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.claim_rush import CpuMeter
+from bench.claim_rush import CpuMeter, batch_sizes
 from bench.common import RssMeter, against_baseline, report, summarise, timed
 from services.kernel import rpc
 from services.kernel.identity import Role
@@ -186,6 +186,8 @@ async def run(
                     pool_shards,
                 )
             result["workers_per_service"] = workers
+            # How LockQualification calls were batched (services/kernel/command_batch.py).
+            result["lock_batches"] = batch_sizes([stack.ports.metrics("eligibility")], "locks")
             # Peak resident memory of each service process (MB) over the whole run.
             result["rss_mb"] = dict(sorted(rss.peak_mb.items()))
             result["trace_ratio"] = trace_ratio
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report(result_name(args.workers, args.pools, args.pool_shards), result)
     print("peak RSS MB:", result["rss_mb"])
+    print("LockQualification batches (eligibility):", result["lock_batches"])
     print(f"CPU ms per checkout (reserve + capture), load average {result['load_average']}:")
     base = result["cpu_ms_per_health_check"]
     for part, ms in result["cpu_ms_per_checkout"].items():

@@ -454,9 +454,9 @@ class Replica:
                 self._proc.wait(5)
 
 
-def batch_sizes(metrics_ports: list[int]) -> dict[str, float]:
-    """Eligibility's claim batches (its ``subsidy_batch_size`` histogram, from /metrics),
-    over every eligibility process."""
+def batch_sizes(metrics_ports: list[int], batch: str = "claims") -> dict[str, float]:
+    """Eligibility's ``batch`` batches (claims, locks: its ``subsidy_batch_size`` histogram,
+    from /metrics), over every eligibility process."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     found: dict[str, float] = {"count": 0.0, "sum": 0.0}
     for port in metrics_ports:
@@ -464,7 +464,7 @@ def batch_sizes(metrics_ports: list[int]) -> dict[str, float]:
             lines = response.read().decode().splitlines()
         for line in lines:
             for part in ("count", "sum"):
-                if line.startswith(f'subsidy_batch_size_{part}{{batch="claims"}}'):
+                if line.startswith(f'subsidy_batch_size_{part}{{batch="{batch}"}}'):
                     found[part] += float(line.rsplit(" ", 1)[1])
     count, total = found["count"], found["sum"]
     return {"batches": count, "mean_size": round(total / count, 1) if count else 0.0}

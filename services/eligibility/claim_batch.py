@@ -3,9 +3,10 @@
 Every claim locks the consumer's stream and the day's quota row of its category (so that the
 quota is exact under any concurrency, across replicas). One transaction per claim makes all
 claims of a category queue on that row, each paying its whole statement sequence while the
-others wait. :class:`ClaimBatcher` runs them through the kernel's group commit
-(``services.kernel.batching``): the claims that arrive for a (category, day) while its previous
-batch commits are decided as one batch, in one transaction, by ``Pipeline.run_many``:
+others wait. :class:`ClaimBatcher` runs them through the kernel's batched runner
+(``services.kernel.command_batch``, on its group commit): the claims that arrive for a
+(category, day) while its previous batch commits are decided as one batch, in one transaction,
+by ``Pipeline.run_many``:
 
 1. lock the claimants' streams (in stream order) and then the quota row, the order a single
    claim takes them in, so batches and single claims of any replica never deadlock;
@@ -25,9 +26,8 @@ retried claim by claim on that path, so one claim's failure is only its own.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
@@ -37,11 +37,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.kernel import metrics
-from services.kernel.batching import GroupCommit
-from services.kernel.errors import DomainError
-from services.kernel.events import Context, current_trace_context, payload_of
-from services.kernel.eventstore import EventStore, Tx
+from services.kernel.command_batch import CommandBatcher
+from services.kernel.events import Context, payload_of
+from services.kernel.eventstore import EventStore
 from services.kernel.pipeline import Aggregate, Decision, Outcome, Pipeline
 from services.kernel.sql import Statement
 from subsidy.v1 import events_pb2 as ev
@@ -49,8 +47,6 @@ from subsidy.v1 import events_pb2 as ev
 from . import domain
 from .persons import lock_persons, members_of
 from .projections import as_qualification, consumer_platforms, qualifications, quota_usage
-
-log = logging.getLogger(__name__)
 
 
 class ClaimKeyLike(Protocol):
@@ -135,15 +131,45 @@ async def load_claims(conn: AsyncConnection, keys: Sequence[K]) -> dict[K, domai
     }
 
 
-@dataclass(frozen=True)
-class _Pending(Generic[K]):
-    key: K
-    decide: Decision[domain.ClaimState]
-    ctx: Context
+class _ClaimScope(Generic[K]):
+    """A claim transaction's scope (services/kernel/command_batch.py): each claim decided as a
+    single claim is, on the state the claims before it in the batch left (the day's quota they
+    took, and what they issued to the same person). A claim alone has none before it."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.issued = 0  # issued by the claims before, in this transaction
+        # ... and to each person: two linked consumers in one batch are one person's claims.
+        self.issued_to: dict[frozenset[str], list[domain.Qualification]] = {}
+
+    def decision(self, key: K, decide: Decision[domain.ClaimState]) -> Decision[domain.ClaimState]:
+        def in_turn(state: domain.ClaimState | None) -> Sequence[Message]:
+            if state is None:
+                raise RuntimeError("load_claims and _load_claim answer every claim")
+            earlier = tuple(self.issued_to.get(state.person, ()))
+            counted = replace(
+                state,
+                issued_today=state.issued_today + self.issued,
+                qualifications=state.qualifications + earlier,
+            )
+            events = list(decide(counted))  # a refusal raises: nothing counted
+            for e in events:
+                if isinstance(e, ev.QualificationClaimed):
+                    self.issued += 1
+                    q = domain.evolve(None, e)
+                    assert q is not None
+                    self.issued_to.setdefault(state.person, []).append(q)
+            return events
+
+        return in_turn
+
+    def answer(self, key: K, outcome: Outcome[domain.ClaimState]) -> Outcome[domain.ClaimState]:
+        return outcome
 
 
 class ClaimBatcher(Generic[K]):
-    """Claims of one (category, day) decided a batch at a time (see the module's docstring).
+    """Claims of one (category, day) decided a batch at a time (see the module's docstring),
+    on the kernel's batched runner (``CommandBatcher``).
 
     ``aggregate`` is the use case's claim aggregate (its ``load`` the single-claim path's);
     the batch loads with :func:`load_claims`."""
@@ -157,91 +183,23 @@ class ClaimBatcher(Generic[K]):
         max_batch: int = 256,
         linger_s: float = 0.003,
     ) -> None:
-        self.store = store
-        self.pipeline = pipeline
-        self.single = aggregate
-        self.batched: Aggregate[K, domain.ClaimState] = replace(aggregate, load_many=load_claims)
-        self.commit: GroupCommit[Group, _Pending[K], Outcome[domain.ClaimState]] = GroupCommit(
-            self._flush,
+        self.batcher: CommandBatcher[K, domain.ClaimState] = CommandBatcher(
+            store,
+            replace(aggregate, load_many=load_claims),
+            lambda: _ClaimScope(pipeline),
+            name="claims",
+            group=lambda k: (k.category, k.day),  # the claims that lock one quota row
             max_batch=max_batch,
             linger_s=linger_s,
-            distinct=self._stream_of,  # run_many takes each stream once
-            on_batch=metrics.BATCH_SIZE.labels("claims").observe,
         )
-
-    def _stream_of(self, pending: _Pending[K]) -> Hashable:
-        return self.single.stream(pending.key)
+        self.commit = self.batcher.commit
 
     async def run(
         self, key: K, decide: Decision[domain.ClaimState], ctx: Context
     ) -> Outcome[domain.ClaimState]:
         """``Pipeline.run(aggregate, key, decide, ctx, reload=False)``, in a batch with the
         concurrent claims of the same category and day. Raises the claim's refusal."""
-        if ctx.trace_context is None:  # the batch runs in its own task: keep the caller's trace
-            ctx = replace(ctx, trace_context=current_trace_context())
-        return await self.commit.submit((key.category, key.day), _Pending(key, decide, ctx))
-
-    async def _alone(self, pending: _Pending[K]) -> Outcome[domain.ClaimState] | BaseException:
-        try:
-            return await self.pipeline.run(
-                self.single, pending.key, pending.decide, pending.ctx, reload=False
-            )
-        except Exception as exc:
-            return exc
-
-    async def _flush(
-        self, group: Group, batch: Sequence[_Pending[K]]
-    ) -> list[Outcome[domain.ClaimState] | BaseException]:
-        if len(batch) == 1:
-            return [await self._alone(batch[0])]
-        try:
-            async with self.store.transaction() as tx:
-                return await self._decide(tx, batch)
-        except Exception:
-            log.warning("a batch of %d claims failed; each alone now", len(batch), exc_info=True)
-            return [await self._alone(p) for p in batch]
-
-    async def _decide(
-        self, tx: Tx, batch: Sequence[_Pending[K]]
-    ) -> list[Outcome[domain.ClaimState] | BaseException]:
-        issued = 0  # issued by the claims before, in this batch
-        # ... and to each person: two linked consumers in one batch are one person's claims.
-        issued_to: dict[frozenset[str], list[domain.Qualification]] = {}
-        refused: dict[int, DomainError] = {}
-
-        def in_turn(i: int, pending: _Pending[K]) -> Decision[domain.ClaimState]:
-            def decide(state: domain.ClaimState | None) -> Sequence[Message]:
-                nonlocal issued
-                if state is None:
-                    raise RuntimeError("load_claims answers every claim")
-                earlier = tuple(issued_to.get(state.person, ()))
-                counted = replace(
-                    state,
-                    issued_today=state.issued_today + issued,
-                    qualifications=state.qualifications + earlier,
-                )
-                try:
-                    events = list(pending.decide(counted))
-                except DomainError as refusal:
-                    refused[i] = refusal
-                    return []
-                for e in events:
-                    if isinstance(e, ev.QualificationClaimed):
-                        issued += 1
-                        q = domain.evolve(None, e)
-                        assert q is not None
-                        issued_to.setdefault(state.person, []).append(q)
-                return events
-
-            return decide
-
-        outcomes = await self.pipeline.run_many(
-            self.batched,
-            [(p.key, in_turn(i, p)) for i, p in enumerate(batch)],
-            [p.ctx for p in batch],
-            tx=tx,
-        )
-        return [refused.get(i, outcome) for i, outcome in enumerate(outcomes)]
+        return await self.batcher.run(key, decide, ctx)
 
 
 def claimed(outcome: Outcome[domain.ClaimState]) -> domain.Qualification | None:

@@ -25,12 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.invariants import check_person_limits, check_quota, check_quota_counted
 from services.kernel import vault
 from services.kernel.background import every
+from services.kernel.command_batch import CommandBatcher
 from services.kernel.contract.personal_data import mask_id_number, mask_phone
 from services.kernel.contract.policy import Policy
 from services.kernel.errors import FailedPrecondition, NotFound, Unavailable
 from services.kernel.events import Context, Envelope, payload_of, service_actor
 from services.kernel.eventstore import EventStore, Tx
-from services.kernel.pipeline import Aggregate, Outcome, Pipeline
+from services.kernel.pipeline import Aggregate, Decision, Outcome, Pipeline
 from services.kernel.riskscreen import Circumstances
 from services.kernel.sql import Statement
 from subsidy.v1 import common_pb2
@@ -51,6 +52,7 @@ from .projections import (
     consumers,
     identity_failures,
     load_qualification,
+    load_qualifications,
     person_keys,
     qualifications,
     quota_usage,
@@ -126,6 +128,43 @@ async def _load_qualification(
     return await load_qualification(conn, key.qualification_id)
 
 
+async def _load_qualifications(
+    conn: AsyncConnection, keys: Sequence[QualificationKey]
+) -> dict[QualificationKey, domain.Qualification]:
+    found = await load_qualifications(conn, [k.qualification_id for k in keys])
+    return {k: found[k.qualification_id] for k in keys if k.qualification_id in found}
+
+
+class _QualificationScope:
+    """What one transaction's qualification commands share (services/kernel/command_batch.py):
+    each qualification read once. Its projection is handed the state the decision was made on
+    (read under the stream's lock, nothing written to it since), and the state after is the
+    one the projection wrote, not read back: one read and one write a command."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.known: dict[str, domain.Qualification] = {}
+
+        async def project(conn: AsyncConnection, env: Envelope) -> None:
+            await apply_event(conn, env, self.known)
+
+        self.pipeline = Pipeline(store, SERVICE, project)
+
+    def decision(
+        self, key: QualificationKey, decide: Decision[domain.Qualification]
+    ) -> Decision[domain.Qualification]:
+        def deciding(q: domain.Qualification | None) -> Sequence[Message]:
+            if q is not None:
+                self.known[q.qualification_id] = q
+            return decide(q)
+
+        return deciding
+
+    def answer(
+        self, key: QualificationKey, outcome: Outcome[domain.Qualification]
+    ) -> Outcome[domain.Qualification]:
+        return replace(outcome, state=self.known.get(key.qualification_id, outcome.state))
+
+
 async def _load_enrolment(conn: AsyncConnection, consumer_id: str) -> frozenset[str]:
     rows = await conn.execute(
         select(consumer_platforms.c.platform_id).where(
@@ -160,7 +199,10 @@ CLAIM: Aggregate[ClaimKey, domain.ClaimState] = Aggregate(
     "claim", lambda k: consumer_stream(k.consumer_id), _load_claim
 )
 QUALIFICATION: Aggregate[QualificationKey, domain.Qualification] = Aggregate(
-    "qualification", lambda k: consumer_stream(k.consumer_id), _load_qualification
+    "qualification",
+    lambda k: consumer_stream(k.consumer_id),
+    _load_qualification,
+    _load_qualifications,
 )
 
 # Which qualification a ledger outcome settles (Eligibility._holder), compiled once.
@@ -204,6 +246,11 @@ class Eligibility:
         self.risk = risk or RiskControl(store, keys, self.clock)
         # Claims of one category and day, decided a batch at a time under the rush.
         self.claims = ClaimBatcher(store, self.pipeline, CLAIM)
+        # The ledger's locks (LockQualification, one a reservation): the concurrent ones, on
+        # different consumers' streams, in one transaction and one commit.
+        self.locks: CommandBatcher[QualificationKey, domain.Qualification] = CommandBatcher(
+            store, QUALIFICATION, lambda: _QualificationScope(store), name="locks"
+        )
 
     # -- consumers ------------------------------------------------------------------------
     async def register(
@@ -405,7 +452,10 @@ class Eligibility:
         """The ledger locks a qualification to an order (LockQualification)."""
         command = domain.Lock(qid, order_id, category, consumer_id, platform_id, self.clock())
         try:
-            outcome = await self._on_qualification(
+            # In a batch with the concurrent locks (one transaction); a batch that breaks the
+            # one-qualification-per-order constraint is run again lock by lock, so this is
+            # raised to the lock that breaks it alone, and only to it.
+            outcome = await self.locks.run(
                 QualificationKey(consumer_id, qid),
                 lambda q: domain.lock(q, command),
                 Context(actor, correlation_id=order_id),
@@ -492,24 +542,13 @@ class Eligibility:
         *,
         tx: Tx | None = None,
     ) -> Outcome[domain.Qualification]:
-        """``pipeline.run(QUALIFICATION, key, decide, ctx)``, reading the qualification once:
-        its projection is handed the state the decision was made on (read under the stream's
-        lock, nothing written to it since), and the state after is the one the projection
-        wrote, not read back. One read and one write a command, as the hot path needs."""
-        known: dict[str, domain.Qualification] = {}
-
-        def deciding(q: domain.Qualification | None) -> Sequence[Message]:
-            if q is not None:
-                known[q.qualification_id] = q
-            return decide(q)
-
-        async def project(conn: AsyncConnection, env: Envelope) -> None:
-            await apply_event(conn, env, known)
-
-        outcome = await Pipeline(self.store, SERVICE, project).run(
-            QUALIFICATION, key, deciding, ctx, tx=tx, reload=False
+        """``pipeline.run(QUALIFICATION, key, decide, ctx)``, reading the qualification once
+        (:class:`_QualificationScope`), as the hot path needs."""
+        scope = _QualificationScope(self.store)
+        outcome = await scope.pipeline.run(
+            QUALIFICATION, key, scope.decision(key, decide), ctx, tx=tx, reload=False
         )
-        return replace(outcome, state=known.get(key.qualification_id, outcome.state))
+        return scope.answer(key, outcome)
 
     # -- the expiry sweeper -----------------------------------------------------------------
     async def expire_due(self, batch: int = 500) -> int:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
     bindparam,
     delete,
     func,
@@ -206,16 +207,23 @@ def as_qualification(row: Any, available_from: Any = None) -> domain.Qualificati
 
 # The qualification hot path's statements (LockQualification, the ledger's outcomes, reads),
 # compiled once and run prepared (services/kernel/sql.py).
-_QUALIFICATION = Statement(
-    select(qualifications, qualification_availability.c.available_from)
-    .select_from(
-        qualifications.outerjoin(
-            qualification_availability,
-            qualification_availability.c.qualification_id == qualifications.c.qualification_id,
-        )
+_QUALIFICATION_ROW = select(
+    qualifications, qualification_availability.c.available_from
+).select_from(
+    qualifications.outerjoin(
+        qualification_availability,
+        qualification_availability.c.qualification_id == qualifications.c.qualification_id,
     )
-    .where(qualifications.c.qualification_id == bindparam("qid")),
+)
+_QUALIFICATION = Statement(
+    _QUALIFICATION_ROW.where(qualifications.c.qualification_id == bindparam("qid")),
     name="load_qualification",
+)
+_QUALIFICATIONS_ANY = Statement(
+    _QUALIFICATION_ROW.where(
+        qualifications.c.qualification_id == any_(bindparam("qids", type_=ARRAY(String())))
+    ),
+    name="load_qualifications_any",
 )
 _SET_QUALIFICATION = Statement(
     update(qualifications)
@@ -241,6 +249,14 @@ async def load_qualification(conn: AsyncConnection, qid: str) -> domain.Qualific
     """One qualification as the read model holds it (None if there is none)."""
     row = await _QUALIFICATION.first(conn, qid=qid)
     return as_qualification(row, row.available_from) if row is not None else None
+
+
+async def load_qualifications(
+    conn: AsyncConnection, qids: Sequence[str]
+) -> dict[str, domain.Qualification]:
+    """:func:`load_qualification` for many, in one statement (the ones there are)."""
+    rows = await _QUALIFICATIONS_ANY.all(conn, qids=sorted(set(qids)))
+    return {r.qualification_id: as_qualification(r, r.available_from) for r in rows}
 
 
 async def apply_event(

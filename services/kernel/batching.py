@@ -103,6 +103,11 @@ class GroupCommit(Generic[G, T, R]):
         self._groups: dict[G, _Queue[T, R]] = {}
         self.stats = BatchStats()
 
+    def queued(self, group: G) -> int:
+        """How many items of ``group`` wait for a batch (not counting the running one's)."""
+        queue = self._groups.get(group)
+        return len(queue.waiting) if queue is not None else 0
+
     async def submit(self, group: G, item: T) -> R:
         """Queue ``item`` in ``group`` and wait for its result (or its exception)."""
         queue = self._groups.setdefault(group, _Queue())
