@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js import JetStreamContext
@@ -86,3 +90,42 @@ async def test_a_healthy_service_serves_until_stopped(infra: Infra) -> None:
     assert await health_of(infra, running.port) == {"": serving, SERVICE_NAME: serving}
     await asyncio.wait_for(running.stop(), 30)
     assert running.runtime.nc.is_closed
+
+
+# settle_heap in a process of its own: the test session's collector is left as it is.
+SETTLE_HEAP = """
+import gc, json, weakref
+from services.kernel import app
+
+before = gc.get_freeze_count()
+app.settle_heap()
+frozen = gc.get_freeze_count()
+
+
+class Node:
+    pass
+
+
+a, b = Node(), Node()
+a.other, b.other = b, a  # a cycle made after the freeze: garbage once dropped
+gone = weakref.ref(a)
+del a, b
+gc.collect()
+print(json.dumps([before, frozen, gc.get_threshold(), gone() is None]))
+"""
+
+
+def test_a_serving_process_freezes_its_startup_heap_and_still_collects_later_cycles() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SETTLE_HEAP],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    before, frozen, threshold, collected = json.loads(out.stdout)
+    assert before == 0
+    assert frozen > 10_000  # the modules it imported, out of the collector's sight
+    assert threshold == [app.GC_YOUNG_THRESHOLD, 10, 10]
+    assert collected  # what is made and dropped afterwards is still collected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from services.kernel.events import Context, new_envelope, service_actor
 from services.kernel.eventstore import (
@@ -269,3 +269,33 @@ async def test_a_pooled_connection_keeps_its_prepared_statements_through_a_rollb
         assert await prepared() == (pid, before)
     finally:
         await store.engine.dispose()
+
+
+async def test_a_connection_opened_for_a_peak_stays_in_the_pool(infra: Infra) -> None:
+    """make_engine keeps every connection it opens (up to its cap of 2 x pool_size): a second
+    peak as wide as the first opens none, where overflow connections used to be closed as
+    they came back and opened again (each a new login and a new backend)."""
+    engine = make_engine(infra.create_database("es"), pool_size=2)
+    opened: list[object] = []
+    event.listen(engine.sync_engine, "connect", lambda conn, _record: opened.append(conn))
+    held = asyncio.Event()
+
+    async def use(ready: asyncio.Event) -> int:
+        async with engine.connect() as conn:
+            ready.set()
+            await held.wait()
+            return int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+    try:
+        backends: list[set[int]] = []
+        for _ in range(2):  # two peaks of 4 calls at once: the cap
+            held.clear()
+            ready = [asyncio.Event() for _ in range(4)]
+            calls = [asyncio.create_task(use(r)) for r in ready]
+            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 10)
+            held.set()
+            backends.append(set(await asyncio.gather(*calls)))
+        assert len(opened) == 4
+        assert backends[1] == backends[0]  # the same four sessions served the second peak
+    finally:
+        await engine.dispose()
