@@ -53,7 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select, text
 
 from bench import consumers as seeding
-from bench.common import RESULTS, timed
+from bench.common import timed, write_result
 from services.eligibility.handlers import check_limits
 from services.eligibility.projections import qualifications, quota_usage
 from services.invariants import InvariantViolation
@@ -635,11 +635,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(1) from None
     line = json.dumps(result, ensure_ascii=False)
     print(line)
-    if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "claim_rush.json").write_text(
-            json.dumps(result, indent=2, ensure_ascii=False) + "\n"
-        )
+    if not args.no_write:  # in the common shape, as `python -m bench` writes it
+        write_result("claim_rush", result)
     return result
 
 
