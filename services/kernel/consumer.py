@@ -30,10 +30,12 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from services.invariants import InvariantViolation
+
 from . import faults, metrics
 from .background import every, pause
 from .bus import EVENTS_STREAM, OutboxRelay
-from .events import Envelope, belongs_to
+from .events import Envelope, belongs_to, check_actor
 from .eventstore import EventStore, Tx
 from .telemetry import extract, tracer
 
@@ -63,14 +65,17 @@ def decode(data: bytes) -> Envelope | None:
 WRONG_PUBLISHER = "WrongPublisher"  # the envelope names another service than the subject
 WRONG_SUBJECT = "WrongSubject"  # the envelope's type is not the subject's
 FOREIGN_ID = "ForeignEventId"  # the event id is not of the owning store's id scheme
+PERSON_ACTOR = "MachineEventByPerson"  # a platform's or service's event with a person as actor
 
 
 def refusal(subject: str, env: Envelope) -> str | None:
     """Why an event arriving on ``subject`` is not its owner's, or None if it is: the subject
     ``events.<service>.<Type>`` must name the envelope's service and type, and the event id
-    must be one that service's store mints (services.kernel.events.belongs_to). NATS lets only
-    a service's own credential publish on its subjects; this check also catches an event
-    republished elsewhere or a misrouted one."""
+    must be one that service's store mints (services.kernel.events.belongs_to), and an event
+    only platforms and services cause must not name a person as its actor (the check the
+    owner's store makes at every append, services.kernel.events.check_actor). NATS lets only a
+    service's own credential publish on its subjects; this check also catches an event
+    republished elsewhere, a misrouted one, or one its owner's store would have refused."""
     parts = subject.split(".")
     if len(parts) != 3 or parts[0] != "events" or parts[1] != env.service:
         return WRONG_PUBLISHER
@@ -78,6 +83,10 @@ def refusal(subject: str, env: Envelope) -> str | None:
         return WRONG_SUBJECT
     if not belongs_to(env.event_id, env.service):
         return FOREIGN_ID
+    try:
+        check_actor(env)
+    except InvariantViolation:
+        return PERSON_ACTOR
     return None
 
 

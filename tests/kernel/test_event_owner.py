@@ -18,12 +18,14 @@ from sqlalchemy import text
 from services.kernel import metrics
 from services.kernel.consumer import (
     FOREIGN_ID,
+    PERSON_ACTOR,
     WRONG_PUBLISHER,
     WRONG_SUBJECT,
     EventConsumer,
     refusal,
 )
 from services.kernel.events import (
+    Actor,
     Context,
     Envelope,
     belongs_to,
@@ -65,6 +67,25 @@ def test_the_subject_the_envelope_and_the_id_must_agree() -> None:
     assert refusal("events.ledger.ReservationRefused", forged) == FOREIGN_ID
     impostor = refused("eligibility")  # an honest eligibility envelope, on the ledger's subject
     assert refusal("events.ledger.ReservationRefused", impostor) == WRONG_PUBLISHER
+
+
+def test_a_machine_event_with_a_person_as_its_actor_is_refused() -> None:
+    """What the owner's store refuses at append (services.kernel.events.check_actor) a consumer
+    refuses too: a capture is a platform's, never an operator's."""
+    capture = ev.SubsidyCaptured(order_id="o-1", qualification_id="q-1")
+    by_service = new_envelope("ledger", "reservation/o-1", capture, CTX)
+    assert refusal("events.ledger.SubsidyCaptured", by_service) is None
+    by_operator = new_envelope(
+        "ledger",
+        "reservation/o-1",
+        capture,
+        Context(Actor(kind=Actor.KIND_OPERATOR, id="op-1")),
+    )
+    assert refusal("events.ledger.SubsidyCaptured", by_operator) == PERSON_ACTOR
+    # A person may be the actor of an event that is not only a machine's.
+    refusal_by_operator = refused("ledger")
+    refusal_by_operator.actor.CopyFrom(Actor(kind=Actor.KIND_OPERATOR, id="op-1"))
+    assert refusal("events.ledger.ReservationRefused", refusal_by_operator) is None
 
 
 async def test_a_forged_event_on_a_real_stream_is_dead_lettered_and_changes_nothing(
