@@ -27,7 +27,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from services.audit.domain import leaf_hash
-from services.kernel import rpc
+from services.kernel import metrics, rpc
+from services.kernel.consumer import PERSON_ACTOR
 from services.kernel.contract import merkle
 from services.kernel.contract.checkpoint import VerifierKey, open_checkpoint
 from services.kernel.events import Context, Envelope, new_envelope, service_actor
@@ -35,7 +36,7 @@ from subsidy.v1 import audit_pb2, common_pb2, ledger_pb2, usage_pb2, usage_pb2_g
 from subsidy.v1 import events_pb2 as ev
 from subsidyctl import verify_proof
 from tests.e2e.cli import identity_dir, subsidyctl
-from tests.e2e.conftest import Platform, status_of
+from tests.e2e.conftest import Platform, eventually, status_of
 from tests.e2e.test_audit_crosscheck import (
     AUDITOR,
     Entry,
@@ -528,21 +529,27 @@ async def forget_event(platform: Platform, service: str, event_id: str) -> None:
         async with conn.transaction():
             await lock_log(conn)
             entries = await read_log(conn)
-            at = [e[0] for e in entries].index(event_id)
+            ids = [e[0] for e in entries]
+            if event_id not in ids:  # the log refused it
+                return
+            at = ids.index(event_id)
             signed = await read_checkpoints(conn)
             await rewrite(conn, entries[:at] + entries[at + 1 :])
             await put_back_checkpoints(conn, [c for c in signed if c[0] <= at])
 
 
-async def test_a_machine_event_by_a_person_inserted_into_a_store_fails_verification(
+async def test_a_machine_event_by_a_person_inserted_into_a_store_is_refused_and_named(
     platform: Platform, rng: random.Random, tmp_path: Path
 ) -> None:
     """The store refuses, at every append, an event only platforms and services cause whose
     actor is a person (services.invariants.check_machine_event). A row inserted straight into
-    eligibility's events table, as the superuser, goes around that: the relay publishes it, the
-    log records it, the store lists it, so the tree, the signature, the cross-check and every
-    total agree. The verifier checks every event it replays as the store would have: this one
-    is named, with its event and its actor's kind (never the actor's id), and fails the run."""
+    eligibility's events table, as the superuser, goes around that, and the relay publishes it.
+    Every consumer checks what it receives as the store would have (services.kernel.consumer.
+    refusal): the audit log refuses it into the dead-letter stream (`MachineEventByPerson`,
+    counted, alerted), so the verifier names the event as one the store lists and the log does
+    not, and fails the run (never naming the actor's id). A log recorded before consumers
+    refused such an event still fails on the replay's own actor check
+    (tests/unit/test_audit_actors.py)."""
     await checkout(platform, rng)
     await settled(platform)
     stream = f"consumer/c-by-hand-{rng.randrange(10**12)}"
@@ -554,6 +561,7 @@ async def test_a_machine_event_by_a_person_inserted_into_a_store_fails_verificat
         operator,
         version=1,
     )
+    before = metrics.EVENTS_REFUSED.labels("audit-log", PERSON_ACTOR)._value.get()
     async with database(platform, "eligibility") as conn:
         await conn.execute(
             "INSERT INTO events (event_id, stream_id, stream_version, event_type, envelope)"
@@ -561,36 +569,40 @@ async def test_a_machine_event_by_a_person_inserted_into_a_store_fails_verificat
             (env.event_id, stream, env.event_type, env.SerializeToString(deterministic=True)),
         )
     try:
-        await settled(platform)  # published by the relay, recorded by the log
+
+        async def refused() -> None:
+            assert metrics.EVENTS_REFUSED.labels("audit-log", PERSON_ACTOR)._value.get() > before
+
+        await eventually(refused, within=30)
         async with database(platform, "audit") as conn:
             cur = await conn.execute(
-                "SELECT idx FROM audit_entries WHERE event_id = %s", (env.event_id,)
+                "SELECT count(*) FROM audit_entries WHERE event_id = %s", (env.event_id,)
             )
-            (i,) = await cur.fetchone() or (None,)
-        assert i is not None
+            assert await cur.fetchone() == (0,)
         code, answer, err = await run_cli(platform, tmp_path)
     finally:
         await forget_event(platform, "eligibility", env.event_id)
     assert code == 1 and answer["ok"] is False
-    assert answer["differences"] == [
-        {
-            "check": "actor",
-            "position": i,
-            "message": f"audit entry {i}: event {env.event_id} (eligibility {stream} v1"
-            " subsidy.v1.QualificationUsed): subsidy.v1.QualificationUsed is caused by platforms"
-            " and services only, yet a person is its actor (actor kind operator); the store"
-            " refuses such an event at append, so it was written around the store",
-        }
-    ]
-    # Every other check passes: only the actor gives it away.
-    assert answer["signature_ok"] is True and answer["cross_check_ok"] is True
-    assert answer["store_events_by_service"]["eligibility"] >= 1
+    counts, named = answer["differences"]
+    tally = re.fullmatch(
+        r"eligibility: (\d+) entries in the audit log, (\d+) events in its store",
+        counts["message"],
+    )
+    assert counts["check"] == "stores" and tally is not None
+    assert int(tally[2]) == int(tally[1]) + 1  # the store has exactly the one the log refused
+    assert named == {
+        "check": "stores",
+        "position": None,
+        "message": f"event {env.event_id} (eligibility {stream} v1"
+        " subsidy.v1.QualificationUsed) is in eligibility's store but not in the audit log",
+    }
+    assert answer["signature_ok"] is True
     assert "op-by-hand" not in json.dumps(answer) + err
     # The history without it verifies again.
     await settled(platform)
     code, answer, err = await run_cli(platform, tmp_path)
     assert code == 0, (answer["differences"], err)
-    assert of(answer, "actor") == []
+    assert of(answer, "stores") == [] and of(answer, "actor") == []
 
 
 # -- eligibility's figures, as the auditor reads them ----------------------------------------
