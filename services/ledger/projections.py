@@ -7,11 +7,14 @@ state); :func:`rebuild` drops them and replays the store, which must give identi
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC
+from functools import partial
 from typing import Any
 
 from google.protobuf.message import Message
@@ -40,9 +43,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.kernel import metrics
+from services.kernel import background, metrics
 from services.kernel.contract import budget
 from services.kernel.events import Envelope, payload_of
 from services.kernel.eventstore import EventStore, streams_table
@@ -53,6 +56,7 @@ from . import domain
 from . import reconciliation_model as reconciliation
 from . import settlement_model as settlement
 
+log = logging.getLogger(__name__)
 metadata = MetaData()
 SERIAL_CONSTRAINT = "reservations_one_subsidy_per_serial"
 
@@ -731,7 +735,7 @@ async def apply_event(conn: AsyncConnection, env: Envelope, seen: Seen | None = 
     checkout = isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased)
     move = await _write_pool(conn, before, after, gauges=not sharded, hand_back=checkout)
     if sharded:
-        await _pool_gauges(conn, pool_id)
+        SHARDED_GAUGES.mark(pool_id)
     if isinstance(event, ev.SubsidyReserved):
         metrics.RESERVATIONS.labels("reserved").inc()
     elif isinstance(event, ev.SubsidyCaptured):
@@ -927,15 +931,66 @@ _RESERVATION_RELEASED = (
 RESERVATION_RELEASED = Statement(_RESERVATION_RELEASED, name="reservation_released")
 
 
-async def _pool_gauges(conn: AsyncConnection, pool_id: str) -> None:
-    """The budget gauges of a pool split into shards: the sums over its shards."""
-    pool = await load_pool(conn, pool_id)
-    assert pool is not None
+class ShardedGauges:
+    """The budget gauges of pools split into shards (the sums over their shards), set off the
+    checkout path. A pool of one shard sets its gauges from the figures its event just folded
+    (:func:`_write_pool`); a sharded pool's event has only its own shard's, and summing them
+    under the lock cost every reserve and capture two more statements. So an event marks its
+    pool and :meth:`run` sets the gauges from what has committed, once a round.
+
+    A mark is made before its transaction commits, so a pool is read again for
+    :data:`KEEP_ROUNDS` rounds after its last mark: the gauges then show every commit that
+    ended within that many seconds of its projection."""
+
+    ROUND_S = 1.0
+    KEEP_ROUNDS = 5
+
+    def __init__(self) -> None:
+        self._due: dict[str, int] = {}  # pool -> rounds it is still read
+
+    def mark(self, pool_id: str) -> None:
+        self._due[pool_id] = self.KEEP_ROUNDS
+
+    def due(self) -> list[str]:
+        return sorted(self._due)
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        """One round: every pool marked within the last rounds, from one read each."""
+        pools = self.due()
+        if not pools:
+            return
+        async with engine.connect() as conn:
+            for pool_id in pools:
+                pool = await load_pool(conn, pool_id)
+                if pool is not None:
+                    _set_gauges(pool)
+        for pool_id in pools:  # counted down only once read (a failed round is read again)
+            left = self._due.get(pool_id, 0) - 1
+            if left > 0:
+                self._due[pool_id] = left
+            elif left == 0:
+                del self._due[pool_id]
+
+    async def run(self, engine: AsyncEngine, stop: asyncio.Event) -> None:
+        await background.every(
+            stop,
+            self.ROUND_S,
+            partial(self.refresh, engine),
+            log=log,
+            failure="the budget gauges of sharded pools were not refreshed",
+            alert="budget-gauges",
+        )
+
+
+SHARDED_GAUGES = ShardedGauges()  # one per process, as the gauges it sets
+
+
+def _set_gauges(pool: budget.Pool) -> None:
     for bucket in budget.BUCKETS:
-        metrics.BUDGET.labels(pool_id, bucket).set(getattr(pool, bucket))
+        metrics.BUDGET.labels(pool.pool_id, bucket).set(getattr(pool, bucket))
     for s in pool.sources:
         for bucket in budget.BUCKETS:
-            metrics.BUDGET_SOURCE.labels(pool_id, s.source, bucket).set(getattr(s, bucket))
+            metrics.BUDGET_SOURCE.labels(pool.pool_id, s.source, bucket).set(getattr(s, bucket))
 
 
 async def _apply_shard(
@@ -972,7 +1027,7 @@ async def _apply_shard(
     await (SHARD_INSERT if row is None else SHARD_UPDATE).run(
         conn, pool_id=pool_id, shard=shard, **values
     )
-    await _pool_gauges(conn, pool_id)
+    SHARDED_GAUGES.mark(pool_id)
     if isinstance(event, ev.SubsidyReserved | ev.SubsidyCaptured | ev.SubsidyReleased):
         await _reservation_row(conn, env, event, parts, settled, shard, seen)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from services.kernel.app import Runtime, ServiceSpec, Wiring
 from services.kernel.consumer import EventConsumer
 from subsidy.v1 import catalog_pb2_grpc, eligibility_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 from .api import LedgerApi
 from .handlers import Ledger
-from .projections import metadata
+from .projections import SHARDED_GAUGES, metadata
 
 
 async def build(rt: Runtime) -> Wiring:
@@ -47,7 +49,9 @@ async def build(rt: Runtime) -> Wiring:
             ),
         ],
         # Every replica polls its copy (a change is in force on each within a second).
-        background=[ledger.risk.active.run],
+        # The budget gauges of sharded pools, summed from what committed (every replica:
+        # each serves its own /metrics).
+        background=[ledger.risk.active.run, partial(SHARDED_GAUGES.run, rt.store.engine)],
         # Expiry, abandoned attempts and tranche release: one worker of several at a time.
         singular=[ledger.expiry_loop],
         on_close=[catalog_ch.close, eligibility_ch.close],

@@ -7,6 +7,7 @@ import asyncio
 import random
 
 import grpc
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.invariants import check_budget_balanced, check_shards_add_up
@@ -190,6 +191,27 @@ async def test_thirty_concurrent_reservations_on_one_sharded_pool_never_overspen
         0,
         5 * SUBSIDY + 74_999,
     )
+
+    # Operators see the whole pool on /metrics, summed over its shards from what committed
+    # (off the checkout path: services.ledger.projections.ShardedGauges), and its source too.
+    def gauges(metric: str, **labels: str) -> dict[str, float | None]:
+        return {
+            bucket: REGISTRY.get_sample_value(metric, {"pool": pool, **labels, "bucket": bucket})
+            for bucket in ("funded", "available", "reserved", "spent")
+        }
+
+    whole = {
+        "funded": float(b.funded_fen),
+        "available": float(5 * SUBSIDY + 74_999),
+        "reserved": 0.0,
+        "spent": float(7 * SUBSIDY),
+    }
+
+    async def gauges_show_the_pool() -> None:
+        assert gauges("subsidy_budget_fen") == whole
+        assert gauges("subsidy_budget_source_fen", source="district") == whole
+
+    await eventually(gauges_show_the_pool)
 
 
 async def test_the_audit_log_alone_adds_up_to_a_sharded_pool(
