@@ -67,12 +67,24 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ("--orders", "800", "--concurrency", "64", "--pool-shards", "8", "--deadline", "30"),
         ("--orders", "80", "--concurrency", "16", "--pool-shards", "8", "--deadline", "30"),
     ),
-    # N = 50,000 consumers, daily quota Q = 10,000
+    # N = 50,000 consumers, daily quota Q = 10,000; the quick run also offers two rates open
+    # loop (fresh consumers and a category each), so the mode is exercised.
     Benchmark(
         "claim_rush",
         "bench.claim_rush",
         (),
-        ("--consumers", "2000", "--quota", "500", "--concurrency", "32"),
+        (
+            "--consumers",
+            "2000",
+            "--quota",
+            "500",
+            "--concurrency",
+            "32",
+            "--rates",
+            "100,200",
+            "--rate-seconds",
+            "2",
+        ),
     ),
     # about three minutes: a million events into the tree and verified
     Benchmark("audit", "bench.audit", (), ("--events", "20000")),

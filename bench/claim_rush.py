@@ -15,7 +15,14 @@ mutual TLS everywhere), on free ports. The benchmark
 5. checks that exactly ``min(N, Q)`` were issued and every other claim was refused with
    ``DAILY_QUOTA_EXHAUSTED``, that the database agrees (the qualifications of the day, the
    quota counter), and runs eligibility's own invariant check (``check_limits``) on its
-   database. Any mismatch exits non-zero.
+   database. Any mismatch exits non-zero;
+6. with ``--rates R1,R2,...``, after that closed-loop rush (the headline), offers each rate
+   open loop: R claims a second for ``--rate-seconds`` S, each started at its intended time
+   (i/R apart) as its own task whether or not earlier ones have answered, its latency counted
+   from that intended time (a backlog in the client counts too: no coordinated omission). Each
+   rate claims a category of its own (a copy of the rush category) with fresh consumers, and
+   its quota is the same share of its claims as Q is of N, so every rate issues and refuses in
+   the same proportion; it is checked as exactly as the rush (step 5).
 
 The per-client rate limits (``SUBSIDY_RATE_CLAIMS``, ``SUBSIDY_RATE_REGISTRATION``, 200/s by
 default) are raised for the run: a rush from one platform is exactly what they would throttle,
@@ -23,6 +30,7 @@ and the benchmark measures the claim path, not the limiter.
 
 Prints and writes ``bench/results/claim_rush.json``. Usage:
 python -m bench.claim_rush [--consumers N] [--quota Q] [--concurrency C]
+[--rates R1,R2,... [--rate-seconds S]]
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +79,10 @@ CATEGORY = "phone"  # one item per person; the rush is for one category
 QUOTA_REFUSED = "DAILY_QUOTA_EXHAUSTED"
 # High enough never to refuse a call of the run: the limiter is not what is measured here.
 RATES = {"SUBSIDY_RATE_CLAIMS": "1000000/second", "SUBSIDY_RATE_REGISTRATION": "1000000/second"}
+# Issue 14's target for the open loop: 2,000 claims/s with a p99 of at most 50 ms on 2 cores.
+P99_TARGET_MS = 50.0
+# A claim started this much after its intended time: the client itself fell behind the rate.
+LATE_START_S = 0.010
 
 
 class RushFailed(Exception):
@@ -88,9 +101,34 @@ class Tally:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
-def rush_policy(quota: int, now: dt.datetime) -> Policy:
+@dataclass(frozen=True)
+class OfferedRate:
+    """One open-loop step: ``per_s`` claims a second for ``seconds``, on a category of its own
+    whose daily quota is ``quota``."""
+
+    per_s: int
+    seconds: float
+    quota: int
+
+    @property
+    def category(self) -> str:
+        return f"{CATEGORY}_at_{self.per_s}"
+
+    @property
+    def claims(self) -> int:
+        return max(1, round(self.per_s * self.seconds))
+
+    @classmethod
+    def sharing(cls, per_s: int, seconds: float, quota: int, consumers: int) -> OfferedRate:
+        """The rate whose quota is the share ``quota / consumers`` of its claims (the rush's)."""
+        claims = max(1, round(per_s * seconds))
+        return cls(per_s, seconds, round(claims * min(1.0, quota / consumers)))
+
+
+def rush_policy(quota: int, now: dt.datetime, offered: Sequence[OfferedRate] = ()) -> Policy:
     """The default policy under a new version: the claim window open all day and the rush
-    category's daily quota ``quota``; in force two seconds from ``now``."""
+    category's daily quota ``quota``, and for each offered rate a copy of the rush category
+    with that rate's code and quota; in force two seconds from ``now``."""
     doc = policy_to_dict(default_policy())
     doc["version"] = f"bench-rush-{now:%Y%m%d%H%M%S%f}"
     doc["effective_from"] = (now + dt.timedelta(seconds=2.5)).isoformat()
@@ -98,6 +136,16 @@ def rush_policy(quota: int, now: dt.datetime) -> Policy:
     for rule in doc["categories"]:
         if rule["code"] == CATEGORY:
             rule["daily_quota"] = quota
+            doc["categories"] += [
+                {
+                    **rule,
+                    "code": rate.category,
+                    "name_en": f"{rule['name_en']} ({rate.per_s}/s)",
+                    "daily_quota": rate.quota,
+                }
+                for rate in offered
+            ]
+            break
     return policy_from_dict(doc)
 
 
@@ -223,6 +271,25 @@ async def settle(stack: LocalStack, client: demo.Client, within_s: float) -> flo
         await asyncio.sleep(0.5)
 
 
+async def claim(client: demo.Client, consumer_id: str, category: str) -> str | None:
+    """One ``ClaimQualification`` as the demo platform; the refusal's reason, or None if
+    issued."""
+    try:
+        await client.eligibility.ClaimQualification(
+            eligibility_pb2.ClaimQualificationRequest(
+                consumer_id=consumer_id,
+                category=category,
+                channel=client.platform_id,
+                # Inside the campaign area, as a platform reports it (the region rule reads it).
+                circumstances=common_pb2.Circumstances(region_code="440310"),
+            )
+        )
+    except grpc.aio.AioRpcError as err:
+        info = rpc.error_info(err)
+        return info.reason if info is not None else err.code().name
+    return None
+
+
 async def claim_all(
     clients: list[demo.Client], consumer_ids: list[str], concurrency: int
 ) -> tuple[Tally, list[float], float]:
@@ -230,30 +297,102 @@ async def claim_all(
     dealt round-robin to the eligibility processes (one client each)."""
     tally = Tally()
     t0 = time.perf_counter()
-    request = eligibility_pb2.ClaimQualificationRequest
-    # Inside the campaign area, as a platform reports it (the region rule reads this).
-    where = common_pb2.Circumstances(region_code="440310")
 
     async def one(i: int) -> None:
-        client = clients[i % len(clients)]
-        try:
-            await client.eligibility.ClaimQualification(
-                request(
-                    consumer_id=consumer_ids[i],
-                    category=CATEGORY,
-                    channel=client.platform_id,
-                    circumstances=where,
-                )
-            )
-        except grpc.aio.AioRpcError as err:
-            info = rpc.error_info(err)
-            tally.refuse(info.reason if info is not None else err.code().name)
+        refused = await claim(clients[i % len(clients)], consumer_ids[i], CATEGORY)
+        if refused is not None:
+            tally.refuse(refused)
             return
         tally.issued += 1
         tally.last_issued_at = time.perf_counter() - t0
 
     latencies, wall = await timed(len(consumer_ids), concurrency, one)
     return tally, latencies, wall
+
+
+@dataclass
+class OpenLoopRun:
+    """What one offered rate came back with: the outcomes, each claim's latency from its
+    intended start, how many started late, and the wall from the first intended start to the
+    last answer."""
+
+    rate: OfferedRate
+    tally: Tally
+    latencies_s: list[float]
+    late_starts: int
+    wall_s: float
+
+    def row(self) -> dict[str, Any]:
+        ms = sorted(x * 1000 for x in self.latencies_s)
+        return {
+            "offered_per_s": self.rate.per_s,
+            "seconds": self.rate.seconds,
+            "claims": self.rate.claims,
+            "category": self.rate.category,
+            "quota": self.rate.quota,
+            "achieved_per_s": round(len(ms) / self.wall_s, 1),
+            "p50_ms": round(statistics.median(ms), 2),
+            "p99_ms": percentile(ms, 0.99),
+            "max_ms": round(ms[-1], 2),
+            "issued": self.tally.issued,
+            "refused_quota": self.tally.refused.get(QUOTA_REFUSED, 0),
+            "late_starts": self.late_starts,
+        }
+
+
+async def offer(
+    clients: list[demo.Client], consumer_ids: list[str], rate: OfferedRate
+) -> OpenLoopRun:
+    """Open loop: claim ``rate.category`` for each of ``consumer_ids`` (``rate.claims`` of
+    them), the i-th started at ``i / rate.per_s`` seconds as its own task, never waiting for
+    earlier claims to answer; the claims dealt round-robin to the eligibility processes."""
+    tally = Tally()
+    latencies: list[float] = []
+    late = 0
+    last_answer = 0.0
+
+    async def one(i: int, intended: float) -> None:
+        nonlocal late, last_answer
+        if time.perf_counter() - intended > LATE_START_S:
+            late += 1
+        refused = await claim(clients[i % len(clients)], consumer_ids[i], rate.category)
+        answered = time.perf_counter()
+        # From the intended start: a claim the client started late waited for it as well.
+        latencies.append(answered - intended)
+        last_answer = max(last_answer, answered)
+        if refused is None:
+            tally.issued += 1
+        else:
+            tally.refuse(refused)
+
+    tasks: list[asyncio.Task[None]] = []
+    t0 = time.perf_counter() + 0.01
+    for i in range(rate.claims):
+        intended = t0 + i / rate.per_s
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # Behind schedule (the loop was busy): start it now without yielding, and it counts
+        # as a late start.
+        tasks.append(asyncio.create_task(one(i, intended)))
+    await asyncio.gather(*tasks)
+    return OpenLoopRun(rate, tally, latencies, late, last_answer - t0)
+
+
+def open_loop_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The open-loop rows as a small text table."""
+    head = (
+        f"{'offered/s':>9} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f" {'issued':>7} {'quota':>7} {'refused':>7} {'late':>6}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['offered_per_s']:9d} {r['achieved_per_s']:10.1f} {r['p50_ms']:8.2f}"
+            f" {r['p99_ms']:8.2f} {r['max_ms']:8.2f} {r['issued']:7d} {r['quota']:7d}"
+            f" {r['refused_quota']:7d} {r['late_starts']:6d}"
+        )
+    return "\n".join(lines)
 
 
 async def baseline(client: demo.Client, endpoint: str, count: int, concurrency: int) -> Any:
@@ -267,8 +406,11 @@ async def baseline(client: demo.Client, endpoint: str, count: int, concurrency: 
         return await timed(count, concurrency, check)
 
 
-async def verify(stack: LocalStack, policy: Policy, tally: Tally, expected: int) -> None:
-    """The quota was exact: the callers' view, the database's and the invariant check agree."""
+async def verify(
+    stack: LocalStack, policy: Policy, tally: Tally, expected: int, category: str = CATEGORY
+) -> None:
+    """The quota of ``category`` was exact: the callers' view, the database's and the
+    invariant check agree."""
     problems = []
     if tally.issued != expected:
         problems.append(f"issued {tally.issued}, expected exactly {expected}")
@@ -282,13 +424,15 @@ async def verify(stack: LocalStack, policy: Policy, tally: Tally, expected: int)
             stored = await conn.scalar(
                 select(func.count())
                 .select_from(qualifications)
-                .where(qualifications.c.category == CATEGORY)
+                .where(qualifications.c.category == category)
             )
             counter = await conn.scalar(
-                select(func.sum(quota_usage.c.issued)).where(quota_usage.c.category == CATEGORY)
+                select(func.sum(quota_usage.c.issued)).where(quota_usage.c.category == category)
             )
         if stored != expected or counter != expected:
-            problems.append(f"the database holds {stored} qualifications, counter {counter}")
+            problems.append(
+                f"the database holds {stored} qualifications of {category}, counter {counter}"
+            )
         try:
             await check_limits(engine, policy)  # the service's own invariant check
         except InvariantViolation as exc:
@@ -296,7 +440,7 @@ async def verify(stack: LocalStack, policy: Policy, tally: Tally, expected: int)
     finally:
         await engine.dispose()
     if problems:
-        raise RushFailed("; ".join(problems))
+        raise RushFailed(f"{category}: " + "; ".join(problems))
 
 
 def _group(proc: psutil.Process) -> str:
@@ -483,9 +627,15 @@ async def run(
     profile: Path | None = None,
     over_grpc: bool = False,
     processes: int = 1,
+    rates: Sequence[int] = (),
+    rate_seconds: float = 5.0,
 ) -> dict[str, Any]:
-    """The whole run on a throwaway stack; the result row."""
+    """The whole run on a throwaway stack; the result row. With ``rates``, the open-loop steps
+    after the rush: ``open_loop`` (a row per rate) and ``open_loop_max_rate_within_p99_target``
+    in the result."""
     t_start = time.perf_counter()
+    offered = [OfferedRate.sharing(r, rate_seconds, quota, consumers) for r in rates]
+    seeded = consumers + sum(rate.claims for rate in offered)
     stack = LocalStack(
         root, Ports(free_base()), durable=False, log=io.StringIO(), settings_overrides=RATES
     )
@@ -494,9 +644,10 @@ async def run(
     try:
         client = demo.Client(stack.endpoints(), deadline_s=120)
         try:
-            policy = rush_policy(quota, dt.datetime.now(dt.UTC))
+            policy = rush_policy(quota, dt.datetime.now(dt.UTC), offered)
             await publish(client, stack, policy)
-            persons = people(consumers, random.Random(10))
+            # The rush's consumers first (the same people as without rates), then each rate's.
+            persons = people(seeded, random.Random(10))
             meter = CpuMeter()
             cpu0 = meter.sample()
             profiler = Profiler(profile)
@@ -510,8 +661,9 @@ async def run(
                 profiler.stop()
             del persons
             # Every part's CPU counts, including the relay and the audit log catching up.
-            settled_s = await settle(stack, client, within_s=120 + consumers / 100)
+            settled_s = await settle(stack, client, within_s=120 + seeded / 100)
             cpu1 = meter.sample()
+            rush_ids, ids = ids[:consumers], ids[consumers:]
             base_lat, base_wall = await baseline(
                 client, stack.endpoint("eligibility"), consumers, concurrency
             )
@@ -522,19 +674,31 @@ async def run(
                 demo.Client({**stack.endpoints(), "eligibility": r.endpoint}, deadline_s=120)
                 for r in replicas
             ]
-            profiler.start("claims")
             try:
-                tally, lat, wall = await claim_all(clients, ids, concurrency)
+                profiler.start("claims")
+                try:
+                    tally, lat, wall = await claim_all(clients, rush_ids, concurrency)
+                finally:
+                    profiler.stop()
+                await settle(stack, client, within_s=120 + consumers / 100)
+                cpu3 = meter.sample()
+                batches = batch_sizes(
+                    [stack.ports.metrics("eligibility"), *(r.metrics_port for r in replicas)]
+                )
+                await verify(stack, policy, tally, min(consumers, quota))
+                open_loop: list[dict[str, Any]] = []
+                for rate in offered:
+                    # Each rate on a machine the previous one's relaying no longer loads.
+                    await settle(stack, client, within_s=120 + rate.claims / 100)
+                    fresh, ids = ids[: rate.claims], ids[rate.claims :]
+                    step = await offer(clients, fresh, rate)
+                    await verify(
+                        stack, policy, step.tally, min(rate.claims, rate.quota), rate.category
+                    )
+                    open_loop.append(step.row())
             finally:
-                profiler.stop()
                 for extra in clients[1:]:
                     await extra.close()
-            await settle(stack, client, within_s=120 + consumers / 100)
-            cpu3 = meter.sample()
-            batches = batch_sizes(
-                [stack.ports.metrics("eligibility"), *(r.metrics_port for r in replicas)]
-            )
-            await verify(stack, policy, tally, min(consumers, quota))
         finally:
             await client.close()
     finally:
@@ -545,7 +709,7 @@ async def run(
     base_ms = sorted(x * 1000 for x in base_lat)
     claims_per_s = round(len(ms) / wall, 1)
     base_per_s = round(len(base_ms) / base_wall, 1)
-    return {
+    result: dict[str, Any] = {
         "benchmark": "claim_rush",
         "consumers": consumers,
         "quota": quota,
@@ -576,18 +740,36 @@ async def run(
                 if over_grpc
                 else f"bench.consumers.seed: Pipeline.run_many, {seeding.BATCH} a batch"
             ),
+            "consumers": seeded,
             "wall_s": round(prep_wall, 1),
-            "per_s": round(consumers / prep_wall, 1),
+            "per_s": round(seeded / prep_wall, 1),
             "audit_caught_up_after_s": round(settled_s, 1),
         },
         # CPU per claim summed over every process of the stack (until the audit log holds
         # every event the claims appended), per health check, and per registration.
         "cpu_ms_per_claim": CpuMeter.per_op(cpu2, cpu3, consumers),
         "cpu_ms_per_health_check": CpuMeter.per_op(cpu1, cpu2, consumers),
-        "cpu_ms_per_registration": CpuMeter.per_op(cpu0, cpu1, consumers),
+        "cpu_ms_per_registration": CpuMeter.per_op(cpu0, cpu1, seeded),
         "total_wall_s": round(time.perf_counter() - t_start, 1),
         "exact": True,
     }
+    if offered:
+        result["open_loop"] = open_loop
+        within = [r["offered_per_s"] for r in open_loop if r["p99_ms"] <= P99_TARGET_MS]
+        result["open_loop_p99_target_ms"] = P99_TARGET_MS
+        result["open_loop_max_rate_within_p99_target"] = max(within, default=None)
+    return result
+
+
+def offered_rates(value: str) -> tuple[int, ...]:
+    """``--rates``: distinct positive integers, comma-separated (each names its category)."""
+    try:
+        rates = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {value!r}") from None
+    if min(rates) < 1 or len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError("rates must be distinct and positive")
+    return rates
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -612,10 +794,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--profile", type=Path, help="py-spy the eligibility server into DIR (collapsed stacks)"
     )
+    parser.add_argument(
+        "--rates",
+        type=offered_rates,
+        default=(),
+        metavar="R1,R2,...",
+        help="after the rush, offer each rate open loop (claims/s), fresh consumers each",
+    )
+    parser.add_argument(
+        "--rate-seconds", type=float, default=5.0, help="seconds each open-loop rate runs"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
     if min(args.consumers, args.concurrency, args.eligibility_processes) < 1 or args.quota < 0:
         parser.error("--consumers, --concurrency and --eligibility-processes must be positive")
+    if args.rate_seconds <= 0:
+        parser.error("--rate-seconds must be positive")
     with tempfile.TemporaryDirectory(prefix="bench-rush-") as tmp:
         try:
             result = asyncio.run(
@@ -628,11 +822,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.profile,
                     args.register_over_grpc,
                     args.eligibility_processes,
+                    args.rates,
+                    args.rate_seconds,
                 )
             )
         except (RushFailed, seeding.SeedMismatch) as exc:
             print(f"claim rush FAILED: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
+    if "open_loop" in result:
+        print(open_loop_table(result["open_loop"]))
+        best = result["open_loop_max_rate_within_p99_target"]
+        print(f"highest offered rate with p99 <= {P99_TARGET_MS:g} ms: {best}")
     line = json.dumps(result, ensure_ascii=False)
     print(line)
     if not args.no_write:  # in the common shape, as `python -m bench` writes it
