@@ -692,9 +692,15 @@ async def run(
                     await settle(stack, client, within_s=120 + rate.claims / 100)
                     fresh, ids = ids[: rate.claims], ids[rate.claims :]
                     step = await offer(clients, fresh, rate)
-                    await verify(
-                        stack, policy, step.tally, min(rate.claims, rate.quota), rate.category
-                    )
+                    try:
+                        await verify(
+                            stack, policy, step.tally, min(rate.claims, rate.quota), rate.category
+                        )
+                    except RushFailed as exc:  # still show what the rates measured
+                        measured = open_loop_table([*open_loop, step.row()])
+                        raise RushFailed(
+                            f"{exc}\nthe open loop (the last rate failed):\n{measured}"
+                        ) from None
                     open_loop.append(step.row())
             finally:
                 for extra in clients[1:]:
