@@ -38,6 +38,11 @@ from services.kernel import bus, natsauth, tls, topology
 from services.kernel.identity import Caller
 
 from .demo import write_demo_policy
+
+# Re-exported: the stack's ports and services, for whoever starts a stack.
+from .ports import SERVICES as SERVICES
+from .ports import SIMULATOR as SIMULATOR
+from .ports import Ports as Ports
 from .stack import Nats, OpenBao, Postgres, StackError, port_in_use
 from .stack import certs as identities
 from .stack.nats import NatsCluster
@@ -46,8 +51,6 @@ from .stack.processes import _Server
 from .stack.supervise import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = topology.SERVICE_NAMES
-SIMULATOR = topology.IDENTITY_SIMULATOR
 
 
 def write_private(path: Path, content: str) -> None:
@@ -64,61 +67,6 @@ def write_private(path: Path, content: str) -> None:
 
 class AlreadyRunning(StackError):
     """Another ``subsidyctl up`` holds this run folder."""
-
-
-@dataclass(frozen=True)
-class Ports:
-    """Every port of the local stack, derived from one base so they are easy to configure
-    (each process's offset is in services/kernel/topology.py)."""
-
-    base: int = 7100
-
-    @property
-    def services(self) -> dict[str, int]:
-        """gRPC port of each service and of the identity simulator."""
-        return {name: topology.local_port(name, self.base) for name in (*SERVICES, SIMULATOR)}
-
-    def metrics(self, service: str) -> int:
-        return topology.local_metrics_port(service, self.base)
-
-    @property
-    def postgres(self) -> int:
-        return self.base + 32
-
-    @property
-    def nats(self) -> int:
-        return self.base + 42
-
-    @property
-    def nats_monitor(self) -> int:
-        return self.base + 82
-
-    @property
-    def bao(self) -> int:
-        return self.base + 20  # and base + 21 for its cluster listener
-
-    @property
-    def dashboard(self) -> int:
-        """The fund-monitoring dashboard (``subsidyctl dashboard``, started by ``up``)."""
-        return self.base + 88
-
-    def all(self) -> list[int]:
-        return [
-            *self.services.values(),
-            *(self.metrics(s) for s in SERVICES),
-            self.postgres,
-            self.nats,
-            self.nats_monitor,
-            self.bao,
-            self.bao + 1,
-            self.dashboard,
-        ]
-
-
-# How ``subsidyctl restore`` asks a running ``subsidyctl up`` (the pid in its run folder's
-# stack.lock) to stop its services and start them again; ``up`` writes what it did to STATE.
-QUIESCE, RESUME = signal.SIGUSR1, signal.SIGUSR2
-STATE = "stack.state"
 
 
 @dataclass

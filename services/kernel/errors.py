@@ -75,3 +75,15 @@ class Unavailable(DomainError):
     """A dependency (another service, Vault, the identity authority) did not answer."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class WrongExpectedVersion(Exception):
+    """The stream moved on since the caller read it; nothing was appended (raised by
+    services.kernel.eventstore, which re-exports it; defined here so that what maps it, the
+    gRPC bootstrap, does not import the event store and SQLAlchemy into every command)."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id}: expected version {expected}, found {actual}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual

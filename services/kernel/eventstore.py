@@ -67,6 +67,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import UserDefinedType
 
 from .batching import GroupCommit
+from .errors import WrongExpectedVersion as WrongExpectedVersion  # raised here; see errors
 from .events import Context, Envelope, check_actor, check_size, new_envelope
 from .sql import Statement, driver, invalidate_if_broken
 
@@ -154,16 +155,6 @@ def grant_statements(
             statements.append(text(f"REVOKE ALL ON TABLE {name} FROM {grantee}"))
             statements.append(text(f"GRANT {', '.join(privileges)} ON TABLE {name} TO {grantee}"))
     return statements
-
-
-class WrongExpectedVersion(Exception):
-    """The stream moved on since the caller read it; nothing was appended."""
-
-    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
-        super().__init__(f"stream {stream_id}: expected version {expected}, found {actual}")
-        self.stream_id = stream_id
-        self.expected = expected
-        self.actual = actual
 
 
 class Position(NamedTuple):

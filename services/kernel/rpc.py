@@ -28,8 +28,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from . import admission, authz, faults, metrics, ratelimit, tls
-from .errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable, concurrent_update
-from .eventstore import WrongExpectedVersion
+from .errors import (
+    ERROR_DOMAIN,
+    DomainError,
+    InvalidArgument,
+    Unavailable,
+    WrongExpectedVersion,
+    concurrent_update,
+)
 from .handler_cache import MethodWrapper
 
 log = logging.getLogger(__name__)

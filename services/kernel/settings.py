@@ -29,9 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from . import topology
 
 
@@ -112,6 +109,11 @@ def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
 def _with_password(url: str, password: str) -> str:
     """``url`` with ``password`` for its user, percent-encoded (a password may hold any of
     ``@ / : # ?``), unless the URL names no user or already carries a password."""
+    # Here, not at the top: the command line imports these settings, and SQLAlchemy is a
+    # few hundred milliseconds of every command's start-up that only services need.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         parsed = make_url(url)
     except ArgumentError:

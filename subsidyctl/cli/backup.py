@@ -36,7 +36,7 @@ from services.kernel.contract.checkpoint import VerifierKey
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
 
 from .. import backup as archive
-from ..localstack import QUIESCE, RESUME, STATE, Ports
+from ..ports import QUIESCE, RESUME, STATE, Ports
 from ..stack.certs import AUDITOR_DEMO
 from ..stack.postgres import SERVICE_DATABASES
 from ..stack.processes import HOST

@@ -23,7 +23,7 @@ import typer
 from services.kernel import pki
 from services.kernel.identity import Caller, NotAnIdentity, Role
 
-from ..localstack import Ports
+from ..ports import Ports
 from ..stack import HOST
 from ..stack.certs import DEMO_TTL, issue_to
 from .common import (

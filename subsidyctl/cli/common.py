@@ -32,7 +32,7 @@ from services.kernel.settings import CliSettings, SettingsError
 from subsidy.v1 import catalog_pb2_grpc, common_pb2
 
 from .. import demo
-from ..localstack import Ports
+from ..ports import Ports
 from ..stack.certs import (
     APPROVER_DEMO,
     AUDITOR_DEMO,

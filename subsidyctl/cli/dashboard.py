@@ -15,21 +15,12 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from services.kernel import tls, topology
 
-from ..dashboard.monitor import Endpoints, Monitor
-from ..dashboard.server import (
-    CertificateLogin,
-    DashboardError,
-    Login,
-    TokenLogin,
-    check_login,
-    serve,
-)
 from ..stack.certs import AUDITOR_DEMO
 from .common import (
     DEFAULT_BASE_PORT,
@@ -40,6 +31,10 @@ from .common import (
     local_address,
     note,
 )
+
+if TYPE_CHECKING:  # imported by the command itself: the dashboard brings aiohttp and the bus
+    from ..dashboard.monitor import Endpoints
+    from ..dashboard.server import Login
 
 app = typer.Typer()
 PANEL = "Audit"
@@ -78,6 +73,9 @@ def dashboard(
     ] = None,
 ) -> None:
     """Serve the live fund-monitoring dashboard (read-only) until Ctrl-C."""
+    from ..dashboard.monitor import Endpoints
+    from ..dashboard.server import CertificateLogin, DashboardError, TokenLogin, check_login
+
     if (token_file is None) == (tls_dir is None):
         raise Failure("give exactly one of --token-file (a login token) or --tls-dir (HTTPS)")
     host, port = _split(listen)
@@ -115,6 +113,9 @@ async def _serve(
     port: int,
     tls_dir: Path | None,
 ) -> None:
+    from ..dashboard.monitor import Monitor
+    from ..dashboard.server import serve
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -24,7 +24,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from grpc.aio import AioRpcError
@@ -36,16 +36,10 @@ from rich.table import Table
 from services.kernel.telemetry import configure_tracing
 
 from .. import demo
-from ..localstack import (
-    QUIESCE,
-    RESUME,
-    SERVICES,
-    STATE,
-    LocalStack,
-    Ports,
-    free_base,
-    wait_until_audited,
-)
+from ..ports import QUIESCE, RESUME, SERVICES, STATE, Ports
+
+if TYPE_CHECKING:  # imported by the commands that start a stack (it brings NATS and SQLAlchemy)
+    from ..localstack import LocalStack
 from ..stack import StackError
 from ..stack.certs import PLATFORM_DEMO, dir_name
 from .common import (
@@ -152,6 +146,8 @@ def up(
     json_only: JsonOpt = False,
 ) -> None:
     """Start the whole stack locally and serve until Ctrl-C."""
+    from ..localstack import LocalStack
+
     stack = LocalStack(
         run_dir.resolve(), Ports(base_port), durable=True, nats_nodes=nats_nodes, workers=workers
     )
@@ -263,6 +259,8 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
             sku="demo-fridge-g1",
             price_fen=1_200_000,
         )
+        from ..localstack import wait_until_audited
+
         size = await wait_until_audited(stack, client)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
@@ -294,6 +292,8 @@ async def _smoke(stack: LocalStack) -> dict[str, Any]:
 @app.command(rich_help_panel=PANEL)
 def smoke(nats_nodes: NatsNodesOpt = 1, json_only: JsonOpt = False) -> None:
     """A throwaway stack on free ports, one checkout as a platform runs it, one JSON line."""
+    from ..localstack import LocalStack, free_base
+
     with tempfile.TemporaryDirectory(prefix="subsidy-smoke-") as tmp:
         stack = LocalStack(Path(tmp), Ports(free_base()), durable=False, nats_nodes=nats_nodes)
         configure_tracing("smoke", trace_file=stack.traces / "platform.jsonl")

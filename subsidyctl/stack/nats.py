@@ -20,7 +20,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.kernel import bus, natsauth
+from services.kernel import natsauth
 
 from .processes import (
     HOST,
@@ -179,6 +179,11 @@ class Nats(_Server):
         return path
 
     async def _create_streams(self, operator: natsauth.Credentials) -> None:
+        # Here, not at the top: every command imports this package (subsidyctl.stack.certs),
+        # and the bus brings the NATS client and the event store, which only a starting
+        # stack needs.
+        from services.kernel import bus
+
         nc, js = await bus.connect(self.url, "stack", operator)
         try:
             await bus.ensure_streams(js, replicas=self.replicas)

@@ -16,7 +16,7 @@ from services.kernel.contract.checkpoint import (
     VerifierKey,
 )
 
-from ...localstack import Ports
+from ...ports import Ports
 from ..common import (
     Failure,
     JsonOpt,

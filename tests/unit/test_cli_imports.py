@@ -1,0 +1,35 @@
+"""Every ``subsidyctl`` command starts by importing the command line; what only a starting
+stack needs (subsidyctl.localstack, the NATS client, the event bus) is imported by the commands
+that start one, not by every command (docs/benchmarks.md: the suite runs ``subsidyctl`` about a
+hundred times). Checked in a fresh interpreter, as a command starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+STACK_ONLY = ("subsidyctl.localstack", "services.kernel.bus", "nats")
+
+
+def test_the_command_line_imports_nothing_only_a_starting_stack_needs() -> None:
+    probe = (
+        "import json, sys; import subsidyctl.cli; "
+        f"print(json.dumps(sorted(m for m in {STACK_ONLY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_starting_a_stack_still_brings_them() -> None:
+    # The probe can fail: importing the local stack does bring every one of them.
+    probe = (
+        "import json, sys; import subsidyctl.localstack; "
+        f"print(json.dumps(sorted(m for m in {STACK_ONLY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(out.stdout) == sorted(STACK_ONLY)
