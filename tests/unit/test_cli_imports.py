@@ -12,24 +12,23 @@ import sys
 STACK_ONLY = ("subsidyctl.localstack", "services.kernel.bus", "nats")
 
 
-def test_the_command_line_imports_nothing_only_a_starting_stack_needs() -> None:
+def loaded_after(module: str) -> list[str]:
+    """Which of STACK_ONLY a fresh interpreter holds after importing ``module``."""
     probe = (
-        "import json, sys; import subsidyctl.cli; "
+        f"import json, sys; import {module}; "
         f"print(json.dumps(sorted(m for m in {STACK_ONLY!r} if m in sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
-    assert json.loads(out.stdout) == []
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+def test_the_command_line_imports_nothing_only_a_starting_stack_needs() -> None:
+    assert loaded_after("subsidyctl.cli") == []
 
 
 def test_starting_a_stack_still_brings_them() -> None:
     # The probe can fail: importing the local stack does bring every one of them.
-    probe = (
-        "import json, sys; import subsidyctl.localstack; "
-        f"print(json.dumps(sorted(m for m in {STACK_ONLY!r} if m in sys.modules)))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert json.loads(out.stdout) == sorted(STACK_ONLY)
+    assert loaded_after("subsidyctl.localstack") == sorted(STACK_ONLY)
