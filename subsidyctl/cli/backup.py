@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import hvac
 import typer
@@ -35,10 +35,8 @@ from services.kernel import rpc, tls, vault
 from services.kernel.contract.checkpoint import VerifierKey
 from subsidy.v1 import audit_pb2, audit_pb2_grpc
 
-from .. import backup as archive
 from ..ports import QUIESCE, RESUME, STATE, Ports
 from ..stack.certs import AUDITOR_DEMO
-from ..stack.postgres import SERVICE_DATABASES
 from ..stack.processes import HOST
 from .audit import DEFAULT_ORIGIN, KeyOpt, keys_from_file
 from .common import (
@@ -54,6 +52,9 @@ from .common import (
     run_dir,
 )
 from .progress import PhaseProgress
+
+if TYPE_CHECKING:  # the archive (psycopg, SQLAlchemy, the event store) loads when a command runs
+    from .. import backup as archive
 
 PANEL = "Backup"
 app = typer.Typer()
@@ -91,6 +92,9 @@ MountOpt = Annotated[
 def deployed_databases() -> dict[str, archive.Database] | None:
     """The databases a deployment names (see the module's docstring), or None when it names
     none (the local stack's then)."""
+    from .. import backup as archive
+    from ..stack.postgres import SERVICE_DATABASES
+
     given = {
         "catalog": (
             os.environ.get("SUBSIDY_CATALOG_MIGRATION_DATABASE_URL", ""),
@@ -132,6 +136,9 @@ def deployed_databases() -> dict[str, archive.Database] | None:
 def local_databases() -> dict[str, archive.Database]:
     """The local stack's service databases, as their migration roles (passwords from the run
     folder's ``secrets``, written at every start)."""
+    from .. import backup as archive
+    from ..stack.postgres import SERVICE_DATABASES
+
     secrets = run_dir() / "secrets"
     passwords = {}
     for name in SERVICE_DATABASES:
@@ -264,6 +271,8 @@ def backup_command(
     """Write every service's database and the audit log's latest signed checkpoint into
     ``--out``, encrypted with a fresh data key from Vault, with a manifest of SHA-256
     checksums."""
+    from .. import backup as archive
+
     databases = deployed_databases() or local_databases()
     keys = vault_client(vault_addr, vault_token_file, vault_k8s_role, transit_mount)
     target = archive.dated(out) if dated else out
@@ -328,6 +337,8 @@ def restore_command(
     stack's services are stopped and started again), re-apply erasures, verify the restored
     log against the archived signed checkpoint, replay every read model, and run `audit
     verify` on the restarted stack."""
+    from .. import backup as archive
+
     deployed = deployed_databases()
     databases = deployed or local_databases()
     keys = vault_client(vault_addr, vault_token_file, vault_k8s_role, transit_mount)

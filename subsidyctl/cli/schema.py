@@ -22,18 +22,18 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy import create_engine
 
-from services.kernel import schema as kernel_schema
 from services.kernel import topology
-from services.kernel.eventstore import make_engine
 
-from ..stack import Postgres, free_port
 from .common import EXIT_NO, EXIT_OK, Failure, JsonOpt, emit, note
 from .stack import PANEL
+
+if TYPE_CHECKING:  # Alembic, SQLAlchemy and psycopg load only when a schema command runs
+    from services.kernel import schema as kernel_schema
+    from subsidyctl.stack import Postgres
 
 app = typer.Typer(
     name="schema",
@@ -44,6 +44,8 @@ app = typer.Typer(
 
 def service_schema(service: str) -> kernel_schema.Schema:
     """The schema of one of the four services."""
+    from services.kernel import schema as kernel_schema
+
     if service not in topology.SERVICE_NAMES:
         raise Failure(f"unknown service {service!r}: one of {', '.join(topology.SERVICE_NAMES)}")
     spec = importlib.import_module(f"services.{service}.service").SPEC
@@ -57,6 +59,8 @@ def service_schema(service: str) -> kernel_schema.Schema:
 @contextmanager
 def scratch_postgres() -> Iterator[Postgres]:
     """A PostgreSQL of its own in a temporary folder, stopped and removed after."""
+    from subsidyctl.stack import Postgres, free_port
+
     with tempfile.TemporaryDirectory(prefix="subsidy-schema-") as tmp:
         pg = Postgres(data_dir=Path(tmp) / "pg", port=free_port(), log_dir=Path(tmp), durable=False)
         with pg:
@@ -65,6 +69,9 @@ def scratch_postgres() -> Iterator[Postgres]:
 
 async def _at_head(pg: Postgres, service: str) -> str:
     """A fresh database named after ``service``, upgraded to head; its URL."""
+    from services.kernel import schema as kernel_schema
+    from services.kernel.eventstore import make_engine
+
     pg.create_databases([service])
     url = pg.url(service)
     engine = make_engine(url, pool_size=1)
@@ -76,6 +83,9 @@ async def _at_head(pg: Postgres, service: str) -> str:
 
 
 async def _differences(pg: Postgres, service: str) -> list[str]:
+    from services.kernel import schema as kernel_schema
+    from services.kernel.eventstore import make_engine
+
     url = await _at_head(pg, service)
     engine = make_engine(url, pool_size=1)
     try:
@@ -91,6 +101,10 @@ def revision(
     json_only: JsonOpt = False,
 ) -> int:
     """Write the next revision of SERVICE from what its models have and its revisions lack."""
+    from sqlalchemy import create_engine
+
+    from services.kernel import schema as kernel_schema
+
     target = service_schema(service)
     with scratch_postgres() as pg:
         url = asyncio.run(_at_head(pg, service))

@@ -10,15 +10,48 @@ These layouts are for a developer's machine and for tests, never for production:
 superuser password and OpenBao's unseal key sit in 0600 files next to their data.
 
 One module per part: :mod:`.processes` (ports, child processes, pid files), :mod:`.postgres`,
-:mod:`.nats` and :mod:`.openbao`. Everything other modules import is re-exported here.
+:mod:`.nats` and :mod:`.openbao`. Everything other modules import is re-exported here, each
+name loaded with its module on first use.
 """
 
 from __future__ import annotations
 
-from .nats import Nats
-from .openbao import UNSEAL_FILE, UNSEAL_WARNING, OpenBao
-from .postgres import PG_SYSTEM_USER, SERVICE_DATABASES, Postgres, pg_bin_dir
-from .processes import HOST, START_TIMEOUT, StackError, free_port, port_in_use
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .nats import Nats
+    from .openbao import UNSEAL_FILE, UNSEAL_WARNING, OpenBao
+    from .postgres import PG_SYSTEM_USER, SERVICE_DATABASES, Postgres, pg_bin_dir
+    from .processes import HOST, START_TIMEOUT, StackError, free_port, port_in_use
+
+# Each name is imported from its module when first used (PEP 562), so a command that needs
+# only the certificates (``subsidyctl.stack.certs``) does not load psycopg and SQLAlchemy.
+_HOME = {
+    "HOST": "processes",
+    "PG_SYSTEM_USER": "postgres",
+    "SERVICE_DATABASES": "postgres",
+    "START_TIMEOUT": "processes",
+    "UNSEAL_FILE": "openbao",
+    "UNSEAL_WARNING": "openbao",
+    "Nats": "nats",
+    "OpenBao": "openbao",
+    "Postgres": "postgres",
+    "StackError": "processes",
+    "free_port": "processes",
+    "pg_bin_dir": "postgres",
+    "port_in_use": "processes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "HOST",
